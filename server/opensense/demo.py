@@ -1,0 +1,143 @@
+"""`opensense demo`: a demo account, site and three fridges feeding readings through
+the real HTTP ingest, on http://127.0.0.1:8080. Re-running reuses the account (its
+tokens are kept in <state_dir>/demo.json); readings sit on a minute grid, so a
+restart resends the backfill and the server deduplicates it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from datetime import datetime, timedelta
+from typing import Any
+
+import aiohttp
+import psycopg
+from aiohttp import web
+
+from .api.jsonutil import rfc3339
+from .app import create_app
+from .devices import service
+from .settings import Config
+
+log = logging.getLogger(__name__)
+
+DEVICES = (
+    # local_id, name, site vertical's typical setpoint (°C), swing
+    ("fridge01", "Walk-in fridge", 3.0, 1.2),
+    ("fridge02", "Prep fridge", 4.0, 1.5),
+    ("freezer01", "Chest freezer", -20.0, 1.5),
+)
+BACKFILL = timedelta(hours=6)
+
+
+def simulated(setpoint: float, swing: float, ts: datetime, seed: int) -> float:
+    """A compressor cycle (~40 min) plus slow drift; a door opening now and then."""
+    t = ts.timestamp()
+    v = setpoint + swing * math.sin(t / 2400 * 2 * math.pi + seed)
+    v += 0.3 * math.sin(t / 86400 * 2 * math.pi)
+    if int(t // 60) % 97 == seed:  # a door left open for a minute
+        v += 2.5
+    return round(v * 16) / 16  # DS18B20 12-bit resolution: 1/16 °C
+
+
+async def ensure_demo(cfg: Config, dsn: str) -> dict[str, Any]:
+    path = cfg.state_dir / "demo.json"
+    if path.exists():
+        return dict(json.loads(path.read_text()))
+    now = cfg.clock()
+    async with await psycopg.AsyncConnection.connect(
+        dsn, autocommit=True, options="-c timezone=UTC"
+    ) as conn:
+        async with conn.transaction():
+            acc = await service.create_account(conn, "Demo Café", "demo@opensense.invalid")
+            _, ua = await service.create_token(conn, acc, "ua_live", cfg.bcrypt_rounds, "demo")
+            site = await service.create_site(
+                conn,
+                acc,
+                {
+                    "name": "Demo Café",
+                    "timezone": "Europe/Berlin",
+                    "vertical": "chilled_storage",
+                    "address": "Hauptstraße 1, Berlin",
+                },
+            )
+            devices = {}
+            for local_id, name, _, _ in DEVICES:
+                dev, token = await service.create_device(
+                    conn,
+                    acc,
+                    {"site_id": site["id"], "local_id": local_id, "name": name},
+                    cfg.bcrypt_rounds,
+                    now,
+                )
+                devices[local_id] = {"id": dev["id"], "token": token}
+    state = {"account_id": acc, "api_token": ua, "site_id": site["id"], "devices": devices}
+    path.write_text(json.dumps(state, indent=2))
+    path.chmod(0o600)
+    return state
+
+
+async def feed(base: str, state: dict[str, Any], cfg: Config) -> None:
+    async with aiohttp.ClientSession() as http:
+
+        async def send(
+            local_id: str, times: list[datetime], seed: int, sp: float, sw: float
+        ) -> None:
+            body = {
+                "device": local_id,
+                "measurements": [
+                    {"type": "temperature", "value": simulated(sp, sw, t, seed), "ts": rfc3339(t)}
+                    for t in times
+                ],
+            }
+            headers = {"Authorization": f"Bearer {state['devices'][local_id]['token']}"}
+            async with http.post(f"{base}/v1/ingest", json=body, headers=headers) as r:
+                if r.status != 200:
+                    log.warning("demo feed %s: %s %s", local_id, r.status, await r.text())
+
+        now = cfg.clock().replace(second=0, microsecond=0)
+        for seed, (local_id, _, sp, sw) in enumerate(DEVICES):
+            grid = [
+                now - BACKFILL + timedelta(minutes=i)
+                for i in range(int(BACKFILL.total_seconds() // 60))
+            ]
+            for i in range(0, len(grid), 32):
+                await send(local_id, grid[i : i + 32], seed, sp, sw)
+        log.info("demo: backfilled %s of readings", BACKFILL)
+        while True:
+            now = cfg.clock().replace(microsecond=0)
+            for seed, (local_id, _, sp, sw) in enumerate(DEVICES):
+                await send(local_id, [now], seed, sp, sw)
+            await asyncio.sleep(10)
+
+
+async def run_demo(cfg: Config, dsn: str, host: str, port: int) -> None:
+    state = await ensure_demo(cfg, dsn)
+    runner = web.AppRunner(create_app(cfg, dsn), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    base = f"http://{host}:{port}"
+    tok = state["api_token"]
+    print(
+        f"""
+OpenSense demo is running on {base}
+  API token (demo account): {tok}
+  Try:
+    curl -s -H 'Authorization: Bearer {tok}' {base}/v1/devices
+    curl -s -H 'Authorization: Bearer {tok}' {base}/v1/channels
+    curl -s -H 'Authorization: Bearer {tok}' '{base}/v1/channels/<channel id>/measurements?agg=5m&fn=max'
+  OpenAPI: {base}/v1/openapi.json
+  Demo state (tokens): {cfg.state_dir / "demo.json"}
+Press Ctrl-C to stop.
+""",
+        flush=True,
+    )
+    task = asyncio.create_task(feed(base, state, cfg))
+    try:
+        await asyncio.Event().wait()
+    finally:
+        task.cancel()
+        await runner.cleanup()

@@ -1,0 +1,1 @@
+"""Accounts, sites, devices, channels and their tokens."""

@@ -1,0 +1,234 @@
+"""Management API: account, sites, devices, channels, user tokens (ua_live_ / whk_)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..api import auth
+from ..api.body import body_ts, json_object, query_ts
+from ..api.jsonutil import response
+from ..api.keys import CONFIG, POOL
+from ..errors import ApiError
+from . import service
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/v1/account")
+async def get_account(request: web.Request) -> web.Response:
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        cur = await conn.execute(
+            "SELECT id, name, email, created_at FROM accounts WHERE id = %s", (acc,)
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    return response({"id": row[0], "name": row[1], "email": row[2], "created_at": row[3]})
+
+
+# --- sites -------------------------------------------------------------------------
+
+
+@routes.get("/v1/sites")
+async def list_sites(request: web.Request) -> web.Response:
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        return response({"data": await service.list_sites(conn, acc)})
+
+
+@routes.post("/v1/sites")
+async def create_site(request: web.Request) -> web.Response:
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        body = await json_object(request)
+        async with conn.transaction():
+            site = await service.create_site(conn, acc, body)
+    return response(site, status=201)
+
+
+@routes.get("/v1/sites/{site_id}")
+async def get_site(request: web.Request) -> web.Response:
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        return response(await service.get_site(conn, acc, request.match_info["site_id"]))
+
+
+@routes.patch("/v1/sites/{site_id}")
+async def patch_site(request: web.Request) -> web.Response:
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        body = await json_object(request)
+        async with conn.transaction():
+            site = await service.patch_site(conn, acc, request.match_info["site_id"], body)
+    return response(site)
+
+
+@routes.get("/v1/sites/{site_id}/devices")
+async def site_devices(request: web.Request) -> web.Response:
+    """Devices at the site now, or (with ?at=) the devices that stood there then."""
+    now = request.app[CONFIG].clock()
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        site = await service.get_site(conn, acc, request.match_info["site_id"])
+        at = query_ts(request, "at")
+        devs = await service.list_devices(conn, acc, now, site_id=site["id"], at=at)
+    return response({"data": devs})
+
+
+# --- devices -----------------------------------------------------------------------
+
+
+@routes.get("/v1/devices")
+async def list_devices(request: web.Request) -> web.Response:
+    now = request.app[CONFIG].clock()
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        return response({"data": await service.list_devices(conn, acc, now)})
+
+
+@routes.post("/v1/devices")
+async def create_device(request: web.Request) -> web.Response:
+    cfg = request.app[CONFIG]
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        body = await json_object(request)
+        async with conn.transaction():
+            dev, token = await service.create_device(
+                conn, acc, body, cfg.bcrypt_rounds, cfg.clock()
+            )
+    return response({**dev, "ingest_token": token}, status=201)
+
+
+@routes.get("/v1/devices/{device_id}")
+async def get_device(request: web.Request) -> web.Response:
+    now = request.app[CONFIG].clock()
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        return response(await service.get_device(conn, acc, request.match_info["device_id"], now))
+
+
+@routes.patch("/v1/devices/{device_id}")
+async def patch_device(request: web.Request) -> web.Response:
+    now = request.app[CONFIG].clock()
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        body = await json_object(request)
+        async with conn.transaction():
+            dev = await service.patch_device(conn, acc, request.match_info["device_id"], body, now)
+    return response(dev)
+
+
+@routes.delete("/v1/devices/{device_id}")
+async def delete_device(request: web.Request) -> web.Response:
+    now = request.app[CONFIG].clock()
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        async with conn.transaction():
+            await service.delete_device(conn, acc, request.match_info["device_id"], now)
+    return web.Response(status=204)
+
+
+@routes.post("/v1/devices/{device_id}/rotate-token")
+async def rotate_token(request: web.Request) -> web.Response:
+    cfg = request.app[CONFIG]
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        async with conn.transaction():
+            dev, token = await service.rotate_device_token(
+                conn, acc, request.match_info["device_id"], cfg.bcrypt_rounds, cfg.clock()
+            )
+    return response({**dev, "ingest_token": token})
+
+
+@routes.post("/v1/devices/{device_id}/move")
+async def move_device(request: web.Request) -> web.Response:
+    now = request.app[CONFIG].clock()
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        body = await json_object(request)
+        effective = body_ts(body, "effective_at") or now
+        async with conn.transaction():
+            dev = await service.move_device(
+                conn, acc, request.match_info["device_id"], body.get("site_id"), effective, now
+            )
+    return response(dev)
+
+
+@routes.get("/v1/devices/{device_id}/placements")
+async def device_placements(request: web.Request) -> web.Response:
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        return response(
+            {"data": await service.placements(conn, acc, request.match_info["device_id"])}
+        )
+
+
+# --- channels ----------------------------------------------------------------------
+
+
+@routes.get("/v1/channels")
+async def list_channels(request: web.Request) -> web.Response:
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        dev = request.query.get("device_id") or None
+        return response({"data": await service.list_channels(conn, acc, dev)})
+
+
+@routes.get("/v1/channels/{channel_id}")
+async def get_channel(request: web.Request) -> web.Response:
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        row = await service.channel_row(conn, acc, request.match_info["channel_id"])
+    return response(service.channel_public(row))
+
+
+@routes.patch("/v1/channels/{channel_id}")
+async def patch_channel(request: web.Request) -> web.Response:
+    now = request.app[CONFIG].clock()
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        body = await json_object(request)
+        async with conn.transaction():
+            ch = await service.patch_channel(conn, acc, request.match_info["channel_id"], body, now)
+    return response(ch)
+
+
+# --- user tokens -------------------------------------------------------------------
+
+
+@routes.get("/v1/tokens")
+async def list_tokens(request: web.Request) -> web.Response:
+    now = request.app[CONFIG].clock()
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        return response({"data": await service.list_tokens(conn, acc, now)})
+
+
+@routes.post("/v1/tokens")
+async def create_token(request: web.Request) -> web.Response:
+    """A new ua_live_ (management) or whk_ (inbound webhook) token, shown once."""
+    cfg = request.app[CONFIG]
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        body = await json_object(request)
+        kind = body.get("kind", "ua_live")
+        if kind not in ("ua_live", "whk"):
+            raise ApiError(
+                "invalid_request",
+                "kind must be ua_live or whk (device tokens come with the device)",
+            )
+        name = body.get("name", "")
+        if not isinstance(name, str) or len(name) > 200:
+            raise ApiError("invalid_request", "name must be a string of at most 200 characters")
+        async with conn.transaction():
+            tid, plaintext = await service.create_token(conn, acc, kind, cfg.bcrypt_rounds, name)
+    return response({"id": tid, "kind": kind, "name": name, "token": plaintext}, status=201)
+
+
+@routes.delete("/v1/tokens/{token_id}")
+async def revoke_token(request: web.Request) -> web.Response:
+    now = request.app[CONFIG].clock()
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        await service.revoke_token(conn, acc, request.match_info["token_id"], now)
+    return web.Response(status=204)

@@ -1,0 +1,550 @@
+"""Accounts, sites, devices, channels and tokens: the operations, used by both the
+HTTP API and the `opensense` command. Every function takes the account it acts for
+and never touches another account's rows."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from .. import tokens
+from ..errors import ApiError
+from ..ids import new_id
+from ..kinds import KINDS
+from ..presets import DEFAULT_VERTICAL, VERTICALS
+
+LOCAL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+Row = dict[str, Any]
+
+
+def _check_str(value: Any, field: str, max_len: int = 200, allow_empty: bool = False) -> str:
+    if (
+        not isinstance(value, str)
+        or len(value) > max_len
+        or (not allow_empty and not value.strip())
+    ):
+        raise ApiError(
+            "invalid_request",
+            f"{field} must be a {'' if allow_empty else 'non-empty '}string of at most {max_len} characters",
+        )
+    return value
+
+
+def check_timezone(tz: Any) -> str:
+    _check_str(tz, "timezone", 64)
+    try:
+        ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ApiError(
+            "invalid_request", f"timezone {tz!r} is not an IANA time zone (e.g. Europe/Berlin)"
+        ) from None
+    return str(tz)
+
+
+def check_vertical(v: Any) -> str:
+    if v not in VERTICALS:
+        raise ApiError(
+            "invalid_request",
+            f"vertical must be one of {', '.join(VERTICALS)}, got {str(v)[:40]!r}",
+        )
+    return str(v)
+
+
+def check_cadence(c: Any) -> int:
+    if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= 86400:
+        raise ApiError("invalid_request", "cadence_s must be an integer from 1 to 86400 seconds")
+    return c
+
+
+# --- accounts -------------------------------------------------------------------
+
+
+async def create_account(conn: AsyncConnection[Any], name: str, email: str) -> str:
+    acc = new_id("acc")
+    await conn.execute(
+        "INSERT INTO accounts (id, name, email) VALUES (%s, %s, %s)", (acc, name, email)
+    )
+    return acc
+
+
+async def create_token(
+    conn: AsyncConnection[Any],
+    account_id: str,
+    kind: str,
+    rounds: int,
+    name: str = "",
+    device_id: str | None = None,
+) -> tuple[str, str]:
+    """(token id, plaintext). The plaintext exists only in this return value."""
+    t = tokens.generate(kind, rounds)
+    await conn.execute(
+        "INSERT INTO tokens (id, kind, key_id, hash, account_id, device_id, name)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+        (t.id, kind, t.key_id, t.hash, account_id, device_id, name),
+    )
+    return t.id, t.plaintext
+
+
+def token_public(row: Row, now: datetime) -> Row:
+    return {
+        "id": row["id"],
+        "kind": row["kind"],
+        "name": row["name"],
+        "device_id": row["device_id"],
+        "created_at": row["created_at"],
+        "last_used_at": row["last_used_at"],
+        "revoked_at": row["revoked_at"],
+        "rotate_recommended": row["revoked_at"] is None
+        and now - row["created_at"] > timedelta(days=tokens.ROTATE_AFTER_DAYS),
+    }
+
+
+async def list_tokens(conn: AsyncConnection[Any], account_id: str, now: datetime) -> list[Row]:
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(
+        "SELECT * FROM tokens WHERE account_id = %s AND revoked_at IS NULL ORDER BY created_at, id",
+        (account_id,),
+    )
+    return [token_public(r, now) for r in await cur.fetchall()]
+
+
+async def revoke_token(
+    conn: AsyncConnection[Any], account_id: str, token_id: str, now: datetime
+) -> None:
+    cur = await conn.execute(
+        "UPDATE tokens SET revoked_at = %s WHERE id = %s AND account_id = %s AND revoked_at IS NULL",
+        (now, token_id, account_id),
+    )
+    if cur.rowcount == 0:
+        raise ApiError("token_not_found", f"no live token {token_id[:40]!r} in this account")
+
+
+# --- sites ------------------------------------------------------------------------
+
+SITE_FIELDS = (
+    "id",
+    "name",
+    "address",
+    "timezone",
+    "vertical",
+    "opening_hours",
+    "report_options",
+    "report_recipients",
+    "created_at",
+)
+
+
+def site_public(row: Row) -> Row:
+    return {k: row[k] for k in SITE_FIELDS}
+
+
+async def create_site(conn: AsyncConnection[Any], account_id: str, body: dict[str, Any]) -> Row:
+    name = _check_str(body.get("name"), "name")
+    tz = check_timezone(body.get("timezone", "UTC"))
+    vertical = check_vertical(body.get("vertical", DEFAULT_VERTICAL))
+    address = _check_str(body.get("address", ""), "address", 500, allow_empty=True)
+    sid = new_id("site")
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(
+        "INSERT INTO sites (id, account_id, name, address, timezone, vertical)"
+        " VALUES (%s, %s, %s, %s, %s, %s) RETURNING *",
+        (sid, account_id, name, address, tz, vertical),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return site_public(row)
+
+
+async def get_site(conn: AsyncConnection[Any], account_id: str, site_id: str) -> Row:
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(
+        "SELECT * FROM sites WHERE id = %s AND account_id = %s", (site_id, account_id)
+    )
+    row = await cur.fetchone()
+    if row is None:
+        raise ApiError("site_not_found", f"no site {site_id[:40]!r} in this account")
+    return site_public(row)
+
+
+async def list_sites(conn: AsyncConnection[Any], account_id: str) -> list[Row]:
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(
+        "SELECT * FROM sites WHERE account_id = %s ORDER BY created_at, id", (account_id,)
+    )
+    return [site_public(r) for r in await cur.fetchall()]
+
+
+async def patch_site(
+    conn: AsyncConnection[Any], account_id: str, site_id: str, body: dict[str, Any]
+) -> Row:
+    await get_site(conn, account_id, site_id)
+    sets: dict[str, Any] = {}
+    if "name" in body:
+        sets["name"] = _check_str(body["name"], "name")
+    if "address" in body:
+        sets["address"] = _check_str(body["address"], "address", 500, allow_empty=True)
+    if "timezone" in body:
+        sets["timezone"] = check_timezone(body["timezone"])
+    if "vertical" in body:
+        sets["vertical"] = check_vertical(body["vertical"])
+    for key in ("opening_hours", "report_options"):
+        if key in body:
+            if not isinstance(body[key], dict):
+                raise ApiError("invalid_request", f"{key} must be an object")
+            sets[key] = Jsonb(body[key])
+    if "report_recipients" in body:
+        r = body["report_recipients"]
+        if not isinstance(r, list) or not all(isinstance(x, str) and "@" in x for x in r):
+            raise ApiError("invalid_request", "report_recipients must be a list of email addresses")
+        sets["report_recipients"] = Jsonb(r)
+    for k, v in sets.items():
+        await conn.execute(f"UPDATE sites SET {k} = %s WHERE id = %s", (v, site_id))
+    return await get_site(conn, account_id, site_id)
+
+
+# --- devices ----------------------------------------------------------------------
+
+
+async def _device_row(conn: AsyncConnection[Any], account_id: str, device_id: str) -> Row:
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(
+        "SELECT * FROM devices WHERE account_id = %s AND deleted_at IS NULL"
+        " AND (id = %s OR local_id = %s)",
+        (account_id, device_id, device_id),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        raise ApiError("device_not_found", f"no device {device_id[:64]!r} in this account")
+    return row
+
+
+async def device_public(conn: AsyncConnection[Any], row: Row, now: datetime) -> Row:
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(
+        "SELECT * FROM tokens WHERE device_id = %s AND revoked_at IS NULL ORDER BY created_at DESC LIMIT 1",
+        (row["id"],),
+    )
+    tok = await cur.fetchone()
+    last = row["last_seen_at"]
+    return {
+        "id": row["id"],
+        "local_id": row["local_id"],
+        "name": row["name"],
+        "model": row["model"],
+        "site_id": row["site_id"],
+        "fw_version": row["fw_version"],
+        "dev_eui": row["dev_eui"],
+        "cadence_s": row["cadence_s"],
+        "last_seen_at": last,
+        "online": last is not None and now - last <= timedelta(seconds=2 * row["cadence_s"]),
+        "token": token_public(tok, now) if tok else None,
+        "created_at": row["created_at"],
+    }
+
+
+async def create_device(
+    conn: AsyncConnection[Any], account_id: str, body: dict[str, Any], rounds: int, now: datetime
+) -> tuple[Row, str]:
+    """Create a device and its first ingest token. Returns (device, token plaintext)."""
+    site_id = _check_str(body.get("site_id"), "site_id", 64)
+    await get_site(conn, account_id, site_id)
+    local_id = body.get("local_id")
+    if not isinstance(local_id, str) or not LOCAL_ID.match(local_id):
+        raise ApiError(
+            "invalid_request",
+            "local_id must be 1-64 characters of letters, digits, '_', '.', '-' (e.g. fridge01)",
+        )
+    name = _check_str(body.get("name", local_id), "name")
+    model = _check_str(body.get("model", "diy_esp32"), "model", 64)
+    cadence = check_cadence(body.get("cadence_s", 60))
+    dev_eui = body.get("dev_eui")
+    if dev_eui is not None:
+        if not isinstance(dev_eui, str) or not re.fullmatch(r"[0-9A-Fa-f]{16}", dev_eui):
+            raise ApiError("invalid_request", "dev_eui must be 16 hexadecimal digits")
+        dev_eui = dev_eui.upper()
+    cur = await conn.execute(
+        "SELECT 1 FROM devices WHERE account_id = %s AND local_id = %s AND deleted_at IS NULL",
+        (account_id, local_id),
+    )
+    if await cur.fetchone():
+        raise ApiError(
+            "conflict", f"a device with local_id {local_id!r} already exists in this account"
+        )
+    if dev_eui:
+        cur = await conn.execute(
+            "SELECT 1 FROM devices WHERE dev_eui = %s AND deleted_at IS NULL", (dev_eui,)
+        )
+        if await cur.fetchone():
+            raise ApiError("conflict", f"dev_eui {dev_eui} is already assigned to a device")
+    did = new_id("dev")
+    await conn.execute(
+        "INSERT INTO devices (id, account_id, site_id, local_id, name, model, cadence_s, dev_eui)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+        (did, account_id, site_id, local_id, name, model, cadence, dev_eui),
+    )
+    await conn.execute(
+        "INSERT INTO device_placements (device_id, site_id, effective_from) VALUES (%s, %s, %s)",
+        (did, site_id, now),
+    )
+    _, plaintext = await create_token(conn, account_id, "ds_live", rounds, local_id, did)
+    row = await _device_row(conn, account_id, did)
+    return await device_public(conn, row, now), plaintext
+
+
+async def get_device(
+    conn: AsyncConnection[Any], account_id: str, device_id: str, now: datetime
+) -> Row:
+    return await device_public(conn, await _device_row(conn, account_id, device_id), now)
+
+
+async def list_devices(
+    conn: AsyncConnection[Any],
+    account_id: str,
+    now: datetime,
+    site_id: str | None = None,
+    at: datetime | None = None,
+) -> list[Row]:
+    cur = conn.cursor(row_factory=dict_row)
+    if site_id is not None and at is not None:
+        # Devices that stood at this site at `at` (history survives moves).
+        await cur.execute(
+            "SELECT d.* FROM devices d WHERE d.account_id = %s AND %s = ("
+            " SELECT p.site_id FROM device_placements p WHERE p.device_id = d.id"
+            " AND p.effective_from <= %s ORDER BY p.effective_from DESC LIMIT 1)"
+            " ORDER BY d.created_at, d.id",
+            (account_id, site_id, at),
+        )
+    elif site_id is not None:
+        await cur.execute(
+            "SELECT * FROM devices WHERE account_id = %s AND site_id = %s AND deleted_at IS NULL"
+            " ORDER BY created_at, id",
+            (account_id, site_id),
+        )
+    else:
+        await cur.execute(
+            "SELECT * FROM devices WHERE account_id = %s AND deleted_at IS NULL ORDER BY created_at, id",
+            (account_id,),
+        )
+    return [await device_public(conn, r, now) for r in await cur.fetchall()]
+
+
+async def patch_device(
+    conn: AsyncConnection[Any], account_id: str, device_id: str, body: dict[str, Any], now: datetime
+) -> Row:
+    row = await _device_row(conn, account_id, device_id)
+    if "name" in body:
+        await conn.execute(
+            "UPDATE devices SET name = %s WHERE id = %s",
+            (_check_str(body["name"], "name"), row["id"]),
+        )
+    if "model" in body:
+        await conn.execute(
+            "UPDATE devices SET model = %s WHERE id = %s",
+            (_check_str(body["model"], "model", 64), row["id"]),
+        )
+    if "cadence_s" in body:
+        await conn.execute(
+            "UPDATE devices SET cadence_s = %s WHERE id = %s",
+            (check_cadence(body["cadence_s"]), row["id"]),
+        )
+    return await get_device(conn, account_id, row["id"], now)
+
+
+async def rotate_device_token(
+    conn: AsyncConnection[Any], account_id: str, device_id: str, rounds: int, now: datetime
+) -> tuple[Row, str]:
+    """Revoke the device's live tokens and issue a new one; the old one fails next time."""
+    row = await _device_row(conn, account_id, device_id)
+    await conn.execute(
+        "UPDATE tokens SET revoked_at = %s WHERE device_id = %s AND revoked_at IS NULL",
+        (now, row["id"]),
+    )
+    _, plaintext = await create_token(
+        conn, account_id, "ds_live", rounds, row["local_id"], row["id"]
+    )
+    return await device_public(conn, row, now), plaintext
+
+
+async def move_device(
+    conn: AsyncConnection[Any],
+    account_id: str,
+    device_id: str,
+    site_id: Any,
+    effective_at: datetime,
+    now: datetime,
+) -> Row:
+    row = await _device_row(conn, account_id, device_id)
+    site = await get_site(conn, account_id, _check_str(site_id, "site_id", 64))
+    if effective_at > now + timedelta(minutes=5):
+        raise ApiError("invalid_range", "effective_at may not be in the future")
+    cur = await conn.execute(
+        "SELECT max(effective_from) FROM device_placements WHERE device_id = %s", (row["id"],)
+    )
+    last = (await cur.fetchone() or [None])[0]
+    if last is not None and effective_at <= last:
+        raise ApiError(
+            "invalid_range",
+            f"effective_at must be after the device's last move ({last.isoformat()}); history is never rewritten",
+        )
+    await conn.execute(
+        "INSERT INTO device_placements (device_id, site_id, effective_from) VALUES (%s, %s, %s)",
+        (row["id"], site["id"], effective_at),
+    )
+    await conn.execute("UPDATE devices SET site_id = %s WHERE id = %s", (site["id"], row["id"]))
+    return await get_device(conn, account_id, row["id"], now)
+
+
+async def placements(conn: AsyncConnection[Any], account_id: str, device_id: str) -> list[Row]:
+    row = await _device_row(conn, account_id, device_id)
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(
+        "SELECT site_id, effective_from FROM device_placements WHERE device_id = %s ORDER BY effective_from",
+        (row["id"],),
+    )
+    return list(await cur.fetchall())
+
+
+async def delete_device(
+    conn: AsyncConnection[Any], account_id: str, device_id: str, now: datetime
+) -> None:
+    """Revoke the token and retire the device; its measurements stay."""
+    row = await _device_row(conn, account_id, device_id)
+    await conn.execute("UPDATE devices SET deleted_at = %s WHERE id = %s", (now, row["id"]))
+    await conn.execute(
+        "UPDATE tokens SET revoked_at = %s WHERE device_id = %s AND revoked_at IS NULL",
+        (now, row["id"]),
+    )
+
+
+# --- channels ---------------------------------------------------------------------
+
+CHANNEL_SELECT = (
+    "SELECT c.*, coalesce((SELECT jsonb_agg(jsonb_build_object('id', r.id, 'kind', r.kind,"
+    " 'params', r.params, 'grace_min', r.grace_min, 'severity', r.severity, 'enabled', r.enabled)"
+    " ORDER BY r.created_at) FROM rules r WHERE r.channel_id = c.id), '[]'::jsonb) AS rules"
+    " FROM channels c"
+)
+
+
+def channel_public(row: Row) -> Row:
+    return {
+        "id": row["id"],
+        "sensor_id": row["sensor_id"],
+        "device_id": row["device_id"],
+        "kind": row["kind"],
+        "label": row["label"],
+        "unit": row["unit"],
+        "name": row["name"],
+        "offset": row["offset"],
+        "auxiliary": KINDS[row["kind"]].auxiliary if row["kind"] in KINDS else False,
+        "rules": row["rules"],
+        "created_at": row["created_at"],
+    }
+
+
+async def channel_row(conn: AsyncConnection[Any], account_id: str, channel_id: str) -> Row:
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(
+        CHANNEL_SELECT + " WHERE c.account_id = %s AND (c.id = %s OR c.sensor_id = %s)",
+        (account_id, channel_id, channel_id),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        code = "sensor_not_found" if channel_id.startswith("snr_") else "channel_not_found"
+        raise ApiError(code, f"no channel or sensor {channel_id[:40]!r} in this account")
+    return row
+
+
+async def list_channels(
+    conn: AsyncConnection[Any], account_id: str, device_id: str | None = None
+) -> list[Row]:
+    cur = conn.cursor(row_factory=dict_row)
+    if device_id:
+        dev = await _device_row(conn, account_id, device_id)
+        await cur.execute(
+            CHANNEL_SELECT + " WHERE c.account_id = %s AND c.device_id = %s"
+            " ORDER BY c.created_at, c.id",
+            (account_id, dev["id"]),
+        )
+    else:
+        await cur.execute(
+            CHANNEL_SELECT + " WHERE c.account_id = %s ORDER BY c.created_at, c.id", (account_id,)
+        )
+    return [channel_public(r) for r in await cur.fetchall()]
+
+
+def _num(body: dict[str, Any], key: str) -> float:
+    v = body[key]
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, int | float)
+        or v != v
+        or v in (float("inf"), float("-inf"))
+    ):
+        raise ApiError("invalid_request", f"{key} must be a finite number")
+    return float(v)
+
+
+async def patch_channel(
+    conn: AsyncConnection[Any],
+    account_id: str,
+    channel_id: str,
+    body: dict[str, Any],
+    now: datetime,
+) -> Row:
+    """Name, calibration offset and the default range rule's thresholds."""
+    row = await channel_row(conn, account_id, channel_id)
+    if "name" in body:
+        await conn.execute(
+            "UPDATE channels SET name = %s WHERE id = %s",
+            (_check_str(body["name"], "name"), row["id"]),
+        )
+    if "offset" in body:
+        off = _num(body, "offset")
+        if abs(off) > 50:
+            raise ApiError("invalid_range", "offset must be within ±50 (a calibration correction)")
+        await conn.execute('UPDATE channels SET "offset" = %s WHERE id = %s', (off, row["id"]))
+        await conn.execute(
+            'INSERT INTO channel_offsets (channel_id, "offset", effective_from) VALUES (%s, %s, %s)'
+            ' ON CONFLICT (channel_id, effective_from) DO UPDATE SET "offset" = excluded."offset"',
+            (row["id"], off, now),
+        )
+    if any(k in body for k in ("ok_min", "ok_max", "grace_min")):
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(
+            "SELECT * FROM rules WHERE channel_id = %s AND kind = 'range' ORDER BY is_default DESC, created_at LIMIT 1",
+            (row["id"],),
+        )
+        rule = await cur.fetchone()
+        params = dict(rule["params"]) if rule else {}
+        grace = rule["grace_min"] if rule else 0
+        for k in ("ok_min", "ok_max"):
+            if k in body:
+                params[k] = None if body[k] is None else _num(body, k)
+        if "grace_min" in body:
+            g = body["grace_min"]
+            if isinstance(g, bool) or not isinstance(g, int) or not 0 <= g <= 10080:
+                raise ApiError(
+                    "invalid_request", "grace_min must be an integer from 0 to 10080 minutes"
+                )
+            grace = g
+        lo, hi = params.get("ok_min"), params.get("ok_max")
+        if lo is not None and hi is not None and lo > hi:
+            raise ApiError("invalid_range", f"ok_min {lo:g} is above ok_max {hi:g}")
+        if rule:
+            await conn.execute(
+                "UPDATE rules SET params = %s, grace_min = %s WHERE id = %s",
+                (Jsonb(params), grace, rule["id"]),
+            )
+        else:
+            await conn.execute(
+                "INSERT INTO rules (id, channel_id, kind, params, grace_min) VALUES (%s, %s, 'range', %s, %s)",
+                (new_id("rul"), row["id"], Jsonb(params), grace),
+            )
+    return channel_public(await channel_row(conn, account_id, row["id"]))

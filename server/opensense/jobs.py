@@ -1,0 +1,125 @@
+"""Scheduled jobs. Any number of server processes may run the scheduler: a run is
+claimed by one UPDATE that moves `next_run_at` forward, so each run happens once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from . import db
+from .settings import Config
+from .storage.compaction import compact, enforce_retention
+
+log = logging.getLogger(__name__)
+
+JobFn = Callable[[AsyncConnection[Any], Config, datetime], Awaitable[str]]
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    every: timedelta
+    run: JobFn
+    doc: str
+
+
+async def _partitions(conn: AsyncConnection[Any], cfg: Config, now: datetime) -> str:
+    def sync() -> int:
+        import psycopg
+
+        with psycopg.connect(conn.info.dsn, autocommit=True) as c:
+            return db.ensure_partitions(c, now, back_months=cfg.retention_raw_months)
+
+    return f"{await asyncio.to_thread(sync)} partitions created"
+
+
+async def _compaction(conn: AsyncConnection[Any], cfg: Config, now: datetime) -> str:
+    return f"{await compact(conn, now, cfg.compact_after_days)} readings packed"
+
+
+async def _retention(conn: AsyncConnection[Any], cfg: Config, now: datetime) -> str:
+    dropped = await enforce_retention(
+        conn, now, cfg.retention_raw_months, cfg.retention_rollup_months
+    )
+    cur = await conn.execute(
+        "DELETE FROM request_log WHERE ts < %s",
+        (now - timedelta(days=cfg.retention_request_log_days),),
+    )
+    return f"dropped {len(dropped)} partitions, {cur.rowcount} request log rows"
+
+
+async def _housekeeping(conn: AsyncConnection[Any], cfg: Config, now: datetime) -> str:
+    a = await conn.execute(
+        "DELETE FROM rate_counters WHERE window_start < %s", (now - timedelta(hours=1),)
+    )
+    b = await conn.execute(
+        "DELETE FROM idempotency_keys WHERE created_at < %s", (now - timedelta(hours=24),)
+    )
+    return f"swept {a.rowcount} rate windows, {b.rowcount} idempotency keys"
+
+
+JOBS: tuple[Job, ...] = (
+    Job("partitions", timedelta(hours=6), _partitions, "create monthly partitions ahead of time"),
+    Job("compaction", timedelta(hours=1), _compaction, "pack closed days"),
+    Job(
+        "retention", timedelta(hours=24), _retention, "drop partitions and log rows past retention"
+    ),
+    Job(
+        "housekeeping",
+        timedelta(minutes=10),
+        _housekeeping,
+        "sweep rate counters and idempotency keys",
+    ),
+)
+
+
+async def claim(conn: AsyncConnection[Any], job: Job, now: datetime) -> bool:
+    await conn.execute(
+        "INSERT INTO jobs (name, next_run_at) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+        (job.name, now),
+    )
+    cur = await conn.execute(
+        "UPDATE jobs SET next_run_at = %s, last_run_at = %s WHERE name = %s AND next_run_at <= %s RETURNING 1",
+        (now + job.every, now, job.name, now),
+    )
+    return await cur.fetchone() is not None
+
+
+async def run_due(
+    pool: AsyncConnectionPool, cfg: Config, jobs: tuple[Job, ...] = JOBS
+) -> list[str]:
+    """Run every job whose time has come and that this process claimed."""
+    ran = []
+    for job in jobs:
+        now = cfg.clock()
+        async with pool.connection() as conn:
+            if not await claim(conn, job, now):
+                continue
+            try:
+                detail = await job.run(conn, cfg, now)
+                status = "ok"
+            except Exception as exc:  # a failed job is recorded and retried next time
+                log.exception("job %s failed", job.name)
+                detail, status = repr(exc)[:500], "failed"
+            await conn.execute(
+                "UPDATE jobs SET last_status = %s, last_detail = %s WHERE name = %s",
+                (status, detail, job.name),
+            )
+            ran.append(f"{job.name}: {status}: {detail}")
+    return ran
+
+
+async def scheduler(pool: AsyncConnectionPool, cfg: Config, tick: float = 30.0) -> None:
+    while True:
+        try:
+            await run_due(pool, cfg)
+        except Exception:
+            log.exception("scheduler tick failed")
+        await asyncio.sleep(tick)

@@ -1,0 +1,586 @@
+"""The OpenAPI 3.1 document at /v1/openapi.json. A test holds it to the router:
+every route the app serves is documented here, and schemathesis checks that the
+answers match it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from . import __version__
+from .errors import CODES
+from .ingest.validate import ENTRY_KEYS, MAX_MEASUREMENTS
+from .kinds import KINDS
+from .presets import VERTICALS
+from .storage.read import AGGS, FNS
+
+routes = web.RouteTableDef()
+
+S = dict[str, Any]
+TS = {"type": "string", "format": "date-time"}
+NTS = {"type": ["string", "null"], "format": "date-time"}
+ID = {"type": "string", "minLength": 1, "maxLength": 64}
+
+
+def ref(name: str) -> S:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def obj(props: S, required: tuple[str, ...] = (), extra: bool = True) -> S:
+    out: S = {"type": "object", "properties": props}
+    if required:
+        out["required"] = list(required)
+    if not extra:
+        out["additionalProperties"] = False
+    return out
+
+
+SCHEMAS: S = {
+    "Error": obj(
+        {
+            "error": obj(
+                {
+                    "code": {"type": "string", "enum": sorted(CODES)},
+                    "message": {"type": "string"},
+                    "request_id": {"type": "string", "pattern": "^req_"},
+                },
+                ("code", "message", "request_id"),
+            )
+        },
+        ("error",),
+    ),
+    "Measurement": obj(
+        {
+            "type": {"type": "string", "enum": list(KINDS)},
+            "value": {"type": "number"},
+            "label": {"type": "string", "maxLength": 64},
+            "unit": {"type": "string"},
+            "ts": TS,
+            "seq": {"type": "integer"},
+        },
+        ("type", "value"),
+        extra=False,
+    ),
+    "IngestRequest": obj(
+        {
+            "device": {"type": "string", "minLength": 1, "maxLength": 64},
+            "ts": TS,
+            "measurements": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": MAX_MEASUREMENTS,
+                "items": ref("Measurement"),
+            },
+        },
+        ("measurements",),
+        extra=False,
+    ),
+    "IngestAnswer": obj(
+        {
+            "accepted": {"type": "integer", "minimum": 0},
+            "deduplicated": {"type": "integer", "minimum": 0},
+            "unassigned": {"type": "boolean"},
+            "channels": {
+                "type": "array",
+                "items": obj(
+                    {
+                        "type": {"type": "string"},
+                        "label": {"type": "string"},
+                        "channel_id": {"type": "string", "pattern": "^chn_"},
+                    },
+                    ("type", "label", "channel_id"),
+                ),
+            },
+        },
+        ("accepted", "deduplicated", "channels"),
+    ),
+    "TtnUplink": obj(
+        {
+            "end_device_ids": obj({"dev_eui": {"type": "string"}}, ("dev_eui",)),
+            "uplink_message": obj(
+                {
+                    "decoded_payload": obj(
+                        {
+                            "measurements": {
+                                "type": "array",
+                                "items": obj(
+                                    {"type": {"type": "string"}, "value": {"type": "number"}},
+                                    ("type", "value"),
+                                ),
+                            },
+                            "battery": {"type": "number"},
+                        }
+                    ),
+                    "rx_metadata": {
+                        "type": "array",
+                        "items": obj({"rssi": {"type": "number"}, "snr": {"type": "number"}}),
+                    },
+                }
+            ),
+        },
+        ("end_device_ids", "uplink_message"),
+    ),
+    "Account": obj(
+        {"id": ID, "name": {"type": "string"}, "email": {"type": "string"}, "created_at": TS},
+        ("id", "name", "email", "created_at"),
+    ),
+    "Site": obj(
+        {
+            "id": ID,
+            "name": {"type": "string"},
+            "address": {"type": "string"},
+            "timezone": {"type": "string"},
+            "vertical": {"type": "string", "enum": list(VERTICALS)},
+            "opening_hours": {"type": "object"},
+            "report_options": {"type": "object"},
+            "report_recipients": {"type": "array", "items": {"type": "string"}},
+            "created_at": TS,
+        },
+        ("id", "name", "timezone", "vertical", "created_at"),
+    ),
+    "SiteCreate": obj(
+        {
+            "name": {"type": "string", "minLength": 1, "maxLength": 200},
+            "address": {"type": "string", "maxLength": 500},
+            "timezone": {"type": "string", "description": "IANA time zone, e.g. Europe/Berlin"},
+            "vertical": {"type": "string", "enum": list(VERTICALS)},
+        },
+        ("name",),
+    ),
+    "SitePatch": obj(
+        {
+            "name": {"type": "string"},
+            "address": {"type": "string"},
+            "timezone": {"type": "string"},
+            "vertical": {"type": "string", "enum": list(VERTICALS)},
+            "opening_hours": {"type": "object"},
+            "report_options": {"type": "object"},
+            "report_recipients": {"type": "array", "items": {"type": "string"}},
+        },
+    ),
+    "TokenInfo": obj(
+        {
+            "id": ID,
+            "kind": {"type": "string", "enum": ["ds_live", "ua_live", "whk"]},
+            "name": {"type": "string"},
+            "device_id": {"type": ["string", "null"]},
+            "created_at": TS,
+            "last_used_at": NTS,
+            "revoked_at": NTS,
+            "rotate_recommended": {"type": "boolean"},
+        },
+        ("id", "kind", "created_at", "rotate_recommended"),
+    ),
+    "Device": obj(
+        {
+            "id": ID,
+            "local_id": {"type": "string"},
+            "name": {"type": "string"},
+            "model": {"type": "string"},
+            "site_id": {"type": "string"},
+            "fw_version": {"type": ["string", "null"]},
+            "dev_eui": {"type": ["string", "null"]},
+            "cadence_s": {"type": "integer"},
+            "last_seen_at": NTS,
+            "online": {"type": "boolean"},
+            "token": {"oneOf": [ref("TokenInfo"), {"type": "null"}]},
+            "created_at": TS,
+            "ingest_token": {
+                "type": "string",
+                "description": "only in create and rotate answers, shown once",
+            },
+        },
+        ("id", "local_id", "name", "model", "site_id", "cadence_s", "online", "created_at"),
+    ),
+    "DeviceCreate": obj(
+        {
+            "site_id": ID,
+            "local_id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
+            "name": {"type": "string"},
+            "model": {"type": "string"},
+            "cadence_s": {"type": "integer", "minimum": 1, "maximum": 86400},
+            "dev_eui": {"type": "string", "pattern": "^[0-9A-Fa-f]{16}$"},
+        },
+        ("site_id", "local_id"),
+    ),
+    "DevicePatch": obj(
+        {
+            "name": {"type": "string"},
+            "model": {"type": "string"},
+            "cadence_s": {"type": "integer", "minimum": 1, "maximum": 86400},
+        }
+    ),
+    "Move": obj({"site_id": ID, "effective_at": TS}, ("site_id",)),
+    "Placement": obj({"site_id": ID, "effective_from": TS}, ("site_id", "effective_from")),
+    "Rule": obj(
+        {
+            "id": ID,
+            "kind": {"type": "string"},
+            "params": {"type": "object"},
+            "grace_min": {"type": "integer"},
+            "severity": {"type": "string"},
+            "enabled": {"type": "boolean"},
+        },
+        ("id", "kind", "params"),
+    ),
+    "Channel": obj(
+        {
+            "id": ID,
+            "sensor_id": ID,
+            "device_id": ID,
+            "kind": {"type": "string"},
+            "label": {"type": "string"},
+            "unit": {"type": "string"},
+            "name": {"type": "string"},
+            "offset": {"type": "number"},
+            "auxiliary": {"type": "boolean"},
+            "rules": {"type": "array", "items": ref("Rule")},
+            "created_at": TS,
+        },
+        ("id", "sensor_id", "device_id", "kind", "label", "unit", "name", "offset", "rules"),
+    ),
+    "ChannelPatch": obj(
+        {
+            "name": {"type": "string"},
+            "offset": {"type": "number", "minimum": -50, "maximum": 50},
+            "ok_min": {"type": ["number", "null"]},
+            "ok_max": {"type": ["number", "null"]},
+            "grace_min": {"type": "integer", "minimum": 0, "maximum": 10080},
+        },
+    ),
+    "Series": obj(
+        {
+            "channel_id": ID,
+            "agg": {"type": "string", "enum": list(AGGS)},
+            "fn": {"type": ["string", "null"]},
+            "data": {
+                "type": "array",
+                "items": {
+                    "type": "array",
+                    "prefixItems": [TS, {"type": "number"}],
+                    "minItems": 2,
+                    "maxItems": 2,
+                },
+            },
+            "next_cursor": {"type": ["string", "null"]},
+            "has_more": {"type": "boolean"},
+        },
+        ("channel_id", "agg", "data", "next_cursor", "has_more"),
+    ),
+    "TokenCreate": obj(
+        {
+            "kind": {"type": "string", "enum": ["ua_live", "whk"]},
+            "name": {"type": "string", "maxLength": 200},
+        }
+    ),
+    "TokenCreated": obj(
+        {
+            "id": ID,
+            "kind": {"type": "string"},
+            "name": {"type": "string"},
+            "token": {"type": "string"},
+        },
+        ("id", "kind", "token"),
+    ),
+}
+
+
+def listing(item: str) -> S:
+    return obj({"data": {"type": "array", "items": ref(item)}}, ("data",))
+
+
+def err(*statuses: int) -> S:
+    text = {
+        400: "Bad request: the message says which field and why",
+        401: "No token, or a wrong, rotated or revoked one",
+        403: "The token may not do this",
+        404: "No such thing in this account",
+        409: "Conflict with what exists",
+        413: "Body larger than 64 KiB",
+        422: "Well-formed but refused: out of range, unknown kind, invalid range",
+        429: "Rate limited; see Retry-After",
+    }
+    return {
+        str(s): {"description": text[s], "content": {"application/json": {"schema": ref("Error")}}}
+        for s in statuses
+    }
+
+
+def ok(status: int, schema: S | None, description: str = "OK") -> S:
+    if schema is None:
+        return {str(status): {"description": description}}
+    return {
+        str(status): {
+            "description": description,
+            "content": {"application/json": {"schema": schema}},
+        }
+    }
+
+
+def body(schema: S) -> S:
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+def path_param(name: str) -> S:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def q(name: str, schema: S, description: str = "") -> S:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
+
+
+USER: list[S] = [{"userToken": []}]
+MGMT_ERR = (400, 401, 404, 413, 429)
+
+READ_PARAMS = [
+    q("from", TS, "inclusive start; default: 24 h before `to`"),
+    q("to", TS, "exclusive end; default: now"),
+    q("agg", {"type": "string", "enum": list(AGGS)}),
+    q("fn", {"type": "string", "enum": list(FNS)}),
+    q("limit", {"type": "integer", "minimum": 1, "maximum": 5000}),
+    q("cursor", {"type": "string"}),
+]
+
+
+def op(summary: str, responses: S, *, security: list[S] | None = None, **extra: Any) -> S:
+    out: S = {"summary": summary, "responses": responses, "security": security or USER}
+    out.update(extra)
+    return out
+
+
+def document() -> S:
+    ingest_err = err(400, 401, 403, 404, 409, 413, 422, 429)
+    paths: S = {
+        "/v1/ingest": {
+            "post": op(
+                "Send readings (PRODUCT.md payload)",
+                {**ok(200, ref("IngestAnswer")), **ingest_err},
+                security=[{"deviceToken": []}],
+                parameters=[
+                    {
+                        "name": "X-Device-Id",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+                    },
+                ],
+                requestBody=body(ref("IngestRequest")),
+                description=f"1–{MAX_MEASUREMENTS} measurements; entry fields: {', '.join(sorted(ENTRY_KEYS))}.",
+            )
+        },
+        "/v1/ingest/shelly": {
+            "get": op(
+                "Send readings as GET parameters (Shelly H&T)",
+                {**ok(200, ref("IngestAnswer")), **err(400, 401, 403, 404, 422, 429)},
+                security=[{"queryToken": []}],
+                parameters=[
+                    q("device", {"type": "string"}),
+                    q("temp", {"type": "number"}),
+                    q("hum", {"type": "number"}),
+                    q("battery", {"type": "number"}),
+                    q("signal", {"type": "number"}),
+                    q("ts", {"type": "string"}),
+                ],
+            )
+        },
+        "/v1/ingest/lorawan": {
+            "post": op(
+                "TTN v3 uplink webhook (token: whk_)",
+                {
+                    **ok(200, ref("IngestAnswer")),
+                    **ok(202, ref("IngestAnswer"), "Unknown dev_eui: kept as unassigned"),
+                    **err(400, 401, 413, 422, 429),
+                },
+                security=[{"queryToken": []}],
+                requestBody=body(ref("TtnUplink")),
+            )
+        },
+        "/v1/account": {
+            "get": op("The token's account", {**ok(200, ref("Account")), **err(401, 429)})
+        },
+        "/v1/sites": {
+            "get": op("List sites", {**ok(200, listing("Site")), **err(401, 429)}),
+            "post": op(
+                "Create a site",
+                {**ok(201, ref("Site")), **err(*MGMT_ERR)},
+                requestBody=body(ref("SiteCreate")),
+            ),
+        },
+        "/v1/sites/{site_id}": {
+            "parameters": [path_param("site_id")],
+            "get": op("A site", {**ok(200, ref("Site")), **err(401, 404, 429)}),
+            "patch": op(
+                "Change a site",
+                {**ok(200, ref("Site")), **err(*MGMT_ERR)},
+                requestBody=body(ref("SitePatch")),
+            ),
+        },
+        "/v1/sites/{site_id}/devices": {
+            "parameters": [path_param("site_id")],
+            "get": op(
+                "Devices at a site (now, or at a past time with ?at=)",
+                {**ok(200, listing("Device")), **err(400, 401, 404, 429)},
+                parameters=[q("at", TS)],
+            ),
+        },
+        "/v1/devices": {
+            "get": op("List devices", {**ok(200, listing("Device")), **err(401, 429)}),
+            "post": op(
+                "Create a device; the answer carries its ingest token once",
+                {**ok(201, ref("Device")), **err(*MGMT_ERR, 409)},
+                requestBody=body(ref("DeviceCreate")),
+            ),
+        },
+        "/v1/devices/{device_id}": {
+            "parameters": [path_param("device_id")],
+            "get": op(
+                "A device (dev_ id or local_id)", {**ok(200, ref("Device")), **err(401, 404, 429)}
+            ),
+            "patch": op(
+                "Change a device",
+                {**ok(200, ref("Device")), **err(*MGMT_ERR)},
+                requestBody=body(ref("DevicePatch")),
+            ),
+            "delete": op(
+                "Delete a device: token revoked, measurements kept",
+                {**ok(204, None, "Deleted"), **err(401, 404, 429)},
+            ),
+        },
+        "/v1/devices/{device_id}/rotate-token": {
+            "parameters": [path_param("device_id")],
+            "post": op(
+                "New ingest token; the old one fails on its next use",
+                {**ok(200, ref("Device")), **err(401, 404, 429)},
+            ),
+        },
+        "/v1/devices/{device_id}/move": {
+            "parameters": [path_param("device_id")],
+            "post": op(
+                "Move to another site from effective_at; history stays",
+                {**ok(200, ref("Device")), **err(*MGMT_ERR, 422)},
+                requestBody=body(ref("Move")),
+            ),
+        },
+        "/v1/devices/{device_id}/placements": {
+            "parameters": [path_param("device_id")],
+            "get": op(
+                "Where the device stood, and from when",
+                {**ok(200, listing("Placement")), **err(401, 404, 429)},
+            ),
+        },
+        "/v1/channels": {
+            "get": op(
+                "List channels",
+                {**ok(200, listing("Channel")), **err(401, 404, 429)},
+                parameters=[q("device_id", {"type": "string"})],
+            ),
+        },
+        "/v1/channels/{channel_id}": {
+            "parameters": [path_param("channel_id")],
+            "get": op(
+                "A channel (chn_ or snr_ id)", {**ok(200, ref("Channel")), **err(401, 404, 429)}
+            ),
+            "patch": op(
+                "Name, calibration offset, range thresholds",
+                {**ok(200, ref("Channel")), **err(*MGMT_ERR, 422)},
+                requestBody=body(ref("ChannelPatch")),
+            ),
+        },
+        "/v1/channels/{channel_id}/measurements": {
+            "parameters": [path_param("channel_id")],
+            "get": op(
+                "A channel's readings or buckets, ascending; JSON or CSV (ts,value)",
+                {
+                    "200": {
+                        "description": "OK",
+                        "content": {
+                            "application/json": {"schema": ref("Series")},
+                            "text/csv": {"schema": {"type": "string"}},
+                        },
+                    },
+                    **err(400, 401, 404, 422, 429),
+                },
+                parameters=[*READ_PARAMS, q("format", {"type": "string", "enum": ["json", "csv"]})],
+            ),
+        },
+        "/v1/measurements": {
+            "get": op(
+                "Up to 32 channels at once",
+                {
+                    **ok(
+                        200, obj({"series": {"type": "array", "items": ref("Series")}}, ("series",))
+                    ),
+                    **err(400, 401, 404, 422, 429),
+                },
+                parameters=[
+                    {
+                        "name": "channel_id",
+                        "in": "query",
+                        "required": False,
+                        "explode": True,
+                        "schema": {"type": "array", "items": {"type": "string"}, "maxItems": 32},
+                    },
+                    q("channels", {"type": "string"}, "comma-separated channel ids"),
+                    *READ_PARAMS,
+                ],
+            ),
+        },
+        "/v1/tokens": {
+            "get": op(
+                "Live user and webhook tokens", {**ok(200, listing("TokenInfo")), **err(401, 429)}
+            ),
+            "post": op(
+                "New ua_live_ or whk_ token, shown once",
+                {**ok(201, ref("TokenCreated")), **err(*MGMT_ERR)},
+                requestBody=body(ref("TokenCreate")),
+            ),
+        },
+        "/v1/tokens/{token_id}": {
+            "parameters": [path_param("token_id")],
+            "delete": op("Revoke a token", {**ok(204, None, "Revoked"), **err(401, 404, 429)}),
+        },
+        "/v1/openapi.json": {"get": op("This document", ok(200, {"type": "object"}), security=[])},
+        "/healthz": {
+            "get": op("Liveness", ok(200, obj({"ok": {"type": "boolean"}}, ("ok",))), security=[])
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "OpenSense API",
+            "version": __version__,
+            "description": "Errors always use the envelope {error: {code, message, request_id}}.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {
+                "userToken": {"type": "http", "scheme": "bearer", "description": "ua_live_…"},
+                "deviceToken": {"type": "http", "scheme": "bearer", "description": "ds_live_…"},
+                "queryToken": {
+                    "type": "apiKey",
+                    "in": "query",
+                    "name": "token",
+                    "description": "ds_live_… (Shelly) or whk_… (LoRaWAN); redacted from logs",
+                },
+            },
+        },
+    }
+
+
+@routes.get("/v1/openapi.json")
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(document())

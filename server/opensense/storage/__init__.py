@@ -1,0 +1,1 @@
+"""Storage: readings, rollups, compaction of closed days, retention."""

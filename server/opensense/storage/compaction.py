@@ -1,0 +1,125 @@
+"""Compaction of closed days, and retention by whole partitions.
+
+A day D (UTC) is closed once D < today − compact_after_days. Its raw rows move,
+channel by channel, into one measurements_packed row holding the compressed arrays
+(opensense.storage.packing). A late reading for a closed day lands raw again and
+the next run merges it into the packed row. Reads merge both sources, so every
+read answers the same before and after (tested).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from psycopg import AsyncConnection
+
+from .. import db
+from . import packing
+from .write import DAY_LOCK_NS, packed_horizon, to_us
+
+log = logging.getLogger(__name__)
+
+CHANNELS_PER_TX = 200
+
+
+async def compact(conn: AsyncConnection[Any], now: datetime, compact_after_days: int) -> int:
+    """Pack every closed day that still has raw rows. Returns readings packed.
+
+    `conn` must be in autocommit mode; each (day, channel chunk) is one transaction.
+    """
+    horizon = packed_horizon(now, compact_after_days)
+    cur = await conn.execute(
+        "SELECT DISTINCT (ts AT TIME ZONE 'UTC')::date AS d, channel_num FROM measurements"
+        " WHERE ts < %s ORDER BY 1, 2",
+        (datetime(horizon.year, horizon.month, horizon.day, tzinfo=UTC),),
+    )
+    todo: dict[date, list[int]] = defaultdict(list)
+    for d, num in await cur.fetchall():
+        todo[d].append(num)
+    total = 0
+    for d in sorted(todo):
+        nums = todo[d]
+        for i in range(0, len(nums), CHANNELS_PER_TX):
+            total += await _compact_chunk(conn, d, nums[i : i + CHANNELS_PER_TX])
+    if total:
+        log.info("compaction packed %d readings", total)
+    return total
+
+
+async def _compact_chunk(conn: AsyncConnection[Any], day: date, nums: list[int]) -> int:
+    start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+    end = start + timedelta(days=1)
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (DAY_LOCK_NS, day.toordinal()))
+        cur = await conn.execute(
+            "DELETE FROM measurements WHERE channel_num = ANY(%s) AND ts >= %s AND ts < %s"
+            " RETURNING channel_num, ts, value",
+            (nums, start, end),
+        )
+        fresh: dict[int, dict[int, float]] = defaultdict(dict)
+        for num, ts, value in await cur.fetchall():
+            fresh[num][to_us(ts)] = value
+        cur = await conn.execute(
+            "SELECT channel_num, blob FROM measurements_packed WHERE day = %s AND channel_num = ANY(%s)",
+            (day, list(fresh)),
+        )
+        for num, blob in await cur.fetchall():
+            ts_list, values = packing.unpack(blob)
+            merged = fresh[num]
+            for t, v in zip(ts_list, values, strict=True):
+                merged.setdefault(t, v)  # packed and raw never overlap; keep the first
+        moved = 0
+        for num in sorted(fresh):
+            points = sorted(fresh[num].items())
+            blob = packing.pack([t for t, _ in points], [v for _, v in points])
+            await conn.execute(
+                "INSERT INTO measurements_packed (channel_num, day, n, blob) VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT (channel_num, day) DO UPDATE SET n = excluded.n, blob = excluded.blob",
+                (num, day, len(points), blob),
+            )
+            moved += len(points)
+    return moved
+
+
+async def enforce_retention(
+    conn: AsyncConnection[Any],
+    now: datetime,
+    raw_months: int,
+    rollup_months: int,
+) -> list[str]:
+    """Drop whole monthly partitions past retention. Never finer than a month, and the
+    settings refuse anything shorter than the seed defaults."""
+    this_month = db.month_start(now.date())
+    raw_before = db.add_months(this_month, -raw_months)
+    rollup_before = db.add_months(this_month, -rollup_months)
+    dropped: list[str] = []
+    for table, before in (
+        ("measurements", raw_before),
+        ("measurements_packed", raw_before),
+        ("rollup_5m", rollup_before),
+        ("rollup_1h", rollup_before),
+    ):
+        dropped += await _drop_before(conn, table, before)
+    return dropped
+
+
+async def _drop_before(conn: AsyncConnection[Any], table: str, before: date) -> list[str]:
+    cur = await conn.execute(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+        " JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = %s AND c.relkind IN ('r', 'p')",
+        (table,),
+    )
+    dropped = []
+    for (name,) in await cur.fetchall():
+        suffix = name[len(table) + 1 :]
+        if not (len(suffix) == 8 and suffix[0] == "y" and suffix[5] == "m"):
+            continue
+        month = date(int(suffix[1:5]), int(suffix[6:8]), 1)
+        if db.add_months(month, 1) <= before:
+            await conn.execute(f'DROP TABLE "{name}"')
+            dropped.append(name)
+            log.info("retention dropped partition %s", name)
+    return dropped

@@ -1,0 +1,120 @@
+"""Read API: one channel's series (JSON or CSV) and up to 32 channels at once."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import datetime, timedelta
+from typing import Any
+
+from aiohttp import web
+
+from .. import ratelimit
+from ..api import auth
+from ..api.body import query_choice, query_int, query_ts
+from ..api.jsonutil import response, rfc3339
+from ..api.keys import CONFIG, POOL
+from ..devices import service
+from ..errors import ApiError
+from ..ingest.validate import parse_ts
+from .read import AGGS, FNS, read_series
+
+routes = web.RouteTableDef()
+MAX_LIMIT = 5000
+MAX_CHANNELS = 32
+
+
+def encode_cursor(ts: datetime) -> str:
+    return base64.urlsafe_b64encode(("v1:" + rfc3339(ts)).encode()).decode().rstrip("=")
+
+
+def decode_cursor(text: str) -> datetime:
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+        if not raw.startswith("v1:"):
+            raise ValueError
+        return parse_ts(raw[3:], "cursor")
+    except (ValueError, binascii.Error, ApiError, UnicodeDecodeError):
+        raise ApiError("invalid_request", "cursor is not one this API handed out") from None
+
+
+def _params(request: web.Request, now: datetime) -> dict[str, Any]:
+    to = query_ts(request, "to") or now
+    frm = query_ts(request, "from") or (to - timedelta(hours=24))
+    if frm >= to:
+        raise ApiError("invalid_range", "from must be before to")
+    agg = query_choice(request, "agg", AGGS, "raw")
+    fn = query_choice(request, "fn", FNS, "mean")
+    limit = query_int(request, "limit", MAX_LIMIT, 1, MAX_LIMIT)
+    cur = request.query.get("cursor")
+    fmt = query_choice(request, "format", ("json", "csv"), "json")
+    return {
+        "lo": frm,
+        "hi": to,
+        "agg": agg,
+        "fn": fn,
+        "limit": limit,
+        "after": decode_cursor(cur) if cur else None,
+        "format": fmt,
+    }
+
+
+def _value(v: float, fn: str, agg: str) -> float | int:
+    return int(v) if agg != "raw" and fn == "count" else v
+
+
+async def _series(conn: Any, acc: str, channel_id: str, p: dict[str, Any]) -> dict[str, Any]:
+    ch = await service.channel_row(conn, acc, channel_id)
+    points, more = await read_series(
+        conn, ch["num"], p["lo"], p["hi"], p["agg"], p["fn"], p["limit"], p["after"]
+    )
+    return {
+        "channel_id": ch["id"],
+        "agg": p["agg"],
+        "fn": p["fn"] if p["agg"] != "raw" else None,
+        "data": [[rfc3339(t), _value(v, p["fn"], p["agg"])] for t, v in points],
+        "next_cursor": encode_cursor(points[-1][0]) if more and points else None,
+        "has_more": more,
+    }
+
+
+@routes.get("/v1/channels/{channel_id}/measurements")
+async def channel_measurements(request: web.Request) -> web.StreamResponse:
+    cfg = request.app[CONFIG]
+    now = cfg.clock()
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        p = _params(request, now)
+        if p["format"] == "csv":
+            await ratelimit.hit(conn, f"export:{acc}", 1, cfg.export_interval_s, now, "CSV export")
+        s = await _series(conn, acc, request.match_info["channel_id"], p)
+    if p["format"] == "json":
+        return response(s)
+    lines = ["ts,value"] + [f"{t},{v!r}" for t, v in s["data"]]
+    resp = web.Response(text="\n".join(lines) + "\n", content_type="text/csv", charset="utf-8")
+    resp.headers["X-Has-More"] = "true" if s["has_more"] else "false"
+    if s["next_cursor"]:
+        resp.headers["X-Next-Cursor"] = s["next_cursor"]
+    resp.headers["Content-Disposition"] = f'attachment; filename="{s["channel_id"]}.csv"'
+    return resp
+
+
+@routes.get("/v1/measurements")
+async def multi_measurements(request: web.Request) -> web.Response:
+    """Several channels: ?channel_id=a&channel_id=b (or channels=a,b), same options."""
+    now = request.app[CONFIG].clock()
+    ids = request.query.getall("channel_id", [])
+    if request.query.get("channels"):
+        ids += [c for c in request.query["channels"].split(",") if c]
+    ids = list(dict.fromkeys(ids))
+    if not 1 <= len(ids) <= MAX_CHANNELS:
+        raise ApiError("invalid_request", f"name 1 to {MAX_CHANNELS} channels, got {len(ids)}")
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        p = _params(request, now)
+        if p["format"] != "json":
+            raise ApiError(
+                "invalid_request", "multi-channel reads answer JSON only; export one channel as CSV"
+            )
+        series = [await _series(conn, acc, cid, p) for cid in ids]
+    return response({"series": series})

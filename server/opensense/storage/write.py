@@ -1,0 +1,123 @@
+"""Writing readings: one statement stores the new rows and folds exactly those rows
+into the 5m/1h/1d rollups, so a resent reading changes neither table."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from psycopg import AsyncConnection
+
+from . import packing
+
+# Namespace for pg_advisory_xact_lock(int, int): (namespace, day ordinal). Compaction
+# takes a day exclusively; an ingest of a reading into a closed day takes it shared,
+# so a late reading is never written raw while its day is being packed.
+DAY_LOCK_NS = 7262002
+
+_ROLLUP = """
+, {name} AS (
+  INSERT INTO {table} AS r (channel_num, bucket, vmin, vmax, vsum, n)
+  SELECT channel_num, {bucket} AS b, min(value), max(value), sum(value), count(*)
+  FROM ins GROUP BY channel_num, b ORDER BY channel_num, b
+  ON CONFLICT (channel_num, bucket) DO UPDATE SET
+    vmin = least(r.vmin, excluded.vmin), vmax = greatest(r.vmax, excluded.vmax),
+    vsum = r.vsum + excluded.vsum, n = r.n + excluded.n
+)"""
+
+INSERT_SQL = (
+    """
+WITH src AS (
+  SELECT * FROM unnest(%(nums)s::int4[], %(ts)s::timestamptz[], %(vals)s::float8[])
+    AS s(channel_num, ts, value)
+), ins AS (
+  INSERT INTO measurements (channel_num, ts, value)
+  SELECT channel_num, ts, value FROM src ORDER BY channel_num, ts
+  ON CONFLICT DO NOTHING
+  RETURNING channel_num, ts, value
+)"""
+    + _ROLLUP.format(
+        name="r5",
+        table="rollup_5m",
+        bucket="date_bin('5 minutes', ts, timestamptz '2000-01-01T00:00:00Z')",
+    )
+    + _ROLLUP.format(name="r1h", table="rollup_1h", bucket="date_trunc('hour', ts, 'UTC')")
+    + _ROLLUP.format(name="r1d", table="rollup_1d", bucket="date_trunc('day', ts, 'UTC')")
+    + "\nSELECT count(*) FROM ins"
+)
+
+
+def to_us(ts: datetime) -> int:
+    delta = ts - EPOCH
+    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def from_us(us: int) -> datetime:
+    return EPOCH + timedelta(microseconds=us)
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def packed_horizon(now: datetime, compact_after_days: int) -> date:
+    """Days before this one may be packed (they are closed)."""
+    return now.date() - timedelta(days=compact_after_days)
+
+
+async def insert_readings(
+    conn: AsyncConnection[Any],
+    rows: Sequence[tuple[int, datetime, float]],
+    *,
+    now: datetime,
+    compact_after_days: int,
+) -> int:
+    """Store rows that are not stored yet; returns how many were new.
+
+    Must run inside the caller's transaction. Rows that fall in a day already packed
+    are checked against the packed blob first (under the day's shared lock).
+    """
+    if not rows:
+        return 0
+    horizon = packed_horizon(now, compact_after_days) + timedelta(days=1)  # margin
+    old = [r for r in rows if r[1].date() < horizon]
+    if old:
+        rows = await _drop_already_packed(conn, rows, old)
+        if not rows:
+            return 0
+    cur = await conn.execute(
+        INSERT_SQL,
+        {
+            "nums": [r[0] for r in rows],
+            "ts": [r[1] for r in rows],
+            "vals": [r[2] for r in rows],
+        },
+    )
+    got = await cur.fetchone()
+    return int(got[0]) if got else 0
+
+
+async def _drop_already_packed(
+    conn: AsyncConnection[Any],
+    rows: Sequence[tuple[int, datetime, float]],
+    old: Sequence[tuple[int, datetime, float]],
+) -> list[tuple[int, datetime, float]]:
+    days = sorted({r[1].date() for r in old})
+    for d in days:  # sorted: no lock-order deadlock with another ingest
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock_shared(%s, %s)", (DAY_LOCK_NS, d.toordinal())
+        )
+    keys = sorted({(r[0], r[1].date()) for r in old})
+    cur = await conn.execute(
+        "SELECT channel_num, day, blob FROM measurements_packed"
+        " WHERE (channel_num, day) IN (SELECT * FROM unnest(%s::int4[], %s::date[]))",
+        ([k[0] for k in keys], [k[1] for k in keys]),
+    )
+    present: dict[int, set[int]] = defaultdict(set)
+    for num, _day, blob in await cur.fetchall():
+        ts, _ = packing.unpack(blob)
+        present[num].update(ts)
+    if not present:
+        return list(rows)
+    return [r for r in rows if to_us(r[1]) not in present.get(r[0], ())]

@@ -1,0 +1,164 @@
+"""Tokens: ds_live_ (one device's ingest), ua_live_ (management API), whk_ (inbound webhooks).
+
+Text form: ``<prefix><key_id>_<secret>``. `key_id` is public and finds the row;
+only a bcrypt hash of `secret` is stored. Verification costs one indexed lookup:
+the row is read on every request (so a rotation or revocation made by any server
+process is seen on the very next request), but bcrypt (~100 ms at cost 12) runs
+only the first time this process sees a given (key_id, secret, hash) triple.
+`last_used_at` is written at most once a minute per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import bcrypt
+from psycopg import AsyncConnection
+
+from .errors import ApiError
+from .ids import new_id
+
+PREFIXES = {"ds_live": "ds_live_", "ua_live": "ua_live_", "whk": "whk_"}
+_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
+KEY_ID_LEN = 12
+SECRET_LEN = 32  # 160 bits
+ROTATE_AFTER_DAYS = 365  # older tokens are flagged "consider rotating"; they keep working
+
+
+def _rand(n: int) -> str:
+    return "".join(secrets.choice(_ALPHABET) for _ in range(n))
+
+
+@dataclass(frozen=True)
+class NewToken:
+    id: str
+    kind: str
+    plaintext: str  # shown once, never stored
+    key_id: str
+    hash: str
+
+
+def generate(kind: str, rounds: int) -> NewToken:
+    key_id, secret = _rand(KEY_ID_LEN), _rand(SECRET_LEN)
+    hashed = bcrypt.hashpw(secret.encode(), bcrypt.gensalt(rounds)).decode()
+    return NewToken(new_id("tok"), kind, f"{PREFIXES[kind]}{key_id}_{secret}", key_id, hashed)
+
+
+def parse(token: str) -> tuple[str, str, str] | None:
+    """(kind, key_id, secret) or None if the text is not shaped like one of ours."""
+    for kind, prefix in PREFIXES.items():
+        if token.startswith(prefix):
+            rest = token[len(prefix) :]
+            key_id, sep, secret = rest.partition("_")
+            if sep and len(key_id) == KEY_ID_LEN and len(secret) == SECRET_LEN:
+                return kind, key_id, secret
+            return None
+    return None
+
+
+def redact(token: str) -> str:
+    parsed = parse(token)
+    return f"{PREFIXES[parsed[0]]}{parsed[1]}_…" if parsed else "…"
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    id: str
+    kind: str
+    account_id: str
+    device_id: str | None
+    hash: str
+    revoked_at: datetime | None
+    extra: dict[str, Any]
+
+
+class Verifier:
+    """Checks token secrets against bcrypt hashes, remembering good checks.
+
+    The cache key holds the stored hash too, so a re-hashed (rotated) row can never
+    match an old entry; revocation is read from the row on every request.
+    """
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self._good: OrderedDict[tuple[str, bytes, str], None] = OrderedDict()
+        self._bad: OrderedDict[tuple[str, bytes, str], None] = OrderedDict()
+        self._max = max_entries
+        self._last_touch: dict[str, float] = {}
+        self.bcrypt_checks = 0  # observable in tests and benchmarks
+
+    async def check(self, key_id: str, secret: str, stored_hash: str) -> bool:
+        digest = hashlib.sha256(secret.encode()).digest()
+        key = (key_id, digest, stored_hash)
+        if key in self._good:
+            self._good.move_to_end(key)
+            return True
+        if key in self._bad:
+            return False
+        self.bcrypt_checks += 1
+        ok = await asyncio.to_thread(bcrypt.checkpw, secret.encode(), stored_hash.encode())
+        cache = self._good if ok else self._bad
+        cache[key] = None
+        if len(cache) > self._max:
+            cache.popitem(last=False)
+        return ok
+
+    def due_for_touch(self, token_id: str, now: float | None = None) -> bool:
+        """True at most once a minute per token in this process; the UPDATE's own
+        condition keeps several processes to about once a minute as well."""
+        now = time.monotonic() if now is None else now
+        last = self._last_touch.get(token_id)
+        if last is not None and now - last < 60:
+            return False
+        self._last_touch[token_id] = now
+        return True
+
+
+TOUCH_SQL = (
+    "UPDATE tokens SET last_used_at = %(now)s WHERE id = %(id)s"
+    " AND (last_used_at IS NULL OR last_used_at < %(now)s - interval '1 minute')"
+)
+
+
+async def authenticate(
+    conn: AsyncConnection[Any],
+    verifier: Verifier,
+    token: str | None,
+    kinds: tuple[str, ...],
+    now: datetime,
+) -> TokenRow:
+    """The live token row for `token`, or ApiError 401. Also keeps last_used_at."""
+    if not token:
+        raise ApiError(
+            "auth_required", "this endpoint needs a token: send Authorization: Bearer <token>"
+        )
+    parsed = parse(token)
+    if parsed is None or parsed[0] not in kinds:
+        want = " or ".join(PREFIXES[k] + "…" for k in kinds)
+        raise ApiError("token_invalid", f"the token is not a valid {want} token")
+    kind, key_id, secret = parsed
+    cur = await conn.execute(
+        "SELECT id, kind, account_id, device_id, hash, revoked_at FROM tokens WHERE key_id = %s",
+        (key_id,),
+    )
+    row = await cur.fetchone()
+    if row is None or row[1] != kind:
+        raise ApiError("token_invalid", "the token is not known (wrong, or deleted)")
+    if row[5] is not None:
+        raise ApiError("token_invalid", "the token was rotated or revoked; use the current one")
+    if not await verifier.check(key_id, secret, row[4]):
+        raise ApiError("token_invalid", "the token is not known (wrong, or deleted)")
+    if verifier.due_for_touch(row[0]):
+        await conn.execute(TOUCH_SQL, {"now": now, "id": row[0]})
+    return TokenRow(row[0], row[1], row[2], row[3], row[4], row[5], {})
+
+
+def constant_time_equal(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())

@@ -1,0 +1,7 @@
+"""Fixtures by service: database (fixtures/database.py), clock, server app."""
+
+pytest_plugins = [
+    "tests.fixtures.clock",
+    "tests.fixtures.database",
+    "tests.fixtures.server",
+]

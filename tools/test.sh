@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One command: install OpenSense with its test tools into .venv and run the whole suite:
+# lint (ruff), types (mypy), then pytest against the embedded PostgreSQL, then the
+# database tests again against a system PostgreSQL (OPENSENSE_TEST_DSN, default
+# postgresql://postgres@127.0.0.1:5432/test) when one answers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. tools/_venv.sh
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+echo "== ruff"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+echo "== mypy"
+.venv/bin/mypy
+
+echo "== pytest (embedded PostgreSQL)"
+env -u OPENSENSE_TEST_DSN .venv/bin/python -m pytest "$@"
+
+DSN=${OPENSENSE_TEST_DSN:-postgresql://postgres@127.0.0.1:5432/test}
+if .venv/bin/python -c 'import sys, psycopg; psycopg.connect(sys.argv[1], connect_timeout=3).close()' "$DSN" 2>/dev/null; then
+  echo "== pytest -m db (PostgreSQL at $DSN)"
+  OPENSENSE_TEST_DSN=$DSN .venv/bin/python -m pytest -m db "$@"
+else
+  echo "== no PostgreSQL answers at $DSN: the second database pass is skipped"
+fi
