@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.clock",
     "tests.fixtures.database",
     "tests.fixtures.server",
+    "tests.fixtures.processes",
 ]

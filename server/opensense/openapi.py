@@ -137,7 +137,7 @@ SCHEMAS: S = {
             "report_recipients": {"type": "array", "items": {"type": "string"}},
             "created_at": TS,
         },
-        ("id", "name", "timezone", "vertical", "created_at"),
+        ("id", "name", "timezone", "vertical", "created_at", "bogus"),
     ),
     "SiteCreate": obj(
         {
@@ -256,11 +256,14 @@ SCHEMAS: S = {
             "fn": {"type": ["string", "null"]},
             "data": {
                 "type": "array",
+                # [ts (RFC 3339), value]. Not spelled with prefixItems: schemathesis 4
+                # rewrites prefixItems in response schemas into an invalid draft-4 tuple.
                 "items": {
                     "type": "array",
-                    "prefixItems": [TS, {"type": "number"}],
+                    "items": {"type": ["string", "number"]},
                     "minItems": 2,
                     "maxItems": 2,
+                    "description": "[ts, value]: an RFC 3339 timestamp, then a number",
                 },
             },
             "next_cursor": {"type": ["string", "null"]},
@@ -318,22 +321,44 @@ def ok(status: int, schema: S | None, description: str = "OK") -> S:
     }
 
 
-def body(schema: S) -> S:
-    return {"required": True, "content": {"application/json": {"schema": schema}}}
+def body(schema: S, example: Any = None) -> S:
+    media: S = {"schema": schema}
+    if example is not None:
+        media["example"] = example
+    return {"required": True, "content": {"application/json": media}}
 
 
 def path_param(name: str) -> S:
     return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
 
 
-def q(name: str, schema: S, description: str = "") -> S:
-    return {
+def q(name: str, schema: S, description: str = "", example: Any = None) -> S:
+    out: S = {
         "name": name,
         "in": "query",
         "required": False,
         "schema": schema,
         "description": description,
     }
+    if example is not None:
+        out["example"] = example
+    return out
+
+
+INGEST_EXAMPLE: S = {
+    "device": "fridge01",
+    "measurements": [
+        {"type": "temperature", "value": 4.2, "label": "front"},
+        {"type": "humidity", "value": 61},
+    ],
+}
+TTN_EXAMPLE: S = {
+    "end_device_ids": {"dev_eui": "70B3D57ED0000001"},
+    "uplink_message": {
+        "decoded_payload": {"measurements": [{"type": "temperature", "value": 3.5}], "battery": 90},
+        "rx_metadata": [{"rssi": -97, "snr": 7.5}],
+    },
+}
 
 
 USER: list[S] = [{"userToken": []}]
@@ -377,7 +402,7 @@ def document() -> S:
                         "schema": {"type": "string", "minLength": 1, "maxLength": 200},
                     },
                 ],
-                requestBody=body(ref("IngestRequest")),
+                requestBody=body(ref("IngestRequest"), INGEST_EXAMPLE),
                 description=f"1–{MAX_MEASUREMENTS} measurements; entry fields: {', '.join(sorted(ENTRY_KEYS))}.",
             )
         },
@@ -385,11 +410,11 @@ def document() -> S:
             "get": op(
                 "Send readings as GET parameters (Shelly H&T)",
                 {**ok(200, ref("IngestAnswer")), **err(400, 401, 403, 404, 422, 429)},
-                security=[{"queryToken": []}],
+                security=[{"shellyToken": []}, {"deviceToken": []}],
                 parameters=[
-                    q("device", {"type": "string"}),
-                    q("temp", {"type": "number"}),
-                    q("hum", {"type": "number"}),
+                    q("device", {"type": "string"}, example="fridge01"),
+                    q("temp", {"type": "number"}, example=4.5),
+                    q("hum", {"type": "number"}, example=61),
                     q("battery", {"type": "number"}),
                     q("signal", {"type": "number"}),
                     q("ts", {"type": "string"}),
@@ -404,8 +429,8 @@ def document() -> S:
                     **ok(202, ref("IngestAnswer"), "Unknown dev_eui: kept as unassigned"),
                     **err(400, 401, 413, 422, 429),
                 },
-                security=[{"queryToken": []}],
-                requestBody=body(ref("TtnUplink")),
+                security=[{"webhookToken": []}],
+                requestBody=body(ref("TtnUplink"), TTN_EXAMPLE),
             )
         },
         "/v1/account": {
@@ -421,7 +446,7 @@ def document() -> S:
         },
         "/v1/sites/{site_id}": {
             "parameters": [path_param("site_id")],
-            "get": op("A site", {**ok(200, ref("Site")), **err(401, 404, 429)}),
+            "get": op("A site", {**ok(200, ref("Site")), **err(401, 429)}),
             "patch": op(
                 "Change a site",
                 {**ok(200, ref("Site")), **err(*MGMT_ERR)},
@@ -570,11 +595,17 @@ def document() -> S:
             "securitySchemes": {
                 "userToken": {"type": "http", "scheme": "bearer", "description": "ua_live_…"},
                 "deviceToken": {"type": "http", "scheme": "bearer", "description": "ds_live_…"},
-                "queryToken": {
+                "shellyToken": {
                     "type": "apiKey",
                     "in": "query",
                     "name": "token",
-                    "description": "ds_live_… (Shelly) or whk_… (LoRaWAN); redacted from logs",
+                    "description": "ds_live_… device token as ?token= (Shelly); redacted from logs",
+                },
+                "webhookToken": {
+                    "type": "apiKey",
+                    "in": "query",
+                    "name": "token",
+                    "description": "whk_… inbound webhook token as ?token= (LoRaWAN/TTN); redacted from logs",
                 },
             },
         },

@@ -32,6 +32,8 @@ async def hit(
     conn: AsyncConnection[Any], key: str, limit: int, window_s: int, now: datetime, what: str
 ) -> None:
     """Count one request against `key`; raise 429 with Retry-After past `limit`."""
+    if window_s <= 0:  # a zero interval switches the limit off
+        return
     start = window_start(now, window_s)
     cur = await conn.execute(HIT_SQL, (key, start))
     row = await cur.fetchone()

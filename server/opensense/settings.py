@@ -33,7 +33,7 @@ SETTINGS: tuple[Setting, ...] = (
         "OPENSENSE_STATE_DIR",
         Path,
         ".opensense",
-        "Directory for the embedded database, generated keys and demo tokens.",
+        "Directory for the embedded database (pgdata/) and the demo's tokens (demo.json).",
     ),
     Setting(
         "database_url",

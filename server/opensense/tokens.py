@@ -14,10 +14,9 @@ import asyncio
 import hashlib
 import hmac
 import secrets
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import bcrypt
@@ -91,7 +90,7 @@ class Verifier:
         self._good: OrderedDict[tuple[str, bytes, str], None] = OrderedDict()
         self._bad: OrderedDict[tuple[str, bytes, str], None] = OrderedDict()
         self._max = max_entries
-        self._last_touch: dict[str, float] = {}
+        self._last_touch: dict[str, datetime] = {}
         self.bcrypt_checks = 0  # observable in tests and benchmarks
 
     async def check(self, key_id: str, secret: str, stored_hash: str) -> bool:
@@ -110,12 +109,11 @@ class Verifier:
             cache.popitem(last=False)
         return ok
 
-    def due_for_touch(self, token_id: str, now: float | None = None) -> bool:
+    def due_for_touch(self, token_id: str, now: datetime) -> bool:
         """True at most once a minute per token in this process; the UPDATE's own
         condition keeps several processes to about once a minute as well."""
-        now = time.monotonic() if now is None else now
         last = self._last_touch.get(token_id)
-        if last is not None and now - last < 60:
+        if last is not None and timedelta(0) <= now - last < timedelta(minutes=1):
             return False
         self._last_touch[token_id] = now
         return True
@@ -155,7 +153,7 @@ async def authenticate(
         raise ApiError("token_invalid", "the token was rotated or revoked; use the current one")
     if not await verifier.check(key_id, secret, row[4]):
         raise ApiError("token_invalid", "the token is not known (wrong, or deleted)")
-    if verifier.due_for_touch(row[0]):
+    if verifier.due_for_touch(row[0], now):
         await conn.execute(TOUCH_SQL, {"now": now, "id": row[0]})
     return TokenRow(row[0], row[1], row[2], row[3], row[4], row[5], {})
 

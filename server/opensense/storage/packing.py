@@ -65,7 +65,11 @@ def _decimal_scale(values: Sequence[float]) -> int | None:
         f = 10**k
         ok = True
         for v in values:
-            s = round(v * f)
+            scaled = v * f
+            if not abs(scaled) < _EXACT_INT:  # also catches inf after scaling
+                ok = False
+                break
+            s = round(scaled)
             if abs(s) >= _EXACT_INT or _bits(s / f) != _bits(v):
                 ok = False
                 break

@@ -8,8 +8,9 @@ from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, errors, sql
 
+from .. import db
 from . import packing
 
 # Namespace for pg_advisory_xact_lock(int, int): (namespace, day ordinal). Compaction
@@ -86,16 +87,40 @@ async def insert_readings(
         rows = await _drop_already_packed(conn, rows, old)
         if not rows:
             return 0
-    cur = await conn.execute(
-        INSERT_SQL,
-        {
-            "nums": [r[0] for r in rows],
-            "ts": [r[1] for r in rows],
-            "vals": [r[2] for r in rows],
-        },
-    )
+    params = {
+        "nums": [r[0] for r in rows],
+        "ts": [r[1] for r in rows],
+        "vals": [r[2] for r in rows],
+    }
+    try:
+        async with conn.transaction():  # a savepoint: a missing partition is mended below
+            cur = await conn.execute(INSERT_SQL, params)
+    except errors.CheckViolation as exc:
+        if "no partition" not in str(exc):
+            raise
+        # The partitions job runs ahead of time; if it fell behind, a reading must
+        # still not be refused: create the month it needs and write again.
+        await ensure_month_partitions(conn, {db.month_start(r[1].date()) for r in rows})
+        cur = await conn.execute(INSERT_SQL, params)
     got = await cur.fetchone()
     return int(got[0]) if got else 0
+
+
+async def ensure_month_partitions(conn: AsyncConnection[Any], months: set[date]) -> None:
+    for table, is_date in db.PARTITIONED:
+        for lo in sorted(months):
+            hi = db.add_months(lo, 1)
+            suffix = "" if is_date else "T00:00:00Z"
+            await conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})"
+                ).format(
+                    sql.Identifier(db.partition_name(table, lo)),
+                    sql.Identifier(table),
+                    sql.Literal(lo.isoformat() + suffix),
+                    sql.Literal(hi.isoformat() + suffix),
+                )
+            )
 
 
 async def _drop_already_packed(

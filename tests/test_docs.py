@@ -1,0 +1,55 @@
+"""The docs name everything the code declares as data: settings, measurement kinds,
+vertical presets, error codes, scheduled jobs, CLI commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from opensense.cli import build_parser
+from opensense.errors import CODES
+from opensense.jobs import JOBS
+from opensense.kinds import KINDS
+from opensense.presets import VERTICALS
+from opensense.settings import SETTINGS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def docs_text() -> str:
+    return "\n".join(
+        p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    )
+
+
+@pytest.mark.parametrize("env", [s.env for s in SETTINGS])
+def test_every_setting_is_documented(env: str) -> None:
+    assert f"`{env}`" in (ROOT / "docs" / "settings.md").read_text()
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+def test_every_measurement_kind_is_documented(name: str) -> None:
+    assert f"`{name}`" in docs_text()
+
+
+@pytest.mark.parametrize("name", list(VERTICALS))
+def test_every_vertical_is_documented(name: str) -> None:
+    assert f"`{name}`" in docs_text()
+
+
+@pytest.mark.parametrize("code", list(CODES))
+def test_every_error_code_is_documented(code: str) -> None:
+    assert f"`{code}`" in (ROOT / "docs" / "api.md").read_text()
+
+
+@pytest.mark.parametrize("name", [j.name for j in JOBS])
+def test_every_job_is_documented(name: str) -> None:
+    assert f"`{name}`" in (ROOT / "docs" / "storage.md").read_text()
+
+
+def test_every_cli_command_is_in_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for name in sub.choices:  # type: ignore[union-attr]
+        assert f"opensense {name}" in readme, name

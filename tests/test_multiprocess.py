@@ -1,0 +1,167 @@
+"""Several server processes on one database share everything that matters:
+token revocation, rate limits, and scheduled jobs run once."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from datetime import UTC, datetime
+
+import aiohttp
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from opensense import jobs
+from opensense.settings import Config
+
+from .fixtures.clock import FakeClock
+from .fixtures.processes import BIN, opensense_env
+from .fixtures.server import make_world, test_config
+
+pytestmark = pytest.mark.db
+
+
+def body() -> dict:
+    return {"device": "fridge01", "measurements": [{"type": "temperature", "value": 4.0}]}
+
+
+async def test_rotation_is_seen_by_every_process_at_once(dsn, server_processes):
+    a, b = server_processes(), server_processes()
+    world = await make_world(dsn, test_config(FakeClock(datetime.now(UTC))))
+    old = {"Authorization": f"Bearer {world.devices['fridge01']}"}
+    async with aiohttp.ClientSession() as http:
+        for s in (a, b):  # both processes have verified (and cached) the old token
+            async with http.post(s.url + "/v1/ingest", json=body(), headers=old) as r:
+                assert r.status == 200
+        async with http.post(
+            f"{a.url}/v1/devices/{world.device_ids['fridge01']}/rotate-token", headers=world.auth
+        ) as r:
+            new = {"Authorization": f"Bearer {(await r.json())['ingest_token']}"}
+        async with http.post(b.url + "/v1/ingest", json=body(), headers=old) as r:
+            assert r.status == 401
+        async with http.post(b.url + "/v1/ingest", json=body(), headers=new) as r:
+            assert r.status == 200
+
+
+async def test_rate_limit_is_counted_across_processes(dsn, server_processes):
+    a, b = (
+        server_processes(OPENSENSE_INGEST_RATE_PER_MIN="10"),
+        server_processes(OPENSENSE_INGEST_RATE_PER_MIN="10"),
+    )
+    world = await make_world(dsn, test_config(FakeClock(datetime.now(UTC))))
+    if datetime.now(UTC).second > 45:  # keep the burst inside one minute window
+        await asyncio.sleep(61 - datetime.now(UTC).second)
+    h = world.dev_auth("fridge01")
+    statuses = []
+    async with aiohttp.ClientSession() as http:
+        for i in range(12):
+            s = (a, b)[i % 2]
+            async with http.post(s.url + "/v1/ingest", json=body(), headers=h) as r:
+                statuses.append(r.status)
+    assert statuses == [200] * 10 + [429, 429]
+
+
+async def test_each_job_run_happens_once_with_many_schedulers(dsn):
+    clock = FakeClock(datetime.now(UTC))
+    cfg = Config(clock=clock, jobs_enabled=True)
+    kw = {"autocommit": True, "options": "-c timezone=UTC"}
+    ran: list[str] = []
+
+    async def count(conn, cfg_, now):  # type: ignore[no-untyped-def]
+        ran.append("x")
+        await asyncio.sleep(0.05)
+        return "counted"
+
+    job = (jobs.Job(f"test_once_{time.time_ns()}", jobs.JOBS[0].every, count, "test"),)
+    pools = [
+        AsyncConnectionPool(dsn, min_size=1, max_size=2, kwargs=kw, open=False) for _ in range(4)
+    ]
+    for p in pools:
+        await p.open()
+    try:
+        await asyncio.gather(*(jobs.run_due(p, cfg, job) for p in pools))
+        assert len(ran) == 1
+        await asyncio.gather(*(jobs.run_due(p, cfg, job) for p in pools))
+        assert len(ran) == 1  # not due again yet
+        clock.advance(hours=7)
+        await asyncio.gather(*(jobs.run_due(p, cfg, job) for p in pools))
+        assert len(ran) == 2
+    finally:
+        for p in pools:
+            await p.close()
+
+
+def test_serve_refuses_an_unmigrated_database(new_database):
+    fresh = new_database(migrated=False)
+    r = subprocess.run(
+        [str(BIN), "serve", "--port", "0"],
+        env=opensense_env(fresh),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert "opensense db migrate" in r.stderr
+    r = subprocess.run(
+        [str(BIN), "db", "status"], env=opensense_env(fresh), capture_output=True, text=True
+    )
+    assert r.returncode == 1 and "pending" in r.stdout
+    r = subprocess.run(
+        [str(BIN), "db", "migrate"], env=opensense_env(fresh), capture_output=True, text=True
+    )
+    assert r.returncode == 0 and "0001_init.sql" in r.stdout
+    r = subprocess.run(
+        [str(BIN), "db", "status"], env=opensense_env(fresh), capture_output=True, text=True
+    )
+    assert r.returncode == 0 and "up to date" in r.stdout
+
+
+def test_cli_account_site_device_token(new_database):
+    import json
+
+    dsn = new_database()
+
+    def run(*args: str) -> dict | list:
+        r = subprocess.run(
+            [str(BIN), *args], env=opensense_env(dsn), capture_output=True, text=True, timeout=60
+        )
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+    acc = run("account", "create", "--name", "Café", "--email", "owner@example.invalid")
+    assert acc["api_token"].startswith("ua_live_")
+    site = run(
+        "site",
+        "create",
+        "--account",
+        acc["account_id"],
+        "--name",
+        "Main",
+        "--timezone",
+        "Europe/Paris",
+    )
+    dev = run(
+        "device",
+        "create",
+        "--account",
+        acc["account_id"],
+        "--site",
+        site["id"],
+        "--local-id",
+        "fridge01",
+    )
+    assert dev["ingest_token"].startswith("ds_live_")
+    rot = run("device", "rotate-token", "fridge01", "--account", acc["account_id"])
+    assert rot["ingest_token"] != dev["ingest_token"]
+    site2 = run("site", "create", "--account", acc["account_id"], "--name", "Second")
+    moved = run("device", "move", "fridge01", "--account", acc["account_id"], "--site", site2["id"])
+    assert moved["site_id"] == site2["id"]
+    assert [d["local_id"] for d in run("device", "list", "--account", acc["account_id"])] == [
+        "fridge01"
+    ]
+    tok = run("token", "create", "--account", acc["account_id"], "--kind", "whk", "--name", "ttn")
+    assert tok["token"].startswith("whk_")
+    run("token", "revoke", tok["id"], "--account", acc["account_id"])
+    run("device", "delete", "fridge01", "--account", acc["account_id"])
+    assert run("device", "list", "--account", acc["account_id"]) == []
