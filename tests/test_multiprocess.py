@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import pytest
@@ -165,3 +165,85 @@ def test_cli_account_site_device_token(new_database):
     run("token", "revoke", tok["id"], "--account", acc["account_id"])
     run("device", "delete", "fridge01", "--account", acc["account_id"])
     assert run("device", "list", "--account", acc["account_id"]) == []
+
+
+async def test_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(dsn, server_processes):
+    """A client that follows PRODUCT.md's retry rule (retry until a 200) against a
+    server that is SIGKILLed twice mid-stream: every reading ends up stored once."""
+    import random
+
+    from opensense.api.jsonutil import rfc3339
+
+    srv = server_processes(OPENSENSE_INGEST_RATE_PER_MIN="100000")
+    world = await make_world(dsn, test_config(FakeClock(datetime.now(UTC))), ("n1", "n2", "n3"))
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=20)
+    batches = []
+    for dev in ("n1", "n2", "n3"):
+        for b in range(25):  # 3 devices x 25 batches x 32 = 2400 readings
+            ms = [
+                {
+                    "type": "temperature",
+                    "value": round(random.uniform(2, 6), 2),
+                    "ts": rfc3339(start + timedelta(minutes=b * 32 + i)),
+                }
+                for i in range(32)
+            ]
+            batches.append((dev, {"device": dev, "measurements": ms}))
+    random.Random(7).shuffle(batches)
+    kills = {len(batches) // 3, 2 * len(batches) // 3}
+    retries = 0
+
+    async def post_until_ok(http: aiohttp.ClientSession, dev: str, body: dict) -> None:
+        nonlocal retries
+        for _ in range(200):
+            try:
+                async with http.post(
+                    srv.url + "/v1/ingest",
+                    json=body,
+                    headers=world.dev_auth(dev),
+                    timeout=aiohttp.ClientTimeout(total=5),
+                ) as r:
+                    if r.status == 200:
+                        return
+                    assert r.status >= 500, await r.text()  # 4xx would be a bug here
+            except (TimeoutError, aiohttp.ClientError):
+                pass
+            retries += 1
+            await asyncio.sleep(0.1)
+        raise AssertionError("server never came back")
+
+    async with aiohttp.ClientSession() as http:
+        sent = 0
+
+        async def worker(queue: asyncio.Queue) -> None:
+            nonlocal sent
+            while not queue.empty():
+                dev, body = queue.get_nowait()
+                await post_until_ok(http, dev, body)
+                sent += 1
+
+        q: asyncio.Queue = asyncio.Queue()
+        for item in batches:
+            q.put_nowait(item)
+        workers = [asyncio.create_task(worker(q)) for _ in range(8)]
+        killed = 0
+        while any(not w.done() for w in workers):
+            if killed < len(kills) and sent >= sorted(kills)[killed]:
+                srv.kill()
+                await asyncio.sleep(0.3)
+                await asyncio.to_thread(srv.start)
+                killed += 1
+            await asyncio.sleep(0.02)
+        await asyncio.gather(*workers)
+    assert killed == 2 and retries > 0
+
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT count(*), count(DISTINCT (m.channel_num, m.ts)) FROM measurements m"
+            " JOIN channels c ON c.num = m.channel_num WHERE c.account_id = %s",
+            (world.account,),
+        )
+        total, distinct = await cur.fetchone()  # type: ignore[misc]
+    assert total == distinct == 2400
