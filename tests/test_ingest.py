@@ -427,3 +427,29 @@ async def test_lorawan_webhook(client, world: World, clock, dsn):
     assert r.status == 202 and (await r.json())["unassigned"] is True
     r = await client.post(f"/v1/ingest/lorawan?token={world.devices['fridge01']}", json=up)
     assert r.status == 401
+
+
+async def test_concurrent_overlapping_requests_store_each_reading_once(
+    client, world: World, clock, dsn
+):
+    """Requests that share readings may land in one group-commit batch: each reading
+    is accepted by exactly one request and counted as a duplicate by the others."""
+    import asyncio
+
+    from opensense.api.keys import WRITER
+
+    base = clock.now - timedelta(hours=1)
+    bodies = []
+    for i in range(24):  # request i carries minutes i..i+7: neighbours overlap
+        ms = [t(4.0 + m / 100, ts=rfc3339(base + timedelta(minutes=m))) for m in range(i, i + 8)]
+        bodies.append({"device": "fridge01", "measurements": ms})
+    h = world.dev_auth("fridge01")
+    await client.post("/v1/ingest", json=bodies[0], headers=h)  # creates the channel
+    answers = await asyncio.gather(*(client.post("/v1/ingest", json=b, headers=h) for b in bodies))
+    results = [await r.json() for r in answers]
+    assert all(r.status == 200 for r in answers)
+    assert sum(r["accepted"] for r in results) == 24 + 7 - 8  # the first request stored 8 already
+    assert all(r["accepted"] + r["deduplicated"] == 8 for r in results)
+    assert await count_rows(dsn, world.account) == 24 + 7
+    writer = client.app[WRITER]
+    assert writer.requests >= 24  # all but the channel-creating first went through the writer

@@ -12,7 +12,7 @@ from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
 from . import db, jobs
-from .api.keys import CONFIG, DSN, POOL, REQUEST_LOG, VERIFIER
+from .api.keys import CONFIG, DSN, POOL, REQUEST_LOG, VERIFIER, WRITER
 from .api.middleware import error_middleware
 from .api.requestlog import RequestLog
 from .devices.routes import routes as device_routes
@@ -20,6 +20,7 @@ from .ingest.routes import routes as ingest_routes
 from .ingest.validate import MAX_BODY_BYTES
 from .openapi import routes as openapi_routes
 from .settings import Config
+from .storage.batcher import BatchWriter
 from .storage.routes import routes as read_routes
 from .tokens import Verifier
 
@@ -51,6 +52,14 @@ async def request_log_ctx(app: web.Application) -> AsyncIterator[None]:
     await rl.stop()
 
 
+async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
+    writer = BatchWriter(app[POOL])
+    writer.start()
+    app[WRITER] = writer
+    yield
+    await writer.stop()
+
+
 async def jobs_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
     task = asyncio.create_task(jobs.scheduler(app[POOL], cfg)) if cfg.jobs_enabled else None
@@ -70,7 +79,7 @@ def create_app(config: Config, dsn: str) -> web.Application:
     app[CONFIG] = config
     app[DSN] = dsn
     app[VERIFIER] = Verifier()
-    app.cleanup_ctx.extend([database_ctx, request_log_ctx, jobs_ctx])
+    app.cleanup_ctx.extend([database_ctx, request_log_ctx, writer_ctx, jobs_ctx])
     app.router.add_get("/healthz", healthz)
     for table in (ingest_routes, device_routes, read_routes, openapi_routes):
         app.router.add_routes(table)

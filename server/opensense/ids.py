@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import secrets
-
-_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32, lower case
 
 PREFIXES = ("acc", "site", "dev", "snr", "chn", "rul", "evt", "rpt", "tok", "req")
 
 
-def new_id(prefix: str, length: int = 16) -> str:
+def new_id(prefix: str) -> str:
+    """prefix_ + 16 base32 characters (80 random bits)."""
     assert prefix in PREFIXES, prefix
-    return prefix + "_" + "".join(secrets.choice(_ALPHABET) for _ in range(length))
+    return prefix + "_" + base64.b32encode(secrets.token_bytes(10)).decode().lower()
 
 
 def has_prefix(value: str, prefix: str) -> bool:

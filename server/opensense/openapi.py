@@ -21,6 +21,9 @@ S = dict[str, Any]
 TS = {"type": "string", "format": "date-time"}
 NTS = {"type": ["string", "null"], "format": "date-time"}
 ID = {"type": "string", "minLength": 1, "maxLength": 64}
+# names as the server takes them: 1-200 characters, not all blank
+NAME = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "\\S"}
+MODEL = {"type": "string", "minLength": 1, "maxLength": 64, "pattern": "\\S"}
 
 
 def ref(name: str) -> S:
@@ -137,26 +140,33 @@ SCHEMAS: S = {
             "report_recipients": {"type": "array", "items": {"type": "string"}},
             "created_at": TS,
         },
-        ("id", "name", "timezone", "vertical", "created_at", "bogus"),
+        ("id", "name", "timezone", "vertical", "created_at"),
     ),
     "SiteCreate": obj(
         {
-            "name": {"type": "string", "minLength": 1, "maxLength": 200},
+            "name": NAME,
             "address": {"type": "string", "maxLength": 500},
-            "timezone": {"type": "string", "description": "IANA time zone, e.g. Europe/Berlin"},
+            "timezone": {
+                "type": "string",
+                "maxLength": 64,
+                "description": "IANA time zone, e.g. Europe/Berlin",
+            },
             "vertical": {"type": "string", "enum": list(VERTICALS)},
         },
         ("name",),
     ),
     "SitePatch": obj(
         {
-            "name": {"type": "string"},
-            "address": {"type": "string"},
-            "timezone": {"type": "string"},
+            "name": NAME,
+            "address": {"type": "string", "maxLength": 500},
+            "timezone": {"type": "string", "maxLength": 64},
             "vertical": {"type": "string", "enum": list(VERTICALS)},
             "opening_hours": {"type": "object"},
             "report_options": {"type": "object"},
-            "report_recipients": {"type": "array", "items": {"type": "string"}},
+            "report_recipients": {
+                "type": "array",
+                "items": {"type": "string", "pattern": "@", "description": "an email address"},
+            },
         },
     ),
     "TokenInfo": obj(
@@ -197,8 +207,8 @@ SCHEMAS: S = {
         {
             "site_id": ID,
             "local_id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
-            "name": {"type": "string"},
-            "model": {"type": "string"},
+            "name": NAME,
+            "model": MODEL,
             "cadence_s": {"type": "integer", "minimum": 1, "maximum": 86400},
             "dev_eui": {"type": "string", "pattern": "^[0-9A-Fa-f]{16}$"},
         },
@@ -206,8 +216,8 @@ SCHEMAS: S = {
     ),
     "DevicePatch": obj(
         {
-            "name": {"type": "string"},
-            "model": {"type": "string"},
+            "name": NAME,
+            "model": MODEL,
             "cadence_s": {"type": "integer", "minimum": 1, "maximum": 86400},
         }
     ),
@@ -242,7 +252,7 @@ SCHEMAS: S = {
     ),
     "ChannelPatch": obj(
         {
-            "name": {"type": "string"},
+            "name": NAME,
             "offset": {"type": "number", "minimum": -50, "maximum": 50},
             "ok_min": {"type": ["number", "null"]},
             "ok_max": {"type": ["number", "null"]},
@@ -375,7 +385,15 @@ READ_PARAMS = [
 
 
 def op(summary: str, responses: S, *, security: list[S] | None = None, **extra: Any) -> S:
-    out: S = {"summary": summary, "responses": responses, "security": security or USER}
+    # Any request may be refused 400 before it reaches the handler: a NUL character
+    # (%00) in the path or the query, or a body that cannot be read.
+    responses = {**responses}
+    responses.setdefault("400", err(400)["400"])
+    out: S = {
+        "summary": summary,
+        "responses": responses,
+        "security": USER if security is None else security,
+    }
     out.update(extra)
     return out
 
@@ -446,7 +464,7 @@ def document() -> S:
         },
         "/v1/sites/{site_id}": {
             "parameters": [path_param("site_id")],
-            "get": op("A site", {**ok(200, ref("Site")), **err(401, 429)}),
+            "get": op("A site", {**ok(200, ref("Site")), **err(401, 404, 429)}),
             "patch": op(
                 "Change a site",
                 {**ok(200, ref("Site")), **err(*MGMT_ERR)},

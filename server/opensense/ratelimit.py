@@ -39,9 +39,14 @@ async def hit(
     row = await cur.fetchone()
     assert row is not None
     if row[0] > limit:
-        retry = max(1, math.ceil((start + timedelta(seconds=window_s) - now).total_seconds()))
-        raise ApiError(
-            "rate_limited",
-            f"{what} is limited to {limit} per {window_s} s; retry after {retry} s",
-            headers={"Retry-After": str(retry)},
-        )
+        raise limited(limit, window_s, start, now, what)
+
+
+def limited(limit: int, window_s: int, start: datetime, now: datetime, what: str) -> ApiError:
+    """The 429 for a counter that went past `limit` in the window starting at `start`."""
+    retry = max(1, math.ceil((start + timedelta(seconds=window_s) - now).total_seconds()))
+    return ApiError(
+        "rate_limited",
+        f"{what} is limited to {limit} per {window_s} s; retry after {retry} s",
+        headers={"Retry-After": str(retry)},
+    )

@@ -68,6 +68,19 @@ def redact(token: str) -> str:
     return f"{PREFIXES[parsed[0]]}{parsed[1]}_…" if parsed else "…"
 
 
+def parse_or_raise(token: str | None, kinds: tuple[str, ...]) -> tuple[str, str, str]:
+    """(kind, key_id, secret), or the 401 that says what is wrong with the text."""
+    if not token:
+        raise ApiError(
+            "auth_required", "this endpoint needs a token: send Authorization: Bearer <token>"
+        )
+    parsed = parse(token)
+    if parsed is None or parsed[0] not in kinds:
+        want = " or ".join(PREFIXES[k] + "…" for k in kinds)
+        raise ApiError("token_invalid", f"the token is not a valid {want} token")
+    return parsed
+
+
 @dataclass(frozen=True)
 class TokenRow:
     id: str
@@ -133,15 +146,7 @@ async def authenticate(
     now: datetime,
 ) -> TokenRow:
     """The live token row for `token`, or ApiError 401. Also keeps last_used_at."""
-    if not token:
-        raise ApiError(
-            "auth_required", "this endpoint needs a token: send Authorization: Bearer <token>"
-        )
-    parsed = parse(token)
-    if parsed is None or parsed[0] not in kinds:
-        want = " or ".join(PREFIXES[k] + "…" for k in kinds)
-        raise ApiError("token_invalid", f"the token is not a valid {want} token")
-    kind, key_id, secret = parsed
+    kind, key_id, secret = parse_or_raise(token, kinds)
     cur = await conn.execute(
         "SELECT id, kind, account_id, device_id, hash, revoked_at FROM tokens WHERE key_id = %s",
         (key_id,),

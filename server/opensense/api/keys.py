@@ -6,6 +6,7 @@ from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
 from ..settings import Config
+from ..storage.batcher import BatchWriter
 from ..tokens import Verifier
 from .requestlog import RequestLog
 
@@ -14,6 +15,7 @@ POOL = web.AppKey("pool", AsyncConnectionPool)
 VERIFIER = web.AppKey("verifier", Verifier)
 REQUEST_LOG = web.AppKey("request_log", RequestLog)
 DSN = web.AppKey("dsn", str)
+WRITER = web.AppKey("writer", BatchWriter)
 
 # per-request keys (request[...] = ...)
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -29,6 +29,15 @@ _HTTP_CODES = {
 }
 
 
+def check_url(request: web.Request) -> None:
+    """No id or parameter may hold a NUL character: PostgreSQL text cannot store one,
+    so it would otherwise surface as a 500 from the first query that used it."""
+    if "\x00" in request.path or any("\x00" in k + v for k, v in request.query.items()):
+        raise ApiError(
+            "invalid_request", "the URL holds a NUL character (%00), which no id or parameter may"
+        )
+
+
 def error_response(err: ApiError, request_id: str) -> web.Response:
     resp = web.json_response(
         envelope(err.code, err.message, request_id, **err.extra), status=err.status
@@ -45,6 +54,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     code: str | None = None
     reason: str | None = None
     try:
+        check_url(request)
         resp = await handler(request)
     except ApiError as err:
         code, reason = err.code, err.message
@@ -68,6 +78,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         resp = web.json_response(envelope(code, reason, request_id), status=exc.status)
         if exc.status == 405 and "Allow" in exc.headers:
             resp.headers["Allow"] = exc.headers["Allow"]
+    except web.RequestPayloadError:
+        # the body could not be read: bad gzip/deflate data, a broken chunked encoding
+        code = "invalid_request"
+        reason = "the body could not be read: check its Content-Encoding and length"
+        resp = web.json_response(envelope(code, reason, request_id), status=400)
     except Exception:
         log.exception("unhandled error in %s %s (%s)", request.method, request.path, request_id)
         code, reason = "internal", "the server failed to handle this request; it has been logged"

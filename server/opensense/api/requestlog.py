@@ -81,12 +81,23 @@ class RequestLog:
             return
         rows, self._buf = self._buf, []
         try:
-            async with self._pool.connection() as conn, conn.cursor() as cur:
-                async with cur.copy(f"COPY request_log ({', '.join(COLUMNS)}) FROM STDIN") as copy:
-                    for row in rows:
-                        await copy.write_row(row)
+            await self._copy(rows)
         except Exception:
-            log.exception("could not write %d request log rows", len(rows))
+            # one bad row must not lose the others: write them one by one
+            lost = 0
+            for row in rows:
+                try:
+                    await self._copy([row])
+                except Exception:
+                    lost += 1
+            if lost:
+                log.exception("could not write %d request log rows", lost)
+
+    async def _copy(self, rows: list[tuple[Any, ...]]) -> None:
+        async with self._pool.connection() as conn, conn.cursor() as cur:
+            async with cur.copy(f"COPY request_log ({', '.join(COLUMNS)}) FROM STDIN") as copy:
+                for row in rows:
+                    await copy.write_row(row)
 
     async def _run(self) -> None:
         while True:

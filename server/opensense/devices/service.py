@@ -4,6 +4,7 @@ and never touches another account's rows."""
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import datetime, timedelta
 from typing import Any
@@ -481,14 +482,13 @@ async def list_channels(
 
 def _num(body: dict[str, Any], key: str) -> float:
     v = body[key]
-    if (
-        isinstance(v, bool)
-        or not isinstance(v, int | float)
-        or v != v
-        or v in (float("inf"), float("-inf"))
-    ):
+    try:
+        f = float(v) if isinstance(v, int | float) and not isinstance(v, bool) else math.nan
+    except OverflowError:  # an integer literal too large for a float
+        f = math.inf
+    if not math.isfinite(f):
         raise ApiError("invalid_request", f"{key} must be a finite number")
-    return float(v)
+    return f
 
 
 async def patch_channel(

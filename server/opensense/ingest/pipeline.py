@@ -11,13 +11,15 @@ from typing import Any
 
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
 
-from .. import tokens
+from .. import ratelimit, tokens
 from ..errors import ApiError
 from ..ids import new_id
 from ..kinds import KINDS
 from ..presets import VERTICALS
-from ..storage.write import insert_readings
+from ..storage.batcher import BatchWriter
+from ..storage.write import insert_readings, packed_horizon
 from .validate import Entry
 
 IDEMPOTENCY_TTL = timedelta(hours=24)
@@ -29,21 +31,62 @@ class Device:
     account_id: str
     local_id: str
     vertical: str
+    # (kind, label) -> (channel id, num, unit, offset), as read with the token
+    channels: dict[tuple[str, str], tuple[str, int, str, float]] | None = None
+
+
+# One round trip per request: the token's row, its device and site, the device's
+# channels, and the device's rate-limit counter (counted only for a live token of a
+# live device; the secret is checked right after, so a caller needs the token's
+# public key id to spend a device's allowance).
+AUTH_SQL = """
+WITH t AS (
+  SELECT t.id, t.kind, t.account_id, t.device_id, t.hash, t.revoked_at,
+         d.local_id, d.deleted_at, s.vertical
+  FROM tokens t LEFT JOIN devices d ON d.id = t.device_id LEFT JOIN sites s ON s.id = d.site_id
+  WHERE t.key_id = %(key_id)s
+), rl AS (
+  INSERT INTO rate_counters (key, window_start, count)
+  SELECT 'ingest:' || device_id, %(window)s, 1 FROM t
+  WHERE kind = 'ds_live' AND revoked_at IS NULL AND deleted_at IS NULL
+  ON CONFLICT (key, window_start) DO UPDATE SET count = rate_counters.count + 1
+  RETURNING count
+)
+SELECT t.id, t.kind, t.account_id, t.device_id, t.hash, t.revoked_at, t.local_id,
+       t.deleted_at, t.vertical, (SELECT count FROM rl),
+       (SELECT coalesce(jsonb_agg(jsonb_build_array(c.kind, c.label, c.id, c.num, c.unit, c."offset")),
+                        '[]'::jsonb)
+        FROM channels c WHERE c.device_id = t.device_id)
+FROM t
+"""
 
 
 async def device_for_token(
-    conn: AsyncConnection[Any], verifier: tokens.Verifier, token: str | None, now: datetime
+    conn: AsyncConnection[Any],
+    verifier: tokens.Verifier,
+    token: str | None,
+    now: datetime,
+    rate_per_min: int,
 ) -> Device:
-    row = await tokens.authenticate(conn, verifier, token, ("ds_live",), now)
-    cur = await conn.execute(
-        "SELECT d.id, d.local_id, d.deleted_at, s.vertical FROM devices d"
-        " JOIN sites s ON s.id = d.site_id WHERE d.id = %s",
-        (row.device_id,),
-    )
-    d = await cur.fetchone()
-    if d is None or d[2] is not None:
+    """Authenticate a ds_live_ token and count the device's rate limit (401/429)."""
+    kind, key_id, secret = tokens.parse_or_raise(token, ("ds_live",))
+    window = ratelimit.window_start(now, 60)
+    cur = await conn.execute(AUTH_SQL, {"key_id": key_id, "window": window})
+    row = await cur.fetchone()
+    if row is None or row[1] != kind:
+        raise ApiError("token_invalid", "the token is not known (wrong, or deleted)")
+    if row[5] is not None:
+        raise ApiError("token_invalid", "the token was rotated or revoked; use the current one")
+    if not await verifier.check(key_id, secret, row[4]):
+        raise ApiError("token_invalid", "the token is not known (wrong, or deleted)")
+    if verifier.due_for_touch(row[0], now):
+        await conn.execute(tokens.TOUCH_SQL, {"now": now, "id": row[0]})
+    if row[7] is not None or row[6] is None:
         raise ApiError("token_invalid", "the token's device was deleted")
-    return Device(d[0], row.account_id, d[1], d[3])
+    if row[9] is not None and row[9] > rate_per_min:
+        raise ratelimit.limited(rate_per_min, 60, window, now, "ingest for this device")
+    channels = {(c[0], c[1]): (c[2], int(c[3]), c[4], float(c[5])) for c in row[10]}
+    return Device(row[3], row[2], row[6], row[8], channels)
 
 
 async def check_named_device(conn: AsyncConnection[Any], dev: Device, named: str | None) -> None:
@@ -113,6 +156,62 @@ async def _channels(
     return known
 
 
+def _rows(
+    entries: tuple[Entry, ...], channels: dict[tuple[str, str], tuple[str, int, str, float]]
+) -> list[tuple[int, datetime, float]]:
+    rows = []
+    for i, e in enumerate(entries):
+        cid, num, unit, offset = channels[(e.kind, e.label)]
+        if unit != e.unit:
+            raise ApiError(
+                "invalid_measurement",
+                f"measurements[{i}].unit {e.unit!r} differs from channel {cid}'s unit {unit!r}; "
+                "units are never converted",
+            )
+        rows.append((num, e.ts, e.value + offset))
+    return rows
+
+
+def _answer(
+    entries: tuple[Entry, ...],
+    channels: dict[tuple[str, str], tuple[str, int, str, float]],
+    inserted: int,
+) -> dict[str, Any]:
+    seen: dict[tuple[str, str], None] = {}
+    for e in entries:
+        seen.setdefault((e.kind, e.label), None)
+    return {
+        "accepted": inserted,
+        "deduplicated": len(entries) - inserted,
+        "channels": [
+            {"type": k, "label": lbl, "channel_id": channels[(k, lbl)][0]} for k, lbl in seen
+        ],
+    }
+
+
+async def store_fast(
+    pool: AsyncConnectionPool,
+    writer: BatchWriter,
+    dev: Device,
+    entries: tuple[Entry, ...],
+    *,
+    now: datetime,
+    compact_after_days: int,
+) -> dict[str, Any]:
+    """The common case: known channels, recent readings, no idempotency key. The
+    readings ride in the group-commit writer; anything else takes `store`."""
+    channels = dev.channels or {}
+    oldest_open = packed_horizon(now, compact_after_days) + timedelta(days=1)
+    if any((e.kind, e.label) not in channels for e in entries) or any(
+        e.ts.date() < oldest_open for e in entries
+    ):
+        async with pool.connection() as conn:
+            return await store(conn, dev, entries, now=now, compact_after_days=compact_after_days)
+    rows = _rows(entries, channels)
+    inserted = await writer.write(rows, dev.id, now)
+    return _answer(entries, channels, inserted)
+
+
 def body_digest(raw: bytes) -> bytes:
     return hashlib.sha256(raw).digest()
 
@@ -153,32 +252,14 @@ async def store(
                     )
                 return dict(prev[1])
         channels = await _channels(conn, dev, entries)
-        rows = []
-        for i, e in enumerate(entries):
-            cid, num, unit, offset = channels[(e.kind, e.label)]
-            if unit != e.unit:
-                raise ApiError(
-                    "invalid_measurement",
-                    f"measurements[{i}].unit {e.unit!r} differs from channel {cid}'s unit {unit!r}; "
-                    "units are never converted",
-                )
-            rows.append((num, e.ts, e.value + offset))
+        rows = _rows(entries, channels)
         inserted = await insert_readings(conn, rows, now=now, compact_after_days=compact_after_days)
         await conn.execute(
             "UPDATE devices SET last_seen_at = %s WHERE id = %s"
             " AND (last_seen_at IS NULL OR last_seen_at < %s)",
             (now, dev.id, now - timedelta(seconds=5)),
         )
-        seen: dict[tuple[str, str], None] = {}
-        for e in entries:
-            seen.setdefault((e.kind, e.label), None)
-        answer = {
-            "accepted": inserted,
-            "deduplicated": len(entries) - inserted,
-            "channels": [
-                {"type": k, "label": lbl, "channel_id": channels[(k, lbl)][0]} for k, lbl in seen
-            ],
-        }
+        answer = _answer(entries, channels, inserted)
         if idempotency_key is not None:
             await conn.execute(
                 "UPDATE idempotency_keys SET response = %s WHERE device_id = %s AND key = %s",

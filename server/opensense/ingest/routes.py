@@ -12,7 +12,7 @@ from psycopg.types.json import Jsonb
 from .. import db, ratelimit, tokens
 from ..api.auth import bearer
 from ..api.jsonutil import response
-from ..api.keys import CONFIG, LOG_ACCOUNT, LOG_DEVICE, POOL, VERIFIER
+from ..api.keys import CONFIG, LOG_ACCOUNT, LOG_DEVICE, POOL, VERIFIER, WRITER
 from ..errors import ApiError
 from ..settings import Config
 from . import pipeline
@@ -47,27 +47,42 @@ async def ingest(request: web.Request) -> web.Response:
     now = cfg.clock()
     raw = await request.read()
     key = request.headers.get("Idempotency-Key")
+    pool = request.app[POOL]
+    async with pool.connection() as conn:
+        dev = await pipeline.device_for_token(
+            conn, request.app[VERIFIER], bearer(request), now, cfg.ingest_rate_per_min
+        )
+    request[LOG_ACCOUNT], request[LOG_DEVICE] = dev.account_id, dev.id
     if key is not None and not 1 <= len(key) <= 200:
         raise ApiError("invalid_request", "Idempotency-Key must be 1 to 200 characters")
-    async with request.app[POOL].connection() as conn:
-        dev = await pipeline.device_for_token(conn, request.app[VERIFIER], bearer(request), now)
-        request[LOG_ACCOUNT], request[LOG_DEVICE] = dev.account_id, dev.id
-        await _rate(conn, cfg, dev, now)
-        batch = validate_payload(
-            parse_json(raw),
-            now=now,
-            oldest=oldest_accepted(cfg, now),
-            header_device=request.headers.get("X-Device-Id"),
-        )
-        await pipeline.check_named_device(conn, dev, batch.device)
-        answer = await pipeline.store(
-            conn,
+    batch = validate_payload(
+        parse_json(raw),
+        now=now,
+        oldest=oldest_accepted(cfg, now),
+        header_device=request.headers.get("X-Device-Id"),
+    )
+    if batch.device is not None and batch.device not in (dev.local_id, dev.id):
+        async with pool.connection() as conn:
+            await pipeline.check_named_device(conn, dev, batch.device)
+    if key is not None:  # the key and the readings commit together: the one-by-one path
+        async with pool.connection() as conn:
+            answer = await pipeline.store(
+                conn,
+                dev,
+                batch.entries,
+                now=now,
+                compact_after_days=cfg.compact_after_days,
+                idempotency_key=key,
+                digest=pipeline.body_digest(raw),
+            )
+    else:
+        answer = await pipeline.store_fast(
+            pool,
+            request.app[WRITER],
             dev,
             batch.entries,
             now=now,
             compact_after_days=cfg.compact_after_days,
-            idempotency_key=key,
-            digest=pipeline.body_digest(raw),
         )
     return response(answer)
 
@@ -116,15 +131,24 @@ async def ingest_shelly(request: web.Request) -> web.Response:
     now = cfg.clock()
     q = request.query
     token = q.get("token") or bearer(request)
-    async with request.app[POOL].connection() as conn:
-        dev = await pipeline.device_for_token(conn, request.app[VERIFIER], token, now)
-        request[LOG_ACCOUNT], request[LOG_DEVICE] = dev.account_id, dev.id
-        await _rate(conn, cfg, dev, now)
-        batch = shelly_batch(q, now, oldest_accepted(cfg, now))
-        await pipeline.check_named_device(conn, dev, batch.device)
-        answer = await pipeline.store(
-            conn, dev, batch.entries, now=now, compact_after_days=cfg.compact_after_days
+    pool = request.app[POOL]
+    async with pool.connection() as conn:
+        dev = await pipeline.device_for_token(
+            conn, request.app[VERIFIER], token, now, cfg.ingest_rate_per_min
         )
+    request[LOG_ACCOUNT], request[LOG_DEVICE] = dev.account_id, dev.id
+    batch = shelly_batch(q, now, oldest_accepted(cfg, now))
+    if batch.device is not None and batch.device not in (dev.local_id, dev.id):
+        async with pool.connection() as conn:
+            await pipeline.check_named_device(conn, dev, batch.device)
+    answer = await pipeline.store_fast(
+        pool,
+        request.app[WRITER],
+        dev,
+        batch.entries,
+        now=now,
+        compact_after_days=cfg.compact_after_days,
+    )
     return response(answer)
 
 

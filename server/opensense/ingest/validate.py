@@ -50,9 +50,40 @@ def parse_json(raw: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise ApiError("bad_json", f"the body is not UTF-8 text (byte {exc.start})") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        body = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ApiError("bad_json", "the body nests arrays or objects too deeply") from None
     except ValueError as exc:
         raise ApiError("bad_json", f"the body is not valid JSON: {exc}") from None
+    check_text(body)
+    return body
+
+
+def check_text(body: Any) -> None:
+    """Every string in a JSON body is text PostgreSQL can store: no NUL character and
+    no unpaired UTF-16 surrogate (JSON's \\ud800 escapes allow one; UTF-8 does not)."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        field, value = stack.pop()
+        where = field or "the body"
+        if isinstance(value, dict):
+            for k, v in value.items():
+                stack.append((f"a key of {where}", k))
+                stack.append((f"{field}.{k[:40]}" if field else k[:40], v))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", v) for i, v in enumerate(value))
+        elif isinstance(value, str):
+            if "\x00" in value:
+                raise ApiError(
+                    "bad_json", f"{where} holds a NUL character (\\u0000), which no text may"
+                )
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(
+                    "bad_json",
+                    f"{where} holds an unpaired UTF-16 surrogate: it is not valid Unicode",
+                ) from None
 
 
 def parse_ts(value: Any, field: str) -> datetime:
@@ -72,7 +103,10 @@ def parse_ts(value: Any, field: str) -> datetime:
             "invalid_measurement",
             f"{field} must be a full RFC 3339 date-time with an offset (e.g. 2026-11-24T10:00:00Z), got {value[:40]!r}",
         )
-    return ts.astimezone(UTC)
+    try:
+        return ts.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 has no UTC equivalent
+        raise ApiError("invalid_measurement", f"{field} {value[:40]!r} is out of range") from None
 
 
 def _type(v: Any) -> str:
@@ -107,7 +141,10 @@ def check_ts_window(ts: datetime, field: str, now: datetime, oldest: datetime) -
 def check_value(kind_name: str, unit_symbol: str, value: Any, field: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ApiError("invalid_measurement", f"{field}.value must be a number, got {_type(value)}")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an integer literal too large for a double
+        v = math.inf
     if not math.isfinite(v):
         raise ApiError("invalid_measurement", f"{field}.value is not a finite number")
     unit = KINDS[kind_name].unit(unit_symbol)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
@@ -22,6 +22,8 @@ from .read import AGGS, FNS, read_series
 routes = web.RouteTableDef()
 MAX_LIMIT = 5000
 MAX_CHANNELS = 32
+_EARLIEST = datetime(1, 1, 2, tzinfo=UTC)
+_LATEST = datetime(9999, 12, 31, tzinfo=UTC)
 
 
 def encode_cursor(ts: datetime) -> str:
@@ -33,14 +35,17 @@ def decode_cursor(text: str) -> datetime:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
         if not raw.startswith("v1:"):
             raise ValueError
-        return parse_ts(raw[3:], "cursor")
+        ts = parse_ts(raw[3:], "cursor")
+        if ts >= _LATEST:
+            raise ValueError
+        return ts
     except (ValueError, binascii.Error, ApiError, UnicodeDecodeError):
         raise ApiError("invalid_request", "cursor is not one this API handed out") from None
 
 
 def _params(request: web.Request, now: datetime) -> dict[str, Any]:
     to = query_ts(request, "to") or now
-    frm = query_ts(request, "from") or (to - timedelta(hours=24))
+    frm = query_ts(request, "from") or (max(to, _EARLIEST) - timedelta(hours=24))
     if frm >= to:
         raise ApiError("invalid_range", "from must be before to")
     agg = query_choice(request, "agg", AGGS, "raw")
@@ -103,14 +108,14 @@ async def channel_measurements(request: web.Request) -> web.StreamResponse:
 async def multi_measurements(request: web.Request) -> web.Response:
     """Several channels: ?channel_id=a&channel_id=b (or channels=a,b), same options."""
     now = request.app[CONFIG].clock()
-    ids = request.query.getall("channel_id", [])
-    if request.query.get("channels"):
-        ids += [c for c in request.query["channels"].split(",") if c]
-    ids = list(dict.fromkeys(ids))
-    if not 1 <= len(ids) <= MAX_CHANNELS:
-        raise ApiError("invalid_request", f"name 1 to {MAX_CHANNELS} channels, got {len(ids)}")
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn)
+        ids = request.query.getall("channel_id", [])
+        if request.query.get("channels"):
+            ids += [c for c in request.query["channels"].split(",") if c]
+        ids = list(dict.fromkeys(ids))
+        if not 1 <= len(ids) <= MAX_CHANNELS:
+            raise ApiError("invalid_request", f"name 1 to {MAX_CHANNELS} channels, got {len(ids)}")
         p = _params(request, now)
         if p["format"] != "json":
             raise ApiError(

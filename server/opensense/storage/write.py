@@ -28,6 +28,16 @@ _ROLLUP = """
     vsum = r.vsum + excluded.vsum, n = r.n + excluded.n
 )"""
 
+ROLLUPS_SQL = (
+    _ROLLUP.format(
+        name="r5",
+        table="rollup_5m",
+        bucket="date_bin('5 minutes', ts, timestamptz '2000-01-01T00:00:00Z')",
+    )
+    + _ROLLUP.format(name="r1h", table="rollup_1h", bucket="date_trunc('hour', ts, 'UTC')")
+    + _ROLLUP.format(name="r1d", table="rollup_1d", bucket="date_trunc('day', ts, 'UTC')")
+)
+
 INSERT_SQL = (
     """
 WITH src AS (
@@ -39,13 +49,7 @@ WITH src AS (
   ON CONFLICT DO NOTHING
   RETURNING channel_num, ts, value
 )"""
-    + _ROLLUP.format(
-        name="r5",
-        table="rollup_5m",
-        bucket="date_bin('5 minutes', ts, timestamptz '2000-01-01T00:00:00Z')",
-    )
-    + _ROLLUP.format(name="r1h", table="rollup_1h", bucket="date_trunc('hour', ts, 'UTC')")
-    + _ROLLUP.format(name="r1d", table="rollup_1d", bucket="date_trunc('day', ts, 'UTC')")
+    + ROLLUPS_SQL
     + "\nSELECT count(*) FROM ins"
 )
 

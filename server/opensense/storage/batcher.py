@@ -1,0 +1,170 @@
+"""Group commit for readings: concurrent ingest requests share one INSERT.
+
+Each request hands its rows to the writer and waits for the commit of the batch
+that carried them; only then does it answer 200. While one batch is being written,
+new requests queue up and form the next batch, so under load a single statement
+carries many requests (no timer, no added latency when idle). Rows are sorted by
+(channel, ts), so two writers lock rows and rollup buckets in the same order.
+
+A batch that fails (a poisoned row, a lost connection) is retried request by
+request, so each request gets its own answer or its own error. A request answered
+200 is committed; a request that got an error stored nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from psycopg import errors
+from psycopg_pool import AsyncConnectionPool
+
+from .. import db
+from .write import ROLLUPS_SQL, ensure_month_partitions, to_us
+
+log = logging.getLogger(__name__)
+
+Row = tuple[int, datetime, float]
+
+BATCH_SQL = (
+    """
+WITH src AS (
+  SELECT * FROM unnest(%(nums)s::int4[], %(ts)s::timestamptz[], %(vals)s::float8[])
+    AS s(channel_num, ts, value)
+), ins AS (
+  INSERT INTO measurements (channel_num, ts, value)
+  SELECT channel_num, ts, value FROM src
+  ON CONFLICT DO NOTHING
+  RETURNING channel_num, ts, value
+)"""
+    + ROLLUPS_SQL
+    + """
+, seen AS (
+  UPDATE devices SET last_seen_at = %(now)s WHERE id = ANY(%(devices)s)
+    AND (last_seen_at IS NULL OR last_seen_at < %(now)s)
+)
+SELECT channel_num, ts FROM ins"""
+)
+
+
+@dataclass
+class _Job:
+    rows: Sequence[Row]
+    device_id: str
+    now: datetime
+    done: asyncio.Future[int] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class BatchWriter:
+    def __init__(self, pool: AsyncConnectionPool, writers: int = 2, max_rows: int = 8192) -> None:
+        self._pool = pool
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._writers = writers
+        self._max_rows = max_rows
+        self._tasks: list[asyncio.Task[None]] = []
+        self._seen_written: dict[str, datetime] = {}
+        self.batches = 0
+        self.requests = 0
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._run()) for _ in range(self._writers)]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        while not self._queue.empty():  # nobody will write these: let their requests fail
+            job = self._queue.get_nowait()
+            if not job.done.done():
+                job.done.set_exception(RuntimeError("server stopping"))
+
+    async def write(self, rows: Sequence[Row], device_id: str, now: datetime) -> int:
+        """Store `rows` (recent days only); returns how many were new."""
+        job = _Job(rows, device_id, now)
+        await self._queue.put(job)
+        return await job.done
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            n = len(batch[0].rows)
+            while n < self._max_rows and not self._queue.empty():
+                job = self._queue.get_nowait()
+                batch.append(job)
+                n += len(job.rows)
+            try:
+                await self._write(batch)
+            except asyncio.CancelledError:
+                for job in batch:
+                    if not job.done.done():
+                        job.done.set_exception(RuntimeError("server stopping"))
+                raise
+            except Exception:
+                if len(batch) == 1:
+                    log.exception("writing a batch of readings failed")
+                    if not batch[0].done.done():
+                        batch[0].done.set_exception(RuntimeError("storing the readings failed"))
+                else:
+                    for job in batch:  # one request's trouble must not fail the others
+                        try:
+                            await self._write([job])
+                        except Exception as exc:
+                            log.exception("writing one request's readings failed")
+                            if not job.done.done():
+                                job.done.set_exception(exc)
+
+    async def _write(self, batch: list[_Job]) -> None:
+        # The first occurrence of a (channel, ts) in the batch owns it; later ones
+        # (another request resending it) are duplicates, as they would be one by one.
+        owner: dict[tuple[int, int], int] = {}
+        rows: list[Row] = []
+        for i, job in enumerate(batch):
+            for r in job.rows:
+                key = (r[0], to_us(r[1]))
+                if key not in owner:
+                    owner[key] = i
+                    rows.append(r)
+        rows.sort(key=lambda r: (r[0], r[1]))
+        now = max(job.now for job in batch)
+        devices = sorted({job.device_id for job in batch if self._seen_due(job.device_id, job.now)})
+        params = {
+            "nums": [r[0] for r in rows],
+            "ts": [r[1] for r in rows],
+            "vals": [r[2] for r in rows],
+            "now": now,
+            "devices": devices,
+        }
+        async with self._pool.connection() as conn:
+            try:
+                cur = await conn.execute(BATCH_SQL, params)
+            except errors.CheckViolation as exc:
+                if "no partition" not in str(exc):
+                    raise
+                # the partitions job fell behind: make the month, never refuse a reading
+                await ensure_month_partitions(conn, {db.month_start(r[1].date()) for r in rows})
+                cur = await conn.execute(BATCH_SQL, params)
+            inserted = await cur.fetchall()
+        counts = [0] * len(batch)
+        for num, ts in inserted:
+            counts[owner[(num, to_us(ts))]] += 1
+        self.batches += 1
+        self.requests += len(batch)
+        for job, c in zip(batch, counts, strict=True):
+            if not job.done.done():
+                job.done.set_result(c)
+
+    def _seen_due(self, device_id: str, now: datetime) -> bool:
+        """last_seen_at is written at most every 5 s per device by this process."""
+        last = self._seen_written.get(device_id)
+        if last is not None and timedelta(0) <= now - last < timedelta(seconds=5):
+            return False
+        self._seen_written[device_id] = now
+        return True
