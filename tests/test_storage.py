@@ -212,3 +212,25 @@ def test_retention_below_the_seed_defaults_is_refused():
         Config(retention_raw_months=12)
     with pytest.raises(ValueError, match="minimum"):
         Config.from_env({"OPENSENSE_RETENTION_REQUEST_LOG_DAYS": "7"})
+
+
+async def test_a_fully_packed_month_gives_its_index_pages_back(new_database, clock):
+    """After compaction empties a closed month's raw partition, its index is rebuilt."""
+    from opensense.storage.compaction import shrink_closed_months
+    from opensense.storage.write import insert_readings
+
+    fresh = new_database()
+    last_month = db.add_months(db.month_start(clock.now.date()), -2)  # closed whatever today is
+    start = datetime(last_month.year, last_month.month, 1, tzinfo=UTC)
+    name = db.partition_name("measurements", last_month)
+    rows = [(n, start + timedelta(minutes=m), 4.0) for n in range(1, 41) for m in range(1440)]
+    async with await psycopg.AsyncConnection.connect(fresh, autocommit=True) as conn:
+        async with conn.transaction():
+            await insert_readings(conn, rows, now=clock.now, compact_after_days=3)
+        size = "SELECT pg_indexes_size(%s::regclass)"
+        before = (await (await conn.execute(size, (name,))).fetchone())[0]
+        horizon = db.month_start(clock.now.date())
+        assert await shrink_closed_months(conn, horizon) == []  # not empty yet: left alone
+        assert await compact(conn, clock.now, 3) == len(rows)
+        after = (await (await conn.execute(size, (name,))).fetchone())[0]
+    assert before > 1024 * 1024 and after < 64 * 1024
