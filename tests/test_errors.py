@@ -747,3 +747,15 @@ async def test_edge_cases_found_by_fuzzing(eclient, tenants: Tenants, name: str)
     if case.code is None:  # any client-error code will do, as long as it is the envelope
         case = replace(case, code=json.loads(text)["error"]["code"])
     assert not envelope_problems(case, status, headers, text, tenants.secrets)
+
+
+async def test_database_unreachable_is_503_unavailable(client, world):
+    """With the database gone, the answer says so (503, retry later), not a bare 500."""
+    from opensense.api.keys import POOL
+
+    await client.app[POOL].close()
+    r = await client.get("/v1/sites", headers=world.auth)
+    assert r.status == 503
+    assert r.headers["Retry-After"] == "5"
+    err = (await r.json())["error"]
+    assert err["code"] == "unavailable" and err["request_id"] == r.headers["X-Request-Id"]

@@ -313,6 +313,7 @@ def err(*statuses: int) -> S:
         413: "Body larger than 64 KiB",
         422: "Well-formed but refused: out of range, unknown kind, invalid range",
         429: "Rate limited; see Retry-After",
+        503: "The database cannot be reached; retry with backoff (see Retry-After)",
     }
     return {
         str(s): {"description": text[s], "content": {"application/json": {"schema": ref("Error")}}}
@@ -384,11 +385,20 @@ READ_PARAMS = [
 ]
 
 
-def op(summary: str, responses: S, *, security: list[S] | None = None, **extra: Any) -> S:
+def op(
+    summary: str,
+    responses: S,
+    *,
+    security: list[S] | None = None,
+    uses_db: bool = True,
+    **extra: Any,
+) -> S:
     # Any request may be refused 400 before it reaches the handler: a NUL character
     # (%00) in the path or the query, or a body that cannot be read.
     responses = {**responses}
     responses.setdefault("400", err(400)["400"])
+    if uses_db:
+        responses.setdefault("503", err(503)["503"])
     out: S = {
         "summary": summary,
         "responses": responses,
@@ -595,9 +605,16 @@ def document() -> S:
             "parameters": [path_param("token_id")],
             "delete": op("Revoke a token", {**ok(204, None, "Revoked"), **err(401, 404, 429)}),
         },
-        "/v1/openapi.json": {"get": op("This document", ok(200, {"type": "object"}), security=[])},
+        "/v1/openapi.json": {
+            "get": op("This document", ok(200, {"type": "object"}), security=[], uses_db=False)
+        },
         "/healthz": {
-            "get": op("Liveness", ok(200, obj({"ok": {"type": "boolean"}}, ("ok",))), security=[])
+            "get": op(
+                "Liveness",
+                ok(200, obj({"ok": {"type": "boolean"}}, ("ok",))),
+                security=[],
+                uses_db=False,
+            )
         },
     }
     return {

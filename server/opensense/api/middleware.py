@@ -10,7 +10,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+import psycopg
 from aiohttp import web
+from psycopg_pool import PoolClosed, PoolTimeout
 
 from ..errors import ApiError, envelope
 from ..ids import new_id
@@ -83,6 +85,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         code = "invalid_request"
         reason = "the body could not be read: check its Content-Encoding and length"
         resp = web.json_response(envelope(code, reason, request_id), status=400)
+    except (psycopg.OperationalError, PoolTimeout, PoolClosed):
+        log.exception(
+            "database unreachable in %s %s (%s)", request.method, request.path, request_id
+        )
+        code = "unavailable"
+        reason = "the database cannot be reached right now; retry with backoff"
+        resp = web.json_response(envelope(code, reason, request_id), status=503)
+        resp.headers["Retry-After"] = "5"
     except Exception:
         log.exception("unhandled error in %s %s (%s)", request.method, request.path, request_id)
         code, reason = "internal", "the server failed to handle this request; it has been logged"
