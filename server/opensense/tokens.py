@@ -152,15 +152,34 @@ async def authenticate(
         (key_id,),
     )
     row = await cur.fetchone()
-    if row is None or row[1] != kind:
+    if row is None:
         raise ApiError("token_invalid", "the token is not known (wrong, or deleted)")
-    if row[5] is not None:
-        raise ApiError("token_invalid", "the token was rotated or revoked; use the current one")
-    if not await verifier.check(key_id, secret, row[4]):
-        raise ApiError("token_invalid", "the token is not known (wrong, or deleted)")
-    if verifier.due_for_touch(row[0], now):
-        await conn.execute(TOUCH_SQL, {"now": now, "id": row[0]})
+    await check_row(conn, verifier, kind, key_id, secret, row[0], row[1], row[4], row[5], now)
     return TokenRow(row[0], row[1], row[2], row[3], row[4], row[5], {})
+
+
+async def check_row(
+    conn: AsyncConnection[Any],
+    verifier: Verifier,
+    kind: str,
+    key_id: str,
+    secret: str,
+    token_id: str,
+    row_kind: str,
+    stored_hash: str,
+    revoked_at: datetime | None,
+    now: datetime,
+) -> None:
+    """Refuse (401) unless the row is a live token of `kind` whose hash matches
+    `secret`; keeps last_used_at. Shared by every way a token row is read."""
+    if row_kind != kind:
+        raise ApiError("token_invalid", "the token is not known (wrong, or deleted)")
+    if revoked_at is not None:
+        raise ApiError("token_invalid", "the token was rotated or revoked; use the current one")
+    if not await verifier.check(key_id, secret, stored_hash):
+        raise ApiError("token_invalid", "the token is not known (wrong, or deleted)")
+    if verifier.due_for_touch(token_id, now):
+        await conn.execute(TOUCH_SQL, {"now": now, "id": token_id})
 
 
 def constant_time_equal(a: str, b: str) -> bool:

@@ -73,14 +73,11 @@ async def device_for_token(
     window = ratelimit.window_start(now, 60)
     cur = await conn.execute(AUTH_SQL, {"key_id": key_id, "window": window})
     row = await cur.fetchone()
-    if row is None or row[1] != kind:
+    if row is None:
         raise ApiError("token_invalid", "the token is not known (wrong, or deleted)")
-    if row[5] is not None:
-        raise ApiError("token_invalid", "the token was rotated or revoked; use the current one")
-    if not await verifier.check(key_id, secret, row[4]):
-        raise ApiError("token_invalid", "the token is not known (wrong, or deleted)")
-    if verifier.due_for_touch(row[0], now):
-        await conn.execute(tokens.TOUCH_SQL, {"now": now, "id": row[0]})
+    await tokens.check_row(
+        conn, verifier, kind, key_id, secret, row[0], row[1], row[4], row[5], now
+    )
     if row[7] is not None or row[6] is None:
         raise ApiError("token_invalid", "the token's device was deleted")
     if row[9] is not None and row[9] > rate_per_min:

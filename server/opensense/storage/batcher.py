@@ -20,11 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from psycopg import errors
 from psycopg_pool import AsyncConnectionPool
 
-from .. import db
-from .write import ROLLUPS_SQL, ensure_month_partitions, to_us
+from .write import ROLLUPS_SQL, execute_mending_partitions, to_us
 
 log = logging.getLogger(__name__)
 
@@ -142,15 +140,8 @@ class BatchWriter:
             "now": now,
             "devices": devices,
         }
-        async with self._pool.connection() as conn:
-            try:
-                cur = await conn.execute(BATCH_SQL, params)
-            except errors.CheckViolation as exc:
-                if "no partition" not in str(exc):
-                    raise
-                # the partitions job fell behind: make the month, never refuse a reading
-                await ensure_month_partitions(conn, {db.month_start(r[1].date()) for r in rows})
-                cur = await conn.execute(BATCH_SQL, params)
+        async with self._pool.connection() as conn:  # autocommit: one statement, one transaction
+            cur = await execute_mending_partitions(conn, BATCH_SQL, params, rows, savepoint=False)
             inserted = await cur.fetchall()
         counts = [0] * len(batch)
         for num, ts in inserted:

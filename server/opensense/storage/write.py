@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from psycopg import AsyncConnection, errors, sql
+from psycopg import AsyncConnection, AsyncCursor, errors, sql
 
 from .. import db
 from . import packing
@@ -96,18 +96,32 @@ async def insert_readings(
         "ts": [r[1] for r in rows],
         "vals": [r[2] for r in rows],
     }
+    cur = await execute_mending_partitions(conn, INSERT_SQL, params, rows, savepoint=True)
+    got = await cur.fetchone()
+    return int(got[0]) if got else 0
+
+
+async def execute_mending_partitions(
+    conn: AsyncConnection[Any],
+    query: str,
+    params: dict[str, Any],
+    rows: Sequence[tuple[int, datetime, float]],
+    *,
+    savepoint: bool,
+) -> AsyncCursor[Any]:
+    """Run a statement that writes `rows`. The partitions job runs ahead of time; if it
+    fell behind, a reading must still not be refused: create the months it needs and
+    run it again. `savepoint` when `conn` is inside a transaction."""
     try:
-        async with conn.transaction():  # a savepoint: a missing partition is mended below
-            cur = await conn.execute(INSERT_SQL, params)
+        if savepoint:
+            async with conn.transaction():
+                return await conn.execute(query, params)
+        return await conn.execute(query, params)
     except errors.CheckViolation as exc:
         if "no partition" not in str(exc):
             raise
-        # The partitions job runs ahead of time; if it fell behind, a reading must
-        # still not be refused: create the month it needs and write again.
-        await ensure_month_partitions(conn, {db.month_start(r[1].date()) for r in rows})
-        cur = await conn.execute(INSERT_SQL, params)
-    got = await cur.fetchone()
-    return int(got[0]) if got else 0
+    await ensure_month_partitions(conn, {db.month_start(r[1].date()) for r in rows})
+    return await conn.execute(query, params)
 
 
 async def ensure_month_partitions(conn: AsyncConnection[Any], months: set[date]) -> None:
