@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import math
+import signal
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -19,6 +20,7 @@ from aiohttp import web
 from .api.jsonutil import rfc3339
 from .app import create_app
 from .devices import service
+from .presets import VERTICALS
 from .settings import Config
 
 log = logging.getLogger(__name__)
@@ -106,11 +108,28 @@ async def feed(base: str, state: dict[str, Any], cfg: Config) -> None:
             for i in range(0, len(grid), 32):
                 await send(local_id, grid[i : i + 32], seed, sp, sw)
         log.info("demo: backfilled %s of readings", BACKFILL)
+        await use_frozen_limits(http, base, state)
         while True:
             now = cfg.clock().replace(microsecond=0)
             for seed, (local_id, _, sp, sw) in enumerate(DEVICES):
                 await send(local_id, [now], seed, sp, sw)
             await asyncio.sleep(10)
+
+
+async def use_frozen_limits(http: aiohttp.ClientSession, base: str, state: dict[str, Any]) -> None:
+    """The site is chilled storage; its freezer gets the frozen preset's limits, set
+    the way an operator would: PATCH the channel through the API."""
+    frozen = VERTICALS["frozen"].rules["temperature"]
+    auth = {"Authorization": f"Bearer {state['api_token']}"}
+    dev = state["devices"]["freezer01"]["id"]
+    async with http.get(f"{base}/v1/channels", params={"device_id": dev}, headers=auth) as r:
+        channels = (await r.json())["data"]
+    for ch in channels:
+        if ch["kind"] == "temperature":
+            body = {**frozen.params, "grace_min": frozen.grace_min}
+            async with http.patch(f"{base}/v1/channels/{ch['id']}", json=body, headers=auth) as r:
+                if r.status != 200:
+                    log.warning("demo: could not set freezer limits: %s", await r.text())
 
 
 async def run_demo(cfg: Config, dsn: str, host: str, port: int) -> None:
@@ -136,8 +155,14 @@ Press Ctrl-C to stop.
         flush=True,
     )
     task = asyncio.create_task(feed(base, state, cfg))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # a clean exit lets the embedded PostgreSQL stop with us (its atexit hook)
+        loop.add_signal_handler(sig, stop.set)
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
+        log.info("demo: stopping")
     finally:
         task.cancel()
         await runner.cleanup()

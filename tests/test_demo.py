@@ -1,0 +1,61 @@
+"""`opensense demo` with no DSN: the embedded PostgreSQL in a state directory, the demo
+account, and readings arriving through the real ingest."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from .fixtures.processes import BIN, free_port
+
+
+def test_demo_serves_readings_from_an_embedded_database(tmp_path: Path) -> None:
+    os.chmod(tmp_path, 0o755)  # as root, the embedded server runs as its own user
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENSENSE_")}
+    env.update({"OPENSENSE_STATE_DIR": str(tmp_path / "state"), "OPENSENSE_BCRYPT_ROUNDS": "4"})
+    log = (tmp_path / "demo.log").open("w")
+    proc = subprocess.Popen(
+        [str(BIN), "demo", "--port", str(port)], env=env, stdout=log, stderr=log
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        state_file = tmp_path / "state" / "demo.json"
+        deadline = time.monotonic() + 90
+        channels: list = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            if not state_file.exists():
+                continue
+            token = json.loads(state_file.read_text())["api_token"]
+            req = urllib.request.Request(
+                f"{base}/v1/channels", headers={"Authorization": f"Bearer {token}"}
+            )
+            try:
+                channels = json.load(urllib.request.urlopen(req, timeout=5))["data"]
+            except OSError:
+                continue
+            if len(channels) == 3 and any(
+                c["rules"][0]["params"]["ok_max"] == -18 for c in channels
+            ):
+                break
+        assert proc.poll() is None, (tmp_path / "demo.log").read_text()
+        assert len(channels) == 3, (tmp_path / "demo.log").read_text()
+        req = urllib.request.Request(
+            f"{base}/v1/channels/{channels[0]['id']}/measurements?agg=1h&fn=count",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        counts = json.load(urllib.request.urlopen(req, timeout=5))["data"]
+        assert sum(v for _, v in counts) >= 6 * 60  # the 6-hour backfill at 1 a minute
+        assert (tmp_path / "state" / "pgdata" / "PG_VERSION").exists()
+        proc.terminate()
+        assert proc.wait(30) == 0
+        # the embedded PostgreSQL stopped with the demo
+        assert not (tmp_path / "state" / "pgdata" / "postmaster.pid").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
