@@ -110,7 +110,7 @@ def test_serve_refuses_an_unmigrated_database(new_database):
     r = subprocess.run(
         [str(BIN), "db", "migrate"], env=opensense_env(fresh), capture_output=True, text=True
     )
-    assert r.returncode == 0 and "0001_init.sql" in r.stdout
+    assert r.returncode == 0 and "0001_init.sql, 0002_events_reports.sql" in r.stdout
     r = subprocess.run(
         [str(BIN), "db", "status"], env=opensense_env(fresh), capture_output=True, text=True
     )
@@ -247,3 +247,28 @@ async def test_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(dsn, serv
         )
         total, distinct = await cur.fetchone()  # type: ignore[misc]
     assert total == distinct == 2400
+
+
+def test_migrations_apply_one_by_one_and_are_recorded(new_database):
+    """A database at version 1 gets only the newer migrations, each recorded."""
+    import psycopg
+
+    from opensense import db
+
+    fresh = new_database(migrated=False)
+    first = db.migration_files()[:1]
+    with psycopg.connect(fresh, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        with conn.transaction():
+            conn.execute(first[0][2].encode())
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES (1, %s)", (first[0][1],)
+            )
+    assert db.migrate(fresh) == [name for _, name, _ in db.migration_files()[1:]]
+    with psycopg.connect(fresh) as conn:
+        assert db.pending(conn) == []
+        versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY 1")]
+    assert versions == list(range(1, len(db.migration_files()) + 1))
