@@ -12,7 +12,3 @@ def new_id(prefix: str) -> str:
     """prefix_ + 16 base32 characters (80 random bits)."""
     assert prefix in PREFIXES, prefix
     return prefix + "_" + base64.b32encode(secrets.token_bytes(10)).decode().lower()
-
-
-def has_prefix(value: str, prefix: str) -> bool:
-    return value.startswith(prefix + "_") and len(value) > len(prefix) + 1

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -63,11 +62,6 @@ def parse(token: str) -> tuple[str, str, str] | None:
     return None
 
 
-def redact(token: str) -> str:
-    parsed = parse(token)
-    return f"{PREFIXES[parsed[0]]}{parsed[1]}_…" if parsed else "…"
-
-
 def parse_or_raise(token: str | None, kinds: tuple[str, ...]) -> tuple[str, str, str]:
     """(kind, key_id, secret), or the 401 that says what is wrong with the text."""
     if not token:
@@ -89,7 +83,6 @@ class TokenRow:
     device_id: str | None
     hash: str
     revoked_at: datetime | None
-    extra: dict[str, Any]
 
 
 class Verifier:
@@ -155,7 +148,7 @@ async def authenticate(
     if row is None:
         raise ApiError("token_invalid", "the token is not known (wrong, or deleted)")
     await check_row(conn, verifier, kind, key_id, secret, row[0], row[1], row[4], row[5], now)
-    return TokenRow(row[0], row[1], row[2], row[3], row[4], row[5], {})
+    return TokenRow(row[0], row[1], row[2], row[3], row[4], row[5])
 
 
 async def check_row(
@@ -180,7 +173,3 @@ async def check_row(
         raise ApiError("token_invalid", "the token is not known (wrong, or deleted)")
     if verifier.due_for_touch(token_id, now):
         await conn.execute(TOUCH_SQL, {"now": now, "id": token_id})
-
-
-def constant_time_equal(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
