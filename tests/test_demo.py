@@ -17,7 +17,13 @@ def test_demo_serves_readings_from_an_embedded_database(tmp_path: Path) -> None:
     os.chmod(tmp_path, 0o755)  # as root, the embedded server runs as its own user
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENSENSE_")}
-    env.update({"OPENSENSE_STATE_DIR": str(tmp_path / "state"), "OPENSENSE_BCRYPT_ROUNDS": "4"})
+    env.update(
+        {
+            "OPENSENSE_STATE_DIR": str(tmp_path / "state"),
+            "OPENSENSE_BCRYPT_ROUNDS": "4",
+            "OPENSENSE_MQTT_PORT": str(free_port()),
+        }
+    )
     log = (tmp_path / "demo.log").open("w")
     proc = subprocess.Popen(
         [str(BIN), "demo", "--port", str(port)], env=env, stdout=log, stderr=log

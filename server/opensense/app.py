@@ -8,16 +8,18 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+import psycopg
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
 from . import db, jobs
-from .api.keys import CONFIG, DSN, POOL, REQUEST_LOG, VERIFIER, WRITER
+from .api.keys import CONFIG, DSN, MQTT, POOL, REQUEST_LOG, VERIFIER, WRITER
 from .api.middleware import error_middleware
 from .api.requestlog import RequestLog
 from .devices.routes import routes as device_routes
 from .ingest.routes import routes as ingest_routes
 from .ingest.validate import MAX_BODY_BYTES
+from .mqtt.side import MqttSide, NoMqtt
 from .openapi import routes as openapi_routes
 from .settings import Config
 from .storage.batcher import BatchWriter
@@ -60,6 +62,54 @@ async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
     await writer.stop()
 
 
+async def mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The MQTT side: the embedded broker, an external broker's consumer, or none.
+    Every process also listens for token revocations to cut live sessions."""
+    cfg = app[CONFIG]
+    side: MqttSide
+    if cfg.mqtt == "embedded":
+        from .mqtt.embedded import EmbeddedBroker
+
+        side = EmbeddedBroker(app)
+    elif cfg.mqtt == "external":
+        from .mqtt.external import ExternalBroker
+
+        side = ExternalBroker(app)
+    else:
+        side = NoMqtt()
+    app[MQTT] = side
+    start = getattr(side, "start", None)
+    if start is not None:
+        await start()
+    listener = asyncio.create_task(_revocations(app[DSN], side))
+    yield
+    listener.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await listener
+    stop = getattr(side, "stop", None)
+    if stop is not None:
+        await stop()
+
+
+async def _revocations(dsn: str, side: MqttSide) -> None:
+    """LISTEN opensense_token_revoked: any process's rotation reaches this broker."""
+    while True:
+        try:
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                await conn.execute("LISTEN opensense_token_revoked")
+                async for note in conn.notifies():
+                    device_id = note.payload.split(" ", 1)[0]
+                    try:
+                        await side.token_revoked(device_id)
+                    except Exception:
+                        log.exception("closing the MQTT session of %s failed", device_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("token revocation listener lost its connection; reconnecting")
+            await asyncio.sleep(1)
+
+
 async def jobs_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
     task = asyncio.create_task(jobs.scheduler(app[POOL], cfg)) if cfg.jobs_enabled else None
@@ -79,7 +129,7 @@ def create_app(config: Config, dsn: str) -> web.Application:
     app[CONFIG] = config
     app[DSN] = dsn
     app[VERIFIER] = Verifier()
-    app.cleanup_ctx.extend([database_ctx, request_log_ctx, writer_ctx, jobs_ctx])
+    app.cleanup_ctx.extend([database_ctx, request_log_ctx, writer_ctx, mqtt_ctx, jobs_ctx])
     app.router.add_get("/healthz", healthz)
     for table in (ingest_routes, device_routes, read_routes, openapi_routes):
         app.router.add_routes(table)

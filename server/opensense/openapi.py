@@ -534,6 +534,20 @@ def document() -> S:
                 {**ok(200, listing("Placement")), **err(401, 404, 429)},
             ),
         },
+        "/v1/devices/{device_id}/identify": {
+            "parameters": [path_param("device_id")],
+            "post": op(
+                "Blink the node's LED: publishes cmd/identify to it",
+                {
+                    **ok(
+                        202,
+                        obj({"device_id": ID, "sent": {"type": "string"}}, ("device_id", "sent")),
+                        "Sent to the broker",
+                    ),
+                    **err(401, 404, 409, 429),
+                },
+            ),
+        },
         "/v1/channels": {
             "get": op(
                 "List channels",

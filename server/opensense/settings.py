@@ -123,6 +123,50 @@ SETTINGS: tuple[Setting, ...] = (
         "Safe in every process: each job run is claimed in the database.",
     ),
     Setting("log_level", "OPENSENSE_LOG_LEVEL", str, "INFO", "Python logging level."),
+    Setting(
+        "mqtt",
+        "OPENSENSE_MQTT",
+        str,
+        "embedded",
+        "MQTT broker: embedded (amqtt in this process), external (OPENSENSE_MQTT_URL), or off.",
+    ),
+    Setting(
+        "mqtt_host",
+        "OPENSENSE_MQTT_HOST",
+        str,
+        "127.0.0.1",
+        "Address the embedded broker's TLS listener binds (0.0.0.0 for nodes on the LAN).",
+    ),
+    Setting(
+        "mqtt_port",
+        "OPENSENSE_MQTT_PORT",
+        int,
+        8883,
+        "Port of the embedded broker's TLS listener.",
+        minimum=0,
+    ),
+    Setting(
+        "mqtt_hostnames",
+        "OPENSENSE_MQTT_HOSTNAMES",
+        str,
+        "localhost,127.0.0.1",
+        "Names and addresses the generated broker certificate is valid for (comma-separated).",
+    ),
+    Setting(
+        "mqtt_url",
+        "OPENSENSE_MQTT_URL",
+        str,
+        "",
+        "External broker for OPENSENSE_MQTT=external: mqtt[s]://user:password@host:port "
+        "(the server's own account, allowed to read all device topics and to manage dynamic security).",
+    ),
+    Setting(
+        "mqtt_ca",
+        "OPENSENSE_MQTT_CA",
+        str,
+        "",
+        "CA file to verify an external broker's certificate (mqtts://); empty: the system store.",
+    ),
 )
 
 
@@ -162,10 +206,20 @@ class Config:
     retention_request_log_days: int = 30
     jobs_enabled: bool = True
     log_level: str = "INFO"
+    mqtt: str = "embedded"
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 8883
+    mqtt_hostnames: str = "localhost,127.0.0.1"
+    mqtt_url: str = ""
+    mqtt_ca: str = ""
     # Not a setting: the clock. Tests inject one; everything time-dependent asks it.
     clock: Callable[[], datetime] = field(default=_utcnow, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.mqtt not in ("embedded", "external", "off"):
+            raise ValueError(f"OPENSENSE_MQTT must be embedded, external or off, not {self.mqtt!r}")
+        if self.mqtt == "external" and not self.mqtt_url:
+            raise ValueError("OPENSENSE_MQTT=external needs OPENSENSE_MQTT_URL")
         for s in SETTINGS:
             value = getattr(self, s.name)
             if s.minimum is not None and value < s.minimum:

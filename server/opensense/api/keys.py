@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
+from ..mqtt.side import MqttSide
 from ..settings import Config
 from ..storage.batcher import BatchWriter
 from ..tokens import Verifier
@@ -16,6 +17,7 @@ VERIFIER = web.AppKey("verifier", Verifier)
 REQUEST_LOG = web.AppKey("request_log", RequestLog)
 DSN = web.AppKey("dsn", str)
 WRITER = web.AppKey("writer", BatchWriter)
+MQTT = web.AppKey("mqtt", MqttSide)
 
 # per-request keys (request[...] = ...)
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -7,8 +7,9 @@ from aiohttp import web
 from ..api import auth
 from ..api.body import body_ts, json_object, query_ts
 from ..api.jsonutil import response
-from ..api.keys import CONFIG, POOL
+from ..api.keys import CONFIG, MQTT, POOL
 from ..errors import ApiError
+from ..mqtt import topics
 from . import service
 
 routes = web.RouteTableDef()
@@ -96,6 +97,7 @@ async def create_device(request: web.Request) -> web.Response:
             dev, token = await service.create_device(
                 conn, acc, body, cfg.bcrypt_rounds, cfg.clock()
             )
+    await request.app[MQTT].credentials_changed(dev["id"], acc, dev["local_id"], token)
     return response({**dev, "ingest_token": token}, status=201)
 
 
@@ -114,8 +116,34 @@ async def patch_device(request: web.Request) -> web.Response:
         acc = await auth.account(request, conn)
         body = await json_object(request)
         async with conn.transaction():
+            before = await service.get_device(conn, acc, request.match_info["device_id"], now)
             dev = await service.patch_device(conn, acc, request.match_info["device_id"], body, now)
+    if dev["cadence_s"] != before["cadence_s"]:
+        # retained, so a node that is offline now gets it when it reconnects
+        await request.app[MQTT].publish(
+            topics.topic(acc, dev["local_id"], "cmd/cadence"),
+            str(dev["cadence_s"]).encode(),
+            qos=1,
+            retain=True,
+        )
     return response(dev)
+
+
+@routes.post("/v1/devices/{device_id}/identify")
+async def identify_device(request: web.Request) -> web.Response:
+    """Blink the node's LED (cmd/identify) so an installer finds it in the fridge."""
+    now = request.app[CONFIG].clock()
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        dev = await service.get_device(conn, acc, request.match_info["device_id"], now)
+    if not await request.app[MQTT].publish(
+        topics.topic(acc, dev["local_id"], "cmd/identify"), b"1", qos=1
+    ):
+        raise ApiError(
+            "conflict",
+            "this server runs without MQTT (OPENSENSE_MQTT=off): commands cannot reach nodes",
+        )
+    return response({"device_id": dev["id"], "sent": "cmd/identify"}, status=202)
 
 
 @routes.delete("/v1/devices/{device_id}")
@@ -124,7 +152,9 @@ async def delete_device(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn)
         async with conn.transaction():
-            await service.delete_device(conn, acc, request.match_info["device_id"], now)
+            dev = await service.get_device(conn, acc, request.match_info["device_id"], now)
+            await service.delete_device(conn, acc, dev["id"], now)
+    await request.app[MQTT].device_deleted(dev["id"])
     return web.Response(status=204)
 
 
@@ -137,6 +167,7 @@ async def rotate_token(request: web.Request) -> web.Response:
             dev, token = await service.rotate_device_token(
                 conn, acc, request.match_info["device_id"], cfg.bcrypt_rounds, cfg.clock()
             )
+    await request.app[MQTT].credentials_changed(dev["id"], acc, dev["local_id"], token)
     return response({**dev, "ingest_token": token})
 
 

@@ -1,0 +1,223 @@
+"""What a message on a device topic does, whichever broker carried it.
+
+Measurements go through the same validation, deduplication, channel creation and
+error envelope as HTTP ingest (opensense.ingest). `handle` returns the envelope to
+publish on …/err for a refused payload (also kept in the request log), or None.
+An exception means the message was not stored: the caller must not acknowledge it
+(no PUBACK on the embedded broker, no ack to Mosquitto) so it comes again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+from psycopg.types.json import Jsonb
+
+from .. import tokens
+from ..api.keys import CONFIG, POOL, REQUEST_LOG, VERIFIER, WRITER
+from ..errors import ApiError, envelope
+from ..ids import new_id
+from ..ingest import pipeline
+from ..ingest.routes import oldest_accepted
+from ..ingest.validate import parse_json, validate_payload
+from . import topics
+
+log = logging.getLogger(__name__)
+
+DEVICE_SQL = """
+SELECT d.id, d.account_id, d.local_id, s.vertical,
+       (SELECT coalesce(jsonb_agg(jsonb_build_array(c.kind, c.label, c.id, c.num, c.unit, c."offset")),
+                        '[]'::jsonb) FROM channels c WHERE c.device_id = d.id)
+FROM devices d JOIN sites s ON s.id = d.site_id
+WHERE d.deleted_at IS NULL AND {where}
+"""
+
+
+def _device(row: Any) -> pipeline.Device:
+    channels = {(c[0], c[1]): (c[2], int(c[3]), c[4], float(c[5])) for c in row[4]}
+    return pipeline.Device(row[0], row[1], row[2], row[3], channels)
+
+
+@dataclass
+class Counters:
+    """What the MQTT side did, for /metrics and the status page later."""
+
+    stored: int = 0
+    deduplicated: int = 0
+    rejected: int = 0
+    qos0_dropped: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+
+class MqttIngest:
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+        self.counters = Counters()
+
+    # --- who is this ---------------------------------------------------------------
+
+    async def authenticate(self, username: str | None, password: str | None) -> pipeline.Device:
+        """A device's CONNECT: username = its dev_ id, password = its ds_live_ token.
+        Raises ApiError (token_invalid, auth_required) with the reason."""
+        cfg = self.app[CONFIG]
+        now = cfg.clock()
+        kind, key_id, secret = tokens.parse_or_raise(password, ("ds_live",))
+        async with self.app[POOL].connection() as conn:
+            cur = await conn.execute(
+                "SELECT id, kind, device_id, hash, revoked_at FROM tokens WHERE key_id = %s",
+                (key_id,),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                raise ApiError("token_invalid", "the token is not known (wrong, or deleted)")
+            await tokens.check_row(
+                conn, self.app[VERIFIER], kind, key_id, secret, row[0], row[1], row[3], row[4], now
+            )
+            if row[2] != username:
+                raise ApiError(
+                    "forbidden", f"this token belongs to {row[2]}, not to {str(username)[:64]!r}"
+                )
+            cur = await conn.execute(DEVICE_SQL.format(where="d.id = %s"), (username,))
+            dev = await cur.fetchone()
+        if dev is None:
+            raise ApiError("token_invalid", "the token's device was deleted")
+        return _device(dev)
+
+    async def device_for_topic(self, t: topics.DeviceTopic) -> pipeline.Device | None:
+        """For an external broker, whose ACL already tied the topic to its device."""
+        async with self.app[POOL].connection() as conn:
+            cur = await conn.execute(
+                DEVICE_SQL.format(where="d.account_id = %s AND d.local_id = %s"),
+                (t.account, t.device),
+            )
+            row = await cur.fetchone()
+        return _device(row) if row else None
+
+    # --- what it said ---------------------------------------------------------------
+
+    async def handle(
+        self, dev: pipeline.Device, t: topics.DeviceTopic, payload: bytes, qos: int
+    ) -> dict[str, Any] | None:
+        now = self.app[CONFIG].clock()
+        started = time.perf_counter()
+        try:
+            if t.sub == "":
+                await self._measurements(dev, payload, qos, now)
+            elif t.sub == "lwt":
+                await self._lwt(dev, payload, now)
+            elif t.sub == "info":
+                await self._info(dev, payload)
+            else:
+                raise ApiError("forbidden", f"a device does not publish to {t.sub!r}")
+        except ApiError as err:
+            self.counters.rejected += 1
+            self.counters.by_reason[err.code] = self.counters.by_reason.get(err.code, 0) + 1
+            rid = new_id("req")
+            self._log(
+                now,
+                rid,
+                topics.topic(t.account, t.device, t.sub),
+                err.status,
+                err.code,
+                err.message,
+                dev,
+                started,
+            )
+            return envelope(err.code, err.message, rid)
+        return None
+
+    async def _measurements(
+        self, dev: pipeline.Device, payload: bytes, qos: int, now: datetime
+    ) -> None:
+        if qos == 0:
+            self.counters.qos0_dropped += 1
+            async with self.app[POOL].connection() as conn:
+                await conn.execute(
+                    "UPDATE devices SET qos0_dropped = qos0_dropped + 1 WHERE id = %s", (dev.id,)
+                )
+            raise ApiError(
+                "invalid_measurement",
+                "a QoS 0 measurement publish is dropped: publish measurements with QoS 1",
+            )
+        cfg = self.app[CONFIG]
+        batch = validate_payload(
+            parse_json(payload), now=now, oldest=oldest_accepted(cfg, now), require_device=False
+        )
+        if batch.device is not None and batch.device not in (dev.local_id, dev.id):
+            raise ApiError(
+                "forbidden", f"this topic belongs to {dev.local_id!r}, not {batch.device[:64]!r}"
+            )
+        answer = await pipeline.store_fast(
+            self.app[POOL],
+            self.app[WRITER],
+            dev,
+            batch.entries,
+            now=now,
+            compact_after_days=cfg.compact_after_days,
+        )
+        self.counters.stored += answer["accepted"]
+        self.counters.deduplicated += answer["deduplicated"]
+
+    async def _lwt(self, dev: pipeline.Device, payload: bytes, now: datetime) -> None:
+        state = payload.decode("utf-8", "replace").strip().lower()
+        if state not in ("online", "offline"):
+            raise ApiError("invalid_request", "lwt must be 'online' or 'offline'")
+        async with self.app[POOL].connection() as conn:
+            await conn.execute(
+                "UPDATE devices SET connected = %s, connected_changed_at = %s WHERE id = %s",
+                (state == "online", now, dev.id),
+            )
+
+    async def _info(self, dev: pipeline.Device, payload: bytes) -> None:
+        info = parse_json(payload)
+        if not isinstance(info, dict):
+            raise ApiError("invalid_request", "info must be a JSON object")
+        fw, model = info.get("fw_version"), info.get("model")
+        if fw is not None and (not isinstance(fw, str) or len(fw) > 64):
+            raise ApiError(
+                "invalid_request", "info.fw_version must be a string of at most 64 characters"
+            )
+        if model is not None and (not isinstance(model, str) or len(model) > 64):
+            raise ApiError(
+                "invalid_request", "info.model must be a string of at most 64 characters"
+            )
+        if len(json.dumps(info)) > 4096:
+            raise ApiError("invalid_request", "info is larger than 4 KiB")
+        async with self.app[POOL].connection() as conn:
+            await conn.execute(
+                "UPDATE devices SET info = %s, fw_version = coalesce(%s, fw_version),"
+                " model = coalesce(%s, model) WHERE id = %s",
+                (Jsonb(info), fw, model, dev.id),
+            )
+
+    def _log(
+        self,
+        now: datetime,
+        rid: str,
+        path: str,
+        status: int,
+        code: str | None,
+        reason: str | None,
+        dev: pipeline.Device,
+        started: float,
+    ) -> None:
+        reqlog = self.app.get(REQUEST_LOG)
+        if reqlog is not None:
+            reqlog.add(
+                now,
+                rid,
+                "MQTT",
+                path,
+                status,
+                code,
+                reason,
+                dev.account_id,
+                dev.id,
+                (time.perf_counter() - started) * 1000,
+            )

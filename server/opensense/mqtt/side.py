@@ -1,0 +1,45 @@
+"""What the rest of the server asks of the MQTT side, whichever broker it is."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class MqttSide(Protocol):
+    async def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+    ) -> bool:
+        """Publish as the server (commands, error envelopes). False: there is no broker."""
+
+    async def credentials_changed(
+        self, device_id: str, account_id: str, local_id: str, token: str
+    ) -> None:
+        """A device got a new ingest token (create, rotate). Brokers that keep their own
+        credentials (Mosquitto dynamic security) need the plaintext now: it is never stored."""
+
+    async def token_revoked(self, device_id: str) -> None:
+        """A device's token was revoked (rotate, delete): refuse it and close its live
+        session at once. Called in every server process (LISTEN opensense_token_revoked)."""
+
+    async def device_deleted(self, device_id: str) -> None:
+        """The device is gone: remove whatever the broker keeps for it."""
+
+
+class NoMqtt:
+    """OPENSENSE_MQTT=off: commands cannot be delivered."""
+
+    async def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+    ) -> bool:
+        return False
+
+    async def credentials_changed(
+        self, device_id: str, account_id: str, local_id: str, token: str
+    ) -> None:
+        return None
+
+    async def token_revoked(self, device_id: str) -> None:
+        return None
+
+    async def device_deleted(self, device_id: str) -> None:
+        return None

@@ -1,0 +1,74 @@
+"""Topics and the device ACL, as pure functions (no I/O; tested alone).
+
+Layout (PRODUCT.md): opensense/<account id>/<device local_id>
+  …                 measurements (QoS 1), published by the device
+  …/lwt             retained "online"/"offline" (the device's will), by the device
+  …/info            retained JSON (fw version, model, reset cause), by the device
+  …/err             error envelopes for rejected payloads, by the server
+  …/cmd/identify    blink the LED, by the server
+  …/cmd/cadence     new cadence in seconds, by the server
+
+A device publishes only its own measurements, lwt and info, and subscribes only to
+its own cmd/# and err. local_id never holds '/', '+' or '#' (the API refuses them),
+so a device's prefix is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ROOT = "opensense"
+DEVICE_PUBLISHES = ("", "lwt", "info")
+COMMANDS = ("identify", "cadence")
+
+
+@dataclass(frozen=True)
+class DeviceTopic:
+    account: str
+    device: str  # local_id
+    sub: str  # "" for measurements, "lwt", "info", "err", "cmd/identify", …
+
+
+def prefix(account: str, device: str) -> str:
+    return f"{ROOT}/{account}/{device}"
+
+
+def topic(account: str, device: str, sub: str = "") -> str:
+    return prefix(account, device) + (f"/{sub}" if sub else "")
+
+
+def parse(name: str) -> DeviceTopic | None:
+    parts = name.split("/")
+    if len(parts) < 3 or parts[0] != ROOT or not parts[1] or not parts[2]:
+        return None
+    return DeviceTopic(parts[1], parts[2], "/".join(parts[3:]))
+
+
+def publish_refusal(account: str, device: str, name: str) -> str | None:
+    """None if the device may publish to `name`, else the reason it may not."""
+    t = parse(name)
+    if t is None or (t.account, t.device) != (account, device):
+        return f"{name!r} is not under this device's topic {prefix(account, device)}"
+    if t.sub not in DEVICE_PUBLISHES:
+        return f"a device publishes only measurements, lwt and info, not {t.sub!r}"
+    return None
+
+
+def subscribe_refusal(account: str, device: str, topic_filter: str) -> str | None:
+    """None if the device may subscribe to `topic_filter`, else the reason."""
+    own = prefix(account, device).split("/")
+    levels = topic_filter.split("/")
+    if levels[:3] != own:
+        return f"{topic_filter!r} reaches beyond this device's topic {prefix(account, device)}"
+    rest = levels[3:]
+    if rest == ["err"]:
+        return None
+    if (
+        len(rest) >= 2
+        and rest[0] == "cmd"
+        and (rest[1:] in (["#"], ["+"]) or (len(rest) == 2 and rest[1] in COMMANDS))
+    ):
+        return None
+    if rest == ["cmd", "#"] or rest == ["cmd"]:
+        return None
+    return f"a device subscribes only to its own cmd/# and err, not {topic_filter!r}"

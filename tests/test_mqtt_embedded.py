@@ -1,0 +1,328 @@
+"""The embedded broker (amqtt in the server process): TLS with certificate
+verification, per-device credentials, the device ACL, and a reading stored before
+its PUBACK."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from opensense.api.jsonutil import rfc3339
+from opensense.app import create_app
+from opensense.mqtt import topics
+
+from .fixtures.processes import free_port
+from .fixtures.server import World, make_world, test_config
+from .mqtt_node import Node
+
+pytestmark = pytest.mark.db
+
+
+@pytest.fixture
+async def mqtt_app(aiohttp_client: Any, dsn: str, clock: Any, tmp_path: Path) -> Any:
+    os.chmod(tmp_path, 0o755)
+    cfg = test_config(
+        clock,
+        mqtt="embedded",
+        mqtt_port=free_port(),
+        state_dir=tmp_path,
+        ingest_rate_per_min=100_000,
+    )
+    client = await aiohttp_client(create_app(cfg, dsn))
+    client.cfg = cfg
+    client.ca = str(tmp_path / "mqtt-tls" / "ca.pem")
+    return client
+
+
+async def node(app: Any, world: World, local_id: str = "fridge01", **kw: Any) -> Node:
+    n = Node(
+        "localhost",
+        app.cfg.mqtt_port,
+        world.device_ids[local_id],
+        world.devices[local_id],
+        ca_file=app.ca,
+        **kw,
+    )
+    return n
+
+
+def reading(value: float = 4.2, **extra: Any) -> bytes:
+    return json.dumps({"measurements": [{"type": "temperature", "value": value, **extra}]}).encode()
+
+
+async def stored(dsn: str, world: World) -> list[float]:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT m.value FROM measurements m JOIN channels c ON c.num = m.channel_num"
+            " WHERE c.account_id = %s ORDER BY m.ts",
+            (world.account,),
+        )
+        return [r[0] for r in await cur.fetchall()]
+
+
+async def test_publish_over_tls_is_stored_before_puback(mqtt_app, dsn, clock):
+    world = await make_world(dsn, mqtt_app.cfg)
+    n = await node(mqtt_app, world)
+    assert str(await asyncio.to_thread(n.connect)) == "Success"
+    t = topics.topic(world.account, "fridge01")
+    assert await asyncio.to_thread(n.publish, t, reading(4.2))
+    # the PUBACK came after the commit: the row is there now, no waiting
+    assert await stored(dsn, world) == [4.2]
+    r = await mqtt_app.get("/v1/channels", headers=world.auth)
+    cid = (await r.json())["data"][0]["id"]
+    r = await mqtt_app.get(
+        f"/v1/channels/{cid}/measurements",
+        headers=world.auth,
+        params={"to": rfc3339(clock.now + timedelta(seconds=1))},
+    )
+    assert [v for _, v in (await r.json())["data"]] == [4.2]
+    # a resend (lost PUBACK) is a duplicate, not a second row
+    assert await asyncio.to_thread(n.publish, t, reading(4.2, ts=(await r.json())["data"][0][0]))
+    assert await stored(dsn, world) == [4.2]
+    await asyncio.to_thread(n.close)
+
+
+async def test_wrong_token_plain_tcp_and_another_devices_topic_are_refused(mqtt_app, dsn, clock):
+    world = await make_world(dsn, mqtt_app.cfg, ("fridge01", "fridge02"))
+    bad = Node(
+        "localhost",
+        mqtt_app.cfg.mqtt_port,
+        world.device_ids["fridge01"],
+        world.devices["fridge02"],
+        ca_file=mqtt_app.ca,
+    )
+    assert str(await asyncio.to_thread(bad.connect)) != "Success"
+    await asyncio.to_thread(bad.close)
+
+    plain = await node(mqtt_app, world, tls=False)
+    with pytest.raises(OSError):
+        rc = await asyncio.to_thread(plain.connect, 3)
+        if rc is None:  # no CONNACK over plain TCP: the TLS listener never answered
+            raise OSError("no CONNACK over plain TCP")
+    await asyncio.to_thread(plain.close)
+
+    n = await node(mqtt_app, world)
+    assert str(await asyncio.to_thread(n.connect)) == "Success"
+    other = topics.topic(world.account, "fridge02")
+    await asyncio.to_thread(n.publish, other, reading(9.9))
+    granted = await asyncio.to_thread(n.subscribe, topics.topic(world.account, "fridge02", "cmd/#"))
+    assert granted and granted[0].is_failure
+    mine = await asyncio.to_thread(n.subscribe, topics.topic(world.account, "fridge01", "cmd/#"))
+    assert mine and not mine[0].is_failure
+    assert await stored(dsn, world) == []  # the foreign publish was dropped
+    await asyncio.to_thread(n.close)
+
+
+async def test_rejections_answer_on_err_and_qos0_is_dropped_and_counted(mqtt_app, dsn, clock):
+    world = await make_world(dsn, mqtt_app.cfg)
+    n = await node(mqtt_app, world)
+    await asyncio.to_thread(n.connect)
+    await asyncio.to_thread(n.subscribe, topics.topic(world.account, "fridge01", "err"))
+    t = topics.topic(world.account, "fridge01")
+    assert await asyncio.to_thread(
+        n.publish, t, json.dumps({"measurements": [{"type": "radiation", "value": 1}]}).encode()
+    )
+    msg = await asyncio.to_thread(n.next_message)
+    assert msg is not None
+    err = json.loads(msg[1])["error"]
+    assert err["code"] == "unknown_kind" and "radiation" in err["message"]
+    await asyncio.to_thread(n.publish, t, reading(3.0), 0)
+    msg = await asyncio.to_thread(n.next_message)
+    assert msg is not None and "QoS 0" in json.loads(msg[1])["error"]["message"]
+    assert await stored(dsn, world) == []
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT qos0_dropped FROM devices WHERE id = %s", (world.device_ids["fridge01"],)
+        )
+        assert (await cur.fetchone())[0] == 1
+    await asyncio.to_thread(n.close)
+
+
+async def test_lwt_info_and_commands(mqtt_app, dsn, clock):
+    world = await make_world(dsn, mqtt_app.cfg)
+    lwt = topics.topic(world.account, "fridge01", "lwt")
+    n = await node(mqtt_app, world, will=(lwt, b"offline"))
+    await asyncio.to_thread(n.connect)
+    assert await asyncio.to_thread(n.publish, lwt, b"online")
+    info = {"fw_version": "0.3.1", "model": "diy_esp32", "reset_cause": "power_on"}
+    assert await asyncio.to_thread(
+        n.publish, topics.topic(world.account, "fridge01", "info"), json.dumps(info).encode()
+    )
+    dev = await (
+        await mqtt_app.get(f"/v1/devices/{world.device_ids['fridge01']}", headers=world.auth)
+    ).json()
+    assert dev["fw_version"] == "0.3.1"
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT connected, info FROM devices WHERE id = %s", (world.device_ids["fridge01"],)
+        )
+        connected, stored_info = await cur.fetchone()
+    assert connected is True and stored_info["reset_cause"] == "power_on"
+
+    await asyncio.to_thread(n.subscribe, topics.topic(world.account, "fridge01", "cmd/#"))
+    r = await mqtt_app.post(
+        f"/v1/devices/{world.device_ids['fridge01']}/identify", headers=world.auth
+    )
+    assert r.status == 202
+    msg = await asyncio.to_thread(n.next_message)
+    assert msg is not None and msg[0].endswith("/cmd/identify")
+    r = await mqtt_app.patch(
+        f"/v1/devices/{world.device_ids['fridge01']}", json={"cadence_s": 30}, headers=world.auth
+    )
+    assert r.status == 200
+    msg = await asyncio.to_thread(n.next_message)
+    assert msg == (topics.topic(world.account, "fridge01", "cmd/cadence"), b"30")
+
+    # the connection drops without DISCONNECT: the will marks the device offline
+    n.client._sock.close()  # type: ignore[union-attr]
+    for _ in range(50):
+        async with await psycopg.AsyncConnection.connect(dsn) as conn:
+            cur = await conn.execute(
+                "SELECT connected FROM devices WHERE id = %s", (world.device_ids["fridge01"],)
+            )
+            if (await cur.fetchone())[0] is False:
+                break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("the device was not marked offline")
+    n.client.loop_stop()
+
+
+async def test_rotation_closes_the_live_session_and_refuses_the_old_token(mqtt_app, dsn, clock):
+    world = await make_world(dsn, mqtt_app.cfg)
+    n = await node(mqtt_app, world)
+    assert str(await asyncio.to_thread(n.connect)) == "Success"
+    r = await mqtt_app.post(
+        f"/v1/devices/{world.device_ids['fridge01']}/rotate-token", headers=world.auth
+    )
+    new_token = (await r.json())["ingest_token"]
+    assert await asyncio.to_thread(n.disconnected.wait, 10), "the live session was not closed"
+    await asyncio.to_thread(n.client.loop_stop)
+    again = await node(mqtt_app, world)
+    assert str(await asyncio.to_thread(again.connect)) != "Success"
+    await asyncio.to_thread(again.close)
+    world.devices["fridge01"] = new_token
+    fresh = await node(mqtt_app, world)
+    assert str(await asyncio.to_thread(fresh.connect)) == "Success"
+    assert await asyncio.to_thread(
+        fresh.publish, topics.topic(world.account, "fridge01"), reading(5.0)
+    )
+    await asyncio.to_thread(fresh.close)
+
+
+async def test_server_killed_mid_stream_stores_every_reading_exactly_once(
+    dsn, server_processes, tmp_path
+):
+    """10,000 readings from 4 nodes (QoS 1, persistent sessions). The server, and with
+    it the embedded broker, is SIGKILLed once and restarted gracefully once in the
+    middle; the nodes reconnect and resend what was not acknowledged."""
+    import threading
+    import time
+    from datetime import UTC, datetime
+
+    from opensense.api.jsonutil import rfc3339 as ts_text
+
+    from .fixtures.clock import FakeClock
+
+    os.chmod(tmp_path, 0o755)
+    port = free_port()
+    srv = server_processes(
+        OPENSENSE_MQTT="embedded",
+        OPENSENSE_MQTT_PORT=str(port),
+        OPENSENSE_STATE_DIR=str(tmp_path),
+        OPENSENSE_INGEST_RATE_PER_MIN="1000000",
+    )
+    devices = ("n1", "n2", "n3", "n4")
+    world = await make_world(dsn, test_config(FakeClock(datetime.now(UTC))), devices)
+    ca = str(tmp_path / "mqtt-tls" / "ca.pem")
+    per_node = 2500
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(days=1)
+
+    def run_node(local_id: str, progress: dict[str, int]) -> int:
+        n = Node(
+            "localhost",
+            port,
+            world.device_ids[local_id],
+            world.devices[local_id],
+            ca_file=ca,
+            clean=False,
+        )
+        n.client.reconnect_delay_set(min_delay=0.1, max_delay=1)
+        n.client.max_inflight_messages_set(20)
+        while True:  # the node boots while the broker may be down: keep trying
+            try:
+                n.connect()
+                break
+            except OSError:
+                time.sleep(0.2)
+        acks: set[int] = set()
+        lock = threading.Lock()
+
+        def on_publish(client: Any, userdata: Any, mid: int, rc: Any, props: Any) -> None:
+            with lock:
+                acks.add(mid)
+
+        n.client.on_publish = on_publish
+        mids = []
+        t = topics.topic(world.account, local_id)
+        for i in range(per_node):
+            body = json.dumps(
+                {
+                    "measurements": [
+                        {
+                            "type": "temperature",
+                            "value": round(2 + (i % 50) / 10, 1),
+                            "ts": ts_text(start + timedelta(seconds=i * 30)),
+                        }
+                    ]
+                }
+            )
+            # queued by paho even while disconnected, and sent (again) after reconnecting
+            mids.append(n.client.publish(t, body, qos=1).mid)
+            progress[local_id] = i
+            if i % 200 == 0:
+                time.sleep(0.05)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # every publish is acknowledged in the end
+            with lock:
+                acked = sum(1 for m in mids if m in acks)
+            if acked == len(mids):
+                break
+            time.sleep(0.1)
+        n.client.disconnect()
+        n.client.loop_stop()
+        return acked
+
+    progress: dict[str, int] = {}
+    tasks = [asyncio.create_task(asyncio.to_thread(run_node, d, progress)) for d in devices]
+
+    async def when(total: int) -> None:
+        while sum(progress.values()) < total:  # noqa: ASYNC110 - progress is set from threads
+            await asyncio.sleep(0.05)
+
+    await when(3000)
+    srv.kill()  # the server and its broker die at once
+    await asyncio.sleep(0.5)
+    await asyncio.to_thread(srv.start)
+    await when(7000)
+    srv.proc.terminate()  # a graceful restart as well
+    srv.proc.wait(30)
+    await asyncio.to_thread(srv.start)
+    acked = await asyncio.wait_for(asyncio.gather(*tasks), 240)
+    assert acked == [per_node] * len(devices)
+
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT count(*), count(DISTINCT (m.channel_num, m.ts)) FROM measurements m"
+            " JOIN channels c ON c.num = m.channel_num WHERE c.account_id = %s",
+            (world.account,),
+        )
+        total, distinct = await cur.fetchone()
+    assert total == distinct == per_node * len(devices)
