@@ -272,3 +272,22 @@ def test_migrations_apply_one_by_one_and_are_recorded(new_database):
         assert db.pending(conn) == []
         versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY 1")]
     assert versions == list(range(1, len(db.migration_files()) + 1))
+
+
+def test_opensense_ca_prints_the_brokers_ca(tmp_path):
+    from cryptography import x509
+
+    env = opensense_env("", OPENSENSE_STATE_DIR=str(tmp_path))
+    pem = subprocess.run([str(BIN), "ca"], env=env, capture_output=True, text=True, timeout=60)
+    assert pem.returncode == 0 and pem.stdout.startswith("-----BEGIN CERTIFICATE-----")
+    r = subprocess.run(
+        [str(BIN), "ca", "--der", str(tmp_path / "ca.der")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0
+    der = x509.load_der_x509_certificate((tmp_path / "ca.der").read_bytes())
+    assert der == x509.load_pem_x509_certificate(pem.stdout.encode())  # the same CA, made once
+    assert der.extensions.get_extension_for_class(x509.BasicConstraints).value.ca

@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -123,6 +124,21 @@ def cmd_jobs(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ca(cfg: Config, args: argparse.Namespace) -> int:
+    """Print the MQTT CA certificate (made on first use) for installers and nodes."""
+    from .mqtt.ca import ensure_tls
+
+    hosts = [h.strip() for h in cfg.mqtt_hostnames.split(",") if h.strip()]
+    tls = ensure_tls(cfg.state_dir, hosts)
+    if args.der:
+        out = Path(args.der)
+        out.write_bytes(tls.ca_der())
+        print(f"wrote {out} ({out.stat().st_size} bytes, DER): copy it to the node as ca.der")
+    else:
+        sys.stdout.write(tls.ca_cert.read_text())
+    return 0
+
+
 def cmd_account(cfg: Config, args: argparse.Namespace) -> int:
     async def go(conn: psycopg.AsyncConnection[Any]) -> Any:
         acc = await service.create_account(conn, args.name, args.email)
@@ -227,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("jobs", help="run scheduled jobs that are due (compaction, retention, …)")
     s.add_argument("--force", action="store_true", help="run every job now")
     s.set_defaults(fn=cmd_jobs)
+
+    s = sub.add_parser(
+        "ca", help="print the MQTT broker's CA certificate (PEM), or write it as DER"
+    )
+    s.add_argument("--der", metavar="FILE", help="write the CA as DER (what the firmware loads)")
+    s.set_defaults(fn=cmd_ca)
 
     s = sub.add_parser("account", help="create an account and its first API token")
     s.add_argument("action", choices=["create"])
