@@ -19,6 +19,7 @@ from .api.requestlog import RequestLog
 from .devices.routes import routes as device_routes
 from .ingest.routes import routes as ingest_routes
 from .ingest.validate import MAX_BODY_BYTES
+from .mqtt.emqx import routes as emqx_routes
 from .mqtt.side import MqttSide, NoMqtt
 from .openapi import routes as openapi_routes
 from .settings import Config
@@ -131,6 +132,6 @@ def create_app(config: Config, dsn: str) -> web.Application:
     app[VERIFIER] = Verifier()
     app.cleanup_ctx.extend([database_ctx, request_log_ctx, writer_ctx, mqtt_ctx, jobs_ctx])
     app.router.add_get("/healthz", healthz)
-    for table in (ingest_routes, device_routes, read_routes, openapi_routes):
+    for table in (ingest_routes, device_routes, read_routes, emqx_routes, openapi_routes):
         app.router.add_routes(table)
     return app

@@ -619,6 +619,58 @@ def document() -> S:
             "parameters": [path_param("token_id")],
             "delete": op("Revoke a token", {**ok(204, None, "Revoked"), **err(401, 404, 429)}),
         },
+        "/v1/mqtt/emqx/authn": {
+            "post": op(
+                "EMQX HTTP authentication: is this (dev_ id, ds_live_ token) a live device?",
+                {
+                    **ok(
+                        200,
+                        obj(
+                            {
+                                "result": {"type": "string", "enum": ["allow", "deny"]},
+                                "is_superuser": {"type": "boolean"},
+                            },
+                            ("result", "is_superuser"),
+                        ),
+                    ),
+                    **err(400, 401, 404, 413),
+                },
+                security=[{"emqxSecret": []}],
+                requestBody=body(
+                    obj(
+                        {
+                            "username": {"type": "string"},
+                            "password": {"type": "string"},
+                            "clientid": {"type": "string"},
+                        },
+                        ("username", "password"),
+                    )
+                ),
+            )
+        },
+        "/v1/mqtt/emqx/authz": {
+            "post": op(
+                "EMQX HTTP authorization: may this device publish or subscribe to this topic?",
+                {
+                    **ok(
+                        200,
+                        obj({"result": {"type": "string", "enum": ["allow", "deny"]}}, ("result",)),
+                    ),
+                    **err(400, 401, 404, 413),
+                },
+                security=[{"emqxSecret": []}],
+                requestBody=body(
+                    obj(
+                        {
+                            "username": {"type": "string"},
+                            "topic": {"type": "string"},
+                            "action": {"type": "string", "enum": ["publish", "subscribe"]},
+                        },
+                        ("username", "topic", "action"),
+                    )
+                ),
+            )
+        },
         "/v1/openapi.json": {
             "get": op("This document", ok(200, {"type": "object"}), security=[], uses_db=False)
         },
@@ -642,6 +694,11 @@ def document() -> S:
         "components": {
             "schemas": SCHEMAS,
             "securitySchemes": {
+                "emqxSecret": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "OPENSENSE_EMQX_SECRET, sent by EMQX",
+                },
                 "userToken": {"type": "http", "scheme": "bearer", "description": "ua_live_…"},
                 "deviceToken": {"type": "http", "scheme": "bearer", "description": "ds_live_…"},
                 "shellyToken": {

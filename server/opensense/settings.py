@@ -167,6 +167,14 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         "CA file to verify an external broker's certificate (mqtts://); empty: the system store.",
     ),
+    Setting(
+        "emqx_secret",
+        "OPENSENSE_EMQX_SECRET",
+        str,
+        "",
+        "Shared secret EMQX sends (Authorization: Bearer …) to /v1/mqtt/emqx/authn and /authz; "
+        "empty: those endpoints answer 404.",
+    ),
 )
 
 
@@ -212,6 +220,7 @@ class Config:
     mqtt_hostnames: str = "localhost,127.0.0.1"
     mqtt_url: str = ""
     mqtt_ca: str = ""
+    emqx_secret: str = ""
     # Not a setting: the clock. Tests inject one; everything time-dependent asks it.
     clock: Callable[[], datetime] = field(default=_utcnow, compare=False, repr=False)
 

@@ -1,0 +1,96 @@
+"""EMQX HTTP authentication and authorization (EMQX 5's HTTP auth contract).
+
+For a cluster running EMQX (the broker of the seed architecture) instead of the
+embedded broker or Mosquitto. EMQX asks these endpoints at every CONNECT and every
+PUBLISH/SUBSCRIBE, so no broker keeps a copy of the tokens and a rotation takes effect
+at the next CONNECT. Configure in EMQX (docs/mqtt.md has the full snippet):
+
+  authentication: HTTP POST {OPENSENSE}/v1/mqtt/emqx/authn
+    body {"username": "${username}", "password": "${password}", "clientid": "${clientid}"}
+  authorization:  HTTP POST {OPENSENSE}/v1/mqtt/emqx/authz
+    body {"username": "${username}", "topic": "${topic}", "action": "${action}"}
+  headers: Authorization: Bearer <OPENSENSE_EMQX_SECRET>
+
+Answers are 200 {"result": "allow" | "deny"} (authn adds "is_superuser": false).
+A malformed request is a 4xx envelope, which EMQX treats as "ignore".
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from ..api.auth import bearer
+from ..api.body import json_object
+from ..api.keys import CONFIG, POOL
+from ..errors import ApiError
+from . import topics
+from .ingest import MqttIngest
+
+log = logging.getLogger(__name__)
+routes = web.RouteTableDef()
+
+
+def _check_secret(request: web.Request) -> None:
+    secret = request.app[CONFIG].emqx_secret
+    if not secret:
+        raise ApiError(
+            "not_found", "EMQX authentication is not enabled (set OPENSENSE_EMQX_SECRET)"
+        )
+    given = bearer(request)
+    if given is None:
+        raise ApiError("auth_required", "send Authorization: Bearer <OPENSENSE_EMQX_SECRET>")
+    if not hmac.compare_digest(given.encode(), secret.encode()):
+        raise ApiError("token_invalid", "the EMQX shared secret is wrong")
+
+
+def _field(body: dict[str, Any], name: str) -> str:
+    v = body.get(name)
+    if not isinstance(v, str) or not v:
+        raise ApiError("invalid_request", f"{name} must be a non-empty string")
+    return v
+
+
+@routes.post("/v1/mqtt/emqx/authn")
+async def emqx_authn(request: web.Request) -> web.Response:
+    _check_secret(request)
+    body = await json_object(request)
+    username, password = _field(body, "username"), _field(body, "password")
+    try:
+        await MqttIngest(request.app).authenticate(username, password)
+    except ApiError as err:
+        if err.code not in ("token_invalid", "forbidden", "auth_required"):
+            raise
+        log.info("EMQX CONNECT of %s refused: %s", username[:64], err.message)
+        return web.json_response({"result": "deny", "is_superuser": False})
+    return web.json_response({"result": "allow", "is_superuser": False})
+
+
+@routes.post("/v1/mqtt/emqx/authz")
+async def emqx_authz(request: web.Request) -> web.Response:
+    _check_secret(request)
+    body = await json_object(request)
+    username, topic, action = (
+        _field(body, "username"),
+        _field(body, "topic"),
+        _field(body, "action"),
+    )
+    if action not in ("publish", "subscribe"):
+        raise ApiError("invalid_request", "action must be publish or subscribe")
+    async with request.app[POOL].connection() as conn:
+        cur = await conn.execute(
+            "SELECT account_id, local_id FROM devices WHERE id = %s AND deleted_at IS NULL",
+            (username,),
+        )
+        row = await cur.fetchone()
+    if row is None:
+        return web.json_response({"result": "deny"})
+    check = topics.publish_refusal if action == "publish" else topics.subscribe_refusal
+    reason = check(row[0], row[1], topic)
+    if reason:
+        log.info("EMQX %s of %s by %s refused: %s", action, topic[:200], username, reason)
+        return web.json_response({"result": "deny"})
+    return web.json_response({"result": "allow"})
