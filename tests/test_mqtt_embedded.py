@@ -326,3 +326,40 @@ async def test_server_killed_mid_stream_stores_every_reading_exactly_once(
         )
         total, distinct = await cur.fetchone()
     assert total == distinct == per_node * len(devices)
+
+
+async def test_mosquitto_pub_tool_over_tls(mqtt_app, dsn, clock):
+    """The stock mosquitto_pub client, verifying the broker with the CA, is stored too."""
+    world = await make_world(dsn, mqtt_app.cfg)
+    args = [
+        "mosquitto_pub",
+        "-h",
+        "localhost",
+        "-p",
+        str(mqtt_app.cfg.mqtt_port),
+        "--cafile",
+        mqtt_app.ca,
+        "-u",
+        world.device_ids["fridge01"],
+        "-P",
+        world.devices["fridge01"],
+        "-i",
+        world.device_ids["fridge01"],
+        "-q",
+        "1",
+        "-t",
+        topics.topic(world.account, "fridge01"),
+        "-m",
+        reading(6.5).decode(),
+    ]
+    proc = await asyncio.create_subprocess_exec(*args, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err
+    assert await stored(dsn, world) == [6.5]
+    # and with a wrong password it is refused
+    bad = args[:]
+    tok = world.devices["fridge01"]
+    bad[bad.index("-P") + 1] = tok[:-1] + ("a" if tok[-1] != "a" else "b")
+    proc = await asyncio.create_subprocess_exec(*bad, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode != 0
