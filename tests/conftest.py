@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.database",
     "tests.fixtures.server",
     "tests.fixtures.processes",
+    "tests.fixtures.mosquitto",
 ]

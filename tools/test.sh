@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . tools/_venv.sh
 # Mosquitto 2 (broker and mosquitto_pub) for the MQTT tests, from Debian's packages
-if ! command -v mosquitto >/dev/null || ! command -v mosquitto_pub >/dev/null; then
+if ! command -v mosquitto >/dev/null || ! command -v mosquitto_ctrl >/dev/null \
+   || ! command -v mosquitto_pub >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "== installing mosquitto and mosquitto-clients"
     apt-get update -qq && apt-get install -y -qq mosquitto mosquitto-clients >/dev/null

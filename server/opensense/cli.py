@@ -57,6 +57,7 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
     dsn = _dsn(cfg)
     host = args.host or cfg.host
     port = args.port if args.port is not None else cfg.port
+    cfg = cfg.replace(host=host, port=port)  # the MQTT consumer's client id uses the port
     web.run_app(
         create_app(cfg, dsn),
         host=host,

@@ -158,7 +158,8 @@ SETTINGS: tuple[Setting, ...] = (
         str,
         "",
         "External broker for OPENSENSE_MQTT=external: mqtt[s]://user:password@host:port "
-        "(the server's own account, allowed to read all device topics and to manage dynamic security).",
+        "(the server's own account, allowed to read all device topics and to manage dynamic security); "
+        "options ?consumer=single|shared&client_id=… (docs/mqtt.md).",
     ),
     Setting(
         "mqtt_ca",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
 
 from ..api import auth
@@ -12,6 +14,7 @@ from ..errors import ApiError
 from ..mqtt import topics
 from . import service
 
+log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
 
@@ -119,13 +122,17 @@ async def patch_device(request: web.Request) -> web.Response:
             before = await service.get_device(conn, acc, request.match_info["device_id"], now)
             dev = await service.patch_device(conn, acc, request.match_info["device_id"], body, now)
     if dev["cadence_s"] != before["cadence_s"]:
-        # retained, so a node that is offline now gets it when it reconnects
-        await request.app[MQTT].publish(
-            topics.topic(acc, dev["local_id"], "cmd/cadence"),
-            str(dev["cadence_s"]).encode(),
-            qos=1,
-            retain=True,
-        )
+        # retained, so a node that is offline now gets it when it reconnects; the
+        # change is committed already, so a broker that is down is logged, not an error
+        try:
+            await request.app[MQTT].publish(
+                topics.topic(acc, dev["local_id"], "cmd/cadence"),
+                str(dev["cadence_s"]).encode(),
+                qos=1,
+                retain=True,
+            )
+        except ApiError as err:
+            log.warning("cmd/cadence for %s not sent: %s", dev["id"], err.message)
     return response(dev)
 
 
