@@ -89,6 +89,18 @@ ProtocolHandler._handle_qos0_message_flow = _qos0
 class OpenSenseBroker(Broker):
     opensense: EmbeddedBroker
 
+    async def _broadcast_message(
+        self, session: Session | None, topic: str | None, data: Any, force_qos: int | None = None
+    ) -> None:
+        # A device's measurements are stored before their PUBACK and no client may
+        # subscribe to them, so forwarding them would only queue work in amqtt's
+        # one-at-a-time broadcast loop, ahead of the commands and err replies.
+        if session is not None and topic is not None and _device(session) is not None:
+            t = topics.parse(topic)
+            if t is not None and t.sub == "":
+                return
+        await super()._broadcast_message(session, topic, data, force_qos)
+
 
 def _device(session: Session | None) -> Device | None:
     return getattr(session, "opensense_device", None)
