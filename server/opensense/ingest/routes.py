@@ -41,6 +41,17 @@ async def _rate(conn: Any, cfg: Config, dev: pipeline.Device, now: datetime) -> 
     )
 
 
+async def _device(request: web.Request, token: str | None, now: datetime) -> pipeline.Device:
+    """The token's device, its rate limit counted; noted for the request log."""
+    cfg = request.app[CONFIG]
+    async with request.app[POOL].connection() as conn:
+        dev = await pipeline.device_for_token(
+            conn, request.app[VERIFIER], token, now, cfg.ingest_rate_per_min
+        )
+    request[LOG_ACCOUNT], request[LOG_DEVICE] = dev.account_id, dev.id
+    return dev
+
+
 @routes.post("/v1/ingest")
 async def ingest(request: web.Request) -> web.Response:
     cfg = request.app[CONFIG]
@@ -48,11 +59,7 @@ async def ingest(request: web.Request) -> web.Response:
     raw = await request.read()
     key = request.headers.get("Idempotency-Key")
     pool = request.app[POOL]
-    async with pool.connection() as conn:
-        dev = await pipeline.device_for_token(
-            conn, request.app[VERIFIER], bearer(request), now, cfg.ingest_rate_per_min
-        )
-    request[LOG_ACCOUNT], request[LOG_DEVICE] = dev.account_id, dev.id
+    dev = await _device(request, bearer(request), now)
     if key is not None and not 1 <= len(key) <= 200:
         raise ApiError("invalid_request", "Idempotency-Key must be 1 to 200 characters")
     batch = validate_payload(
@@ -61,9 +68,7 @@ async def ingest(request: web.Request) -> web.Response:
         oldest=oldest_accepted(cfg, now),
         header_device=request.headers.get("X-Device-Id"),
     )
-    if batch.device is not None and batch.device not in (dev.local_id, dev.id):
-        async with pool.connection() as conn:
-            await pipeline.check_named_device(conn, dev, batch.device)
+    await pipeline.check_named_device(pool, dev, batch.device)
     if key is not None:  # the key and the readings commit together: the one-by-one path
         async with pool.connection() as conn:
             answer = await pipeline.store(
@@ -132,15 +137,9 @@ async def ingest_shelly(request: web.Request) -> web.Response:
     q = request.query
     token = q.get("token") or bearer(request)
     pool = request.app[POOL]
-    async with pool.connection() as conn:
-        dev = await pipeline.device_for_token(
-            conn, request.app[VERIFIER], token, now, cfg.ingest_rate_per_min
-        )
-    request[LOG_ACCOUNT], request[LOG_DEVICE] = dev.account_id, dev.id
+    dev = await _device(request, token, now)
     batch = shelly_batch(q, now, oldest_accepted(cfg, now))
-    if batch.device is not None and batch.device not in (dev.local_id, dev.id):
-        async with pool.connection() as conn:
-            await pipeline.check_named_device(conn, dev, batch.device)
+    await pipeline.check_named_device(pool, dev, batch.device)
     answer = await pipeline.store_fast(
         pool,
         request.app[WRITER],

@@ -67,21 +67,12 @@ class MqttIngest:
         Raises ApiError (token_invalid, auth_required) with the reason."""
         cfg = self.app[CONFIG]
         now = cfg.clock()
-        kind, key_id, secret = tokens.parse_or_raise(password, ("ds_live",))
         async with self.app[POOL].connection() as conn:
-            cur = await conn.execute(
-                "SELECT id, kind, device_id, hash, revoked_at FROM tokens WHERE key_id = %s",
-                (key_id,),
-            )
-            row = await cur.fetchone()
-            if row is None:
-                raise ApiError("token_invalid", "the token is not known (wrong, or deleted)")
-            await tokens.check_row(
-                conn, self.app[VERIFIER], kind, key_id, secret, row[0], row[1], row[3], row[4], now
-            )
-            if row[2] != username:
+            tok = await tokens.authenticate(conn, self.app[VERIFIER], password, ("ds_live",), now)
+            if tok.device_id != username:
                 raise ApiError(
-                    "forbidden", f"this token belongs to {row[2]}, not to {str(username)[:64]!r}"
+                    "forbidden",
+                    f"this token belongs to {tok.device_id}, not to {str(username)[:64]!r}",
                 )
             cur = await conn.execute(DEVICE_SQL.format(where="d.id = %s"), (username,))
             dev = await cur.fetchone()
