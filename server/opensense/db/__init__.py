@@ -29,7 +29,9 @@ def migration_files() -> list[tuple[int, str, str]]:
             out.append((number, name, entry.read_text(encoding="utf-8")))
     out.sort()
     numbers = [n for n, _, _ in out]
-    assert numbers == list(range(1, len(out) + 1)), f"migration numbers have a gap: {numbers}"
+    # Numbers are handed out per branch (docs/operations.md), so one may land before a
+    # lower one is merged: unique is required, contiguous is not.
+    assert len(set(numbers)) == len(numbers), f"two migrations share a number: {numbers}"
     return out
 
 

@@ -46,7 +46,7 @@ async def create_site(request: web.Request) -> web.Response:
         acc = await auth.account(request, conn)
         body = await json_object(request)
         async with conn.transaction():
-            site = await service.create_site(conn, acc, body)
+            site = await service.create_site(conn, acc, body, actor=auth.actor(request))
     return response(site, status=201)
 
 
@@ -63,7 +63,9 @@ async def patch_site(request: web.Request) -> web.Response:
         acc = await auth.account(request, conn)
         body = await json_object(request)
         async with conn.transaction():
-            site = await service.patch_site(conn, acc, request.match_info["site_id"], body)
+            site = await service.patch_site(
+                conn, acc, request.match_info["site_id"], body, actor=auth.actor(request)
+            )
     return response(site)
 
 
@@ -98,7 +100,7 @@ async def create_device(request: web.Request) -> web.Response:
         body = await json_object(request)
         async with conn.transaction():
             dev, token = await service.create_device(
-                conn, acc, body, cfg.bcrypt_rounds, cfg.clock()
+                conn, acc, body, cfg.bcrypt_rounds, cfg.clock(), actor=auth.actor(request)
             )
     await request.app[MQTT].credentials_changed(dev["id"], acc, dev["local_id"], token)
     return response({**dev, "ingest_token": token}, status=201)
@@ -120,7 +122,9 @@ async def patch_device(request: web.Request) -> web.Response:
         body = await json_object(request)
         async with conn.transaction():
             before = await service.get_device(conn, acc, request.match_info["device_id"], now)
-            dev = await service.patch_device(conn, acc, request.match_info["device_id"], body, now)
+            dev = await service.patch_device(
+                conn, acc, request.match_info["device_id"], body, now, actor=auth.actor(request)
+            )
     if dev["cadence_s"] != before["cadence_s"]:
         # retained, so a node that is offline now gets it when it reconnects; the
         # change is committed already, so a broker that is down is logged, not an error
@@ -160,7 +164,7 @@ async def delete_device(request: web.Request) -> web.Response:
         acc = await auth.account(request, conn)
         async with conn.transaction():
             dev = await service.get_device(conn, acc, request.match_info["device_id"], now)
-            await service.delete_device(conn, acc, dev["id"], now)
+            await service.delete_device(conn, acc, dev["id"], now, actor=auth.actor(request))
     await request.app[MQTT].device_deleted(dev["id"])
     return web.Response(status=204)
 
@@ -172,7 +176,12 @@ async def rotate_token(request: web.Request) -> web.Response:
         acc = await auth.account(request, conn)
         async with conn.transaction():
             dev, token = await service.rotate_device_token(
-                conn, acc, request.match_info["device_id"], cfg.bcrypt_rounds, cfg.clock()
+                conn,
+                acc,
+                request.match_info["device_id"],
+                cfg.bcrypt_rounds,
+                cfg.clock(),
+                actor=auth.actor(request),
             )
     await request.app[MQTT].credentials_changed(dev["id"], acc, dev["local_id"], token)
     return response({**dev, "ingest_token": token})
@@ -187,7 +196,13 @@ async def move_device(request: web.Request) -> web.Response:
         effective = body_ts(body, "effective_at") or now
         async with conn.transaction():
             dev = await service.move_device(
-                conn, acc, request.match_info["device_id"], body.get("site_id"), effective, now
+                conn,
+                acc,
+                request.match_info["device_id"],
+                body.get("site_id"),
+                effective,
+                now,
+                actor=auth.actor(request),
             )
     return response(dev)
 
@@ -227,7 +242,9 @@ async def patch_channel(request: web.Request) -> web.Response:
         acc = await auth.account(request, conn)
         body = await json_object(request)
         async with conn.transaction():
-            ch = await service.patch_channel(conn, acc, request.match_info["channel_id"], body, now)
+            ch = await service.patch_channel(
+                conn, acc, request.match_info["channel_id"], body, now, actor=auth.actor(request)
+            )
     return response(ch)
 
 
@@ -259,7 +276,9 @@ async def create_token(request: web.Request) -> web.Response:
         if not isinstance(name, str) or len(name) > 200:
             raise ApiError("invalid_request", "name must be a string of at most 200 characters")
         async with conn.transaction():
-            tid, plaintext = await service.create_token(conn, acc, kind, cfg.bcrypt_rounds, name)
+            tid, plaintext = await service.create_token(
+                conn, acc, kind, cfg.bcrypt_rounds, name, actor=auth.actor(request)
+            )
     return response({"id": tid, "kind": kind, "name": name, "token": plaintext}, status=201)
 
 
@@ -268,5 +287,8 @@ async def revoke_token(request: web.Request) -> web.Response:
     now = request.app[CONFIG].clock()
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn)
-        await service.revoke_token(conn, acc, request.match_info["token_id"], now)
+        async with conn.transaction():
+            await service.revoke_token(
+                conn, acc, request.match_info["token_id"], now, actor=auth.actor(request)
+            )
     return web.Response(status=204)

@@ -14,7 +14,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from .. import tokens
+from .. import audit, tokens
 from ..errors import ApiError
 from ..ids import new_id
 from ..kinds import KINDS
@@ -22,6 +22,16 @@ from ..presets import DEFAULT_VERTICAL, VERTICALS
 
 LOCAL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 Row = dict[str, Any]
+SYSTEM = "system"  # the actor when a caller names none
+
+
+def _plain(v: Any) -> Any:
+    """A value as the audit trail stores it (datetimes as RFC 3339 text)."""
+    if isinstance(v, datetime):
+        return audit.trail.iso(v)
+    if isinstance(v, Jsonb):
+        return v.obj
+    return v
 
 
 def _check_str(value: Any, field: str, max_len: int = 200, allow_empty: bool = False) -> str:
@@ -66,10 +76,20 @@ def check_cadence(c: Any) -> int:
 # --- accounts -------------------------------------------------------------------
 
 
-async def create_account(conn: AsyncConnection[Any], name: str, email: str) -> str:
+async def create_account(
+    conn: AsyncConnection[Any], name: str, email: str, *, actor: str = SYSTEM
+) -> str:
     acc = new_id("acc")
     await conn.execute(
         "INSERT INTO accounts (id, name, email) VALUES (%s, %s, %s)", (acc, name, email)
+    )
+    await audit.record(
+        conn,
+        account_id=acc,
+        actor=actor,
+        action="account.create",
+        subject=acc,
+        data={"name": name, "email": email},
     )
     return acc
 
@@ -81,13 +101,25 @@ async def create_token(
     rounds: int,
     name: str = "",
     device_id: str | None = None,
+    *,
+    actor: str = SYSTEM,
+    action: str = "token.create",
 ) -> tuple[str, str]:
-    """(token id, plaintext). The plaintext exists only in this return value."""
+    """(token id, plaintext). The plaintext exists only in this return value (the
+    audit row names the token, never its secret)."""
     t = tokens.generate(kind, rounds)
     await conn.execute(
         "INSERT INTO tokens (id, kind, key_id, hash, account_id, device_id, name)"
         " VALUES (%s, %s, %s, %s, %s, %s, %s)",
         (t.id, kind, t.key_id, t.hash, account_id, device_id, name),
+    )
+    await audit.record(
+        conn,
+        account_id=account_id,
+        actor=actor,
+        action=action,
+        subject=t.id,
+        data={"kind": kind, "name": name, "device_id": device_id, "key_id": t.key_id},
     )
     return t.id, t.plaintext
 
@@ -116,14 +148,29 @@ async def list_tokens(conn: AsyncConnection[Any], account_id: str, now: datetime
 
 
 async def revoke_token(
-    conn: AsyncConnection[Any], account_id: str, token_id: str, now: datetime
+    conn: AsyncConnection[Any],
+    account_id: str,
+    token_id: str,
+    now: datetime,
+    *,
+    actor: str = SYSTEM,
 ) -> None:
     cur = await conn.execute(
-        "UPDATE tokens SET revoked_at = %s WHERE id = %s AND account_id = %s AND revoked_at IS NULL",
+        "UPDATE tokens SET revoked_at = %s WHERE id = %s AND account_id = %s AND revoked_at IS NULL"
+        " RETURNING kind, device_id",
         (now, token_id, account_id),
     )
-    if cur.rowcount == 0:
+    row = await cur.fetchone()
+    if row is None:
         raise ApiError("token_not_found", f"no live token {token_id[:40]!r} in this account")
+    await audit.record(
+        conn,
+        account_id=account_id,
+        actor=actor,
+        action="token.revoke",
+        subject=token_id,
+        data={"kind": row[0], "device_id": row[1], "revoked_at": _plain(now)},
+    )
 
 
 # --- sites ------------------------------------------------------------------------
@@ -145,7 +192,9 @@ def site_public(row: Row) -> Row:
     return {k: row[k] for k in SITE_FIELDS}
 
 
-async def create_site(conn: AsyncConnection[Any], account_id: str, body: dict[str, Any]) -> Row:
+async def create_site(
+    conn: AsyncConnection[Any], account_id: str, body: dict[str, Any], *, actor: str = SYSTEM
+) -> Row:
     name = _check_str(body.get("name"), "name")
     tz = check_timezone(body.get("timezone", "UTC"))
     vertical = check_vertical(body.get("vertical", DEFAULT_VERTICAL))
@@ -159,6 +208,14 @@ async def create_site(conn: AsyncConnection[Any], account_id: str, body: dict[st
     )
     row = await cur.fetchone()
     assert row is not None
+    await audit.record(
+        conn,
+        account_id=account_id,
+        actor=actor,
+        action="site.create",
+        subject=sid,
+        data={"name": name, "timezone": tz, "vertical": vertical, "address": address},
+    )
     return site_public(row)
 
 
@@ -182,9 +239,14 @@ async def list_sites(conn: AsyncConnection[Any], account_id: str) -> list[Row]:
 
 
 async def patch_site(
-    conn: AsyncConnection[Any], account_id: str, site_id: str, body: dict[str, Any]
+    conn: AsyncConnection[Any],
+    account_id: str,
+    site_id: str,
+    body: dict[str, Any],
+    *,
+    actor: str = SYSTEM,
 ) -> Row:
-    await get_site(conn, account_id, site_id)
+    before = await get_site(conn, account_id, site_id)
     sets: dict[str, Any] = {}
     if "name" in body:
         sets["name"] = _check_str(body["name"], "name")
@@ -206,6 +268,15 @@ async def patch_site(
         sets["report_recipients"] = Jsonb(r)
     for k, v in sets.items():
         await conn.execute(f"UPDATE sites SET {k} = %s WHERE id = %s", (v, site_id))
+    if sets:
+        await audit.record(
+            conn,
+            account_id=account_id,
+            actor=actor,
+            action="site.update",
+            subject=site_id,
+            data={k: {"from": _plain(before[k]), "to": _plain(v)} for k, v in sets.items()},
+        )
     return await get_site(conn, account_id, site_id)
 
 
@@ -250,7 +321,13 @@ async def device_public(conn: AsyncConnection[Any], row: Row, now: datetime) -> 
 
 
 async def create_device(
-    conn: AsyncConnection[Any], account_id: str, body: dict[str, Any], rounds: int, now: datetime
+    conn: AsyncConnection[Any],
+    account_id: str,
+    body: dict[str, Any],
+    rounds: int,
+    now: datetime,
+    *,
+    actor: str = SYSTEM,
 ) -> tuple[Row, str]:
     """Create a device and its first ingest token. Returns (device, token plaintext)."""
     site_id = _check_str(body.get("site_id"), "site_id", 64)
@@ -293,7 +370,24 @@ async def create_device(
         "INSERT INTO device_placements (device_id, site_id, effective_from) VALUES (%s, %s, %s)",
         (did, site_id, now),
     )
-    _, plaintext = await create_token(conn, account_id, "ds_live", rounds, local_id, did)
+    await audit.record(
+        conn,
+        account_id=account_id,
+        actor=actor,
+        action="device.create",
+        subject=did,
+        data={
+            "site_id": site_id,
+            "local_id": local_id,
+            "name": name,
+            "model": model,
+            "cadence_s": cadence,
+            "dev_eui": dev_eui,
+        },
+    )
+    _, plaintext = await create_token(
+        conn, account_id, "ds_live", rounds, local_id, did, actor=actor
+    )
     row = await _device_row(conn, account_id, did)
     return await device_public(conn, row, now), plaintext
 
@@ -336,38 +430,69 @@ async def list_devices(
 
 
 async def patch_device(
-    conn: AsyncConnection[Any], account_id: str, device_id: str, body: dict[str, Any], now: datetime
+    conn: AsyncConnection[Any],
+    account_id: str,
+    device_id: str,
+    body: dict[str, Any],
+    now: datetime,
+    *,
+    actor: str = SYSTEM,
 ) -> Row:
     row = await _device_row(conn, account_id, device_id)
+    sets: dict[str, Any] = {}
     if "name" in body:
-        await conn.execute(
-            "UPDATE devices SET name = %s WHERE id = %s",
-            (_check_str(body["name"], "name"), row["id"]),
-        )
+        sets["name"] = _check_str(body["name"], "name")
     if "model" in body:
-        await conn.execute(
-            "UPDATE devices SET model = %s WHERE id = %s",
-            (_check_str(body["model"], "model", 64), row["id"]),
-        )
+        sets["model"] = _check_str(body["model"], "model", 64)
     if "cadence_s" in body:
-        await conn.execute(
-            "UPDATE devices SET cadence_s = %s WHERE id = %s",
-            (check_cadence(body["cadence_s"]), row["id"]),
+        sets["cadence_s"] = check_cadence(body["cadence_s"])
+    for k, v in sets.items():
+        await conn.execute(f"UPDATE devices SET {k} = %s WHERE id = %s", (v, row["id"]))
+    if sets:
+        await audit.record(
+            conn,
+            account_id=account_id,
+            actor=actor,
+            action="device.update",
+            subject=row["id"],
+            data={k: {"from": row[k], "to": v} for k, v in sets.items()},
         )
     return await get_device(conn, account_id, row["id"], now)
 
 
 async def rotate_device_token(
-    conn: AsyncConnection[Any], account_id: str, device_id: str, rounds: int, now: datetime
+    conn: AsyncConnection[Any],
+    account_id: str,
+    device_id: str,
+    rounds: int,
+    now: datetime,
+    *,
+    actor: str = SYSTEM,
 ) -> tuple[Row, str]:
     """Revoke the device's live tokens and issue a new one; the old one fails next time."""
     row = await _device_row(conn, account_id, device_id)
-    await conn.execute(
-        "UPDATE tokens SET revoked_at = %s WHERE device_id = %s AND revoked_at IS NULL",
+    cur = await conn.execute(
+        "UPDATE tokens SET revoked_at = %s WHERE device_id = %s AND revoked_at IS NULL RETURNING id",
         (now, row["id"]),
     )
-    _, plaintext = await create_token(
-        conn, account_id, "ds_live", rounds, row["local_id"], row["id"]
+    revoked = sorted(r[0] for r in await cur.fetchall())
+    tid, plaintext = await create_token(
+        conn,
+        account_id,
+        "ds_live",
+        rounds,
+        row["local_id"],
+        row["id"],
+        actor=actor,
+        action="token.rotate",
+    )
+    await audit.record(
+        conn,
+        account_id=account_id,
+        actor=actor,
+        action="device.rotate_token",
+        subject=row["id"],
+        data={"revoked": revoked, "new_token": tid},
     )
     return await device_public(conn, row, now), plaintext
 
@@ -379,6 +504,8 @@ async def move_device(
     site_id: Any,
     effective_at: datetime,
     now: datetime,
+    *,
+    actor: str = SYSTEM,
 ) -> Row:
     row = await _device_row(conn, account_id, device_id)
     site = await get_site(conn, account_id, _check_str(site_id, "site_id", 64))
@@ -398,6 +525,14 @@ async def move_device(
         (row["id"], site["id"], effective_at),
     )
     await conn.execute("UPDATE devices SET site_id = %s WHERE id = %s", (site["id"], row["id"]))
+    await audit.record(
+        conn,
+        account_id=account_id,
+        actor=actor,
+        action="device.move",
+        subject=row["id"],
+        data={"from": row["site_id"], "to": site["id"], "effective_at": _plain(effective_at)},
+    )
     return await get_device(conn, account_id, row["id"], now)
 
 
@@ -412,14 +547,28 @@ async def placements(conn: AsyncConnection[Any], account_id: str, device_id: str
 
 
 async def delete_device(
-    conn: AsyncConnection[Any], account_id: str, device_id: str, now: datetime
+    conn: AsyncConnection[Any],
+    account_id: str,
+    device_id: str,
+    now: datetime,
+    *,
+    actor: str = SYSTEM,
 ) -> None:
     """Revoke the token and retire the device; its measurements stay."""
     row = await _device_row(conn, account_id, device_id)
     await conn.execute("UPDATE devices SET deleted_at = %s WHERE id = %s", (now, row["id"]))
-    await conn.execute(
-        "UPDATE tokens SET revoked_at = %s WHERE device_id = %s AND revoked_at IS NULL",
+    cur = await conn.execute(
+        "UPDATE tokens SET revoked_at = %s WHERE device_id = %s AND revoked_at IS NULL RETURNING id",
         (now, row["id"]),
+    )
+    revoked = sorted(r[0] for r in await cur.fetchall())
+    await audit.record(
+        conn,
+        account_id=account_id,
+        actor=actor,
+        action="device.delete",
+        subject=row["id"],
+        data={"local_id": row["local_id"], "revoked_tokens": revoked, "at": _plain(now)},
     )
 
 
@@ -497,10 +646,14 @@ async def patch_channel(
     channel_id: str,
     body: dict[str, Any],
     now: datetime,
+    *,
+    actor: str = SYSTEM,
 ) -> Row:
     """Name, calibration offset and the default range rule's thresholds."""
     row = await channel_row(conn, account_id, channel_id)
+    changes: dict[str, Any] = {}
     if "name" in body:
+        changes["name"] = {"from": row["name"], "to": body["name"]}
         await conn.execute(
             "UPDATE channels SET name = %s WHERE id = %s",
             (_check_str(body["name"], "name"), row["id"]),
@@ -510,6 +663,7 @@ async def patch_channel(
         if abs(off) > 50:
             raise ApiError("invalid_range", "offset must be within ±50 (a calibration correction)")
         await conn.execute('UPDATE channels SET "offset" = %s WHERE id = %s', (off, row["id"]))
+        changes["offset"] = {"from": row["offset"], "to": off}
         await conn.execute(
             'INSERT INTO channel_offsets (channel_id, "offset", effective_from) VALUES (%s, %s, %s)'
             ' ON CONFLICT (channel_id, effective_from) DO UPDATE SET "offset" = excluded."offset"',
@@ -537,6 +691,7 @@ async def patch_channel(
         lo, hi = params.get("ok_min"), params.get("ok_max")
         if lo is not None and hi is not None and lo > hi:
             raise ApiError("invalid_range", f"ok_min {lo:g} is above ok_max {hi:g}")
+        rule_id = rule["id"] if rule else new_id("rul")
         if rule:
             await conn.execute(
                 "UPDATE rules SET params = %s, grace_min = %s WHERE id = %s",
@@ -545,6 +700,20 @@ async def patch_channel(
         else:
             await conn.execute(
                 "INSERT INTO rules (id, channel_id, kind, params, grace_min) VALUES (%s, %s, 'range', %s, %s)",
-                (new_id("rul"), row["id"], Jsonb(params), grace),
+                (rule_id, row["id"], Jsonb(params), grace),
             )
+        changes["rule"] = {
+            "id": rule_id,
+            "from": {"params": rule["params"], "grace_min": rule["grace_min"]} if rule else None,
+            "to": {"params": params, "grace_min": grace},
+        }
+    if changes:
+        await audit.record(
+            conn,
+            account_id=account_id,
+            actor=actor,
+            action="channel.update",
+            subject=row["id"],
+            data=changes,
+        )
     return channel_public(await channel_row(conn, account_id, row["id"]))

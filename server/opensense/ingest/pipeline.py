@@ -13,7 +13,7 @@ from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from .. import ratelimit, tokens
+from .. import audit, ratelimit, tokens
 from ..errors import ApiError
 from ..ids import new_id
 from ..kinds import KINDS
@@ -153,6 +153,14 @@ async def _channels(
                     " VALUES (%s, %s, %s, %s, %s, true)",
                     (new_id("rul"), got[0], preset.kind, Jsonb(preset.params), preset.grace_min),
                 )
+            await audit.record(
+                conn,
+                account_id=dev.account_id,
+                actor=f"device:{dev.id}",
+                action="channel.create",
+                subject=got[0],
+                data={"device_id": dev.id, "kind": kind, "label": label, "unit": wanted[key]},
+            )
         known[key] = (got[0], got[1], got[2], got[3])
     return known
 

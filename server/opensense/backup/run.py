@@ -1,0 +1,181 @@
+"""A backup run (`opensense backup`, the `backup` job) and the restore test (the
+`restore_test` job), each recorded in backup_runs for the status page."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from ..audit.trail import COLUMNS, Row
+from ..audit.verify import check_chain
+from ..settings import Config
+from . import rotation
+from .dump import BackupError, Progress, dump, restore, table_counts
+
+
+def backup_dir(cfg: Config) -> Path:
+    return Path(cfg.backup_dir) if cfg.backup_dir else Path(cfg.state_dir) / "backups"
+
+
+def _start(conn: psycopg.Connection, kind: str, now: datetime) -> int:
+    row = conn.execute(
+        "INSERT INTO backup_runs (kind, started_at) VALUES (%s, %s) RETURNING id", (kind, now)
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _finish(
+    conn: psycopg.Connection,
+    run_id: int,
+    ok: bool | None,
+    now: datetime,
+    nbytes: int | None = None,
+    location: str | None = None,
+    detail: str | None = None,
+) -> None:
+    conn.execute(
+        "UPDATE backup_runs SET finished_at = %s, ok = %s, bytes = %s, location = %s, detail = %s"
+        " WHERE id = %s",
+        (now, ok, nbytes, location, detail, run_id),
+    )
+
+
+def _names(d: Path) -> list[str]:
+    return [p.name for p in d.iterdir()] if d.is_dir() else []
+
+
+def run_backup(cfg: Config, dsn: str, progress: Progress | None = None) -> list[str]:
+    """One dump (daily if it is the day's first, else hourly), the weekly copy when
+    due, then rotation of both places. Returns what it did, one line each."""
+    now = cfg.clock()
+    d = backup_dir(cfg)
+    kind = rotation.kind_for_run(rotation.parse_all(_names(d)), now)
+    path = d / rotation.name_for(now, kind)
+    out: list[str] = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        run_id = _start(conn, kind, now)
+        try:
+            res = dump(dsn, path, cfg.backup_recipients, cfg.pg_bin, progress)
+        except Exception as exc:
+            _finish(conn, run_id, False, cfg.clock(), detail=str(exc)[:1000])
+            raise
+        _finish(
+            conn,
+            run_id,
+            True,
+            cfg.clock(),
+            res.bytes,
+            str(path),
+            json.dumps({"dumped_bytes": res.dumped, "tables": len(res.counts)}),
+        )
+        out.append(f"{kind}: {path} ({res.bytes} bytes encrypted, {res.dumped} dumped)")
+        if cfg.backup_offsite_dir:
+            off = Path(cfg.backup_offsite_dir)
+            if rotation.weekly_due(rotation.parse_all(_names(off)), now):
+                wid = _start(conn, "weekly", now)
+                target = off / rotation.name_for(now, "weekly")
+                try:
+                    off.mkdir(parents=True, exist_ok=True)
+                    tmp = target.with_name(target.name + ".partial")
+                    shutil.copyfile(path, tmp)
+                    shutil.copyfile(
+                        path.with_name(path.name + ".json"),
+                        target.with_name(target.name + ".json"),
+                    )
+                    tmp.replace(target)
+                except Exception as exc:
+                    _finish(conn, wid, False, cfg.clock(), detail=str(exc)[:1000])
+                    raise
+                _finish(conn, wid, True, cfg.clock(), target.stat().st_size, str(target))
+                out.append(f"weekly: copied to {target}")
+            out += _rotate(off, now, {"weekly": cfg.backup_keep_weekly_days})
+    out += _rotate(
+        d, now, {"hourly": cfg.backup_keep_hourly_days, "daily": cfg.backup_keep_daily_days}
+    )
+    return out
+
+
+def _rotate(d: Path, now: datetime, keep: dict[str, int]) -> list[str]:
+    out = []
+    for dump_ in rotation.to_delete(rotation.parse_all(_names(d)), now, keep):
+        (d / dump_.name).unlink(missing_ok=True)
+        (d / (dump_.name + ".json")).unlink(missing_ok=True)
+        out.append(f"rotated out {dump_.name}")
+    return out
+
+
+def latest(cfg: Config) -> Path | None:
+    dumps = rotation.parse_all(_names(backup_dir(cfg)))
+    return backup_dir(cfg) / dumps[-1].name if dumps else None
+
+
+def _with_db(dsn: str, name: str) -> str:
+    info = psycopg.conninfo.conninfo_to_dict(dsn)
+    info["dbname"] = name
+    return psycopg.conninfo.make_conninfo("", **info)
+
+
+def check_restored(dsn: str, expected: dict[str, int]) -> list[str]:
+    """Row counts against the dump's manifest, and every account's audit chain."""
+    problems = []
+    got = table_counts(dsn)
+    for table, n in sorted(expected.items()):
+        if got.get(table) != n:
+            problems.append(f"{table}: {got.get(table)} rows restored, {n} dumped")
+    with psycopg.connect(dsn) as conn:
+        cur = conn.execute(f"SELECT {COLUMNS} FROM audit_log ORDER BY account_id, seq, id")
+        rows: dict[str, list[Any]] = {}
+        for r in cur:
+            row = Row.from_db(r)
+            rows.setdefault(row.account_id, []).append(row)
+    for acc_rows in rows.values():
+        problems += check_chain(acc_rows)
+    return problems
+
+
+def restore_test(cfg: Config, dsn: str, progress: Progress | None = None) -> str:
+    """Restore the newest dump into a scratch database, check it, drop it."""
+    now = cfg.clock()
+    path = latest(cfg)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        run_id = _start(conn, "restore_test", now)
+        if not cfg.backup_identity:
+            detail = "skipped: OPENSENSE_BACKUP_IDENTITY is not set on this host"
+            _finish(conn, run_id, None, cfg.clock(), detail=detail)
+            return detail
+        if path is None:
+            detail = f"no backup in {backup_dir(cfg)} to test"
+            _finish(conn, run_id, False, cfg.clock(), detail=detail)
+            return detail
+        scratch = f"opensense_restore_test_{secrets.token_hex(4)}"
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(scratch)))
+        try:
+            manifest = json.loads(path.with_name(path.name + ".json").read_text())
+            nbytes = restore(
+                path, Path(cfg.backup_identity), _with_db(dsn, scratch), cfg.pg_bin, progress
+            )
+            problems = check_restored(_with_db(dsn, scratch), manifest["counts"])
+            tables = len(manifest["counts"])
+            rows = sum(manifest["counts"].values())
+        except (BackupError, OSError, ValueError, psycopg.Error) as exc:
+            problems, tables, rows, nbytes = [str(exc)[:1000]], 0, 0, 0
+        finally:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(scratch))
+            )
+        ok = not problems
+        detail = (
+            f"{path.name}: {tables} tables, {rows} rows restored and counted, audit chains intact"
+            if ok
+            else f"{path.name}: " + "; ".join(problems)[:1500]
+        )
+        _finish(conn, run_id, ok, cfg.clock(), nbytes, str(path), detail)
+    return ("ok: " if ok else "FAILED: ") + detail
