@@ -255,11 +255,11 @@ def cmd_restore(cfg: Config, args: argparse.Namespace) -> int:
     from .backup import run as backup_run
     from .backup.dump import restore, stderr_progress
 
-    if args.action == "test":
+    if args.file == "test":
         line = backup_run.restore_test(cfg, _dsn(cfg), stderr_progress("restore"))
         print(line)
         return 0 if line.startswith("ok") else 1
-    if not args.file or not args.identity or not args.target:
+    if not args.identity or not args.target:
         print("opensense: restore needs FILE, --identity and --target", file=sys.stderr)
         return 2
     n = restore(
@@ -370,8 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "restore", help="restore a backup into a fresh database, or `restore test` the newest"
     )
-    s.add_argument("action", nargs="?", choices=["file", "test"], default="file")
-    s.add_argument("file", nargs="?", help="the .dump.age file")
+    s.add_argument("file", help="the .dump.age file, or `test` for the restore test")
     s.add_argument("--identity", help="age identity file (AGE-SECRET-KEY-…)")
     s.add_argument("--target", help="DSN of the empty database to restore into")
     s.set_defaults(fn=cmd_restore)

