@@ -302,3 +302,16 @@ def test_cli_backup_and_restore(new_database: Any, tmp_path: Path) -> None:
         text=True,
     )
     assert r.returncode == 1 and "not empty" in r.stderr
+
+
+def test_progress_is_reported_on_long_runs() -> None:
+    import io
+
+    from opensense.backup.dump import Counting
+
+    seen: list[int] = []
+    src = Counting(io.BytesIO(b"x" * 100_000), seen.append, every=0.0)
+    out = io.BytesIO()
+    recipient = pyrage.x25519.Identity.generate().to_public()
+    pyrage.encrypt_io(src, out, [recipient])
+    assert src.n == 100_000 and seen and seen[-1] <= 100_000 and seen == sorted(seen)

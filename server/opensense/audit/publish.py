@@ -5,10 +5,12 @@ because the trail was rewritten or the database was restored behind it."""
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from psycopg import AsyncConnection
 
@@ -49,7 +51,22 @@ def origin_of(base: str, account_id: str) -> str:
 
 
 async def publish(conn: AsyncConnection[Any], places: AuditPlaces) -> list[str]:
-    """Publish a checkpoint for every account whose trail grew. Returns one line each."""
+    """Publish a checkpoint for every account whose trail grew. Returns one line each.
+    One publisher at a time per directory (an flock on <dir>/.lock)."""
+    with _lock_file(places.publish_dir) as lock:
+        await asyncio.to_thread(fcntl.flock, lock.fileno(), fcntl.LOCK_EX)
+        try:
+            return await _publish(conn, places)
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _lock_file(d: Path) -> IO[str]:
+    d.mkdir(parents=True, exist_ok=True)
+    return open(d / ".lock", "a")
+
+
+async def _publish(conn: AsyncConnection[Any], places: AuditPlaces) -> list[str]:
     signer = places.signer()
     directory = store.Directory(places.publish_dir)
     directory.write_verifier(signer)

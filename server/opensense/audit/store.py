@@ -101,6 +101,9 @@ class Directory:
         """git add + commit when the directory is a git work tree; False otherwise."""
         if not (self.root / ".git").exists():
             return False
+        ignore = self.root / ".gitignore"
+        if not ignore.exists():
+            ignore.write_text(".lock\n*.tmp\n")
         run = lambda *a: subprocess.run(  # noqa: E731
             ["git", "-C", str(self.root), *a], check=True, capture_output=True, text=True
         )
