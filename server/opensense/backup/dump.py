@@ -35,6 +35,17 @@ def _major(tool: str) -> int | None:
     return int(digits) if digits.isdigit() else None
 
 
+def _libpq_args(dsn: str) -> tuple[str, dict[str, str]]:
+    """The DSN without its password (so `ps` does not show it) and an environment
+    carrying the password as PGPASSWORD for pg_dump/pg_restore."""
+    info = psycopg.conninfo.conninfo_to_dict(dsn)
+    password = info.pop("password", None)
+    env = dict(os.environ)
+    if password is not None:
+        env["PGPASSWORD"] = str(password)
+    return psycopg.conninfo.make_conninfo("", **info), env
+
+
 def server_major(dsn: str) -> int:
     with psycopg.connect(dsn) as conn:
         return conn.info.server_version // 10000
@@ -161,6 +172,7 @@ def dump(
         snap.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         snapshot = snap.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
         counts = _snapshot_counts(snap)
+        safe_dsn, env = _libpq_args(dsn)
         proc = subprocess.Popen(
             [
                 pg_tool("pg_dump", pg_bin, server_major(dsn)),
@@ -168,10 +180,11 @@ def dump(
                 "--snapshot",
                 snapshot,
                 "-d",
-                dsn,
+                safe_dsn,
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            env=env,
         )
         assert proc.stdout is not None
         src = Counting(proc.stdout, progress)
@@ -214,6 +227,7 @@ def restore(
     ids = identities(identity_path)
     if not empty_database(dsn):
         raise BackupError("the target database is not empty: restore only into a fresh database")
+    safe_dsn, env = _libpq_args(dsn)
     proc = subprocess.Popen(
         [
             pg_tool("pg_restore", pg_bin, server_major(dsn)),
@@ -221,8 +235,9 @@ def restore(
             "--no-acl",
             "--exit-on-error",
             "-d",
-            dsn,
+            safe_dsn,
         ],
+        env=env,
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

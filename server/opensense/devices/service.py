@@ -4,10 +4,12 @@ and never touches another account's rows."""
 
 from __future__ import annotations
 
+import functools
 import math
 import re
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from psycopg import AsyncConnection
@@ -22,7 +24,20 @@ from ..presets import DEFAULT_VERTICAL, VERTICALS
 
 LOCAL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 Row = dict[str, Any]
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 SYSTEM = "system"  # the actor when a caller names none
+
+
+def _atomic(fn: F) -> F:
+    """The change and its audit row commit together: a transaction of its own, or a
+    savepoint inside the caller's."""
+
+    @functools.wraps(fn)
+    async def wrapper(conn: AsyncConnection[Any], *args: Any, **kwargs: Any) -> Any:
+        async with conn.transaction():
+            return await fn(conn, *args, **kwargs)
+
+    return cast(F, wrapper)
 
 
 def _plain(v: Any) -> Any:
@@ -76,6 +91,7 @@ def check_cadence(c: Any) -> int:
 # --- accounts -------------------------------------------------------------------
 
 
+@_atomic
 async def create_account(
     conn: AsyncConnection[Any], name: str, email: str, *, actor: str = SYSTEM
 ) -> str:
@@ -94,6 +110,7 @@ async def create_account(
     return acc
 
 
+@_atomic
 async def create_token(
     conn: AsyncConnection[Any],
     account_id: str,
@@ -147,6 +164,7 @@ async def list_tokens(conn: AsyncConnection[Any], account_id: str, now: datetime
     return [token_public(r, now) for r in await cur.fetchall()]
 
 
+@_atomic
 async def revoke_token(
     conn: AsyncConnection[Any],
     account_id: str,
@@ -192,6 +210,7 @@ def site_public(row: Row) -> Row:
     return {k: row[k] for k in SITE_FIELDS}
 
 
+@_atomic
 async def create_site(
     conn: AsyncConnection[Any], account_id: str, body: dict[str, Any], *, actor: str = SYSTEM
 ) -> Row:
@@ -238,6 +257,7 @@ async def list_sites(conn: AsyncConnection[Any], account_id: str) -> list[Row]:
     return [site_public(r) for r in await cur.fetchall()]
 
 
+@_atomic
 async def patch_site(
     conn: AsyncConnection[Any],
     account_id: str,
@@ -320,6 +340,7 @@ async def device_public(conn: AsyncConnection[Any], row: Row, now: datetime) -> 
     }
 
 
+@_atomic
 async def create_device(
     conn: AsyncConnection[Any],
     account_id: str,
@@ -429,6 +450,7 @@ async def list_devices(
     return [await device_public(conn, r, now) for r in await cur.fetchall()]
 
 
+@_atomic
 async def patch_device(
     conn: AsyncConnection[Any],
     account_id: str,
@@ -460,6 +482,7 @@ async def patch_device(
     return await get_device(conn, account_id, row["id"], now)
 
 
+@_atomic
 async def rotate_device_token(
     conn: AsyncConnection[Any],
     account_id: str,
@@ -497,6 +520,7 @@ async def rotate_device_token(
     return await device_public(conn, row, now), plaintext
 
 
+@_atomic
 async def move_device(
     conn: AsyncConnection[Any],
     account_id: str,
@@ -546,6 +570,7 @@ async def placements(conn: AsyncConnection[Any], account_id: str, device_id: str
     return list(await cur.fetchall())
 
 
+@_atomic
 async def delete_device(
     conn: AsyncConnection[Any],
     account_id: str,
@@ -640,6 +665,7 @@ def _num(body: dict[str, Any], key: str) -> float:
     return f
 
 
+@_atomic
 async def patch_channel(
     conn: AsyncConnection[Any],
     account_id: str,
