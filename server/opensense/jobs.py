@@ -72,7 +72,10 @@ async def _backup(conn: AsyncConnection[Any], cfg: Config, now: datetime) -> str
 async def _restore_test(conn: AsyncConnection[Any], cfg: Config, now: datetime) -> str:
     from .backup.run import restore_test
 
-    return await asyncio.to_thread(restore_test, cfg, _dsn_of(conn, cfg))
+    line = await asyncio.to_thread(restore_test, cfg, _dsn_of(conn, cfg))
+    if line.startswith("FAILED: "):  # recorded in backup_runs; the job shows it too
+        raise RuntimeError(line)
+    return line.removeprefix("ok: ")
 
 
 async def _housekeeping(conn: AsyncConnection[Any], cfg: Config, now: datetime) -> str:

