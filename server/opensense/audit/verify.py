@@ -12,7 +12,7 @@ from psycopg import AsyncConnection
 
 from . import merkle, store
 from .note import Checkpoint, NoteError, Verifier
-from .trail import ZERO, Row, iso
+from .trail import ZERO, Row
 
 
 @dataclass
@@ -210,4 +210,4 @@ def consistency(a_note: str, b_note: str, verifier: Verifier, leaves: list[bytes
     return f"checkpoints of size {a.size} and {b.size} of {a.origin} are consistent ({len(proof)} proof hashes)"
 
 
-__all__ = ["Report", "verify", "inclusion", "consistency", "check_chain", "iso"]
+__all__ = ["Checkpoint", "Report", "check_chain", "consistency", "inclusion", "verify"]
