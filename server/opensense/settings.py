@@ -176,6 +176,72 @@ SETTINGS: tuple[Setting, ...] = (
         "Shared secret EMQX sends (Authorization: Bearer …) to /v1/mqtt/emqx/authn and /authz; "
         "empty: those endpoints answer 404.",
     ),
+    Setting(
+        "status_interval_s",
+        "OPENSENSE_STATUS_INTERVAL_S",
+        int,
+        10,
+        "Seconds between two refreshes of the status snapshot (/status, /status.json, /metrics) "
+        "and two evaluations of the self-watching conditions (docs/status.md).",
+        minimum=1,
+    ),
+    Setting(
+        "status_backup_max_age_h",
+        "OPENSENSE_STATUS_BACKUP_MAX_AGE_H",
+        int,
+        2,
+        "Hours after the last good backup (backup_runs) before the backups component is degraded "
+        "and a P2 incident opens; 0 turns the condition off.",
+        minimum=0,
+    ),
+    Setting(
+        "status_business_tz",
+        "OPENSENSE_STATUS_BUSINESS_TZ",
+        str,
+        "Europe/Berlin",
+        "IANA time zone of the operator's business hours (Mon-Fri 09:00-17:00), the clock of "
+        "P2 acknowledgement, update and resolution targets.",
+    ),
+    Setting(
+        "operator_token",
+        "OPENSENSE_OPERATOR_TOKEN",
+        str,
+        "",
+        "Bearer token of the service operator for /v1/incidents and /v1/status/internal; "
+        "empty: those endpoints answer 404.",
+    ),
+    Setting(
+        "metrics_token",
+        "OPENSENSE_METRICS_TOKEN",
+        str,
+        "",
+        "Bearer token Prometheus must send to /metrics; empty: /metrics is open (it holds no "
+        "tenant data).",
+    ),
+    Setting(
+        "incident_smtp_url",
+        "OPENSENSE_INCIDENT_SMTP_URL",
+        str,
+        "",
+        "SMTP server for incident mail (notices to affected customers, operator reminders), apart "
+        "from the app's notification mail: smtp[s]://user:password@host:port[?starttls=1]; "
+        "empty: incident mail stays queued.",
+    ),
+    Setting(
+        "incident_mail_from",
+        "OPENSENSE_INCIDENT_MAIL_FROM",
+        str,
+        "alerts@opensense.invalid",
+        "From address of incident mail.",
+    ),
+    Setting(
+        "incident_operator_email",
+        "OPENSENSE_INCIDENT_OPERATOR_EMAIL",
+        str,
+        "",
+        "Where the operator gets incident openings and reminders (acknowledgement, update, "
+        "post-mortem due); empty: reminders are logged only.",
+    ),
 )
 
 
@@ -222,6 +288,14 @@ class Config:
     mqtt_url: str = ""
     mqtt_ca: str = ""
     emqx_secret: str = ""
+    status_interval_s: int = 10
+    status_backup_max_age_h: int = 2
+    status_business_tz: str = "Europe/Berlin"
+    operator_token: str = ""
+    metrics_token: str = ""
+    incident_smtp_url: str = ""
+    incident_mail_from: str = "alerts@opensense.invalid"
+    incident_operator_email: str = ""
     # Not a setting: the clock. Tests inject one; everything time-dependent asks it.
     clock: Callable[[], datetime] = field(default=_utcnow, compare=False, repr=False)
 
