@@ -221,6 +221,22 @@ def cmd_token(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
+    from .status import cli as status_cli
+
+    return status_cli.cmd_status(cfg, _dsn(cfg), args)
+
+
+def cmd_incident(cfg: Config, args: argparse.Namespace) -> int:
+    from .status import cli as status_cli
+
+    missing = status_cli.check_args(args)
+    if missing:
+        print(f"opensense: {missing}", file=sys.stderr)
+        return 2
+    return status_cli.cmd_incident(cfg, _dsn(cfg), args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="opensense", description="OpenSense server and operator tools")
     sub = p.add_subparsers(dest="command", required=True)
@@ -287,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kind", choices=["ua_live", "whk"], default="ua_live")
     s.add_argument("--name", default="")
     s.set_defaults(fn=cmd_token)
+
+    from .status.cli import add_parsers
+
+    add_parsers(sub, cmd_status, cmd_incident)
     return p
 
 

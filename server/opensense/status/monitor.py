@@ -145,9 +145,26 @@ class StatusMonitor:
             except Exception:
                 log.warning("status monitor: could not sign off", exc_info=True)
 
+    async def pause(self) -> None:
+        """Stop the background loop (tests drive `tick()` with an injected clock)."""
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
     def poke(self) -> None:
-        """Refresh now (an operator changed an incident)."""
+        """Refresh soon (a full tick)."""
         self._wake.set()
+
+    async def refresh_incidents(self, conn: AsyncConnection[Any]) -> None:
+        """An operator changed an incident: this process's page shows it before the
+        operator's request is answered (the status page first); the others within a
+        tick."""
+        self.snapshot.incidents = await incidents.recent(conn, self.cfg.clock())
+        self.render(self.cfg.clock())
 
     async def _run(self) -> None:
         while True:

@@ -164,7 +164,8 @@ async def open_incident(request: web.Request) -> web.Response:
         )
         assert iid is not None
         row, ups = await incidents.get(conn, iid)
-    request.app[STATUS].poke()
+    async with request.app[POOL].connection() as conn:
+        await request.app[STATUS].refresh_incidents(conn)
     return response(_view(request, row, ups), status=201)
 
 
@@ -184,7 +185,8 @@ async def _step(request: web.Request, fn: Any, *args: Any) -> web.Response:
     async with request.app[POOL].connection() as conn, conn.transaction():
         await fn(conn, iid, now, _author(body, who), *[a(body) for a in args])
         row, ups = await incidents.get(conn, iid)
-    request.app[STATUS].poke()
+    async with request.app[POOL].connection() as conn:
+        await request.app[STATUS].refresh_incidents(conn)
     return response(_view(request, row, ups))
 
 
