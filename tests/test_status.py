@@ -532,3 +532,31 @@ async def test_cli_watchdog_opens_dashboard_down_and_incident_commands(fresh):
     assert code == 0 and json.loads(out)["status"] == "resolved"
     code, out, _ = await asyncio.to_thread(_cli, fresh, "incident", "list", "--open")
     assert code == 0 and json.loads(out) == []
+
+
+async def test_a_status_only_process_serves_the_page_and_is_not_the_dashboard(
+    aiohttp_client, fresh, clock
+):
+    page = await start(aiohttp_client, fresh, cfg_for(clock, role="status", port=18011))
+    paths = {r.resource.canonical for r in page.app.router.routes() if r.resource}
+    assert "/status.json" in paths and "/v1/ingest" not in paths and "/v1/sites" not in paths
+    assert (await page.post("/v1/ingest", json={})).status == 404
+    clock.advance(seconds=10)
+    await page.app[STATUS].tick()
+    snap = await public(page)
+    # only the status process is alive: the dashboard and API are not being served
+    assert comp(snap, "dashboard")["state"] == "outage"
+    full = await start(aiohttp_client, fresh, cfg_for(clock, port=18012))
+    full.app[OBSERVER].ingest(clock(), 200, 0.01)
+    clock.advance(seconds=10)
+    await full.app[STATUS].tick()
+    await page.app[STATUS].tick()
+    snap = await public(page)
+    assert comp(snap, "dashboard")["state"] == "operational"
+    # both processes' ingest answers: the 404 above and the full process's one
+    assert page.app[STATUS].snapshot.figures["ingest"]["requests_2m"] == 2
+    assert page.app[STATUS].snapshot.figures["processes"] == {
+        **page.app[STATUS].snapshot.figures["processes"],
+        "alive": 1,
+        "status_only": 1,
+    }

@@ -142,8 +142,8 @@ async def status_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
     if cfg.incident_smtp_url:
         incident_mail.SmtpPath.parse(cfg.incident_smtp_url)  # a bad URL stops the start
-    side = app[MQTT]
-    if cfg.mqtt == "embedded":
+    side = app.get(MQTT)
+    if cfg.mqtt == "embedded" and side is not None:
         app[HEALTH].ok("mqtt", "embedded broker listening")
     monitor = StatusMonitor(
         cfg, app[POOL], app[OBSERVER], app[HEALTH], mqtt_connected=getattr(side, "connected", None)
@@ -170,6 +170,12 @@ def create_app(config: Config, dsn: str) -> web.Application:
     app[VERIFIER] = Verifier()
     app[HEALTH] = Health(config.clock)
     app[OBSERVER] = Observer()
+    if config.role == "status":
+        # a status-only process: the page, /metrics and the incident API (docs/status.md)
+        app.cleanup_ctx.extend([database_ctx, request_log_ctx, status_ctx])
+        app.router.add_get("/healthz", healthz)
+        app.router.add_routes(status_routes)
+        return app
     app.cleanup_ctx.extend(
         [database_ctx, request_log_ctx, writer_ctx, mqtt_ctx, jobs_ctx, status_ctx]
     )

@@ -177,6 +177,15 @@ SETTINGS: tuple[Setting, ...] = (
         "empty: those endpoints answer 404.",
     ),
     Setting(
+        "role",
+        "OPENSENSE_ROLE",
+        str,
+        "all",
+        "What this server process serves: all (everything), or status (only /status, "
+        "/status.json, /metrics and the incident API, as a process of its own that the proxy "
+        "routes those paths to: it answers even while the other processes are busy or down).",
+    ),
+    Setting(
         "status_interval_s",
         "OPENSENSE_STATUS_INTERVAL_S",
         int,
@@ -288,6 +297,7 @@ class Config:
     mqtt_url: str = ""
     mqtt_ca: str = ""
     emqx_secret: str = ""
+    role: str = "all"
     status_interval_s: int = 10
     status_backup_max_age_h: int = 2
     status_business_tz: str = "Europe/Berlin"
@@ -302,6 +312,8 @@ class Config:
     def __post_init__(self) -> None:
         if self.mqtt not in ("embedded", "external", "off"):
             raise ValueError(f"OPENSENSE_MQTT must be embedded, external or off, not {self.mqtt!r}")
+        if self.role not in ("all", "status"):
+            raise ValueError(f"OPENSENSE_ROLE must be all or status, not {self.role!r}")
         if self.mqtt == "external" and not self.mqtt_url:
             raise ValueError("OPENSENSE_MQTT=external needs OPENSENSE_MQTT_URL")
         for s in SETTINGS:

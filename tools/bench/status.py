@@ -62,8 +62,13 @@ percentile = ingest_bench.percentile
 # --- the prober (a child process) ------------------------------------------------------
 
 
+def url(base: str, path: str) -> str:
+    return path if path.startswith("http") else base + path
+
+
 async def probe(base: str, paths: list[str], rate: float, duration: float) -> dict[str, Any]:
-    """Open loop: request i to paths[i % len] leaves at start + i / rate."""
+    """Open loop: request i to paths[i % len] leaves at start + i / rate. A path may be
+    a whole URL (another server process)."""
     lat: dict[str, list[float]] = {p: [] for p in paths}
     bad: dict[str, int] = {p: 0 for p in paths}
     n = max(1, round(rate * duration))
@@ -72,7 +77,7 @@ async def probe(base: str, paths: list[str], rate: float, duration: float) -> di
 
         async def one(path: str, due: float) -> None:
             try:
-                async with http.get(base + path) as r:
+                async with http.get(url(base, path)) as r:
                     await r.read()
                     ok = r.status == 200
             except (aiohttp.ClientError, TimeoutError):
@@ -84,7 +89,7 @@ async def probe(base: str, paths: list[str], rate: float, duration: float) -> di
 
         # one connection warmed per path before the clock starts
         for p in paths:
-            async with http.get(base + p) as r:
+            async with http.get(url(base, p)) as r:
                 await r.read()
         start = time.perf_counter() + 0.05
         tasks = []
@@ -155,18 +160,29 @@ async def run(
     now = datetime.now(UTC)
     await asyncio.to_thread(db.migrate, dsn)
     server = ingest_bench.Server(dsn, work / "server.log")
+    os.environ["OPENSENSE_ROLE"] = "status"  # Popen copies the environment at start
+    try:
+        status_proc = ingest_bench.Server(dsn, work / "status.log")
+    finally:
+        del os.environ["OPENSENSE_ROLE"]
     try:
         _, devs = await ingest_bench.make_devices(dsn, cfg, devices, now)
         await server.wait_ready()
+        await status_proc.wait_ready()
         w = await ingest_bench.warm_up(server.base, devs)
         if w.bad:
             raise RuntimeError(f"warm-up failed: {w.sample}")
-        say(f"setup: server {server.base}, {devices} devices warmed up ({w.problems()})")
+        say(
+            f"setup: server {server.base} (OPENSENSE_ROLE=all), status-only process"
+            f" {status_proc.base} (OPENSENSE_ROLE=status), {devices} devices warmed up"
+            f" ({w.problems()})"
+        )
 
         say()
         say(f"[1] idle: /status.json at {rate:g}/s for {duration:g} s, nothing else running")
         idle = finish_prober(start_prober(server.base, ("/status.json",), rate, duration))
         say(line("/status.json", idle["lat"]["/status.json"], idle["bad"]["/status.json"]))
+        sj = status_proc.base + "/status.json"
 
         say()
         say(
@@ -174,7 +190,7 @@ async def run(
             f" concurrency 16, {duration:g} s; meanwhile {', '.join(PATHS)} in turn at {rate:g}/s"
         )
         meter = ingest_bench.CpuMeter(server.proc.pid, pg_pid)
-        prober = start_prober(server.base, PATHS, rate, duration)
+        prober = start_prober(server.base, (*PATHS, sj), rate * 4 / 3, duration)
         await asyncio.sleep(0.3)  # the prober's clock starts after its warm-up reads
         load = await ingest_bench.closed_loop(server.base, devs, 32, 16, duration, meter)
         loaded = await asyncio.to_thread(finish_prober, prober)
@@ -184,8 +200,11 @@ async def run(
         )
         if load.cpu:
             say(f"  {load.cpu.line()}")
+        say("  answered by the ingest server itself (one process, OPENSENSE_ROLE=all):")
         for p in PATHS:
             say(line(p, loaded["lat"][p], loaded["bad"][p]))
+        say("  answered by the status-only process (OPENSENSE_ROLE=status):")
+        say(line("/status.json", loaded["lat"][sj], loaded["bad"][sj]))
     except BaseException:
         tail = server.log_tail()
         if tail:
@@ -193,6 +212,7 @@ async def run(
         raise
     finally:
         server.stop()  # flushes the request log
+        status_proc.stop()
 
     # the server's own time per answer (the error middleware's duration, request_log):
     # what the client sees beyond it is queueing for a CPU on a shared machine
@@ -211,19 +231,24 @@ async def run(
 
     idle99 = percentile([x * 1000 for x in idle["lat"]["/status.json"]], 99)
     load99 = percentile([x * 1000 for x in loaded["lat"]["/status.json"]], 99)
+    own99 = percentile([x * 1000 for x in loaded["lat"][sj]], 99)
     say()
     say("=" * 78)
     say("SUMMARY")
     say(
-        f"  /status.json p99 idle {idle99:.2f} ms, under ingest load {load99:.2f} ms"
-        f" (×{load99 / idle99:.1f} the idle p99)"
+        f"  /status.json p99: idle {idle99:.2f} ms; under ingest load {load99:.2f} ms from the"
+        f" ingest server (×{load99 / idle99:.1f} idle), {own99:.2f} ms from a status-only"
+        f" process (×{own99 / idle99:.1f} idle)"
     )
+    ok_own = own99 < TARGET_P99_MS and not loaded["bad"][sj]
+    ok_one = load99 < TARGET_P99_MS and not loaded["bad"]["/status.json"]
     say(
         f"  target: /status.json p99 < {TARGET_P99_MS:g} ms while the ingest benchmark runs:"
-        f" {load99:.2f} ms {ingest_bench.verdict(load99 < TARGET_P99_MS and not loaded['bad']['/status.json'])}"
+        f" status-only process {own99:.2f} ms {ingest_bench.verdict(ok_own)};"
+        f" the ingest server itself {load99:.2f} ms {ingest_bench.verdict(ok_one)}"
     )
     if load.accepted == 0:
-        say("  WARNING: the ingest load stored nothing; the figure above is not under load")
+        say("  WARNING: the ingest load stored nothing; the figures above are not under load")
 
 
 def main(argv: list[str] | None = None) -> int:

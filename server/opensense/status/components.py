@@ -73,9 +73,12 @@ def _ingest(f: Figures) -> tuple[str, str]:
 
 
 def _mqtt(f: Figures) -> tuple[str, str]:
+    h = _health(f, "mqtt")  # from any process that runs the MQTT side
+    if h:
+        return h
     if f.get("mqtt_mode") == "off":
         return "unknown", "MQTT is off in this deployment"
-    return _health(f, "mqtt") or ("unknown", "no report yet")
+    return "unknown", "no report yet"
 
 
 def _database(f: Figures) -> tuple[str, str]:

@@ -282,10 +282,16 @@ class StatusMonitor:
                         (minute, self.process, m.requests, m.errors_5xx, m.latency),
                     )
                 await conn.execute(
-                    "INSERT INTO status_processes (process, started_at, seen_at, health)"
-                    " VALUES (%s, %s, %s, %s) ON CONFLICT (process) DO UPDATE SET"
+                    "INSERT INTO status_processes (process, role, started_at, seen_at, health)"
+                    " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (process) DO UPDATE SET"
                     " seen_at = excluded.seen_at, health = excluded.health",
-                    (self.process, self.started_at, now, Jsonb(self.health.as_json())),
+                    (
+                        self.process,
+                        self.cfg.role,
+                        self.started_at,
+                        now,
+                        Jsonb(self.health.as_json()),
+                    ),
                 )
         except Exception:
             self.observer.give_back(minutes)

@@ -31,14 +31,18 @@ async def exists(conn: AsyncConnection[Any], table: str) -> bool:
 
 
 async def processes(conn: AsyncConnection[Any], now: datetime, live: timedelta) -> dict[str, Any]:
+    """Live processes and their merged health. The dashboard is served by the processes
+    of role `all`; a status-only process does not count as the dashboard being up."""
     cur = await conn.execute(
-        "SELECT process, seen_at, health FROM status_processes ORDER BY seen_at DESC"
+        "SELECT process, seen_at, health, role FROM status_processes ORDER BY seen_at DESC"
     )
     rows = await cur.fetchall()
     alive = [r for r in rows if now - r[1] <= live]
+    serving = [r for r in rows if r[3] == "all"]
     return {
-        "alive": len(alive),
-        "newest_age_s": (now - rows[0][1]).total_seconds() if rows else None,
+        "alive": sum(1 for r in alive if r[3] == "all"),
+        "status_only": sum(1 for r in alive if r[3] != "all"),
+        "newest_age_s": (now - serving[0][1]).total_seconds() if serving else None,
         "health": health_mod.merge([r[2] for r in alive]),
     }
 

@@ -5,6 +5,7 @@
 -- into the health registry (opensense.status.health).
 CREATE TABLE status_processes (
     process     text PRIMARY KEY,
+    role        text NOT NULL DEFAULT 'all',   -- OPENSENSE_ROLE: all, or status only
     started_at  timestamptz NOT NULL,
     seen_at     timestamptz NOT NULL,
     health      jsonb NOT NULL DEFAULT '{}'
