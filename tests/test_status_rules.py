@@ -242,3 +242,31 @@ def test_what_is_due_follows_the_seed_cadence():
     )
     assert cadence.resolution_target("P0", opened, BERLIN) is None
     assert cadence.resolution_target("P1", opened, BERLIN) == opened + timedelta(hours=8)
+
+
+def test_status_settings_are_checked_at_start():
+    from opensense.settings import Config
+
+    with pytest.raises(ValueError, match="OPENSENSE_STATUS_INTERVAL_S=61"):
+        Config(status_interval_s=61)
+    with pytest.raises(ValueError, match="OPENSENSE_ROLE"):
+        Config(role="ingest")
+    with pytest.raises(ValueError, match="OPENSENSE_STATUS_BACKUP_MAX_AGE_H"):
+        Config(status_backup_max_age_h=-1)
+
+
+def test_incident_smtp_url_forms():
+    from opensense.status.mail import SmtpPath
+
+    p = SmtpPath.parse("smtps://alerts%40x.org:p%2Fw@mail.example:2465")
+    assert (p.host, p.port, p.username, p.password, p.use_tls) == (
+        "mail.example",
+        2465,
+        "alerts@x.org",
+        "p/w",
+        True,
+    )
+    p = SmtpPath.parse("smtp://relay.example?starttls=1")
+    assert (p.port, p.use_tls, p.start_tls, p.username) == (25, False, True, None)
+    with pytest.raises(ValueError, match="smtp"):
+        SmtpPath.parse("http://mail.example")

@@ -191,7 +191,8 @@ SETTINGS: tuple[Setting, ...] = (
         int,
         10,
         "Seconds between two refreshes of the status snapshot (/status, /status.json, /metrics) "
-        "and two evaluations of the self-watching conditions (docs/status.md).",
+        "and two evaluations of the self-watching conditions (docs/status.md); at most 60, so "
+        "the sustained conditions get a sample at least every minute.",
         minimum=1,
     ),
     Setting(
@@ -312,6 +313,10 @@ class Config:
     def __post_init__(self) -> None:
         if self.mqtt not in ("embedded", "external", "off"):
             raise ValueError(f"OPENSENSE_MQTT must be embedded, external or off, not {self.mqtt!r}")
+        if self.status_interval_s > 60:
+            raise ValueError(
+                f"OPENSENSE_STATUS_INTERVAL_S={self.status_interval_s} is above the maximum 60"
+            )
         if self.role not in ("all", "status"):
             raise ValueError(f"OPENSENSE_ROLE must be all or status, not {self.role!r}")
         if self.mqtt == "external" and not self.mqtt_url:
