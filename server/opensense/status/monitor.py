@@ -181,7 +181,12 @@ class StatusMonitor:
 
     async def _run(self) -> None:
         while True:
-            await self.tick()
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the page keeps its last snapshot; the next tick retries
+                log.exception("status monitor tick failed")
             try:
                 await asyncio.wait_for(self._wake.wait(), self.cfg.status_interval_s)
             except TimeoutError:
