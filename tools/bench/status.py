@@ -247,6 +247,14 @@ async def run(
         f" status-only process {own99:.2f} ms {ingest_bench.verdict(ok_own)};"
         f" the ingest server itself {load99:.2f} ms {ingest_bench.verdict(ok_one)}"
     )
+    if load.cpu and load.cpu.postgres is not None:
+        c = load.cpu
+        rest = max(0.0, c.machine - c.server - c.client - c.postgres) / max(c.wall, 1e-9)
+        if rest > 0.5:
+            say(
+                f"  NOTE: other work on this machine used {rest:.2f} cores during the loaded"
+                " phase; the latencies above include waiting for a CPU behind it"
+            )
     if load.accepted == 0:
         say("  WARNING: the ingest load stored nothing; the figures above are not under load")
 
