@@ -251,6 +251,8 @@ def test_status_settings_are_checked_at_start():
         Config(status_interval_s=61)
     with pytest.raises(ValueError, match="OPENSENSE_ROLE"):
         Config(role="ingest")
+    with pytest.raises(ValueError, match="OPENSENSE_STATUS_BUSINESS_TZ"):
+        Config(status_business_tz="Mars/Olympus")
     with pytest.raises(ValueError, match="OPENSENSE_STATUS_BACKUP_MAX_AGE_H"):
         Config(status_backup_max_age_h=-1)
 

@@ -317,6 +317,14 @@ class Config:
             raise ValueError(
                 f"OPENSENSE_STATUS_INTERVAL_S={self.status_interval_s} is above the maximum 60"
             )
+        try:
+            from zoneinfo import ZoneInfo
+
+            ZoneInfo(self.status_business_tz)
+        except (ValueError, KeyError) as exc:
+            raise ValueError(
+                f"OPENSENSE_STATUS_BUSINESS_TZ={self.status_business_tz!r} is not an IANA time zone"
+            ) from exc
         if self.role not in ("all", "status"):
             raise ValueError(f"OPENSENSE_ROLE must be all or status, not {self.role!r}")
         if self.mqtt == "external" and not self.mqtt_url:
