@@ -560,3 +560,34 @@ async def test_a_status_only_process_serves_the_page_and_is_not_the_dashboard(
         "alive": 1,
         "status_only": 1,
     }
+
+
+async def test_ingest_5xx_answers_are_counted_by_the_error_translator(
+    aiohttp_client, fresh, clock, monkeypatch
+):
+    """A database failure in the ingest path leaves as 503 through the one error
+    translator; the status figures count it as a 5xx ingest answer."""
+    import psycopg as pg
+
+    from opensense.ingest import pipeline
+
+    cfg = cfg_for(clock)
+    client = await start(aiohttp_client, fresh, cfg)
+    world = await make_world(fresh, cfg)
+
+    async def broken(*args: Any, **kw: Any) -> Any:
+        raise pg.OperationalError("connection to the database lost")
+
+    monkeypatch.setattr(pipeline, "store_fast", broken)
+    r = await client.post(
+        "/v1/ingest",
+        json={"device": "fridge01", "measurements": [{"type": "temperature", "value": 4}]},
+        headers=world.dev_auth("fridge01"),
+    )
+    assert r.status == 503 and (await r.json())["error"]["code"] == "unavailable"
+    clock.advance(seconds=10)
+    await client.app[STATUS].tick()
+    ing = client.app[STATUS].snapshot.figures["ingest"]
+    assert (ing["requests_2m"], ing["errors_5xx_2m"]) == (1, 1)
+    snap = await public(client)
+    assert comp(snap, "ingest_http")["state"] == "degraded"  # not yet 5 minutes
