@@ -383,6 +383,11 @@ async def test_incident_workflow_with_cadence_reminders_and_mail(
     assert reminders == [
         ("ops@example.invalid", "[OpenSense P1] acknowledgement due: Telegram delays")
     ]
+    # still not acknowledged half an hour later: reminded again, once
+    clock.advance(minutes=30)
+    await client.app[STATUS].tick()
+    await client.app[STATUS].tick()
+    assert len(await sql(fresh, "SELECT 1 FROM incident_mail WHERE kind = 'operator'")) == 2
 
     r = await client.post(f"/v1/incidents/{iid}/ack", json={"author": "anna"}, headers=OP_AUTH)
     assert r.status == 200

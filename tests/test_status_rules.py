@@ -272,3 +272,14 @@ def test_incident_smtp_url_forms():
     assert (p.port, p.use_tls, p.start_tls, p.username) == (25, False, True, None)
     with pytest.raises(ValueError, match="smtp"):
         SmtpPath.parse("http://mail.example")
+
+
+def test_reminders_repeat_while_overdue():
+    due = T0
+    assert cadence.reminder_slot("P1", due, T0 - timedelta(minutes=1)) is None
+    assert cadence.reminder_slot("P1", due, T0) == T0
+    assert cadence.reminder_slot("P1", due, T0 + timedelta(minutes=29)) == T0
+    assert cadence.reminder_slot("P1", due, T0 + timedelta(minutes=31)) == T0 + timedelta(
+        minutes=30
+    )
+    assert cadence.reminder_slot("P2", due, T0 + timedelta(hours=5)) == T0 + timedelta(hours=4)

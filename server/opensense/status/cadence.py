@@ -64,6 +64,17 @@ CLASSES: dict[str, IncidentClass] = {
     ),
 }
 POSTMORTEM_BUSINESS_DAYS = 7
+# while a step stays overdue, the operator is reminded again this often (wall time)
+REMIND_EVERY = {"P0": timedelta(minutes=30), "P1": timedelta(minutes=30), "P2": timedelta(hours=4)}
+
+
+def reminder_slot(klass: str, due_at: datetime, now: datetime) -> datetime | None:
+    """The reminder this moment calls for, named by its time: the due time itself, then
+    every REMIND_EVERY after it; None before the due time. One reminder per slot."""
+    if now < due_at:
+        return None
+    every = REMIND_EVERY[klass]
+    return due_at + every * ((now - due_at) // every)
 
 
 def add_business_hours(start: datetime, hours: float, tz: ZoneInfo) -> datetime:

@@ -33,7 +33,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from ..api.jsonutil import dumps
 from ..settings import Config
-from . import components, conditions, incidents, probes
+from . import cadence, components, conditions, incidents, probes
 from .health import Health
 from .observe import LATENCY_BUCKETS, Observer
 from .page import render_html
@@ -393,10 +393,11 @@ class StatusMonitor:
         for row, ups in await incidents.list_all(conn, open_only=False, limit=200):
             view = incidents.present(row, ups, self.tz, now)
             due = view["next_due"]
-            if due is None or not due["overdue"] or row["reminded_for"] == due["at"]:
+            slot = cadence.reminder_slot(row["class"], due["at"], now) if due else None
+            if due is None or slot is None or row["reminded_for"] == slot:
                 continue
             await conn.execute(
-                "UPDATE incidents SET reminded_for = %s WHERE id = %s", (due["at"], row["id"])
+                "UPDATE incidents SET reminded_for = %s WHERE id = %s", (slot, row["id"])
             )
             text = (
                 f"The {due['what']} of incident {row['id']} ({row['class']}: {row['title']})"

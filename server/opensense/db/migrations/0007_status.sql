@@ -65,7 +65,7 @@ CREATE TABLE incidents (
     postmortem         text,
     postmortem_at      timestamptz,
     affected_accounts  text[],            -- NULL: every account
-    reminded_for       timestamptz,       -- the due time of the last reminder sent
+    reminded_for       timestamptz,       -- the slot of the last reminder (cadence.reminder_slot)
     CHECK (resolved_at IS NULL OR status = 'resolved')
 );
 -- a condition opens at most one incident at a time, whichever process sees it first
