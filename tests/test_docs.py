@@ -53,3 +53,19 @@ def test_every_cli_command_is_in_the_readme() -> None:
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     for name in sub.choices:  # type: ignore[union-attr]
         assert f"opensense {name}" in readme, name
+
+
+def test_every_status_condition_and_component_is_documented() -> None:
+    from opensense.status.cadence import CLASSES
+    from opensense.status.components import COMPONENTS
+    from opensense.status.conditions import CONDITIONS
+
+    text = (ROOT / "docs" / "status.md").read_text()
+    for cond in CONDITIONS:
+        row = next((ln for ln in text.splitlines() if ln.startswith(f"| `{cond.name}` |")), None)
+        assert row is not None, cond.name
+        assert f"| {cond.klass} |" in row, cond.name
+    for comp in COMPONENTS:
+        assert f"`{comp.id}`" in text, comp.id
+    for name in CLASSES:
+        assert f"| {name} |" in text, name

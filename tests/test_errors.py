@@ -28,6 +28,7 @@ STACK_TRACE = ("Traceback", 'File "', "psycopg", "RuntimeError", "kaboom")
 # Codes declared for the HTTP layer that no request can currently provoke: aiohttp never
 # raises 415 by itself, and nothing answers 503 yet (a database outage is a 500).
 UNREACHABLE = {"unsupported_media_type", "unavailable"}
+OPERATOR = "operator-token-for-errors"  # the status feature's operator API
 BIG = b'{"name": "' + b"x" * (65 * 1024) + b'"}'  # > 64 KiB
 HUGE_INT = "1" + "0" * 400  # a JSON integer no float can hold
 
@@ -40,7 +41,9 @@ async def boom(request: web.Request) -> web.Response:
 def config(clock: Any) -> Any:
     """The suite's config with room for a long table of requests (the CSV export
     limit stays at its default: the table provokes 429 with it)."""
-    return test_config(clock, read_rate_per_min=100_000, ingest_rate_per_min=100_000)
+    return test_config(
+        clock, read_rate_per_min=100_000, ingest_rate_per_min=100_000, operator_token=OPERATOR
+    )
 
 
 @pytest.fixture
@@ -68,6 +71,7 @@ class Tenants:
     rotated_ds: str  # A's fridge02 token before a rotation
     deleted_ds: str  # the token of a deleted device
     secrets: list[str] = field(default_factory=list)  # B's data that must never show
+    resolved_incident: str = ""  # an incident the operator resolved
 
 
 def reading(device: str = "fridge01", **entry: Any) -> dict[str, Any]:
@@ -118,6 +122,12 @@ async def tenants(eclient: Any, dsn: str, config: Any) -> Tenants:
         201,
     )
     await ok(await c.delete(f"/v1/devices/{tmp['id']}", headers=a.auth), 204)
+    op = bearer(OPERATOR)
+    inc = await ok(
+        await c.post("/v1/incidents", json={"class": "P2", "title": "t", "body": "b"}, headers=op),
+        201,
+    )
+    await ok(await c.post(f"/v1/incidents/{inc['id']}/resolve", json={"body": "ok"}, headers=op))
     return Tenants(
         a=a,
         b=b,
@@ -139,6 +149,7 @@ async def tenants(eclient: Any, dsn: str, config: Any) -> Tenants:
             b.api_token,
             b.devices["fridge01"],
         ],
+        resolved_incident=inc["id"],
     )
 
 
@@ -586,6 +597,33 @@ def cases(t: Tenants) -> list[Case]:
     raw = json.dumps({"end_device_ids": {"dev_eui": "70B3D57ED0000009"}, "uplink_message": rx})
     raw = raw.replace('"rssi": 1', f'"rssi": {HUGE_INT}')
     add(Case("lorawan huge rssi", "POST", lw, "invalid_measurement", {}, raw.encode()))
+
+    # --- the operator's incident API (status feature) -------------------------------------
+    op = {**bearer(OPERATOR), **json_ct}
+    add(Case("no such incident", "GET", "/v1/incidents/inc_nope", "incident_not_found", op))
+    done = f"/v1/incidents/{t.resolved_incident}"
+    add(
+        Case.json(
+            "update a resolved incident",
+            "POST",
+            f"{done}/updates",
+            "incident_resolved",
+            {"body": "more"},
+            headers=op,
+        )
+    )
+    add(
+        Case.json(
+            "incident bad class",
+            "POST",
+            "/v1/incidents",
+            "invalid_request",
+            {"class": "P9", "title": "t", "body": "b"},
+            headers=op,
+        )
+    )
+    add(Case("incidents no token", "GET", "/v1/incidents", "auth_required"))
+    add(Case("incidents wrong token", "GET", "/v1/incidents", "token_invalid", bearer("nope")))
 
     # --- an unexpected exception in a handler -----------------------------------------
     add(Case("handler raises", "GET", "/boom", "internal"))

@@ -31,6 +31,7 @@ def _real_clock() -> datetime:
 
 
 MAX_EXAMPLES = 20
+OPERATOR_TOKEN = "operator-test-token"
 CHECKS = (
     "not_a_server_error",
     "status_code_conformance",
@@ -121,6 +122,7 @@ def _config(world: World, whk: str) -> schemathesis.Config:
                     "deviceToken": {"bearer": world.devices["fridge01"]},
                     "shellyToken": {"api_key": world.devices["fridge01"]},
                     "webhookToken": {"api_key": whk},
+                    "operatorToken": {"bearer": OPERATOR_TOKEN},
                 }
             },
             "request-timeout": 10,
@@ -172,6 +174,7 @@ async def test_schemathesis_finds_no_failure(aiohttp_server, new_database):
         ingest_rate_per_min=100_000,
         read_rate_per_min=100_000,
         export_interval_s=0,
+        operator_token=OPERATOR_TOKEN,
     )
     world = await make_world(dsn, cfg, ("fridge01", "fridge02"))
     whk = await _lorawan_setup(dsn, world)

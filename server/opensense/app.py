@@ -13,7 +13,18 @@ from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
 from . import db, jobs
-from .api.keys import CONFIG, DSN, MQTT, POOL, REQUEST_LOG, VERIFIER, WRITER
+from .api.keys import (
+    CONFIG,
+    DSN,
+    HEALTH,
+    MQTT,
+    OBSERVER,
+    POOL,
+    REQUEST_LOG,
+    STATUS,
+    VERIFIER,
+    WRITER,
+)
 from .api.middleware import error_middleware
 from .api.requestlog import RequestLog
 from .devices.routes import routes as device_routes
@@ -23,6 +34,11 @@ from .mqtt.emqx import routes as emqx_routes
 from .mqtt.side import MqttSide, NoMqtt
 from .openapi import routes as openapi_routes
 from .settings import Config
+from .status import mail as incident_mail
+from .status.health import Health
+from .status.monitor import StatusMonitor
+from .status.observe import Observer
+from .status.routes import routes as status_routes
 from .storage.batcher import BatchWriter
 from .storage.routes import routes as read_routes
 from .tokens import Verifier
@@ -121,6 +137,28 @@ async def jobs_ctx(app: web.Application) -> AsyncIterator[None]:
             await task
 
 
+async def status_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The status monitor (snapshot, self-watching) and the incident mailer."""
+    cfg = app[CONFIG]
+    if cfg.incident_smtp_url:
+        incident_mail.SmtpPath.parse(cfg.incident_smtp_url)  # a bad URL stops the start
+    side = app.get(MQTT)
+    if cfg.mqtt == "embedded" and side is not None:
+        app[HEALTH].ok("mqtt", "embedded broker listening")
+    monitor = StatusMonitor(
+        cfg, app[POOL], app[OBSERVER], app[HEALTH], mqtt_connected=getattr(side, "connected", None)
+    )
+    app[STATUS] = monitor
+    await monitor.tick()  # the first snapshot before the first request
+    monitor.start()
+    mailer = asyncio.create_task(incident_mail.run(app[POOL], cfg))
+    yield
+    mailer.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await mailer
+    await monitor.stop()
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
@@ -130,8 +168,25 @@ def create_app(config: Config, dsn: str) -> web.Application:
     app[CONFIG] = config
     app[DSN] = dsn
     app[VERIFIER] = Verifier()
-    app.cleanup_ctx.extend([database_ctx, request_log_ctx, writer_ctx, mqtt_ctx, jobs_ctx])
+    app[HEALTH] = Health(config.clock)
+    app[OBSERVER] = Observer()
+    if config.role == "status":
+        # a status-only process: the page, /metrics and the incident API (docs/status.md)
+        app.cleanup_ctx.extend([database_ctx, request_log_ctx, status_ctx])
+        app.router.add_get("/healthz", healthz)
+        app.router.add_routes(status_routes)
+        return app
+    app.cleanup_ctx.extend(
+        [database_ctx, request_log_ctx, writer_ctx, mqtt_ctx, jobs_ctx, status_ctx]
+    )
     app.router.add_get("/healthz", healthz)
-    for table in (ingest_routes, device_routes, read_routes, emqx_routes, openapi_routes):
+    for table in (
+        ingest_routes,
+        device_routes,
+        read_routes,
+        emqx_routes,
+        openapi_routes,
+        status_routes,
+    ):
         app.router.add_routes(table)
     return app

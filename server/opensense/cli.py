@@ -281,6 +281,22 @@ def cmd_restore(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
+    from .status import cli as status_cli
+
+    return status_cli.cmd_status(cfg, _dsn(cfg), args)
+
+
+def cmd_incident(cfg: Config, args: argparse.Namespace) -> int:
+    from .status import cli as status_cli
+
+    missing = status_cli.check_args(args)
+    if missing:
+        print(f"opensense: {missing}", file=sys.stderr)
+        return 2
+    return status_cli.cmd_incident(cfg, _dsn(cfg), args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="opensense", description="OpenSense server and operator tools")
     sub = p.add_subparsers(dest="command", required=True)
@@ -377,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--identity", help="age identity file (AGE-SECRET-KEY-…)")
     s.add_argument("--target", help="DSN of the empty database to restore into")
     s.set_defaults(fn=cmd_restore)
+    from .status.cli import add_parsers
+
+    add_parsers(sub, cmd_status, cmd_incident)
     return p
 
 

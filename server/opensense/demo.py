@@ -149,6 +149,7 @@ OpenSense demo is running on {base}
     curl -s -H 'Authorization: Bearer {tok}' {base}/v1/channels
     curl -s -H 'Authorization: Bearer {tok}' '{base}/v1/channels/<channel id>/measurements?agg=5m&fn=max'
   OpenAPI: {base}/v1/openapi.json
+  Status page: {base}/status  (JSON: {base}/status.json, Prometheus: {base}/metrics)
   Demo state (tokens): {cfg.state_dir / "demo.json"}
 Press Ctrl-C to stop.
 """,

@@ -683,6 +683,9 @@ def document() -> S:
             )
         },
     }
+    from .status import apidoc as status_doc
+
+    paths.update(status_doc.paths())
     return {
         "openapi": "3.1.0",
         "info": {
@@ -692,8 +695,9 @@ def document() -> S:
         },
         "paths": paths,
         "components": {
-            "schemas": SCHEMAS,
+            "schemas": {**SCHEMAS, **status_doc.SCHEMAS},
             "securitySchemes": {
+                **status_doc.SECURITY,
                 "emqxSecret": {
                     "type": "http",
                     "scheme": "bearer",

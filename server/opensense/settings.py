@@ -277,6 +277,82 @@ SETTINGS: tuple[Setting, ...] = (
         "Shared secret EMQX sends (Authorization: Bearer …) to /v1/mqtt/emqx/authn and /authz; "
         "empty: those endpoints answer 404.",
     ),
+    Setting(
+        "role",
+        "OPENSENSE_ROLE",
+        str,
+        "all",
+        "What this server process serves: all (everything), or status (only /status, "
+        "/status.json, /metrics and the incident API, as a process of its own that the proxy "
+        "routes those paths to: it answers even while the other processes are busy or down).",
+    ),
+    Setting(
+        "status_interval_s",
+        "OPENSENSE_STATUS_INTERVAL_S",
+        int,
+        10,
+        "Seconds between two refreshes of the status snapshot (/status, /status.json, /metrics) "
+        "and two evaluations of the self-watching conditions (docs/status.md); at most 60, so "
+        "the sustained conditions get a sample at least every minute.",
+        minimum=1,
+    ),
+    Setting(
+        "status_backup_max_age_h",
+        "OPENSENSE_STATUS_BACKUP_MAX_AGE_H",
+        int,
+        2,
+        "Hours after the last good backup (backup_runs) before the backups component is degraded "
+        "and a P2 incident opens; 0 turns the condition off.",
+        minimum=0,
+    ),
+    Setting(
+        "status_business_tz",
+        "OPENSENSE_STATUS_BUSINESS_TZ",
+        str,
+        "Europe/Berlin",
+        "IANA time zone of the operator's business hours (Mon-Fri 09:00-17:00), the clock of "
+        "P2 acknowledgement, update and resolution targets.",
+    ),
+    Setting(
+        "operator_token",
+        "OPENSENSE_OPERATOR_TOKEN",
+        str,
+        "",
+        "Bearer token of the service operator for /v1/incidents and /v1/status/internal; "
+        "empty: those endpoints answer 404.",
+    ),
+    Setting(
+        "metrics_token",
+        "OPENSENSE_METRICS_TOKEN",
+        str,
+        "",
+        "Bearer token Prometheus must send to /metrics; empty: /metrics is open (it holds no "
+        "tenant data).",
+    ),
+    Setting(
+        "incident_smtp_url",
+        "OPENSENSE_INCIDENT_SMTP_URL",
+        str,
+        "",
+        "SMTP server for incident mail (notices to affected customers, operator reminders), apart "
+        "from the app's notification mail: smtp[s]://user:password@host:port[?starttls=1]; "
+        "empty: incident mail stays queued.",
+    ),
+    Setting(
+        "incident_mail_from",
+        "OPENSENSE_INCIDENT_MAIL_FROM",
+        str,
+        "alerts@opensense.invalid",
+        "From address of incident mail.",
+    ),
+    Setting(
+        "incident_operator_email",
+        "OPENSENSE_INCIDENT_OPERATOR_EMAIL",
+        str,
+        "",
+        "Where the operator gets incident openings and reminders (acknowledgement, update, "
+        "post-mortem due); empty: reminders are logged only.",
+    ),
 )
 
 
@@ -336,12 +412,35 @@ class Config:
     mqtt_url: str = ""
     mqtt_ca: str = ""
     emqx_secret: str = ""
+    role: str = "all"
+    status_interval_s: int = 10
+    status_backup_max_age_h: int = 2
+    status_business_tz: str = "Europe/Berlin"
+    operator_token: str = ""
+    metrics_token: str = ""
+    incident_smtp_url: str = ""
+    incident_mail_from: str = "alerts@opensense.invalid"
+    incident_operator_email: str = ""
     # Not a setting: the clock. Tests inject one; everything time-dependent asks it.
     clock: Callable[[], datetime] = field(default=_utcnow, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.mqtt not in ("embedded", "external", "off"):
             raise ValueError(f"OPENSENSE_MQTT must be embedded, external or off, not {self.mqtt!r}")
+        if self.status_interval_s > 60:
+            raise ValueError(
+                f"OPENSENSE_STATUS_INTERVAL_S={self.status_interval_s} is above the maximum 60"
+            )
+        try:
+            from zoneinfo import ZoneInfo
+
+            ZoneInfo(self.status_business_tz)
+        except (ValueError, KeyError) as exc:
+            raise ValueError(
+                f"OPENSENSE_STATUS_BUSINESS_TZ={self.status_business_tz!r} is not an IANA time zone"
+            ) from exc
+        if self.role not in ("all", "status"):
+            raise ValueError(f"OPENSENSE_ROLE must be all or status, not {self.role!r}")
         if self.mqtt == "external" and not self.mqtt_url:
             raise ValueError("OPENSENSE_MQTT=external needs OPENSENSE_MQTT_URL")
         for s in SETTINGS:

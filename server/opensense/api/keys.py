@@ -7,6 +7,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from ..mqtt.side import MqttSide
 from ..settings import Config
+from ..status.health import Health
+from ..status.monitor import StatusMonitor
+from ..status.observe import Observer
 from ..storage.batcher import BatchWriter
 from ..tokens import Verifier
 from .requestlog import RequestLog
@@ -18,6 +21,9 @@ REQUEST_LOG = web.AppKey("request_log", RequestLog)
 DSN = web.AppKey("dsn", str)
 WRITER = web.AppKey("writer", BatchWriter)
 MQTT = web.AppKey("mqtt", MqttSide)
+HEALTH = web.AppKey("status_health", Health)
+OBSERVER = web.AppKey("status_observer", Observer)
+STATUS = web.AppKey("status_monitor", StatusMonitor)
 
 # per-request keys (request[...] = ...)
 REQUEST_ID = web.RequestKey("request_id", str)

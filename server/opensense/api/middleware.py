@@ -16,7 +16,7 @@ from psycopg_pool import PoolClosed, PoolTimeout
 
 from ..errors import ApiError, envelope
 from ..ids import new_id
-from .keys import CONFIG, LOG_ACCOUNT, LOG_DEVICE, REQUEST_ID, REQUEST_LOG
+from .keys import CONFIG, LOG_ACCOUNT, LOG_DEVICE, OBSERVER, REQUEST_ID, REQUEST_LOG
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         code, reason = "internal", "the server failed to handle this request; it has been logged"
         resp = web.json_response(envelope(code, reason, request_id), status=500)
     resp.headers["X-Request-Id"] = request_id
+    if request.path.startswith("/v1/ingest"):
+        # the status page's ingest figures: 5xx share and latency (opensense.status.observe)
+        observer = request.app.get(OBSERVER)
+        if observer is not None:
+            observer.ingest(request.app[CONFIG].clock(), resp.status, time.perf_counter() - started)
     reqlog = request.app.get(REQUEST_LOG)
     if reqlog is not None and not request.path.startswith("/v1/openapi"):
         reqlog.add(

@@ -228,6 +228,10 @@ class ExternalBroker:
         else:
             self._lead_task = asyncio.create_task(self._lead())
 
+    def connected(self) -> bool:
+        """The control connection to the broker is up (the status page asks)."""
+        return self._control_up.is_set()
+
     async def stop(self) -> None:
         self._closing = True
         self._paused = True

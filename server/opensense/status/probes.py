@@ -1,0 +1,212 @@
+"""Figures the status monitor measures at each tick, from the database: what every
+process reported (heartbeats, health, ingest minutes) and the tables other features
+keep (outbound_log, backup_runs, gateways, reports). Tables another feature owns may
+be missing (an older schema, a feature not installed): their probe says so
+(`available: False`) and the component shows "unknown". Every query is bounded by an
+index or by a small table; the monitor runs them off the request path.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from psycopg import AsyncConnection
+
+from . import health as health_mod
+from .observe import INGEST_SLOW_BOUND, LATENCY_BUCKETS, quantile_bound, share_above
+
+PATHS = ("telegram", "email", "webhook")
+# outbound_log statuses that are a delivery attempt, and the failed ones among them.
+# 'dropped' (a 4xx from the customer's own webhook) is the target refusing, not the
+# path failing; 'queued' is not an attempt yet.
+ATTEMPT = ("ok", "failed", "retrying")
+FAILED = ("failed", "retrying")
+
+
+async def exists(conn: AsyncConnection[Any], table: str) -> bool:
+    cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,))
+    row = await cur.fetchone()
+    return bool(row and row[0])
+
+
+async def processes(conn: AsyncConnection[Any], now: datetime, live: timedelta) -> dict[str, Any]:
+    """Live processes and their merged health. The dashboard is served by the processes
+    of role `all`; a status-only process does not count as the dashboard being up."""
+    cur = await conn.execute(
+        "SELECT process, seen_at, health, role FROM status_processes ORDER BY seen_at DESC"
+    )
+    rows = await cur.fetchall()
+    alive = [r for r in rows if now - r[1] <= live]
+    serving = [r for r in rows if r[3] == "all"]
+    return {
+        "alive": sum(1 for r in alive if r[3] == "all"),
+        "status_only": sum(1 for r in alive if r[3] != "all"),
+        "newest_age_s": (now - serving[0][1]).total_seconds() if serving else None,
+        "health": health_mod.merge([r[2] for r in alive]),
+    }
+
+
+async def ingest(conn: AsyncConnection[Any], now: datetime) -> dict[str, Any]:
+    minute = now.replace(second=0, microsecond=0)
+    cur = await conn.execute(
+        "SELECT minute, ingest_requests, ingest_5xx, ingest_latency FROM status_minutes"
+        " WHERE minute >= %s",
+        (minute - timedelta(minutes=4),),
+    )
+    rows = await cur.fetchall()
+    n = len(LATENCY_BUCKETS) + 1
+    lat5 = [0] * n
+    req2 = err2 = req5 = 0
+    for m, req, e, lat in rows:
+        req5 += req
+        lat5 = [a + b for a, b in zip(lat5, list(lat)[:n], strict=False)]
+        if m >= minute - timedelta(minutes=1):
+            req2 += req
+            err2 += e
+    p99 = quantile_bound(lat5, 0.99)
+    return {
+        "requests_2m": req2,
+        "errors_5xx_2m": err2,
+        "requests_5m": req5,
+        "slow_share_5m": share_above(lat5, INGEST_SLOW_BOUND),
+        "p99_bound_5m_s": None if p99 is None or p99 == float("inf") else p99,
+        "p99_over_10s": p99 == float("inf"),
+    }
+
+
+async def dispatch(conn: AsyncConnection[Any], now: datetime) -> dict[str, Any]:
+    if not await exists(conn, "outbound_log"):
+        return {p: None for p in PATHS}
+    out: dict[str, Any] = {}
+    window = now - timedelta(minutes=5)
+    for path in PATHS:
+        cur = await conn.execute(
+            "SELECT count(*) FILTER (WHERE status = ANY(%s)),"
+            " count(*) FILTER (WHERE status = ANY(%s)),"
+            " (array_agg(error ORDER BY at DESC) FILTER (WHERE status = ANY(%s)))[1]"
+            " FROM outbound_log WHERE path = %s AND at > %s AND at <= %s",
+            (list(ATTEMPT), list(FAILED), list(FAILED), path, window, now),
+        )
+        attempts, failed, last_error = await cur.fetchone() or (0, 0, None)
+        cur = await conn.execute(
+            "SELECT max(at) FROM outbound_log WHERE path = %s AND status = 'ok' AND at <= %s",
+            (path, now),
+        )
+        last_ok = (await cur.fetchone() or (None,))[0]
+        failing_for = None
+        if attempts and failed == attempts:
+            cur = await conn.execute(
+                "SELECT min(at) FROM outbound_log WHERE path = %s AND status = ANY(%s)"
+                " AND at > %s AND at <= %s",
+                (path, list(FAILED), last_ok or datetime.min.replace(tzinfo=now.tzinfo), now),
+            )
+            first = (await cur.fetchone() or (None,))[0]
+            if first is not None:
+                failing_for = (now - first).total_seconds()
+        out[path] = {
+            "attempts_5m": attempts,
+            "failed_5m": failed,
+            "last_ok_age_s": (now - last_ok).total_seconds() if last_ok else None,
+            "failing_for_s": failing_for,
+            "last_error": last_error,
+        }
+    return out
+
+
+async def dispatch_accounts(conn: AsyncConnection[Any], path: str, now: datetime) -> list[str]:
+    """Accounts whose deliveries on `path` failed in the last 5 minutes."""
+    if not await exists(conn, "outbound_log"):
+        return []
+    cur = await conn.execute(
+        "SELECT DISTINCT account_id FROM outbound_log WHERE path = %s AND at > %s"
+        " AND status = ANY(%s) AND account_id IS NOT NULL",
+        (path, now - timedelta(minutes=5), list(FAILED)),
+    )
+    return [r[0] for r in await cur.fetchall()]
+
+
+async def reports(conn: AsyncConnection[Any], now: datetime) -> dict[str, Any]:
+    cur = await conn.execute(
+        "SELECT id, extract(epoch FROM coalesce(ready_at, %s) - created_at)::float8"
+        " FROM reports WHERE template = 'haccp_monthly'"
+        " AND ((status = 'queued' AND created_at > %s) OR ready_at > %s)"
+        " ORDER BY 2 DESC LIMIT 1",
+        (now, now - timedelta(days=1), now - timedelta(hours=1)),
+    )
+    slow = await cur.fetchone()
+    cur = await conn.execute(
+        "SELECT max(ready_at) FROM reports WHERE status = 'ready' AND ready_at > %s",
+        (now - timedelta(days=30),),
+    )
+    last_ready = (await cur.fetchone() or (None,))[0]
+    return {
+        "slowest_monthly_s": slow[1] if slow else None,
+        "slowest_id": slow[0] if slow else None,
+        "last_ready_age_s": (now - last_ready).total_seconds() if last_ready else None,
+    }
+
+
+async def backups(conn: AsyncConnection[Any], now: datetime, max_age_s: float) -> dict[str, Any]:
+    cur = await conn.execute("SELECT at FROM status_meta WHERE key = 'monitoring_since'")
+    since = (await cur.fetchone() or (None,))[0]
+    out: dict[str, Any] = {
+        "available": await exists(conn, "backup_runs"),
+        "max_age_s": max_age_s,
+        "monitoring_for_s": (now - since).total_seconds() if since else 0.0,
+    }
+    if not out["available"]:
+        return out
+    cur = await conn.execute(
+        "SELECT max(finished_at) FILTER (WHERE ok AND kind <> 'restore_test'),"
+        " (array_agg(ok ORDER BY started_at DESC) FILTER (WHERE kind = 'restore_test'"
+        "   AND finished_at IS NOT NULL))[1],"
+        " (array_agg(ok ORDER BY started_at DESC) FILTER (WHERE kind <> 'restore_test'"
+        "   AND finished_at IS NOT NULL))[1]"
+        " FROM backup_runs WHERE started_at <= %s",
+        (now,),
+    )
+    last_good, restore_ok, last_ok = await cur.fetchone() or (None, None, None)
+    out["last_good_age_s"] = (now - last_good).total_seconds() if last_good else None
+    out["last_restore_test_ok"] = restore_ok
+    out["last_run_ok"] = last_ok
+    return out
+
+
+# a gateway is operational when seen within GATEWAY_OK, degraded up to GATEWAY_DOWN
+GATEWAY_OK = timedelta(minutes=5)
+GATEWAY_DOWN = timedelta(minutes=15)
+
+
+def gateway_state(last_seen: datetime | None, health: dict[str, Any], now: datetime) -> str:
+    if last_seen is None:
+        return "unknown"
+    age = now - last_seen
+    if age > GATEWAY_DOWN:
+        return "outage"
+    if age > GATEWAY_OK or (health.get("oldest_unsent_s") or 0) > GATEWAY_OK.total_seconds():
+        return "degraded"
+    return "operational"
+
+
+async def gateways(conn: AsyncConnection[Any], now: datetime) -> list[dict[str, Any]] | None:
+    if not await exists(conn, "gateways"):
+        return None
+    cur = await conn.execute(
+        "SELECT id, account_id, site_id, name, last_seen_at, health FROM gateways ORDER BY id"
+    )
+    out = []
+    for gid, acc, site, name, seen, h in await cur.fetchall():
+        h = h if isinstance(h, dict) else {}
+        out.append(
+            {
+                "id": gid,
+                "account_id": acc,
+                "site_id": site,
+                "name": name,
+                "last_seen_at": seen,
+                "state": gateway_state(seen, h, now),
+                "health": h,
+            }
+        )
+    return out
