@@ -13,6 +13,8 @@ from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
 from . import db, jobs
+from .alarms.routes import routes as alarm_routes
+from .alarms.service import alarms_ctx
 from .api.keys import CONFIG, DSN, MQTT, POOL, REQUEST_LOG, VERIFIER, WRITER
 from .api.middleware import error_middleware
 from .api.requestlog import RequestLog
@@ -130,8 +132,17 @@ def create_app(config: Config, dsn: str) -> web.Application:
     app[CONFIG] = config
     app[DSN] = dsn
     app[VERIFIER] = Verifier()
-    app.cleanup_ctx.extend([database_ctx, request_log_ctx, writer_ctx, mqtt_ctx, jobs_ctx])
+    app.cleanup_ctx.extend(
+        [database_ctx, request_log_ctx, writer_ctx, mqtt_ctx, jobs_ctx, alarms_ctx]
+    )
     app.router.add_get("/healthz", healthz)
-    for table in (ingest_routes, device_routes, read_routes, emqx_routes, openapi_routes):
+    for table in (
+        ingest_routes,
+        device_routes,
+        read_routes,
+        emqx_routes,
+        openapi_routes,
+        alarm_routes,
+    ):
         app.router.add_routes(table)
     return app

@@ -52,7 +52,14 @@ async def _retention(conn: AsyncConnection[Any], cfg: Config, now: datetime) -> 
         "DELETE FROM request_log WHERE ts < %s",
         (now - timedelta(days=cfg.retention_request_log_days),),
     )
-    return f"dropped {len(dropped)} partitions, {cur.rowcount} request log rows"
+    out = await conn.execute(
+        "DELETE FROM outbound_log WHERE at < %s",
+        (now - timedelta(days=cfg.retention_outbound_log_days),),
+    )
+    return (
+        f"dropped {len(dropped)} partitions, {cur.rowcount} request log rows,"
+        f" {out.rowcount} outbound log rows"
+    )
 
 
 async def _housekeeping(conn: AsyncConnection[Any], cfg: Config, now: datetime) -> str:

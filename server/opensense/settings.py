@@ -176,6 +176,70 @@ SETTINGS: tuple[Setting, ...] = (
         "Shared secret EMQX sends (Authorization: Bearer …) to /v1/mqtt/emqx/authn and /authz; "
         "empty: those endpoints answer 404.",
     ),
+    # --- alarms and notifications (docs/alarms.md) ---
+    Setting(
+        "alarms_enabled",
+        "OPENSENSE_ALARMS_ENABLED",
+        bool,
+        True,
+        "Run the rule engine and the notification sender in this process (any number may).",
+    ),
+    Setting(
+        "alarm_sweep_s",
+        "OPENSENSE_ALARM_SWEEP_S",
+        float,
+        2.0,
+        "Seconds between time-driven checks (grace running out, gaps, offline devices, "
+        "re-notification, due escalation steps); new readings wake the engine at once.",
+        minimum=0.05,
+    ),
+    Setting(
+        "telegram_bot_token",
+        "OPENSENSE_TELEGRAM_BOT_TOKEN",
+        str,
+        "",
+        "Telegram bot token (from @BotFather); empty: Telegram recipients are dropped and logged.",
+    ),
+    Setting(
+        "telegram_api_base",
+        "OPENSENSE_TELEGRAM_API_BASE",
+        str,
+        "https://api.telegram.org",
+        "Bot API base URL (a self-hosted Bot API server, or a test double).",
+    ),
+    Setting(
+        "telegram_webhook_secret",
+        "OPENSENSE_TELEGRAM_WEBHOOK_SECRET",
+        str,
+        "",
+        "secret_token given to setWebhook; /v1/telegram/webhook answers 404 while empty.",
+    ),
+    Setting("smtp_host", "OPENSENSE_SMTP_HOST", str, "", "SMTP relay host; empty: no email."),
+    Setting("smtp_port", "OPENSENSE_SMTP_PORT", int, 587, "SMTP relay port.", minimum=1),
+    Setting("smtp_user", "OPENSENSE_SMTP_USER", str, "", "SMTP login (empty: none)."),
+    Setting("smtp_password", "OPENSENSE_SMTP_PASSWORD", str, "", "SMTP password."),
+    Setting(
+        "smtp_tls",
+        "OPENSENSE_SMTP_TLS",
+        str,
+        "starttls",
+        "SMTP transport security: starttls, tls (implicit, port 465) or none (local relay only).",
+    ),
+    Setting(
+        "mail_from",
+        "OPENSENSE_MAIL_FROM",
+        str,
+        "alerts@opensense.invalid",
+        "From address of alarm email.",
+    ),
+    Setting(
+        "retention_outbound_log_days",
+        "OPENSENSE_RETENTION_OUTBOUND_LOG_DAYS",
+        int,
+        90,
+        "Days the outbound notification log is kept (seed retention table: 90 days).",
+        minimum=90,
+    ),
 )
 
 
@@ -222,12 +286,28 @@ class Config:
     mqtt_url: str = ""
     mqtt_ca: str = ""
     emqx_secret: str = ""
+    alarms_enabled: bool = True
+    alarm_sweep_s: float = 2.0
+    telegram_bot_token: str = ""
+    telegram_api_base: str = "https://api.telegram.org"
+    telegram_webhook_secret: str = ""
+    smtp_host: str = ""
+    smtp_port: int = 587
+    smtp_user: str = ""
+    smtp_password: str = ""
+    smtp_tls: str = "starttls"
+    mail_from: str = "alerts@opensense.invalid"
+    retention_outbound_log_days: int = 90
     # Not a setting: the clock. Tests inject one; everything time-dependent asks it.
     clock: Callable[[], datetime] = field(default=_utcnow, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.mqtt not in ("embedded", "external", "off"):
             raise ValueError(f"OPENSENSE_MQTT must be embedded, external or off, not {self.mqtt!r}")
+        if self.smtp_tls not in ("starttls", "tls", "none"):
+            raise ValueError(
+                f"OPENSENSE_SMTP_TLS must be starttls, tls or none, not {self.smtp_tls!r}"
+            )
         if self.mqtt == "external" and not self.mqtt_url:
             raise ValueError("OPENSENSE_MQTT=external needs OPENSENSE_MQTT_URL")
         for s in SETTINGS:
