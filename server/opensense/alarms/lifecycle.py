@@ -107,7 +107,7 @@ async def transition(conn: AsyncConnection[Any], ch: Change) -> dict[str, Any]:
         )
         ev = await cur.fetchone()
         assert ev is not None
-        await outbox.cancel_escalation(conn, ev["id"])
+        await outbox.cancel_escalation(conn, ev["id"], ch.now, ack=True)
         await outbox.enqueue_follow_up(conn, ev, "alarm_ack", ch.now)
         return ev
 
@@ -123,7 +123,7 @@ async def transition(conn: AsyncConnection[Any], ch: Change) -> dict[str, Any]:
         )
         ev = await cur.fetchone()
         assert ev is not None
-        await outbox.cancel_escalation(conn, ev["id"])
+        await outbox.cancel_escalation(conn, ev["id"], ch.now, ack=False)
         kind = "device_online" if ch.action == "online" else "alarm_cleared"
         await outbox.enqueue_follow_up(conn, ev, kind, ch.now)
         return ev

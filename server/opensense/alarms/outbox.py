@@ -189,12 +189,17 @@ async def enqueue_opened(
             )  # fmt: skip
 
 
-async def cancel_escalation(conn: AsyncConnection[Any], event_id: str) -> None:
-    """An acknowledgement (or the end) stops the steps not sent yet."""
+async def cancel_escalation(
+    conn: AsyncConnection[Any], event_id: str, now: datetime, *, ack: bool
+) -> None:
+    """An acknowledgement stops every message not sent yet: someone knows. The end of
+    an alarm stops the later steps only; the first one still goes out, so an excursion
+    found in late (buffered) readings is reported even though it is over."""
     await conn.execute(
         "UPDATE outbox SET status = 'cancelled' WHERE event_id = %s AND status = 'pending'"
-        " AND kind IN ('alarm_opened', 'alarm_reminder', 'device_offline')",
-        (event_id,),
+        " AND kind IN ('alarm_opened', 'alarm_reminder', 'device_offline')"
+        " AND (%s OR due_at > %s)",
+        (event_id, ack, now),
     )
 
 
