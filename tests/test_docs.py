@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from opensense.alarms.engine import RULE_KINDS
 from opensense.cli import build_parser
 from opensense.errors import CODES
 from opensense.jobs import JOBS
@@ -53,3 +54,11 @@ def test_every_cli_command_is_in_the_readme() -> None:
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     for name in sub.choices:  # type: ignore[union-attr]
         assert f"opensense {name}" in readme, name
+
+
+@pytest.mark.parametrize("name", list(RULE_KINDS))
+def test_every_rule_kind_is_documented(name: str) -> None:
+    text = (ROOT / "docs" / "alarms.md").read_text()
+    assert f"`{name}`" in text
+    for p in RULE_KINDS[name].params:
+        assert f"`{p.name}`" in text, (name, p.name)

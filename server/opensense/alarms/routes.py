@@ -436,8 +436,8 @@ async def telegram_webhook(request: web.Request) -> web.Response:
     msg = update.get("message")
     if isinstance(msg, dict) and isinstance(msg.get("text"), str):
         text = msg["text"].strip()
-        chat = msg.get("chat") or {}
-        if text.startswith("/start") and "id" in chat:
+        chat = _dict(msg.get("chat"))
+        if text.startswith("/start") and isinstance(chat.get("id"), int | str):
             reply = await _link_chat(request, str(chat["id"]), text.split()[1:], now)
             await paths.telegram_call(
                 session, cfg, "sendMessage", {"chat_id": chat["id"], "text": reply}
@@ -449,6 +449,10 @@ async def telegram_webhook(request: web.Request) -> web.Response:
             session, cfg, "answerCallbackQuery", {"callback_query_id": cq["id"], "text": answer}
         )
     return response({"ok": True})
+
+
+def _dict(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
 
 
 async def _link_chat(request: web.Request, chat_id: str, args: list[str], now: datetime) -> str:
@@ -475,8 +479,8 @@ async def _ack_from_chat(request: web.Request, cq: dict[str, Any], now: datetime
     data = cq["data"]
     if not data.startswith("ack:"):
         return "Unknown button."
-    chat_id = str(((cq.get("message") or {}).get("chat") or {}).get("id", ""))
-    user = cq.get("from") or {}
+    chat_id = str(_dict(_dict(cq.get("message")).get("chat")).get("id", ""))
+    user = _dict(cq.get("from"))
     who = "telegram:" + str(user.get("username") or user.get("first_name") or user.get("id"))
     async with request.app[POOL].connection() as conn, conn.transaction():
         cur = await conn.execute(

@@ -42,17 +42,34 @@ def _beat(app: web.Application, component: str, exc: BaseException | None) -> No
 async def _listen_loop(
     dsn: str, channel: str, every: float, work: Callable[[bool], Awaitable[None]]
 ) -> None:
-    """Run `work(woken)` on each NOTIFY on `channel`, and at least every `every` s."""
+    """Run `work(woken)` after each NOTIFY on `channel`, and at least every `every` s.
+    A pump task keeps the connection's notifies() generator running all the time (a
+    notification arriving while no generator waits would be lost); the wake-up flag
+    is cleared before each run, so a commit during a run causes another run."""
+    wake = asyncio.Event()
     while True:
         try:
             async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
                 await conn.execute(f"LISTEN {channel}")
-                await work(True)  # whatever was missed while not listening
-                while True:
-                    woken = False
-                    async for _ in conn.notifies(timeout=every, stop_after=1):
-                        woken = True
-                    await work(woken)
+
+                async def pump(conn: psycopg.AsyncConnection[Any] = conn) -> None:
+                    async for _ in conn.notifies():
+                        wake.set()
+
+                pumper = asyncio.create_task(pump())
+                try:
+                    await work(True)  # whatever was missed while not listening
+                    while not pumper.done():
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(wake.wait(), every)
+                        woken = wake.is_set()
+                        wake.clear()
+                        await work(woken)
+                    pumper.result()  # raises what broke the connection
+                finally:
+                    pumper.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await pumper
         except asyncio.CancelledError:
             raise
         except Exception:
