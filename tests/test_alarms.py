@@ -14,6 +14,7 @@ import pytest
 
 from opensense.alarms import dispatch, evaluator
 from opensense.api.jsonutil import rfc3339
+from opensense.api.keys import ALARMS_HTTP as HTTP
 from opensense.api.keys import CONFIG, POOL
 from opensense.app import create_app
 from opensense.settings import Config
@@ -83,8 +84,6 @@ async def evaluate(app) -> None:
 
 
 async def send(app, client) -> None:
-    from opensense.alarms.service import HTTP
-
     while await dispatch.dispatch_due(app[POOL], app[CONFIG], app[HTTP]):
         pass
 
@@ -498,3 +497,54 @@ async def test_one_evaluator_per_channel_across_processes(dsn, clock, smtp, tele
     finally:
         for c in clients:
             await c.close()
+
+
+async def test_outbox_survives_a_restart_and_sends_once(aiohttp_client, dsn, clock, smtp, telegram):
+    """The alarm commits with its outbox rows; a server stopped before sending sends
+    after the restart, once."""
+    cfg = alarm_config(clock, smtp, telegram)
+    first = create_app(cfg, dsn)
+    client = await aiohttp_client(first)
+    world = await make_world(dsn, cfg, ("fridge01",))
+    await client.post(
+        "/v1/targets", json={"path": "email", "address": "rs@example.test"}, headers=world.auth
+    )
+    await ingest(client, world, clock, [9.0] * 20)
+    await evaluate(first)
+    await client.close()  # stopped before the sender ran
+    assert smtp.to("rs@example.test") == []
+    second = create_app(cfg, dsn)
+    client2 = await aiohttp_client(second)
+    await evaluate(second)
+    await send(second, client2)
+    await send(second, client2)
+    assert [m["Subject"] for m in smtp.to("rs@example.test")] == ["[ALARM] Shop temperature"]
+
+
+async def test_webhook_answers_decide_drop_retry_and_retry_after(setup, clock, webhook):
+    client, world, app = setup
+    r = await client.post(
+        "/v1/targets", json={"path": "webhook", "address": webhook.url}, headers=world.auth
+    )
+    webhook.secret = (await r.json())["secret"]
+    webhook.status = 429
+    await ingest(client, world, clock, [9.0] * 20)
+    await evaluate(app)
+    await send(app, client)
+    async with app[POOL].connection() as conn:
+        cur = await conn.execute(
+            "SELECT status, attempts, due_at FROM outbox WHERE account_id = %s", (world.account,)
+        )
+        status, attempts, due = await cur.fetchone()
+    assert status == "pending" and attempts == 1 and due == clock() + timedelta(seconds=30)
+    webhook.status = 410  # gone: a 4xx other than 429 is dropped, not retried
+    clock.advance(seconds=31)
+    await send(app, client)
+    async with app[POOL].connection() as conn:
+        cur = await conn.execute(
+            "SELECT status FROM outbox WHERE account_id = %s", (world.account,)
+        )
+        assert (await cur.fetchone())[0] == "dropped"
+    log = (await (await client.get("/v1/outbound-log", headers=world.auth)).json())["data"]
+    assert [(e["status"], e["code"]) for e in log] == [("dropped", 410), ("failed", 429)]
+    assert webhook.received == [] and webhook.rejected == 0

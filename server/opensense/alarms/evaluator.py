@@ -94,13 +94,14 @@ class Stats:
     rewinds: int = 0
 
 
-async def evaluate_dirty(pool: AsyncConnectionPool, now: datetime, limit: int = 256) -> Stats:
-    """One pass over (up to `limit`) channels with new readings."""
+async def evaluate_dirty(pool: AsyncConnectionPool, now: datetime, limit: int = 128) -> Stats:
+    """One pass over (up to `limit`) channels with new readings, oldest wake-up first.
+    Three statements whatever the batch size: claim, read the readings, save."""
     st = Stats()
     async with pool.connection() as conn, conn.transaction():
         cur = await conn.execute(
             "DELETE FROM alarm_dirty WHERE channel_num IN (SELECT channel_num FROM alarm_dirty"
-            " ORDER BY channel_num LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING channel_num, since",
+            " ORDER BY marked_at LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING channel_num, since",
             (limit,),
         )
         dirty = {int(n): s for n, s in await cur.fetchall()}
@@ -119,28 +120,72 @@ async def evaluate_dirty(pool: AsyncConnectionPool, now: datetime, limit: int = 
         )
         states = {int(r[0]): r[1:] for r in await cur.fetchall()}
         meta = await _meta(conn, nums)
-        for num in nums:
-            if num not in meta or num not in states:
+        plans = {
+            num: _plan(states[num], dirty[num], st) for num in nums if num in meta and num in states
+        }
+        readings = await _readings(conn, {num: p.lower for num, p in plans.items()})
+        saves: list[tuple[Any, ...]] = []
+        for num, p in plans.items():
+            rs = readings.get(num, [])
+            if not rs:
                 continue
-            await _evaluate(conn, meta[num], states[num], dirty[num], now, st)
+            saves.append(await _run(conn, meta[num], p, rs, now, st))
             st.channels += 1
+            if len(rs) >= MAX_READINGS:  # more to come: mark the channel again
+                await conn.execute(
+                    "INSERT INTO alarm_dirty (channel_num, since) VALUES (%s, %s)"
+                    " ON CONFLICT (channel_num) DO UPDATE"
+                    " SET since = least(alarm_dirty.since, excluded.since)",
+                    (num, rs[-1][0] + timedelta(microseconds=1)),
+                )
+        if saves:
+            async with conn.cursor() as c:
+                await c.executemany(SAVE_SQL, saves)
+        st.channels = max(st.channels, 1)  # the claim made progress: look again
     return st
 
 
+@dataclass
+class Plan:
+    rules_json: dict[str, Any]
+    events: dict[str, Any]
+    checkpoints: list[Any]
+    lower: datetime  # readings after this are (re)judged
+
+
+def _plan(row: tuple[Any, ...], since: datetime, st: Stats) -> Plan:
+    """From where to judge: where the channel stands, or — for late readings — the
+    last checkpoint before them (or a fresh state a day earlier)."""
+    rules_json, events, checkpoints, last_ts = dict(row[0]), dict(row[1]), list(row[2]), row[3]
+    tiny = timedelta(microseconds=1)
+    if last_ts is None:
+        return Plan(rules_json, events, checkpoints, since - tiny)
+    if since > last_ts:
+        return Plan(rules_json, events, checkpoints, last_ts)
+    st.rewinds += 1
+    keep = [c for c in checkpoints if datetime.fromisoformat(c[0]) < since]
+    if keep:
+        return Plan(dict(keep[-1][1]), dict(keep[-1][2]), keep, datetime.fromisoformat(keep[-1][0]))
+    return Plan({}, events, [], since - timedelta(hours=24) - tiny)
+
+
 async def _readings(
-    conn: AsyncConnection[Any], num: int, after: datetime | None, since: datetime
-) -> list[tuple[datetime, float]]:
-    if after is None:
-        cur = await conn.execute(
-            "SELECT ts, value FROM measurements WHERE channel_num = %s AND ts >= %s ORDER BY ts LIMIT %s",
-            (num, since, MAX_READINGS),
-        )
-    else:
-        cur = await conn.execute(
-            "SELECT ts, value FROM measurements WHERE channel_num = %s AND ts > %s ORDER BY ts LIMIT %s",
-            (num, after, MAX_READINGS),
-        )
-    return [(r[0], float(r[1])) for r in await cur.fetchall()]
+    conn: AsyncConnection[Any], lower: dict[int, datetime]
+) -> dict[int, list[tuple[datetime, float]]]:
+    if not lower:
+        return {}
+    nums = list(lower)
+    cur = await conn.execute(
+        "SELECT f.num, m.ts, m.value FROM unnest(%s::int4[], %s::timestamptz[]) AS f(num, lo)"
+        " CROSS JOIN LATERAL (SELECT ts, value FROM measurements"
+        "   WHERE channel_num = f.num AND ts > f.lo ORDER BY ts LIMIT %s) m"
+        " ORDER BY f.num, m.ts",
+        (nums, [lower[n] for n in nums], MAX_READINGS),
+    )
+    out: dict[int, list[tuple[datetime, float]]] = {}
+    for num, ts, value in await cur.fetchall():
+        out.setdefault(int(num), []).append((ts, float(value)))
+    return out
 
 
 async def _lookup_for(
@@ -168,60 +213,27 @@ async def _lookup_for(
     return lookup
 
 
-async def _evaluate(
-    conn: AsyncConnection[Any],
-    m: Meta,
-    row: tuple[Any, ...],
-    since: datetime,
-    now: datetime,
-    st: Stats,
-) -> None:
-    rules_json, events, checkpoints, last_ts = (
-        dict(row[0]),
-        dict(row[1]),
-        list(row[2]),
-        row[3],
-    )
-    after: datetime | None = last_ts
-    if last_ts is not None and since <= last_ts:  # late readings: rewind and replay
-        st.rewinds += 1
-        keep = [c for c in checkpoints if datetime.fromisoformat(c[0]) < since]
-        if keep:
-            after = datetime.fromisoformat(keep[-1][0])
-            rules_json, events = dict(keep[-1][1]), dict(keep[-1][2])
-            checkpoints = keep
-        else:
-            after, rules_json, checkpoints = None, {}, []
-            since = since - timedelta(hours=24)
-    readings = await _readings(conn, m.num, after, since)
-    if not readings:
-        return
-    await _run(conn, m, rules_json, events, checkpoints, readings, now, st)
-    if len(readings) >= MAX_READINGS:  # more to come: mark the channel again
-        await conn.execute(
-            "INSERT INTO alarm_dirty (channel_num, since) VALUES (%s, %s)"
-            " ON CONFLICT (channel_num) DO UPDATE SET since = least(alarm_dirty.since, excluded.since)",
-            (m.num, readings[-1][0] + timedelta(microseconds=1)),
-        )
-
-
 async def _run(
     conn: AsyncConnection[Any],
     m: Meta,
-    rules_json: dict[str, Any],
-    events: dict[str, Any],
-    checkpoints: list[Any],
+    p: Plan,
     readings: list[tuple[datetime, float]],
     now: datetime,
     st: Stats,
-) -> None:
-    states = {r.id: RuleState.from_json(rules_json.get(r.id)) for r in m.rules}
+) -> tuple[Any, ...]:
+    """Feed the readings; apply the transitions; return the state row to save."""
+    states = {r.id: RuleState.from_json(p.rules_json.get(r.id)) for r in m.rules}
+    events, checkpoints = p.events, p.checkpoints
     last = max((s.last_ts for s in states.values() if s.last_ts), default=None)
     if last is not None and (
         not checkpoints or last - datetime.fromisoformat(checkpoints[-1][0]) >= CHECKPOINT_EVERY
     ):
         checkpoints.append([last.isoformat(), {k: s.to_json() for k, s in states.items()}, events])
-    lookup = await _lookup_for(conn, m, readings[0][0], readings[-1][0])
+    lookup = (
+        await _lookup_for(conn, m, readings[0][0], readings[-1][0])
+        if any(r.kind == "comparison" for r in m.rules)
+        else engine._no_lookup
+    )
     trs: list[Transition] = []
     for r in m.rules:
         s = states[r.id]
@@ -233,7 +245,7 @@ async def _run(
     trs.sort(key=lambda t: t.at)
     await apply(conn, m, trs, events, now)
     st.transitions += len(trs)
-    await save(conn, m, states, events, checkpoints, readings[-1][0], now)
+    return save_params(m, states, events, checkpoints, readings[-1][0], now)
 
 
 async def apply(
@@ -262,34 +274,35 @@ async def apply(
             )
 
 
-async def save(
-    conn: AsyncConnection[Any],
+SAVE_SQL = (
+    "UPDATE alarm_state SET rules = %s, events = %s, checkpoints = %s,"
+    " last_ts = greatest(last_ts, %s), due_at = %s, status = %s, updated_at = %s"
+    " WHERE channel_num = %s"
+)
+
+
+def save_params(
     m: Meta,
     states: dict[str, RuleState],
     events: dict[str, Any],
     checkpoints: list[Any],
     last_ts: datetime | None,
     now: datetime,
-) -> None:
+) -> tuple[Any, ...]:
     if last_ts is not None:
         checkpoints = [
             c for c in checkpoints if datetime.fromisoformat(c[0]) >= last_ts - CHECKPOINT_KEEP
         ]
     dues = [d for r in m.rules if (d := engine.due_at(r, states[r.id])) is not None]
-    await conn.execute(
-        "UPDATE alarm_state SET rules = %s, events = %s, checkpoints = %s,"
-        " last_ts = greatest(last_ts, %s), due_at = %s, status = %s, updated_at = %s"
-        " WHERE channel_num = %s",
-        (
-            Jsonb({k: s.to_json() for k, s in states.items()}),
-            Jsonb(events),
-            Jsonb(checkpoints),
-            last_ts,
-            min(dues) if dues else None,
-            engine.channel_status(m.rules, states),
-            now,
-            m.num,
-        ),
+    return (
+        Jsonb({k: s.to_json() for k, s in states.items()}),
+        Jsonb(events),
+        Jsonb(checkpoints),
+        last_ts,
+        min(dues) if dues else None,
+        engine.channel_status(m.rules, states),
+        now,
+        m.num,
     )
 
 
@@ -318,7 +331,7 @@ async def tick_due(pool: AsyncConnectionPool, now: datetime, limit: int = 500) -
                 trs.extend(out)
             trs.sort(key=lambda t: t.at)
             await apply(conn, m, trs, events, now)
-            await save(conn, m, states, events, list(row[2]), None, now)
+            await conn.execute(SAVE_SQL, save_params(m, states, events, list(row[2]), None, now))
             n += len(trs)
     return n
 

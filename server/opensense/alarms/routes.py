@@ -16,13 +16,13 @@ from psycopg.types.json import Jsonb
 from ..api import auth
 from ..api.body import json_object
 from ..api.jsonutil import response
+from ..api.keys import ALARMS_HTTP as HTTP
 from ..api.keys import CONFIG, POOL
 from ..devices.service import channel_row, get_site
 from ..errors import ApiError
 from ..ids import new_id
 from . import dispatch, engine, evaluator, outbox, paths
 from .lifecycle import Change, transition
-from .service import HTTP
 
 routes = web.RouteTableDef()
 

@@ -25,12 +25,11 @@ import aiohttp
 import psycopg
 from aiohttp import web
 
+from ..api.keys import ALARMS_HTTP as HTTP
 from ..api.keys import CONFIG, DSN, POOL
 from . import dispatch, evaluator
 
 log = logging.getLogger(__name__)
-
-HTTP = web.AppKey("alarms_http", aiohttp.ClientSession)
 
 
 def _beat(app: web.Application, component: str, exc: BaseException | None) -> None:

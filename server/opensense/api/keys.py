@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import aiohttp
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
@@ -18,6 +19,7 @@ REQUEST_LOG = web.AppKey("request_log", RequestLog)
 DSN = web.AppKey("dsn", str)
 WRITER = web.AppKey("writer", BatchWriter)
 MQTT = web.AppKey("mqtt", MqttSide)
+ALARMS_HTTP = web.AppKey("alarms_http", aiohttp.ClientSession)  # the notifier's client
 
 # per-request keys (request[...] = ...)
 REQUEST_ID = web.RequestKey("request_id", str)
