@@ -548,3 +548,36 @@ async def test_webhook_answers_decide_drop_retry_and_retry_after(setup, clock, w
     log = (await (await client.get("/v1/outbound-log", headers=world.auth)).json())["data"]
     assert [(e["status"], e["code"]) for e in log] == [("dropped", 410), ("failed", 429)]
     assert webhook.received == [] and webhook.rejected == 0
+
+
+async def test_per_channel_minimum_interval_holds_a_second_alarm(setup, clock, smtp):
+    client, world, app = setup
+    await client.post(
+        "/v1/targets", json={"path": "email", "address": "mi@example.test"}, headers=world.auth
+    )
+    cid = await ingest(client, world, clock, [3.0])
+    ch = await (await client.get(f"/v1/channels/{cid}", headers=world.auth)).json()
+    r = await client.patch(
+        f"/v1/rules/{ch['rules'][0]['id']}", json={"grace_min": 0, "clear_min": 0},
+        headers=world.auth,
+    )  # fmt: skip
+    assert r.status == 200
+    clock.advance(minutes=1)
+    await ingest(client, world, clock, [9.0])  # alarm 1
+    await evaluate(app)
+    await send(app, client)
+    clock.advance(minutes=1)
+    await ingest(client, world, clock, [3.0])  # cleared
+    clock.advance(minutes=1)
+    await ingest(client, world, clock, [9.0])  # alarm 2, two minutes after alarm 1
+    await evaluate(app)
+    await send(app, client)
+    assert len(await events(client, world)) == 2
+    subjects = [m["Subject"] for m in smtp.to("mi@example.test")]
+    assert subjects == ["[ALARM] Shop temperature", "[CLEARED] Shop temperature"]
+    clock.advance(minutes=3, seconds=1)  # 5 min after the first alarm went out
+    await ingest(client, world, clock, [9.0])
+    await evaluate(app)
+    await send(app, client)
+    subjects = [m["Subject"] for m in smtp.to("mi@example.test")]
+    assert subjects[-1] == "[ALARM] Shop temperature" and len(subjects) == 3

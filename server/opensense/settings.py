@@ -233,6 +233,15 @@ SETTINGS: tuple[Setting, ...] = (
         "From address of alarm email.",
     ),
     Setting(
+        "notify_channel_interval_s",
+        "OPENSENSE_NOTIFY_CHANNEL_INTERVAL_S",
+        int,
+        300,
+        "Per-channel minimum interval: a person hears of a new alarm on one channel at most "
+        "once per this many seconds; later ones wait and go out grouped (0: off).",
+        minimum=0,
+    ),
+    Setting(
         "retention_outbound_log_days",
         "OPENSENSE_RETENTION_OUTBOUND_LOG_DAYS",
         int,
@@ -297,6 +306,7 @@ class Config:
     smtp_password: str = ""
     smtp_tls: str = "starttls"
     mail_from: str = "alerts@opensense.invalid"
+    notify_channel_interval_s: int = 300
     retention_outbound_log_days: int = 90
     # Not a setting: the clock. Tests inject one; everything time-dependent asks it.
     clock: Callable[[], datetime] = field(default=_utcnow, compare=False, repr=False)

@@ -42,7 +42,7 @@ FAILING_AFTER = timedelta(minutes=5)
 
 CLAIM_SQL = """
 SELECT o.id, o.account_id, o.target_id, o.event_id, o.kind, o.payload, o.attempts,
-       o.created_at, t.path, t.address, t.secret, t.deleted_at
+       o.created_at, o.channel_id, t.path, t.address, t.secret, t.deleted_at
 FROM outbox o JOIN notify_targets t ON t.id = o.target_id
 WHERE o.status = 'pending' AND o.due_at <= %s
 ORDER BY o.due_at, o.id LIMIT %s
@@ -120,6 +120,7 @@ async def dispatch_due(
         rows = await cur.fetchall()
         if not rows:
             return 0
+        rows = await _hold_per_channel(conn, rows, now, cfg.notify_channel_interval_s)
         groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for r in rows:
             groups[r["target_id"]].append(r)
@@ -160,6 +161,40 @@ async def dispatch_due(
         for (grp, _msg, _d), o in zip(sends, outcomes, strict=True):
             await _settle(conn, grp, o, now)
         return len(rows)
+
+
+async def _hold_per_channel(
+    conn: AsyncConnection[Any], rows: list[dict[str, Any]], now: datetime, interval_s: int
+) -> list[dict[str, Any]]:
+    """Per-channel minimum interval: a person hears of a new alarm on one channel at
+    most once per `interval_s`; a later one waits until then (and is grouped with
+    whatever else is due). Webhooks are machines and get every event."""
+    keys = {
+        (r["target_id"], r["channel_id"])
+        for r in rows
+        if r["kind"] == "alarm_opened" and r["channel_id"] and r["path"] != "webhook"
+    }
+    if not keys or interval_s <= 0:
+        return rows
+    cur = await conn.execute(
+        "SELECT target_id, channel_id, max(sent_at) FROM outbox"
+        " WHERE status IN ('sent', 'digested') AND kind = 'alarm_opened' AND sent_at > %s"
+        " AND (target_id, channel_id) IN (SELECT * FROM unnest(%s::text[], %s::text[]))"
+        " GROUP BY 1, 2",
+        (now - timedelta(seconds=interval_s), [k[0] for k in keys], [k[1] for k in keys]),
+    )
+    last = {(t, c): at for t, c, at in await cur.fetchall()}
+    keep = []
+    for r in rows:
+        at = last.get((r["target_id"], r["channel_id"])) if r["kind"] == "alarm_opened" else None
+        if at is None or r["path"] == "webhook":
+            keep.append(r)
+            continue
+        await conn.execute(
+            "UPDATE outbox SET due_at = %s WHERE id = %s",
+            (at + timedelta(seconds=interval_s), r["id"]),
+        )
+    return keep
 
 
 def _paced_until(path: str, p: dict[str, Any] | None, now: datetime) -> datetime | None:

@@ -153,9 +153,20 @@ async def put(
     status: str = "pending",
 ) -> None:
     await conn.execute(
-        "INSERT INTO outbox (account_id, target_id, event_id, kind, dedupe_key, payload, due_at, status)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (dedupe_key) DO NOTHING",
-        (account_id, target_id, event_id, kind, key, Jsonb(payload), due, status),
+        "INSERT INTO outbox (account_id, target_id, event_id, kind, dedupe_key, payload, due_at,"
+        " status, channel_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        " ON CONFLICT (dedupe_key) DO NOTHING",
+        (
+            account_id,
+            target_id,
+            event_id,
+            kind,
+            key,
+            Jsonb(payload),
+            due,
+            status,
+            (payload.get("data") or {}).get("channel_id"),
+        ),  # fmt: skip
     )
     await conn.execute("SELECT pg_notify('opensense_outbox', '')")
 

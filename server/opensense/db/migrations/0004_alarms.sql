@@ -125,6 +125,10 @@ CREATE TABLE outbox (
 );
 CREATE INDEX outbox_due ON outbox (due_at) WHERE status = 'pending';
 CREATE INDEX outbox_event ON outbox (event_id) WHERE event_id IS NOT NULL;
+ALTER TABLE outbox ADD COLUMN channel_id text;
+-- the per-channel minimum interval looks up the last alarm a recipient got for a channel
+CREATE INDEX outbox_recent ON outbox (target_id, channel_id, sent_at)
+  WHERE status IN ('sent', 'digested') AND kind = 'alarm_opened';
 
 -- Pacing per recipient (Telegram 1 message / 10 s per chat; email 10 / hour).
 CREATE TABLE target_pacing (
