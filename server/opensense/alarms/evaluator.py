@@ -401,17 +401,12 @@ async def renotify(pool: AsyncConnectionPool, now: datetime) -> int:
 
 async def recompute(
     conn: AsyncConnection[Any], channel_num: int, now: datetime, hours: int = 24
-) -> Stats:
-    """Replay the last `hours` of a channel (idempotent: events are keyed by rule and
-    true start, so existing events are found, not duplicated)."""
+) -> None:
+    """Replay the last `hours` of a channel: it is marked dirty from then, so the next
+    pass rewinds to the checkpoint before that time and replays (idempotent: events
+    are keyed by rule and true start, so existing events are found, not duplicated)."""
     await conn.execute(
         "INSERT INTO alarm_dirty (channel_num, since) VALUES (%s, %s)"
         " ON CONFLICT (channel_num) DO UPDATE SET since = least(alarm_dirty.since, excluded.since)",
         (channel_num, now - timedelta(hours=hours)),
     )
-    await conn.execute(
-        "UPDATE alarm_state SET checkpoints = '[]', rules = '{}', last_ts = NULL"
-        " WHERE channel_num = %s",
-        (channel_num,),
-    )
-    return Stats()
