@@ -81,6 +81,7 @@ async def evaluate(app) -> None:
     await evaluator.tick_due(pool, now)
     await evaluator.check_devices(pool, now)
     await evaluator.renotify(pool, now)
+    await evaluator.silences(pool, now)
 
 
 async def send(app, client) -> None:
@@ -363,11 +364,15 @@ async def test_device_going_silent_is_reported_and_back_online(setup, clock, smt
     assert [w["type"] for w in webhook.received] == ["device_offline", "device_online"]
 
 
-async def test_silence_window_mutes_notifications_not_the_alarm(setup, clock, smtp):
+async def test_silence_window_mutes_notifications_not_the_alarm(setup, clock, smtp, webhook):
     client, world, app = setup
     await client.post(
         "/v1/targets", json={"path": "email", "address": "q@example.test"}, headers=world.auth
     )
+    r = await client.post(
+        "/v1/targets", json={"path": "webhook", "address": webhook.url}, headers=world.auth
+    )
+    webhook.secret = (await r.json())["secret"]
     r = await client.post(
         "/v1/silences",
         json={
@@ -383,6 +388,15 @@ async def test_silence_window_mutes_notifications_not_the_alarm(setup, clock, sm
     await send(app, client)
     assert len(await events(client, world)) == 1
     assert smtp.messages == []
+    # webhooks hear the silence itself, once when it opens and once when it closes
+    assert [w["type"] for w in webhook.received] == ["silence_opened"]
+    assert webhook.received[0]["data"]["reason"] == "deep clean"
+    clock.advance(hours=1, minutes=1)
+    await ingest(client, world, clock, [9.0])
+    await evaluate(app)
+    await evaluate(app)
+    await send(app, client)
+    assert [w["type"] for w in webhook.received] == ["silence_opened", "silence_closed"]
 
 
 async def test_acknowledged_alarm_renotifies_while_still_out_of_range(setup, clock, smtp):

@@ -26,7 +26,7 @@ from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from . import engine
+from . import engine, outbox
 from .engine import Rule, RuleState, Transition, Window
 from .lifecycle import Change, transition
 
@@ -378,6 +378,11 @@ async def check_devices(pool: AsyncConnectionPool, now: datetime) -> int:
                 )
             n += 1
     return n
+
+
+async def silences(pool: AsyncConnectionPool, now: datetime) -> int:
+    async with pool.connection() as conn, conn.transaction():
+        return await outbox.silence_webhooks(conn, now)
 
 
 async def renotify(pool: AsyncConnectionPool, now: datetime) -> int:

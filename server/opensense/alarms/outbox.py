@@ -251,3 +251,48 @@ async def enqueue_reminder(conn: AsyncConnection[Any], ev: dict[str, Any], now: 
             kind="alarm_reminder", key=f"{ev['id']}:alarm_reminder:{stamp}:{tid}",
             payload=payload, due=now, status="silenced" if quiet else "pending",
         )  # fmt: skip
+
+
+async def silence_webhooks(conn: AsyncConnection[Any], now: datetime) -> int:
+    """silence_opened when a silence begins, silence_closed when it ends: to every
+    webhook of the account, once each (flags on the silence, in the same transaction)."""
+    n = 0
+    for kind, flag, at in (
+        ("silence_opened", "opened_sent", "starts_at"),
+        ("silence_closed", "closed_sent", "ends_at"),
+    ):
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(
+            f"UPDATE silences SET {flag} = true WHERE id IN (SELECT id FROM silences"
+            f" WHERE NOT {flag} AND {at} <= %s ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 500)"
+            " RETURNING id, account_id, site_id, channel_id, starts_at, ends_at, reason",
+            (now,),
+        )
+        for sil in await cur.fetchall():
+            payload = {
+                "kind": kind,
+                "subject": f"[{kind}] {sil['reason']}",
+                "text": sil["reason"],
+                "data": {
+                    "silence_id": sil["id"],
+                    "site_id": sil["site_id"],
+                    "channel_id": sil["channel_id"],
+                    "from": rfc3339(sil["starts_at"]),
+                    "to": rfc3339(sil["ends_at"]),
+                    "reason": sil["reason"],
+                },
+                "site_id": sil["site_id"],
+                "ackable": False,
+            }
+            tcur = await conn.execute(
+                "SELECT id FROM notify_targets WHERE account_id = %s AND path = 'webhook'"
+                " AND deleted_at IS NULL ORDER BY id",
+                (sil["account_id"],),
+            )
+            for (tid,) in await tcur.fetchall():
+                await put(
+                    conn, account_id=sil["account_id"], target_id=tid, event_id=None, kind=kind,
+                    key=f"{sil['id']}:{kind}:{tid}", payload=payload, due=now,
+                )  # fmt: skip
+                n += 1
+    return n

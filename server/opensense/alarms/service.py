@@ -91,6 +91,7 @@ async def evaluator_work(app: web.Application, woken: bool, state: dict[str, flo
             await evaluator.tick_due(pool, now)
             await evaluator.check_devices(pool, now)
             await evaluator.renotify(pool, now)
+            await evaluator.silences(pool, now)
             _beat(app, "rule_engine_sweep", None)
         except Exception as exc:
             _beat(app, "rule_engine_sweep", exc)

@@ -101,6 +101,8 @@ CREATE TABLE silences (
     ends_at     timestamptz NOT NULL,
     reason      text NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now(),
+    opened_sent boolean NOT NULL DEFAULT false,   -- silence_opened webhook queued
+    closed_sent boolean NOT NULL DEFAULT false,   -- silence_closed webhook queued
     CHECK (starts_at < ends_at)
 );
 CREATE INDEX silences_account ON silences (account_id, ends_at);
