@@ -6,6 +6,7 @@ a time (the same functions the loops call), so what happens when is exact."""
 from __future__ import annotations
 
 import asyncio
+import re
 from datetime import timedelta
 from typing import Any
 
@@ -107,15 +108,34 @@ async def link_telegram(client, world, chat_id: int, roles=("shift",)) -> None:
     assert r.status == 200
 
 
-async def add_targets(client, world, webhook: WebhookReceiver) -> None:
+async def email_target(client, app, world, smtp: Mailbox, addr: str, roles=()) -> str:
+    """Add an email recipient and confirm it (double opt-in) from the email it gets."""
+    r = await client.post(
+        "/v1/targets", json={"path": "email", "address": addr, "roles": list(roles)},
+        headers=world.auth,
+    )  # fmt: skip
+    assert r.status == 201, await r.text()
+    tid = (await r.json())["id"]
+    mails: list[Any] = []
+    for _ in range(100):
+        if app is not None:
+            await send(app, client)
+        mails = [m for m in smtp.to(addr) if "Confirm" in m["Subject"]]
+        if mails:
+            break
+        await asyncio.sleep(0.05)
+    found = re.search(r"token=([\w-]+)", mails[0].get_payload(decode=True).decode())
+    assert found is not None
+    r = await client.get("/v1/targets/verify", params={"token": found.group(1)})
+    assert r.status == 200 and (await r.json())["confirmed"] is True
+    smtp.messages.remove(mails[0])
+    return tid
+
+
+async def add_targets(client, world, webhook: WebhookReceiver, app=None, smtp=None) -> None:
     for addr, roles in (("shift@example.test", ["shift"]), ("boss@example.test", ["manager"]),
                         ("all@example.test", [])):  # fmt: skip
-        r = await client.post(
-            "/v1/targets",
-            json={"path": "email", "address": addr, "roles": roles},
-            headers=world.auth,
-        )
-        assert r.status == 201
+        await email_target(client, app, world, smtp, addr, roles)
     r = await client.post(
         "/v1/targets", json={"path": "webhook", "address": webhook.url}, headers=world.auth
     )
@@ -136,7 +156,7 @@ async def test_compressor_failure_escalates_until_acknowledged_then_clears(
     setup, clock, smtp, telegram, webhook
 ):
     client, world, app = setup
-    await add_targets(client, world, webhook)
+    await add_targets(client, world, webhook, app, smtp)
     await link_telegram(client, world, 777)
     assert "Linked" in telegram.sent()[0]["text"]
     r = await client.put(
@@ -283,10 +303,7 @@ async def test_nightly_defrost_inside_a_window_is_no_alarm(setup, clock, smtp):
 
 async def test_late_readings_after_a_six_hour_outage_open_events_at_true_times(setup, clock, smtp):
     client, world, app = setup
-    r = await client.post(
-        "/v1/targets", json={"path": "email", "address": "night@example.test"}, headers=world.auth
-    )
-    assert r.status == 201
+    await email_target(client, app, world, smtp, "night@example.test")
     t0 = clock() - timedelta(hours=8)
     # 1 h before the outage, with a hole (minutes 10..29) that arrives last of all
     await ingest(client, world, clock, [3.0] * 10, start=t0)
@@ -342,7 +359,7 @@ async def test_flapping_around_the_limit_is_one_event(setup, clock):
 
 async def test_device_going_silent_is_reported_and_back_online(setup, clock, smtp, webhook):
     client, world, app = setup
-    await add_targets(client, world, webhook)
+    await add_targets(client, world, webhook, app, smtp)
     await ingest(client, world, clock, [3.0] * 3)
     await evaluate(app)
     clock.advance(seconds=119)  # cadence 60 s: offline after 2 x cadence
@@ -366,9 +383,7 @@ async def test_device_going_silent_is_reported_and_back_online(setup, clock, smt
 
 async def test_silence_window_mutes_notifications_not_the_alarm(setup, clock, smtp, webhook):
     client, world, app = setup
-    await client.post(
-        "/v1/targets", json={"path": "email", "address": "q@example.test"}, headers=world.auth
-    )
+    await email_target(client, app, world, smtp, "q@example.test")
     r = await client.post(
         "/v1/targets", json={"path": "webhook", "address": webhook.url}, headers=world.auth
     )
@@ -401,9 +416,7 @@ async def test_silence_window_mutes_notifications_not_the_alarm(setup, clock, sm
 
 async def test_acknowledged_alarm_renotifies_while_still_out_of_range(setup, clock, smtp):
     client, world, app = setup
-    await client.post(
-        "/v1/targets", json={"path": "email", "address": "r@example.test"}, headers=world.auth
-    )
+    await email_target(client, app, world, smtp, "r@example.test")
     cid = await ingest(client, world, clock, [3.0])
     ch = await (await client.get(f"/v1/channels/{cid}", headers=world.auth)).json()
     r = await client.patch(
@@ -440,7 +453,7 @@ async def test_test_alarm_goes_through_every_path_and_is_logged(
     setup, clock, smtp, telegram, webhook
 ):
     client, world, app = setup
-    await add_targets(client, world, webhook)
+    await add_targets(client, world, webhook, app, smtp)
     await link_telegram(client, world, 555)
     r = await client.post("/v1/notifications/test", json={"by": "installer"}, headers=world.auth)
     assert r.status == 200
@@ -461,9 +474,7 @@ async def test_a_path_failing_five_minutes_is_reported_through_the_others(
 ):
     client, world, app = setup
     clock.advance(hours=6)  # path health is global: clear of the other tests' attempts
-    await client.post(
-        "/v1/targets", json={"path": "email", "address": "ops@example.test"}, headers=world.auth
-    )
+    await email_target(client, app, world, smtp, "ops@example.test")
     await link_telegram(client, world, 999)
     telegram.fail = 502
     await ingest(client, world, clock, [9.0] * 20)
@@ -490,9 +501,7 @@ async def test_one_evaluator_per_channel_across_processes(dsn, clock, smtp, tele
         await c.start_server()
     try:
         world = await make_world(dsn, cfg, ("fridge01",))
-        await clients[0].post(
-            "/v1/targets", json={"path": "email", "address": "one@example.test"}, headers=world.auth
-        )
+        await email_target(clients[0], None, world, smtp, "one@example.test")
         for i in range(20):
             await ingest(
                 clients[i % 2], world, clock, [9.0], start=clock() - timedelta(minutes=20 - i)
@@ -520,9 +529,7 @@ async def test_outbox_survives_a_restart_and_sends_once(aiohttp_client, dsn, clo
     first = create_app(cfg, dsn)
     client = await aiohttp_client(first)
     world = await make_world(dsn, cfg, ("fridge01",))
-    await client.post(
-        "/v1/targets", json={"path": "email", "address": "rs@example.test"}, headers=world.auth
-    )
+    await email_target(client, first, world, smtp, "rs@example.test")
     await ingest(client, world, clock, [9.0] * 20)
     await evaluate(first)
     await client.close()  # stopped before the sender ran
@@ -566,9 +573,7 @@ async def test_webhook_answers_decide_drop_retry_and_retry_after(setup, clock, w
 
 async def test_per_channel_minimum_interval_holds_a_second_alarm(setup, clock, smtp):
     client, world, app = setup
-    await client.post(
-        "/v1/targets", json={"path": "email", "address": "mi@example.test"}, headers=world.auth
-    )
+    await email_target(client, app, world, smtp, "mi@example.test")
     cid = await ingest(client, world, clock, [3.0])
     ch = await (await client.get(f"/v1/channels/{cid}", headers=world.auth)).json()
     r = await client.patch(
@@ -595,3 +600,31 @@ async def test_per_channel_minimum_interval_holds_a_second_alarm(setup, clock, s
     await send(app, client)
     subjects = [m["Subject"] for m in smtp.to("mi@example.test")]
     assert subjects[-1] == "[ALARM] Shop temperature" and len(subjects) == 3
+
+
+async def test_email_needs_double_opt_in_and_every_alarm_mail_can_unsubscribe(setup, clock, smtp):
+    client, world, app = setup
+    r = await client.post(
+        "/v1/targets", json={"path": "email", "address": "new@example.test"}, headers=world.auth
+    )
+    assert r.status == 201 and (await r.json())["verified"] is False
+    await send(app, client)
+    await email_target(client, app, world, smtp, "ok@example.test")
+    await ingest(client, world, clock, [9.0] * 20)
+    await evaluate(app)
+    await send(app, client)
+    # only the confirmation went out; the alarm to the unconfirmed address is logged dropped
+    assert [m["Subject"] for m in smtp.to("new@example.test")] == [
+        "[OpenSense] Confirm alarm emails to this address"
+    ]
+    log = (await (await client.get("/v1/outbound-log", headers=world.auth)).json())["data"]
+    assert any(e["kind"] == "alarm_opened" and e["status"] == "dropped" for e in log)
+    mail = smtp.to("ok@example.test")[-1]
+    assert mail["Subject"] == "[ALARM] Shop temperature"
+    unsub = mail["List-Unsubscribe"].strip("<>")
+    r = await client.get(unsub[unsub.index("/v1/") :])
+    assert r.status == 200 and (await r.json())["unsubscribed"] is True
+    targets = (await (await client.get("/v1/targets", headers=world.auth)).json())["data"]
+    assert "ok@example.test" not in [t["address"] for t in targets]
+    r = await client.get("/v1/unsubscribe", params={"token": "x" * 30})
+    assert r.status == 404 and (await r.json())["error"]["code"] == "target_not_found"

@@ -214,6 +214,13 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         "secret_token given to setWebhook; /v1/telegram/webhook answers 404 while empty.",
     ),
+    Setting(
+        "public_url",
+        "OPENSENSE_PUBLIC_URL",
+        str,
+        "http://127.0.0.1:8080",
+        "Base URL people reach this server at, for the links in email (confirm, unsubscribe).",
+    ),
     Setting("smtp_host", "OPENSENSE_SMTP_HOST", str, "", "SMTP relay host; empty: no email."),
     Setting("smtp_port", "OPENSENSE_SMTP_PORT", int, 587, "SMTP relay port.", minimum=1),
     Setting("smtp_user", "OPENSENSE_SMTP_USER", str, "", "SMTP login (empty: none)."),
@@ -300,6 +307,7 @@ class Config:
     telegram_bot_token: str = ""
     telegram_api_base: str = "https://api.telegram.org"
     telegram_webhook_secret: str = ""
+    public_url: str = "http://127.0.0.1:8080"
     smtp_host: str = ""
     smtp_port: int = 587
     smtp_user: str = ""

@@ -155,7 +155,8 @@ def setup(
             (new_id("tgt"), acc, hook_url),
         )
         conn.execute(
-            "INSERT INTO notify_targets (id, account_id, path, address) VALUES (%s, %s, 'email', %s)",
+            "INSERT INTO notify_targets (id, account_id, path, address, verified, token)"
+            " VALUES (%s, %s, 'email', %s, true, 'bench-confirmed-address')",
             (new_id("tgt"), acc, mail),
         )
         ids = [r[0] for r in rows]

@@ -24,7 +24,6 @@ from typing import Any
 import aiohttp
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from ..settings import Config
@@ -45,7 +44,8 @@ PEOPLE_PATHS = ("telegram", "email")
 
 CLAIM_SQL = """
 SELECT o.id, o.account_id, o.target_id, o.event_id, o.kind, o.payload, o.attempts,
-       o.created_at, o.channel_id, t.path, t.address, t.secret, t.deleted_at
+       o.created_at, o.channel_id, t.path, t.address, t.secret, t.deleted_at, t.verified,
+       t.token
 FROM outbox o JOIN notify_targets t ON t.id = o.target_id
 WHERE o.status = 'pending' AND o.due_at <= %s
 ORDER BY o.due_at, o.id LIMIT %s
@@ -108,7 +108,7 @@ async def send_one(
     if path == "telegram":
         return await paths.send_telegram(session, cfg, address, msg)
     if path == "email":
-        return await paths.send_email(cfg, address, msg)
+        return await paths.send_email(cfg, address, msg, secret)
     return await paths.send_webhook(session, address, secret or "", delivery_id, msg, now)
 
 
@@ -135,6 +135,15 @@ async def dispatch_due(
         sends: list[tuple[list[dict[str, Any]], dict[str, Any], str]] = []
         for tid, grp in groups.items():
             first = grp[0]
+            if first["path"] == "email" and not first["verified"]:
+                held = [r for r in grp if r["kind"] != "verify"]
+                for r in held:  # double opt-in: nothing but the confirmation goes out
+                    o = Outcome("dropped", None, "the recipient has not confirmed yet")
+                    await _settle(conn, [r], o, now)
+                grp = [r for r in grp if r["kind"] == "verify"]
+                if not grp:
+                    continue
+                first = grp[0]
             if first["deleted_at"] is not None:
                 await conn.execute(
                     "UPDATE outbox SET status = 'dropped', last_error = 'recipient removed'"
@@ -157,7 +166,7 @@ async def dispatch_due(
                 sends.append((grp, group_text(grp, now), f"dlv_{grp[0]['id']}"))
         outcomes = await asyncio.gather(
             *(
-                send_one(session, cfg, g[0]["path"], g[0]["address"], g[0]["secret"], d, m, now)
+                send_one(session, cfg, g[0]["path"], g[0]["address"], _secret(g[0]), d, m, now)
                 for g, m, d in sends
             )
         )
@@ -198,6 +207,11 @@ async def _hold_per_channel(
             (at + timedelta(seconds=interval_s), r["id"]),
         )
     return keep
+
+
+def _secret(t: dict[str, Any]) -> str | None:
+    """What the path signs with: a webhook's secret; an email's unsubscribe token."""
+    return t["token"] if t["path"] == "email" else t["secret"]
 
 
 def _paced_until(path: str, p: dict[str, Any] | None, now: datetime) -> datetime | None:
@@ -333,7 +347,7 @@ async def send_test(
     async with pool.connection() as conn:
         cur = conn.cursor(row_factory=dict_row)
         await cur.execute(
-            "SELECT id, path, address, secret FROM notify_targets WHERE account_id = %s"
+            "SELECT id, path, address, secret, token, verified FROM notify_targets WHERE account_id = %s"
             " AND deleted_at IS NULL ORDER BY id",
             (account_id,),
         )
@@ -342,14 +356,15 @@ async def send_test(
     msg["subject"] = "[TEST] OpenSense test notification"
     msg["text"] = f"This is a test notification from OpenSense, sent by {by}."
     msg["data"] = {"test": True, "by": by}
-    outs = await asyncio.gather(
-        *(
-            send_one(
-                session, cfg, t["path"], t["address"], t["secret"], f"dlv_test_{t['id']}", msg, now
-            )
-            for t in targets
+
+    async def one(t: dict[str, Any]) -> Outcome:
+        if t["path"] == "email" and not t["verified"]:
+            return Outcome("dropped", None, "the recipient has not confirmed yet")
+        return await send_one(
+            session, cfg, t["path"], t["address"], _secret(t), f"dlv_test_{t['id']}", msg, now
         )
-    )
+
+    outs = await asyncio.gather(*(one(t) for t in targets))
     async with pool.connection() as conn, conn.transaction():
         for t, o in zip(targets, outs, strict=True):
             await _log(conn, account_id, t["path"], t["address"], None, "test", o, 1, now)
@@ -358,7 +373,3 @@ async def send_test(
          "code": o.code, "error": o.error}
         for t, o in zip(targets, outs, strict=True)
     ]  # fmt: skip
-
-
-async def mark_payload(conn: AsyncConnection[Any], outbox_id: int, payload: dict[str, Any]) -> None:
-    await conn.execute("UPDATE outbox SET payload = %s WHERE id = %s", (Jsonb(payload), outbox_id))

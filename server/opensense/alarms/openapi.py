@@ -246,6 +246,28 @@ def paths() -> S:
                 ),
             ),
         },
+        "/v1/targets/verify": {
+            "get": op(
+                "Confirm an email recipient (the link in the confirmation email; no login)",
+                {
+                    **ok(200, obj({"address": STR, "confirmed": {"type": "boolean"}})),
+                    **err(404),
+                },  # fmt: skip
+                security=[],
+                parameters=[q("token", STR)],
+            )
+        },
+        "/v1/unsubscribe": {
+            "get": op(
+                "Stop alarm emails to an address (the link in every alarm email; no login)",
+                {
+                    **ok(200, obj({"address": STR, "unsubscribed": {"type": "boolean"}})),
+                    **err(404),
+                },  # fmt: skip
+                security=[],
+                parameters=[q("token", STR)],
+            )
+        },
         "/v1/targets/{target_id}": {
             "parameters": [path_param("target_id")],
             "delete": op(

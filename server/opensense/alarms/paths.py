@@ -99,14 +99,21 @@ async def send_telegram(
     return await telegram_call(session, cfg, "sendMessage", payload)
 
 
-async def send_email(cfg: Config, to: str, msg: dict[str, Any]) -> Outcome:
+async def send_email(
+    cfg: Config, to: str, msg: dict[str, Any], token: str | None = None
+) -> Outcome:
     if not cfg.smtp_host:
         return Outcome("dropped", None, "no SMTP host configured")
     em = EmailMessage()
     em["From"] = cfg.mail_from
     em["To"] = to
     em["Subject"] = msg["subject"]
-    em.set_content(msg["text"])
+    text = msg["text"]
+    if token and msg["kind"] != "verify":  # every alarm email can stop them (RFC 8058)
+        url = f"{cfg.public_url.rstrip('/')}/v1/unsubscribe?token={token}"
+        em["List-Unsubscribe"] = f"<{url}>"
+        text += f"\n\nStop these emails: {url}"
+    em.set_content(text)
     try:
         await aiosmtplib.send(
             em,

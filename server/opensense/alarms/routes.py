@@ -368,21 +368,72 @@ async def create_target(request: web.Request) -> web.Response:
                 "path must be email or webhook (link Telegram with POST /v1/telegram/link)",
             )
         secret = "whsec_" + secrets.token_urlsafe(24) if path == "webhook" else None
+        token = secrets.token_urlsafe(24) if path == "email" else None
         site = await _site_or_none(conn, acc, body.get("site_id"))
+        name = _text(body, "name") or ""
+        roles = _roles(body.get("roles"))
         cur = conn.cursor(row_factory=dict_row)
-        await cur.execute(
-            "INSERT INTO notify_targets (id, account_id, site_id, path, address, name, roles, secret)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
-            f" ON CONFLICT DO NOTHING RETURNING {TARGET_COLS}",
-            (new_id("tgt"), acc, site, path, address.strip(), _text(body, "name") or "",
-             Jsonb(_roles(body.get("roles"))), secret),
-        )  # fmt: skip
-        row = await cur.fetchone()
-        if row is None:
-            raise ApiError("conflict", f"{address!r} is a {path} recipient already")
+        async with conn.transaction():
+            await cur.execute(
+                "INSERT INTO notify_targets (id, account_id, site_id, path, address, name, roles,"
+                " secret, token) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                f" ON CONFLICT DO NOTHING RETURNING {TARGET_COLS}",
+                (new_id("tgt"), acc, site, path, address.strip(), name, Jsonb(roles), secret,
+                 token),
+            )  # fmt: skip
+            row = await cur.fetchone()
+            if row is None:
+                raise ApiError("conflict", f"{address!r} is a {path} recipient already")
+            if token:  # double opt-in: the address confirms itself before any alarm goes
+                await outbox.put(
+                    conn, account_id=acc, target_id=row["id"], event_id=None, kind="verify",
+                    key=f"verify:{row['id']}", payload=_verify_mail(request, token),
+                    due=request.app[CONFIG].clock(),
+                )  # fmt: skip
         if secret:
             row["secret"] = secret
         return response(row, status=201)
+
+
+def _verify_mail(request: web.Request, token: str) -> dict[str, Any]:
+    base = request.app[CONFIG].public_url.rstrip("/")
+    return {
+        "kind": "verify",
+        "subject": "[OpenSense] Confirm alarm emails to this address",
+        "text": "Someone added this address to receive OpenSense alarms (fridge and freezer "
+        f"temperatures). To receive them, confirm: {base}/v1/targets/verify?token={token}\n"
+        "If this was not you, ignore this message: nothing will be sent.",
+        "data": {},
+        "ackable": False,
+    }
+
+
+@routes.get("/v1/targets/verify")
+async def verify_target(request: web.Request) -> web.Response:
+    """The link in the confirmation email (no login: the token is the proof)."""
+    return await _by_token(request, "UPDATE notify_targets SET verified = true", "confirmed")
+
+
+@routes.get("/v1/unsubscribe")
+async def unsubscribe(request: web.Request) -> web.Response:
+    """The link in every alarm email: stops them (the account sees the recipient gone)."""
+    return await _by_token(request, "UPDATE notify_targets SET deleted_at = now()", "unsubscribed")
+
+
+async def _by_token(request: web.Request, update: str, what: str) -> web.Response:
+    token = request.query.get("token", "")
+    if not 16 <= len(token) <= 64:
+        raise ApiError("target_not_found", "this link is not valid (no such recipient)")
+    async with request.app[POOL].connection() as conn:
+        cur = await conn.execute(
+            update
+            + " WHERE token = %s AND path = 'email' AND deleted_at IS NULL RETURNING address",
+            (token,),
+        )
+        row = await cur.fetchone()
+    if row is None:
+        raise ApiError("target_not_found", "this link is not valid (no such recipient)")
+    return response({"address": row[0], what: True})
 
 
 @routes.delete("/v1/targets/{target_id}")

@@ -65,7 +65,8 @@ CREATE TABLE notify_targets (
     name         text NOT NULL DEFAULT '',
     roles        jsonb NOT NULL DEFAULT '[]',
     secret       text,                                 -- webhook signing secret
-    verified     boolean NOT NULL DEFAULT false,
+    verified     boolean NOT NULL DEFAULT false,      -- email: double opt-in confirmed
+    token        text UNIQUE,                          -- email: confirm / unsubscribe link
     created_at   timestamptz NOT NULL DEFAULT now(),
     deleted_at   timestamptz
 );
