@@ -84,7 +84,9 @@ async def telegram_call(
                 return Outcome("retry", 429, text[:300], retry_after=ra)
             return _http_outcome(r.status, r.headers, text)
     except (aiohttp.ClientError, TimeoutError) as exc:
-        return Outcome("retry", None, f"{type(exc).__name__}: {exc}"[:300])
+        # the bot token is part of the URL: never into the outbound log
+        text = f"{type(exc).__name__}: {exc}".replace(cfg.telegram_bot_token, "<bot-token>")
+        return Outcome("retry", None, text[:300])
 
 
 async def send_telegram(
