@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from opensense.alarms.engine import RULE_KINDS
 from opensense.cli import build_parser
 from opensense.errors import CODES
 from opensense.jobs import JOBS
@@ -69,3 +70,11 @@ def test_every_status_condition_and_component_is_documented() -> None:
         assert f"`{comp.id}`" in text, comp.id
     for name in CLASSES:
         assert f"| {name} |" in text, name
+
+
+@pytest.mark.parametrize("name", list(RULE_KINDS))
+def test_every_rule_kind_is_documented(name: str) -> None:
+    text = (ROOT / "docs" / "alarms.md").read_text()
+    assert f"`{name}`" in text
+    for p in RULE_KINDS[name].params:
+        assert f"`{p.name}`" in text, (name, p.name)

@@ -70,6 +70,7 @@ class Tenants:
     revoked_whk: str
     rotated_ds: str  # A's fridge02 token before a rotation
     deleted_ds: str  # the token of a deleted device
+    a_evt: str = ""  # a cleared alarm event of A (alarms)
     secrets: list[str] = field(default_factory=list)  # B's data that must never show
     resolved_incident: str = ""  # an incident the operator resolved
 
@@ -128,7 +129,15 @@ async def tenants(eclient: Any, dsn: str, config: Any) -> Tenants:
         201,
     )
     await ok(await c.post(f"/v1/incidents/{inc['id']}/resolve", json={"body": "ok"}, headers=op))
+    a_evt = "evt_errorstable" + a.account[-8:]
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute(
+            "INSERT INTO events (id, account_id, channel_id, kind, state, started_at, cleared_at)"
+            " VALUES (%s, %s, %s, 'range', 'cleared', now(), now())",
+            (a_evt, a.account, a_chn),
+        )
     return Tenants(
+        a_evt=a_evt,
         a=a,
         b=b,
         a_chn=a_chn,
@@ -627,6 +636,20 @@ def cases(t: Tenants) -> list[Case]:
 
     # --- an unexpected exception in a handler -----------------------------------------
     add(Case("handler raises", "GET", "/boom", "internal"))
+    # --- alarms ----------------------------------------------------------------------
+    for method, path, body, code in (
+        ("GET", "/v1/events/evt_nope", None, "event_not_found"),
+        ("POST", "/v1/events/evt_nope/ack", {"by": "x", "note": "y"}, "event_not_found"),
+        ("POST", f"/v1/events/{t.a_evt}/clear", {"by": "x", "note": "y"}, "event_state"),
+        ("PATCH", "/v1/rules/rul_nope", {"grace_min": 5}, "rule_not_found"),
+        ("DELETE", "/v1/targets/tgt_nope", None, "target_not_found"),
+        ("POST", f"/v1/channels/{t.a_chn}/rules", {"kind": "range", "params": {}}, "invalid_rule"),
+        ("POST", f"/v1/channels/{t.a_chn}/rules", {"kind": "nope"}, "invalid_rule"),
+        ("POST", f"/v1/events/{t.a_evt}/ack", {"by": "x"}, "invalid_request"),
+        ("GET", f"/v1/sites/{b.site}/escalation", None, "site_not_found"),
+    ):
+        raw = None if body is None else json.dumps(body).encode()
+        add(Case(f"alarms: {method} {path}", method, path, code, {**A, **json_ct}, raw))
     return out
 
 

@@ -13,6 +13,8 @@ from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
 from . import db, jobs
+from .alarms.routes import routes as alarm_routes
+from .alarms.service import alarms_ctx
 from .api.keys import (
     CONFIG,
     DSN,
@@ -177,7 +179,7 @@ def create_app(config: Config, dsn: str) -> web.Application:
         app.router.add_routes(status_routes)
         return app
     app.cleanup_ctx.extend(
-        [database_ctx, request_log_ctx, writer_ctx, mqtt_ctx, jobs_ctx, status_ctx]
+        [database_ctx, request_log_ctx, writer_ctx, mqtt_ctx, jobs_ctx, alarms_ctx, status_ctx]
     )
     app.router.add_get("/healthz", healthz)
     for table in (
@@ -187,6 +189,7 @@ def create_app(config: Config, dsn: str) -> web.Application:
         emqx_routes,
         openapi_routes,
         status_routes,
+        alarm_routes,
     ):
         app.router.add_routes(table)
     return app

@@ -5,7 +5,22 @@ from __future__ import annotations
 import base64
 import secrets
 
-PREFIXES = ("acc", "site", "dev", "snr", "chn", "rul", "evt", "rpt", "tok", "req", "inc")
+PREFIXES = (
+    "acc",
+    "site",
+    "dev",
+    "snr",
+    "chn",
+    "rul",
+    "evt",
+    "rpt",
+    "tok",
+    "req",
+    "inc",
+    "tgt",
+    "sil",
+    "dlv",
+)
 
 
 def new_id(prefix: str) -> str:

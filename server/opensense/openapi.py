@@ -686,6 +686,9 @@ def document() -> S:
     from .status import apidoc as status_doc
 
     paths.update(status_doc.paths())
+    from .alarms import openapi as alarms_doc  # the alarm routes document themselves
+
+    paths.update(alarms_doc.paths())
     return {
         "openapi": "3.1.0",
         "info": {
@@ -703,6 +706,7 @@ def document() -> S:
                     "scheme": "bearer",
                     "description": "OPENSENSE_EMQX_SECRET, sent by EMQX",
                 },
+                **alarms_doc.SECURITY,
                 "userToken": {"type": "http", "scheme": "bearer", "description": "ua_live_…"},
                 "deviceToken": {"type": "http", "scheme": "bearer", "description": "ds_live_…"},
                 "shellyToken": {

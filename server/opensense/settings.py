@@ -353,6 +353,78 @@ SETTINGS: tuple[Setting, ...] = (
         "Where the operator gets incident openings and reminders (acknowledgement, update, "
         "post-mortem due); empty: reminders are logged only.",
     ),
+    # --- alarms and notifications (docs/alarms.md) ---
+    Setting(
+        "alarms_enabled",
+        "OPENSENSE_ALARMS_ENABLED",
+        bool,
+        True,
+        "Run the rule engine and the notification sender in this process (any number may).",
+    ),
+    Setting(
+        "alarm_sweep_s",
+        "OPENSENSE_ALARM_SWEEP_S",
+        float,
+        2.0,
+        "Seconds between time-driven checks (grace running out, gaps, offline devices, "
+        "re-notification, due escalation steps); new readings wake the engine at once.",
+        minimum=0.05,
+    ),
+    Setting(
+        "telegram_bot_token",
+        "OPENSENSE_TELEGRAM_BOT_TOKEN",
+        str,
+        "",
+        "Telegram bot token (from @BotFather); empty: Telegram recipients are dropped and logged.",
+    ),
+    Setting(
+        "telegram_api_base",
+        "OPENSENSE_TELEGRAM_API_BASE",
+        str,
+        "https://api.telegram.org",
+        "Bot API base URL (a self-hosted Bot API server, or a test double).",
+    ),
+    Setting(
+        "telegram_webhook_secret",
+        "OPENSENSE_TELEGRAM_WEBHOOK_SECRET",
+        str,
+        "",
+        "secret_token given to setWebhook; /v1/telegram/webhook answers 404 while empty.",
+    ),
+    Setting(
+        "public_url",
+        "OPENSENSE_PUBLIC_URL",
+        str,
+        "http://127.0.0.1:8080",
+        "Base URL people reach this server at, for the links in email (confirm, unsubscribe).",
+    ),
+    Setting("smtp_host", "OPENSENSE_SMTP_HOST", str, "", "SMTP relay host; empty: no email."),
+    Setting("smtp_port", "OPENSENSE_SMTP_PORT", int, 587, "SMTP relay port.", minimum=1),
+    Setting("smtp_user", "OPENSENSE_SMTP_USER", str, "", "SMTP login (empty: none)."),
+    Setting("smtp_password", "OPENSENSE_SMTP_PASSWORD", str, "", "SMTP password."),
+    Setting(
+        "smtp_tls",
+        "OPENSENSE_SMTP_TLS",
+        str,
+        "starttls",
+        "SMTP transport security: starttls, tls (implicit, port 465) or none (local relay only).",
+    ),
+    Setting(
+        "mail_from",
+        "OPENSENSE_MAIL_FROM",
+        str,
+        "alerts@opensense.invalid",
+        "From address of alarm email.",
+    ),
+    Setting(
+        "notify_channel_interval_s",
+        "OPENSENSE_NOTIFY_CHANNEL_INTERVAL_S",
+        int,
+        300,
+        "Per-channel minimum interval: a person hears of a new alarm on one channel at most "
+        "once per this many seconds; later ones wait and go out grouped (0: off).",
+        minimum=0,
+    ),
 )
 
 
@@ -421,6 +493,19 @@ class Config:
     incident_smtp_url: str = ""
     incident_mail_from: str = "alerts@opensense.invalid"
     incident_operator_email: str = ""
+    alarms_enabled: bool = True
+    alarm_sweep_s: float = 2.0
+    telegram_bot_token: str = ""
+    telegram_api_base: str = "https://api.telegram.org"
+    telegram_webhook_secret: str = ""
+    public_url: str = "http://127.0.0.1:8080"
+    smtp_host: str = ""
+    smtp_port: int = 587
+    smtp_user: str = ""
+    smtp_password: str = ""
+    smtp_tls: str = "starttls"
+    mail_from: str = "alerts@opensense.invalid"
+    notify_channel_interval_s: int = 300
     # Not a setting: the clock. Tests inject one; everything time-dependent asks it.
     clock: Callable[[], datetime] = field(default=_utcnow, compare=False, repr=False)
 
@@ -441,6 +526,10 @@ class Config:
             ) from exc
         if self.role not in ("all", "status"):
             raise ValueError(f"OPENSENSE_ROLE must be all or status, not {self.role!r}")
+        if self.smtp_tls not in ("starttls", "tls", "none"):
+            raise ValueError(
+                f"OPENSENSE_SMTP_TLS must be starttls, tls or none, not {self.smtp_tls!r}"
+            )
         if self.mqtt == "external" and not self.mqtt_url:
             raise ValueError("OPENSENSE_MQTT=external needs OPENSENSE_MQTT_URL")
         for s in SETTINGS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import aiohttp
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
@@ -24,6 +25,7 @@ MQTT = web.AppKey("mqtt", MqttSide)
 HEALTH = web.AppKey("status_health", Health)
 OBSERVER = web.AppKey("status_observer", Observer)
 STATUS = web.AppKey("status_monitor", StatusMonitor)
+ALARMS_HTTP = web.AppKey("alarms_http", aiohttp.ClientSession)  # the notifier's client
 
 # per-request keys (request[...] = ...)
 REQUEST_ID = web.RequestKey("request_id", str)

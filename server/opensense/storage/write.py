@@ -36,6 +36,14 @@ ROLLUPS_SQL = (
     )
     + _ROLLUP.format(name="r1h", table="rollup_1h", bucket="date_trunc('hour', ts, 'UTC')")
     + _ROLLUP.format(name="r1d", table="rollup_1d", bucket="date_trunc('day', ts, 'UTC')")
+    # the rule engine's wake-up (opensense.alarms): which channels got new readings,
+    # from when; committed with the readings, and its trigger NOTIFYs at commit
+    + """
+, dirty AS (
+  INSERT INTO alarm_dirty AS d (channel_num, since)
+  SELECT channel_num, min(ts) FROM ins GROUP BY channel_num ORDER BY channel_num
+  ON CONFLICT (channel_num) DO UPDATE SET since = least(d.since, excluded.since)
+)"""
 )
 
 INSERT_SQL = (

@@ -1,0 +1,1 @@
+"""Alarms: the rule engine, events, escalation and notifications (docs/alarms.md)."""

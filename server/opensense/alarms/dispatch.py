@@ -1,0 +1,375 @@
+"""Sending what the outbox holds.
+
+Rows due now are claimed with FOR UPDATE SKIP LOCKED and stay locked while they
+are sent, so with several server processes each message goes out once; a crash
+mid-send rolls the claim back and the row is sent after the restart. Every
+attempt is written to `outbound_log` (kept 90 days by the retention job).
+
+Pacing per recipient, as PRODUCT.md sets it: a Telegram chat gets at most one
+message per 10 s — what piles up meanwhile goes out as one grouped message (a
+"queue overflow" summary when the oldest waited more than 2 min); an email
+recipient gets at most 10 messages an hour, the rest as one digest. Several rows
+due together for one recipient are grouped by site into one message
+(Alertmanager-style: a storm is one message, not fifty).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from datetime import datetime, timedelta
+from typing import Any
+
+import aiohttp
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from ..settings import Config
+from . import paths
+from .outbox import message, put
+from .paths import Outcome
+
+log = logging.getLogger(__name__)
+
+TELEGRAM_GAP = timedelta(seconds=10)
+OVERFLOW_AFTER = timedelta(minutes=2)
+EMAIL_PER_HOUR = 10
+MAX_ATTEMPTS = 20
+FAILING_AFTER = timedelta(minutes=5)
+# The alarm dispatch paths of the seed's P1 class. A webhook is one customer's own
+# endpoint: its failures are in the outbound log, not a service incident.
+PEOPLE_PATHS = ("telegram", "email")
+
+CLAIM_SQL = """
+SELECT o.id, o.account_id, o.target_id, o.event_id, o.kind, o.payload, o.attempts,
+       o.created_at, o.channel_id, t.path, t.address, t.secret, t.deleted_at, t.verified,
+       t.token
+FROM outbox o JOIN notify_targets t ON t.id = o.target_id
+WHERE o.status = 'pending' AND o.due_at <= %s
+ORDER BY o.due_at, o.id LIMIT %s
+FOR UPDATE OF o SKIP LOCKED
+"""
+
+
+def _backoff(attempts: int) -> timedelta:
+    return timedelta(seconds=min(600, 15 * 2 ** max(0, attempts - 1)))
+
+
+def group_text(rows: list[dict[str, Any]], now: datetime) -> dict[str, Any]:
+    """One message for several: grouped by site, oldest first."""
+    overflow = now - min(r["created_at"] for r in rows) > OVERFLOW_AFTER
+    head = f"{'Queue overflow: ' if overflow else ''}{len(rows)} notifications"
+    by_site: dict[str, list[str]] = defaultdict(list)
+    for r in sorted(rows, key=lambda r: r["created_at"]):
+        by_site[r["payload"].get("site_id") or ""].append(r["payload"]["subject"])
+    lines = [head]
+    for subjects in by_site.values():
+        lines.extend(f"- {s}" for s in subjects)
+    return {
+        "kind": "digest",
+        "subject": f"[OpenSense] {head}",
+        "text": "\n".join(lines),
+        "data": {},
+        "ackable": False,
+    }
+
+
+async def _log(
+    conn: AsyncConnection[Any],
+    account_id: str | None,
+    path: str,
+    target: str,
+    event_id: str | None,
+    kind: str,
+    o: Outcome,
+    attempt: int,
+    now: datetime,
+) -> None:
+    status = {"ok": "ok", "dropped": "dropped"}.get(o.status, "failed")
+    await conn.execute(
+        "INSERT INTO outbound_log (account_id, path, target, event_id, kind, status, code, error, attempt, at)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (account_id, path, target, event_id, kind, status, o.code, o.error, attempt, now),
+    )
+
+
+async def send_one(
+    session: aiohttp.ClientSession,
+    cfg: Config,
+    path: str,
+    address: str,
+    secret: str | None,
+    delivery_id: str,
+    msg: dict[str, Any],
+    now: datetime,
+) -> Outcome:
+    if path == "telegram":
+        return await paths.send_telegram(session, cfg, address, msg)
+    if path == "email":
+        return await paths.send_email(cfg, address, msg, secret)
+    return await paths.send_webhook(session, address, secret or "", delivery_id, msg, now)
+
+
+async def dispatch_due(
+    pool: AsyncConnectionPool, cfg: Config, session: aiohttp.ClientSession, limit: int = 100
+) -> int:
+    """Send one batch of due rows; returns how many rows were settled or moved."""
+    now = cfg.clock()
+    async with pool.connection() as conn, conn.transaction():
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(CLAIM_SQL, (now, limit))
+        rows = await cur.fetchall()
+        if not rows:
+            return 0
+        rows = await _hold_per_channel(conn, rows, now, cfg.notify_channel_interval_s)
+        groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in rows:
+            groups[r["target_id"]].append(r)
+        await cur.execute(
+            "SELECT * FROM target_pacing WHERE target_id = ANY(%s) ORDER BY target_id FOR UPDATE",
+            (sorted(groups),),
+        )
+        pacing = {p["target_id"]: p for p in await cur.fetchall()}
+        sends: list[tuple[list[dict[str, Any]], dict[str, Any], str]] = []
+        for tid, grp in groups.items():
+            first = grp[0]
+            if first["path"] == "email" and not first["verified"]:
+                held = [r for r in grp if r["kind"] != "verify"]
+                for r in held:  # double opt-in: nothing but the confirmation goes out
+                    o = Outcome("dropped", None, "the recipient has not confirmed yet")
+                    await _settle(conn, [r], o, now)
+                grp = [r for r in grp if r["kind"] == "verify"]
+                if not grp:
+                    continue
+                first = grp[0]
+            if first["deleted_at"] is not None:
+                await conn.execute(
+                    "UPDATE outbox SET status = 'dropped', last_error = 'recipient removed'"
+                    " WHERE id = ANY(%s)",
+                    ([r["id"] for r in grp],),
+                )
+                continue
+            p = pacing.get(tid)
+            wait = _paced_until(first["path"], p, now)
+            if wait is not None:
+                await conn.execute(
+                    "UPDATE outbox SET due_at = %s WHERE id = ANY(%s)",
+                    (wait, [r["id"] for r in grp]),
+                )
+                continue
+            if first["path"] == "webhook" or len(grp) == 1:
+                for r in grp:
+                    sends.append(([r], r["payload"], f"dlv_{r['id']}"))
+            else:
+                sends.append((grp, group_text(grp, now), f"dlv_{grp[0]['id']}"))
+        outcomes = await asyncio.gather(
+            *(
+                send_one(session, cfg, g[0]["path"], g[0]["address"], _secret(g[0]), d, m, now)
+                for g, m, d in sends
+            )
+        )
+        for (grp, _msg, _d), o in zip(sends, outcomes, strict=True):
+            await _settle(conn, grp, o, now)
+        return len(rows)
+
+
+async def _hold_per_channel(
+    conn: AsyncConnection[Any], rows: list[dict[str, Any]], now: datetime, interval_s: int
+) -> list[dict[str, Any]]:
+    """Per-channel minimum interval: a person hears of a new alarm on one channel at
+    most once per `interval_s`; a later one waits until then (and is grouped with
+    whatever else is due). Webhooks are machines and get every event."""
+    keys = {
+        (r["target_id"], r["channel_id"])
+        for r in rows
+        if r["kind"] == "alarm_opened" and r["channel_id"] and r["path"] != "webhook"
+    }
+    if not keys or interval_s <= 0:
+        return rows
+    cur = await conn.execute(
+        "SELECT target_id, channel_id, max(sent_at) FROM outbox"
+        " WHERE status IN ('sent', 'digested') AND kind = 'alarm_opened' AND sent_at > %s"
+        " AND (target_id, channel_id) IN (SELECT * FROM unnest(%s::text[], %s::text[]))"
+        " GROUP BY 1, 2",
+        (now - timedelta(seconds=interval_s), [k[0] for k in keys], [k[1] for k in keys]),
+    )
+    last = {(t, c): at for t, c, at in await cur.fetchall()}
+    keep = []
+    for r in rows:
+        at = last.get((r["target_id"], r["channel_id"])) if r["kind"] == "alarm_opened" else None
+        if at is None or r["path"] == "webhook":
+            keep.append(r)
+            continue
+        await conn.execute(
+            "UPDATE outbox SET due_at = %s WHERE id = %s",
+            (at + timedelta(seconds=interval_s), r["id"]),
+        )
+    return keep
+
+
+def _secret(t: dict[str, Any]) -> str | None:
+    """What the path signs with: a webhook's secret; an email's unsubscribe token."""
+    return t["token"] if t["path"] == "email" else t["secret"]
+
+
+def _paced_until(path: str, p: dict[str, Any] | None, now: datetime) -> datetime | None:
+    if p is None:
+        return None
+    if path == "telegram" and p["last_sent_at"] and now - p["last_sent_at"] < TELEGRAM_GAP:
+        return p["last_sent_at"] + TELEGRAM_GAP
+    if path == "email" and now - p["window_start"] < timedelta(hours=1):
+        if p["sent"] >= EMAIL_PER_HOUR:
+            return p["window_start"] + timedelta(hours=1)
+    return None
+
+
+async def _settle(
+    conn: AsyncConnection[Any], grp: list[dict[str, Any]], o: Outcome, now: datetime
+) -> None:
+    first = grp[0]
+    ids = [r["id"] for r in grp]
+    attempt = max(r["attempts"] for r in grp) + 1
+    for r in grp:
+        await _log(
+            conn, r["account_id"], r["path"], r["address"] if r["path"] != "webhook" else r["address"],
+            r["event_id"], r["kind"], o, attempt, now,
+        )  # fmt: skip
+    if o.status == "ok":
+        status = "sent" if len(grp) == 1 or first["path"] == "webhook" else "digested"
+        await conn.execute(
+            "UPDATE outbox SET status = %s, attempts = attempts + 1, sent_at = %s, last_error = NULL"
+            " WHERE id = ANY(%s)",
+            (status, now, ids),
+        )
+        await conn.execute(
+            "INSERT INTO target_pacing (target_id, window_start, sent, last_sent_at)"
+            " VALUES (%s, %s, 1, %s) ON CONFLICT (target_id) DO UPDATE SET"
+            " sent = CASE WHEN target_pacing.window_start > %s - interval '1 hour'"
+            "   THEN target_pacing.sent + 1 ELSE 1 END,"
+            " window_start = CASE WHEN target_pacing.window_start > %s - interval '1 hour'"
+            "   THEN target_pacing.window_start ELSE excluded.window_start END,"
+            " last_sent_at = excluded.last_sent_at",
+            (first["target_id"], now, now, now, now),
+        )
+    elif o.status == "dropped" or attempt >= MAX_ATTEMPTS:
+        await conn.execute(
+            "UPDATE outbox SET status = %s, attempts = attempts + 1, last_error = %s WHERE id = ANY(%s)",
+            ("dropped" if o.status == "dropped" else "failed", o.error, ids),
+        )
+    else:
+        delay = timedelta(seconds=o.retry_after) if o.retry_after else _backoff(attempt)
+        await conn.execute(
+            "UPDATE outbox SET attempts = attempts + 1, last_error = %s, due_at = %s WHERE id = ANY(%s)",
+            (o.error, now + delay, ids),
+        )
+
+
+async def check_paths(pool: AsyncConnectionPool, now: datetime) -> list[str]:
+    """A path whose attempts in the last 5 min all failed, with no success for more
+    than 5 min, is failing (the contract the status page reads). Opening such an
+    incident tells the affected accounts through their other paths, once."""
+    opened = []
+    async with pool.connection() as conn, conn.transaction():
+        for path in PEOPLE_PATHS:
+            cur = await conn.execute(
+                "SELECT count(*) FILTER (WHERE at > %s), count(*) FILTER (WHERE at > %s AND status = 'ok'),"
+                " max(at) FILTER (WHERE status = 'ok'), min(at) FILTER (WHERE status = 'failed' AND at > %s)"
+                " FROM outbound_log WHERE path = %s AND at > %s",
+                (now - FAILING_AFTER, now - FAILING_AFTER, now - timedelta(hours=1), path,
+                 now - timedelta(hours=1)),
+            )  # fmt: skip
+            row = await cur.fetchone()
+            assert row is not None
+            recent, recent_ok, last_ok, first_fail = row
+            failing = (
+                recent > 0
+                and recent_ok == 0
+                and first_fail is not None
+                and first_fail <= now - FAILING_AFTER
+                and (last_ok is None or last_ok < now - FAILING_AFTER)
+            )
+            cur = await conn.execute(
+                "SELECT opened_at FROM path_incidents WHERE path = %s AND closed_at IS NULL FOR UPDATE",
+                (path,),
+            )
+            open_row = await cur.fetchone()
+            if failing and open_row is None:
+                await conn.execute(
+                    "INSERT INTO path_incidents (path, opened_at) VALUES (%s, %s)", (path, now)
+                )
+                await _report_failing(conn, path, now)
+                opened.append(path)
+            elif not failing and open_row is not None and recent_ok > 0:
+                await conn.execute(
+                    "UPDATE path_incidents SET closed_at = %s WHERE path = %s AND closed_at IS NULL",
+                    (now, path),
+                )
+    return opened
+
+
+async def _report_failing(conn: AsyncConnection[Any], path: str, now: datetime) -> None:
+    cur = await conn.execute(
+        "SELECT DISTINCT account_id FROM outbound_log WHERE path = %s AND at > %s AND account_id IS NOT NULL",
+        (path, now - timedelta(hours=1)),
+    )
+    for (acc,) in await cur.fetchall():
+        tcur = await conn.execute(
+            "SELECT id FROM notify_targets WHERE account_id = %s AND path <> %s AND deleted_at IS NULL",
+            (acc, path),
+        )
+        msg = message("path_failing", None, {})
+        msg["subject"] = f"[DISPATCH FAILING] {path} notifications are failing"
+        msg["text"] = (
+            f"OpenSense could not deliver {path} notifications for more than 5 minutes "
+            f"(since before {now.isoformat(timespec='minutes')}). Alarms reach you through "
+            "this path meanwhile; check the outbound log."
+        )
+        msg["data"] = {"path": path}
+        for (tid,) in await tcur.fetchall():
+            await put(
+                conn, account_id=acc, target_id=tid, event_id=None, kind="path_failing",
+                key=f"path_failing:{path}:{now.isoformat()}:{tid}", payload=msg, due=now,
+            )  # fmt: skip
+
+
+async def send_test(
+    pool: AsyncConnectionPool,
+    cfg: Config,
+    session: aiohttp.ClientSession,
+    account_id: str,
+    by: str,
+) -> list[dict[str, Any]]:
+    """The test alarm: one message through every configured recipient, now, each
+    result logged. Not queued: the person pressing the button waits for the answer."""
+    now = cfg.clock()
+    async with pool.connection() as conn:
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(
+            "SELECT id, path, address, secret, token, verified FROM notify_targets WHERE account_id = %s"
+            " AND deleted_at IS NULL ORDER BY id",
+            (account_id,),
+        )
+        targets = await cur.fetchall()
+    msg = message("test", None, {})
+    msg["subject"] = "[TEST] OpenSense test notification"
+    msg["text"] = f"This is a test notification from OpenSense, sent by {by}."
+    msg["data"] = {"test": True, "by": by}
+
+    async def one(t: dict[str, Any]) -> Outcome:
+        if t["path"] == "email" and not t["verified"]:
+            return Outcome("dropped", None, "the recipient has not confirmed yet")
+        return await send_one(
+            session, cfg, t["path"], t["address"], _secret(t), f"dlv_test_{t['id']}", msg, now
+        )
+
+    outs = await asyncio.gather(*(one(t) for t in targets))
+    async with pool.connection() as conn, conn.transaction():
+        for t, o in zip(targets, outs, strict=True):
+            await _log(conn, account_id, t["path"], t["address"], None, "test", o, 1, now)
+    return [
+        {"target_id": t["id"], "path": t["path"], "status": "ok" if o.status == "ok" else "failed",
+         "code": o.code, "error": o.error}
+        for t, o in zip(targets, outs, strict=True)
+    ]  # fmt: skip

@@ -1,0 +1,430 @@
+"""The rule engine: pure functions of (rule, state, reading or time). No I/O.
+
+A rule's state moves  ok -> grace -> alarm -> clearing -> ok:
+- out of range starts `grace`; still out after `grace_min` opens the alarm at
+  the true time `since + grace` (an excursion shorter than grace is no alarm);
+- back in range starts `clearing`; still in range after the clear delay (by
+  default the same as grace: Dickson's symmetric delay, so "back to normal" never
+  flaps) clears it at `clear_since + clear delay`; out again while clearing
+  simply continues the same alarm (one event, not twenty).
+
+Readings are fed in timestamp order, so buffered readings that arrive hours late
+produce the transitions that really happened, with their real times. The caller
+persists `RuleState` (as JSON) between calls and keeps checkpoints to rewind to.
+
+Rule kinds are declared once, as data, in `RULE_KINDS`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from dateutil.rrule import rrule, rrulestr
+
+# --- rule kinds, as data --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    doc: str
+    required: bool = False
+    positive: bool = False
+
+
+@dataclass(frozen=True)
+class RuleKind:
+    name: str
+    doc: str
+    params: tuple[Param, ...]
+    # at least one of these must be given (range: a lower or an upper limit)
+    one_of: tuple[str, ...] = ()
+
+
+RULE_KINDS: dict[str, RuleKind] = {
+    k.name: k
+    for k in (
+        RuleKind(
+            "range",
+            "value outside ok_min..ok_max (either may be omitted)",
+            (Param("ok_min", "lowest value in range"), Param("ok_max", "highest value in range")),
+            one_of=("ok_min", "ok_max"),
+        ),
+        RuleKind(
+            "delta",
+            "the value changed by more than max_delta within interval_s (max - min of the window)",
+            (
+                Param("max_delta", "largest allowed change", required=True, positive=True),
+                Param("interval_s", "window in seconds (default 600)", positive=True),
+            ),
+        ),
+        RuleKind(
+            "derivative",
+            "rate of change per hour, measured over window_s (default 3600), outside min_rate..max_rate",
+            (
+                Param("min_rate", "lowest allowed change per hour (e.g. -2)"),
+                Param("max_rate", "highest allowed change per hour (e.g. 2)"),
+                Param("window_s", "window in seconds (default 3600)", positive=True),
+            ),
+            one_of=("min_rate", "max_rate"),
+        ),
+        RuleKind(
+            "absence",
+            "no reading for more than max_gap_s seconds",
+            (Param("max_gap_s", "longest allowed gap in seconds", required=True, positive=True),),
+        ),
+        RuleKind(
+            "comparison",
+            "value above (op gt) or below (op lt) another channel's latest value + offset",
+            (
+                Param("other_channel_id", "the channel compared against", required=True),
+                Param("op", "gt (default) or lt"),
+                Param("offset", "added to the other channel's value (default 0)"),
+            ),
+        ),
+    )
+}
+
+SEVERITIES = ("warning", "alarm")  # ascending
+UTC_ZONE = ZoneInfo("UTC")
+
+
+def check_params(kind: str, params: Mapping[str, Any]) -> str | None:
+    """Why `params` do not fit `kind`, or None."""
+    rk = RULE_KINDS.get(kind)
+    if rk is None:
+        return f"unknown rule kind {kind!r}; known: {', '.join(RULE_KINDS)}"
+    names = {p.name for p in rk.params}
+    for k in params:
+        if k not in names:
+            return f"{kind} rules take {', '.join(sorted(names))}; not {k!r}"
+    for p in rk.params:
+        v = params.get(p.name)
+        if v is None:
+            if p.required:
+                return f"{kind} rules need {p.name} ({p.doc})"
+            continue
+        if p.name == "other_channel_id":
+            if not isinstance(v, str):
+                return "other_channel_id must be a channel id"
+        elif p.name == "op":
+            if v not in ("gt", "lt"):
+                return "op must be gt or lt"
+        elif isinstance(v, bool) or not isinstance(v, int | float):
+            return f"{p.name} must be a number"
+        elif p.positive and v <= 0:
+            return f"{p.name} must be greater than 0"
+    if rk.one_of and all(params.get(k) is None for k in rk.one_of):
+        return f"{kind} rules need at least one of {', '.join(rk.one_of)}"
+    lo, hi = (
+        params.get("ok_min", params.get("min_rate")),
+        params.get("ok_max", params.get("max_rate")),
+    )
+    if isinstance(lo, int | float) and isinstance(hi, int | float) and lo > hi:
+        return "the lower limit is above the upper limit"
+    return None
+
+
+# --- time windows -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Window:
+    """An RFC 5545 recurrence in the site's time zone; while it lasts, `params`
+    override the rule's (None: the rule is not evaluated at all)."""
+
+    rrule: str
+    duration_min: int
+    params: dict[str, Any] | None = None
+    dtstart: str = "2024-01-01T00:00:00"  # local wall time of the first occurrence
+
+
+def check_window(w: Mapping[str, Any]) -> str | None:
+    if not isinstance(w, Mapping):
+        return "a window is an object {rrule, duration_min, params}"
+    if not isinstance(w.get("rrule"), str):
+        return "a window needs rrule (RFC 5545, e.g. FREQ=DAILY;BYHOUR=2;BYMINUTE=0)"
+    d = w.get("duration_min")
+    if isinstance(d, bool) or not isinstance(d, int) or not 0 < d <= 7 * 24 * 60:
+        return "duration_min must be an integer of minutes, 1..10080"
+    try:
+        _recurrence(w["rrule"], str(w.get("dtstart", Window.dtstart)))
+    except (ValueError, TypeError) as exc:
+        return f"rrule {w['rrule']!r} is not valid RFC 5545: {exc}"
+    if w.get("params") is not None and not isinstance(w.get("params"), Mapping):
+        return "window params must be an object (the limits that apply inside it) or null"
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _recurrence(text: str, dtstart: str) -> rrule:
+    start = datetime.fromisoformat(dtstart).replace(tzinfo=None)
+    r = rrulestr(text, dtstart=start, cache=True)
+    if not isinstance(r, rrule):
+        raise ValueError("one RRULE, without RDATE/EXDATE sets")
+    return r
+
+
+def active_window(windows: tuple[Window, ...], tz: ZoneInfo, t: datetime) -> Window | None:
+    """The window covering instant `t`. Occurrences are local wall times (02:00 is
+    02:00 in summer and in winter); the duration is real elapsed time."""
+    for w in windows:
+        r = _recurrence(w.rrule, w.dtstart)
+        dur = timedelta(minutes=w.duration_min)
+        lo = (t - dur - timedelta(hours=3)).astimezone(tz).replace(tzinfo=None)
+        hi = (t + timedelta(hours=3)).astimezone(tz).replace(tzinfo=None)
+        for occ in r.between(lo, hi, inc=True):
+            start = occ.replace(tzinfo=tz)
+            if start <= t < start + dur:
+                return w
+    return None
+
+
+# --- rules and state --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    kind: str
+    params: dict[str, Any]
+    grace_min: int = 0
+    clear_min: int | None = None  # None: the same as grace (symmetric)
+    severity: str = "alarm"
+    windows: tuple[Window, ...] = ()
+    renotify_min: int | None = None
+
+    @property
+    def grace(self) -> timedelta:
+        return timedelta(minutes=self.grace_min)
+
+    @property
+    def clear(self) -> timedelta:
+        return timedelta(minutes=self.grace_min if self.clear_min is None else self.clear_min)
+
+
+@dataclass
+class RuleState:
+    status: str = "ok"  # ok | grace | alarm | clearing
+    since: datetime | None = None  # start of the excursion (true time)
+    clear_since: datetime | None = None
+    value: float | None = None  # the value that started (or worst of) the excursion
+    last_ts: datetime | None = None
+    hist: list[tuple[datetime, float]] = field(default_factory=list)  # recent readings
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "since": _iso(self.since),
+            "clear_since": _iso(self.clear_since),
+            "value": self.value,
+            "last_ts": _iso(self.last_ts),
+            "hist": [[_iso(t), v] for t, v in self.hist],
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any] | None) -> RuleState:
+        if not d:
+            return cls()
+        return cls(
+            d.get("status", "ok"),
+            _dt(d.get("since")),
+            _dt(d.get("clear_since")),
+            d.get("value"),
+            _dt(d.get("last_ts")),
+            [(_dt(t), float(v)) for t, v in d.get("hist", [])],  # type: ignore[misc]
+        )
+
+
+def _iso(t: datetime | None) -> str | None:
+    return t.isoformat() if t is not None else None
+
+
+def _dt(s: str | None) -> datetime | None:
+    return datetime.fromisoformat(s) if s else None
+
+
+@dataclass(frozen=True)
+class Transition:
+    """What happened to a rule, at its true time. `what`: grace (excursion began),
+    ok (ended within grace), alarm (grace elapsed: an event opens), clearing,
+    cleared (the event closes), realarm (out again while clearing)."""
+
+    what: str
+    rule_id: str
+    at: datetime
+    since: datetime | None
+    value: float | None
+
+
+# The other channel's value at a time, for comparison rules (None: unknown).
+Lookup = Callable[[str, datetime], float | None]
+
+
+def _no_lookup(_cid: str, _t: datetime) -> float | None:
+    return None
+
+
+def _hist_window(rule: Rule) -> timedelta:
+    if rule.kind == "delta":
+        return timedelta(seconds=float(rule.params.get("interval_s", 600)))
+    if rule.kind == "derivative":
+        return timedelta(seconds=float(rule.params.get("window_s", 3600)))
+    return timedelta(0)
+
+
+def breach(
+    rule: Rule,
+    params: Mapping[str, Any],
+    state: RuleState,
+    ts: datetime,
+    value: float,
+    lookup: Lookup = _no_lookup,
+) -> bool | None:
+    """Is this reading out of bounds? None: cannot tell (keeps the current state).
+    `state.hist` already holds this reading."""
+    k = rule.kind
+    if k == "range":
+        lo, hi = params.get("ok_min"), params.get("ok_max")
+        return (lo is not None and value < lo) or (hi is not None and value > hi)
+    if k == "delta":
+        vals = [v for _, v in state.hist]
+        return max(vals) - min(vals) > float(params["max_delta"])
+    if k == "derivative":
+        if len(state.hist) < 2:
+            return None
+        t0, v0 = state.hist[0]
+        span = (ts - t0).total_seconds()
+        if span < _hist_window(rule).total_seconds() / 2:
+            return None  # too short a baseline to call a trend
+        rate = (value - v0) / (span / 3600.0)
+        lo, hi = params.get("min_rate"), params.get("max_rate")
+        return (lo is not None and rate < lo) or (hi is not None and rate > hi)
+    if k == "comparison":
+        other = lookup(str(params["other_channel_id"]), ts)
+        if other is None:
+            return None
+        ref = other + float(params.get("offset", 0))
+        return value < ref if params.get("op") == "lt" else value > ref
+    if k == "absence":
+        return False  # a reading is the opposite of absence; gaps are judged in step()
+    raise ValueError(f"unknown rule kind {k}")
+
+
+def advance(rule: Rule, st: RuleState, t: datetime, out: list[Transition]) -> RuleState:
+    """Let time pass to `t` with no new reading: grace elapses into an alarm."""
+    since = st.since
+    if st.status == "grace" and since is not None and t >= since + rule.grace:
+        st = replace(st, status="alarm")
+        out.append(Transition("alarm", rule.id, since + rule.grace, since, st.value))
+    if st.status == "clearing" and st.clear_since is not None and t >= st.clear_since + rule.clear:
+        at = st.clear_since + rule.clear
+        out.append(Transition("cleared", rule.id, at, st.since, st.value))
+        st = replace(st, status="ok", since=None, clear_since=None, value=None)
+    return st
+
+
+def _judge(
+    rule: Rule, st: RuleState, ts: datetime, bad: bool, value: float | None, out: list[Transition]
+) -> RuleState:
+    if bad:
+        if st.status == "ok":
+            st = replace(st, status="grace", since=ts, value=value)
+            out.append(Transition("grace", rule.id, ts, ts, value))
+        elif st.status == "clearing":
+            st = replace(st, status="alarm", clear_since=None)
+            out.append(Transition("realarm", rule.id, ts, st.since, value))
+    else:
+        if st.status == "grace":
+            out.append(Transition("ok", rule.id, ts, st.since, st.value))
+            st = replace(st, status="ok", since=None, value=None)
+        elif st.status == "alarm":
+            st = replace(st, status="clearing", clear_since=ts)
+            out.append(Transition("clearing", rule.id, ts, st.since, value))
+    return advance(rule, st, ts, out)
+
+
+def step(
+    rule: Rule,
+    st: RuleState,
+    ts: datetime,
+    value: float,
+    tz: ZoneInfo = UTC_ZONE,
+    lookup: Lookup = _no_lookup,
+) -> tuple[RuleState, list[Transition]]:
+    """Feed one reading (in timestamp order)."""
+    out: list[Transition] = []
+    if st.last_ts is not None and ts <= st.last_ts:
+        return st, out  # already seen (the caller rewinds for truly late readings)
+    if rule.kind == "absence" and st.last_ts is not None:
+        gap_start = st.last_ts + timedelta(seconds=float(rule.params["max_gap_s"]))
+        if ts > gap_start:  # the gap really happened: open (and judge) it at its true times
+            st = advance(rule, st, gap_start, out)
+            st = _judge(rule, st, gap_start, True, None, out)
+            st = advance(rule, st, ts, out)
+    st = advance(rule, st, ts, out)
+    window = _hist_window(rule)
+    hist = [(t, v) for t, v in st.hist if t >= ts - window] + [(ts, value)] if window else []
+    st = replace(st, hist=hist, last_ts=ts)
+    w = active_window(rule.windows, tz, ts) if rule.windows else None
+    if w is not None and w.params is None:
+        return st, out  # the window switches the rule off: nothing is judged
+    params = {**rule.params, **(w.params or {})} if w is not None else rule.params
+    bad = breach(rule, params, st, ts, value, lookup)
+    if bad is None:
+        return st, out
+    if bad and st.status in ("grace", "alarm", "clearing") and st.value is not None:
+        worst = max(st.value, value) if _above(rule, params, value) else min(st.value, value)
+        st = replace(st, value=worst)
+    return _judge(rule, st, ts, bad, value, out), out
+
+
+def _above(rule: Rule, params: Mapping[str, Any], value: float) -> bool:
+    hi = params.get("ok_max")
+    return hi is not None and value > hi
+
+
+def tick(rule: Rule, st: RuleState, now: datetime) -> tuple[RuleState, list[Transition]]:
+    """Time passes with no reading. Grace elapses into an alarm (a silent probe must not
+    hold an alarm back); an absence rule notices its gap. Clearing needs a reading in
+    range, so it is only ever confirmed by data."""
+    out: list[Transition] = []
+    if rule.kind == "absence" and st.last_ts is not None and st.status == "ok":
+        gap_start = st.last_ts + timedelta(seconds=float(rule.params["max_gap_s"]))
+        if now > gap_start:
+            st = _judge(rule, st, gap_start, True, None, out)
+    if st.status == "grace":
+        st = advance(rule, st, now, out)
+    return st, out
+
+
+def due_at(rule: Rule, st: RuleState) -> datetime | None:
+    """When `tick` would next change something (the sweep's schedule)."""
+    if st.status == "grace" and st.since is not None:
+        return st.since + rule.grace
+    if rule.kind == "absence" and st.status == "ok" and st.last_ts is not None:
+        return st.last_ts + timedelta(seconds=float(rule.params["max_gap_s"]))
+    return None
+
+
+def channel_status(rules: list[Rule], states: Mapping[str, RuleState]) -> str:
+    """The most severe of a channel's rules: alarm > grace > ok (PRODUCT.md states)."""
+    status = "ok"
+    for r in rules:
+        s = states.get(r.id)
+        if s is None:
+            continue
+        if s.status in ("alarm", "clearing"):
+            return "alarm"
+        if s.status == "grace":
+            status = "grace"
+    return status
+
+
+def utc(t: datetime) -> datetime:
+    return t.astimezone(UTC)

@@ -1,0 +1,417 @@
+"""Driving the pure engine from the database.
+
+Wake-up: the statement that stores readings also upserts `alarm_dirty` (channel,
+earliest new timestamp), and a trigger NOTIFYs at commit. An evaluator takes dirty
+rows with FOR UPDATE SKIP LOCKED, locks the channels' `alarm_state` rows (the "one
+evaluator per channel" guarantee across processes), feeds the new readings to the
+engine in timestamp order, applies the transitions through the lifecycle function
+and saves the state — all in one transaction: a crash rolls everything back,
+including the claim on the dirty rows, so nothing is judged twice or never.
+
+Late readings (older than what the channel has been judged up to) rewind the
+channel to the last checkpoint before them and replay; event steps are idempotent
+(an event is keyed by rule and true start), so a replay changes nothing it need not.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from psycopg import AsyncConnection
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from . import engine, outbox
+from .engine import Rule, RuleState, Transition, Window
+from .lifecycle import Change, transition
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_EVERY = timedelta(minutes=10)
+CHECKPOINT_KEEP = timedelta(hours=25)
+MAX_READINGS = 20000  # per channel and pass; the rest is picked up by the next pass
+
+META_SQL = """
+SELECT c.num, c.id, c.account_id, c.device_id, s.timezone,
+  coalesce((SELECT jsonb_agg(jsonb_build_object('id', r.id, 'kind', r.kind, 'params', r.params,
+      'grace_min', r.grace_min, 'clear_min', r.clear_min, 'severity', r.severity,
+      'windows', r.windows, 'renotify_min', r.renotify_min) ORDER BY r.created_at)
+    FROM rules r WHERE r.channel_id = c.id AND r.enabled), '[]'::jsonb)
+FROM channels c JOIN devices d ON d.id = c.device_id JOIN sites s ON s.id = d.site_id
+WHERE c.num = ANY(%s)
+"""
+
+
+@dataclass
+class Meta:
+    num: int
+    channel_id: str
+    account_id: str
+    device_id: str
+    tz: ZoneInfo
+    rules: list[Rule]
+
+
+def rule_from_json(r: dict[str, Any]) -> Rule:
+    return Rule(
+        id=r["id"],
+        kind=r["kind"],
+        params=dict(r["params"] or {}),
+        grace_min=int(r["grace_min"]),
+        clear_min=r.get("clear_min"),
+        severity=r.get("severity") or "alarm",
+        windows=tuple(
+            Window(
+                w["rrule"],
+                int(w["duration_min"]),
+                w.get("params"),
+                w.get("dtstart", Window.dtstart),
+            )
+            for w in (r.get("windows") or [])
+        ),
+        renotify_min=r.get("renotify_min"),
+    )
+
+
+async def _meta(conn: AsyncConnection[Any], nums: list[int]) -> dict[int, Meta]:
+    cur = await conn.execute(META_SQL, (nums,))
+    out = {}
+    for num, cid, acc, dev, tz, rules in await cur.fetchall():
+        out[num] = Meta(num, cid, acc, dev, ZoneInfo(tz), [rule_from_json(r) for r in rules])
+    return out
+
+
+@dataclass
+class Stats:
+    channels: int = 0
+    readings: int = 0
+    transitions: int = 0
+    rewinds: int = 0
+
+
+async def evaluate_dirty(pool: AsyncConnectionPool, now: datetime, limit: int = 128) -> Stats:
+    """One pass over (up to `limit`) channels with new readings, oldest wake-up first.
+    Three statements whatever the batch size: claim, read the readings, save."""
+    st = Stats()
+    async with pool.connection() as conn, conn.transaction():
+        cur = await conn.execute(
+            "DELETE FROM alarm_dirty WHERE channel_num IN (SELECT channel_num FROM alarm_dirty"
+            " ORDER BY marked_at LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING channel_num, since",
+            (limit,),
+        )
+        dirty = {int(n): s for n, s in await cur.fetchall()}
+        if not dirty:
+            return st
+        nums = sorted(dirty)
+        await conn.execute(
+            "INSERT INTO alarm_state (channel_num, channel_id) SELECT num, id FROM channels"
+            " WHERE num = ANY(%s) ORDER BY num ON CONFLICT DO NOTHING",
+            (nums,),
+        )
+        cur = await conn.execute(
+            "SELECT channel_num, rules, events, checkpoints, last_ts FROM alarm_state"
+            " WHERE channel_num = ANY(%s) ORDER BY channel_num FOR UPDATE",
+            (nums,),
+        )
+        states = {int(r[0]): r[1:] for r in await cur.fetchall()}
+        meta = await _meta(conn, nums)
+        plans = {
+            num: _plan(states[num], dirty[num], st) for num in nums if num in meta and num in states
+        }
+        readings = await _readings(conn, {num: p.lower for num, p in plans.items()})
+        saves: list[tuple[Any, ...]] = []
+        for num, p in plans.items():
+            rs = readings.get(num, [])
+            if not rs:
+                continue
+            saves.append(await _run(conn, meta[num], p, rs, now, st))
+            st.channels += 1
+            if len(rs) >= MAX_READINGS:  # more to come: mark the channel again
+                await conn.execute(
+                    "INSERT INTO alarm_dirty (channel_num, since) VALUES (%s, %s)"
+                    " ON CONFLICT (channel_num) DO UPDATE"
+                    " SET since = least(alarm_dirty.since, excluded.since)",
+                    (num, rs[-1][0] + timedelta(microseconds=1)),
+                )
+        if saves:
+            async with conn.cursor() as c:
+                await c.executemany(SAVE_SQL, saves)
+        st.channels = max(st.channels, 1)  # the claim made progress: look again
+    return st
+
+
+@dataclass
+class Plan:
+    rules_json: dict[str, Any]
+    events: dict[str, Any]
+    checkpoints: list[Any]
+    lower: datetime  # readings after this are (re)judged
+
+
+def _plan(row: tuple[Any, ...], since: datetime, st: Stats) -> Plan:
+    """From where to judge: where the channel stands, or — for late readings — the
+    last checkpoint before them (or a fresh state a day earlier)."""
+    rules_json, events, checkpoints, last_ts = dict(row[0]), dict(row[1]), list(row[2]), row[3]
+    tiny = timedelta(microseconds=1)
+    if last_ts is None:
+        return Plan(rules_json, events, checkpoints, since - tiny)
+    if since > last_ts:
+        return Plan(rules_json, events, checkpoints, last_ts)
+    st.rewinds += 1
+    keep = [c for c in checkpoints if datetime.fromisoformat(c[0]) < since]
+    if keep:
+        return Plan(dict(keep[-1][1]), dict(keep[-1][2]), keep, datetime.fromisoformat(keep[-1][0]))
+    return Plan({}, events, [], since - timedelta(hours=24) - tiny)
+
+
+async def _readings(
+    conn: AsyncConnection[Any], lower: dict[int, datetime]
+) -> dict[int, list[tuple[datetime, float]]]:
+    if not lower:
+        return {}
+    nums = list(lower)
+    cur = await conn.execute(
+        "SELECT f.num, m.ts, m.value FROM unnest(%s::int4[], %s::timestamptz[]) AS f(num, lo)"
+        " CROSS JOIN LATERAL (SELECT ts, value FROM measurements"
+        "   WHERE channel_num = f.num AND ts > f.lo ORDER BY ts LIMIT %s) m"
+        " ORDER BY f.num, m.ts",
+        (nums, [lower[n] for n in nums], MAX_READINGS),
+    )
+    out: dict[int, list[tuple[datetime, float]]] = {}
+    for num, ts, value in await cur.fetchall():
+        out.setdefault(int(num), []).append((ts, float(value)))
+    return out
+
+
+async def _lookup_for(
+    conn: AsyncConnection[Any], m: Meta, lo: datetime, hi: datetime
+) -> engine.Lookup:
+    """The other channels' values around the readings, for comparison rules."""
+    series: dict[str, tuple[list[datetime], list[float]]] = {}
+    for r in m.rules:
+        if r.kind != "comparison":
+            continue
+        other = str(r.params["other_channel_id"])
+        cur = await conn.execute(
+            "SELECT m.ts, m.value FROM measurements m JOIN channels c ON c.num = m.channel_num"
+            " WHERE c.id = %s AND c.account_id = %s AND m.ts BETWEEN %s AND %s ORDER BY m.ts",
+            (other, m.account_id, lo - timedelta(hours=1), hi),
+        )
+        rows = await cur.fetchall()
+        series[other] = ([x[0] for x in rows], [float(x[1]) for x in rows])
+
+    def lookup(cid: str, t: datetime) -> float | None:
+        ts, vs = series.get(cid, ([], []))
+        i = bisect.bisect_right(ts, t)
+        return vs[i - 1] if i else None
+
+    return lookup
+
+
+async def _run(
+    conn: AsyncConnection[Any],
+    m: Meta,
+    p: Plan,
+    readings: list[tuple[datetime, float]],
+    now: datetime,
+    st: Stats,
+) -> tuple[Any, ...]:
+    """Feed the readings; apply the transitions; return the state row to save."""
+    states = {r.id: RuleState.from_json(p.rules_json.get(r.id)) for r in m.rules}
+    events, checkpoints = p.events, p.checkpoints
+    last = max((s.last_ts for s in states.values() if s.last_ts), default=None)
+    if last is not None and (
+        not checkpoints or last - datetime.fromisoformat(checkpoints[-1][0]) >= CHECKPOINT_EVERY
+    ):
+        checkpoints.append([last.isoformat(), {k: s.to_json() for k, s in states.items()}, events])
+    lookup = (
+        await _lookup_for(conn, m, readings[0][0], readings[-1][0])
+        if any(r.kind == "comparison" for r in m.rules)
+        else engine._no_lookup
+    )
+    trs: list[Transition] = []
+    for r in m.rules:
+        s = states[r.id]
+        for ts, v in readings:
+            s, out = engine.step(r, s, ts, v, m.tz, lookup)
+            trs.extend(out)
+        states[r.id] = s
+    st.readings += len(readings)
+    trs.sort(key=lambda t: t.at)
+    await apply(conn, m, trs, events, now)
+    st.transitions += len(trs)
+    return save_params(m, states, events, checkpoints, readings[-1][0], now)
+
+
+async def apply(
+    conn: AsyncConnection[Any],
+    m: Meta,
+    trs: list[Transition],
+    events: dict[str, Any],
+    now: datetime,
+) -> None:
+    by_id = {r.id: r for r in m.rules}
+    for t in trs:
+        rule = by_id[t.rule_id]
+        if t.what == "alarm":
+            ev = await transition(
+                conn,
+                Change(
+                    "open", t.at, now, account_id=m.account_id, channel_id=m.channel_id,
+                    device_id=m.device_id, rule_id=rule.id, kind=rule.kind,
+                    severity=rule.severity, started_at=t.since, value=t.value,
+                ),
+            )  # fmt: skip
+            events[rule.id] = ev["id"]
+        elif t.what == "cleared" and events.get(rule.id):
+            await transition(
+                conn, Change("clear", t.at, now, event_id=events.pop(rule.id), value=t.value)
+            )
+
+
+SAVE_SQL = (
+    "UPDATE alarm_state SET rules = %s, events = %s, checkpoints = %s,"
+    " last_ts = greatest(last_ts, %s), due_at = %s, status = %s, updated_at = %s"
+    " WHERE channel_num = %s"
+)
+
+
+def save_params(
+    m: Meta,
+    states: dict[str, RuleState],
+    events: dict[str, Any],
+    checkpoints: list[Any],
+    last_ts: datetime | None,
+    now: datetime,
+) -> tuple[Any, ...]:
+    if last_ts is not None:
+        checkpoints = [
+            c for c in checkpoints if datetime.fromisoformat(c[0]) >= last_ts - CHECKPOINT_KEEP
+        ]
+    dues = [d for r in m.rules if (d := engine.due_at(r, states[r.id])) is not None]
+    return (
+        Jsonb({k: s.to_json() for k, s in states.items()}),
+        Jsonb(events),
+        Jsonb(checkpoints),
+        last_ts,
+        min(dues) if dues else None,
+        engine.channel_status(m.rules, states),
+        now,
+        m.num,
+    )
+
+
+async def tick_due(pool: AsyncConnectionPool, now: datetime, limit: int = 500) -> int:
+    """Time-driven steps: grace running out with no new reading, absence gaps."""
+    n = 0
+    async with pool.connection() as conn, conn.transaction():
+        cur = await conn.execute(
+            "SELECT channel_num, rules, events, checkpoints, last_ts FROM alarm_state"
+            " WHERE due_at <= %s ORDER BY channel_num LIMIT %s FOR UPDATE SKIP LOCKED",
+            (now, limit),
+        )
+        rows = {int(r[0]): r[1:] for r in await cur.fetchall()}
+        if not rows:
+            return 0
+        meta = await _meta(conn, sorted(rows))
+        for num, row in rows.items():
+            m = meta.get(num)
+            if m is None:
+                continue
+            states = {r.id: RuleState.from_json(row[0].get(r.id)) for r in m.rules}
+            events = dict(row[1])
+            trs: list[Transition] = []
+            for r in m.rules:
+                states[r.id], out = engine.tick(r, states[r.id], now)
+                trs.extend(out)
+            trs.sort(key=lambda t: t.at)
+            await apply(conn, m, trs, events, now)
+            await conn.execute(SAVE_SQL, save_params(m, states, events, list(row[2]), None, now))
+            n += len(trs)
+    return n
+
+
+async def check_devices(pool: AsyncConnectionPool, now: datetime) -> int:
+    """device_offline after 2 x cadence without a message; device_online when back."""
+    n = 0
+    async with pool.connection() as conn, conn.transaction():
+        cur = await conn.execute(
+            "SELECT d.id, d.account_id, d.last_seen_at, d.cadence_s, a.offline_since, a.event_id,"
+            " (SELECT c.id FROM channels c WHERE c.device_id = d.id ORDER BY c.num LIMIT 1)"
+            " FROM devices d LEFT JOIN device_alarm_state a ON a.device_id = d.id"
+            " WHERE d.deleted_at IS NULL AND d.last_seen_at IS NOT NULL AND ("
+            "  (a.offline_since IS NULL AND d.last_seen_at < %s - make_interval(secs => 2 * d.cadence_s))"
+            "  OR (a.offline_since IS NOT NULL AND d.last_seen_at > a.offline_since))"
+            " ORDER BY d.id FOR UPDATE OF d SKIP LOCKED",
+            (now,),
+        )
+        for dev, acc, seen, cadence, off_since, ev_id, chan in await cur.fetchall():
+            if off_since is None:
+                if chan is None:
+                    continue  # no channel to hang the event on yet
+                at = seen + timedelta(seconds=2 * cadence)
+                ev = await transition(
+                    conn,
+                    Change(
+                        "offline", at, now, account_id=acc, channel_id=chan, device_id=dev,
+                        kind="device_offline", started_at=seen,
+                    ),
+                )  # fmt: skip
+                await conn.execute(
+                    "INSERT INTO device_alarm_state (device_id, offline_since, event_id)"
+                    " VALUES (%s, %s, %s) ON CONFLICT (device_id) DO UPDATE"
+                    " SET offline_since = excluded.offline_since, event_id = excluded.event_id",
+                    (dev, seen, ev["id"]),
+                )
+            else:
+                if ev_id:
+                    await transition(conn, Change("online", seen, now, event_id=ev_id))
+                await conn.execute(
+                    "UPDATE device_alarm_state SET offline_since = NULL, event_id = NULL"
+                    " WHERE device_id = %s",
+                    (dev,),
+                )
+            n += 1
+    return n
+
+
+async def silences(pool: AsyncConnectionPool, now: datetime) -> int:
+    async with pool.connection() as conn, conn.transaction():
+        return await outbox.silence_webhooks(conn, now)
+
+
+async def renotify(pool: AsyncConnectionPool, now: datetime) -> int:
+    """An acknowledged alarm still out of range re-notifies after renotify_min."""
+    n = 0
+    async with pool.connection() as conn, conn.transaction():
+        cur = await conn.execute(
+            "SELECT e.id FROM events e JOIN rules r ON r.id = e.rule_id"
+            " JOIN alarm_state s ON s.channel_id = e.channel_id"
+            " WHERE e.state = 'acknowledged' AND r.renotify_min IS NOT NULL"
+            " AND s.rules -> r.id ->> 'status' = 'alarm'"
+            " AND greatest(e.acknowledged_at, e.renotified_at) + make_interval(mins => r.renotify_min) <= %s"
+            " ORDER BY e.id FOR UPDATE OF e SKIP LOCKED",
+            (now,),
+        )
+        for (eid,) in await cur.fetchall():
+            await transition(conn, Change("renotify", now, now, event_id=eid))
+            n += 1
+    return n
+
+
+async def recompute(
+    conn: AsyncConnection[Any], channel_num: int, now: datetime, hours: int = 24
+) -> None:
+    """Replay the last `hours` of a channel: it is marked dirty from then, so the next
+    pass rewinds to the checkpoint before that time and replays (idempotent: events
+    are keyed by rule and true start, so existing events are found, not duplicated)."""
+    await conn.execute(
+        "INSERT INTO alarm_dirty (channel_num, since) VALUES (%s, %s)"
+        " ON CONFLICT (channel_num) DO UPDATE SET since = least(alarm_dirty.since, excluded.since)",
+        (channel_num, now - timedelta(hours=hours)),
+    )

@@ -1,0 +1,138 @@
+"""Every step of an event's life goes through `transition` — one function, so the
+audit call (opensense.audit.record) can be added in exactly one place.
+
+Steps: open (grace elapsed: the alarm), ack, clear (back in range after the clear
+delay, or by a person with a note), renotify (acknowledged but still out of range),
+offline/online (a device's connectivity). Each runs inside the caller's transaction
+and queues its notifications in the outbox of that same transaction, so an event
+and its messages commit together or not at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
+
+from ..errors import ApiError
+from ..ids import new_id
+from . import outbox
+
+ACTIONS = ("open", "ack", "clear", "renotify", "offline", "online")
+
+
+@dataclass
+class Change:
+    action: str
+    at: datetime  # the true time of the step
+    now: datetime  # wall clock (for scheduling messages)
+    account_id: str = ""
+    event_id: str | None = None
+    channel_id: str | None = None
+    device_id: str | None = None
+    rule_id: str | None = None
+    kind: str = ""
+    severity: str = "alarm"
+    started_at: datetime | None = None
+    value: float | None = None
+    actor: str = "system"
+    note: dict[str, str | None] = field(default_factory=dict)  # note, cause, action, product
+
+
+async def transition(conn: AsyncConnection[Any], ch: Change) -> dict[str, Any]:
+    """Apply one lifecycle step; returns the event row. Idempotent for the engine's
+    steps (an alarm replayed from the same readings finds its event)."""
+    assert ch.action in ACTIONS, ch.action
+    cur = conn.cursor(row_factory=dict_row)
+    if ch.action in ("open", "offline"):
+        await cur.execute(
+            "INSERT INTO events (id, account_id, channel_id, rule_id, kind, severity, state,"
+            " started_at, alarm_at, value, device_id)"
+            " VALUES (%s, %s, %s, %s, %s, %s, 'alarm', %s, %s, %s, %s)"
+            " ON CONFLICT (rule_id, started_at) WHERE rule_id IS NOT NULL DO NOTHING"
+            " RETURNING *",
+            (
+                new_id("evt"),
+                ch.account_id,
+                ch.channel_id,
+                ch.rule_id,
+                ch.kind,
+                ch.severity,
+                ch.started_at or ch.at,
+                ch.at,
+                ch.value,
+                ch.device_id,
+            ),
+        )
+        ev = await cur.fetchone()
+        if ev is None:  # replayed: the event exists already
+            await cur.execute(
+                "SELECT * FROM events WHERE rule_id = %s AND started_at = %s",
+                (ch.rule_id, ch.started_at or ch.at),
+            )
+            found = await cur.fetchone()
+            assert found is not None
+            return found
+        await outbox.enqueue_opened(
+            conn, ev, "device_offline" if ch.action == "offline" else "alarm_opened", ch.now
+        )
+        return ev
+
+    assert ch.event_id is not None
+    await cur.execute("SELECT * FROM events WHERE id = %s FOR UPDATE", (ch.event_id,))
+    ev = await cur.fetchone()
+    if ev is None or (ch.account_id and ev["account_id"] != ch.account_id):
+        raise ApiError("event_not_found", f"no event {ch.event_id[:40]!r} in this account")
+
+    if ch.action == "ack":
+        if ev["acknowledged_at"] is not None:
+            raise ApiError("event_state", "this event was acknowledged already")
+        await cur.execute(
+            "UPDATE events SET acknowledged_at = %s, acknowledged_by = %s, ack_note = %s,"
+            " ack_cause = %s, ack_action = %s, ack_product = %s,"
+            " state = CASE WHEN state = 'cleared' THEN state ELSE 'acknowledged' END"
+            " WHERE id = %s RETURNING *",
+            (
+                ch.at,
+                ch.actor,
+                ch.note.get("note"),
+                ch.note.get("cause"),
+                ch.note.get("action"),
+                ch.note.get("product"),
+                ev["id"],
+            ),
+        )
+        ev = await cur.fetchone()
+        assert ev is not None
+        await outbox.cancel_escalation(conn, ev["id"], ch.now, ack=True)
+        await outbox.enqueue_follow_up(conn, ev, "alarm_ack", ch.now)
+        return ev
+
+    if ch.action in ("clear", "online"):
+        if ev["state"] == "cleared":
+            if ch.actor != "system":
+                raise ApiError("event_state", "this event was cleared already")
+            return ev
+        await cur.execute(
+            "UPDATE events SET state = 'cleared', cleared_at = %s, cleared_by = %s,"
+            " clear_note = %s WHERE id = %s RETURNING *",
+            (ch.at, ch.actor, ch.note.get("note"), ev["id"]),
+        )
+        ev = await cur.fetchone()
+        assert ev is not None
+        await outbox.cancel_escalation(conn, ev["id"], ch.now, ack=False)
+        kind = "device_online" if ch.action == "online" else "alarm_cleared"
+        await outbox.enqueue_follow_up(conn, ev, kind, ch.now)
+        return ev
+
+    # renotify
+    await cur.execute(
+        "UPDATE events SET renotified_at = %s WHERE id = %s RETURNING *", (ch.at, ev["id"])
+    )
+    ev = await cur.fetchone()
+    assert ev is not None
+    await outbox.enqueue_reminder(conn, ev, ch.now)
+    return ev

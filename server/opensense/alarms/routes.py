@@ -1,0 +1,663 @@
+"""Alarm and notification API: events (ack/clear with a corrective-action note),
+rules, recompute, recipients, Telegram linking and its webhook, escalation,
+silences, the test alarm, the outbound log."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime, timedelta
+from typing import Any
+
+from aiohttp import web
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from ..api import auth
+from ..api.body import json_object
+from ..api.jsonutil import response
+from ..api.keys import ALARMS_HTTP as HTTP
+from ..api.keys import CONFIG, POOL
+from ..devices.service import channel_row, get_site
+from ..errors import ApiError
+from ..ids import new_id
+from . import dispatch, engine, evaluator, outbox, paths
+from .lifecycle import Change, transition
+
+routes = web.RouteTableDef()
+
+EVENT_COLS = (
+    "id, channel_id, device_id, rule_id, kind, severity, state, value, started_at, alarm_at,"
+    " acknowledged_at, acknowledged_by, ack_note, ack_cause, ack_action, ack_product,"
+    " cleared_at, cleared_by, clear_note, renotified_at"
+)
+TARGET_COLS = "id, site_id, path, address, name, roles, verified, created_at"
+LINK_TTL = timedelta(minutes=30)
+
+
+def _text(body: dict[str, Any], key: str, required: bool = False, limit: int = 2000) -> str | None:
+    v = body.get(key)
+    if v is None:
+        if required:
+            raise ApiError("invalid_request", f"{key} is required")
+        return None
+    if not isinstance(v, str) or (required and not v.strip()) or len(v) > limit:
+        raise ApiError("invalid_request", f"{key} must be text of 1..{limit} characters")
+    return v
+
+
+def _ts(v: Any, key: str) -> datetime:
+    if not isinstance(v, str):
+        raise ApiError("invalid_request", f"{key} must be an RFC 3339 time")
+    try:
+        t = datetime.fromisoformat(v.replace("Z", "+00:00"))
+    except ValueError:
+        raise ApiError("invalid_request", f"{key} must be an RFC 3339 time") from None
+    if t.tzinfo is None:
+        raise ApiError("invalid_request", f"{key} needs a UTC offset (e.g. Z)")
+    return t
+
+
+# --- events -----------------------------------------------------------------------------
+
+
+@routes.get("/v1/events")
+async def list_events(request: web.Request) -> web.Response:
+    q = request.query
+    state = q.get("state")
+    if state is not None and state not in ("open", "alarm", "acknowledged", "cleared"):
+        raise ApiError("invalid_request", "state must be open, alarm, acknowledged or cleared")
+    try:
+        limit = min(max(int(q.get("limit", "100")), 1), 1000)
+    except ValueError:
+        raise ApiError("invalid_request", "limit must be an integer") from None
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        sql = f"SELECT {EVENT_COLS} FROM events WHERE account_id = %s"
+        args: list[Any] = [acc]
+        if state == "open":
+            sql += " AND state <> 'cleared'"
+        elif state:
+            sql += " AND state = %s"
+            args.append(state)
+        if q.get("channel_id"):
+            sql += " AND channel_id = %s"
+            args.append(q["channel_id"])
+        sql += " ORDER BY started_at DESC LIMIT %s"
+        args.append(limit)
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(sql, args)
+        return response({"data": await cur.fetchall()})
+
+
+async def _event(conn: AsyncConnection[Any], acc: str, event_id: str) -> dict[str, Any]:
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(
+        f"SELECT {EVENT_COLS} FROM events WHERE id = %s AND account_id = %s", (event_id, acc)
+    )
+    ev = await cur.fetchone()
+    if ev is None:
+        raise ApiError("event_not_found", f"no event {event_id[:40]!r} in this account")
+    return ev
+
+
+@routes.get("/v1/events/{event_id}")
+async def get_event(request: web.Request) -> web.Response:
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        return response(await _event(conn, acc, request.match_info["event_id"]))
+
+
+def _note(body: dict[str, Any]) -> dict[str, str | None]:
+    return {
+        "note": _text(body, "note", required=True),
+        "cause": _text(body, "cause"),
+        "action": _text(body, "action"),
+        "product": _text(body, "product"),
+    }
+
+
+@routes.post("/v1/events/{event_id}/ack")
+async def ack_event(request: web.Request) -> web.Response:
+    cfg = request.app[CONFIG]
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn, read=False)
+        body = await json_object(request)
+        by = _text(body, "by", required=True, limit=200)
+        note = _note(body)
+        async with conn.transaction():
+            now = cfg.clock()
+            ev = await transition(
+                conn,
+                Change("ack", now, now, account_id=acc, event_id=request.match_info["event_id"],
+                       actor=str(by), note=note),
+            )  # fmt: skip
+        return response(await _event(conn, acc, ev["id"]))
+
+
+@routes.post("/v1/events/{event_id}/clear")
+async def clear_event(request: web.Request) -> web.Response:
+    """A person closes an event (e.g. the fridge was emptied and switched off). The
+    rule starts afresh: still out of range, it opens a new alarm after grace."""
+    cfg = request.app[CONFIG]
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn, read=False)
+        body = await json_object(request)
+        by = _text(body, "by", required=True, limit=200)
+        note = _note(body)
+        async with conn.transaction():
+            now = cfg.clock()
+            before = await _event(conn, acc, request.match_info["event_id"])
+            await conn.execute(
+                "SELECT 1 FROM alarm_state WHERE channel_id = %s FOR UPDATE",
+                (before["channel_id"],),
+            )
+            ev = await transition(
+                conn,
+                Change("clear", now, now, account_id=acc, event_id=before["id"], actor=str(by),
+                       note=note),
+            )  # fmt: skip
+            if ev["rule_id"]:
+                await conn.execute(
+                    "UPDATE alarm_state SET events = events - %s::text,"
+                    " rules = CASE WHEN rules ? %s::text THEN jsonb_set(rules, ARRAY[%s::text],"
+                    '   (rules -> %s::text) || \'{"status": "ok", "since": null,'
+                    '   "clear_since": null, "value": null}\'::jsonb) ELSE rules END'
+                    " WHERE channel_id = %s",
+                    (ev["rule_id"], ev["rule_id"], ev["rule_id"], ev["rule_id"], ev["channel_id"]),
+                )
+        return response(await _event(conn, acc, ev["id"]))
+
+
+# --- rules -------------------------------------------------------------------------------
+
+
+def _rule_fields(body: dict[str, Any], kind: str, partial: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "params" in body or not partial:
+        params = body.get("params", {})
+        if not isinstance(params, dict):
+            raise ApiError("invalid_request", "params must be an object")
+        why = engine.check_params(kind, params)
+        if why:
+            raise ApiError("invalid_rule", why)
+        out["params"] = Jsonb(params)
+    for key, lo in (("grace_min", 0), ("clear_min", 0), ("renotify_min", 1)):
+        if key in body:
+            v = body[key]
+            if v is None and key != "grace_min":
+                out[key] = None
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= 7 * 24 * 60:
+                raise ApiError("invalid_rule", f"{key} must be whole minutes, {lo}..10080")
+            out[key] = v
+    if "severity" in body:
+        if body["severity"] not in engine.SEVERITIES:
+            raise ApiError("invalid_rule", "severity must be warning or alarm")
+        out["severity"] = body["severity"]
+    if "enabled" in body:
+        if not isinstance(body["enabled"], bool):
+            raise ApiError("invalid_rule", "enabled must be true or false")
+        out["enabled"] = body["enabled"]
+    if "windows" in body:
+        ws = body["windows"]
+        if not isinstance(ws, list) or len(ws) > 20:
+            raise ApiError("invalid_rule", "windows must be a list (at most 20)")
+        for w in ws:
+            why = engine.check_window(w)
+            if why is None and isinstance(w.get("params"), dict):
+                why = engine.check_params(kind, {**body.get("params", {}), **w["params"]})
+            if why:
+                raise ApiError("invalid_rule", why)
+        out["windows"] = Jsonb(ws)
+    return out
+
+
+RULE_COLS = (
+    "id, channel_id, kind, params, grace_min, clear_min, severity, enabled, windows, renotify_min"
+)
+
+
+@routes.post("/v1/channels/{channel_id}/rules")
+async def create_rule(request: web.Request) -> web.Response:
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn, read=False)
+        ch = await channel_row(conn, acc, request.match_info["channel_id"])
+        body = await json_object(request)
+        kind = body.get("kind")
+        if kind not in engine.RULE_KINDS:
+            raise ApiError("invalid_rule", f"kind must be one of {', '.join(engine.RULE_KINDS)}")
+        f = _rule_fields(body, kind, partial=False)
+        if kind == "comparison":
+            await channel_row(conn, acc, str(f["params"].obj["other_channel_id"]))
+        cols = ["id", "channel_id", "kind", *f]
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(
+            f"INSERT INTO rules ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))})"
+            f" RETURNING {RULE_COLS}",
+            [new_id("rul"), ch["id"], kind, *f.values()],
+        )
+        return response(await cur.fetchone(), status=201)
+
+
+async def _rule(conn: AsyncConnection[Any], acc: str, rule_id: str) -> dict[str, Any]:
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(
+        f"SELECT {', '.join('r.' + c.strip() for c in RULE_COLS.split(','))} FROM rules r"
+        " JOIN channels c ON c.id = r.channel_id WHERE r.id = %s AND c.account_id = %s",
+        (rule_id, acc),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        raise ApiError("rule_not_found", f"no rule {rule_id[:40]!r} in this account")
+    return row
+
+
+@routes.patch("/v1/rules/{rule_id}")
+async def patch_rule(request: web.Request) -> web.Response:
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn, read=False)
+        rule = await _rule(conn, acc, request.match_info["rule_id"])
+        body = await json_object(request)
+        if "kind" in body and body["kind"] != rule["kind"]:
+            raise ApiError("invalid_rule", "a rule's kind cannot change; make a new rule")
+        f = _rule_fields(body, rule["kind"], partial=True)
+        for k, v in f.items():
+            await conn.execute(f"UPDATE rules SET {k} = %s WHERE id = %s", (v, rule["id"]))
+        return response(await _rule(conn, acc, rule["id"]))
+
+
+@routes.delete("/v1/rules/{rule_id}")
+async def delete_rule(request: web.Request) -> web.Response:
+    """Rules are disabled, not deleted: their events keep pointing at them."""
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn, read=False)
+        rule = await _rule(conn, acc, request.match_info["rule_id"])
+        await conn.execute("UPDATE rules SET enabled = false WHERE id = %s", (rule["id"],))
+        return response(await _rule(conn, acc, rule["id"]))
+
+
+@routes.get("/v1/channels/{channel_id}/alarm-state")
+async def alarm_state(request: web.Request) -> web.Response:
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        ch = await channel_row(conn, acc, request.match_info["channel_id"])
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(
+            "SELECT status, last_ts, due_at, rules, events FROM alarm_state WHERE channel_id = %s",
+            (ch["id"],),
+        )
+        row = await cur.fetchone() or {"status": "no_data", "last_ts": None, "due_at": None}
+        rules = {k: v.get("status") for k, v in (row.get("rules") or {}).items()}
+        return response(
+            {
+                "channel_id": ch["id"],
+                "status": row["status"],
+                "last_ts": row["last_ts"],
+                "due_at": row["due_at"],
+                "rules": rules,
+                "open_events": row.get("events") or {},
+            }
+        )
+
+
+@routes.post("/v1/channels/{channel_id}/recompute")
+async def recompute(request: web.Request) -> web.Response:
+    cfg = request.app[CONFIG]
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn, read=False)
+        ch = await channel_row(conn, acc, request.match_info["channel_id"])
+        cur = await conn.execute("SELECT num FROM channels WHERE id = %s", (ch["id"],))
+        num = await cur.fetchone()
+        assert num is not None
+        async with conn.transaction():
+            await evaluator.recompute(conn, num[0], cfg.clock())
+    return response({"channel_id": ch["id"], "status": "queued", "hours": 24}, status=202)
+
+
+# --- recipients ---------------------------------------------------------------------------
+
+
+def _roles(v: Any) -> list[str]:
+    if v is None:
+        return []
+    if not isinstance(v, list) or any(r not in outbox.ROLES for r in v):
+        raise ApiError("invalid_request", f"roles must be a list of {', '.join(outbox.ROLES)}")
+    return list(dict.fromkeys(v))
+
+
+async def _site_or_none(conn: AsyncConnection[Any], acc: str, site_id: Any) -> str | None:
+    if site_id is None:
+        return None
+    if not isinstance(site_id, str):
+        raise ApiError("invalid_request", "site_id must be a site id")
+    return str((await get_site(conn, acc, site_id))["id"])
+
+
+@routes.get("/v1/targets")
+async def list_targets(request: web.Request) -> web.Response:
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(
+            f"SELECT {TARGET_COLS} FROM notify_targets WHERE account_id = %s AND deleted_at IS NULL"
+            " ORDER BY created_at, id",
+            (acc,),
+        )
+        return response({"data": await cur.fetchall()})
+
+
+@routes.post("/v1/targets")
+async def create_target(request: web.Request) -> web.Response:
+    """An email recipient or a webhook (Telegram chats link themselves with a code).
+    A webhook's signing secret is shown once, in this answer."""
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn, read=False)
+        body = await json_object(request)
+        path = body.get("path")
+        address = _text(body, "address", required=True, limit=500) or ""
+        if path == "email":
+            if "@" not in address or " " in address.strip():
+                raise ApiError("invalid_request", "address must be an email address")
+        elif path == "webhook":
+            if not address.startswith(("https://", "http://")):
+                raise ApiError("invalid_request", "address must be an http(s) URL")
+        else:
+            raise ApiError(
+                "invalid_request",
+                "path must be email or webhook (link Telegram with POST /v1/telegram/link)",
+            )
+        secret = "whsec_" + secrets.token_urlsafe(24) if path == "webhook" else None
+        token = secrets.token_urlsafe(24) if path == "email" else None
+        site = await _site_or_none(conn, acc, body.get("site_id"))
+        name = _text(body, "name") or ""
+        roles = _roles(body.get("roles"))
+        cur = conn.cursor(row_factory=dict_row)
+        async with conn.transaction():
+            await cur.execute(
+                "INSERT INTO notify_targets (id, account_id, site_id, path, address, name, roles,"
+                " secret, token) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                f" ON CONFLICT DO NOTHING RETURNING {TARGET_COLS}",
+                (new_id("tgt"), acc, site, path, address.strip(), name, Jsonb(roles), secret,
+                 token),
+            )  # fmt: skip
+            row = await cur.fetchone()
+            if row is None:
+                raise ApiError("conflict", f"{address!r} is a {path} recipient already")
+            if token:  # double opt-in: the address confirms itself before any alarm goes
+                await outbox.put(
+                    conn, account_id=acc, target_id=row["id"], event_id=None, kind="verify",
+                    key=f"verify:{row['id']}", payload=_verify_mail(request, token),
+                    due=request.app[CONFIG].clock(),
+                )  # fmt: skip
+        if secret:
+            row["secret"] = secret
+        return response(row, status=201)
+
+
+def _verify_mail(request: web.Request, token: str) -> dict[str, Any]:
+    base = request.app[CONFIG].public_url.rstrip("/")
+    return {
+        "kind": "verify",
+        "subject": "[OpenSense] Confirm alarm emails to this address",
+        "text": "Someone added this address to receive OpenSense alarms (fridge and freezer "
+        f"temperatures). To receive them, confirm: {base}/v1/targets/verify?token={token}\n"
+        "If this was not you, ignore this message: nothing will be sent.",
+        "data": {},
+        "ackable": False,
+    }
+
+
+@routes.get("/v1/targets/verify")
+async def verify_target(request: web.Request) -> web.Response:
+    """The link in the confirmation email (no login: the token is the proof)."""
+    return await _by_token(request, "UPDATE notify_targets SET verified = true", "confirmed")
+
+
+@routes.get("/v1/unsubscribe")
+async def unsubscribe(request: web.Request) -> web.Response:
+    """The link in every alarm email: stops them (the account sees the recipient gone)."""
+    return await _by_token(request, "UPDATE notify_targets SET deleted_at = now()", "unsubscribed")
+
+
+async def _by_token(request: web.Request, update: str, what: str) -> web.Response:
+    token = request.query.get("token", "")
+    if not 16 <= len(token) <= 64:
+        raise ApiError("target_not_found", "this link is not valid (no such recipient)")
+    async with request.app[POOL].connection() as conn:
+        cur = await conn.execute(
+            update
+            + " WHERE token = %s AND path = 'email' AND deleted_at IS NULL RETURNING address",
+            (token,),
+        )
+        row = await cur.fetchone()
+    if row is None:
+        raise ApiError("target_not_found", "this link is not valid (no such recipient)")
+    return response({"address": row[0], what: True})
+
+
+@routes.delete("/v1/targets/{target_id}")
+async def delete_target(request: web.Request) -> web.Response:
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn, read=False)
+        cur = await conn.execute(
+            "UPDATE notify_targets SET deleted_at = now() WHERE id = %s AND account_id = %s"
+            " AND deleted_at IS NULL RETURNING id",
+            (request.match_info["target_id"], acc),
+        )
+        if await cur.fetchone() is None:
+            raise ApiError("target_not_found", "no such recipient in this account")
+        return response({"id": request.match_info["target_id"], "deleted": True})
+
+
+# --- Telegram ------------------------------------------------------------------------------
+
+
+@routes.post("/v1/telegram/link")
+async def telegram_link(request: web.Request) -> web.Response:
+    """A one-time code; send `/start <code>` to the bot from the chat or group."""
+    cfg = request.app[CONFIG]
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn, read=False)
+        body = await json_object(request)
+        site = await _site_or_none(conn, acc, body.get("site_id"))
+        code = secrets.token_hex(4).upper()
+        expires = cfg.clock() + LINK_TTL
+        await conn.execute(
+            "INSERT INTO telegram_link_codes (code, account_id, site_id, roles, expires_at)"
+            " VALUES (%s, %s, %s, %s, %s)",
+            (code, acc, site, Jsonb(_roles(body.get("roles"))), expires),
+        )
+        return response({"code": code, "expires_at": expires, "send": f"/start {code}"}, status=201)
+
+
+@routes.post("/v1/telegram/webhook")
+async def telegram_webhook(request: web.Request) -> web.Response:
+    """Updates from the Bot API (setWebhook with secret_token): `/start <code>` links a
+    chat; an "Acknowledge" button press (callback_query `ack:<event>`) acknowledges."""
+    cfg = request.app[CONFIG]
+    if not cfg.telegram_webhook_secret:
+        raise ApiError("not_found", "the Telegram webhook is not configured")
+    given = request.headers.get("X-Telegram-Bot-Api-Secret-Token", "")
+    if not secrets.compare_digest(given, cfg.telegram_webhook_secret):
+        raise ApiError("forbidden", "wrong X-Telegram-Bot-Api-Secret-Token")
+    update = await json_object(request)
+    session = request.app[HTTP]
+    now = cfg.clock()
+    msg = update.get("message")
+    if isinstance(msg, dict) and isinstance(msg.get("text"), str):
+        text = msg["text"].strip()
+        chat = _dict(msg.get("chat"))
+        if text.startswith("/start") and isinstance(chat.get("id"), int | str):
+            reply = await _link_chat(request, str(chat["id"]), text.split()[1:], now)
+            await paths.telegram_call(
+                session, cfg, "sendMessage", {"chat_id": chat["id"], "text": reply}
+            )
+    cq = update.get("callback_query")
+    if isinstance(cq, dict) and isinstance(cq.get("data"), str) and "id" in cq:
+        answer = await _ack_from_chat(request, cq, now)
+        await paths.telegram_call(
+            session, cfg, "answerCallbackQuery", {"callback_query_id": cq["id"], "text": answer}
+        )
+    return response({"ok": True})
+
+
+def _dict(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
+
+
+async def _link_chat(request: web.Request, chat_id: str, args: list[str], now: datetime) -> str:
+    if not args:
+        return "Send /start <code>; get a code in OpenSense under Notifications."
+    async with request.app[POOL].connection() as conn, conn.transaction():
+        cur = await conn.execute(
+            "UPDATE telegram_link_codes SET used_at = %s WHERE code = %s AND used_at IS NULL"
+            " AND expires_at > %s RETURNING account_id, site_id, roles",
+            (now, args[0].upper(), now),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return "That code is unknown, used or expired; ask OpenSense for a new one."
+        await conn.execute(
+            "INSERT INTO notify_targets (id, account_id, site_id, path, address, roles, verified)"
+            " VALUES (%s, %s, %s, 'telegram', %s, %s, true) ON CONFLICT DO NOTHING",
+            (new_id("tgt"), row[0], row[1], chat_id, Jsonb(row[2])),
+        )
+    return "Linked: this chat will get OpenSense alarms."
+
+
+async def _ack_from_chat(request: web.Request, cq: dict[str, Any], now: datetime) -> str:
+    data = cq["data"]
+    if not data.startswith("ack:"):
+        return "Unknown button."
+    chat_id = str(_dict(_dict(cq.get("message")).get("chat")).get("id", ""))
+    user = _dict(cq.get("from"))
+    who = "telegram:" + str(user.get("username") or user.get("first_name") or user.get("id"))
+    async with request.app[POOL].connection() as conn, conn.transaction():
+        cur = await conn.execute(
+            "SELECT e.account_id FROM events e JOIN notify_targets t ON t.account_id = e.account_id"
+            " WHERE e.id = %s AND t.path = 'telegram' AND t.address = %s AND t.deleted_at IS NULL",
+            (data[4:], chat_id),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return "This chat may not acknowledge that alarm."
+        try:
+            await transition(
+                conn,
+                Change("ack", now, now, account_id=row[0], event_id=data[4:], actor=who,
+                       note={"note": "acknowledged from Telegram"}),
+            )  # fmt: skip
+        except ApiError as err:
+            return err.message
+    return "Acknowledged. Add the corrective action in OpenSense."
+
+
+# --- escalation, silences, test alarm, outbound log ----------------------------------------
+
+
+@routes.get("/v1/sites/{site_id}/escalation")
+async def get_escalation(request: web.Request) -> web.Response:
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        site = await get_site(conn, acc, request.match_info["site_id"])
+        cur = await conn.execute(
+            "SELECT steps FROM escalation_policies WHERE site_id = %s", (site["id"],)
+        )
+        row = await cur.fetchone()
+        return response({"site_id": site["id"], "steps": row[0] if row else outbox.DEFAULT_STEPS})
+
+
+@routes.put("/v1/sites/{site_id}/escalation")
+async def put_escalation(request: web.Request) -> web.Response:
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn, read=False)
+        site = await get_site(conn, acc, request.match_info["site_id"])
+        body = await json_object(request)
+        steps = body.get("steps")
+        if not isinstance(steps, list) or not 1 <= len(steps) <= 10:
+            raise ApiError("invalid_request", "steps must be a list of 1..10 steps")
+        for s in steps:
+            d = s.get("delay_min") if isinstance(s, dict) else None
+            to = s.get("to") if isinstance(s, dict) else None
+            if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= 24 * 60:
+                raise ApiError("invalid_request", "each step needs delay_min, 0..1440")
+            if not (
+                to in outbox.STEP_TARGETS
+                or (isinstance(to, list) and all(isinstance(x, str) for x in to))
+            ):
+                raise ApiError(
+                    "invalid_request", "a step's to is on_shift, manager, everyone or a list of recipient ids"
+                )  # fmt: skip
+        await conn.execute(
+            "INSERT INTO escalation_policies (site_id, steps) VALUES (%s, %s)"
+            " ON CONFLICT (site_id) DO UPDATE SET steps = excluded.steps, updated_at = now()",
+            (site["id"], Jsonb(steps)),
+        )
+        return response({"site_id": site["id"], "steps": steps})
+
+
+@routes.get("/v1/silences")
+async def list_silences(request: web.Request) -> web.Response:
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(
+            "SELECT id, site_id, channel_id, starts_at, ends_at, reason FROM silences"
+            " WHERE account_id = %s ORDER BY starts_at DESC LIMIT 500",
+            (acc,),
+        )
+        return response({"data": await cur.fetchall()})
+
+
+@routes.post("/v1/silences")
+async def create_silence(request: web.Request) -> web.Response:
+    """Notifications only: the alarm still opens, shows and is reported."""
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn, read=False)
+        body = await json_object(request)
+        start, end = _ts(body.get("from"), "from"), _ts(body.get("to"), "to")
+        if end <= start:
+            raise ApiError("invalid_request", "to must be after from")
+        reason = _text(body, "reason", required=True, limit=500)
+        site = await _site_or_none(conn, acc, body.get("site_id"))
+        chan = None
+        if body.get("channel_id") is not None:
+            chan = (await channel_row(conn, acc, str(body["channel_id"])))["id"]
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(
+            "INSERT INTO silences (id, account_id, site_id, channel_id, starts_at, ends_at, reason)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s)"
+            " RETURNING id, site_id, channel_id, starts_at, ends_at, reason",
+            (new_id("sil"), acc, site, chan, start, end, reason),
+        )
+        return response(await cur.fetchone(), status=201)
+
+
+@routes.post("/v1/notifications/test")
+async def test_alarm(request: web.Request) -> web.Response:
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn, read=False)
+        body = await json_object(request)
+    by = _text(body, "by", limit=200) or "the API"
+    results = await dispatch.send_test(
+        request.app[POOL], request.app[CONFIG], request.app[HTTP], acc, by
+    )
+    return response({"results": results})
+
+
+@routes.get("/v1/outbound-log")
+async def outbound_log(request: web.Request) -> web.Response:
+    try:
+        limit = min(max(int(request.query.get("limit", "100")), 1), 1000)
+    except ValueError:
+        raise ApiError("invalid_request", "limit must be an integer") from None
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(
+            "SELECT id, path, target, event_id, kind, status, code, error, attempt, at"
+            " FROM outbound_log WHERE account_id = %s ORDER BY at DESC, id DESC LIMIT %s",
+            (acc, limit),
+        )
+        return response({"data": await cur.fetchall()})

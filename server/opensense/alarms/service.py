@@ -1,0 +1,147 @@
+"""The alarm side's background work, started by `alarms_ctx` (app cleanup_ctx):
+
+- the evaluator: LISTEN opensense_alarm_dirty (sent at the commit of readings);
+  each wake-up judges the dirty channels at once; every `alarm_sweep_s` it also
+  runs the time-driven checks (grace running out, gaps, offline devices,
+  re-notification);
+- the sender: LISTEN opensense_outbox; sends what is due, at once or when an
+  escalation step comes due; checks every 30 s for a failing path.
+
+Any number of processes may run both: the database decides who does what
+(SKIP LOCKED claims, row locks on channel state). Success and failure of each
+loop go through `_beat`, the one place the status page's health hook goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import psycopg
+from aiohttp import web
+
+from ..api.keys import ALARMS_HTTP as HTTP
+from ..api.keys import CONFIG, DSN, POOL
+from . import dispatch, evaluator
+
+log = logging.getLogger(__name__)
+
+
+def _beat(app: web.Application, component: str, exc: BaseException | None) -> None:
+    """One place for loop health (the lead wires opensense.status.health here)."""
+    if exc is not None:
+        log.error("%s failed: %r", component, exc)
+
+
+async def _listen_loop(
+    dsn: str, channel: str, every: float, work: Callable[[bool], Awaitable[None]]
+) -> None:
+    """Run `work(woken)` after each NOTIFY on `channel`, and at least every `every` s.
+    A pump task keeps the connection's notifies() generator running all the time (a
+    notification arriving while no generator waits would be lost); the wake-up flag
+    is cleared before each run, so a commit during a run causes another run."""
+    wake = asyncio.Event()
+    while True:
+        try:
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                await conn.execute(f"LISTEN {channel}")
+
+                async def pump(conn: psycopg.AsyncConnection[Any] = conn) -> None:
+                    async for _ in conn.notifies():
+                        wake.set()
+
+                pumper = asyncio.create_task(pump())
+                try:
+                    await work(True)  # whatever was missed while not listening
+                    while not pumper.done():
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(wake.wait(), every)
+                        woken = wake.is_set()
+                        wake.clear()
+                        await work(woken)
+                    pumper.result()  # raises what broke the connection
+                finally:
+                    pumper.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await pumper
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s listener lost its connection; reconnecting", channel)
+            await asyncio.sleep(1)
+
+
+async def evaluator_work(app: web.Application, woken: bool, state: dict[str, float]) -> None:
+    pool, cfg = app[POOL], app[CONFIG]
+    try:
+        while (await evaluator.evaluate_dirty(pool, cfg.clock())).channels:
+            pass
+        _beat(app, "rule_engine", None)
+    except Exception as exc:
+        _beat(app, "rule_engine", exc)
+    if time.monotonic() - state.get("sweep", 0.0) >= cfg.alarm_sweep_s:
+        state["sweep"] = time.monotonic()
+        try:
+            now = cfg.clock()
+            await evaluator.tick_due(pool, now)
+            await evaluator.check_devices(pool, now)
+            await evaluator.renotify(pool, now)
+            await evaluator.silences(pool, now)
+            _beat(app, "rule_engine_sweep", None)
+        except Exception as exc:
+            _beat(app, "rule_engine_sweep", exc)
+
+
+async def sender_work(app: web.Application, woken: bool, state: dict[str, float]) -> None:
+    pool, cfg = app[POOL], app[CONFIG]
+    try:
+        while await dispatch.dispatch_due(pool, cfg, app[HTTP]):
+            pass
+        _beat(app, "notifier", None)
+    except Exception as exc:
+        _beat(app, "notifier", exc)
+    if time.monotonic() - state.get("paths", 0.0) >= 30:
+        state["paths"] = time.monotonic()
+        try:
+            await dispatch.check_paths(pool, cfg.clock())
+        except Exception as exc:
+            _beat(app, "notifier_paths", exc)
+
+
+async def alarms_ctx(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[CONFIG]
+    session = aiohttp.ClientSession()
+    app[HTTP] = session
+    tasks: list[asyncio.Task[Any]] = []
+    if cfg.alarms_enabled:
+        ev_state: dict[str, float] = {}
+        tx_state: dict[str, float] = {}
+        tasks = [
+            asyncio.create_task(
+                _listen_loop(
+                    app[DSN],
+                    "opensense_alarm_dirty",
+                    cfg.alarm_sweep_s,
+                    lambda w: evaluator_work(app, w, ev_state),
+                )
+            ),
+            asyncio.create_task(
+                _listen_loop(
+                    app[DSN],
+                    "opensense_outbox",
+                    min(cfg.alarm_sweep_s, 1.0),
+                    lambda w: sender_work(app, w, tx_state),
+                )
+            ),
+        ]
+    yield
+    for t in tasks:
+        t.cancel()
+    if tasks:  # everything they do is transactional: a cut-off pass is rolled back
+        await asyncio.wait(tasks, timeout=5)
+    await session.close()
