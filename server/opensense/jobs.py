@@ -50,9 +50,40 @@ async def _retention(conn: AsyncConnection[Any], cfg: Config, now: datetime) -> 
     return await retention.run(conn, cfg, now)
 
 
+class AuditBroken(RuntimeError):
+    """The audit trail failed verification (the status page's P0 audit_integrity)."""
+
+
+async def _verify_audit(conn: AsyncConnection[Any], cfg: Config) -> str:
+    """The whole verification of `opensense audit verify` (chains, trees, published
+    checkpoints); raises AuditBroken naming every problem."""
+    from .audit import store, verify
+    from .audit.note import NoteError
+    from .audit.publish import AuditPlaces
+
+    directory = store.Directory(AuditPlaces.from_config(cfg).publish_dir)
+    try:
+        verifier = directory.verifier()
+    except NoteError:
+        verifier = None  # nothing published yet (verify says so if checkpoints exist)
+    rep = await verify.verify(conn, directory, verifier)
+    if not rep.ok:
+        raise AuditBroken(f"{len(rep.problems)} problem(s): " + "; ".join(rep.problems))
+    return (
+        f"{rep.rows} rows in {rep.accounts} account(s) verified, "
+        f"{rep.checkpoints} signed checkpoint(s) match"
+    )
+
+
+async def _audit_verify(conn: AsyncConnection[Any], cfg: Config, now: datetime) -> str:
+    return await _verify_audit(conn, cfg)
+
+
 async def _audit_checkpoint(conn: AsyncConnection[Any], cfg: Config, now: datetime) -> str:
     from .audit.publish import AuditPlaces, publish
 
+    # never sign a tree over a rewritten row: verify first
+    await _verify_audit(conn, cfg)
     return "; ".join(await publish(conn, AuditPlaces.from_config(cfg))) or "no audit rows yet"
 
 
@@ -98,7 +129,13 @@ JOBS: tuple[Job, ...] = (
         "audit_checkpoint",
         timedelta(hours=24),
         _audit_checkpoint,
-        "sign and publish each account's audit checkpoint",
+        "verify, then sign and publish each account's audit checkpoint",
+    ),
+    Job(
+        "audit_verify",
+        timedelta(hours=1),
+        _audit_verify,
+        "verify every audit chain, tree and published checkpoint (status: audit)",
     ),
     Job("backup", timedelta(hours=1), _backup, "encrypted dump, weekly copy, rotation"),
     Job(

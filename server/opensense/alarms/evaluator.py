@@ -28,7 +28,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from . import engine, outbox
 from .engine import Rule, RuleState, Transition, Window
-from .lifecycle import Change, transition
+from .lifecycle import AuditEntry, Change, transition, write_audit
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +125,12 @@ async def evaluate_dirty(pool: AsyncConnectionPool, now: datetime, limit: int = 
         }
         readings = await _readings(conn, {num: p.lower for num, p in plans.items()})
         saves: list[tuple[Any, ...]] = []
+        pending: list[AuditEntry] = []
         for num, p in plans.items():
             rs = readings.get(num, [])
             if not rs:
                 continue
-            saves.append(await _run(conn, meta[num], p, rs, now, st))
+            saves.append(await _run(conn, meta[num], p, rs, now, st, pending))
             st.channels += 1
             if len(rs) >= MAX_READINGS:  # more to come: mark the channel again
                 await conn.execute(
@@ -141,6 +142,7 @@ async def evaluate_dirty(pool: AsyncConnectionPool, now: datetime, limit: int = 
         if saves:
             async with conn.cursor() as c:
                 await c.executemany(SAVE_SQL, saves)
+        await write_audit(conn, pending)  # last: after every row lock of this pass
         st.channels = max(st.channels, 1)  # the claim made progress: look again
     return st
 
@@ -220,6 +222,7 @@ async def _run(
     readings: list[tuple[datetime, float]],
     now: datetime,
     st: Stats,
+    pending: list[AuditEntry],
 ) -> tuple[Any, ...]:
     """Feed the readings; apply the transitions; return the state row to save."""
     states = {r.id: RuleState.from_json(p.rules_json.get(r.id)) for r in m.rules}
@@ -243,7 +246,7 @@ async def _run(
         states[r.id] = s
     st.readings += len(readings)
     trs.sort(key=lambda t: t.at)
-    await apply(conn, m, trs, events, now)
+    await apply(conn, m, trs, events, now, pending)
     st.transitions += len(trs)
     return save_params(m, states, events, checkpoints, readings[-1][0], now)
 
@@ -254,6 +257,7 @@ async def apply(
     trs: list[Transition],
     events: dict[str, Any],
     now: datetime,
+    pending: list[AuditEntry],
 ) -> None:
     by_id = {r.id: r for r in m.rules}
     for t in trs:
@@ -266,11 +270,14 @@ async def apply(
                     device_id=m.device_id, rule_id=rule.id, kind=rule.kind,
                     severity=rule.severity, started_at=t.since, value=t.value,
                 ),
+                pending,
             )  # fmt: skip
             events[rule.id] = ev["id"]
         elif t.what == "cleared" and events.get(rule.id):
             await transition(
-                conn, Change("clear", t.at, now, event_id=events.pop(rule.id), value=t.value)
+                conn,
+                Change("clear", t.at, now, event_id=events.pop(rule.id), value=t.value),
+                pending,
             )
 
 
@@ -319,6 +326,7 @@ async def tick_due(pool: AsyncConnectionPool, now: datetime, limit: int = 500) -
         if not rows:
             return 0
         meta = await _meta(conn, sorted(rows))
+        pending: list[AuditEntry] = []
         for num, row in rows.items():
             m = meta.get(num)
             if m is None:
@@ -330,9 +338,10 @@ async def tick_due(pool: AsyncConnectionPool, now: datetime, limit: int = 500) -
                 states[r.id], out = engine.tick(r, states[r.id], now)
                 trs.extend(out)
             trs.sort(key=lambda t: t.at)
-            await apply(conn, m, trs, events, now)
+            await apply(conn, m, trs, events, now, pending)
             await conn.execute(SAVE_SQL, save_params(m, states, events, list(row[2]), None, now))
             n += len(trs)
+        await write_audit(conn, pending)
     return n
 
 
@@ -350,6 +359,7 @@ async def check_devices(pool: AsyncConnectionPool, now: datetime) -> int:
             " ORDER BY d.id FOR UPDATE OF d SKIP LOCKED",
             (now,),
         )
+        pending: list[AuditEntry] = []
         for dev, acc, seen, cadence, off_since, ev_id, chan in await cur.fetchall():
             if off_since is None:
                 if chan is None:
@@ -361,6 +371,7 @@ async def check_devices(pool: AsyncConnectionPool, now: datetime) -> int:
                         "offline", at, now, account_id=acc, channel_id=chan, device_id=dev,
                         kind="device_offline", started_at=seen,
                     ),
+                    pending,
                 )  # fmt: skip
                 await conn.execute(
                     "INSERT INTO device_alarm_state (device_id, offline_since, event_id)"
@@ -370,13 +381,14 @@ async def check_devices(pool: AsyncConnectionPool, now: datetime) -> int:
                 )
             else:
                 if ev_id:
-                    await transition(conn, Change("online", seen, now, event_id=ev_id))
+                    await transition(conn, Change("online", seen, now, event_id=ev_id), pending)
                 await conn.execute(
                     "UPDATE device_alarm_state SET offline_since = NULL, event_id = NULL"
                     " WHERE device_id = %s",
                     (dev,),
                 )
             n += 1
+        await write_audit(conn, pending)
     return n
 
 

@@ -6,6 +6,15 @@ delay, or by a person with a note), renotify (acknowledged but still out of rang
 offline/online (a device's connectivity). Each runs inside the caller's transaction
 and queues its notifications in the outbox of that same transaction, so an event
 and its messages commit together or not at all.
+
+Audit: every real step (open, offline, ack, clear, online) writes one audit_log row
+in the same transaction (opensense.audit.record; actor = the Change's actor, at = its
+`now`, the injected clock). A replay that finds its event, an engine clear of an event
+a person already cleared, and reminders (renotify: a message, in outbound_log) write
+none. audit.record takes a per-account advisory lock until commit; to keep every lock
+on rows before any audit lock (no deadlock with the API or another evaluator), the
+evaluator passes `pending` and writes the rows once, at the end of its pass, sorted by
+account (`write_audit`). A single step (the API, the Telegram button) writes at once.
 """
 
 from __future__ import annotations
@@ -15,13 +24,33 @@ from datetime import datetime
 from typing import Any
 
 from psycopg import AsyncConnection
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 
+from .. import audit
 from ..errors import ApiError
 from ..ids import new_id
 from . import outbox
 
 ACTIONS = ("open", "ack", "clear", "renotify", "offline", "online")
+# the audit_log action of each audited step (docs/audit.md)
+AUDIT_ACTIONS = {
+    "open": "alarm.open",
+    "offline": "device.offline",
+    "ack": "alarm.ack",
+    "clear": "alarm.clear",
+    "online": "device.online",
+}
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    account_id: str
+    actor: str
+    action: str
+    subject: str
+    data: dict[str, Any]
+    at: datetime
 
 
 @dataclass
@@ -40,12 +69,83 @@ class Change:
     value: float | None = None
     actor: str = "system"
     note: dict[str, str | None] = field(default_factory=dict)  # note, cause, action, product
+    via: str | None = None  # what carried a person's step: the API token id, the chat
 
 
-async def transition(conn: AsyncConnection[Any], ch: Change) -> dict[str, Any]:
+def _iso(t: Any) -> Any:
+    return audit.trail.iso(t) if isinstance(t, datetime) else t
+
+
+def _entry(ch: Change, ev: dict[str, Any]) -> AuditEntry:
+    data: dict[str, Any] = {
+        "channel_id": ev.get("channel_id"),
+        "device_id": ev.get("device_id"),
+        "rule_id": ev.get("rule_id"),
+        "kind": ev.get("kind"),
+        "at": _iso(ch.at),
+    }
+    if ch.action in ("open", "offline"):
+        data.update(
+            severity=ev.get("severity"),
+            started_at=_iso(ev.get("started_at")),
+            value=ev.get("value"),
+        )
+    elif ch.action == "clear" and ch.value is not None:
+        data["value"] = ch.value
+    if ch.action in ("ack", "clear") and ch.actor != "system":
+        data["by"] = ch.actor
+        data.update({k: v for k, v in ch.note.items() if v is not None})
+        if ch.via:
+            data["via"] = ch.via
+    return AuditEntry(
+        account_id=str(ev["account_id"]),
+        actor=ch.actor,
+        action=AUDIT_ACTIONS[ch.action],
+        subject=str(ev["id"]),
+        data=data,
+        at=ch.now,
+    )
+
+
+async def write_audit(conn: AsyncConnection[Any], pending: list[AuditEntry]) -> None:
+    """The pass's audit rows, inside its transaction, one account after another (a
+    stable sort: each account's rows stay in the order of its steps)."""
+    for e in sorted(pending, key=lambda e: e.account_id):
+        await audit.record(
+            conn,
+            account_id=e.account_id,
+            actor=e.actor,
+            action=e.action,
+            subject=e.subject,
+            data=e.data,
+            at=e.at,
+        )
+    pending.clear()
+
+
+async def _audit(
+    conn: AsyncConnection[Any],
+    ch: Change,
+    ev: dict[str, Any],
+    pending: list[AuditEntry] | None,
+) -> None:
+    e = _entry(ch, ev)
+    if pending is not None:
+        pending.append(e)
+    else:
+        await write_audit(conn, [e])
+
+
+async def transition(
+    conn: AsyncConnection[Any], ch: Change, pending: list[AuditEntry] | None = None
+) -> dict[str, Any]:
     """Apply one lifecycle step; returns the event row. Idempotent for the engine's
-    steps (an alarm replayed from the same readings finds its event)."""
+    steps (an alarm replayed from the same readings finds its event). Runs inside the
+    caller's transaction (its audit row needs one). With `pending`, the audit row is
+    queued there for `write_audit` at the end of the caller's transaction."""
     assert ch.action in ACTIONS, ch.action
+    if conn.info.transaction_status != TransactionStatus.INTRANS:
+        raise RuntimeError("lifecycle.transition runs inside the caller's transaction")
     cur = conn.cursor(row_factory=dict_row)
     if ch.action in ("open", "offline"):
         await cur.execute(
@@ -79,6 +179,7 @@ async def transition(conn: AsyncConnection[Any], ch: Change) -> dict[str, Any]:
         await outbox.enqueue_opened(
             conn, ev, "device_offline" if ch.action == "offline" else "alarm_opened", ch.now
         )
+        await _audit(conn, ch, ev, pending)
         return ev
 
     assert ch.event_id is not None
@@ -109,6 +210,7 @@ async def transition(conn: AsyncConnection[Any], ch: Change) -> dict[str, Any]:
         assert ev is not None
         await outbox.cancel_escalation(conn, ev["id"], ch.now, ack=True)
         await outbox.enqueue_follow_up(conn, ev, "alarm_ack", ch.now)
+        await _audit(conn, ch, ev, pending)
         return ev
 
     if ch.action in ("clear", "online"):
@@ -126,6 +228,7 @@ async def transition(conn: AsyncConnection[Any], ch: Change) -> dict[str, Any]:
         await outbox.cancel_escalation(conn, ev["id"], ch.now, ack=False)
         kind = "device_online" if ch.action == "online" else "alarm_cleared"
         await outbox.enqueue_follow_up(conn, ev, kind, ch.now)
+        await _audit(conn, ch, ev, pending)
         return ev
 
     # renotify

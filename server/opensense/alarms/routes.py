@@ -1,6 +1,10 @@
 """Alarm and notification API: events (ack/clear with a corrective-action note),
 rules, recompute, recipients, Telegram linking and its webhook, escalation,
-silences, the test alarm, the outbound log."""
+silences, the test alarm, the outbound log.
+
+Every configuration change here writes an audit_log row in the transaction of the
+change (`_audit`; actor = the API token id, docs/audit.md). The test alarm changes
+nothing and writes none (its sends are in outbound_log)."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from .. import audit
 from ..api import auth
 from ..api.body import json_object
 from ..api.jsonutil import response
@@ -44,6 +49,36 @@ def _text(body: dict[str, Any], key: str, required: bool = False, limit: int = 2
     if not isinstance(v, str) or (required and not v.strip()) or len(v) > limit:
         raise ApiError("invalid_request", f"{key} must be text of 1..{limit} characters")
     return v
+
+
+def _plain(v: Any) -> Any:
+    """A value as the audit trail stores it."""
+    if isinstance(v, Jsonb):
+        return v.obj
+    if isinstance(v, datetime):
+        return audit.trail.iso(v)
+    return v
+
+
+async def _audit(
+    conn: AsyncConnection[Any],
+    request: web.Request,
+    acc: str,
+    action: str,
+    subject: str | None,
+    data: dict[str, Any],
+    actor: str | None = None,
+) -> None:
+    """One audit row for a configuration change, inside the change's transaction."""
+    await audit.record(
+        conn,
+        account_id=acc,
+        actor=actor or auth.actor(request),
+        action=action,
+        subject=subject,
+        data={k: _plain(v) for k, v in data.items()},
+        at=request.app[CONFIG].clock(),
+    )
 
 
 def _ts(v: Any, key: str) -> datetime:
@@ -130,7 +165,7 @@ async def ack_event(request: web.Request) -> web.Response:
             ev = await transition(
                 conn,
                 Change("ack", now, now, account_id=acc, event_id=request.match_info["event_id"],
-                       actor=str(by), note=note),
+                       actor=str(by), note=note, via=auth.actor(request)),
             )  # fmt: skip
         return response(await _event(conn, acc, ev["id"]))
 
@@ -155,7 +190,7 @@ async def clear_event(request: web.Request) -> web.Response:
             ev = await transition(
                 conn,
                 Change("clear", now, now, account_id=acc, event_id=before["id"], actor=str(by),
-                       note=note),
+                       note=note, via=auth.actor(request)),
             )  # fmt: skip
             if ev["rule_id"]:
                 await conn.execute(
@@ -232,12 +267,19 @@ async def create_rule(request: web.Request) -> web.Response:
             await channel_row(conn, acc, str(f["params"].obj["other_channel_id"]))
         cols = ["id", "channel_id", "kind", *f]
         cur = conn.cursor(row_factory=dict_row)
-        await cur.execute(
-            f"INSERT INTO rules ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))})"
-            f" RETURNING {RULE_COLS}",
-            [new_id("rul"), ch["id"], kind, *f.values()],
-        )
-        return response(await cur.fetchone(), status=201)
+        async with conn.transaction():
+            await cur.execute(
+                f"INSERT INTO rules ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))})"
+                f" RETURNING {RULE_COLS}",
+                [new_id("rul"), ch["id"], kind, *f.values()],
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            await _audit(
+                conn, request, acc, "rule.create", row["id"],
+                {"channel_id": ch["id"], "kind": kind, **f},
+            )  # fmt: skip
+        return response(row, status=201)
 
 
 async def _rule(conn: AsyncConnection[Any], acc: str, rule_id: str) -> dict[str, Any]:
@@ -262,8 +304,17 @@ async def patch_rule(request: web.Request) -> web.Response:
         if "kind" in body and body["kind"] != rule["kind"]:
             raise ApiError("invalid_rule", "a rule's kind cannot change; make a new rule")
         f = _rule_fields(body, rule["kind"], partial=True)
-        for k, v in f.items():
-            await conn.execute(f"UPDATE rules SET {k} = %s WHERE id = %s", (v, rule["id"]))
+        async with conn.transaction():
+            for k, v in f.items():
+                await conn.execute(f"UPDATE rules SET {k} = %s WHERE id = %s", (v, rule["id"]))
+            changed = {
+                k: {"from": rule[k], "to": _plain(v)} for k, v in f.items() if rule[k] != _plain(v)
+            }
+            if changed:
+                await _audit(
+                    conn, request, acc, "rule.update", rule["id"],
+                    {"channel_id": rule["channel_id"], **changed},
+                )  # fmt: skip
         return response(await _rule(conn, acc, rule["id"]))
 
 
@@ -273,7 +324,12 @@ async def delete_rule(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn, read=False)
         rule = await _rule(conn, acc, request.match_info["rule_id"])
-        await conn.execute("UPDATE rules SET enabled = false WHERE id = %s", (rule["id"],))
+        async with conn.transaction():
+            await conn.execute("UPDATE rules SET enabled = false WHERE id = %s", (rule["id"],))
+            await _audit(
+                conn, request, acc, "rule.delete", rule["id"],
+                {"channel_id": rule["channel_id"], "kind": rule["kind"], "was_enabled": rule["enabled"]},
+            )  # fmt: skip
         return response(await _rule(conn, acc, rule["id"]))
 
 
@@ -312,6 +368,7 @@ async def recompute(request: web.Request) -> web.Response:
         assert num is not None
         async with conn.transaction():
             await evaluator.recompute(conn, num[0], cfg.clock())
+            await _audit(conn, request, acc, "channel.recompute", ch["id"], {"hours": 24})
     return response({"channel_id": ch["id"], "status": "queued", "hours": 24}, status=202)
 
 
@@ -384,6 +441,11 @@ async def create_target(request: web.Request) -> web.Response:
             row = await cur.fetchone()
             if row is None:
                 raise ApiError("conflict", f"{address!r} is a {path} recipient already")
+            await _audit(
+                conn, request, acc, "target.create", row["id"],
+                {"path": path, "address": row["address"], "name": name, "site_id": site,
+                 "roles": roles},
+            )  # fmt: skip
             if token:  # double opt-in: the address confirms itself before any alarm goes
                 await outbox.put(
                     conn, account_id=acc, target_id=row["id"], event_id=None, kind="verify",
@@ -425,14 +487,20 @@ async def _by_token(request: web.Request, update: str, what: str) -> web.Respons
     if not 16 <= len(token) <= 64:
         raise ApiError("target_not_found", "this link is not valid (no such recipient)")
     async with request.app[POOL].connection() as conn:
-        cur = await conn.execute(
-            update
-            + " WHERE token = %s AND path = 'email' AND deleted_at IS NULL RETURNING address",
-            (token,),
-        )
-        row = await cur.fetchone()
-    if row is None:
-        raise ApiError("target_not_found", "this link is not valid (no such recipient)")
+        async with conn.transaction():
+            cur = await conn.execute(
+                update + " WHERE token = %s AND path = 'email' AND deleted_at IS NULL"
+                " RETURNING address, account_id, id",
+                (token,),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                raise ApiError("target_not_found", "this link is not valid (no such recipient)")
+            # the link in the mail is the proof: the address itself is the actor
+            await _audit(
+                conn, request, row[1], f"target.{'verify' if what == 'confirmed' else 'unsubscribe'}",
+                row[2], {"path": "email", "address": row[0]}, actor=f"email:{row[0]}",
+            )  # fmt: skip
     return response({"address": row[0], what: True})
 
 
@@ -440,13 +508,19 @@ async def _by_token(request: web.Request, update: str, what: str) -> web.Respons
 async def delete_target(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn, read=False)
-        cur = await conn.execute(
-            "UPDATE notify_targets SET deleted_at = now() WHERE id = %s AND account_id = %s"
-            " AND deleted_at IS NULL RETURNING id",
-            (request.match_info["target_id"], acc),
-        )
-        if await cur.fetchone() is None:
-            raise ApiError("target_not_found", "no such recipient in this account")
+        async with conn.transaction():
+            cur = await conn.execute(
+                "UPDATE notify_targets SET deleted_at = now() WHERE id = %s AND account_id = %s"
+                " AND deleted_at IS NULL RETURNING id, path, address, site_id",
+                (request.match_info["target_id"], acc),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                raise ApiError("target_not_found", "no such recipient in this account")
+            await _audit(
+                conn, request, acc, "target.delete", row[0],
+                {"path": row[1], "address": row[2], "site_id": row[3]},
+            )  # fmt: skip
         return response({"id": request.match_info["target_id"], "deleted": True})
 
 
@@ -463,11 +537,18 @@ async def telegram_link(request: web.Request) -> web.Response:
         site = await _site_or_none(conn, acc, body.get("site_id"))
         code = secrets.token_hex(4).upper()
         expires = cfg.clock() + LINK_TTL
-        await conn.execute(
-            "INSERT INTO telegram_link_codes (code, account_id, site_id, roles, expires_at)"
-            " VALUES (%s, %s, %s, %s, %s)",
-            (code, acc, site, Jsonb(_roles(body.get("roles"))), expires),
-        )
+        roles = _roles(body.get("roles"))
+        async with conn.transaction():
+            await conn.execute(
+                "INSERT INTO telegram_link_codes (code, account_id, site_id, roles, expires_at)"
+                " VALUES (%s, %s, %s, %s, %s)",
+                (code, acc, site, Jsonb(roles), expires),
+            )
+            # the code is a one-time secret: the row names what it grants, not the code
+            await _audit(
+                conn, request, acc, "telegram.link_code", None,
+                {"site_id": site, "roles": roles, "expires_at": expires},
+            )  # fmt: skip
         return response({"code": code, "expires_at": expires, "send": f"/start {code}"}, status=201)
 
 
@@ -489,7 +570,8 @@ async def telegram_webhook(request: web.Request) -> web.Response:
         text = msg["text"].strip()
         chat = _dict(msg.get("chat"))
         if text.startswith("/start") and isinstance(chat.get("id"), int | str):
-            reply = await _link_chat(request, str(chat["id"]), text.split()[1:], now)
+            sender = _dict(msg.get("from"))
+            reply = await _link_chat(request, str(chat["id"]), text.split()[1:], now, sender)
             await paths.telegram_call(
                 session, cfg, "sendMessage", {"chat_id": chat["id"], "text": reply}
             )
@@ -506,7 +588,13 @@ def _dict(v: Any) -> dict[str, Any]:
     return v if isinstance(v, dict) else {}
 
 
-async def _link_chat(request: web.Request, chat_id: str, args: list[str], now: datetime) -> str:
+def _telegram_user(user: dict[str, Any]) -> str:
+    return "telegram:" + str(user.get("username") or user.get("first_name") or user.get("id"))
+
+
+async def _link_chat(
+    request: web.Request, chat_id: str, args: list[str], now: datetime, sender: dict[str, Any]
+) -> str:
     if not args:
         return "Send /start <code>; get a code in OpenSense under Notifications."
     async with request.app[POOL].connection() as conn, conn.transaction():
@@ -518,11 +606,18 @@ async def _link_chat(request: web.Request, chat_id: str, args: list[str], now: d
         row = await cur.fetchone()
         if row is None:
             return "That code is unknown, used or expired; ask OpenSense for a new one."
-        await conn.execute(
+        cur = await conn.execute(
             "INSERT INTO notify_targets (id, account_id, site_id, path, address, roles, verified)"
-            " VALUES (%s, %s, %s, 'telegram', %s, %s, true) ON CONFLICT DO NOTHING",
+            " VALUES (%s, %s, %s, 'telegram', %s, %s, true) ON CONFLICT DO NOTHING RETURNING id",
             (new_id("tgt"), row[0], row[1], chat_id, Jsonb(row[2])),
         )
+        made = await cur.fetchone()
+        if made is not None:  # a chat linked again with a new code changes nothing
+            await _audit(
+                conn, request, row[0], "target.create", made[0],
+                {"path": "telegram", "address": chat_id, "site_id": row[1], "roles": row[2]},
+                actor=_telegram_user(sender) if sender else f"telegram:chat:{chat_id}",
+            )  # fmt: skip
     return "Linked: this chat will get OpenSense alarms."
 
 
@@ -531,8 +626,7 @@ async def _ack_from_chat(request: web.Request, cq: dict[str, Any], now: datetime
     if not data.startswith("ack:"):
         return "Unknown button."
     chat_id = str(_dict(_dict(cq.get("message")).get("chat")).get("id", ""))
-    user = _dict(cq.get("from"))
-    who = "telegram:" + str(user.get("username") or user.get("first_name") or user.get("id"))
+    who = _telegram_user(_dict(cq.get("from")))
     async with request.app[POOL].connection() as conn, conn.transaction():
         cur = await conn.execute(
             "SELECT e.account_id FROM events e JOIN notify_targets t ON t.account_id = e.account_id"
@@ -546,7 +640,7 @@ async def _ack_from_chat(request: web.Request, cq: dict[str, Any], now: datetime
             await transition(
                 conn,
                 Change("ack", now, now, account_id=row[0], event_id=data[4:], actor=who,
-                       note={"note": "acknowledged from Telegram"}),
+                       note={"note": "acknowledged from Telegram"}, via=f"telegram:chat:{chat_id}"),
             )  # fmt: skip
         except ApiError as err:
             return err.message
@@ -589,11 +683,20 @@ async def put_escalation(request: web.Request) -> web.Response:
                 raise ApiError(
                     "invalid_request", "a step's to is on_shift, manager, everyone or a list of recipient ids"
                 )  # fmt: skip
-        await conn.execute(
-            "INSERT INTO escalation_policies (site_id, steps) VALUES (%s, %s)"
-            " ON CONFLICT (site_id) DO UPDATE SET steps = excluded.steps, updated_at = now()",
-            (site["id"], Jsonb(steps)),
-        )
+        async with conn.transaction():
+            cur = await conn.execute(
+                "SELECT steps FROM escalation_policies WHERE site_id = %s FOR UPDATE", (site["id"],)
+            )
+            old = await cur.fetchone()
+            await conn.execute(
+                "INSERT INTO escalation_policies (site_id, steps) VALUES (%s, %s)"
+                " ON CONFLICT (site_id) DO UPDATE SET steps = excluded.steps, updated_at = now()",
+                (site["id"], Jsonb(steps)),
+            )
+            await _audit(
+                conn, request, acc, "escalation.update", site["id"],
+                {"from": old[0] if old else None, "to": steps},
+            )  # fmt: skip
         return response({"site_id": site["id"], "steps": steps})
 
 
@@ -625,13 +728,20 @@ async def create_silence(request: web.Request) -> web.Response:
         if body.get("channel_id") is not None:
             chan = (await channel_row(conn, acc, str(body["channel_id"])))["id"]
         cur = conn.cursor(row_factory=dict_row)
-        await cur.execute(
-            "INSERT INTO silences (id, account_id, site_id, channel_id, starts_at, ends_at, reason)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s)"
-            " RETURNING id, site_id, channel_id, starts_at, ends_at, reason",
-            (new_id("sil"), acc, site, chan, start, end, reason),
-        )
-        return response(await cur.fetchone(), status=201)
+        async with conn.transaction():
+            await cur.execute(
+                "INSERT INTO silences (id, account_id, site_id, channel_id, starts_at, ends_at,"
+                " reason) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+                " RETURNING id, site_id, channel_id, starts_at, ends_at, reason",
+                (new_id("sil"), acc, site, chan, start, end, reason),
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            await _audit(
+                conn, request, acc, "silence.create", row["id"],
+                {"site_id": site, "channel_id": chan, "from": start, "to": end, "reason": reason},
+            )  # fmt: skip
+        return response(row, status=201)
 
 
 @routes.post("/v1/notifications/test")

@@ -26,16 +26,28 @@ import psycopg
 from aiohttp import web
 
 from ..api.keys import ALARMS_HTTP as HTTP
-from ..api.keys import CONFIG, DSN, POOL
+from ..api.keys import CONFIG, DSN, HEALTH, POOL
+from ..status import health
 from . import dispatch, evaluator
 
 log = logging.getLogger(__name__)
 
 
 def _beat(app: web.Application, component: str, exc: BaseException | None) -> None:
-    """One place for loop health (the lead wires opensense.status.health here)."""
-    if exc is not None:
+    """One place for loop health: into the status page's health registry under the
+    names its components read (docs/status.md): `rule_engine` (the evaluation of new
+    readings) and `rule_engine_sweep` (time-driven steps) make the rule engine
+    component; `notifier` (the sender) and `notifier_paths` (the failing-path check)
+    weigh on the dispatch components next to their outbound_log figures."""
+    if HEALTH not in app:  # an app without the status side (some tests)
+        if exc is not None:
+            log.error("%s failed: %r", component, exc)
+        return
+    if exc is None:
+        health.ok(app, component)
+    else:
         log.error("%s failed: %r", component, exc)
+        health.fail(app, component, f"{type(exc).__name__}: {exc}")
 
 
 async def _listen_loop(
@@ -109,6 +121,7 @@ async def sender_work(app: web.Application, woken: bool, state: dict[str, float]
         state["paths"] = time.monotonic()
         try:
             await dispatch.check_paths(pool, cfg.clock())
+            _beat(app, "notifier_paths", None)
         except Exception as exc:
             _beat(app, "notifier_paths", exc)
 

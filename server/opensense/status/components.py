@@ -32,10 +32,17 @@ COMPONENTS: tuple[Component, ...] = (
     Component("ingest_http", "Ingest (HTTP)", "5xx share and p99 latency of /v1/ingest*"),
     Component("mqtt", "Ingest (MQTT)", "the broker side this deployment runs (health: mqtt)"),
     Component("database", "Database", "a query from the status monitor answers"),
-    Component("rule_engine", "Rule engine", "the alarm evaluation loop (health: rule_engine)"),
+    Component(
+        "rule_engine",
+        "Rule engine",
+        "the alarm evaluation loop and its time sweep (health: rule_engine, rule_engine_sweep)",
+    ),
     *(
         Component(
-            f"dispatch_{p}", f"Alarm dispatch: {p}", f"delivery attempts in outbound_log ({p})"
+            f"dispatch_{p}",
+            f"Alarm dispatch: {p}",
+            f"delivery attempts in outbound_log ({p}); the sender loop (health: notifier,"
+            " notifier_paths)",
         )
         for p in PATHS
     ),
@@ -48,11 +55,22 @@ COMPONENTS: tuple[Component, ...] = (
 BY_ID = {c.id: c for c in COMPONENTS}
 
 
-def _health(f: Figures, name: str) -> tuple[str, str] | None:
-    h = (f.get("health") or {}).get(name)
-    if h is None:
+def _health(f: Figures, *names: str) -> tuple[str, str] | None:
+    """From the health registry: outage when any of `names` reports a failure,
+    operational when those that reported are ok, None when none reported."""
+    hs = [h for n in names if (h := (f.get("health") or {}).get(n)) is not None]
+    if not hs:
         return None
-    return ("operational", "reports ok") if h["ok"] else ("outage", "reports a failure")
+    return (
+        ("operational", "reports ok")
+        if all(h["ok"] for h in hs)
+        else ("outage", "reports a failure")
+    )
+
+
+def _rule_engine(f: Figures) -> tuple[str, str]:
+    # the evaluation of new readings and the time-driven sweep (grace, gaps, offline)
+    return _health(f, "rule_engine", "rule_engine_sweep") or ("unknown", "no report yet")
 
 
 def _ingest(f: Figures) -> tuple[str, str]:
@@ -96,6 +114,10 @@ def _dispatch(path: str) -> Any:
         h = _health(f, f"dispatch_{path}")
         if h and h[0] == "outage":
             return h
+        if (_health(f, "notifier") or ("",))[0] == "outage":
+            return "outage", "the alarm sender reports a failure"
+        if (_health(f, "notifier_paths") or ("",))[0] == "outage":
+            return "degraded", "the failing-path check reports a failure"
         if not d["attempts_5m"]:
             return "operational", "no deliveries in the last 5 minutes"
         if d["failed_5m"] == d["attempts_5m"]:
@@ -179,7 +201,7 @@ RULES = {
     "ingest_http": _ingest,
     "mqtt": _mqtt,
     "database": _database,
-    "rule_engine": lambda f: _health(f, "rule_engine") or ("unknown", "no report yet"),
+    "rule_engine": _rule_engine,
     **{f"dispatch_{p}": _dispatch(p) for p in PATHS},
     "reports": _reports,
     "backups": _backups,

@@ -34,6 +34,7 @@ from psycopg_pool import AsyncConnectionPool
 from ..api.jsonutil import dumps
 from ..settings import Config
 from . import cadence, components, conditions, incidents, probes
+from . import health as health_mod
 from .health import Health
 from .observe import LATENCY_BUCKETS, Observer
 from .page import render_html
@@ -259,7 +260,8 @@ class StatusMonitor:
         procs = await probes.processes(conn, now, live)
         return {
             "processes": {k: v for k, v in procs.items() if k != "health"},
-            "health": procs["health"],
+            # processes' registries, and the jobs whose last run is a component's health
+            "health": health_mod.merge([procs["health"], await probes.job_health(conn, now)]),
             "mqtt_mode": self.cfg.mqtt,
             "ingest": await probes.ingest(conn, now),
             "dispatch": await probes.dispatch(conn, now),

@@ -47,6 +47,35 @@ async def processes(conn: AsyncConnection[Any], now: datetime, live: timedelta) 
     }
 
 
+# Scheduled jobs (jobs.py) whose last result is a component's health: a job runs in
+# whichever process claimed it, so its result is read from the `jobs` table (shared,
+# kept across restarts) rather than from one process's in-memory registry.
+JOB_HEALTH = {"audit_verify": "audit", "audit_checkpoint": "audit"}
+JOB_HEALTH_MAX_AGE = timedelta(days=2)  # older results say nothing any more: unknown
+
+
+async def job_health(conn: AsyncConnection[Any], now: datetime) -> dict[str, dict[str, Any]]:
+    """Health reports from the last run of the jobs in JOB_HEALTH (a failed run is a
+    failure of its component; merged like a process's reports: a failure wins)."""
+    cur = await conn.execute(
+        "SELECT name, last_status, last_detail, last_run_at FROM jobs"
+        " WHERE name = ANY(%s) AND last_status IS NOT NULL AND last_run_at > %s ORDER BY name",
+        (list(JOB_HEALTH), now - JOB_HEALTH_MAX_AGE),
+    )
+    return health_mod.merge(
+        [
+            {
+                JOB_HEALTH[name]: {
+                    "ok": status == "ok",
+                    "detail": f"{name}: {detail or ''}"[:500],
+                    "at": at.isoformat(),
+                }
+            }
+            for name, status, detail, at in await cur.fetchall()
+        ]
+    )
+
+
 async def ingest(conn: AsyncConnection[Any], now: datetime) -> dict[str, Any]:
     minute = now.replace(second=0, microsecond=0)
     cur = await conn.execute(
