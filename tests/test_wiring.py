@@ -412,3 +412,22 @@ async def test_a_tampered_audit_row_opens_a_p0(aiohttp_client, new_database, clo
         assert await cur.fetchall() == [("P0", "audit_integrity", opened_at)]
     r = await client.get("/v1/status/internal", headers={"Authorization": "Bearer op-secret"})
     assert f"row id {victim}" in str(await r.json())  # the operator is told which row
+
+
+async def test_one_pass_over_two_accounts_writes_each_accounts_row(setup, dsn, clock, tmp_path):
+    """The evaluator writes a pass's rows at its end, account after account: each
+    account's chain gets its own row, and both chains verify."""
+    client, world, app = setup
+    from opensense.api.keys import CONFIG
+
+    other = await make_world(dsn, app[CONFIG], ("fridge01",))
+    await ingest(client, world, clock, [9.0] * 20)
+    await ingest(client, other, clock, [9.0] * 20)
+    await evaluate(app)  # both channels in one pass
+    for w in (world, other):
+        (ev,) = await events(client, w)
+        rows = await audit_rows(dsn, w.account)
+        assert [(r["action"], r["subject"]) for r in rows if r["action"].startswith("alarm")] == [
+            ("alarm.open", ev["id"])
+        ]
+        assert await _verify(dsn, _cfg(tmp_path, clock), w.account) == []
