@@ -17,6 +17,7 @@ from .api.keys import CONFIG, DSN, MQTT, POOL, REQUEST_LOG, VERIFIER, WRITER
 from .api.middleware import error_middleware
 from .api.requestlog import RequestLog
 from .devices.routes import routes as device_routes
+from .gateway.routes import routes as gateway_routes
 from .ingest.routes import routes as ingest_routes
 from .ingest.validate import MAX_BODY_BYTES
 from .mqtt.emqx import routes as emqx_routes
@@ -134,4 +135,5 @@ def create_app(config: Config, dsn: str) -> web.Application:
     app.router.add_get("/healthz", healthz)
     for table in (ingest_routes, device_routes, read_routes, emqx_routes, openapi_routes):
         app.router.add_routes(table)
+    app.router.add_routes(gateway_routes)
     return app

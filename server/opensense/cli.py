@@ -221,6 +221,23 @@ def cmd_token(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gateway(cfg: Config, args: argparse.Namespace) -> int:
+    from .gateway import service as gateways
+
+    async def go(conn: psycopg.AsyncConnection[Any]) -> Any:
+        if args.action == "create":
+            if not args.site:
+                raise ApiError("invalid_request", "gateway create needs --site")
+            gw, token = await gateways.create_gateway(
+                conn, args.account, args.site, args.name or "gateway", cfg.bcrypt_rounds
+            )
+            return {**gw, "gateway_token": token, "note": "the token is shown once; keep it"}
+        return await gateways.list_gateways(conn, args.account)
+
+    _print(_with_conn(cfg, go))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="opensense", description="OpenSense server and operator tools")
     sub = p.add_subparsers(dest="command", required=True)
@@ -287,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kind", choices=["ua_live", "whk"], default="ua_live")
     s.add_argument("--name", default="")
     s.set_defaults(fn=cmd_token)
+
+    s = sub.add_parser("gateway", help="create a site gateway and its gw_ token, or list them")
+    s.add_argument("action", choices=["create", "list"])
+    s.add_argument("--account", required=True)
+    s.add_argument("--site")
+    s.add_argument("--name", default="")
+    s.set_defaults(fn=cmd_gateway)
     return p
 
 

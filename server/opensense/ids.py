@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import secrets
 
-PREFIXES = ("acc", "site", "dev", "snr", "chn", "rul", "evt", "rpt", "tok", "req")
+PREFIXES = ("acc", "site", "dev", "snr", "chn", "rul", "evt", "rpt", "tok", "req", "gw")
 
 
 def new_id(prefix: str) -> str:

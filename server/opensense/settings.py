@@ -176,6 +176,14 @@ SETTINGS: tuple[Setting, ...] = (
         "Shared secret EMQX sends (Authorization: Bearer …) to /v1/mqtt/emqx/authn and /authz; "
         "empty: those endpoints answer 404.",
     ),
+    Setting(
+        "gateway_batch_max",
+        "OPENSENSE_GATEWAY_BATCH_MAX",
+        int,
+        5000,
+        "Readings a site gateway may forward in one POST /v1/gateway/ingest batch.",
+        minimum=1,
+    ),
 )
 
 
@@ -222,6 +230,7 @@ class Config:
     mqtt_url: str = ""
     mqtt_ca: str = ""
     emqx_secret: str = ""
+    gateway_batch_max: int = 5000
     # Not a setting: the clock. Tests inject one; everything time-dependent asks it.
     clock: Callable[[], datetime] = field(default=_utcnow, compare=False, repr=False)
 

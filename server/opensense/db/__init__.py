@@ -29,7 +29,8 @@ def migration_files() -> list[tuple[int, str, str]]:
             out.append((number, name, entry.read_text(encoding="utf-8")))
     out.sort()
     numbers = [n for n, _, _ in out]
-    assert numbers == list(range(1, len(out) + 1)), f"migration numbers have a gap: {numbers}"
+    # numbers are handed out per branch (CONTRACTS.md), so a branch may lack some
+    assert len(set(numbers)) == len(numbers), f"two migrations share a number: {numbers}"
     return out
 
 
