@@ -26,7 +26,8 @@ def text(alarm: dict[str, Any], what: str) -> tuple[str, str]:
         f"{'Alarm' if what == 'open' else 'Cleared'} on {ch}, raised by the site gateway while "
         f"the OpenSense server is unreachable.\n\n"
         f"since: {_iso(alarm.get('opened_at'))}\n"
-        f"value: {alarm.get('value')}\nrule: {alarm.get('rule_id')}\n\n"
+        + (f"cleared: {_iso(alarm['cleared_at'])}\n" if alarm.get("cleared_at") else "")
+        + f"value: {alarm.get('value')}\nrule: {alarm.get('rule_id')}\n\n"
         "The server takes over as soon as the line is back.\n"
     )
     return subject, body

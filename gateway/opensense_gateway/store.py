@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS alarm_state (
 );
 CREATE TABLE IF NOT EXISTS alarms (
   ref TEXT PRIMARY KEY, rule_id TEXT NOT NULL, device TEXT NOT NULL, kind TEXT NOT NULL,
-  label TEXT NOT NULL, opened_at REAL NOT NULL, value REAL, uplink_down INTEGER NOT NULL,
+  label TEXT NOT NULL, unit TEXT NOT NULL DEFAULT '', opened_at REAL NOT NULL, value REAL,
+  uplink_down INTEGER NOT NULL,
   cleared_at REAL
 );
 CREATE TABLE IF NOT EXISTS alerts (
@@ -101,9 +102,9 @@ class Store:
                         [(k, json.dumps(s.__dict__)) for k, s in states.items()],
                     )
                 db.executemany(
-                    "INSERT OR IGNORE INTO alarms (ref, rule_id, device, kind, label, opened_at,"
-                    " value, uplink_down) VALUES (:ref, :rule_id, :device, :kind, :label,"
-                    " :opened_at, :value, :uplink_down)",
+                    "INSERT OR IGNORE INTO alarms (ref, rule_id, device, kind, label, unit,"
+                    " opened_at, value, uplink_down) VALUES (:ref, :rule_id, :device, :kind,"
+                    " :label, :unit, :opened_at, :value, :uplink_down)",
                     alarms,
                 )
                 for ref, at in cleared:
@@ -167,26 +168,28 @@ class Store:
     def unnotified_alarms(self) -> list[dict[str, Any]]:
         with self.lock:
             cur = self.db.execute(
-                "SELECT a.ref, a.rule_id, a.device, a.kind, a.label, a.opened_at, a.value"
-                " FROM alarms a WHERE a.cleared_at IS NULL AND a.uplink_down = 1"
+                "SELECT a.ref, a.rule_id, a.device, a.kind, a.label, a.opened_at, a.value,"
+                " a.cleared_at FROM alarms a WHERE a.uplink_down = 1"
                 " AND NOT EXISTS (SELECT 1 FROM alerts x WHERE x.alarm_ref = a.ref)"
             )
             cols = [c[0] for c in cur.description]
             return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
     def add_alert(self, alarm_ref: str, path: str, notified_at: float) -> None:
+        """Record a sent alert (with the alarm's clear time, if it cleared already: an
+        excursion replayed from a node's buffer may open and clear at once)."""
         with self.lock:
             self.db.execute(
-                "INSERT OR IGNORE INTO alerts (ref, alarm_ref, path, notified_at)"
-                " VALUES (?, ?, ?, ?)",
-                (f"{alarm_ref}:{path}", alarm_ref, path, notified_at),
+                "INSERT OR IGNORE INTO alerts (ref, alarm_ref, path, notified_at, cleared_at)"
+                " SELECT ?, ?, ?, ?, cleared_at FROM alarms WHERE ref = ?",
+                (f"{alarm_ref}:{path}", alarm_ref, path, notified_at, alarm_ref),
             )
 
     def unposted_alerts(self) -> list[dict[str, Any]]:
         with self.lock:
             cur = self.db.execute(
                 "SELECT x.ref, x.path, x.notified_at, x.cleared_at, a.rule_id, a.device, a.kind,"
-                " a.label, a.opened_at FROM alerts x JOIN alarms a ON a.ref = x.alarm_ref"
+                " a.label, a.unit, a.opened_at FROM alerts x JOIN alarms a ON a.ref = x.alarm_ref"
                 " WHERE x.posted = 0 ORDER BY x.notified_at LIMIT 1000"
             )
             cols = [c[0] for c in cur.description]

@@ -763,6 +763,7 @@ def gateway_paths() -> S:
             "device": {"type": "string", "minLength": 1, "maxLength": 200},
             "type": {"type": "string", "minLength": 1, "maxLength": 200},
             "label": {"type": "string"},
+            "unit": {"type": ["string", "null"]},
             "rule_id": {"type": ["string", "null"]},
             "opened_at": TS,
             "notified_at": TS,

@@ -425,6 +425,7 @@ async def store_local_alerts(conn: AsyncConnection[Any], gw: Gateway, body: Any)
                 a["device"],
                 a["type"],
                 a.get("label") or "",
+                a.get("unit") if isinstance(a.get("unit"), str) else None,
                 a.get("rule_id") if isinstance(a.get("rule_id"), str) else None,
                 _ts_field(a, "opened_at", f, True),
                 _ts_field(a, "notified_at", f, True),
@@ -434,7 +435,7 @@ async def store_local_alerts(conn: AsyncConnection[Any], gw: Gateway, body: Any)
         )
     stored = 0
     async with conn.transaction():
-        for ref, dev, kind, label, rule_id, opened, notified, path, cleared in parsed:
+        for ref, dev, kind, label, unit, rule_id, opened, notified, path, cleared in parsed:
             cur = await conn.execute(
                 "SELECT d.id, c.id FROM devices d LEFT JOIN channels c ON c.device_id = d.id"
                 " AND c.kind = %s AND c.label = %s"
@@ -444,6 +445,18 @@ async def store_local_alerts(conn: AsyncConnection[Any], gw: Gateway, body: Any)
             )
             row = await cur.fetchone()
             device_id, channel_id = (row[0], row[1]) if row else (None, None)
+            if device_id is not None and channel_id is None and kind in KINDS:
+                # the channel is first heard of through its alarm (the backlog that
+                # would create it comes after): create it now, with the node's unit
+                assert opened is not None
+                try:
+                    entry = make_entry(kind, label, unit or None, 0, opened, "alert")
+                except ApiError:
+                    entry = None
+                if entry is not None:
+                    d = pipeline.Device(device_id, gw.account_id, dev, gw.vertical)
+                    made = await pipeline._channels(conn, d, (entry,))
+                    channel_id = made[(kind, label)][0]
             await conn.execute(
                 "INSERT INTO local_alerts (gateway_id, channel_id, rule_id, opened_at, notified_at,"
                 " path, cleared_at, ref, device_id, kind, label)"
