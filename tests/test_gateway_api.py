@@ -172,3 +172,11 @@ async def test_revoked_gateway_token_is_refused_at_once(client, world: World, ds
         await conn.execute("UPDATE tokens SET revoked_at = now() WHERE gateway_id = %s", (gid,))
     r = await client.get("/v1/gateway/sync", headers=auth(token))
     assert r.status == 401
+
+
+async def test_rotated_gateway_token(client, world: World, dsn, clock):
+    gid, old = await make_gateway(dsn, world)
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        _, new = await gateways.rotate_gateway_token(conn, world.account, gid, 4, clock())
+    assert (await client.get("/v1/gateway/sync", headers=auth(old))).status == 401
+    assert (await client.get("/v1/gateway/sync", headers=auth(new))).status == 200

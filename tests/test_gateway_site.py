@@ -142,7 +142,8 @@ def test_http_door_tokens_rotation_and_dead_letters(site, dsn):
         wait_for(
             lambda: post(local + "/v1/ingest", old, body)[0] == 401, 20, "the old token to fail"
         )
-        status, _ = post(local + "/v1/ingest", new, body | {"ts": "2026-01-01T00:00:00Z"})
+        recent = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 30))
+        status, _ = post(local + "/v1/ingest", new, body | {"ts": recent})
         assert status == 200
         time.sleep(0.5)  # Mosquitto reloads its password file on SIGHUP
         stale = Node(broker.port, world.account, "fridge01", old)

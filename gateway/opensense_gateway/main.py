@@ -169,15 +169,21 @@ class Gateway:
                     items.append(self.inbox.get_nowait())
                 except queue.Empty:
                     break
-            try:
-                self.commit(items)
-            except Exception:
-                log.exception("writing to the queue failed; nothing was acknowledged")
-                for it in items:
-                    if it[0] == "http":
-                        it[1].error = "the gateway could not store the readings"
-                        it[1].done.set()
-                time.sleep(1)  # MQTT items come back: the broker redelivers unacked ones
+            while not self.stop.is_set():
+                try:
+                    self.commit(items)
+                    break
+                except Exception:
+                    # disk full, I/O error: nothing was acknowledged. HTTP callers get
+                    # 503 and resend; MQTT messages are kept and written again (the
+                    # broker would redeliver them only after a reconnect).
+                    log.exception("writing to the queue failed; retrying")
+                    for it in items:
+                        if it[0] == "http":
+                            it[1].error = "the gateway could not store the readings"
+                            it[1].done.set()
+                    items = [it for it in items if it[0] == "mqtt"]
+                    self.stop.wait(1)
 
     def commit(self, items: list[Any]) -> None:
         now = self.clock()
@@ -191,17 +197,20 @@ class Gateway:
                     self.qos0_dropped += 1  # PRODUCT.md: QoS 0 measurements are dropped
                     continue
                 acks.append((gen, mid, qos))
-                device = payload.topic_device(topic, self.account or topic.split("/")[1])
+                parts = topic.split("/")
+                account = self.account or (parts[1] if len(parts) > 1 else "")
+                device = payload.topic_device(topic, account)
                 try:
                     if device is None:
                         raise payload.PayloadError(f"not a measurement topic: {topic[:100]}")
                     readings += [(r, now) for r in payload.parse(raw, device, now)]
-                except payload.PayloadError as exc:
-                    dead.append((bytes(raw[:4096]), f"{topic[:100]}: {exc}", now))
+                except Exception as exc:  # a poison message must never block the queue
+                    dead.append((bytes(raw[:4096]), f"{topic[:100]}: {exc}"[:500], now))
             else:
                 readings += [(r, now) for r in it[1].readings]
         changed, opened, cleared = self.evaluate([r for r, _ in readings], now)
         self.store.add(readings, dead, changed, opened, cleared)
+        self.states.update(changed)  # only once committed
         for r, _ in readings:
             self.last_heard[(r.device, r.kind, r.label)] = now
         c = self.mqtt
@@ -248,7 +257,6 @@ class Gateway:
                     )
                 else:
                     cleared.append((ref, ev.at))
-        self.states.update(changed)
         return changed, opened, cleared
 
     # --- the uplink ----------------------------------------------------------------
@@ -326,6 +334,8 @@ class Gateway:
         now = self.clock()
         if not self.link.is_up():
             log.info("server reachable")
+            # alarms not sent locally by now are the server's: it gets their readings
+            self.store.hand_over_alarms()
         self.link.ok(now)
         self.store.set_meta("uplink_last_ok", repr(now))
 

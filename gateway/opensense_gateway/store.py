@@ -175,6 +175,14 @@ class Store:
             cols = [c[0] for c in cur.description]
             return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
+    def hand_over_alarms(self) -> None:
+        """The server is reachable again: alarms not alerted locally are left to it."""
+        with self.lock:
+            self.db.execute(
+                "UPDATE alarms SET uplink_down = 0 WHERE uplink_down = 1"
+                " AND NOT EXISTS (SELECT 1 FROM alerts x WHERE x.alarm_ref = alarms.ref)"
+            )
+
     def add_alert(self, alarm_ref: str, path: str, notified_at: float) -> None:
         """Record a sent alert (with the alarm's clear time, if it cleared already: an
         excursion replayed from a node's buffer may open and clear at once)."""

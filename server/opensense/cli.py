@@ -232,6 +232,13 @@ def cmd_gateway(cfg: Config, args: argparse.Namespace) -> int:
                 conn, args.account, args.site, args.name or "gateway", cfg.bcrypt_rounds
             )
             return {**gw, "gateway_token": token, "note": "the token is shown once; keep it"}
+        if args.action == "rotate-token":
+            if not args.gateway:
+                raise ApiError("invalid_request", "gateway rotate-token needs the gw_ id")
+            gw, token = await gateways.rotate_gateway_token(
+                conn, args.account, args.gateway, cfg.bcrypt_rounds, cfg.clock()
+            )
+            return {**gw, "gateway_token": token, "note": "the token is shown once; keep it"}
         return await gateways.list_gateways(conn, args.account)
 
     _print(_with_conn(cfg, go))
@@ -305,8 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", default="")
     s.set_defaults(fn=cmd_token)
 
-    s = sub.add_parser("gateway", help="create a site gateway and its gw_ token, or list them")
-    s.add_argument("action", choices=["create", "list"])
+    s = sub.add_parser(
+        "gateway", help="create a site gateway and its gw_ token, list them, rotate a token"
+    )
+    s.add_argument("action", choices=["create", "list", "rotate-token"])
+    s.add_argument("gateway", nargs="?", help="gw_ id (rotate-token)")
     s.add_argument("--account", required=True)
     s.add_argument("--site")
     s.add_argument("--name", default="")

@@ -156,16 +156,16 @@ def fill(path: Path, n: int) -> None:
 
 
 def start_gateway(
-    work: Path, name: str, url: str, token: str
-) -> tuple[subprocess.Popen[bytes], Path]:
+    work: Path, name: str, url: str, token: str, extra: str = ""
+) -> tuple[Path, Path]:
     d = work / name
     d.mkdir()
     conf = d / "gateway.conf"
     conf.write_text(
         f"[gateway]\nstate_dir = {d / 'state'}\n[server]\nurl = {url}\ntoken = {token}\n"
-        "[mqtt]\nhost =\n[alarms]\ncheck_interval_s = 1\n"
+        "[mqtt]\nhost =\n[alarms]\ncheck_interval_s = 1\n" + extra
     )
-    return d, conf  # type: ignore[return-value]
+    return d, conf
 
 
 def run_gateway(conf: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dsn", help="a scratch PostgreSQL database (default: embedded, temporary)")
     ap.add_argument("--backlog", type=int, help="readings in the gateway's queue")
     ap.add_argument("--quick", action="store_true", help="50,000 readings")
+    ap.add_argument("--batch-size", type=int, help="the gateway's [forward] batch_size")
     args = ap.parse_args(argv)
     backlog = args.backlog or (50_000 if args.quick else 500_000)
     work = Path(tempfile.mkdtemp(prefix="opensense-bench-gw-"))
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise RuntimeError("the server did not start") from None
                 time.sleep(0.2)
         acc, devs, gw_token = asyncio.run(make_site(dsn))
-        gcfg = GwConfig()
+        gcfg = GwConfig(batch_size=args.batch_size or GwConfig.batch_size)
         say(
             f"OpenSense gateway benchmark{' (--quick)' if args.quick else ''}, {datetime.now(UTC):%Y-%m-%d %H:%M:%S}Z"
         )
@@ -246,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         p.wait(10)
         say(f"baseline  idle gateway (empty queue): peak RSS {idle_kb / 1024:.1f} MB")
 
-        d, conf = start_gateway(work, "drain", base, gw_token)
+        extra = f"[forward]\nbatch_size = {args.batch_size}\n" if args.batch_size else ""
+        d, conf = start_gateway(work, "drain", base, gw_token, extra)
         t = time.monotonic()
         fill(d / "state" / "queue.sqlite3", backlog)
         n = backlog // NODES * NODES

@@ -54,6 +54,23 @@ async def create_gateway(
     return await get_gateway(conn, account_id, gid), plaintext
 
 
+async def rotate_gateway_token(
+    conn: AsyncConnection[Any], account_id: str, gateway_id: str, rounds: int, now: datetime
+) -> tuple[dict[str, Any], str]:
+    """Revoke the gateway's live token and issue a new one (the old fails at once)."""
+    from ..devices import service
+
+    gw = await get_gateway(conn, account_id, gateway_id)
+    await conn.execute(
+        "UPDATE tokens SET revoked_at = %s WHERE gateway_id = %s AND revoked_at IS NULL",
+        (now, gw["id"]),
+    )
+    _, plaintext = await service.create_token(
+        conn, account_id, "gw", rounds, gw["name"], gateway_id=gw["id"]
+    )
+    return gw, plaintext
+
+
 async def get_gateway(conn: AsyncConnection[Any], account_id: str, gateway_id: str) -> Any:
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute(
