@@ -92,8 +92,15 @@ def site(dsn: str, tmp_path: Path) -> Any:
         },
         http={"listen": f"127.0.0.1:{http_port}"},
     )
-    wait_for(lambda: "fridge02:" in broker.passwd.read_text(), 30, "the first sync")
-    wait_for(lambda: gw.health().get("uplink") == "up", 30, "the uplink")
+    try:
+        wait_for(lambda: "fridge02:" in broker.passwd.read_text(), 30, "the first sync")
+        wait_for(lambda: gw.health().get("uplink") == "up", 30, "the uplink")
+    except AssertionError:
+        print(gw.log_text(), Path(server.log.name).read_text()[-3000:])
+        gw.stop()
+        broker.stop()
+        server.stop()
+        raise
     yield world, gid, gw, broker, server, f"http://127.0.0.1:{http_port}"
     gw.stop()
     broker.stop()
