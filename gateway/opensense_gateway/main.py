@@ -85,6 +85,7 @@ class Gateway:
         self.token_ok: dict[bytes, str] = {}  # sha256(token) -> local_id, for HTTP intake
         self.qos0_dropped = 0
         self.forwarded = 0
+        self.sent_at = 0.0  # when the last batch was sent (the rate bound)
         self.threads: list[threading.Thread] = []
 
     # --- sync -------------------------------------------------------------------------
@@ -283,8 +284,8 @@ class Gateway:
                     next_sync = now + self.cfg.sync_interval_s
                 if busy & 2:
                     next_health = now + self.cfg.health_interval_s
-                if busy & 4:
-                    next_send = max(now, next_send) + busy_rows(busy) / self.cfg.max_rate
+                if busy & 4:  # the bound counts from the batch's start, not its end
+                    next_send = self.sent_at + busy_rows(busy) / self.cfg.max_rate
                 else:
                     self.stop.wait(0.2)
                 continue
@@ -317,6 +318,7 @@ class Gateway:
         if rows:
             if now < next_send:
                 self.stop.wait(next_send - now)
+            self.sent_at = self.clock()
             got = self.forward(api, rows)
             if got.status != 200:
                 return got, done

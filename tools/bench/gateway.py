@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backlog", type=int, help="readings in the gateway's queue")
     ap.add_argument("--quick", action="store_true", help="50,000 readings")
     ap.add_argument("--batch-size", type=int, help="the gateway's [forward] batch_size")
+    ap.add_argument("--max-rate", type=float, help="the gateway's [forward] max_rate")
     args = ap.parse_args(argv)
     backlog = args.backlog or (50_000 if args.quick else 500_000)
     work = Path(tempfile.mkdtemp(prefix="opensense-bench-gw-"))
@@ -217,7 +218,10 @@ def main(argv: list[str] | None = None) -> int:
                     raise RuntimeError("the server did not start") from None
                 time.sleep(0.2)
         acc, devs, gw_token = asyncio.run(make_site(dsn))
-        gcfg = GwConfig(batch_size=args.batch_size or GwConfig.batch_size)
+        gcfg = GwConfig(
+            batch_size=args.batch_size or GwConfig.batch_size,
+            max_rate=args.max_rate or GwConfig.max_rate,
+        )
         say(
             f"OpenSense gateway benchmark{' (--quick)' if args.quick else ''}, {datetime.now(UTC):%Y-%m-%d %H:%M:%S}Z"
         )
@@ -247,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         p.wait(10)
         say(f"baseline  idle gateway (empty queue): peak RSS {idle_kb / 1024:.1f} MB")
 
-        extra = f"[forward]\nbatch_size = {args.batch_size}\n" if args.batch_size else ""
+        extra = "[forward]\n"
+        extra += f"batch_size = {args.batch_size}\n" if args.batch_size else ""
+        extra += f"max_rate = {args.max_rate}\n" if args.max_rate else ""
         d, conf = start_gateway(work, "drain", base, gw_token, extra)
         t = time.monotonic()
         fill(d / "state" / "queue.sqlite3", backlog)
