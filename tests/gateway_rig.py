@@ -118,13 +118,14 @@ class SiteBroker:
         self.passwd.write_text("")
         self.acl.write_text("")
         text = SITE_CONF.read_text()
-        text = text.replace("/etc/mosquitto/opensense-site.passwd", str(self.passwd))
-        text = text.replace("/etc/mosquitto/opensense-site.acl", str(self.acl))
+        text = text.replace("/etc/mosquitto/opensense/site.passwd", str(self.passwd))
+        text = text.replace("/etc/mosquitto/opensense/site.acl", str(self.acl))
         text = text.replace("/var/lib/mosquitto/", str(root / "data") + "/")
         # the TLS listener needs certificates; the tests use the loopback listener
         text = re.sub(r"^listener 8883\ncertfile .*\nkeyfile .*\n", "", text, flags=re.M)
         text = text.replace("listener 1883 127.0.0.1", f"listener {self.port} 127.0.0.1")
         assert f"listener {self.port}" in text and "8883" not in text
+        assert str(self.passwd) in text and str(self.acl) in text
         if os.geteuid() == 0:
             text += "\nuser root\n"
         self.conf = root / "mosquitto.conf"
@@ -252,3 +253,32 @@ class Node:
     def close(self) -> None:
         self.c.disconnect()
         self.c.loop_stop()
+
+
+def connected_node(port: int, account: str, local_id: str, token: str, timeout: float = 15) -> Node:
+    """A node that got in: retried while the broker may still be reloading its files."""
+    deadline = time.monotonic() + timeout
+    while True:
+        n = Node(port, account, local_id, token)
+        if n.connected.wait(2):
+            return n
+        n.close()
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the site broker keeps refusing {local_id}: {n.refused}")
+
+
+def refused_node(port: int, account: str, local_id: str, token: str, timeout: float = 15) -> Any:
+    """The broker's answer to a token it must refuse (retried while it reloads)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        n = Node(port, account, local_id, token)
+        answered = time.monotonic() + 5
+        while n.refused is None and not n.connected.is_set():
+            assert time.monotonic() < answered, "no CONNACK in 5 s"
+            time.sleep(0.05)
+        n.close()
+        if n.refused is not None:
+            return n.refused
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the site broker still accepts this token for {local_id}")
+        time.sleep(0.2)

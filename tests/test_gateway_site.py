@@ -22,7 +22,7 @@ from opensense.settings import Config
 
 from .fixtures.processes import ServerProcess, free_port
 from .fixtures.server import make_world
-from .gateway_rig import GatewayProcess, Node, SiteBroker, wait_for
+from .gateway_rig import GatewayProcess, SiteBroker, connected_node, refused_node, wait_for
 
 pytestmark = pytest.mark.db
 
@@ -122,13 +122,10 @@ def test_http_door_tokens_rotation_and_dead_letters(site, dsn):
         assert status == 401 and answer["error"]["code"] == "token_invalid"
 
         # the site broker checks the node's own token: a wrong one cannot connect
-        bad = Node(broker.port, world.account, "fridge02", world.devices["fridge01"])
-        wait_for(lambda: bad.refused is not None, 10, "the broker to refuse a wrong token")
-        bad.close()
+        assert refused_node(broker.port, world.account, "fridge02", world.devices["fridge01"])
         # a reading the server refuses (outside the physical range) becomes a dead
         # letter, visible in the gateway's health on the server
-        node = Node(broker.port, world.account, "fridge02", world.devices["fridge02"])
-        assert node.connected.wait(10)
+        node = connected_node(broker.port, world.account, "fridge02", world.devices["fridge02"])
         node.publish(time.time() - 60, 4.0).wait_for_publish(10)
         node.publish(time.time(), 9999.0).wait_for_publish(10)
         wait_for(lambda: stored(dsn, world.account, "fridge02") == [4.0], 20, "fridge02's reading")
@@ -152,13 +149,9 @@ def test_http_door_tokens_rotation_and_dead_letters(site, dsn):
         recent = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 30))
         status, _ = post(local + "/v1/ingest", new, body | {"ts": recent})
         assert status == 200
-        time.sleep(0.5)  # Mosquitto reloads its password file on SIGHUP
-        stale = Node(broker.port, world.account, "fridge01", old)
-        wait_for(lambda: stale.refused is not None, 10, "the broker to refuse the old token")
-        stale.close()
-        fresh = Node(broker.port, world.account, "fridge01", new)
-        assert fresh.connected.wait(10)
-        fresh.close()
+        # Mosquitto reloads its password file on SIGHUP, a moment later
+        assert refused_node(broker.port, world.account, "fridge01", old)
+        connected_node(broker.port, world.account, "fridge01", new).close()
     except BaseException:
         print(gw.log_text())
         raise
