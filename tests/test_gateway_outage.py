@@ -111,6 +111,10 @@ def test_three_day_outage_twenty_nodes_gateway_killed_three_times(dsn, tmp_path:
         wait_for(lambda: broker.passwd.read_text().count("\n") == NODES + 1, 30, "the sync")
         proxy.cut()
         wait_for(lambda: gw.health().get("uplink") == "down", 30, "the gateway to see the cut")
+        # the broker keeps messages for the gateway once its session has subscribed
+        wait_for(
+            lambda: gw.health().get("site_broker") == "subscribed", 30, "the gateway's session"
+        )
 
         nodes = [  # retried while Mosquitto reloads its password file
             connected_node(
@@ -210,6 +214,15 @@ def test_three_day_outage_twenty_nodes_gateway_killed_three_times(dsn, tmp_path:
         assert health["dead_letters"] == 0 and health["uplink"] == "up"
     except BaseException:
         print(gw.log_text())
+        print(
+            "queued:",
+            gw.queued(),
+            "health:",
+            gw.health(),
+            "server:",
+            server_count(dsn, world.account),
+        )
+        print((broker.root / "mosquitto.log").read_text(errors="replace")[-3000:])
         raise
     finally:
         for n in nodes:

@@ -95,6 +95,7 @@ def site(dsn: str, tmp_path: Path) -> Any:
     try:
         wait_for(lambda: "fridge02:" in broker.passwd.read_text(), 30, "the first sync")
         wait_for(lambda: gw.health().get("uplink") == "up", 30, "the uplink")
+        wait_for(lambda: gw.health().get("site_broker") == "subscribed", 30, "the subscription")
     except AssertionError:
         print(gw.log_text(), Path(server.log.name).read_text()[-3000:])
         gw.stop()

@@ -84,6 +84,9 @@ class Gateway:
         self.http: ThreadingHTTPServer | None = None
         self.token_ok: dict[bytes, str] = {}  # sha256(token) -> local_id, for HTTP intake
         self.qos0_dropped = 0
+        # the broker keeps readings for the gateway only once its persistent session
+        # has subscribed (the very first start): health shows it
+        self.subscribed = False
         self.forwarded = 0
         self.sent_at = 0.0  # when the last batch was sent (the rate bound)
         self.threads: list[threading.Thread] = []
@@ -147,10 +150,19 @@ class Gateway:
             client.subscribe("opensense/+/+", qos=1)
             log.info("connected to the site broker (session present: %s)", _f.session_present)
 
+        def on_subscribe(_c: mqtt.Client, _u: Any, _mid: int, codes: Any, _p: Any) -> None:
+            self.subscribed = all(not rc.is_failure for rc in codes)
+            log.info("subscribed on the site broker: %s", self.subscribed)
+
+        def on_disconnect(_c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+            self.subscribed = False
+
         def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
             self.inbox.put(("mqtt", self.generation, msg.mid, msg.qos, msg.topic, msg.payload))
 
         c.on_connect = on_connect
+        c.on_subscribe = on_subscribe
+        c.on_disconnect = on_disconnect
         c.on_message = on_message
         c.connect_async(cfg.mqtt_host, cfg.mqtt_port, keepalive=30)
         c.loop_start()
@@ -426,6 +438,7 @@ class Gateway:
             "last_sync": self.last_sync,
             "dead_letters": self.store.dead_count(),
             "qos0_dropped": self.qos0_dropped,
+            "site_broker": "subscribed" if self.subscribed else "not subscribed",
             "version": __version__,
         }
 
