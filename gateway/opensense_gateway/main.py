@@ -89,6 +89,7 @@ class Gateway:
         self.subscribed = False
         self.forwarded = 0
         self.sent_at = 0.0  # when the last batch was sent (the rate bound)
+        self.health_lock = threading.Lock()
         self.threads: list[threading.Thread] = []
 
     # --- sync -------------------------------------------------------------------------
@@ -286,7 +287,14 @@ class Gateway:
                     self.link.down("resumed after SIGHUP")
                     next_sync = 0.0
                 continue
-            a, busy = self.uplink_round(api, next_sync, next_health, next_send)
+            try:
+                a, busy = self.uplink_round(api, next_sync, next_health, next_send)
+            except Exception:  # the uplink thread must never die: log, wait, go on
+                log.exception("uplink round failed; retrying")
+                api.close()
+                self.stop.wait(rules.backoff(attempt, random.random()))
+                attempt = min(attempt + 1, 10)
+                continue
             now = self.clock()
             if a is None or a.status == 200:
                 attempt = 0
@@ -449,11 +457,16 @@ class Gateway:
         return api.call("POST", "/v1/gateway/health", h)
 
     def post_health_locally(self) -> dict[str, Any]:
+        """health.json, written whole (two threads write it: one at a time)."""
         h = self.health()
         path = Path(self.cfg.state_dir) / "health.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(h))
-        tmp.replace(path)
+        with self.health_lock:
+            tmp = path.with_suffix(".tmp")
+            try:
+                tmp.write_text(json.dumps(h))
+                tmp.replace(path)
+            except OSError as exc:
+                log.warning("cannot write %s: %s", path, exc)
         return h
 
     # --- local alarms ------------------------------------------------------------------
