@@ -628,3 +628,62 @@ async def test_email_needs_double_opt_in_and_every_alarm_mail_can_unsubscribe(se
     assert "ok@example.test" not in [t["address"] for t in targets]
     r = await client.get("/v1/unsubscribe", params={"token": "x" * 30})
     assert r.status == 404 and (await r.json())["error"]["code"] == "target_not_found"
+
+
+async def test_an_alarm_the_site_gateway_already_raised_locally_is_not_sent_again(
+    setup, clock, smtp, dsn
+):
+    """Issue 5: while the WAN was down the gateway woke people itself; it posts its
+    local alert before it forwards the backlog. The server's engine opens the event at
+    its true times from the late readings, but people are not alarmed a second time."""
+    from opensense.gateway import service as gateways
+
+    client, world, app = setup
+    await email_target(client, app, world, smtp, "night@example.test")
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        _, gw_token = await gateways.create_gateway(conn, world.account, world.site, "back", 4)
+    t0 = clock() - timedelta(hours=8)
+    await ingest(client, world, clock, [3.0] * 30, start=t0)
+    await evaluate(app)
+    # the local alert arrives first: the gateway alerted 15 min into the excursion
+    warm = t0 + timedelta(hours=2)
+    alert = {
+        "ref": "la-1",
+        "device": "fridge01",
+        "type": "temperature",
+        "label": "",
+        "opened_at": rfc3339(warm + timedelta(minutes=15)),
+        "notified_at": rfc3339(warm + timedelta(minutes=15, seconds=2)),
+        "path": "smtp",
+    }
+    r = await client.post(
+        "/v1/gateway/local-alerts",
+        headers={"Authorization": f"Bearer {gw_token}"},
+        json={"alerts": [alert]},
+    )
+    assert r.status == 200, await r.text()
+    # then the backlog: 90 warm minutes inside it
+    values = [3.0] * 90 + [9.0] * 90 + [3.0] * 120
+    await ingest(client, world, clock, values, start=t0 + timedelta(minutes=30))
+    await evaluate(app)
+    evs = [e for e in await events(client, world) if e["kind"] == "range"]
+    assert len(evs) == 1 and evs[0]["started_at"] == rfc3339(warm)  # the true time
+    await send(app, client)
+    subjects = [m["Subject"] for m in smtp.to("night@example.test")]
+    assert not any("ALARM" in s for s in subjects), subjects
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT status, payload->'local_alert'->>'path' FROM outbox"
+            " WHERE event_id = %s AND kind = 'alarm_opened'",
+            (evs[0]["id"],),
+        )
+        assert await cur.fetchall() == [("local", "smtp")]
+
+    # a later excursion the gateway did not alert on is sent as usual (after the
+    # per-channel minimum interval)
+    clock.advance(minutes=30)
+    await ingest(client, world, clock, [9.0] * 30, start=clock() - timedelta(minutes=29))
+    await evaluate(app)
+    await send(app, client)
+    subjects = [m["Subject"] for m in smtp.to("night@example.test")]
+    assert any(s.startswith("[ALARM]") or "notifications" in s for s in subjects), subjects

@@ -18,6 +18,8 @@ if ! command -v mosquitto >/dev/null || ! command -v mosquitto_ctrl >/dev/null \
   fi
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# the site gateway is its own package (gateway/pyproject.toml); its tests need it here
+.venv/bin/python -m pip install -q --disable-pip-version-check -e gateway
 
 echo "== ruff"
 .venv/bin/ruff check .

@@ -30,6 +30,7 @@ from .api.keys import (
 from .api.middleware import error_middleware
 from .api.requestlog import RequestLog
 from .devices.routes import routes as device_routes
+from .gateway.routes import routes as gateway_routes
 from .ingest.routes import routes as ingest_routes
 from .ingest.validate import MAX_BODY_BYTES
 from .mqtt.emqx import routes as emqx_routes
@@ -192,4 +193,5 @@ def create_app(config: Config, dsn: str) -> web.Application:
         alarm_routes,
     ):
         app.router.add_routes(table)
+    app.router.add_routes(gateway_routes)
     return app

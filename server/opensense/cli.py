@@ -297,6 +297,35 @@ def cmd_incident(cfg: Config, args: argparse.Namespace) -> int:
     return status_cli.cmd_incident(cfg, _dsn(cfg), args)
 
 
+def cmd_gateway(cfg: Config, args: argparse.Namespace) -> int:
+    from .gateway import service as gateways
+
+    async def go(conn: psycopg.AsyncConnection[Any]) -> Any:
+        if args.action == "create":
+            if not args.site:
+                raise ApiError("invalid_request", "gateway create needs --site")
+            gw, token = await gateways.create_gateway(
+                conn,
+                args.account,
+                args.site,
+                args.name or "gateway",
+                cfg.bcrypt_rounds,
+                actor=_actor(),
+            )
+            return {**gw, "gateway_token": token, "note": "the token is shown once; keep it"}
+        if args.action == "rotate-token":
+            if not args.gateway:
+                raise ApiError("invalid_request", "gateway rotate-token needs the gw_ id")
+            gw, token = await gateways.rotate_gateway_token(
+                conn, args.account, args.gateway, cfg.bcrypt_rounds, cfg.clock(), actor=_actor()
+            )
+            return {**gw, "gateway_token": token, "note": "the token is shown once; keep it"}
+        return await gateways.list_gateways(conn, args.account)
+
+    _print(_with_conn(cfg, go))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="opensense", description="OpenSense server and operator tools")
     sub = p.add_subparsers(dest="command", required=True)
@@ -396,6 +425,16 @@ def build_parser() -> argparse.ArgumentParser:
     from .status.cli import add_parsers
 
     add_parsers(sub, cmd_status, cmd_incident)
+
+    s = sub.add_parser(
+        "gateway", help="create a site gateway and its gw_ token, list them, rotate a token"
+    )
+    s.add_argument("action", choices=["create", "list", "rotate-token"])
+    s.add_argument("gateway", nargs="?", help="gw_ id (rotate-token)")
+    s.add_argument("--account", required=True)
+    s.add_argument("--site")
+    s.add_argument("--name", default="")
+    s.set_defaults(fn=cmd_gateway)
     return p
 
 

@@ -20,6 +20,7 @@ PREFIXES = (
     "tgt",
     "sil",
     "dlv",
+    "gw",
 )
 
 

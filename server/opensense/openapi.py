@@ -172,7 +172,7 @@ SCHEMAS: S = {
     "TokenInfo": obj(
         {
             "id": ID,
-            "kind": {"type": "string", "enum": ["ds_live", "ua_live", "whk"]},
+            "kind": {"type": "string", "enum": ["ds_live", "ua_live", "whk", "gw"]},
             "name": {"type": "string"},
             "device_id": {"type": ["string", "null"]},
             "created_at": TS,
@@ -671,6 +671,7 @@ def document() -> S:
                 ),
             )
         },
+        **gateway_paths(),
         "/v1/openapi.json": {
             "get": op("This document", ok(200, {"type": "object"}), security=[], uses_db=False)
         },
@@ -709,6 +710,11 @@ def document() -> S:
                 **alarms_doc.SECURITY,
                 "userToken": {"type": "http", "scheme": "bearer", "description": "ua_live_…"},
                 "deviceToken": {"type": "http", "scheme": "bearer", "description": "ds_live_…"},
+                "gatewayToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "gw_… site gateway token (docs/gateway.md)",
+                },
                 "shellyToken": {
                     "type": "apiKey",
                     "in": "query",
@@ -722,6 +728,111 @@ def document() -> S:
                     "description": "whk_… inbound webhook token as ?token= (LoRaWAN/TTN); redacted from logs",
                 },
             },
+        },
+    }
+
+
+def gateway_paths() -> S:
+    """The site gateway's API (docs/gateway.md), all with its gw_ token."""
+    gw: list[S] = [{"gatewayToken": []}]
+    num_or_ts = {"type": ["number", "string"]}
+    series = obj(
+        {
+            "device": ID,
+            "type": {"type": "string", "enum": list(KINDS)},
+            "label": {"type": "string", "maxLength": 64},
+            "unit": {"type": "string"},
+            "ts": {"type": "array", "items": num_or_ts, "description": "Unix seconds or RFC 3339"},
+            "values": {"type": "array", "items": {"type": "number"}},
+        },
+        ("device", "type", "ts", "values"),
+    )
+    rejected = obj(
+        {
+            "series": {"type": "integer"},
+            "index": {"type": "integer"},
+            "code": {"type": "string", "enum": sorted(CODES)},
+            "message": {"type": "string"},
+        },
+        ("series", "index", "code", "message"),
+    )
+    answer = obj(
+        {
+            "batch": {"type": "string"},
+            "accepted": {"type": "integer"},
+            "deduplicated": {"type": "integer"},
+            "rejected": {"type": "array", "items": rejected},
+        },
+        ("batch", "accepted", "deduplicated", "rejected"),
+    )
+    alert = obj(
+        {
+            "ref": {"type": "string", "minLength": 1, "maxLength": 200},
+            "device": {"type": "string", "minLength": 1, "maxLength": 200},
+            "type": {"type": "string", "minLength": 1, "maxLength": 200},
+            "label": {"type": "string"},
+            "unit": {"type": ["string", "null"]},
+            "rule_id": {"type": ["string", "null"]},
+            "opened_at": TS,
+            "notified_at": TS,
+            "cleared_at": NTS,
+            "path": {"type": "string", "minLength": 1, "maxLength": 200},
+        },
+        ("ref", "device", "type", "opened_at", "notified_at", "path"),
+    )
+    health = obj(
+        {
+            "queue_depth": {"type": "integer", "minimum": 0},
+            "oldest_unsent_s": {"type": ["number", "null"], "minimum": 0},
+            "uplink": {"type": "string"},
+            "last_sync": NTS,
+            "dead_letters": {"type": "integer", "minimum": 0},
+        },
+        ("queue_depth", "uplink", "dead_letters"),
+    )
+    return {
+        "/v1/gateway/sync": {
+            "get": op(
+                "The gateway's site: devices with token site hashes, rules, default rules",
+                {**ok(200, {"type": "object"}), **err(401)},
+                security=gw,
+            )
+        },
+        "/v1/gateway/ingest": {
+            "post": op(
+                "Forward a batch of the site's readings; bad readings are rejected one by one",
+                {**ok(200, answer), **err(401, 413)},
+                security=gw,
+                requestBody=body(
+                    obj(
+                        {
+                            "batch": {"type": "string", "minLength": 1, "maxLength": 64},
+                            "series": {"type": "array", "items": series, "maxItems": 1000},
+                        },
+                        ("batch", "series"),
+                    )
+                ),
+            )
+        },
+        "/v1/gateway/health": {
+            "post": op(
+                "Publish the gateway's health (shown on the dashboard and status page)",
+                {**ok(200, obj({"ok": {"type": "boolean"}}, ("ok",))), **err(401)},
+                security=gw,
+                requestBody=body(health),
+            )
+        },
+        "/v1/gateway/local-alerts": {
+            "post": op(
+                "Record alarms the gateway raised locally while the server was unreachable",
+                {**ok(200, obj({"stored": {"type": "integer"}}, ("stored",))), **err(401)},
+                security=gw,
+                requestBody=body(
+                    obj(
+                        {"alerts": {"type": "array", "items": alert, "maxItems": 1000}}, ("alerts",)
+                    )
+                ),
+            )
         },
     }
 

@@ -425,6 +425,14 @@ SETTINGS: tuple[Setting, ...] = (
         "once per this many seconds; later ones wait and go out grouped (0: off).",
         minimum=0,
     ),
+    Setting(
+        "gateway_batch_max",
+        "OPENSENSE_GATEWAY_BATCH_MAX",
+        int,
+        5000,
+        "Readings a site gateway may forward in one POST /v1/gateway/ingest batch.",
+        minimum=1,
+    ),
 )
 
 
@@ -506,6 +514,7 @@ class Config:
     smtp_tls: str = "starttls"
     mail_from: str = "alerts@opensense.invalid"
     notify_channel_interval_s: int = 300
+    gateway_batch_max: int = 5000
     # Not a setting: the clock. Tests inject one; everything time-dependent asks it.
     clock: Callable[[], datetime] = field(default=_utcnow, compare=False, repr=False)
 

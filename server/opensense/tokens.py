@@ -1,4 +1,5 @@
-"""Tokens: ds_live_ (one device's ingest), ua_live_ (management API), whk_ (inbound webhooks).
+"""Tokens: ds_live_ (one device's ingest), ua_live_ (management API), whk_ (inbound webhooks),
+gw_ (a site gateway: forwards its site's readings).
 
 Text form: ``<prefix><key_id>_<secret>``. `key_id` is public and finds the row;
 only a bcrypt hash of `secret` is stored. Verification costs one indexed lookup:
@@ -11,6 +12,7 @@ only the first time this process sees a given (key_id, secret, hash) triple.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import secrets
 from collections import OrderedDict
@@ -24,7 +26,7 @@ from psycopg import AsyncConnection
 from .errors import ApiError
 from .ids import new_id
 
-PREFIXES = {"ds_live": "ds_live_", "ua_live": "ua_live_", "whk": "whk_"}
+PREFIXES = {"ds_live": "ds_live_", "ua_live": "ua_live_", "whk": "whk_", "gw": "gw_"}
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
 KEY_ID_LEN = 12
 SECRET_LEN = 32  # 160 bits
@@ -42,12 +44,32 @@ class NewToken:
     plaintext: str  # shown once, never stored
     key_id: str
     hash: str
+    site_hash: str | None = None  # ds_live only: see site_hash()
+
+
+# Mosquitto's password-file hash ($7$): PBKDF2-SHA512 with mosquitto_passwd's default
+# iteration count. The secret is 160 random bits, so the iteration count adds nothing
+# to its strength; it only has to be one Mosquitto reads.
+SITE_HASH_ITERATIONS = 101
+
+
+def site_hash(plaintext: str, salt: bytes | None = None) -> str:
+    """A device token's hash as a Mosquitto 2 password_file entry, `$7$101$<salt>$<hash>`
+    (base64). Made only while the plaintext is known (creation, rotation), so a site
+    gateway's Mosquitto can check the node's token without the server."""
+    salt = salt if salt is not None else secrets.token_bytes(12)
+    dk = hashlib.pbkdf2_hmac("sha512", plaintext.encode(), salt, SITE_HASH_ITERATIONS)
+    b64 = base64.b64encode
+    return f"$7${SITE_HASH_ITERATIONS}${b64(salt).decode()}${b64(dk).decode()}"
 
 
 def generate(kind: str, rounds: int) -> NewToken:
     key_id, secret = _rand(KEY_ID_LEN), _rand(SECRET_LEN)
     hashed = bcrypt.hashpw(secret.encode(), bcrypt.gensalt(rounds)).decode()
-    return NewToken(new_id("tok"), kind, f"{PREFIXES[kind]}{key_id}_{secret}", key_id, hashed)
+    text = f"{PREFIXES[kind]}{key_id}_{secret}"
+    return NewToken(
+        new_id("tok"), kind, text, key_id, hashed, site_hash(text) if kind == "ds_live" else None
+    )
 
 
 def parse(token: str) -> tuple[str, str, str] | None:

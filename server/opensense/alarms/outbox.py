@@ -183,6 +183,7 @@ async def enqueue_opened(
     quiet = await silenced(conn, ev["account_id"], site_id, ev["channel_id"], now)
     status = "silenced" if quiet else "pending"
     payload = message(kind, ev, ctx)
+    local = await covered_locally(conn, ev) if kind == "alarm_opened" else None
     for t in targets:  # machines hear everything at once
         if t["path"] == "webhook":
             await put(
@@ -195,9 +196,31 @@ async def enqueue_opened(
         for t in _pick(targets, step.get("to", "everyone"), open_now):
             await put(
                 conn, account_id=ev["account_id"], target_id=t["id"], event_id=ev["id"], kind=kind,
-                key=f"{ev['id']}:{kind}:{t['id']}", payload={**payload, "step": i}, due=due,
-                status=status,
+                key=f"{ev['id']}:{kind}:{t['id']}",
+                payload={**payload, "step": i, **({"local_alert": local} if local else {})},
+                due=due, status="local" if local and not quiet else status,
             )  # fmt: skip
+
+
+async def covered_locally(conn: AsyncConnection[Any], ev: dict[str, Any]) -> dict[str, Any] | None:
+    """The site gateway's local alert that already told people of this alarm, if any.
+
+    A gateway alerts locally while the server is out of reach and posts its local_alerts
+    before it forwards the backlog (docs/gateway.md), so by the time the late readings
+    open this event here, the row is in. Same channel (and rule, when the gateway names
+    it), and the local alarm went off during this excursion (between its true start and
+    its end): the people were woken once; they are not woken again for it. Webhooks (machines) still hear the event, so integrations keep the full record."""
+    cur = await conn.execute(
+        "SELECT gateway_id, path, opened_at FROM local_alerts"
+        " WHERE channel_id = %s AND (rule_id IS NULL OR rule_id = %s)"
+        " AND opened_at BETWEEN %s AND coalesce(%s, 'infinity'::timestamptz)"
+        " ORDER BY opened_at LIMIT 1",
+        (ev["channel_id"], ev.get("rule_id"), ev["started_at"], ev.get("cleared_at")),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    return {"gateway_id": row[0], "path": row[1], "opened_at": row[2].isoformat()}
 
 
 async def cancel_escalation(

@@ -118,6 +118,7 @@ async def create_token(
     rounds: int,
     name: str = "",
     device_id: str | None = None,
+    gateway_id: str | None = None,
     *,
     actor: str = SYSTEM,
     action: str = "token.create",
@@ -126,9 +127,9 @@ async def create_token(
     audit row names the token, never its secret)."""
     t = tokens.generate(kind, rounds)
     await conn.execute(
-        "INSERT INTO tokens (id, kind, key_id, hash, account_id, device_id, name)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s)",
-        (t.id, kind, t.key_id, t.hash, account_id, device_id, name),
+        "INSERT INTO tokens (id, kind, key_id, hash, account_id, device_id, name, site_hash,"
+        " gateway_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (t.id, kind, t.key_id, t.hash, account_id, device_id, name, t.site_hash, gateway_id),
     )
     await audit.record(
         conn,

@@ -120,7 +120,8 @@ CREATE TABLE outbox (
     payload      jsonb NOT NULL,
     due_at       timestamptz NOT NULL,
     status       text NOT NULL DEFAULT 'pending'
-                 CHECK (status IN ('pending', 'sent', 'failed', 'dropped', 'cancelled', 'silenced', 'digested')),
+                 CHECK (status IN ('pending', 'sent', 'failed', 'dropped', 'cancelled', 'silenced', 'digested', 'local')),
+                 -- local: people were alerted by the site gateway already (local_alerts)
     attempts     integer NOT NULL DEFAULT 0,
     last_error   text,
     created_at   timestamptz NOT NULL DEFAULT now(),

@@ -1,0 +1,118 @@
+"""The gateway's one config file (INI). Every key, its default and its meaning are
+listed here and in docs/gateway.md; `opensense-gateway --print-config` shows them."""
+
+from __future__ import annotations
+
+import configparser
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Config:
+    # [gateway]
+    state_dir: str = "/var/lib/opensense-gateway"  # queue.sqlite3 lives here
+    # [server]
+    server_url: str = ""  # https://opensense.example (the server's base URL)
+    server_token: str = ""  # gw_… from `opensense gateway create`
+    server_ca_file: str = ""  # PEM to verify the server with ("" = system CAs)
+    server_timeout_s: float = 30.0
+    # [forward]
+    batch_size: int = 2000  # readings per POST /v1/gateway/ingest (server max 5000)
+    max_rate: float = 10000.0  # readings/s at most while draining a backlog
+    sync_interval_s: float = 300.0  # devices, token hashes, rules
+    health_interval_s: float = 60.0
+    # [mqtt] the site broker ("" host: no MQTT intake)
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    mqtt_username: str = "opensense-gateway"
+    mqtt_password: str = ""
+    mqtt_client_id: str = "opensense-gateway"
+    mqtt_password_file: str = ""  # written from the synced hashes ("" = do not manage)
+    mqtt_acl_file: str = ""
+    mqtt_reload_command: str = ""  # e.g. "systemctl reload mosquitto"
+    # [http] local POST /v1/ingest for nodes that can only POST ("" = off)
+    http_listen: str = ""  # host:port
+    # [alarms]
+    uplink_down_after_s: float = 600.0  # warn locally once the server is out this long
+    check_interval_s: float = 5.0
+    smtp_host: str = ""
+    smtp_port: int = 25
+    smtp_from: str = "opensense-gateway@localhost"
+    smtp_to: str = ""  # comma-separated
+    hook: str = ""  # shell command; the alert is in OPENSENSE_* environment variables
+    gpio_pin: int = -1  # a buzzer on a Raspberry Pi (sysfs GPIO); -1 = none
+
+    @property
+    def queue_path(self) -> Path:
+        return Path(self.state_dir) / "queue.sqlite3"
+
+
+SECTIONS = {
+    "gateway": ("state_dir",),
+    "server": ("server_url", "server_token", "server_ca_file", "server_timeout_s"),
+    "forward": ("batch_size", "max_rate", "sync_interval_s", "health_interval_s"),
+    "mqtt": (
+        "mqtt_host",
+        "mqtt_port",
+        "mqtt_username",
+        "mqtt_password",
+        "mqtt_client_id",
+        "mqtt_password_file",
+        "mqtt_acl_file",
+        "mqtt_reload_command",
+    ),
+    "http": ("http_listen",),
+    "alarms": (
+        "uplink_down_after_s",
+        "check_interval_s",
+        "smtp_host",
+        "smtp_port",
+        "smtp_from",
+        "smtp_to",
+        "hook",
+        "gpio_pin",
+    ),
+}
+
+
+def _key(section: str, name: str) -> str:
+    """The key inside its section: `server_url` is `url` in [server]."""
+    prefix = section + "_"
+    return name[len(prefix) :] if name.startswith(prefix) else name
+
+
+def load(path: Path) -> Config:
+    cp = configparser.ConfigParser(interpolation=None)
+    if not cp.read(path):
+        raise SystemExit(f"opensense-gateway: cannot read config file {path}")
+    types = {f.name: f.type for f in fields(Config)}
+    values: dict[str, object] = {}
+    known = {sec: {_key(sec, n): n for n in names} for sec, names in SECTIONS.items()}
+    for sec in cp.sections():
+        if sec not in known:
+            raise SystemExit(f"opensense-gateway: unknown section [{sec}] in {path}")
+        for k, raw in cp.items(sec):
+            name = known[sec].get(k)
+            if name is None:
+                raise SystemExit(f"opensense-gateway: unknown key {k!r} in [{sec}] of {path}")
+            t = types[name]
+            try:
+                values[name] = float(raw) if t == "float" else int(raw) if t == "int" else raw
+            except ValueError:
+                raise SystemExit(f"opensense-gateway: [{sec}] {k} must be a {t}") from None
+    cfg = Config(**values)  # type: ignore[arg-type]
+    if not cfg.server_url or not cfg.server_token.startswith("gw_"):
+        raise SystemExit("opensense-gateway: [server] url and token (gw_…) are required")
+    return cfg
+
+
+def example() -> str:
+    """A config file with every key at its default."""
+    cfg = Config()
+    lines = []
+    for sec, names in SECTIONS.items():
+        lines.append(f"[{sec}]")
+        lines += [f"{_key(sec, n)} = {getattr(cfg, n)}" for n in names]
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,676 @@
+"""The gateway process: intake (site MQTT + local HTTP) -> durable queue -> server.
+
+Threads, each owning one job:
+- paho's network thread hands every message to `inbox` (nothing else);
+- the writer commits inbox items to SQLite in groups, evaluates the local rules in
+  the same transaction, then acknowledges (MQTT PUBACK / HTTP 200);
+- the uplink thread syncs, posts local alerts (before any reading), forwards the
+  queue oldest first at a bounded rate, and publishes health;
+- the alarm thread checks absence rules and sends local alerts when the server has
+  been out of reach longer than `uplink_down_after_s`;
+- the HTTP server thread(s) take POST /v1/ingest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import queue
+import random
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from . import __version__, mosquitto, notify, payload, rules
+from .config import Config, example, load
+from .store import Store
+from .uplink import Answer, Api, Link, error_text, group
+
+log = logging.getLogger("opensense-gateway")
+
+WRITE_GROUP = 5000  # inbox items per transaction at most
+
+
+def busy_rows(done: int) -> int:
+    return done >> 3
+
+
+def iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class HttpWait:
+    """An HTTP request waiting for its readings to be committed."""
+
+    def __init__(self, readings: list[payload.Reading]) -> None:
+        self.readings = readings
+        self.done = threading.Event()
+        self.error: str | None = None
+
+
+class Gateway:
+    def __init__(self, cfg: Config, clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.store = Store(cfg.queue_path)
+        last_ok = self.store.get_meta("uplink_last_ok")
+        self.link = Link(float(last_ok) if last_ok else None, clock())
+        self.stop = threading.Event()
+        self.resume = threading.Event()  # SIGHUP: retry after a 401/403, resync
+        self.inbox: queue.Queue[Any] = queue.Queue()
+        self.states = self.store.load_states()
+        self.last_heard: dict[tuple[str, str, str], float] = {}
+        self.sync_doc: dict[str, Any] = {}
+        cached = self.store.get_meta("sync")
+        if cached:
+            self.sync_doc = json.loads(cached)
+        self.rules = rules.rules_from_sync(self.sync_doc)
+        self.last_sync = self.store.get_meta("last_sync")
+        self.generation = 0  # MQTT connection number: an ack never crosses a reconnect
+        self.mqtt: mqtt.Client | None = None
+        self.http: ThreadingHTTPServer | None = None
+        self.token_ok: dict[bytes, str] = {}  # sha256(token) -> local_id, for HTTP intake
+        self.qos0_dropped = 0
+        # the broker keeps readings for the gateway only once its persistent session
+        # has subscribed (the very first start): health shows it
+        self.subscribed = False
+        self.forwarded = 0
+        self.sent_at = 0.0  # when the last batch was sent (the rate bound)
+        self.health_lock = threading.Lock()
+        self.threads: list[threading.Thread] = []
+
+    # --- sync -------------------------------------------------------------------------
+
+    @property
+    def account(self) -> str | None:
+        return self.sync_doc.get("account_id")
+
+    def apply_sync(self, doc: dict[str, Any]) -> None:
+        self.sync_doc = doc
+        self.rules = rules.rules_from_sync(doc)
+        self.token_ok = {}
+        self.write_broker_files()
+
+    def write_broker_files(self) -> None:
+        cfg = self.cfg
+        if not (cfg.mqtt_password_file and cfg.mqtt_acl_file and self.account):
+            return
+        salt = hashlib.sha256(("opensense-gateway:" + cfg.mqtt_password).encode()).digest()[:12]
+        gw_hash = mosquitto.mosquitto_hash(cfg.mqtt_password, salt)
+        if mosquitto.apply(
+            cfg.mqtt_password_file,
+            cfg.mqtt_acl_file,
+            cfg.mqtt_reload_command,
+            mosquitto.password_file(self.sync_doc.get("devices", []), cfg.mqtt_username, gw_hash),
+            mosquitto.acl_file(self.account, cfg.mqtt_username),
+        ):
+            log.info("site broker credentials updated (%d devices)", len(self.sync_doc["devices"]))
+
+    def sync(self, api: Api) -> Answer:
+        a = api.call("GET", "/v1/gateway/sync")
+        if a.status == 200 and isinstance(a.body, dict):
+            self.store.set_meta("sync", json.dumps(a.body))
+            self.last_sync = iso(self.clock())
+            self.store.set_meta("last_sync", self.last_sync or "")
+            self.apply_sync(a.body)
+        return a
+
+    # --- intake: MQTT ------------------------------------------------------------------
+
+    def start_mqtt(self) -> None:
+        cfg = self.cfg
+        c = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=cfg.mqtt_client_id,
+            clean_session=False,  # the broker keeps our subscription and queue while we are down
+            protocol=mqtt.MQTTv311,
+            manual_ack=True,  # PUBACK only after the reading is on disk
+        )
+        c.username_pw_set(cfg.mqtt_username, cfg.mqtt_password)
+        c.max_inflight_messages_set(1000)
+        c.reconnect_delay_set(1, 30)
+
+        def on_connect(client: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+            if rc.is_failure:
+                log.warning("site broker refused the gateway: %s", rc)
+                return
+            self.generation += 1
+            client.subscribe("opensense/+/+", qos=1)
+            log.info("connected to the site broker (session present: %s)", _f.session_present)
+
+        def on_subscribe(_c: mqtt.Client, _u: Any, _mid: int, codes: Any, _p: Any) -> None:
+            self.subscribed = all(not rc.is_failure for rc in codes)
+            log.info("subscribed on the site broker: %s", self.subscribed)
+
+        def on_disconnect(_c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+            self.subscribed = False
+
+        def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+            self.inbox.put(("mqtt", self.generation, msg.mid, msg.qos, msg.topic, msg.payload))
+
+        c.on_connect = on_connect
+        c.on_subscribe = on_subscribe
+        c.on_disconnect = on_disconnect
+        c.on_message = on_message
+        c.connect_async(cfg.mqtt_host, cfg.mqtt_port, keepalive=30)
+        c.loop_start()
+        self.mqtt = c
+
+    # --- the writer -------------------------------------------------------------------
+
+    def writer(self) -> None:
+        while not self.stop.is_set():
+            try:
+                first = self.inbox.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            items = [first]
+            while len(items) < WRITE_GROUP:
+                try:
+                    items.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            while not self.stop.is_set():
+                try:
+                    self.commit(items)
+                    break
+                except Exception:
+                    # disk full, I/O error: nothing was acknowledged. HTTP callers get
+                    # 503 and resend; MQTT messages are kept and written again (the
+                    # broker would redeliver them only after a reconnect).
+                    log.exception("writing to the queue failed; retrying")
+                    for it in items:
+                        if it[0] == "http":
+                            it[1].error = "the gateway could not store the readings"
+                            it[1].done.set()
+                    items = [it for it in items if it[0] == "mqtt"]
+                    self.stop.wait(1)
+
+    def commit(self, items: list[Any]) -> None:
+        now = self.clock()
+        readings: list[tuple[payload.Reading, float]] = []
+        dead: list[tuple[bytes, str, float]] = []
+        acks: list[tuple[int, int, int]] = []
+        for it in items:
+            if it[0] == "mqtt":
+                _, gen, mid, qos, topic, raw = it
+                if qos == 0:
+                    self.qos0_dropped += 1  # PRODUCT.md: QoS 0 measurements are dropped
+                    continue
+                acks.append((gen, mid, qos))
+                parts = topic.split("/")
+                account = self.account or (parts[1] if len(parts) > 1 else "")
+                device = payload.topic_device(topic, account)
+                try:
+                    if device is None:
+                        raise payload.PayloadError(f"not a measurement topic: {topic[:100]}")
+                    readings += [(r, now) for r in payload.parse(raw, device, now)]
+                except Exception as exc:  # a poison message must never block the queue
+                    dead.append((bytes(raw[:4096]), f"{topic[:100]}: {exc}"[:500], now))
+            else:
+                readings += [(r, now) for r in it[1].readings]
+        changed, opened, cleared = self.evaluate([r for r, _ in readings], now)
+        self.store.add(readings, dead, changed, opened, cleared)
+        self.states.update(changed)  # only once committed
+        for r, _ in readings:
+            self.last_heard[(r.device, r.kind, r.label)] = now
+        c = self.mqtt
+        for gen, mid, qos in acks:
+            if c is not None and gen == self.generation:
+                c.ack(mid, qos)
+        for it in items:
+            if it[0] == "http":
+                it[1].done.set()
+
+    def evaluate(
+        self, readings: list[payload.Reading], now: float
+    ) -> tuple[dict[str, rules.State], list[dict[str, Any]], list[tuple[str, float]]]:
+        """Range rules over the new readings (pure steps; state kept with the queue)."""
+        changed: dict[str, rules.State] = {}
+        opened: list[dict[str, Any]] = []
+        cleared: list[tuple[str, float]] = []
+        down = 0 if self.link.is_up() else 1
+        for r in sorted(readings, key=lambda r: r.ts):
+            for rule in rules.rules_for(self.rules, r.device, r.kind, r.label):
+                if rule.kind != "range":
+                    continue
+                key = f"{rule.id}|{r.device}|{r.kind}|{r.label}"
+                st = changed.get(key) or self.states.get(key) or rules.State()
+                new, ev = rules.step_range(rule, st, r.ts, r.value)
+                if new != st:
+                    changed[key] = new
+                if ev is None:
+                    continue
+                ref = f"{key}|{int((new.open_at if ev.what == 'open' else st.open_at) or 0)}"
+                if ev.what == "open":
+                    opened.append(
+                        dict(
+                            ref=ref,
+                            rule_id=rule.id,
+                            device=r.device,
+                            kind=r.kind,
+                            label=r.label,
+                            unit=r.unit,
+                            opened_at=ev.at,
+                            value=ev.value,
+                            uplink_down=down,
+                        )
+                    )
+                else:
+                    cleared.append((ref, ev.at))
+        return changed, opened, cleared
+
+    # --- the uplink ----------------------------------------------------------------
+
+    def uplink(self) -> None:
+        api = Api(self.cfg)
+        attempt = 0
+        next_sync = next_health = next_send = 0.0
+        while not self.stop.is_set():
+            if self.link.state == "refused":
+                self.post_health_locally()
+                if self.resume.wait(5):
+                    self.resume.clear()
+                    self.link.down("resumed after SIGHUP")
+                    next_sync = 0.0
+                continue
+            try:
+                a, busy = self.uplink_round(api, next_sync, next_health, next_send)
+            except Exception:  # the uplink thread must never die: log, wait, go on
+                log.exception("uplink round failed; retrying")
+                api.close()
+                self.stop.wait(rules.backoff(attempt, random.random()))
+                attempt = min(attempt + 1, 10)
+                continue
+            now = self.clock()
+            if a is None or a.status == 200:
+                attempt = 0
+                if a is not None:
+                    self.mark_ok()
+                if busy & 1:
+                    next_sync = now + self.cfg.sync_interval_s
+                if busy & 2:
+                    next_health = now + self.cfg.health_interval_s
+                if busy & 4:  # the bound counts from the batch's start, not its end
+                    next_send = self.sent_at + busy_rows(busy) / self.cfg.max_rate
+                else:
+                    self.stop.wait(0.2)
+                continue
+            wait = self.failed(a, attempt)
+            if a.status == 0 or a.status >= 500:
+                attempt += 1
+            self.stop.wait(wait)
+        api.close()
+
+    def uplink_round(
+        self, api: Api, next_sync: float, next_health: float, next_send: float
+    ) -> tuple[Answer | None, int]:
+        """One round: sync when due, local alerts, one batch, health when due. Returns
+        the first failed answer (or the last good one) and what was done (bits: 1
+        synced, 2 health, 4 a batch, batch size << 3)."""
+        now = self.clock()
+        done = 0
+        last: Answer | None = None
+        if now >= next_sync:
+            last = self.sync(api)
+            if last.status != 200:
+                return last, 0
+            done |= 1
+        got = self.post_alerts(api)  # before any reading: the server learns first
+        if got is not None:
+            if got.status != 200:
+                return got, done
+            last = got
+        rows = self.store.oldest(self.cfg.batch_size)
+        if rows:
+            if now < next_send:
+                self.stop.wait(next_send - now)
+            self.sent_at = self.clock()
+            got = self.forward(api, rows)
+            if got.status != 200:
+                return got, done
+            last = got
+            done |= 4 | (len(rows) << 3)
+        if now >= next_health:
+            got = self.post_health(api)
+            if got.status != 200:
+                return got, done
+            last = got
+            done |= 2
+        return last, done
+
+    def mark_ok(self) -> None:
+        now = self.clock()
+        if not self.link.is_up():
+            log.info("server reachable")
+            # alarms not sent locally by now are the server's: it gets their readings
+            self.store.hand_over_alarms()
+        self.link.ok(now)
+        self.store.set_meta("uplink_last_ok", repr(now))
+
+    def failed(self, a: Answer, attempt: int) -> float:
+        """How long to wait after a failed call (PRODUCT.md client retry rule)."""
+        code, msg = error_text(a)
+        if a.status == 0 or a.status >= 500:
+            if self.link.is_up() or self.link.state == "unknown":
+                log.warning("server unreachable (%s: %s); keeping readings", code, msg)
+            self.link.down(f"{code}: {msg}")
+            return rules.backoff(attempt, random.random())
+        if a.status == 429:
+            return rules.retry_after(a.retry_after)
+        # 401/403: never retried; the rows stay queued until an operator fixes the token
+        log.error("server refused the gateway (%s: %s); waiting for SIGHUP", code, msg)
+        self.link.refused(f"{code}: {msg}")
+        return 0.0
+
+    def forward(self, api: Api, rows: list[Any]) -> Answer:
+        body, ids = group(rows)
+        body["batch"] = uuid.uuid4().hex
+        a = api.call("POST", "/v1/gateway/ingest", body)
+        now = self.clock()
+        if a.status == 200 and isinstance(a.body, dict):
+            dead = []
+            for rej in a.body.get("rejected", []):
+                try:
+                    rid = ids[int(rej["series"])][int(rej["index"])]
+                except (KeyError, IndexError, ValueError, TypeError):
+                    continue
+                dead.append((rid, str(rej.get("code")), str(rej.get("message"))[:500]))
+            self.store.settle(rows[-1][0], [r[0] for r in rows], dead, now)
+            self.forwarded += len(rows)
+            if dead:
+                log.warning("server refused %d readings; kept in dead_letters", len(dead))
+        elif a.status in (400, 413, 422):
+            # the batch as a whole is refused and would be refused again: keep it aside
+            code, msg = error_text(a)
+            self.store.settle(
+                rows[-1][0], [r[0] for r in rows], [(r[0], code, msg[:500]) for r in rows], now
+            )
+            log.error("server refused a batch of %d (%s); kept in dead_letters", len(rows), code)
+            return Answer(200, a.body)
+        return a
+
+    def post_alerts(self, api: Api) -> Answer | None:
+        alerts = self.store.unposted_alerts()
+        if not alerts:
+            return None
+        body = {
+            "alerts": [
+                {
+                    "ref": x["ref"],
+                    "device": x["device"],
+                    "type": x["kind"],
+                    "label": x["label"],
+                    "unit": x["unit"] or None,
+                    "rule_id": x["rule_id"] if str(x["rule_id"]).startswith("rul_") else None,
+                    "opened_at": iso(x["opened_at"]),
+                    "notified_at": iso(x["notified_at"]),
+                    "cleared_at": iso(x["cleared_at"]),
+                    "path": x["path"],
+                }
+                for x in alerts
+            ]
+        }
+        a = api.call("POST", "/v1/gateway/local-alerts", body)
+        if a.status == 200:
+            self.store.mark_posted(
+                [x["ref"] for x in alerts], {x["ref"]: x["cleared_at"] for x in alerts}
+            )
+            log.info("posted %d local alerts", len(alerts))
+        elif a.status in (400, 422):
+            log.error("server refused local alerts: %s", error_text(a))
+            return Answer(200, a.body)
+        return a
+
+    def health(self) -> dict[str, Any]:
+        now = self.clock()
+        depth, oldest = self.store.depth()
+        return {
+            "queue_depth": depth,
+            "oldest_unsent_s": round(now - oldest, 1) if oldest is not None else None,
+            "uplink": self.link.state,
+            "uplink_down_s": round(self.link.down_for(now), 1),
+            "last_sync": self.last_sync,
+            "dead_letters": self.store.dead_count(),
+            "qos0_dropped": self.qos0_dropped,
+            "site_broker": "subscribed" if self.subscribed else "not subscribed",
+            "version": __version__,
+        }
+
+    def post_health(self, api: Api) -> Answer:
+        h = self.post_health_locally()
+        h["uplink"] = "up"  # it is, since this reaches the server
+        h["uplink_down_s"] = 0
+        return api.call("POST", "/v1/gateway/health", h)
+
+    def post_health_locally(self) -> dict[str, Any]:
+        """health.json, written whole (two threads write it: one at a time)."""
+        h = self.health()
+        path = Path(self.cfg.state_dir) / "health.json"
+        with self.health_lock:
+            tmp = path.with_suffix(".tmp")
+            try:
+                tmp.write_text(json.dumps(h))
+                tmp.replace(path)
+            except OSError as exc:
+                log.warning("cannot write %s: %s", path, exc)
+        return h
+
+    # --- local alarms ------------------------------------------------------------------
+
+    def alarm_loop(self) -> None:
+        paths = notify.paths(self.cfg)
+        while not self.stop.wait(self.cfg.check_interval_s):
+            try:
+                self.check_absence()
+                self.notify_due(paths)
+                self.post_health_locally()
+            except Exception:
+                log.exception("local alarm round failed")
+
+    def check_absence(self) -> None:
+        now = self.clock()
+        changed: dict[str, rules.State] = {}
+        opened, cleared = [], []
+        down = 0 if self.link.is_up() else 1
+        for (device, kind, label), heard in list(self.last_heard.items()):
+            for rule in rules.rules_for(self.rules, device, kind, label):
+                if rule.kind != "absence":
+                    continue
+                key = f"{rule.id}|{device}|{kind}|{label}"
+                st = self.states.get(key) or rules.State()
+                new, ev = rules.check_absence(rule, st, heard, now)
+                if ev is None:
+                    continue
+                changed[key] = new
+                ref = f"{key}|{int(new.open_at or st.open_at or 0)}"
+                if ev.what == "open":
+                    opened.append(
+                        dict(
+                            ref=ref,
+                            rule_id=rule.id,
+                            device=device,
+                            kind=kind,
+                            label=label,
+                            unit="",
+                            opened_at=ev.at,
+                            value=None,
+                            uplink_down=down,
+                        )
+                    )
+                else:
+                    cleared.append((ref, ev.at))
+        if changed:
+            self.store.add([], (), changed, opened, cleared)
+            self.states.update(changed)
+
+    def notify_due(self, paths: list[str]) -> None:
+        """Alert locally for alarms raised while the server was out, once the server
+        has been out longer than uplink_down_after_s."""
+        now = self.clock()
+        if not paths or self.link.down_for(now) < self.cfg.uplink_down_after_s:
+            return
+        for alarm in self.store.unnotified_alarms():
+            for path in paths:
+                try:
+                    notify.send(self.cfg, path, alarm, "open")
+                except Exception as exc:
+                    log.warning("local alert by %s failed: %s", path, exc)
+                    continue
+                self.store.add_alert(alarm["ref"], path, self.clock())
+                log.warning("local alarm sent by %s: %s %s", path, alarm["device"], alarm["kind"])
+
+    # --- HTTP intake --------------------------------------------------------------------
+
+    def device_for_token(self, token: str) -> str | None:
+        digest = hashlib.sha256(token.encode()).digest()
+        if digest in self.token_ok:
+            return self.token_ok[digest]
+        if not token.startswith("ds_live_"):
+            return None
+        key_id = token[8:].partition("_")[0]
+        for d in self.sync_doc.get("devices", []):
+            if d.get("key_id") == key_id and d.get("site_hash"):
+                if mosquitto.check_hash(token, d["site_hash"]):
+                    self.token_ok[digest] = d["local_id"]
+                    return str(d["local_id"])
+        return None
+
+    def start_http(self) -> None:
+        host, _, port = self.cfg.http_listen.rpartition(":")
+        gw = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                log.debug("http: " + format, *args)
+
+            def answer(self, status: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def error(self, status: int, code: str, message: str) -> None:
+                rid = "req_" + uuid.uuid4().hex[:16]
+                self.answer(
+                    status, {"error": {"code": code, "message": message, "request_id": rid}}
+                )
+
+            def do_GET(self) -> None:  # noqa: N802
+                if self.path == "/healthz":
+                    self.answer(200, gw.health())
+                else:
+                    self.error(404, "not_found", "only POST /v1/ingest and GET /healthz here")
+
+            def do_POST(self) -> None:  # noqa: N802
+                if self.path.split("?")[0] != "/v1/ingest":
+                    return self.error(404, "not_found", "only POST /v1/ingest here")
+                n = int(self.headers.get("Content-Length") or 0)
+                if n > 64 * 1024:
+                    return self.error(413, "payload_too_large", "the body is over 64 KiB")
+                raw = self.rfile.read(n)
+                auth = self.headers.get("Authorization", "")
+                token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+                if not token:
+                    return self.error(401, "auth_required", "send Authorization: Bearer ds_live_…")
+                device = gw.device_for_token(token)
+                if device is None:
+                    return self.error(
+                        401, "token_invalid", "the token is not a live token of this site"
+                    )
+                try:
+                    named = self.headers.get("X-Device-Id")
+                    if named is not None and named != device:
+                        raise payload.PayloadError(f"this token belongs to {device!r}")
+                    readings = payload.parse(raw, device, gw.clock())
+                except payload.PayloadError as exc:
+                    return self.error(400, "invalid_measurement", str(exc))
+                w = HttpWait(readings)
+                gw.inbox.put(("http", w))
+                if not w.done.wait(30) or w.error:
+                    return self.error(503, "unavailable", w.error or "the gateway is busy")
+                self.answer(
+                    200,
+                    {
+                        "accepted": len(readings),
+                        "deduplicated": 0,
+                        "channels": [],
+                        "queued": len(readings),
+                    },
+                )
+
+        self.http = ThreadingHTTPServer((host or "0.0.0.0", int(port)), Handler)
+        self.http.daemon_threads = True
+        self._thread(self.http.serve_forever, "http")
+
+    # --- life -------------------------------------------------------------------------
+
+    def _thread(self, fn: Callable[[], None], name: str) -> None:
+        t = threading.Thread(target=fn, name=name, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def run(self) -> None:
+        self.write_broker_files()  # from the last sync, before the broker needs them
+        self._thread(self.writer, "writer")
+        self._thread(self.uplink, "uplink")
+        self._thread(self.alarm_loop, "alarms")
+        if self.cfg.mqtt_host:
+            self.start_mqtt()
+        if self.cfg.http_listen:
+            self.start_http()
+        log.info("opensense-gateway %s running", __version__)
+        while not self.stop.wait(1):
+            pass
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        if self.mqtt is not None:
+            self.mqtt.disconnect()
+            self.mqtt.loop_stop()
+        if self.http is not None:
+            self.http.shutdown()
+        for t in self.threads:
+            t.join(10)
+        self.store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="opensense-gateway", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="/etc/opensense-gateway.conf")
+    p.add_argument("--print-config", action="store_true", help="print every key with its default")
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    if args.print_config:
+        print(example())
+        return 0
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    gw = Gateway(load(Path(args.config)))
+    signal.signal(signal.SIGTERM, lambda *_: gw.stop.set())
+    signal.signal(signal.SIGINT, lambda *_: gw.stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: gw.resume.set())
+    gw.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Local alarm rules as pure functions of readings and time (no I/O).
+
+The gateway holds a copy of its site's rules (synced) and evaluates `range` and
+`absence` rules on what it receives. The server's rule engine stays the authority;
+these only decide when to warn locally while the server cannot.
+
+- range: a reading outside ok_min..ok_max starts an excursion at its timestamp; the
+  alarm opens at the first reading at least grace_min after that start (so it fires
+  within grace + one cadence). A reading back in range clears it. Reading time is
+  the node's clock, so a backlog replayed fast behaves like the real minutes.
+- absence: no reading received for `seconds` (+ grace) by the gateway's clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str  # rul_… or "default:<type>" for the site vertical's default
+    device: str | None  # None: applies to every device (a default)
+    type: str
+    label: str | None  # None: any label (a default)
+    kind: str  # "range" | "absence"
+    params: dict[str, Any]
+    grace_min: int
+    severity: str = "alarm"
+
+
+@dataclass(frozen=True)
+class State:
+    bad_since: float | None = None  # first out-of-range reading of the excursion
+    open_at: float | None = None  # when the alarm opened (None: no alarm)
+    last_ts: float | None = None  # newest reading time evaluated
+    last_value: float | None = None
+
+
+@dataclass(frozen=True)
+class Event:
+    what: str  # "open" | "clear"
+    at: float  # reading time (range) or clock time (absence)
+    value: float | None
+
+
+def rules_from_sync(doc: dict[str, Any]) -> list[Rule]:
+    out = [
+        Rule(
+            r["id"],
+            r["device"],
+            r["type"],
+            r.get("label") or "",
+            r["kind"],
+            dict(r.get("params") or {}),
+            int(r.get("grace_min") or 0),
+            r.get("severity") or "alarm",
+        )
+        for r in doc.get("rules", [])
+        if r.get("kind") in ("range", "absence")
+    ]
+    out += [
+        Rule(
+            f"default:{d['type']}",
+            None,
+            d["type"],
+            None,
+            d["kind"],
+            dict(d.get("params") or {}),
+            int(d.get("grace_min") or 0),
+        )
+        for d in doc.get("defaults", [])
+        if d.get("kind") in ("range", "absence")
+    ]
+    return out
+
+
+def rules_for(rules: list[Rule], device: str, type_: str, label: str) -> list[Rule]:
+    """A channel's own rules; the site default for its kind only when it has none
+    (a channel created during the outage is not known to the last sync)."""
+    own = [r for r in rules if r.device == device and r.type == type_ and r.label == label]
+    if own:
+        return own
+    return [r for r in rules if r.device is None and r.type == type_]
+
+
+def in_range(rule: Rule, value: float) -> bool:
+    lo, hi = rule.params.get("ok_min"), rule.params.get("ok_max")
+    return (lo is None or value >= float(lo)) and (hi is None or value <= float(hi))
+
+
+def step_range(rule: Rule, st: State, ts: float, value: float) -> tuple[State, Event | None]:
+    """One reading through a range rule. Readings older than the newest already
+    evaluated are ignored (a resend after a lost acknowledgement)."""
+    if st.last_ts is not None and ts <= st.last_ts:
+        return st, None
+    st = replace(st, last_ts=ts, last_value=value)
+    if in_range(rule, value):
+        if st.open_at is not None:
+            return State(None, None, ts, value), Event("clear", ts, value)
+        return replace(st, bad_since=None), None
+    bad_since = st.bad_since if st.bad_since is not None else ts
+    st = replace(st, bad_since=bad_since)
+    if st.open_at is None and ts - bad_since >= rule.grace_min * 60:
+        return replace(st, open_at=ts), Event("open", ts, value)
+    return st, None
+
+
+def absence_seconds(rule: Rule) -> float:
+    p = rule.params
+    for k in ("seconds", "after_s", "no_data_s"):
+        if isinstance(p.get(k), int | float):
+            return float(p[k])
+    return 0.0
+
+
+def check_absence(
+    rule: Rule, st: State, last_received: float | None, now: float
+) -> tuple[State, Event | None]:
+    """An absence rule at clock time `now`, given when the channel was last heard."""
+    limit = absence_seconds(rule) + rule.grace_min * 60
+    if last_received is None or limit <= 0:
+        return st, None
+    silent = now - last_received > limit
+    if silent and st.open_at is None:
+        return replace(st, open_at=now), Event("open", now, None)
+    if not silent and st.open_at is not None:
+        return replace(st, open_at=None), Event("clear", now, None)
+    return st, None
+
+
+def backoff(attempt: int, rand: float) -> float:
+    """PRODUCT.md retry rule for 5xx and lost connections: 1 s, ×2 each attempt,
+    capped at 60 s, with jitter (`rand` in [0, 1): the delay is 50..100 % of it)."""
+    base = min(60.0, 2.0 ** max(0, attempt))
+    return base * (0.5 + rand / 2)
+
+
+def retry_after(header: str | None, default: float = 60.0) -> float:
+    """429: the server's Retry-After (seconds), within 1 s .. 1 h."""
+    try:
+        v = float(header) if header is not None else default
+    except ValueError:
+        v = default
+    return min(3600.0, max(1.0, v))

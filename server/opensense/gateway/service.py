@@ -1,0 +1,532 @@
+"""Site gateways, server side: gw_ token authentication, the sync document, batch
+ingest scoped to the gateway's site, health, and local alerts. Pure checks of a
+batch are split from the I/O so they can be tested alone."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from .. import tokens
+from ..errors import ApiError
+from ..ids import new_id
+from ..ingest import pipeline
+from ..ingest.validate import MAX_FUTURE, check_value, make_entry, parse_ts
+from ..kinds import KINDS
+from ..presets import VERTICALS
+from ..storage.write import insert_readings
+
+MAX_SERIES = 1000
+HEALTH_KEYS = ("queue_depth", "oldest_unsent_s", "uplink", "last_sync", "dead_letters")
+
+
+@dataclass(frozen=True)
+class Gateway:
+    id: str
+    account_id: str
+    site_id: str
+    name: str
+    vertical: str
+
+
+# --- management --------------------------------------------------------------------
+
+
+async def create_gateway(
+    conn: AsyncConnection[Any],
+    account_id: str,
+    site_id: str,
+    name: str,
+    rounds: int,
+    *,
+    actor: str = "system",
+) -> tuple[dict[str, Any], str]:
+    """A gateway for one site and its gw_ token (plaintext returned once). The gateway,
+    its token and their audit rows commit together."""
+    from .. import audit
+    from ..devices import service
+
+    async with conn.transaction():
+        site = await service.get_site(conn, account_id, site_id)
+        gid = new_id("gw")
+        await conn.execute(
+            "INSERT INTO gateways (id, account_id, site_id, name) VALUES (%s, %s, %s, %s)",
+            (gid, account_id, site["id"], name),
+        )
+        await audit.record(
+            conn,
+            account_id=account_id,
+            actor=actor,
+            action="gateway.create",
+            subject=gid,
+            data={"site_id": site["id"], "name": name},
+        )
+        _, plaintext = await service.create_token(
+            conn, account_id, "gw", rounds, name, gateway_id=gid, actor=actor
+        )
+    return await get_gateway(conn, account_id, gid), plaintext
+
+
+async def rotate_gateway_token(
+    conn: AsyncConnection[Any],
+    account_id: str,
+    gateway_id: str,
+    rounds: int,
+    now: datetime,
+    *,
+    actor: str = "system",
+) -> tuple[dict[str, Any], str]:
+    """Revoke the gateway's live token and issue a new one (the old fails at once)."""
+    from ..devices import service
+
+    async with conn.transaction():
+        gw = await get_gateway(conn, account_id, gateway_id)
+        await conn.execute(
+            "UPDATE tokens SET revoked_at = %s WHERE gateway_id = %s AND revoked_at IS NULL",
+            (now, gw["id"]),
+        )
+        _, plaintext = await service.create_token(
+            conn,
+            account_id,
+            "gw",
+            rounds,
+            gw["name"],
+            gateway_id=gw["id"],
+            actor=actor,
+            action="token.rotate",
+        )
+    return gw, plaintext
+
+
+async def get_gateway(conn: AsyncConnection[Any], account_id: str, gateway_id: str) -> Any:
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(
+        "SELECT id, account_id, site_id, name, created_at, last_seen_at, health FROM gateways"
+        " WHERE id = %s AND account_id = %s AND deleted_at IS NULL",
+        (gateway_id, account_id),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        raise ApiError("not_found", f"no gateway {gateway_id[:40]!r} in this account")
+    return row
+
+
+async def list_gateways(conn: AsyncConnection[Any], account_id: str) -> list[Any]:
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(
+        "SELECT id, account_id, site_id, name, created_at, last_seen_at, health FROM gateways"
+        " WHERE account_id = %s AND deleted_at IS NULL ORDER BY created_at, id",
+        (account_id,),
+    )
+    return list(await cur.fetchall())
+
+
+# --- authentication ----------------------------------------------------------------
+
+
+async def authenticate(
+    conn: AsyncConnection[Any], verifier: tokens.Verifier, token: str | None, now: datetime
+) -> Gateway:
+    """The live gateway behind a gw_ token, or 401."""
+    kind, key_id, secret = tokens.parse_or_raise(token, ("gw",))
+    cur = await conn.execute(
+        "SELECT t.id, t.kind, t.hash, t.revoked_at, g.id, g.account_id, g.site_id, g.name,"
+        " g.deleted_at, s.vertical FROM tokens t JOIN gateways g ON g.id = t.gateway_id"
+        " JOIN sites s ON s.id = g.site_id WHERE t.key_id = %s",
+        (key_id,),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        raise ApiError("token_invalid", "the token is not known (wrong, or deleted)")
+    await tokens.check_row(
+        conn, verifier, kind, key_id, secret, row[0], row[1], row[2], row[3], now
+    )
+    if row[8] is not None:
+        raise ApiError("token_invalid", "the token's gateway was deleted")
+    return Gateway(row[4], row[5], row[6], row[7], row[9])
+
+
+# --- sync --------------------------------------------------------------------------
+
+
+async def sync_document(conn: AsyncConnection[Any], gw: Gateway, now: datetime) -> dict[str, Any]:
+    """What a gateway needs to work alone: its site's devices with their live token's
+    site hash, the rules of their channels, and the site vertical's default rules
+    (for channels a node creates during an outage)."""
+    cur = await conn.execute(
+        "SELECT d.id, d.local_id, d.cadence_s, t.key_id, t.site_hash FROM devices d"
+        " LEFT JOIN tokens t ON t.device_id = d.id AND t.revoked_at IS NULL"
+        " WHERE d.site_id = %s AND d.account_id = %s AND d.deleted_at IS NULL"
+        " ORDER BY d.local_id, t.created_at DESC",
+        (gw.site_id, gw.account_id),
+    )
+    devices: dict[str, dict[str, Any]] = {}
+    for did, local_id, cadence, key_id, shash in await cur.fetchall():
+        devices.setdefault(
+            local_id,
+            {
+                "id": did,
+                "local_id": local_id,
+                "cadence_s": cadence,
+                "key_id": key_id,
+                "site_hash": shash,
+            },
+        )
+    cur = await conn.execute(
+        "SELECT r.id, d.local_id, c.kind, c.label, c.id, r.kind, r.params, r.grace_min, r.severity"
+        " FROM rules r JOIN channels c ON c.id = r.channel_id JOIN devices d ON d.id = c.device_id"
+        " WHERE d.site_id = %s AND d.account_id = %s AND d.deleted_at IS NULL AND r.enabled"
+        " ORDER BY r.id",
+        (gw.site_id, gw.account_id),
+    )
+    rules = [
+        {
+            "id": r[0],
+            "device": r[1],
+            "type": r[2],
+            "label": r[3],
+            "channel_id": r[4],
+            "kind": r[5],
+            "params": r[6],
+            "grace_min": r[7],
+            "severity": r[8],
+        }
+        for r in await cur.fetchall()
+    ]
+    preset = VERTICALS[gw.vertical]
+    defaults = [
+        {"type": k, "kind": d.kind, "params": d.params, "grace_min": d.grace_min}
+        for k, d in preset.rules.items()
+        if not KINDS[k].auxiliary
+    ]
+    return {
+        "gateway": {"id": gw.id, "name": gw.name, "site_id": gw.site_id},
+        "account_id": gw.account_id,
+        "devices": list(devices.values()),
+        "rules": rules,
+        "defaults": defaults,
+        "server_time": now,
+    }
+
+
+# --- batch ingest ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Series:
+    device: str
+    kind: str
+    label: str
+    unit: str
+    ts: list[datetime]
+    values: list[float]
+    index: list[int]  # position of each kept reading in the posted series
+
+
+@dataclass
+class Checked:
+    series: list[Series]
+    rejected: list[dict[str, Any]]
+    n: int
+
+
+def _epoch(v: Any) -> datetime | None:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        return None
+    try:
+        return datetime.fromtimestamp(v, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def check_batch(body: Any, now: datetime, oldest: datetime, max_readings: int) -> Checked:
+    """Validate a gateway batch (pure). The batch's shape must be right as a whole
+    (else 400); a single bad reading is only rejected, with its place and reason, so
+    one bad reading never holds back a site's backlog."""
+    if not isinstance(body, dict):
+        raise ApiError("invalid_request", "the body must be a JSON object")
+    batch = body.get("batch")
+    if not isinstance(batch, str) or not 1 <= len(batch) <= 64:
+        raise ApiError("invalid_request", "batch must be a string of 1 to 64 characters")
+    series = body.get("series")
+    if not isinstance(series, list) or not 1 <= len(series) <= MAX_SERIES:
+        raise ApiError("invalid_request", f"series must be an array of 1 to {MAX_SERIES} entries")
+    out: list[Series] = []
+    rejected: list[dict[str, Any]] = []
+    n = 0
+    for i, s in enumerate(series):
+        f = f"series[{i}]"
+        if not isinstance(s, dict):
+            raise ApiError("invalid_request", f"{f} must be an object")
+        ts, vals, dev = s.get("ts"), s.get("values"), s.get("device")
+        if not isinstance(ts, list) or not isinstance(vals, list) or len(ts) != len(vals):
+            raise ApiError("invalid_request", f"{f}.ts and {f}.values must be arrays of one length")
+        if not isinstance(dev, str) or not 0 < len(dev) <= 64:
+            raise ApiError("invalid_request", f"{f}.device must be a device's local_id")
+        n += len(ts)
+        if n > max_readings:
+            raise ApiError("invalid_request", f"a batch carries at most {max_readings} readings")
+        try:
+            first = make_entry(s.get("type"), s.get("label"), s.get("unit"), 0, now, f)
+        except ApiError as exc:
+            if exc.code != "out_of_range":
+                rejected.extend(
+                    {"series": i, "index": j, "code": exc.code, "message": exc.message}
+                    for j in range(len(ts))
+                )
+                continue
+            first = None
+        kind = s.get("type")
+        assert isinstance(kind, str)
+        label = first.label if first else (s.get("label") or "")
+        unit = first.unit if first else (s.get("unit") or KINDS[kind].default_unit)
+        keep = Series(dev, kind, label, unit, [], [], [])
+        for j, (t, v) in enumerate(zip(ts, vals, strict=True)):
+            at = _epoch(t)
+            try:
+                if at is None:
+                    at = parse_ts(t, f"{f}.ts[{j}]") if isinstance(t, str) else None
+                if at is None:
+                    raise ApiError(
+                        "invalid_measurement", f"{f}.ts[{j}] must be Unix seconds or RFC 3339"
+                    )
+                if at > now + MAX_FUTURE:
+                    raise ApiError(
+                        "out_of_range",
+                        f"{f}.ts[{j}] {at.isoformat()} is more than 5 minutes in the future",
+                    )
+                if at < oldest:
+                    raise ApiError(
+                        "out_of_range",
+                        f"{f}.ts[{j}] {at.isoformat()} is older than the raw-data retention",
+                    )
+                value = check_value(kind, unit, v, f"{f}.values[{j}]")
+            except ApiError as exc:
+                rejected.append({"series": i, "index": j, "code": exc.code, "message": exc.message})
+                continue
+            keep.ts.append(at)
+            keep.values.append(value)
+            keep.index.append(j)
+        if keep.ts:
+            out.append(keep)
+    return Checked(out, rejected, n)
+
+
+async def ingest_batch(
+    conn: AsyncConnection[Any],
+    gw: Gateway,
+    batch_id: str,
+    checked: Checked,
+    *,
+    now: datetime,
+    compact_after_days: int,
+) -> dict[str, Any]:
+    """Store a checked batch in one transaction: only devices of the gateway's site;
+    channels created as the ingest creates them; one gateway_batches row per device."""
+    rejected = list(checked.rejected)
+    async with conn.transaction():
+        names = sorted({s.device for s in checked.series})
+        cur = await conn.execute(
+            "SELECT d.local_id, d.id, d.site_id FROM devices d"
+            " WHERE d.account_id = %s AND d.deleted_at IS NULL AND d.local_id = ANY(%s)",
+            (gw.account_id, names),
+        )
+        found = {r[0]: (r[1], r[2]) for r in await cur.fetchall()}
+        cur = await conn.execute(
+            'SELECT device_id, kind, label, id, num, unit, "offset" FROM channels'
+            " WHERE device_id = ANY(%s)",
+            ([v[0] for v in found.values()],),
+        )
+        chans: dict[tuple[str, str, str], tuple[str, int, str, float]] = {
+            (r[0], r[1], r[2]): (r[3], r[4], r[5], r[6]) for r in await cur.fetchall()
+        }
+        rows: list[tuple[int, datetime, float]] = []
+        spans: dict[str, list[Any]] = {}  # device id -> [n, first, last]
+        for i, s in enumerate(checked.series):
+            dev = found.get(s.device)
+            code, msg = None, ""
+            if dev is None:
+                code, msg = "device_not_found", f"no device {s.device!r} in this account"
+            elif dev[1] != gw.site_id:
+                code = "forbidden"
+                msg = f"device {s.device!r} is not at this gateway's site {gw.site_id}"
+            if code is not None:
+                rejected.extend(
+                    {"series": i, "index": j, "code": code, "message": msg} for j in s.index
+                )
+                continue
+            assert dev is not None
+            ch = chans.get((dev[0], s.kind, s.label))
+            if ch is None:
+                d = pipeline.Device(dev[0], gw.account_id, s.device, gw.vertical)
+                entry = make_entry(s.kind, s.label, s.unit, s.values[0], s.ts[0], "series")
+                made = await pipeline._channels(conn, d, (entry,))
+                ch = made[(s.kind, s.label)]
+                chans[(dev[0], s.kind, s.label)] = ch
+            if ch[2] != s.unit:
+                msg = f"unit {s.unit!r} differs from channel {ch[0]}'s unit {ch[2]!r}; units are never converted"
+                rejected.extend(
+                    {"series": i, "index": j, "code": "invalid_measurement", "message": msg}
+                    for j in s.index
+                )
+                continue
+            rows.extend((ch[1], t, v + ch[3]) for t, v in zip(s.ts, s.values, strict=True))
+            span = spans.setdefault(dev[0], [0, s.ts[0], s.ts[0]])
+            span[0] += len(s.ts)
+            span[1] = min(span[1], *s.ts)
+            span[2] = max(span[2], *s.ts)
+        inserted = await insert_readings(conn, rows, now=now, compact_after_days=compact_after_days)
+        if spans:
+            ids = list(spans)
+            await conn.execute(
+                "INSERT INTO gateway_batches (gateway_id, batch_id, device_id, n, accepted,"
+                " ts_from, ts_to, received_at)"
+                " SELECT %s, %s, d, n, 0, f, t, %s"
+                " FROM unnest(%s::text[], %s::int[], %s::timestamptz[], %s::timestamptz[])"
+                "   AS u(d, n, f, t)"
+                " ON CONFLICT DO NOTHING",
+                (
+                    gw.id,
+                    batch_id,
+                    now,
+                    ids,
+                    [spans[d][0] for d in ids],
+                    [spans[d][1] for d in ids],
+                    [spans[d][2] for d in ids],
+                ),
+            )
+            # a node heard through the gateway was seen when it last measured
+            await conn.execute(
+                "UPDATE devices d SET last_seen_at = u.t FROM unnest(%s::text[],"
+                " %s::timestamptz[]) AS u(id, t) WHERE d.id = u.id"
+                " AND (d.last_seen_at IS NULL OR d.last_seen_at < u.t) AND u.t <= %s",
+                (ids, [spans[d][2] for d in ids], now + timedelta(minutes=5)),
+            )
+        await conn.execute("UPDATE gateways SET last_seen_at = %s WHERE id = %s", (now, gw.id))
+    return {
+        "batch": batch_id,
+        "accepted": inserted,
+        "deduplicated": len(rows) - inserted,
+        "rejected": rejected,
+    }
+
+
+# --- health and local alerts ---------------------------------------------------------
+
+
+def check_health(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise ApiError("invalid_request", "the body must be a JSON object")
+    for k in ("queue_depth", "dead_letters"):
+        v = body.get(k)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ApiError("invalid_request", f"{k} must be a non-negative integer")
+    v = body.get("oldest_unsent_s")
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or v < 0):
+        raise ApiError("invalid_request", "oldest_unsent_s must be a non-negative number or null")
+    if not isinstance(body.get("uplink"), str):
+        raise ApiError("invalid_request", "uplink must be a string ('up', 'down', 'refused')")
+    if len(str(body)) > 8192:
+        raise ApiError("invalid_request", "a health report is at most 8 KiB")
+    return body
+
+
+async def store_health(
+    conn: AsyncConnection[Any], gw: Gateway, health: dict[str, Any], now: datetime
+) -> None:
+    await conn.execute(
+        "UPDATE gateways SET health = %s, last_seen_at = %s WHERE id = %s",
+        (Jsonb(health), now, gw.id),
+    )
+
+
+def _ts_field(a: dict[str, Any], k: str, f: str, required: bool) -> datetime | None:
+    v = a.get(k)
+    if v is None:
+        if required:
+            raise ApiError("invalid_request", f"{f}.{k} is missing")
+        return None
+    return parse_ts(v, f"{f}.{k}")
+
+
+async def store_local_alerts(conn: AsyncConnection[Any], gw: Gateway, body: Any) -> dict[str, Any]:
+    """Record the gateway's local alerts (idempotent on the gateway's `ref`; a resend
+    may add cleared_at)."""
+    alerts = body.get("alerts") if isinstance(body, dict) else None
+    if not isinstance(alerts, list) or len(alerts) > 1000:
+        raise ApiError("invalid_request", "alerts must be an array of at most 1000 entries")
+    parsed = []
+    for i, a in enumerate(alerts):
+        f = f"alerts[{i}]"
+        if not isinstance(a, dict):
+            raise ApiError("invalid_request", f"{f} must be an object")
+        for k in ("ref", "path", "device", "type"):
+            if not isinstance(a.get(k), str) or not 0 < len(a[k]) <= 200:
+                raise ApiError("invalid_request", f"{f}.{k} must be a non-empty string")
+        parsed.append(
+            (
+                a["ref"],
+                a["device"],
+                a["type"],
+                a.get("label") or "",
+                a.get("unit") if isinstance(a.get("unit"), str) else None,
+                a.get("rule_id") if isinstance(a.get("rule_id"), str) else None,
+                _ts_field(a, "opened_at", f, True),
+                _ts_field(a, "notified_at", f, True),
+                a["path"],
+                _ts_field(a, "cleared_at", f, False),
+            )
+        )
+    stored = 0
+    async with conn.transaction():
+        for ref, dev, kind, label, unit, rule_id, opened, notified, path, cleared in parsed:
+            cur = await conn.execute(
+                "SELECT d.id, c.id FROM devices d LEFT JOIN channels c ON c.device_id = d.id"
+                " AND c.kind = %s AND c.label = %s"
+                " WHERE d.account_id = %s AND d.site_id = %s AND d.local_id = %s"
+                " AND d.deleted_at IS NULL",
+                (kind, label, gw.account_id, gw.site_id, dev),
+            )
+            row = await cur.fetchone()
+            device_id, channel_id = (row[0], row[1]) if row else (None, None)
+            if device_id is not None and channel_id is None and kind in KINDS:
+                # the channel is first heard of through its alarm (the backlog that
+                # would create it comes after): create it now, with the node's unit
+                assert opened is not None
+                try:
+                    entry = make_entry(kind, label, unit or None, 0, opened, "alert")
+                except ApiError:
+                    entry = None
+                if entry is not None:
+                    d = pipeline.Device(device_id, gw.account_id, dev, gw.vertical)
+                    made = await pipeline._channels(conn, d, (entry,))
+                    channel_id = made[(kind, label)][0]
+            await conn.execute(
+                "INSERT INTO local_alerts (gateway_id, channel_id, rule_id, opened_at, notified_at,"
+                " path, cleared_at, ref, device_id, kind, label)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (gateway_id, ref) DO UPDATE SET"
+                "  cleared_at = coalesce(local_alerts.cleared_at, excluded.cleared_at),"
+                "  channel_id = coalesce(local_alerts.channel_id, excluded.channel_id)",
+                (
+                    gw.id,
+                    channel_id,
+                    rule_id,
+                    opened,
+                    notified,
+                    path,
+                    cleared,
+                    ref,
+                    device_id,
+                    kind,
+                    label,
+                ),
+            )
+            stored += 1
+    return {"stored": stored}
