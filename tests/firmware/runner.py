@@ -1,0 +1,63 @@
+"""Run firmware case modules under CPython and under the real micropython."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+FIRMWARE = ROOT / "firmware"
+HERE = Path(__file__).resolve().parent
+MICROPYTHON = Path(sys.executable).with_name("micropython")
+HEAP = "112k"  # what a MicroPython ESP32 (no PSRAM) has free after boot
+
+
+def deps_dir() -> Path:
+    from opensense.node.deps import ensure
+
+    return ensure()
+
+
+def mp_path(*extra: Path) -> str:
+    return ":".join(str(p) for p in (HERE, FIRMWARE, deps_dir(), *extra))
+
+
+def run_mp(
+    script: Path | str, *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    e = dict(os.environ)
+    e["MICROPYPATH"] = mp_path()
+    e.update(env or {})
+    return subprocess.run(
+        [str(MICROPYTHON), "-X", f"heapsize={HEAP}", str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=e,
+        cwd=str(HERE),
+    )
+
+
+def mp_cases(module: str, timeout: float = 300) -> dict[str, str]:
+    """name -> 'ok' or the failure line, for every case of `module` under micropython."""
+    r = run_mp(HERE / "mprun.py", module, timeout=timeout)
+    out: dict[str, str] = {}
+    for line in r.stdout.splitlines():
+        if line.startswith("ok "):
+            out[line[3:]] = "ok"
+        elif line.startswith("FAIL "):
+            out[line.split()[1]] = line
+    if "done" not in r.stdout.splitlines():
+        out["<runner>"] = f"micropython exited {r.returncode}: {r.stdout[-2000:]} {r.stderr[-2000:]}"
+    return out
+
+
+def case_names(module: str) -> list[str]:
+    sys.path[:0] = [str(FIRMWARE), str(HERE)]
+    try:
+        mod = __import__(module)
+    finally:
+        del sys.path[:2]
+    return sorted(n for n in dir(mod) if n.startswith("case_"))
