@@ -265,7 +265,7 @@ class Queue:
         off = self.offsets.get(str(rec[2]))
         return None if off is None else off + rec[1]
 
-    def peek(self, max_vals=32):
+    def peek(self, max_vals=32, max_recs=255):
         # -> (records, cursor): the oldest unacknowledged records, at most max_vals values,
         # each [seq, unix time or None, boot, flags, [(chan, value)...]]
         out = []
@@ -278,7 +278,7 @@ class Queue:
                     r = read_rec(f)
                     if not r:
                         break
-                    if out and nv + r[11] > max_vals:
+                    if out and (nv + r[11] > max_vals or len(out) >= max_recs):
                         return out, (seg, off, 0)
                     rec = unpack(r)
                     rec[1] = self._time(rec)
@@ -290,7 +290,7 @@ class Queue:
             seg, off = seg + 1, 0
         k = 0
         for r in self.ram:
-            if out and nv + r[11] > max_vals:
+            if out and (nv + r[11] > max_vals or len(out) >= max_recs):
                 break
             rec = unpack(r)
             rec[1] = self._time(rec)
@@ -298,6 +298,9 @@ class Queue:
             nv += r[11]
             k += 1
         return out, (seg, off, k)
+
+    def peek_n(self, n, max_vals=32):
+        return self.peek(max_vals, n)
 
     def ack(self, cursor, n):
         # the server acknowledged the n records of the last peek: forget them

@@ -22,7 +22,7 @@ def deps_dir() -> Path:
 
 
 def mp_path(*extra: Path) -> str:
-    return ":".join(str(p) for p in (HERE, FIRMWARE, deps_dir(), *extra))
+    return ":".join([".frozen"] + [str(p) for p in (HERE, FIRMWARE, deps_dir(), *extra)])
 
 
 def run_mp(
