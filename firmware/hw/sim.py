@@ -39,6 +39,7 @@ class FileFlash:
                     f.write(z)
             self.f = open(path, "r+b")
         self.erases = 0
+        self.blank = b"\xff" * BLOCK  # allocated once: erases must not churn the heap
 
     def readblocks(self, n, buf, off=0):
         self.f.seek(n * BLOCK + off)
@@ -60,7 +61,7 @@ class FileFlash:
         if op == 6:
             self.erases += 1
             self.f.seek(arg * BLOCK)
-            self.f.write(b"\xff" * BLOCK)
+            self.f.write(self.blank)
             return 0
         if op == 3:
             self.f.flush()
@@ -108,7 +109,8 @@ class Board:
         return a - b
 
     def sleep_ms(self, ms):
-        time.sleep(ms / 1000 / self._speed())
+        # at least 2 ms of real time: a fast clock must not turn the loop into a busy wait
+        time.sleep(max(ms / 1000 / self._speed(), 0.002))
 
     def uptime_s(self):
         return self.ticks_ms() // 1000
@@ -132,13 +134,14 @@ class Board:
     # --- watchdog / reset -------------------------------------------------------
     def wdt_start(self, timeout_s):
         self.wdt_s = timeout_s
-        self.last_feed = self.ticks_ms()
+        self.last_feed = _host()
 
     def wdt_feed(self):
-        now = self.ticks_ms()
-        if self.wdt_s and now - self.last_feed > self.wdt_s * 1000:
-            # the real WDT would have reset the chip here
-            self.event("wdt_starved %d" % (now - self.last_feed))
+        # the watchdog is a hardware timer: real seconds, like the socket timeouts,
+        # not the fast virtual clock
+        now = _host()
+        if self.wdt_s and now - self.last_feed > self.wdt_s:
+            self.event("wdt_starved %.1f" % (now - self.last_feed))  # the chip would reset here
         self.last_feed = now
 
     def reset(self):
@@ -216,7 +219,14 @@ class Board:
                 return bytearray(9)
             if f == "power_on":
                 return ds18b20.encode(85.0, byte6=0x0C)
-            sp = ds18b20.encode(p.get("temp", 4.0), p.get("bits", 12))
+            temp = p.get("temp", 4.0)
+            if p.get("amp"):
+                # warming and cooling: a compressor cycle of `period` s around `temp`
+                import math
+
+                ph = 2 * math.pi * (self._true_time() % p.get("period", 2400)) / p.get("period", 2400)
+                temp += p["amp"] * math.sin(ph)
+            sp = ds18b20.encode(temp, p.get("bits", 12))
             n = self.reads.get(h, 0) if hasattr(self, "reads") else 0
             if hasattr(self, "reads"):
                 self.reads[h] = n + 1

@@ -115,7 +115,9 @@ class Node:
             self.next_ntp = now + NTP_EVERY_MS
             if first:
                 # readings so far carry this boot's uptime: now they get their time
-                self.q.set_clock(b.time() - b.uptime_s())
+                off = b.time() - b.uptime_s()
+                self.q.set_clock(off)
+                b.event("clock %d %d" % (self.boots, off))
         else:
             self.next_ntp = now + 30000
 
@@ -141,11 +143,14 @@ class Node:
             if rom not in self.probes:
                 self.status[ds18b20.rom_hex(rom)] = "unconfigured"
         t = b.time()
+        u = b.uptime_s()  # read once: the queue and the log must agree to the second
         self.samples += 1
         if vals:
-            self.q.add(t if t is not None else b.uptime_s(), t is not None, vals)
+            seq = self.q.add(t if t is not None else u, t is not None, vals)
+            b.event("sample %d %d %d %s" % (seq, t if t is not None else -u,
+                    self.boots, " ".join("%s=%r" % (self.q.chans[c][1], v) for c, v in vals)))
         if self.samples % self.cfg["health_every"] == 1:
-            self.q.add(t if t is not None else b.uptime_s(), t is not None, self.health_vals())
+            self.q.add(t if t is not None else u, t is not None, self.health_vals())
 
     def health(self):
         b = self.b
@@ -243,6 +248,7 @@ class Node:
                 n += 1
             if n < len(recs):
                 recs, cur = self.q.peek_n(n)
+            gc.collect()  # one ~3 KB string next: make room before, not after, it is needed
             body = payload.body(recs, self.q.chans, self.cfg["local_id"] if up.mode else None)
             try:
                 ok = up.send(body)

@@ -47,10 +47,14 @@ class Uplink:
         c.set_last_will(self.root + "/lwt", "offline", retain=True, qos=1)
         c.set_callback(self._msg)
         try:
+            self.stage = "connect"
             c.connect(clean_session=True)
             self.c = c
+            self.stage = "lwt"
             c.publish(self.root + "/lwt", b"online", retain=True, qos=1)
+            self.stage = "info"
             c.publish(self.root + "/info", json.dumps(info).encode(), retain=True, qos=1)
+            self.stage = "subscribe"
             c.subscribe(self.root + "/cmd/#", qos=1)
         except MQTTException as e:
             self.close()
@@ -60,7 +64,7 @@ class Uplink:
             return self._failed()
         except (OSError, ValueError, IndexError, AssertionError) as e:
             self.close()
-            self.last_error = "mqtt %r" % (e,)
+            self.last_error = "mqtt %r at %s" % (e, self.stage)
             return self._failed()
         self.fails = 0
         self.mode = MQTT

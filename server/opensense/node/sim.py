@@ -21,7 +21,10 @@ from typing import Any
 from .deps import FIRMWARE, ensure
 
 RESET_EXIT = 3
-HEAP = "112k"  # what a MicroPython ESP32 without PSRAM has free after boot
+# What a MicroPython ESP32 without PSRAM has free after boot (112 KiB), plus 48 KiB for
+# mbedtls: the unix port allocates TLS record buffers on the MicroPython heap, the
+# ESP32 port in the IDF heap outside it.
+HEAP = "160k"
 
 
 def micropython() -> Path | None:
@@ -115,13 +118,18 @@ class SimNode:
             rc = self.proc.wait()
             if self.stopping:
                 break
+            if rc == 0:
+                # main.py returned (safe mode, bad config): the chip sits at the REPL
+                self.log.write(b"\n[sim] main.py returned: at the REPL\n")
+                self.log.flush()
+                break
             self.restarts += 1
             # exit 3: the firmware reset the chip; anything else: a crash, which the
             # watchdog would turn into a reset on the ESP32
             self.cause = "soft" if rc == RESET_EXIT else "watchdog"
             self.log.write(f"\n[sim] exit {rc}: restarting ({self.cause})\n".encode())
             self.log.flush()
-            time.sleep(0.2)
+            time.sleep(0.02)
 
     def stop(self) -> None:
         self.stopping = True
@@ -143,6 +151,26 @@ class SimNode:
             return (self.dir / "events.log").read_text().splitlines()
         except FileNotFoundError:
             return []
+
+    def samples(self) -> list[tuple[int, int, dict[str, float]]]:
+        """(seq, Unix time, {label: value}) of every reading the node queued, from its
+        event log; a reading taken before the clock was known gets the time the node
+        gave it once it was (negative: that boot never learned the time)."""
+        out = []
+        offsets: dict[str, int] = {}
+        for line in self.events():
+            parts = line.split()
+            if len(parts) == 4 and parts[1] == "clock":
+                offsets[parts[2]] = int(parts[3])
+        for line in self.events():
+            parts = line.split()
+            if len(parts) >= 5 and parts[1] == "sample":
+                vals = {k: float(v) for k, v in (p.split("=", 1) for p in parts[5:])}
+                t = int(parts[3])
+                if t < 0 and parts[4] in offsets:
+                    t = offsets[parts[4]] - t  # taken at uptime -t, before the clock was known
+                out.append((int(parts[2]), t, vals))
+        return out
 
     def console(self) -> str:
         return (self.dir / "console.log").read_text(errors="replace")
