@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.server",
     "tests.fixtures.processes",
     "tests.fixtures.mosquitto",
+    "tests.fixtures.firmware",
 ]

@@ -5,131 +5,31 @@ checked, a broker that drops PUBACKs or restarts mid-replay leaves no gap."""
 from __future__ import annotations
 
 import asyncio
-import os
+import json
 import time
-from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from datetime import timedelta
 from typing import Any
 
 import psycopg
 import pytest
 
 from opensense.api.keys import MQTT
-from opensense.app import create_app
-from opensense.mqtt.ca import TlsFiles
-from opensense.node.sim import SimNode, rom
+from opensense.node.sim import rom
 
-from .fixtures.processes import free_port
-from .fixtures.server import World, make_world, test_config
+from .fixtures.firmware import assert_exactly_once, node_config, rows, wait_for
+from .fixtures.server import World, make_world
 
 pytestmark = pytest.mark.db
 
 
-@pytest.fixture
-async def mqtt_app(aiohttp_client: Any, dsn: str, clock: Any, tmp_path: Path) -> Any:
-    os.chmod(tmp_path, 0o755)
-    cfg = test_config(
-        clock,
-        mqtt="embedded",
-        mqtt_port=free_port(),
-        state_dir=tmp_path,
-        ingest_rate_per_min=100_000,
-    )
-    client = await aiohttp_client(create_app(cfg, dsn))
-    client.cfg = cfg
-    d = tmp_path / "mqtt-tls"
-    client.tls = TlsFiles(d / "ca.pem", d / "server.pem", d / "server.key")
-    return client
-
-
-def node_config(
-    app: Any, world: World, local_id: str, probes: dict[str, str], **kw: Any
-) -> dict[str, Any]:
-    cfg: dict[str, Any] = {
-        "wifi": {"ssid": "shop", "password": "password1"},
-        "server": {"host": "localhost", "mqtt_port": app.cfg.mqtt_port},
-        "account": world.account,
-        "device_id": world.device_ids[local_id],
-        "local_id": local_id,
-        "token": world.devices[local_id],
-        "probes": {r: {"label": label} for r, label in probes.items()},
-        "cadence": 60,
-        "io_timeout_s": 3,
-        "wdt_s": 60,
-    }
-    cfg.update(kw)
-    return cfg
-
-
-@pytest.fixture
-async def sim_nodes(tmp_path: Path) -> AsyncIterator[Callable[..., SimNode]]:
-    made: list[SimNode] = []
-
-    def make(name: str, config: dict[str, Any], ca: bytes, ctl: dict[str, Any]) -> SimNode:
-        n = SimNode(tmp_path / name, config, ca, ctl)
-        made.append(n)
-        return n
-
-    yield make
-    for n in made:
-        await asyncio.to_thread(n.stop)
-
-
-async def rows(
-    dsn: str, world: World, kind: str = "temperature", device: str = "fridge01"
-) -> list[tuple[str, datetime, float]]:
-    """(label, ts, value) of one device's channels of one kind, by label and time."""
-    async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        cur = await conn.execute(
-            "SELECT c.label, m.ts, m.value FROM measurements m"
-            " JOIN channels c ON c.num = m.channel_num JOIN devices d ON d.id = c.device_id"
-            " WHERE c.account_id = %s AND c.kind = %s AND d.local_id = %s"
-            " ORDER BY c.label, m.ts",
-            (world.account, kind, device),
-        )
-        return [(r[0], r[1], r[2]) for r in await cur.fetchall()]
-
-
-async def wait_for(
-    pred: Callable[[], Any], within: float = 60, what: Callable[[], str] = lambda: ""
-) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        v = await pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what()}")
-        await asyncio.sleep(0.2)
-
-
-def assert_exactly_once(node: SimNode, got: list[tuple[str, datetime, float]]) -> int:
-    """The server holds every reading the node took, once, at the node's timestamp."""
-    taken = sorted(
-        (label, datetime.fromtimestamp(t, UTC), v)
-        for _, t, vals in node.samples()
-        for label, v in vals.items()
-        if t > 0
-    )
-    assert len(got) == len(set((label, ts) for label, ts, _ in got))  # no duplicates
-    # the node was stopped at some instant: its newest readings may not have been sent
-    last = max(ts for _, ts, _ in got)
-    taken = [x for x in taken if x[1] <= last]
-    assert [(label, ts) for label, ts, _ in got] == [(label, ts) for label, ts, _ in taken]
-    for (_, _, a), (_, _, b) in zip(got, taken, strict=True):
-        assert abs(a - b) < 1e-3
-    return len(taken)
-
-
-async def test_node_reports_over_tls_mqtt_and_obeys_commands(mqtt_app, dsn, clock, sim_nodes):
-    world = await make_world(dsn, mqtt_app.cfg, ("fridge01",))
+async def test_node_reports_over_tls_mqtt_and_obeys_commands(fw_app, dsn, clock, sim_nodes):
+    world = await make_world(dsn, fw_app.cfg, ("fridge01",))
     r1, r2, r3 = rom(1), rom(2), rom(3)
     epoch0 = int((clock.now - timedelta(hours=1)).timestamp())
     n = sim_nodes(
         "n1",
-        node_config(mqtt_app, world, "fridge01", {r1: "front", r2: "back", r3: "door"}),
-        mqtt_app.tls.ca_der(),
+        node_config(fw_app, world, "fridge01", {r1: "front", r2: "back", r3: "door"}),
+        fw_app.tls.ca_der(),
         {
             "speed": 60,
             "epoch0": epoch0,
@@ -173,9 +73,9 @@ async def test_node_reports_over_tls_mqtt_and_obeys_commands(mqtt_app, dsn, cloc
 
     # commands through the management API: identify blinks, cadence changes
     dev = world.device_ids["fridge01"]
-    r = await mqtt_app.post(f"/v1/devices/{dev}/identify", headers=world.auth)
+    r = await fw_app.post(f"/v1/devices/{dev}/identify", headers=world.auth)
     assert r.status == 202
-    r = await mqtt_app.patch(f"/v1/devices/{dev}", headers=world.auth, json={"cadence_s": 120})
+    r = await fw_app.patch(f"/v1/devices/{dev}", headers=world.auth, json={"cadence_s": 120})
     assert r.status == 200, await r.text()
 
     async def obeyed() -> bool:
@@ -251,35 +151,34 @@ class LossyLink:
 
 
 async def test_lost_pubacks_and_a_broker_restart_mid_replay_leave_no_gap(
-    mqtt_app, dsn, clock, sim_nodes
+    fw_app, dsn, clock, sim_nodes
 ):
     """The broker's PUBACKs get lost (once the link stays up and the node's read times
     out, three times the link drops after the broker stored the batch), then the broker
     restarts twice in the middle of replaying a backlog. The node resends; the server
     keeps one row per reading and no reading is missing."""
-    world = await make_world(dsn, mqtt_app.cfg, ("fridge01",))
-    link = LossyLink(mqtt_app.cfg.mqtt_port)
+    world = await make_world(dsn, fw_app.cfg, ("fridge01",))
+    link = LossyLink(fw_app.cfg.mqtt_port)
     await link.start()
     r1, r2 = rom(11), rom(12)
     epoch0 = int((clock.now - timedelta(hours=3)).timestamp())
     n = sim_nodes(
         "n1",
-        node_config(mqtt_app, world, "fridge01", {r1: "front", r2: "back"}),
-        mqtt_app.tls.ca_der(),
+        node_config(fw_app, world, "fridge01", {r1: "front", r2: "back"}),
+        fw_app.tls.ca_der(),
         {
             "speed": 120,
             "epoch0": epoch0,
             "probes": [{"rom": r1, "temp": 3.0, "amp": 1.5}, {"rom": r2, "temp": 4.0, "amp": 1}],
         },
     )
-    n.ctl_config = None
-    cfg = node_config(mqtt_app, world, "fridge01", {r1: "front", r2: "back"})
-    cfg["server"]["mqtt_port"] = link.port
-    (n.dir / "config.json").write_text(__import__("json").dumps(cfg))
+    cfg = node_config(fw_app, world, "fridge01", {r1: "front", r2: "back"})
+    cfg["server"]["mqtt_port"] = link.port  # through the lossy relay
+    (n.dir / "config.json").write_text(json.dumps(cfg))
     n.start()
     await wait_for(lambda: _more(dsn, world, 4), what=lambda: n.console()[-2000:])
     # a backlog builds while the broker is away (10 virtual minutes)
-    broker = mqtt_app.app[MQTT]
+    broker = fw_app.app[MQTT]
     await broker.stop()
     await asyncio.sleep(5)
     link.mute, link.lose = 1, 3

@@ -259,4 +259,5 @@ class Board:
 
     def event(self, what):
         with open(DIR + "/events.log", "a") as f:
-            f.write("%d %s\n" % (self.uptime_s(), what))
+            # uptime and the true (harness) time, so tests can check the node's clock
+            f.write("%d %d %s\n" % (self.uptime_s(), self._true_time(), what))

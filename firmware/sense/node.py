@@ -146,9 +146,11 @@ class Node:
         u = b.uptime_s()  # read once: the queue and the log must agree to the second
         self.samples += 1
         if vals:
-            seq = self.q.add(t if t is not None else u, t is not None, vals)
-            b.event("sample %d %d %d %s" % (seq, t if t is not None else -u,
+            # logged (sim only) before the queue write, so the harness's true time is
+            # taken at the instant the clock was read
+            b.event("sample %d %d %d %s" % (self.q.seq, t if t is not None else -u,
                     self.boots, " ".join("%s=%r" % (self.q.chans[c][1], v) for c, v in vals)))
+            self.q.add(t if t is not None else u, t is not None, vals)
         if self.samples % self.cfg["health_every"] == 1:
             self.q.add(t if t is not None else u, t is not None, self.health_vals())
 

@@ -224,6 +224,11 @@ class EmbeddedBroker:
 
     async def stop(self) -> None:
         if self.broker is not None:
+            # amqtt's shutdown closes the listener but can leave a client's connection
+            # open and still handled: a stopped broker drops every client first
+            for _session, handler in list(self.broker._sessions.values()):
+                if handler is not None:
+                    await handler.handle_connection_closed()
             await self.broker.shutdown()
             self.broker = None
 

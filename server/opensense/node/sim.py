@@ -152,24 +152,24 @@ class SimNode:
         except FileNotFoundError:
             return []
 
-    def samples(self) -> list[tuple[int, int, dict[str, float]]]:
-        """(seq, Unix time, {label: value}) of every reading the node queued, from its
-        event log; a reading taken before the clock was known gets the time the node
-        gave it once it was (negative: that boot never learned the time)."""
+    def samples(self) -> list[tuple[int, int, dict[str, float], int]]:
+        """(seq, Unix time, {label: value}, true time) of every reading the node queued,
+        from its event log. A reading taken before the clock was known gets the time
+        the node gave it once it was (negative: that boot never learned the time); the
+        true time is the simulated world's clock at that moment."""
         out = []
         offsets: dict[str, int] = {}
-        for line in self.events():
-            parts = line.split()
-            if len(parts) == 4 and parts[1] == "clock":
-                offsets[parts[2]] = int(parts[3])
-        for line in self.events():
-            parts = line.split()
-            if len(parts) >= 5 and parts[1] == "sample":
-                vals = {k: float(v) for k, v in (p.split("=", 1) for p in parts[5:])}
-                t = int(parts[3])
-                if t < 0 and parts[4] in offsets:
-                    t = offsets[parts[4]] - t  # taken at uptime -t, before the clock was known
-                out.append((int(parts[2]), t, vals))
+        lines = [line.split() for line in self.events()]
+        for parts in lines:
+            if len(parts) == 5 and parts[2] == "clock":
+                offsets[parts[3]] = int(parts[4])
+        for parts in lines:
+            if len(parts) >= 6 and parts[2] == "sample":
+                vals = {k: float(v) for k, v in (p.split("=", 1) for p in parts[6:])}
+                t = int(parts[4])
+                if t < 0 and parts[5] in offsets:
+                    t = offsets[parts[5]] - t  # taken at uptime -t, before the clock was known
+                out.append((int(parts[3]), t, vals, int(parts[1])))
         return out
 
     def console(self) -> str:
