@@ -17,6 +17,7 @@ from opensense.api.keys import MQTT
 from opensense.node.sim import rom
 
 from .fixtures.firmware import assert_exactly_once, node_config, rows, wait_for
+from .fixtures.processes import free_port
 from .fixtures.server import World, make_world
 
 pytestmark = pytest.mark.db
@@ -219,3 +220,64 @@ async def test_lost_pubacks_and_a_broker_restart_mid_replay_leave_no_gap(
 
 async def _more(dsn: str, world: World, k: int) -> bool:
     return len(await rows(dsn, world)) >= k
+
+
+async def test_https_fallback_when_the_mqtt_port_is_blocked(fw_app, dsn, clock, sim_nodes):
+    """MQTT unreachable (a guest network blocking 8883): after 3 failed connects the
+    node posts its batches to POST /v1/ingest over HTTPS (urequests, CA verified)."""
+    import ssl
+
+    from aiohttp import web
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(fw_app.tls.server_cert), str(fw_app.tls.server_key))
+    port = free_port()
+    site = web.TCPSite(fw_app.server.runner, "127.0.0.1", port, ssl_context=ctx)
+    await site.start()
+    world = await make_world(dsn, fw_app.cfg, ("fridge01",))
+    r1 = rom(31)
+    cfg = node_config(fw_app, world, "fridge01", {r1: "front"})
+    cfg["server"].update(mqtt_port=free_port(), https_url=f"https://localhost:{port}")
+    n = sim_nodes(
+        "n1",
+        cfg,
+        fw_app.tls.ca_der(),
+        {
+            "speed": 60,
+            "epoch0": int((clock.now - timedelta(hours=1)).timestamp()),
+            "probes": [{"rom": r1, "temp": 2.5}],
+        },
+    )
+    n.start()
+
+    async def five() -> Any:
+        got = await rows(dsn, world)
+        return got if len(got) >= 5 else None
+
+    await wait_for(five, what=lambda: n.console()[-2000:] + "\n".join(n.events()[-10:]))
+    assert any(e.endswith("connected https") for e in n.events())
+    n.stop()
+    await site.stop()
+    assert_exactly_once(n, await rows(dsn, world))
+
+
+async def test_boot_loop_falls_back_to_safe_mode(fw_app, dsn, clock, sim_nodes):
+    world = await make_world(dsn, fw_app.cfg, ("fridge01",))
+    n = sim_nodes(
+        "n1",
+        node_config(fw_app, world, "fridge01", {rom(41): "front"}),
+        fw_app.tls.ca_der(),
+        {"crash": True, "probes": [{"rom": rom(41), "temp": 1.0}]},
+    )
+    n.start()
+
+    async def safe() -> bool:
+        await asyncio.sleep(0.1)
+        return any(e.endswith("safe_mode") for e in n.events())
+
+    await wait_for(safe, what=n.console)
+    assert n.restarts == 5  # five crashed boots, the sixth stops in safe mode
+    assert "safe mode: 5 unhealthy boots in a row" in n.console()
+    assert n.thread is not None
+    n.thread.join(5)
+    assert not n.thread.is_alive()  # main.py returned: the REPL is free for mpremote

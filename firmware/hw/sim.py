@@ -133,6 +133,8 @@ class Board:
 
     # --- watchdog / reset -------------------------------------------------------
     def wdt_start(self, timeout_s):
+        if self._ctl().get("crash"):
+            raise RuntimeError("simulated crash at start-up")  # for the boot-loop test
         self.wdt_s = timeout_s
         self.last_feed = _host()
 
