@@ -37,6 +37,12 @@ class Node:
         self.b = board
         b = board
         self.root = b.flash_root()
+        try:
+            import os
+
+            os.mkdir(self.root)  # /data on the ESP32's root littlefs, made at first boot
+        except OSError:
+            pass
         crumb = self._crumb()
         st = json.loads(_read(self.root + "/boot") or "{}")
         self.boots = st.get("boots", 0) + 1
