@@ -107,7 +107,7 @@ def test_flash_runs_mpremote_in_order_and_reports_the_self_test(files):
 
     said: list[str] = []
     assert flash.flash(*files, port="/dev/ttyUSB0", say=said.append, run=run) == 0
-    assert all(c[:3] == ["mpremote", "connect", "/dev/ttyUSB0"] for c in ran)
+    assert all(Path(c[0]).name == "mpremote" and c[1:3] == ["connect", "/dev/ttyUSB0"] for c in ran)
     cps = [c[-1] for c in ran if c[3:5] == ["fs", "cp"]]
     assert ":/lib/umqtt/simple.py" in cps and cps[-1] == ":/ca.der"
     assert ran[-2][3:] == ["rtc", "--set"] and ran[-1][-1] == "import selftest"
@@ -165,3 +165,65 @@ async def test_self_test_on_a_simulated_node_gets_a_reading_accepted(fw_app, dsn
     )
     assert "SELFTEST FAILED: the server refused the reading" in r.stdout, r.stdout + r.stderr
     assert "future" in r.stdout
+
+
+def test_mpremote_installs_the_plan_on_a_virtual_chip(files, tmp_path: Path):
+    """The real mpremote, over a pty, into the MicroPython unix port whose root
+    filesystem is littlefs on a flash image: every planned file lands at its path on
+    the "chip", byte for byte. (The unix port has no RTC and no ESP32 board, so the
+    clock step and the self-test are not run here; the self-test runs on a simulated
+    node above.)"""
+    import hashlib
+    import shutil as sh
+    import time
+
+    if sh.which("socat") is None:
+        pytest.skip("socat is not installed (apt-get install socat)")
+    mp = micropython()
+    assert mp is not None
+    img, tty = tmp_path / "flash.img", tmp_path / "tty"
+    env = dict(
+        os.environ,
+        PTYROOT_IMG=str(img),
+        PTYROOT_FIRMWARE=str(FIRMWARE),
+        MICROPYPATH=".frozen",
+    )
+    chip = subprocess.Popen(
+        [
+            "socat",
+            f"PTY,link={tty},raw,echo=0",
+            f"EXEC:{mp} -i {Path(__file__).parent / 'firmware' / 'ptyroot.py'},pty,raw,echo=0,stderr",
+        ],
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not tty.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+
+        def run(c: list[str]) -> subprocess.CompletedProcess[str]:
+            if c[3:5] == ["rtc", "--set"] or c[-1] == "import selftest":
+                return subprocess.CompletedProcess(c, 0, "SELFTEST OK (not on this rig)\n", "")
+            # `resume`: the unix port cannot soft-reset, an ESP32 would
+            return subprocess.run(
+                [*c[:3], "resume", *c[3:]], capture_output=True, text=True, timeout=60
+            )
+
+        said: list[str] = []
+        assert flash.flash(*files, port=str(tty), say=said.append, run=run) == 0
+    finally:
+        chip.terminate()
+        chip.wait(10)
+    r = subprocess.run(
+        [str(mp), str(Path(__file__).parent / "firmware" / "ptyls.py"), str(img), str(FIRMWARE)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, MICROPYPATH=".frozen"),
+        timeout=60,
+    )
+    on_chip = dict(line.split() for line in r.stdout.splitlines())
+    copies = flash.check(*files, say=lambda s: None)["copies"]
+    assert len(on_chip) == len(copies), r.stdout + r.stderr
+    for c in copies:
+        assert on_chip[c.dest] == hashlib.sha256(c.src.read_bytes()).hexdigest(), c.dest

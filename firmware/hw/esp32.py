@@ -25,6 +25,8 @@ class Board:
         self.rtc = machine.RTC()
         self.wdt = None
         self.synced = False
+        self._last_ticks = time.ticks_ms()
+        self._up_ms = self._last_ticks
 
     # --- time ---------------------------------------------------------------
     def ticks_ms(self):
@@ -33,11 +35,18 @@ class Board:
     def ticks_diff(self, a, b):
         return time.ticks_diff(a, b)
 
+    def ticks_add(self, a, b):
+        return time.ticks_add(a, b)
+
     def sleep_ms(self, ms):
         time.sleep_ms(ms)
 
     def uptime_s(self):
-        return time.ticks_ms() // 1000  # wraps after ~12 days: the node loop keeps its own count
+        # ticks_ms wraps every 2^30 ms (~12.4 days): accumulate differences instead
+        now = time.ticks_ms()
+        self._up_ms += time.ticks_diff(now, self._last_ticks)
+        self._last_ticks = now
+        return self._up_ms // 1000
 
     def time(self):
         # Unix seconds, or None while the RTC was never set

@@ -108,6 +108,9 @@ class Board:
     def ticks_diff(self, a, b):
         return a - b
 
+    def ticks_add(self, a, b):
+        return a + b
+
     def sleep_ms(self, ms):
         # at least 2 ms of real time: a fast clock must not turn the loop into a busy wait
         time.sleep(max(ms / 1000 / self._speed(), 0.002))

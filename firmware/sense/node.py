@@ -118,14 +118,14 @@ class Node:
         first = b.time() is None
         if b.ntp_sync(self.cfg["ntp_host"]):
             self.sync_ms = b.ticks_ms()
-            self.next_ntp = now + NTP_EVERY_MS
+            self.next_ntp = b.ticks_add(now, NTP_EVERY_MS)
             if first:
                 # readings so far carry this boot's uptime: now they get their time
                 off = b.time() - b.uptime_s()
                 self.q.set_clock(off)
                 b.event("clock %d %d" % (self.boots, off))
         else:
-            self.next_ntp = now + 30000
+            self.next_ntp = b.ticks_add(now, 30000)
 
     # --- sampling ------------------------------------------------------------------
     def sample(self):
@@ -236,7 +236,7 @@ class Node:
                 return
             if not ok:
                 self.attempt += 1
-                self.next_try = now + policy.backoff_ms(self.attempt, b.rand16())
+                self.next_try = b.ticks_add(now, policy.backoff_ms(self.attempt, b.rand16()))
                 b.event("connect failed %s" % up.last_error)
                 return
             self.attempt = 0
@@ -265,13 +265,13 @@ class Node:
                 return
             if not ok:
                 self.attempt += 1
-                self.next_try = b.ticks_ms() + policy.backoff_ms(self.attempt, b.rand16())
+                self.next_try = b.ticks_add(b.ticks_ms(), policy.backoff_ms(self.attempt, b.rand16()))
                 b.event("send failed %s" % up.last_error)
                 return
             self.q.ack(cur, len(recs))
             self._ok()
         if not up.poll():
-            self.next_try = b.ticks_ms() + policy.backoff_ms(0, b.rand16())
+            self.next_try = b.ticks_add(b.ticks_ms(), policy.backoff_ms(0, b.rand16()))
         elif up.c is not None:
             self._ok()
 
@@ -328,9 +328,9 @@ class Node:
             b.wdt_feed()
             if b.ticks_diff(b.ticks_ms(), next_sample) >= 0:
                 self.sample()
-                next_sample += self.cadence * 1000
+                next_sample = b.ticks_add(next_sample, self.cadence * 1000)  # ticks wrap: ticks_add
                 if b.ticks_diff(b.ticks_ms(), next_sample) >= 0:
-                    next_sample = b.ticks_ms() + self.cadence * 1000  # fell behind: no burst
+                    next_sample = b.ticks_add(b.ticks_ms(), self.cadence * 1000)  # fell behind: no burst
             if not b.wifi_up():
                 b.wifi_connect(c["wifi"]["ssid"], c["wifi"].get("password") or "")
             self._clock()

@@ -124,9 +124,14 @@ def compile_check(files: list[Path]) -> list[str]:
     return errors
 
 
+def mpremote() -> str:
+    """mpremote on PATH, or the one installed next to this Python."""
+    return shutil.which("mpremote") or str(Path(sys.executable).with_name("mpremote"))
+
+
 def mpremote_cmds(port: str, copies: list[Copy]) -> list[list[str]]:
     """The mpremote invocations, in order (dirs first, then files, clock, self-test)."""
-    base = ["mpremote", "connect", port]
+    base = [mpremote(), "connect", port]
     dirs = sorted({str(Path(c.dest).parent) for c in copies} - {"/"})
     cmds = []
     for d in dirs:
@@ -194,7 +199,7 @@ def flash(
         for c in cmds:
             say("      " + " ".join(c))
         return 0
-    if shutil.which("mpremote") is None and run is None:
+    if not Path(mpremote()).exists() and run is None:
         raise InstallError("mpremote is missing: pip install 'opensense[node]'")
 
     def real(c: list[str]) -> subprocess.CompletedProcess[str]:
