@@ -281,3 +281,39 @@ async def test_boot_loop_falls_back_to_safe_mode(fw_app, dsn, clock, sim_nodes):
     assert n.thread is not None
     n.thread.join(5)
     assert not n.thread.is_alive()  # main.py returned: the REPL is free for mpremote
+
+
+async def test_boots_with_no_access_point_and_dates_its_readings_once_ntp_answers(
+    fw_app, dsn, clock, sim_nodes
+):
+    """No Wi-Fi at boot: the node samples anyway, with uptime for a clock; when the
+    network comes, NTP answers and those readings get their true time."""
+    world = await make_world(dsn, fw_app.cfg, ("fridge01",))
+    r1 = rom(51)
+    n = sim_nodes(
+        "n1",
+        node_config(fw_app, world, "fridge01", {r1: "front"}),
+        fw_app.tls.ca_der(),
+        {
+            "speed": 120,
+            "wifi": False,
+            "epoch0": int((clock.now - timedelta(hours=1)).timestamp()),
+            "probes": [{"rom": r1, "temp": 6.0, "amp": 2, "period": 1200}],
+        },
+    )
+    n.start()
+
+    async def untimed() -> bool:
+        await asyncio.sleep(0.2)
+        return len([s for s in n.samples() if s[1] < 0]) >= 5
+
+    await wait_for(untimed, what=n.console)
+    assert not await rows(dsn, world)
+    n.set(wifi=True)
+
+    async def all_there() -> bool:
+        return len(await rows(dsn, world)) >= len(n.samples()) - 1 >= 6
+
+    await wait_for(all_there, what=lambda: n.console()[-2000:])
+    n.stop()
+    assert_exactly_once(n, await rows(dsn, world))  # incl. the ones taken before NTP
