@@ -19,6 +19,7 @@ with the reason.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass
@@ -88,6 +89,21 @@ ProtocolHandler._handle_qos0_message_flow = _qos0
 
 class OpenSenseBroker(Broker):
     opensense: EmbeddedBroker
+    connections: set[asyncio.StreamWriter]
+
+    async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        # every open connection, so that stop() can cut them all (see there)
+        self.connections.add(writer)
+        try:
+            await super().stream_connected(reader, writer, listener_name)
+        finally:
+            self.connections.discard(writer)
+
+    def cut_connections(self) -> None:
+        for w in list(self.connections):
+            w.transport.abort()
 
     async def _broadcast_message(
         self, session: Session | None, topic: str | None, data: Any, force_qos: int | None = None
@@ -218,6 +234,7 @@ class EmbeddedBroker:
         }
         broker = OpenSenseBroker(config)
         broker.opensense = self
+        broker.connections = set()
         await broker.start()
         self.broker = broker
         log.info("embedded MQTT broker: TLS on %s:%s", cfg.mqtt_host, cfg.mqtt_port)
@@ -225,11 +242,15 @@ class EmbeddedBroker:
     async def stop(self) -> None:
         if self.broker is not None:
             # amqtt's shutdown closes the listener but can leave a client's connection
-            # open and still handled: a stopped broker drops every client first
+            # open and still handled (one being set up, or one whose handler it stops
+            # without closing the socket): a stopped broker cuts every connection,
+            # before its shutdown and again after it
+            self.broker.cut_connections()
             for _session, handler in list(self.broker._sessions.values()):
                 if handler is not None:
                     await handler.handle_connection_closed()
             await self.broker.shutdown()
+            self.broker.cut_connections()
             self.broker = None
 
     async def on_publish(self, session: Session, topic: str, data: bytes, qos: int) -> bool:
