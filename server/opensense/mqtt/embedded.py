@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,19 +91,30 @@ ProtocolHandler._handle_qos0_message_flow = _qos0
 class OpenSenseBroker(Broker):
     opensense: EmbeddedBroker
     connections: set[asyncio.StreamWriter]
+    stopping: bool = False
 
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
-        # every open connection, so that stop() can cut them all (see there)
+        if self.stopping:
+            # a TLS handshake that began before stop() and ended after it: asyncio
+            # hands the connection over even though the listener is closed
+            writer.transport.abort()
+            return
+        # every open connection, so that stop() can cut them all (see there). Not
+        # removed when this returns: amqtt may return while the connection lives on
+        self.connections = {w for w in self.connections if not w.is_closing()}
         self.connections.add(writer)
-        try:
-            await super().stream_connected(reader, writer, listener_name)
-        finally:
-            self.connections.discard(writer)
+        await super().stream_connected(reader, writer, listener_name)
 
     def cut_connections(self) -> None:
         for w in list(self.connections):
+            sock = w.get_extra_info("socket")
+            if sock is not None:
+                try:  # at the socket too: an SSL transport mid-handshake may ignore abort()
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
             w.transport.abort()
 
     async def _broadcast_message(
@@ -242,9 +254,11 @@ class EmbeddedBroker:
     async def stop(self) -> None:
         if self.broker is not None:
             # amqtt's shutdown closes the listener but can leave a client's connection
-            # open and still handled (one being set up, or one whose handler it stops
-            # without closing the socket): a stopped broker cuts every connection,
-            # before its shutdown and again after it
+            # open and still handled (one in its TLS handshake, or one whose handler it
+            # stops without closing the socket): a stopped broker refuses connections
+            # that complete later and cuts every connection, before its shutdown and
+            # again after it
+            self.broker.stopping = True
             self.broker.cut_connections()
             for _session, handler in list(self.broker._sessions.values()):
                 if handler is not None:
