@@ -215,7 +215,7 @@ async def test_lost_pubacks_and_a_broker_restart_mid_replay_leave_no_gap(
     assert len([e for e in failed if "send failed" in e]) >= 3, failed  # PUBACKs were lost
     assert not [e for e in n.events() if "wdt_starved" in e]
     count = assert_exactly_once(n, await rows(dsn, world))
-    assert count > 120
+    assert count >= 100
 
 
 async def _more(dsn: str, world: World, k: int) -> bool:

@@ -87,7 +87,7 @@ async def ensure_demo(cfg: Config, dsn: str) -> dict[str, Any]:
     return state
 
 
-async def feed(base: str, state: dict[str, Any], cfg: Config) -> None:
+async def feed(base: str, state: dict[str, Any], cfg: Config, nodes: list[Any]) -> None:
     async with aiohttp.ClientSession() as http:
 
         async def send(
@@ -120,13 +120,9 @@ async def feed(base: str, state: dict[str, Any], cfg: Config) -> None:
                 await send(local_id, grid[i : i + 32], seed, sp, sw)
         log.info("demo: backfilled %s of readings", BACKFILL)
         await use_frozen_limits(http, base, state)
-        nodes = await asyncio.to_thread(start_nodes, state, cfg)
+        nodes[:] = await asyncio.to_thread(start_nodes, state, cfg)
         if nodes:
-            try:
-                await asyncio.Event().wait()  # the nodes report on their own
-            finally:
-                for n in nodes:
-                    await asyncio.to_thread(n.stop)
+            await asyncio.Event().wait()  # the nodes report on their own; run_demo stops them
         while True:
             now = cfg.clock().replace(microsecond=0)
             for seed, (local_id, _, sp, sw) in enumerate(DEVICES):
@@ -222,7 +218,8 @@ Press Ctrl-C to stop.
 """,
         flush=True,
     )
-    task = asyncio.create_task(feed(base, state, cfg))
+    nodes: list[Any] = []  # the simulated firmware nodes feed() starts
+    task = asyncio.create_task(feed(base, state, cfg, nodes))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -233,4 +230,7 @@ Press Ctrl-C to stop.
         log.info("demo: stopping")
     finally:
         task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        for n in nodes:
+            await asyncio.to_thread(n.stop)
         await runner.cleanup()
