@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.fixtures.processes",
     "tests.fixtures.mosquitto",
     "tests.fixtures.notify",
+    "tests.fixtures.firmware",
 ]

@@ -1,5 +1,6 @@
 """`opensense demo` with no DSN: the embedded PostgreSQL in a state directory, the demo
-account, and readings arriving through the real ingest."""
+account, a backfill through the real ingest, then live readings from simulated nodes
+running the real firmware over TLS MQTT."""
 
 from __future__ import annotations
 
@@ -42,15 +43,21 @@ def test_demo_serves_readings_from_an_embedded_database(tmp_path: Path) -> None:
                 f"{base}/v1/channels", headers={"Authorization": f"Bearer {token}"}
             )
             try:
-                channels = json.load(urllib.request.urlopen(req, timeout=5))["data"]
+                every = json.load(urllib.request.urlopen(req, timeout=5))["data"]
             except OSError:
                 continue
-            if len(channels) == 3 and any(
-                c["rules"][0]["params"]["ok_max"] == -18 for c in channels
+            channels = [c for c in every if c["kind"] == "temperature"]
+            # the firmware nodes' own health channels prove the live path is the node's
+            from_nodes = {c["device_id"] for c in every if c["kind"] == "health"}
+            if (
+                len(channels) == 3
+                and any(c["rules"][0]["params"]["ok_max"] == -18 for c in channels)
+                and len(from_nodes) == 3
             ):
                 break
         assert proc.poll() is None, (tmp_path / "demo.log").read_text()
         assert len(channels) == 3, (tmp_path / "demo.log").read_text()
+        assert len(from_nodes) == 3, (tmp_path / "demo.log").read_text()
         req = urllib.request.Request(
             f"{base}/v1/channels/{channels[0]['id']}/measurements?agg=1h&fn=count",
             headers={"Authorization": f"Bearer {token}"},

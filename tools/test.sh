@@ -17,6 +17,11 @@ if ! command -v mosquitto >/dev/null || ! command -v mosquitto_ctrl >/dev/null \
     exit 1
   fi
 fi
+# socat: the installer test bridges mpremote to the MicroPython unix port over a pty
+if ! command -v socat >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "== installing socat"
+  apt-get install -y -qq socat >/dev/null || echo "no socat: the mpremote pty test is skipped" >&2
+fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 # the site gateway is its own package (gateway/pyproject.toml); its tests need it here
 .venv/bin/python -m pip install -q --disable-pip-version-check -e gateway

@@ -326,6 +326,20 @@ def cmd_gateway(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_node(cfg: Config, args: argparse.Namespace) -> int:
+    from .node import flash
+
+    try:
+        if args.action == "check":
+            flash.check(Path(args.config), Path(args.ca))
+            print("the config, the CA and the firmware are ready to flash")
+            return 0
+        return flash.flash(Path(args.config), Path(args.ca), args.port, dry_run=args.dry_run)
+    except flash.InstallError as e:
+        print(f"opensense node {args.action}: {e}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="opensense", description="OpenSense server and operator tools")
     sub = p.add_subparsers(dest="command", required=True)
@@ -435,6 +449,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--site")
     s.add_argument("--name", default="")
     s.set_defaults(fn=cmd_gateway)
+
+    s = sub.add_parser(
+        "node", help="check a node config, or flash the firmware to an ESP32 (mpremote)"
+    )
+    s.add_argument("action", choices=["check", "flash"])
+    s.add_argument("config", help="the node's config.json (docs/firmware.md)")
+    s.add_argument("--ca", required=True, help="the broker's CA as DER (opensense ca --der)")
+    s.add_argument("--port", default="auto", help="serial port of the node (mpremote connect)")
+    s.add_argument("--dry-run", action="store_true", help="check and print the mpremote steps")
+    s.set_defaults(fn=cmd_node)
     return p
 
 

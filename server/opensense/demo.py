@@ -1,7 +1,11 @@
-"""`opensense demo`: a demo account, site and three fridges feeding readings through
-the real HTTP ingest, on http://127.0.0.1:8080. Re-running reuses the account (its
-tokens are kept in <state_dir>/demo.json); readings sit on a minute grid, so a
-restart resends the backfill and the server deduplicates it."""
+"""`opensense demo`: a demo account, site and three fridges on http://127.0.0.1:8080.
+Six hours of history are backfilled through the real HTTP ingest; then each fridge
+is a simulated node running the real firmware (firmware/) on the MicroPython unix
+port, its probe warming and cooling, reporting over TLS MQTT to the embedded broker
+(opensense.node.sim). If the nodes cannot run (no micropython interpreter, MQTT off),
+the demo says why and feeds the same readings over HTTP instead. Re-running reuses
+the account (its tokens are kept in <state_dir>/demo.json); readings sit on a minute
+grid, so a restart resends the backfill and the server deduplicates it."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import json
 import logging
 import math
 import signal
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -32,6 +36,8 @@ DEVICES = (
     ("freezer01", "Chest freezer", -20.0, 1.5),
 )
 BACKFILL = timedelta(hours=6)
+LABEL = "air"  # the probe's label: the backfill and the live node share one channel
+NODE_CADENCE_S = 15  # the demo nodes report every 15 s so the dashboard moves
 
 
 def simulated(setpoint: float, swing: float, ts: datetime, seed: int) -> float:
@@ -81,7 +87,7 @@ async def ensure_demo(cfg: Config, dsn: str) -> dict[str, Any]:
     return state
 
 
-async def feed(base: str, state: dict[str, Any], cfg: Config) -> None:
+async def feed(base: str, state: dict[str, Any], cfg: Config, nodes: list[Any]) -> None:
     async with aiohttp.ClientSession() as http:
 
         async def send(
@@ -90,7 +96,12 @@ async def feed(base: str, state: dict[str, Any], cfg: Config) -> None:
             body = {
                 "device": local_id,
                 "measurements": [
-                    {"type": "temperature", "value": simulated(sp, sw, t, seed), "ts": rfc3339(t)}
+                    {
+                        "type": "temperature",
+                        "label": LABEL,
+                        "value": simulated(sp, sw, t, seed),
+                        "ts": rfc3339(t),
+                    }
                     for t in times
                 ],
             }
@@ -109,11 +120,64 @@ async def feed(base: str, state: dict[str, Any], cfg: Config) -> None:
                 await send(local_id, grid[i : i + 32], seed, sp, sw)
         log.info("demo: backfilled %s of readings", BACKFILL)
         await use_frozen_limits(http, base, state)
+        nodes[:] = await asyncio.to_thread(start_nodes, state, cfg)
+        if nodes:
+            await asyncio.Event().wait()  # the nodes report on their own; run_demo stops them
         while True:
             now = cfg.clock().replace(microsecond=0)
             for seed, (local_id, _, sp, sw) in enumerate(DEVICES):
                 await send(local_id, [now], seed, sp, sw)
             await asyncio.sleep(10)
+
+
+def start_nodes(state: dict[str, Any], cfg: Config) -> list[Any]:
+    """One simulated node per demo fridge, running the real firmware; [] (and the
+    reason, printed) when they cannot run, so the demo falls back to the HTTP feed."""
+    why = ""
+    if cfg.mqtt != "embedded":
+        why = f"OPENSENSE_MQTT is {cfg.mqtt!r}, the demo nodes need the embedded broker"
+    nodes: list[Any] = []
+    if not why:
+        try:
+            from .mqtt.ca import ensure_tls
+            from .node.sim import SimNode, rom
+
+            hosts = [h.strip() for h in cfg.mqtt_hostnames.split(",") if h.strip()]
+            ca = ensure_tls(cfg.state_dir, hosts).ca_der()
+            for seed, (local_id, _, sp, sw) in enumerate(DEVICES):
+                r = rom(0x0D00 + seed)
+                config = {
+                    "wifi": {"ssid": "demo-cafe", "password": "demo-password"},
+                    "server": {"host": hosts[0], "mqtt_port": cfg.mqtt_port},
+                    "account": state["account_id"],
+                    "device_id": state["devices"][local_id]["id"],
+                    "local_id": local_id,
+                    "token": state["devices"][local_id]["token"],
+                    "probes": {r: {"label": LABEL}},
+                    "cadence": NODE_CADENCE_S,
+                }
+                ctl = {
+                    "speed": 1,
+                    "epoch0": int(datetime.now(UTC).timestamp()),
+                    "probes": [{"rom": r, "temp": sp, "amp": sw, "period": 2400}],
+                }
+                n = SimNode(cfg.state_dir / "demo-nodes" / local_id, config, ca, ctl)
+                n.start()
+                nodes.append(n)
+        except Exception as e:  # the demo must start anyway: say why and feed over HTTP
+            why = f"{type(e).__name__}: {e}"
+            for n in nodes:
+                n.stop()
+            nodes = []
+    if why:
+        print(f"demo: simulated firmware nodes not started ({why}); feeding over HTTP", flush=True)
+    else:
+        print(
+            f"demo: {len(nodes)} simulated nodes run the real firmware (MicroPython unix port) "
+            f"over TLS MQTT; their consoles: {cfg.state_dir / 'demo-nodes'}/*/console.log",
+            flush=True,
+        )
+    return nodes
 
 
 async def use_frozen_limits(http: aiohttp.ClientSession, base: str, state: dict[str, Any]) -> None:
@@ -155,7 +219,8 @@ Press Ctrl-C to stop.
 """,
         flush=True,
     )
-    task = asyncio.create_task(feed(base, state, cfg))
+    nodes: list[Any] = []  # the simulated firmware nodes feed() starts
+    task = asyncio.create_task(feed(base, state, cfg, nodes))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -166,4 +231,7 @@ Press Ctrl-C to stop.
         log.info("demo: stopping")
     finally:
         task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        for n in nodes:
+            await asyncio.to_thread(n.stop)
         await runner.cleanup()

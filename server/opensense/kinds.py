@@ -66,5 +66,12 @@ KINDS: dict[str, Kind] = {
         ),
         Kind("signal", (Unit("dBm", -150.0, 30.0),), True, "Radio signal strength (RSSI)."),
         Kind("snr", (Unit("dB", -40.0, 40.0),), True, "Radio signal-to-noise ratio (LoRaWAN)."),
+        Kind(
+            "health",
+            (Unit("1", 0.0, 1.0e12), Unit("s", 0.0, 1.0e12), Unit("B", 0.0, 1.0e12)),
+            True,
+            "A node's own health figure, named by its label (uptime s, heap_free B, "
+            "queue_depth, drops, ...; docs/firmware.md).",
+        ),
     )
 }

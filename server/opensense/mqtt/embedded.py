@@ -19,8 +19,10 @@ with the reason.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +90,32 @@ ProtocolHandler._handle_qos0_message_flow = _qos0
 
 class OpenSenseBroker(Broker):
     opensense: EmbeddedBroker
+    connections: set[asyncio.StreamWriter]
+    stopping: bool = False
+
+    async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        if self.stopping:
+            # a TLS handshake that began before stop() and ended after it: asyncio
+            # hands the connection over even though the listener is closed
+            writer.transport.abort()
+            return
+        # every open connection, so that stop() can cut them all (see there). Not
+        # removed when this returns: amqtt may return while the connection lives on
+        self.connections = {w for w in self.connections if not w.is_closing()}
+        self.connections.add(writer)
+        await super().stream_connected(reader, writer, listener_name)
+
+    def cut_connections(self) -> None:
+        for w in list(self.connections):
+            sock = w.get_extra_info("socket")
+            if sock is not None:
+                try:  # at the socket too: an SSL transport mid-handshake may ignore abort()
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            w.transport.abort()
 
     async def _broadcast_message(
         self, session: Session | None, topic: str | None, data: Any, force_qos: int | None = None
@@ -218,13 +246,25 @@ class EmbeddedBroker:
         }
         broker = OpenSenseBroker(config)
         broker.opensense = self
+        broker.connections = set()
         await broker.start()
         self.broker = broker
         log.info("embedded MQTT broker: TLS on %s:%s", cfg.mqtt_host, cfg.mqtt_port)
 
     async def stop(self) -> None:
         if self.broker is not None:
+            # amqtt's shutdown closes the listener but can leave a client's connection
+            # open and still handled (one in its TLS handshake, or one whose handler it
+            # stops without closing the socket): a stopped broker refuses connections
+            # that complete later and cuts every connection, before its shutdown and
+            # again after it
+            self.broker.stopping = True
+            self.broker.cut_connections()
+            for _session, handler in list(self.broker._sessions.values()):
+                if handler is not None:
+                    await handler.handle_connection_closed()
             await self.broker.shutdown()
+            self.broker.cut_connections()
             self.broker = None
 
     async def on_publish(self, session: Session, topic: str, data: bytes, qos: int) -> bool:

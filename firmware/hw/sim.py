@@ -1,0 +1,268 @@
+# Simulated board for the MicroPython unix port. The test harness (or the demo)
+# drives it through files in $OPENSENSE_SIM:
+#   ctl.json    written by the harness, read here: clock (epoch0 at host time t0,
+#               `speed` virtual seconds per real second), ntp/wifi up or down, RSSI,
+#               probes [{rom (hex), temp, fault: null|"absent"|"crc"|"power_on"|"zero"|
+#               "flaky" (bad CRC twice, then good)}], dns overrides {name: address}
+#   flash.img   the node's flash: littlefs on a file-backed block device (4 KiB blocks
+#               like the ESP32's SPI flash), survives resets and power cuts
+#   rtc.bin     RTC slow memory: survives a reset, the harness deletes it for a power cut
+#   config.json the node config the installer would write; ca.der the broker's CA
+#   events.log  what the board did (led, reset, wdt, sync), one line each, for tests
+# A reset ends the process with exit code 3; the harness starts it again (the chip
+# running main.py from the top).
+import gc
+import json
+import os
+import sys
+import time
+
+import vfs
+
+from sense import ds18b20
+
+DIR = os.getenv("OPENSENSE_SIM") or "sim"
+BLOCK = 4096
+RESET_EXIT = 3
+
+
+class FileFlash:
+    # littlefs block device over a file (extended protocol: offsets within blocks)
+    def __init__(self, path, blocks):
+        self.n = blocks
+        try:
+            self.f = open(path, "r+b")
+        except OSError:
+            with open(path, "wb") as f:
+                z = b"\xff" * BLOCK
+                for _ in range(blocks):
+                    f.write(z)
+            self.f = open(path, "r+b")
+        self.erases = 0
+        self.blank = b"\xff" * BLOCK  # allocated once: erases must not churn the heap
+
+    def readblocks(self, n, buf, off=0):
+        self.f.seek(n * BLOCK + off)
+        self.f.readinto(buf)
+
+    def writeblocks(self, n, buf, off=None):
+        if off is None:
+            self.ioctl(6, n)
+            off = 0
+        self.f.seek(n * BLOCK + off)
+        self.f.write(buf)
+        self.f.flush()
+
+    def ioctl(self, op, arg):
+        if op == 4:
+            return self.n
+        if op == 5:
+            return BLOCK
+        if op == 6:
+            self.erases += 1
+            self.f.seek(arg * BLOCK)
+            self.f.write(self.blank)
+            return 0
+        if op == 3:
+            self.f.flush()
+        return 0
+
+
+def _host():
+    return time.time_ns() / 1e9
+
+
+class Board:
+    model = "sim_unix"
+
+    def __init__(self):
+        self.start = _host()
+        self.ctl = {}
+        self.ctl_at = -1.0
+        self.synced_offset = None
+        self.wifi_on = False
+        self.wdt_s = 0
+        self.last_feed = 0
+        self._flash = None
+        self._ctl(True)
+
+    def _ctl(self, force=False):
+        # re-read the harness's control file at most every 20 ms of real time
+        h = _host()
+        if force or h - self.ctl_at > 0.02:
+            self.ctl_at = h
+            try:
+                with open(DIR + "/ctl.json") as f:
+                    self.ctl = json.loads(f.read())
+            except (OSError, ValueError):
+                pass  # a harness half-way through writing it: keep the last one
+        return self.ctl
+
+    def _speed(self):
+        return self.ctl.get("speed", 1)
+
+    # --- time (virtual: `speed` virtual seconds per real second) -----------------
+    def ticks_ms(self):
+        return int((_host() - self.start) * self._speed() * 1000)
+
+    def ticks_diff(self, a, b):
+        return a - b
+
+    def ticks_add(self, a, b):
+        return a + b
+
+    def sleep_ms(self, ms):
+        # at least 2 ms of real time: a fast clock must not turn the loop into a busy wait
+        time.sleep(max(ms / 1000 / self._speed(), 0.002))
+
+    def uptime_s(self):
+        return self.ticks_ms() // 1000
+
+    def _true_time(self):
+        c = self._ctl()
+        return c.get("epoch0", 1795500000) + (_host() - c.get("t0", self.start)) * self._speed()
+
+    def time(self):
+        if self.synced_offset is None:
+            return None
+        return int(self.uptime_s() + self.synced_offset)
+
+    def ntp_sync(self, host=None):
+        if not self._ctl().get("ntp", True) or not self.wifi_up():
+            return False
+        self.synced_offset = self._true_time() - self.ticks_ms() / 1000
+        self.event("ntp")
+        return True
+
+    # --- watchdog / reset -------------------------------------------------------
+    def wdt_start(self, timeout_s):
+        if self._ctl().get("crash"):
+            raise RuntimeError("simulated crash at start-up")  # for the boot-loop test
+        self.wdt_s = timeout_s
+        self.last_feed = _host()
+
+    def wdt_feed(self):
+        # the watchdog is a hardware timer: real seconds, like the socket timeouts,
+        # not the fast virtual clock
+        now = _host()
+        if self.wdt_s and now - self.last_feed > self.wdt_s:
+            self.event("wdt_starved %.1f" % (now - self.last_feed))  # the chip would reset here
+        self.last_feed = now
+
+    def reset(self):
+        self.event("reset")
+        sys.exit(RESET_EXIT)
+
+    def reset_cause(self):
+        try:
+            with open(DIR + "/cause") as f:
+                return f.read().strip()  # the harness says how it restarted us
+        except OSError:
+            return "power_on"
+
+    def rtc_mem(self, data=None):
+        if data is None:
+            try:
+                with open(DIR + "/rtc.bin", "rb") as f:
+                    return f.read()
+            except OSError:
+                return b""
+        with open(DIR + "/rtc.bin", "wb") as f:
+            f.write(data)
+
+    def free_heap(self):
+        return gc.mem_free()
+
+    def rand16(self):
+        return int.from_bytes(os.urandom(2), "little")
+
+    # --- Wi-Fi -------------------------------------------------------------------
+    def wifi_connect(self, ssid, password):
+        self.wifi_on = True
+
+    def wifi_up(self):
+        return self.wifi_on and self._ctl().get("wifi", True)
+
+    def wifi_restart(self):
+        self.wifi_on = False
+        self.event("wifi_restart")
+
+    def rssi(self):
+        return self._ctl().get("rssi", -60) if self.wifi_up() else None
+
+    def getaddrinfo(self, host, port):
+        import socket
+
+        if not self.wifi_up():
+            raise OSError(-2)  # no network: name resolution fails as on the chip
+        host = self._ctl().get("dns", {}).get(host, host)
+        return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+
+    # --- probes --------------------------------------------------------------------
+    def _probes(self):
+        return self._ctl().get("probes", [])
+
+    def scan(self):
+        out = []
+        for p in self._probes():
+            if p.get("fault") != "absent":
+                out.append(bytes(int(p["rom"][i:i + 2], 16) for i in range(0, 16, 2)))
+        return out
+
+    def convert_all(self):
+        self.reads = {}
+
+    def read_scratch(self, rom):
+        h = ds18b20.rom_hex(rom)
+        for p in self._probes():
+            if p["rom"] != h:
+                continue
+            f = p.get("fault")
+            if f == "absent":
+                return None
+            if f == "zero":
+                return bytearray(9)
+            if f == "power_on":
+                return ds18b20.encode(85.0, byte6=0x0C)
+            temp = p.get("temp", 4.0)
+            if p.get("amp"):
+                # warming and cooling: a compressor cycle of `period` s around `temp`
+                import math
+
+                ph = 2 * math.pi * (self._true_time() % p.get("period", 2400)) / p.get("period", 2400)
+                temp += p["amp"] * math.sin(ph)
+            sp = ds18b20.encode(temp, p.get("bits", 12))
+            n = self.reads.get(h, 0) if hasattr(self, "reads") else 0
+            if hasattr(self, "reads"):
+                self.reads[h] = n + 1
+            if f == "crc" or (f == "flaky" and n < 2):
+                sp[0] ^= 0x01  # a flipped bit on the wire
+            return sp
+        return None
+
+    def led(self, on):
+        self.event("led %d" % (1 if on else 0))
+
+    # --- storage -------------------------------------------------------------------
+    def flash_root(self):
+        if self._flash is None:
+            blocks = self.ctl.get("flash_blocks", 512)  # 2 MiB like the ESP32's vfs partition
+            self._flash = FileFlash(DIR + "/flash.img", blocks)
+            try:
+                fs = vfs.VfsLfs2(self._flash)
+            except OSError:
+                vfs.VfsLfs2.mkfs(self._flash)
+                fs = vfs.VfsLfs2(self._flash)
+            vfs.mount(fs, "/flash")
+        return "/flash"
+
+    def config_path(self):
+        return DIR + "/config.json"
+
+    def ca_path(self):
+        return DIR + "/ca.der"
+
+    def event(self, what):
+        with open(DIR + "/events.log", "a") as f:
+            # uptime and the true (harness) time, so tests can check the node's clock
+            f.write("%d %d %s\n" % (self.uptime_s(), self._true_time(), what))

@@ -1,0 +1,351 @@
+# The node: sample, queue, send, obey commands, report health; one loop, no threads.
+# Order per step (mqtt_as habit: the link never holds up sampling or the watchdog):
+# feed the watchdog, take a sample when due, keep Wi-Fi and the clock, drain the
+# queue over the uplink a few batches at a time, climb the reboot ladder if needed,
+# sleep until the next thing to do.
+import gc
+import json
+
+from sense import config, ds18b20, fq, payload, policy, timefmt
+from sense.uplink import Refused, Uplink
+
+FW_VERSION = "0.4.0"
+STEP_MS = 1000  # longest sleep between two watchdog feeds / command polls
+SENDS_PER_STEP = 4  # batches per step before sampling and feeding again
+NTP_EVERY_MS = 3600000  # re-sync hourly (the ESP32 RTC drifts several s/day)
+
+
+def _read(path, mode="r"):
+    try:
+        with open(path, mode) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _write(path, data):
+    # whole-file replace by rename: a power cut leaves the old or the new file
+    with open(path + ".new", "w") as f:
+        f.write(data)
+    import os
+
+    os.rename(path + ".new", path)
+
+
+class Node:
+    def __init__(self, board):
+        self.b = board
+        b = board
+        self.root = b.flash_root()
+        try:
+            import os
+
+            os.mkdir(self.root)  # /data on the ESP32's root littlefs, made at first boot
+        except OSError:
+            pass
+        crumb = self._crumb()
+        st = json.loads(_read(self.root + "/boot") or "{}")
+        self.boots = st.get("boots", 0) + 1
+        self.unhealthy = st.get("unhealthy", 0) + 1  # cleared once this boot proves healthy
+        _write(self.root + "/boot", json.dumps({"boots": self.boots, "unhealthy": self.unhealthy}))
+        self.reset_cause = self._cause(b.reset_cause(), crumb)
+        self.crumbs = {"b": self.boots}
+        self._crumb_set("w", "")  # clears the reason of the last deliberate reset
+        self._crumb_set("p", "boot")
+        self.safe = policy.safe_mode(self.unhealthy - 1)
+        raw = _read(b.config_path())
+        self.cfg = config.with_defaults(json.loads(raw) if raw else {})
+        self.problems = config.problems(self.cfg) if raw else ["no config: run opensense node flash"]
+        if self.problems or self.safe:
+            return
+        c = self.cfg
+        self.cadence = int(_read(self.root + "/cadence") or c["cadence"])
+        self.ca = _read(b.ca_path(), "rb")
+        self.q = fq.Queue(self.root + "/q", self.boots, c["queue_bytes"], 4000, c["batch"])
+        self.errors = {}  # rom -> failed reads
+        self.status = {}  # rom hex -> last status name
+        self.probes = {}  # rom bytes -> (label, offset, channel)
+        for rom in c.get("probes", {}):
+            p = c["probes"][rom]
+            rb = bytes(int(rom[i:i + 2], 16) for i in range(0, 16, 2))
+            self.probes[rb] = (p["label"], p.get("offset", 0),
+                               self.q.chan("temperature", p["label"], "°C"))
+        self.up = Uplink(b, c, self.ca, self._cmd)
+        self.samples = 0
+        self.sync_ms = None
+        self.next_ntp = 0
+        self.attempt = 0
+        self.next_try = 0
+        self.last_ok = b.ticks_ms()
+        self.rung = 0
+        self.refused = ""
+        self.healthy = False
+
+    # --- breadcrumbs in RTC memory ---------------------------------------------------
+    def _crumb(self):
+        try:
+            return json.loads(self.b.rtc_mem() or b"{}")
+        except ValueError:
+            return {}
+
+    def _crumb_set(self, k, v):
+        if self.crumbs.get(k) == v and k != "b":
+            return
+        self.crumbs[k] = v
+        self.b.rtc_mem(json.dumps(self.crumbs).encode())
+
+    def _cause(self, cause, crumb):
+        # reset_cause() says power_on after a brown-out too; RTC memory survives a
+        # brown-out but not a power cut, so a crumb left there tells them apart
+        why, phase = crumb.get("w"), crumb.get("p")
+        if why:
+            return why  # a reset we asked for: "ladder", "cmd"
+        if cause == "power_on" and crumb:
+            return "brownout (during %s)" % phase
+        if cause == "watchdog":
+            return "watchdog (during %s)" % phase
+        return cause
+
+    # --- time --------------------------------------------------------------------
+    def _clock(self):
+        b = self.b
+        now = b.ticks_ms()
+        if b.time() is not None and self.sync_ms is not None and b.ticks_diff(now, self.next_ntp) < 0:
+            return
+        if not b.wifi_up() or b.ticks_diff(now, self.next_ntp) < 0:
+            return
+        self._crumb_set("p", "ntp")
+        first = b.time() is None
+        if b.ntp_sync(self.cfg["ntp_host"]):
+            self.sync_ms = b.ticks_ms()
+            self.next_ntp = b.ticks_add(now, NTP_EVERY_MS)
+            if first:
+                # readings so far carry this boot's uptime: now they get their time
+                off = b.time() - b.uptime_s()
+                self.q.set_clock(off)
+                b.event("clock %d %d" % (self.boots, off))
+        else:
+            self.next_ntp = b.ticks_add(now, 30000)
+
+    # --- sampling ------------------------------------------------------------------
+    def sample(self):
+        b = self.b
+        self._crumb_set("p", "sample")
+        found = b.scan()
+        b.convert_all()
+        b.sleep_ms(ds18b20.conv_ms(self.cfg["resolution"]))  # datasheet table 2, worst case
+        b.wdt_feed()
+        vals = []
+        for rom in self.probes:
+            label, off, ch = self.probes[rom]
+            st, v = (ds18b20.ABSENT, None) if rom not in found else \
+                ds18b20.read(b.read_scratch, rom, self.errors)
+            if rom not in found:
+                self.errors[rom] = self.errors.get(rom, 0) + 1
+            self.status[label] = ds18b20.FAULTS[st]
+            if st == ds18b20.OK:
+                vals.append((ch, v + off))  # a missing or faulty probe sends nothing
+        for rom in found:
+            if rom not in self.probes:
+                self.status[ds18b20.rom_hex(rom)] = "unconfigured"
+        t = b.time()
+        u = b.uptime_s()  # read once: the queue and the log must agree to the second
+        self.samples += 1
+        if vals:
+            # logged (sim only) before the queue write, so the harness's true time is
+            # taken at the instant the clock was read
+            b.event("sample %d %d %d %s" % (self.q.seq, t if t is not None else -u,
+                    self.boots, " ".join("%s=%r" % (self.q.chans[c][1], v) for c, v in vals)))
+            self.q.add(t if t is not None else u, t is not None, vals)
+        if self.samples % self.cfg["health_every"] == 1:
+            self.q.add(t if t is not None else u, t is not None, self.health_vals())
+
+    def health(self):
+        b = self.b
+        q = self.q
+        recs, _ = q.peek(1)
+        t = b.time()
+        oldest = (t - recs[0][1]) if recs and t is not None and recs[0][1] is not None else 0
+        h = {
+            "uptime": b.uptime_s(), "boots": self.boots, "heap_free": b.free_heap(),
+            "queue_depth": q.depth(), "oldest_unsent": max(0, oldest), "drops": q.drops,
+            "clock_sync_age": -1 if self.sync_ms is None
+            else b.ticks_diff(b.ticks_ms(), self.sync_ms) // 1000,
+        }
+        for rom in self.probes:
+            h["probe_errors_" + self.probes[rom][0]] = self.errors.get(rom, 0)
+        return h
+
+    def health_vals(self):
+        q = self.q
+        out = []
+        r = self.b.rssi()
+        if r is not None:
+            out.append((q.chan("signal", "wifi", "dBm"), r))
+        h = self.health()
+        for k in h:
+            unit = "s" if k in ("uptime", "oldest_unsent", "clock_sync_age") else \
+                "B" if k == "heap_free" else "1"
+            if h[k] >= 0:
+                out.append((q.chan("health", k, unit), h[k]))
+        return out
+
+    def info(self):
+        return {"fw_version": FW_VERSION, "model": self.b.model, "reset_cause": self.reset_cause,
+                "boots": self.boots, "cadence": self.cadence, "probes": self.status,
+                "health": self.health()}
+
+    # --- commands ----------------------------------------------------------------------
+    def _cmd(self, name, msg):
+        b = self.b
+        if name == "identify":
+            b.event("identify")
+            for _ in range(10):  # blink 2 s: the installer finds the node in a row of fridges
+                b.led(1)
+                b.sleep_ms(100)
+                b.led(0)
+                b.sleep_ms(100)
+                b.wdt_feed()
+        elif name == "cadence":
+            try:
+                s = int(msg)
+            except ValueError:
+                s = 0
+            if policy.cadence_ok(s):
+                self.cadence = s
+                _write(self.root + "/cadence", str(s))
+                b.event("cadence %d" % s)
+            else:
+                b.event("cadence refused %r" % (msg,))
+
+    # --- uplink ------------------------------------------------------------------------
+    def _uplink(self):
+        b = self.b
+        up = self.up
+        now = b.ticks_ms()
+        if self.refused:
+            return
+        if not up.connected():
+            if not b.wifi_up() or b.ticks_diff(now, self.next_try) < 0:
+                return
+            self._crumb_set("p", "connect")
+            try:
+                ok = up.connect(self.info())
+            except Refused as e:
+                self._refuse(e)
+                return
+            if not ok:
+                self.attempt += 1
+                self.next_try = b.ticks_add(now, policy.backoff_ms(self.attempt, b.rand16()))
+                b.event("connect failed %s" % up.last_error)
+                return
+            self.attempt = 0
+            b.event("connected %s" % ("mqtt" if up.mode == 0 else "https"))
+        self._crumb_set("p", "send")
+        for _ in range(SENDS_PER_STEP):
+            recs, cur = self.q.peek(32)
+            if not recs:
+                break
+            if recs[0][1] is None:
+                if recs[0][2] == self.boots & 0xFFFF:
+                    break  # this boot's clock is not known yet: wait for NTP
+                self.q.skip_untimed(cur, len(recs))  # an old boot that never learned the time
+                continue
+            n = 0
+            while n < len(recs) and recs[n][1] is not None:
+                n += 1
+            if n < len(recs):
+                recs, cur = self.q.peek_n(n)
+            gc.collect()  # one ~3 KB string next: make room before, not after, it is needed
+            body = payload.body(recs, self.q.chans, self.cfg["local_id"] if up.mode else None)
+            try:
+                ok = up.send(body)
+            except Refused as e:
+                self._refuse(e)
+                return
+            if not ok:
+                self.attempt += 1
+                self.next_try = b.ticks_add(b.ticks_ms(), policy.backoff_ms(self.attempt, b.rand16()))
+                b.event("send failed %s" % up.last_error)
+                return
+            self.q.ack(cur, len(recs))
+            self._ok()
+        if not up.poll():
+            self.next_try = b.ticks_add(b.ticks_ms(), policy.backoff_ms(0, b.rand16()))
+        elif up.c is not None:
+            self._ok()
+
+    def _ok(self):
+        self.last_ok = self.b.ticks_ms()
+        self.rung = 0
+        if not self.healthy:
+            self._healthy()
+
+    def _healthy(self):
+        self.healthy = True
+        _write(self.root + "/boot", json.dumps({"boots": self.boots, "unhealthy": 0}))
+
+    def _refuse(self, e):
+        # a wrong token or config: retrying cannot help; keep sampling and queueing,
+        # say why, and wait for the installer (mpremote) or a reset
+        self.refused = str(e)
+        self.b.event("refused %s" % e)
+        print("server refused this node:", e, "- check token/device id with the installer")
+
+    def _ladder(self):
+        b = self.b
+        since = b.ticks_diff(b.ticks_ms(), self.last_ok) // 1000
+        step = policy.ladder_step(since, self.rung, self.cfg["ladder"])
+        if step == policy.WIFI_RESTART:
+            self.rung = step
+            self.up.close()
+            b.wifi_restart()
+        elif step == policy.RESET:
+            self.q.flush()
+            self._crumb_set("w", "ladder")
+            b.reset()
+
+    # --- loop ----------------------------------------------------------------------------
+    def run(self, steps=None):
+        b = self.b
+        if self.safe:
+            print("safe mode: %d unhealthy boots in a row; the app is not started." % (self.unhealthy - 1))
+            print("Fix it over mpremote, then delete %s/boot or reset." % self.root)
+            b.event("safe_mode")
+            return
+        if self.problems:
+            for p in self.problems:
+                print("config:", p)
+            b.event("config_invalid")
+            return
+        c = self.cfg
+        b.wdt_start(c["wdt_s"])
+        b.wifi_connect(c["wifi"]["ssid"], c["wifi"].get("password") or "")
+        next_sample = b.ticks_ms()
+        while steps is None or steps > 0:
+            if steps:
+                steps -= 1
+            b.wdt_feed()
+            if b.ticks_diff(b.ticks_ms(), next_sample) >= 0:
+                self.sample()
+                next_sample = b.ticks_add(next_sample, self.cadence * 1000)  # ticks wrap: ticks_add
+                if b.ticks_diff(b.ticks_ms(), next_sample) >= 0:
+                    next_sample = b.ticks_add(b.ticks_ms(), self.cadence * 1000)  # fell behind: no burst
+            if not b.wifi_up():
+                b.wifi_connect(c["wifi"]["ssid"], c["wifi"].get("password") or "")
+            self._clock()
+            self._uplink()
+            self._ladder()
+            if not self.healthy and b.uptime_s() >= policy.HEALTHY_S:
+                self._healthy()
+            self._crumb_set("p", "idle")
+            gc.collect()
+            wait = b.ticks_diff(next_sample, b.ticks_ms())
+            if wait > 0:
+                b.sleep_ms(min(wait, STEP_MS))
+
+
+def main():
+    import hw
+
+    Node(hw.board()).run()

@@ -1,0 +1,71 @@
+# Resilience rules as pure functions of counters and time (no I/O, no clock reads):
+# the node loop feeds them numbers, tests feed them numbers too.
+
+# PRODUCT.md client retry rule: 5xx -> backoff from 1 s, x2, cap 60 s, jitter;
+# 429 -> Retry-After; 401/403/422 -> never retry (a human must fix the token/config).
+BACKOFF_FIRST_MS = 1000
+BACKOFF_CAP_MS = 60000
+
+
+def backoff_ms(attempt, rand16, first=BACKOFF_FIRST_MS, cap=BACKOFF_CAP_MS):
+    # attempt 0, 1, 2...; rand16 a random 0..65535. "Full jitter" on the upper half:
+    # the delay is uniform in [d/2, d], so nodes that lost the broker together
+    # (a broker restart) do not come back in lockstep, and never sooner than d/2.
+    d = first << min(attempt, 16)
+    if d > cap:
+        d = cap
+    half = d // 2
+    return half + (half * rand16) // 65535
+
+
+def http_retry(status, retry_after_s=None):
+    # -> ms to wait before retrying, 0 = done (2xx), -1 = never retry (drop? no: stop
+    # and keep the queue; a human must fix the token or the config)
+    if 200 <= status < 300:
+        return 0
+    if status == 429:
+        return int((retry_after_s or 60) * 1000)
+    if status in (401, 403, 422) or 400 <= status < 500:
+        return -1
+    return None  # 5xx: caller uses backoff_ms
+
+
+# Reboot ladder: with no uplink success for `ladder[0]` s restart Wi-Fi, for
+# `ladder[1]` s reset the chip. The queue is on flash, so a reset loses nothing.
+LADDER_S = (900, 3600)
+WIFI_RESTART = 1
+RESET = 2
+
+
+def ladder_step(since_ok_s, done_step, ladder=LADDER_S):
+    # -> the rung to climb now (0 = nothing); done_step = the highest rung already taken
+    # since the last success, so each rung is taken once.
+    if since_ok_s >= ladder[1] and done_step < RESET:
+        return RESET
+    if since_ok_s >= ladder[0] and done_step < WIFI_RESTART:
+        return WIFI_RESTART
+    return 0
+
+
+# Boot-loop detection: a boot is "good" once the node ran HEALTHY_S seconds or got
+# one uplink through. BOOTLOOP_N unhealthy boots in a row -> safe mode (no app, the
+# REPL stays free for mpremote).
+HEALTHY_S = 300
+BOOTLOOP_N = 5
+
+
+def safe_mode(unhealthy_boots, n=BOOTLOOP_N):
+    return unhealthy_boots >= n
+
+
+def batches(items, n=32):
+    # PRODUCT.md: 1..32 measurements a request
+    out = []
+    for i in range(0, len(items), n):
+        out.append(items[i:i + n])
+    return out
+
+
+def cadence_ok(s):
+    # cmd/cadence and the config: 10 s .. 1 day, whole seconds
+    return isinstance(s, int) and not isinstance(s, bool) and 10 <= s <= 86400

