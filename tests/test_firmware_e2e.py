@@ -25,6 +25,7 @@ SPEED = 1200
 OUTAGE_S = 6 * 3600
 
 
+@pytest.mark.e2e
 async def test_two_nodes_through_a_six_hour_broker_outage(fw_app, dsn, clock, sim_nodes):
     world = await make_world(dsn, fw_app.cfg, ("fridge01", "freezer01"))
     epoch0 = int((clock.now - timedelta(hours=8)).timestamp())

@@ -151,6 +151,7 @@ class LossyLink:
             self.server.close()
 
 
+@pytest.mark.e2e
 async def test_lost_pubacks_and_a_broker_restart_mid_replay_leave_no_gap(
     fw_app, dsn, clock, sim_nodes
 ):

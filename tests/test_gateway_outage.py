@@ -79,6 +79,7 @@ def server_count(dsn: str, account: str) -> int:
     return int(row[0])
 
 
+@pytest.mark.e2e
 def test_three_day_outage_twenty_nodes_gateway_killed_three_times(dsn, tmp_path: Path, smtp):
     smtp_port, inbox = smtp
     world, gw_token = asyncio.run(setup_site(dsn))

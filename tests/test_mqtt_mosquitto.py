@@ -614,6 +614,7 @@ def external_env(url: str) -> dict[str, str]:
     }
 
 
+@pytest.mark.e2e
 async def test_every_reading_exactly_once_across_server_sigkill_and_broker_restart(
     dsn, clock, mosquitto, server_processes
 ):
@@ -633,6 +634,7 @@ async def test_every_reading_exactly_once_across_server_sigkill_and_broker_resta
     stream.close()
 
 
+@pytest.mark.e2e
 async def test_shared_consumers_split_the_stream_and_survive_a_sigkill(
     dsn, clock, mosquitto, server_processes
 ):
@@ -654,6 +656,7 @@ async def test_shared_consumers_split_the_stream_and_survive_a_sigkill(
     assert f"{me} connected (session resumed, shared subscription)" in log
 
 
+@pytest.mark.e2e
 async def test_single_consumer_moves_to_another_process_when_its_own_dies(
     dsn, clock, mosquitto, server_processes
 ):

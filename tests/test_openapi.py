@@ -165,6 +165,7 @@ def _run_schemathesis(base_url: str, world: World, whk: str) -> Outcome:
     return out
 
 
+@pytest.mark.e2e
 async def test_schemathesis_finds_no_failure(aiohttp_server, new_database):
     # a database of its own: the run creates what it likes, and the example's dev_eui
     # (unique across accounts) is free
