@@ -20,14 +20,16 @@ def test_demo_serves_readings_from_an_embedded_database(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENSENSE_")}
     env.update(
         {
-            "OPENSENSE_STATE_DIR": str(tmp_path / "state"),
+            # relative, as with tools/demo.sh (.opensense): the simulated nodes run with
+            # their own working directory, so every path handed to them must be absolute
+            "OPENSENSE_STATE_DIR": "state",
             "OPENSENSE_BCRYPT_ROUNDS": "4",
             "OPENSENSE_MQTT_PORT": str(free_port()),
         }
     )
     log = (tmp_path / "demo.log").open("w")
     proc = subprocess.Popen(
-        [str(BIN), "demo", "--port", str(port)], env=env, stdout=log, stderr=log
+        [str(BIN), "demo", "--port", str(port)], env=env, stdout=log, stderr=log, cwd=tmp_path
     )
     try:
         base = f"http://127.0.0.1:{port}"

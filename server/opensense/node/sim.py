@@ -65,7 +65,7 @@ class SimNode:
                 "(the MicroPython unix port) into this environment"
             )
         self.mp = mp
-        self.dir = directory
+        self.dir = directory.resolve()  # the node runs with cwd = this directory
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.json").write_text(json.dumps(config))
         (self.dir / "ca.der").write_bytes(ca_der)
