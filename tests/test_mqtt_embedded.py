@@ -8,14 +8,12 @@ import asyncio
 import json
 import os
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
 from opensense.api.jsonutil import rfc3339
-from opensense.app import create_app
 from opensense.mqtt import topics
 
 from .fixtures.processes import free_port
@@ -26,19 +24,10 @@ pytestmark = pytest.mark.db
 
 
 @pytest.fixture
-async def mqtt_app(aiohttp_client: Any, dsn: str, clock: Any, tmp_path: Path) -> Any:
-    os.chmod(tmp_path, 0o755)
-    cfg = test_config(
-        clock,
-        mqtt="embedded",
-        mqtt_port=free_port(),
-        state_dir=tmp_path,
-        ingest_rate_per_min=100_000,
-    )
-    client = await aiohttp_client(create_app(cfg, dsn))
-    client.cfg = cfg
-    client.ca = str(tmp_path / "mqtt-tls" / "ca.pem")
-    return client
+async def mqtt_app(fw_app: Any) -> Any:
+    """The server with its embedded TLS broker (tests/fixtures/firmware.py's fw_app)."""
+    fw_app.ca = str(fw_app.tls.ca_cert)
+    return fw_app
 
 
 async def node(app: Any, world: World, local_id: str = "fridge01", **kw: Any) -> Node:
