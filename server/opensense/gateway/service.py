@@ -23,6 +23,10 @@ from ..presets import VERTICALS
 from ..storage.write import insert_readings
 
 MAX_SERIES = 1000
+# The rule kinds a site gateway evaluates on its own during an outage (the server
+# decides; the sync document lists them in `rule_kinds` and carries only those).
+# Their params go out exactly as alarms/engine.py RULE_KINDS declares them.
+GATEWAY_RULE_KINDS = ("range", "absence")
 HEALTH_KEYS = ("queue_depth", "oldest_unsent_s", "uplink", "last_sync", "dead_letters")
 
 
@@ -182,8 +186,8 @@ async def sync_document(conn: AsyncConnection[Any], gw: Gateway, now: datetime) 
         "SELECT r.id, d.local_id, c.kind, c.label, c.id, r.kind, r.params, r.grace_min, r.severity"
         " FROM rules r JOIN channels c ON c.id = r.channel_id JOIN devices d ON d.id = c.device_id"
         " WHERE d.site_id = %s AND d.account_id = %s AND d.deleted_at IS NULL AND r.enabled"
-        " ORDER BY r.id",
-        (gw.site_id, gw.account_id),
+        " AND r.kind = ANY(%s) ORDER BY r.id",
+        (gw.site_id, gw.account_id, list(GATEWAY_RULE_KINDS)),
     )
     rules = [
         {
@@ -203,7 +207,7 @@ async def sync_document(conn: AsyncConnection[Any], gw: Gateway, now: datetime) 
     defaults = [
         {"type": k, "kind": d.kind, "params": d.params, "grace_min": d.grace_min}
         for k, d in preset.rules.items()
-        if not KINDS[k].auxiliary
+        if not KINDS[k].auxiliary and d.kind in GATEWAY_RULE_KINDS
     ]
     return {
         "gateway": {"id": gw.id, "name": gw.name, "site_id": gw.site_id},
@@ -211,6 +215,7 @@ async def sync_document(conn: AsyncConnection[Any], gw: Gateway, now: datetime) 
         "devices": list(devices.values()),
         "rules": rules,
         "defaults": defaults,
+        "rule_kinds": list(GATEWAY_RULE_KINDS),
         "server_time": now,
     }
 
