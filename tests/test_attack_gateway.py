@@ -17,6 +17,10 @@ its real objects or process:
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+import socket
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +29,13 @@ import pytest
 
 from opensense.alarms import engine
 from opensense.gateway import service as gateways
+from opensense_gateway import mosquitto
 from opensense_gateway import rules as gw_rules
 from opensense_gateway.config import Config as GwConfig
 from opensense_gateway.main import Gateway
 from opensense_gateway.uplink import Api
 
+from .fixtures.processes import free_port
 from .fixtures.server import World
 
 pytestmark = pytest.mark.db
@@ -122,3 +128,191 @@ async def test_every_rule_kind_reaches_the_gateway_engine_with_its_params(
         assert gw_rules.in_range(rng, -2.0) and not gw_rules.in_range(rng, -2.01)
     finally:
         gw.store.close()
+
+
+# --- 14: the local HTTP door --------------------------------------------------------------
+
+NODE_TOKEN = "ds_live_" + "k" * 12 + "_" + "s" * 32
+
+
+def door(tmp_path: Path, **http: Any) -> Gateway:
+    """The gateway's real HTTP door (its own server object and threads), knowing one
+    node of its site the way a sync makes it known: by the token's site hash."""
+    port = free_port()
+    cfg = GwConfig(
+        state_dir=str(tmp_path / "door"),
+        server_url="http://127.0.0.1:9",
+        server_token="gw_x",
+        mqtt_host="",
+        http_listen=http.pop("listen", f"127.0.0.1:{port}"),
+        **http,
+    )
+    gw = Gateway(cfg)
+    gw.apply_sync(
+        {
+            "account_id": "acc_1",
+            "devices": [
+                {
+                    "local_id": "fridge01",
+                    "key_id": "k" * 12,
+                    "site_hash": mosquitto.mosquitto_hash(NODE_TOKEN),
+                }
+            ],
+            "rules": [],
+            "defaults": [],
+        }
+    )
+    gw._thread(gw.writer, "writer")
+    gw.start_http()
+    return gw
+
+
+def stop_door(gw: Gateway) -> None:
+    gw.stop.set()
+    gw.shutdown()
+
+
+def exchange(port: int, head: bytes, body: bytes = b"", wait: float = 5.0) -> tuple[int, Any]:
+    """Send a request head (and maybe part of a body, the socket left open as a slow
+    or endless sender would), and read the answer within `wait` seconds."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
+        s.sendall(head + body)
+        got = b""
+        try:
+            while b"\r\n\r\n" not in got or len(got.split(b"\r\n\r\n", 1)[1]) < _length(got):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+        except TimeoutError:
+            raise AssertionError(f"no answer within {wait} s: the door is still reading") from None
+    status = int(got.split(b" ", 2)[1])
+    return status, json.loads(got.split(b"\r\n\r\n", 1)[1])
+
+
+def _length(got: bytes) -> int:
+    m = re.search(rb"(?i)content-length: *([0-9]+)", got.split(b"\r\n\r\n", 1)[0])
+    return int(m.group(1)) if m else 1 << 30
+
+
+def head(length: str | None, token: str | None = NODE_TOKEN, extra: str = "") -> bytes:
+    lines = ["POST /v1/ingest HTTP/1.1", "Host: gateway", "Content-Type: application/json"]
+    if token:
+        lines.append(f"Authorization: Bearer {token}")
+    if length is not None:
+        lines.append(f"Content-Length: {length}")
+    return ("\r\n".join(lines) + extra + "\r\n\r\n").encode()
+
+
+READING = json.dumps({"measurements": [{"type": "temperature", "value": 4.5}]}).encode()
+
+
+def test_http_door_bounds_the_body_before_reading_and_checks_the_token_first(tmp_path: Path):
+    gw = door(tmp_path)
+    assert gw.http is not None
+    port = gw.http.server_address[1]
+    try:
+        # the finding: a negative length read an unauthenticated body without end
+        status, body = exchange(port, head("-1", token=None), b"x" * 1_000_000)
+        assert (status, body["error"]["code"]) == (400, "invalid_request")
+        assert body["error"]["request_id"].startswith("req_")
+        status, body = exchange(port, head("-1"), b"x" * 1_000_000)
+        assert (status, body["error"]["code"]) == (400, "invalid_request")
+        for bad in ("abc", "+5", " 5_0", "1e3", "99999999999999999999"):
+            status, body = exchange(port, head(bad), b"x" * 100)
+            assert (status, body["error"]["code"]) in ((400, "invalid_request"),), bad
+        status, body = exchange(port, head("5", extra="\r\nContent-Length: 7"), b"x" * 7)
+        assert status == 400  # two lengths: which one? neither
+        # no length at all, or a chunked body: 411
+        status, body = exchange(port, head(None), b"x" * 1000)
+        assert (status, body["error"]["code"]) == (411, "length_required")
+        chunked = head(None, extra="\r\nTransfer-Encoding: chunked")
+        status, body = exchange(port, chunked, b"ffff\r\n" + b"x" * 5000)
+        assert (status, body["error"]["code"]) == (411, "length_required")
+        # too long: refused from the header, nothing read
+        status, body = exchange(port, head(str(64 * 1024 + 1)))
+        assert (status, body["error"]["code"]) == (413, "payload_too_large")
+        # the token is checked before a byte of body is read: a stranger announcing
+        # 60 KiB and sending none gets its 401 at once
+        status, body = exchange(port, head(str(60 * 1024), token=None))
+        assert (status, body["error"]["code"]) == (401, "auth_required")
+        status, body = exchange(port, head(str(60 * 1024), token="ds_live_nope_nope"))
+        assert (status, body["error"]["code"]) == (401, "token_invalid")
+        # and the node of this site still gets in
+        status, body = exchange(port, head(str(len(READING))), READING)
+        assert status == 200 and body["accepted"] == 1, body
+    finally:
+        stop_door(gw)
+
+
+def test_http_door_binds_loopback_by_default_and_lan_needs_tls(tmp_path: Path):
+    # a bare port is loopback
+    gw = door(tmp_path / "a", listen=str(free_port()))
+    try:
+        assert gw.http is not None and gw.http.server_address[0] == "127.0.0.1"
+    finally:
+        stop_door(gw)
+    # a LAN address without TLS is refused at start (node tokens would cross the LAN
+    # in clear), unless the config says so on purpose
+    with pytest.raises(SystemExit, match="TLS"):
+        door(tmp_path / "b", listen=f"0.0.0.0:{free_port()}")
+    # with a certificate the door speaks TLS only
+    cert, key = self_signed(tmp_path)
+    gw = door(
+        tmp_path / "c", listen=f"0.0.0.0:{free_port()}", http_cert_file=cert, http_key_file=key
+    )
+    try:
+        assert gw.http is not None
+        port = gw.http.server_address[1]
+        ctx = ssl.create_default_context(cafile=cert)
+        ctx.check_hostname = False
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            with ctx.wrap_socket(raw) as s:
+                assert s.version() in ("TLSv1.2", "TLSv1.3")
+                s.sendall(head(str(len(READING))) + READING)
+                got = s.recv(65536)
+        assert got.startswith(b"HTTP/1.1 200"), got[:200]
+        # plain HTTP to the TLS door gets nothing but a closed connection
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(head(str(len(READING))) + READING)
+            try:
+                got = s.recv(65536)
+            except ConnectionResetError:
+                got = b""
+            assert not got.startswith(b"HTTP/")
+    finally:
+        stop_door(gw)
+
+
+def self_signed(tmp_path: Path) -> tuple[str, str]:
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    k = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gateway.local")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(k.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(k, hashes.SHA256())
+    )
+    cp, kp = tmp_path / "door.crt", tmp_path / "door.key"
+    cp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    kp.write_bytes(
+        k.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(cp), str(kp)

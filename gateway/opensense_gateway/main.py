@@ -19,7 +19,10 @@ import json
 import logging
 import queue
 import random
+import re
 import signal
+import socket
+import ssl
 import sys
 import threading
 import time
@@ -33,7 +36,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from . import __version__, mosquitto, notify, payload, rules
-from .config import Config, example, load
+from .config import Config, example, http_address, load
 from .store import Store
 from .uplink import Answer, Api, Link, error_text, group
 
@@ -81,7 +84,7 @@ class Gateway:
         self.last_sync = self.store.get_meta("last_sync")
         self.generation = 0  # MQTT connection number: an ack never crosses a reconnect
         self.mqtt: mqtt.Client | None = None
-        self.http: ThreadingHTTPServer | None = None
+        self.http: DoorServer | None = None
         self.token_ok: dict[bytes, str] = {}  # sha256(token) -> local_id, for HTTP intake
         self.qos0_dropped = 0
         # the broker keeps readings for the gateway only once its persistent session
@@ -550,75 +553,15 @@ class Gateway:
         return None
 
     def start_http(self) -> None:
-        host, _, port = self.cfg.http_listen.rpartition(":")
-        gw = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                log.debug("http: " + format, *args)
-
-            def answer(self, status: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def error(self, status: int, code: str, message: str) -> None:
-                rid = "req_" + uuid.uuid4().hex[:16]
-                self.answer(
-                    status, {"error": {"code": code, "message": message, "request_id": rid}}
-                )
-
-            def do_GET(self) -> None:  # noqa: N802
-                if self.path == "/healthz":
-                    self.answer(200, gw.health())
-                else:
-                    self.error(404, "not_found", "only POST /v1/ingest and GET /healthz here")
-
-            def do_POST(self) -> None:  # noqa: N802
-                if self.path.split("?")[0] != "/v1/ingest":
-                    return self.error(404, "not_found", "only POST /v1/ingest here")
-                n = int(self.headers.get("Content-Length") or 0)
-                if n > 64 * 1024:
-                    return self.error(413, "payload_too_large", "the body is over 64 KiB")
-                raw = self.rfile.read(n)
-                auth = self.headers.get("Authorization", "")
-                token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-                if not token:
-                    return self.error(401, "auth_required", "send Authorization: Bearer ds_live_…")
-                device = gw.device_for_token(token)
-                if device is None:
-                    return self.error(
-                        401, "token_invalid", "the token is not a live token of this site"
-                    )
-                try:
-                    named = self.headers.get("X-Device-Id")
-                    if named is not None and named != device:
-                        raise payload.PayloadError(f"this token belongs to {device!r}")
-                    readings = payload.parse(raw, device, gw.clock())
-                except payload.PayloadError as exc:
-                    return self.error(400, "invalid_measurement", str(exc))
-                w = HttpWait(readings)
-                gw.inbox.put(("http", w))
-                if not w.done.wait(30) or w.error:
-                    return self.error(503, "unavailable", w.error or "the gateway is busy")
-                self.answer(
-                    200,
-                    {
-                        "accepted": len(readings),
-                        "deduplicated": 0,
-                        "channels": [],
-                        "queued": len(readings),
-                    },
-                )
-
-        self.http = ThreadingHTTPServer((host or "0.0.0.0", int(port)), Handler)
-        self.http.daemon_threads = True
+        host, port, tls = http_address(self.cfg)
+        ctx: ssl.SSLContext | None = None
+        if tls:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # ESP32 mbedTLS speaks 1.2
+            ctx.load_cert_chain(self.cfg.http_cert_file, self.cfg.http_key_file)
+        self.http = DoorServer((host, port), door_handler(self), ctx)
         self._thread(self.http.serve_forever, "http")
+        log.info("local HTTP door on %s:%d (%s)", host, port, "TLS" if tls else "plain HTTP")
 
     # --- life -------------------------------------------------------------------------
 
@@ -650,6 +593,171 @@ class Gateway:
         for t in self.threads:
             t.join(10)
         self.store.close()
+
+
+# --- the local HTTP door --------------------------------------------------------------
+# Nodes on the LAN that can only POST. Every input is hostile: the length is known and
+# bounded before a byte of body is read, the token is checked before the body is
+# read, each connection has a time limit, and only so many are served at once.
+
+MAX_BODY = 64 * 1024  # the server's own HTTP limit
+DOOR_TIMEOUT_S = 15.0  # per socket operation: a slow or silent client lets go
+DOOR_CONNECTIONS = 64  # served at once; more are closed at accept
+LENGTH = re.compile(r"[0-9]{1,7}")  # digits only: no sign, no spaces, no underscores
+
+
+class DoorServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        tls: ssl.SSLContext | None,
+    ) -> None:
+        self.tls = tls
+        self.slots = threading.BoundedSemaphore(DOOR_CONNECTIONS)
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)  # full: the node retries later
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.tls is None:
+            super().finish_request(request, client_address)
+            return
+        # the handshake runs here, in the connection's own thread and under its
+        # timeout: a client that never finishes it holds one slot, not the door
+        request.settimeout(DOOR_TIMEOUT_S)
+        try:
+            conn = self.tls.wrap_socket(request, server_side=True)
+        except (OSError, ssl.SSLError) as exc:
+            log.debug("http: TLS handshake with %s failed: %s", client_address, exc)
+            return
+        try:
+            super().finish_request(conn, client_address)
+        finally:
+            conn.close()
+
+
+def door_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        timeout = DOOR_TIMEOUT_S
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            log.debug("http: " + format, *args)
+
+        def answer(self, status: int, body: dict[str, Any], close: bool = False) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            if close:
+                # a body left unread must never be taken for the next request
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            self.wfile.write(data)
+
+        def error(self, status: int, code: str, message: str, close: bool = False) -> None:
+            rid = "req_" + uuid.uuid4().hex[:16]
+            self.answer(
+                status, {"error": {"code": code, "message": message, "request_id": rid}}, close
+            )
+
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path == "/healthz":
+                self.answer(200, gw.health())
+            else:
+                self.error(404, "not_found", "only POST /v1/ingest and GET /healthz here")
+
+        def body_length(self) -> int | None:
+            """The body's length from the headers, or None once refused."""
+            if self.headers.get("Transfer-Encoding") is not None:
+                self.error(
+                    411,
+                    "length_required",
+                    "chunked bodies are not taken: send Content-Length",
+                    True,
+                )
+                return None
+            lengths = self.headers.get_all("Content-Length") or []
+            if not lengths:
+                self.error(411, "length_required", "send Content-Length (at most 64 KiB)", True)
+                return None
+            if len(lengths) > 1 or not LENGTH.fullmatch(lengths[0]):
+                self.error(
+                    400,
+                    "invalid_request",
+                    "Content-Length must be one non-negative integer",
+                    True,
+                )
+                return None
+            n = int(lengths[0])
+            if n > MAX_BODY:
+                self.error(413, "payload_too_large", "the body is over 64 KiB", True)
+                return None
+            return n
+
+        def do_POST(self) -> None:  # noqa: N802
+            if self.path.split("?")[0] != "/v1/ingest":
+                return self.error(404, "not_found", "only POST /v1/ingest here", True)
+            n = self.body_length()
+            if n is None:
+                return None
+            auth = self.headers.get("Authorization", "")
+            token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+            if not token:
+                return self.error(
+                    401, "auth_required", "send Authorization: Bearer ds_live_…", True
+                )
+            device = gw.device_for_token(token)
+            if device is None:
+                return self.error(
+                    401, "token_invalid", "the token is not a live token of this site", True
+                )
+            raw = self.rfile.read(n)  # bounded, and only for a node of this site
+            if len(raw) < n:
+                return self.error(400, "invalid_request", "the body ended early", True)
+            try:
+                named = self.headers.get("X-Device-Id")
+                if named is not None and named != device:
+                    raise payload.PayloadError(f"this token belongs to {device!r}")
+                readings = payload.parse(raw, device, gw.clock())
+            except payload.PayloadError as exc:
+                return self.error(400, "invalid_measurement", str(exc))
+            w = HttpWait(readings)
+            gw.inbox.put(("http", w))
+            if not w.done.wait(30) or w.error:
+                return self.error(503, "unavailable", w.error or "the gateway is busy")
+            self.answer(
+                200,
+                {
+                    "accepted": len(readings),
+                    "deduplicated": 0,
+                    "channels": [],
+                    "queued": len(readings),
+                },
+            )
+            return None
+
+    return Handler
 
 
 def main(argv: list[str] | None = None) -> int:
