@@ -21,6 +21,7 @@ import json
 import re
 import socket
 import ssl
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import psycopg
 import pytest
 
 from opensense.alarms import engine
+from opensense.api.jsonutil import rfc3339
 from opensense.gateway import service as gateways
 from opensense_gateway import mosquitto
 from opensense_gateway import rules as gw_rules
@@ -316,3 +318,183 @@ def self_signed(tmp_path: Path) -> tuple[str, str]:
         )
     )
     return str(cp), str(kp)
+
+
+# --- 12: local alerts cannot silence the site ----------------------------------------------
+
+
+@pytest.fixture
+async def alarms(aiohttp_client, dsn, clock, smtp, telegram):
+    """The server with its alarm pipeline (run by hand on the injected clock), one
+    confirmed email recipient and a gateway for the site."""
+    from opensense.app import create_app
+
+    from .fixtures.server import make_world
+    from .test_alarms import alarm_config, email_target
+
+    cfg = alarm_config(clock, smtp, telegram)
+    app = create_app(cfg, dsn)
+    client = await aiohttp_client(app)
+    world = await make_world(dsn, cfg, ("fridge01",))
+    await email_target(client, app, world, smtp, "night@example.test")
+    gid, token = await make_gateway(dsn, world)
+    return client, world, app, gid, token
+
+
+async def post_alert(client: Any, token: str, **times: datetime) -> Any:
+    alert = {
+        "ref": "la-" + "-".join(str(int(t.timestamp())) for t in times.values()),
+        "device": "fridge01",
+        "type": "temperature",
+        "label": "",
+        "path": "smtp",
+        **{k: rfc3339(v) for k, v in times.items()},
+    }
+    return await client.post(
+        "/v1/gateway/local-alerts", headers=auth(token), json={"alerts": [alert]}
+    )
+
+
+async def heard_at(dsn: str, gid: str, t: datetime) -> None:
+    """The server last heard the gateway at `t` (the start of an outage)."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("UPDATE gateways SET last_seen_at = %s WHERE id = %s", (t, gid))
+
+
+async def alarm_statuses(dsn: str, event_id: str) -> list[str]:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT status FROM outbox WHERE event_id = %s AND kind = 'alarm_opened'",
+            (event_id,),
+        )
+        return sorted(r[0] for r in await cur.fetchall())
+
+
+async def stored_alerts(dsn: str, gid: str) -> int:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute("SELECT count(*) FROM local_alerts WHERE gateway_id = %s", (gid,))
+        row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def test_a_local_alert_dated_2099_is_refused_and_later_alarms_are_sent(
+    alarms, dsn, clock, smtp
+):
+    from .test_alarms import evaluate, events, ingest, send
+
+    client, world, app, gid, token = alarms
+    # a real outage of an hour: the server last heard the gateway then
+    await heard_at(dsn, gid, clock() - timedelta(hours=1))
+    far = datetime(2099, 1, 1, tzinfo=UTC)
+    for times in (
+        {"opened_at": far, "notified_at": far},
+        # notified inside the gap, but "opened" in 2099
+        {"opened_at": far, "notified_at": clock() - timedelta(minutes=30)},
+        # notified before the server ever lost the gateway
+        {"opened_at": clock() - timedelta(hours=3), "notified_at": clock() - timedelta(hours=3)},
+        # a clear in the future
+        {
+            "opened_at": clock() - timedelta(minutes=40),
+            "notified_at": clock() - timedelta(minutes=30),
+            "cleared_at": far,
+        },
+    ):
+        r = await post_alert(client, token, **times)
+        assert r.status == 422, (times, await r.text())
+        err = (await r.json())["error"]
+        assert err["code"] == "out_of_range" and err["request_id"].startswith("req_"), err
+    assert await stored_alerts(dsn, gid) == 0  # never half-stored
+
+    # a later alarm of the site reaches people as usual
+    await ingest(client, world, clock, [3.0] * 10 + [9.0] * 30)
+    await evaluate(app)
+    (ev,) = [e for e in await events(client, world) if e["kind"] == "range"]
+    assert await alarm_statuses(dsn, ev["id"]) == ["pending"]
+    await send(app, client)
+    assert any("ALARM" in m["Subject"] for m in smtp.to("night@example.test"))
+
+
+async def test_a_gateway_the_server_never_lost_cannot_post_local_alerts(alarms, clock):
+    client, world, app, gid, token = alarms
+    r = await client.get("/v1/gateway/sync", headers=auth(token))  # heard just now
+    assert r.status == 200
+    t = clock() - timedelta(seconds=1)
+    r = await post_alert(client, token, opened_at=t, notified_at=t)
+    assert r.status == 422 and "no uplink gap" in (await r.json())["error"]["message"]
+
+
+async def the_range_event(alarms: Any) -> Any:
+    from .test_alarms import evaluate, events
+
+    client, world, app, gid, token = alarms
+    await evaluate(app)
+    (ev,) = [e for e in await events(client, world) if e["kind"] == "range"]
+    return ev
+
+
+@pytest.mark.parametrize("how", ["rotated", "deleted"])
+async def test_local_alerts_of_a_rotated_or_deleted_gateway_stop_suppressing(
+    alarms, dsn, clock, how
+):
+    client, world, app, gid, token = alarms
+    await backlog_with_local_alert_then(alarms, dsn, clock, how)
+    ev = await the_range_event(alarms)
+    # the alert was stored while the gateway's token was live; it no longer counts
+    assert await alarm_statuses(dsn, ev["id"]) == ["pending"]
+
+
+async def backlog_with_local_alert_then(alarms: Any, dsn: str, clock: Any, how: str) -> None:
+    from .test_alarms import ingest
+
+    client, world, app, gid, token = alarms
+    t0 = clock() - timedelta(hours=6)
+    await heard_at(dsn, gid, t0)
+    warm = t0 + timedelta(hours=1)
+    r = await post_alert(
+        client,
+        token,
+        opened_at=warm + timedelta(minutes=15),
+        notified_at=warm + timedelta(minutes=16),
+        cleared_at=warm + timedelta(hours=2),
+    )
+    assert r.status == 200, await r.text()
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        if how == "rotated":  # e.g. the gateway box was stolen
+            await gateways.rotate_gateway_token(conn, world.account, gid, 4, clock())
+        elif how == "deleted":
+            await conn.execute("UPDATE gateways SET deleted_at = %s WHERE id = %s", (clock(), gid))
+    values = [9.0 if 12 <= i < 36 else 3.0 for i in range(72)]  # 5-minute readings
+    await ingest(client, world, clock, values, every_min=5, start=t0)
+
+
+async def test_the_same_local_alert_with_a_live_token_does_suppress(alarms, dsn, clock):
+    """The control for the test above: nothing rotated, the alert counts."""
+    await backlog_with_local_alert_then(alarms, dsn, clock, "nothing")
+    ev = await the_range_event(alarms)
+    assert await alarm_statuses(dsn, ev["id"]) == ["local"]
+
+
+async def test_a_local_alert_without_a_clear_expires_after_24_hours(alarms, dsn, clock):
+    from opensense.alarms.outbox import LOCAL_ALERT_TTL
+
+    from .test_alarms import ingest
+
+    client, world, app, gid, token = alarms
+    assert LOCAL_ALERT_TTL == timedelta(hours=24)  # docs/gateway.md says so
+    t0 = clock() - timedelta(hours=30)
+    await heard_at(dsn, gid, t0)
+    warm = t0 + timedelta(hours=1)
+    # posted without a clear (the gateway died, or the clear never came)
+    r = await post_alert(
+        client,
+        token,
+        opened_at=warm + timedelta(minutes=15),
+        notified_at=warm + timedelta(minutes=16),
+    )
+    assert r.status == 200, await r.text()
+    # 29 h later the server opens the alarm from late readings: still too warm
+    values = [3.0 if i < 12 else 9.0 for i in range(30 * 12)]
+    await ingest(client, world, clock, values, every_min=5, start=t0)
+    ev = await the_range_event(alarms)
+    assert ev["started_at"] == rfc3339(warm)
+    assert await alarm_statuses(dsn, ev["id"]) == ["pending"]

@@ -434,7 +434,13 @@ class Gateway:
             )
             log.info("posted %d local alerts", len(alerts))
         elif a.status in (400, 422):
-            log.error("server refused local alerts: %s", error_text(a))
+            # refused as a whole and would be again (e.g. an alarm outside the uplink
+            # gap the server saw): set aside, not resent every round. The server then
+            # notifies for those alarms itself: people may hear twice, never not at all.
+            log.error("server refused %d local alerts: %s", len(alerts), error_text(a))
+            self.store.mark_posted(
+                [x["ref"] for x in alerts], {x["ref"]: x["cleared_at"] for x in alerts}
+            )
             return Answer(200, a.body)
         return a
 

@@ -59,8 +59,10 @@ async def health(request: web.Request) -> web.Response:
 
 @routes.post("/v1/gateway/local-alerts")
 async def local_alerts(request: web.Request) -> web.Response:
+    cfg = request.app[CONFIG]
     gw = await _gateway(request)
     body = parse_json(await request.read())
+    now = cfg.clock()
     async with request.app[POOL].connection() as conn:
-        answer = await service.store_local_alerts(conn, gw, body)
+        answer = await service.store_local_alerts(conn, gw, body, now, oldest_accepted(cfg, now))
     return response(answer)
