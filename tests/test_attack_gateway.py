@@ -21,6 +21,7 @@ import json
 import re
 import socket
 import ssl
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -498,3 +499,82 @@ async def test_a_local_alert_without_a_clear_expires_after_24_hours(alarms, dsn,
     ev = await the_range_event(alarms)
     assert ev["started_at"] == rfc3339(warm)
     assert await alarm_statuses(dsn, ev["id"]) == ["pending"]
+
+
+# --- 19: rotation reaches the site at once --------------------------------------------------
+
+
+@pytest.fixture
+def site_without_periodic_sync(dsn: str, tmp_path: Path) -> Any:
+    """A real server process, a site Mosquitto and the real gateway process whose
+    periodic sync is an hour away: only the push can carry a change in time."""
+    from opensense.settings import Config as ServerConfig
+
+    from .fixtures.processes import ServerProcess
+    from .fixtures.server import make_world
+    from .gateway_rig import GatewayProcess, SiteBroker, wait_for
+
+    async def setup() -> tuple[Any, str]:
+        world = await make_world(dsn, ServerConfig(bcrypt_rounds=4), ("fridge01", "fridge02"))
+        _, token = await make_gateway(dsn, world)
+        return world, token
+
+    world, gw_token = asyncio.run(setup())
+    server = ServerProcess(dsn)
+    broker = SiteBroker(tmp_path / "broker")
+    http_port = free_port()
+    gw = GatewayProcess(
+        tmp_path / "gw",
+        server={"url": server.url, "token": gw_token, "timeout_s": 3},
+        forward={"sync_interval_s": 3600, "health_interval_s": 1},
+        mqtt={
+            "host": "127.0.0.1",
+            "port": broker.port,
+            "password": "gateway-secret",
+            "password_file": broker.passwd,
+            "acl_file": broker.acl,
+            "reload_command": broker.reload_command,
+        },
+        http={"listen": f"127.0.0.1:{http_port}"},
+    )
+    try:
+        wait_for(lambda: "fridge02:" in broker.passwd.read_text(), 30, "the first sync")
+        wait_for(lambda: gw.health().get("uplink") == "up", 30, "the uplink")
+        yield world, gw, broker, f"http://127.0.0.1:{http_port}"
+    except BaseException:
+        print(gw.log_text())
+        raise
+    finally:
+        gw.stop()
+        broker.stop()
+        server.stop()
+
+
+def test_a_rotated_device_token_stops_working_at_the_site_at_once(site_without_periodic_sync, dsn):
+    import time
+
+    from .gateway_rig import connected_node, refused_node, wait_for
+    from .test_gateway_site import post, rotate
+
+    world, gw, broker, local = site_without_periodic_sync
+    old = world.devices["fridge01"]
+    body = {"device": "fridge01", "measurements": [{"type": "temperature", "value": 4.5}]}
+    assert post(local + "/v1/ingest", old, body)[0] == 200
+    node = connected_node(broker.port, world.account, "fridge01", old)
+    dropped = threading.Event()
+    node.c.on_disconnect = lambda *_: dropped.set()
+    node.c.reconnect_delay_set(60, 60)  # no quiet reconnect with the old token meanwhile
+    time.sleep(1)  # the gateway's long-poll is held by now
+
+    new = rotate(dsn, world)
+    rotated = time.monotonic()
+    # the HTTP door refuses the old token within seconds, not at the next sync (1 h)
+    wait_for(lambda: post(local + "/v1/ingest", old, body)[0] == 401, 10, "the door to refuse")
+    # the node connected with the rotated token is dropped by the broker's reload
+    assert dropped.wait(10), "the node with the rotated token is still connected"
+    assert time.monotonic() - rotated < 15
+    node.c.loop_stop()
+    # and cannot come back with it; the new token works at the broker and the door
+    assert refused_node(broker.port, world.account, "fridge01", old)
+    connected_node(broker.port, world.account, "fridge01", new).close()
+    assert post(local + "/v1/ingest", new, body)[0] == 200

@@ -21,6 +21,9 @@ class Config:
     batch_size: int = 2000  # readings per POST /v1/gateway/ingest (server max 5000)
     max_rate: float = 10000.0  # readings/s at most while draining a backlog
     sync_interval_s: float = 300.0  # devices, token hashes, rules
+    # the sync long-poll: the server answers as soon as the site's devices, tokens or
+    # rules change (a rotated token stops working at the site at once); 0 = off
+    sync_wait_s: float = 25.0
     health_interval_s: float = 60.0
     # [mqtt] the site broker ("" host: no MQTT intake)
     mqtt_host: str = "127.0.0.1"
@@ -56,7 +59,7 @@ class Config:
 SECTIONS = {
     "gateway": ("state_dir",),
     "server": ("server_url", "server_token", "server_ca_file", "server_timeout_s"),
-    "forward": ("batch_size", "max_rate", "sync_interval_s", "health_interval_s"),
+    "forward": ("batch_size", "max_rate", "sync_interval_s", "sync_wait_s", "health_interval_s"),
     "mqtt": (
         "mqtt_host",
         "mqtt_port",

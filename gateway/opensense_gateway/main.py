@@ -8,6 +8,8 @@ Threads, each owning one job:
   queue oldest first at a bounded rate, and publishes health;
 - the alarm thread checks absence rules and sends local alerts when the server has
   been out of reach longer than `uplink_down_after_s`;
+- the watch thread holds the sync long-poll: a change of the site's devices, tokens
+  or rules (a rotated token) reaches the site broker at once;
 - the HTTP server thread(s) take POST /v1/ingest.
 """
 
@@ -93,6 +95,8 @@ class Gateway:
         self.forwarded = 0
         self.sent_at = 0.0  # when the last batch was sent (the rate bound)
         self.health_lock = threading.Lock()
+        self.sync_lock = threading.Lock()  # the uplink and the watch both apply syncs
+        self.watch_api: Api | None = None
         self.threads: list[threading.Thread] = []
 
     # --- sync -------------------------------------------------------------------------
@@ -125,11 +129,47 @@ class Gateway:
     def sync(self, api: Api) -> Answer:
         a = api.call("GET", "/v1/gateway/sync")
         if a.status == 200 and isinstance(a.body, dict):
-            self.store.set_meta("sync", json.dumps(a.body))
+            self.take_sync(a.body)
+        return a
+
+    def take_sync(self, doc: dict[str, Any]) -> None:
+        with self.sync_lock:
+            self.store.set_meta("sync", json.dumps(doc))
             self.last_sync = iso(self.clock())
             self.store.set_meta("last_sync", self.last_sync or "")
-            self.apply_sync(a.body)
-        return a
+            self.apply_sync(doc)
+
+    def watch(self) -> None:
+        """The sync long-poll (server push): held open for sync_wait_s; the server
+        answers at once when the site's document changes. A failure only waits and
+        tries again: the uplink thread owns the link state, and its periodic sync
+        stays the fallback. While the WAN is down the site keeps the last synced
+        hashes (a token rotated meanwhile works at the site until the link is back)."""
+        wait = self.cfg.sync_wait_s
+        api = self.watch_api = Api(self.cfg, timeout=wait + self.cfg.server_timeout_s)
+        attempt = 0
+        while not self.stop.is_set():
+            version = self.sync_doc.get("version")
+            if not version or self.link.state == "refused":
+                self.stop.wait(1)  # no sync yet, or an old server: nothing to hold
+                continue
+            try:
+                a = api.call("GET", f"/v1/gateway/sync?wait={wait:g}&version={version}")
+            except Exception:  # the thread must never die
+                log.exception("sync long-poll failed")
+                a = Answer(0, None)
+            if a.status == 200 and isinstance(a.body, dict):
+                if a.body.get("version") != version:
+                    log.info("site changed on the server: synced at once")
+                self.take_sync(a.body)
+                attempt = 0
+            elif a.status == 304:
+                attempt = 0
+            else:
+                api.close()
+                self.stop.wait(rules.backoff(attempt, random.random()))
+                attempt = min(attempt + 1, 6)
+        api.close()
 
     # --- intake: MQTT ------------------------------------------------------------------
 
@@ -581,6 +621,8 @@ class Gateway:
         self._thread(self.writer, "writer")
         self._thread(self.uplink, "uplink")
         self._thread(self.alarm_loop, "alarms")
+        if self.cfg.sync_wait_s > 0:
+            self._thread(self.watch, "watch")
         if self.cfg.mqtt_host:
             self.start_mqtt()
         if self.cfg.http_listen:
@@ -591,6 +633,8 @@ class Gateway:
         self.shutdown()
 
     def shutdown(self) -> None:
+        if self.watch_api is not None:
+            self.watch_api.close()  # a held long-poll returns now
         if self.mqtt is not None:
             self.mqtt.disconnect()
             self.mqtt.loop_stop()

@@ -168,7 +168,7 @@ def absence_seconds(rule: Rule) -> float:
     """The server's `max_gap_s` (engine.py RULE_KINDS); 0 (never fires) only for a
     rule built by hand without it — `local_params` keeps those out of a sync."""
     v = rule.params.get("max_gap_s")
-    return float(v) if _number(v) else 0.0
+    return float(v) if v is not None and _number(v) else 0.0
 
 
 def check_absence(

@@ -4,6 +4,8 @@ batch are split from the I/O so they can be tested alone."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -243,15 +245,20 @@ async def sync_document(conn: AsyncConnection[Any], gw: Gateway, now: datetime) 
         for k, d in preset.rules.items()
         if not KINDS[k].auxiliary and d.kind in GATEWAY_RULE_KINDS
     ]
-    return {
+    doc: dict[str, Any] = {
         "gateway": {"id": gw.id, "name": gw.name, "site_id": gw.site_id},
         "account_id": gw.account_id,
         "devices": list(devices.values()),
         "rules": rules,
         "defaults": defaults,
         "rule_kinds": list(GATEWAY_RULE_KINDS),
-        "server_time": now,
     }
+    # what the gateway holds, for the long-poll to compare (not a secret: the
+    # document's own hash)
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)
+    doc["version"] = hashlib.sha256(canonical.encode()).hexdigest()[:32]
+    doc["server_time"] = now
+    return doc
 
 
 # --- batch ingest ------------------------------------------------------------------
