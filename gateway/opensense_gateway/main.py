@@ -654,6 +654,7 @@ MAX_BODY = 64 * 1024  # the server's own HTTP limit
 DOOR_TIMEOUT_S = 15.0  # per socket operation: a slow or silent client lets go
 DOOR_CONNECTIONS = 64  # served at once; more are closed at accept
 LENGTH = re.compile(r"[0-9]{1,7}")  # digits only: no sign, no spaces, no underscores
+LINGER_S, LINGER_BYTES = 2.0, 1024 * 1024  # the lingering close's bounds
 
 
 class DoorServer(ThreadingHTTPServer):
@@ -686,6 +687,24 @@ class DoorServer(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self.slots.release()
+
+    def shutdown_request(self, request: Any) -> None:
+        """A lingering close, bounded (as nginx's lingering_close): a refused request's
+        unread body would make close() send a reset that can destroy the answer
+        before the client read it. Stop sending, read and drop what is in flight (at
+        most LINGER_BYTES for LINGER_S), then close."""
+        try:
+            request.shutdown(socket.SHUT_WR)
+            request.settimeout(0.5)
+            deadline, dropped = time.monotonic() + LINGER_S, 0
+            while dropped < LINGER_BYTES and time.monotonic() < deadline:
+                chunk = request.recv(65536)
+                if not chunk:
+                    break
+                dropped += len(chunk)
+        except OSError:
+            pass
+        self.close_request(request)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         if self.tls is None:
