@@ -640,9 +640,12 @@ async def test_an_alarm_the_site_gateway_already_raised_locally_is_not_sent_agai
 
     client, world, app = setup
     await email_target(client, app, world, smtp, "night@example.test")
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        _, gw_token = await gateways.create_gateway(conn, world.account, world.site, "back", 4)
     t0 = clock() - timedelta(hours=8)
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        gw, gw_token = await gateways.create_gateway(conn, world.account, world.site, "back", 4)
+        # the server last heard the gateway before the outage (issue 11: a local alert
+        # is taken only for an uplink gap the server saw)
+        await conn.execute("UPDATE gateways SET last_seen_at = %s WHERE id = %s", (t0, gw["id"]))
     await ingest(client, world, clock, [3.0] * 30, start=t0)
     await evaluate(app)
     # the local alert arrives first: the gateway alerted 15 min into the excursion

@@ -27,7 +27,8 @@ REQUEST_ID = re.compile(r"^req_[0-9a-z]{16}$")
 STACK_TRACE = ("Traceback", 'File "', "psycopg", "RuntimeError", "kaboom")
 # Codes declared for the HTTP layer that no request can currently provoke: aiohttp never
 # raises 415 by itself, and nothing answers 503 yet (a database outage is a 500).
-UNREACHABLE = {"unsupported_media_type", "unavailable"}
+# length_required is the site gateway's local door's (tests/test_attack_gateway.py).
+UNREACHABLE = {"unsupported_media_type", "unavailable", "length_required"}
 OPERATOR = "operator-token-for-errors"  # the status feature's operator API
 BIG = b'{"name": "' + b"x" * (65 * 1024) + b'"}'  # > 64 KiB
 HUGE_INT = "1" + "0" * 400  # a JSON integer no float can hold

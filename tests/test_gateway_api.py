@@ -3,11 +3,13 @@ gateway's site (per-reading rejections, exactly once), health, local alerts."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import psycopg
 import pytest
 
+from opensense.api.jsonutil import rfc3339
 from opensense.devices import service
 from opensense.gateway import service as gateways
 from opensense.tokens import site_hash
@@ -138,18 +140,22 @@ async def test_health_and_local_alerts(client, world: World, dsn, clock):
         headers=world.dev_auth("fridge01"),
         json={"device": "fridge01", "measurements": [{"type": "temperature", "value": 4}]},
     )
+    # the server then hears nothing from the gateway for an hour: an uplink gap, in
+    # which the gateway alerted locally (issue 11: only then is a local alert taken)
+    before = clock()
+    clock.advance(hours=1)
     alert = {
         "ref": "a1",
         "device": "fridge01",
         "type": "temperature",
         "label": "",
-        "opened_at": "2026-11-20T10:15:00Z",
-        "notified_at": "2026-11-20T10:15:02Z",
+        "opened_at": rfc3339(before + timedelta(minutes=15)),
+        "notified_at": rfc3339(before + timedelta(minutes=15, seconds=2)),
         "path": "smtp",
     }
     r = await client.post("/v1/gateway/local-alerts", headers=auth(token), json={"alerts": [alert]})
     assert (await r.json()) == {"stored": 1}
-    alert["cleared_at"] = "2026-11-20T11:00:00Z"
+    alert["cleared_at"] = rfc3339(before + timedelta(minutes=50))
     r = await client.post("/v1/gateway/local-alerts", headers=auth(token), json={"alerts": [alert]})
     assert r.status == 200
     async with await psycopg.AsyncConnection.connect(dsn) as conn:

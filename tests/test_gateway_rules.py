@@ -49,7 +49,7 @@ def test_grace_zero_fires_on_the_first_bad_reading_and_resends_are_ignored():
 
 
 def test_absence_on_an_injected_clock():
-    rule = rules.Rule("r", None, "temperature", None, "absence", {"seconds": 300}, 5)
+    rule = rules.Rule("r", None, "temperature", None, "absence", {"max_gap_s": 300}, 5)
     heard = 1000.0
     st = rules.State()
     for now in (1000.0, 1300.0, 1600.0):  # limit is 300 s + 5 min grace = 600 s

@@ -21,6 +21,9 @@ class Config:
     batch_size: int = 2000  # readings per POST /v1/gateway/ingest (server max 5000)
     max_rate: float = 10000.0  # readings/s at most while draining a backlog
     sync_interval_s: float = 300.0  # devices, token hashes, rules
+    # the sync long-poll: the server answers as soon as the site's devices, tokens or
+    # rules change (a rotated token stops working at the site at once); 0 = off
+    sync_wait_s: float = 25.0
     health_interval_s: float = 60.0
     # [mqtt] the site broker ("" host: no MQTT intake)
     mqtt_host: str = "127.0.0.1"
@@ -32,7 +35,12 @@ class Config:
     mqtt_acl_file: str = ""
     mqtt_reload_command: str = ""  # e.g. "systemctl reload mosquitto"
     # [http] local POST /v1/ingest for nodes that can only POST ("" = off)
-    http_listen: str = ""  # host:port
+    http_listen: str = ""  # host:port, or a bare port (= 127.0.0.1:port)
+    http_cert_file: str = ""  # PEM certificate chain: the door speaks TLS (1.2+)
+    http_key_file: str = ""  # its private key
+    # a non-loopback address without TLS is refused at start (tokens would cross the
+    # LAN in clear) unless this says so on purpose
+    http_plaintext: bool = False
     # [alarms]
     uplink_down_after_s: float = 600.0  # warn locally once the server is out this long
     check_interval_s: float = 5.0
@@ -51,7 +59,7 @@ class Config:
 SECTIONS = {
     "gateway": ("state_dir",),
     "server": ("server_url", "server_token", "server_ca_file", "server_timeout_s"),
-    "forward": ("batch_size", "max_rate", "sync_interval_s", "health_interval_s"),
+    "forward": ("batch_size", "max_rate", "sync_interval_s", "sync_wait_s", "health_interval_s"),
     "mqtt": (
         "mqtt_host",
         "mqtt_port",
@@ -62,7 +70,7 @@ SECTIONS = {
         "mqtt_acl_file",
         "mqtt_reload_command",
     ),
-    "http": ("http_listen",),
+    "http": ("http_listen", "http_cert_file", "http_key_file", "http_plaintext"),
     "alarms": (
         "uplink_down_after_s",
         "check_interval_s",
@@ -98,13 +106,46 @@ def load(path: Path) -> Config:
                 raise SystemExit(f"opensense-gateway: unknown key {k!r} in [{sec}] of {path}")
             t = types[name]
             try:
-                values[name] = float(raw) if t == "float" else int(raw) if t == "int" else raw
+                if t == "bool":
+                    values[name] = cp.getboolean(sec, k)
+                else:
+                    values[name] = float(raw) if t == "float" else int(raw) if t == "int" else raw
             except ValueError:
                 raise SystemExit(f"opensense-gateway: [{sec}] {k} must be a {t}") from None
     cfg = Config(**values)  # type: ignore[arg-type]
     if not cfg.server_url or not cfg.server_token.startswith("gw_"):
         raise SystemExit("opensense-gateway: [server] url and token (gw_…) are required")
+    if cfg.http_listen:
+        http_address(cfg)  # a bad [http] section stops the start, not the first request
     return cfg
+
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def http_address(cfg: Config) -> tuple[str, int, bool]:
+    """(host, port, tls) of the local HTTP door. A bare port binds loopback; any
+    other address needs TLS (cert_file and key_file) or `plaintext = yes`."""
+    host, sep, port = cfg.http_listen.rpartition(":")
+    host = host.strip("[]") if sep else ""
+    try:
+        number = int(port)
+    except ValueError:
+        raise SystemExit(
+            f"opensense-gateway: [http] listen {cfg.http_listen!r}: host:port"
+        ) from None
+    if not 0 < number < 65536:
+        raise SystemExit(f"opensense-gateway: [http] listen port {number} is out of range")
+    tls = bool(cfg.http_cert_file or cfg.http_key_file)
+    if tls and not (cfg.http_cert_file and cfg.http_key_file):
+        raise SystemExit("opensense-gateway: [http] cert_file and key_file go together")
+    host = host or "127.0.0.1"
+    if host not in LOOPBACK and not tls and not cfg.http_plaintext:
+        raise SystemExit(
+            f"opensense-gateway: [http] listen {cfg.http_listen!r} is reachable from the LAN:"
+            " set cert_file and key_file (TLS), or plaintext = yes to send node tokens in clear"
+        )
+    return host, number, tls
 
 
 def example() -> str:

@@ -8,6 +8,8 @@ Threads, each owning one job:
   queue oldest first at a bounded rate, and publishes health;
 - the alarm thread checks absence rules and sends local alerts when the server has
   been out of reach longer than `uplink_down_after_s`;
+- the watch thread holds the sync long-poll: a change of the site's devices, tokens
+  or rules (a rotated token) reaches the site broker at once;
 - the HTTP server thread(s) take POST /v1/ingest.
 """
 
@@ -19,7 +21,10 @@ import json
 import logging
 import queue
 import random
+import re
 import signal
+import socket
+import ssl
 import sys
 import threading
 import time
@@ -33,7 +38,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from . import __version__, mosquitto, notify, payload, rules
-from .config import Config, example, load
+from .config import Config, example, http_address, load
 from .store import Store
 from .uplink import Answer, Api, Link, error_text, group
 
@@ -81,7 +86,7 @@ class Gateway:
         self.last_sync = self.store.get_meta("last_sync")
         self.generation = 0  # MQTT connection number: an ack never crosses a reconnect
         self.mqtt: mqtt.Client | None = None
-        self.http: ThreadingHTTPServer | None = None
+        self.http: DoorServer | None = None
         self.token_ok: dict[bytes, str] = {}  # sha256(token) -> local_id, for HTTP intake
         self.qos0_dropped = 0
         # the broker keeps readings for the gateway only once its persistent session
@@ -90,6 +95,8 @@ class Gateway:
         self.forwarded = 0
         self.sent_at = 0.0  # when the last batch was sent (the rate bound)
         self.health_lock = threading.Lock()
+        self.sync_lock = threading.Lock()  # the uplink and the watch both apply syncs
+        self.watch_api: Api | None = None
         self.threads: list[threading.Thread] = []
 
     # --- sync -------------------------------------------------------------------------
@@ -122,11 +129,47 @@ class Gateway:
     def sync(self, api: Api) -> Answer:
         a = api.call("GET", "/v1/gateway/sync")
         if a.status == 200 and isinstance(a.body, dict):
-            self.store.set_meta("sync", json.dumps(a.body))
+            self.take_sync(a.body)
+        return a
+
+    def take_sync(self, doc: dict[str, Any]) -> None:
+        with self.sync_lock:
+            self.store.set_meta("sync", json.dumps(doc))
             self.last_sync = iso(self.clock())
             self.store.set_meta("last_sync", self.last_sync or "")
-            self.apply_sync(a.body)
-        return a
+            self.apply_sync(doc)
+
+    def watch(self) -> None:
+        """The sync long-poll (server push): held open for sync_wait_s; the server
+        answers at once when the site's document changes. A failure only waits and
+        tries again: the uplink thread owns the link state, and its periodic sync
+        stays the fallback. While the WAN is down the site keeps the last synced
+        hashes (a token rotated meanwhile works at the site until the link is back)."""
+        wait = self.cfg.sync_wait_s
+        api = self.watch_api = Api(self.cfg, timeout=wait + self.cfg.server_timeout_s)
+        attempt = 0
+        while not self.stop.is_set():
+            version = self.sync_doc.get("version")
+            if not version or self.link.state == "refused":
+                self.stop.wait(1)  # no sync yet, or an old server: nothing to hold
+                continue
+            try:
+                a = api.call("GET", f"/v1/gateway/sync?wait={wait:g}&version={version}")
+            except Exception:  # the thread must never die
+                log.exception("sync long-poll failed")
+                a = Answer(0, None)
+            if a.status == 200 and isinstance(a.body, dict):
+                if a.body.get("version") != version:
+                    log.info("site changed on the server: synced at once")
+                self.take_sync(a.body)
+                attempt = 0
+            elif a.status == 304:
+                attempt = 0
+            else:
+                api.close()
+                self.stop.wait(rules.backoff(attempt, random.random()))
+                attempt = min(attempt + 1, 6)
+        api.close()
 
     # --- intake: MQTT ------------------------------------------------------------------
 
@@ -431,7 +474,13 @@ class Gateway:
             )
             log.info("posted %d local alerts", len(alerts))
         elif a.status in (400, 422):
-            log.error("server refused local alerts: %s", error_text(a))
+            # refused as a whole and would be again (e.g. an alarm outside the uplink
+            # gap the server saw): set aside, not resent every round. The server then
+            # notifies for those alarms itself: people may hear twice, never not at all.
+            log.error("server refused %d local alerts: %s", len(alerts), error_text(a))
+            self.store.mark_posted(
+                [x["ref"] for x in alerts], {x["ref"]: x["cleared_at"] for x in alerts}
+            )
             return Answer(200, a.body)
         return a
 
@@ -550,75 +599,15 @@ class Gateway:
         return None
 
     def start_http(self) -> None:
-        host, _, port = self.cfg.http_listen.rpartition(":")
-        gw = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                log.debug("http: " + format, *args)
-
-            def answer(self, status: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def error(self, status: int, code: str, message: str) -> None:
-                rid = "req_" + uuid.uuid4().hex[:16]
-                self.answer(
-                    status, {"error": {"code": code, "message": message, "request_id": rid}}
-                )
-
-            def do_GET(self) -> None:  # noqa: N802
-                if self.path == "/healthz":
-                    self.answer(200, gw.health())
-                else:
-                    self.error(404, "not_found", "only POST /v1/ingest and GET /healthz here")
-
-            def do_POST(self) -> None:  # noqa: N802
-                if self.path.split("?")[0] != "/v1/ingest":
-                    return self.error(404, "not_found", "only POST /v1/ingest here")
-                n = int(self.headers.get("Content-Length") or 0)
-                if n > 64 * 1024:
-                    return self.error(413, "payload_too_large", "the body is over 64 KiB")
-                raw = self.rfile.read(n)
-                auth = self.headers.get("Authorization", "")
-                token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-                if not token:
-                    return self.error(401, "auth_required", "send Authorization: Bearer ds_live_…")
-                device = gw.device_for_token(token)
-                if device is None:
-                    return self.error(
-                        401, "token_invalid", "the token is not a live token of this site"
-                    )
-                try:
-                    named = self.headers.get("X-Device-Id")
-                    if named is not None and named != device:
-                        raise payload.PayloadError(f"this token belongs to {device!r}")
-                    readings = payload.parse(raw, device, gw.clock())
-                except payload.PayloadError as exc:
-                    return self.error(400, "invalid_measurement", str(exc))
-                w = HttpWait(readings)
-                gw.inbox.put(("http", w))
-                if not w.done.wait(30) or w.error:
-                    return self.error(503, "unavailable", w.error or "the gateway is busy")
-                self.answer(
-                    200,
-                    {
-                        "accepted": len(readings),
-                        "deduplicated": 0,
-                        "channels": [],
-                        "queued": len(readings),
-                    },
-                )
-
-        self.http = ThreadingHTTPServer((host or "0.0.0.0", int(port)), Handler)
-        self.http.daemon_threads = True
+        host, port, tls = http_address(self.cfg)
+        ctx: ssl.SSLContext | None = None
+        if tls:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # ESP32 mbedTLS speaks 1.2
+            ctx.load_cert_chain(self.cfg.http_cert_file, self.cfg.http_key_file)
+        self.http = DoorServer((host, port), door_handler(self), ctx)
         self._thread(self.http.serve_forever, "http")
+        log.info("local HTTP door on %s:%d (%s)", host, port, "TLS" if tls else "plain HTTP")
 
     # --- life -------------------------------------------------------------------------
 
@@ -632,6 +621,8 @@ class Gateway:
         self._thread(self.writer, "writer")
         self._thread(self.uplink, "uplink")
         self._thread(self.alarm_loop, "alarms")
+        if self.cfg.sync_wait_s > 0:
+            self._thread(self.watch, "watch")
         if self.cfg.mqtt_host:
             self.start_mqtt()
         if self.cfg.http_listen:
@@ -642,6 +633,8 @@ class Gateway:
         self.shutdown()
 
     def shutdown(self) -> None:
+        if self.watch_api is not None:
+            self.watch_api.close()  # a held long-poll returns now
         if self.mqtt is not None:
             self.mqtt.disconnect()
             self.mqtt.loop_stop()
@@ -650,6 +643,190 @@ class Gateway:
         for t in self.threads:
             t.join(10)
         self.store.close()
+
+
+# --- the local HTTP door --------------------------------------------------------------
+# Nodes on the LAN that can only POST. Every input is hostile: the length is known and
+# bounded before a byte of body is read, the token is checked before the body is
+# read, each connection has a time limit, and only so many are served at once.
+
+MAX_BODY = 64 * 1024  # the server's own HTTP limit
+DOOR_TIMEOUT_S = 15.0  # per socket operation: a slow or silent client lets go
+DOOR_CONNECTIONS = 64  # served at once; more are closed at accept
+LENGTH = re.compile(r"[0-9]{1,7}")  # digits only: no sign, no spaces, no underscores
+LINGER_S, LINGER_BYTES = 2.0, 1024 * 1024  # the lingering close's bounds
+
+
+class DoorServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        tls: ssl.SSLContext | None,
+    ) -> None:
+        self.tls = tls
+        self.slots = threading.BoundedSemaphore(DOOR_CONNECTIONS)
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)  # full: the node retries later
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def shutdown_request(self, request: Any) -> None:
+        """A lingering close, bounded (as nginx's lingering_close): a refused request's
+        unread body would make close() send a reset that can destroy the answer
+        before the client read it. Stop sending, read and drop what is in flight (at
+        most LINGER_BYTES for LINGER_S), then close."""
+        try:
+            request.shutdown(socket.SHUT_WR)
+            request.settimeout(0.5)
+            deadline, dropped = time.monotonic() + LINGER_S, 0
+            while dropped < LINGER_BYTES and time.monotonic() < deadline:
+                chunk = request.recv(65536)
+                if not chunk:
+                    break
+                dropped += len(chunk)
+        except OSError:
+            pass
+        self.close_request(request)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.tls is None:
+            super().finish_request(request, client_address)
+            return
+        # the handshake runs here, in the connection's own thread and under its
+        # timeout: a client that never finishes it holds one slot, not the door
+        request.settimeout(DOOR_TIMEOUT_S)
+        try:
+            conn = self.tls.wrap_socket(request, server_side=True)
+        except (OSError, ssl.SSLError) as exc:
+            log.debug("http: TLS handshake with %s failed: %s", client_address, exc)
+            return
+        try:
+            super().finish_request(conn, client_address)
+        finally:
+            conn.close()
+
+
+def door_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        timeout = DOOR_TIMEOUT_S
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            log.debug("http: " + format, *args)
+
+        def answer(self, status: int, body: dict[str, Any], close: bool = False) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            if close:
+                # a body left unread must never be taken for the next request
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            self.wfile.write(data)
+
+        def error(self, status: int, code: str, message: str, close: bool = False) -> None:
+            rid = "req_" + uuid.uuid4().hex[:16]
+            self.answer(
+                status, {"error": {"code": code, "message": message, "request_id": rid}}, close
+            )
+
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path == "/healthz":
+                self.answer(200, gw.health())
+            else:
+                self.error(404, "not_found", "only POST /v1/ingest and GET /healthz here")
+
+        def body_length(self) -> int | None:
+            """The body's length from the headers, or None once refused."""
+            if self.headers.get("Transfer-Encoding") is not None:
+                self.error(
+                    411,
+                    "length_required",
+                    "chunked bodies are not taken: send Content-Length",
+                    True,
+                )
+                return None
+            lengths = self.headers.get_all("Content-Length") or []
+            if not lengths:
+                self.error(411, "length_required", "send Content-Length (at most 64 KiB)", True)
+                return None
+            if len(lengths) > 1 or not LENGTH.fullmatch(lengths[0]):
+                self.error(
+                    400,
+                    "invalid_request",
+                    "Content-Length must be one non-negative integer",
+                    True,
+                )
+                return None
+            n = int(lengths[0])
+            if n > MAX_BODY:
+                self.error(413, "payload_too_large", "the body is over 64 KiB", True)
+                return None
+            return n
+
+        def do_POST(self) -> None:  # noqa: N802
+            if self.path.split("?")[0] != "/v1/ingest":
+                return self.error(404, "not_found", "only POST /v1/ingest here", True)
+            n = self.body_length()
+            if n is None:
+                return None
+            auth = self.headers.get("Authorization", "")
+            token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+            if not token:
+                return self.error(
+                    401, "auth_required", "send Authorization: Bearer ds_live_…", True
+                )
+            device = gw.device_for_token(token)
+            if device is None:
+                return self.error(
+                    401, "token_invalid", "the token is not a live token of this site", True
+                )
+            raw = self.rfile.read(n)  # bounded, and only for a node of this site
+            if len(raw) < n:
+                return self.error(400, "invalid_request", "the body ended early", True)
+            try:
+                named = self.headers.get("X-Device-Id")
+                if named is not None and named != device:
+                    raise payload.PayloadError(f"this token belongs to {device!r}")
+                readings = payload.parse(raw, device, gw.clock())
+            except payload.PayloadError as exc:
+                return self.error(400, "invalid_measurement", str(exc))
+            w = HttpWait(readings)
+            gw.inbox.put(("http", w))
+            if not w.done.wait(30) or w.error:
+                return self.error(503, "unavailable", w.error or "the gateway is busy")
+            self.answer(
+                200,
+                {
+                    "accepted": len(readings),
+                    "deduplicated": 0,
+                    "channels": [],
+                    "queued": len(readings),
+                },
+            )
+            return None
+
+    return Handler
 
 
 def main(argv: list[str] | None = None) -> int:

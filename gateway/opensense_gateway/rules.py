@@ -8,13 +8,31 @@ these only decide when to warn locally while the server cannot.
   alarm opens at the first reading at least grace_min after that start (so it fires
   within grace + one cadence). A reading back in range clears it. Reading time is
   the node's clock, so a backlog replayed fast behaves like the real minutes.
-- absence: no reading received for `seconds` (+ grace) by the gateway's clock.
+- absence: no reading received for `max_gap_s` (+ grace) by the gateway's clock.
+
+The server decides which rule kinds a gateway runs (the sync document's
+`rule_kinds`, today range and absence) and sends their params exactly as its own
+engine takes them (server/opensense/alarms/engine.py RULE_KINDS). `local_params`
+reads them strictly: a rule whose params the gateway cannot read is skipped with a
+warning, never run with a made-up 0 (issue 11: absence rules never fired because
+the gateway read `seconds` where the server sends `max_gap_s`).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, replace
 from typing import Any
+
+log = logging.getLogger("opensense-gateway")
+
+# The kinds this gateway can evaluate, with the params it reads (names as the
+# server's engine declares them). Required params are listed first.
+LOCAL_KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "range": ((), ("ok_min", "ok_max")),
+    "absence": (("max_gap_s",), ()),
+}
 
 
 @dataclass(frozen=True)
@@ -44,34 +62,74 @@ class Event:
     value: float | None
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def local_params(kind: str, params: Any) -> dict[str, float] | None:
+    """The params of a rule this gateway runs, as numbers; None (with the reason
+    logged) when the gateway cannot run it as the server means it."""
+    spec = LOCAL_KINDS.get(kind)
+    if spec is None or not isinstance(params, dict):
+        return None
+    required, optional = spec
+    out: dict[str, float] = {}
+    for k in required:
+        if not _number(params.get(k)):
+            log.warning("a synced %s rule has no numeric %s; not run locally", kind, k)
+            return None
+        out[k] = float(params[k])
+    for k in optional:
+        if _number(params.get(k)):
+            out[k] = float(params[k])
+    if kind == "range" and not out:
+        log.warning("a synced range rule has neither ok_min nor ok_max; not run locally")
+        return None
+    if kind == "absence" and out["max_gap_s"] <= 0:
+        return None
+    return out
+
+
 def rules_from_sync(doc: dict[str, Any]) -> list[Rule]:
-    out = [
-        Rule(
-            r["id"],
-            r["device"],
-            r["type"],
-            r.get("label") or "",
-            r["kind"],
-            dict(r.get("params") or {}),
-            int(r.get("grace_min") or 0),
-            r.get("severity") or "alarm",
-        )
-        for r in doc.get("rules", [])
-        if r.get("kind") in ("range", "absence")
-    ]
-    out += [
-        Rule(
-            f"default:{d['type']}",
-            None,
-            d["type"],
-            None,
-            d["kind"],
-            dict(d.get("params") or {}),
-            int(d.get("grace_min") or 0),
-        )
-        for d in doc.get("defaults", [])
-        if d.get("kind") in ("range", "absence")
-    ]
+    """The rules of a sync document this gateway runs: only the kinds the server
+    lists in `rule_kinds` (a server without the list: range and absence) that this
+    gateway knows, each with strictly read params."""
+    kinds = doc.get("rule_kinds")
+    runs = set(LOCAL_KINDS) & (set(kinds) if isinstance(kinds, list) else set(LOCAL_KINDS))
+    out: list[Rule] = []
+    for r in doc.get("rules", []):
+        if r.get("kind") not in runs:
+            continue
+        params = local_params(r["kind"], r.get("params"))
+        if params is not None:
+            out.append(
+                Rule(
+                    r["id"],
+                    r["device"],
+                    r["type"],
+                    r.get("label") or "",
+                    r["kind"],
+                    params,
+                    int(r.get("grace_min") or 0),
+                    r.get("severity") or "alarm",
+                )
+            )
+    for d in doc.get("defaults", []):
+        if d.get("kind") not in runs:
+            continue
+        params = local_params(d["kind"], d.get("params"))
+        if params is not None:
+            out.append(
+                Rule(
+                    f"default:{d['type']}",
+                    None,
+                    d["type"],
+                    None,
+                    d["kind"],
+                    params,
+                    int(d.get("grace_min") or 0),
+                )
+            )
     return out
 
 
@@ -107,11 +165,10 @@ def step_range(rule: Rule, st: State, ts: float, value: float) -> tuple[State, E
 
 
 def absence_seconds(rule: Rule) -> float:
-    p = rule.params
-    for k in ("seconds", "after_s", "no_data_s"):
-        if isinstance(p.get(k), int | float):
-            return float(p[k])
-    return 0.0
+    """The server's `max_gap_s` (engine.py RULE_KINDS); 0 (never fires) only for a
+    rule built by hand without it — `local_params` keeps those out of a sync."""
+    v = rule.params.get("max_gap_s")
+    return float(v) if v is not None and _number(v) else 0.0
 
 
 def check_absence(

@@ -23,13 +23,13 @@ class Answer:
 
 
 class Api:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, timeout: float | None = None) -> None:
         u = urllib.parse.urlsplit(cfg.server_url)
         self.https = u.scheme == "https"
         self.host = u.hostname or "localhost"
         self.port = u.port or (443 if self.https else 80)
         self.base = u.path.rstrip("/")
-        self.timeout = cfg.server_timeout_s
+        self.timeout = cfg.server_timeout_s if timeout is None else timeout
         self.token = cfg.server_token
         self.ctx: ssl.SSLContext | None = None
         if self.https:

@@ -30,6 +30,7 @@ from .api.keys import (
 from .api.middleware import error_middleware
 from .api.requestlog import RequestLog
 from .devices.routes import routes as device_routes
+from .gateway import push as gateway_push
 from .gateway.routes import routes as gateway_routes
 from .ingest.routes import routes as ingest_routes
 from .ingest.validate import MAX_BODY_BYTES
@@ -194,4 +195,5 @@ def create_app(config: Config, dsn: str) -> web.Application:
     ):
         app.router.add_routes(table)
     app.router.add_routes(gateway_routes)
+    gateway_push.setup(app)  # the gateways' sync long-poll (push)
     return app

@@ -34,6 +34,7 @@ CODES: dict[str, int] = {
     "conflict": 409,
     "incident_resolved": 409,
     "event_state": 409,
+    "length_required": 411,  # the site gateway's local HTTP door (docs/gateway.md)
     "payload_too_large": 413,
     "unsupported_media_type": 415,
     "out_of_range": 422,

@@ -793,9 +793,26 @@ def gateway_paths() -> S:
     return {
         "/v1/gateway/sync": {
             "get": op(
-                "The gateway's site: devices with token site hashes, rules, default rules",
-                {**ok(200, {"type": "object"}), **err(401)},
+                "The gateway's site: devices with token site hashes, rules, default rules."
+                " With wait and version, a long-poll answered as soon as the site changes",
+                {
+                    **ok(200, {"type": "object"}),
+                    "304": {"description": "wait ran out and the site is unchanged"},
+                    **err(400, 401),
+                },
                 security=gw,
+                parameters=[
+                    q(
+                        "wait",
+                        {"type": "number", "minimum": 0, "maximum": 55},
+                        "hold the request up to this many seconds for a change (long-poll)",
+                    ),
+                    q(
+                        "version",
+                        {"type": "string", "maxLength": 128},
+                        "the document's version the gateway holds (with wait)",
+                    ),
+                ],
             )
         },
         "/v1/gateway/ingest": {
@@ -825,7 +842,10 @@ def gateway_paths() -> S:
         "/v1/gateway/local-alerts": {
             "post": op(
                 "Record alarms the gateway raised locally while the server was unreachable",
-                {**ok(200, obj({"stored": {"type": "integer"}}, ("stored",))), **err(401)},
+                {
+                    **ok(200, obj({"stored": {"type": "integer"}}, ("stored",))),
+                    **err(400, 401, 422),
+                },
                 security=gw,
                 requestBody=body(
                     obj(

@@ -183,7 +183,7 @@ async def enqueue_opened(
     quiet = await silenced(conn, ev["account_id"], site_id, ev["channel_id"], now)
     status = "silenced" if quiet else "pending"
     payload = message(kind, ev, ctx)
-    local = await covered_locally(conn, ev) if kind == "alarm_opened" else None
+    local = await covered_locally(conn, ev, now) if kind == "alarm_opened" else None
     for t in targets:  # machines hear everything at once
         if t["path"] == "webhook":
             await put(
@@ -202,20 +202,38 @@ async def enqueue_opened(
             )  # fmt: skip
 
 
-async def covered_locally(conn: AsyncConnection[Any], ev: dict[str, Any]) -> dict[str, Any] | None:
+# A local alert without a clear stands for people having been told for this long
+# (docs/gateway.md): after that the server's alarm notifies again.
+LOCAL_ALERT_TTL = timedelta(hours=24)
+
+
+async def covered_locally(
+    conn: AsyncConnection[Any], ev: dict[str, Any], now: datetime
+) -> dict[str, Any] | None:
     """The site gateway's local alert that already told people of this alarm, if any.
 
     A gateway alerts locally while the server is out of reach and posts its local_alerts
     before it forwards the backlog (docs/gateway.md), so by the time the late readings
     open this event here, the row is in. Same channel (and rule, when the gateway names
     it), and the local alarm went off during this excursion (between its true start and
-    its end): the people were woken once; they are not woken again for it. Webhooks (machines) still hear the event, so integrations keep the full record."""
+    its end): the people were woken once; they are not woken again for it. Webhooks (machines) still hear the event, so integrations keep the full record.
+    Only alerts posted with the gateway's live token count (a rotated or deleted
+    gateway's alerts do not), and one without a clear only for LOCAL_ALERT_TTL."""
     cur = await conn.execute(
-        "SELECT gateway_id, path, opened_at FROM local_alerts"
-        " WHERE channel_id = %s AND (rule_id IS NULL OR rule_id = %s)"
-        " AND opened_at BETWEEN %s AND coalesce(%s, 'infinity'::timestamptz)"
-        " ORDER BY opened_at LIMIT 1",
-        (ev["channel_id"], ev.get("rule_id"), ev["started_at"], ev.get("cleared_at")),
+        "SELECT l.gateway_id, l.path, l.opened_at FROM local_alerts l"
+        " JOIN gateways g ON g.id = l.gateway_id AND g.deleted_at IS NULL"
+        " JOIN tokens t ON t.id = l.token_id AND t.revoked_at IS NULL"
+        " WHERE l.channel_id = %s AND (l.rule_id IS NULL OR l.rule_id = %s)"
+        " AND l.opened_at BETWEEN %s AND coalesce(%s, 'infinity'::timestamptz)"
+        " AND (l.cleared_at IS NOT NULL OR l.opened_at > %s)"
+        " ORDER BY l.opened_at LIMIT 1",
+        (
+            ev["channel_id"],
+            ev.get("rule_id"),
+            ev["started_at"],
+            ev.get("cleared_at"),
+            now - LOCAL_ALERT_TTL,
+        ),
     )
     row = await cur.fetchone()
     if row is None:

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from aiohttp import web
 
 from ..api.auth import bearer
 from ..api.jsonutil import response
 from ..api.keys import CONFIG, LOG_ACCOUNT, POOL, VERIFIER
+from ..errors import ApiError
 from ..ingest.routes import oldest_accepted
 from ..ingest.validate import parse_json
 from . import service
+from .push import SYNC_WATCH
 
 routes = web.RouteTableDef()
 
 # A batch of 5,000 readings in the columnar form is about 60 KiB; leave room.
 MAX_BATCH_BYTES = 1024 * 1024
+# The longest a sync long-poll is held: under the 60 s idle timeout of common proxies.
+MAX_WAIT_S = 55
 
 
 async def _gateway(request: web.Request) -> service.Gateway:
@@ -27,10 +34,55 @@ async def _gateway(request: web.Request) -> service.Gateway:
 
 @routes.get("/v1/gateway/sync")
 async def sync(request: web.Request) -> web.Response:
+    """The sync document. With `wait` (seconds) and the `version` the gateway holds,
+    a long-poll: answered at once if the document differs, else held until the
+    site's document changes (push, docs/gateway.md) or `wait` runs out (304)."""
+    cfg = request.app[CONFIG]
     gw = await _gateway(request)
-    async with request.app[POOL].connection() as conn:
-        doc = await service.sync_document(conn, gw, request.app[CONFIG].clock())
-    return response(doc)
+    wait, held = _wait(request)
+    if not wait:
+        async with request.app[POOL].connection() as conn:
+            doc = await service.sync_document(conn, gw, cfg.clock())
+        return response(doc)
+    watch = request.app[SYNC_WATCH]
+    deadline = time.monotonic() + wait
+    try:
+        while True:
+            # watch before reading, so a change made in between is not missed
+            changed = watch.watch(gw.site_id)
+            try:
+                async with request.app[POOL].connection() as conn:
+                    doc = await service.sync_document(conn, gw, cfg.clock())
+                if doc["version"] != held:
+                    return response(doc)
+                left = deadline - time.monotonic()
+                if left <= 0 or watch.closing:
+                    return web.Response(status=304)
+                try:
+                    await asyncio.wait_for(changed.wait(), left)
+                except TimeoutError:
+                    return web.Response(status=304)
+            finally:
+                watch.forget(gw.site_id, changed)
+    finally:
+        # the end of a long-poll is a call too: a gateway holding one is up
+        async with request.app[POOL].connection() as conn:
+            await service.heard(conn, gw.id, cfg.clock())
+
+
+def _wait(request: web.Request) -> tuple[float, str]:
+    raw, held = request.query.get("wait"), request.query.get("version", "")
+    if raw is None:
+        return 0.0, held
+    try:
+        wait = float(raw)
+    except ValueError:
+        wait = -1.0
+    if not 0 <= wait <= MAX_WAIT_S:
+        raise ApiError("invalid_request", f"wait must be 0..{MAX_WAIT_S} seconds")
+    if wait and not 0 < len(held) <= 128:
+        raise ApiError("invalid_request", "a long-poll (wait) needs the version held")
+    return wait, held
 
 
 @routes.post("/v1/gateway/ingest")
@@ -59,8 +111,10 @@ async def health(request: web.Request) -> web.Response:
 
 @routes.post("/v1/gateway/local-alerts")
 async def local_alerts(request: web.Request) -> web.Response:
+    cfg = request.app[CONFIG]
     gw = await _gateway(request)
     body = parse_json(await request.read())
+    now = cfg.clock()
     async with request.app[POOL].connection() as conn:
-        answer = await service.store_local_alerts(conn, gw, body)
+        answer = await service.store_local_alerts(conn, gw, body, now, oldest_accepted(cfg, now))
     return response(answer)

@@ -4,6 +4,8 @@ batch are split from the I/O so they can be tested alone."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -23,7 +25,20 @@ from ..presets import VERTICALS
 from ..storage.write import insert_readings
 
 MAX_SERIES = 1000
+# The rule kinds a site gateway evaluates on its own during an outage (the server
+# decides; the sync document lists them in `rule_kinds` and carries only those).
+# Their params go out exactly as alarms/engine.py RULE_KINDS declares them.
+GATEWAY_RULE_KINDS = ("range", "absence")
 HEALTH_KEYS = ("queue_depth", "oldest_unsent_s", "uplink", "last_sync", "dead_letters")
+# A silence longer than this between two calls of a gateway is an uplink gap. A
+# gateway that is up holds its sync long-poll open and renews it at once (each end
+# counts as a call), so while the link works it is never silent this long; an old
+# gateway without the long-poll calls every health_interval_s, and each idle minute
+# is then a (real, harmless) gap of its own.
+GAP = timedelta(seconds=10)
+# Clocks differ (server, gateway, nodes) and a long-poll answered into a dead link
+# still counts as a call: the bounds of a local alert give this much.
+SLACK = MAX_FUTURE
 
 
 @dataclass(frozen=True)
@@ -33,6 +48,10 @@ class Gateway:
     site_id: str
     name: str
     vertical: str
+    token_id: str = ""
+    # the last uplink gap as the server saw it (None: the gateway never had one)
+    gap_from: datetime | None = None
+    gap_to: datetime | None = None
 
 
 # --- management --------------------------------------------------------------------
@@ -149,7 +168,28 @@ async def authenticate(
     )
     if row[8] is not None:
         raise ApiError("token_invalid", "the token's gateway was deleted")
-    return Gateway(row[4], row[5], row[6], row[7], row[9])
+    gap = await heard(conn, row[4], now)
+    return Gateway(row[4], row[5], row[6], row[7], row[9], row[0], gap[0], gap[1])
+
+
+async def heard(
+    conn: AsyncConnection[Any], gateway_id: str, now: datetime
+) -> tuple[datetime | None, datetime | None]:
+    """Record a call of the gateway; a silence longer than GAP before it becomes the
+    gateway's last uplink gap (from its last call before, to this one). The server's
+    own record, so a gateway cannot claim an outage the server did not see."""
+    cur = await conn.execute(
+        "UPDATE gateways SET"
+        " gap_from = CASE WHEN coalesce(last_seen_at, created_at) < %(edge)s"
+        "  THEN coalesce(last_seen_at, created_at) ELSE gap_from END,"
+        " gap_to = CASE WHEN coalesce(last_seen_at, created_at) < %(edge)s"
+        "  THEN %(now)s ELSE gap_to END,"
+        " last_seen_at = greatest(last_seen_at, %(now)s)"
+        " WHERE id = %(id)s RETURNING gap_from, gap_to",
+        {"edge": now - GAP, "now": now, "id": gateway_id},
+    )
+    row = await cur.fetchone()
+    return (row[0], row[1]) if row else (None, None)
 
 
 # --- sync --------------------------------------------------------------------------
@@ -182,8 +222,8 @@ async def sync_document(conn: AsyncConnection[Any], gw: Gateway, now: datetime) 
         "SELECT r.id, d.local_id, c.kind, c.label, c.id, r.kind, r.params, r.grace_min, r.severity"
         " FROM rules r JOIN channels c ON c.id = r.channel_id JOIN devices d ON d.id = c.device_id"
         " WHERE d.site_id = %s AND d.account_id = %s AND d.deleted_at IS NULL AND r.enabled"
-        " ORDER BY r.id",
-        (gw.site_id, gw.account_id),
+        " AND r.kind = ANY(%s) ORDER BY r.id",
+        (gw.site_id, gw.account_id, list(GATEWAY_RULE_KINDS)),
     )
     rules = [
         {
@@ -203,16 +243,22 @@ async def sync_document(conn: AsyncConnection[Any], gw: Gateway, now: datetime) 
     defaults = [
         {"type": k, "kind": d.kind, "params": d.params, "grace_min": d.grace_min}
         for k, d in preset.rules.items()
-        if not KINDS[k].auxiliary
+        if not KINDS[k].auxiliary and d.kind in GATEWAY_RULE_KINDS
     ]
-    return {
+    doc: dict[str, Any] = {
         "gateway": {"id": gw.id, "name": gw.name, "site_id": gw.site_id},
         "account_id": gw.account_id,
         "devices": list(devices.values()),
         "rules": rules,
         "defaults": defaults,
-        "server_time": now,
+        "rule_kinds": list(GATEWAY_RULE_KINDS),
     }
+    # what the gateway holds, for the long-poll to compare (not a secret: the
+    # document's own hash)
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)
+    doc["version"] = hashlib.sha256(canonical.encode()).hexdigest()[:32]
+    doc["server_time"] = now
+    return doc
 
 
 # --- batch ingest ------------------------------------------------------------------
@@ -446,6 +492,61 @@ async def store_health(
     )
 
 
+def check_alert_times(
+    f: str,
+    gw: Gateway,
+    now: datetime,
+    oldest: datetime,
+    stored_open: datetime | None,
+    opened: datetime | None,
+    notified: datetime | None,
+    cleared: datetime | None,
+) -> None:
+    """Pure: why a local alert's times cannot be taken (ApiError), or nothing.
+
+    notified_at (the gateway's clock when it woke people) must lie in the last
+    uplink gap the server saw, give or take SLACK; opened_at (the reading time the
+    alarm opened at) no later than that and no older than the raw-data retention
+    (a node may replay an old backlog during the outage; readings older than that
+    could not be stored either); cleared_at after opened_at and not in the future.
+    A resend of a stored alert only adds its clear: its times were checked then."""
+    assert opened is not None and notified is not None
+
+    def iso(t: datetime | None) -> str:
+        return t.isoformat() if t is not None else "none"
+
+    if stored_open is None:
+        if gw.gap_from is None or gw.gap_to is None:
+            raise ApiError(
+                "out_of_range",
+                f"{f}: this gateway has had no uplink gap (a silence of more than"
+                f" {int(GAP.total_seconds())} s); a local alert stands only for an alarm"
+                " raised while the server could not be reached",
+            )
+        lo, hi = gw.gap_from - SLACK, gw.gap_to + SLACK
+        if not lo <= notified <= hi:
+            raise ApiError(
+                "out_of_range",
+                f"{f}.notified_at {iso(notified)} lies outside this gateway's last uplink gap"
+                f" ({iso(gw.gap_from)} .. {iso(gw.gap_to)}, give or take"
+                f" {int(SLACK.total_seconds())} s)",
+            )
+        if not oldest <= opened <= min(notified, gw.gap_to) + SLACK:
+            raise ApiError(
+                "out_of_range",
+                f"{f}.opened_at {iso(opened)} must lie between the raw-data retention"
+                f" ({iso(oldest)}) and the end of this gateway's last uplink gap"
+                f" ({iso(gw.gap_to)}) or its notified_at, whichever is first",
+            )
+    start = stored_open or opened
+    if cleared is not None and not start - SLACK <= cleared <= now + SLACK:
+        raise ApiError(
+            "out_of_range",
+            f"{f}.cleared_at {iso(cleared)} must lie between the alert's opened_at"
+            f" {iso(start)} and now",
+        )
+
+
 def _ts_field(a: dict[str, Any], k: str, f: str, required: bool) -> datetime | None:
     v = a.get(k)
     if v is None:
@@ -455,9 +556,19 @@ def _ts_field(a: dict[str, Any], k: str, f: str, required: bool) -> datetime | N
     return parse_ts(v, f"{f}.{k}")
 
 
-async def store_local_alerts(conn: AsyncConnection[Any], gw: Gateway, body: Any) -> dict[str, Any]:
+async def store_local_alerts(
+    conn: AsyncConnection[Any], gw: Gateway, body: Any, now: datetime, oldest: datetime
+) -> dict[str, Any]:
     """Record the gateway's local alerts (idempotent on the gateway's `ref`; a resend
-    may add cleared_at)."""
+    may add cleared_at), tied to the token that posted them.
+
+    A local alert tells the server that people were woken already, so the server does
+    not wake them again for the same alarm (alarms/outbox.py covered_locally). Only
+    an alarm raised while the server could not be reached is one: a new alert's
+    times must fit the gateway's last uplink gap as the server saw it
+    (check_alert_times). Anything else refuses the whole post (422 out_of_range),
+    nothing stored: a gateway cannot silence the site's later alarms with a made-up
+    time."""
     alerts = body.get("alerts") if isinstance(body, dict) else None
     if not isinstance(alerts, list) or len(alerts) > 1000:
         raise ApiError("invalid_request", "alerts must be an array of at most 1000 entries")
@@ -483,6 +594,13 @@ async def store_local_alerts(conn: AsyncConnection[Any], gw: Gateway, body: Any)
                 _ts_field(a, "cleared_at", f, False),
             )
         )
+    cur = await conn.execute(
+        "SELECT ref, opened_at FROM local_alerts WHERE gateway_id = %s AND ref = ANY(%s)",
+        (gw.id, [p[0] for p in parsed]),
+    )
+    known: dict[str, datetime] = {r[0]: r[1] for r in await cur.fetchall()}
+    for i, p in enumerate(parsed):
+        check_alert_times(f"alerts[{i}]", gw, now, oldest, known.get(p[0]), p[6], p[7], p[9])
     stored = 0
     async with conn.transaction():
         for ref, dev, kind, label, unit, rule_id, opened, notified, path, cleared in parsed:
@@ -509,8 +627,8 @@ async def store_local_alerts(conn: AsyncConnection[Any], gw: Gateway, body: Any)
                     channel_id = made[(kind, label)][0]
             await conn.execute(
                 "INSERT INTO local_alerts (gateway_id, channel_id, rule_id, opened_at, notified_at,"
-                " path, cleared_at, ref, device_id, kind, label)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " path, cleared_at, ref, device_id, kind, label, token_id)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (gateway_id, ref) DO UPDATE SET"
                 "  cleared_at = coalesce(local_alerts.cleared_at, excluded.cleared_at),"
                 "  channel_id = coalesce(local_alerts.channel_id, excluded.channel_id)",
@@ -526,6 +644,7 @@ async def store_local_alerts(conn: AsyncConnection[Any], gw: Gateway, body: Any)
                     device_id,
                     kind,
                     label,
+                    gw.token_id,
                 ),
             )
             stored += 1
