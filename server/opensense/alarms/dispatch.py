@@ -199,7 +199,7 @@ async def dispatch_due(
                 held = [r for r in grp if r["kind"] != "verify"]
                 for r in held:  # double opt-in: nothing but the confirmation goes out
                     o = Outcome("dropped", None, "the recipient has not confirmed yet")
-                    await _settle(conn, [r], o, now)
+                    await _settle_alone(conn, [r], o, now)
                 grp = [r for r in grp if r["kind"] == "verify"]
                 if not grp:
                     continue
