@@ -40,7 +40,7 @@ from opensense.ids import new_id
 from .fixtures.notify import Mailbox
 from .fixtures.processes import free_port
 from .fixtures.server import make_world
-from .test_alarms import alarm_config, evaluate, ingest, send
+from .test_alarms import alarm_config, evaluate, ingest, link_telegram, send
 
 pytestmark = pytest.mark.db
 
@@ -286,11 +286,12 @@ async def test_no_redirects_and_no_remote_answer_reaches_the_tenant(
 
 
 async def test_the_connection_goes_to_the_checked_address_only(
-    aiohttp_client, dsn, clock, smtp, telegram, endpoint, monkeypatch
+    aiohttp_client, new_database, clock, smtp, telegram, endpoint, monkeypatch
 ):
     """DNS rebinding: a name that answers one address to the check and another to the
     connect. Only one lookup is made per send; the connection uses its answer (a
     second lookup here would answer 127.0.0.2, where nothing listens)."""
+    dsn = new_database()  # only this test's rows are due
     client, world, app = await start(aiohttp_client, dsn, clock, smtp, telegram)
     loop = asyncio.get_running_loop()
     real = loop.getaddrinfo
@@ -418,6 +419,15 @@ async def test_alarm_writes_are_rate_limited_per_account_and_recipients_capped(
         for _ in range(5)
     ]
     assert statuses == [200, 200, 200, 200, 429]
+    # a Telegram chat linking itself is a recipient too: not past the cap
+    clock.advance(minutes=1)
+    await link_telegram(client, world, 4242)
+    assert telegram.sent()[-1]["text"].startswith("This OpenSense account has 3 recipients")
+    n = await sql(
+        dsn, "SELECT count(*) FROM notify_targets WHERE account_id = %s AND deleted_at IS NULL",
+        world.account,
+    )  # fmt: skip
+    assert n == [(3,)]
 
 
 class RefusingMailbox(Mailbox):
