@@ -45,6 +45,14 @@ from .test_alarms import alarm_config, evaluate, ingest, link_telegram, send
 pytestmark = pytest.mark.db
 
 
+@pytest.fixture
+def dsn(new_database) -> str:
+    """A database per test: the sender sends whatever is due in the whole database, and
+    these tests leave rows due (retries, quarantined targets) that another test file's
+    sender must not meet."""
+    return new_database()
+
+
 async def sql(dsn: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         cur = await conn.execute(query, args or None)
@@ -286,12 +294,11 @@ async def test_no_redirects_and_no_remote_answer_reaches_the_tenant(
 
 
 async def test_the_connection_goes_to_the_checked_address_only(
-    aiohttp_client, new_database, clock, smtp, telegram, endpoint, monkeypatch
+    aiohttp_client, dsn, clock, smtp, telegram, endpoint, monkeypatch
 ):
     """DNS rebinding: a name that answers one address to the check and another to the
     connect. Only one lookup is made per send; the connection uses its answer (a
     second lookup here would answer 127.0.0.2, where nothing listens)."""
-    dsn = new_database()  # only this test's rows are due
     client, world, app = await start(aiohttp_client, dsn, clock, smtp, telegram)
     loop = asyncio.get_running_loop()
     real = loop.getaddrinfo
@@ -451,9 +458,9 @@ def refusing_smtp() -> Any:
 
 
 async def test_one_accounts_failing_recipients_do_not_open_the_service_incident(
-    aiohttp_client, new_database, clock, refusing_smtp, telegram, endpoint
+    aiohttp_client, dsn, clock, refusing_smtp, telegram, endpoint
 ):
-    dsn = new_database()  # path health is service-wide: a database of its own
+    # path health is service-wide: this test's database is its own (fixture `dsn`)
     client, world, app = await start(aiohttp_client, dsn, clock, refusing_smtp, telegram)
     await app[STATUS].pause()
     r = await client.post("/v1/targets", json={"path": "webhook", "address": endpoint.url + "/down"},

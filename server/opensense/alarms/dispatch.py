@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -67,6 +68,14 @@ FOR UPDATE OF o SKIP LOCKED
 
 def _backoff(attempts: int) -> timedelta:
     return timedelta(seconds=min(600, 15 * 2 ** max(0, attempts - 1)))
+
+
+def _retry_delay(retry_after: float | None, attempt: int) -> timedelta:
+    """The far end's Retry-After when it is a sane number of seconds (a remote may
+    answer "nan" or 10**20), bounded to an hour; otherwise the backoff."""
+    if retry_after is None or not math.isfinite(retry_after) or retry_after <= 0:
+        return _backoff(attempt)
+    return timedelta(seconds=min(retry_after, 3600.0))
 
 
 def group_text(rows: list[dict[str, Any]], now: datetime) -> dict[str, Any]:
@@ -166,7 +175,9 @@ async def _attempt(
     except Exception as exc:
         log.exception("sending outbox row %s failed unexpectedly", first.get("id"))
         # the row's own data is the likely cause: counted as this recipient's failure
-        return Outcome("retry", None, f"internal error: {type(exc).__name__}", scope="recipient")
+        return Outcome(
+            "retry", None, f"internal error: {type(exc).__name__}", scope="recipient", internal=True
+        )
 
 
 async def dispatch_due(
@@ -315,7 +326,7 @@ async def _settle(
     first = grp[0]
     ids = [r["id"] for r in grp]
     attempt = max(r["attempts"] for r in grp) + 1
-    limit = INTERNAL_MAX if (o.error or "").startswith("internal error") else MAX_ATTEMPTS
+    limit = INTERNAL_MAX if o.internal else MAX_ATTEMPTS
     quarantine = o.status == "invalid" or (o.status == "retry" and attempt >= limit)
     if quarantine:
         why = o.error or "failed"
@@ -353,7 +364,7 @@ async def _settle(
             ("dropped" if o.status == "dropped" else "failed", _clean(o.error), ids),
         )
     else:
-        delay = timedelta(seconds=o.retry_after) if o.retry_after else _backoff(attempt)
+        delay = _retry_delay(o.retry_after, attempt)
         await conn.execute(
             "UPDATE outbox SET attempts = attempts + 1, last_error = %s, due_at = %s WHERE id = ANY(%s)",
             (_clean(o.error), now + delay, ids),

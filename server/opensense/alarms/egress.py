@@ -38,6 +38,10 @@ class Refused(Exception):
     """The target may not be reached; the message says why (shown to the tenant)."""
 
 
+class Unresolved(Refused):
+    """The host has no address now (DNS failing): maybe later, unlike a refused range."""
+
+
 def _controls(s: str) -> bool:
     return any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in s)
 
@@ -139,7 +143,7 @@ async def resolve(host: str, port: int, allow_private: bool) -> list[Address]:
                 loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), RESOLVE_TIMEOUT_S
             )
         except (OSError, UnicodeError, TimeoutError) as exc:
-            raise Refused(f"{host[:60]} does not resolve ({type(exc).__name__})") from None
+            raise Unresolved(f"{host[:60]} does not resolve ({type(exc).__name__})") from None
         seen: dict[str, Address] = {}
         for family, _type, _proto, _canon, sockaddr in infos:
             if family in (socket.AF_INET, socket.AF_INET6):
@@ -147,7 +151,7 @@ async def resolve(host: str, port: int, allow_private: bool) -> list[Address]:
                 seen.setdefault(ip, Address(int(family), ip))
         addrs = list(seen.values())
         if not addrs:
-            raise Refused(f"{host[:60]} has no address")
+            raise Unresolved(f"{host[:60]} has no address")
     if not allow_private:
         for a in addrs:
             why = ip_problem(ipaddress.ip_address(a.ip))

@@ -45,6 +45,7 @@ class Outcome:
     error: str | None = None
     retry_after: float | None = None
     scope: str = "path"  # a retry's cause: path (service-wide) | recipient (this one's side)
+    internal: bool = False  # an unexpected exception (given up on sooner)
 
 
 def header_text(s: str) -> str:
@@ -180,9 +181,9 @@ async def send_webhook(
     host = u.raw_host or ""
     try:
         addrs = await egress.resolve(host, u.port or 0, allow_private)
+    except egress.Unresolved as exc:  # the tenant's DNS failing: its side, retried
+        return Outcome("retry", None, str(exc)[:300], scope="recipient")
     except egress.Refused as exc:
-        if "does not resolve" in str(exc) or "no address" in str(exc):
-            return Outcome("retry", None, str(exc)[:300], scope="recipient")
         return Outcome("invalid", None, f"refused: {exc}"[:300])
     body = json.dumps(
         {
@@ -219,7 +220,7 @@ async def send_webhook(
         return Outcome("dropped", status, f"HTTP {status}: redirects are not followed")
     if status == 429:
         try:
-            ra = min(max(float(retry_after), 1.0), 3600.0)
+            ra = float(retry_after)
         except ValueError:
             ra = 30.0
         return Outcome("retry", status, "HTTP 429", retry_after=ra, scope="recipient")
