@@ -676,8 +676,12 @@ def envelope_problems(
     err = body.get("error") if isinstance(body, dict) else None
     if not isinstance(err, dict) or set(body) != {"error"}:
         return [*problems, f"not the envelope: {text[:200]}"]
-    if set(err) != {"code", "message", "request_id"}:
+    # a 429 also says when to come back in the envelope, as its Retry-After header does
+    keys = {"code", "message", "request_id"} | ({"retry_after"} if status == 429 else set())
+    if set(err) != keys:
         problems.append(f"envelope keys {sorted(err)}")
+    elif status == 429 and str(err["retry_after"]) != headers.get("Retry-After"):
+        problems.append(f"retry_after {err['retry_after']!r} != Retry-After")
     if err.get("code") != case.code:
         problems.append(f"code {err.get('code')!r}, expected {case.code!r}: {err.get('message')}")
     if err.get("code") not in CODES or CODES[err["code"]] != status:

@@ -43,10 +43,12 @@ async def hit(
 
 
 def limited(limit: int, window_s: int, start: datetime, now: datetime, what: str) -> ApiError:
-    """The 429 for a counter that went past `limit` in the window starting at `start`."""
+    """The 429 for a counter that went past `limit` in the window starting at `start`:
+    Retry-After both as the header and in the envelope (`retry_after`, seconds)."""
     retry = max(1, math.ceil((start + timedelta(seconds=window_s) - now).total_seconds()))
     return ApiError(
         "rate_limited",
         f"{what} is limited to {limit} per {window_s} s; retry after {retry} s",
         headers={"Retry-After": str(retry)},
+        extra={"retry_after": retry},
     )

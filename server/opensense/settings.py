@@ -426,6 +426,57 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=0,
     ),
     Setting(
+        "webhook_allow_private",
+        "OPENSENSE_WEBHOOK_ALLOW_PRIVATE",
+        bool,
+        False,
+        "Let webhook targets be loopback, private (RFC 1918), link-local or other non-public "
+        "addresses (on-premise receivers). Off: such targets are refused at save and at every "
+        "send (SSRF).",
+    ),
+    Setting(
+        "dispatch_failing_min_accounts",
+        "OPENSENSE_DISPATCH_FAILING_MIN_ACCOUNTS",
+        int,
+        3,
+        "Recipient-side delivery failures (a mail domain, a webhook endpoint: outbound_log "
+        "status rejected) make a dispatch path fail service-wide only when they span this "
+        "many accounts in 5 minutes.",
+        minimum=1,
+    ),
+    Setting(
+        "alarm_write_rate_per_min",
+        "OPENSENSE_ALARM_WRITE_RATE_PER_MIN",
+        int,
+        30,
+        "Alarm configuration writes (recipients, rules) an account may make per minute before 429.",
+        minimum=1,
+    ),
+    Setting(
+        "test_alarm_per_hour",
+        "OPENSENSE_TEST_ALARM_PER_HOUR",
+        int,
+        10,
+        "Test alarms (POST /v1/notifications/test) an account may send per hour.",
+        minimum=1,
+    ),
+    Setting(
+        "recompute_per_hour",
+        "OPENSENSE_RECOMPUTE_PER_HOUR",
+        int,
+        30,
+        "Rule engine replays (POST /v1/channels/{id}/recompute) an account may ask per hour.",
+        minimum=1,
+    ),
+    Setting(
+        "targets_max",
+        "OPENSENSE_TARGETS_MAX",
+        int,
+        50,
+        "Notification recipients (email, webhook, Telegram chats) one account may have.",
+        minimum=1,
+    ),
+    Setting(
         "gateway_batch_max",
         "OPENSENSE_GATEWAY_BATCH_MAX",
         int,
@@ -514,6 +565,12 @@ class Config:
     smtp_tls: str = "starttls"
     mail_from: str = "alerts@opensense.invalid"
     notify_channel_interval_s: int = 300
+    webhook_allow_private: bool = False
+    dispatch_failing_min_accounts: int = 3
+    alarm_write_rate_per_min: int = 30
+    test_alarm_per_hour: int = 10
+    recompute_per_hour: int = 30
+    targets_max: int = 50
     gateway_batch_max: int = 5000
     # Not a setting: the clock. Tests inject one; everything time-dependent asks it.
     clock: Callable[[], datetime] = field(default=_utcnow, compare=False, repr=False)

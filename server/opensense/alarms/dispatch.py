@@ -11,13 +11,24 @@ message per 10 s — what piles up meanwhile goes out as one grouped message (a
 recipient gets at most 10 messages an hour, the rest as one digest. Several rows
 due together for one recipient are grouped by site into one message
 (Alertmanager-style: a storm is one message, not fifty).
+
+One bad row never holds the others: a send never raises (`_attempt` turns any
+exception into an Outcome) and each group is settled in its own savepoint, so a
+row whose data cannot be sent (a URL without a valid host, a CR/LF in an address,
+stored before those were refused at save) is settled alone, and rows already sent
+are never rolled back and sent again. A row that cannot be sent as stored is
+quarantined at once; one that keeps failing is quarantined after MAX_ATTEMPTS
+(INTERNAL_MAX for unexpected errors): outbox status `failed`, an outbound_log row
+with status `quarantined` the tenant sees.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -27,6 +38,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from ..settings import Config
+from ..status import probes
 from . import paths
 from .outbox import message, put
 from .paths import Outcome
@@ -37,6 +49,7 @@ TELEGRAM_GAP = timedelta(seconds=10)
 OVERFLOW_AFTER = timedelta(minutes=2)
 EMAIL_PER_HOUR = 10
 MAX_ATTEMPTS = 20
+INTERNAL_MAX = 3  # an unexpected exception is most likely the row itself: give up sooner
 FAILING_AFTER = timedelta(minutes=5)
 # The alarm dispatch paths of the seed's P1 class. A webhook is one customer's own
 # endpoint: its failures are in the outbound log, not a service incident.
@@ -55,6 +68,14 @@ FOR UPDATE OF o SKIP LOCKED
 
 def _backoff(attempts: int) -> timedelta:
     return timedelta(seconds=min(600, 15 * 2 ** max(0, attempts - 1)))
+
+
+def _retry_delay(retry_after: float | None, attempt: int) -> timedelta:
+    """The far end's Retry-After when it is a sane number of seconds (a remote may
+    answer "nan" or 10**20), bounded to an hour; otherwise the backoff."""
+    if retry_after is None or not math.isfinite(retry_after) or retry_after <= 0:
+        return _backoff(attempt)
+    return timedelta(seconds=min(retry_after, 3600.0))
 
 
 def group_text(rows: list[dict[str, Any]], now: datetime) -> dict[str, Any]:
@@ -76,6 +97,21 @@ def group_text(rows: list[dict[str, Any]], now: datetime) -> dict[str, Any]:
     }
 
 
+def log_status(o: Outcome) -> str:
+    """The outbound_log status of one attempt (docs/alarms.md): `failed` is the path's
+    failure, `rejected` the recipient's side (retried either way)."""
+    if o.status in ("ok", "dropped"):
+        return o.status
+    if o.status == "invalid":
+        return "quarantined"
+    return "rejected" if o.scope == "recipient" else "failed"
+
+
+def _clean(text: str | None) -> str | None:
+    """Error text as stored: no NUL (PostgreSQL refuses it), bounded."""
+    return None if text is None else text.replace("\x00", " ")[:300]
+
+
 async def _log(
     conn: AsyncConnection[Any],
     account_id: str | None,
@@ -86,13 +122,14 @@ async def _log(
     o: Outcome,
     attempt: int,
     now: datetime,
+    status: str | None = None,
 ) -> None:
-    status = {"ok": "ok", "dropped": "dropped"}.get(o.status, "failed")
     await conn.execute(
         "INSERT INTO outbound_log (account_id, path, target, event_id, kind, status, code, error, attempt, at)"
         " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        (account_id, path, target, event_id, kind, status, o.code, o.error, attempt, now),
-    )
+        (account_id, path, target[:500], event_id, kind, status or log_status(o), o.code,
+         _clean(o.error), attempt, now),
+    )  # fmt: skip
 
 
 async def send_one(
@@ -109,7 +146,38 @@ async def send_one(
         return await paths.send_telegram(session, cfg, address, msg)
     if path == "email":
         return await paths.send_email(cfg, address, msg, secret)
-    return await paths.send_webhook(session, address, secret or "", delivery_id, msg, now)
+    return await paths.send_webhook(
+        address, secret or "", delivery_id, msg, now, cfg.webhook_allow_private
+    )
+
+
+async def _attempt(
+    session: aiohttp.ClientSession,
+    cfg: Config,
+    grp: list[dict[str, Any]],
+    make: Callable[[], dict[str, Any]],
+    delivery_id: str,
+    now: datetime,
+) -> Outcome:
+    """One send that never raises: whatever the stored row holds, the outcome settles
+    it (an escaping exception would roll back the whole claimed batch, every account's
+    rows, and send the ones already out again at the next pass)."""
+    first = grp[0]
+    try:
+        msg = make()
+        if first["kind"] == "recipient_left":  # to the account's owner, not the recipient
+            return await paths.send_email(cfg, str(first["payload"]["to"]), msg)
+        return await send_one(
+            session, cfg, first["path"], first["address"], _secret(first), delivery_id, msg, now
+        )
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.exception("sending outbox row %s failed unexpectedly", first.get("id"))
+        # the row's own data is the likely cause: counted as this recipient's failure
+        return Outcome(
+            "retry", None, f"internal error: {type(exc).__name__}", scope="recipient", internal=True
+        )
 
 
 async def dispatch_due(
@@ -124,22 +192,25 @@ async def dispatch_due(
         if not rows:
             return 0
         rows = await _hold_per_channel(conn, rows, now, cfg.notify_channel_interval_s)
+        sends: list[tuple[list[dict[str, Any]], Callable[[], dict[str, Any]], str]] = []
         groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for r in rows:
-            groups[r["target_id"]].append(r)
+            if r["kind"] == "recipient_left":  # the owner's notice: whatever the target's state
+                sends.append(([r], _payload(r), f"dlv_{r['id']}"))
+            else:
+                groups[r["target_id"]].append(r)
         await cur.execute(
             "SELECT * FROM target_pacing WHERE target_id = ANY(%s) ORDER BY target_id FOR UPDATE",
             (sorted(groups),),
         )
         pacing = {p["target_id"]: p for p in await cur.fetchall()}
-        sends: list[tuple[list[dict[str, Any]], dict[str, Any], str]] = []
         for tid, grp in groups.items():
             first = grp[0]
             if first["path"] == "email" and not first["verified"]:
                 held = [r for r in grp if r["kind"] != "verify"]
                 for r in held:  # double opt-in: nothing but the confirmation goes out
                     o = Outcome("dropped", None, "the recipient has not confirmed yet")
-                    await _settle(conn, [r], o, now)
+                    await _settle_alone(conn, [r], o, now)
                 grp = [r for r in grp if r["kind"] == "verify"]
                 if not grp:
                     continue
@@ -161,18 +232,42 @@ async def dispatch_due(
                 continue
             if first["path"] == "webhook" or len(grp) == 1:
                 for r in grp:
-                    sends.append(([r], r["payload"], f"dlv_{r['id']}"))
+                    sends.append(([r], _payload(r), f"dlv_{r['id']}"))
             else:
-                sends.append((grp, group_text(grp, now), f"dlv_{grp[0]['id']}"))
+                sends.append((grp, _grouped(grp, now), f"dlv_{grp[0]['id']}"))
         outcomes = await asyncio.gather(
-            *(
-                send_one(session, cfg, g[0]["path"], g[0]["address"], _secret(g[0]), d, m, now)
-                for g, m, d in sends
-            )
+            *(_attempt(session, cfg, g, make, d, now) for g, make, d in sends)
         )
-        for (grp, _msg, _d), o in zip(sends, outcomes, strict=True):
-            await _settle(conn, grp, o, now)
+        for (grp, _make, _d), o in zip(sends, outcomes, strict=True):
+            await _settle_alone(conn, grp, o, now)
         return len(rows)
+
+
+def _payload(r: dict[str, Any]) -> Callable[[], dict[str, Any]]:
+    return lambda: r["payload"]
+
+
+def _grouped(grp: list[dict[str, Any]], now: datetime) -> Callable[[], dict[str, Any]]:
+    return lambda: group_text(grp, now)
+
+
+async def _settle_alone(
+    conn: AsyncConnection[Any], grp: list[dict[str, Any]], o: Outcome, now: datetime
+) -> None:
+    """Settle one send in its own savepoint: a failure here costs this group only. If
+    even that fails, the rows are quarantined without their log detail (never left
+    pending to be sent again)."""
+    try:
+        async with conn.transaction():
+            await _settle(conn, grp, o, now)
+    except Exception:
+        log.exception("settling outbox rows %s failed", [r["id"] for r in grp])
+        async with conn.transaction():
+            await conn.execute(
+                "UPDATE outbox SET status = 'failed', attempts = attempts + 1,"
+                " last_error = 'quarantined: the attempt could not be recorded' WHERE id = ANY(%s)",
+                ([r["id"] for r in grp],),
+            )
 
 
 async def _hold_per_channel(
@@ -231,9 +326,19 @@ async def _settle(
     first = grp[0]
     ids = [r["id"] for r in grp]
     attempt = max(r["attempts"] for r in grp) + 1
+    limit = INTERNAL_MAX if o.internal else MAX_ATTEMPTS
+    quarantine = o.status == "invalid" or (o.status == "retry" and attempt >= limit)
+    if quarantine:
+        why = o.error or "failed"
+        o = Outcome(
+            "invalid", o.code,
+            why if o.status == "invalid" else f"gave up after {attempt} attempts: {why}",
+        )  # fmt: skip
     for r in grp:
+        owner = r["kind"] == "recipient_left"
         await _log(
-            conn, r["account_id"], r["path"], r["address"] if r["path"] != "webhook" else r["address"],
+            conn, r["account_id"], "email" if owner else r["path"],
+            str(r["payload"].get("to")) if owner else r["address"],
             r["event_id"], r["kind"], o, attempt, now,
         )  # fmt: skip
     if o.status == "ok":
@@ -253,42 +358,38 @@ async def _settle(
             " last_sent_at = excluded.last_sent_at",
             (first["target_id"], now, now, now, now),
         )
-    elif o.status == "dropped" or attempt >= MAX_ATTEMPTS:
+    elif o.status in ("dropped", "invalid"):
         await conn.execute(
             "UPDATE outbox SET status = %s, attempts = attempts + 1, last_error = %s WHERE id = ANY(%s)",
-            ("dropped" if o.status == "dropped" else "failed", o.error, ids),
+            ("dropped" if o.status == "dropped" else "failed", _clean(o.error), ids),
         )
     else:
-        delay = timedelta(seconds=o.retry_after) if o.retry_after else _backoff(attempt)
+        delay = _retry_delay(o.retry_after, attempt)
         await conn.execute(
             "UPDATE outbox SET attempts = attempts + 1, last_error = %s, due_at = %s WHERE id = ANY(%s)",
-            (o.error, now + delay, ids),
+            (_clean(o.error), now + delay, ids),
         )
 
 
-async def check_paths(pool: AsyncConnectionPool, now: datetime) -> list[str]:
-    """A path whose attempts in the last 5 min all failed, with no success for more
-    than 5 min, is failing (the contract the status page reads). Opening such an
-    incident tells the affected accounts through their other paths, once."""
+async def check_paths(
+    pool: AsyncConnectionPool, now: datetime, min_accounts: int = probes.MIN_ACCOUNTS
+) -> list[str]:
+    """A path whose counted attempts in the last 5 min all failed, with no success for
+    more than 5 min, is failing: the same figures the status page's dispatch_failing
+    condition reads (status/probes.py), so one account's failing recipients (status
+    `rejected`: its mail domain, its webhook) do not count unless they span
+    `min_accounts` accounts. Opening such an incident tells the affected accounts
+    through their other paths, once."""
     opened = []
     async with pool.connection() as conn, conn.transaction():
+        figures = await probes.dispatch(conn, now, min_accounts)
         for path in PEOPLE_PATHS:
-            cur = await conn.execute(
-                "SELECT count(*) FILTER (WHERE at > %s), count(*) FILTER (WHERE at > %s AND status = 'ok'),"
-                " max(at) FILTER (WHERE status = 'ok'), min(at) FILTER (WHERE status = 'failed' AND at > %s)"
-                " FROM outbound_log WHERE path = %s AND at > %s",
-                (now - FAILING_AFTER, now - FAILING_AFTER, now - timedelta(hours=1), path,
-                 now - timedelta(hours=1)),
-            )  # fmt: skip
-            row = await cur.fetchone()
-            assert row is not None
-            recent, recent_ok, last_ok, first_fail = row
+            d = figures.get(path) or {}
+            attempts, failed = d.get("attempts_5m", 0), d.get("failed_5m", 0)
             failing = (
-                recent > 0
-                and recent_ok == 0
-                and first_fail is not None
-                and first_fail <= now - FAILING_AFTER
-                and (last_ok is None or last_ok < now - FAILING_AFTER)
+                attempts > 0
+                and failed == attempts
+                and (d.get("failing_for_s") or 0) >= FAILING_AFTER.total_seconds()
             )
             cur = await conn.execute(
                 "SELECT opened_at FROM path_incidents WHERE path = %s AND closed_at IS NULL FOR UPDATE",
@@ -301,7 +402,7 @@ async def check_paths(pool: AsyncConnectionPool, now: datetime) -> list[str]:
                 )
                 await _report_failing(conn, path, now)
                 opened.append(path)
-            elif not failing and open_row is not None and recent_ok > 0:
+            elif not failing and open_row is not None and attempts > failed:
                 await conn.execute(
                     "UPDATE path_incidents SET closed_at = %s WHERE path = %s AND closed_at IS NULL",
                     (now, path),
@@ -360,9 +461,8 @@ async def send_test(
     async def one(t: dict[str, Any]) -> Outcome:
         if t["path"] == "email" and not t["verified"]:
             return Outcome("dropped", None, "the recipient has not confirmed yet")
-        return await send_one(
-            session, cfg, t["path"], t["address"], _secret(t), f"dlv_test_{t['id']}", msg, now
-        )
+        row = {**t, "kind": "test", "payload": msg}
+        return await _attempt(session, cfg, [row], lambda: msg, f"dlv_test_{t['id']}", now)
 
     outs = await asyncio.gather(*(one(t) for t in targets))
     async with pool.connection() as conn, conn.transaction():

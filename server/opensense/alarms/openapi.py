@@ -125,7 +125,10 @@ LOG_ENTRY = obj(
         "target": STR,
         "event_id": NSTR,
         "kind": STR,
-        "status": {"type": "string", "enum": ["ok", "failed", "dropped", "queued", "retrying"]},
+        "status": {
+            "type": "string",
+            "enum": ["ok", "failed", "rejected", "dropped", "quarantined", "queued", "retrying"],
+        },
         "code": {"type": ["integer", "null"]},
         "error": NSTR,
         "attempt": {"type": "integer"},
@@ -140,6 +143,7 @@ def data(item: S) -> S:
 
 
 ERR = (400, 401, 404, 413, 429)
+HTML_OK: S = {"200": {"description": "An HTML page", "content": {"text/html": {"schema": STR}}}}
 
 
 def paths() -> S:
@@ -248,25 +252,32 @@ def paths() -> S:
         },
         "/v1/targets/verify": {
             "get": op(
-                "Confirm an email recipient (the link in the confirmation email; no login)",
-                {
-                    **ok(200, obj({"address": STR, "confirmed": {"type": "boolean"}})),
-                    **err(404),
-                },  # fmt: skip
+                "The confirmation link in email: a page with a confirm button (changes nothing)",
+                {**HTML_OK, **err(404)},
                 security=[],
                 parameters=[q("token", STR)],
-            )
+            ),
+            "post": op(
+                "Confirm an email recipient (the page's button; no login: the token is the proof)",
+                {**HTML_OK, **err(404)},
+                security=[],
+                parameters=[q("token", STR)],
+            ),
         },
         "/v1/unsubscribe": {
             "get": op(
-                "Stop alarm emails to an address (the link in every alarm email; no login)",
-                {
-                    **ok(200, obj({"address": STR, "unsubscribed": {"type": "boolean"}})),
-                    **err(404),
-                },  # fmt: skip
+                "The unsubscribe link in every alarm email: a page with a button (changes nothing)",
+                {**HTML_OK, **err(404)},
                 security=[],
                 parameters=[q("token", STR)],
-            )
+            ),
+            "post": op(
+                "Stop alarm emails to an address: the page's button or RFC 8058 one-click "
+                "(body List-Unsubscribe=One-Click); the account's owner is told by email",
+                {**HTML_OK, **err(404)},
+                security=[],
+                parameters=[q("token", STR)],
+            ),
         },
         "/v1/targets/{target_id}": {
             "parameters": [path_param("target_id")],

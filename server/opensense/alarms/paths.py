@@ -6,7 +6,15 @@ delivery failure (the dispatcher decides retry, drop or give up from it).
   data is `ack:<event id>`; answerCallbackQuery answers the button press.
 - Email over SMTP with aiosmtplib (Postmark or any relay).
 - Webhooks signed as PRODUCT.md says: `X-OpenSense-Signature: t=<epoch>,v1=<base64
-  HMAC-SHA256(secret, t + "." + body)>`, `X-OpenSense-Delivery-Id`.
+  HMAC-SHA256(secret, t + "." + body)>`, `X-OpenSense-Delivery-Id`. A webhook is a
+  tenant's URL: it is checked and resolved at every send (egress.py), the connection
+  goes to the checked address only, redirects are not followed, and only the status
+  code is kept (the remote answer never comes back to the tenant).
+
+An Outcome's `scope` says whose failure a retry is: `path` (the relay or the Bot API
+cannot be reached: every account's messages fail) or `recipient` (this recipient's
+mail domain or webhook endpoint): the status page counts the latter as a service
+failure only when it spans accounts (docs/status.md).
 """
 
 from __future__ import annotations
@@ -22,18 +30,28 @@ from typing import Any
 
 import aiohttp
 import aiosmtplib
+from yarl import URL
 
 from ..settings import Config
+from . import egress
 
 TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 
 @dataclass(frozen=True)
 class Outcome:
-    status: str  # ok | retry | dropped
+    status: str  # ok | retry | dropped | invalid (never sendable as stored: quarantined now)
     code: int | None = None
     error: str | None = None
     retry_after: float | None = None
+    scope: str = "path"  # a retry's cause: path (service-wide) | recipient (this one's side)
+    internal: bool = False  # an unexpected exception (given up on sooner)
+
+
+def header_text(s: str) -> str:
+    """A mail header from stored text: control characters (CR/LF) become spaces, so a
+    name saved before names were checked cannot break (or inject into) the header."""
+    return "".join(" " if ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F else c for c in s)
 
 
 def sign(secret: str, t: int, body: bytes) -> str:
@@ -106,14 +124,20 @@ async def send_email(
 ) -> Outcome:
     if not cfg.smtp_host:
         return Outcome("dropped", None, "no SMTP host configured")
+    why = egress.email_problem(to)
+    if why:
+        return Outcome("invalid", None, f"not sendable: {why}")
     em = EmailMessage()
     em["From"] = cfg.mail_from
     em["To"] = to
-    em["Subject"] = msg["subject"]
-    text = msg["text"]
-    if token and msg["kind"] != "verify":  # every alarm email can stop them (RFC 8058)
+    em["Subject"] = header_text(str(msg["subject"]))[:250]
+    text = str(msg["text"])
+    if token and msg["kind"] not in ("verify", "recipient_left"):
+        # every alarm email can stop them; RFC 8058 one-click: the mail client POSTs
+        # "List-Unsubscribe=One-Click" to the URL (a GET only shows a page with a button)
         url = f"{cfg.public_url.rstrip('/')}/v1/unsubscribe?token={token}"
         em["List-Unsubscribe"] = f"<{url}>"
+        em["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
         text += f"\n\nStop these emails: {url}"
     em.set_content(text)
     try:
@@ -129,7 +153,12 @@ async def send_email(
         )
         return Outcome("ok", 250)
     except aiosmtplib.SMTPRecipientsRefused as exc:
-        return Outcome("dropped", 550, str(exc)[:300])
+        # the relay refused this recipient: permanently (5xx, dropped) or for now (4xx:
+        # greylisting, its domain failing): retried, counted as the recipient's failure
+        codes = [e.code for e in exc.recipients]
+        if codes and all(400 <= c < 500 for c in codes):
+            return Outcome("retry", codes[0], str(exc)[:300], scope="recipient")
+        return Outcome("dropped", codes[0] if codes else 550, str(exc)[:300])
     except aiosmtplib.SMTPResponseException as exc:
         status = "dropped" if 500 <= exc.code < 600 else "retry"
         return Outcome(status, exc.code, exc.message[:300])
@@ -138,13 +167,24 @@ async def send_email(
 
 
 async def send_webhook(
-    session: aiohttp.ClientSession,
     url: str,
     secret: str,
     delivery_id: str,
     msg: dict[str, Any],
     now: datetime,
+    allow_private: bool = False,
 ) -> Outcome:
+    why = egress.url_problem(url)
+    if why:
+        return Outcome("invalid", None, f"not sendable: {why}")
+    u = URL(url)
+    host = u.raw_host or ""
+    try:
+        addrs = await egress.resolve(host, u.port or 0, allow_private)
+    except egress.Unresolved as exc:  # the tenant's DNS failing: its side, retried
+        return Outcome("retry", None, str(exc)[:300], scope="recipient")
+    except egress.Refused as exc:
+        return Outcome("invalid", None, f"refused: {exc}"[:300])
     body = json.dumps(
         {
             "id": delivery_id,
@@ -159,8 +199,31 @@ async def send_webhook(
         "X-OpenSense-Signature": sign(secret, int(now.timestamp()), body),
         "X-OpenSense-Delivery-Id": delivery_id,
     }
+    connector = aiohttp.TCPConnector(
+        resolver=egress.PinnedResolver(host, addrs), use_dns_cache=False, limit=1
+    )
     try:
-        async with session.post(url, data=body, headers=headers, timeout=TIMEOUT) as r:
-            return _http_outcome(r.status, r.headers, await r.text())
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        return Outcome("retry", None, f"{type(exc).__name__}: {exc}"[:300])
+        async with (
+            aiohttp.ClientSession(connector=connector, trust_env=False) as session,
+            session.post(
+                url, data=body, headers=headers, timeout=TIMEOUT, allow_redirects=False
+            ) as r,
+        ):
+            status = r.status  # only the status: the answer's body is never read
+            retry_after = r.headers.get("Retry-After", "")
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        # the exception's text, not the remote's: no answer content reaches the tenant
+        return Outcome("retry", None, type(exc).__name__, scope="recipient")
+    if 200 <= status < 300:
+        return Outcome("ok", status)
+    if 300 <= status < 400:
+        return Outcome("dropped", status, f"HTTP {status}: redirects are not followed")
+    if status == 429:
+        try:
+            ra = float(retry_after)
+        except ValueError:
+            ra = 30.0
+        return Outcome("retry", status, "HTTP 429", retry_after=ra, scope="recipient")
+    if 400 <= status < 500:
+        return Outcome("dropped", status, f"HTTP {status}")
+    return Outcome("retry", status, f"HTTP {status}", scope="recipient")

@@ -8,6 +8,7 @@ nothing and writes none (its sends are in outbound_log)."""
 
 from __future__ import annotations
 
+import html
 import secrets
 from datetime import datetime, timedelta
 from typing import Any
@@ -16,8 +17,9 @@ from aiohttp import web
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
+from yarl import URL
 
-from .. import audit
+from .. import audit, ratelimit
 from ..api import auth
 from ..api.body import json_object
 from ..api.jsonutil import response
@@ -26,7 +28,7 @@ from ..api.keys import CONFIG, POOL
 from ..devices.service import channel_row, get_site
 from ..errors import ApiError
 from ..ids import new_id
-from . import dispatch, engine, evaluator, outbox, paths
+from . import dispatch, egress, engine, evaluator, outbox, paths
 from .lifecycle import Change, transition
 
 routes = web.RouteTableDef()
@@ -79,6 +81,16 @@ async def _audit(
         data={k: _plain(v) for k, v in data.items()},
         at=request.app[CONFIG].clock(),
     )
+
+
+async def _write_limit(request: web.Request, conn: AsyncConnection[Any], acc: str) -> None:
+    """Alarm configuration writes (recipients, rules, escalation, silences) per account
+    and minute: counted before the body is read, refused 429 with Retry-After."""
+    cfg = request.app[CONFIG]
+    await ratelimit.hit(
+        conn, f"alarm_write:{acc}", cfg.alarm_write_rate_per_min, 60, cfg.clock(),
+        "Alarm configuration changes",
+    )  # fmt: skip
 
 
 def _ts(v: Any, key: str) -> datetime:
@@ -257,6 +269,7 @@ RULE_COLS = (
 async def create_rule(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn, read=False)
+        await _write_limit(request, conn, acc)
         ch = await channel_row(conn, acc, request.match_info["channel_id"])
         body = await json_object(request)
         kind = body.get("kind")
@@ -299,6 +312,7 @@ async def _rule(conn: AsyncConnection[Any], acc: str, rule_id: str) -> dict[str,
 async def patch_rule(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn, read=False)
+        await _write_limit(request, conn, acc)
         rule = await _rule(conn, acc, request.match_info["rule_id"])
         body = await json_object(request)
         if "kind" in body and body["kind"] != rule["kind"]:
@@ -323,6 +337,7 @@ async def delete_rule(request: web.Request) -> web.Response:
     """Rules are disabled, not deleted: their events keep pointing at them."""
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn, read=False)
+        await _write_limit(request, conn, acc)
         rule = await _rule(conn, acc, request.match_info["rule_id"])
         async with conn.transaction():
             await conn.execute("UPDATE rules SET enabled = false WHERE id = %s", (rule["id"],))
@@ -362,6 +377,10 @@ async def recompute(request: web.Request) -> web.Response:
     cfg = request.app[CONFIG]
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn, read=False)
+        # a replay reads 24 h of readings and rewrites the channel's state: per hour
+        await ratelimit.hit(
+            conn, f"recompute:{acc}", cfg.recompute_per_hour, 3600, cfg.clock(), "Recompute"
+        )
         ch = await channel_row(conn, acc, request.match_info["channel_id"])
         cur = await conn.execute("SELECT num FROM channels WHERE id = %s", (ch["id"],))
         num = await cur.fetchone()
@@ -404,21 +423,44 @@ async def list_targets(request: web.Request) -> web.Response:
         return response({"data": await cur.fetchall()})
 
 
+async def _room_for_target(conn: AsyncConnection[Any], acc: str, cap: int) -> bool:
+    """Whether the account may add one more recipient. Locks the account row, so
+    concurrent additions are counted one after the other (call inside the transaction)."""
+    await conn.execute("SELECT 1 FROM accounts WHERE id = %s FOR UPDATE", (acc,))
+    cur = await conn.execute(
+        "SELECT count(*) FROM notify_targets WHERE account_id = %s AND deleted_at IS NULL", (acc,)
+    )
+    row = await cur.fetchone()
+    return row is not None and row[0] < cap
+
+
 @routes.post("/v1/targets")
 async def create_target(request: web.Request) -> web.Response:
     """An email recipient or a webhook (Telegram chats link themselves with a code).
-    A webhook's signing secret is shown once, in this answer."""
+    A webhook's signing secret is shown once, in this answer. Addresses and names are
+    checked here (no CR/LF, a valid host), and a webhook's host is resolved: private
+    addresses are refused unless OPENSENSE_WEBHOOK_ALLOW_PRIVATE (the sender checks
+    again at every send)."""
+    cfg = request.app[CONFIG]
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn, read=False)
+        await _write_limit(request, conn, acc)
         body = await json_object(request)
         path = body.get("path")
-        address = _text(body, "address", required=True, limit=500) or ""
+        address = (_text(body, "address", required=True, limit=500) or "").strip()
         if path == "email":
-            if "@" not in address or " " in address.strip():
-                raise ApiError("invalid_request", "address must be an email address")
+            why = egress.email_problem(address)
+            if why:
+                raise ApiError("invalid_request", f"address must be an email address: {why}")
         elif path == "webhook":
-            if not address.startswith(("https://", "http://")):
-                raise ApiError("invalid_request", "address must be an http(s) URL")
+            why = egress.url_problem(address)
+            if why:
+                raise ApiError("invalid_request", f"address must be an http(s) URL: {why}")
+            u = URL(address)
+            try:
+                await egress.resolve(u.raw_host or "", u.port or 0, cfg.webhook_allow_private)
+            except egress.Refused as exc:
+                raise ApiError("invalid_request", f"address refused: {exc}") from None
         else:
             raise ApiError(
                 "invalid_request",
@@ -427,17 +469,26 @@ async def create_target(request: web.Request) -> web.Response:
         secret = "whsec_" + secrets.token_urlsafe(24) if path == "webhook" else None
         token = secrets.token_urlsafe(24) if path == "email" else None
         site = await _site_or_none(conn, acc, body.get("site_id"))
-        name = _text(body, "name") or ""
+        name = _text(body, "name", limit=200) or ""
+        if egress.line_problem(name, "name"):
+            raise ApiError(
+                "invalid_request", "name may not contain line breaks or control characters"
+            )
         roles = _roles(body.get("roles"))
         cur = conn.cursor(row_factory=dict_row)
         async with conn.transaction():
+            if not await _room_for_target(conn, acc, cfg.targets_max):
+                raise ApiError(
+                    "conflict",
+                    f"this account has {cfg.targets_max} recipients already (the most it may "
+                    "have); remove one first",
+                )
             await cur.execute(
                 "INSERT INTO notify_targets (id, account_id, site_id, path, address, name, roles,"
                 " secret, token) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
                 f" ON CONFLICT DO NOTHING RETURNING {TARGET_COLS}",
-                (new_id("tgt"), acc, site, path, address.strip(), name, Jsonb(roles), secret,
-                 token),
-            )  # fmt: skip
+                (new_id("tgt"), acc, site, path, address, name, Jsonb(roles), secret, token),
+            )
             row = await cur.fetchone()
             if row is None:
                 raise ApiError("conflict", f"{address!r} is a {path} recipient already")
@@ -450,7 +501,7 @@ async def create_target(request: web.Request) -> web.Response:
                 await outbox.put(
                     conn, account_id=acc, target_id=row["id"], event_id=None, kind="verify",
                     key=f"verify:{row['id']}", payload=_verify_mail(request, token),
-                    due=request.app[CONFIG].clock(),
+                    due=cfg.clock(),
                 )  # fmt: skip
         if secret:
             row["secret"] = secret
@@ -470,44 +521,160 @@ def _verify_mail(request: web.Request, token: str) -> dict[str, Any]:
     }
 
 
-@routes.get("/v1/targets/verify")
-async def verify_target(request: web.Request) -> web.Response:
-    """The link in the confirmation email (no login: the token is the proof)."""
-    return await _by_token(request, "UPDATE notify_targets SET verified = true", "confirmed")
+# The two links in mail (confirm, unsubscribe) change something, so a GET only shows a
+# page with a button and the POST does it: mail scanners and link previews fetch every
+# link with GET. The unsubscribe POST is also RFC 8058's one-click
+# (`List-Unsubscribe=One-Click`, from the mail client). The pages are plain HTML from
+# one tiny template (no JavaScript); every value in them is HTML-escaped.
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="robots" content="noindex">
+<title>{title}</title></head>
+<body><h1>{title}</h1>{body}</body></html>
+"""
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; form-action 'self'; frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",  # the token is in the URL
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+}
+TOKEN_ACTIONS = {
+    "verify": {
+        "update": "UPDATE notify_targets SET verified = true",
+        "audit": "target.verify",
+        "title": "Confirm alarm emails",
+        "ask": "Send OpenSense alarm emails to {address}?",
+        "button": "Yes, send alarms to this address",
+        "done": "Confirmed: {address} will receive OpenSense alarm emails.",
+    },
+    "unsubscribe": {
+        "update": "UPDATE notify_targets SET deleted_at = now()",
+        "audit": "target.unsubscribe",
+        "title": "Stop alarm emails",
+        "ask": "Stop OpenSense alarm emails to {address}? The account's owner is told.",
+        "button": "Unsubscribe",
+        "done": "Unsubscribed: {address} will receive no more OpenSense alarm emails.",
+    },
+}
 
 
-@routes.get("/v1/unsubscribe")
-async def unsubscribe(request: web.Request) -> web.Response:
-    """The link in every alarm email: stops them (the account sees the recipient gone)."""
-    return await _by_token(request, "UPDATE notify_targets SET deleted_at = now()", "unsubscribed")
+def _page(title: str, body: str, status: int = 200) -> web.Response:
+    return web.Response(
+        text=PAGE.format(title=html.escape(title), body=body),
+        status=status,
+        content_type="text/html",
+        headers=PAGE_HEADERS,
+    )
 
 
-async def _by_token(request: web.Request, update: str, what: str) -> web.Response:
+def _token(request: web.Request) -> str:
     token = request.query.get("token", "")
     if not 16 <= len(token) <= 64:
         raise ApiError("target_not_found", "this link is not valid (no such recipient)")
+    return token
+
+
+async def _token_page(request: web.Request, action: str) -> web.Response:
+    """GET: the question and a button; changes nothing."""
+    token = _token(request)
+    a = TOKEN_ACTIONS[action]
+    async with request.app[POOL].connection() as conn:
+        cur = await conn.execute(
+            "SELECT address FROM notify_targets WHERE token = %s AND path = 'email'"
+            " AND deleted_at IS NULL",
+            (token,),
+        )
+        row = await cur.fetchone()
+    if row is None:
+        raise ApiError("target_not_found", "this link is not valid (no such recipient)")
+    esc = html.escape
+    body = (
+        f"<p>{esc(a['ask'].format(address=row[0]))}</p>"
+        f'<form method="post" action="?token={esc(token)}">'
+        '<input type="hidden" name="List-Unsubscribe" value="One-Click">'
+        f'<button type="submit">{esc(a["button"])}</button></form>'
+    )
+    return _page(a["title"], body)
+
+
+async def _token_post(request: web.Request, action: str) -> web.Response:
+    """POST (the page's button, or RFC 8058 one-click): do it, audit it; a recipient
+    leaving is told to the account's owner (an email to the account's address through
+    the outbox, logged in the outbound log like every send)."""
+    token = _token(request)
+    a = TOKEN_ACTIONS[action]
+    cfg = request.app[CONFIG]
     async with request.app[POOL].connection() as conn:
         async with conn.transaction():
             cur = await conn.execute(
-                update + " WHERE token = %s AND path = 'email' AND deleted_at IS NULL"
+                a["update"] + " WHERE token = %s AND path = 'email' AND deleted_at IS NULL"
                 " RETURNING address, account_id, id",
                 (token,),
             )
             row = await cur.fetchone()
             if row is None:
                 raise ApiError("target_not_found", "this link is not valid (no such recipient)")
+            address, acc, tid = row
             # the link in the mail is the proof: the address itself is the actor
             await _audit(
-                conn, request, row[1], f"target.{'verify' if what == 'confirmed' else 'unsubscribe'}",
-                row[2], {"path": "email", "address": row[0]}, actor=f"email:{row[0]}",
+                conn, request, acc, a["audit"], tid, {"path": "email", "address": address},
+                actor=f"email:{address}",
             )  # fmt: skip
-    return response({"address": row[0], what: True})
+            if action == "unsubscribe":
+                await _tell_owner(conn, acc, tid, address, cfg.clock())
+    return _page(a["title"], f"<p>{html.escape(a['done'].format(address=address))}</p>")
+
+
+async def _tell_owner(
+    conn: AsyncConnection[Any], acc: str, tid: str, address: str, now: datetime
+) -> None:
+    cur = await conn.execute("SELECT email FROM accounts WHERE id = %s", (acc,))
+    row = await cur.fetchone()
+    if row is None or not row[0]:
+        return
+    text = (
+        f"{address} unsubscribed from OpenSense alarm emails at "
+        f"{now.isoformat(timespec='minutes')} (with the link in an alarm email). It will "
+        "receive no more alarms. If that was a mistake, add the address again under "
+        "Notifications (it confirms itself by email)."
+    )
+    await outbox.put(
+        conn, account_id=acc, target_id=tid, event_id=None, kind="recipient_left",
+        key=f"recipient_left:{tid}",
+        payload={"kind": "recipient_left", "subject": "[OpenSense] An alarm recipient left",
+                 "text": text, "data": {"target_id": tid}, "ackable": False, "to": row[0]},
+        due=now,
+    )  # fmt: skip
+
+
+@routes.get("/v1/targets/verify")
+async def verify_page(request: web.Request) -> web.Response:
+    """The link in the confirmation email (no login: the token is the proof)."""
+    return await _token_page(request, "verify")
+
+
+@routes.post("/v1/targets/verify")
+async def verify_target(request: web.Request) -> web.Response:
+    return await _token_post(request, "verify")
+
+
+@routes.get("/v1/unsubscribe")
+async def unsubscribe_page(request: web.Request) -> web.Response:
+    """The link in every alarm email (List-Unsubscribe)."""
+    return await _token_page(request, "unsubscribe")
+
+
+@routes.post("/v1/unsubscribe")
+async def unsubscribe(request: web.Request) -> web.Response:
+    return await _token_post(request, "unsubscribe")
 
 
 @routes.delete("/v1/targets/{target_id}")
 async def delete_target(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn, read=False)
+        await _write_limit(request, conn, acc)
         async with conn.transaction():
             cur = await conn.execute(
                 "UPDATE notify_targets SET deleted_at = now() WHERE id = %s AND account_id = %s"
@@ -533,6 +700,7 @@ async def telegram_link(request: web.Request) -> web.Response:
     cfg = request.app[CONFIG]
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn, read=False)
+        await _write_limit(request, conn, acc)
         body = await json_object(request)
         site = await _site_or_none(conn, acc, body.get("site_id"))
         code = secrets.token_hex(4).upper()
@@ -606,6 +774,9 @@ async def _link_chat(
         row = await cur.fetchone()
         if row is None:
             return "That code is unknown, used or expired; ask OpenSense for a new one."
+        cap = request.app[CONFIG].targets_max
+        if not await _room_for_target(conn, row[0], cap):
+            return f"This OpenSense account has {cap} recipients already; remove one first."
         cur = await conn.execute(
             "INSERT INTO notify_targets (id, account_id, site_id, path, address, roles, verified)"
             " VALUES (%s, %s, %s, 'telegram', %s, %s, true) ON CONFLICT DO NOTHING RETURNING id",
@@ -666,6 +837,7 @@ async def get_escalation(request: web.Request) -> web.Response:
 async def put_escalation(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn, read=False)
+        await _write_limit(request, conn, acc)
         site = await get_site(conn, acc, request.match_info["site_id"])
         body = await json_object(request)
         steps = body.get("steps")
@@ -718,6 +890,7 @@ async def create_silence(request: web.Request) -> web.Response:
     """Notifications only: the alarm still opens, shows and is reported."""
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn, read=False)
+        await _write_limit(request, conn, acc)
         body = await json_object(request)
         start, end = _ts(body.get("from"), "from"), _ts(body.get("to"), "to")
         if end <= start:
@@ -746,10 +919,17 @@ async def create_silence(request: web.Request) -> web.Response:
 
 @routes.post("/v1/notifications/test")
 async def test_alarm(request: web.Request) -> web.Response:
+    cfg = request.app[CONFIG]
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn, read=False)
+        # every press sends to every recipient at once: per hour, before anything is read
+        await ratelimit.hit(
+            conn, f"test_alarm:{acc}", cfg.test_alarm_per_hour, 3600, cfg.clock(), "The test alarm"
+        )
         body = await json_object(request)
     by = _text(body, "by", limit=200) or "the API"
+    if egress.line_problem(by, "by"):
+        raise ApiError("invalid_request", "by may not contain line breaks or control characters")
     results = await dispatch.send_test(
         request.app[POOL], request.app[CONFIG], request.app[HTTP], acc, by
     )

@@ -120,7 +120,7 @@ async def sender_work(app: web.Application, woken: bool, state: dict[str, float]
     if time.monotonic() - state.get("paths", 0.0) >= 30:
         state["paths"] = time.monotonic()
         try:
-            await dispatch.check_paths(pool, cfg.clock())
+            await dispatch.check_paths(pool, cfg.clock(), cfg.dispatch_failing_min_accounts)
             _beat(app, "notifier_paths", None)
         except Exception as exc:
             _beat(app, "notifier_paths", exc)

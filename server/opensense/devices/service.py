@@ -49,7 +49,9 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def _check_str(value: Any, field: str, max_len: int = 200, allow_empty: bool = False) -> str:
+def _check_str(
+    value: Any, field: str, max_len: int = 200, allow_empty: bool = False, multiline: bool = False
+) -> str:
     if (
         not isinstance(value, str)
         or len(value) > max_len
@@ -58,6 +60,13 @@ def _check_str(value: Any, field: str, max_len: int = 200, allow_empty: bool = F
         raise ApiError(
             "invalid_request",
             f"{field} must be a {'' if allow_empty else 'non-empty '}string of at most {max_len} characters",
+        )
+    # names end up in alarm mail subjects and pages: one line, no control characters
+    # (a CR/LF there broke the whole alarm dispatch batch); a postal address may wrap
+    allowed = "\n\r\t" if multiline else ""
+    if any((ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F) and c not in allowed for c in value):
+        raise ApiError(
+            "invalid_request", f"{field} may not contain line breaks or control characters"
         )
     return value
 
@@ -218,7 +227,7 @@ async def create_site(
     name = _check_str(body.get("name"), "name")
     tz = check_timezone(body.get("timezone", "UTC"))
     vertical = check_vertical(body.get("vertical", DEFAULT_VERTICAL))
-    address = _check_str(body.get("address", ""), "address", 500, allow_empty=True)
+    address = _check_str(body.get("address", ""), "address", 500, allow_empty=True, multiline=True)
     sid = new_id("site")
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute(
@@ -272,7 +281,9 @@ async def patch_site(
     if "name" in body:
         sets["name"] = _check_str(body["name"], "name")
     if "address" in body:
-        sets["address"] = _check_str(body["address"], "address", 500, allow_empty=True)
+        sets["address"] = _check_str(
+            body["address"], "address", 500, allow_empty=True, multiline=True
+        )
     if "timezone" in body:
         sets["timezone"] = check_timezone(body["timezone"])
     if "vertical" in body:

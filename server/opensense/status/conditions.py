@@ -129,8 +129,10 @@ CONDITIONS: tuple[Condition, ...] = (
         "dispatch_{key}",
         timedelta(minutes=5),
         "Alarm dispatch by {key} is failing",
-        "every attempt of a dispatch path (telegram, email, webhook) in the last 5 minutes "
-        "failed and it has had no success for more than 5 minutes (outbound_log)",
+        "every counted attempt of a dispatch path (telegram, email, webhook) in the last 5 "
+        "minutes failed and it has had no success for more than 5 minutes (outbound_log); a "
+        "recipient's own failures (status rejected) count only when they span "
+        "OPENSENSE_DISPATCH_FAILING_MIN_ACCOUNTS accounts",
         _dispatch,
     ),
     Condition(

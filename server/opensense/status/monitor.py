@@ -264,7 +264,7 @@ class StatusMonitor:
             "health": health_mod.merge([procs["health"], await probes.job_health(conn, now)]),
             "mqtt_mode": self.cfg.mqtt,
             "ingest": await probes.ingest(conn, now),
-            "dispatch": await probes.dispatch(conn, now),
+            "dispatch": await probes.dispatch(conn, now, self.cfg.dispatch_failing_min_accounts),
             "reports": await probes.reports(conn, now),
             "backups": await probes.backups(conn, now, self.cfg.status_backup_max_age_h * 3600.0),
             "gateways": await probes.gateways(conn, now),

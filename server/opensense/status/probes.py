@@ -19,9 +19,15 @@ from .observe import INGEST_SLOW_BOUND, LATENCY_BUCKETS, quantile_bound, share_a
 PATHS = ("telegram", "email", "webhook")
 # outbound_log statuses that are a delivery attempt, and the failed ones among them.
 # 'dropped' (a 4xx from the customer's own webhook) is the target refusing, not the
-# path failing; 'queued' is not an attempt yet.
+# path failing; 'queued' is not an attempt yet; 'quarantined' is a row given up on.
 ATTEMPT = ("ok", "failed", "retrying")
 FAILED = ("failed", "retrying")
+# 'rejected': the recipient's side failed (its mail domain, its webhook endpoint), not
+# the path: one account cannot make a path fail service-wide. Such failures count
+# only when they span at least `min_accounts` accounts in the window (then the common
+# part, our side, is the likely cause).
+REJECTED = "rejected"
+MIN_ACCOUNTS = 3
 
 
 async def exists(conn: AsyncConnection[Any], table: str) -> bool:
@@ -104,38 +110,53 @@ async def ingest(conn: AsyncConnection[Any], now: datetime) -> dict[str, Any]:
     }
 
 
-async def dispatch(conn: AsyncConnection[Any], now: datetime) -> dict[str, Any]:
+async def dispatch(
+    conn: AsyncConnection[Any], now: datetime, min_accounts: int = MIN_ACCOUNTS
+) -> dict[str, Any]:
+    """Per path, over the last 5 minutes: attempts and failures as the status page
+    counts them. Path failures (`failed`) always count; recipient-side failures
+    (`rejected`) count only when they span `min_accounts` accounts."""
     if not await exists(conn, "outbound_log"):
         return {p: None for p in PATHS}
     out: dict[str, Any] = {}
     window = now - timedelta(minutes=5)
     for path in PATHS:
         cur = await conn.execute(
-            "SELECT count(*) FILTER (WHERE status = ANY(%s)),"
+            "SELECT count(*) FILTER (WHERE status = 'ok'),"
             " count(*) FILTER (WHERE status = ANY(%s)),"
+            " count(*) FILTER (WHERE status = %s),"
+            " count(DISTINCT account_id) FILTER (WHERE status = %s),"
             " (array_agg(error ORDER BY at DESC) FILTER (WHERE status = ANY(%s)))[1]"
             " FROM outbound_log WHERE path = %s AND at > %s AND at <= %s",
-            (list(ATTEMPT), list(FAILED), list(FAILED), path, window, now),
+            (list(FAILED), REJECTED, REJECTED, [*FAILED, REJECTED], path, window, now),
         )
-        attempts, failed, last_error = await cur.fetchone() or (0, 0, None)
+        ok, failed, rejected, rejected_accounts, last_error = await cur.fetchone() or (
+            0, 0, 0, 0, None,
+        )  # fmt: skip
+        spread = rejected_accounts >= min_accounts
+        counted = [*FAILED, REJECTED] if spread else list(FAILED)
+        failed_counted = failed + (rejected if spread else 0)
+        attempts = ok + failed_counted
         cur = await conn.execute(
             "SELECT max(at) FROM outbound_log WHERE path = %s AND status = 'ok' AND at <= %s",
             (path, now),
         )
         last_ok = (await cur.fetchone() or (None,))[0]
         failing_for = None
-        if attempts and failed == attempts:
+        if attempts and failed_counted == attempts:
             cur = await conn.execute(
                 "SELECT min(at) FROM outbound_log WHERE path = %s AND status = ANY(%s)"
                 " AND at > %s AND at <= %s",
-                (path, list(FAILED), last_ok or datetime.min.replace(tzinfo=now.tzinfo), now),
+                (path, counted, last_ok or datetime.min.replace(tzinfo=now.tzinfo), now),
             )
             first = (await cur.fetchone() or (None,))[0]
             if first is not None:
                 failing_for = (now - first).total_seconds()
         out[path] = {
             "attempts_5m": attempts,
-            "failed_5m": failed,
+            "failed_5m": failed_counted,
+            "rejected_5m": rejected,
+            "rejected_accounts_5m": rejected_accounts,
             "last_ok_age_s": (now - last_ok).total_seconds() if last_ok else None,
             "failing_for_s": failing_for,
             "last_error": last_error,
@@ -150,7 +171,7 @@ async def dispatch_accounts(conn: AsyncConnection[Any], path: str, now: datetime
     cur = await conn.execute(
         "SELECT DISTINCT account_id FROM outbound_log WHERE path = %s AND at > %s"
         " AND status = ANY(%s) AND account_id IS NOT NULL",
-        (path, now - timedelta(minutes=5), list(FAILED)),
+        (path, now - timedelta(minutes=5), [*FAILED, REJECTED]),
     )
     return [r[0] for r in await cur.fetchall()]
 
