@@ -10,11 +10,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
+import pytest
 from aiohttp.test_utils import TestClient
 
+from opensense.node.sim import NodeBusy, SimNode
+
+from .fixtures.processes import BIN, free_port
 from .fixtures.server import World, make_world
 
 # --- 18: DevEUI unique per account -------------------------------------------------
@@ -98,3 +112,142 @@ async def test_dev_eui_is_unique_per_account_not_across_accounts(
             "SELECT account_id FROM unassigned_uplinks WHERE dev_eui = %s", (ONLY_B,)
         )
         assert [r[0] for r in await cur.fetchall()] == [a.account]
+
+
+# --- 21: process hygiene -------------------------------------------------------------
+
+
+def _embedded_env(state: Path, **extra: str) -> dict[str, str]:
+    """`opensense` on the embedded PostgreSQL in `state` (no DSN), nothing else."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENSENSE_")}
+    env.update(
+        {
+            "OPENSENSE_STATE_DIR": str(state),
+            "OPENSENSE_BCRYPT_ROUNDS": "4",
+            "OPENSENSE_JOBS": "false",
+            "OPENSENSE_MQTT": "off",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def _postmasters(pgdata: Path) -> list[int]:
+    """Pids of every running postmaster on `pgdata` (its children, the backends, have
+    their titles rewritten; the postmaster keeps `-D <pgdata>` on its command line)."""
+    out = []
+    for p in psutil.process_iter(["name", "cmdline", "status"]):
+        cmd = p.info["cmdline"] or []
+        if (
+            p.info["name"] == "postgres"
+            and p.info["status"] != psutil.STATUS_ZOMBIE
+            and str(pgdata) in cmd
+        ):
+            out.append(p.pid)
+    return out
+
+
+def _stop_postmasters(pgdata: Path) -> None:
+    for pid in _postmasters(pgdata):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(pid).kill()
+
+
+def _serve(state: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(BIN), "serve", "--port", str(port)],
+        env=_embedded_env(state),
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()
+        try:
+            urllib.request.urlopen(url + "/healthz", timeout=1).close()
+            return proc, url
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"serve did not start: {log.read_text()}")
+
+
+@pytest.mark.e2e
+def test_sigkill_then_restart_adopts_the_orphan_and_sighup_stops_cleanly(tmp_path: Path) -> None:
+    os.chmod(tmp_path, 0o755)  # as root, the embedded server runs as its own user
+    state = tmp_path / "state"
+    pgdata = (state / "pgdata").resolve()
+    log = tmp_path / "serve.log"
+    try:
+        r = subprocess.run(
+            [str(BIN), "db", "migrate"], env=_embedded_env(state), capture_output=True, timeout=120
+        )
+        assert r.returncode == 0, r.stderr.decode()
+        assert _postmasters(pgdata) == []  # the migrate's exit stopped it
+
+        first, _ = _serve(state, log)
+        [orphan] = _postmasters(pgdata)
+        first.kill()  # SIGKILL: no exit hook runs
+        first.wait(10)
+        # the fault: PostgreSQL outlives its holder, whose pid stays in the handle list
+        assert _postmasters(pgdata) == [orphan]
+
+        second, _ = _serve(state, log)
+        # one postmaster: the orphan was adopted, not joined by a second server
+        assert _postmasters(pgdata) == [orphan]
+        handles = json.loads((pgdata / ".handle_pids.json").read_text())
+        assert handles == [second.pid], handles  # the dead holder is gone from the list
+
+        # a closed terminal: a clean stop, which stops the server it adopted
+        second.send_signal(signal.SIGHUP)
+        assert second.wait(60) == 0, log.read_text()
+        assert _postmasters(pgdata) == [], log.read_text()
+        assert not (pgdata / "postmaster.pid").exists()
+    finally:
+        _stop_postmasters(pgdata)
+
+
+def test_two_runners_on_one_node_directory_the_second_refuses(tmp_path: Path) -> None:
+    node_dir = tmp_path / "node"
+    first = SimNode(node_dir, {"token": "ds_live_x"}, b"ca", {"probes": []})
+    try:
+        with pytest.raises(NodeBusy) as e:
+            SimNode(node_dir, {"token": "ds_live_y"}, b"ca", {"probes": []})
+        assert str(os.getpid()) in str(e.value)
+        # the refused runner wrote nothing: the first runner's config stands
+        assert json.loads((node_dir / "config.json").read_text())["token"] == "ds_live_x"
+    finally:
+        first.close()
+    # once the first lets go, the directory is free again
+    SimNode(node_dir, {"token": "ds_live_z"}, b"ca", {"probes": []}).close()
+
+
+def test_a_node_outliving_its_runner_keeps_the_directory_locked(tmp_path: Path) -> None:
+    """The node's interpreter holds the lock too: a runner killed while its node ran
+    on (no PDEATHSIG outside Linux) cannot be joined by a second runner."""
+    node_dir = tmp_path / "node"
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from opensense.node.sim import lock_node_dir\n"
+        "import subprocess\n"
+        "f = lock_node_dir(Path(sys.argv[1]))\n"
+        "child = subprocess.Popen(['sleep', '60'], pass_fds=(f.fileno(),), start_new_session=True)\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    node_dir.mkdir()
+    runner = subprocess.Popen(
+        [sys.executable, "-c", code, str(node_dir)], stdout=subprocess.PIPE, text=True
+    )
+    assert runner.stdout is not None
+    child = int(runner.stdout.readline())
+    try:
+        runner.kill()
+        runner.wait(10)
+        with pytest.raises(NodeBusy):
+            SimNode(node_dir, {"token": "ds_live_y"}, b"ca", {"probes": []})
+    finally:
+        os.kill(child, signal.SIGKILL)
