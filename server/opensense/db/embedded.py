@@ -86,8 +86,7 @@ def prune_dead_handles(pgdata: Path, lock: Any = None) -> list[int]:
             os.replace(tmp, path)  # a reader never sees half a list
     if dead:
         log.warning(
-            "embedded PostgreSQL in %s: processes %s ended without detaching (killed?);"
-            " %s",
+            "embedded PostgreSQL in %s: processes %s ended without detaching (killed?); %s",
             pgdata,
             ", ".join(map(str, dead)),
             "it is adopted by this process" if not alive else "others still hold it",
