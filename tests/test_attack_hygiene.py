@@ -26,10 +26,14 @@ import psycopg
 import pytest
 from aiohttp.test_utils import TestClient
 
+from opensense.api.keys import STATUS
+from opensense.app import create_app
 from opensense.node.sim import NodeBusy, SimNode
+from opensense.status import components
 
+from .fixtures.clock import FakeClock
 from .fixtures.processes import BIN, free_port
-from .fixtures.server import World, make_world
+from .fixtures.server import World, make_world, test_config
 
 # --- 18: DevEUI unique per account -------------------------------------------------
 
@@ -251,3 +255,50 @@ def test_a_node_outliving_its_runner_keeps_the_directory_locked(tmp_path: Path) 
             SimNode(node_dir, {"token": "ds_live_y"}, b"ca", {"probes": []})
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+# --- 23: the status page tells the truth ---------------------------------------------
+
+
+async def _status(client: TestClient) -> dict[str, Any]:  # type: ignore[type-arg]
+    r = await client.get("/status.json")
+    assert r.status == 200
+    return dict(await r.json())
+
+
+async def test_status_shows_no_unbuilt_component_and_no_unconfigured_backup_as_late(
+    aiohttp_client: Any, new_database: Any, clock: FakeClock
+) -> None:
+    fresh = new_database()
+    cfg = test_config(clock, status_interval_s=10)
+    assert not cfg.backup_recipients  # as a fresh install and the demo: no backup key
+    client = await aiohttp_client(create_app(cfg, fresh))
+    mon = client.app[STATUS]
+    await mon.pause()
+    await mon.tick()
+    snap = await _status(client)
+    ids = {c["id"]: c for c in snap["components"]}
+    # nothing claims to be operational that this build does not have
+    assert "dashboard" not in ids and "reports" not in ids, sorted(ids)
+    assert all("Dashboard" not in c["name"] for c in snap["components"])
+    assert ids["api"]["state"] == "operational"
+    assert ids["backups"]["state"] == "unknown"
+    assert ids["backups"]["detail"] == "not configured on this server"
+    # hours later, still no backup: not configured is not late (no backup_old P2)
+    clock.advance(hours=3)
+    await mon.tick()
+    snap = await _status(client)
+    assert snap["overall"] != "degraded", snap
+    assert not [i for i in snap["incidents"] if "backup" in i["title"].lower()]
+
+    # a feature switches its component on by registering itself
+    components.register_feature("reports")
+    try:
+        clock.advance(seconds=10)
+        await mon.tick()
+        snap = await _status(client)
+        assert "reports" in {c["id"] for c in snap["components"]}
+    finally:
+        components.unregister_feature("reports")
+    with pytest.raises(ValueError):
+        components.register_feature("no_such_feature")
