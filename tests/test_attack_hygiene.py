@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ from aiohttp.test_utils import TestClient
 from opensense.api.keys import STATUS
 from opensense.app import create_app
 from opensense.node.sim import NodeBusy, SimNode
+from opensense.statedir import write_secret
 from opensense.status import components
 
 from .fixtures.clock import FakeClock
@@ -302,3 +304,113 @@ async def test_status_shows_no_unbuilt_component_and_no_unconfigured_backup_as_l
         components.unregister_feature("reports")
     with pytest.raises(ValueError):
         components.register_feature("no_such_feature")
+
+
+def _nodes_in(state: Path) -> list[psutil.Process]:
+    """The simulated nodes' interpreters running in `state`'s node directories."""
+    base = str((state / "demo-nodes").resolve())
+    out = []
+    for p in psutil.process_iter(["name", "status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and p.cwd().startswith(base):
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
+def _demo(tmp_path: Path, state: Path, log: Path) -> subprocess.Popen[bytes]:
+    env = _embedded_env(state, OPENSENSE_MQTT="embedded", OPENSENSE_MQTT_PORT=str(free_port()))
+    proc = subprocess.Popen(
+        [str(BIN), "demo", "--port", str(free_port())],
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(_nodes_in(state)) < 3:
+        assert proc.poll() is None, log.read_text()
+        time.sleep(0.5)
+    assert len(_nodes_in(state)) == 3, log.read_text()
+    return proc
+
+
+@pytest.mark.e2e
+def test_a_killed_demo_leaves_no_node_running_and_the_next_one_runs_each_node_once(
+    tmp_path: Path,
+) -> None:
+    os.chmod(tmp_path, 0o755)  # as root, the embedded server runs as its own user
+    state = tmp_path / "state"
+    pgdata = (state / "pgdata").resolve()
+    log = tmp_path / "demo.log"
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        procs.append(_demo(tmp_path, state, log))
+        [postmaster] = _postmasters(pgdata)
+        procs[0].kill()  # SIGKILL: the demo's own cleanup never runs
+        procs[0].wait(10)
+        # its nodes die with it (they would otherwise report on, beside the next demo's)
+        deadline = time.monotonic() + 10
+        while _nodes_in(state) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _nodes_in(state) == []
+
+        procs.append(_demo(tmp_path, state, log))
+        time.sleep(2)  # a second set of nodes would have started by now
+        nodes = _nodes_in(state)
+        assert len(nodes) == 3 and {n.ppid() for n in nodes} == {procs[1].pid}
+        assert _postmasters(pgdata) == [postmaster]  # adopted, not doubled
+
+        procs[1].send_signal(signal.SIGHUP)  # the terminal closes
+        assert procs[1].wait(60) == 0, log.read_text()
+        assert _postmasters(pgdata) == [] and _nodes_in(state) == []
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for n in _nodes_in(state):
+            n.kill()
+        _stop_postmasters(pgdata)
+
+
+def test_an_existing_world_readable_state_dir_is_tightened(tmp_path: Path) -> None:
+    os.chmod(tmp_path, 0o755)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    os.chmod(state, 0o755)  # as an older release (or a careless umask) left it
+    pgdata = (state / "pgdata").resolve()
+    try:
+        r = subprocess.run(
+            [str(BIN), "db", "migrate"], env=_embedded_env(state), capture_output=True, timeout=120
+        )
+        assert r.returncode == 0, r.stderr.decode()
+        mode = stat.S_IMODE(state.stat().st_mode)
+        assert mode == (0o711 if os.geteuid() == 0 else 0o700), oct(mode)
+        assert b"was mode 755" in r.stderr and b"tightened" in r.stderr, r.stderr.decode()
+    finally:
+        _stop_postmasters(pgdata)
+
+
+def test_write_secret_never_leaves_a_readable_window(tmp_path: Path) -> None:
+    """An old world-readable file is replaced by a new one made 0600 at its creation
+    (another inode), not chmod-ed after its content is in."""
+    path = tmp_path / "config.json"
+    path.write_text("old")
+    os.chmod(path, 0o644)
+    old_inode = path.stat().st_ino
+    seen: list[int] = []
+    real_open = os.open
+
+    def spy(p: Any, flags: int, mode: int = 0o777, *a: Any, **k: Any) -> int:
+        seen.append(mode)
+        return real_open(p, flags, mode, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "open", spy)
+        mp.setattr(os, "chmod", lambda *a, **k: pytest.fail("chmod on a secret file"))
+        write_secret(path, b"ds_live_secret")
+    assert seen == [0o600]
+    assert path.read_bytes() == b"ds_live_secret" and path.stat().st_ino != old_inode
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary left
