@@ -6,12 +6,36 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 from .fixtures.processes import BIN, free_port
+
+
+def assert_secrets_private(state: Path, demo: dict) -> None:
+    """Every file the demo wrote that holds a token or a private key is 0600, and every
+    directory of the state dir is 0700 (the state dir itself 0711 as root: the embedded
+    PostgreSQL's own user walks through it to pgdata). pgdata is PostgreSQL's (0700)."""
+    secrets = [demo["api_token"], *(d["token"] for d in demo["devices"].values())]
+    secrets = [s.encode() for s in secrets] + [b"PRIVATE KEY"]
+    assert stat.S_IMODE(state.stat().st_mode) == (0o711 if os.geteuid() == 0 else 0o700)
+    holders = []
+    for path in state.rglob("*"):
+        if "pgdata" in path.relative_to(state).parts:
+            continue
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        if path.is_dir():
+            if path.relative_to(state).parts[0] != "audit":  # published checkpoints: public
+                assert mode == 0o700, f"{path}: {mode:o}"
+        elif any(s in path.read_bytes() for s in secrets):
+            holders.append(path.relative_to(state).as_posix())
+            assert mode == 0o600, f"{path} holds a secret with mode {mode:o}"
+    # the ones we know of, so that the scan above is known to have looked at them
+    assert {"demo.json", "mqtt-tls/ca.key", "mqtt-tls/server.key"} <= set(holders), holders
+    assert {f"demo-nodes/{n}/config.json" for n in demo["devices"]} <= set(holders), holders
 
 
 def test_demo_serves_readings_from_an_embedded_database(tmp_path: Path) -> None:
@@ -67,6 +91,11 @@ def test_demo_serves_readings_from_an_embedded_database(tmp_path: Path) -> None:
         counts = json.load(urllib.request.urlopen(req, timeout=5))["data"]
         assert sum(v for _, v in counts) >= 6 * 60  # the 6-hour backfill at 1 a minute
         assert (tmp_path / "state" / "pgdata" / "PG_VERSION").exists()
+        # a fresh demo is not degraded: nothing it was never given (a backup key) is late
+        status = json.load(urllib.request.urlopen(f"{base}/status.json", timeout=5))
+        assert status["overall"] == "operational", status
+        assert not [c for c in status["components"] if c["state"] in ("degraded", "outage")]
+        assert_secrets_private(tmp_path / "state", json.loads(state_file.read_text()))
         proc.terminate()
         assert proc.wait(30) == 0
         # the embedded PostgreSQL stopped with the demo

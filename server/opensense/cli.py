@@ -8,6 +8,7 @@ import getpass
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -75,8 +76,23 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
         port=port,
         access_log=None,
         print=lambda *_: log.info("serving on http://%s:%s", host, port),
+        loop=_stop_on_hangup(asyncio.new_event_loop()),
     )
     return 0
+
+
+def _stop_on_hangup(loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
+    """A closed terminal (SIGHUP) stops the server the way SIGTERM does (aiohttp
+    handles SIGINT and SIGTERM): the default action would end the process without its
+    exit hooks, leaving the embedded PostgreSQL running for good."""
+
+    def hangup() -> None:
+        log.info("SIGHUP: stopping")
+        raise web.GracefulExit()
+
+    if hasattr(signal, "SIGHUP"):
+        loop.add_signal_handler(signal.SIGHUP, hangup)
+    return loop
 
 
 def cmd_demo(cfg: Config, args: argparse.Namespace) -> int:

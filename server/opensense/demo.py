@@ -26,6 +26,7 @@ from .app import create_app
 from .devices import service
 from .presets import VERTICALS
 from .settings import Config
+from .statedir import prepare_state_dir, write_secret
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ def simulated(setpoint: float, swing: float, ts: datetime, seed: int) -> float:
 
 
 async def ensure_demo(cfg: Config, dsn: str) -> dict[str, Any]:
+    prepare_state_dir(cfg.state_dir, for_embedded_postgres=not cfg.database_url)
     path = cfg.state_dir / "demo.json"
     if path.exists():
         return dict(json.loads(path.read_text()))
@@ -82,8 +84,7 @@ async def ensure_demo(cfg: Config, dsn: str) -> dict[str, Any]:
                 )
                 devices[local_id] = {"id": dev["id"], "token": token}
     state = {"account_id": acc, "api_token": ua, "site_id": site["id"], "devices": devices}
-    path.write_text(json.dumps(state, indent=2))
-    path.chmod(0o600)
+    write_secret(path, json.dumps(state, indent=2).encode())  # 0600 from its first byte
     return state
 
 
@@ -167,7 +168,7 @@ def start_nodes(state: dict[str, Any], cfg: Config) -> list[Any]:
         except Exception as e:  # the demo must start anyway: say why and feed over HTTP
             why = f"{type(e).__name__}: {e}"
             for n in nodes:
-                n.stop()
+                n.close()
             nodes = []
     if why:
         print(f"demo: simulated firmware nodes not started ({why}); feeding over HTTP", flush=True)
@@ -223,8 +224,9 @@ Press Ctrl-C to stop.
     task = asyncio.create_task(feed(base, state, cfg, nodes))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        # a clean exit lets the embedded PostgreSQL stop with us (its atexit hook)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        # a clean exit lets the embedded PostgreSQL stop with us (its atexit hook); a
+        # closed terminal (SIGHUP) is a stop too, not a kill that leaves it running
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
@@ -233,5 +235,5 @@ Press Ctrl-C to stop.
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         for n in nodes:
-            await asyncio.to_thread(n.stop)
+            await asyncio.to_thread(n.close)
         await runner.cleanup()

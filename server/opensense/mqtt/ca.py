@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ..statedir import private_dir, write_secret
 
 CA_DAYS = 3650
 SERVER_DAYS = 825
@@ -37,9 +38,8 @@ class TlsFiles:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    # a new 0600 file renamed into place: O_TRUNC on an existing file kept its old mode
+    write_secret(path, data)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -123,8 +123,7 @@ def make_server_cert(
 
 def ensure_tls(state_dir: Path, hosts: list[str]) -> TlsFiles:
     """The CA and server pair in <state_dir>/mqtt-tls/, made once and then reused."""
-    d = state_dir / "mqtt-tls"
-    d.mkdir(parents=True, exist_ok=True)
+    d = private_dir(state_dir / "mqtt-tls")
     files = TlsFiles(d / "ca.pem", d / "server.pem", d / "server.key")
     ca_key_path = d / "ca.key"
     if not files.ca_cert.exists():

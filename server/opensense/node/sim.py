@@ -8,16 +8,20 @@ would (a crash stands for the watchdog reset that would follow on the ESP32).
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+from ..statedir import private_dir, write_secret
 from .deps import FIRMWARE, ensure
 
 RESET_EXIT = 3
@@ -33,6 +37,49 @@ def micropython() -> Path | None:
         return p
     found = shutil.which("micropython")
     return Path(found) if found else None
+
+
+class NodeBusy(RuntimeError):
+    """Another runner holds this node directory: two interpreters on one flash image
+    would both write its queue and RTC memory and both report as the same device."""
+
+
+LOCK_NAME = "node.lock"
+_PR_SET_PDEATHSIG = 1
+try:  # resolved once, here: the function that runs in the forked child only calls it
+    _prctl: Any = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+except (OSError, AttributeError):
+    _prctl = None
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """The node dies with the thread that runs it (Linux): a runner killed with SIGKILL
+    must not leave its node running on, reporting beside the next runner's."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def lock_node_dir(directory: Path) -> IO[str]:
+    """Take the node directory's lock (fcntl.flock on <dir>/node.lock) or raise
+    NodeBusy naming the holder. The lock is held while the returned file is open,
+    and by the node's interpreter (it inherits the descriptor): a runner that died
+    with its node still running keeps the directory locked until the node ends."""
+    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    f = os.fdopen(fd, "r+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise NodeBusy(
+            f"node directory {directory} is in use by another runner (pid {holder});"
+            " stop it first: one node directory is one flash image"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
 
 
 def rom(n: int) -> str:
@@ -66,8 +113,10 @@ class SimNode:
             )
         self.mp = mp
         self.dir = directory.resolve()  # the node runs with cwd = this directory
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "config.json").write_text(json.dumps(config))
+        private_dir(self.dir)  # its config holds the device's ingest token
+        # one runner per directory, for the node's life (close() lets go)
+        self._lock: IO[str] | None = lock_node_dir(self.dir)
+        write_secret(self.dir / "config.json", json.dumps(config).encode())
         (self.dir / "ca.der").write_bytes(ca_der)
         self.ctl: dict[str, Any] = {"t0": time.time(), "speed": 1, "ntp": True, "wifi": True}
         self.ctl.update(ctl)
@@ -104,12 +153,15 @@ class SimNode:
         env = dict(os.environ)
         env["MICROPYPATH"] = f".frozen:{FIRMWARE}:{self.lib}"  # .frozen: ssl, as on the chip
         env["OPENSENSE_SIM"] = str(self.dir)
+        assert self._lock is not None, "the node was closed"
         return subprocess.Popen(
             [str(self.mp), "-X", f"heapsize={self.heap}", str(FIRMWARE / "main.py")],
             env=env,
             cwd=str(self.dir),
             stdout=self.log,
             stderr=subprocess.STDOUT,
+            pass_fds=(self._lock.fileno(),),  # the node holds the directory's lock too
+            preexec_fn=_die_with_parent,
         )
 
     def _supervise(self) -> None:
@@ -138,6 +190,13 @@ class SimNode:
             self.proc.wait(10)
         if self.thread is not None:
             self.thread.join(10)
+
+    def close(self) -> None:
+        """Stop the node and let go of its directory."""
+        self.stop()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def power_cut(self) -> None:
         """Pull the plug: SIGKILL, RTC memory lost, then power on again."""

@@ -26,6 +26,9 @@ class Component:
     id: str
     name: str
     doc: str
+    # a component of a feature that is not built yet: shown only once that feature
+    # calls register_feature(<feature>) (the page never claims what does not exist)
+    feature: str | None = None
 
 
 COMPONENTS: tuple[Component, ...] = (
@@ -46,13 +49,46 @@ COMPONENTS: tuple[Component, ...] = (
         )
         for p in PATHS
     ),
-    Component("reports", "Report rendering", "monthly report render times (reports table)"),
+    Component(
+        "reports",
+        "Report rendering",
+        "monthly report render times (reports table)",
+        feature="reports",
+    ),
     Component("backups", "Backups", "the last good backup and restore test (backup_runs)"),
-    Component("dashboard", "Dashboard and API", "server process heartbeats"),
+    Component("api", "API", "server process heartbeats (the processes that serve /v1)"),
+    Component(
+        "dashboard",
+        "Dashboard",
+        "server process heartbeats, health registry dashboard",
+        feature="dashboard",
+    ),
     Component("audit", "Audit trail", "chain verification (health: audit)"),
     Component("gateways", "Site gateways", "every site gateway's last contact (gateways)"),
 )
 BY_ID = {c.id: c for c in COMPONENTS}
+
+# Features that exist in this build and have said so. A feature module registers at
+# import (`register_feature("reports")` next to its routes), so every process that
+# wires the feature (create_app imports it) shows its component; nothing else does.
+_BUILT: set[str] = set()
+
+
+def register_feature(name: str) -> None:
+    """Switch on the status components of feature `name` (see Component.feature)."""
+    if not any(c.feature == name for c in COMPONENTS):
+        raise ValueError(f"no status component belongs to feature {name!r}")
+    _BUILT.add(name)
+
+
+def unregister_feature(name: str) -> None:
+    """For tests: the feature is gone again."""
+    _BUILT.discard(name)
+
+
+def shown() -> tuple[Component, ...]:
+    """The components of this build: always-on ones and those of registered features."""
+    return tuple(c for c in COMPONENTS if c.feature is None or c.feature in _BUILT)
 
 
 def _health(f: Figures, *names: str) -> tuple[str, str] | None:
@@ -151,6 +187,10 @@ def _backups(f: Figures) -> tuple[str, str]:
     b = f.get("backups") or {}
     if not b.get("available"):
         return "unknown", "no backup log on this server"
+    if b.get("configured") is False:
+        # no recipient to encrypt to: the backup job does not run, so there is nothing
+        # to be late with; the page says so instead of calling the server degraded
+        return "unknown", "not configured on this server"
     age = b.get("last_good_age_s")
     if b.get("last_restore_test_ok") is False:
         return "outage", "the last restore test failed"
@@ -163,14 +203,19 @@ def _backups(f: Figures) -> tuple[str, str]:
     return "operational", f"last good backup {age / 60:.0f} min ago"
 
 
-def _dashboard(f: Figures) -> tuple[str, str]:
+def _api(f: Figures) -> tuple[str, str]:
     p = f.get("processes") or {}
-    h = _health(f, "dashboard")
-    if h and h[0] == "outage":
-        return h
     if not p.get("alive"):
         return "outage", "no server process answers"
     return "operational", f"{p['alive']} server process(es)"
+
+
+def _dashboard(f: Figures) -> tuple[str, str]:
+    # served by the same processes as the API, plus what the dashboard itself reports
+    h = _health(f, "dashboard")
+    if h and h[0] == "outage":
+        return h
+    return _api(f)
 
 
 def _audit(f: Figures) -> tuple[str, str]:
@@ -205,6 +250,7 @@ RULES = {
     **{f"dispatch_{p}": _dispatch(p) for p in PATHS},
     "reports": _reports,
     "backups": _backups,
+    "api": _api,
     "dashboard": _dashboard,
     "audit": _audit,
     "gateways": _gateways,
@@ -215,8 +261,8 @@ SEVERITY = {"P0": "outage", "P1": "outage", "P2": "degraded"}
 
 
 def states(f: Figures, firing: Sequence[Firing] = ()) -> dict[str, tuple[str, str]]:
-    """component id -> (state, public detail)."""
-    out = {c.id: RULES[c.id](f) for c in COMPONENTS}
+    """component id -> (state, public detail), for the components shown()."""
+    out = {c.id: RULES[c.id](f) for c in shown()}
     if not (f.get("database") or {}).get("ok", True):
         # without the database nothing else could be measured this tick
         out = {k: (v if k == "database" else ("unknown", "not measured")) for k, v in out.items()}

@@ -29,7 +29,7 @@ INGEST_5XX_SHARE = 0.5  # of the answers in the last 2 minutes
 INGEST_P99_S = 2.0
 INGEST_P99_MIN_REQUESTS = 20  # in the 5-minute window; fewer: too few to call a p99
 REPORT_MONTHLY_S = 120.0
-HEARTBEAT_DOWN_S = 60.0  # no process heartbeat for this long: the dashboard is down
+HEARTBEAT_DOWN_S = 60.0  # no process heartbeat for this long: the API is down
 
 
 @dataclass(frozen=True)
@@ -92,8 +92,8 @@ def _report_slow(f: Figures) -> Bad:
 
 def _backup_old(f: Figures) -> Bad:
     b = f.get("backups") or {}
-    if not b.get("available") or not b.get("max_age_s"):
-        return {}
+    if not b.get("available") or not b.get("max_age_s") or b.get("configured") is False:
+        return {}  # not configured: the page says so; nothing is overdue
     age = b.get("last_good_age_s")
     if age is None:
         since = b.get("monitoring_for_s") or 0.0
@@ -136,11 +136,13 @@ CONDITIONS: tuple[Condition, ...] = (
         _dispatch,
     ),
     Condition(
+        # the name stays (incidents and watchdog scripts name it); it watches the
+        # server processes that serve the API, and the dashboard once it is built
         "dashboard_down",
         "P1",
-        "dashboard",
+        "api",
         timedelta(minutes=15),
-        "The dashboard is down",
+        "The API is down",
         "no server process has sent a heartbeat (or the dashboard reports a failure) "
         "for more than 15 minutes",
         _dashboard,

@@ -266,7 +266,12 @@ class StatusMonitor:
             "ingest": await probes.ingest(conn, now),
             "dispatch": await probes.dispatch(conn, now, self.cfg.dispatch_failing_min_accounts),
             "reports": await probes.reports(conn, now),
-            "backups": await probes.backups(conn, now, self.cfg.status_backup_max_age_h * 3600.0),
+            "backups": await probes.backups(
+                conn,
+                now,
+                self.cfg.status_backup_max_age_h * 3600.0,
+                configured=bool(self.cfg.backup_recipients),
+            ),
             "gateways": await probes.gateways(conn, now),
         }
 
@@ -449,7 +454,7 @@ class StatusMonitor:
         today = now.date()
         comps: list[dict[str, Any]] = []
         states: dict[str, tuple[str, str]] = {}
-        for c in components.COMPONENTS:
+        for c in components.shown():
             state, detail = s.states.get(c.id, ("unknown", "not measured yet"))
             states[c.id] = (state, detail)
             days = s.days.get(c.id, {})

@@ -197,11 +197,16 @@ async def reports(conn: AsyncConnection[Any], now: datetime) -> dict[str, Any]:
     }
 
 
-async def backups(conn: AsyncConnection[Any], now: datetime, max_age_s: float) -> dict[str, Any]:
+async def backups(
+    conn: AsyncConnection[Any], now: datetime, max_age_s: float, *, configured: bool = True
+) -> dict[str, Any]:
+    """`configured`: this server has backup recipients (OPENSENSE_BACKUP_RECIPIENTS);
+    without them the backup job skips, and no backup is not "late"."""
     cur = await conn.execute("SELECT at FROM status_meta WHERE key = 'monitoring_since'")
     since = (await cur.fetchone() or (None,))[0]
     out: dict[str, Any] = {
         "available": await exists(conn, "backup_runs"),
+        "configured": configured,
         "max_age_s": max_age_s,
         "monitoring_for_s": (now - since).total_seconds() if since else 0.0,
     }
