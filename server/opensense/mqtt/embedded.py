@@ -304,10 +304,12 @@ class OpenSenseBroker(Broker):
         await super()._handle_disconnect(client_session, handler, disconnect_waiter)
 
     def may_publish(self, session: Session | None, topic: str | None, what: str) -> bool:
-        """Whether a message from `session` (None: the server itself) may go to `topic`."""
+        """Whether a message from `session` (None: the server itself) may go to `topic`:
+        the publish ACL of the device admitted on it (a revoked device's session keeps
+        it for this, so that its own lwt will still says "offline")."""
         if session is None:
             return True
-        dev = _device(session)
+        dev = _device(session) or getattr(session, "opensense_will_device", None)
         reason = (
             "no authenticated device"
             if dev is None
@@ -532,6 +534,7 @@ class EmbeddedBroker:
                     NOT_AUTHORIZED,
                 )
         session.opensense_device = dev
+        session.opensense_will_device = dev
         session.opensense_admitted = True
         if isinstance(reader, _BoundedReader):
             reader.device = dev
@@ -549,7 +552,7 @@ class EmbeddedBroker:
         else:
             # amqtt 0.12.1 resumes it, copying the new CONNECT's will, keep-alive and
             # credentials onto it; not will_retain, nor who the device is
-            old_session.opensense_device = dev
+            old_session.opensense_device = old_session.opensense_will_device = dev
             old_session.opensense_admitted = True
             old_session.will_retain = session.will_retain
 
