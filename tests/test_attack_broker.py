@@ -182,6 +182,35 @@ async def test_a_client_id_other_than_the_tokens_device_is_refused(fw_app, dsn, 
     await asyncio.to_thread(other.close)
 
 
+async def test_the_devices_new_connection_ends_its_old_one_without_its_will(fw_app, dsn, clock):
+    """A node that lost its link reconnects while the broker still holds the old
+    connection: the old one is closed (not left running outside the broker's session
+    table, where a revocation could not reach it), and its will does not mark the
+    device offline."""
+    world = await make_world(dsn, fw_app.cfg)
+    dev = world.device_ids["fridge01"]
+    lwt = topics.topic(world.account, "fridge01", "lwt")
+    old = node(fw_app, world, will=(lwt, b"offline"))
+    assert str(await asyncio.to_thread(old.connect)) == "Success"
+    old.client.reconnect_delay_set(60, 60)  # paho would come back at once otherwise
+    new = node(fw_app, world, will=(lwt, b"offline"))
+    assert str(await asyncio.to_thread(new.connect)) == "Success"
+    assert await asyncio.to_thread(new.publish, lwt, b"online")
+    assert await asyncio.to_thread(old.disconnected.wait, 10), "the old connection lives on"
+    await asyncio.to_thread(old.client.loop_stop)
+    await asyncio.sleep(0.3)
+    assert retained(fw_app).get(lwt) != b"offline"
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute("SELECT connected FROM devices WHERE id = %s", (dev,))
+        assert (await cur.fetchone())[0] is True
+    await asyncio.to_thread(new.subscribe, topics.topic(world.account, "fridge01", "cmd/#"))
+    r = await fw_app.post(f"/v1/devices/{dev}/identify", headers=world.auth)
+    assert r.status == 202
+    msg = await asyncio.to_thread(new.next_message)
+    assert msg is not None and msg[0].endswith("/cmd/identify")
+    await asyncio.to_thread(new.close)
+
+
 # --- 2. wills and the topic ACL --------------------------------------------------------
 
 

@@ -143,6 +143,13 @@ async def _init_from_connect_admitted(
         if side is not None:
             log.info("MQTT connection from %s closed before its CONNECT", _peer(writer))
         raise
+    except PacketTooLarge:
+        raise  # logged as a refusal already
+    except MQTTError as exc:  # a malformed CONNECT or an MQTT version amqtt does not speak
+        if side is not None:
+            reason = str(exc) or "not a valid MQTT 3.1.1 CONNECT"
+            side.refused(None, "CONNECT", _peer(writer), "invalid_request", reason)
+        raise
     if side is not None:
         await side.admit(session, reader, writer)
     return handler, session
