@@ -147,7 +147,7 @@ async def _init_from_connect_admitted(
         raise  # logged as a refusal already
     except MQTTError as exc:  # a malformed CONNECT or an MQTT version amqtt does not speak
         if side is not None:
-            reason = str(exc) or "not a valid MQTT 3.1.1 CONNECT"
+            reason = str(exc.args[0]) if exc.args and exc.args[0] else "invalid CONNECT"
             side.refused(None, "CONNECT", _peer(writer), "invalid_request", reason)
         raise
     if side is not None:
