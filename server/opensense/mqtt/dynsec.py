@@ -40,9 +40,11 @@ CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC = CONTROL_TOPIC + "/response"
 DEVICE_TEXTNAME = "opensense device"
 SERVER_ROLE = "opensense-server"
-# Mosquitto's max_packet_size in the shipped config is 256 KiB; a device's commands
-# take well under 2 KiB, so batches of this many stay far below it.
+# At most this many commands in one message, and at most MAX_MESSAGE_BYTES of JSON:
+# Mosquitto's max_packet_size in the shipped config is 64 KiB (the whole packet, topic
+# and headers included), and a broker closes the connection on a bigger one.
 BATCH = 50
+MAX_MESSAGE_BYTES = 48 * 1024
 
 Command = dict[str, Any]
 
@@ -61,6 +63,23 @@ class DynSecError(Exception):
 
 class DynSecUnavailable(DynSecError):
     """No answer: the broker is unreachable or the plugin is not loaded."""
+
+
+def _chunks(commands: list[Command]) -> list[list[Command]]:
+    """Consecutive groups of at most BATCH commands and MAX_MESSAGE_BYTES of JSON."""
+    out: list[list[Command]] = []
+    chunk: list[Command] = []
+    size = len('{"commands": []}')
+    for c in commands:
+        n = len(json.dumps(c)) + 2  # with its ", " separator
+        if chunk and (len(chunk) >= BATCH or size + n > MAX_MESSAGE_BYTES):
+            out.append(chunk)
+            chunk, size = [], len('{"commands": []}')
+        chunk.append(c)
+        size += n
+    if chunk:
+        out.append(chunk)
+    return out
 
 
 def _acl(acltype: str, topic: str) -> dict[str, Any]:
@@ -203,12 +222,12 @@ class DynSec:
     async def run(
         self, commands: Sequence[Command], ok: Iterable[str] = ()
     ) -> list[dict[str, Any]]:
-        """Run commands (one message per BATCH) and return their answers in order.
+        """Run commands (in messages of at most BATCH commands and MAX_MESSAGE_BYTES)
+        and return their answers in order.
         An error not listed in `ok` raises DynSecError (after the whole batch ran)."""
         allowed = set(ok)
         out: list[dict[str, Any]] = []
-        for i in range(0, len(commands), BATCH):
-            chunk = [dict(c, correlationData=uuid.uuid4().hex) for c in commands[i : i + BATCH]]
+        for chunk in _chunks([dict(c, correlationData=uuid.uuid4().hex) for c in commands]):
             futs = [self._loop.create_future() for _ in chunk]
             for c, f in zip(chunk, futs, strict=True):
                 self._waiting[c["correlationData"]] = f

@@ -10,11 +10,28 @@ keeps the reading on flash until PUBACK) reconnects and sends it again; the
 (channel, ts) key makes the resend a duplicate, never a second row.
 
 Authentication: username = the device's dev_ id, password = its ds_live_ token,
-checked against the database at every CONNECT. A revoked or rotated token closes the
-device's live session at once (opensense_token_revoked notifications). ACL: a
-device publishes only its own measurements, lwt and info, and subscribes only to
-its own cmd/# and err (opensense.mqtt.topics); anything else is refused and logged
-with the reason.
+checked against the database at every CONNECT, before amqtt looks at any session: a
+refused CONNECT (wrong token, a client id other than the token's dev_ id, a will
+outside the device's own topics) gets its CONNACK refusal and the connection closed,
+and no existing session is deleted, taken over or changed by it. A revoked or rotated
+token closes the device's live session at once (opensense_token_revoked
+notifications). ACL: a device publishes only its own measurements, lwt and info, and
+subscribes only to its own cmd/# and err (opensense.mqtt.topics); anything else is
+refused and logged with the reason. A will is held to the same publish ACL at CONNECT
+and again when the broker is about to publish it.
+
+Bounds: a packet whose fixed header announces more than MAX_PACKET_BYTES (64 KiB, as
+an HTTP body) closes the connection before its body is read. Measurement publishes
+count against the device's ingest rate limit (OPENSENSE_INGEST_RATE_PER_MIN, shared
+with HTTP ingest); one over the limit is not acknowledged, gets a `rate_limited`
+envelope on …/err and its connection closed, so the node keeps the reading and sends
+it again after its backoff.
+
+TLS: TLS 1.2 or 1.3 (whichever the client offers; MicroPython's mbedtls speaks only
+1.2), and no client-certificate request: devices prove who they are with their token.
+
+Several of these reach into amqtt internals; each such place names the amqtt version
+it was read against (0.12.1, pinned in pyproject.toml).
 """
 
 from __future__ import annotations
@@ -23,13 +40,20 @@ import asyncio
 import json
 import logging
 import socket
+import ssl
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from aiohttp import web
+from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
 from amqtt.broker import Broker
-from amqtt.contexts import Action
+from amqtt.contexts import Action, ListenerConfig
+from amqtt.errors import MQTTError, NoDataError
+from amqtt.mqtt.connack import BAD_USERNAME_PASSWORD, NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.constants import QOS_1
+from amqtt.mqtt.disconnect import DisconnectPacket
+from amqtt.mqtt.packet import MQTTFixedHeader
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.protocol.handler import INCOMING, ProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
 from amqtt.session import Session
@@ -38,6 +62,7 @@ from ..api.keys import CONFIG, REQUEST_LOG
 from ..errors import ApiError
 from ..ids import new_id
 from ..ingest.pipeline import Device
+from ..ingest.validate import MAX_BODY_BYTES
 from . import topics
 from .ca import ensure_tls
 from .ingest import MqttIngest
@@ -46,9 +71,11 @@ log = logging.getLogger(__name__)
 
 
 def _side_of(handler: ProtocolHandler[Any]) -> EmbeddedBroker | None:
-    broker = getattr(
-        getattr(handler.plugins_manager, "app_context", None), "_broker_instance", None
-    )
+    return _side_of_plugins(handler.plugins_manager)
+
+
+def _side_of_plugins(plugins_manager: Any) -> EmbeddedBroker | None:
+    broker = getattr(getattr(plugins_manager, "app_context", None), "_broker_instance", None)
     return getattr(broker, "opensense", None)
 
 
@@ -62,7 +89,7 @@ async def _store_then_ack(self: ProtocolHandler[Any], app_message: Any, original
     if side is None or app_message.direction != INCOMING or self.session is None:
         return await original(self, app_message)
     if not await side.on_publish(
-        self.session, app_message.topic, bytes(app_message.data), app_message.qos
+        self.session, app_message.topic, bytes(app_message.data), app_message.qos, self
     ):
         # not stored: no acknowledgement; closing makes the node resend after reconnecting
         await self.handle_connection_closed()
@@ -88,6 +115,141 @@ ProtocolHandler._handle_qos2_message_flow = _qos2
 ProtocolHandler._handle_qos0_message_flow = _qos0
 
 
+# --- CONNECT: authenticate before amqtt touches a session ---------------------------
+# amqtt 0.12.1 (Broker._initialize_client_session) reads the CONNECT, then at once
+# deletes the session of its client id (clean session) or resumes it and copies the
+# new CONNECT's will and credentials onto it (persistent session), and only later
+# (Broker._handle_client_session) authenticates, taking over a connected client's
+# session even for a refused CONNECT. So a wrong password could wipe a device's
+# subscriptions, kick it and plant a will on its session. The CONNECT packet is read by
+# BrokerProtocolHandler.init_from_connect, right before all of that: it is wrapped so
+# that, on this broker, a CONNECT is authenticated and checked (EmbeddedBroker.admit)
+# before init_from_connect returns; a refusal raises MQTTError, which amqtt answers by
+# closing the connection without any session lookup.
+_init_from_connect = BrokerProtocolHandler.init_from_connect.__func__
+
+
+async def _init_from_connect_admitted(
+    cls: type[BrokerProtocolHandler],
+    reader: Any,
+    writer: WriterAdapter,
+    plugins_manager: Any,
+    loop: asyncio.AbstractEventLoop | None = None,
+) -> tuple[BrokerProtocolHandler, Session]:
+    side = _side_of_plugins(plugins_manager)
+    try:
+        handler, session = await _init_from_connect(cls, reader, writer, plugins_manager, loop)
+    except NoDataError:
+        if side is not None:
+            log.info("MQTT connection from %s closed before its CONNECT", _peer(writer))
+        raise
+    except PacketTooLarge:
+        raise  # logged as a refusal already
+    except MQTTError as exc:  # a malformed CONNECT or an MQTT version amqtt does not speak
+        if side is not None:
+            reason = str(exc.args[0]) if exc.args and exc.args[0] else "invalid CONNECT"
+            side.refused(None, "CONNECT", _peer(writer), "invalid_request", reason)
+        raise
+    if side is not None:
+        await side.admit(session, reader, writer)
+    return handler, session
+
+
+BrokerProtocolHandler.init_from_connect = classmethod(_init_from_connect_admitted)
+
+
+# --- packet size ---------------------------------------------------------------------
+# amqtt 0.12.1 reads a packet's whole body into memory in one go, whatever length its
+# fixed header announced (one 60 MB PUBLISH stalled every tenant for 48 s and took
+# 3.7 GB). This broker's connections read through a _BoundedReader, and amqtt's
+# fixed-header decoder (used for every packet, CONNECT included) is wrapped: on such a
+# reader, a header announcing a packet of more than MAX_PACKET_BYTES ends the
+# connection before a byte of the body is read. Other readers are not affected.
+MAX_PACKET_BYTES = MAX_BODY_BYTES  # the whole packet, as Mosquitto's max_packet_size
+
+
+class PacketTooLarge(MQTTError):
+    pass
+
+
+class _BoundedReader(StreamReaderAdapter):
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, side: EmbeddedBroker
+    ) -> None:
+        super().__init__(reader)
+        self.writer = writer
+        self.side = side
+        self.device: Device | None = None  # once the CONNECT was admitted
+        self.cut = False
+
+    async def read(self, n: int = -1) -> bytes:
+        if self.cut:  # amqtt's read_or_raise turns this into "no more data": the end
+            raise asyncio.IncompleteReadError(b"", None)
+        return await super().read(n)
+
+    def refuse(self, size: int) -> None:
+        self.cut = True
+        self.writer.transport.abort()
+        who = self.device.id if self.device else _peer(self.writer)
+        self.side.refused(
+            self.device,
+            "packet",
+            who,
+            "payload_too_large",
+            f"a packet of {size} bytes; at most {MAX_PACKET_BYTES} (connection closed)",
+        )
+
+
+_fixed_header_from_stream = MQTTFixedHeader.from_stream.__func__
+
+
+async def _bounded_fixed_header(cls: type[MQTTFixedHeader], reader: Any) -> Any:
+    header = await _fixed_header_from_stream(cls, reader)
+    if header is not None and isinstance(reader, _BoundedReader):
+        size = header.bytes_length + header.remaining_length
+        if size > MAX_PACKET_BYTES:
+            reader.refuse(size)
+            raise PacketTooLarge(f"packet of {size} bytes refused")
+    return header
+
+
+MQTTFixedHeader.from_stream = classmethod(_bounded_fixed_header)
+
+
+def _peer(writer: Any) -> str:
+    try:
+        info = writer.get_peer_info() if isinstance(writer, WriterAdapter) else None
+        if info is None:
+            info = writer.get_extra_info("peername")
+        return f"{info[0]}:{info[1]}"
+    except Exception:
+        return "?"
+
+
+class _ConnectionEndFilter(logging.Filter):
+    """amqtt 0.12.1 logs a client that drops its connection before or during its CONNECT
+    as an ERROR ("No data from …") plus a WARNING, and a refused CONNECT as two
+    WARNINGs. This broker logs each such end as one INFO line of its own
+    (EmbeddedBroker.refused, "closed before its CONNECT"), so these are dropped."""
+
+    PREFIXES = (
+        "No data from ",
+        "Failed to initialize client session",
+        "Invalid connection from ",
+        "Error while handling client session",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.levelno >= logging.WARNING
+            and isinstance(record.msg, str)
+            and record.msg.startswith(self.PREFIXES)
+        )
+
+
+_CONNECTION_END_FILTER = _ConnectionEndFilter()
+
+
 class OpenSenseBroker(Broker):
     opensense: EmbeddedBroker
     connections: set[asyncio.StreamWriter]
@@ -105,7 +267,75 @@ class OpenSenseBroker(Broker):
         # removed when this returns: amqtt may return while the connection lives on
         self.connections = {w for w in self.connections if not w.is_closing()}
         self.connections.add(writer)
-        await super().stream_connected(reader, writer, listener_name)
+        # amqtt 0.12.1's stream_connected, with the size-bounded reader. A connection
+        # that ends while amqtt writes to it (a refusal's CONNACK, a close) raises out
+        # of amqtt; asyncio would log that as an ERROR with a traceback.
+        try:
+            await self._client_connected(
+                listener_name,
+                _BoundedReader(reader, writer, self.opensense),
+                StreamWriterAdapter(writer),
+            )
+        except (OSError, EOFError, MQTTError, NoDataError) as exc:
+            log.info("MQTT connection from %s ended: %s", _peer(writer), exc or type(exc).__name__)
+
+    @staticmethod
+    def _create_ssl_context(listener: ListenerConfig) -> ssl.SSLContext:
+        ctx = Broker._create_ssl_context(listener)
+        # amqtt 0.12.1 sets CERT_OPTIONAL, so every handshake asks the client for a
+        # certificate; devices prove who they are with their token, none is asked
+        ctx.verify_mode = ssl.CERT_NONE
+        # TLS 1.2 at least, 1.3 whenever the client offers it. Not 1.3 only: the
+        # firmware's TLS (MicroPython's mbedtls) offers 1.2 alone (tests/test_attack_broker.py)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        return ctx
+
+    async def _handle_disconnect(
+        self, client_session: Session, handler: Any, disconnect_waiter: asyncio.Future[Any]
+    ) -> None:
+        result = disconnect_waiter.result()
+        if not isinstance(result, DisconnectPacket):
+            dev = _device(client_session)
+            log.info(
+                "MQTT connection of %s from %s:%s ended without DISCONNECT",
+                dev.id if dev else str(client_session.client_id)[:64],
+                client_session.remote_address,
+                client_session.remote_port,
+            )
+            # amqtt 0.12.1 publishes (and retains) the will here: held to the device's
+            # publish ACL once more, whatever let it onto the session
+            if client_session.will_flag and not self.may_publish(
+                client_session, client_session.will_topic, "will"
+            ):
+                client_session.will_flag = False
+        await super()._handle_disconnect(client_session, handler, disconnect_waiter)
+
+    def may_publish(self, session: Session | None, topic: str | None, what: str) -> bool:
+        """Whether a message from `session` (None: the server itself) may go to `topic`:
+        the publish ACL of the device admitted on it (a revoked device's session keeps
+        it for this, so that its own lwt will still says "offline")."""
+        if session is None:
+            return True
+        dev = _device(session) or getattr(session, "opensense_will_device", None)
+        reason = (
+            "no authenticated device"
+            if dev is None
+            else topics.publish_refusal(dev.account_id, dev.local_id, str(topic))
+        )
+        if reason:
+            self.opensense.refused(dev, what, str(topic)[:200], "forbidden", reason)
+            return False
+        return True
+
+    async def retain_message(
+        self,
+        source_session: Session | None,
+        topic_name: str | None,
+        data: bytes | bytearray | None,
+        qos: int | None = None,
+    ) -> None:
+        if self.may_publish(source_session, topic_name, "retained PUBLISH"):
+            await super().retain_message(source_session, topic_name, data, qos)
 
     def cut_connections(self) -> None:
         for w in list(self.connections):
@@ -127,7 +357,16 @@ class OpenSenseBroker(Broker):
             t = topics.parse(topic)
             if t is not None and t.sub == "":
                 return
+        if not self.may_publish(session, topic, "PUBLISH"):
+            return
         await super()._broadcast_message(session, topic, data, force_qos)
+
+    def subscribed(self, session: Session, topic: str) -> bool:
+        return any(
+            s is session and self._matches(topic, f)
+            for f, subs in self._subscriptions.items()
+            for s, _ in subs
+        )
 
 
 def _device(session: Session | None) -> Device | None:
@@ -142,19 +381,11 @@ class DeviceAuthPlugin(BaseAuthPlugin):
         pass
 
     async def authenticate(self, *, session: Session) -> bool | None:
-        side: EmbeddedBroker = self.context._broker_instance.opensense
-        password = session.password
-        if isinstance(password, bytes | bytearray):
-            password = password.decode("utf-8", "replace")
-        try:
-            dev = await side.ingest.authenticate(session.username, password)
-        except ApiError as err:
-            side.refused(
-                None, "CONNECT", f"client {str(session.client_id)[:64]!r}", err.code, err.message
-            )
-            return False
-        session.opensense_device = dev
-        return True
+        # the CONNECT was authenticated before amqtt looked up any session
+        # (EmbeddedBroker.admit); this only says whether that happened for this one
+        admitted = bool(getattr(session, "opensense_admitted", False))
+        session.opensense_admitted = False
+        return admitted and _device(session) is not None
 
 
 class DeviceTopicPlugin(BaseTopicPlugin):
@@ -244,6 +475,14 @@ class EmbeddedBroker:
             },
             "plugins": PLUGINS,
         }
+        # connection ends are this module's INFO lines (see _ConnectionEndFilter);
+        # amqtt's own lines per connection (and its state machine's) are noise below it
+        for name in ("amqtt", "transitions"):
+            if logging.getLogger(name).level == logging.NOTSET:
+                logging.getLogger(name).setLevel(logging.WARNING)
+        amqtt_log = logging.getLogger("amqtt.broker")
+        if _CONNECTION_END_FILTER not in amqtt_log.filters:
+            amqtt_log.addFilter(_CONNECTION_END_FILTER)
         broker = OpenSenseBroker(config)
         broker.opensense = self
         broker.connections = set()
@@ -267,8 +506,85 @@ class EmbeddedBroker:
             self.broker.cut_connections()
             self.broker = None
 
-    async def on_publish(self, session: Session, topic: str, data: bytes, qos: int) -> bool:
-        """Called before acknowledging a device's PUBLISH. False: not stored."""
+    async def admit(self, session: Session, reader: Any, writer: WriterAdapter) -> None:
+        """A CONNECT, before amqtt looks up, deletes or resumes any session: the token,
+        the client id (the token's dev_ id, as Mosquitto's dynamic security pins it) and
+        the will (the device's publish ACL). Refused: CONNACK with the reason, the
+        connection closed, MQTTError (amqtt then drops the connection, nothing else)."""
+        password = session.password
+        if isinstance(password, bytes | bytearray):
+            password = password.decode("utf-8", "replace")
+        cid = str(session.client_id)[:64]
+        try:
+            dev = await self.ingest.authenticate(session.username, password)
+        except ApiError as err:
+            rc = NOT_AUTHORIZED if err.code == "forbidden" else BAD_USERNAME_PASSWORD
+            await self._refuse_connect(writer, None, f"client {cid!r}", err.code, err.message, rc)
+        if session.client_id != dev.id:
+            await self._refuse_connect(
+                writer,
+                dev,
+                f"client {cid!r}",
+                "forbidden",
+                f"the client id must be the device's id {dev.id}, not {cid!r}",
+                NOT_AUTHORIZED,
+            )
+        if session.will_flag:
+            reason = topics.publish_refusal(dev.account_id, dev.local_id, str(session.will_topic))
+            if reason:
+                await self._refuse_connect(
+                    writer,
+                    dev,
+                    f"will on {str(session.will_topic)[:200]}",
+                    "forbidden",
+                    reason,
+                    NOT_AUTHORIZED,
+                )
+        session.opensense_device = dev
+        session.opensense_will_device = dev
+        session.opensense_admitted = True
+        if isinstance(reader, _BoundedReader):
+            reader.device = dev
+        old = self.broker._sessions.get(dev.id) if self.broker is not None else None
+        if old is None:
+            return
+        old_session, old_handler = old
+        if session.clean_session:
+            # amqtt 0.12.1 drops the old session from its table but leaves its
+            # connection running, unreachable by a revocation: close it (MQTT-3.1.4-2),
+            # without its will, since the device is back
+            old_session.will_flag = False
+            if old_handler is not None:
+                await old_handler.handle_connection_closed()
+        else:
+            # amqtt 0.12.1 resumes it, copying the new CONNECT's will, keep-alive and
+            # credentials onto it; not will_retain, nor who the device is
+            old_session.opensense_device = old_session.opensense_will_device = dev
+            old_session.opensense_admitted = True
+            old_session.will_retain = session.will_retain
+
+    async def _refuse_connect(
+        self,
+        writer: WriterAdapter,
+        dev: Device | None,
+        target: str,
+        code: str,
+        reason: str,
+        rc: int,
+    ) -> NoReturn:
+        self.refused(dev, "CONNECT", target, code, reason)
+        try:
+            await ConnackPacket.build(0, rc).to_stream(writer)
+            await writer.close()
+        except OSError:
+            pass  # the client is gone already
+        raise MQTTError(f"CONNECT refused: {reason}")
+
+    async def on_publish(
+        self, session: Session, topic: str, data: bytes, qos: int, handler: ProtocolHandler[Any]
+    ) -> bool:
+        """Called before acknowledging a device's PUBLISH. False: not stored (no
+        acknowledgement, the connection is closed)."""
         dev = _device(session)
         if dev is None:
             return False
@@ -278,15 +594,25 @@ class EmbeddedBroker:
             return True  # acknowledged and dropped: the broker's ACL stops it too
         t = topics.parse(topic)
         assert t is not None
+        err_topic = topics.topic(dev.account_id, dev.local_id, "err")
         try:
+            if t.sub == "":
+                limited = await self.ingest.over_rate(dev, t)
+                if limited is not None:
+                    # not acknowledged: the node keeps the reading and sends it again
+                    # after its backoff. The envelope goes straight to this connection,
+                    # which is closed right after (a broadcast would come too late)
+                    if self.broker is not None and self.broker.subscribed(session, err_topic):
+                        await handler.mqtt_publish(
+                            err_topic, json.dumps(limited).encode(), 0, False
+                        )
+                    return False
             env = await self.ingest.handle(dev, t, data, qos)
         except Exception:
             log.exception("storing a publish of %s on %s failed; not acknowledged", dev.id, topic)
             return False
         if env is not None:
-            await self.publish(
-                topics.topic(dev.account_id, dev.local_id, "err"), json.dumps(env).encode()
-            )
+            await self.publish(err_topic, json.dumps(env).encode())
         return True
 
     def refused(self, dev: Device | None, what: str, target: str, code: str, reason: str) -> None:

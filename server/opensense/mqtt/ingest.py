@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 from psycopg.types.json import Jsonb
 
-from .. import tokens
+from .. import ratelimit, tokens
 from ..api.keys import CONFIG, POOL, REQUEST_LOG, VERIFIER, WRITER
 from ..errors import ApiError, envelope
 from ..ids import new_id
@@ -120,6 +120,32 @@ class MqttIngest:
                 dev,
                 started,
             )
+            return envelope(err.code, err.message, rid)
+        return None
+
+    async def over_rate(self, dev: pipeline.Device, t: topics.DeviceTopic) -> dict[str, Any] | None:
+        """Count one measurement publish against the device's ingest rate limit (the
+        counter HTTP ingest uses: one allowance per device, whatever the door). Over
+        it: the `rate_limited` envelope (logged); the caller must not acknowledge."""
+        cfg = self.app[CONFIG]
+        now = cfg.clock()
+        started = time.perf_counter()
+        try:
+            async with self.app[POOL].connection() as conn:
+                await ratelimit.hit(
+                    conn,
+                    f"ingest:{dev.id}",
+                    cfg.ingest_rate_per_min,
+                    60,
+                    now,
+                    "ingest for this device",
+                )
+        except ApiError as err:
+            self.counters.rejected += 1
+            self.counters.by_reason[err.code] = self.counters.by_reason.get(err.code, 0) + 1
+            rid = new_id("req")
+            path = topics.topic(t.account, t.device, t.sub)
+            self._log(now, rid, path, err.status, err.code, err.message, dev, started)
             return envelope(err.code, err.message, rid)
         return None
 
