@@ -408,7 +408,7 @@ async def test_a_swapped_or_foreign_dump_is_never_restored(
     (theirs,) = sorted((tmp_path / "evil" / "backups").glob("*.age"))
     assert theirs.name == mine.name  # same hour: the forged file takes the victim's name
     for suffix in ("", ".sig", ".json"):
-        if Path(str(theirs) + suffix).exists():
+        if os.path.exists(str(theirs) + suffix):
             shutil.copyfile(str(theirs) + suffix, str(mine) + suffix)
     line = restore_test(cfg, dsn)
     assert line.startswith("FAILED: ") and "does not match its signature" in line, line
