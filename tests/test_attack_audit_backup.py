@@ -394,6 +394,12 @@ async def _backed_up(
     return dsn, cfg, w
 
 
+def _swap(theirs: Path, mine: Path) -> None:
+    for suffix in ("", ".sig", ".json"):
+        if Path(str(theirs) + suffix).exists():
+            shutil.copyfile(str(theirs) + suffix, str(mine) + suffix)
+
+
 async def test_a_swapped_or_foreign_dump_is_never_restored(
     new_database: Any, tmp_path: Path
 ) -> None:
@@ -407,9 +413,7 @@ async def test_a_swapped_or_foreign_dump_is_never_restored(
     _, evil_cfg, evil_w = await _backed_up(new_database, tmp_path, "evil", recipient, identity)
     (theirs,) = sorted((tmp_path / "evil" / "backups").glob("*.age"))
     assert theirs.name == mine.name  # same hour: the forged file takes the victim's name
-    for suffix in ("", ".sig", ".json"):
-        if os.path.exists(str(theirs) + suffix):
-            shutil.copyfile(str(theirs) + suffix, str(mine) + suffix)
+    _swap(theirs, mine)
     line = restore_test(cfg, dsn)
     assert line.startswith("FAILED: ") and "does not match its signature" in line, line
     assert "refusing to restore" in line
