@@ -30,7 +30,11 @@ NO_DELETE = ("backup_runs",)
 # Tables the app may only read.
 READ_ONLY = ("schema_migrations",)
 # SECURITY DEFINER functions the app may call (migration 0011).
-APP_FUNCTIONS = ("opensense_create_partition(text, date)", "opensense_drop_partition(text)")
+APP_FUNCTIONS = (
+    "opensense_create_partition(text, date)",
+    "opensense_drop_partition(text)",
+    "opensense_reindex_partition(text)",
+)
 
 
 class UnsafeRole(RuntimeError):
@@ -291,3 +295,16 @@ def embedded(state_dir: Path, database: str = "opensense", roles: Roles | None =
     return Dsns(
         admin, owner, with_user(admin, roles.app), with_user(admin, roles.restore, "postgres")
     )
+
+
+def serving_dsn(admin_dsn: str, roles: Roles | None = None) -> str:
+    """For tools holding a superuser DSN of a scratch database (tools/bench): give it
+    the roles, migrate it as the owner, and return the app role's DSN to serve with.
+    Assumes a server that trusts local connections (the embedded one, a test server)."""
+    from . import migrate
+
+    roles = roles or Roles()
+    name = str(psycopg.conninfo.conninfo_to_dict(admin_dsn)["dbname"])
+    provision(admin_dsn, name, roles)
+    migrate(with_user(admin_dsn, roles.owner), app_role=roles.app)
+    return with_user(admin_dsn, roles.app)

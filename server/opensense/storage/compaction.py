@@ -77,9 +77,8 @@ async def shrink_closed_months(conn: AsyncConnection[Any], horizon: date) -> lis
                 await conn.execute(f'REINDEX TABLE CONCURRENTLY "{name}"')
             except errors.InsufficientPrivilege:
                 # the app role owns no table; before PostgreSQL 17 (MAINTAIN) only the
-                # owner may REINDEX: the pages come back when retention drops the month
-                log.info("compaction may not rebuild the index of %s (PostgreSQL < 17)", name)
-                continue
+                # owner may REINDEX: the owner's function does (migration 0011)
+                await conn.execute("SELECT opensense_reindex_partition(%s)", (name,))
             shrunk.append(name)
             log.info("compaction rebuilt the emptied index of %s", name)
     return shrunk

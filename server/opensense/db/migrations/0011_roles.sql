@@ -58,8 +58,30 @@ BEGIN
   RETURN true;
 END $$;
 
+-- Compaction gives back the index pages of a raw month it emptied. The app role may
+-- REINDEX only with PostgreSQL 17's MAINTAIN privilege; before that it asks this
+-- function (a plain REINDEX: the partition is empty, so the lock is held for no time).
+CREATE FUNCTION opensense_reindex_partition(part text) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
+BEGIN
+  IF NOT EXISTS (
+    SELECT 1 FROM pg_inherits i
+      JOIN pg_class c ON c.oid = i.inhrelid
+      JOIN pg_class p ON p.oid = i.inhparent
+      JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE n.nspname = 'public' AND c.relname = part AND p.relname = 'measurements'
+       AND c.relname ~ '^measurements_y[0-9]{4}m[0-9]{2}$'
+  ) THEN
+    RAISE EXCEPTION 'opensense_reindex_partition: % is not a raw monthly partition', part
+      USING ERRCODE = 'insufficient_privilege';
+  END IF;
+  EXECUTE format('REINDEX TABLE %I', part);
+  RETURN true;
+END $$;
+
 REVOKE ALL ON FUNCTION opensense_create_partition(text, date) FROM PUBLIC;
 REVOKE ALL ON FUNCTION opensense_drop_partition(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION opensense_reindex_partition(text) FROM PUBLIC;
 
 -- Each dump is signed (docs/backups.md): the SHA-256 of the encrypted file and the
 -- signed note over it, so the restore test restores only what this server wrote.
