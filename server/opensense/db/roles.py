@@ -127,16 +127,27 @@ def provision(admin_dsn: str, database: str, roles: Roles) -> None:
             conn.execute(
                 sql.SQL("ALTER DATABASE {} OWNER TO {}").format(ident(database), ident(roles.owner))
             )
-        conn.execute(
-            sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(
-                ident(database), ident(roles.app)
+        # only what is missing: processes starting at once would otherwise race on
+        # the same catalog rows ("tuple concurrently updated")
+        if conn.execute(
+            "SELECT has_database_privilege(%s, %s, 'CONNECT, TEMPORARY')", (roles.app, database)
+        ).fetchone() != (True,):
+            conn.execute(
+                sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(
+                    ident(database), ident(roles.app)
+                )
             )
-        )
     with psycopg.connect(with_dbname(admin_dsn, database)) as conn:
-        conn.execute(
-            sql.SQL("GRANT USAGE, CREATE ON SCHEMA public TO {}").format(ident(roles.owner))
-        )
-        conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        ok = conn.execute(
+            "SELECT has_schema_privilege(%s, 'public', 'USAGE, CREATE')"
+            " AND NOT has_schema_privilege('public', 'public', 'CREATE')",
+            (roles.owner,),
+        ).fetchone()
+        if ok != (True,):
+            conn.execute(
+                sql.SQL("GRANT USAGE, CREATE ON SCHEMA public TO {}").format(ident(roles.owner))
+            )
+            conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
         _hand_over(conn, roles.owner)
         conn.commit()
 
@@ -288,8 +299,14 @@ def embedded(state_dir: Path, database: str = "opensense", roles: Roles | None =
     provision(admin, database, roles)
     owner = with_user(admin, roles.owner)
     with psycopg.connect(owner) as conn:
-        migrated = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
-        if migrated and migrated[0]:
+        # an older release's database, migrated before the app role had its grants
+        # (`db migrate` grants on its own; this covers a plain restart after upgrade)
+        missing = conn.execute(
+            "SELECT CASE WHEN to_regclass('schema_migrations') IS NULL THEN false"
+            " ELSE NOT has_table_privilege(%s, 'schema_migrations', 'SELECT') END",
+            (roles.app,),
+        ).fetchone()
+        if missing and missing[0]:
             grant_app(conn, roles.app)
         conn.commit()
     return Dsns(
