@@ -155,6 +155,16 @@ def test_embedded_mode_connects_as_the_app_role_and_upgrades_an_old_state_dir(
         assert r.returncode == 0, r.stderr[-2000:]
         assert _audit_count(app_dsn) >= 2
         assert _attack_as(app_dsn) == []
+        # a signed backup as the app role, restore-tested as the embedded restore role
+        identity = tmp_path / "id.txt"
+        env["OPENSENSE_BACKUP_RECIPIENTS"] = _identity(identity)
+        env["OPENSENSE_BACKUP_IDENTITY"] = str(identity)
+        for args in (("audit", "keygen"), ("backup",), ("restore", "test")):
+            r = subprocess.run(
+                [str(BIN), *args], env=env, capture_output=True, text=True, timeout=180
+            )
+            assert r.returncode == 0, (args, r.stdout, r.stderr[-2000:])
+        assert r.stdout.startswith("ok: ") and "audit chains intact" in r.stdout
     finally:
         proc.terminate()
         try:
@@ -181,12 +191,31 @@ def _serve_outcome(dsn: str) -> tuple[int | None, str]:
         return None, out
 
 
-@pytest.mark.parametrize("who", ["superuser", "owner"])
+def _member_of_owner(app_dsn: str) -> str:
+    """A login role that is a member of the owner role (could SET ROLE to it). Roles
+    are cluster-wide: made idempotently, never dropped."""
+    from tests.fixtures.database import TEST_ROLES
+
+    name = "opensense_test_owner_member"
+    with psycopg.connect(admin_of(app_dsn), autocommit=True) as conn:
+        for stmt in (f"CREATE ROLE {name} LOGIN", f"GRANT {TEST_ROLES.owner} TO {name}"):
+            try:
+                conn.execute(stmt)
+            except (psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
+                pass  # another run made it
+    return str(psycopg.conninfo.make_conninfo(owner_of(app_dsn), user=name))
+
+
+@pytest.mark.parametrize("who", ["superuser", "owner", "member of the owner"])
 async def test_serving_as_a_superuser_or_the_owner_is_refused(
     new_database: Any, aiohttp_client: Any, clock: FakeClock, who: str
 ) -> None:
     app_dsn = new_database()
-    dsn = admin_of(app_dsn) if who == "superuser" else owner_of(app_dsn)
+    dsn = {
+        "superuser": admin_of,
+        "owner": owner_of,
+        "member of the owner": _member_of_owner,
+    }[who](app_dsn)
     code, out = _serve_outcome(dsn)
     assert code == 2, out[-2000:]
     assert "refusing to serve as PostgreSQL role" in out
