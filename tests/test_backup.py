@@ -18,11 +18,13 @@ import pytest
 from psycopg import sql
 
 from opensense import audit
+from opensense.audit.note import Signer, Verifier, generate_key
 from opensense.backup import rotation
 from opensense.backup.dump import BackupError, dump, restore
 from opensense.backup.run import check_restored, restore_test, run_backup
 from opensense.settings import Config
 from tests.fixtures.clock import FakeClock
+from tests.fixtures.database import restore_dsn
 from tests.fixtures.server import make_world
 
 # --- rotation (pure) -----------------------------------------------------------------
@@ -92,7 +94,17 @@ def test_names_round_trip() -> None:
 def _identity(path: Path) -> str:
     ident = pyrage.x25519.Identity.generate()
     path.write_text(f"# test identity\n{ident}\n")
+    path.chmod(0o600)  # restore refuses an identity others may read
     return str(ident.to_public())
+
+
+def _signer(state_dir: Path) -> Signer:
+    """The installation's signing key, made as `opensense audit keygen` would."""
+    return generate_key(state_dir / "audit" / "signing.key", "test.invalid/audit")
+
+
+def _vkey(signer: Signer) -> Verifier:
+    return Verifier.parse(signer.verifier_key())
 
 
 def _table_dump(dsn: str) -> dict[str, list[str]]:
@@ -151,16 +163,17 @@ async def test_round_trip_restores_every_row_and_the_chain(
             " VALUES (now(), 'req_1', 'GET', '/x', 200, 1.5)"
         )
     recipient = _identity(tmp_path / "id.txt")
+    signer = _signer(tmp_path)
     seen: list[int] = []
-    res = dump(src, tmp_path / "b.dump.age", recipient, progress=seen.append)
+    res = dump(src, tmp_path / "b.dump.age", recipient, progress=seen.append, signer=signer)
     raw = (tmp_path / "b.dump.age").read_bytes()
     assert raw.startswith(b"age-encryption.org/v1\n")
     assert b"audit_log" not in raw and b"fridge01" not in raw  # nothing readable
     assert res.counts["audit_log"] == 8 and res.dumped > 0
     assert sum(n for t, n in res.counts.items() if t.startswith("measurements_y")) == 500
 
-    target = new_database(migrated=False)
-    restore(tmp_path / "b.dump.age", tmp_path / "id.txt", target)
+    target = new_database(migrated=False)  # the owner role's: not a superuser
+    restore(tmp_path / "b.dump.age", tmp_path / "id.txt", target, verifier=_vkey(signer))
     assert _table_dump(target) == _table_dump(src)
     assert check_restored(target, res.counts) == []
     # the restored trail is append-only again
@@ -169,7 +182,7 @@ async def test_round_trip_restores_every_row_and_the_chain(
             conn.execute("DELETE FROM audit_log")
     # and refuses a database that is not empty
     with pytest.raises(BackupError, match="not empty"):
-        restore(tmp_path / "b.dump.age", tmp_path / "id.txt", target)
+        restore(tmp_path / "b.dump.age", tmp_path / "id.txt", target, verifier=_vkey(signer))
 
 
 @pytest.mark.db
@@ -179,16 +192,18 @@ async def test_a_key_we_do_not_hold_cannot_read_it(
     src = new_database()
     await _populate(src, clock)
     theirs = pyrage.x25519.Identity.generate()  # the operator's key, kept elsewhere
-    dump(src, tmp_path / "b.dump.age", str(theirs.to_public()))
+    signer = _signer(tmp_path)
+    dump(src, tmp_path / "b.dump.age", str(theirs.to_public()), signer=signer)
     _identity(tmp_path / "ours.txt")  # the only key on this host
     target = new_database(migrated=False)
     with pytest.raises(BackupError, match="cannot decrypt"):
-        restore(tmp_path / "b.dump.age", tmp_path / "ours.txt", target)
+        restore(tmp_path / "b.dump.age", tmp_path / "ours.txt", target, verifier=_vkey(signer))
     with pytest.raises(pyrage.DecryptError):
         pyrage.decrypt((tmp_path / "b.dump.age").read_bytes(), [pyrage.x25519.Identity.generate()])
     # with the right key it is a complete dump
     (tmp_path / "theirs.txt").write_text(f"{theirs}\n")
-    restore(tmp_path / "b.dump.age", tmp_path / "theirs.txt", target)
+    (tmp_path / "theirs.txt").chmod(0o600)
+    restore(tmp_path / "b.dump.age", tmp_path / "theirs.txt", target, verifier=_vkey(signer))
     assert _table_dump(target) == _table_dump(src)
 
 
@@ -200,6 +215,7 @@ async def test_backup_runs_rotation_weekly_copy_and_restore_test(
     clock = FakeClock(datetime.now(UTC).replace(minute=0, second=0, microsecond=0))
     await _populate(src, clock)
     recipient = _identity(tmp_path / "id.txt")
+    _signer(tmp_path)
     cfg = Config(
         mqtt="off",
         clock=clock,
@@ -207,6 +223,7 @@ async def test_backup_runs_rotation_weekly_copy_and_restore_test(
         backup_recipients=recipient,
         backup_offsite_dir=str(tmp_path / "offsite"),
         backup_identity=str(tmp_path / "id.txt"),
+        backup_restore_url=restore_dsn(),  # a CREATEDB role, not a superuser
     )
     first = run_backup(cfg, src)
     assert first[0].startswith("daily:") and any(x.startswith("weekly:") for x in first)
@@ -255,6 +272,7 @@ async def test_backup_runs_rotation_weekly_copy_and_restore_test(
 def test_cli_backup_and_restore(new_database: Any, tmp_path: Path) -> None:
     src = new_database()
     recipient = _identity(tmp_path / "id.txt")
+    _signer(tmp_path)
     env = {
         **os.environ,
         "OPENSENSE_DATABASE_URL": src,

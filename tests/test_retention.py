@@ -13,6 +13,7 @@ import pytest
 
 from opensense import retention
 from opensense.settings import SETTINGS, Config
+from tests.fixtures.database import owner_of
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = Path("/work/shared/seeds/security-architecture.md")
@@ -61,12 +62,16 @@ async def test_retention_job_deletes_only_past_retention(new_database: Any, cloc
     dsn = new_database()
     cfg = Config(clock=clock, mqtt="off")
     now = clock()
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+    # the table is moved aside as its owner (the app role may not); retention runs as the app
+    async with (
+        await psycopg.AsyncConnection.connect(owner_of(dsn), autocommit=True) as owner,
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn,
+    ):
         # a table missing from the schema is skipped, not an error
-        await conn.execute("ALTER TABLE outbound_log RENAME TO outbound_log_aside")
+        await owner.execute("ALTER TABLE outbound_log RENAME TO outbound_log_aside")
         assert "outbound_log: absent, skipped" in await retention.run(conn, cfg, now)
-        await conn.execute("ALTER TABLE outbound_log_aside RENAME TO outbound_log")
-        await conn.execute(CONTRACT_OUTBOUND)
+        await owner.execute("ALTER TABLE outbound_log_aside RENAME TO outbound_log")
+        await owner.execute(CONTRACT_OUTBOUND)
         for days in (1, 89, 91, 400):
             await conn.execute(
                 "INSERT INTO outbound_log (path, target, kind, status, at)"

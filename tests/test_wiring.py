@@ -24,8 +24,10 @@ from opensense.alarms.lifecycle import Change, transition
 from opensense.api.jsonutil import rfc3339
 from opensense.api.keys import STATUS
 from opensense.app import create_app
+from opensense.audit.note import generate_key
 from opensense.audit.trail import iso
 
+from .fixtures.database import owner_of
 from .fixtures.server import make_world
 from .test_alarms import (
     TG_SECRET,
@@ -330,7 +332,8 @@ async def test_alarm_loops_report_their_health(aiohttp_client, new_database, clo
     assert _comp(snap, "dispatch_email")["state"] == "operational"
 
     # a real failure: the evaluator's table is gone
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+    # the fault is injected as the tables' owner: the app role may not rename them
+    async with await psycopg.AsyncConnection.connect(owner_of(dsn), autocommit=True) as conn:
         await conn.execute("ALTER TABLE alarm_dirty RENAME TO alarm_dirty_gone")
         await conn.execute("ALTER TABLE outbox RENAME TO outbox_gone")
     state.clear()
@@ -345,7 +348,7 @@ async def test_alarm_loops_report_their_health(aiohttp_client, new_database, clo
     assert "alarm_dirty" in str(internal)  # the operator sees why; the public page does not
     assert "alarm_dirty" not in str(snap)
 
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+    async with await psycopg.AsyncConnection.connect(owner_of(dsn), autocommit=True) as conn:
         await conn.execute("ALTER TABLE alarm_dirty_gone RENAME TO alarm_dirty")
         await conn.execute("ALTER TABLE outbox_gone RENAME TO outbox")
     state.clear()
@@ -364,6 +367,7 @@ async def test_a_tampered_audit_row_opens_a_p0(aiohttp_client, new_database, clo
 
     dsn = new_database()
     cfg = cfg_for(clock, state_dir=tmp_path, audit_origin="test.invalid/audit")
+    generate_key(tmp_path / "audit" / "signing.key", "test.invalid/audit")  # keygen
     client = await aiohttp_client(create_app(cfg, dsn))
     await client.app[STATUS].pause()
     w = await make_world(dsn, cfg)

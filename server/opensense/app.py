@@ -29,6 +29,7 @@ from .api.keys import (
 )
 from .api.middleware import error_middleware
 from .api.requestlog import RequestLog
+from .db import roles as db_roles
 from .devices.routes import routes as device_routes
 from .gateway import push as gateway_push
 from .gateway.routes import routes as gateway_routes
@@ -54,6 +55,8 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
     dsn = app[DSN]
     await asyncio.to_thread(db.check_migrated, dsn)
+    # never serve as a role that could switch the audit trail's trigger off
+    await asyncio.to_thread(db_roles.check_serving_role, dsn)
     pool = AsyncConnectionPool(
         dsn,
         min_size=cfg.pool_min,

@@ -19,7 +19,9 @@ from aiohttp import web
 
 from . import db, jobs
 from .api.jsonutil import dumps
+from .audit.publish import SigningKeyError
 from .backup.dump import BackupError as BackupFailed
+from .db import roles as db_roles
 from .devices import service
 from .errors import ApiError
 from .ingest.validate import parse_ts
@@ -28,11 +30,47 @@ from .settings import Config
 log = logging.getLogger("opensense")
 
 
+_EMBEDDED: dict[Path, db_roles.Dsns] = {}
+
+
+def _embedded(cfg: Config) -> db_roles.Dsns:
+    """The embedded server, its roles made (or, for an older state directory, made
+    and handed the tables) once per process."""
+    key = Path(cfg.state_dir).resolve()
+    if key not in _EMBEDDED:
+        _EMBEDDED[key] = db_roles.embedded(cfg.state_dir)
+    return _EMBEDDED[key]
+
+
 def _dsn(cfg: Config, *, migrated: bool = True) -> str:
-    dsn = db.resolve_dsn(cfg.database_url, cfg.state_dir)
+    """The app role's DSN: what the server and every command but `db migrate` use."""
+    dsn = cfg.database_url or _embedded(cfg).app
     if migrated:
         db.check_migrated(dsn)
     return dsn
+
+
+def _owner_dsn(cfg: Config) -> tuple[str, str | None]:
+    """The owner role's DSN for migrations, and the app role to grant to (None when
+    one role is configured for both: serve then refuses to start)."""
+    if not cfg.database_url:
+        return _embedded(cfg).owner, db_roles.APP_ROLE
+    if not cfg.database_owner_url:
+        return cfg.database_url, None
+    app = db_roles.user_of(cfg.database_url)
+    owner = db_roles.user_of(cfg.database_owner_url)
+    return cfg.database_owner_url, (app if app and app != owner else None)
+
+
+def _check_signing_key(cfg: Config) -> None:
+    """A configured signing key that is missing stops the start: a new one is never
+    made silently (only `opensense audit keygen`, or the demo's setup, makes one)."""
+    if cfg.audit_signing_key and not Path(cfg.audit_signing_key).exists():
+        raise SigningKeyError(
+            f"OPENSENSE_AUDIT_SIGNING_KEY={cfg.audit_signing_key} does not exist: restore it "
+            "from your key backup, or make a new one with `opensense audit keygen` and give "
+            "auditors its verifier key (docs/audit.md)"
+        )
 
 
 def _actor() -> str:
@@ -67,6 +105,8 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
     from .app import create_app
 
     dsn = _dsn(cfg)
+    db_roles.check_serving_role(dsn)
+    _check_signing_key(cfg)
     host = args.host or cfg.host
     port = args.port if args.port is not None else cfg.port
     cfg = cfg.replace(host=host, port=port)  # the MQTT consumer's client id uses the port
@@ -96,10 +136,17 @@ def _stop_on_hangup(loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoo
 
 
 def cmd_demo(cfg: Config, args: argparse.Namespace) -> int:
+    from .audit.note import generate_key
+    from .audit.publish import AuditPlaces
     from .demo import run_demo
 
-    dsn = _dsn(cfg, migrated=False)
-    db.migrate(dsn)
+    owner, app_role = _owner_dsn(cfg)
+    db.migrate(owner, app_role=app_role)
+    dsn = _dsn(cfg)
+    key = AuditPlaces.from_config(cfg).key_path
+    if not key.exists():  # the demo's explicit setup: a server never makes one silently
+        generate_key(key, cfg.audit_origin)
+        log.info("demo: made the audit signing key %s (a production install: keygen)", key)
     asyncio.run(
         run_demo(
             cfg,
@@ -112,14 +159,16 @@ def cmd_demo(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_db(cfg: Config, args: argparse.Namespace) -> int:
-    dsn = _dsn(cfg, migrated=False)
     if args.action == "migrate":
-        done = db.migrate(dsn)
+        owner, app_role = _owner_dsn(cfg)
+        done = db.migrate(owner, app_role=app_role)
         print(
             f"applied {len(done)} migration(s)"
             + (": " + ", ".join(done) if done else "; up to date")
         )
-    elif args.action == "status":
+        return 0
+    dsn = _dsn(cfg, migrated=False)
+    if args.action == "status":
         with psycopg.connect(dsn) as conn:
             missing = db.pending(conn)
         print("up to date" if not missing else "pending: " + ", ".join(missing))
@@ -278,8 +327,24 @@ def cmd_restore(cfg: Config, args: argparse.Namespace) -> int:
     if not args.identity or not args.target:
         print("opensense: restore needs FILE, --identity and --target", file=sys.stderr)
         return 2
+    from .audit.note import Verifier
+    from .audit.publish import AuditPlaces
+
+    verifier = Verifier.parse(args.vkey) if args.vkey else AuditPlaces.from_config(cfg).verifier()
+    if verifier is None:
+        print(
+            "opensense: no verifier key to check the dump's signature with: set "
+            "OPENSENSE_AUDIT_VERIFIER_KEY (printed by `opensense audit keygen`) or pass --vkey",
+            file=sys.stderr,
+        )
+        return 2
     n = restore(
-        Path(args.file), Path(args.identity), args.target, cfg.pg_bin, stderr_progress("restore")
+        Path(args.file),
+        Path(args.identity),
+        args.target,
+        cfg.pg_bin,
+        stderr_progress("restore"),
+        verifier=verifier,
     )
     manifest = Path(args.file + ".json")
     counts = json.loads(manifest.read_text())["counts"] if manifest.exists() else {}
@@ -451,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file", help="the .dump.age file, or `test` for the restore test")
     s.add_argument("--identity", help="age identity file (AGE-SECRET-KEY-…)")
     s.add_argument("--target", help="DSN of the empty database to restore into")
+    s.add_argument(
+        "--vkey", help="verifier key the dump must be signed by (default: the pinned one)"
+    )
     s.set_defaults(fn=cmd_restore)
     from .status.cli import add_parsers
 
@@ -505,6 +573,9 @@ def main(argv: list[str] | None = None) -> int:
     except BackupFailed as exc:
         print(f"opensense: {exc}", file=sys.stderr)
         return 1
+    except (db_roles.UnsafeRole, SigningKeyError) as exc:
+        print(f"opensense: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -28,6 +28,12 @@ class Job:
     every: timedelta
     run: JobFn
     doc: str
+    every_setting: str | None = None  # a Config field (seconds) that overrides `every`
+
+    def interval(self, cfg: Config) -> timedelta:
+        if self.every_setting:
+            return timedelta(seconds=getattr(cfg, self.every_setting))
+        return self.every
 
 
 async def _partitions(conn: AsyncConnection[Any], cfg: Config, now: datetime) -> str:
@@ -58,15 +64,13 @@ async def _verify_audit(conn: AsyncConnection[Any], cfg: Config) -> str:
     """The whole verification of `opensense audit verify` (chains, trees, published
     checkpoints); raises AuditBroken naming every problem."""
     from .audit import store, verify
-    from .audit.note import NoteError
     from .audit.publish import AuditPlaces
 
-    directory = store.Directory(AuditPlaces.from_config(cfg).publish_dir)
-    try:
-        verifier = directory.verifier()
-    except NoteError:
-        verifier = None  # nothing published yet (verify says so if checkpoints exist)
-    rep = await verify.verify(conn, directory, verifier)
+    places = AuditPlaces.from_config(cfg)
+    directory = store.Directory(places.publish_dir)
+    # the pinned key, never the publish directory's verifier.key (verify reports
+    # published checkpoints it has no key for)
+    rep = await verify.verify(conn, directory, places.verifier())
     if not rep.ok:
         raise AuditBroken(f"{len(rep.problems)} problem(s): " + "; ".join(rep.problems))
     return (
@@ -80,11 +84,25 @@ async def _audit_verify(conn: AsyncConnection[Any], cfg: Config, now: datetime) 
 
 
 async def _audit_checkpoint(conn: AsyncConnection[Any], cfg: Config, now: datetime) -> str:
-    from .audit.publish import AuditPlaces, publish
+    """Every few minutes: sign each account whose trail grew, so rows deleted behind
+    the trigger's back are missed by a signed checkpoint for minutes, not a day.
+    Cheap when nothing moved (row counts against the latest checkpoint files)."""
+    from .audit.publish import AuditPlaces, moved, publish
 
+    places = AuditPlaces.from_config(cfg)
+    grew, same = await moved(conn, places)
+    if not grew:
+        cur = await conn.execute(
+            "SELECT last_status, last_detail FROM jobs WHERE name = 'audit_verify'"
+        )
+        last = await cur.fetchone()
+        if last is not None and last[0] == "failed":  # never report a broken trail as fine
+            raise AuditBroken(f"the last audit_verify failed: {last[1]}")
+        return "; ".join(f"{acc}: unchanged at {n}" for acc, n in same) or "no audit rows yet"
+    places.signer()  # a missing key fails here, before the verification's cost
     # never sign a tree over a rewritten row: verify first
     await _verify_audit(conn, cfg)
-    return "; ".join(await publish(conn, AuditPlaces.from_config(cfg))) or "no audit rows yet"
+    return "; ".join(await publish(conn, places)) or "no audit rows yet"
 
 
 def _dsn_of(conn: AsyncConnection[Any], cfg: Config) -> str:
@@ -127,9 +145,10 @@ JOBS: tuple[Job, ...] = (
     ),
     Job(
         "audit_checkpoint",
-        timedelta(hours=24),
+        timedelta(minutes=5),
         _audit_checkpoint,
-        "verify, then sign and publish each account's audit checkpoint",
+        "when a trail grew: verify, then sign and publish each account's audit checkpoint",
+        every_setting="audit_checkpoint_interval_s",
     ),
     Job(
         "audit_verify",
@@ -153,14 +172,16 @@ JOBS: tuple[Job, ...] = (
 )
 
 
-async def claim(conn: AsyncConnection[Any], job: Job, now: datetime) -> bool:
+async def claim(
+    conn: AsyncConnection[Any], job: Job, now: datetime, every: timedelta | None = None
+) -> bool:
     await conn.execute(
         "INSERT INTO jobs (name, next_run_at) VALUES (%s, %s) ON CONFLICT DO NOTHING",
         (job.name, now),
     )
     cur = await conn.execute(
         "UPDATE jobs SET next_run_at = %s, last_run_at = %s WHERE name = %s AND next_run_at <= %s RETURNING 1",
-        (now + job.every, now, job.name, now),
+        (now + (every or job.every), now, job.name, now),
     )
     return await cur.fetchone() is not None
 
@@ -173,7 +194,7 @@ async def run_due(
     for job in jobs:
         now = cfg.clock()
         async with pool.connection() as conn:
-            if not await claim(conn, job, now):
+            if not await claim(conn, job, now, job.interval(cfg)):
                 continue
             try:
                 detail = await job.run(conn, cfg, now)

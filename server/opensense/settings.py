@@ -40,7 +40,19 @@ SETTINGS: tuple[Setting, ...] = (
         "OPENSENSE_DATABASE_URL",
         str,
         "",
-        "PostgreSQL DSN. Empty: start the embedded server in <state_dir>/pgdata.",
+        "PostgreSQL DSN of the app role the server connects as (SELECT and INSERT only on "
+        "audit_log; the server refuses a superuser or the schema's owner). Empty: start the "
+        "embedded server in <state_dir>/pgdata and connect as its app role.",
+    ),
+    Setting(
+        "database_owner_url",
+        "OPENSENSE_DATABASE_OWNER_URL",
+        str,
+        "",
+        "PostgreSQL DSN of the owner role that runs `opensense db migrate` and owns every "
+        "table; the migration grants the app role of OPENSENSE_DATABASE_URL its privileges. "
+        "Empty: the embedded server's owner role, or else OPENSENSE_DATABASE_URL itself "
+        "(one role for both, which `serve` then refuses).",
     ),
     Setting("host", "OPENSENSE_HOST", str, "127.0.0.1", "Address the HTTP server binds."),
     Setting("port", "OPENSENSE_PORT", int, 8080, "Port the HTTP server binds.", minimum=0),
@@ -128,7 +140,29 @@ SETTINGS: tuple[Setting, ...] = (
         str,
         "",
         "Ed25519 key file that signs audit checkpoints (outside the database; "
-        "`opensense audit keygen`). Empty: <state_dir>/audit/signing.key, made on first use.",
+        "`opensense audit keygen`). It also signs each backup. Empty: <state_dir>/audit/"
+        "signing.key. Never made silently: a missing key stops signing with an error "
+        "(`opensense demo` makes one for its state directory).",
+    ),
+    Setting(
+        "audit_verifier_key",
+        "OPENSENSE_AUDIT_VERIFIER_KEY",
+        str,
+        "",
+        "The pinned verifier key (name+id+base64, printed by `opensense audit keygen`): "
+        "checkpoints and backups not signed by it are refused. Empty: the public half of "
+        "the signing key on this host; the verifier.key file in the publish directory is "
+        "never trusted.",
+    ),
+    Setting(
+        "audit_checkpoint_interval_s",
+        "OPENSENSE_AUDIT_CHECKPOINT_INTERVAL_S",
+        int,
+        300,
+        "Seconds between two runs of the checkpoint job, which signs a checkpoint for each "
+        "account whose trail grew: new audit rows are covered by a signature within this "
+        "time (plus the 30-second scheduler tick).",
+        minimum=30,
     ),
     Setting(
         "audit_publish_dir",
@@ -198,7 +232,18 @@ SETTINGS: tuple[Setting, ...] = (
         str,
         "",
         "age identity file for the scheduled restore test and `opensense restore`; keep it on "
-        "a restore host, not here. Empty: the restore test is skipped and says so.",
+        "a restore host, not here. Must be mode 0600. Empty: the restore test is skipped "
+        "and says so.",
+    ),
+    Setting(
+        "backup_restore_url",
+        "OPENSENSE_BACKUP_RESTORE_URL",
+        str,
+        "",
+        "DSN (maintenance database) of the restricted role the restore test runs as: "
+        "CREATEDB, not a superuser; it makes, fills and drops a scratch database. Empty: "
+        "the embedded server's restore role; with an external database the restore test "
+        "is skipped and says so.",
     ),
     Setting(
         "pg_bin",
@@ -509,6 +554,7 @@ def _utcnow() -> datetime:
 class Config:
     state_dir: Path = Path(".opensense")
     database_url: str = ""
+    database_owner_url: str = ""
     host: str = "127.0.0.1"
     port: int = 8080
     bcrypt_rounds: int = 12
@@ -523,6 +569,8 @@ class Config:
     retention_request_log_days: int = 30
     retention_outbound_log_days: int = 90
     audit_signing_key: str = ""
+    audit_verifier_key: str = ""
+    audit_checkpoint_interval_s: int = 300
     audit_publish_dir: str = ""
     audit_origin: str = "opensense.invalid/audit"
     backup_dir: str = ""
@@ -532,6 +580,7 @@ class Config:
     backup_keep_daily_days: int = 30
     backup_keep_weekly_days: int = 91
     backup_identity: str = ""
+    backup_restore_url: str = ""
     pg_bin: str = ""
     env_file: str = ""
     jobs_enabled: bool = True

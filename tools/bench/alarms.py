@@ -47,7 +47,7 @@ from aiosmtpd.controller import Controller
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from opensense import db
+from opensense.db import roles as db_roles
 from opensense.ids import new_id
 from opensense.storage.batcher import BATCH_SQL
 
@@ -209,7 +209,8 @@ async def main() -> None:
     ctl = None
     runner = None
     try:
-        db.migrate(dsn)
+        # the server connects as the app role (it refuses a superuser): db/roles.py
+        app_dsn = db_roles.serving_dsn(dsn)
         sink = Sink()
         arrivals: dict[str, float] = {}
         all_in = Done()
@@ -249,7 +250,7 @@ async def main() -> None:
         port = free_port()
         env = dict(os.environ)
         env.update(
-            OPENSENSE_DATABASE_URL=dsn, OPENSENSE_JOBS="false", OPENSENSE_MQTT="off",
+            OPENSENSE_DATABASE_URL=app_dsn, OPENSENSE_JOBS="false", OPENSENSE_MQTT="off",
             OPENSENSE_SMTP_HOST="127.0.0.1", OPENSENSE_SMTP_PORT=str(ctl.port), OPENSENSE_SMTP_TLS="none",
             OPENSENSE_LOG_LEVEL="WARNING",
         )  # fmt: skip

@@ -35,6 +35,7 @@ import pyrage
 from psycopg import sql
 
 from opensense import audit, db
+from opensense.audit.note import generate_key
 from opensense.audit.publish import AuditPlaces, publish
 from opensense.audit.store import Directory
 from opensense.audit.verify import verify
@@ -126,6 +127,7 @@ async def main() -> None:
         )
 
         places = AuditPlaces(tmp / "key", tmp / "pub", "bench.invalid/audit")
+        generate_key(places.key_path, places.origin)  # signing never makes one itself
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
             total = n * 10
             t = time.perf_counter()
@@ -156,7 +158,8 @@ async def main() -> None:
         plain_bytes = (tmp / "plain.dump").stat().st_size
         recipient = str(pyrage.x25519.Identity.generate().to_public())
         t = time.perf_counter()
-        res = dump(dsn, tmp / "b.dump.age", recipient)
+        signer = generate_key(tmp / "signing.key", "bench.invalid/audit")
+        res = dump(dsn, tmp / "b.dump.age", recipient, signer=signer)
         tenc = time.perf_counter() - t
         print(
             f"  pg_dump -Fc -> file (unencrypted):  {_mb_s(plain_bytes, tplain):8.1f} MB/s ({plain_bytes / 1e6:.1f} MB, baseline)"

@@ -43,6 +43,7 @@ import aiohttp
 import psycopg
 
 from opensense import db
+from opensense.db import roles as db_roles
 from opensense.devices import service
 from opensense.gateway import service as gateways
 from opensense_gateway.config import Config as GwConfig
@@ -191,11 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     try:
         dsn = args.dsn or db.embedded_dsn(work)
-        db.migrate(dsn)
+        app_dsn = db_roles.serving_dsn(dsn)  # the server refuses a superuser: db/roles.py
         port = free_port()
         env = {
             **os.environ,
-            "OPENSENSE_DATABASE_URL": dsn,
+            "OPENSENSE_DATABASE_URL": app_dsn,
             "OPENSENSE_INGEST_RATE_PER_MIN": "1000000",
             "OPENSENSE_JOBS": "false",
             "OPENSENSE_MQTT": "off",

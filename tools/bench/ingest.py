@@ -77,6 +77,7 @@ import psutil
 import psycopg
 
 from opensense import db
+from opensense.db import roles as db_roles
 from opensense.demo import simulated
 from opensense.devices import service
 from opensense.settings import Config
@@ -881,8 +882,9 @@ async def run(dsn: str, cfg: Config, plan: Plan, work: Path, pg_pid: int | None)
     now = datetime.now(UTC)
     res = Results()
     say(f"setup: migrating, starting the server, creating {plan.devices} devices")
-    await asyncio.to_thread(db.migrate, dsn)
-    server = Server(dsn, work / "server.log")
+    # the server connects as the app role (it refuses a superuser): db/roles.py
+    app_dsn = await asyncio.to_thread(db_roles.serving_dsn, dsn)
+    server = Server(app_dsn, work / "server.log")
     try:
         t0 = time.perf_counter()
         acc, devs = await make_devices(dsn, cfg, plan.devices, now)

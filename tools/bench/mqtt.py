@@ -1670,6 +1670,7 @@ async def run(
     dsn_arg: str | None, plan: Plan, work: Path, rounds: int, db_pid: Callable[[], int | None]
 ) -> Results:
     from opensense import db
+    from opensense.db import roles as db_roles
     from opensense.mqtt.ca import ensure_tls
 
     t_start = time.perf_counter()
@@ -1696,7 +1697,8 @@ async def run(
     say()
     say("[2] database: " + ("the given DSN" if dsn_arg else "embedded PostgreSQL, temporary"))
     dsn = dsn_arg if dsn_arg else await asyncio.to_thread(db.embedded_dsn, work)
-    await asyncio.to_thread(db.migrate, dsn)
+    # the servers connect as the app role (they refuse a superuser): db/roles.py
+    dsn = await asyncio.to_thread(db_roles.serving_dsn, dsn)
     pg_pid = db_pid()
     async with await connect(dsn) as conn:
         cur = await conn.execute(

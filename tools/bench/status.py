@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ingest as ingest_bench  # noqa: E402  (tools/bench/ingest.py: the load)
 
 from opensense import db  # noqa: E402
+from opensense.db import roles as db_roles  # noqa: E402
 from opensense.settings import Config  # noqa: E402
 
 TARGET_P99_MS = 50.0
@@ -158,11 +159,12 @@ async def run(
 ) -> None:
     cfg = Config.from_env()
     now = datetime.now(UTC)
-    await asyncio.to_thread(db.migrate, dsn)
-    server = ingest_bench.Server(dsn, work / "server.log")
+    # the servers connect as the app role (they refuse a superuser): db/roles.py
+    app_dsn = await asyncio.to_thread(db_roles.serving_dsn, dsn)
+    server = ingest_bench.Server(app_dsn, work / "server.log")
     os.environ["OPENSENSE_ROLE"] = "status"  # Popen copies the environment at start
     try:
-        status_proc = ingest_bench.Server(dsn, work / "status.log")
+        status_proc = ingest_bench.Server(app_dsn, work / "status.log")
     finally:
         del os.environ["OPENSENSE_ROLE"]
     try:

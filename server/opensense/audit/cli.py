@@ -14,7 +14,7 @@ import psycopg
 from ..settings import Config
 from . import store, verify
 from .note import NoteError, Verifier, generate_key
-from .publish import AuditPlaces, Diverged, publish
+from .publish import AuditPlaces, Diverged, SigningKeyError, publish
 from .trail import COLUMNS, Row, iso
 
 
@@ -23,12 +23,11 @@ async def _connect(dsn: str) -> psycopg.AsyncConnection[Any]:
 
 
 def _verifier(places: AuditPlaces, vkey: str | None) -> Verifier | None:
+    """--vkey, else the pinned key (OPENSENSE_AUDIT_VERIFIER_KEY), else the public half
+    of this host's signing key; never the publish directory's own verifier.key."""
     if vkey:
         return Verifier.parse(vkey)
-    try:
-        return store.Directory(places.publish_dir).verifier()
-    except NoteError:
-        return None
+    return places.verifier()
 
 
 async def _verify(cfg: Config, dsn: str, args: argparse.Namespace, notes: list[str]) -> int:
@@ -83,7 +82,7 @@ async def _checkpoint(cfg: Config, dsn: str) -> int:
     async with await _connect(dsn) as conn:
         try:
             lines = await publish(conn, AuditPlaces.from_config(cfg))
-        except Diverged as exc:
+        except (Diverged, SigningKeyError) as exc:
             print(f"audit: refusing to publish: {exc}", file=sys.stderr)
             return 1
     for line in lines or ["no audit rows yet"]:
@@ -129,7 +128,8 @@ def run(cfg: Config, dsn: str, args: argparse.Namespace) -> int:
         except FileExistsError:
             print(f"opensense: {path} exists; refusing to replace a signing key", file=sys.stderr)
             return 1
-        print(f"wrote {path} (mode 0600); verifier key, give it to auditors:")
+        print(f"wrote {path} (mode 0600); verifier key, give it to auditors and pin it")
+        print("(OPENSENSE_AUDIT_VERIFIER_KEY) wherever checkpoints or backups are verified:")
         print(signer.verifier_key())
         return 0
     if args.action == "verify":

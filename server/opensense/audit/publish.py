@@ -1,5 +1,6 @@
-"""Signing and publishing checkpoints: daily (the `audit_checkpoint` job) and on
-demand (`opensense audit checkpoint`). A new checkpoint is only published when the
+"""Signing and publishing checkpoints: within minutes of new rows (the
+`audit_checkpoint` job, every OPENSENSE_AUDIT_CHECKPOINT_INTERVAL_S, signs each account
+whose trail grew) and on demand (`opensense audit checkpoint`). A new checkpoint is only published when the
 database still extends the last one published; otherwise publishing fails loudly,
 because the trail was rewritten or the database was restored behind it."""
 
@@ -15,7 +16,7 @@ from typing import IO, Any
 from psycopg import AsyncConnection
 
 from . import merkle, store
-from .note import Checkpoint, Signer, generate_key, load_key
+from .note import Checkpoint, NoteError, Signer, Verifier, load_key
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +25,18 @@ class Diverged(RuntimeError):
     """The database no longer extends what was published."""
 
 
+class SigningKeyError(RuntimeError):
+    """The signing key is missing or is not the pinned one. A new key is never made
+    silently: a fresh key would sign whatever the database holds now, and auditors
+    holding the old verifier key would see only that checkpoints stopped."""
+
+
 @dataclass(frozen=True)
 class AuditPlaces:
     key_path: Path
     publish_dir: Path
     origin: str
+    verifier_key: str = ""  # the pinned verifier key (OPENSENSE_AUDIT_VERIFIER_KEY)
 
     @classmethod
     def from_config(cls, cfg: Any) -> AuditPlaces:
@@ -37,13 +45,67 @@ class AuditPlaces:
             Path(cfg.audit_signing_key) if cfg.audit_signing_key else base / "signing.key",
             Path(cfg.audit_publish_dir) if cfg.audit_publish_dir else base / "published",
             cfg.audit_origin,
+            getattr(cfg, "audit_verifier_key", ""),
         )
 
-    def signer(self, create: bool = True) -> Signer:
-        if not self.key_path.exists() and create:
-            log.warning("no audit signing key at %s: generating one", self.key_path)
-            return generate_key(self.key_path, self.origin)
-        return load_key(self.key_path)
+    def pinned(self) -> Verifier | None:
+        return Verifier.parse(self.verifier_key) if self.verifier_key else None
+
+    def signer(self) -> Signer:
+        """The signing key, which must exist and match the pinned verifier key."""
+        if not self.key_path.exists():
+            raise SigningKeyError(
+                f"no audit signing key at {self.key_path}: refusing to sign. Restore it from "
+                "your key backup, or make one with `opensense audit keygen` and give auditors "
+                "the verifier key it prints (docs/audit.md)"
+            )
+        signer = load_key(self.key_path)
+        pinned = self.pinned()
+        if pinned is not None and (pinned.name, pinned.id) != (
+            signer.name,
+            Verifier.parse(signer.verifier_key()).id,
+        ):
+            raise SigningKeyError(
+                f"the signing key {self.key_path} is not the pinned verifier key "
+                "(OPENSENSE_AUDIT_VERIFIER_KEY): refusing to sign with it"
+            )
+        return signer
+
+    def verifier(self) -> Verifier | None:
+        """The key verification trusts: the pinned one, else the public half of the
+        signing key on this host. Never <publish dir>/verifier.key: whoever can write
+        that directory could replace both the checkpoints and the key."""
+        pinned = self.pinned()
+        if pinned is not None:
+            return pinned
+        if self.key_path.exists():
+            try:
+                return Verifier.parse(load_key(self.key_path).verifier_key())
+            except (NoteError, ValueError):
+                return None
+        return None
+
+
+async def moved(
+    conn: AsyncConnection[Any], places: AuditPlaces
+) -> tuple[list[str], list[tuple[str, int]]]:
+    """Cheaply: the accounts whose trail has rows beyond their latest published
+    checkpoint, and (account, size) of the others. Reads row counts and the latest
+    checkpoint files only, so the checkpoint job may ask every few minutes."""
+    cur = await conn.execute(
+        "SELECT account_id, count(*) FROM audit_log GROUP BY account_id ORDER BY account_id"
+    )
+    counts = await cur.fetchall()
+    verifier = places.verifier()
+    directory = store.Directory(places.publish_dir)
+    grew, same = [], []
+    for acc, n in counts:
+        size = directory.latest_size(acc, verifier)
+        if size is not None and size == n:
+            same.append((acc, int(n)))
+        else:
+            grew.append(acc)
+    return grew, same
 
 
 def origin_of(base: str, account_id: str) -> str:
@@ -69,8 +131,8 @@ def _lock_file(d: Path) -> IO[str]:
 async def _publish(conn: AsyncConnection[Any], places: AuditPlaces) -> list[str]:
     signer = places.signer()
     directory = store.Directory(places.publish_dir)
-    directory.write_verifier(signer)
-    verifier = directory.verifier()
+    directory.write_verifier(signer)  # for auditors' convenience; never trusted here
+    verifier = Verifier.parse(signer.verifier_key())
     out: list[str] = []
     failures: list[str] = []
     for acc in await store.accounts(conn):

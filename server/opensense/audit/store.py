@@ -66,6 +66,16 @@ class Directory:
         leaves = (d / "leaves").read_bytes() if (d / "leaves").exists() else b""
         return Published(d, cps, leaves)
 
+    def latest_size(self, account_id: str, verifier: Verifier | None) -> int | None:
+        """The size of the account's latest checkpoint, if it verifies; else None."""
+        path = self.account_dir(account_id) / "checkpoint"
+        if verifier is None or not path.exists():
+            return None
+        try:
+            return Checkpoint.parse(verifier.open(path.read_text(encoding="utf-8"))).size
+        except (NoteError, OSError, UnicodeDecodeError):
+            return None
+
     def published_accounts(self) -> list[str]:
         if not self.root.is_dir():
             return []

@@ -153,7 +153,10 @@ async def verify(
         pub = directory.load(acc)
         if verifier is None:
             if pub.checkpoints:
-                rep.problems.append("checkpoints are published but no verifier key was given")
+                rep.problems.append(
+                    "checkpoints are published but no verifier key is pinned "
+                    "(OPENSENSE_AUDIT_VERIFIER_KEY, or --vkey)"
+                )
             continue
         n, problems = check_published(acc, rows, leaves, pub, verifier)
         rep.checkpoints += n

@@ -1,8 +1,18 @@
 """pg_dump -> age -> file, and file -> age -> pg_restore, streamed: the dump never
-sits in memory or unencrypted on disk."""
+sits in memory or unencrypted on disk.
+
+age encrypts to a public recipient, so anyone can make a file this host can decrypt:
+encryption is not authentication. Each dump is therefore signed (Ed25519, the audit
+signing key) over the SHA-256 of its ciphertext, as a C2SP signed note in
+<file>.sig and in backup_runs; a restore verifies the signature with the pinned key
+and the file's hash before it decrypts a byte.
+
+Signed note body:  opensense-backup/v1\n<file name>\n<sha256 hex>\n<size in bytes>\n
+(the first line keeps it from ever parsing as an audit checkpoint, and back)."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -18,6 +28,8 @@ from typing import IO, Any
 import psycopg
 import pyrage
 from psycopg import sql
+
+from ..audit.note import NoteError, Signer, Verifier
 
 Progress = Callable[[int], None]
 
@@ -100,6 +112,12 @@ def recipients(text: str) -> list[pyrage.x25519.Recipient]:
 
 
 def identities(path: Path) -> list[pyrage.x25519.Identity]:
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise BackupError(
+            f"the age identity {path} is mode {mode:04o}: others may read the key to every "
+            f"backup; refusing to use it until it is private: chmod 600 {path}"
+        )
     out = []
     for line in path.read_text().splitlines():
         line = line.strip()
@@ -139,12 +157,63 @@ def stderr_progress(label: str) -> Progress:
     return show
 
 
+class Hashing(io.RawIOBase):
+    """A writer that hashes what passes on to the file (the ciphertext)."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw, self.sha, self.n = raw, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        data = bytes(b)
+        self.sha.update(data)
+        self.n += len(data)
+        self.raw.write(data)
+        return len(data)
+
+
+MANIFEST_TAG = "opensense-backup/v1"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    sha256: str
+    size: int
+
+    def text(self) -> str:
+        return f"{MANIFEST_TAG}\n{self.name}\n{self.sha256}\n{self.size}\n"
+
+    @classmethod
+    def open(cls, verifier: Verifier, note: str) -> Manifest:
+        """The manifest of a note signed by `verifier`; BackupError otherwise."""
+        try:
+            text = verifier.open(note)
+        except NoteError as exc:
+            raise BackupError(
+                f"the backup's signature does not verify with the pinned key "
+                f"{verifier.name}+{verifier.id.hex()} ({exc}): refusing to restore it"
+            ) from None
+        lines = text.split("\n")
+        if len(lines) != 5 or lines[0] != MANIFEST_TAG or not lines[3].isdigit():
+            raise BackupError("the signed note is not a backup manifest: refusing to restore it")
+        return cls(lines[1], lines[2], int(lines[3]))
+
+
+def sig_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sig")
+
+
 @dataclass(frozen=True)
 class DumpResult:
     path: Path
     bytes: int  # encrypted size
     dumped: int  # pg_dump output size
     counts: dict[str, int]
+    sha256: str = ""  # of the encrypted file
+    signature: str = ""  # the signed manifest (also in <file>.sig)
 
 
 def _snapshot_counts(conn: psycopg.Connection) -> dict[str, int]:
@@ -165,9 +234,12 @@ def dump(
     recipient_text: str,
     pg_bin: str = "",
     progress: Progress | None = None,
+    *,
+    signer: Signer,
 ) -> DumpResult:
-    """Dump `dsn` into `out` encrypted to the recipients. Row counts are taken in the
-    very snapshot pg_dump dumps, so a restore can be checked against them exactly."""
+    """Dump `dsn` into `out` encrypted to the recipients, and sign the ciphertext's
+    hash (<out>.sig). Row counts are taken in the very snapshot pg_dump dumps, so a
+    restore can be checked against them exactly."""
     recips = recipients(recipient_text)
     tmp = out.with_name(out.name + ".partial")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -193,7 +265,8 @@ def dump(
         src = Counting(proc.stdout, progress)
         try:
             with open(tmp, "wb") as f:
-                pyrage.encrypt_io(src, f, recips)
+                sink = Hashing(f)
+                pyrage.encrypt_io(src, sink, recips)
                 f.flush()
                 os.fsync(f.fileno())
         finally:
@@ -204,9 +277,36 @@ def dump(
     if rc != 0:
         tmp.unlink(missing_ok=True)
         raise BackupError(f"pg_dump failed ({rc}): {err.strip()[:500]}")
+    manifest = Manifest(out.name, sink.sha.hexdigest(), sink.n)
+    note = signer.sign(manifest.text())
     os.replace(tmp, out)
     (out.with_name(out.name + ".json")).write_text(json.dumps({"counts": counts}, indent=1))
-    return DumpResult(out, out.stat().st_size, src.n, counts)
+    sig_path(out).write_text(note)
+    return DumpResult(out, out.stat().st_size, src.n, counts, manifest.sha256, note)
+
+
+def check_signed(f: IO[bytes], path: Path, verifier: Verifier, note: str) -> Manifest:
+    """The open file `f` is the dump the signed note names, byte for byte; else
+    BackupError. Hashes `f` from its start and leaves it at the start again."""
+    manifest = Manifest.open(verifier, note)
+    if manifest.name != path.name:
+        raise BackupError(
+            f"{path.name} is signed as {manifest.name}: a file swapped under another name; "
+            "refusing to restore it"
+        )
+    sha, n = hashlib.sha256(), 0
+    f.seek(0)
+    while chunk := f.read(1 << 20):
+        sha.update(chunk)
+        n += len(chunk)
+    f.seek(0)
+    if (sha.hexdigest(), n) != (manifest.sha256, manifest.size):
+        raise BackupError(
+            f"{path.name} does not match its signature (sha256 {sha.hexdigest()[:16]}…, "
+            f"{n} bytes; signed {manifest.sha256[:16]}…, {manifest.size} bytes): the file "
+            "was altered or swapped; refusing to restore it"
+        )
+    return manifest
 
 
 def empty_database(dsn: str) -> bool:
@@ -224,10 +324,38 @@ def restore(
     dsn: str,
     pg_bin: str = "",
     progress: Progress | None = None,
+    *,
+    verifier: Verifier,
+    note: str | None = None,
 ) -> int:
-    """Decrypt `path` with the identity and pg_restore it into the EMPTY database `dsn`.
-    Returns the bytes restored."""
+    """Check `path` against its signed manifest (`note`, else <path>.sig) with the
+    pinned `verifier`, then decrypt it with the identity and pg_restore it into the
+    EMPTY database `dsn`. Returns the bytes restored."""
     ids = identities(identity_path)
+    if note is None:
+        if not sig_path(path).exists():
+            raise BackupError(
+                f"{path.name} is not signed (no {sig_path(path).name}): refusing to restore "
+                "an unsigned dump"
+            )
+        note = sig_path(path).read_text(encoding="utf-8", errors="replace")
+    f = open(path, "rb")  # hashed and decrypted through one descriptor: no swap between
+    try:
+        check_signed(f, path, verifier, note)
+        return _restore_checked(f, path, identity_path, ids, dsn, pg_bin, progress)
+    finally:
+        f.close()
+
+
+def _restore_checked(
+    f: IO[bytes],
+    path: Path,
+    identity_path: Path,
+    ids: list[pyrage.x25519.Identity],
+    dsn: str,
+    pg_bin: str,
+    progress: Progress | None,
+) -> int:
     if not empty_database(dsn):
         raise BackupError("the target database is not empty: restore only into a fresh database")
     safe_dsn, env = _libpq_args(dsn)
@@ -249,15 +377,14 @@ def restore(
     n = 0
     failure: str | None = None
     try:
-        with open(path, "rb") as f:
-            src = Counting(f, progress)
-            try:
-                pyrage.decrypt_io(src, proc.stdin, ids)
-            except pyrage.DecryptError as exc:
-                failure = f"cannot decrypt {path.name} with {identity_path}: {exc}"
-            except BrokenPipeError:
-                pass  # pg_restore stopped; its message is below
-            n = src.n
+        src = Counting(f, progress)
+        try:
+            pyrage.decrypt_io(src, proc.stdin, ids)
+        except pyrage.DecryptError as exc:
+            failure = f"cannot decrypt {path.name} with {identity_path}: {exc}"
+        except BrokenPipeError:
+            pass  # pg_restore stopped; its message is below
+        n = src.n
     finally:
         try:
             proc.stdin.close()

@@ -13,11 +13,13 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from ..audit.publish import AuditPlaces
 from ..audit.trail import COLUMNS, Row
 from ..audit.verify import check_chain
+from ..db import roles as db_roles
 from ..settings import Config
 from . import rotation
-from .dump import BackupError, Progress, dump, restore, table_counts
+from .dump import BackupError, Manifest, Progress, dump, restore, sig_path, table_counts
 
 
 def backup_dir(cfg: Config) -> Path:
@@ -40,11 +42,13 @@ def _finish(
     nbytes: int | None = None,
     location: str | None = None,
     detail: str | None = None,
+    sha256: str | None = None,
+    signature: str | None = None,
 ) -> None:
     conn.execute(
-        "UPDATE backup_runs SET finished_at = %s, ok = %s, bytes = %s, location = %s, detail = %s"
-        " WHERE id = %s",
-        (now, ok, nbytes, location, detail, run_id),
+        "UPDATE backup_runs SET finished_at = %s, ok = %s, bytes = %s, location = %s, detail = %s,"
+        " sha256 = %s, signature = %s WHERE id = %s",
+        (now, ok, nbytes, location, detail, sha256, signature, run_id),
     )
 
 
@@ -63,7 +67,9 @@ def run_backup(cfg: Config, dsn: str, progress: Progress | None = None) -> list[
     with psycopg.connect(dsn, autocommit=True) as conn:
         run_id = _start(conn, kind, now)
         try:
-            res = dump(dsn, path, cfg.backup_recipients, cfg.pg_bin, progress)
+            # each dump is signed: a missing signing key stops the run, recorded
+            signer = AuditPlaces.from_config(cfg).signer()
+            res = dump(dsn, path, cfg.backup_recipients, cfg.pg_bin, progress, signer=signer)
         except Exception as exc:
             _finish(conn, run_id, False, cfg.clock(), detail=str(exc)[:1000])
             raise
@@ -75,6 +81,8 @@ def run_backup(cfg: Config, dsn: str, progress: Progress | None = None) -> list[
             res.bytes,
             str(path),
             json.dumps({"dumped_bytes": res.dumped, "tables": len(res.counts)}),
+            res.sha256,
+            res.signature,
         )
         out.append(f"{kind}: {path} ({res.bytes} bytes encrypted, {res.dumped} dumped)")
         if cfg.backup_offsite_dir:
@@ -90,11 +98,27 @@ def run_backup(cfg: Config, dsn: str, progress: Progress | None = None) -> list[
                         path.with_name(path.name + ".json"),
                         target.with_name(target.name + ".json"),
                     )
+                    # the copy is signed under its own name (the name is signed too)
+                    weekly_note = (
+                        AuditPlaces.from_config(cfg)
+                        .signer()
+                        .sign(Manifest(target.name, res.sha256, res.bytes).text())
+                    )
+                    sig_path(target).write_text(weekly_note)
                     tmp.replace(target)
                 except Exception as exc:
                     _finish(conn, wid, False, cfg.clock(), detail=str(exc)[:1000])
                     raise
-                _finish(conn, wid, True, cfg.clock(), target.stat().st_size, str(target))
+                _finish(
+                    conn,
+                    wid,
+                    True,
+                    cfg.clock(),
+                    target.stat().st_size,
+                    str(target),
+                    sha256=res.sha256,
+                    signature=weekly_note,
+                )
                 out.append(f"weekly: copied to {target}")
             out += _rotate(off, now, {"weekly": cfg.backup_keep_weekly_days})
     out += _rotate(
@@ -108,19 +132,9 @@ def _rotate(d: Path, now: datetime, keep: dict[str, int]) -> list[str]:
     for dump_ in rotation.to_delete(rotation.parse_all(_names(d)), now, keep):
         (d / dump_.name).unlink(missing_ok=True)
         (d / (dump_.name + ".json")).unlink(missing_ok=True)
+        (d / (dump_.name + ".sig")).unlink(missing_ok=True)
         out.append(f"rotated out {dump_.name}")
     return out
-
-
-def latest(cfg: Config) -> Path | None:
-    dumps = rotation.parse_all(_names(backup_dir(cfg)))
-    return backup_dir(cfg) / dumps[-1].name if dumps else None
-
-
-def _with_db(dsn: str, name: str) -> str:
-    info = psycopg.conninfo.conninfo_to_dict(dsn)
-    info["dbname"] = name
-    return psycopg.conninfo.make_conninfo("", **info)
 
 
 def check_restored(dsn: str, expected: dict[str, int]) -> list[str]:
@@ -141,36 +155,90 @@ def check_restored(dsn: str, expected: dict[str, int]) -> list[str]:
     return problems
 
 
+def restore_url(cfg: Config, dsn: str) -> str | None:
+    """The restricted role's DSN the restore test runs as: the setting, else (embedded
+    server) its restore role; None with an external database and no setting."""
+    if cfg.backup_restore_url:
+        return cfg.backup_restore_url
+    if not cfg.database_url:
+        return db_roles.with_user(dsn, db_roles.RESTORE_ROLE, "postgres")
+    return None
+
+
+def _newest_signed(conn: psycopg.Connection) -> tuple[Path, str, str] | None:
+    row = conn.execute(
+        "SELECT location, sha256, signature FROM backup_runs"
+        " WHERE kind IN ('hourly', 'daily') AND ok AND signature IS NOT NULL"
+        " AND location IS NOT NULL ORDER BY started_at DESC, id DESC LIMIT 1"
+    ).fetchone()
+    return (Path(row[0]), str(row[1]), str(row[2])) if row else None
+
+
 def restore_test(cfg: Config, dsn: str, progress: Progress | None = None) -> str:
-    """Restore the newest dump into a scratch database, check it, drop it."""
+    """Restore the newest dump this server recorded and signed into a scratch database,
+    as the restricted restore role, check it, drop it. The file must match the hash
+    and signature recorded with it (a swapped or altered file is refused)."""
     now = cfg.clock()
-    path = latest(cfg)
     with psycopg.connect(dsn, autocommit=True) as conn:
         run_id = _start(conn, "restore_test", now)
         if not cfg.backup_identity:
             detail = "skipped: OPENSENSE_BACKUP_IDENTITY is not set on this host"
             _finish(conn, run_id, None, cfg.clock(), detail=detail)
             return detail
-        if path is None:
-            detail = f"no backup in {backup_dir(cfg)} to test"
-            _finish(conn, run_id, False, cfg.clock(), detail=detail)
+        target = restore_url(cfg, dsn)
+        if target is None:
+            detail = "skipped: OPENSENSE_BACKUP_RESTORE_URL is not set (docs/backups.md)"
+            _finish(conn, run_id, None, cfg.clock(), detail=detail)
             return detail
-        scratch = f"opensense_restore_test_{secrets.token_hex(4)}"
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(scratch)))
-        try:
-            manifest = json.loads(path.with_name(path.name + ".json").read_text())
-            nbytes = restore(
-                path, Path(cfg.backup_identity), _with_db(dsn, scratch), cfg.pg_bin, progress
+        verifier = AuditPlaces.from_config(cfg).verifier()
+        newest = _newest_signed(conn)
+        if verifier is None or newest is None:
+            detail = (
+                "no verifier key: set OPENSENSE_AUDIT_VERIFIER_KEY"
+                if verifier is None
+                else f"no signed backup recorded in backup_runs ({backup_dir(cfg)})"
             )
-            problems = check_restored(_with_db(dsn, scratch), manifest["counts"])
-            tables = len(manifest["counts"])
-            rows = sum(manifest["counts"].values())
+            _finish(conn, run_id, False, cfg.clock(), detail=detail)
+            return "FAILED: " + detail
+        path, sha256, note = newest
+        nbytes, tables, rows = 0, 0, 0
+        problems: list[str] = []
+        try:
+            with psycopg.connect(target, autocommit=True) as rconn:
+                if rconn.execute(
+                    "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"
+                ).fetchone() != (False,):
+                    raise BackupError(
+                        "refusing to run the restore test as a superuser: "
+                        "OPENSENSE_BACKUP_RESTORE_URL names a role with CREATEDB only"
+                    )
+                scratch = f"opensense_restore_test_{secrets.token_hex(4)}"
+                rconn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(scratch)))
+                try:
+                    if Manifest.open(verifier, note).sha256 != sha256:
+                        raise BackupError("the recorded hash and the signed one differ")
+                    manifest = json.loads(path.with_name(path.name + ".json").read_text())
+                    into = db_roles.with_dbname(target, scratch)
+                    nbytes = restore(
+                        path,
+                        Path(cfg.backup_identity),
+                        into,
+                        cfg.pg_bin,
+                        progress,
+                        verifier=verifier,
+                        note=note,
+                    )
+                    problems = check_restored(into, manifest["counts"])
+                    tables = len(manifest["counts"])
+                    rows = sum(manifest["counts"].values())
+                finally:
+                    rconn.execute(
+                        sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                            sql.Identifier(scratch)
+                        )
+                    )
         except (BackupError, OSError, ValueError, psycopg.Error) as exc:
             problems, tables, rows, nbytes = [str(exc)[:1000]], 0, 0, 0
-        finally:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(scratch))
-            )
         ok = not problems
         detail = (
             f"{path.name}: {tables} tables, {rows} rows restored and counted, audit chains intact"

@@ -44,10 +44,12 @@ def _applied(conn: psycopg.Connection) -> set[int]:
     return {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
 
 
-def migrate(dsn: str, now: datetime | None = None) -> list[str]:
+def migrate(dsn: str, now: datetime | None = None, app_role: str | None = None) -> list[str]:
     """Apply every pending migration, each in its own transaction. Returns their names.
 
-    An advisory lock keeps two processes from migrating at once.
+    `dsn` is the owner role's; `app_role`, when given, gets the app's privileges on
+    what the migrations made (db/roles.py). An advisory lock keeps two processes from
+    migrating at once.
     """
     done: list[str] = []
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -66,6 +68,11 @@ def migrate(dsn: str, now: datetime | None = None) -> list[str]:
                 log.info("applied migration %s", name)
                 done.append(name)
             ensure_partitions(conn, now or datetime.now(UTC))
+            if app_role:
+                from .roles import grant_app
+
+                with conn.transaction():
+                    grant_app(conn, app_role)
         finally:
             conn.execute("SELECT pg_advisory_unlock(7262001)")
     return done
@@ -135,20 +142,12 @@ def ensure_partitions(
     for table, _is_date in PARTITIONED:
         for k in range(back_months + ahead_months + 1):
             lo = add_months(first, k)
-            hi = add_months(lo, 1)
-            name = partition_name(table, lo)
-            if name in existing:
+            if partition_name(table, lo) in existing:
                 continue
-            conn.execute(
-                sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})"
-                ).format(
-                    sql.Identifier(name),
-                    sql.Identifier(table),
-                    sql.Literal(lo.isoformat() + ("" if _is_date else "T00:00:00Z")),
-                    sql.Literal(hi.isoformat() + ("" if _is_date else "T00:00:00Z")),
-                )
-            )
+            # the owner's function (migration 0011): the app role owns no table
+            row = conn.execute("SELECT opensense_create_partition(%s, %s)", (table, lo)).fetchone()
+            if not (row and row[0]):
+                continue
             created += 1
     return created
 

@@ -14,7 +14,7 @@ from collections import defaultdict
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, errors
 
 from .. import db
 from . import packing
@@ -72,8 +72,13 @@ async def shrink_closed_months(conn: AsyncConnection[Any], horizon: date) -> lis
             continue  # the month still has open days
         empty = await (await conn.execute(f'SELECT NOT EXISTS (SELECT 1 FROM "{name}")')).fetchone()
         if empty and empty[0]:
-            await conn.execute(f'VACUUM "{name}"')
-            await conn.execute(f'REINDEX TABLE CONCURRENTLY "{name}"')
+            try:
+                await conn.execute(f'VACUUM "{name}"')
+                await conn.execute(f'REINDEX TABLE CONCURRENTLY "{name}"')
+            except errors.InsufficientPrivilege:
+                # the app role owns no table; before PostgreSQL 17 (MAINTAIN) only the
+                # owner may REINDEX: the owner's function does (migration 0011)
+                await conn.execute("SELECT opensense_reindex_partition(%s)", (name,))
             shrunk.append(name)
             log.info("compaction rebuilt the emptied index of %s", name)
     return shrunk
@@ -149,7 +154,8 @@ async def _drop_before(conn: AsyncConnection[Any], table: str, before: date) -> 
             continue
         month = date(int(suffix[1:5]), int(suffix[6:8]), 1)
         if db.add_months(month, 1) <= before:
-            await conn.execute(f'DROP TABLE "{name}"')
+            # the owner's function (migration 0011): the app role owns no partition
+            await conn.execute("SELECT opensense_drop_partition(%s)", (name,))
             dropped.append(name)
             log.info("retention dropped partition %s", name)
     return dropped

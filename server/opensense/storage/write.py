@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from psycopg import AsyncConnection, AsyncCursor, errors, sql
+from psycopg import AsyncConnection, AsyncCursor, errors
 
 from .. import db
 from . import packing
@@ -133,20 +133,10 @@ async def execute_mending_partitions(
 
 
 async def ensure_month_partitions(conn: AsyncConnection[Any], months: set[date]) -> None:
-    for table, is_date in db.PARTITIONED:
+    # the owner's function (migration 0011): the app role owns no table to partition
+    for table, _is_date in db.PARTITIONED:
         for lo in sorted(months):
-            hi = db.add_months(lo, 1)
-            suffix = "" if is_date else "T00:00:00Z"
-            await conn.execute(
-                sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})"
-                ).format(
-                    sql.Identifier(db.partition_name(table, lo)),
-                    sql.Identifier(table),
-                    sql.Literal(lo.isoformat() + suffix),
-                    sql.Literal(hi.isoformat() + suffix),
-                )
-            )
+            await conn.execute("SELECT opensense_create_partition(%s, %s)", (table, lo))
 
 
 async def _drop_already_packed(
