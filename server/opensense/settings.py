@@ -371,6 +371,16 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=0.05,
     ),
     Setting(
+        "alarm_pass_budget_ms",
+        "OPENSENSE_ALARM_PASS_BUDGET_MS",
+        int,
+        250,
+        "Run time one rule-evaluation pass may take; past it the pass saves where it got to "
+        "and leaves the rest for the next pass (the engine yields to ingest every few hundred "
+        "steps either way).",
+        minimum=1,
+    ),
+    Setting(
         "telegram_bot_token",
         "OPENSENSE_TELEGRAM_BOT_TOKEN",
         str,
@@ -503,6 +513,7 @@ class Config:
     incident_operator_email: str = ""
     alarms_enabled: bool = True
     alarm_sweep_s: float = 2.0
+    alarm_pass_budget_ms: int = 250
     telegram_bot_token: str = ""
     telegram_api_base: str = "https://api.telegram.org"
     telegram_webhook_secret: str = ""

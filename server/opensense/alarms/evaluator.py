@@ -11,12 +11,24 @@ including the claim on the dirty rows, so nothing is judged twice or never.
 Late readings (older than what the channel has been judged up to) rewind the
 channel to the last checkpoint before them and replay; event steps are idempotent
 (an event is keyed by rule and true start), so a replay changes nothing it need not.
+
+Time budget: the engine is pure CPU, and this loop shares the event loop with
+ingest and MQTT. Readings are fed in slices of `SLICE_STEPS` engine steps with a
+yield to the loop between them, and a pass stops feeding once it has run for its
+budget (`OPENSENSE_ALARM_PASS_BUDGET_MS`): the channel in hand is saved up to the
+reading it reached (with a checkpoint there) and marked dirty from the next one,
+channels not started are marked dirty again, and the pass says so (`Stats.deferred`,
+a warning in the log, a note on the status page's rule-engine component). Each step
+is itself bounded: windows are checked again when rules are loaded (a rule stored
+with a window the API would refuse is judged without it, and logged).
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -35,6 +47,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_EVERY = timedelta(minutes=10)
 CHECKPOINT_KEEP = timedelta(hours=25)
 MAX_READINGS = 20000  # per channel and pass; the rest is picked up by the next pass
+SLICE_STEPS = 512  # engine steps between two yields to the event loop
+PASS_BUDGET_S = 0.25  # the default of OPENSENSE_ALARM_PASS_BUDGET_MS
 
 META_SQL = """
 SELECT c.num, c.id, c.account_id, c.device_id, s.timezone,
@@ -57,6 +71,28 @@ class Meta:
     rules: list[Rule]
 
 
+def _windows(r: dict[str, Any]) -> tuple[Window, ...]:
+    """The rule's windows that the API would accept today. One stored otherwise (put
+    in the database by hand, or by an older release that accepted any RFC 5545 rule)
+    is left out, so the rule is judged by its own limits (an alarm too many, never a
+    silent one or a frozen server), and logged."""
+    out = []
+    for w in r.get("windows") or []:
+        why = engine.check_window(w)
+        if why is not None:
+            log.warning("rule %s: window ignored (%s)", r.get("id"), why)
+            continue
+        out.append(
+            Window(
+                w["rrule"],
+                int(w["duration_min"]),
+                w.get("params"),
+                w.get("dtstart", Window.dtstart),
+            )
+        )
+    return tuple(out)
+
+
 def rule_from_json(r: dict[str, Any]) -> Rule:
     return Rule(
         id=r["id"],
@@ -65,15 +101,7 @@ def rule_from_json(r: dict[str, Any]) -> Rule:
         grace_min=int(r["grace_min"]),
         clear_min=r.get("clear_min"),
         severity=r.get("severity") or "alarm",
-        windows=tuple(
-            Window(
-                w["rrule"],
-                int(w["duration_min"]),
-                w.get("params"),
-                w.get("dtstart", Window.dtstart),
-            )
-            for w in (r.get("windows") or [])
-        ),
+        windows=_windows(r),
         renotify_min=r.get("renotify_min"),
     )
 
@@ -92,12 +120,26 @@ class Stats:
     readings: int = 0
     transitions: int = 0
     rewinds: int = 0
+    deferred: int = 0  # channels left dirty for the next pass: the pass ran out of budget
 
 
-async def evaluate_dirty(pool: AsyncConnectionPool, now: datetime, limit: int = 128) -> Stats:
+REMARK_SQL = (
+    "INSERT INTO alarm_dirty (channel_num, since) VALUES (%s, %s)"
+    " ON CONFLICT (channel_num) DO UPDATE SET since = least(alarm_dirty.since, excluded.since)"
+)
+
+
+async def evaluate_dirty(
+    pool: AsyncConnectionPool,
+    now: datetime,
+    limit: int = 128,
+    budget_s: float = PASS_BUDGET_S,
+) -> Stats:
     """One pass over (up to `limit`) channels with new readings, oldest wake-up first.
-    Three statements whatever the batch size: claim, read the readings, save."""
+    Three statements whatever the batch size: claim, read the readings, save. Past
+    `budget_s` of run time the pass stops feeding readings (see the module doc)."""
     st = Stats()
+    deadline = time.monotonic() + budget_s
     async with pool.connection() as conn, conn.transaction():
         cur = await conn.execute(
             "DELETE FROM alarm_dirty WHERE channel_num IN (SELECT channel_num FROM alarm_dirty"
@@ -130,20 +172,28 @@ async def evaluate_dirty(pool: AsyncConnectionPool, now: datetime, limit: int = 
             rs = readings.get(num, [])
             if not rs:
                 continue
-            saves.append(await _run(conn, meta[num], p, rs, now, st, pending))
+            if st.channels and time.monotonic() >= deadline:
+                st.deferred += 1  # not started: judged by the next pass, from where it was
+                await conn.execute(REMARK_SQL, (num, dirty[num]))
+                continue
+            save, fed = await _run(conn, meta[num], p, rs, now, st, pending, deadline)
+            saves.append(save)
             st.channels += 1
-            if len(rs) >= MAX_READINGS:  # more to come: mark the channel again
-                await conn.execute(
-                    "INSERT INTO alarm_dirty (channel_num, since) VALUES (%s, %s)"
-                    " ON CONFLICT (channel_num) DO UPDATE"
-                    " SET since = least(alarm_dirty.since, excluded.since)",
-                    (num, rs[-1][0] + timedelta(microseconds=1)),
-                )
+            if fed < len(rs):
+                st.deferred += 1
+            if fed < len(rs) or len(rs) >= MAX_READINGS:  # more to come: mark it again
+                await conn.execute(REMARK_SQL, (num, rs[fed - 1][0] + timedelta(microseconds=1)))
         if saves:
             async with conn.cursor() as c:
                 await c.executemany(SAVE_SQL, saves)
         await write_audit(conn, pending)  # last: after every row lock of this pass
         st.channels = max(st.channels, 1)  # the claim made progress: look again
+    if st.deferred:
+        log.warning(
+            "rule evaluation: pass over its %.0f ms budget after %d readings;"
+            " %d channel(s) continue in the next pass",
+            budget_s * 1000, st.readings, st.deferred,
+        )  # fmt: skip
     return st
 
 
@@ -153,6 +203,7 @@ class Plan:
     events: dict[str, Any]
     checkpoints: list[Any]
     lower: datetime  # readings after this are (re)judged
+    judged_to: datetime | None = None  # where the channel stood (a replay ends there)
 
 
 def _plan(row: tuple[Any, ...], since: datetime, st: Stats) -> Plan:
@@ -163,12 +214,13 @@ def _plan(row: tuple[Any, ...], since: datetime, st: Stats) -> Plan:
     if last_ts is None:
         return Plan(rules_json, events, checkpoints, since - tiny)
     if since > last_ts:
-        return Plan(rules_json, events, checkpoints, last_ts)
+        return Plan(rules_json, events, checkpoints, last_ts, last_ts)
     st.rewinds += 1
     keep = [c for c in checkpoints if datetime.fromisoformat(c[0]) < since]
     if keep:
-        return Plan(dict(keep[-1][1]), dict(keep[-1][2]), keep, datetime.fromisoformat(keep[-1][0]))
-    return Plan({}, events, [], since - timedelta(hours=24) - tiny)
+        at = datetime.fromisoformat(keep[-1][0])
+        return Plan(dict(keep[-1][1]), dict(keep[-1][2]), keep, at, last_ts)
+    return Plan({}, events, [], since - timedelta(hours=24) - tiny, last_ts)
 
 
 async def _readings(
@@ -223,8 +275,11 @@ async def _run(
     now: datetime,
     st: Stats,
     pending: list[AuditEntry],
-) -> tuple[Any, ...]:
-    """Feed the readings; apply the transitions; return the state row to save."""
+    deadline: float,
+) -> tuple[tuple[Any, ...], int]:
+    """Feed the readings, in slices, until done or past `deadline` (at least one
+    slice); apply the transitions; return the state row to save and how many
+    readings were fed."""
     states = {r.id: RuleState.from_json(p.rules_json.get(r.id)) for r in m.rules}
     events, checkpoints = p.events, p.checkpoints
     last = max((s.last_ts for s in states.values() if s.last_ts), default=None)
@@ -238,17 +293,28 @@ async def _run(
         else engine._no_lookup
     )
     trs: list[Transition] = []
-    for r in m.rules:
-        s = states[r.id]
-        for ts, v in readings:
-            s, out = engine.step(r, s, ts, v, m.tz, lookup)
+    fed = steps = 0
+    for ts, v in readings:  # reading by reading across the rules: all stop at one reading
+        for r in m.rules:
+            states[r.id], out = engine.step(r, states[r.id], ts, v, m.tz, lookup)
             trs.extend(out)
-        states[r.id] = s
-    st.readings += len(readings)
+        fed += 1
+        steps += max(1, len(m.rules))
+        if steps >= SLICE_STEPS and fed < len(readings):
+            steps = 0
+            await asyncio.sleep(0)  # let ingest, MQTT and HTTP run
+            if time.monotonic() >= deadline:
+                break
+    st.readings += fed
     trs.sort(key=lambda t: t.at)
     await apply(conn, m, trs, events, now, pending)
     st.transitions += len(trs)
-    return save_params(m, states, events, checkpoints, readings[-1][0], now)
+    upto = readings[fed - 1][0]
+    if fed < len(readings) and p.judged_to is not None and upto < p.judged_to:
+        # a replay cut short: a checkpoint where it stopped, so the next pass goes on
+        # from there instead of rewinding to the same place again
+        checkpoints.append([upto.isoformat(), {k: s.to_json() for k, s in states.items()}, events])
+    return save_params(m, states, events, checkpoints, upto, now), fed
 
 
 async def apply(
