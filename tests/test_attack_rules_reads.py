@@ -1,0 +1,270 @@
+"""Attacks on the rule engine and the read API (issue 11, items 10 and 11), through
+the real server and PostgreSQL.
+
+Item 10: a window such as FREQ=SECONDLY (or any dtstart far in the past) made the
+engine enumerate millions of occurrences from dtstart, caching them, for one
+reading: HTTP, ingest and MQTT froze for 43 s. The tests count what dateutil
+enumerates (a spy that aborts past a bound, so the unfixed code fails fast instead
+of freezing the suite) and what one evaluator pass does under its budget.
+
+Item 11: fn=p50|p95|last loaded the whole range into Python. The tests assert on
+what the code does: the allocations of a 60-day read (tracemalloc, not timing),
+the cap on range x channels, and the rate-limit units of a 32-channel read.
+"""
+
+from __future__ import annotations
+
+import random
+import tracemalloc
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import psycopg
+import pytest
+from dateutil.rrule import rrule, rrulestr
+from psycopg.types.json import Jsonb
+
+from opensense.alarms import engine, evaluator
+from opensense.alarms.engine import Window
+from opensense.api.jsonutil import rfc3339
+from opensense.api.keys import POOL
+from opensense.settings import Config
+from opensense.storage.compaction import compact
+
+from .fixtures.clock import FakeClock
+from .fixtures.server import World, test_config
+
+pytestmark = pytest.mark.db
+
+READ_RATE = 40  # per account and minute in this module
+
+
+@pytest.fixture
+def config(clock: FakeClock) -> Config:
+    return test_config(
+        clock, alarms_enabled=False, read_rate_per_min=READ_RATE, ingest_rate_per_min=10_000
+    )
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+class TooManyOccurrences(AssertionError):
+    pass
+
+
+@pytest.fixture
+def occurrences(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Counts every occurrence dateutil enumerates; past 50,000 (what the unfixed engine
+    reaches within its first reading) it aborts the evaluation instead of freezing."""
+    count = [0]
+    orig = rrule._iter
+
+    def counting(self: rrule) -> Iterator[datetime]:
+        for occ in orig(self):
+            count[0] += 1
+            if count[0] > 50_000:
+                raise TooManyOccurrences(f"dateutil enumerated over {count[0]} occurrences")
+            yield occ
+
+    monkeypatch.setattr(rrule, "_iter", counting)
+    _clear_caches()
+    yield count
+    _clear_caches()
+
+
+def _clear_caches() -> None:
+    for name in ("_starts_near", "_recurrence"):
+        f = getattr(engine, name, None)
+        if hasattr(f, "cache_clear"):
+            f.cache_clear()
+
+
+async def ingest(client: Any, world: World, values: list[float], start: datetime) -> str:
+    ms = [
+        {"type": "temperature", "value": v, "ts": rfc3339(start + timedelta(minutes=i))}
+        for i, v in enumerate(values)
+    ]
+    cid = ""
+    for i in range(0, len(ms), 30):
+        r = await client.post(
+            "/v1/ingest",
+            json={"device": "fridge01", "measurements": ms[i : i + 30]},
+            headers=world.dev_auth("fridge01"),
+        )
+        assert r.status == 200, await r.text()
+        cid = (await r.json())["channels"][0]["channel_id"]
+    return cid
+
+
+async def add_rule(client: Any, world: World, cid: str, **body: Any) -> Any:
+    return await client.post(
+        f"/v1/channels/{cid}/rules",
+        json={"kind": "range", "params": {"ok_max": 5.0}, "grace_min": 0, **body},
+        headers=world.auth,
+    )
+
+
+async def evaluate_all(app: Any, now: datetime, budget_s: float | None = None) -> int:
+    """Run passes until nothing is dirty; how many it took."""
+    passes = 0
+    kw = {} if budget_s is None else {"budget_s": budget_s}
+    while (await evaluator.evaluate_dirty(app[POOL], now, **kw)).channels:
+        passes += 1
+        assert passes < 500, "the evaluator makes no progress"
+    return passes
+
+
+async def rule_events(dsn: str, rule_id: str) -> list[tuple[datetime, datetime]]:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT started_at, alarm_at FROM events WHERE rule_id = %s ORDER BY started_at",
+            (rule_id,),
+        )
+        return list(await cur.fetchall())
+
+
+# --- item 10: windows ------------------------------------------------------------------
+
+REFUSED_WINDOWS = [
+    {"rrule": "FREQ=SECONDLY;INTERVAL=10", "duration_min": 5},
+    {"rrule": "FREQ=MINUTELY", "duration_min": 5},
+    {"rrule": "FREQ=HOURLY", "duration_min": 5},
+    {"rrule": "FREQ=DAILY;BYHOUR=2", "duration_min": 45, "dtstart": "1970-01-01T00:00:00"},
+    {"rrule": "FREQ=DAILY;BYHOUR=2", "duration_min": 45, "dtstart": "9999-01-01T00:00:00"},
+    {"rrule": "FREQ=DAILY;BYSECOND=" + ",".join(map(str, range(60))), "duration_min": 5},
+    {"rrule": "FREQ=DAILY;BYMINUTE=" + ",".join(map(str, range(60))), "duration_min": 5},
+    {"rrule": "FREQ=DAILY;COUNT=100000000", "duration_min": 5},
+    {"rrule": "FREQ=DAILY;INTERVAL=100000", "duration_min": 5},
+    {"rrule": "FREQ=WEEKLY;BYDAY=1MO", "duration_min": 5},
+    {"rrule": "FREQ=DAILY;BYSETPOS=1", "duration_min": 5},
+    {"rrule": "RRULE:FREQ=DAILY\nRDATE:20240101T000000", "duration_min": 5},
+    {"rrule": "FREQ=DAILY;" * 200, "duration_min": 5},
+]
+
+
+async def test_windows_that_cost_unbounded_work_are_refused_at_save(client, world: World, clock):
+    cid = await ingest(client, world, [3.0], clock() - timedelta(minutes=1))
+    for w in REFUSED_WINDOWS:
+        r = await add_rule(client, world, cid, windows=[w])
+        body = await r.json()
+        assert r.status == 422, (w, body)
+        assert body["error"]["code"] == "invalid_rule" and "refused" in body["error"]["message"]
+        assert set(body["error"]) == {"code", "message", "request_id"}
+    # nothing of the refused rules was stored: only the channel's preset rule
+    r = await client.get(f"/v1/channels/{cid}", headers=world.auth)
+    assert len((await r.json())["rules"]) == 1
+    # what a fridge schedule needs still saves
+    for w in (
+        {"rrule": "FREQ=DAILY;BYHOUR=2,8,14,20;BYMINUTE=0", "duration_min": 45},
+        {"rrule": "FREQ=WEEKLY;INTERVAL=2;BYDAY=MO,TH;BYHOUR=6;BYMINUTE=30", "duration_min": 60},
+        {"rrule": "freq=daily;byhour=3", "duration_min": 30, "dtstart": "2025-06-01T00:00:00"},
+    ):
+        r = await add_rule(client, world, cid, windows=[{**w, "params": {"ok_max": 12.0}}])
+        assert r.status == 201, await r.text()
+
+
+async def test_a_window_stored_behind_the_apis_back_freezes_nothing(
+    client, world: World, clock, dsn, occurrences, caplog
+):
+    """A rule whose window the API would refuse today (SECONDLY from 1970, switching
+    the rule off) is in the database, put there by hand or an older release. The
+    evaluator judges the rule without it: the warm fridge alarms, nothing enumerates
+    the window, and the log says why."""
+    t0 = clock() - timedelta(minutes=30)
+    cid = await ingest(client, world, [3.0], t0 - timedelta(minutes=1))
+    r = await add_rule(client, world, cid)
+    assert r.status == 201
+    rule_id = (await r.json())["id"]
+    bad = [{"rrule": "FREQ=SECONDLY;INTERVAL=10", "duration_min": 5, "params": None,
+            "dtstart": "1970-01-01T00:00:00"}]  # fmt: skip
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("UPDATE rules SET windows = %s WHERE id = %s", (Jsonb(bad), rule_id))
+    await ingest(client, world, [9.0] * 30, t0)
+    await evaluate_all(client.app, clock())
+    assert len(await rule_events(dsn, rule_id)) == 1
+    assert occurrences[0] < 1000  # (other tests' channels with valid windows may be dirty)
+    assert f"rule {rule_id}: window ignored" in caplog.text
+
+
+def test_occurrences_are_found_near_the_reading_not_from_dtstart(occurrences):
+    """A valid window anchored in 2000, judged in 2099: a few occurrences, not 36,500
+    days of them (and nothing cached beyond one small tuple per window and day)."""
+    berlin = ZoneInfo("Europe/Berlin")
+    w = Window("FREQ=DAILY;BYHOUR=0,2,4,6,8,10,12,14,16,18,20,22", 45, None, "2000-01-01T00:00:00")
+    # 03:10 CEST, the night DST starts: the 02:00 start (a wall time that does not
+    # exist that night) began at 01:00 UTC, as it did before
+    t = datetime(2099, 3, 29, 1, 10, tzinfo=UTC)
+    assert engine.active_window((w,), berlin, t) == w
+    assert engine.active_window((w,), berlin, t + timedelta(minutes=40)) is None
+    for i in range(1440):  # a day of minute readings
+        engine.active_window((w,), berlin, t + timedelta(minutes=i))
+    assert occurrences[0] < 1000
+
+
+def _reference(w: Window, tz: ZoneInfo, t: datetime) -> bool:
+    """The former engine's answer (enumerate from dtstart, check every start near t)."""
+    r = rrulestr(w.rrule, dtstart=datetime.fromisoformat(w.dtstart))
+    dur = timedelta(minutes=w.duration_min)
+    lo = (t - dur - timedelta(hours=3)).astimezone(tz).replace(tzinfo=None)
+    hi = (t + timedelta(hours=3)).astimezone(tz).replace(tzinfo=None)
+    return any(
+        o.replace(tzinfo=tz) <= t < o.replace(tzinfo=tz) + dur for o in r.between(lo, hi, True)
+    )
+
+
+def test_windows_answer_as_before_across_dst_transitions():
+    """Against the enumerating reference, around the DST changes of three zones (one with
+    a 30-minute shift), for short, long and week-long windows."""
+    rng = random.Random(11)
+    rules = [
+        "FREQ=DAILY;BYHOUR=2;BYMINUTE=30",
+        "FREQ=WEEKLY;BYDAY=SU;BYHOUR=1,2,3",
+        "FREQ=DAILY;INTERVAL=3;BYHOUR=1,2;BYMINUTE=0,15,45",
+        "FREQ=WEEKLY;INTERVAL=2;BYDAY=SU,MO;BYHOUR=2;BYMINUTE=10",
+    ]
+    shifts = [datetime(2026, 3, 29, 1, tzinfo=UTC), datetime(2026, 10, 25, 1, tzinfo=UTC),
+              datetime(2026, 3, 8, 7, tzinfo=UTC), datetime(2026, 11, 1, 6, tzinfo=UTC),
+              datetime(2026, 4, 4, 15, tzinfo=UTC)]  # fmt: skip
+    for tzname in ("Europe/Berlin", "America/New_York", "Australia/Lord_Howe"):
+        tz = ZoneInfo(tzname)
+        for rr in rules:
+            for dur in (1, 45, 90, 2000, 10080):
+                w = Window(rr, dur, None, "2024-01-03T00:20:00")
+                for _ in range(40):
+                    t = rng.choice(shifts) + timedelta(minutes=rng.randint(-600, 600))
+                    got = engine.active_window((w,), tz, t) is not None
+                    assert got == _reference(w, tz, t), (tzname, rr, dur, t)
+
+
+async def test_an_evaluator_pass_stops_at_its_budget_and_the_next_goes_on(
+    client, world: World, clock, dsn, monkeypatch, caplog
+):
+    """With no budget at all, each pass feeds one slice and saves where it got to; the
+    channel stays dirty, and the passes together open the same single alarm at its
+    true time. A late batch that rewinds the channel goes on from where each cut pass
+    stopped (a checkpoint at the cut), instead of replaying the same slice forever."""
+    monkeypatch.setattr(evaluator, "SLICE_STEPS", 10)
+    t0 = clock() - timedelta(hours=3)
+    cid = await ingest(client, world, [3.0], t0 - timedelta(minutes=1))
+    rule_id = (await (await add_rule(client, world, cid)).json())["id"]
+    await ingest(client, world, [3.0] * 60 + [9.0] * 20 + [3.0] * 40, t0)
+    pool = client.app[POOL]
+    st = await evaluator.evaluate_dirty(pool, clock(), budget_s=0)
+    assert st.deferred == 1 and 0 < st.readings < 121
+    assert "over its 0 ms budget" in caplog.text
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        dirty = await (await conn.execute("SELECT count(*) FROM alarm_dirty")).fetchone()
+        assert dirty == (1,)
+    passes = await evaluate_all(client.app, clock(), budget_s=0)
+    assert passes > 3
+    evs = await rule_events(dsn, rule_id)
+    assert evs == [(t0 + timedelta(minutes=60), t0 + timedelta(minutes=60))]
+
+    # a late reading 90 minutes back: a rewind, cut into slices, still finishes
+    await ingest(client, world, [9.0], t0 + timedelta(minutes=29, seconds=30))
+    passes = await evaluate_all(client.app, clock(), budget_s=0)
+    assert 1 < passes < 100
+    assert len(await rule_events(dsn, rule_id)) == 2
