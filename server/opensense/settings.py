@@ -69,6 +69,15 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=1,
     ),
     Setting(
+        "read_max_channel_days",
+        "OPENSENSE_READ_MAX_CHANNEL_DAYS",
+        int,
+        400,
+        "Range x channels one read of fn=last|p50|p95 may span, in channel-days (400: 13 "
+        "months of one channel, or 12 days of 32); past it the read is refused (422).",
+        minimum=1,
+    ),
+    Setting(
         "export_interval_s",
         "OPENSENSE_EXPORT_INTERVAL_S",
         int,
@@ -474,6 +483,7 @@ class Config:
     ingest_rate_per_min: int = 60
     read_rate_per_min: int = 120
     export_interval_s: int = 300
+    read_max_channel_days: int = 400
     pool_min: int = 2
     pool_max: int = 10
     compact_after_days: int = 3

@@ -1,4 +1,11 @@
-"""Read API: one channel's series (JSON or CSV) and up to 32 channels at once."""
+"""Read API: one channel's series (JSON or CSV) and up to 32 channels at once.
+
+Every channel read counts one unit of the account's read rate limit (a 32-channel
+read is 32 requests' worth of work), and a computed aggregate (fn=last|p50|p95,
+whose cost grows with the readings in range) may span at most
+`OPENSENSE_READ_MAX_CHANNEL_DAYS` channel-days per request: past it the request is
+refused with 422 `invalid_range` naming the cap, before anything is read.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ from ..api.keys import CONFIG, POOL
 from ..devices import service
 from ..errors import ApiError
 from ..ingest.validate import parse_ts
-from .read import AGGS, FNS, read_series
+from .read import AGG_SECONDS, AGGS, COMPUTED_FNS, FNS, floor_bucket, read_series
 
 routes = web.RouteTableDef()
 MAX_LIMIT = 5000
@@ -64,6 +71,24 @@ def _params(request: web.Request, now: datetime) -> dict[str, Any]:
     }
 
 
+def check_cost(p: dict[str, Any], channels: int, max_channel_days: int) -> None:
+    """Refuse a computed read over more than `max_channel_days` channel-days (the part
+    of the range still to answer: a cursor moves the start)."""
+    if p["agg"] == "raw" or p["fn"] not in COMPUTED_FNS:
+        return  # raw points and rollup buckets are bounded by `limit`
+    start = floor_bucket(p["lo"], p["agg"])
+    if p["after"] is not None:
+        start = max(start, p["after"] + timedelta(seconds=AGG_SECONDS[p["agg"]]))
+    days = max(0.0, (p["hi"] - start).total_seconds() / 86400)
+    if days * channels > max_channel_days:
+        raise ApiError(
+            "invalid_range",
+            f"fn={p['fn']} reads at most {max_channel_days} channel-days per request"
+            f" (asked: {channels} channel(s) x {days:.1f} days); read a shorter range or"
+            " fewer channels at a time, or use fn=mean|min|max|count (from rollups)",
+        )
+
+
 def _value(v: float, fn: str, agg: str) -> float | int:
     return int(v) if agg != "raw" and fn == "count" else v
 
@@ -90,6 +115,7 @@ async def channel_measurements(request: web.Request) -> web.StreamResponse:
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn)
         p = _params(request, now)
+        check_cost(p, 1, cfg.read_max_channel_days)
         if p["format"] == "csv":
             await ratelimit.hit(conn, f"export:{acc}", 1, cfg.export_interval_s, now, "CSV export")
         s = await _series(conn, acc, request.match_info["channel_id"], p)
@@ -107,9 +133,10 @@ async def channel_measurements(request: web.Request) -> web.StreamResponse:
 @routes.get("/v1/measurements")
 async def multi_measurements(request: web.Request) -> web.Response:
     """Several channels: ?channel_id=a&channel_id=b (or channels=a,b), same options."""
-    now = request.app[CONFIG].clock()
+    cfg = request.app[CONFIG]
+    now = cfg.clock()
     async with request.app[POOL].connection() as conn:
-        acc = await auth.account(request, conn)
+        acc = await auth.account(request, conn)  # the first channel's unit
         ids = request.query.getall("channel_id", [])
         if request.query.get("channels"):
             ids += [c for c in request.query["channels"].split(",") if c]
@@ -121,5 +148,11 @@ async def multi_measurements(request: web.Request) -> web.Response:
             raise ApiError(
                 "invalid_request", "multi-channel reads answer JSON only; export one channel as CSV"
             )
+        check_cost(p, len(ids), cfg.read_max_channel_days)
+        if len(ids) > 1:  # one unit per channel read, counted before any is read
+            await ratelimit.hit(
+                conn, f"read:{acc}", cfg.read_rate_per_min, 60, now, "API access",
+                cost=len(ids) - 1,
+            )  # fmt: skip
         series = [await _series(conn, acc, cid, p) for cid in ids]
     return response({"series": series})
