@@ -26,11 +26,13 @@ import pytest
 from dateutil.rrule import rrule, rrulestr
 from psycopg.types.json import Jsonb
 
+from opensense import db
 from opensense.alarms import engine, evaluator
 from opensense.alarms.engine import Window
 from opensense.api.jsonutil import rfc3339
 from opensense.api.keys import POOL
 from opensense.settings import Config
+from opensense.storage import read, write
 from opensense.storage.compaction import compact
 
 from .fixtures.clock import FakeClock
@@ -268,3 +270,136 @@ async def test_an_evaluator_pass_stops_at_its_budget_and_the_next_goes_on(
     passes = await evaluate_all(client.app, clock(), budget_s=0)
     assert 1 < passes < 100
     assert len(await rule_events(dsn, rule_id)) == 2
+
+
+# --- item 11: reads --------------------------------------------------------------------
+
+
+async def channels(client: Any, world: World, n: int, at: datetime) -> list[str]:
+    """n channels of fridge01 (one label each), one reading each."""
+    ms = [{"type": "temperature", "label": f"p{i}", "value": 3.0, "ts": rfc3339(at)}
+          for i in range(n)]  # fmt: skip
+    r = await client.post(
+        "/v1/ingest", json={"device": "fridge01", "measurements": ms},
+        headers=world.dev_auth("fridge01"),
+    )  # fmt: skip
+    assert r.status == 200, await r.text()
+    return [c["channel_id"] for c in (await r.json())["channels"]]
+
+
+async def test_a_long_percentile_read_never_holds_the_range_in_memory(
+    client, world: World, clock, dsn, config, monkeypatch
+):
+    """60 days of minute readings (86,400), 57 of them packed by compaction, one late
+    raw reading in a packed day: p95 and last per day come from SQL for the raw days
+    and from one packed day at a time for the rest. The read allocates a small fraction
+    of what the range's points would take, never goes through the all-points path, and
+    answers exactly what percentile_cont over all the readings answers."""
+    now = clock()
+    end = datetime(now.year, now.month, now.day, tzinfo=UTC)
+    start = end - timedelta(days=60)
+    (cid,) = await channels(client, world, 1, now - timedelta(days=70))
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        num = (
+            await (await conn.execute("SELECT num FROM channels WHERE id = %s", (cid,))).fetchone()
+        )[0]  # type: ignore[index]  # noqa: E501
+        await conn.execute("DELETE FROM measurements WHERE channel_num = %s", (num,))
+        months = {db.month_start((start + timedelta(days=d)).date()) for d in range(62)}
+        await write.ensure_month_partitions(conn, months)
+        await conn.execute(
+            "INSERT INTO measurements (channel_num, ts, value) SELECT %s,"
+            " %s + make_interval(mins => i), ((i * 37) %% 101) / 8.0"
+            " FROM generate_series(0, 86399) AS i",
+            (num, start),
+        )
+        late = start + timedelta(days=30, hours=12, seconds=30)
+        # the expected answer, over every reading (the late one included)
+        await conn.execute("INSERT INTO measurements VALUES (%s, %s, 99.0)", (num, late))
+        expect = {}
+        for fn, agg_sql in (
+            ("p95", "percentile_cont(0.95) WITHIN GROUP (ORDER BY value)"),
+            ("last", "(array_agg(value ORDER BY ts DESC))[1]"),
+        ):
+            cur = await conn.execute(
+                f"SELECT date_trunc('day', ts AT TIME ZONE 'UTC'), {agg_sql} FROM measurements"
+                " WHERE channel_num = %s GROUP BY 1 ORDER BY 1",
+                (num,),
+            )
+            expect[fn] = [[rfc3339(d.replace(tzinfo=UTC)), v] for d, v in await cur.fetchall()]
+        await conn.execute(
+            "DELETE FROM measurements WHERE channel_num = %s AND ts = %s", (num, late)
+        )
+        moved = await compact(conn, now, config.compact_after_days)
+        assert moved >= 57 * 1440
+        # the late reading arrives after its day was packed: it stays raw until the next run
+        await conn.execute("INSERT INTO measurements VALUES (%s, %s, 99.0)", (num, late))
+
+    def no_all_points_path(*a: Any, **k: Any) -> Any:
+        raise AssertionError("a computed read went through raw_points (the whole range)")
+
+    monkeypatch.setattr(read, "raw_points", no_all_points_path)
+    for fn in ("p95", "last"):
+        params = {"from": rfc3339(start), "to": rfc3339(end), "agg": "1d", "fn": fn}
+        tracemalloc.start()
+        try:
+            r = await client.get(
+                f"/v1/channels/{cid}/measurements", params=params, headers=world.auth
+            )
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert r.status == 200, await r.text()
+        assert (await r.json())["data"] == expect[fn]
+        # 86,400 points as (µs, value) tuples in a list take ~10 MB; a day's take ~0.2 MB
+        assert peak < 3_000_000, f"fn={fn}: {peak} bytes allocated at the peak"
+
+
+async def test_a_computed_read_past_the_cap_is_refused_before_anything_is_read(
+    client, world: World, clock
+):
+    now = clock()
+    ids = await channels(client, world, 8, now - timedelta(minutes=5))
+    thirteen_months = {"from": rfc3339(now - timedelta(days=396)), "to": rfc3339(now)}
+    q = {**thirteen_months, "agg": "1d", "fn": "p95"}
+    r = await client.get("/v1/measurements", params=[*q.items(), *(("channel_id", c) for c in ids)],
+                         headers=world.auth)  # fmt: skip
+    body = await r.json()
+    assert r.status == 422 and body["error"]["code"] == "invalid_range", body
+    assert "400 channel-days" in body["error"]["message"]
+    # the same range of one channel is within the cap; a longer one is not
+    r = await client.get(f"/v1/channels/{ids[0]}/measurements", params=q, headers=world.auth)
+    assert r.status == 200, await r.text()
+    longer = {**q, "from": rfc3339(now - timedelta(days=420))}
+    r = await client.get(f"/v1/channels/{ids[0]}/measurements", params=longer, headers=world.auth)
+    assert r.status == 422 and (await r.json())["error"]["code"] == "invalid_range"
+    # rollup aggregates are bounded by limit, not by the range
+    mean = {**thirteen_months, "agg": "1d", "fn": "mean"}
+    r = await client.get("/v1/measurements", params=[*mean.items(), *(("channel_id", c) for c in ids)],
+                         headers=world.auth)  # fmt: skip
+    assert r.status == 200, await r.text()
+
+
+async def test_a_32_channel_read_counts_32_against_the_read_rate_limit(
+    client, world: World, clock, dsn
+):
+    ids = await channels(client, world, 32, clock() - timedelta(minutes=5))
+    q = [("agg", "raw"), *(("channel_id", c) for c in ids)]
+
+    async def used() -> int:
+        async with await psycopg.AsyncConnection.connect(dsn) as conn:
+            cur = await conn.execute(
+                "SELECT coalesce(sum(count), 0) FROM rate_counters WHERE key = %s",
+                (f"read:{world.account}",),
+            )
+            return int((await cur.fetchone())[0])  # type: ignore[index]
+
+    before = await used()
+    r = await client.get("/v1/measurements", params=q, headers=world.auth)
+    assert r.status == 200, await r.text()
+    assert len((await r.json())["series"]) == 32
+    assert await used() - before == 32
+    # 40 a minute: what is left does not cover another 32 channels
+    r = await client.get("/v1/measurements", params=q, headers=world.auth)
+    body = await r.json()
+    assert r.status == 429 and body["error"]["code"] == "rate_limited", body
+    assert "Retry-After" in r.headers
