@@ -403,3 +403,40 @@ async def test_a_32_channel_read_counts_32_against_the_read_rate_limit(
     body = await r.json()
     assert r.status == 429 and body["error"]["code"] == "rate_limited", body
     assert "Retry-After" in r.headers
+
+
+async def test_a_delta_window_of_years_is_refused_and_a_stored_one_is_held_to_a_day(
+    client, world: World, clock, dsn
+):
+    """A delta/derivative rule keeps its window's readings in its state: a window of ten
+    years made every step copy an ever longer list and every saved state carry it."""
+    t0 = clock() - timedelta(days=2)
+    cid = await ingest(client, world, [3.0], t0 - timedelta(minutes=1))
+    for kind, params in (("delta", {"max_delta": 50, "interval_s": 10 * 365 * 86400}),
+                         ("derivative", {"max_rate": 50, "window_s": 86401})):  # fmt: skip
+        r = await add_rule(client, world, cid, kind=kind, params=params)
+        body = await r.json()
+        assert r.status == 422 and body["error"]["code"] == "invalid_rule", body
+        assert "at most 86400" in body["error"]["message"]
+    r = await add_rule(client, world, cid, kind="delta", params={"max_delta": 50})
+    rule_id = (await r.json())["id"]
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute(
+            "UPDATE rules SET params = %s WHERE id = %s",
+            (Jsonb({"max_delta": 50, "interval_s": 10 * 365 * 86400}), rule_id),
+        )
+    # two days, one reading every 10 minutes (ingest takes minutes apart: 288 readings)
+    ms = [{"type": "temperature", "value": 3.0, "ts": rfc3339(t0 + timedelta(minutes=10 * i))}
+          for i in range(288)]  # fmt: skip
+    for i in range(0, len(ms), 30):
+        r = await client.post("/v1/ingest", json={"device": "fridge01", "measurements": ms[i : i + 30]},
+                              headers=world.dev_auth("fridge01"))  # fmt: skip
+        assert r.status == 200
+    await evaluate_all(client.app, clock())
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT jsonb_array_length(s.rules -> %s -> 'hist') FROM alarm_state s"
+            " JOIN channels c ON c.num = s.channel_num WHERE c.id = %s",
+            (rule_id, cid),
+        )
+        assert (await cur.fetchone())[0] <= 24 * 6 + 1  # type: ignore[index]
