@@ -36,6 +36,7 @@ class Param:
     doc: str
     required: bool = False
     positive: bool = False
+    maximum: float | None = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,11 @@ class RuleKind:
     # at least one of these must be given (range: a lower or an upper limit)
     one_of: tuple[str, ...] = ()
 
+
+# delta and derivative rules keep the readings of their window in the state: a
+# window of years would make every step copy an ever longer list (and every saved
+# state and checkpoint carry it), so a window is at most a day.
+HIST_MAX_S = 86400
 
 RULE_KINDS: dict[str, RuleKind] = {
     k.name: k
@@ -61,7 +67,12 @@ RULE_KINDS: dict[str, RuleKind] = {
             "the value changed by more than max_delta within interval_s (max - min of the window)",
             (
                 Param("max_delta", "largest allowed change", required=True, positive=True),
-                Param("interval_s", "window in seconds (default 600)", positive=True),
+                Param(
+                    "interval_s",
+                    "window in seconds (default 600, at most a day)",
+                    positive=True,
+                    maximum=HIST_MAX_S,
+                ),
             ),
         ),
         RuleKind(
@@ -70,7 +81,12 @@ RULE_KINDS: dict[str, RuleKind] = {
             (
                 Param("min_rate", "lowest allowed change per hour (e.g. -2)"),
                 Param("max_rate", "highest allowed change per hour (e.g. 2)"),
-                Param("window_s", "window in seconds (default 3600)", positive=True),
+                Param(
+                    "window_s",
+                    "window in seconds (default 3600, at most a day)",
+                    positive=True,
+                    maximum=HIST_MAX_S,
+                ),
             ),
             one_of=("min_rate", "max_rate"),
         ),
@@ -120,6 +136,8 @@ def check_params(kind: str, params: Mapping[str, Any]) -> str | None:
             return f"{p.name} must be a number"
         elif p.positive and v <= 0:
             return f"{p.name} must be greater than 0"
+        elif p.maximum is not None and v > p.maximum:
+            return f"{p.name} must be at most {p.maximum:g}"
     if rk.one_of and all(params.get(k) is None for k in rk.one_of):
         return f"{kind} rules need at least one of {', '.join(rk.one_of)}"
     lo, hi = (
@@ -380,10 +398,12 @@ def _no_lookup(_cid: str, _t: datetime) -> float | None:
 
 
 def _hist_window(rule: Rule) -> timedelta:
+    # clamped: a rule stored with a longer window (by hand, or an older release) is
+    # judged over a day rather than growing its state without end
     if rule.kind == "delta":
-        return timedelta(seconds=float(rule.params.get("interval_s", 600)))
+        return timedelta(seconds=min(HIST_MAX_S, float(rule.params.get("interval_s", 600))))
     if rule.kind == "derivative":
-        return timedelta(seconds=float(rule.params.get("window_s", 3600)))
+        return timedelta(seconds=min(HIST_MAX_S, float(rule.params.get("window_s", 3600))))
     return timedelta(0)
 
 

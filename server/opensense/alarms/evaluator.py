@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_EVERY = timedelta(minutes=10)
 CHECKPOINT_KEEP = timedelta(hours=25)
 MAX_READINGS = 20000  # per channel and pass; the rest is picked up by the next pass
+MAX_PASS_READINGS = 50000  # per pass, shared by its channels (memory, and time to fetch)
 SLICE_STEPS = 512  # engine steps between two yields to the event loop
 PASS_BUDGET_S = 0.25  # the default of OPENSENSE_ALARM_PASS_BUDGET_MS
 
@@ -165,7 +166,9 @@ async def evaluate_dirty(
         plans = {
             num: _plan(states[num], dirty[num], st) for num in nums if num in meta and num in states
         }
-        readings = await _readings(conn, {num: p.lower for num, p in plans.items()})
+        per_channel = max(100, min(MAX_READINGS, MAX_PASS_READINGS // max(1, len(plans))))
+        lower = {num: p.lower for num, p in plans.items()}
+        readings = await _readings(conn, lower, per_channel)
         saves: list[tuple[Any, ...]] = []
         pending: list[AuditEntry] = []
         for num, p in plans.items():
@@ -181,7 +184,7 @@ async def evaluate_dirty(
             st.channels += 1
             if fed < len(rs):
                 st.deferred += 1
-            if fed < len(rs) or len(rs) >= MAX_READINGS:  # more to come: mark it again
+            if fed < len(rs) or len(rs) >= per_channel:  # more to come: mark it again
                 await conn.execute(REMARK_SQL, (num, rs[fed - 1][0] + timedelta(microseconds=1)))
         if saves:
             async with conn.cursor() as c:
@@ -224,7 +227,7 @@ def _plan(row: tuple[Any, ...], since: datetime, st: Stats) -> Plan:
 
 
 async def _readings(
-    conn: AsyncConnection[Any], lower: dict[int, datetime]
+    conn: AsyncConnection[Any], lower: dict[int, datetime], per_channel: int = MAX_READINGS
 ) -> dict[int, list[tuple[datetime, float]]]:
     if not lower:
         return {}
@@ -234,7 +237,7 @@ async def _readings(
         " CROSS JOIN LATERAL (SELECT ts, value FROM measurements"
         "   WHERE channel_num = f.num AND ts > f.lo ORDER BY ts LIMIT %s) m"
         " ORDER BY f.num, m.ts",
-        (nums, [lower[n] for n in nums], MAX_READINGS),
+        (nums, [lower[n] for n in nums], per_channel),
     )
     out: dict[int, list[tuple[datetime, float]]] = {}
     for num, ts, value in await cur.fetchall():
