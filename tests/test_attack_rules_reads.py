@@ -287,6 +287,16 @@ async def channels(client: Any, world: World, n: int, at: datetime) -> list[str]
     return [c["channel_id"] for c in (await r.json())["channels"]]
 
 
+async def read_units(dsn: str, world: World) -> int:
+    """The account's read rate-limit units counted so far (the clock stands still)."""
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT coalesce(sum(count), 0) FROM rate_counters WHERE key = %s",
+            (f"read:{world.account}",),
+        )
+        return int((await cur.fetchone())[0])  # type: ignore[index]
+
+
 async def test_a_long_percentile_read_never_holds_the_range_in_memory(
     client, world: World, clock, dsn, config, monkeypatch
 ):
@@ -352,10 +362,14 @@ async def test_a_long_percentile_read_never_holds_the_range_in_memory(
         assert (await r.json())["data"] == expect[fn]
         # 86,400 points as (µs, value) tuples in a list take ~10 MB; a day's take ~0.2 MB
         assert peak < 3_000_000, f"fn={fn}: {peak} bytes allocated at the peak"
+    # leave no raw reading in a packed day behind: other tests count what compaction moves
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        for table in ("measurements", "measurements_packed"):
+            await conn.execute(f"DELETE FROM {table} WHERE channel_num = %s", (num,))
 
 
 async def test_a_computed_read_past_the_cap_is_refused_before_anything_is_read(
-    client, world: World, clock
+    client, world: World, clock, dsn
 ):
     now = clock()
     ids = await channels(client, world, 8, now - timedelta(minutes=5))
@@ -366,9 +380,12 @@ async def test_a_computed_read_past_the_cap_is_refused_before_anything_is_read(
     body = await r.json()
     assert r.status == 422 and body["error"]["code"] == "invalid_range", body
     assert "400 channel-days" in body["error"]["message"]
-    # the same range of one channel is within the cap; a longer one is not
+    # the same range of one channel is within the cap, and costs a unit a month of it
+    before = await read_units(dsn, world)
     r = await client.get(f"/v1/channels/{ids[0]}/measurements", params=q, headers=world.auth)
     assert r.status == 200, await r.text()
+    assert await read_units(dsn, world) - before == 13  # 396 days / 31, rounded up
+    # a longer one is not
     longer = {**q, "from": rfc3339(now - timedelta(days=420))}
     r = await client.get(f"/v1/channels/{ids[0]}/measurements", params=longer, headers=world.auth)
     assert r.status == 422 and (await r.json())["error"]["code"] == "invalid_range"
@@ -384,20 +401,11 @@ async def test_a_32_channel_read_counts_32_against_the_read_rate_limit(
 ):
     ids = await channels(client, world, 32, clock() - timedelta(minutes=5))
     q = [("agg", "raw"), *(("channel_id", c) for c in ids)]
-
-    async def used() -> int:
-        async with await psycopg.AsyncConnection.connect(dsn) as conn:
-            cur = await conn.execute(
-                "SELECT coalesce(sum(count), 0) FROM rate_counters WHERE key = %s",
-                (f"read:{world.account}",),
-            )
-            return int((await cur.fetchone())[0])  # type: ignore[index]
-
-    before = await used()
+    before = await read_units(dsn, world)
     r = await client.get("/v1/measurements", params=q, headers=world.auth)
     assert r.status == 200, await r.text()
     assert len((await r.json())["series"]) == 32
-    assert await used() - before == 32
+    assert await read_units(dsn, world) - before == 32
     # 40 a minute: what is left does not cover another 32 channels
     r = await client.get("/v1/measurements", params=q, headers=world.auth)
     body = await r.json()

@@ -20,6 +20,7 @@ import asyncio
 import heapq
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -38,6 +39,10 @@ ROLLUP_TABLES = {"5m": "rollup_5m", "1h": "rollup_1h", "1d": "rollup_1d"}
 PACKED_BATCH = 8  # packed days fetched per query: memory is a few days' blobs at most
 
 Point = tuple[datetime, float]
+# Packed days are decoded here, not in the default executor: however many computed
+# reads run at once, they take two threads and never hold up what else runs in
+# threads (bcrypt token checks, MQTT client calls).
+_DECODER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="opensense-read")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -221,8 +226,8 @@ async def _computed_buckets(
                 (num, from_us(max(day_us, lo_us)), from_us(min(day_us + 86_400_000_000, hi_us))),
             )
             extra = [(to_us(t), float(v)) for t, v in await cur.fetchall()]
-            from_packed += await asyncio.to_thread(
-                _day_buckets, blob, extra, lo_us, hi_us, width, fn
+            from_packed += await asyncio.get_running_loop().run_in_executor(
+                _DECODER, _day_buckets, blob, extra, lo_us, hi_us, width, fn
             )
     out = [(from_us(b), v) for b, v in heapq.merge(from_sql, from_packed)][: limit + 1]
     return out[:limit], len(out) > limit
