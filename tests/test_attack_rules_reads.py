@@ -36,7 +36,7 @@ from opensense.storage import read, write
 from opensense.storage.compaction import compact
 
 from .fixtures.clock import FakeClock
-from .fixtures.server import World, test_config
+from .fixtures.server import World, make_world, test_config
 
 pytestmark = pytest.mark.db
 
@@ -448,3 +448,28 @@ async def test_a_delta_window_of_years_is_refused_and_a_stored_one_is_held_to_a_
             (rule_id, cid),
         )
         assert (await cur.fetchone())[0] <= 24 * 6 + 1  # type: ignore[index]
+
+
+async def test_a_rule_stored_with_unjudgeable_params_holds_back_no_other_channel(
+    client, world: World, clock, dsn, config, caplog
+):
+    """Account A's rule has `ok_max: "hot"` (stored by hand). It used to raise inside the
+    pass, rolling back the evaluation of every channel claimed with it, of every account,
+    at every retry: account B's warm fridge never alarmed."""
+    other = await make_world(dsn, config, ("fridge01",))
+    t0 = clock() - timedelta(minutes=30)
+    ids = {}
+    for w in (world, other):
+        cid = await ingest(client, w, [3.0], t0 - timedelta(minutes=1))
+        ids[w.account] = (await (await add_rule(client, w, cid)).json())["id"]
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute(
+            "UPDATE rules SET params = %s WHERE id = %s",
+            (Jsonb({"ok_max": "hot"}), ids[world.account]),
+        )
+    for w in (world, other):
+        await ingest(client, w, [9.0] * 20, t0)
+    await evaluate_all(client.app, clock())
+    assert len(await rule_events(dsn, ids[other.account])) == 1
+    assert await rule_events(dsn, ids[world.account]) == []
+    assert f"rule {ids[world.account]} cannot be judged" in caplog.text

@@ -111,8 +111,23 @@ async def _meta(conn: AsyncConnection[Any], nums: list[int]) -> dict[int, Meta]:
     cur = await conn.execute(META_SQL, (nums,))
     out = {}
     for num, cid, acc, dev, tz, rules in await cur.fetchall():
-        out[num] = Meta(num, cid, acc, dev, ZoneInfo(tz), [rule_from_json(r) for r in rules])
+        out[num] = Meta(num, cid, acc, dev, ZoneInfo(tz), [x for r in rules if (x := _usable(r))])
     return out
+
+
+def _usable(r: dict[str, Any]) -> Rule | None:
+    """The rule, if the API would accept its kind and parameters today. One that it
+    would not (stored by hand: `ok_max` as a string, say) cannot be judged, and would
+    make every pass that claims its channel fail, holding back the evaluation of every
+    other channel (of every account) in the same pass: it is left out and logged."""
+    why = engine.check_params(str(r.get("kind")), r.get("params") or {})
+    if why is None:
+        try:
+            return rule_from_json(r)
+        except (KeyError, TypeError, ValueError) as exc:
+            why = repr(exc)
+    log.error("rule %s cannot be judged and is skipped: %s", r.get("id"), why)
+    return None
 
 
 @dataclass
@@ -179,7 +194,10 @@ async def evaluate_dirty(
                 st.deferred += 1  # not started: judged by the next pass, from where it was
                 await conn.execute(REMARK_SQL, (num, dirty[num]))
                 continue
-            save, fed = await _run(conn, meta[num], p, rs, now, st, pending, deadline)
+            ran = await _run(conn, meta[num], p, rs, now, st, pending, deadline)
+            if ran is None:
+                continue  # logged; the channel's next reading brings these back
+            save, fed = ran
             saves.append(save)
             st.channels += 1
             if fed < len(rs):
@@ -279,7 +297,7 @@ async def _run(
     st: Stats,
     pending: list[AuditEntry],
     deadline: float,
-) -> tuple[tuple[Any, ...], int]:
+) -> tuple[tuple[Any, ...], int] | None:
     """Feed the readings, in slices, until done or past `deadline` (at least one
     slice); apply the transitions; return the state row to save and how many
     readings were fed."""
@@ -297,17 +315,22 @@ async def _run(
     )
     trs: list[Transition] = []
     fed = steps = 0
-    for ts, v in readings:  # reading by reading across the rules: all stop at one reading
-        for r in m.rules:
-            states[r.id], out = engine.step(r, states[r.id], ts, v, m.tz, lookup)
-            trs.extend(out)
-        fed += 1
-        steps += max(1, len(m.rules))
-        if steps >= SLICE_STEPS and fed < len(readings):
-            steps = 0
-            await asyncio.sleep(0)  # let ingest, MQTT and HTTP run
-            if time.monotonic() >= deadline:
-                break
+    try:
+        for ts, v in readings:  # reading by reading across the rules: all stop at one reading
+            for r in m.rules:
+                states[r.id], out = engine.step(r, states[r.id], ts, v, m.tz, lookup)
+                trs.extend(out)
+            fed += 1
+            steps += max(1, len(m.rules))
+            if steps >= SLICE_STEPS and fed < len(readings):
+                steps = 0
+                await asyncio.sleep(0)  # let ingest, MQTT and HTTP run
+                if time.monotonic() >= deadline:
+                    break
+    except Exception:
+        # nothing of this channel is written yet: skip it, not the whole pass
+        log.exception("rule evaluation of channel %s failed; the channel is skipped", m.channel_id)
+        return None
     st.readings += fed
     trs.sort(key=lambda t: t.at)
     await apply(conn, m, trs, events, now, pending)
