@@ -120,7 +120,20 @@ def _usable(r: dict[str, Any]) -> Rule | None:
     would not (stored by hand: `ok_max` as a string, say) cannot be judged, and would
     make every pass that claims its channel fail, holding back the evaluation of every
     other channel (of every account) in the same pass: it is left out and logged."""
-    why = engine.check_params(str(r.get("kind")), r.get("params") or {})
+    rk = engine.RULE_KINDS.get(str(r.get("kind")))
+    params = r.get("params") or {}
+    if rk is not None and isinstance(params, dict):
+        for p in rk.params:  # a window longer than the API allows now: judged over the most
+            v = params.get(p.name)
+            if p.maximum is not None and isinstance(v, int | float) and v > p.maximum:
+                log.warning("rule %s: %s %s taken as %g", r.get("id"), p.name, v, p.maximum)
+                r = {**r, "params": params | {p.name: p.maximum}}
+                params = r["params"]
+    why = (
+        engine.check_params(str(r.get("kind")), params)
+        if isinstance(params, dict)
+        else "params must be an object"
+    )
     if why is None:
         try:
             return rule_from_json(r)
