@@ -18,7 +18,7 @@ yield to the loop between them, and a pass stops feeding once it has run for its
 budget (`OPENSENSE_ALARM_PASS_BUDGET_MS`): the channel in hand is saved up to the
 reading it reached (with a checkpoint there) and marked dirty from the next one,
 channels not started are marked dirty again, and the pass says so (`Stats.deferred`,
-a warning in the log, a note on the status page's rule-engine component). Each step
+a warning in the log, a detail on the `rule_engine` health report). Each step
 is itself bounded: windows are checked again when rules are loaded (a rule stored
 with a window the API would refuse is judged without it, and logged).
 """
