@@ -569,7 +569,8 @@ def document() -> S:
         "/v1/channels/{channel_id}/measurements": {
             "parameters": [path_param("channel_id")],
             "get": op(
-                "A channel's readings or buckets, ascending; JSON or CSV (ts,value)",
+                "A channel's readings or buckets, ascending; JSON or CSV (ts,value);"
+                " fn=last|p50|p95 over at most OPENSENSE_READ_MAX_CHANNEL_DAYS days (else 422)",
                 {
                     "200": {
                         "description": "OK",
@@ -585,7 +586,8 @@ def document() -> S:
         },
         "/v1/measurements": {
             "get": op(
-                "Up to 32 channels at once",
+                "Up to 32 channels at once; each counts one unit of the read rate limit,"
+                " fn=last|p50|p95 over at most OPENSENSE_READ_MAX_CHANNEL_DAYS channel-days",
                 {
                     **ok(
                         200, obj({"series": {"type": "array", "items": ref("Series")}}, ("series",))

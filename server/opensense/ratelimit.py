@@ -16,8 +16,8 @@ from .errors import ApiError
 from .storage.write import from_us, to_us
 
 HIT_SQL = (
-    "INSERT INTO rate_counters (key, window_start, count) VALUES (%s, %s, 1)"
-    " ON CONFLICT (key, window_start) DO UPDATE SET count = rate_counters.count + 1"
+    "INSERT INTO rate_counters (key, window_start, count) VALUES (%s, %s, %s)"
+    " ON CONFLICT (key, window_start) DO UPDATE SET count = rate_counters.count + excluded.count"
     " RETURNING count"
 )
 
@@ -29,13 +29,20 @@ def window_start(now: datetime, window_s: int) -> datetime:
 
 
 async def hit(
-    conn: AsyncConnection[Any], key: str, limit: int, window_s: int, now: datetime, what: str
+    conn: AsyncConnection[Any],
+    key: str,
+    limit: int,
+    window_s: int,
+    now: datetime,
+    what: str,
+    cost: int = 1,
 ) -> None:
-    """Count one request against `key`; raise 429 with Retry-After past `limit`."""
+    """Count `cost` units (a request, or one per channel of a multi-channel read) against
+    `key`; raise 429 with Retry-After past `limit`."""
     if window_s <= 0:  # a zero interval switches the limit off
         return
     start = window_start(now, window_s)
-    cur = await conn.execute(HIT_SQL, (key, start))
+    cur = await conn.execute(HIT_SQL, (key, start, cost))
     row = await cur.fetchone()
     assert row is not None
     if row[0] > limit:

@@ -81,6 +81,15 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=1,
     ),
     Setting(
+        "read_max_channel_days",
+        "OPENSENSE_READ_MAX_CHANNEL_DAYS",
+        int,
+        400,
+        "Range x channels one read of fn=last|p50|p95 may span, in channel-days (400: 13 "
+        "months of one channel, or 12 days of 32); past it the read is refused (422).",
+        minimum=1,
+    ),
+    Setting(
         "export_interval_s",
         "OPENSENSE_EXPORT_INTERVAL_S",
         int,
@@ -416,6 +425,16 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=0.05,
     ),
     Setting(
+        "alarm_pass_budget_ms",
+        "OPENSENSE_ALARM_PASS_BUDGET_MS",
+        int,
+        250,
+        "Run time one rule-evaluation pass may take; past it the pass saves where it got to "
+        "and leaves the rest for the next pass (the engine yields to ingest every few hundred "
+        "steps either way).",
+        minimum=1,
+    ),
+    Setting(
         "telegram_bot_token",
         "OPENSENSE_TELEGRAM_BOT_TOKEN",
         str,
@@ -561,6 +580,7 @@ class Config:
     ingest_rate_per_min: int = 60
     read_rate_per_min: int = 120
     export_interval_s: int = 300
+    read_max_channel_days: int = 400
     pool_min: int = 2
     pool_max: int = 10
     compact_after_days: int = 3
@@ -603,6 +623,7 @@ class Config:
     incident_operator_email: str = ""
     alarms_enabled: bool = True
     alarm_sweep_s: float = 2.0
+    alarm_pass_budget_ms: int = 250
     telegram_bot_token: str = ""
     telegram_api_base: str = "https://api.telegram.org"
     telegram_webhook_secret: str = ""

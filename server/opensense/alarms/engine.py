@@ -17,6 +17,7 @@ Rule kinds are declared once, as data, in `RULE_KINDS`.
 
 from __future__ import annotations
 
+import bisect
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -35,6 +36,7 @@ class Param:
     doc: str
     required: bool = False
     positive: bool = False
+    maximum: float | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,11 @@ class RuleKind:
     # at least one of these must be given (range: a lower or an upper limit)
     one_of: tuple[str, ...] = ()
 
+
+# delta and derivative rules keep the readings of their window in the state: a
+# window of years would make every step copy an ever longer list (and every saved
+# state and checkpoint carry it), so a window is at most a day.
+HIST_MAX_S = 86400
 
 RULE_KINDS: dict[str, RuleKind] = {
     k.name: k
@@ -60,7 +67,12 @@ RULE_KINDS: dict[str, RuleKind] = {
             "the value changed by more than max_delta within interval_s (max - min of the window)",
             (
                 Param("max_delta", "largest allowed change", required=True, positive=True),
-                Param("interval_s", "window in seconds (default 600)", positive=True),
+                Param(
+                    "interval_s",
+                    "window in seconds (default 600, at most a day)",
+                    positive=True,
+                    maximum=HIST_MAX_S,
+                ),
             ),
         ),
         RuleKind(
@@ -69,7 +81,12 @@ RULE_KINDS: dict[str, RuleKind] = {
             (
                 Param("min_rate", "lowest allowed change per hour (e.g. -2)"),
                 Param("max_rate", "highest allowed change per hour (e.g. 2)"),
-                Param("window_s", "window in seconds (default 3600)", positive=True),
+                Param(
+                    "window_s",
+                    "window in seconds (default 3600, at most a day)",
+                    positive=True,
+                    maximum=HIST_MAX_S,
+                ),
             ),
             one_of=("min_rate", "max_rate"),
         ),
@@ -119,6 +136,8 @@ def check_params(kind: str, params: Mapping[str, Any]) -> str | None:
             return f"{p.name} must be a number"
         elif p.positive and v <= 0:
             return f"{p.name} must be greater than 0"
+        elif p.maximum is not None and v > p.maximum:
+            return f"{p.name} must be at most {p.maximum:g}"
     if rk.one_of and all(params.get(k) is None for k in rk.one_of):
         return f"{kind} rules need at least one of {', '.join(rk.one_of)}"
     lo, hi = (
@@ -144,6 +163,19 @@ class Window:
     dtstart: str = "2024-01-01T00:00:00"  # local wall time of the first occurrence
 
 
+# What a fridge schedule needs, and no more: dateutil enumerates a recurrence from
+# its dtstart, so FREQ=SECONDLY or a dtstart in 1970 costs millions of occurrences
+# for one reading (issue 11: a 43 s freeze of the whole server). Only DAILY and
+# WEEKLY, these parts, bounded values and a dtstart in a sane range are accepted.
+WINDOW_FREQS = ("DAILY", "WEEKLY")
+WINDOW_PARTS = ("FREQ", "INTERVAL", "BYDAY", "BYHOUR", "BYMINUTE", "WKST")
+WINDOW_MAX_INTERVAL = {"DAILY": 366, "WEEKLY": 52}
+WINDOW_MAX_PER_DAY = 24  # BYHOUR x BYMINUTE: at most 24 starts a day
+WINDOW_DTSTART_YEARS = (2000, 2100)
+WINDOW_RRULE_MAX_LEN = 200
+_WEEKDAYS = ("MO", "TU", "WE", "TH", "FR", "SA", "SU")
+
+
 def check_window(w: Mapping[str, Any]) -> str | None:
     if not isinstance(w, Mapping):
         return "a window is an object {rrule, duration_min, params}"
@@ -152,36 +184,131 @@ def check_window(w: Mapping[str, Any]) -> str | None:
     d = w.get("duration_min")
     if isinstance(d, bool) or not isinstance(d, int) or not 0 < d <= 7 * 24 * 60:
         return "duration_min must be an integer of minutes, 1..10080"
+    dtstart = w.get("dtstart", Window.dtstart)
+    if not isinstance(dtstart, str):
+        return "dtstart must be a local wall time such as 2024-01-01T00:00:00"
     try:
-        _recurrence(w["rrule"], str(w.get("dtstart", Window.dtstart)))
-    except (ValueError, TypeError) as exc:
-        return f"rrule {w['rrule']!r} is not valid RFC 5545: {exc}"
+        _recurrence(w["rrule"], dtstart)
+    except (ValueError, TypeError, OverflowError) as exc:
+        return f"rrule {w['rrule'][:WINDOW_RRULE_MAX_LEN]!r} refused: {exc}"
     if w.get("params") is not None and not isinstance(w.get("params"), Mapping):
         return "window params must be an object (the limits that apply inside it) or null"
     return None
 
 
-@functools.lru_cache(maxsize=4096)
-def _recurrence(text: str, dtstart: str) -> rrule:
+def _ints(name: str, value: str, lo: int, hi: int) -> list[int]:
+    try:
+        out = [int(x) for x in value.split(",")]
+    except ValueError:
+        raise ValueError(f"{name} takes whole numbers {lo}..{hi}") from None
+    if not out or any(not lo <= x <= hi for x in out) or len(set(out)) != len(out):
+        raise ValueError(f"{name} takes distinct whole numbers {lo}..{hi}")
+    return out
+
+
+def _check_rrule_text(text: str) -> str:
+    """The recurrence's frequency, or ValueError saying what is refused and why."""
+    if len(text) > WINDOW_RRULE_MAX_LEN:
+        raise ValueError(f"at most {WINDOW_RRULE_MAX_LEN} characters")
+    parts: dict[str, str] = {}
+    for item in text.strip().upper().split(";"):
+        name, sep, value = item.partition("=")
+        if not sep or not value:
+            raise ValueError(f"{item!r} is not NAME=VALUE")
+        if name not in WINDOW_PARTS:
+            raise ValueError(f"{name} is not accepted in a window; use {', '.join(WINDOW_PARTS)}")
+        if name in parts:
+            raise ValueError(f"{name} given twice")
+        parts[name] = value
+    freq = parts.get("FREQ")
+    if freq not in WINDOW_FREQS:
+        raise ValueError("FREQ must be DAILY or WEEKLY (a window is a daily or weekly schedule)")
+    if "INTERVAL" in parts:
+        _ints("INTERVAL", parts["INTERVAL"], 1, WINDOW_MAX_INTERVAL[freq])
+    hours = _ints("BYHOUR", parts["BYHOUR"], 0, 23) if "BYHOUR" in parts else [0]
+    mins = _ints("BYMINUTE", parts["BYMINUTE"], 0, 59) if "BYMINUTE" in parts else [0]
+    if len(hours) * len(mins) > WINDOW_MAX_PER_DAY:
+        raise ValueError(f"at most {WINDOW_MAX_PER_DAY} starts a day (BYHOUR x BYMINUTE)")
+    for name in ("BYDAY", "WKST"):
+        days = parts.get(name, "MO").split(",")
+        if any(x not in _WEEKDAYS for x in days) or len(set(days)) != len(days):
+            raise ValueError(f"{name} takes distinct days {','.join(_WEEKDAYS)} (no ordinals)")
+    if "WKST" in parts and "," in parts["WKST"]:
+        raise ValueError("WKST is one day")
+    return freq
+
+
+@dataclass(frozen=True)
+class _Recurrence:
+    rule: rrule  # built without dateutil's occurrence cache
+    start: datetime  # naive local wall time
+    period: timedelta  # the recurrence repeats after a whole number of these
+
+
+@functools.lru_cache(maxsize=1024)
+def _recurrence(text: str, dtstart: str) -> _Recurrence:
+    """Parse and check one window's recurrence (a small object; the cache holds no
+    occurrences). ValueError says what is refused."""
+    freq = _check_rrule_text(text)
     start = datetime.fromisoformat(dtstart).replace(tzinfo=None)
-    r = rrulestr(text, dtstart=start, cache=True)
+    lo, hi = WINDOW_DTSTART_YEARS
+    if not lo <= start.year < hi:
+        raise ValueError(f"dtstart must lie in the years {lo}..{hi - 1}")
+    r = rrulestr(text, dtstart=start, cache=False)
     if not isinstance(r, rrule):
         raise ValueError("one RRULE, without RDATE/EXDATE sets")
-    return r
+    interval = int(getattr(r, "_interval", 1))
+    period = timedelta(days=interval) if freq == "DAILY" else timedelta(weeks=interval)
+    return _Recurrence(r, start, period)
+
+
+@functools.lru_cache(maxsize=512)
+def _starts_near(text: str, dtstart: str, duration_min: int, day: datetime) -> tuple[datetime, ...]:
+    """The window's starts (naive local wall times) from `day` - duration - 1 day to
+    `day` + 2 days. The recurrence is re-anchored a whole number of periods before
+    that span (the same occurrences: DAILY/WEEKLY with INTERVAL repeat exactly), so
+    dateutil enumerates only the span, never from a distant dtstart. At most
+    (7 + 3 days + one period) x 24 starts; cached per local day, so a channel's
+    readings cost a bisection each."""
+    rec = _recurrence(text, dtstart)
+    lo = day - timedelta(minutes=duration_min, days=1)
+    hi = day + timedelta(days=2)
+    start = rec.start
+    if lo > start:
+        start += rec.period * ((lo - start) // rec.period)
+    r = rec.rule.replace(dtstart=start)
+    return tuple(r.between(lo, hi, inc=True))
 
 
 def active_window(windows: tuple[Window, ...], tz: ZoneInfo, t: datetime) -> Window | None:
     """The window covering instant `t`. Occurrences are local wall times (02:00 is
-    02:00 in summer and in winter); the duration is real elapsed time."""
+    02:00 in summer and in winter); the duration is real elapsed time.
+
+    Every occurrence has the same duration, so if any covers `t`, the one with the
+    latest real start at or before `t` does. Wall time and real time run in the same
+    order except within a DST shift (at most 2 h): the starts within 3 h of `t` are
+    checked one by one, and of the earlier ones only the latest and those up to 2 h
+    before it."""
+    local = t.astimezone(tz).replace(tzinfo=None)
+    day = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    near, far = local + timedelta(hours=3), local - timedelta(hours=3)
     for w in windows:
-        r = _recurrence(w.rrule, w.dtstart)
         dur = timedelta(minutes=w.duration_min)
-        lo = (t - dur - timedelta(hours=3)).astimezone(tz).replace(tzinfo=None)
-        hi = (t + timedelta(hours=3)).astimezone(tz).replace(tzinfo=None)
-        for occ in r.between(lo, hi, inc=True):
-            start = occ.replace(tzinfo=tz)
-            if start <= t < start + dur:
+        starts = _starts_near(w.rrule, w.dtstart, w.duration_min, day)
+        i = bisect.bisect_right(starts, near)
+        stop: datetime | None = None
+        while i > 0:
+            i -= 1
+            occ = starts[i]
+            if stop is not None and occ < stop:
+                break
+            if occ < far and stop is None:
+                stop = occ - timedelta(hours=2)
+            begin = occ.replace(tzinfo=tz)
+            if begin <= t < begin + dur:
                 return w
+            if occ < local - dur - timedelta(hours=3):
+                break
     return None
 
 
@@ -271,10 +398,12 @@ def _no_lookup(_cid: str, _t: datetime) -> float | None:
 
 
 def _hist_window(rule: Rule) -> timedelta:
+    # clamped: a rule stored with a longer window (by hand, or an older release) is
+    # judged over a day rather than growing its state without end
     if rule.kind == "delta":
-        return timedelta(seconds=float(rule.params.get("interval_s", 600)))
+        return timedelta(seconds=min(HIST_MAX_S, float(rule.params.get("interval_s", 600))))
     if rule.kind == "derivative":
-        return timedelta(seconds=float(rule.params.get("window_s", 3600)))
+        return timedelta(seconds=min(HIST_MAX_S, float(rule.params.get("window_s", 3600))))
     return timedelta(0)
 
 

@@ -11,12 +11,24 @@ including the claim on the dirty rows, so nothing is judged twice or never.
 Late readings (older than what the channel has been judged up to) rewind the
 channel to the last checkpoint before them and replay; event steps are idempotent
 (an event is keyed by rule and true start), so a replay changes nothing it need not.
+
+Time budget: the engine is pure CPU, and this loop shares the event loop with
+ingest and MQTT. Readings are fed in slices of `SLICE_STEPS` engine steps with a
+yield to the loop between them, and a pass stops feeding once it has run for its
+budget (`OPENSENSE_ALARM_PASS_BUDGET_MS`): the channel in hand is saved up to the
+reading it reached (with a checkpoint there) and marked dirty from the next one,
+channels not started are marked dirty again, and the pass says so (`Stats.deferred`,
+a warning in the log, a detail on the `rule_engine` health report). Each step
+is itself bounded: windows are checked again when rules are loaded (a rule stored
+with a window the API would refuse is judged without it, and logged).
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -35,6 +47,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT_EVERY = timedelta(minutes=10)
 CHECKPOINT_KEEP = timedelta(hours=25)
 MAX_READINGS = 20000  # per channel and pass; the rest is picked up by the next pass
+MAX_PASS_READINGS = 50000  # per pass, shared by its channels (memory, and time to fetch)
+SLICE_STEPS = 512  # engine steps between two yields to the event loop
+PASS_BUDGET_S = 0.25  # the default of OPENSENSE_ALARM_PASS_BUDGET_MS
 
 META_SQL = """
 SELECT c.num, c.id, c.account_id, c.device_id, s.timezone,
@@ -57,6 +72,28 @@ class Meta:
     rules: list[Rule]
 
 
+def _windows(r: dict[str, Any]) -> tuple[Window, ...]:
+    """The rule's windows that the API would accept today. One stored otherwise (put
+    in the database by hand, or by an older release that accepted any RFC 5545 rule)
+    is left out, so the rule is judged by its own limits (an alarm too many, never a
+    silent one or a frozen server), and logged."""
+    out = []
+    for w in r.get("windows") or []:
+        why = engine.check_window(w)
+        if why is not None:
+            log.warning("rule %s: window ignored (%s)", r.get("id"), why)
+            continue
+        out.append(
+            Window(
+                w["rrule"],
+                int(w["duration_min"]),
+                w.get("params"),
+                w.get("dtstart", Window.dtstart),
+            )
+        )
+    return tuple(out)
+
+
 def rule_from_json(r: dict[str, Any]) -> Rule:
     return Rule(
         id=r["id"],
@@ -65,15 +102,7 @@ def rule_from_json(r: dict[str, Any]) -> Rule:
         grace_min=int(r["grace_min"]),
         clear_min=r.get("clear_min"),
         severity=r.get("severity") or "alarm",
-        windows=tuple(
-            Window(
-                w["rrule"],
-                int(w["duration_min"]),
-                w.get("params"),
-                w.get("dtstart", Window.dtstart),
-            )
-            for w in (r.get("windows") or [])
-        ),
+        windows=_windows(r),
         renotify_min=r.get("renotify_min"),
     )
 
@@ -82,8 +111,36 @@ async def _meta(conn: AsyncConnection[Any], nums: list[int]) -> dict[int, Meta]:
     cur = await conn.execute(META_SQL, (nums,))
     out = {}
     for num, cid, acc, dev, tz, rules in await cur.fetchall():
-        out[num] = Meta(num, cid, acc, dev, ZoneInfo(tz), [rule_from_json(r) for r in rules])
+        out[num] = Meta(num, cid, acc, dev, ZoneInfo(tz), [x for r in rules if (x := _usable(r))])
     return out
+
+
+def _usable(r: dict[str, Any]) -> Rule | None:
+    """The rule, if the API would accept its kind and parameters today. One that it
+    would not (stored by hand: `ok_max` as a string, say) cannot be judged, and would
+    make every pass that claims its channel fail, holding back the evaluation of every
+    other channel (of every account) in the same pass: it is left out and logged."""
+    rk = engine.RULE_KINDS.get(str(r.get("kind")))
+    params = r.get("params") or {}
+    if rk is not None and isinstance(params, dict):
+        for p in rk.params:  # a window longer than the API allows now: judged over the most
+            v = params.get(p.name)
+            if p.maximum is not None and isinstance(v, int | float) and v > p.maximum:
+                log.warning("rule %s: %s %s taken as %g", r.get("id"), p.name, v, p.maximum)
+                r = {**r, "params": params | {p.name: p.maximum}}
+                params = r["params"]
+    why = (
+        engine.check_params(str(r.get("kind")), params)
+        if isinstance(params, dict)
+        else "params must be an object"
+    )
+    if why is None:
+        try:
+            return rule_from_json(r)
+        except (KeyError, TypeError, ValueError) as exc:
+            why = repr(exc)
+    log.error("rule %s cannot be judged and is skipped: %s", r.get("id"), why)
+    return None
 
 
 @dataclass
@@ -92,12 +149,26 @@ class Stats:
     readings: int = 0
     transitions: int = 0
     rewinds: int = 0
+    deferred: int = 0  # channels left dirty for the next pass: the pass ran out of budget
 
 
-async def evaluate_dirty(pool: AsyncConnectionPool, now: datetime, limit: int = 128) -> Stats:
+REMARK_SQL = (
+    "INSERT INTO alarm_dirty (channel_num, since) VALUES (%s, %s)"
+    " ON CONFLICT (channel_num) DO UPDATE SET since = least(alarm_dirty.since, excluded.since)"
+)
+
+
+async def evaluate_dirty(
+    pool: AsyncConnectionPool,
+    now: datetime,
+    limit: int = 128,
+    budget_s: float = PASS_BUDGET_S,
+) -> Stats:
     """One pass over (up to `limit`) channels with new readings, oldest wake-up first.
-    Three statements whatever the batch size: claim, read the readings, save."""
+    Three statements whatever the batch size: claim, read the readings, save. Past
+    `budget_s` of run time the pass stops feeding readings (see the module doc)."""
     st = Stats()
+    deadline = time.monotonic() + budget_s
     async with pool.connection() as conn, conn.transaction():
         cur = await conn.execute(
             "DELETE FROM alarm_dirty WHERE channel_num IN (SELECT channel_num FROM alarm_dirty"
@@ -123,27 +194,40 @@ async def evaluate_dirty(pool: AsyncConnectionPool, now: datetime, limit: int = 
         plans = {
             num: _plan(states[num], dirty[num], st) for num in nums if num in meta and num in states
         }
-        readings = await _readings(conn, {num: p.lower for num, p in plans.items()})
+        per_channel = max(100, min(MAX_READINGS, MAX_PASS_READINGS // max(1, len(plans))))
+        lower = {num: p.lower for num, p in plans.items()}
+        readings = await _readings(conn, lower, per_channel)
         saves: list[tuple[Any, ...]] = []
         pending: list[AuditEntry] = []
         for num, p in plans.items():
             rs = readings.get(num, [])
             if not rs:
                 continue
-            saves.append(await _run(conn, meta[num], p, rs, now, st, pending))
+            if st.channels and time.monotonic() >= deadline:
+                st.deferred += 1  # not started: judged by the next pass, from where it was
+                await conn.execute(REMARK_SQL, (num, dirty[num]))
+                continue
+            ran = await _run(conn, meta[num], p, rs, now, st, pending, deadline)
+            if ran is None:
+                continue  # logged; the channel's next reading brings these back
+            save, fed = ran
+            saves.append(save)
             st.channels += 1
-            if len(rs) >= MAX_READINGS:  # more to come: mark the channel again
-                await conn.execute(
-                    "INSERT INTO alarm_dirty (channel_num, since) VALUES (%s, %s)"
-                    " ON CONFLICT (channel_num) DO UPDATE"
-                    " SET since = least(alarm_dirty.since, excluded.since)",
-                    (num, rs[-1][0] + timedelta(microseconds=1)),
-                )
+            if fed < len(rs):
+                st.deferred += 1
+            if fed < len(rs) or len(rs) >= per_channel:  # more to come: mark it again
+                await conn.execute(REMARK_SQL, (num, rs[fed - 1][0] + timedelta(microseconds=1)))
         if saves:
             async with conn.cursor() as c:
                 await c.executemany(SAVE_SQL, saves)
         await write_audit(conn, pending)  # last: after every row lock of this pass
         st.channels = max(st.channels, 1)  # the claim made progress: look again
+    if st.deferred:
+        log.warning(
+            "rule evaluation: pass over its %.0f ms budget after %d readings;"
+            " %d channel(s) continue in the next pass",
+            budget_s * 1000, st.readings, st.deferred,
+        )  # fmt: skip
     return st
 
 
@@ -153,6 +237,7 @@ class Plan:
     events: dict[str, Any]
     checkpoints: list[Any]
     lower: datetime  # readings after this are (re)judged
+    judged_to: datetime | None = None  # where the channel stood (a replay ends there)
 
 
 def _plan(row: tuple[Any, ...], since: datetime, st: Stats) -> Plan:
@@ -163,16 +248,17 @@ def _plan(row: tuple[Any, ...], since: datetime, st: Stats) -> Plan:
     if last_ts is None:
         return Plan(rules_json, events, checkpoints, since - tiny)
     if since > last_ts:
-        return Plan(rules_json, events, checkpoints, last_ts)
+        return Plan(rules_json, events, checkpoints, last_ts, last_ts)
     st.rewinds += 1
     keep = [c for c in checkpoints if datetime.fromisoformat(c[0]) < since]
     if keep:
-        return Plan(dict(keep[-1][1]), dict(keep[-1][2]), keep, datetime.fromisoformat(keep[-1][0]))
-    return Plan({}, events, [], since - timedelta(hours=24) - tiny)
+        at = datetime.fromisoformat(keep[-1][0])
+        return Plan(dict(keep[-1][1]), dict(keep[-1][2]), keep, at, last_ts)
+    return Plan({}, events, [], since - timedelta(hours=24) - tiny, last_ts)
 
 
 async def _readings(
-    conn: AsyncConnection[Any], lower: dict[int, datetime]
+    conn: AsyncConnection[Any], lower: dict[int, datetime], per_channel: int = MAX_READINGS
 ) -> dict[int, list[tuple[datetime, float]]]:
     if not lower:
         return {}
@@ -182,7 +268,7 @@ async def _readings(
         " CROSS JOIN LATERAL (SELECT ts, value FROM measurements"
         "   WHERE channel_num = f.num AND ts > f.lo ORDER BY ts LIMIT %s) m"
         " ORDER BY f.num, m.ts",
-        (nums, [lower[n] for n in nums], MAX_READINGS),
+        (nums, [lower[n] for n in nums], per_channel),
     )
     out: dict[int, list[tuple[datetime, float]]] = {}
     for num, ts, value in await cur.fetchall():
@@ -223,8 +309,11 @@ async def _run(
     now: datetime,
     st: Stats,
     pending: list[AuditEntry],
-) -> tuple[Any, ...]:
-    """Feed the readings; apply the transitions; return the state row to save."""
+    deadline: float,
+) -> tuple[tuple[Any, ...], int] | None:
+    """Feed the readings, in slices, until done or past `deadline` (at least one
+    slice); apply the transitions; return the state row to save and how many
+    readings were fed."""
     states = {r.id: RuleState.from_json(p.rules_json.get(r.id)) for r in m.rules}
     events, checkpoints = p.events, p.checkpoints
     last = max((s.last_ts for s in states.values() if s.last_ts), default=None)
@@ -238,17 +327,33 @@ async def _run(
         else engine._no_lookup
     )
     trs: list[Transition] = []
-    for r in m.rules:
-        s = states[r.id]
-        for ts, v in readings:
-            s, out = engine.step(r, s, ts, v, m.tz, lookup)
-            trs.extend(out)
-        states[r.id] = s
-    st.readings += len(readings)
+    fed = steps = 0
+    try:
+        for ts, v in readings:  # reading by reading across the rules: all stop at one reading
+            for r in m.rules:
+                states[r.id], out = engine.step(r, states[r.id], ts, v, m.tz, lookup)
+                trs.extend(out)
+            fed += 1
+            steps += max(1, len(m.rules))
+            if steps >= SLICE_STEPS and fed < len(readings):
+                steps = 0
+                await asyncio.sleep(0)  # let ingest, MQTT and HTTP run
+                if time.monotonic() >= deadline:
+                    break
+    except Exception:
+        # nothing of this channel is written yet: skip it, not the whole pass
+        log.exception("rule evaluation of channel %s failed; the channel is skipped", m.channel_id)
+        return None
+    st.readings += fed
     trs.sort(key=lambda t: t.at)
     await apply(conn, m, trs, events, now, pending)
     st.transitions += len(trs)
-    return save_params(m, states, events, checkpoints, readings[-1][0], now)
+    upto = readings[fed - 1][0]
+    if fed < len(readings) and p.judged_to is not None and upto < p.judged_to:
+        # a replay cut short: a checkpoint where it stopped, so the next pass goes on
+        # from there instead of rewinding to the same place again
+        checkpoints.append([upto.isoformat(), {k: s.to_json() for k, s in states.items()}, events])
+    return save_params(m, states, events, checkpoints, upto, now), fed
 
 
 async def apply(

@@ -52,10 +52,20 @@ ACK = obj(
 )
 WINDOW = obj(
     {
-        "rrule": {"type": "string", "description": "RFC 5545, e.g. FREQ=DAILY;BYHOUR=2"},
+        "rrule": {
+            "type": "string",
+            "maxLength": engine.WINDOW_RRULE_MAX_LEN,
+            "description": "RFC 5545 subset, e.g. FREQ=DAILY;BYHOUR=2: FREQ DAILY or WEEKLY;"
+            " INTERVAL, BYDAY (no ordinals), BYHOUR, BYMINUTE, WKST; at most"
+            f" {engine.WINDOW_MAX_PER_DAY} starts a day",
+        },
         "duration_min": {"type": "integer", "minimum": 1, "maximum": 10080},
         "params": {"type": ["object", "null"], "description": "limits inside; null: rule off"},
-        "dtstart": {"type": "string", "description": "local wall time of the first occurrence"},
+        "dtstart": {
+            "type": "string",
+            "description": "local wall time of the first occurrence, years"
+            f" {engine.WINDOW_DTSTART_YEARS[0]}..{engine.WINDOW_DTSTART_YEARS[1] - 1}",
+        },
     },
     ("rrule", "duration_min"),
 )

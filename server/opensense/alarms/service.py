@@ -33,7 +33,9 @@ from . import dispatch, evaluator
 log = logging.getLogger(__name__)
 
 
-def _beat(app: web.Application, component: str, exc: BaseException | None) -> None:
+def _beat(
+    app: web.Application, component: str, exc: BaseException | None, detail: str = ""
+) -> None:
     """One place for loop health: into the status page's health registry under the
     names its components read (docs/status.md): `rule_engine` (the evaluation of new
     readings) and `rule_engine_sweep` (time-driven steps) make the rule engine
@@ -44,7 +46,7 @@ def _beat(app: web.Application, component: str, exc: BaseException | None) -> No
             log.error("%s failed: %r", component, exc)
         return
     if exc is None:
-        health.ok(app, component)
+        health.ok(app, component, detail)
     else:
         log.error("%s failed: %r", component, exc)
         health.fail(app, component, f"{type(exc).__name__}: {exc}")
@@ -91,9 +93,12 @@ async def _listen_loop(
 async def evaluator_work(app: web.Application, woken: bool, state: dict[str, float]) -> None:
     pool, cfg = app[POOL], app[CONFIG]
     try:
-        while (await evaluator.evaluate_dirty(pool, cfg.clock())).channels:
-            pass
-        _beat(app, "rule_engine", None)
+        deferred = 0
+        budget = cfg.alarm_pass_budget_ms / 1000
+        while (st := await evaluator.evaluate_dirty(pool, cfg.clock(), budget_s=budget)).channels:
+            deferred += st.deferred
+        note = f"{deferred} channel(s) carried over past the pass budget" if deferred else ""
+        _beat(app, "rule_engine", None, note)
     except Exception as exc:
         _beat(app, "rule_engine", exc)
     if time.monotonic() - state.get("sweep", 0.0) >= cfg.alarm_sweep_s:

@@ -1,16 +1,27 @@
 """Reading series back: raw points (merging raw rows and packed days) and buckets.
 
 Ranges are half-open, [lo, hi). Aggregated buckets are those whose start lies in
-[floor(lo), hi); mean/min/max/count come from the rollup tables, last/p50/p95 from
-the raw points. A bucket with no data is omitted: a gap is a gap, never filled.
+[floor(lo), hi); mean/min/max/count come from the rollup tables, last/p50/p95 are
+computed per bucket from the readings. A bucket with no data is omitted: a gap is
+a gap, never filled.
+
+Nothing here holds a range in memory (issue 11: 13 months of p95 loaded 570,000
+points into Python). Raw rows are aggregated by PostgreSQL (`percentile_cont`,
+`DISTINCT ON` for last), one row per bucket. Packed days (storage/compaction.py)
+are zlib blobs that SQL cannot read: they are decoded one day at a time, in a
+worker thread (the event loop keeps serving ingest), and only that day's bucket
+values are kept. How much range a computed read may span is capped by the API
+(`OPENSENSE_READ_MAX_CHANNEL_DAYS`, storage/routes.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import math
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -22,9 +33,17 @@ AGG_SECONDS = {"5m": 300, "1h": 3600, "1d": 86400}
 AGGS = ("raw", *AGG_SECONDS)
 FNS = ("mean", "min", "max", "count", "last", "p50", "p95")
 ROLLUP_FNS = {"mean": "vsum / n", "min": "vmin", "max": "vmax", "count": "n"}
+COMPUTED_FNS = ("last", "p50", "p95")  # from the readings: their cost grows with the range
+QUANTILES = {"p50": 0.5, "p95": 0.95}
 ROLLUP_TABLES = {"5m": "rollup_5m", "1h": "rollup_1h", "1d": "rollup_1d"}
+PACKED_BATCH = 8  # packed days fetched per query: memory is a few days' blobs at most
 
 Point = tuple[datetime, float]
+# Packed days are decoded here, not in the default executor: however many computed
+# reads run at once, they take two threads and never hold up what else runs in
+# threads (bcrypt token checks, MQTT client calls).
+_DECODER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="opensense-read")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def floor_bucket(ts: datetime, agg: str) -> datetime:
@@ -45,13 +64,8 @@ async def raw_points(
     raw = [(to_us(ts), v) for ts, v in await cur.fetchall()]
     lo_us, hi_us = to_us(lo), to_us(hi)
     cutoff = raw[-1][0] if len(raw) == limit else hi_us - 1
-    cur = await conn.execute(
-        "SELECT blob FROM measurements_packed WHERE channel_num = %s AND day >= %s AND day <= %s"
-        " ORDER BY day",
-        (num, lo.date(), from_us(cutoff).date()),
-    )
     packed: list[tuple[int, float]] = []
-    async for (blob,) in cur:
+    async for _day, blob in _packed_blobs(conn, num, lo.date(), from_us(cutoff).date()):
         ts, values = packing.unpack(blob)
         packed.extend((t, v) for t, v in zip(ts, values, strict=True) if lo_us <= t <= cutoff)
         if len(packed) >= limit:
@@ -103,8 +117,8 @@ async def read_series(
         pts = await raw_points(conn, num, start, hi, limit + 1)
         return [(from_us(t), v) for t, v in pts[:limit]], len(pts) > limit
     start = floor_bucket(lo, agg)
-    if after is not None:
-        start = max(start, after + timedelta(microseconds=1))
+    if after is not None:  # the cursor is the last bucket answered: go on with the next
+        start = max(start, floor_bucket(after, agg) + timedelta(seconds=AGG_SECONDS[agg]))
     if fn in ROLLUP_FNS:
         cur = await conn.execute(
             f"SELECT bucket, {ROLLUP_FNS[fn]} FROM {ROLLUP_TABLES[agg]}"
@@ -113,10 +127,70 @@ async def read_series(
         )
         rows = [(b, float(v)) for b, v in await cur.fetchall()]
         return rows[:limit], len(rows) > limit
-    return await _bucket_from_raw(conn, num, start, hi, agg, fn, limit)
+    return await _computed_buckets(conn, num, start, hi, agg, fn, limit)
 
 
-async def _bucket_from_raw(
+async def _packed_blobs(conn: AsyncConnection[Any], num: int, first: date, last: date) -> Any:
+    """(day, blob) of the channel's packed days first..last, ascending, fetched a few
+    at a time (a long range never sits in memory as blobs)."""
+    after = first - timedelta(days=1)
+    while True:
+        cur = await conn.execute(
+            "SELECT day, blob FROM measurements_packed WHERE channel_num = %s"
+            " AND day > %s AND day <= %s ORDER BY day LIMIT %s",
+            (num, after, last, PACKED_BATCH),
+        )
+        rows = await cur.fetchall()
+        for day, blob in rows:
+            yield day, blob
+        if len(rows) < PACKED_BATCH:
+            return
+        after = rows[-1][0]
+
+
+def _bucket_sql(agg: str, fn: str) -> str:
+    """Per-bucket `fn` over the raw rows of [start, hi), leaving out packed days (a
+    packed day's late raw rows are merged with its blob instead)."""
+    rows = (
+        f"SELECT date_bin('{AGG_SECONDS[agg]} seconds', ts, %(epoch)s) AS b, ts, value"
+        " FROM measurements WHERE channel_num = %(num)s AND ts >= %(start)s AND ts < %(hi)s"
+        " AND (ts AT TIME ZONE 'UTC')::date <> ALL(%(packed)s::date[])"
+    )
+    if fn == "last":
+        return f"SELECT DISTINCT ON (b) b, value FROM ({rows}) r ORDER BY b, ts DESC LIMIT %(n)s"
+    return (
+        "SELECT b, percentile_cont(%(q)s) WITHIN GROUP (ORDER BY value)"
+        f" FROM ({rows}) r GROUP BY b ORDER BY b LIMIT %(n)s"
+    )
+
+
+def _day_buckets(
+    blob: bytes, extra: list[tuple[int, float]], lo_us: int, hi_us: int, width: int, fn: str
+) -> list[tuple[int, float]]:
+    """One packed day (plus its raw rows not packed yet) as (bucket µs, value) pairs.
+    Pure CPU: run in a worker thread."""
+    ts, values = packing.unpack(blob)
+    pts: Any = zip(ts, values, strict=True)
+    if extra:
+        pts = heapq.merge(pts, extra)
+    out: list[tuple[int, float]] = []
+    cur: int | None = None
+    vals: list[float] = []
+    for t, v in pts:
+        if not lo_us <= t < hi_us:
+            continue
+        b = t - t % width
+        if b != cur:
+            if vals and cur is not None:
+                out.append((cur, aggregate(vals, fn)))
+            cur, vals = b, []
+        vals.append(v)
+    if vals and cur is not None:
+        out.append((cur, aggregate(vals, fn)))
+    return out
+
+
+async def _computed_buckets(
     conn: AsyncConnection[Any],
     num: int,
     start: datetime,
@@ -125,23 +199,35 @@ async def _bucket_from_raw(
     fn: str,
     limit: int,
 ) -> tuple[list[Point], bool]:
+    """last/p50/p95 per bucket: raw days in SQL, packed days one at a time."""
     width = AGG_SECONDS[agg] * 1_000_000
-    buckets: dict[int, list[float]] = {}
-    order: list[int] = []
-    page = 50_000
-    cursor = start
-    while True:
-        pts = await raw_points(conn, num, cursor, hi, page)
-        for t, v in pts:
-            b = t - t % width
-            if b not in buckets:
-                buckets[b] = []
-                order.append(b)
-            buckets[b].append(v)
-        # limit + 1 complete buckets are known once a later bucket has begun
-        if len(pts) < page or len(order) > limit + 1:
-            break
-        cursor = from_us(pts[-1][0] + 1)
-    complete = order if len(pts) < page else order[:-1]
-    out = [(from_us(b), aggregate(buckets[b], fn)) for b in complete[: limit + 1]]
+    first, last = start.date(), (hi - timedelta(microseconds=1)).date()
+    cur = await conn.execute(
+        "SELECT day FROM measurements_packed WHERE channel_num = %s AND day >= %s AND day <= %s",
+        (num, first, last),
+    )
+    packed_days = [d for (d,) in await cur.fetchall()]
+    cur = await conn.execute(
+        _bucket_sql(agg, fn),
+        {"epoch": _EPOCH, "num": num, "start": start, "hi": hi, "packed": packed_days,
+         "q": QUANTILES.get(fn, 0.5), "n": limit + 1},
+    )  # fmt: skip
+    from_sql = [(to_us(b), float(v)) for b, v in await cur.fetchall()]
+    from_packed: list[tuple[int, float]] = []
+    if packed_days:
+        lo_us, hi_us = to_us(start), to_us(hi)
+        async for day, blob in _packed_blobs(conn, num, first, last):
+            day_us = to_us(datetime(day.year, day.month, day.day, tzinfo=UTC))
+            if len(from_packed) > limit or (len(from_sql) > limit and day_us > from_sql[-1][0]):
+                break  # limit + 1 buckets are known: this day cannot be among them
+            cur = await conn.execute(
+                "SELECT ts, value FROM measurements WHERE channel_num = %s AND ts >= %s"
+                " AND ts < %s ORDER BY ts",
+                (num, from_us(max(day_us, lo_us)), from_us(min(day_us + 86_400_000_000, hi_us))),
+            )
+            extra = [(to_us(t), float(v)) for t, v in await cur.fetchall()]
+            from_packed += await asyncio.get_running_loop().run_in_executor(
+                _DECODER, _day_buckets, blob, extra, lo_us, hi_us, width, fn
+            )
+    out = [(from_us(b), v) for b, v in heapq.merge(from_sql, from_packed)][: limit + 1]
     return out[:limit], len(out) > limit
