@@ -4,8 +4,10 @@ gw_ (a site gateway: forwards its site's readings).
 Text form: ``<prefix><key_id>_<secret>``. `key_id` is public and finds the row;
 only a bcrypt hash of `secret` is stored. Verification costs one indexed lookup:
 the row is read on every request (so a rotation or revocation made by any server
-process is seen on the very next request), but bcrypt (~100 ms at cost 12) runs
-only the first time this process sees a given (key_id, secret, hash) triple.
+process is seen on the very next request), but bcrypt (~0.25 s of CPU at cost 12)
+runs only the first time any process sees a given (key_id, secret, hash) triple:
+after that the token's row holds a fast check (an HMAC keyed outside the database,
+see "re-admission" below) and each process remembers good checks in memory.
 `last_used_at` is written at most once a minute per token.
 """
 
@@ -14,10 +16,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import hmac
+import logging
+import os
 import secrets
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import bcrypt
@@ -25,6 +32,8 @@ from psycopg import AsyncConnection
 
 from .errors import ApiError
 from .ids import new_id
+
+log = logging.getLogger(__name__)
 
 PREFIXES = {"ds_live": "ds_live_", "ua_live": "ua_live_", "whk": "whk_", "gw": "gw_"}
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
@@ -107,21 +116,115 @@ class TokenRow:
     revoked_at: datetime | None
 
 
+# --- re-admission after a restart (docs/security.md, "Tokens") ------------------------
+#
+# bcrypt at cost 12 costs ~0.25 s of CPU. A process remembers good checks in memory, so
+# a device pays it once per process; but after a restart every device pays it again
+# (10,000 nodes: ~40 CPU-minutes with ingest starved). So after a good bcrypt check
+# the process stores a *fast check* in the token's row: HMAC-SHA256 keyed by a server
+# secret that is not in the database (a 0600 file in the state dir, or
+# OPENSENSE_TOKEN_MAC_KEY), over (key_id, secret, stored bcrypt hash). After a restart
+# a device's first request costs one HMAC instead of one bcrypt. The row (revoked_at,
+# kind) is still read on every request, and a rotated token is a new row with a new
+# hash, so a fast check never outlives the token it was made for; a database reader
+# without the key cannot test a guess against it.
+
+MAC_KEY_BYTES = 32
+MAC_KEY_FILE = "token_mac.key"
+_MAC_CONTEXT = b"opensense token fast check v1"
+
+# bcrypt work is bounded: it runs on its own small thread pool (OPENSENSE_BCRYPT_WORKERS,
+# default 1, so on 2 cores a flood of misses leaves a core to the event loop and
+# PostgreSQL), at most BCRYPT_QUEUE checks wait for it (more: 503, retry later), and a
+# key_id that failed FAIL_BUDGET bcrypt checks within FAIL_WINDOW gets 401 without one
+# until the window has passed (its live device still gets in through its fast check).
+BCRYPT_QUEUE = 64
+FAIL_BUDGET = 5
+FAIL_WINDOW = timedelta(minutes=1)
+
+
+def load_mac_key(env_key: str, state_dir: Path) -> bytes:
+    """The fast-check key: OPENSENSE_TOKEN_MAC_KEY (hex, at least 32 bytes) or
+    <state_dir>/token_mac.key, made (0600, in a 0700 directory) when missing. A new key
+    only makes the stored fast checks useless (one bcrypt per device again), so making
+    one is safe; a key file others can read is refused."""
+    if env_key:
+        try:
+            key = bytes.fromhex(env_key.strip())
+        except ValueError as exc:
+            raise ValueError("OPENSENSE_TOKEN_MAC_KEY must be hex") from exc
+        if len(key) < MAC_KEY_BYTES:
+            raise ValueError(f"OPENSENSE_TOKEN_MAC_KEY must be at least {MAC_KEY_BYTES} bytes")
+        return key
+    path = state_dir / MAC_KEY_FILE
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass  # another process made it first, or an earlier start
+    else:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(MAC_KEY_BYTES) + "\n")
+        log.info("made the token fast-check key %s", path)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ValueError(f"{path} is readable by others (mode {mode:o}); chmod 600 it")
+    key = bytes.fromhex(path.read_text().strip())
+    if len(key) < MAC_KEY_BYTES:
+        raise ValueError(f"{path} holds less than {MAC_KEY_BYTES} bytes")
+    return key
+
+
+def fast_check(mac_key: bytes, key_id: str, secret: str, stored_hash: str) -> bytes:
+    """The value stored in tokens.fast_check after a good bcrypt check."""
+    msg = b"\0".join((_MAC_CONTEXT, key_id.encode(), secret.encode(), stored_hash.encode()))
+    return hmac.new(mac_key, msg, hashlib.sha256).digest()
+
+
 class Verifier:
-    """Checks token secrets against bcrypt hashes, remembering good checks.
+    """Checks token secrets against bcrypt hashes: memory, then the stored fast check,
+    then (bounded) bcrypt.
 
     The cache key holds the stored hash too, so a re-hashed (rotated) row can never
     match an old entry; revocation is read from the row on every request.
     """
 
-    def __init__(self, max_entries: int = 100_000) -> None:
+    def __init__(
+        self, max_entries: int = 100_000, mac_key: bytes | None = None, workers: int = 1
+    ) -> None:
         self._good: OrderedDict[tuple[str, bytes, str], None] = OrderedDict()
         self._bad: OrderedDict[tuple[str, bytes, str], None] = OrderedDict()
         self._max = max_entries
         self._last_touch: dict[str, datetime] = {}
-        self.bcrypt_checks = 0  # observable in tests and benchmarks
+        self.mac_key = mac_key  # None: no fast checks (bcrypt after every restart)
+        self._workers = workers
+        self._pool: ThreadPoolExecutor | None = None
+        self._waiting = 0
+        self._inflight: dict[tuple[str, bytes, str], asyncio.Future[bool]] = {}
+        self._fails: dict[str, list[datetime]] = {}
+        # observable in tests and benchmarks
+        self.bcrypt_checks = 0
+        self.fast_checks = 0
+        self.refused_by_budget = 0
 
-    async def check(self, key_id: str, secret: str, stored_hash: str) -> bool:
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def _remember(self, cache: OrderedDict[tuple[str, bytes, str], None], key: Any) -> None:
+        cache[key] = None
+        if len(cache) > self._max:
+            cache.popitem(last=False)
+
+    async def check(
+        self,
+        key_id: str,
+        secret: str,
+        stored_hash: str,
+        conn: AsyncConnection[Any] | None = None,
+        now: datetime | None = None,
+    ) -> bool:
         digest = hashlib.sha256(secret.encode()).digest()
         key = (key_id, digest, stored_hash)
         if key in self._good:
@@ -129,13 +232,74 @@ class Verifier:
             return True
         if key in self._bad:
             return False
-        self.bcrypt_checks += 1
-        ok = await asyncio.to_thread(bcrypt.checkpw, secret.encode(), stored_hash.encode())
-        cache = self._good if ok else self._bad
-        cache[key] = None
-        if len(cache) > self._max:
-            cache.popitem(last=False)
+        mac = None
+        if self.mac_key is not None and conn is not None:
+            mac = fast_check(self.mac_key, key_id, secret, stored_hash)
+            cur = await conn.execute(
+                "SELECT fast_check FROM tokens WHERE key_id = %s AND hash = %s",
+                (key_id, stored_hash),
+            )
+            row = await cur.fetchone()
+            if row is not None and row[0] is not None and hmac.compare_digest(bytes(row[0]), mac):
+                self.fast_checks += 1
+                self._remember(self._good, key)
+                return True
+        if now is not None and self._over_budget(key_id, now):
+            self.refused_by_budget += 1
+            return False
+        ok = await self._bcrypt(key, secret, stored_hash)
+        if ok:
+            self._remember(self._good, key)
+            if mac is not None and conn is not None:
+                await conn.execute(
+                    "UPDATE tokens SET fast_check = %s WHERE key_id = %s AND hash = %s"
+                    " AND fast_check IS DISTINCT FROM %s",
+                    (mac, key_id, stored_hash, mac),
+                )
+        else:
+            self._remember(self._bad, key)
+            if now is not None:
+                self._fails.setdefault(key_id, []).append(now)
         return ok
+
+    def _over_budget(self, key_id: str, now: datetime) -> bool:
+        fails = self._fails.get(key_id)
+        if not fails:
+            return False
+        fails[:] = [t for t in fails if timedelta(0) <= now - t < FAIL_WINDOW]
+        if not fails:
+            del self._fails[key_id]
+            return False
+        if len(self._fails) > self._max:  # bound the map under a spray of key_ids
+            self._fails.clear()
+        return len(fails) >= FAIL_BUDGET
+
+    async def _bcrypt(self, key: tuple[str, bytes, str], secret: str, stored_hash: str) -> bool:
+        """One bcrypt check on the bounded pool; the same check asked again while it
+        runs (a device retrying) waits for the first instead of costing another."""
+        running = self._inflight.get(key)
+        if running is not None:
+            return await asyncio.shield(running)
+        if self._waiting >= BCRYPT_QUEUE + self._workers:
+            raise ApiError(
+                "unavailable",
+                "the server is busy checking tokens after a restart; retry in a few seconds",
+                headers={"Retry-After": "5"},
+            )
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="bcrypt")
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(
+            self._pool, bcrypt.checkpw, secret.encode(), stored_hash.encode()
+        )
+        self._inflight[key] = fut
+        self._waiting += 1
+        self.bcrypt_checks += 1
+        try:
+            return await asyncio.shield(fut)
+        finally:
+            self._waiting -= 1
+            self._inflight.pop(key, None)
 
     def due_for_touch(self, token_id: str, now: datetime) -> bool:
         """True at most once a minute per token in this process; the UPDATE's own
@@ -191,7 +355,7 @@ async def check_row(
         raise ApiError("token_invalid", "the token is not known (wrong, or deleted)")
     if revoked_at is not None:
         raise ApiError("token_invalid", "the token was rotated or revoked; use the current one")
-    if not await verifier.check(key_id, secret, stored_hash):
+    if not await verifier.check(key_id, secret, stored_hash, conn, now):
         raise ApiError("token_invalid", "the token is not known (wrong, or deleted)")
     if verifier.due_for_touch(token_id, now):
         await conn.execute(TOUCH_SQL, {"now": now, "id": token_id})
