@@ -143,6 +143,9 @@ FAIL_BUDGET = 5
 FAIL_WINDOW = timedelta(minutes=1)
 
 
+UNREAD = object()  # Verifier.check: the caller did not read the row's fast_check
+
+
 def load_mac_key(env_key: str, state_dir: Path) -> bytes:
     """The fast-check key: OPENSENSE_TOKEN_MAC_KEY (hex, at least 32 bytes) or
     <state_dir>/token_mac.key, made (0600, in a 0700 directory) when missing. A new key
@@ -224,7 +227,10 @@ class Verifier:
         stored_hash: str,
         conn: AsyncConnection[Any] | None = None,
         now: datetime | None = None,
+        stored_fast: bytes | None | object = UNREAD,
     ) -> bool:
+        """`stored_fast`: the row's fast_check when the caller read it with the row
+        (saves a query); UNREAD: read it here (on a memory miss only)."""
         digest = hashlib.sha256(secret.encode()).digest()
         key = (key_id, digest, stored_hash)
         if key in self._good:
@@ -235,12 +241,16 @@ class Verifier:
         mac = None
         if self.mac_key is not None and conn is not None:
             mac = fast_check(self.mac_key, key_id, secret, stored_hash)
-            cur = await conn.execute(
-                "SELECT fast_check FROM tokens WHERE key_id = %s AND hash = %s",
-                (key_id, stored_hash),
-            )
-            row = await cur.fetchone()
-            if row is not None and row[0] is not None and hmac.compare_digest(bytes(row[0]), mac):
+            if stored_fast is UNREAD:
+                cur = await conn.execute(
+                    "SELECT fast_check FROM tokens WHERE key_id = %s AND hash = %s",
+                    (key_id, stored_hash),
+                )
+                row = await cur.fetchone()
+                stored_fast = row[0] if row is not None else None
+            if isinstance(stored_fast, bytes | bytearray | memoryview) and hmac.compare_digest(
+                bytes(stored_fast), mac
+            ):
                 self.fast_checks += 1
                 self._remember(self._good, key)
                 return True
@@ -327,13 +337,16 @@ async def authenticate(
     """The live token row for `token`, or ApiError 401. Also keeps last_used_at."""
     kind, key_id, secret = parse_or_raise(token, kinds)
     cur = await conn.execute(
-        "SELECT id, kind, account_id, device_id, hash, revoked_at FROM tokens WHERE key_id = %s",
+        "SELECT id, kind, account_id, device_id, hash, revoked_at, fast_check FROM tokens"
+        " WHERE key_id = %s",
         (key_id,),
     )
     row = await cur.fetchone()
     if row is None:
         raise ApiError("token_invalid", "the token is not known (wrong, or deleted)")
-    await check_row(conn, verifier, kind, key_id, secret, row[0], row[1], row[4], row[5], now)
+    await check_row(
+        conn, verifier, kind, key_id, secret, row[0], row[1], row[4], row[5], now, fast=row[6]
+    )
     return TokenRow(row[0], row[1], row[2], row[3], row[4], row[5])
 
 
@@ -348,14 +361,17 @@ async def check_row(
     stored_hash: str,
     revoked_at: datetime | None,
     now: datetime,
+    *,
+    fast: bytes | None | object = UNREAD,
 ) -> None:
     """Refuse (401) unless the row is a live token of `kind` whose hash matches
-    `secret`; keeps last_used_at. Shared by every way a token row is read."""
+    `secret`; keeps last_used_at. Shared by every way a token row is read. `fast`: the
+    row's fast_check, when the caller's query read it."""
     if row_kind != kind:
         raise ApiError("token_invalid", "the token is not known (wrong, or deleted)")
     if revoked_at is not None:
         raise ApiError("token_invalid", "the token was rotated or revoked; use the current one")
-    if not await verifier.check(key_id, secret, stored_hash, conn, now):
+    if not await verifier.check(key_id, secret, stored_hash, conn, now, fast):
         raise ApiError("token_invalid", "the token is not known (wrong, or deleted)")
     if verifier.due_for_touch(token_id, now):
         await conn.execute(TOUCH_SQL, {"now": now, "id": token_id})
