@@ -25,7 +25,9 @@ from opensense.api.keys import REQUEST_LOG, VERIFIER
 from opensense.app import create_app
 
 from .fixtures.clock import FakeClock
+from .fixtures.processes import free_port
 from .fixtures.server import World, make_world, test_config
+from .mqtt_node import Node
 
 pytestmark = pytest.mark.db
 
@@ -62,6 +64,25 @@ async def test_a_restart_readmits_known_devices_without_bcrypt(
         r = await again.post("/v1/ingest", json=reading(dev), headers=w.dev_auth(dev))
         assert r.status == 200, await r.text()
     assert again.app[VERIFIER].bcrypt_checks == 0
+
+
+async def test_a_restarted_embedded_broker_readmits_devices_without_bcrypt(
+    aiohttp_client, dsn, clock, tmp_path
+):
+    """The same through the embedded broker: a node's CONNECT after the restart is
+    checked by its fast check."""
+    os.chmod(tmp_path, 0o755)
+    port = free_port()
+    w = await make_world(dsn, test_config(clock), ("fridge01",))
+    dev, tok = w.device_ids["fridge01"], w.devices["fridge01"]
+    ca = str(tmp_path / "mqtt-tls" / "ca.pem")
+    for start in range(2):
+        srv = await _start(aiohttp_client, dsn, clock, tmp_path, mqtt="embedded", mqtt_port=port)
+        n = Node("localhost", port, dev, tok, ca_file=ca)
+        assert str(await asyncio.to_thread(n.connect)) == "Success"
+        await asyncio.to_thread(n.close)
+        assert srv.app[VERIFIER].bcrypt_checks == (1 if start == 0 else 0)
+        await srv.close()
 
 
 async def test_the_fast_check_is_useless_without_the_key_and_for_another_row(
