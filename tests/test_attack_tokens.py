@@ -116,7 +116,9 @@ async def test_the_fast_check_is_useless_without_the_key_and_for_another_row(
     await other_key.close()
 
     same_key = await _start(aiohttp_client, dsn, clock, tmp_path)
-    forged = w.devices["fridge02"][:-4] + "zzzz"  # fridge02's key_id, a wrong secret
+    # fridge02's key_id, a wrong secret (upper case is outside the token alphabet, so it
+    # can never be the right one by chance)
+    forged = w.devices["fridge02"][:-4] + "ZZZZ"
     r = await same_key.post(
         "/v1/ingest", json=reading("fridge02"), headers={"Authorization": f"Bearer {forged}"}
     )
@@ -141,7 +143,7 @@ async def test_a_flood_of_wrong_secrets_costs_a_bounded_number_of_bcrypt_checks(
     srv = await _start(aiohttp_client, dsn, clock, tmp_path)
     good = w.devices["fridge01"]
     for i in range(40):
-        bad = good[: -len(str(i)) - 1] + "x" + str(i)
+        bad = good[: -len(str(i)) - 1] + "X" + str(i)  # X: never the right secret
         r = await srv.post("/v1/ingest", json=reading(), headers={"Authorization": f"Bearer {bad}"})
         assert r.status == 401
         assert (await r.json())["error"]["code"] == "token_invalid"
@@ -151,7 +153,7 @@ async def test_a_flood_of_wrong_secrets_costs_a_bounded_number_of_bcrypt_checks(
     clock.advance(minutes=2)  # the budget is per minute: bcrypt answers again afterwards
     before = srv.app[VERIFIER].bcrypt_checks
     r = await srv.post(
-        "/v1/ingest", json=reading(), headers={"Authorization": f"Bearer {good[:-2]}yy"}
+        "/v1/ingest", json=reading(), headers={"Authorization": f"Bearer {good[:-2]}YY"}
     )
     assert r.status == 401 and srv.app[VERIFIER].bcrypt_checks == before + 1
 
