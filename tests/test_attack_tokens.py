@@ -161,8 +161,8 @@ async def test_a_flood_of_wrong_secrets_costs_a_bounded_number_of_bcrypt_checks(
 class SlowBcrypt:
     """bcrypt.checkpw, slowed down and watched: how many run at once."""
 
-    def __init__(self, real: Any) -> None:
-        self.real, self.running, self.most = real, 0, 0
+    def __init__(self, real: Any, delay: float = 0.05) -> None:
+        self.real, self.delay, self.running, self.most = real, delay, 0, 0
         self.lock = threading.Lock()
 
     def __call__(self, secret: bytes, hashed: bytes) -> bool:
@@ -170,7 +170,7 @@ class SlowBcrypt:
             self.running += 1
             self.most = max(self.most, self.running)
         try:
-            time.sleep(0.05)
+            time.sleep(self.delay)
             return bool(self.real(secret, hashed))
         finally:
             with self.lock:
@@ -188,10 +188,16 @@ async def test_first_uses_after_a_restart_never_run_bcrypt_on_every_core(
     slow = SlowBcrypt(tokens.bcrypt.checkpw)
     monkeypatch.setattr(tokens.bcrypt, "checkpw", slow)
     srv = await _start(aiohttp_client, dsn, clock, tmp_path)
-    rs = await asyncio.gather(
-        *(srv.post("/v1/ingest", json=reading(d), headers=w.dev_auth(d)) for d in devs)
-    )
-    assert [r.status for r in rs] == [200] * len(devs)
+
+    async def device(d: str) -> int:
+        for _ in range(50):  # as a node does: come back after a 503
+            r = await srv.post("/v1/ingest", json=reading(d), headers=w.dev_auth(d))
+            if r.status != 503:
+                return r.status
+            await asyncio.sleep(0.05)
+        return 503
+
+    assert await asyncio.gather(*(device(d) for d in devs)) == [200] * len(devs)
     assert slow.most == 1
 
 
@@ -199,10 +205,11 @@ async def test_too_many_waiting_bcrypt_checks_get_503_not_an_endless_queue(
     aiohttp_client, dsn, clock, tmp_path, monkeypatch
 ):
     """Beyond BCRYPT_QUEUE waiting checks a first use is told to come back (503, the
-    envelope, Retry-After) instead of piling up requests and memory behind bcrypt."""
+    envelope, Retry-After) instead of piling up behind bcrypt, each request holding one
+    of the pool's database connections while it waits."""
     devs = tuple(f"fridge{i:02d}" for i in range(8))
     w = await make_world(dsn, test_config(clock), devs)
-    monkeypatch.setattr(tokens.bcrypt, "checkpw", SlowBcrypt(tokens.bcrypt.checkpw))
+    monkeypatch.setattr(tokens.bcrypt, "checkpw", SlowBcrypt(tokens.bcrypt.checkpw, 0.2))
     monkeypatch.setattr(tokens, "BCRYPT_QUEUE", 2)
     srv = await _start(aiohttp_client, dsn, clock, tmp_path)
     rs = await asyncio.gather(

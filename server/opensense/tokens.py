@@ -135,10 +135,12 @@ _MAC_CONTEXT = b"opensense token fast check v1"
 
 # bcrypt work is bounded: it runs on its own small thread pool (OPENSENSE_BCRYPT_WORKERS,
 # default 1, so on 2 cores a flood of misses leaves a core to the event loop and
-# PostgreSQL), at most BCRYPT_QUEUE checks wait for it (more: 503, retry later), and a
-# key_id that failed FAIL_BUDGET bcrypt checks within FAIL_WINDOW gets 401 without one
+# PostgreSQL). A request waiting for bcrypt holds its database connection, so at most
+# BCRYPT_QUEUE more checks may wait beyond the running ones; any more is answered 503
+# with Retry-After at once, and the pool stays free for the devices already admitted.
+# A key_id that failed FAIL_BUDGET bcrypt checks within FAIL_WINDOW gets 401 without one
 # until the window has passed (its live device still gets in through its fast check).
-BCRYPT_QUEUE = 64
+BCRYPT_QUEUE = 2
 FAIL_BUDGET = 5
 FAIL_WINDOW = timedelta(minutes=1)
 

@@ -22,8 +22,11 @@ What it does, in one run against one database:
    stores exactly what the server would have).
 2. baseline, today's behaviour: a restart with nothing kept (every fast check
    cleared) and bcrypt on 6 threads (asyncio's default pool on 2 cores, which is what
-   main used); a sample of S devices (default 100) comes back, and the time and server
-   CPU are extrapolated to N. (All N would take 20+ minutes.)
+   main used); a sample of S devices (default 100) comes back, 8 at a time (6 running,
+   2 waiting: every thread busy and no 503), and the time and server CPU are
+   extrapolated to N. (All N would take 20+ minutes.) Main let up to the pool's 10
+   requests wait, each holding a database connection, so its probe figure (below)
+   was, if anything, worse.
 3. re-admission over HTTP: the fast checks back in place, a restart with the shipped
    settings (OPENSENSE_BCRYPT_WORKERS=1), then all N devices send one request at
    client concurrency 64; time until every one got its 200, and the server's CPU.
@@ -447,7 +450,12 @@ async def restart(server: Server, **extra: str) -> None:
 
 
 async def timed_http(
-    name: str, server: Server, devs: list[Dev], probe_dev: Dev | None, pg_pid: int | None
+    name: str,
+    server: Server,
+    devs: list[Dev],
+    probe_dev: Dev | None,
+    pg_pid: int | None,
+    conc: int = CONCURRENCY,
 ) -> Phase:
     assert server.proc is not None
     meter = ingest_bench.CpuMeter(server.proc.pid, pg_pid)
@@ -457,7 +465,7 @@ async def timed_http(
     lat.clear()
     meter.start()
     t0 = time.perf_counter()
-    ok, retries, problems = await http_admit(server.base, devs, CONCURRENCY)
+    ok, retries, problems = await http_admit(server.base, devs, conc)
     wall = time.perf_counter() - t0
     cpu = meter.stop()
     stop.set()
@@ -528,7 +536,11 @@ async def run(dsn: str, plan: Plan, work: Path, pg_pid: int | None) -> None:
         )
         await clear_fast_checks(dsn, [*devs, probe_dev])
         await restart(server, OPENSENSE_BCRYPT_WORKERS=str(TODAY_WORKERS))
-        base = await timed_http("baseline", server, sample, probe_dev, pg_pid)
+        # as many clients as bcrypt threads plus the waiting room: every thread busy, as
+        # on main, and no 503 (main had none: its requests waited, holding connections)
+        base = await timed_http(
+            "baseline", server, sample, probe_dev, pg_pid, TODAY_WORKERS + tokens.BCRYPT_QUEUE
+        )
         phase_lines(base)
         scale = plan.devices / max(base.ok, 1)
         base_wall, base_cpu = base.wall * scale, base.cpu.server * scale
