@@ -116,7 +116,7 @@ class TokenRow:
     revoked_at: datetime | None
 
 
-# --- re-admission after a restart (docs/security.md, "Tokens") ------------------------
+# --- re-admission after a restart (docs/security.md, "Token checks and the restart storm")
 #
 # bcrypt at cost 12 costs ~0.25 s of CPU. A process remembers good checks in memory, so
 # a device pays it once per process; but after a restart every device pays it again
@@ -307,11 +307,14 @@ class Verifier:
         self._inflight[key] = fut
         self._waiting += 1
         self.bcrypt_checks += 1
-        try:
-            return await asyncio.shield(fut)
-        finally:
+
+        def done(_: asyncio.Future[bool]) -> None:
+            # when the thread is done, not when a waiter gives up: the slot is busy until then
             self._waiting -= 1
             self._inflight.pop(key, None)
+
+        fut.add_done_callback(done)
+        return await asyncio.shield(fut)
 
     def due_for_touch(self, token_id: str, now: datetime) -> bool:
         """True at most once a minute per token in this process; the UPDATE's own
