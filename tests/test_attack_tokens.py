@@ -204,13 +204,15 @@ async def test_first_uses_after_a_restart_never_run_bcrypt_on_every_core(
 async def test_too_many_waiting_bcrypt_checks_get_503_not_an_endless_queue(
     aiohttp_client, dsn, clock, tmp_path, monkeypatch
 ):
-    """Beyond BCRYPT_QUEUE waiting checks a first use is told to come back (503, the
-    envelope, Retry-After) instead of piling up behind bcrypt, each request holding one
-    of the pool's database connections while it waits."""
+    """When more first uses wait than bcrypt finishes in about MAX_WAIT_S, the next is
+    told to come back (503, the envelope, Retry-After) instead of piling up behind
+    bcrypt, each request holding one of the pool's connections while it waits (on main
+    all of them: admitted devices waited for a connection too). Here bcrypt takes 0.2 s
+    and the wait allowed is tiny, so at most 2 are pending."""
     devs = tuple(f"fridge{i:02d}" for i in range(8))
     w = await make_world(dsn, test_config(clock), devs)
     monkeypatch.setattr(tokens.bcrypt, "checkpw", SlowBcrypt(tokens.bcrypt.checkpw, 0.2))
-    monkeypatch.setattr(tokens, "BCRYPT_QUEUE", 2)
+    monkeypatch.setattr(tokens, "MAX_WAIT_S", 0.001)
     srv = await _start(aiohttp_client, dsn, clock, tmp_path)
     rs = await asyncio.gather(
         *(srv.post("/v1/ingest", json=reading(d), headers=w.dev_auth(d)) for d in devs)

@@ -20,6 +20,7 @@ import hmac
 import logging
 import os
 import secrets
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -135,17 +136,37 @@ _MAC_CONTEXT = b"opensense token fast check v1"
 
 # bcrypt work is bounded: it runs on its own small thread pool (OPENSENSE_BCRYPT_WORKERS,
 # default 1, so on 2 cores a flood of misses leaves a core to the event loop and
-# PostgreSQL). A request waiting for bcrypt holds its database connection, so at most
-# BCRYPT_QUEUE more checks may wait beyond the running ones; any more is answered 503
-# with Retry-After at once, and the pool stays free for the devices already admitted.
+# PostgreSQL). A request waiting for bcrypt holds its database connection, so a first
+# use waits about MAX_WAIT_S at most: when more checks are pending than the workers
+# finish in that time (measured; at cost 12 and one worker: 3), the answer is 503 with
+# Retry-After at once, and the pool stays free for the devices already admitted. (A
+# count alone would not do: at cost 4 a burst of 30 first uses is over in 30 ms.)
 # A key_id that failed FAIL_BUDGET bcrypt checks within FAIL_WINDOW gets 401 without one
 # until the window has passed (its live device still gets in through its fast check).
-BCRYPT_QUEUE = 2
 FAIL_BUDGET = 5
 FAIL_WINDOW = timedelta(minutes=1)
 
 
 UNREAD = object()  # Verifier.check: the caller did not read the row's fast_check
+
+
+MAX_WAIT_S = 1.0
+
+
+def _cost_seconds(stored_hash: str) -> float:
+    """A first guess of one bcrypt check's time from the hash's cost ($2b$12$…), until
+    checks have been measured: ~0.25 s at 12, halved for each step down."""
+    try:
+        cost = int(stored_hash.split("$")[2])
+    except (IndexError, ValueError):
+        cost = 12
+    return 0.25 * 2.0 ** (cost - 12)
+
+
+def _timed_checkpw(secret: bytes, hashed: bytes) -> tuple[bool, float]:
+    t0 = time.perf_counter()
+    ok = bool(bcrypt.checkpw(secret, hashed))
+    return ok, time.perf_counter() - t0
 
 
 def load_mac_key(env_key: str, state_dir: Path) -> bytes:
@@ -186,6 +207,10 @@ def fast_check(mac_key: bytes, key_id: str, secret: str, stored_hash: str) -> by
     return hmac.new(mac_key, msg, hashlib.sha256).digest()
 
 
+async def _first(f: asyncio.Future[tuple[bool, float]]) -> bool:
+    return (await f)[0]
+
+
 class Verifier:
     """Checks token secrets against bcrypt hashes: memory, then the stored fast check,
     then (bounded) bcrypt.
@@ -203,6 +228,7 @@ class Verifier:
         self._last_touch: dict[str, datetime] = {}
         self.mac_key = mac_key  # None: no fast checks (bcrypt after every restart)
         self._workers = workers
+        self._seconds: float | None = None  # a bcrypt check's time, moving average
         self._pool: ThreadPoolExecutor | None = None
         self._waiting = 0
         self._inflight: dict[tuple[str, bytes, str], asyncio.Future[bool]] = {}
@@ -292,7 +318,8 @@ class Verifier:
         running = self._inflight.get(key)
         if running is not None:
             return await asyncio.shield(running)
-        if self._waiting >= BCRYPT_QUEUE + self._workers:
+        each = self._seconds if self._seconds is not None else _cost_seconds(stored_hash)
+        if self._waiting >= max(self._workers + 1, int(self._workers * MAX_WAIT_S / each)):
             raise ApiError(
                 "unavailable",
                 "the server is busy checking tokens after a restart; retry in a few seconds",
@@ -301,19 +328,23 @@ class Verifier:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="bcrypt")
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(
-            self._pool, bcrypt.checkpw, secret.encode(), stored_hash.encode()
+        timed = loop.run_in_executor(
+            self._pool, _timed_checkpw, secret.encode(), stored_hash.encode()
         )
-        self._inflight[key] = fut
         self._waiting += 1
         self.bcrypt_checks += 1
 
-        def done(_: asyncio.Future[bool]) -> None:
+        def done(f: asyncio.Future[tuple[bool, float]]) -> None:
             # when the thread is done, not when a waiter gives up: the slot is busy until then
             self._waiting -= 1
             self._inflight.pop(key, None)
+            if not f.cancelled() and f.exception() is None:
+                took = f.result()[1]
+                self._seconds = took if self._seconds is None else 0.8 * self._seconds + 0.2 * took
 
-        fut.add_done_callback(done)
+        timed.add_done_callback(done)
+        fut: asyncio.Future[bool] = asyncio.ensure_future(_first(timed))
+        self._inflight[key] = fut
         return await asyncio.shield(fut)
 
     def due_for_touch(self, token_id: str, now: datetime) -> bool:

@@ -22,8 +22,8 @@ What it does, in one run against one database:
    stores exactly what the server would have).
 2. baseline, today's behaviour: a restart with nothing kept (every fast check
    cleared) and bcrypt on 6 threads (asyncio's default pool on 2 cores, which is what
-   main used); a sample of S devices (default 100) comes back, 8 at a time (6 running,
-   2 waiting: every thread busy and no 503), and the time and server CPU are
+   main used); a sample of S devices (default 100) comes back, 7 at a time (6 running,
+   1 waiting: every thread busy and no 503), and the time and server CPU are
    extrapolated to N. (All N would take 20+ minutes.) Main let up to the pool's 10
    requests wait, each holding a database connection, so its probe figure (below)
    was, if anything, worse.
@@ -536,11 +536,9 @@ async def run(dsn: str, plan: Plan, work: Path, pg_pid: int | None) -> None:
         )
         await clear_fast_checks(dsn, [*devs, probe_dev])
         await restart(server, OPENSENSE_BCRYPT_WORKERS=str(TODAY_WORKERS))
-        # as many clients as bcrypt threads plus the waiting room: every thread busy, as
-        # on main, and no 503 (main had none: its requests waited, holding connections)
-        base = await timed_http(
-            "baseline", server, sample, probe_dev, pg_pid, TODAY_WORKERS + tokens.BCRYPT_QUEUE
-        )
+        # one client more than bcrypt threads: every thread busy, as on main, and no 503
+        # (main had none: its requests waited, holding the pool's connections)
+        base = await timed_http("baseline", server, sample, probe_dev, pg_pid, TODAY_WORKERS + 1)
         phase_lines(base)
         scale = plan.devices / max(base.ok, 1)
         base_wall, base_cpu = base.wall * scale, base.cpu.server * scale
