@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import psycopg
 from aiohttp import web
@@ -35,6 +36,7 @@ from .gateway import push as gateway_push
 from .gateway.routes import routes as gateway_routes
 from .ingest.routes import routes as ingest_routes
 from .ingest.validate import MAX_BODY_BYTES
+from .mqtt.emqx import EmqxApi
 from .mqtt.emqx import routes as emqx_routes
 from .mqtt.side import MqttSide, NoMqtt
 from .openapi import routes as openapi_routes
@@ -46,7 +48,7 @@ from .status.observe import Observer
 from .status.routes import routes as status_routes
 from .storage.batcher import BatchWriter
 from .storage.routes import routes as read_routes
-from .tokens import Verifier
+from .tokens import Verifier, load_mac_key
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,15 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     app[POOL] = pool
     yield
     await pool.close()
+
+
+async def verifier_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The token verifier's fast-check key (outside the database) and its bcrypt pool."""
+    cfg = app[CONFIG]
+    verifier = app[VERIFIER]
+    verifier.mac_key = await asyncio.to_thread(load_mac_key, cfg.token_mac_key, Path(cfg.state_dir))
+    yield
+    verifier.close()
 
 
 async def request_log_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -105,18 +116,23 @@ async def mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
     start = getattr(side, "start", None)
     if start is not None:
         await start()
-    listener = asyncio.create_task(_revocations(app[DSN], side))
+    emqx = EmqxApi(cfg) if cfg.emqx_api_url else None
+    listener = asyncio.create_task(_revocations(app[DSN], side, emqx))
     yield
     listener.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await listener
+    if emqx is not None:
+        await emqx.close()
     stop = getattr(side, "stop", None)
     if stop is not None:
         await stop()
 
 
-async def _revocations(dsn: str, side: MqttSide) -> None:
-    """LISTEN opensense_token_revoked: any process's rotation reaches this broker."""
+async def _revocations(dsn: str, side: MqttSide, emqx: EmqxApi | None = None) -> None:
+    """LISTEN opensense_token_revoked: any process's rotation reaches this broker (and
+    EMQX's REST API, when configured: docs/mqtt.md)."""
+    kicks: set[asyncio.Task[bool]] = set()
     while True:
         try:
             async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
@@ -127,6 +143,11 @@ async def _revocations(dsn: str, side: MqttSide) -> None:
                         await side.token_revoked(device_id)
                     except Exception:
                         log.exception("closing the MQTT session of %s failed", device_id)
+                    if emqx is not None:
+                        # in the background: an unreachable EMQX must not hold the next note
+                        task = asyncio.create_task(emqx.kick(device_id))
+                        kicks.add(task)
+                        task.add_done_callback(kicks.discard)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -174,17 +195,26 @@ def create_app(config: Config, dsn: str) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
     app[CONFIG] = config
     app[DSN] = dsn
-    app[VERIFIER] = Verifier()
+    app[VERIFIER] = Verifier(workers=config.bcrypt_workers)
     app[HEALTH] = Health(config.clock)
     app[OBSERVER] = Observer()
     if config.role == "status":
         # a status-only process: the page, /metrics and the incident API (docs/status.md)
-        app.cleanup_ctx.extend([database_ctx, request_log_ctx, status_ctx])
+        app.cleanup_ctx.extend([database_ctx, verifier_ctx, request_log_ctx, status_ctx])
         app.router.add_get("/healthz", healthz)
         app.router.add_routes(status_routes)
         return app
     app.cleanup_ctx.extend(
-        [database_ctx, request_log_ctx, writer_ctx, mqtt_ctx, jobs_ctx, alarms_ctx, status_ctx]
+        [
+            database_ctx,
+            verifier_ctx,
+            request_log_ctx,
+            writer_ctx,
+            mqtt_ctx,
+            jobs_ctx,
+            alarms_ctx,
+            status_ctx,
+        ]
     )
     app.router.add_get("/healthz", healthz)
     for table in (

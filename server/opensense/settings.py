@@ -65,6 +65,25 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=4,
     ),
     Setting(
+        "bcrypt_workers",
+        "OPENSENSE_BCRYPT_WORKERS",
+        int,
+        1,
+        "Threads that check tokens with bcrypt (a token's first use; after that its fast check). "
+        "Bounded so that a flood of first uses leaves the other cores to ingest.",
+        minimum=1,
+    ),
+    Setting(
+        "token_mac_key",
+        "OPENSENSE_TOKEN_MAC_KEY",
+        str,
+        "",
+        "Key (hex, 32+ bytes) of the tokens' fast checks, which spare a device's first request "
+        "after a restart its bcrypt check; kept out of the database. Empty: "
+        "<state_dir>/token_mac.key, made 0600 on first start (a new key only costs one bcrypt "
+        "per device).",
+    ),
+    Setting(
         "ingest_rate_per_min",
         "OPENSENSE_INGEST_RATE_PER_MIN",
         int,
@@ -332,6 +351,29 @@ SETTINGS: tuple[Setting, ...] = (
         "empty: those endpoints answer 404.",
     ),
     Setting(
+        "emqx_api_url",
+        "OPENSENSE_EMQX_API_URL",
+        str,
+        "",
+        "EMQX's REST API (e.g. http://emqx:18083/api/v5): a rotated, revoked or deleted "
+        "device token's live session is kicked there at once. Empty: not kicked (it ends at "
+        "the device's next CONNECT).",
+    ),
+    Setting(
+        "emqx_api_key",
+        "OPENSENSE_EMQX_API_KEY",
+        str,
+        "",
+        "EMQX API key (HTTP basic user) for OPENSENSE_EMQX_API_URL.",
+    ),
+    Setting(
+        "emqx_api_secret",
+        "OPENSENSE_EMQX_API_SECRET",
+        str,
+        "",
+        "EMQX API secret (HTTP basic password) for OPENSENSE_EMQX_API_URL.",
+    ),
+    Setting(
         "role",
         "OPENSENSE_ROLE",
         str,
@@ -577,6 +619,8 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8080
     bcrypt_rounds: int = 12
+    bcrypt_workers: int = 1
+    token_mac_key: str = ""
     ingest_rate_per_min: int = 60
     read_rate_per_min: int = 120
     export_interval_s: int = 300
@@ -612,6 +656,9 @@ class Config:
     mqtt_url: str = ""
     mqtt_ca: str = ""
     emqx_secret: str = ""
+    emqx_api_url: str = ""
+    emqx_api_key: str = ""
+    emqx_api_secret: str = ""
     role: str = "all"
     status_interval_s: int = 10
     status_backup_max_age_h: int = 2

@@ -12,19 +12,67 @@ import logging
 import re
 from datetime import datetime
 from typing import Any
+from urllib.parse import unquote, unquote_plus
 
 from psycopg_pool import AsyncConnectionPool
 
+from .. import tokens
+
 log = logging.getLogger(__name__)
 
-_SECRET_PARAM = re.compile(r"(?i)([?&](?:token|secret|key)=)[^&]*")
-_TOKEN_TEXT = re.compile(r"\b(ds_live_|ua_live_|whk_)[0-9a-z_]+")
+# A query parameter whose name, percent-decoded and in any case, is one of these has its
+# value replaced. aiohttp decodes names before the routes read them, so `%74oken=` is
+# the `token` parameter and has to be redacted as such.
+_SECRET_NAMES = frozenset({"token", "secret", "key", "password"})
+# Runs of characters a token can be written with, percent-encoded or not; each run is
+# decoded (a few rounds: `%2574` is `%74` is `t`) and checked for a token's shape.
+_RUN = re.compile(r"[A-Za-z0-9%_+.~-]+")
+_PREFIX = "|".join(re.escape(p) for p in tokens.PREFIXES.values())
+# one of our tokens (prefix, key_id, `_`, any part of a secret: ids such as gw_… have
+# no `_` after 16 characters), or the key_id_secret tail alone
+_TOKEN_SHAPE = re.compile(
+    rf"(?i)(?:{_PREFIX})[0-9a-z]{{{tokens.KEY_ID_LEN}}}_"
+    rf"|[0-9a-z]{{{tokens.KEY_ID_LEN}}}_[0-9a-z]{{{tokens.SECRET_LEN}}}"
+)
+_DECODE_ROUNDS = 3
+
+
+def _decoded(raw: str) -> str:
+    text = raw
+    for _ in range(_DECODE_ROUNDS):
+        nxt = unquote(text)
+        if nxt == text:
+            break
+        text = nxt
+    return text
+
+
+def _redact_run(m: re.Match[str]) -> str:
+    raw = m.group(0)
+    plain = _decoded(raw)
+    if not _TOKEN_SHAPE.search(plain):
+        return raw
+    kind = next((p for p in tokens.PREFIXES.values() if p in plain.lower()), "")
+    return f"{kind}REDACTED"
+
+
+def _redact_query(query: str) -> str:
+    out = []
+    for part in re.split(r"([&;])", query):
+        name, eq, _value = part.partition("=")
+        if eq and _decoded(unquote_plus(name)).strip().lower() in _SECRET_NAMES:
+            part = f"{name}=REDACTED"
+        out.append(part)
+    return "".join(out)
 
 
 def redact(text: str) -> str:
-    """Remove token values from a path, query string or message."""
-    text = _SECRET_PARAM.sub(r"\1REDACTED", text)
-    return _TOKEN_TEXT.sub(r"\1REDACTED", text)
+    """Remove token values from a path, query string or message: every parameter whose
+    decoded name is a secret's, and any text that decodes to one of our tokens."""
+    path, q, query = text.partition("?")
+    if q:
+        text = f"{path}?{_redact_query(query)}"
+    return _RUN.sub(_redact_run, text)
 
 
 COLUMNS = (

@@ -42,7 +42,7 @@ class Device:
 AUTH_SQL = """
 WITH t AS (
   SELECT t.id, t.kind, t.account_id, t.device_id, t.hash, t.revoked_at,
-         d.local_id, d.deleted_at, s.vertical
+         d.local_id, d.deleted_at, s.vertical, t.fast_check
   FROM tokens t LEFT JOIN devices d ON d.id = t.device_id LEFT JOIN sites s ON s.id = d.site_id
   WHERE t.key_id = %(key_id)s
 ), rl AS (
@@ -56,7 +56,8 @@ SELECT t.id, t.kind, t.account_id, t.device_id, t.hash, t.revoked_at, t.local_id
        t.deleted_at, t.vertical, (SELECT count FROM rl),
        (SELECT coalesce(jsonb_agg(jsonb_build_array(c.kind, c.label, c.id, c.num, c.unit, c."offset")),
                         '[]'::jsonb)
-        FROM channels c WHERE c.device_id = t.device_id)
+        FROM channels c WHERE c.device_id = t.device_id),
+       t.fast_check
 FROM t
 """
 
@@ -76,7 +77,7 @@ async def device_for_token(
     if row is None:
         raise ApiError("token_invalid", "the token is not known (wrong, or deleted)")
     await tokens.check_row(
-        conn, verifier, kind, key_id, secret, row[0], row[1], row[4], row[5], now
+        conn, verifier, kind, key_id, secret, row[0], row[1], row[4], row[5], now, fast=row[11]
     )
     if row[7] is not None or row[6] is None:
         raise ApiError("token_invalid", "the token's device was deleted")

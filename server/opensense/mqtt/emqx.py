@@ -12,21 +12,34 @@ at the next CONNECT. Configure in EMQX (docs/mqtt.md has the full snippet):
   headers: Authorization: Bearer <OPENSENSE_EMQX_SECRET>
 
 Answers are 200 {"result": "allow" | "deny"} (authn adds "is_superuser": false).
-A malformed request is a 4xx envelope, which EMQX treats as "ignore".
+A malformed request is a 4xx envelope, which EMQX treats as "ignore". A CONNECT is
+allowed only under the device's own id as client id, so one client id names every
+session a device can hold.
+
+EMQX asks again only at the next CONNECT, so a live session would outlast a rotation.
+With OPENSENSE_EMQX_API_URL (and an API key) every server process that hears a
+revocation (LISTEN opensense_token_revoked) kicks the device's session through EMQX's
+REST API, `DELETE {url}/clients/{clientid}` with HTTP basic auth (API key, secret):
+204 kicked, 404 not connected (https://docs.emqx.com/en/emqx/v5.0/admin/api.html;
+emqx_mgmt_api_clients.erl). The device reconnects and its old token is denied.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from typing import Any
+from urllib.parse import quote
 
+import aiohttp
 from aiohttp import web
 
 from ..api.auth import bearer
 from ..api.body import json_object
 from ..api.keys import CONFIG, POOL
 from ..errors import ApiError
+from ..settings import Config
 from . import topics
 from .ingest import MqttIngest
 
@@ -59,6 +72,10 @@ async def emqx_authn(request: web.Request) -> web.Response:
     _check_secret(request)
     body = await json_object(request)
     username, password = _field(body, "username"), _field(body, "password")
+    if body.get("clientid") != username:
+        # the session is kicked by client id at a rotation: it must be the device's own
+        log.info("EMQX CONNECT of %s refused: client id is not the device id", username[:64])
+        return web.json_response({"result": "deny", "is_superuser": False})
     try:
         await MqttIngest(request.app).authenticate(username, password)
     except ApiError as err:
@@ -94,3 +111,50 @@ async def emqx_authz(request: web.Request) -> web.Response:
         log.info("EMQX %s of %s by %s refused: %s", action, topic[:200], username, reason)
         return web.json_response({"result": "deny"})
     return web.json_response({"result": "allow"})
+
+
+class EmqxApi:
+    """Kicks a device's live EMQX session (see the module docstring)."""
+
+    ATTEMPTS = 3
+
+    def __init__(self, cfg: Config, retry_delay: float = 1.0) -> None:
+        self.url = cfg.emqx_api_url.rstrip("/")
+        self.headers = {
+            "Authorization": aiohttp.encode_basic_auth(cfg.emqx_api_key, cfg.emqx_api_secret)
+        }
+        self.retry_delay = retry_delay
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def kick(self, client_id: str) -> bool:
+        """True once EMQX answered 204 (kicked) or 404 (not connected); retried a few
+        times when EMQX is unreachable or fails, then logged."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        url = f"{self.url}/clients/{quote(client_id, safe='')}"
+        problem = ""
+        for attempt in range(self.ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(self.retry_delay * 2 ** (attempt - 1))
+            try:
+                async with self._session.delete(
+                    url, headers=self.headers, allow_redirects=False
+                ) as r:
+                    if r.status in (204, 404):
+                        log.info("EMQX session of %s kicked (%d)", client_id, r.status)
+                        return True
+                    problem = f"HTTP {r.status}"
+                    if r.status in (401, 403):
+                        break  # a wrong API key does not get better by asking again
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+        log.warning(
+            "could not kick the EMQX session of %s (%s): it ends at its next CONNECT",
+            client_id,
+            problem,
+        )
+        return False
