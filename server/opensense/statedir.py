@@ -79,3 +79,26 @@ def write_secret(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def create_secret(path: Path, data: bytes) -> bool:
+    """Like `write_secret`, but only when `path` does not exist yet: the whole file
+    appears at once (hard link of a finished 0600 file), so a process starting at the
+    same moment reads either no file or all of it, never an empty one. False: the file
+    was already there (made by another process or an earlier start), left as it is."""
+    if not path.parent.is_dir():
+        private_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.new")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, SECRET_FILE)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -18,7 +18,6 @@ import base64
 import hashlib
 import hmac
 import logging
-import os
 import secrets
 import time
 from collections import OrderedDict
@@ -33,6 +32,7 @@ from psycopg import AsyncConnection
 
 from .errors import ApiError
 from .ids import new_id
+from .statedir import create_secret
 
 log = logging.getLogger(__name__)
 
@@ -183,14 +183,8 @@ def load_mac_key(env_key: str, state_dir: Path) -> bytes:
             raise ValueError(f"OPENSENSE_TOKEN_MAC_KEY must be at least {MAC_KEY_BYTES} bytes")
         return key
     path = state_dir / MAC_KEY_FILE
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass  # another process made it first, or an earlier start
-    else:
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(MAC_KEY_BYTES) + "\n")
+    # created whole or not at all: a second process starting at once never reads it half-written
+    if create_secret(path, (secrets.token_hex(MAC_KEY_BYTES) + "\n").encode()):
         log.info("made the token fast-check key %s", path)
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:

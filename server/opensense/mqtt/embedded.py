@@ -339,7 +339,12 @@ class OpenSenseBroker(Broker):
 
     def cut_connections(self) -> None:
         for w in list(self.connections):
-            sock = w.get_extra_info("socket")
+            try:
+                sock = w.get_extra_info("socket")
+            except AttributeError:
+                # asyncio's SSL transport of a connection the peer already reset has
+                # lost its protocol's internals; aborting it below is all there is to do
+                sock = None
             if sock is not None:
                 try:  # at the socket too: an SSL transport mid-handshake may ignore abort()
                     sock.shutdown(socket.SHUT_RDWR)
