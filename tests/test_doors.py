@@ -483,14 +483,13 @@ async def test_shelly_battery_channel_in_the_other_unit_never_costs_the_temperat
     clock.advance(minutes=5)
     r = await shelly(client, world, "temp=4.5&battery=3.91")
     assert r.status == 200, await r.text()
-    ans = await r.json()
-    assert any(i.startswith("battery (channel") for i in ans["ignored"])
-    temps = [
-        v
-        for k, _, _, v, _ in await readings(dsn, world.device_ids["fridge01"])
-        if k == "temperature"
+    got = await readings(dsn, world.device_ids["fridge01"])
+    assert [(k, lbl, u, v) for k, lbl, u, v, _ in got] == [
+        ("battery", "", "%", 3.92),  # the old channel keeps its history as it was
+        ("battery", "V", "V", 3.91),  # the volts from now on, in a channel of their own
+        ("temperature", "", "°C", 4.0),
+        ("temperature", "", "°C", 4.5),
     ]
-    assert 4.5 in temps
 
 
 @pytest.mark.parametrize(

@@ -174,6 +174,16 @@ def shelly_batch(
     return Batch(q.get("device") or None, tuple(entries)), ignored
 
 
+def _battery_channel(e: Entry, chans: dict[tuple[str, str], tuple[str, int, str, float]]) -> Entry:
+    """A battery channel made in the other unit (a Gen3's volts read as percent before
+    its model was set) keeps its history; this reading goes to the channel labelled
+    with its unit (`battery V`), so nothing is lost and no unit is ever converted."""
+    held = chans.get((e.kind, e.label))
+    if e.kind == "battery" and held is not None and held[2] != e.unit:
+        return Entry(e.kind, e.unit, e.unit, e.value, e.ts)
+    return e
+
+
 @routes.get("/v1/ingest/shelly")
 async def ingest_shelly(request: web.Request) -> web.Response:
     cfg = request.app[CONFIG]
@@ -183,16 +193,7 @@ async def ingest_shelly(request: web.Request) -> web.Response:
     pool = request.app[POOL]
     dev = await _device(request, token, now)
     batch, ignored = shelly_batch(q, now, oldest_accepted(cfg, now), dev.model)
-    entries = batch.entries
-    chans = dev.channels or {}
-    for e in entries:
-        held = chans.get((e.kind, e.label))
-        if e.kind == "battery" and held is not None and held[2] != e.unit:
-            # the battery channel was made in the other unit (e.g. a Gen3's volts read
-            # as percent before its model was set): the battery is set aside, the
-            # temperature is never lost for it; docs/api.md says how to mend it
-            ignored.append(f"battery (channel {held[0]} holds {held[2]}, this is {e.unit})")
-            entries = tuple(x for x in entries if x is not e)
+    entries = tuple(_battery_channel(e, dev.channels or {}) for e in batch.entries)
     await pipeline.check_named_device(pool, dev, batch.device)
     answer = await pipeline.store_fast(
         pool,
