@@ -327,6 +327,35 @@ async def test_unknown_dev_eui_assigned_later_yields_its_readings_exactly_once(
     assert len(rows) == 1 and rows[0][0].startswith("tok_") and rows[0][1]["accepted"] == 8
 
 
+async def test_an_uplink_assigned_twice_over_a_dev_eui_change_is_still_stored_once(
+    client, world: World, clock, dsn
+):
+    """Assigned, the DevEUI cleared, the network re-delivers, assigned again: the
+    second replay finds the uplink's identity claimed and stores nothing."""
+    whk = await webhook_token(client, world)
+    up = tts(clock)
+    assert (await post(client, whk, up)).status == 202
+    uid = (await (await client.get("/v1/lorawan/unassigned", headers=world.auth)).json())["data"][
+        0
+    ]["id"]
+    r = await client.post(
+        f"/v1/lorawan/unassigned/{uid}/assign", json={"device_id": "fridge01"}, headers=world.auth
+    )
+    assert (await r.json())["accepted"] == 5
+    await set_eui(client, world, "fridge01", None)
+    assert (await post(client, whk, up)).status == 202
+    uid2 = (await (await client.get("/v1/lorawan/unassigned", headers=world.auth)).json())["data"][
+        0
+    ]["id"]
+    r = await client.post(
+        f"/v1/lorawan/unassigned/{uid2}/assign", json={"device_id": "fridge01"}, headers=world.auth
+    )
+    assert r.status == 200, await r.text()
+    ans = await r.json()
+    assert ans["accepted"] == 0 and ans["uplinks"][0]["deduplicated"] == 5
+    assert len(await readings(dsn, world.device_ids["fridge01"])) == 5
+
+
 async def test_assign_refuses_a_device_with_another_dev_eui_and_discard_is_audited(
     client, world: World, clock, dsn
 ):

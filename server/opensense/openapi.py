@@ -515,7 +515,7 @@ def document() -> S:
                         200, ref("IngestAnswer"), "Stored, a duplicate, simulated, or not an uplink"
                     ),
                     **ok(202, ref("IngestAnswer"), "Unknown dev_eui: kept in the tray"),
-                    **err(400, 401, 413, 422, 429),
+                    **err(400, 401, 404, 413, 422, 429),
                 },
                 security=[{"webhookToken": []}],
                 parameters=[
@@ -526,7 +526,13 @@ def document() -> S:
             )
         },
         "/v1/ingest/lorawan/{suffix}": {
-            "parameters": [path_param("suffix")],
+            "parameters": [
+                {
+                    **path_param("suffix"),
+                    "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"},
+                    "description": "a per-message path (TTS appends it to the base URL)",
+                }
+            ],
             "post": op(
                 "LoRaWAN webhook: The Things Stack v3 or ChirpStack v4 (token: whk_)",
                 {
@@ -534,7 +540,7 @@ def document() -> S:
                         200, ref("IngestAnswer"), "Stored, a duplicate, simulated, or not an uplink"
                     ),
                     **ok(202, ref("IngestAnswer"), "Unknown dev_eui: kept in the tray"),
-                    **err(400, 401, 413, 422, 429),
+                    **err(400, 401, 404, 413, 422, 429),
                 },
                 security=[{"webhookToken": []}],
                 parameters=[

@@ -46,7 +46,8 @@ async def file(
     cur = await conn.execute(
         "INSERT INTO unassigned_uplinks (account_id, dev_eui, received_at, payload, network,"
         " uplink_key, state, reason, device_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
-        " ON CONFLICT (account_id, uplink_key, state) WHERE uplink_key IS NOT NULL DO NOTHING"
+        " ON CONFLICT (account_id, uplink_key, state)"
+        " WHERE uplink_key IS NOT NULL AND state IN ('unassigned', 'simulated') DO NOTHING"
         " RETURNING id",
         (
             account_id,

@@ -16,9 +16,11 @@ ALTER TABLE unassigned_uplinks
     ADD COLUMN IF NOT EXISTS device_id   text,
     ADD COLUMN IF NOT EXISTS resolved_at timestamptz,
     ADD COLUMN IF NOT EXISTS resolved_by text;
--- a re-delivered uplink lands in the tray once
+-- a re-delivered uplink lands in the tray once (the states the door files with the
+-- network's identity; assigning or refusing a row later moves it out of the index)
 CREATE UNIQUE INDEX IF NOT EXISTS unassigned_uplinks_key
-    ON unassigned_uplinks (account_id, uplink_key, state) WHERE uplink_key IS NOT NULL;
+    ON unassigned_uplinks (account_id, uplink_key, state)
+    WHERE uplink_key IS NOT NULL AND state IN ('unassigned', 'simulated');
 CREATE INDEX IF NOT EXISTS unassigned_uplinks_open
     ON unassigned_uplinks (account_id, id) WHERE resolved_at IS NULL;
 CREATE INDEX IF NOT EXISTS unassigned_uplinks_device
