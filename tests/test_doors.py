@@ -293,7 +293,7 @@ async def test_unknown_dev_eui_assigned_later_yields_its_readings_exactly_once(
     )
     assert r.status == 200, await r.text()
     ans = await r.json()
-    assert ans["dev_eui"] == TTS_EUI and ans["accepted"] == 5 + 3
+    assert ans["dev_eui"] == TTS_EUI and ans["accepted"] == 5 + 3 and ans["remaining"] == 0
     assert [u["state"] for u in ans["uplinks"]] == ["assigned", "assigned"]
     dev = world.device_ids["fridge02"]
     got = await readings(dsn, dev)
@@ -401,6 +401,66 @@ async def test_another_accounts_tray_row_is_not_found(client, world: World, cloc
     r = await client.get("/v1/lorawan/unassigned", headers=other.auth)
     assert (await r.json())["data"] == []
     assert [s for s, *_ in await tray_rows(dsn, world.account)] == ["unassigned"]
+
+
+async def test_assign_replays_a_bounded_number_and_says_how_many_remain(
+    client, world: World, clock, dsn, monkeypatch
+):
+    from opensense.ingest import tray
+
+    monkeypatch.setattr(tray, "MAX_REPLAY", 1)
+    whk = await webhook_token(client, world)
+    for i in range(2):
+        up = tts(clock, temperature=3.0 + i)
+        up["uplink_message"]["f_cnt"] = i
+        up["uplink_message"]["received_at"] = stamp(clock, 2 - i)
+        assert (await post(client, whk, up)).status == 202
+    rows = (await (await client.get("/v1/lorawan/unassigned", headers=world.auth)).json())["data"]
+    r = await client.post(
+        f"/v1/lorawan/unassigned/{rows[0]['id']}/assign",
+        json={"device_id": "fridge01"},
+        headers=world.auth,
+    )
+    ans = await r.json()
+    assert ans["remaining"] == 1 and [u["id"] for u in ans["uplinks"]] == [rows[0]["id"]]
+    r = await client.post(
+        f"/v1/lorawan/unassigned/{rows[1]['id']}/assign",
+        json={"device_id": "fridge01"},
+        headers=world.auth,
+    )
+    assert (await r.json())["remaining"] == 0
+    temps = [
+        v
+        for k, _, _, v, _ in await readings(dsn, world.device_ids["fridge01"])
+        if k == "temperature"
+    ]
+    assert temps == [3.0, 4.0]
+
+
+async def test_a_tray_flood_costs_only_its_senders_account(
+    client, world: World, clock, dsn, config
+):
+    """Filing into the tray is counted per account: over the allowance an unknown
+    DevEUI is 429 and a refusal is answered but not filed; another account files on."""
+    from .fixtures.server import make_world
+
+    whk = await webhook_token(client, world)
+    limit = config.ingest_rate_per_min
+    for i in range(limit):
+        up = tts(clock)
+        up["uplink_message"]["f_cnt"] = i
+        assert (await post(client, whk, up)).status == 202
+    up = tts(clock)
+    up["uplink_message"]["f_cnt"] = limit
+    r = await post(client, whk, up)
+    assert r.status == 429 and (await r.json())["error"]["code"] == "rate_limited"
+    r = await post(client, whk, tts(clock, luminosity=1))
+    assert r.status == 400  # still answered, naming the key
+    assert len(await tray_rows(dsn, world.account)) == limit
+    other = await make_world(dsn, config, ("y1",))
+    owhk = await webhook_token(client, other)
+    assert (await post(client, owhk, tts(clock))).status == 202
+    assert len(await tray_rows(dsn, other.account)) == 1
 
 
 async def test_dev_eui_is_set_changed_and_cleared_by_patch_and_audited(

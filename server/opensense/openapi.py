@@ -263,6 +263,11 @@ SCHEMAS: S = {
             "device_id": ID,
             "dev_eui": {"type": "string"},
             "accepted": {"type": "integer", "minimum": 0},
+            "remaining": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "unassigned uplinks of this DevEUI left (500 per call)",
+            },
             "uplinks": {
                 "type": "array",
                 "items": obj(
@@ -277,7 +282,7 @@ SCHEMAS: S = {
                 ),
             },
         },
-        ("device_id", "dev_eui", "accepted", "uplinks"),
+        ("device_id", "dev_eui", "accepted", "uplinks", "remaining"),
     ),
     "Move": obj({"site_id": ID, "effective_at": TS}, ("site_id",)),
     "Placement": obj({"site_id": ID, "effective_from": TS}, ("site_id", "effective_from")),

@@ -24,6 +24,9 @@ from . import lorawan, pipeline
 OPEN_STATES = ("unassigned", "refused", "partial", "simulated")
 STATES = (*OPEN_STATES, "assigned", "discarded")
 MAX_LIST = 500
+# uplinks replayed by one assign: bounds its transaction's time; the rest stay
+# unassigned and the answer says how many (assign again to continue)
+MAX_REPLAY = 500
 Row = dict[str, Any]
 
 
@@ -244,8 +247,8 @@ async def assign(
         dev = pipeline.Device(d["id"], account_id, d["local_id"], d["vertical"])
         await cur.execute(
             "SELECT * FROM unassigned_uplinks WHERE account_id = %s AND dev_eui = %s"
-            " AND state = 'unassigned' ORDER BY id FOR UPDATE",
-            (account_id, eui),
+            " AND state = 'unassigned' ORDER BY id LIMIT %s FOR UPDATE",
+            (account_id, eui, MAX_REPLAY),
         )
         results = []
         total = 0
@@ -266,7 +269,19 @@ async def assign(
             },
             at=now,
         )
-        return {"device_id": d["id"], "dev_eui": eui, "accepted": total, "uplinks": results}
+        await cur.execute(
+            "SELECT count(*) AS n FROM unassigned_uplinks WHERE account_id = %s AND dev_eui = %s"
+            " AND state = 'unassigned'",
+            (account_id, eui),
+        )
+        left = await cur.fetchone()
+        return {
+            "device_id": d["id"],
+            "dev_eui": eui,
+            "accepted": total,
+            "uplinks": results,
+            "remaining": int(left["n"]) if left else 0,
+        }
 
 
 async def _replay(
