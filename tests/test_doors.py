@@ -166,6 +166,22 @@ async def test_tts_unknown_key_is_refused_naming_it_and_kept_where_the_operator_
     assert "refused" in text
 
 
+async def test_a_null_in_the_decoded_payload_is_absent_listed_and_kept_as_partial(
+    client, world: World, clock, dsn
+):
+    whk = await webhook_token(client, world)
+    await set_eui(client, world, "fridge01", TTS_EUI)
+    r = await post(client, whk, tts(clock, temperature=3.5, humidity=None))
+    assert r.status == 200, await r.text()
+    ans = await r.json()
+    assert ans["accepted"] == 3 and ans["ignored"] == ["uplink_message.decoded_payload.humidity"]
+    kinds = [k for k, *_ in await readings(dsn, world.device_ids["fridge01"])]
+    assert kinds == ["signal", "snr", "temperature"]
+    rows = await tray_rows(dsn, world.account)
+    assert [(s, d) for s, d, _ in rows] == [("partial", world.device_ids["fridge01"])]
+    assert "humidity" in (rows[0][2] or "")
+
+
 async def test_tts_redelivered_uplink_is_stored_once_and_the_answer_says_so(
     client, world: World, clock, dsn
 ):
