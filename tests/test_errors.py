@@ -74,6 +74,7 @@ class Tenants:
     a_evt: str = ""  # a cleared alarm event of A (alarms)
     secrets: list[str] = field(default_factory=list)  # B's data that must never show
     resolved_incident: str = ""  # an incident the operator resolved
+    b_uplink: int = 0  # an uplink in B's LoRaWAN tray
 
 
 def reading(device: str = "fridge01", **entry: Any) -> dict[str, Any]:
@@ -124,6 +125,16 @@ async def tenants(eclient: Any, dsn: str, config: Any) -> Tenants:
         201,
     )
     await ok(await c.delete(f"/v1/devices/{tmp['id']}", headers=a.auth), 204)
+    # B: an uplink from an unknown DevEUI in its LoRaWAN tray
+    b_whk = (await ok(await c.post("/v1/tokens", json={"kind": "whk"}, headers=b.auth), 201))[
+        "token"
+    ]
+    up = {
+        "end_device_ids": {"dev_eui": "70B3D57ED00000BB"},
+        "uplink_message": {"decoded_payload": {"temperature": 4.0}},
+    }
+    await ok(await c.post(f"/v1/ingest/lorawan?token={b_whk}", json=up), 202)
+    b_uplink = (await ok(await c.get("/v1/lorawan/unassigned", headers=b.auth)))["data"][0]["id"]
     op = bearer(OPERATOR)
     inc = await ok(
         await c.post("/v1/incidents", json={"class": "P2", "title": "t", "body": "b"}, headers=op),
@@ -160,6 +171,7 @@ async def tenants(eclient: Any, dsn: str, config: Any) -> Tenants:
             b.devices["fridge01"],
         ],
         resolved_incident=inc["id"],
+        b_uplink=b_uplink,
     )
 
 
@@ -212,6 +224,9 @@ def cases(t: Tenants) -> list[Case]:
         ("PATCH", "/v1/tokens"),
         ("GET", f"/v1/tokens/{t.b_token_id}"),
         ("POST", "/v1/openapi.json"),
+        ("POST", "/v1/lorawan/unassigned"),
+        ("GET", "/v1/lorawan/unassigned/1/assign"),
+        ("PUT", "/v1/ingest/lorawan/uplink"),
     ):
         add(Case(f"{method} {path}", method, path, "method_not_allowed", A))
 
@@ -226,6 +241,8 @@ def cases(t: Tenants) -> list[Case]:
         ("POST", f"/v1/devices/{a_dev}/move", A),
         ("PATCH", f"/v1/channels/{t.a_chn}", A),
         ("POST", "/v1/tokens", A),
+        ("POST", f"/v1/ingest/lorawan/uplink?token={t.a_whk}", {}),
+        ("POST", "/v1/lorawan/unassigned/1/assign", A),
     ]
     json_ct = {"Content-Type": "application/json"}
     for method, path, h in posts:
@@ -603,6 +620,53 @@ def cases(t: Tenants) -> list[Case]:
         ),
     ):
         add(Case.json(f"lorawan {name}", "POST", lw, code, body))
+    flat = {"end_device_ids": {"dev_eui": "70B3D57ED0000009"}}
+    for name, decoded, code in (
+        ("unknown flat key", {"temperature": 1.0, "luminosity": 0.64}, "invalid_measurement"),
+        ("typo", {"measurments": []}, "invalid_measurement"),
+        ("flat 999", {"temperature": 999}, "out_of_range"),
+        ("only signal", {}, "invalid_measurement"),
+    ):
+        body = {**flat, "uplink_message": {"decoded_payload": decoded}}
+        add(Case.json(f"lorawan {name}", "POST", lw, code, body))
+    add(
+        Case.json(
+            "chirpstack no devEui",
+            "POST",
+            lw + "&event=up",
+            "invalid_measurement",
+            {"deviceInfo": {}, "object": {"temperature": 1}},
+        )
+    )
+    add(
+        Case(
+            "shelly battery_unit",
+            "GET",
+            f"/v1/ingest/shelly?token={ds}&temp=1&battery=3&battery_unit=mV",
+            "invalid_measurement",
+        )
+    )
+    # the tray: another account's uplink is not found, bad ids and bodies refused
+    for method, path, body in (
+        ("POST", f"/v1/lorawan/unassigned/{t.b_uplink}/assign", {"device_id": "fridge01"}),
+        ("DELETE", f"/v1/lorawan/unassigned/{t.b_uplink}", None),
+        ("DELETE", "/v1/lorawan/unassigned/nope", None),
+        ("DELETE", "/v1/lorawan/unassigned/99999999999999999999999", None),
+    ):
+        add(Case.json(f"tray {method} {path}", method, path, "uplink_not_found", body, headers=A))
+    for q in ("state=bogus", "limit=0", "limit=x"):
+        add(Case(f"tray list {q}", "GET", f"/v1/lorawan/unassigned?{q}", "invalid_request", A))
+    add(
+        Case.json(
+            "tray assign extra field",
+            "POST",
+            f"/v1/lorawan/unassigned/{t.b_uplink}/assign",
+            "invalid_request",
+            {"device_id": "fridge01", "replay": True},
+            headers=A,
+        )
+    )
+    add(Case("tray no token", "GET", "/v1/lorawan/unassigned", "auth_required"))
     rx = {"rx_metadata": [{"rssi": 1}], "decoded_payload": {}}
     raw = json.dumps({"end_device_ids": {"dev_eui": "70B3D57ED0000009"}, "uplink_message": rx})
     raw = raw.replace('"rssi": 1', f'"rssi": {HUGE_INT}')
@@ -712,10 +776,11 @@ async def state_of_b(client: Any, t: Tenants) -> Any:
     places = await ok(await client.get(f"/v1/devices/{t.b_dev}/placements", headers=b.auth))
     channel = await ok(await client.get(f"/v1/channels/{t.b_chn}", headers=b.auth))
     tokens = await ok(await client.get("/v1/tokens", headers=b.auth))
+    tray = await ok(await client.get("/v1/lorawan/unassigned", headers=b.auth))
     for volatile in (device, device["token"], *tokens["data"]):
         for key in ("last_seen_at", "online", "last_used_at"):
             volatile.pop(key, None)
-    return site, device, places, channel, tokens
+    return site, device, places, channel, tokens, tray
 
 
 async def test_every_error_is_the_envelope_with_its_status(eclient, tenants: Tenants, dsn):

@@ -258,6 +258,8 @@ def cmd_device(cfg: Config, args: argparse.Namespace) -> int:
             }
             if args.name:
                 body["name"] = args.name
+            if args.dev_eui:
+                body["dev_eui"] = args.dev_eui
             dev, token = await service.create_device(
                 conn, args.account, body, cfg.bcrypt_rounds, now, actor=_actor()
             )
@@ -277,7 +279,43 @@ def cmd_device(cfg: Config, args: argparse.Namespace) -> int:
         if a == "delete":
             await service.delete_device(conn, args.account, args.device, now, actor=_actor())
             return {"deleted": args.device}
+        if a == "set-dev-eui":
+            if not args.dev_eui:
+                raise ApiError("invalid_request", "--dev-eui is required (16 hex digits, or none)")
+            eui = None if args.dev_eui.lower() == "none" else args.dev_eui
+            return await service.patch_device(
+                conn, args.account, args.device, {"dev_eui": eui}, now, actor=_actor()
+            )
         raise AssertionError(a)
+
+    _print(_with_conn(cfg, go))
+    return 0
+
+
+def cmd_lorawan(cfg: Config, args: argparse.Namespace) -> int:
+    """The LoRaWAN tray: the same service as /v1/lorawan/unassigned."""
+    from .ingest import tray
+    from .ingest.routes import oldest_accepted
+
+    now = cfg.clock()
+
+    async def go(conn: psycopg.AsyncConnection[Any]) -> Any:
+        if args.action == "unassigned":
+            return await tray.list_tray(conn, args.account, state=args.state, limit=args.limit)
+        if not args.uplink:
+            raise ApiError("invalid_request", f"lorawan {args.action} needs the uplink's id")
+        if args.action == "assign":
+            return await tray.assign(
+                conn,
+                args.account,
+                args.uplink,
+                args.device,
+                now=now,
+                oldest=oldest_accepted(cfg, now),
+                compact_after_days=cfg.compact_after_days,
+                actor=_actor(),
+            )
+        return await tray.discard(conn, args.account, args.uplink, now, actor=_actor())
 
     _print(_with_conn(cfg, go))
     return 0
@@ -466,9 +504,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", default="")
     s.set_defaults(fn=cmd_site)
 
-    s = sub.add_parser("device", help="create, list, rotate-token, move, delete devices")
-    s.add_argument("action", choices=["create", "list", "rotate-token", "move", "delete"])
-    s.add_argument("device", nargs="?", help="dev_ id or local_id (rotate-token, move, delete)")
+    s = sub.add_parser(
+        "device", help="create, list, rotate-token, move, delete devices, set a DevEUI"
+    )
+    s.add_argument(
+        "action", choices=["create", "list", "rotate-token", "move", "delete", "set-dev-eui"]
+    )
+    s.add_argument(
+        "device", nargs="?", help="dev_ id or local_id (rotate-token, move, delete, set-dev-eui)"
+    )
+    s.add_argument("--dev-eui", help="LoRaWAN DevEUI, 16 hex digits (`none` clears it)")
     s.add_argument("--account", required=True)
     s.add_argument("--site")
     s.add_argument("--local-id")
@@ -477,6 +522,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cadence", type=int, default=60)
     s.add_argument("--effective-at", help="RFC 3339 time the move takes effect (default now)")
     s.set_defaults(fn=cmd_device)
+
+    s = sub.add_parser(
+        "lorawan", help="the LoRaWAN tray: list, assign to a device (replayed once), discard"
+    )
+    s.add_argument("action", choices=["unassigned", "assign", "discard"])
+    s.add_argument("uplink", nargs="?", help="the tray row's id (assign, discard)")
+    s.add_argument("--account", required=True)
+    s.add_argument("--device", help="assign: dev_ id or local_id")
+    s.add_argument("--state", help="unassigned: one state (default: every open row)")
+    s.add_argument("--limit", type=int, default=100)
+    s.set_defaults(fn=cmd_lorawan)
 
     s = sub.add_parser(
         "token", help="create, list or revoke API (ua_live_) and webhook (whk_) tokens"

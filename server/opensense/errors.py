@@ -29,6 +29,7 @@ CODES: dict[str, int] = {
     "event_not_found": 404,
     "rule_not_found": 404,
     "target_not_found": 404,
+    "uplink_not_found": 404,  # the LoRaWAN tray (docs/api.md)
     "method_not_allowed": 405,
     "idempotency_conflict": 409,
     "conflict": 409,

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from . import __version__
 from .errors import CODES
+from .ingest.tray import STATES as TRAY_STATES
 from .ingest.validate import ENTRY_KEYS, MAX_MEASUREMENTS
 from .kinds import KINDS
 from .presets import VERTICALS
@@ -84,6 +85,10 @@ SCHEMAS: S = {
             "accepted": {"type": "integer", "minimum": 0},
             "deduplicated": {"type": "integer", "minimum": 0},
             "unassigned": {"type": "boolean"},
+            "simulated": {"type": "boolean"},
+            "duplicate": {"type": "boolean"},
+            "ignored_event": {"type": "string"},
+            "ignored": {"type": "array", "items": {"type": "string"}},
             "channels": {
                 "type": "array",
                 "items": obj(
@@ -195,6 +200,20 @@ SCHEMAS: S = {
             "last_seen_at": NTS,
             "online": {"type": "boolean"},
             "token": {"oneOf": [ref("TokenInfo"), {"type": "null"}]},
+            "uplink_problem": {
+                "oneOf": [
+                    obj(
+                        {
+                            "id": {"type": "integer"},
+                            "state": {"type": "string"},
+                            "reason": {"type": ["string", "null"]},
+                            "received_at": TS,
+                        }
+                    ),
+                    {"type": "null"},
+                ],
+                "description": "the newest of its uplinks still in the LoRaWAN tray",
+            },
             "created_at": TS,
             "ingest_token": {
                 "type": "string",
@@ -219,7 +238,51 @@ SCHEMAS: S = {
             "name": NAME,
             "model": MODEL,
             "cadence_s": {"type": "integer", "minimum": 1, "maximum": 86400},
+            "dev_eui": {"type": ["string", "null"], "pattern": "^[0-9A-Fa-f]{16}$"},
         }
+    ),
+    "TrayUplink": obj(
+        {
+            "id": {"type": "integer"},
+            "dev_eui": {"type": ["string", "null"]},
+            "network": {"type": ["string", "null"], "enum": ["tts", "chirpstack", None]},
+            "state": {"type": "string", "enum": list(TRAY_STATES)},
+            "reason": {"type": ["string", "null"]},
+            "device_id": {"type": ["string", "null"]},
+            "received_at": TS,
+            "uplink_key": {"type": ["string", "null"]},
+            "resolved_at": NTS,
+            "resolved_by": {"type": ["string", "null"]},
+            "payload": {},
+        },
+        ("id", "state", "received_at", "payload"),
+    ),
+    "TrayAssign": obj({"device_id": {"type": "string"}}, ("device_id",), extra=False),
+    "TrayAssigned": obj(
+        {
+            "device_id": ID,
+            "dev_eui": {"type": "string"},
+            "accepted": {"type": "integer", "minimum": 0},
+            "remaining": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "unassigned uplinks of this DevEUI left (500 per call)",
+            },
+            "uplinks": {
+                "type": "array",
+                "items": obj(
+                    {
+                        "id": {"type": "integer"},
+                        "state": {"type": "string"},
+                        "accepted": {"type": "integer"},
+                        "deduplicated": {"type": "integer"},
+                        "reason": {"type": ["string", "null"]},
+                    },
+                    ("id", "state", "accepted", "deduplicated"),
+                ),
+            },
+        },
+        ("device_id", "dev_eui", "accepted", "uplinks", "remaining"),
     ),
     "Move": obj({"site_id": ID, "effective_at": TS}, ("site_id",)),
     "Placement": obj({"site_id": ID, "effective_from": TS}, ("site_id", "effective_from")),
@@ -451,15 +514,72 @@ def document() -> S:
         },
         "/v1/ingest/lorawan": {
             "post": op(
-                "TTN v3 uplink webhook (token: whk_)",
+                "LoRaWAN webhook: The Things Stack v3 or ChirpStack v4 (token: whk_)",
                 {
-                    **ok(200, ref("IngestAnswer")),
-                    **ok(202, ref("IngestAnswer"), "Unknown dev_eui: kept as unassigned"),
-                    **err(400, 401, 413, 422, 429),
+                    **ok(
+                        200, ref("IngestAnswer"), "Stored, a duplicate, simulated, or not an uplink"
+                    ),
+                    **ok(202, ref("IngestAnswer"), "Unknown dev_eui: kept in the tray"),
+                    **err(400, 401, 404, 413, 422, 429),
                 },
                 security=[{"webhookToken": []}],
+                parameters=[
+                    q("event", {"type": "string"}, "ChirpStack's event type (up, join, ...)"),
+                ],
                 requestBody=body(ref("TtnUplink"), TTN_EXAMPLE),
+                description="docs/api.md, LoRaWAN: what to paste where on each network.",
             )
+        },
+        "/v1/ingest/lorawan/{suffix}": {
+            "parameters": [
+                {
+                    **path_param("suffix"),
+                    "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"},
+                    "description": "a per-message path (TTS appends it to the base URL)",
+                }
+            ],
+            "post": op(
+                "LoRaWAN webhook: The Things Stack v3 or ChirpStack v4 (token: whk_)",
+                {
+                    **ok(
+                        200, ref("IngestAnswer"), "Stored, a duplicate, simulated, or not an uplink"
+                    ),
+                    **ok(202, ref("IngestAnswer"), "Unknown dev_eui: kept in the tray"),
+                    **err(400, 401, 404, 413, 422, 429),
+                },
+                security=[{"webhookToken": []}],
+                parameters=[
+                    q("event", {"type": "string"}, "ChirpStack's event type (up, join, ...)"),
+                ],
+                requestBody=body(ref("TtnUplink"), TTN_EXAMPLE),
+                description="docs/api.md, LoRaWAN: what to paste where on each network.",
+            ),
+        },
+        "/v1/lorawan/unassigned": {
+            "get": op(
+                "The LoRaWAN tray: open uplinks (or one state's), oldest first",
+                {**ok(200, listing("TrayUplink")), **err(400, 401, 429)},
+                parameters=[
+                    q("state", {"type": "string", "enum": list(TRAY_STATES)}),
+                    q("dev_eui", {"type": "string"}),
+                    q("limit", {"type": "integer", "minimum": 1, "maximum": 500}),
+                ],
+            )
+        },
+        "/v1/lorawan/unassigned/{uplink_id}/assign": {
+            "parameters": [path_param("uplink_id")],
+            "post": op(
+                "Assign an unknown DevEUI's uplinks to a device; readings replayed once",
+                {**ok(200, ref("TrayAssigned")), **err(*MGMT_ERR, 409)},
+                requestBody=body(ref("TrayAssign")),
+            ),
+        },
+        "/v1/lorawan/unassigned/{uplink_id}": {
+            "parameters": [path_param("uplink_id")],
+            "delete": op(
+                "Discard an uplink from the tray (kept, marked discarded)",
+                {**ok(204, None, "Discarded"), **err(401, 404, 409, 429)},
+            ),
         },
         "/v1/account": {
             "get": op("The token's account", {**ok(200, ref("Account")), **err(401, 429)})

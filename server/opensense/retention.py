@@ -66,6 +66,18 @@ RETENTION: tuple[DataClass, ...] = (
         "at",
         seed_minimum=90,
     ),
+    # a network re-delivers an uplink within minutes or hours; readings carry the
+    # network's time, so an older re-delivery is still deduplicated by (channel, ts)
+    DataClass(
+        "LoRaWAN uplink identities",
+        "rows",
+        "30 days",
+        "retention_request_log_days",
+        "lorawan_seen",
+        "received_at",
+        seed_minimum=30,
+    ),
+    DataClass("LoRaWAN tray", "forever", "forever (assigned and discarded rows are kept)"),
     DataClass("Hourly backups", "backups", "7 days", "backup_keep_hourly_days", seed_minimum=7),
     DataClass("Daily backups", "backups", "30 days", "backup_keep_daily_days", seed_minimum=30),
 )

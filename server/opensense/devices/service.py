@@ -316,6 +316,31 @@ async def patch_site(
 # --- devices ----------------------------------------------------------------------
 
 
+def check_dev_eui(v: Any) -> str | None:
+    """A LoRaWAN DevEUI as stored (upper-case hex), or None for none."""
+    if v is None:
+        return None
+    if not isinstance(v, str) or not re.fullmatch(r"[0-9A-Fa-f]{16}", v):
+        raise ApiError("invalid_request", "dev_eui must be 16 hexadecimal digits (or null)")
+    return v.upper()
+
+
+async def _dev_eui_free(
+    conn: AsyncConnection[Any], account_id: str, dev_eui: str, device_id: str | None = None
+) -> None:
+    """Within this account only: another account's DevEUIs are none of its business
+    (a global check was an existence oracle; the uplink door matches per account)."""
+    cur = await conn.execute(
+        "SELECT 1 FROM devices WHERE account_id = %s AND dev_eui = %s AND deleted_at IS NULL"
+        " AND id IS DISTINCT FROM %s",
+        (account_id, dev_eui, device_id),
+    )
+    if await cur.fetchone():
+        raise ApiError(
+            "conflict", f"dev_eui {dev_eui} is already assigned to a device in this account"
+        )
+
+
 async def _device_row(conn: AsyncConnection[Any], account_id: str, device_id: str) -> Row:
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute(
@@ -336,6 +361,14 @@ async def device_public(conn: AsyncConnection[Any], row: Row, now: datetime) -> 
         (row["id"],),
     )
     tok = await cur.fetchone()
+    # the newest uplink of this device still in the LoRaWAN tray (refused, used in
+    # part, simulated): the device's health shows it until it is discarded
+    await cur.execute(
+        "SELECT id, state, reason, received_at FROM unassigned_uplinks"
+        " WHERE device_id = %s AND resolved_at IS NULL ORDER BY id DESC LIMIT 1",
+        (row["id"],),
+    )
+    problem = await cur.fetchone()
     last = row["last_seen_at"]
     return {
         "id": row["id"],
@@ -349,6 +382,7 @@ async def device_public(conn: AsyncConnection[Any], row: Row, now: datetime) -> 
         "last_seen_at": last,
         "online": last is not None and now - last <= timedelta(seconds=2 * row["cadence_s"]),
         "token": token_public(tok, now) if tok else None,
+        "uplink_problem": problem,
         "created_at": row["created_at"],
     }
 
@@ -375,11 +409,7 @@ async def create_device(
     name = _check_str(body.get("name", local_id), "name")
     model = _check_str(body.get("model", "diy_esp32"), "model", 64)
     cadence = check_cadence(body.get("cadence_s", 60))
-    dev_eui = body.get("dev_eui")
-    if dev_eui is not None:
-        if not isinstance(dev_eui, str) or not re.fullmatch(r"[0-9A-Fa-f]{16}", dev_eui):
-            raise ApiError("invalid_request", "dev_eui must be 16 hexadecimal digits")
-        dev_eui = dev_eui.upper()
+    dev_eui = check_dev_eui(body.get("dev_eui"))
     cur = await conn.execute(
         "SELECT 1 FROM devices WHERE account_id = %s AND local_id = %s AND deleted_at IS NULL",
         (account_id, local_id),
@@ -389,16 +419,7 @@ async def create_device(
             "conflict", f"a device with local_id {local_id!r} already exists in this account"
         )
     if dev_eui:
-        # within this account only: another account's DevEUIs are none of its business
-        # (a global check was an existence oracle; the uplink door matches per account)
-        cur = await conn.execute(
-            "SELECT 1 FROM devices WHERE account_id = %s AND dev_eui = %s AND deleted_at IS NULL",
-            (account_id, dev_eui),
-        )
-        if await cur.fetchone():
-            raise ApiError(
-                "conflict", f"dev_eui {dev_eui} is already assigned to a device in this account"
-            )
+        await _dev_eui_free(conn, account_id, dev_eui)
     did = new_id("dev")
     try:
         await conn.execute(
@@ -493,8 +514,20 @@ async def patch_device(
         sets["model"] = _check_str(body["model"], "model", 64)
     if "cadence_s" in body:
         sets["cadence_s"] = check_cadence(body["cadence_s"])
+    if "dev_eui" in body:
+        sets["dev_eui"] = check_dev_eui(body["dev_eui"])
+        if sets["dev_eui"] == row["dev_eui"]:
+            del sets["dev_eui"]
+        elif sets["dev_eui"] is not None:
+            await _dev_eui_free(conn, account_id, sets["dev_eui"], row["id"])
     for k, v in sets.items():
-        await conn.execute(f"UPDATE devices SET {k} = %s WHERE id = %s", (v, row["id"]))
+        try:
+            async with conn.transaction():
+                await conn.execute(f"UPDATE devices SET {k} = %s WHERE id = %s", (v, row["id"]))
+        except psycopg.errors.UniqueViolation as exc:  # a concurrent claim of this DevEUI
+            raise ApiError(
+                "conflict", f"dev_eui {v} is already assigned to a device in this account"
+            ) from exc
     if sets:
         await audit.record(
             conn,

@@ -33,6 +33,7 @@ class Device:
     vertical: str
     # (kind, label) -> (channel id, num, unit, offset), as read with the token
     channels: dict[tuple[str, str], tuple[str, int, str, float]] | None = None
+    model: str = ""  # the device's model (Shelly: which unit its battery reports in)
 
 
 # One round trip per request: the token's row, its device and site, the device's
@@ -42,7 +43,7 @@ class Device:
 AUTH_SQL = """
 WITH t AS (
   SELECT t.id, t.kind, t.account_id, t.device_id, t.hash, t.revoked_at,
-         d.local_id, d.deleted_at, s.vertical, t.fast_check
+         d.local_id, d.deleted_at, s.vertical, t.fast_check, d.model
   FROM tokens t LEFT JOIN devices d ON d.id = t.device_id LEFT JOIN sites s ON s.id = d.site_id
   WHERE t.key_id = %(key_id)s
 ), rl AS (
@@ -57,7 +58,7 @@ SELECT t.id, t.kind, t.account_id, t.device_id, t.hash, t.revoked_at, t.local_id
        (SELECT coalesce(jsonb_agg(jsonb_build_array(c.kind, c.label, c.id, c.num, c.unit, c."offset")),
                         '[]'::jsonb)
         FROM channels c WHERE c.device_id = t.device_id),
-       t.fast_check
+       t.fast_check, t.model
 FROM t
 """
 
@@ -84,7 +85,7 @@ async def device_for_token(
     if row[9] is not None and row[9] > rate_per_min:
         raise ratelimit.limited(rate_per_min, 60, window, now, "ingest for this device")
     channels = {(c[0], c[1]): (c[2], int(c[3]), c[4], float(c[5])) for c in row[10]}
-    return Device(row[3], row[2], row[6], row[8], channels)
+    return Device(row[3], row[2], row[6], row[8], channels, row[12] or "")
 
 
 async def check_named_device(pool: AsyncConnectionPool, dev: Device, named: str | None) -> None:

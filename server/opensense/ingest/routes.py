@@ -7,15 +7,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
-from psycopg.types.json import Jsonb
 
 from .. import db, ratelimit, tokens
+from ..api import auth
 from ..api.auth import bearer
+from ..api.body import json_object
 from ..api.jsonutil import response
 from ..api.keys import CONFIG, LOG_ACCOUNT, LOG_DEVICE, POOL, VERIFIER, WRITER
 from ..errors import ApiError
 from ..settings import Config
-from . import pipeline
+from . import lorawan, pipeline, tray
 from .validate import (
     Batch,
     Entry,
@@ -93,6 +94,11 @@ async def ingest(request: web.Request) -> web.Response:
 
 
 SHELLY_PARAMS = {"temp": "temperature", "hum": "humidity", "battery": "battery", "signal": "signal"}
+# Shelly models whose URL action substitutes the battery in volts (the H&T Gen3's
+# devicepower reports `battery.V`; docs/api.md). Others send percent. Matched on
+# the device's `model` case-insensitively; `battery_unit=V|%` in the URL overrides.
+SHELLY_VOLT_MODELS = frozenset({"s3sn-0u12a", "shelly_ht_gen3", "shelly-ht-gen3"})
+SHELLY_BATTERY_UNITS = {"v": "V", "%": "%", "percent": "%", "pct": "%"}
 
 
 def _number(text: str, name: str) -> float:
@@ -107,10 +113,40 @@ def _number(text: str, name: str) -> float:
     return v
 
 
-def shelly_batch(q: Any, now: datetime, oldest: datetime) -> Batch:
-    """Shelly H&T GET parameters as a batch (pure)."""
+def _absent(text: str | None) -> bool:
+    """A value the device did not have: Gen2/Gen3 URL actions send `null` (or leave
+    `${ev.x}` unsubstituted, or empty) when the triggering event lacks it."""
+    if text is None:
+        return True
+    t = text.strip()
+    return t in ("", "null", "undefined") or (t.startswith("${") and t.endswith("}"))
+
+
+def shelly_battery_unit(q: Any, model: str) -> str:
+    given = q.get("battery_unit")
+    if given not in (None, ""):
+        unit = SHELLY_BATTERY_UNITS.get(str(given).strip().lower())
+        if unit is None:
+            raise ApiError(
+                "invalid_measurement",
+                f"battery_unit must be V or % (%25 in a URL), got {given[:20]!r}",
+            )
+        return unit
+    m = model.strip().lower()
+    return "V" if m in SHELLY_VOLT_MODELS or m.endswith("gen3") else "%"
+
+
+def shelly_batch(
+    q: Any, now: datetime, oldest: datetime, model: str = ""
+) -> tuple[Batch, list[str]]:
+    """Shelly H&T GET parameters as a batch, and the parameters that came without a
+    value (pure)."""
     ts = now
-    if q.get("ts"):
+    ignored: list[str] = []
+    if _absent(q.get("ts")):
+        if q.get("ts") is not None:
+            ignored.append("ts")
+    else:
         t = q["ts"]
         if t.isdigit():
             if len(t) > 11:
@@ -123,11 +159,29 @@ def shelly_batch(q: Any, now: datetime, oldest: datetime) -> Batch:
         check_ts_window(ts, "ts", now, oldest)
     entries: list[Entry] = []
     for param, kind in SHELLY_PARAMS.items():
-        if q.get(param) not in (None, ""):
-            entries.append(make_entry(kind, "", None, _number(q[param], param), ts, param))
+        if _absent(q.get(param)):
+            if q.get(param) is not None:
+                ignored.append(param)
+            continue
+        unit = shelly_battery_unit(q, model) if kind == "battery" else None
+        entries.append(make_entry(kind, "", unit, _number(q[param], param), ts, param))
     if not any(e.kind in ("temperature", "humidity") for e in entries):
-        raise ApiError("invalid_measurement", "send at least one of temp or hum")
-    return Batch(q.get("device") or None, tuple(entries))
+        raise ApiError(
+            "invalid_measurement",
+            "send at least one of temp or hum with a value"
+            + (f" (without a value: {', '.join(ignored)})" if ignored else ""),
+        )
+    return Batch(q.get("device") or None, tuple(entries)), ignored
+
+
+def _battery_channel(e: Entry, chans: dict[tuple[str, str], tuple[str, int, str, float]]) -> Entry:
+    """A battery channel made in the other unit (a Gen3's volts read as percent before
+    its model was set) keeps its history; this reading goes to the channel labelled
+    with its unit (`battery V`), so nothing is lost and no unit is ever converted."""
+    held = chans.get((e.kind, e.label))
+    if e.kind == "battery" and held is not None and held[2] != e.unit:
+        return Entry(e.kind, e.unit, e.unit, e.value, e.ts)
+    return e
 
 
 @routes.get("/v1/ingest/shelly")
@@ -138,93 +192,187 @@ async def ingest_shelly(request: web.Request) -> web.Response:
     token = q.get("token") or bearer(request)
     pool = request.app[POOL]
     dev = await _device(request, token, now)
-    batch = shelly_batch(q, now, oldest_accepted(cfg, now))
+    batch, ignored = shelly_batch(q, now, oldest_accepted(cfg, now), dev.model)
+    entries = tuple(_battery_channel(e, dev.channels or {}) for e in batch.entries)
     await pipeline.check_named_device(pool, dev, batch.device)
     answer = await pipeline.store_fast(
         pool,
         request.app[WRITER],
         dev,
-        batch.entries,
+        entries,
         now=now,
         compact_after_days=cfg.compact_after_days,
     )
+    if ignored:
+        answer["ignored"] = ignored
     return response(answer)
 
 
-def lorawan_entries(body: Any, now: datetime) -> tuple[str, tuple[Entry, ...]]:
-    """(dev_eui, entries) from a TTN v3 uplink webhook body (pure)."""
-    if not isinstance(body, dict):
-        raise ApiError("invalid_measurement", "the body must be a TTN uplink JSON object")
-    ids = body.get("end_device_ids")
-    dev_eui = ids.get("dev_eui") if isinstance(ids, dict) else None
-    if not isinstance(dev_eui, str) or len(dev_eui) != 16:
-        raise ApiError(
-            "invalid_measurement", "end_device_ids.dev_eui is missing or not 16 hex digits"
+async def _file_refusal(
+    conn: Any, cfg: Config, account_id: str, raw: bytes, body: Any, exc: ApiError, now: datetime
+) -> None:
+    """Keep a refused uplink where the operator sees it (the tray, the device's
+    health), within the account's own tray allowance: a flood costs only its sender."""
+    try:
+        await ratelimit.hit(
+            conn, f"tray:{account_id}", cfg.ingest_rate_per_min, 60, now, "the LoRaWAN tray"
         )
-    up = body.get("uplink_message")
-    if not isinstance(up, dict):
-        raise ApiError("invalid_measurement", "uplink_message is missing")
-    decoded = up.get("decoded_payload")
-    if not isinstance(decoded, dict):
-        raise ApiError(
-            "invalid_measurement",
-            "uplink_message.decoded_payload is missing: set a payload formatter in TTN",
-        )
-    entries: list[Entry] = []
-    ms = decoded.get("measurements", [])
-    if not isinstance(ms, list) or len(ms) > 32:
-        raise ApiError(
-            "invalid_measurement", "decoded_payload.measurements must be an array of at most 32"
-        )
-    for i, m in enumerate(ms):
-        field = f"decoded_payload.measurements[{i}]"
-        if not isinstance(m, dict) or "type" not in m or "value" not in m:
-            raise ApiError("invalid_measurement", f"{field} must be an object with type and value")
-        entries.append(make_entry(m["type"], m.get("label"), m.get("unit"), m["value"], now, field))
-    if decoded.get("battery") is not None:
-        entries.append(
-            make_entry("battery", "", None, decoded["battery"], now, "decoded_payload.battery")
-        )
-    rx = up.get("rx_metadata")
-    if isinstance(rx, list) and rx and isinstance(rx[0], dict):
-        if isinstance(rx[0].get("rssi"), int | float):
-            entries.append(
-                make_entry("signal", "", None, rx[0]["rssi"], now, "rx_metadata[0].rssi")
-            )
-        if isinstance(rx[0].get("snr"), int | float):
-            entries.append(make_entry("snr", "", None, rx[0]["snr"], now, "rx_metadata[0].snr"))
-    keys = [(e.kind, e.label) for e in entries]
-    if len(set(keys)) != len(keys):
-        raise ApiError("invalid_measurement", "decoded_payload repeats a (type, label)")
-    if not entries:
-        raise ApiError("invalid_measurement", "the uplink carries no measurement")
-    return dev_eui.upper(), tuple(entries)
+    except ApiError:
+        return  # over the allowance: the refusal is still answered, not filed
+    eui = lorawan.dev_eui_of(body)
+    dev = await pipeline.device_by_eui(conn, account_id, eui) if eui else None
+    await tray.file(
+        conn,
+        account_id,
+        dev_eui=eui,
+        network=None,
+        key=None,
+        state="refused",
+        reason=f"{exc.code}: {exc.message}",
+        device_id=dev.id if dev else None,
+        payload=body if body is not None else {"unparsed_bytes": len(raw)},
+        now=now,
+    )
 
 
 @routes.post("/v1/ingest/lorawan")
+@routes.post("/v1/ingest/lorawan/{suffix:[A-Za-z0-9_.-]{1,64}}")
 async def ingest_lorawan(request: web.Request) -> web.Response:
+    """The Things Stack v3 webhook (any message type; a per-type path suffix is fine)
+    and the ChirpStack v4 HTTP integration (`?event=up|join|...`)."""
     cfg = request.app[CONFIG]
     now = cfg.clock()
     raw = await request.read()
     token = request.query.get("token") or bearer(request)
+    event = request.query.get("event")
     async with request.app[POOL].connection() as conn:
         tok = await tokens.authenticate(conn, request.app[VERIFIER], token, ("whk",), now)
-        request[LOG_ACCOUNT] = tok.account_id
-        body = parse_json(raw)
-        dev_eui, entries = lorawan_entries(body, now)
-        dev = await pipeline.device_by_eui(conn, tok.account_id, dev_eui)
-        if dev is None:
-            await conn.execute(
-                "INSERT INTO unassigned_uplinks (account_id, dev_eui, received_at, payload)"
-                " VALUES (%s, %s, %s, %s)",
-                (tok.account_id, dev_eui, now, Jsonb(body)),
+        acc = tok.account_id
+        request[LOG_ACCOUNT] = acc
+        body: Any = None
+        try:
+            body = parse_json(raw)
+            got = lorawan.parse(body, event, now, oldest_accepted(cfg, now))
+            if isinstance(got, lorawan.Ignored):
+                # not an uplink: answered 2xx, or the network counts it against the webhook
+                return response(
+                    {
+                        "accepted": 0,
+                        "deduplicated": 0,
+                        "channels": [],
+                        "ignored_event": got.event,
+                    }
+                )
+            dev = await pipeline.device_by_eui(conn, acc, got.dev_eui)
+            if dev is None or got.simulated:
+                await ratelimit.hit(
+                    conn, f"tray:{acc}", cfg.ingest_rate_per_min, 60, now, "the LoRaWAN tray"
+                )
+                rid = await tray.file(
+                    conn,
+                    acc,
+                    dev_eui=got.dev_eui,
+                    network=got.network,
+                    key=got.key,
+                    state="simulated" if got.simulated else "unassigned",
+                    reason="simulated uplink: a test, not a reading" if got.simulated else None,
+                    device_id=dev.id if dev else None,
+                    payload=body,
+                    now=now,
+                )
+                answer: dict[str, Any] = {
+                    "accepted": 0,
+                    "deduplicated": 0 if rid is not None else len(got.entries),
+                    "channels": [],
+                }
+                if got.simulated:
+                    return response({**answer, "simulated": True})
+                return response({**answer, "unassigned": True}, status=202)
+            request[LOG_DEVICE] = dev.id
+            await _rate(conn, cfg, dev, now)
+            async with conn.transaction():  # the uplink's identity and its readings, or neither
+                if await tray.claim_key(conn, acc, got.key, dev.id, now):
+                    answer = await pipeline.store(
+                        conn, dev, got.entries, now=now, compact_after_days=cfg.compact_after_days
+                    )
+                    if got.ignored:
+                        await tray.file(
+                            conn,
+                            acc,
+                            dev_eui=got.dev_eui,
+                            network=got.network,
+                            key=got.key,
+                            state="partial",
+                            reason="no value (null): " + ", ".join(got.ignored),
+                            device_id=dev.id,
+                            payload=body,
+                            now=now,
+                        )
+                else:
+                    answer = {
+                        "accepted": 0,
+                        "deduplicated": len(got.entries),
+                        "channels": [],
+                        "duplicate": True,
+                    }
+            if got.ignored:
+                answer["ignored"] = list(got.ignored)
+            return response(answer)
+        except ApiError as exc:
+            if exc.status in (400, 422):
+                await _file_refusal(conn, cfg, acc, raw, body, exc, now)
+            raise
+
+
+# --- the tray: uplinks an operator must look at (ingest/tray.py) -------------------
+
+
+@routes.get("/v1/lorawan/unassigned")
+async def list_unassigned(request: web.Request) -> web.Response:
+    q = request.query
+    try:
+        limit = int(q.get("limit", "100"))
+    except ValueError:
+        raise ApiError("invalid_request", "limit must be an integer") from None
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        rows = await tray.list_tray(
+            conn, acc, state=q.get("state") or None, dev_eui=q.get("dev_eui") or None, limit=limit
+        )
+    return response({"data": rows})
+
+
+@routes.post("/v1/lorawan/unassigned/{uplink_id}/assign")
+async def assign_unassigned(request: web.Request) -> web.Response:
+    cfg = request.app[CONFIG]
+    now = cfg.clock()
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        body = await json_object(request)
+        extra = sorted(set(body) - {"device_id"})
+        if extra:
+            raise ApiError(
+                "invalid_request", f"unknown field {extra[0][:40]!r} (allowed: device_id)"
             )
-            return response(
-                {"accepted": 0, "deduplicated": 0, "channels": [], "unassigned": True}, status=202
-            )
-        request[LOG_DEVICE] = dev.id
-        await _rate(conn, cfg, dev, now)
-        answer = await pipeline.store(
-            conn, dev, entries, now=now, compact_after_days=cfg.compact_after_days
+        answer = await tray.assign(
+            conn,
+            acc,
+            request.match_info["uplink_id"],
+            body.get("device_id"),
+            now=now,
+            oldest=oldest_accepted(cfg, now),
+            compact_after_days=cfg.compact_after_days,
+            actor=auth.actor(request),
         )
     return response(answer)
+
+
+@routes.delete("/v1/lorawan/unassigned/{uplink_id}")
+async def discard_unassigned(request: web.Request) -> web.Response:
+    now = request.app[CONFIG].clock()
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        await tray.discard(
+            conn, acc, request.match_info["uplink_id"], now, actor=auth.actor(request)
+        )
+    return web.Response(status=204)

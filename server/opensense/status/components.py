@@ -120,9 +120,14 @@ def _ingest(f: Figures) -> tuple[str, str]:
     if i.get("requests_5m", 0) >= 20 and i.get("slow_share_5m", 0.0) > 0.01:
         return "degraded", "p99 latency above 2 s"
     p99 = i.get("p99_bound_5m_s")
+    # LoRaWAN uplinks refused or unassigned are the customers' side (a payload
+    # formatter, an unregistered DevEUI), not an outage: counted, never degrading
+    lw = (f.get("lorawan") or {}).get("filed_24h") or {}
+    tray = ", ".join(f"{lw[k]} {k}" for k in ("refused", "unassigned", "partial") if lw.get(k))
     return "operational", (
         f"{i.get('requests_5m', 0)} answers in 5 min"
         + (f", p99 ≤ {p99 * 1000:g} ms" if p99 is not None else "")
+        + (f"; LoRaWAN uplinks in 24 h: {tray}" if tray else "")
     )
 
 

@@ -62,6 +62,15 @@ class SnapshotCollector(Collector):
             g.add_metric([], ing["p99_bound_5m_s"])
         yield g
 
+        g = GaugeMetricFamily(
+            "opensense_lorawan_tray_filed_24h",
+            "LoRaWAN uplinks put in the tray in the last 24 h, all accounts, per state",
+            labels=["state"],
+        )
+        for st, n in ((f.get("lorawan") or {}).get("filed_24h") or {}).items():
+            g.add_metric([st], float(n))
+        yield g
+
         disp = GaugeMetricFamily(
             "opensense_dispatch_failed_ratio_5m",
             "Failed share of delivery attempts in 5 min, per path",

@@ -273,6 +273,7 @@ class StatusMonitor:
                 configured=bool(self.cfg.backup_recipients),
             ),
             "gateways": await probes.gateways(conn, now),
+            "lorawan": await probes.lorawan(conn, now),
         }
 
     # --- publishing this process -------------------------------------------------------

@@ -110,6 +110,25 @@ async def ingest(conn: AsyncConnection[Any], now: datetime) -> dict[str, Any]:
     }
 
 
+async def lorawan(conn: AsyncConnection[Any], now: datetime) -> dict[str, Any] | None:
+    """The LoRaWAN tray, all accounts: uplinks filed in the last 24 h by state, and
+    the open ones. A refused uplink answers 4xx to a network nobody watches, so the
+    count is shown here (indexed by received_at; the tray is small)."""
+    if not await exists(conn, "unassigned_uplinks"):
+        return None
+    cur = await conn.execute(
+        "SELECT state, count(*) FILTER (WHERE received_at >= %s),"
+        " count(*) FILTER (WHERE resolved_at IS NULL)"
+        " FROM unassigned_uplinks WHERE received_at >= %s OR resolved_at IS NULL GROUP BY state",
+        (now - timedelta(hours=24), now - timedelta(hours=24)),
+    )
+    out: dict[str, Any] = {"filed_24h": {}, "open": {}}
+    for state, day, open_ in await cur.fetchall():
+        out["filed_24h"][state] = int(day)
+        out["open"][state] = int(open_)
+    return out
+
+
 async def dispatch(
     conn: AsyncConnection[Any], now: datetime, min_accounts: int = MIN_ACCOUNTS
 ) -> dict[str, Any]:
