@@ -73,6 +73,23 @@ MUTATIONS = (
         "PUBACK before the commit: a SIGKILL mid-delivery loses acknowledged readings",
     ),
     Mutation(
+        "identify_takes_the_account_from_the_device_id",
+        "server/opensense/devices/routes.py",
+        '    """Blink the node\'s LED (cmd/identify) so an installer finds it in the fridge."""\n'
+        "    now = request.app[CONFIG].clock()\n"
+        "    async with request.app[POOL].connection() as conn:\n"
+        "        acc = await auth.account(request, conn)\n",
+        "    now = request.app[CONFIG].clock()\n"
+        "    async with request.app[POOL].connection() as conn:\n"
+        "        await auth.account(request, conn)\n"
+        "        cur = await conn.execute(\n"
+        '            "SELECT account_id FROM devices WHERE id = %s", (request.match_info["device_id"],)\n'
+        "        )\n"
+        '        acc = ((await cur.fetchone()) or ("",))[0]\n',
+        "tests/test_errors.py::test_another_accounts_id_on_every_route_is_not_found",
+        "a route the hand-written list of B's ids never named (identify) reaches B's device",
+    ),
+    Mutation(
         "mqtt_duplicates_not_counted",
         "server/opensense/mqtt/ingest.py",
         '        self.counters.deduplicated += answer["deduplicated"]\n',
