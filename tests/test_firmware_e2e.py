@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from opensense.api.keys import MQTT
 from opensense.node.sim import rom
 
+from .fixtures.clock import FollowingClock
 from .fixtures.firmware import assert_exactly_once, node_config, rows, wait_for
 from .fixtures.server import make_world
 
@@ -23,6 +24,14 @@ pytestmark = pytest.mark.db
 
 SPEED = 1200
 OUTAGE_S = 6 * 3600
+
+
+@pytest.fixture
+def clock() -> FollowingClock:
+    """The server's clock runs at the nodes' speed (it stays 8 h ahead of their world):
+    a frozen one would see every reading "in the future" after 8 h of node time, i.e.
+    24 s of real time, which a loaded host can take to get through the test."""
+    return FollowingClock(datetime.now(UTC).replace(second=0, microsecond=0), SPEED)
 
 
 @pytest.mark.e2e
