@@ -136,7 +136,12 @@ class Board:
     def ntp_sync(self, host=None):
         if not self._ctl().get("ntp", True) or not self.wifi_up():
             return False
-        self.synced_offset = self._true_time() - self.ticks_ms() / 1000
+        # true time and uptime of one host instant: two reads would put whatever a busy
+        # host stalls between them (times the fast clock's speed) into the node's clock
+        h = _host()
+        c = self._ctl()
+        true = c.get("epoch0", 1795500000) + (h - c.get("t0", self.start)) * self._speed()
+        self.synced_offset = true - (h - self.start) * self._speed()
         self.event("ntp")
         return True
 
