@@ -29,8 +29,8 @@ from opensense.status.observe import Observer
 
 from .fixtures.clock import FakeClock
 from .fixtures.contracts import create_contract_tables
-from .fixtures.processes import free_port
 from .fixtures.database import owner_of
+from .fixtures.processes import free_port
 from .fixtures.server import make_world, test_config
 
 pytestmark = pytest.mark.db
