@@ -196,6 +196,13 @@ def _previous_release(dest: Path) -> str | None:
     ).stdout.strip()
     if not rev:
         return None  # not committed yet, or no history (a source tarball)
+    parent = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{rev}~1^{{commit}}"],
+        capture_output=True,
+        text=True,
+    )
+    if parent.returncode != 0:
+        return None  # a shallow clone ends at that commit: its parent is not here
     archive = subprocess.run(
         ["git", "-C", str(ROOT), "archive", f"{rev}^", "server"], capture_output=True, check=True
     ).stdout

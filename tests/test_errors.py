@@ -890,3 +890,186 @@ async def test_database_unreachable_is_503_unavailable(client, world):
     assert r.headers["Retry-After"] == "5"
     err = (await r.json())["error"]
     assert err["code"] == "unavailable" and err["request_id"] == r.headers["X-Request-Id"]
+
+
+# --- another account's id on every route that takes one ---------------------------------
+
+# path parameter -> what it names (the `<what>_not_found` code); a new kind of id fails
+# the test below until it is added here with one of account B's ids
+ID_KINDS = {
+    "site_id": "site",
+    "device_id": "device",
+    "channel_id": "channel",  # a channel or its sensor (snr_) id
+    "token_id": "token",
+    "event_id": "event",
+    "rule_id": "rule",
+    "target_id": "target",
+}
+
+
+def _routes_with_ids(app: web.Application) -> list[tuple[str, str, list[str]]]:
+    """(method, path, placeholders) of every route whose path takes an id, read from
+    the router itself, so a route added tomorrow is tried too."""
+    out = []
+    for route in app.router.routes():
+        if route.method == "HEAD" or route.resource is None:
+            continue
+        info = route.resource.get_info()
+        path = info.get("formatter") or info.get("path") or ""
+        names = re.findall(r"\{(\w+)(?::[^}]*)?\}", path)
+        if names:
+            out.append((route.method, path, names))
+    return sorted(out)
+
+
+def _operation(method: str, path: str) -> dict[str, Any]:
+    from opensense.openapi import document
+
+    return dict(document()["paths"].get(path, {}).get(method.lower(), {}))
+
+
+def _security(method: str, path: str) -> set[str]:
+    return {k for s in _operation(method, path).get("security", []) for k in s}
+
+
+def _valid_body(method: str, path: str) -> bytes | None:
+    """A body the operation's documented schema accepts (its example, or the required
+    fields filled in), so the id is what the request is refused for, not the body."""
+    from opensense.openapi import document
+
+    if method in ("GET", "DELETE"):
+        return None
+    content = _operation(method, path).get("requestBody", {}).get("content", {})
+    media = content.get("application/json", {})
+    if "example" in media:
+        return json.dumps(media["example"]).encode()
+    for ex in media.get("examples", {}).values():
+        if "value" in ex:
+            return json.dumps(ex["value"]).encode()
+    components = document().get("components", {}).get("schemas", {})
+
+    def fill(schema: dict[str, Any]) -> Any:
+        if "$ref" in schema:
+            return fill(components[schema["$ref"].rsplit("/", 1)[1]])
+        if "example" in schema:
+            return schema["example"]
+        if "enum" in schema:
+            return schema["enum"][0]
+        kind = schema.get("type")
+        kind = next((k for k in kind if k != "null"), None) if isinstance(kind, list) else kind
+        if kind == "object" or "properties" in schema:
+            props = schema.get("properties", {})
+            return {k: fill(props.get(k, {})) for k in schema.get("required", [])}
+        if kind in ("integer", "number"):
+            return schema.get("minimum", 0)
+        if kind == "string":
+            return "x" * max(1, schema.get("minLength", 1))
+        if kind == "array":
+            return []
+        if kind == "boolean":
+            return False
+        return {}
+
+    return json.dumps(fill(media.get("schema", {}))).encode()
+
+
+async def _b_ids(client: Any, t: Tenants, dsn: str) -> dict[str, list[str]]:
+    """One id of account B for every kind of id (channels: the channel and its sensor)."""
+    b = t.b
+    rule = await ok(
+        await client.post(
+            f"/v1/channels/{t.b_chn}/rules",
+            json={"kind": "range", "params": {"ok_min": 0, "ok_max": 8}, "grace_min": 5},
+            headers=b.auth,
+        ),
+        201,
+    )
+    target = await ok(
+        await client.post(
+            "/v1/targets", json={"path": "email", "address": "b@example.com"}, headers=b.auth
+        ),
+        201,
+    )
+    b_evt = "evt_errorsb" + b.account[-8:]
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute(
+            "INSERT INTO events (id, account_id, channel_id, kind, state, started_at)"
+            " VALUES (%s, %s, %s, 'range', 'alarm', now())",
+            (b_evt, b.account, t.b_chn),
+        )
+    return {
+        "site": [b.site],
+        "device": [t.b_dev],
+        "channel": [t.b_chn, t.b_snr],
+        "token": [t.b_token_id],
+        "event": [b_evt],
+        "rule": [rule["id"]],
+        "target": [target["id"]],
+    }
+
+
+async def _b_rows(dsn: str, t: Tenants) -> list[Any]:
+    """Everything of account B a request could change, as rows."""
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        out = []
+        for q in (  # whole rows: B makes no request in between, so nothing may move
+            "SELECT x.id, to_jsonb(x)::text FROM sites x WHERE x.account_id = %s",
+            "SELECT x.id, to_jsonb(x)::text FROM devices x WHERE x.account_id = %s",
+            "SELECT x.id, to_jsonb(x)::text FROM channels x WHERE x.account_id = %s",
+            "SELECT x.id, to_jsonb(x)::text FROM events x WHERE x.account_id = %s",
+            "SELECT x.id, to_jsonb(x)::text FROM rules x"
+            " JOIN channels c ON c.id = x.channel_id WHERE c.account_id = %s",
+            "SELECT x.id, to_jsonb(x)::text FROM notify_targets x WHERE x.account_id = %s",
+            "SELECT x.id, to_jsonb(x)::text FROM tokens x WHERE x.account_id = %s",
+        ):
+            cur = await conn.execute(q + " ORDER BY 1", (t.b.account,))
+            out.append(await cur.fetchall())
+        return out
+
+
+async def test_another_accounts_id_on_every_route_is_not_found(eclient, tenants: Tenants, dsn):
+    """Account A's token with one of account B's ids, on every route of the router that
+    takes an id: 404 `<kind>_not_found` in the envelope, nothing of B shown or changed.
+    Skipped by rule only: routes whose path takes no id, and the operator's routes
+    (incidents are the server's, no account's)."""
+    client, t = eclient, tenants
+    ids = await _b_ids(client, t, dsn)
+    before = await _b_rows(dsn, t)
+    routes = _routes_with_ids(client.app)
+    tried, failures = 0, []
+    for method, path, names in routes:
+        security = _security(method, path)
+        if security == {"operatorToken"}:
+            continue
+        assert "userToken" in security, (
+            f"{method} {path} takes an id but not a user's token ({security}): decide how "
+            "another account's id is refused there and add it to this test"
+        )
+        unknown = [n for n in names if n not in ID_KINDS]
+        assert not unknown, f"{method} {path}: add account B's {unknown} to ID_KINDS/_b_ids"
+        for name in names:
+            for value in ids[ID_KINDS[name]]:
+                # the other placeholders (none today) get the same account B's ids
+                url = path
+                for other in names:
+                    fill = value if other == name else ids[ID_KINDS[other]][0]
+                    url = re.sub(r"\{" + other + r"(?::[^}]*)?\}", fill, url)
+                kind = ID_KINDS[name]
+                if value.startswith("snr_"):
+                    kind = "sensor"
+                case = Case(
+                    f"B's {name} on {method} {path}",
+                    method,
+                    url,
+                    f"{kind}_not_found",
+                    {**t.a.auth, "Content-Type": "application/json"},
+                    _valid_body(method, path),
+                )
+                status, headers, text = await send(client, case)
+                tried += 1
+                for p in envelope_problems(case, status, headers, text, t.secrets):
+                    failures.append(f"{case.name} ({url}): {p}")
+    assert not failures, "\n".join(failures)
+    # every route with an id of the router was tried, and B is as it was
+    assert tried >= len(routes) - 5, (tried, len(routes))
+    assert await _b_rows(dsn, t) == before

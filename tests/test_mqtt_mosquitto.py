@@ -143,6 +143,10 @@ async def test_paho_publishes_over_verified_tls_and_the_reading_is_read_back(
         lambda: _has(dsn, dev, 2)
     )
     assert await stored(dsn, dev) == [4.2, 4.3]
+    # the rows alone cannot show it (the primary key on (channel, ts) keeps one row
+    # whatever the ingest did): the store reports exactly one skipped duplicate
+    counters = app.app[MQTT].ingest.counters
+    assert (counters.stored, counters.deduplicated) == (2, 1)
     await asyncio.to_thread(n.close)
 
 
@@ -530,6 +534,9 @@ async def _count(dsn: str, account: str, since: datetime) -> int:
 
 
 async def _per_device(dsn: str, account: str, since: datetime) -> dict[str, tuple[int, int]]:
+    # readings and distinct timestamps per device: each device has one channel here, so
+    # the primary key on (channel, ts) makes them equal by construction; the exact
+    # counts are what prove that no reading was lost (or duplicated)
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
         cur = await conn.execute(
             "SELECT c.device_id, count(*), count(DISTINCT m.ts) FROM measurements m"

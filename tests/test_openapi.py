@@ -31,6 +31,9 @@ def _real_clock() -> datetime:
 
 
 MAX_EXAMPLES = 20
+# cases the run sends at least: well below what it sends today (printed in the summary),
+# far above what a run that quietly skipped phases or operations would
+MIN_CASES = 1000
 OPERATOR_TOKEN = "operator-test-token"
 CHECKS = (
     "not_a_server_error",
@@ -76,6 +79,17 @@ async def test_every_route_is_documented_and_every_operation_served(client):
 # --- schemathesis against the live app -------------------------------------------------
 
 
+def test_every_check_named_is_one_schemathesis_has():
+    # schemathesis' config takes any name under "checks" and never runs an unknown one;
+    # the live run below also asserts each of these ran by name
+    import schemathesis.specs.openapi.checks  # noqa: F401 - registers the OpenAPI checks
+    from schemathesis.checks import CHECKS as REGISTRY
+
+    known = set(REGISTRY.get_all_names())
+    assert set(CHECKS) <= known, sorted(set(CHECKS) - known)
+    assert len(CHECKS) == len(set(CHECKS)) >= 4
+
+
 async def _lorawan_setup(dsn: str, world: World) -> str:
     """A whk_ token, and fridge02 answering to the dev_eui of the document's TTN example."""
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
@@ -92,6 +106,7 @@ class Outcome:
     failures: list[str] = field(default_factory=list)
     statuses: Counter[str] = field(default_factory=Counter)  # "<operation> <status>"
     checks: Counter[str] = field(default_factory=Counter)  # "<check> <status>"
+    cases: int = 0  # test cases run (requests sent and checked)
 
     def summary(self) -> str:
         lines = [f"{k}: {v}" for k, v in sorted(self.statuses.items())]
@@ -146,6 +161,7 @@ def _run(schema: Any, out: Outcome) -> None:
             for inter in event.recorder.interactions.values():
                 if inter.response is not None:
                     out.statuses[f"{label} {inter.response.status_code}"] += 1
+                    out.cases += 1
         elif isinstance(event, events.NonFatalError):
             out.failures.append(f"{event.label}: {event.info.title}\n{event.info.message}")
         elif isinstance(event, events.FatalError):
@@ -183,11 +199,19 @@ async def test_schemathesis_finds_no_failure(aiohttp_server, new_database):
     base_url = str(server.make_url("")).rstrip("/")
     out = await asyncio.to_thread(_run_schemathesis, base_url, world, whk)
     print(out.summary())
+    print("cases:", out.cases)
     assert not out.failures, f"{len(out.failures)} schemathesis failures:\n\n" + "\n\n".join(
         out.failures
     )
-    # the run reached every operation, and the happy paths too
+    # every check named in CHECKS ran, by that name, and passed on many answers (a
+    # misspelled name is accepted by schemathesis' config and would simply never run)
+    ran = {k.rsplit(" ", 1)[0] for k in out.checks}
+    assert ran == set(CHECKS), (sorted(ran), CHECKS)
     documented = _documented_operations(document())
+    for name in CHECKS:
+        assert out.checks[f"{name} success"] >= len(documented), (name, out.summary())
+    assert out.cases >= MIN_CASES, (out.cases, MIN_CASES)
+    # the run reached every operation, and the happy paths too
     reached = {tuple(k.rsplit(" ", 1)[0].split(" ", 1)) for k in out.statuses}
     documented.discard(("get", "/v1/openapi.json"))  # schemathesis skips the schema itself
     assert {(m.upper(), p) for m, p in documented} <= reached

@@ -80,6 +80,7 @@ class Board:
         self.ctl = {}
         self.ctl_at = -1.0
         self.synced_offset = None
+        self.read_true = None  # true time of the last time() read (for the sample log)
         self.wifi_on = False
         self.wdt_s = 0
         self.last_feed = 0
@@ -123,14 +124,24 @@ class Board:
         return c.get("epoch0", 1795500000) + (_host() - c.get("t0", self.start)) * self._speed()
 
     def time(self):
+        # the true (harness) time at this very read, for the sample logged right after:
+        # on a busy host the log line can come many fast-clock seconds later
+        h = _host()
+        c = self._ctl()
+        self.read_true = c.get("epoch0", 1795500000) + (h - c.get("t0", self.start)) * self._speed()
         if self.synced_offset is None:
             return None
-        return int(self.uptime_s() + self.synced_offset)
+        return int(int((h - self.start) * self._speed()) + self.synced_offset)
 
     def ntp_sync(self, host=None):
         if not self._ctl().get("ntp", True) or not self.wifi_up():
             return False
-        self.synced_offset = self._true_time() - self.ticks_ms() / 1000
+        # true time and uptime of one host instant: two reads would put whatever a busy
+        # host stalls between them (times the fast clock's speed) into the node's clock
+        h = _host()
+        c = self._ctl()
+        true = c.get("epoch0", 1795500000) + (h - c.get("t0", self.start)) * self._speed()
+        self.synced_offset = true - (h - self.start) * self._speed()
         self.event("ntp")
         return True
 
@@ -265,4 +276,7 @@ class Board:
     def event(self, what):
         with open(DIR + "/events.log", "a") as f:
             # uptime and the true (harness) time, so tests can check the node's clock
-            f.write("%d %d %s\n" % (self.uptime_s(), self._true_time(), what))
+            true = self._true_time()
+            if what.startswith("sample ") and self.read_true is not None:
+                true = self.read_true  # the instant the sample's clock was read
+            f.write("%d %d %s\n" % (self.uptime_s(), true, what))
