@@ -904,11 +904,12 @@ ID_KINDS = {
     "event_id": "event",
     "rule_id": "rule",
     "target_id": "target",
+    "uplink_id": "uplink",  # a row of the LoRaWAN tray
 }
 
 
 def _routes_with_ids(app: web.Application) -> list[tuple[str, str, list[str]]]:
-    """(method, path, placeholders) of every route whose path takes an id, read from
+    """(method, path, id placeholders) of every route whose path takes an id, read from
     the router itself, so a route added tomorrow is tried too."""
     out = []
     for route in app.router.routes():
@@ -916,7 +917,8 @@ def _routes_with_ids(app: web.Application) -> list[tuple[str, str, list[str]]]:
             continue
         info = route.resource.get_info()
         path = info.get("formatter") or info.get("path") or ""
-        names = re.findall(r"\{(\w+)(?::[^}]*)?\}", path)
+        # an id is a placeholder named `<what>_id`; others (a webhook's path suffix) are not
+        names = [n for n in re.findall(r"\{(\w+)(?::[^}]*)?\}", path) if n.endswith("_id")]
         if names:
             out.append((route.method, path, names))
     return sorted(out)
@@ -997,6 +999,14 @@ async def _b_ids(client: Any, t: Tenants, dsn: str) -> dict[str, list[str]]:
             " VALUES (%s, %s, %s, 'range', 'alarm', now())",
             (b_evt, b.account, t.b_chn),
         )
+        cur = await conn.execute(
+            "INSERT INTO unassigned_uplinks (account_id, dev_eui, received_at, payload)"
+            " VALUES (%s, '70b3d57ed0000b0b', now(), '{}') RETURNING id",
+            (b.account,),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        b_uplink = str(row[0])
     return {
         "site": [b.site],
         "device": [t.b_dev],
@@ -1005,6 +1015,7 @@ async def _b_ids(client: Any, t: Tenants, dsn: str) -> dict[str, list[str]]:
         "event": [b_evt],
         "rule": [rule["id"]],
         "target": [target["id"]],
+        "uplink": [b_uplink],
     }
 
 
@@ -1021,6 +1032,7 @@ async def _b_rows(dsn: str, t: Tenants) -> list[Any]:
             " JOIN channels c ON c.id = x.channel_id WHERE c.account_id = %s",
             "SELECT x.id, to_jsonb(x)::text FROM notify_targets x WHERE x.account_id = %s",
             "SELECT x.id, to_jsonb(x)::text FROM tokens x WHERE x.account_id = %s",
+            "SELECT x.id, to_jsonb(x)::text FROM unassigned_uplinks x WHERE x.account_id = %s",
         ):
             cur = await conn.execute(q + " ORDER BY 1", (t.b.account,))
             out.append(await cur.fetchall())
