@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import getpass
 import json
 import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -110,8 +112,10 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
     host = args.host or cfg.host
     port = args.port if args.port is not None else cfg.port
     cfg = cfg.replace(host=host, port=port)  # the MQTT consumer's client id uses the port
+    app = create_app(cfg, dsn)
+    app.on_shutdown.append(_bounded_stop)
     web.run_app(
-        create_app(cfg, dsn),
+        app,
         host=host,
         port=port,
         access_log=None,
@@ -119,6 +123,37 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
         loop=_stop_on_hangup(asyncio.new_event_loop()),
     )
     return 0
+
+
+STOP_BUDGET_S = 20.0
+
+
+async def _bounded_stop(app: web.Application) -> None:
+    """A stop (SIGTERM, SIGINT, SIGHUP) that has not ended after STOP_BUDGET_S is ended
+    hard, after every thread's and task's stack is logged: a stop that hangs would
+    otherwise hold the port, the broker and the database handle until someone kills
+    it. Nothing acknowledged is lost by it: a reading is committed before its 200 or
+    PUBACK, and the rest is what a SIGKILL leaves (the nodes resend it)."""
+    loop = asyncio.get_running_loop()
+
+    def expire() -> None:
+        log.error(
+            "the stop has not ended after %.0f s: stacks follow, then the process ends hard",
+            STOP_BUDGET_S,
+        )
+        for task in list(asyncio.all_tasks(loop)):  # a read-only look from this thread
+            log.error("pending task %r", task)
+            for frame in task.get_stack(limit=8):
+                log.error(
+                    "    %s:%s %s", frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name
+                )
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        os._exit(3)
+
+    timer = threading.Timer(STOP_BUDGET_S, expire)
+    timer.daemon = True  # never what keeps the process alive
+    timer.start()
 
 
 def _stop_on_hangup(loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
