@@ -98,11 +98,22 @@ class Board:
 
         return random.getrandbits(16)
 
-    # --- Wi-Fi ----------------------------------------------------------------
+    # --- Wi-Fi -------------------------------------------------------------------
+    # network.WLAN on the ESP32 port: connect() only starts an attempt; status() is
+    # STAT_CONNECTING (1001) until STAT_GOT_IP (1010) or a failure code (200-204).
+    # connect() again before disconnect() raises OSError('Wifi Internal Error'), also
+    # after a failed attempt (micropython#17661): the node calls wifi_connect once per
+    # attempt and disconnects before the next (sense/node.py, mqtt_as's wifi_connect).
+    # Every call can raise OSError; the node catches it.
     def wifi_connect(self, ssid, password):
         self.wlan.active(True)
-        if not self.wlan.isconnected():
-            self.wlan.connect(ssid, password)
+        self.wlan.connect(ssid, password)
+
+    def wifi_disconnect(self):
+        self.wlan.disconnect()
+
+    def wifi_status(self):
+        return self.wlan.status()
 
     def wifi_up(self):
         return self.wlan.isconnected()

@@ -80,7 +80,8 @@ class Board:
         self.ctl = {}
         self.ctl_at = -1.0
         self.synced_offset = None
-        self.wifi_on = False
+        self.wifi_at = None  # ticks of the connect() under way, None: idle
+        self.wifi_got = self.wifi_lost = False
         self.wdt_s = 0
         self.last_feed = 0
         self._flash = None
@@ -177,14 +178,50 @@ class Board:
         return int.from_bytes(os.urandom(2), "little")
 
     # --- Wi-Fi -------------------------------------------------------------------
+    # As the ESP32 port's network.WLAN (ports/esp32/network_wlan.c, IDF 5): connect()
+    # starts an attempt and returns; status() says STAT_CONNECTING (1001) until it
+    # ends in STAT_GOT_IP (1010) or a failure (201 no AP found, 202 wrong password,
+    # 200 beacon timeout after losing the AP). A second connect() before disconnect()
+    # raises OSError('Wifi Internal Error'): the IDF answers "sta is connecting, return
+    # error", also after a failed attempt (micropython#17661). ctl: wifi (AP there),
+    # wifi_connect_s (virtual seconds an attempt takes), wifi_fail (status when no AP).
+    def _wifi_state(self):
+        if self.wifi_at is None:
+            return 1000  # STAT_IDLE
+        if self.wifi_lost:
+            return 200  # STAT_BEACON_TIMEOUT: the AP went away after we had an IP
+        c = self._ctl()
+        if (self.ticks_ms() - self.wifi_at) < c.get("wifi_connect_s", 2) * 1000:
+            return 1001  # STAT_CONNECTING
+        if not self.wifi_got:
+            if not c.get("wifi", True):
+                return c.get("wifi_fail", 201)  # STAT_NO_AP_FOUND: the attempt is over
+            self.wifi_got = True
+        if not c.get("wifi", True):
+            self.wifi_lost = True
+            return 200
+        return 1010  # STAT_GOT_IP
+
     def wifi_connect(self, ssid, password):
-        self.wifi_on = True
+        if self.wifi_at is not None:
+            self.event("wifi_internal_error")
+            raise OSError("Wifi Internal Error")  # the chip's answer (micropython#17661)
+        self.wifi_at = self.ticks_ms()
+        self.wifi_got = self.wifi_lost = False
+        self.event("wifi_connect")
+
+    def wifi_disconnect(self):
+        self.wifi_at = None
+        self.wifi_got = self.wifi_lost = False
+
+    def wifi_status(self):
+        return self._wifi_state()
 
     def wifi_up(self):
-        return self.wifi_on and self._ctl().get("wifi", True)
+        return self._wifi_state() == 1010
 
     def wifi_restart(self):
-        self.wifi_on = False
+        self.wifi_disconnect()
         self.event("wifi_restart")
 
     def rssi(self):

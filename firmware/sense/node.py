@@ -78,6 +78,9 @@ class Node:
         self.next_try = 0
         self.last_ok = b.ticks_ms()
         self.rung = 0
+        self.wifi_at = None  # ticks of the Wi-Fi attempt under way (None: none)
+        self.wifi_tries = 0  # failed attempts in a row, for the backoff
+        self.next_wifi = b.ticks_ms()
         self.refused = ""
         self.healthy = False
 
@@ -105,6 +108,45 @@ class Node:
         if cause == "watchdog":
             return "watchdog (during %s)" % phase
         return cause
+
+    # --- Wi-Fi (policy.wifi_step; mqtt_as's wifi_connect) ---------------------------
+    def _wifi(self):
+        # Never connect() while an attempt is under way: on the ESP32 that raises
+        # OSError('Wifi Internal Error') (micropython#17661). One connect() per attempt,
+        # status() polled each step, disconnect() before the next attempt, every call
+        # guarded: a Wi-Fi error must never reach the watchdog.
+        b = self.b
+        now = b.ticks_ms()
+        st = None
+        if self.wifi_at is not None:
+            try:
+                st = b.wifi_status()
+            except OSError:
+                st = -1
+        step = policy.wifi_step(st, 0 if self.wifi_at is None else b.ticks_diff(now, self.wifi_at))
+        if step == policy.WIFI_UP:
+            if self.wifi_tries:
+                b.event("wifi up")
+            self.wifi_tries = 0
+            return
+        if step == policy.WIFI_WAIT or b.ticks_diff(now, self.next_wifi) < 0:
+            return
+        if self.wifi_at is not None:
+            self.wifi_tries += 1
+            b.event("wifi failed %s" % st)
+            try:
+                b.wifi_disconnect()  # ends the attempt: the next connect() is allowed
+            except OSError:
+                pass
+        self.wifi_at = None
+        self.next_wifi = b.ticks_add(now, policy.backoff_ms(self.wifi_tries, b.rand16()))
+        c = self.cfg["wifi"]
+        try:
+            b.wifi_connect(c["ssid"], c.get("password") or "")
+            self.wifi_at = now
+        except OSError as e:
+            self.wifi_tries += 1
+            b.event("wifi error %r" % (e,))
 
     # --- time --------------------------------------------------------------------
     def _clock(self):
@@ -299,7 +341,11 @@ class Node:
         if step == policy.WIFI_RESTART:
             self.rung = step
             self.up.close()
-            b.wifi_restart()
+            try:
+                b.wifi_restart()
+            except OSError:
+                pass
+            self.wifi_at = None
         elif step == policy.RESET:
             self.q.flush()
             self._crumb_set("w", "ladder")
@@ -320,7 +366,6 @@ class Node:
             return
         c = self.cfg
         b.wdt_start(c["wdt_s"])
-        b.wifi_connect(c["wifi"]["ssid"], c["wifi"].get("password") or "")
         next_sample = b.ticks_ms()
         while steps is None or steps > 0:
             if steps:
@@ -331,8 +376,7 @@ class Node:
                 next_sample = b.ticks_add(next_sample, self.cadence * 1000)  # ticks wrap: ticks_add
                 if b.ticks_diff(b.ticks_ms(), next_sample) >= 0:
                     next_sample = b.ticks_add(b.ticks_ms(), self.cadence * 1000)  # fell behind: no burst
-            if not b.wifi_up():
-                b.wifi_connect(c["wifi"]["ssid"], c["wifi"].get("password") or "")
+            self._wifi()
             self._clock()
             self._uplink()
             self._ladder()

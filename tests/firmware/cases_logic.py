@@ -121,3 +121,15 @@ def case_payload_shape():
     assert d["measurements"][0] == {"type": "temperature", "value": 4.0625, "label": "front",
                                     "unit": "°C", "ts": "2026-11-24T09:34:56Z", "seq": 7}
     assert d["measurements"][1]["type"] == "signal"
+
+
+def case_wifi_step_connects_once_and_retries_only_after_a_failure_or_timeout():
+    # network.WLAN status codes of the ESP32 port; micropython#17661
+    W = policy
+    assert W.wifi_step(None, 0) == W.WIFI_RETRY  # no attempt yet: start one
+    assert W.wifi_step(W.STAT_CONNECTING, 0) == W.WIFI_WAIT
+    assert W.wifi_step(W.STAT_CONNECTING, W.WIFI_TIMEOUT_MS - 1) == W.WIFI_WAIT
+    assert W.wifi_step(W.STAT_CONNECTING, W.WIFI_TIMEOUT_MS) == W.WIFI_RETRY
+    assert W.wifi_step(W.STAT_GOT_IP, 10 ** 9) == W.WIFI_UP
+    for failed in (200, 201, 202, 203, 204, W.STAT_IDLE, -1):
+        assert W.wifi_step(failed, 0) == W.WIFI_RETRY, failed
