@@ -56,8 +56,10 @@ def run():
         b.sleep_ms(100)
     else:
         return "Wi-Fi %r did not connect: check the name and password" % cfg["wifi"]["ssid"]
-    if b.time() is None and not b.ntp_sync(cfg["ntp_host"]):
-        return "no time from NTP (%s) and the clock is not set" % cfg["ntp_host"]
+    # always NTP: the RTC may hold what the installer's PC set (local time, not UTC),
+    # and a reading dated by it is refused as "in the future" east of UTC
+    if not b.ntp_sync(cfg["ntp_host"]):
+        return "no time from NTP (%s): the node dates no reading and opens no TLS without it" % cfg["ntp_host"]
     with open(b.ca_path(), "rb") as f:
         ca = f.read()
     up = Uplink(b, cfg, ca, lambda *a: None)

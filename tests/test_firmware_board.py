@@ -87,3 +87,64 @@ def test_no_access_point_at_boot_never_connects_twice_and_joins_when_it_comes(no
     wait(lambda: len(ends(n, "wifi up")) >= 2, what=lambda: "\n".join(n.events()[-20:]))
     assert not ends(n, "wifi_internal_error")
     assert n.restarts == 0, n.console()[-2000:]
+
+
+def test_a_crash_loop_parks_in_safe_mode_and_tries_again_after_the_timeout(node):
+    """Every boot crashes (an exception in the loop): each ends in a reset, never at
+    the REPL; after 5 crashes in a row the node parks in safe mode with the REPL free
+    and the watchdog re-timed, and when that runs out it tries the app again. Once the
+    fault is gone it runs and its crash count is cleared."""
+    n = node(crash=True, speed=3600)  # safe mode's hour is one real second
+    n.start()
+    wait(lambda: n.parked >= 2, what=lambda: n.console()[-3000:])
+    assert not n.stuck
+    assert "safe mode: 5 crashes in a row" in n.console()
+    # after the timeout one more try, one more crash, parked again: 5 + 1 + 1 boots
+    assert n.restarts >= 7, n.console()[-3000:]
+    assert "RuntimeError: simulated crash" in n.console()
+    n.set(crash=False)
+    wait(lambda: ends(n, "wifi_connect"), within=30, what=lambda: n.console()[-3000:])
+    assert not n.stuck
+
+
+def test_bad_json_config_never_leaves_the_node_at_the_repl_for_good(node, tmp_path):
+    """A config that is not JSON (a torn copy): the node says so and gives the REPL to
+    the installer, with the watchdog running, so it tries again later instead of
+    sitting there until someone pulls the plug."""
+    n = node(speed=3600)
+    (n.dir / "config.json").write_text('{"wifi": {"ssid": "shop"')
+    n.start()
+    wait(lambda: n.parked >= 2 or n.stuck, what=lambda: n.console()[-3000:])
+    assert not n.stuck, n.console()[-3000:]
+    assert "config.json is not JSON" in n.console()
+    (n.dir / "config.json").write_text(__import__("json").dumps(config()))
+    wait(lambda: ends(n, "wifi_connect"), what=lambda: n.console()[-3000:])
+
+
+def test_power_cuts_do_not_count_toward_safe_mode(node):
+    """Six power cuts in a row during start-up (a fridge on a switched socket) are not
+    crashes: the node must not end in safe mode."""
+    n = node(wifi=False)
+    n.start()
+    for k in range(6):
+        wait(lambda: ends(n, "wifi_connect"), what=lambda: n.console()[-3000:])
+        (n.dir / "events.log").unlink()
+        n.power_cut()
+    wait(lambda: ends(n, "wifi_connect"), what=lambda: n.console()[-3000:])
+    assert not ends(n, "safe_mode"), n.console()[-3000:]
+
+
+def test_an_rtc_in_local_time_is_not_trusted_before_ntp(node):
+    """The installer's PC set the RTC to its local time, 2 h ahead of UTC (mpremote's
+    `rtc --set`), and NTP does not answer yet: the node must date no reading by that
+    clock (they carry uptime until NTP answers) and open no TLS connection."""
+    n = node(rtc_offset=7200, ntp=False)
+    n.start()
+    wait(lambda: len(n.samples()) >= 3, what=lambda: n.console()[-2000:])
+    dated = [s for s in n.samples() if s[1] > 0]
+    assert not dated, dated[:3]  # by the installer's clock: 2 h in the future
+    assert not ends(n, "connect failed"), "\n".join(n.events()[-20:])  # no TLS attempt
+    n.set(ntp=True)
+    wait(lambda: ends(n, "ntp") and ends(n, "connect failed"), what=lambda: n.console()[-2000:])
+    for _, t, _, true in n.samples():  # every reading placed by NTP's time
+        assert abs(t - true) <= 5, (t, true)

@@ -24,7 +24,6 @@ class Board:
         self.wlan = network.WLAN(network.STA_IF)
         self.rtc = machine.RTC()
         self.wdt = None
-        self.synced = False
         self._last_ticks = time.ticks_ms()
         self._up_ms = self._last_ticks
 
@@ -49,9 +48,12 @@ class Board:
         return self._up_ms // 1000
 
     def time(self):
-        # Unix seconds, or None while the RTC was never set
+        # what the RTC says, in Unix seconds, or None while it was plainly never set.
+        # Not trusted by itself: the node uses it only after NTP answered since the
+        # last power-on (sense/node.py _now), since an installer may have set it to
+        # local time (mpremote's `rtc --set`)
         t = time.time() + EPOCH_FIX
-        return t if self.synced or t >= 1704067200 else None
+        return t if t >= 1704067200 else None
 
     def ntp_sync(self, host="pool.ntp.org"):
         import ntptime
@@ -61,7 +63,6 @@ class Board:
             ntptime.settime()  # sets the RTC to UTC
         except (OSError, OverflowError):
             return False
-        self.synced = True
         return True
 
     # --- watchdog / reset -----------------------------------------------------

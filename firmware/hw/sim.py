@@ -124,8 +124,12 @@ class Board:
         return c.get("epoch0", 1795500000) + (_host() - c.get("t0", self.start)) * self._speed()
 
     def time(self):
+        # the RTC: NTP's time once synced; before, what an installer set (ctl
+        # rtc_offset: s ahead of UTC, e.g. 7200 for a PC's local time in UTC+2), or
+        # None for an RTC never set
         if self.synced_offset is None:
-            return None
+            off = self._ctl().get("rtc_offset")
+            return None if off is None else int(self._true_time() + off)
         return int(self.uptime_s() + self.synced_offset)
 
     def ntp_sync(self, host=None):
@@ -137,10 +141,13 @@ class Board:
 
     # --- watchdog / reset -------------------------------------------------------
     def wdt_start(self, timeout_s):
-        if self._ctl().get("crash"):
-            raise RuntimeError("simulated crash at start-up")  # for the boot-loop test
+        # started, or re-timed (machine.WDT(timeout=) again on the ESP32 port). The
+        # harness reads `wdt`: with it, a crash or main.py returning ends in a watchdog
+        # reset after the timeout; without it the chip would sit at the REPL for good
         self.wdt_s = timeout_s
         self.last_feed = _host()
+        with open(DIR + "/wdt", "w") as f:
+            f.write(str(timeout_s))
 
     def wdt_feed(self):
         # the watchdog is a hardware timer: real seconds, like the socket timeouts,
@@ -240,6 +247,8 @@ class Board:
         return self._ctl().get("probes", [])
 
     def scan(self):
+        if self._ctl().get("crash"):
+            raise RuntimeError("simulated crash")  # for the boot-loop tests
         out = []
         for p in self._probes():
             if p.get("fault") != "absent":

@@ -44,18 +44,40 @@ class Node:
         except OSError:
             pass
         crumb = self._crumb()
-        st = json.loads(_read(self.root + "/boot") or "{}")
+        try:
+            st = json.loads(_read(self.root + "/boot") or "{}")
+        except ValueError:
+            st = {}
         self.boots = st.get("boots", 0) + 1
-        self.unhealthy = st.get("unhealthy", 0) + 1  # cleared once this boot proves healthy
-        _write(self.root + "/boot", json.dumps({"boots": self.boots, "unhealthy": self.unhealthy}))
-        self.reset_cause = self._cause(b.reset_cause(), crumb)
-        self.crumbs = {"b": self.boots}
+        _write(self.root + "/boot", json.dumps({"boots": self.boots}))
+        cause = b.reset_cause()
+        self.reset_cause = self._cause(cause, crumb)
+        # Only crashes count toward safe mode: an exception (main.py's crumb "x") or a
+        # watchdog reset we did not ask for. The count lives in RTC memory, so a power
+        # cut (which clears it) never counts, and a full flash cannot stop the counting.
+        crashed = not crumb.get("w") and (crumb.get("x") or cause == "watchdog")
+        self.crashes = crumb.get("c", 0) + (1 if crashed else 0)
+        # "s": NTP answered since the last power-on. Only then is the RTC's time ours:
+        # the installer's RTC may be local time, a power cut resets it (issue 17 item 3)
+        self.crumbs = {"b": self.boots, "c": self.crashes, "s": crumb.get("s", 0)}
+        self.clock_ok = bool(crumb.get("s")) and b.time() is not None
         self._crumb_set("w", "")  # clears the reason of the last deliberate reset
         self._crumb_set("p", "boot")
-        self.safe = policy.safe_mode(self.unhealthy - 1)
+        self.safe = policy.safe_mode(self.crashes)
         raw = _read(b.config_path())
-        self.cfg = config.with_defaults(json.loads(raw) if raw else {})
-        self.problems = config.problems(self.cfg) if raw else ["no config: run opensense node flash"]
+        cfg, self.problems = {}, []
+        if not raw:
+            self.problems = ["no config: run opensense node flash"]
+        else:
+            try:
+                cfg = json.loads(raw)
+            except ValueError as e:  # a torn or hand-edited file: say so, never crash
+                self.problems = ["config.json is not JSON (%s): run opensense node flash" % e]
+            if not isinstance(cfg, dict):
+                cfg, self.problems = {}, self.problems or ["config.json is not a JSON object"]
+        self.cfg = config.with_defaults(cfg)
+        if not self.problems:
+            self.problems = config.problems(self.cfg)
         if self.problems or self.safe:
             return
         c = self.cfg
@@ -102,7 +124,9 @@ class Node:
         # brown-out but not a power cut, so a crumb left there tells them apart
         why, phase = crumb.get("w"), crumb.get("p")
         if why:
-            return why  # a reset we asked for: "ladder", "cmd"
+            return why  # a reset we asked for: "ladder", "cmd", "safe", "config"
+        if crumb.get("x"):
+            return "crash (during %s): %s" % (phase, crumb["x"])
         if cause == "power_on" and crumb:
             return "brownout (during %s)" % phase
         if cause == "watchdog":
@@ -149,16 +173,21 @@ class Node:
             b.event("wifi error %r" % (e,))
 
     # --- time --------------------------------------------------------------------
+    def _now(self):
+        # Unix seconds once the clock is confirmed (NTP since the last power-on), else
+        # None: a reading then carries uptime, and no TLS connection is opened
+        return self.b.time() if self.clock_ok else None
+
     def _clock(self):
         b = self.b
         now = b.ticks_ms()
-        if b.time() is not None and self.sync_ms is not None and b.ticks_diff(now, self.next_ntp) < 0:
-            return
         if not b.wifi_up() or b.ticks_diff(now, self.next_ntp) < 0:
             return
         self._crumb_set("p", "ntp")
-        first = b.time() is None
+        first = not self.clock_ok
         if b.ntp_sync(self.cfg["ntp_host"]):
+            self.clock_ok = True
+            self._crumb_set("s", 1)
             self.sync_ms = b.ticks_ms()
             self.next_ntp = b.ticks_add(now, NTP_EVERY_MS)
             if first:
@@ -190,7 +219,7 @@ class Node:
         for rom in found:
             if rom not in self.probes:
                 self.status[ds18b20.rom_hex(rom)] = "unconfigured"
-        t = b.time()
+        t = self._now()
         u = b.uptime_s()  # read once: the queue and the log must agree to the second
         self.samples += 1
         if vals:
@@ -206,7 +235,7 @@ class Node:
         b = self.b
         q = self.q
         recs, _ = q.peek(1)
-        t = b.time()
+        t = self._now()
         oldest = (t - recs[0][1]) if recs and t is not None and recs[0][1] is not None else 0
         h = {
             "uptime": b.uptime_s(), "boots": self.boots, "heap_free": b.free_heap(),
@@ -265,8 +294,8 @@ class Node:
         b = self.b
         up = self.up
         now = b.ticks_ms()
-        if self.refused:
-            return
+        if self.refused or not self.clock_ok:
+            return  # no TLS before the clock is confirmed: certificate dates need it
         if not up.connected():
             if not b.wifi_up() or b.ticks_diff(now, self.next_try) < 0:
                 return
@@ -325,7 +354,7 @@ class Node:
 
     def _healthy(self):
         self.healthy = True
-        _write(self.root + "/boot", json.dumps({"boots": self.boots, "unhealthy": 0}))
+        self._crumb_set("c", 0)
 
     def _refuse(self, e):
         # a wrong token or config: retrying cannot help; keep sampling and queueing,
@@ -351,19 +380,30 @@ class Node:
             self._crumb_set("w", "ladder")
             b.reset()
 
+    def _park(self, why):
+        # Safe mode or a bad config: give the REPL to mpremote, but not for good. The
+        # watchdog (started by main.py, it cannot be stopped) is re-timed to
+        # SAFE_WAIT_S and resets the chip then; the crumb makes that reset ours (not a
+        # crash), and the crash count is left one short of safe mode: the app gets one
+        # more try, and one more crash parks it again.
+        self._crumb_set("c", min(self.crashes, policy.BOOTLOOP_N - 1))
+        self._crumb_set("w", why)
+        self.b.wdt_start(policy.SAFE_WAIT_S)
+
     # --- loop ----------------------------------------------------------------------------
     def run(self, steps=None):
         b = self.b
         if self.safe:
-            print("safe mode: %d unhealthy boots in a row; the app is not started." % (self.unhealthy - 1))
-            print("Fix it over mpremote, then delete %s/boot or reset." % self.root)
+            print("safe mode: %d crashes in a row; the app is not started." % self.crashes)
+            print("The REPL is free for mpremote for %d s; then the node resets and tries again."
+                  % policy.SAFE_WAIT_S)
             b.event("safe_mode")
-            return
+            return self._park("safe")
         if self.problems:
             for p in self.problems:
                 print("config:", p)
             b.event("config_invalid")
-            return
+            return self._park("config")
         c = self.cfg
         b.wdt_start(c["wdt_s"])
         next_sample = b.ticks_ms()
@@ -389,7 +429,5 @@ class Node:
                 b.sleep_ms(min(wait, STEP_MS))
 
 
-def main():
-    import hw
-
-    Node(hw.board()).run()
+def main(board):
+    Node(board).run()

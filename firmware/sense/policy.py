@@ -71,14 +71,16 @@ def ladder_step(since_ok_s, done_step, ladder=LADDER_S):
 
 
 # Boot-loop detection: a boot is "good" once the node ran HEALTHY_S seconds or got
-# one uplink through. BOOTLOOP_N unhealthy boots in a row -> safe mode (no app, the
-# REPL stays free for mpremote).
+# one uplink through, which clears the crash count. BOOTLOOP_N crashes in a row (an
+# exception or a watchdog reset; power cuts do not count) -> safe mode: no app, the
+# REPL free for mpremote for SAFE_WAIT_S, then a reset and one more try.
 HEALTHY_S = 300
 BOOTLOOP_N = 5
+SAFE_WAIT_S = 3600
 
 
-def safe_mode(unhealthy_boots, n=BOOTLOOP_N):
-    return unhealthy_boots >= n
+def safe_mode(crashes, n=BOOTLOOP_N):
+    return crashes >= n
 
 
 def batches(items, n=32):
