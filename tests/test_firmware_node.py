@@ -320,3 +320,153 @@ async def test_boots_with_no_access_point_and_dates_its_readings_once_ntp_answer
     await wait_for(all_there, what=lambda: n.console()[-2000:])
     n.stop()
     assert_exactly_once(n, await rows(dsn, world))  # incl. the ones taken before NTP
+
+
+class Blackhole:
+    """A TCP relay node <-> broker that can turn into a black hole: nothing more passes
+    either way and the broker's side is never closed, whatever the node's side does.
+    That is a power cut (or a dead access point) as the broker sees it: no FIN, no RST,
+    just silence."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.hole = False
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.held: list[asyncio.StreamWriter] = []
+
+    async def start(self, port: int = 0) -> None:
+        self.server = await asyncio.start_server(self._conn, "127.0.0.1", port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _conn(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            ur, uw = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            w.close()
+            return
+        self.held.append(uw)
+
+        async def pipe(a: asyncio.StreamReader, b: asyncio.StreamWriter, upstream: bool) -> None:
+            while data := await a.read(65536):
+                if self.hole:
+                    continue
+                b.write(data)
+                await b.drain()
+            if not (self.hole and upstream):
+                b.close()
+
+        await asyncio.gather(pipe(r, uw, True), pipe(ur, w, False), return_exceptions=True)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for w in self.held:
+            w.close()
+
+
+async def _connected(dsn: str, world: World) -> bool | None:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT connected FROM devices WHERE id = %s", (world.device_ids["fridge01"],)
+        )
+        row = await cur.fetchone()
+    return None if row is None else row[0]
+
+
+async def test_a_power_cut_shows_the_node_offline_within_its_keepalive(
+    fw_app, dsn, clock, sim_nodes
+):
+    """MQTT 3.1.1 §3.1.2.10: the node promises a packet every `mqtt_keepalive` s and
+    pings when idle, so the broker keeps an idle node; when the node loses power (its
+    connection left open, nothing more on it) the broker cuts it after 1.5x that and
+    publishes its will: the server shows it offline. With no keepalive (the firmware
+    before) it stayed online for good."""
+    world = await make_world(dsn, fw_app.cfg, ("fridge01",))
+    link = Blackhole(fw_app.cfg.mqtt_port)
+    await link.start()
+    r1 = rom(61)
+    cfg = node_config(fw_app, world, "fridge01", {r1: "front"}, mqtt_keepalive=4, cadence=600)
+    cfg["server"]["mqtt_port"] = link.port
+    n = sim_nodes(
+        "n1",
+        cfg,
+        fw_app.tls.ca_der(),
+        {"speed": 1, "epoch0": int(clock.now.timestamp()), "probes": [{"rom": r1, "temp": 3.0}]},
+    )
+    n.start()
+
+    async def online() -> bool:
+        return await _connected(dsn, world) is True
+
+    await wait_for(online, what=lambda: n.console()[-2000:])
+    # idle (next reading in 10 minutes) for 3x the keepalive: pings keep it connected
+    await asyncio.sleep(12)
+    assert await _connected(dsn, world) is True
+    assert len([e for e in n.events() if e.endswith("connected mqtt")]) == 1, n.events()
+    # power cut: the node dies, its TCP connection is left open and silent
+    link.hole = True
+    n.stop()
+    cut = time.monotonic()
+
+    async def offline() -> bool:
+        await asyncio.sleep(0.2)
+        return await _connected(dsn, world) is False
+
+    await wait_for(offline, within=20, what=lambda: "still online")
+    assert time.monotonic() - cut <= 4 * 1.5 + 3  # 1.5x keepalive, plus the loop's slack
+    await link.stop()
+
+
+async def test_the_https_fallback_is_not_for_good(fw_app, dsn, clock, sim_nodes):
+    """The MQTT port is blocked at first, the node falls back to HTTPS; once MQTT is
+    reachable again the node goes back to it within `mqtt_retry_s` (it tries MQTT on a
+    schedule), and no reading is lost or doubled on the way."""
+    import ssl
+
+    from aiohttp import web
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(fw_app.tls.server_cert), str(fw_app.tls.server_key))
+    port = free_port()
+    site = web.TCPSite(fw_app.server.runner, "127.0.0.1", port, ssl_context=ctx)
+    await site.start()
+    world = await make_world(dsn, fw_app.cfg, ("fridge01",))
+    r1 = rom(71)
+    mqtt_port = free_port()  # nothing listens there yet
+    cfg = node_config(fw_app, world, "fridge01", {r1: "front"}, mqtt_retry_s=120)
+    cfg["server"].update(mqtt_port=mqtt_port, https_url=f"https://localhost:{port}")
+    n = sim_nodes(
+        "n1",
+        cfg,
+        fw_app.tls.ca_der(),
+        {
+            "speed": 60,
+            "epoch0": int((clock.now - timedelta(hours=1)).timestamp()),
+            "probes": [{"rom": r1, "temp": 2.5}],
+        },
+    )
+    n.start()
+
+    async def on_https() -> bool:
+        await asyncio.sleep(0.1)
+        return any(e.endswith("connected https") for e in n.events())
+
+    await wait_for(on_https, what=lambda: n.console()[-2000:])
+    link = Blackhole(fw_app.cfg.mqtt_port)  # the MQTT port opens: a relay to the broker
+    await link.start(mqtt_port)
+
+    async def on_mqtt() -> bool:
+        await asyncio.sleep(0.1)
+        return any(e.endswith("connected mqtt") for e in n.events())
+
+    await wait_for(on_mqtt, what=lambda: "\n".join(n.events()[-20:]))
+
+    async def five_more() -> bool:
+        return len(await rows(dsn, world)) >= 10
+
+    await wait_for(five_more, what=lambda: n.console()[-2000:])
+    n.stop()
+    await site.stop()
+    await link.stop()
+    assert_exactly_once(n, await rows(dsn, world))

@@ -341,7 +341,8 @@ class Node:
                 return
             self.q.ack(cur, len(recs))
             self._ok()
-        if not up.poll():
+        if not up.poll() or not up.ping():
+            b.event("link lost %s" % up.last_error)
             self.next_try = b.ticks_add(b.ticks_ms(), policy.backoff_ms(0, b.rand16()))
         elif up.c is not None:
             self._ok()
