@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -470,3 +470,61 @@ async def test_the_https_fallback_is_not_for_good(fw_app, dsn, clock, sim_nodes)
     await site.stop()
     await link.stop()
     assert_exactly_once(n, await rows(dsn, world))
+
+
+async def test_a_refused_reading_is_counted_and_costs_no_other_reading(
+    fw_app, dsn, clock, sim_nodes
+):
+    """The node reads …/err. A backlog goes out as one batch in which the later
+    readings are more than 5 minutes ahead of the server's clock: the server refuses
+    the whole batch (and acknowledges it: a 4xx is never worth a retry). The node then
+    sends those records one by one: the good ones are stored, each bad one is dropped
+    (never retried for ever, never blocking the queue) and counted in health
+    (`refused`). Before, the whole batch was acknowledged and silently lost."""
+    world = await make_world(dsn, fw_app.cfg, ("fridge01",))
+    r1 = rom(81)
+    start = clock.now
+    n = sim_nodes(
+        "n1",
+        node_config(fw_app, world, "fridge01", {r1: "front"}),
+        fw_app.tls.ca_der(),
+        {"speed": 60, "epoch0": int(start.timestamp()), "probes": [{"rom": r1, "temp": 5.0}]},
+    )
+    n.start()
+    await wait_for(lambda: _more(dsn, world, 2), what=lambda: n.console()[-2000:])
+    broker = fw_app.app[MQTT]
+    await broker.stop()
+    await asyncio.sleep(12)  # 12 virtual minutes of backlog
+    taken = n.samples()
+    # the server's clock stands 6 minutes after the first held reading: the readings
+    # taken more than 5 minutes after that one (11 minutes after) are "in the future"
+    got_before = {ts for _, ts, _ in await rows(dsn, world)}
+    held = [s for s in taken if datetime.fromtimestamp(s[1], UTC) not in got_before]
+    assert len(held) >= 8, held
+    clock.now = datetime.fromtimestamp(held[0][1] + 6 * 60, UTC)
+    limit = clock.now.timestamp() + 300
+    await broker.start()
+
+    async def refused() -> bool:
+        await asyncio.sleep(0.2)
+        return len([e for e in n.events() if " refused record " in e]) >= 2
+
+    await wait_for(refused, what=lambda: "\n".join(n.events()[-30:]))
+    assert any(" refused batch out_of_range" in e for e in n.events()), n.events()[-30:]
+    got = {ts.timestamp() for _, ts, _ in await rows(dsn, world)}
+    good = [s[1] for s in held if s[1] <= limit]
+    assert good and all(t in got for t in good), (good, sorted(got)[-10:])
+    # the clock catches up: the queue was never blocked, readings arrive again, and
+    # health reports the refused ones
+    clock.now = datetime.fromtimestamp(n.samples()[-1][3], UTC)
+
+    async def counted() -> Any:
+        h = await rows(dsn, world, "health")
+        return [v for label, _, v in h if label == "refused" and v >= 2]
+
+    async def tick() -> Any:
+        clock.now = datetime.fromtimestamp(n.samples()[-1][3], UTC)
+        return await counted()
+
+    await wait_for(tick, within=90, what=lambda: "\n".join(n.events()[-30:]))
+    n.stop()

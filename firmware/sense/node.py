@@ -104,6 +104,8 @@ class Node:
         self.wifi_tries = 0  # failed attempts in a row, for the backoff
         self.next_wifi = b.ticks_ms()
         self.refused = ""
+        self.n_refused = 0  # readings the server refused (…/err): dropped, counted in health
+        self.solo = 0  # records to send one at a time: a refused batch being picked apart
         self.healthy = False
 
     # --- breadcrumbs in RTC memory ---------------------------------------------------
@@ -240,6 +242,7 @@ class Node:
         h = {
             "uptime": b.uptime_s(), "boots": self.boots, "heap_free": b.free_heap(),
             "queue_depth": q.depth(), "oldest_unsent": max(0, oldest), "drops": q.drops,
+            "refused": self.n_refused,
             "clock_sync_age": -1 if self.sync_ms is None
             else b.ticks_diff(b.ticks_ms(), self.sync_ms) // 1000,
         }
@@ -325,6 +328,8 @@ class Node:
             n = 0
             while n < len(recs) and recs[n][1] is not None:
                 n += 1
+            if self.solo and n > 1:
+                n = 1
             if n < len(recs):
                 recs, cur = self.q.peek_n(n)
             gc.collect()  # one ~3 KB string next: make room before, not after, it is needed
@@ -339,6 +344,21 @@ class Node:
                 self.next_try = b.ticks_add(b.ticks_ms(), policy.backoff_ms(self.attempt, b.rand16()))
                 b.event("send failed %s" % up.last_error)
                 return
+            if up.refusal and len(recs) > 1:
+                # The server refused the whole batch for one bad record (a time in the
+                # future, a value out of range): nothing of it was stored. Send its
+                # records one at a time, so only the bad one is lost; each record is
+                # sent at most twice, and the queue moves on.
+                self.solo = len(recs)
+                b.event("refused batch %s: sending its %d records one by one" % (up.refusal, len(recs)))
+                continue
+            if up.refusal:
+                # One record the server will never take (retrying cannot change it): it
+                # is dropped, counted in health (`refused`), and the queue goes on.
+                self.n_refused += len(recs[0][4])
+                b.event("refused record %d %s" % (recs[0][0], up.refusal))
+            if self.solo:
+                self.solo -= 1
             self.q.ack(cur, len(recs))
             self._ok()
         if not up.poll() or not up.ping():

@@ -94,3 +94,16 @@ def batches(items, n=32):
 def cadence_ok(s):
     # cmd/cadence and the config: 10 s .. 1 day, whole seconds
     return isinstance(s, int) and not isinstance(s, bool) and 10 <= s <= 86400
+
+
+def err_code(msg):
+    # the error code of an …/err envelope {"error": {"code", "message", "request_id"}}
+    # (docs/api.md), "unknown" for anything else: a refusal is counted all the same
+    import json
+
+    try:
+        e = json.loads(msg)["error"]
+        c = e["code"]
+        return c if isinstance(c, str) and c else "unknown"
+    except (ValueError, KeyError, TypeError, IndexError):
+        return "unknown"

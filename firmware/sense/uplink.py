@@ -36,6 +36,7 @@ class Uplink:
         self.ping_at = None  # ticks of the PINGREQ awaiting its answer
         self.ping_rx = 0
         self.http_at = 0  # ticks of the fall back to HTTPS
+        self.refusal = None  # the …/err code that came while the last batch was sent
 
     def connected(self):
         # The HTTPS fallback is never for good: every mqtt_retry_s the node reports
@@ -66,6 +67,10 @@ class Uplink:
             c.publish(self.root + "/info", json.dumps(info).encode(), retain=True, qos=1)
             self.stage = "subscribe"
             c.subscribe(self.root + "/cmd/#", qos=1)
+            # the server acknowledges a payload it refuses (a 4xx is never worth a retry)
+            # and says why on …/err (docs/mqtt.md); the embedded broker sends it on this
+            # connection before the PUBACK, so send() knows which batch it was
+            c.subscribe(self.root + "/err", qos=1)
         except MQTTException as e:
             self.close()
             self.last_error = "CONNACK refused %s" % e
@@ -124,15 +129,20 @@ class Uplink:
         t = topic.decode() if isinstance(topic, bytes) else topic
         if t.startswith(self.root + "/cmd/"):
             self.on_cmd(t[len(self.root) + 5:], msg)
+        elif t == self.root + "/err":
+            self.refusal = policy.err_code(msg)
 
     def send(self, body):
         # one batch; True once the server has it (PUBACK / 200). Raises Refused.
         # bytes, not str: umqtt counts len(msg), and "°C" is 2 bytes for 1 character
         body = body.encode() if isinstance(body, str) else body
+        self.refusal = None
         if self.mode == HTTP:
             return self._post(body)
         try:
             self.c.publish(self.root, body, qos=1)  # returns after the PUBACK
+            if self.refusal == "rate_limited":
+                self.refusal = None  # not acknowledged: the batch is sent again later
             self.tx_at = self.b.ticks_ms()
             return True
         except (OSError, AttributeError, IndexError, AssertionError) as e:

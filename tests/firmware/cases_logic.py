@@ -133,3 +133,10 @@ def case_wifi_step_connects_once_and_retries_only_after_a_failure_or_timeout():
     assert W.wifi_step(W.STAT_GOT_IP, 10 ** 9) == W.WIFI_UP
     for failed in (200, 201, 202, 203, 204, W.STAT_IDLE, -1):
         assert W.wifi_step(failed, 0) == W.WIFI_RETRY, failed
+
+
+def case_err_code_reads_the_error_envelope_and_never_raises():
+    env = {"error": {"code": "out_of_range", "message": "in the future", "request_id": "req_1"}}
+    assert policy.err_code(json.dumps(env).encode()) == "out_of_range"
+    for bad in (b"", b"not json", b"[]", b'{"error": null}', b'{"error": {"code": 5}}', b"\xff"):
+        assert policy.err_code(bad) == "unknown", bad

@@ -635,7 +635,12 @@ class EmbeddedBroker:
             log.exception("storing a publish of %s on %s failed; not acknowledged", dev.id, topic)
             return False
         if env is not None:
-            await self.publish(err_topic, json.dumps(env).encode())
+            if self.broker is not None and self.broker.subscribed(session, err_topic):
+                # on this connection, before the PUBACK: the node learns which batch was
+                # refused (it then sends its records one by one, firmware/sense/node.py)
+                await handler.mqtt_publish(err_topic, json.dumps(env).encode(), 0, False)
+            else:
+                await self.publish(err_topic, json.dumps(env).encode())
         return True
 
     def refused(self, dev: Device | None, what: str, target: str, code: str, reason: str) -> None:
