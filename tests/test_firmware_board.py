@@ -126,7 +126,7 @@ def test_power_cuts_do_not_count_toward_safe_mode(node):
     crashes: the node must not end in safe mode."""
     n = node(wifi=False)
     n.start()
-    for k in range(6):
+    for _ in range(6):
         wait(lambda: ends(n, "wifi_connect"), what=lambda: n.console()[-3000:])
         (n.dir / "events.log").unlink()
         n.power_cut()

@@ -128,14 +128,16 @@ def test_the_node_clock_is_set_in_utc_whatever_the_pc_time_zone(files, monkeypat
     import ast
     import time
 
+    ran: list[list[str]] = []
+
+    def run(c: list[str]) -> subprocess.CompletedProcess[str]:
+        ran.append(c)
+        return subprocess.CompletedProcess(c, 0, "SELFTEST OK\n", "")
+
     for tz in ("Etc/GMT-2", "Etc/GMT+5"):  # POSIX signs: GMT-2 is UTC+2
         monkeypatch.setenv("TZ", tz)
         time.tzset()
-        ran: list[list[str]] = []
-
-        def run(c: list[str]) -> subprocess.CompletedProcess[str]:
-            ran.append(c)
-            return subprocess.CompletedProcess(c, 0, "SELFTEST OK\n", "")
+        ran.clear()
 
         assert flash.flash(*files, port="/dev/ttyUSB0", say=lambda s: None, run=run) == 0
         sets = [c for c in ran if "RTC().datetime(" in c[-1] or c[3:5] == ["rtc", "--set"]]

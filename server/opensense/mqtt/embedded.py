@@ -178,7 +178,7 @@ def _keepalive_expired(self: BrokerProtocolHandler) -> None:
     w._writer.transport.abort()
 
 
-BrokerProtocolHandler.handle_read_timeout = _keepalive_expired  # type: ignore[method-assign]
+BrokerProtocolHandler.handle_read_timeout = _keepalive_expired
 
 
 # --- packet size ---------------------------------------------------------------------
