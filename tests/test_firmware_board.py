@@ -148,3 +148,22 @@ def test_an_rtc_in_local_time_is_not_trusted_before_ntp(node):
     wait(lambda: ends(n, "ntp") and ends(n, "connect failed"), what=lambda: n.console()[-2000:])
     for _, t, _, true in n.samples():  # every reading placed by NTP's time
         assert abs(t - true) <= 5, (t, true)
+
+
+def test_the_bus_is_searched_at_boot_only_and_fake_devices_are_refused(node):
+    """The 1-Wire data line is shorted: a bus search "finds" 255 all-zero devices. The
+    node searches once at boot (not at every sample: seconds of bus time and the heap
+    held by 255 ROMs each time), keeps none of them (ROM CRC and family code 0x28
+    checked), and writes the configured resolution to its probes once they answer."""
+    cfg = config(resolution=10)
+    n = node(cfg, short=True)
+    n.start()
+    wait(lambda: ends(n, "scan 0 ok 255 rejected"), what=lambda: n.console()[-2000:])
+    # five sampling ticks (cadence 60 s) on the shorted bus
+    wait(lambda: int(n.events()[-1].split()[0]) >= 300, what=lambda: "\n".join(n.events()[-10:]))
+    assert len(ends(n, "bus_search")) == 1, "\n".join(n.events()[-20:])
+    assert not n.samples()  # a shorted line reads as zeros: never a temperature
+    n.set(short=False)
+    wait(lambda: len(n.samples()) >= 2, what=lambda: n.console()[-2000:])
+    assert ends(n, f"resolution {rom(1)} 10"), "\n".join(n.events()[-20:])
+    assert len(ends(n, "bus_search")) == 1

@@ -153,6 +153,15 @@ class Board:
         self.ow.readinto(buf)
         return buf
 
+    def write_config(self, rom, cfg_byte):
+        # Write Scratchpad (0x4E): TH, TL, configuration (datasheet "Function commands").
+        # Not copied to EEPROM: the node writes it at every boot and after a replug.
+        if not self.ow.reset():
+            return False
+        self.ow.select_rom(rom)
+        self.ow.write(bytes((0x4E, 0x4B, 0x46, cfg_byte)))
+        return True
+
     def led(self, on):
         self.led_pin.value(1 if on else 0)
 

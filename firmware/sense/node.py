@@ -204,23 +204,20 @@ class Node:
     def sample(self):
         b = self.b
         self._crumb_set("p", "sample")
-        found = b.scan()
         b.convert_all()
         b.sleep_ms(ds18b20.conv_ms(self.cfg["resolution"]))  # datasheet table 2, worst case
         b.wdt_feed()
         vals = []
         for rom in self.probes:
+            # addressed directly (Match ROM), no bus search per sample: a shorted line
+            # would "find" 255 devices and cost seconds of bus time every time
             label, off, ch = self.probes[rom]
-            st, v = (ds18b20.ABSENT, None) if rom not in found else \
-                ds18b20.read(b.read_scratch, rom, self.errors)
-            if rom not in found:
-                self.errors[rom] = self.errors.get(rom, 0) + 1
+            st, v = ds18b20.read(b.read_scratch, rom, self.errors)
+            if st == ds18b20.OK and self.status.get(label) != "ok":
+                self._resolution(rom)  # back after a replug: its register is the default
             self.status[label] = ds18b20.FAULTS[st]
             if st == ds18b20.OK:
                 vals.append((ch, v + off))  # a missing or faulty probe sends nothing
-        for rom in found:
-            if rom not in self.probes:
-                self.status[ds18b20.rom_hex(rom)] = "unconfigured"
         t = self._now()
         u = b.uptime_s()  # read once: the queue and the log must agree to the second
         self.samples += 1
@@ -232,6 +229,29 @@ class Node:
             self.q.add(t if t is not None else u, t is not None, vals)
         if self.samples % self.cfg["health_every"] == 1:
             self.q.add(t if t is not None else u, t is not None, self.health_vals())
+
+    def scan_bus(self):
+        # At boot and on cmd/scan: search the bus, keep DS18B20s with a good ROM CRC
+        # (at most ds18b20.MAX_SCAN), set the configured probes' resolution, and name
+        # the probes found but not configured in info
+        b = self.b
+        try:
+            found, bad = ds18b20.bus_roms(b.scan())
+        except OSError:
+            found, bad = [], 0
+        for rom in found:
+            if rom in self.probes:
+                self._resolution(rom)
+            else:
+                self.status[ds18b20.rom_hex(rom)] = "unconfigured"
+        self.bus_bad = bad
+        b.event("scan %d ok %d rejected" % (len(found), bad))
+
+    def _resolution(self, rom):
+        try:
+            self.b.write_config(rom, ds18b20.config_byte(self.cfg["resolution"]))
+        except OSError:
+            pass  # the read path reports the probe's trouble
 
     def health(self):
         b = self.b
@@ -280,6 +300,8 @@ class Node:
                 b.led(0)
                 b.sleep_ms(100)
                 b.wdt_feed()
+        elif name == "scan":
+            self.scan_bus()
         elif name == "cadence":
             try:
                 s = int(msg)
@@ -427,6 +449,7 @@ class Node:
             return self._park("config")
         c = self.cfg
         b.wdt_start(c["wdt_s"])
+        self.scan_bus()
         next_sample = b.ticks_ms()
         while steps is None or steps > 0:
             if steps:
