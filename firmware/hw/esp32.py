@@ -67,6 +67,9 @@ class Board:
 
     # --- watchdog / reset -----------------------------------------------------
     def wdt_start(self, timeout_s):
+        # also re-times a running watchdog: the ESP32 port's machine.WDT() calls
+        # esp_task_wdt_reconfigure() every time and adds its task user once
+        # (ports/esp32/machine_wdt.c, IDF 5); it cannot be stopped
         self.wdt = machine.WDT(timeout=timeout_s * 1000)
 
     def wdt_feed(self):
