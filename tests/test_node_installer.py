@@ -197,6 +197,49 @@ async def test_self_test_on_a_simulated_node_gets_a_reading_accepted(fw_app, dsn
     assert "future" in r.stdout
 
 
+def test_self_test_gives_up_on_a_broker_that_never_answers(tmp_path: Path):
+    """The broker's port accepts the connection and then says nothing (a firewall that
+    blackholes, a hung broker). The self-test must fail within its socket timeouts and
+    say so. It hung for good when it imported umqtt.simple before installing the
+    firmware's socket shim (the bare socket has no timeout; issue 17 item 6)."""
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)
+    r1 = rom(23)
+    cfg = {
+        "wifi": {"ssid": "shop", "password": "password1"},
+        "server": {"host": "localhost", "mqtt_port": silent.getsockname()[1]},
+        "account": "acc_selftest",
+        "device_id": "dev_selftest",
+        "local_id": "fridge01",
+        "token": "ds_live_selftest",
+        "probes": {r1: {"label": "front"}},
+        "io_timeout_s": 2,
+        "wdt_s": 60,
+    }
+    ca = make_ca()[1].public_bytes(serialization.Encoding.DER)
+    n = SimNode(tmp_path / "n", cfg, ca, {"probes": [{"rom": r1, "temp": 4.5}]})
+    mp = micropython()
+    assert mp is not None
+    env = dict(os.environ, MICROPYPATH=f".frozen:{FIRMWARE}:{n.lib}", OPENSENSE_SIM=str(n.dir))
+    try:
+        r = subprocess.run(
+            [str(mp), "-X", "heapsize=160k", str(FIRMWARE / "selftest.py")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=40,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError("the self-test hung on a silent broker") from e
+    finally:
+        silent.close()
+        n.close()
+    assert "SELFTEST FAILED: could not reach the broker" in r.stdout, r.stdout + r.stderr
+
+
 def test_mpremote_installs_the_plan_on_a_virtual_chip(files, tmp_path: Path):
     """The real mpremote, over a pty, into the MicroPython unix port whose root
     filesystem is littlefs on a flash image: every planned file lands at its path on
