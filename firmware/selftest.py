@@ -11,7 +11,7 @@ if "/lib" in sys.path:
 import json
 
 import hw
-from sense import config, ds18b20, fq, payload
+from sense import config, ds18b20, fq, payload, tls
 from sense.uplink import Uplink
 
 
@@ -23,14 +23,22 @@ def run():
     bad = config.problems(cfg)
     if bad:
         return "config: " + "; ".join(bad)
+    with open(b.ca_path(), "rb") as f:
+        ca = f.read()
+    # the socket shim first: umqtt.simple and urequests bind `usocket` when imported, and
+    # imported before tls.install they get the bare socket (no timeout: a broker that
+    # never answers hangs the self-test; no DNS through the board)
+    tls.install(ca, cfg["server"]["host"], cfg["io_timeout_s"], b.wdt_feed, b.getaddrinfo)
     import umqtt.simple
     import urequests
 
     print("modules:", umqtt.simple.__file__, urequests.__file__)
     if b.model != "sim_unix" and not umqtt.simple.__file__.startswith("/lib"):
         return "umqtt.simple is not the pinned copy in /lib (a frozen module shadows it)"
-    found = b.scan()
+    found, bad = ds18b20.bus_roms(b.scan())  # ROM CRC and family checked, bounded
     print("probes on the bus:", len(found))
+    if bad:
+        print("  %d devices refused (bad ROM CRC or not a DS18B20): a shorted or noisy bus?" % bad)
     b.convert_all()
     b.sleep_ms(ds18b20.conv_ms(cfg["resolution"]))
     names = {}
@@ -49,17 +57,27 @@ def run():
             print("  %s %-12s absent: check its wiring" % (rom, names[rom]))
     if not vals:
         return "no configured probe gave a reading"
-    b.wifi_connect(cfg["wifi"]["ssid"], cfg["wifi"].get("password") or "")
+    if not b.wifi_up():
+        # main.py may have left an attempt under way (mpremote interrupted it): a
+        # second connect() would raise 'Wifi Internal Error' (micropython#17661)
+        try:
+            b.wifi_disconnect()
+        except OSError:
+            pass
+        try:
+            b.wifi_connect(cfg["wifi"]["ssid"], cfg["wifi"].get("password") or "")
+        except OSError as e:
+            return "Wi-Fi: %r" % (e,)
     for _ in range(150):
         if b.wifi_up():
             break
         b.sleep_ms(100)
     else:
         return "Wi-Fi %r did not connect: check the name and password" % cfg["wifi"]["ssid"]
-    if b.time() is None and not b.ntp_sync(cfg["ntp_host"]):
-        return "no time from NTP (%s) and the clock is not set" % cfg["ntp_host"]
-    with open(b.ca_path(), "rb") as f:
-        ca = f.read()
+    # always NTP: the RTC may hold what the installer's PC set (local time, not UTC),
+    # and a reading dated by it is refused as "in the future" east of UTC
+    if not b.ntp_sync(cfg["ntp_host"]):
+        return "no time from NTP (%s): the node dates no reading and opens no TLS without it" % cfg["ntp_host"]
     up = Uplink(b, cfg, ca, lambda *a: None)
     if not up.connect({"fw_version": "selftest", "model": b.model}):
         return "could not reach the broker %s:%s: %s" % (up.host, up.port, up.last_error)

@@ -13,3 +13,15 @@ def board():
             from hw.sim import Board  # the unix port: a simulated board for tests and the demo
         _board.append(Board())
     return _board[0]
+
+
+def reset():
+    # main.py's last resort, usable when making the board itself failed
+    if sys.platform == "esp32":
+        import machine
+
+        machine.reset()
+    else:
+        from hw.sim import RESET_EXIT
+
+        sys.exit(RESET_EXIT)

@@ -24,7 +24,6 @@ class Board:
         self.wlan = network.WLAN(network.STA_IF)
         self.rtc = machine.RTC()
         self.wdt = None
-        self.synced = False
         self._last_ticks = time.ticks_ms()
         self._up_ms = self._last_ticks
 
@@ -49,9 +48,12 @@ class Board:
         return self._up_ms // 1000
 
     def time(self):
-        # Unix seconds, or None while the RTC was never set
+        # what the RTC says, in Unix seconds, or None while it was plainly never set.
+        # Not trusted by itself: the node uses it only after NTP answered since the
+        # last power-on (sense/node.py _now), since an installer may have set it to
+        # local time (mpremote's `rtc --set`)
         t = time.time() + EPOCH_FIX
-        return t if self.synced or t >= 1704067200 else None
+        return t if t >= 1704067200 else None
 
     def ntp_sync(self, host="pool.ntp.org"):
         import ntptime
@@ -61,11 +63,13 @@ class Board:
             ntptime.settime()  # sets the RTC to UTC
         except (OSError, OverflowError):
             return False
-        self.synced = True
         return True
 
     # --- watchdog / reset -----------------------------------------------------
     def wdt_start(self, timeout_s):
+        # also re-times a running watchdog: the ESP32 port's machine.WDT() calls
+        # esp_task_wdt_reconfigure() every time and adds its task user once
+        # (ports/esp32/machine_wdt.c, IDF 5); it cannot be stopped
         self.wdt = machine.WDT(timeout=timeout_s * 1000)
 
     def wdt_feed(self):
@@ -98,11 +102,22 @@ class Board:
 
         return random.getrandbits(16)
 
-    # --- Wi-Fi ----------------------------------------------------------------
+    # --- Wi-Fi -------------------------------------------------------------------
+    # network.WLAN on the ESP32 port: connect() only starts an attempt; status() is
+    # STAT_CONNECTING (1001) until STAT_GOT_IP (1010) or a failure code (200-204).
+    # connect() again before disconnect() raises OSError('Wifi Internal Error'), also
+    # after a failed attempt (micropython#17661): the node calls wifi_connect once per
+    # attempt and disconnects before the next (sense/node.py, mqtt_as's wifi_connect).
+    # Every call can raise OSError; the node catches it.
     def wifi_connect(self, ssid, password):
         self.wlan.active(True)
-        if not self.wlan.isconnected():
-            self.wlan.connect(ssid, password)
+        self.wlan.connect(ssid, password)
+
+    def wifi_disconnect(self):
+        self.wlan.disconnect()
+
+    def wifi_status(self):
+        return self.wlan.status()
 
     def wifi_up(self):
         return self.wlan.isconnected()
@@ -140,6 +155,15 @@ class Board:
         buf = bytearray(9)
         self.ow.readinto(buf)
         return buf
+
+    def write_config(self, rom, cfg_byte):
+        # Write Scratchpad (0x4E): TH, TL, configuration (datasheet "Function commands").
+        # Not copied to EEPROM: the node writes it at every boot and after a replug.
+        if not self.ow.reset():
+            return False
+        self.ow.select_rom(rom)
+        self.ow.write(bytes((0x4E, 0x4B, 0x46, cfg_byte)))
+        return True
 
     def led(self, on):
         self.led_pin.value(1 if on else 0)

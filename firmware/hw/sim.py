@@ -81,7 +81,8 @@ class Board:
         self.ctl_at = -1.0
         self.synced_offset = None
         self.read_true = None  # true time of the last time() read (for the sample log)
-        self.wifi_on = False
+        self.wifi_at = None  # ticks of the connect() under way, None: idle
+        self.wifi_got = self.wifi_lost = False
         self.wdt_s = 0
         self.last_feed = 0
         self._flash = None
@@ -124,13 +125,17 @@ class Board:
         return c.get("epoch0", 1795500000) + (_host() - c.get("t0", self.start)) * self._speed()
 
     def time(self):
-        # the true (harness) time at this very read, for the sample logged right after:
-        # on a busy host the log line can come many fast-clock seconds later
+        # the RTC: NTP's time once synced; before, what an installer set (ctl
+        # rtc_offset: s ahead of UTC, e.g. 7200 for a PC's local time in UTC+2), or
+        # None for an RTC never set. The true (harness) time is taken at this very
+        # read, for the sample logged right after: on a busy host the log line can
+        # come many fast-clock seconds later
         h = _host()
         c = self._ctl()
         self.read_true = c.get("epoch0", 1795500000) + (h - c.get("t0", self.start)) * self._speed()
         if self.synced_offset is None:
-            return None
+            off = c.get("rtc_offset")
+            return None if off is None else int(self.read_true + off)
         return int(int((h - self.start) * self._speed()) + self.synced_offset)
 
     def ntp_sync(self, host=None):
@@ -147,10 +152,13 @@ class Board:
 
     # --- watchdog / reset -------------------------------------------------------
     def wdt_start(self, timeout_s):
-        if self._ctl().get("crash"):
-            raise RuntimeError("simulated crash at start-up")  # for the boot-loop test
+        # started, or re-timed (machine.WDT(timeout=) again on the ESP32 port). The
+        # harness reads `wdt`: with it, a crash or main.py returning ends in a watchdog
+        # reset after the timeout; without it the chip would sit at the REPL for good
         self.wdt_s = timeout_s
         self.last_feed = _host()
+        with open(DIR + "/wdt", "w") as f:
+            f.write(str(timeout_s))
 
     def wdt_feed(self):
         # the watchdog is a hardware timer: real seconds, like the socket timeouts,
@@ -188,14 +196,50 @@ class Board:
         return int.from_bytes(os.urandom(2), "little")
 
     # --- Wi-Fi -------------------------------------------------------------------
+    # As the ESP32 port's network.WLAN (ports/esp32/network_wlan.c, IDF 5): connect()
+    # starts an attempt and returns; status() says STAT_CONNECTING (1001) until it
+    # ends in STAT_GOT_IP (1010) or a failure (201 no AP found, 202 wrong password,
+    # 200 beacon timeout after losing the AP). A second connect() before disconnect()
+    # raises OSError('Wifi Internal Error'): the IDF answers "sta is connecting, return
+    # error", also after a failed attempt (micropython#17661). ctl: wifi (AP there),
+    # wifi_connect_s (virtual seconds an attempt takes), wifi_fail (status when no AP).
+    def _wifi_state(self):
+        if self.wifi_at is None:
+            return 1000  # STAT_IDLE
+        if self.wifi_lost:
+            return 200  # STAT_BEACON_TIMEOUT: the AP went away after we had an IP
+        c = self._ctl()
+        if (self.ticks_ms() - self.wifi_at) < c.get("wifi_connect_s", 2) * 1000:
+            return 1001  # STAT_CONNECTING
+        if not self.wifi_got:
+            if not c.get("wifi", True):
+                return c.get("wifi_fail", 201)  # STAT_NO_AP_FOUND: the attempt is over
+            self.wifi_got = True
+        if not c.get("wifi", True):
+            self.wifi_lost = True
+            return 200
+        return 1010  # STAT_GOT_IP
+
     def wifi_connect(self, ssid, password):
-        self.wifi_on = True
+        if self.wifi_at is not None:
+            self.event("wifi_internal_error")
+            raise OSError("Wifi Internal Error")  # the chip's answer (micropython#17661)
+        self.wifi_at = self.ticks_ms()
+        self.wifi_got = self.wifi_lost = False
+        self.event("wifi_connect")
+
+    def wifi_disconnect(self):
+        self.wifi_at = None
+        self.wifi_got = self.wifi_lost = False
+
+    def wifi_status(self):
+        return self._wifi_state()
 
     def wifi_up(self):
-        return self.wifi_on and self._ctl().get("wifi", True)
+        return self._wifi_state() == 1010
 
     def wifi_restart(self):
-        self.wifi_on = False
+        self.wifi_disconnect()
         self.event("wifi_restart")
 
     def rssi(self):
@@ -214,6 +258,12 @@ class Board:
         return self._ctl().get("probes", [])
 
     def scan(self):
+        if self._ctl().get("crash"):
+            raise RuntimeError("simulated crash")  # for the boot-loop tests
+        self.event("bus_search")
+        if self._ctl().get("short"):
+            # DQ shorted to ground: every bit reads 0, the search "finds" 255 devices
+            return [bytes(8) for _ in range(255)]
         out = []
         for p in self._probes():
             if p.get("fault") != "absent":
@@ -223,7 +273,18 @@ class Board:
     def convert_all(self):
         self.reads = {}
 
+    def write_config(self, rom, cfg_byte):
+        if self._ctl().get("short"):
+            return False
+        h = ds18b20.rom_hex(rom)
+        self.bits = getattr(self, "bits", {})
+        self.bits[h] = 9 + ((cfg_byte >> 5) & 3)
+        self.event("resolution %s %d" % (h, self.bits[h]))
+        return True
+
     def read_scratch(self, rom):
+        if self._ctl().get("short"):
+            return bytearray(9)  # the data line held low reads as zeros
         h = ds18b20.rom_hex(rom)
         for p in self._probes():
             if p["rom"] != h:
@@ -242,7 +303,7 @@ class Board:
 
                 ph = 2 * math.pi * (self._true_time() % p.get("period", 2400)) / p.get("period", 2400)
                 temp += p["amp"] * math.sin(ph)
-            sp = ds18b20.encode(temp, p.get("bits", 12))
+            sp = ds18b20.encode(temp, getattr(self, "bits", {}).get(h, p.get("bits", 12)))
             n = self.reads.get(h, 0) if hasattr(self, "reads") else 0
             if hasattr(self, "reads"):
                 self.reads[h] = n + 1

@@ -14,6 +14,8 @@ DEFAULTS = {
     "ladder": [900, 3600],  # s without uplink: restart Wi-Fi, then reset the chip
     "ntp_host": "pool.ntp.org",
     "http_after": 3,  # failed MQTT connects in a row before the HTTPS fallback
+    "mqtt_keepalive": 60,  # s, MQTT 3.1.1 3.1.2.10: the broker's will after 1.5x of silence
+    "mqtt_retry_s": 300,  # on the HTTPS fallback, MQTT is tried again this often
 }
 MAX_PROBES = 8
 
@@ -103,6 +105,10 @@ def problems(cfg):
         p.append("io_timeout_s: 1..60 s and well under wdt_s (a TLS handshake takes several reads)")
     if not _int(c["batch"], 1, 60):
         p.append("batch: 1..60 records per flash append")
+    if not _int(c["mqtt_keepalive"], 2, 1200):
+        p.append("mqtt_keepalive: 2..1200 s (the server sees a dead node as offline after 1.5x this)")
+    if not _int(c["mqtt_retry_s"], 10, 86400):
+        p.append("mqtt_retry_s: 10..86400 s between MQTT attempts while on the HTTPS fallback")
     if not _int(c["queue_bytes"], 16384, 16000000):
         p.append("queue_bytes: 16384..16000000")
     return p

@@ -105,3 +105,27 @@ def rom_hex(rom):
 def rom_ok(rom):
     # family 0x28 = DS18B20, ROM CRC in byte 7 (datasheet "64-bit lasered ROM code")
     return len(rom) == 8 and rom[0] == 0x28 and crc8(rom, 7) == rom[7]
+
+
+FAMILY = 0x28  # DS18B20 family code (datasheet: 64-bit lasered ROM code)
+MAX_SCAN = 16  # ROMs kept from one search: twice the probes a node takes
+
+
+def bus_roms(found, limit=MAX_SCAN):
+    # -> (DS18B20 ROMs, rejected count) from a 1-Wire search. A ROM is kept only with
+    # a good CRC and the DS18B20 family code: a shorted or noisy data line makes the
+    # search "find" up to 255 fake devices (all-zero ROMs pass the CRC, hence the family
+    # check); at most `limit` are kept, so nothing holds the heap for good (issue 17).
+    out = []
+    bad = 0
+    for rom in found:
+        if rom_ok(rom) and rom not in out and len(out) < limit:
+            out.append(bytes(rom))
+        else:
+            bad += 1
+    return out, bad
+
+
+def config_byte(bits):
+    # configuration register (datasheet fig. 10): R1 R0 in bits 6..5, the rest 1s
+    return 0x1F | ((bits - 9) << 5)

@@ -30,6 +30,29 @@ def http_retry(status, retry_after_s=None):
     return None  # 5xx: caller uses backoff_ms
 
 
+# Wi-Fi (network.WLAN.status() codes of the ESP32 port; mqtt_as's wifi_connect):
+# one connect() per attempt, then poll status(); a new attempt (disconnect, connect)
+# only after a failure status or WIFI_TIMEOUT_MS of STAT_CONNECTING. connect() during
+# an attempt raises OSError('Wifi Internal Error') on the chip (micropython#17661).
+STAT_IDLE = 1000
+STAT_CONNECTING = 1001
+STAT_GOT_IP = 1010
+WIFI_TIMEOUT_MS = 20000  # mqtt_as waits 60 x 500 ms at most; a WPA2 join takes 2-8 s
+WIFI_UP = 0
+WIFI_WAIT = 1
+WIFI_RETRY = 2
+
+
+def wifi_step(status, elapsed_ms, timeout_ms=WIFI_TIMEOUT_MS):
+    # status: the last status() (None: no attempt yet, -1: status() raised);
+    # elapsed_ms: since this attempt's connect(). -> WIFI_UP, WIFI_WAIT or WIFI_RETRY
+    if status == STAT_GOT_IP:
+        return WIFI_UP
+    if status == STAT_CONNECTING and elapsed_ms < timeout_ms:
+        return WIFI_WAIT
+    return WIFI_RETRY  # failed (200-204), idle, an error, or connecting for too long
+
+
 # Reboot ladder: with no uplink success for `ladder[0]` s restart Wi-Fi, for
 # `ladder[1]` s reset the chip. The queue is on flash, so a reset loses nothing.
 LADDER_S = (900, 3600)
@@ -48,14 +71,16 @@ def ladder_step(since_ok_s, done_step, ladder=LADDER_S):
 
 
 # Boot-loop detection: a boot is "good" once the node ran HEALTHY_S seconds or got
-# one uplink through. BOOTLOOP_N unhealthy boots in a row -> safe mode (no app, the
-# REPL stays free for mpremote).
+# one uplink through, which clears the crash count. BOOTLOOP_N crashes in a row (an
+# exception or a watchdog reset; power cuts do not count) -> safe mode: no app, the
+# REPL free for mpremote for SAFE_WAIT_S, then a reset and one more try.
 HEALTHY_S = 300
 BOOTLOOP_N = 5
+SAFE_WAIT_S = 3600
 
 
-def safe_mode(unhealthy_boots, n=BOOTLOOP_N):
-    return unhealthy_boots >= n
+def safe_mode(crashes, n=BOOTLOOP_N):
+    return crashes >= n
 
 
 def batches(items, n=32):
@@ -69,3 +94,16 @@ def batches(items, n=32):
 def cadence_ok(s):
     # cmd/cadence and the config: 10 s .. 1 day, whole seconds
     return isinstance(s, int) and not isinstance(s, bool) and 10 <= s <= 86400
+
+
+def err_code(msg):
+    # the error code of an …/err envelope {"error": {"code", "message", "request_id"}}
+    # (docs/api.md), "unknown" for anything else: a refusal is counted all the same
+    import json
+
+    try:
+        e = json.loads(msg)["error"]
+        c = e["code"]
+        return c if isinstance(c, str) and c else "unknown"
+    except (ValueError, KeyError, TypeError, IndexError):
+        return "unknown"

@@ -48,6 +48,7 @@ class Sock:
     def __init__(self, s, raw):
         self.s = s
         self.raw = raw
+        self.rx = 0  # reads that returned data: the uplink's keepalive sees a PINGRESP by it
 
     def connect(self, addr):
         _feed()
@@ -55,7 +56,10 @@ class Sock:
 
     def read(self, n=None):
         _feed()
-        return self.s.read() if n is None else self.s.read(n)
+        d = self.s.read() if n is None else self.s.read(n)
+        if d:
+            self.rx += 1
+        return d
 
     def readinto(self, buf, n=None):
         _feed()

@@ -31,9 +31,20 @@ class Uplink:
         self.fails = 0  # failed connects in a row
         self.connects = 0
         self.last_error = ""
+        self.keepalive = cfg["mqtt_keepalive"]
+        self.tx_at = 0  # ticks of our last packet to the broker
+        self.ping_at = None  # ticks of the PINGREQ awaiting its answer
+        self.ping_rx = 0
+        self.http_at = 0  # ticks of the fall back to HTTPS
+        self.refusal = None  # the …/err code that came while the last batch was sent
 
     def connected(self):
-        return self.c is not None or self.mode == HTTP
+        # The HTTPS fallback is never for good: every mqtt_retry_s the node reports
+        # "not connected", connect() tries MQTT first and falls back again if it fails
+        if self.c is not None:
+            return True
+        return self.mode == HTTP and \
+            self.b.ticks_diff(self.b.ticks_ms(), self.http_at) < self.cfg["mqtt_retry_s"] * 1000
 
     def connect(self, info):
         # -> True when connected (MQTT, or HTTPS as the fallback)
@@ -42,7 +53,7 @@ class Uplink:
         c = MQTTClient(
             self.cfg["device_id"], self.host, self.port,
             user=self.cfg["device_id"], password=self.cfg["token"],
-            keepalive=0, ssl=True, ssl_params={"server_hostname": self.host},
+            keepalive=self.keepalive, ssl=True, ssl_params={"server_hostname": self.host},
         )
         c.set_last_will(self.root + "/lwt", "offline", retain=True, qos=1)
         c.set_callback(self._msg)
@@ -56,6 +67,10 @@ class Uplink:
             c.publish(self.root + "/info", json.dumps(info).encode(), retain=True, qos=1)
             self.stage = "subscribe"
             c.subscribe(self.root + "/cmd/#", qos=1)
+            # the server acknowledges a payload it refuses (a 4xx is never worth a retry)
+            # and says why on …/err (docs/mqtt.md); the embedded broker sends it on this
+            # connection before the PUBACK, so send() knows which batch it was
+            c.subscribe(self.root + "/err", qos=1)
         except MQTTException as e:
             self.close()
             self.last_error = "CONNACK refused %s" % e
@@ -69,28 +84,66 @@ class Uplink:
         self.fails = 0
         self.mode = MQTT
         self.connects += 1
+        self.tx_at = self.b.ticks_ms()
+        self.ping_at = None
         return True
 
     def _failed(self):
         self.fails += 1
         if self.https and self.fails >= self.cfg["http_after"]:
             self.mode = HTTP  # the MQTT port may be blocked (a guest network): use HTTPS
+            self.http_at = self.b.ticks_ms()
             return True
         return False
+
+    def ping(self):
+        # MQTT 3.1.1 3.1.2.10: we promised a packet at least every `keepalive` s; after
+        # 1.5x that of silence the broker closes the connection and publishes our will
+        # ("offline"), which is how the server learns of a power cut. PINGREQ when idle
+        # for half of it; an answer (PINGRESP, read by poll()) must come within one
+        # keepalive, else the link is dead (a blackholed broker): close and reconnect.
+        c = self.c
+        if c is None or not self.keepalive:
+            return True
+        b = self.b
+        now = b.ticks_ms()
+        if self.ping_at is not None:
+            if c.sock.rx != self.ping_rx:
+                self.ping_at = None  # something came back: the link is alive
+            elif b.ticks_diff(now, self.ping_at) >= self.keepalive * 1000:
+                self.last_error = "no PINGRESP within %d s" % self.keepalive
+                self.close()
+                return False
+        if self.ping_at is None and b.ticks_diff(now, self.tx_at) >= self.keepalive * 500:
+            try:
+                c.ping()
+            except (OSError, AttributeError) as e:
+                self.last_error = "ping %r" % (e,)
+                self.close()
+                return False
+            self.ping_at = self.tx_at = now
+            self.ping_rx = c.sock.rx
+        return True
 
     def _msg(self, topic, msg):
         t = topic.decode() if isinstance(topic, bytes) else topic
         if t.startswith(self.root + "/cmd/"):
             self.on_cmd(t[len(self.root) + 5:], msg)
+        elif t == self.root + "/err":
+            self.refusal = policy.err_code(msg)
 
     def send(self, body):
         # one batch; True once the server has it (PUBACK / 200). Raises Refused.
         # bytes, not str: umqtt counts len(msg), and "°C" is 2 bytes for 1 character
         body = body.encode() if isinstance(body, str) else body
+        self.refusal = None
         if self.mode == HTTP:
             return self._post(body)
         try:
             self.c.publish(self.root, body, qos=1)  # returns after the PUBACK
+            if self.refusal == "rate_limited":
+                self.refusal = None  # not acknowledged: the batch is sent again later
+            self.tx_at = self.b.ticks_ms()
             return True
         except (OSError, AttributeError, IndexError, AssertionError) as e:
             self.last_error = "publish %r" % (e,)

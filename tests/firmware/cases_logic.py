@@ -121,3 +121,38 @@ def case_payload_shape():
     assert d["measurements"][0] == {"type": "temperature", "value": 4.0625, "label": "front",
                                     "unit": "°C", "ts": "2026-11-24T09:34:56Z", "seq": 7}
     assert d["measurements"][1]["type"] == "signal"
+
+
+def case_wifi_step_connects_once_and_retries_only_after_a_failure_or_timeout():
+    # network.WLAN status codes of the ESP32 port; micropython#17661
+    W = policy
+    assert W.wifi_step(None, 0) == W.WIFI_RETRY  # no attempt yet: start one
+    assert W.wifi_step(W.STAT_CONNECTING, 0) == W.WIFI_WAIT
+    assert W.wifi_step(W.STAT_CONNECTING, W.WIFI_TIMEOUT_MS - 1) == W.WIFI_WAIT
+    assert W.wifi_step(W.STAT_CONNECTING, W.WIFI_TIMEOUT_MS) == W.WIFI_RETRY
+    assert W.wifi_step(W.STAT_GOT_IP, 10 ** 9) == W.WIFI_UP
+    for failed in (200, 201, 202, 203, 204, W.STAT_IDLE, -1):
+        assert W.wifi_step(failed, 0) == W.WIFI_RETRY, failed
+
+
+def case_err_code_reads_the_error_envelope_and_never_raises():
+    env = {"error": {"code": "out_of_range", "message": "in the future", "request_id": "req_1"}}
+    assert policy.err_code(json.dumps(env).encode()) == "out_of_range"
+    for bad in (b"", b"not json", b"[]", b'{"error": null}', b'{"error": {"code": 5}}', b"\xff"):
+        assert policy.err_code(bad) == "unknown", bad
+
+
+def case_bus_roms_keeps_only_ds18b20s_with_a_good_crc_and_bounds_the_count():
+    good = bytes([0x28, 1, 2, 3, 4, 5, 6])
+    good += bytes([ds.crc8(good)])
+    other = bytes([0x10, 1, 2, 3, 4, 5, 6])  # DS18S20: another family
+    other += bytes([ds.crc8(other)])
+    found, bad = ds.bus_roms([bytes(8)] * 255 + [good, good, other, good[:7] + b"\x00"])
+    assert found == [good] and bad == 255 + 1 + 1 + 1  # zeros, a duplicate, family, CRC
+    many = []
+    for i in range(40):
+        r = bytes([0x28, i, 0, 0, 0, 0, 0])
+        many.append(r + bytes([ds.crc8(r)]))
+    found, bad = ds.bus_roms(many)
+    assert len(found) == ds.MAX_SCAN and bad == 40 - ds.MAX_SCAN
+    assert ds.config_byte(9) == 0x1F and ds.config_byte(12) == 0x7F  # datasheet fig. 10

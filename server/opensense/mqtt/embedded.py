@@ -152,10 +152,33 @@ async def _init_from_connect_admitted(
         raise
     if side is not None:
         await side.admit(session, reader, writer)
+        if session.keep_alive > 0:
+            # MQTT 3.1.1 §3.1.2.10: 1.5 x the client's keep alive without a packet and the
+            # server closes the connection (_keepalive_expired). amqtt 0.12.1 times its
+            # reads at keep_alive itself (plus timeout-disconnect-delay, 0 here)
+            session.keep_alive = (session.keep_alive * 3 + 1) // 2
     return handler, session
 
 
 BrokerProtocolHandler.init_from_connect = classmethod(_init_from_connect_admitted)
+
+
+# --- keep alive ----------------------------------------------------------------------
+# amqtt 0.12.1's BrokerProtocolHandler.handle_read_timeout does nothing: a node that lost
+# power with its connection open (no FIN ever comes) stayed connected, its will never
+# published, the device "online" for good. On a read timeout (1.5 x keep alive of
+# silence, see above) the connection is cut: amqtt's reader sees EOF and ends the
+# session as a connection lost without DISCONNECT, which publishes the will.
+def _keepalive_expired(self: BrokerProtocolHandler) -> None:
+    w = self.writer
+    if not isinstance(w, StreamWriterAdapter):
+        return
+    client = self.session.client_id if self.session is not None else "?"
+    log.info("MQTT keep alive of %s expired: closing its connection (its will follows)", client)
+    w._writer.transport.abort()
+
+
+BrokerProtocolHandler.handle_read_timeout = _keepalive_expired
 
 
 # --- packet size ---------------------------------------------------------------------
@@ -617,7 +640,12 @@ class EmbeddedBroker:
             log.exception("storing a publish of %s on %s failed; not acknowledged", dev.id, topic)
             return False
         if env is not None:
-            await self.publish(err_topic, json.dumps(env).encode())
+            if self.broker is not None and self.broker.subscribed(session, err_topic):
+                # on this connection, before the PUBACK: the node learns which batch was
+                # refused (it then sends its records one by one, firmware/sense/node.py)
+                await handler.mqtt_publish(err_topic, json.dumps(env).encode(), 0, False)
+            else:
+                await self.publish(err_topic, json.dumps(env).encode())
         return True
 
     def refused(self, dev: Device | None, what: str, target: str, code: str, reason: str) -> None:

@@ -129,6 +129,21 @@ def mpremote() -> str:
     return shutil.which("mpremote") or str(Path(sys.executable).with_name("mpremote"))
 
 
+def rtc_cmd(base: list[str], now: dt.datetime | None = None) -> list[str]:
+    """Set the node's RTC to UTC. Not `mpremote rtc --set`: that writes the PC's local
+    time (datetime.now()), so east of UTC the self-test's reading was refused as "in
+    the future" (issue 17 item 3). The node trusts its RTC only after NTP anyway; this
+    gives certificate checks a sane clock until then. Tuple: machine.RTC.datetime's
+    (year, month, day, weekday 0=Monday, hours, minutes, seconds, subseconds)."""
+    t = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
+    tup = (t.year, t.month, t.day, t.weekday(), t.hour, t.minute, t.second, 0)
+    return [*base, "exec", f"import machine\nmachine.RTC().datetime({tup!r})"]
+
+
+def is_rtc_cmd(c: list[str]) -> bool:
+    return c[3:4] == ["exec"] and "machine.RTC().datetime(" in c[-1]
+
+
 def mpremote_cmds(port: str, copies: list[Copy]) -> list[list[str]]:
     """The mpremote invocations, in order (dirs first, then files, clock, self-test)."""
     base = [mpremote(), "connect", port]
@@ -143,7 +158,7 @@ def mpremote_cmds(port: str, copies: list[Copy]) -> list[list[str]]:
                 cmds.append(cmd)
     for c in copies:
         cmds.append([*base, "fs", "cp", str(c.src), ":" + c.dest])
-    cmds.append([*base, "rtc", "--set"])
+    cmds.append(rtc_cmd(base))  # made again with the time of the moment it runs
     cmds.append([*base, "exec", "import selftest"])
     return cmds
 
@@ -209,8 +224,9 @@ def flash(
     n_copy = sum(1 for c in cmds if "cp" in c)
     say(f"[4/6] copying {n_copy} files to the node on {port}")
     for i, c in enumerate(cmds):
-        if c[3:5] == ["rtc", "--set"]:
-            say("[5/6] setting the node's clock from this computer (TLS checks certificate dates)")
+        if is_rtc_cmd(c):
+            say("[5/6] setting the node's clock to this computer's UTC time (NTP confirms it)")
+            c = rtc_cmd(c[:3])
         if c[-1] == "import selftest":
             say("[6/6] self-test on the node: probes, modules, first reading to the server")
         r = runner(c)

@@ -127,6 +127,8 @@ class SimNode:
         self.thread: threading.Thread | None = None
         self.stopping = False
         self.restarts = 0
+        self.parked = 0  # times main.py returned with the watchdog running (safe mode)
+        self.stuck = False  # the chip ended at the REPL with no watchdog: stuck for good
         self.cause = "power_on"
         self.log = open(self.dir / "console.log", "ab")  # noqa: SIM115 - kept for the node's life
 
@@ -164,20 +166,43 @@ class SimNode:
             preexec_fn=_die_with_parent,
         )
 
+    def _wdt_armed(self) -> float | None:
+        """The watchdog timeout (s) the firmware started, or None: the chip's task
+        watchdog cannot be stopped once started, and a hard reset clears it."""
+        try:
+            return float((self.dir / "wdt").read_text())
+        except (OSError, ValueError):
+            return None
+
     def _supervise(self) -> None:
         while not self.stopping:
+            (self.dir / "wdt").unlink(missing_ok=True)  # a reset stops the watchdog
             self.proc = self._spawn()
             rc = self.proc.wait()
             if self.stopping:
                 break
-            if rc == 0:
-                # main.py returned (safe mode, bad config): the chip sits at the REPL
-                self.log.write(b"\n[sim] main.py returned: at the REPL\n")
+            wdt = self._wdt_armed()
+            if rc != RESET_EXIT and wdt is None:
+                # main.py returned or raised with no watchdog running: the chip sits
+                # at the REPL for good (what issue 17 item 2 forbids)
+                self.log.write(f"\n[sim] exit {rc}: at the REPL, no watchdog\n".encode())
                 self.log.flush()
+                self.stuck = True
                 break
+            if rc == 0 and wdt is not None:
+                # at the REPL with the watchdog running: it resets the chip after its
+                # timeout (on the fast clock: a hardware timer here, but an hour of
+                # safe mode is not worth an hour of test)
+                self.log.write(b"\n[sim] main.py returned: at the REPL, watchdog running\n")
+                self.log.flush()
+                self.parked += 1
+                deadline = time.monotonic() + wdt / max(self.ctl.get("speed", 1), 1)
+                while not self.stopping and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if self.stopping:
+                    break
             self.restarts += 1
-            # exit 3: the firmware reset the chip; anything else: a crash, which the
-            # watchdog would turn into a reset on the ESP32
+            # exit 3: the firmware reset the chip; anything else: the watchdog's reset
             self.cause = "soft" if rc == RESET_EXIT else "watchdog"
             self.log.write(f"\n[sim] exit {rc}: restarting ({self.cause})\n".encode())
             self.log.flush()
