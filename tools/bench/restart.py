@@ -78,6 +78,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ingest as ingest_bench  # noqa: E402  (tools/bench/ingest.py: CPU meter, helpers)
 
 from opensense import db, tokens  # noqa: E402
+from opensense.db import roles as db_roles  # noqa: E402
 from opensense.devices import service  # noqa: E402
 from opensense.ids import new_id  # noqa: E402
 
@@ -490,7 +491,9 @@ def phase_lines(p: Phase) -> None:
 async def run(dsn: str, plan: Plan, work: Path, pg_pid: int | None) -> None:
     t_start = time.perf_counter()
     say("setup")
-    await asyncio.to_thread(db.migrate, dsn)
+    # migrated as the owner role; the server serves as the app role (it refuses a
+    # superuser: db/roles.py), the bench's own setup keeps the superuser DSN
+    app_dsn = await asyncio.to_thread(db_roles.serving_dsn, dsn)
     t0 = time.perf_counter()
     devs, probe_dev, hash_cpu = await make_devices(dsn, plan.devices)
     say(
@@ -500,7 +503,7 @@ async def run(dsn: str, plan: Plan, work: Path, pg_pid: int | None) -> None:
     state = work / "state"
     state.mkdir()
     os.chmod(state, 0o755)  # as root the embedded PostgreSQL runs as its own user
-    server = Server(dsn, state, work / "server.log")
+    server = Server(app_dsn, state, work / "server.log")
     try:
         server.start()
         await server.wait_ready()
