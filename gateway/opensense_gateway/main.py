@@ -156,6 +156,8 @@ class Gateway:
             try:
                 a = api.call("GET", f"/v1/gateway/sync?wait={wait:g}&version={version}")
             except Exception:  # the thread must never die
+                if self.stop.is_set():
+                    break  # shutdown() cut the held request
                 log.exception("sync long-poll failed")
                 a = Answer(0, None)
             if a.status == 200 and isinstance(a.body, dict):

@@ -3,8 +3,10 @@ PRODUCT.md client retry rule. Everything here runs on the uplink thread."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import socket
 import ssl
 import threading
 import time
@@ -47,9 +49,15 @@ class Api:
         return self.conn
 
     def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
+        conn = self.conn
+        if conn is not None:
             self.conn = None
+            if conn.sock is not None:
+                # wakes a thread blocked in this connection's recv (the held sync
+                # long-poll, when the gateway stops): a bare close() of the fd does not
+                with contextlib.suppress(OSError):
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+            conn.close()
 
     def call(self, method: str, path: str, body: Any = None) -> Answer:
         data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
