@@ -472,6 +472,24 @@ def op(
 
 
 def document() -> S:
+
+    def lorawan_op() -> S:
+        """The LoRaWAN door's operation: the same with or without a path suffix."""
+        return op(
+            "LoRaWAN webhook: The Things Stack v3 or ChirpStack v4 (token: whk_)",
+            {
+                **ok(200, ref("IngestAnswer"), "Stored, a duplicate, simulated, or not an uplink"),
+                **ok(202, ref("IngestAnswer"), "Unknown dev_eui: kept in the tray"),
+                **err(400, 401, 404, 413, 422, 429),
+            },
+            security=[{"webhookToken": []}],
+            parameters=[
+                q("event", {"type": "string"}, "ChirpStack's event type (up, join, ...)"),
+            ],
+            requestBody=body(ref("TtnUplink"), TTN_EXAMPLE),
+            description="docs/api.md, LoRaWAN: what to paste where on each network.",
+        )
+
     ingest_err = err(400, 401, 403, 404, 409, 413, 422, 429)
     paths: S = {
         "/v1/ingest": {
@@ -513,22 +531,7 @@ def document() -> S:
             )
         },
         "/v1/ingest/lorawan": {
-            "post": op(
-                "LoRaWAN webhook: The Things Stack v3 or ChirpStack v4 (token: whk_)",
-                {
-                    **ok(
-                        200, ref("IngestAnswer"), "Stored, a duplicate, simulated, or not an uplink"
-                    ),
-                    **ok(202, ref("IngestAnswer"), "Unknown dev_eui: kept in the tray"),
-                    **err(400, 401, 404, 413, 422, 429),
-                },
-                security=[{"webhookToken": []}],
-                parameters=[
-                    q("event", {"type": "string"}, "ChirpStack's event type (up, join, ...)"),
-                ],
-                requestBody=body(ref("TtnUplink"), TTN_EXAMPLE),
-                description="docs/api.md, LoRaWAN: what to paste where on each network.",
-            )
+            "post": lorawan_op(),
         },
         "/v1/ingest/lorawan/{suffix}": {
             "parameters": [
@@ -538,22 +541,7 @@ def document() -> S:
                     "description": "a per-message path (TTS appends it to the base URL)",
                 }
             ],
-            "post": op(
-                "LoRaWAN webhook: The Things Stack v3 or ChirpStack v4 (token: whk_)",
-                {
-                    **ok(
-                        200, ref("IngestAnswer"), "Stored, a duplicate, simulated, or not an uplink"
-                    ),
-                    **ok(202, ref("IngestAnswer"), "Unknown dev_eui: kept in the tray"),
-                    **err(400, 401, 404, 413, 422, 429),
-                },
-                security=[{"webhookToken": []}],
-                parameters=[
-                    q("event", {"type": "string"}, "ChirpStack's event type (up, join, ...)"),
-                ],
-                requestBody=body(ref("TtnUplink"), TTN_EXAMPLE),
-                description="docs/api.md, LoRaWAN: what to paste where on each network.",
-            ),
+            "post": lorawan_op(),
         },
         "/v1/lorawan/unassigned": {
             "get": op(
