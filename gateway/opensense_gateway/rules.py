@@ -21,18 +21,17 @@ the gateway read `seconds` where the server sends `max_gap_s`).
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from opensense_contract import rules as contract_rules
+
 log = logging.getLogger("opensense-gateway")
 
-# The kinds this gateway can evaluate, with the params it reads (names as the
-# server's engine declares them). Required params are listed first.
-LOCAL_KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "range": ((), ("ok_min", "ok_max")),
-    "absence": (("max_gap_s",), ()),
-}
+# The kinds this gateway can evaluate; which of them it runs for a site is the
+# server's `rule_kinds` in the sync document, their params the contract's.
+LOCAL_KINDS: tuple[str, ...] = ("range", "absence")
+assert set(LOCAL_KINDS) == set(contract_rules.GATEWAY_RULE_KINDS), "contract and gateway disagree"
 
 
 @dataclass(frozen=True)
@@ -62,31 +61,14 @@ class Event:
     value: float | None
 
 
-def _number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def local_params(kind: str, params: Any) -> dict[str, float] | None:
     """The params of a rule this gateway runs, as numbers; None (with the reason
     logged) when the gateway cannot run it as the server means it."""
-    spec = LOCAL_KINDS.get(kind)
-    if spec is None or not isinstance(params, dict):
+    if kind not in LOCAL_KINDS:
         return None
-    required, optional = spec
-    out: dict[str, float] = {}
-    for k in required:
-        if not _number(params.get(k)):
-            log.warning("a synced %s rule has no numeric %s; not run locally", kind, k)
-            return None
-        out[k] = float(params[k])
-    for k in optional:
-        if _number(params.get(k)):
-            out[k] = float(params[k])
-    if kind == "range" and not out:
-        log.warning("a synced range rule has neither ok_min nor ok_max; not run locally")
-        return None
-    if kind == "absence" and out["max_gap_s"] <= 0:
-        return None
+    out = contract_rules.read_numbers(kind, params)
+    if out is None:
+        log.warning("a synced %s rule has params the gateway cannot read; not run locally", kind)
     return out
 
 
@@ -168,7 +150,7 @@ def absence_seconds(rule: Rule) -> float:
     """The server's `max_gap_s` (engine.py RULE_KINDS); 0 (never fires) only for a
     rule built by hand without it — `local_params` keeps those out of a sync."""
     v = rule.params.get("max_gap_s")
-    return float(v) if v is not None and _number(v) else 0.0
+    return float(v) if v is not None and contract_rules.is_number(v) else 0.0
 
 
 def check_absence(

@@ -27,126 +27,21 @@ from zoneinfo import ZoneInfo
 
 from dateutil.rrule import rrule, rrulestr
 
-# --- rule kinds, as data --------------------------------------------------------------
+from opensense_contract.rules import (  # noqa: F401  (re-exported for the engine's callers)
+    HIST_MAX_S,
+    RULE_KINDS,
+    SEVERITIES,
+    Param,
+    RuleKind,
+    check_params,
+)
+
+# --- rule kinds -------------------------------------------------------------------------
+# What a kind is on the wire (name, params, defaults, whether a gateway runs it) is
+# the contract's (server/opensense_contract/rules.py); its behaviour is below.
 
 
-@dataclass(frozen=True)
-class Param:
-    name: str
-    doc: str
-    required: bool = False
-    positive: bool = False
-    maximum: float | None = None
-
-
-@dataclass(frozen=True)
-class RuleKind:
-    name: str
-    doc: str
-    params: tuple[Param, ...]
-    # at least one of these must be given (range: a lower or an upper limit)
-    one_of: tuple[str, ...] = ()
-
-
-# delta and derivative rules keep the readings of their window in the state: a
-# window of years would make every step copy an ever longer list (and every saved
-# state and checkpoint carry it), so a window is at most a day.
-HIST_MAX_S = 86400
-
-RULE_KINDS: dict[str, RuleKind] = {
-    k.name: k
-    for k in (
-        RuleKind(
-            "range",
-            "value outside ok_min..ok_max (either may be omitted)",
-            (Param("ok_min", "lowest value in range"), Param("ok_max", "highest value in range")),
-            one_of=("ok_min", "ok_max"),
-        ),
-        RuleKind(
-            "delta",
-            "the value changed by more than max_delta within interval_s (max - min of the window)",
-            (
-                Param("max_delta", "largest allowed change", required=True, positive=True),
-                Param(
-                    "interval_s",
-                    "window in seconds (default 600, at most a day)",
-                    positive=True,
-                    maximum=HIST_MAX_S,
-                ),
-            ),
-        ),
-        RuleKind(
-            "derivative",
-            "rate of change per hour, measured over window_s (default 3600), outside min_rate..max_rate",
-            (
-                Param("min_rate", "lowest allowed change per hour (e.g. -2)"),
-                Param("max_rate", "highest allowed change per hour (e.g. 2)"),
-                Param(
-                    "window_s",
-                    "window in seconds (default 3600, at most a day)",
-                    positive=True,
-                    maximum=HIST_MAX_S,
-                ),
-            ),
-            one_of=("min_rate", "max_rate"),
-        ),
-        RuleKind(
-            "absence",
-            "no reading for more than max_gap_s seconds",
-            (Param("max_gap_s", "longest allowed gap in seconds", required=True, positive=True),),
-        ),
-        RuleKind(
-            "comparison",
-            "value above (op gt) or below (op lt) another channel's latest value + offset",
-            (
-                Param("other_channel_id", "the channel compared against", required=True),
-                Param("op", "gt (default) or lt"),
-                Param("offset", "added to the other channel's value (default 0)"),
-            ),
-        ),
-    )
-}
-
-SEVERITIES = ("warning", "alarm")  # ascending
 UTC_ZONE = ZoneInfo("UTC")
-
-
-def check_params(kind: str, params: Mapping[str, Any]) -> str | None:
-    """Why `params` do not fit `kind`, or None."""
-    rk = RULE_KINDS.get(kind)
-    if rk is None:
-        return f"unknown rule kind {kind!r}; known: {', '.join(RULE_KINDS)}"
-    names = {p.name for p in rk.params}
-    for k in params:
-        if k not in names:
-            return f"{kind} rules take {', '.join(sorted(names))}; not {k!r}"
-    for p in rk.params:
-        v = params.get(p.name)
-        if v is None:
-            if p.required:
-                return f"{kind} rules need {p.name} ({p.doc})"
-            continue
-        if p.name == "other_channel_id":
-            if not isinstance(v, str):
-                return "other_channel_id must be a channel id"
-        elif p.name == "op":
-            if v not in ("gt", "lt"):
-                return "op must be gt or lt"
-        elif isinstance(v, bool) or not isinstance(v, int | float):
-            return f"{p.name} must be a number"
-        elif p.positive and v <= 0:
-            return f"{p.name} must be greater than 0"
-        elif p.maximum is not None and v > p.maximum:
-            return f"{p.name} must be at most {p.maximum:g}"
-    if rk.one_of and all(params.get(k) is None for k in rk.one_of):
-        return f"{kind} rules need at least one of {', '.join(rk.one_of)}"
-    lo, hi = (
-        params.get("ok_min", params.get("min_rate")),
-        params.get("ok_max", params.get("max_rate")),
-    )
-    if isinstance(lo, int | float) and isinstance(hi, int | float) and lo > hi:
-        return "the lower limit is above the upper limit"
-    return None
 
 
 # --- time windows -----------------------------------------------------------------------

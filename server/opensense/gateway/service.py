@@ -15,6 +15,11 @@ from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+# The rule kinds a site gateway evaluates on its own during an outage (the server
+# decides; the sync document lists them in `rule_kinds` and carries only those),
+# with their params exactly as the contract declares them.
+from opensense_contract.rules import GATEWAY_RULE_KINDS
+
 from .. import tokens
 from ..errors import ApiError
 from ..ids import new_id
@@ -25,10 +30,6 @@ from ..presets import VERTICALS
 from ..storage.write import insert_readings
 
 MAX_SERIES = 1000
-# The rule kinds a site gateway evaluates on its own during an outage (the server
-# decides; the sync document lists them in `rule_kinds` and carries only those).
-# Their params go out exactly as alarms/engine.py RULE_KINDS declares them.
-GATEWAY_RULE_KINDS = ("range", "absence")
 HEALTH_KEYS = ("queue_depth", "oldest_unsent_s", "uplink", "last_sync", "dead_letters")
 # A silence longer than this between two calls of a gateway is an uplink gap. A
 # gateway that is up holds its sync long-poll open and renews it at once (each end
