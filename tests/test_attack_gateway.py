@@ -248,6 +248,29 @@ def test_http_door_bounds_the_body_before_reading_and_checks_the_token_first(tmp
         stop_door(gw)
 
 
+def test_http_door_answers_the_servers_code_for_a_body_it_cannot_read(tmp_path: Path):
+    """Drift of the old private copy: a body nested past the parser's depth escaped the
+    door as a RecursionError (no answer at all), and unreadable JSON was answered
+    invalid_measurement where the server says bad_json (the contract's strict JSON)."""
+    gw = door(tmp_path)
+    assert gw.http is not None
+    port = gw.http.server_address[1]
+    try:
+        deep = b"[" * 30_000 + b"]" * 30_000
+        status, body = exchange(port, head(str(len(deep))), deep)
+        assert (status, body["error"]["code"]) == (400, "bad_json"), body
+        for raw in (b"{", b'{"measurements": [{"type": "temperature", "value": NaN}]}'):
+            status, body = exchange(port, head(str(len(raw))), raw)
+            assert (status, body["error"]["code"]) == (400, "bad_json"), body
+        huge = b'{"measurements": [{"type": "temperature", "value": ' + b"9" * 400 + b"}]}"
+        status, body = exchange(port, head(str(len(huge))), huge)
+        assert (status, body["error"]["code"]) == (400, "invalid_measurement"), body
+        status, body = exchange(port, head(str(len(READING))), READING)
+        assert status == 200 and body["accepted"] == 1, body
+    finally:
+        stop_door(gw)
+
+
 def test_http_door_binds_loopback_by_default_and_lan_needs_tls(tmp_path: Path):
     # a bare port is loopback
     gw = door(tmp_path / "a", listen=str(free_port()))

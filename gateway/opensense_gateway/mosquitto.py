@@ -17,6 +17,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from opensense_contract import topics
+
 ITERATIONS = 101  # mosquitto_passwd's default for $7$
 
 
@@ -52,17 +54,9 @@ def password_file(devices: list[dict[str, Any]], gw_user: str, gw_hash: str) -> 
 
 def acl_file(account: str, gw_user: str) -> str:
     """A node publishes only its own measurements, lwt and info (the topic names it,
-    so the gateway knows which node sent what); the gateway reads them all."""
-    root = f"opensense/{account}/%u"
-    return (
-        "# written by opensense-gateway from the server's sync; do not edit\n"
-        f"pattern write {root}\n"
-        f"pattern write {root}/lwt\n"
-        f"pattern write {root}/info\n"
-        f"pattern read {root}/cmd/#\n"
-        f"\nuser {gw_user}\n"
-        f"topic read opensense/{account}/#\n"
-    )
+    so the gateway knows which node sent what); the gateway reads them all. The
+    contract's device ACL (opensense_contract.topics), in Mosquitto's words."""
+    return topics.mosquitto_acl(account, gw_user)
 
 
 def _write_if_changed(path: Path, text: str) -> bool:

@@ -13,6 +13,8 @@ import psycopg
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
+from opensense_contract.payload import MAX_BODY_BYTES
+
 from . import db, jobs
 from .alarms.routes import routes as alarm_routes
 from .alarms.service import alarms_ctx
@@ -35,7 +37,6 @@ from .devices.routes import routes as device_routes
 from .gateway import push as gateway_push
 from .gateway.routes import routes as gateway_routes
 from .ingest.routes import routes as ingest_routes
-from .ingest.validate import MAX_BODY_BYTES
 from .mqtt.emqx import EmqxApi
 from .mqtt.emqx import routes as emqx_routes
 from .mqtt.side import MqttSide, NoMqtt

@@ -8,10 +8,11 @@ from typing import Any
 
 from aiohttp import web
 
+from opensense_contract.payload import ENTRY_KEYS, MAX_MEASUREMENTS
+
 from . import __version__
 from .errors import CODES
 from .ingest.tray import STATES as TRAY_STATES
-from .ingest.validate import ENTRY_KEYS, MAX_MEASUREMENTS
 from .kinds import KINDS
 from .presets import VERTICALS
 from .storage.read import AGGS, FNS

@@ -6,12 +6,13 @@ import logging
 
 from aiohttp import web
 
+from opensense_contract import topics
+
 from ..api import auth
 from ..api.body import body_ts, json_object, query_ts
 from ..api.jsonutil import response
 from ..api.keys import CONFIG, MQTT, POOL
 from ..errors import ApiError
-from ..mqtt import topics
 from . import service
 
 log = logging.getLogger(__name__)

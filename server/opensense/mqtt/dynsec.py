@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import topics
+from opensense_contract import topics
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ outside the device's own topics) gets its CONNACK refusal and the connection clo
 and no existing session is deleted, taken over or changed by it. A revoked or rotated
 token closes the device's live session at once (opensense_token_revoked
 notifications). ACL: a device publishes only its own measurements, lwt and info, and
-subscribes only to its own cmd/# and err (opensense.mqtt.topics); anything else is
+subscribes only to its own cmd/# and err (opensense_contract.topics); anything else is
 refused and logged with the reason. A will is held to the same publish ACL at CONNECT
 and again when the broker is about to publish it.
 
@@ -58,12 +58,13 @@ from amqtt.mqtt.protocol.handler import INCOMING, ProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
 from amqtt.session import Session
 
+from opensense_contract import topics
+from opensense_contract.payload import MAX_BODY_BYTES
+
 from ..api.keys import CONFIG, REQUEST_LOG
 from ..errors import ApiError
 from ..ids import new_id
 from ..ingest.pipeline import Device
-from ..ingest.validate import MAX_BODY_BYTES
-from . import topics
 from .ca import ensure_tls
 from .ingest import MqttIngest
 
@@ -417,7 +418,7 @@ class DeviceAuthPlugin(BaseAuthPlugin):
 
 
 class DeviceTopicPlugin(BaseTopicPlugin):
-    """The device ACL of opensense.mqtt.topics."""
+    """The device ACL of opensense_contract.topics."""
 
     @dataclass
     class Config:

@@ -71,11 +71,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from opensense_contract import retry, topics
+
 from .. import tokens
 from ..api.keys import CONFIG, DSN, POOL
 from ..errors import ApiError
 from ..ingest import pipeline
-from . import dynsec, topics
+from . import dynsec
 from .ingest import MqttIngest
 
 log = logging.getLogger(__name__)
@@ -84,7 +86,7 @@ SHARE_GROUP = "opensense"
 RECEIVE_MAXIMUM = 500  # messages the broker may have in flight to the consumer, unacknowledged
 SESSION_NEVER_EXPIRES = 0xFFFFFFFF
 KEEPALIVE = 30
-MAX_BACKOFF = 60.0
+MAX_BACKOFF = float(retry.BACKOFF_CAP_S)  # the contract's cap; no jitter: one consumer
 STREAK_RESET_S = 300.0  # a failure this long after the last one starts the backoff again at 1 s
 DRAIN_S = 10.0  # how long a reconnect or a stop waits for messages being handled
 CONNECT_WAIT_S = 10.0  # start() waits this long for the broker, then goes on without it

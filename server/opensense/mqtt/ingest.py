@@ -19,6 +19,8 @@ from typing import Any
 from aiohttp import web
 from psycopg.types.json import Jsonb
 
+from opensense_contract import topics
+
 from .. import ratelimit, tokens
 from ..api.keys import CONFIG, POOL, REQUEST_LOG, VERIFIER, WRITER
 from ..errors import ApiError, envelope
@@ -26,7 +28,6 @@ from ..ids import new_id
 from ..ingest import pipeline
 from ..ingest.routes import oldest_accepted
 from ..ingest.validate import parse_json, validate_payload
-from . import topics
 
 log = logging.getLogger(__name__)
 
