@@ -7,6 +7,7 @@ import gc
 import json
 
 from sense import config, ds18b20, fq, payload, policy, timefmt
+from sense import contract as C
 from sense.uplink import Refused, Uplink
 
 FW_VERSION = "0.4.0"
@@ -339,7 +340,7 @@ class Node:
             b.event("connected %s" % ("mqtt" if up.mode == 0 else "https"))
         self._crumb_set("p", "send")
         for _ in range(SENDS_PER_STEP):
-            recs, cur = self.q.peek(32)
+            recs, cur = self.q.peek(C.MAX_MEASUREMENTS)
             if not recs:
                 break
             if recs[0][1] is None:

@@ -85,6 +85,10 @@ def case_backoff_doubles_caps_and_jitters():
 def case_http_retry_rule():
     assert policy.http_retry(200) == 0
     assert policy.http_retry(429, 7) == 7000
+    # Retry-After within the contract's bounds, as the gateway reads it (the old
+    # firmware waited 60 s for a "0" and 27 h for a "99999")
+    assert policy.http_retry(429) == 60000
+    assert policy.http_retry(429, 0) == 1000 and policy.http_retry(429, 99999) == 3600000
     assert policy.http_retry(401) == -1 and policy.http_retry(422) == -1
     assert policy.http_retry(503) is None
 
