@@ -43,7 +43,7 @@ from opensense_contract.payload import MAX_BODY_BYTES
 
 from . import __version__, mosquitto, notify, payload, rules
 from .config import Config, example, http_address, load
-from .store import Store
+from .store import Queued, Store
 from .uplink import Answer, Api, Link, error_text, group
 
 log = logging.getLogger("opensense-gateway")
@@ -425,7 +425,7 @@ class Gateway:
         self.link.refused(f"{code}: {msg}")
         return 0.0
 
-    def forward(self, api: Api, rows: list[Any]) -> Answer:
+    def forward(self, api: Api, rows: list[Queued]) -> Answer:
         body, ids = group(rows)
         body["batch"] = uuid.uuid4().hex
         a = api.call("POST", "/v1/gateway/ingest", body)
@@ -438,7 +438,7 @@ class Gateway:
                 except (KeyError, IndexError, ValueError, TypeError):
                     continue
                 dead.append((rid, str(rej.get("code")), str(rej.get("message"))[:500]))
-            self.store.settle(rows[-1][0], [r[0] for r in rows], dead, now)
+            self.store.settle(rows[-1].id, [r.id for r in rows], dead, now)
             self.forwarded += len(rows)
             if dead:
                 log.warning("server refused %d readings; kept in dead_letters", len(dead))
@@ -446,7 +446,7 @@ class Gateway:
             # the batch as a whole is refused and would be refused again: keep it aside
             code, msg = error_text(a)
             self.store.settle(
-                rows[-1][0], [r[0] for r in rows], [(r[0], code, msg[:500]) for r in rows], now
+                rows[-1].id, [r.id for r in rows], [(r.id, code, msg[:500]) for r in rows], now
             )
             log.error("server refused a batch of %d (%s); kept in dead_letters", len(rows), code)
             return Answer(200, a.body)

@@ -41,8 +41,10 @@ WHERE d.deleted_at IS NULL AND {where}
 
 
 def _device(row: Any) -> pipeline.Device:
-    channels = {(c[0], c[1]): (c[2], int(c[3]), c[4], float(c[5])) for c in row[4]}
-    return pipeline.Device(row[0], row[1], row[2], row[3], channels)
+    device_id, account_id, local_id, vertical, channels = row
+    return pipeline.Device(
+        device_id, account_id, local_id, vertical, pipeline.read_channels(channels)
+    )
 
 
 @dataclass
