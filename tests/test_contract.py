@@ -119,3 +119,18 @@ def test_retry_rule():
     assert retry.gives_up(401) and retry.gives_up(422) and not retry.gives_up(429)
     assert not retry.gives_up(503)
     assert all(retry.gives_up(s) for s in retry.NEVER_RETRY_STATUSES)
+
+
+def test_docs_name_every_contract_module():
+    from pathlib import Path
+
+    import opensense_contract
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "contract.md").read_text()
+    modules = sorted(
+        p.stem for p in Path(opensense_contract.__file__).parent.glob("*.py") if p.stem[0] != "_"
+    )
+    assert modules == ["errors", "payload", "retry", "rules", "strictjson", "topics"]
+    for name in modules:
+        assert f"| `{name}` |" in text, name
