@@ -26,8 +26,9 @@ from paho.mqtt.properties import Properties
 from opensense.api.jsonutil import rfc3339
 from opensense.api.keys import MQTT
 from opensense.app import create_app
-from opensense.mqtt import dynsec, topics
+from opensense.mqtt import dynsec
 from opensense.mqtt.external import BrokerUrl, default_client_id
+from opensense_contract import topics
 
 from .fixtures.mosquitto import Mosquitto
 from .fixtures.processes import free_port

@@ -1080,7 +1080,7 @@ class Fleet:
     tokens: list[str] = field(default_factory=list)
 
     def specs(self) -> list[dict[str, Any]]:
-        from opensense.mqtt import topics
+        from opensense_contract import topics
 
         return [
             {

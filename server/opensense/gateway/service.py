@@ -18,6 +18,7 @@ from psycopg.types.json import Jsonb
 # The rule kinds a site gateway evaluates on its own during an outage (the server
 # decides; the sync document lists them in `rule_kinds` and carries only those),
 # with their params exactly as the contract declares them.
+from opensense_contract.payload import MAX_FUTURE_S
 from opensense_contract.rules import GATEWAY_RULE_KINDS
 
 from .. import tokens
@@ -377,7 +378,7 @@ def check_batch(body: Any, now: datetime, oldest: datetime, max_readings: int) -
                 if at > now + MAX_FUTURE:
                     raise ApiError(
                         "out_of_range",
-                        f"{f}.ts[{j}] {at.isoformat()} is more than 5 minutes in the future",
+                        f"{f}.ts[{j}] {at.isoformat()} is more than {MAX_FUTURE_S // 60} minutes in the future",
                     )
                 if at < oldest:
                     raise ApiError(

@@ -462,7 +462,7 @@ class DeviceStatePlugin(BasePlugin[Any]):
             t = topics.parse(client_session.will_topic)
             if (
                 t is not None
-                and t.sub == "lwt"
+                and t.sub == topics.LWT
                 and (t.account, t.device) == (dev.account_id, dev.local_id)
             ):
                 try:
@@ -623,7 +623,7 @@ class EmbeddedBroker:
             return True  # acknowledged and dropped: the broker's ACL stops it too
         t = topics.parse(topic)
         assert t is not None
-        err_topic = topics.topic(dev.account_id, dev.local_id, "err")
+        err_topic = topics.topic(dev.account_id, dev.local_id, topics.ERR)
         try:
             if t.sub == "":
                 limited = await self.ingest.over_rate(dev, t)

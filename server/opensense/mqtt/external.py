@@ -432,7 +432,7 @@ class ExternalBroker:
                 answer = await self.ingest.handle(dev, t, m.payload, m.qos)
                 if answer is not None:
                     self._publish_nowait(
-                        topics.topic(t.account, t.device, "err"), json.dumps(answer).encode()
+                        topics.topic(t.account, t.device, topics.ERR), json.dumps(answer).encode()
                     )
         except Exception:
             log.exception(
@@ -753,7 +753,7 @@ class ExternalBroker:
             return
         if row is not None:
             # forget its retained state, so nothing shows a gone device as online
-            for sub in ("lwt", "info"):
+            for sub in (topics.LWT, topics.INFO):
                 self._publish_nowait(topics.topic(row[0], row[1], sub), b"", retain=True)
 
 

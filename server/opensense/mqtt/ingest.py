@@ -103,9 +103,9 @@ class MqttIngest:
         try:
             if t.sub == "":
                 await self._measurements(dev, payload, qos, now)
-            elif t.sub == "lwt":
+            elif t.sub == topics.LWT:
                 await self._lwt(dev, payload, now)
-            elif t.sub == "info":
+            elif t.sub == topics.INFO:
                 await self._info(dev, payload)
             else:
                 raise ApiError("forbidden", f"a device does not publish to {t.sub!r}")
