@@ -38,7 +38,7 @@ from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from . import engine, outbox
+from . import engine, outbox, rule_kinds
 from .engine import Rule, RuleState, Transition, Window
 from .lifecycle import AuditEntry, Change, transition, write_audit
 
@@ -279,12 +279,14 @@ async def _readings(
 async def _lookup_for(
     conn: AsyncConnection[Any], m: Meta, lo: datetime, hi: datetime
 ) -> engine.Lookup:
-    """The other channels' values around the readings, for comparison rules."""
+    """The other channels' values around the readings, for the rules whose kind
+    compares against another channel (RuleBehaviour.other_channel)."""
     series: dict[str, tuple[list[datetime], list[float]]] = {}
     for r in m.rules:
-        if r.kind != "comparison":
+        other_of = rule_kinds.behaviour(r.kind).other_channel
+        if other_of is None:
             continue
-        other = str(r.params["other_channel_id"])
+        other = other_of(r.params)
         cur = await conn.execute(
             "SELECT m.ts, m.value FROM measurements m JOIN channels c ON c.num = m.channel_num"
             " WHERE c.id = %s AND c.account_id = %s AND m.ts BETWEEN %s AND %s ORDER BY m.ts",
@@ -323,7 +325,7 @@ async def _run(
         checkpoints.append([last.isoformat(), {k: s.to_json() for k, s in states.items()}, events])
     lookup = (
         await _lookup_for(conn, m, readings[0][0], readings[-1][0])
-        if any(r.kind == "comparison" for r in m.rules)
+        if any(rule_kinds.behaviour(r.kind).other_channel for r in m.rules)
         else engine._no_lookup
     )
     trs: list[Transition] = []

@@ -18,6 +18,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from ..api.jsonutil import rfc3339
+from . import paths
 
 DEFAULT_STEPS: list[dict[str, Any]] = [{"delay_min": 0, "to": "everyone"}]
 STEP_TARGETS = ("on_shift", "manager", "everyone")
@@ -56,7 +57,7 @@ def in_opening_hours(hours: dict[str, Any], tz: str, t: datetime) -> bool:
 
 
 def _pick(targets: list[dict[str, Any]], to: Any, open_now: bool) -> list[dict[str, Any]]:
-    people = [t for t in targets if t["path"] != "webhook"]
+    people = [t for t in targets if paths.is_people(t["path"])]
     if isinstance(to, list):
         return [t for t in people if t["id"] in to]
     if to == "everyone":
@@ -184,8 +185,8 @@ async def enqueue_opened(
     status = "silenced" if quiet else "pending"
     payload = message(kind, ev, ctx)
     local = await covered_locally(conn, ev, now) if kind == "alarm_opened" else None
-    for t in targets:  # machines hear everything at once
-        if t["path"] == "webhook":
+    for t in targets:  # machines (webhooks) hear everything at once
+        if not paths.is_people(t["path"]):
             await put(
                 conn, account_id=ev["account_id"], target_id=t["id"], event_id=ev["id"], kind=kind,
                 key=f"{ev['id']}:{kind}:{t['id']}", payload=payload, due=now, status=status,
@@ -256,13 +257,14 @@ async def cancel_escalation(
 
 
 async def _told(conn: AsyncConnection[Any], ev: dict[str, Any]) -> list[str]:
-    """Who heard about this event (sent or still being tried), plus every webhook."""
+    """Who heard about this event (sent or still being tried), plus every machine
+    (webhook)."""
     cur = await conn.execute(
         "SELECT DISTINCT o.target_id FROM outbox o WHERE o.event_id = %s"
         " AND o.status IN ('sent', 'pending', 'failed', 'digested')"
-        " UNION SELECT id FROM notify_targets WHERE account_id = %s AND path = 'webhook'"
+        " UNION SELECT id FROM notify_targets WHERE account_id = %s AND path = ANY(%s)"
         " AND deleted_at IS NULL ORDER BY 1",
-        (ev["id"], ev["account_id"]),
+        (ev["id"], ev["account_id"], paths.machine_paths()),
     )
     return [r[0] for r in await cur.fetchall()]
 
@@ -296,7 +298,7 @@ async def enqueue_reminder(conn: AsyncConnection[Any], ev: dict[str, Any], now: 
 
 async def silence_webhooks(conn: AsyncConnection[Any], now: datetime) -> int:
     """silence_opened when a silence begins, silence_closed when it ends: to every
-    webhook of the account, once each (flags on the silence, in the same transaction)."""
+    machine (webhook) of the account, once each (flags on the silence, in the same transaction)."""
     n = 0
     for kind, flag, at in (
         ("silence_opened", "opened_sent", "starts_at"),
@@ -326,9 +328,9 @@ async def silence_webhooks(conn: AsyncConnection[Any], now: datetime) -> int:
                 "ackable": False,
             }
             tcur = await conn.execute(
-                "SELECT id FROM notify_targets WHERE account_id = %s AND path = 'webhook'"
+                "SELECT id FROM notify_targets WHERE account_id = %s AND path = ANY(%s)"
                 " AND deleted_at IS NULL ORDER BY id",
-                (sil["account_id"],),
+                (sil["account_id"], paths.machine_paths()),
             )
             for (tid,) in await tcur.fetchall():
                 await put(

@@ -17,7 +17,6 @@ from aiohttp import web
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from yarl import URL
 
 from .. import audit, ratelimit
 from ..api import auth
@@ -28,7 +27,7 @@ from ..api.keys import CONFIG, POOL
 from ..devices.service import channel_row, get_site
 from ..errors import ApiError
 from ..ids import new_id
-from . import dispatch, egress, engine, evaluator, outbox, paths
+from . import dispatch, egress, engine, evaluator, outbox, paths, rule_kinds
 from .lifecycle import Change, transition
 
 routes = web.RouteTableDef()
@@ -276,8 +275,9 @@ async def create_rule(request: web.Request) -> web.Response:
         if kind not in engine.RULE_KINDS:
             raise ApiError("invalid_rule", f"kind must be one of {', '.join(engine.RULE_KINDS)}")
         f = _rule_fields(body, kind, partial=False)
-        if kind == "comparison":
-            await channel_row(conn, acc, str(f["params"].obj["other_channel_id"]))
+        other_of = rule_kinds.behaviour(kind).other_channel
+        if other_of is not None:  # the other channel must be one of this account's
+            await channel_row(conn, acc, other_of(f["params"].obj))
         cols = ["id", "channel_id", "kind", *f]
         cur = conn.cursor(row_factory=dict_row)
         async with conn.transaction():
@@ -448,26 +448,14 @@ async def create_target(request: web.Request) -> web.Response:
         body = await json_object(request)
         path = body.get("path")
         address = (_text(body, "address", required=True, limit=500) or "").strip()
-        if path == "email":
-            why = egress.email_problem(address)
-            if why:
-                raise ApiError("invalid_request", f"address must be an email address: {why}")
-        elif path == "webhook":
-            why = egress.url_problem(address)
-            if why:
-                raise ApiError("invalid_request", f"address must be an http(s) URL: {why}")
-            u = URL(address)
-            try:
-                await egress.resolve(u.raw_host or "", u.port or 0, cfg.webhook_allow_private)
-            except egress.Refused as exc:
-                raise ApiError("invalid_request", f"address refused: {exc}") from None
-        else:
-            raise ApiError(
-                "invalid_request",
-                "path must be email or webhook (link Telegram with POST /v1/telegram/link)",
-            )
-        secret = "whsec_" + secrets.token_urlsafe(24) if path == "webhook" else None
-        token = secrets.token_urlsafe(24) if path == "email" else None
+        np = paths.PATHS.get(path) if isinstance(path, str) else None
+        if np is None or np.check is None:
+            raise ApiError("invalid_request", _paths_hint())
+        why = await np.check(cfg, address)
+        if why:
+            raise ApiError("invalid_request", why)
+        secret = np.secret() if np.secret else None
+        token = secrets.token_urlsafe(24) if np.verify else None
         site = await _site_or_none(conn, acc, body.get("site_id"))
         name = _text(body, "name", limit=200) or ""
         if egress.line_problem(name, "name"):
@@ -506,6 +494,13 @@ async def create_target(request: web.Request) -> web.Response:
         if secret:
             row["secret"] = secret
         return response(row, status=201)
+
+
+def _paths_hint() -> str:
+    """e.g. "path must be email or webhook (link Telegram with POST /v1/telegram/link)"."""
+    made = [p.name for p in paths.PATHS.values() if p.check is not None]
+    links = [p.link for p in paths.PATHS.values() if p.check is None and p.link]
+    return f"path must be {' or '.join(made)}" + (f" ({'; '.join(links)})" if links else "")
 
 
 def _verify_mail(request: web.Request, token: str) -> dict[str, Any]:
