@@ -15,7 +15,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from . import db, jobs
 from .alarms.routes import routes as alarm_routes
-from .alarms.service import alarms_ctx
+from .alarms.tasks import alarms_ctx
 from .api.keys import (
     CONFIG,
     DSN,
