@@ -17,7 +17,7 @@ from opensense_contract.payload import MAX_BODY_BYTES
 
 from . import db, jobs
 from .alarms.routes import routes as alarm_routes
-from .alarms.service import alarms_ctx
+from .alarms.tasks import alarms_ctx
 from .api.keys import (
     CONFIG,
     DSN,
