@@ -1,0 +1,86 @@
+"""Accounts, sites, devices and tokens for a bench, made through the server's service
+layer: the one place the benches reach into the server's code to set up data (the
+measuring itself drives the server as a process, over HTTP and MQTT)."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import psycopg
+
+from . import pg
+from .http_load import Dev
+
+Conn = psycopg.AsyncConnection[Any]
+
+
+async def account_site(conn: Conn, name: str) -> tuple[str, dict[str, Any]]:
+    """One account with one site (UTC, chilled storage)."""
+    from opensense.devices import service
+
+    acc = await service.create_account(conn, name, "bench@opensense.invalid")
+    site = await service.create_site(
+        conn, acc, {"name": "Bench", "timezone": "UTC", "vertical": "chilled_storage"}
+    )
+    return acc, site
+
+
+async def devices(
+    conn: Conn, acc: str, site_id: str, names: list[str], rounds: int
+) -> list[tuple[dict[str, Any], str]]:
+    """Devices (cadence 60 s) with their ingest tokens hashed at bcrypt cost `rounds`."""
+    from opensense.devices import service
+
+    now = datetime.now(UTC)
+    out = []
+    for local_id in names:
+        dev, token = await service.create_device(
+            conn, acc, {"site_id": site_id, "local_id": local_id, "cadence_s": 60}, rounds, now
+        )
+        out.append((dev, token))
+    return out
+
+
+async def api_key(conn: Conn, acc: str, rounds: int) -> str:
+    """A `ua_live` key of the account: the bench acts as its operator over the API."""
+    from opensense.devices import service
+
+    _, key = await service.create_token(conn, acc, "ua_live", rounds, "bench")
+    return str(key)
+
+
+async def gateway_token(conn: Conn, acc: str, site_id: str, rounds: int) -> str:
+    from opensense.gateway import service as gateways
+
+    _, token = await gateways.create_gateway(conn, acc, site_id, "bench", rounds)
+    return str(token)
+
+
+def first_open_day(now: datetime) -> datetime:
+    """The oldest day the writer still treats as open: readings from there on take
+    the normal path, not the late-reading one."""
+    from opensense.settings import Config
+
+    d: date = now.date() - timedelta(days=Config.from_env().compact_after_days - 1)
+    return datetime(d.year, d.month, d.day, tzinfo=UTC)
+
+
+async def ingest_devices(dsn: str, rounds: int, n: int, now: datetime) -> tuple[str, list[Dev]]:
+    """One account, one site, n devices for the HTTP load (tools/bench/ingest)."""
+    first = first_open_day(now)
+    limit = now + timedelta(minutes=4)  # ingest refuses readings 5 min ahead of its clock
+    async with await pg.connect(dsn) as conn:
+        async with conn.transaction():
+            acc, site = await account_site(conn, "Ingest bench")
+            made = await devices(conn, acc, site["id"], [f"bench{i:03d}" for i in range(n)], rounds)
+    devs = [
+        Dev(
+            dev["local_id"],
+            {"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+            first + timedelta(seconds=i % 15),
+            limit,
+        )
+        for i, (dev, token) in enumerate(made)
+    ]
+    return acc, devs
