@@ -172,7 +172,13 @@ async def broker_own(
             )
             try:
                 load, _, _ = await drive(
-                    pubs, k, plan.warm, plan.duration, meter, {f"{name} broker": [broker.proc.pid]}, sub=sub
+                    pubs,
+                    k,
+                    plan.warm,
+                    plan.duration,
+                    meter,
+                    {f"{name} broker": [broker.proc.pid]},
+                    sub=sub,
                 )
                 sub.send(f"STOP {load.acked}")
                 r = await sub.result(30)
@@ -398,7 +404,15 @@ async def end_to_end(
             settle = functools.partial(wait_rows, count, rows0 + len(fleet.ids) * k)
             rss.start()
             load, first, last = await drive(
-                pubs, k, plan.warm, plan.duration, meter, roles, count=count, progress=progress, settle=settle
+                pubs,
+                k,
+                plan.warm,
+                plan.duration,
+                meter,
+                roles,
+                count=count,
+                progress=progress,
+                settle=settle,
             )
             rss.stop()
             assert first is not None and last is not None

@@ -219,5 +219,3 @@ def mosquitto_version() -> str:
         return out[0] if out else "?"
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"not runnable ({exc})"
-
-

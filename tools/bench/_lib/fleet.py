@@ -84,3 +84,16 @@ async def ingest_devices(dsn: str, rounds: int, n: int, now: datetime) -> tuple[
         for i, (dev, token) in enumerate(made)
     ]
     return acc, devs
+
+
+def bcrypt_rounds(quick: bool) -> int:
+    """The cost of the bench's tokens: OPENSENSE_BCRYPT_ROUNDS when set, else the
+    server's default, or 4 for a --quick run. A checked token is cached by the server,
+    so the cost changes set-up and warm-up time, not the measured throughput."""
+    import os
+
+    from opensense.settings import Config
+
+    if "OPENSENSE_BCRYPT_ROUNDS" in os.environ or not quick:
+        return Config.from_env().bcrypt_rounds
+    return 4

@@ -218,5 +218,3 @@ async def warm_up(base: str, devs: list[Dev]) -> Stats:
 
         await asyncio.gather(*(one(d) for d in devs))
     return stats
-
-

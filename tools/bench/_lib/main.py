@@ -33,7 +33,9 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def run(name: str, dsn: str | None, body: Callable[[Frame], Coroutine[Any, Any, int | None]]) -> int:
+def run(
+    name: str, dsn: str | None, body: Callable[[Frame], Coroutine[Any, Any, int | None]]
+) -> int:
     """Run `body` with the database up (embedded unless a DSN is given); its result
     (None: 0) is the exit status."""
     signal.signal(signal.SIGTERM, _interrupt)  # clean up on SIGTERM as on Ctrl-C

@@ -274,5 +274,3 @@ class RssWatch:
 
     def line(self) -> str:
         return f"{self.first / 2**20:.0f} MB, peak {self.peak / 2**20:.0f} MB"
-
-
