@@ -36,12 +36,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
+
 from _lib import main as bench_main
 from _lib import pg
 from _lib.fleet import account_site, devices, gateway_token
 from _lib.procs import BIN, Serve, launch, rss_kb, stop_popen
 from _lib.report import ratio, say, verdict
-
 from opensense_gateway.config import Config as GwConfig
 from opensense_gateway.payload import Reading
 from opensense_gateway.store import Store
@@ -146,7 +146,7 @@ def run_gateway(d: Path) -> subprocess.Popen[bytes]:
 
 
 async def run(frame: bench_main.Frame, args: argparse.Namespace) -> None:
-    backlog = args.backlog or (10_000 if args.quick else 500_000)
+    backlog = args.backlog or (5_000 if args.quick else 500_000)
     app_dsn = await asyncio.to_thread(pg.serving_dsn, frame.dsn)
     env = {"OPENSENSE_INGEST_RATE_PER_MIN": "1000000", "OPENSENSE_MQTT": "off"}
     server = Serve(app_dsn, frame.work / "server.log", env).start()
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--dsn", help="a scratch PostgreSQL database (default: embedded, temporary)")
     ap.add_argument("--backlog", type=int, help="readings in the gateway's queue")
-    ap.add_argument("--quick", action="store_true", help="10,000 readings")
+    ap.add_argument("--quick", action="store_true", help="5,000 readings")
     ap.add_argument("--batch-size", type=int, help="the gateway's [forward] batch_size")
     ap.add_argument("--max-rate", type=float, help="the gateway's [forward] max_rate")
     args = ap.parse_args(argv)

@@ -64,6 +64,7 @@ from typing import Any
 
 import psutil
 import psycopg
+
 from _lib import main as bench_main
 from _lib import pg
 from _lib.cpu import CpuMeter, CpuUse
@@ -72,7 +73,6 @@ from _lib.http_load import Stats, closed_loop, paced, warm_up
 from _lib.pg import checkpoint, connect
 from _lib.procs import Serve
 from _lib.report import banner, fmt, percentile, say, verdict
-
 from opensense import db
 from opensense.demo import simulated
 from opensense.settings import Config

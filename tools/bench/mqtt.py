@@ -83,6 +83,7 @@ from typing import Any
 
 import aiohttp
 import psutil
+
 from _lib import main, pg
 from _lib.brokers import MOSQUITTO, OwnBroker, ShippedMosquitto, TlsPaths, mosquitto_version
 from _lib.cpu import CpuMeter
@@ -109,7 +110,8 @@ class Plan:
 
 
 FULL = Plan(duration=10.0, warm=1.5, broker_clients=8, devices=32, workers=2, window=20)
-QUICK = Plan(duration=2.0, warm=0.7, broker_clients=2, devices=4, workers=1, window=20)
+# --quick: one payload (32 readings), short windows: a smoke run of every part
+QUICK = Plan(duration=1.5, warm=0.5, broker_clients=2, devices=4, workers=1, window=20, sizes=(32,))
 
 
 # --- 1. the brokers alone ---------------------------------------------------------------

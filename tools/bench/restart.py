@@ -66,13 +66,13 @@ from typing import Any
 import aiohttp
 import bcrypt
 import psutil
+
 from _lib import main as bench_main
 from _lib import pg
 from _lib.cpu import CpuMeter, CpuUse
 from _lib.fleet import account_site
 from _lib.procs import Serve, free_port
 from _lib.report import percentile, say, verdict
-
 from opensense import tokens
 from opensense.ids import new_id
 

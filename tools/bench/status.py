@@ -41,6 +41,7 @@ from typing import Any
 
 import aiohttp
 import psutil
+
 from _lib import main as bench_main
 from _lib import pg
 from _lib.cpu import CpuMeter

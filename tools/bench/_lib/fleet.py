@@ -4,10 +4,15 @@ measuring itself drives the server as a process, over HTTP and MQTT)."""
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import psycopg
+
+from opensense.devices import service
+from opensense.gateway import service as gateways
+from opensense.settings import Config
 
 from . import pg
 from .http_load import Dev
@@ -17,8 +22,6 @@ Conn = psycopg.AsyncConnection[Any]
 
 async def account_site(conn: Conn, name: str) -> tuple[str, dict[str, Any]]:
     """One account with one site (UTC, chilled storage)."""
-    from opensense.devices import service
-
     acc = await service.create_account(conn, name, "bench@opensense.invalid")
     site = await service.create_site(
         conn, acc, {"name": "Bench", "timezone": "UTC", "vertical": "chilled_storage"}
@@ -30,8 +33,6 @@ async def devices(
     conn: Conn, acc: str, site_id: str, names: list[str], rounds: int
 ) -> list[tuple[dict[str, Any], str]]:
     """Devices (cadence 60 s) with their ingest tokens hashed at bcrypt cost `rounds`."""
-    from opensense.devices import service
-
     now = datetime.now(UTC)
     out = []
     for local_id in names:
@@ -44,15 +45,11 @@ async def devices(
 
 async def api_key(conn: Conn, acc: str, rounds: int) -> str:
     """A `ua_live` key of the account: the bench acts as its operator over the API."""
-    from opensense.devices import service
-
     _, key = await service.create_token(conn, acc, "ua_live", rounds, "bench")
     return str(key)
 
 
 async def gateway_token(conn: Conn, acc: str, site_id: str, rounds: int) -> str:
-    from opensense.gateway import service as gateways
-
     _, token = await gateways.create_gateway(conn, acc, site_id, "bench", rounds)
     return str(token)
 
@@ -60,8 +57,6 @@ async def gateway_token(conn: Conn, acc: str, site_id: str, rounds: int) -> str:
 def first_open_day(now: datetime) -> datetime:
     """The oldest day the writer still treats as open: readings from there on take
     the normal path, not the late-reading one."""
-    from opensense.settings import Config
-
     d: date = now.date() - timedelta(days=Config.from_env().compact_after_days - 1)
     return datetime(d.year, d.month, d.day, tzinfo=UTC)
 
@@ -90,10 +85,6 @@ def bcrypt_rounds(quick: bool) -> int:
     """The cost of the bench's tokens: OPENSENSE_BCRYPT_ROUNDS when set, else the
     server's default, or 4 for a --quick run. A checked token is cached by the server,
     so the cost changes set-up and warm-up time, not the measured throughput."""
-    import os
-
-    from opensense.settings import Config
-
     if "OPENSENSE_BCRYPT_ROUNDS" in os.environ or not quick:
         return Config.from_env().bcrypt_rounds
     return 4
