@@ -40,7 +40,7 @@ import aiohttp
 from _lib import main as bench_main
 from _lib import pg
 from _lib.fleet import account_site, devices, gateway_token
-from _lib.procs import BIN, Serve, launch, rss_kb, stop_popen
+from _lib.procs import BIN, Serve, launch, rss_kb, stop_popen, watched
 from _lib.report import ratio, say, verdict
 from opensense_gateway.config import Config as GwConfig
 from opensense_gateway.payload import Reading
@@ -150,14 +150,9 @@ async def run(frame: bench_main.Frame, args: argparse.Namespace) -> None:
     app_dsn = await asyncio.to_thread(pg.serving_dsn, frame.dsn)
     env = {"OPENSENSE_INGEST_RATE_PER_MIN": "1000000", "OPENSENSE_MQTT": "off"}
     server = Serve(app_dsn, frame.work / "server.log", env).start()
-    try:
+    with watched(server):
         await server.wait_ready()
         await measure(frame, args, backlog, server.base)
-    except BaseException:
-        say("--- server log (tail) ---\n" + server.log_tail())
-        raise
-    finally:
-        server.stop()
 
 
 async def measure(

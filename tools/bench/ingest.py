@@ -71,7 +71,7 @@ from _lib.cpu import CpuMeter, CpuUse
 from _lib.fleet import bcrypt_rounds, ingest_devices
 from _lib.http_load import Stats, closed_loop, paced, warm_up
 from _lib.pg import checkpoint, connect
-from _lib.procs import Serve
+from _lib.procs import Serve, watched
 from _lib.report import banner, fmt, percentile, say, verdict
 from opensense import db
 from opensense.demo import simulated
@@ -474,7 +474,7 @@ async def run(frame: bench_main.Frame, cfg: Config, plan: Plan, rounds: int) -> 
     app_dsn = await asyncio.to_thread(pg.serving_dsn, dsn)
     env = {"OPENSENSE_INGEST_RATE_PER_MIN": str(BENCH_RATE_PER_MIN)}
     server = Serve(app_dsn, frame.work / "server.log", env).start()
-    try:
+    with watched(server):
         t0 = time.perf_counter()
         acc, devs = await ingest_devices(dsn, rounds, plan.devices, now)
         say(
@@ -537,13 +537,6 @@ async def run(frame: bench_main.Frame, cfg: Config, plan: Plan, rounds: int) -> 
             f"  wrote {res.storage.readings:,} readings in {res.storage.ingest_s:.1f} s,"
             f" compacted in {res.storage.compact_s:.1f} s"
         )
-    except BaseException:
-        tail = server.log_tail()
-        if tail:
-            say("--- server log (tail) ---\n" + tail)
-        raise
-    finally:
-        server.stop()
     report(res, plan)
     say()
     say(f"bench finished in {time.perf_counter() - t_start:.0f} s")

@@ -90,7 +90,7 @@ from _lib.cpu import CpuMeter
 from _lib.fleet import account_site, api_key, devices, first_open_day
 from _lib.mqtt_load import Load, RssWatch, Worker, drive, payload_name, split
 from _lib.mqtt_worker import ACK_DRAIN_S
-from _lib.procs import Serve, free_port, tail
+from _lib.procs import Serve, free_port, tail, watched
 from _lib.report import banner, fmt, say, verdict
 
 TARGET_SHARE = 0.5  # Mosquitto end to end, as a share of Mosquitto's own QoS 1 rate
@@ -488,7 +488,7 @@ async def embedded_e2e(
         "OPENSENSE_INGEST_RATE_PER_MIN": "1000000000",
     }
     server = Serve(dsn, work / "server-embedded.log", env, mqtt_port=mqtt_port).start()
-    try:
+    with watched(server):
         t0 = time.perf_counter()
         fleet = await fleet_by_service(dsn, plan.devices, rounds, "MQTT bench, embedded")
         await server.wait_ready()
@@ -499,11 +499,6 @@ async def embedded_e2e(
         roles = {"server + broker": [server.pid], **({"PostgreSQL": [pg_pid]} if pg_pid else {})}
         ca = state / "mqtt-tls" / "ca.pem"
         return await end_to_end("embedded", dsn, fleet, mqtt_port, ca, plan, meter, roles, work)
-    except BaseException:
-        say("--- server log (tail) ---\n" + server.log_tail())
-        raise
-    finally:
-        server.stop()
 
 
 async def external_e2e(

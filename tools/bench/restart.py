@@ -45,7 +45,7 @@ The server, PostgreSQL and this load client share the machine's cores; each phas
 prints who used the CPU.
 
     tools/bench/restart              # 10,000 devices (~3 min on 2 cores)
-    tools/bench/restart --quick      # 1,000 devices, sample 20 (~40 s)
+    tools/bench/restart --quick      # 100 devices, sample 4 (a smoke run)
     tools/bench/restart --devices 5000 --sample 50 --dsn postgresql://user@host/scratch
 """
 
@@ -61,7 +61,6 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import bcrypt
@@ -71,7 +70,7 @@ from _lib import main as bench_main
 from _lib import pg
 from _lib.cpu import CpuMeter, CpuUse
 from _lib.fleet import account_site
-from _lib.procs import Serve, free_port
+from _lib.procs import Serve, free_port, watched
 from _lib.report import percentile, say, verdict
 from opensense import tokens
 from opensense.ids import new_id
@@ -89,7 +88,7 @@ class Plan:
 
 
 FULL = Plan(devices=10_000, sample=100)
-QUICK = Plan(devices=200, sample=6)
+QUICK = Plan(devices=100, sample=4)
 
 
 @dataclass
@@ -216,8 +215,13 @@ async def stored_fast_checks(dsn: str, devs: list[Dev]) -> dict[str, bytes | Non
 # --- the load -------------------------------------------------------------------------
 
 
-def reading(d: Dev) -> dict[str, Any]:
-    return {"device": d.local_id, "measurements": [{"type": "temperature", "value": 4.0}]}
+async def post_reading(http: aiohttp.ClientSession, base: str, d: Dev) -> tuple[int, float]:
+    """One reading of the device by POST /v1/ingest: (status, Retry-After seconds)."""
+    body = {"device": d.local_id, "measurements": [{"type": "temperature", "value": 4.0}]}
+    headers = {"Authorization": f"Bearer {d.token}"}
+    async with http.post(f"{base}/v1/ingest", json=body, headers=headers) as r:
+        await r.read()
+        return r.status, float(r.headers.get("Retry-After", "1"))
 
 
 async def http_admit(base: str, devs: list[Dev], conc: int) -> tuple[int, int, dict[str, int]]:
@@ -236,14 +240,7 @@ async def http_admit(base: str, devs: list[Dev], conc: int) -> tuple[int, int, d
                 d = todo.pop()
                 while True:
                     try:
-                        async with http.post(
-                            f"{base}/v1/ingest",
-                            json=reading(d),
-                            headers={"Authorization": f"Bearer {d.token}"},
-                        ) as r:
-                            await r.read()
-                            status = r.status
-                            wait = float(r.headers.get("Retry-After", "1"))
+                        status, wait = await post_reading(http, base, d)
                     except aiohttp.ClientError as exc:
                         problems[type(exc).__name__] = problems.get(type(exc).__name__, 0) + 1
                         break
@@ -267,14 +264,8 @@ async def probe(base: str, d: Dev, stop: asyncio.Event, out: list[float]) -> Non
         while not stop.is_set():
             t0 = time.perf_counter()
             try:
-                async with http.post(
-                    f"{base}/v1/ingest",
-                    json=reading(d),
-                    headers={"Authorization": f"Bearer {d.token}"},
-                ) as r:
-                    await r.read()
-                    if r.status == 200:
-                        out.append((time.perf_counter() - t0) * 1000)
+                if (await post_reading(http, base, d))[0] == 200:
+                    out.append((time.perf_counter() - t0) * 1000)
             except aiohttp.ClientError:
                 pass
             try:
@@ -421,7 +412,7 @@ async def run(frame: bench_main.Frame, plan: Plan) -> None:
     state.mkdir()
     os.chmod(state, 0o755)  # as root the embedded PostgreSQL runs as its own user
     server = make_server(app_dsn, state, work / "server.log")
-    try:
+    with watched(server):
         await server.restart()
         async with await pg.connect(dsn) as conn:
             cur = await conn.execute("SELECT hash FROM tokens WHERE key_id = %s", (devs[0].key_id,))
@@ -494,13 +485,6 @@ async def run(frame: bench_main.Frame, plan: Plan) -> None:
             f" {pct(tls_ms, 99):.0f} ms; CONNECT to CONNACK p50 {pct(ack_ms, 50):.0f} ms,"
             f" p99 {pct(ack_ms, 99):.0f} ms"
         )
-    except BaseException:
-        tail = server.log_tail()
-        if tail:
-            say("--- server log (tail) ---\n" + tail)
-        raise
-    finally:
-        server.stop()
 
     say()
     say(f"summary: {plan.devices:,} devices re-admitted after a restart")
@@ -524,7 +508,7 @@ async def run(frame: bench_main.Frame, plan: Plan) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--dsn", help="PostgreSQL DSN of a scratch database (default: embedded)")
-    ap.add_argument("--quick", action="store_true", help="1,000 devices, sample 20")
+    ap.add_argument("--quick", action="store_true", help="100 devices, sample 4")
     ap.add_argument("--devices", type=int, help="devices re-admitted (default 10,000)")
     ap.add_argument("--sample", type=int, help="devices of the cold-bcrypt baseline (default 100)")
     args = ap.parse_args(argv)

@@ -47,7 +47,7 @@ from _lib import pg
 from _lib.cpu import CpuMeter
 from _lib.fleet import bcrypt_rounds, ingest_devices
 from _lib.http_load import closed_loop, warm_up
-from _lib.procs import Serve
+from _lib.procs import Serve, watched
 from _lib.report import percentile, ratio, say, verdict
 
 TARGET_P99_MS = 50.0
@@ -160,7 +160,7 @@ async def run(
     status_proc = Serve(
         app_dsn, frame.work / "status.log", {**env, "OPENSENSE_ROLE": "status"}
     ).start()
-    try:
+    with watched(server, status_proc):  # stopping flushes the request log
         _, devs = await ingest_devices(dsn, rounds, devices, now)
         await server.wait_ready()
         await status_proc.wait_ready()
@@ -200,14 +200,6 @@ async def run(
             say(line(p, loaded["lat"][p], loaded["bad"][p]))
         say("  answered by the status-only process (OPENSENSE_ROLE=status):")
         say(line("/status.json", loaded["lat"][sj], loaded["bad"][sj]))
-    except BaseException:
-        tail = server.log_tail()
-        if tail:
-            say("--- server log (tail) ---\n" + tail)
-        raise
-    finally:
-        server.stop()  # flushes the request log
-        status_proc.stop()
 
     # the server's own time per answer (the error middleware's duration, request_log):
     # what the client sees beyond it is queueing for a CPU on a shared machine

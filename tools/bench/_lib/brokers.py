@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,14 +101,8 @@ class OwnBroker:
         STARTED.append(self.proc)
 
     async def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {tail(self.log, 10)}")
-            if listening(self.tls_port) and listening(self.plain_port):
-                return
-            await asyncio.sleep(0.05)
-        raise RuntimeError(f"{self.name} did not listen within {READY_TIMEOUT:.0f} s")
+        ports = (self.tls_port, self.plain_port)
+        await wait_listening(self.proc, ports, self.name, lambda: tail(self.log, 10))
 
     def stop(self) -> None:
         stop_popen(self.proc)
@@ -197,18 +192,27 @@ class ShippedMosquitto:
 
     async def wait_ready(self) -> None:
         assert self.proc is not None
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {tail(self.stderr, 5)} {tail(self.log, 5)}")
-            if listening(self.tls_port) and listening(self.local_port):
-                return
-            await asyncio.sleep(0.05)
-        raise RuntimeError("mosquitto did not listen within 30 s")
+        ports = (self.tls_port, self.local_port)
+        why = lambda: f"{tail(self.stderr, 5)} {tail(self.log, 5)}"  # noqa: E731
+        await wait_listening(self.proc, ports, "mosquitto", why)
 
     def stop(self) -> None:
         if self.proc is not None:
             stop_popen(self.proc)
+
+
+async def wait_listening(
+    proc: subprocess.Popen[bytes], ports: tuple[int, ...], name: str, why: Callable[[], str]
+) -> None:
+    """Until the broker listens on every port; `why` (its log) if it exits instead."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited: {why()}")
+        if all(listening(p) for p in ports):
+            return
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"{name} did not listen within {READY_TIMEOUT:.0f} s")
 
 
 def mosquitto_version() -> str:

@@ -10,10 +10,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+from .report import say
 
 ROOT = Path(__file__).resolve().parents[3]
 BIN = Path(sys.executable).parent  # the venv's bin: opensense, opensense-gateway
@@ -149,3 +152,18 @@ class Serve:
         if self.proc is not None:
             stop_popen(self.proc, timeout)
         self.proc = None
+
+
+@contextlib.contextmanager
+def watched(*servers: Serve) -> Iterator[None]:
+    """The servers are stopped after the block; if it fails, their logs' tails are
+    printed first (why a server refused or died is in there)."""
+    try:
+        yield
+    except BaseException:
+        for srv in servers:
+            say(f"--- {srv.log_path.name} (tail) ---\n{srv.log_tail()}")
+        raise
+    finally:
+        for srv in servers:
+            srv.stop()
