@@ -18,7 +18,7 @@ Targets (issue 5): drain >= 5,000 readings/s to a local server; peak memory unde
 100 MB whatever the backlog. Printed as PASS/MISS; a miss never fails the run.
 
     tools/bench/gateway                # 500,000-reading backlog (~2-3 min on 2 cores)
-    tools/bench/gateway --quick        # 50,000 readings (~30 s)
+    tools/bench/gateway --quick        # 5,000 readings (a smoke run)
     tools/bench/gateway --dsn postgresql://user@host/scratch --backlog 200000
 """
 

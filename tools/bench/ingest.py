@@ -43,7 +43,7 @@ account, devices and readings there (the COPY rows are deleted), and compaction 
 every closed day in it: use a scratch database.
 
     tools/bench/ingest              # full run, about 1.5 minutes on 2 cores
-    tools/bench/ingest --quick      # smoke run with tiny sizes, about 15 s
+    tools/bench/ingest --quick      # smoke run with tiny sizes, tokens at bcrypt cost 4
     tools/bench/ingest --dsn postgresql://user@host/scratch --duration 10
 """
 

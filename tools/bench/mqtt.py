@@ -47,7 +47,7 @@ break: deploy/mosquitto, mosquitto or OPENSENSE_MQTT=external may be missing or
 failing; it says "not measured: <reason>" and the run goes on).
 
 Everything shares the machine's cores: the broker, the server, PostgreSQL and the
-load (publisher and subscriber processes, this file run with --worker). Each phase
+load (publisher and subscriber processes, _lib/mqtt_worker.py). Each phase
 prints who used the CPU, and the server's memory end to end; a busy "rest of
 machine" means other work was running and the figures are low. The clients are
 Python: against Mosquitto they, not the broker, are the limit of "alone" (the CPU
@@ -56,7 +56,7 @@ loop that keeps every window full (about devices x 20 / rate), not a node's wait
 its normal pace.
 
     tools/bench/mqtt              # full run, about 2 minutes on 2 cores
-    tools/bench/mqtt --quick      # smoke run, about 35 s
+    tools/bench/mqtt --quick      # smoke run: 4 devices, the 32-reading payload only
     tools/bench/mqtt --duration 5 --devices 16
     tools/bench/mqtt --logs /tmp/mqtt-bench-logs   # keep server, broker and worker logs
     tools/bench/mqtt --no-pace    # Mosquitto end to end unpaced: the server facing a backlog

@@ -3,13 +3,13 @@ ingest benchmark's load runs? (issue 7, "Done when")
 
 What it does, in one run against one database:
 
-1. starts `opensense serve` as a separate process (the ingest benchmark's Server:
+1. starts `opensense serve` as a separate process (as the ingest benchmark runs it:
    ingest rate limit raised, jobs off) and makes the ingest benchmark's devices
    (32 temperature channels each), warmed up;
 2. baseline: a prober process reads `/status.json` at a fixed rate (open loop:
    latency counted from the scheduled send time) with the server otherwise idle;
 3. under load: the ingest benchmark's closed loop (32 readings per request, client
-   concurrency 16, the same code: tools/bench/ingest.py `closed_loop`) runs in this
+   concurrency 16, the same code: `_lib/http_load.py` `closed_loop`) runs in this
    process while the prober, a separate process with its own event loop (so the load
    client's busy loop does not inflate its figures), reads `/status.json`, `/status`
    and `/metrics` at the same fixed rate;
@@ -23,7 +23,7 @@ refresh queries run in the background meanwhile. All processes share the machine
 cores; the CPU line of the loaded phase says who used them.
 
     tools/bench/status              # 20 s per phase, about 1 minute
-    tools/bench/status --quick      # 4 s per phase, about 25 s
+    tools/bench/status --quick      # 2 s per phase (a smoke run)
     tools/bench/status --dsn postgresql://user@host/scratch
 """
 
