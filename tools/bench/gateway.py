@@ -151,15 +151,20 @@ async def run(frame: bench_main.Frame, args: argparse.Namespace) -> None:
     env = {"OPENSENSE_INGEST_RATE_PER_MIN": "1000000", "OPENSENSE_MQTT": "off"}
     server = Serve(app_dsn, frame.work / "server.log", env).start()
     with watched(server):
+        site = await make_site(frame.dsn)  # while the server starts
         await server.wait_ready()
-        await measure(frame, args, backlog, server.base)
+        await measure(frame, args, backlog, server.base, site)
 
 
 async def measure(
-    frame: bench_main.Frame, args: argparse.Namespace, backlog: int, base: str
+    frame: bench_main.Frame,
+    args: argparse.Namespace,
+    backlog: int,
+    base: str,
+    site: tuple[str, list[tuple[str, str]], str],
 ) -> None:
     dsn, work = frame.dsn, frame.work
-    acc, devs, gw_token = await make_site(dsn)
+    acc, devs, gw_token = site
     gcfg = GwConfig(
         batch_size=args.batch_size or GwConfig.batch_size,
         max_rate=args.max_rate or GwConfig.max_rate,

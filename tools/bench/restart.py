@@ -45,7 +45,7 @@ The server, PostgreSQL and this load client share the machine's cores; each phas
 prints who used the CPU.
 
     tools/bench/restart              # 10,000 devices (~3 min on 2 cores)
-    tools/bench/restart --quick      # 100 devices, sample 4 (a smoke run)
+    tools/bench/restart --quick      # 50 devices, sample 4 (a smoke run)
     tools/bench/restart --devices 5000 --sample 50 --dsn postgresql://user@host/scratch
 """
 
@@ -88,7 +88,7 @@ class Plan:
 
 
 FULL = Plan(devices=10_000, sample=100)
-QUICK = Plan(devices=100, sample=4)
+QUICK = Plan(devices=50, sample=4)
 
 
 @dataclass
@@ -402,18 +402,18 @@ async def run(frame: bench_main.Frame, plan: Plan) -> None:
     # migrated as the owner role; the server serves as the app role (it refuses a
     # superuser: db/roles.py), the bench's own setup keeps the superuser DSN
     app_dsn = await asyncio.to_thread(pg.serving_dsn, dsn)
-    t0 = time.perf_counter()
-    devs, probe_dev, hash_cpu = await make_devices(dsn, plan.devices)
-    say(
-        f"  {plan.devices:,} devices (+1 probe) in {time.perf_counter() - t0:.1f} s; one bcrypt"
-        f" cost-{COST} hash shared by all tokens (made in {hash_cpu:.2f} s of CPU)"
-    )
     state = work / "state"
     state.mkdir()
     os.chmod(state, 0o755)  # as root the embedded PostgreSQL runs as its own user
-    server = make_server(app_dsn, state, work / "server.log")
+    server = make_server(app_dsn, state, work / "server.log").start()
     with watched(server):
-        await server.restart()
+        t0 = time.perf_counter()
+        devs, probe_dev, hash_cpu = await make_devices(dsn, plan.devices)  # while it starts
+        say(
+            f"  {plan.devices:,} devices (+1 probe) in {time.perf_counter() - t0:.1f} s; one"
+            f" bcrypt cost-{COST} hash shared by all tokens (made in {hash_cpu:.2f} s of CPU)"
+        )
+        await server.wait_ready()
         async with await pg.connect(dsn) as conn:
             cur = await conn.execute("SELECT hash FROM tokens WHERE key_id = %s", (devs[0].key_id,))
             row = await cur.fetchone()
@@ -508,7 +508,7 @@ async def run(frame: bench_main.Frame, plan: Plan) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--dsn", help="PostgreSQL DSN of a scratch database (default: embedded)")
-    ap.add_argument("--quick", action="store_true", help="100 devices, sample 4")
+    ap.add_argument("--quick", action="store_true", help="50 devices, sample 4")
     ap.add_argument("--devices", type=int, help="devices re-admitted (default 10,000)")
     ap.add_argument("--sample", type=int, help="devices of the cold-bcrypt baseline (default 100)")
     args = ap.parse_args(argv)
