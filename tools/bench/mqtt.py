@@ -77,24 +77,33 @@ import time
 import traceback
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import psutil
 
 from _lib import main, pg
 from _lib.brokers import MOSQUITTO, OwnBroker, ShippedMosquitto, TlsPaths, mosquitto_version
 from _lib.cpu import CpuMeter
-from _lib.fleet import account_site, api_key, devices, first_open_day
-from _lib.mqtt_load import Load, RssWatch, Worker, drive, payload_name, split
+from _lib.fleet import MqttFleet, fleet_by_api, fleet_by_service
+from _lib.mqtt_load import (
+    DB_DRAIN_S,
+    Load,
+    Progress,
+    RowCounter,
+    RssWatch,
+    Worker,
+    drive,
+    payload_name,
+    split,
+    wait_rows,
+)
 from _lib.mqtt_worker import ACK_DRAIN_S
 from _lib.procs import Serve, free_port, tail, watched
 from _lib.report import banner, fmt, say, verdict
 
 TARGET_SHARE = 0.5  # Mosquitto end to end, as a share of Mosquitto's own QoS 1 rate
-DB_DRAIN_S = 60.0  # after the window, how long the bench waits for the server to catch up
 
 
 @dataclass(frozen=True)
@@ -199,146 +208,6 @@ async def broker_own(
     return out
 
 
-COUNT_SQL = (
-    "SELECT count(*) FROM measurements WHERE ts >= %s AND channel_num IN"
-    " (SELECT num FROM channels WHERE account_id = %s)"
-)
-
-
-class RowCounter:
-    """Rows of one account's channels from a timestamp on: one phase's readings."""
-
-    def __init__(self, dsn: str, account: str, since: int) -> None:
-        self.dsn, self.account = dsn, account
-        self.since = datetime.fromtimestamp(since, UTC)
-        self.conn: Any = None
-
-    async def __call__(self) -> int:
-        if self.conn is None:
-            self.conn = await pg.connect(self.dsn)
-        cur = await self.conn.execute(COUNT_SQL, (self.since, self.account))
-        row = await cur.fetchone()
-        return int(row[0]) if row else 0
-
-    async def close(self) -> None:
-        if self.conn is not None:
-            await self.conn.close()
-
-
-class Progress:
-    """Messages committed in this phase, cheaper than counting every row: each
-    message carries exactly one reading of its device's channel p0, so the p0 rows
-    of the phase are the messages."""
-
-    def __init__(self, count: RowCounter, fleet: Fleet) -> None:
-        self.count, self.fleet = count, fleet
-        self.nums: list[int] = []
-
-    async def __call__(self) -> int:
-        if self.count.conn is None:
-            await self.count()
-        conn = self.count.conn
-        if not self.nums:
-            cur = await conn.execute(
-                "SELECT num FROM channels WHERE device_id = ANY(%s)"
-                " AND kind = 'temperature' AND label = 'p0'",
-                (self.fleet.ids,),
-            )
-            self.nums = [int(r[0]) for r in await cur.fetchall()]
-        cur = await conn.execute(
-            "SELECT count(*) FROM measurements WHERE channel_num = ANY(%s) AND ts >= %s",
-            (self.nums, self.count.since),
-        )
-        row = await cur.fetchone()
-        return int(row[0]) if row else 0
-
-
-async def wait_rows(count: RowCounter, n: int) -> None:
-    deadline = time.monotonic() + DB_DRAIN_S
-    while await count() < n:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the database did not reach {n:,} rows in {DB_DRAIN_S:.0f} s")
-        await asyncio.sleep(0.1)
-
-
-@dataclass
-class Fleet:
-    """The bench's devices in one account: MQTT credentials, and where the next phase's
-    timestamps start (each phase after the last one's, so a phase's readings are the
-    account's rows from `base` on)."""
-
-    account: str
-    base: int  # epoch seconds; device i publishes base + i % 15, then one second on
-    ts_limit: int  # ingest refuses readings more than 5 minutes ahead of server time
-    ids: list[str] = field(default_factory=list)
-    local_ids: list[str] = field(default_factory=list)
-    tokens: list[str] = field(default_factory=list)
-
-    def add(self, device_id: str, local_id: str, token: str) -> None:
-        self.ids.append(device_id)
-        self.local_ids.append(local_id)
-        self.tokens.append(token)
-
-    def specs(self) -> list[dict[str, Any]]:
-        from opensense.mqtt import topics
-
-        return [
-            {
-                "client_id": did,
-                "username": did,
-                "password": tok,
-                "topic": topics.topic(self.account, lid),
-                "ts0": self.base + i % 15,
-                "ts_limit": self.ts_limit,
-            }
-            for i, (did, lid, tok) in enumerate(
-                zip(self.ids, self.local_ids, self.tokens, strict=True)
-            )
-        ]
-
-
-def new_fleet(account: str) -> Fleet:
-    """Readings start on the oldest day the writer still treats as open (so every one
-    takes the normal path, as in tools/bench/ingest)."""
-    now = datetime.now(UTC)
-    first = int(first_open_day(now).timestamp())
-    return Fleet(account, first, int((now + timedelta(minutes=4)).timestamp()))
-
-
-async def fleet_by_service(dsn: str, n: int, rounds: int, name: str) -> Fleet:
-    """Account, site and devices straight through the service layer (embedded broker:
-    it checks every CONNECT against the database)."""
-    async with await pg.connect(dsn) as conn:
-        async with conn.transaction():
-            acc, site = await account_site(conn, name)
-            names = [f"node{i:03d}" for i in range(n)]
-            made = await devices(conn, acc, site["id"], names, rounds)
-    out = new_fleet(acc)
-    for dev, token in made:
-        out.add(dev["id"], dev["local_id"], token)
-    return out
-
-
-async def fleet_by_api(dsn: str, base: str, n: int, rounds: int, name: str) -> Fleet:
-    """Account and site through the service layer, devices through POST /v1/devices, as
-    an operator makes them: the server gives each one its broker credentials."""
-    async with await pg.connect(dsn) as conn:
-        async with conn.transaction():
-            acc, site = await account_site(conn, name)
-            key = await api_key(conn, acc, rounds)
-    out = new_fleet(acc)
-    headers = {"Authorization": f"Bearer {key}"}
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
-        for i in range(n):
-            body = {"site_id": site["id"], "local_id": f"node{i:03d}", "cadence_s": 60}
-            async with http.post(f"{base}/v1/devices", json=body, headers=headers) as r:
-                if r.status != 201:
-                    raise RuntimeError(f"POST /v1/devices: {r.status} {(await r.text())[:300]}")
-                dev = await r.json()
-            out.add(dev["id"], dev["local_id"], dev["ingest_token"])
-    return out
-
-
 # --- 2. end to end ------------------------------------------------------------------------
 
 
@@ -380,7 +249,7 @@ def e2e_line(r: EndToEnd, last: str | None = None) -> str:
 async def end_to_end(
     name: str,
     dsn: str,
-    fleet: Fleet,
+    fleet: MqttFleet,
     port: int,
     ca: Path,
     plan: Plan,

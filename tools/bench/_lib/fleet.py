@@ -5,13 +5,16 @@ measuring itself drives the server as a process, over HTTP and MQTT)."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+import aiohttp
 import psycopg
 
 from opensense.devices import service
 from opensense.gateway import service as gateways
+from opensense.mqtt import topics
 from opensense.settings import Config
 
 from . import pg
@@ -88,3 +91,82 @@ def bcrypt_rounds(quick: bool) -> int:
     if "OPENSENSE_BCRYPT_ROUNDS" in os.environ or not quick:
         return Config.from_env().bcrypt_rounds
     return 4
+
+
+# --- MQTT: the devices as broker clients -----------------------------------------------
+
+
+@dataclass
+class MqttFleet:
+    """The bench's devices in one account: MQTT credentials, and where the next phase's
+    timestamps start (each phase after the last one's, so a phase's readings are the
+    account's rows from `base` on)."""
+
+    account: str
+    base: int  # epoch seconds; device i publishes base + i % 15, then one second on
+    ts_limit: int  # ingest refuses readings more than 5 minutes ahead of server time
+    ids: list[str] = field(default_factory=list)
+    local_ids: list[str] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
+
+    def add(self, device_id: str, local_id: str, token: str) -> None:
+        self.ids.append(device_id)
+        self.local_ids.append(local_id)
+        self.tokens.append(token)
+
+    def specs(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "client_id": did,
+                "username": did,
+                "password": tok,
+                "topic": topics.topic(self.account, lid),
+                "ts0": self.base + i % 15,
+                "ts_limit": self.ts_limit,
+            }
+            for i, (did, lid, tok) in enumerate(
+                zip(self.ids, self.local_ids, self.tokens, strict=True)
+            )
+        ]
+
+
+def new_fleet(account: str) -> MqttFleet:
+    """Readings start on the oldest day the writer still treats as open (so every one
+    takes the normal path, as in tools/bench/ingest)."""
+    now = datetime.now(UTC)
+    first = int(first_open_day(now).timestamp())
+    return MqttFleet(account, first, int((now + timedelta(minutes=4)).timestamp()))
+
+
+async def fleet_by_service(dsn: str, n: int, rounds: int, name: str) -> MqttFleet:
+    """Account, site and devices straight through the service layer (embedded broker:
+    it checks every CONNECT against the database)."""
+    async with await pg.connect(dsn) as conn:
+        async with conn.transaction():
+            acc, site = await account_site(conn, name)
+            names = [f"node{i:03d}" for i in range(n)]
+            made = await devices(conn, acc, site["id"], names, rounds)
+    out = new_fleet(acc)
+    for dev, token in made:
+        out.add(dev["id"], dev["local_id"], token)
+    return out
+
+
+async def fleet_by_api(dsn: str, base: str, n: int, rounds: int, name: str) -> MqttFleet:
+    """Account and site through the service layer, devices through POST /v1/devices, as
+    an operator makes them: the server gives each one its broker credentials."""
+    async with await pg.connect(dsn) as conn:
+        async with conn.transaction():
+            acc, site = await account_site(conn, name)
+            key = await api_key(conn, acc, rounds)
+    out = new_fleet(acc)
+    headers = {"Authorization": f"Bearer {key}"}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+        for i in range(n):
+            body = {"site_id": site["id"], "local_id": f"node{i:03d}", "cadence_s": 60}
+            async with http.post(f"{base}/v1/devices", json=body, headers=headers) as r:
+                if r.status != 201:
+                    raise RuntimeError(f"POST /v1/devices: {r.status} {(await r.text())[:300]}")
+                dev = await r.json()
+            out.add(dev["id"], dev["local_id"], dev["ingest_token"])
+    return out

@@ -12,17 +12,21 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from . import pg
 from .cpu import CpuMeter, CpuUse
+from .fleet import MqttFleet
 from .mqtt_worker import ACK_DRAIN_S, payload
 from .procs import STARTED, tail
 from .report import fmt, percentile
 
 WORKER = Path(__file__).with_name("mqtt_worker.py")
+DB_DRAIN_S = 60.0  # after the window, how long the bench waits for the server to catch up
 
 
 class Worker:
@@ -274,3 +278,68 @@ class RssWatch:
 
     def line(self) -> str:
         return f"{self.first / 2**20:.0f} MB, peak {self.peak / 2**20:.0f} MB"
+
+
+# --- counting what the server committed ------------------------------------------------
+
+
+COUNT_SQL = (
+    "SELECT count(*) FROM measurements WHERE ts >= %s AND channel_num IN"
+    " (SELECT num FROM channels WHERE account_id = %s)"
+)
+
+
+class RowCounter:
+    """Rows of one account's channels from a timestamp on: one phase's readings."""
+
+    def __init__(self, dsn: str, account: str, since: int) -> None:
+        self.dsn, self.account = dsn, account
+        self.since = datetime.fromtimestamp(since, UTC)
+        self.conn: Any = None
+
+    async def __call__(self) -> int:
+        if self.conn is None:
+            self.conn = await pg.connect(self.dsn)
+        cur = await self.conn.execute(COUNT_SQL, (self.since, self.account))
+        row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            await self.conn.close()
+
+
+class Progress:
+    """Messages committed in this phase, cheaper than counting every row: each
+    message carries exactly one reading of its device's channel p0, so the p0 rows
+    of the phase are the messages."""
+
+    def __init__(self, count: RowCounter, fleet: MqttFleet) -> None:
+        self.count, self.fleet = count, fleet
+        self.nums: list[int] = []
+
+    async def __call__(self) -> int:
+        if self.count.conn is None:
+            await self.count()
+        conn = self.count.conn
+        if not self.nums:
+            cur = await conn.execute(
+                "SELECT num FROM channels WHERE device_id = ANY(%s)"
+                " AND kind = 'temperature' AND label = 'p0'",
+                (self.fleet.ids,),
+            )
+            self.nums = [int(r[0]) for r in await cur.fetchall()]
+        cur = await conn.execute(
+            "SELECT count(*) FROM measurements WHERE channel_num = ANY(%s) AND ts >= %s",
+            (self.nums, self.count.since),
+        )
+        row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+
+async def wait_rows(count: RowCounter, n: int) -> None:
+    deadline = time.monotonic() + DB_DRAIN_S
+    while await count() < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the database did not reach {n:,} rows in {DB_DRAIN_S:.0f} s")
+        await asyncio.sleep(0.1)
