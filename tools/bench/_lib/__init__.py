@@ -11,9 +11,11 @@ its method and measures; the machinery is here:
 - `cpu`: who used the machine's cores during a phase;
 - `http_load`: the HTTP ingest load client (node-like devices, closed and open loop);
 - `mqtt_load` and `mqtt_worker`: the MQTT publishers and subscriber (processes of
-  their own) and the bench's side of them;
-- `fleet`: accounts, sites and devices made through the server's service layer, the
-  one place the benches reach into the server to set up data;
+  their own), the bench's side of them, and counting what the server committed;
+- `brokers`: a broker of the bench's own (amqtt, Mosquitto) and Mosquitto as shipped;
+- `fleet`: accounts, sites, devices and tokens made through the server's service
+  layer (and the MQTT fleet made through its API), the one place the benches reach
+  into the server to set up data;
 - `main`: the frame every bench runs in (work directory, database, Ctrl-C/SIGTERM,
   exit status).
 
