@@ -41,8 +41,7 @@ from aiohttp import web
 from aiosmtpd.controller import Controller
 from psycopg.types.json import Jsonb
 
-from _lib import main as bench_main
-from _lib import pg
+from _lib import pg, runner
 from _lib.procs import Serve, free_port
 from _lib.report import percentile, ratio, say, verdict
 from opensense.ids import new_id
@@ -163,7 +162,7 @@ async def notify_round_trip(dsn: str, n: int) -> list[float]:
     return base
 
 
-async def run(frame: bench_main.Frame, args: argparse.Namespace) -> None:
+async def run(frame: runner.Frame, args: argparse.Namespace) -> None:
     live = args.channels or (300 if args.quick else 10000)
     nprobes = args.probes or (6 if args.quick else 120)
     every = args.every or (0.3 if args.quick else 1.0)
@@ -314,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probes", type=int)
     ap.add_argument("--every", type=float, help="seconds between probes (default 1, --quick 0.3)")
     args = ap.parse_args(argv)
-    return bench_main.run("alarms", args.dsn, lambda frame: run(frame, args))
+    return runner.run("alarms", args.dsn, lambda frame: run(frame, args))
 
 
 if __name__ == "__main__":

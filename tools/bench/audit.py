@@ -31,8 +31,7 @@ import psycopg
 import pyrage
 from psycopg.types.json import Jsonb
 
-from _lib import main as bench_main
-from _lib import pg
+from _lib import pg, runner
 from _lib.report import ratio, say
 from opensense import audit
 from opensense.audit.note import generate_key
@@ -74,7 +73,7 @@ def _mb_s(nbytes: int, seconds: float) -> float:
     return nbytes / 1e6 / seconds
 
 
-async def run(frame: bench_main.Frame, quick: bool) -> None:
+async def run(frame: runner.Frame, quick: bool) -> None:
     n = 100 if quick else 2000
     readings = 10_000 if quick else 1_000_000
     tmp = frame.work
@@ -156,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dsn", help="admin DSN of a server to create a scratch database on")
     args = ap.parse_args(argv)
-    return bench_main.run("audit", args.dsn, lambda frame: run(frame, args.quick))
+    return runner.run("audit", args.dsn, lambda frame: run(frame, args.quick))
 
 
 if __name__ == "__main__":

@@ -37,8 +37,7 @@ from pathlib import Path
 
 import aiohttp
 
-from _lib import main as bench_main
-from _lib import pg
+from _lib import pg, runner
 from _lib.fleet import account_site, devices, gateway_token
 from _lib.procs import BIN, Serve, launch, rss_kb, stop_popen, watched
 from _lib.report import ratio, say, verdict
@@ -145,7 +144,7 @@ def run_gateway(d: Path) -> subprocess.Popen[bytes]:
     return launch([*cmd, "--log-level", "WARNING"], d / "gateway.log")
 
 
-async def run(frame: bench_main.Frame, args: argparse.Namespace) -> None:
+async def run(frame: runner.Frame, args: argparse.Namespace) -> None:
     backlog = args.backlog or (5_000 if args.quick else 500_000)
     app_dsn = await asyncio.to_thread(pg.serving_dsn, frame.dsn)
     env = {"OPENSENSE_INGEST_RATE_PER_MIN": "1000000", "OPENSENSE_MQTT": "off"}
@@ -157,7 +156,7 @@ async def run(frame: bench_main.Frame, args: argparse.Namespace) -> None:
 
 
 async def measure(
-    frame: bench_main.Frame,
+    frame: runner.Frame,
     args: argparse.Namespace,
     backlog: int,
     base: str,
@@ -254,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, help="the gateway's [forward] batch_size")
     ap.add_argument("--max-rate", type=float, help="the gateway's [forward] max_rate")
     args = ap.parse_args(argv)
-    return bench_main.run("gateway", args.dsn, lambda frame: run(frame, args))
+    return runner.run("gateway", args.dsn, lambda frame: run(frame, args))
 
 
 if __name__ == "__main__":

@@ -65,8 +65,7 @@ from typing import Any
 import psutil
 import psycopg
 
-from _lib import main as bench_main
-from _lib import pg
+from _lib import pg, runner
 from _lib.cpu import CpuMeter, CpuUse
 from _lib.fleet import bcrypt_rounds, ingest_devices
 from _lib.http_load import Stats, closed_loop, paced, warm_up
@@ -464,7 +463,7 @@ def report(res: Results, plan: Plan) -> None:
         )
 
 
-async def run(frame: bench_main.Frame, cfg: Config, plan: Plan, rounds: int) -> None:
+async def run(frame: runner.Frame, cfg: Config, plan: Plan, rounds: int) -> None:
     dsn = frame.dsn
     t_start = time.perf_counter()
     now = datetime.now(UTC)
@@ -553,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = dataclasses.replace(plan, duration=args.duration)
     cfg = Config.from_env()
 
-    async def body(frame: bench_main.Frame) -> None:
+    async def body(frame: runner.Frame) -> None:
         say(
             f"OpenSense ingest benchmark{' (--quick)' if args.quick else ''},"
             f" {datetime.now(UTC):%Y-%m-%d %H:%M:%S}Z"
@@ -576,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         say()
         await run(frame, cfg, plan, bcrypt_rounds(args.quick))
 
-    return bench_main.run("ingest", args.dsn, body)
+    return runner.run("ingest", args.dsn, body)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ from typing import Any
 
 import psutil
 
-from _lib import main, pg
+from _lib import pg, runner
 from _lib.brokers import MOSQUITTO, OwnBroker, ShippedMosquitto, TlsPaths, mosquitto_version
 from _lib.cpu import CpuMeter
 from _lib.fleet import MqttFleet, fleet_by_api, fleet_by_service
@@ -534,7 +534,7 @@ async def part(res: Results, name: str, fatal: bool, coro: Awaitable[Any]) -> An
         return None
 
 
-async def run(frame: main.Frame, plan: Plan, rounds: int, logs: Path | None) -> int:
+async def run(frame: runner.Frame, plan: Plan, rounds: int, logs: Path | None) -> int:
     from opensense.mqtt.ca import ensure_tls
 
     t_start = time.perf_counter()
@@ -620,7 +620,7 @@ def cli(argv: list[str] | None = None) -> int:
         f" node measurement messages of {' and '.join(str(k) for k in plan.sizes)} reading(s)"
     )
     say(f"  {MOSQUITTO}: {mosquitto_version()}")
-    return main.run("mqtt", args.dsn, lambda frame: run(frame, plan, rounds, args.logs))
+    return runner.run("mqtt", args.dsn, lambda frame: run(frame, plan, rounds, args.logs))
 
 
 def keep_logs(work: Path, dest: Path) -> None:

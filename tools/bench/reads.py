@@ -34,8 +34,7 @@ from typing import Any
 
 import psycopg
 
-from _lib import main as bench_main
-from _lib import pg
+from _lib import pg, runner
 from _lib.report import ratio, say
 from opensense import db
 from opensense.storage import read, write
@@ -101,7 +100,7 @@ async def peak(way: Callable[..., Awaitable[int]], conn: Any, lo: datetime, hi: 
         tracemalloc.stop()
 
 
-async def run(frame: bench_main.Frame, days: int) -> None:
+async def run(frame: runner.Frame, days: int) -> None:
     with pg.scratch(frame.dsn, "opensense_bench_reads") as dsn:
         await compare(dsn, days)
 
@@ -155,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dsn", help="PostgreSQL server (admin DSN) to make a scratch database on")
     args = ap.parse_args(argv)
     days = args.days or (14 if args.quick else 396)
-    return bench_main.run("reads", args.dsn, lambda frame: run(frame, days))
+    return runner.run("reads", args.dsn, lambda frame: run(frame, days))
 
 
 if __name__ == "__main__":

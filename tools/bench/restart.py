@@ -66,8 +66,7 @@ import aiohttp
 import bcrypt
 import psutil
 
-from _lib import main as bench_main
-from _lib import pg
+from _lib import pg, runner
 from _lib.cpu import CpuMeter, CpuUse
 from _lib.fleet import account_site
 from _lib.procs import Serve, free_port, watched
@@ -395,7 +394,7 @@ def phase_lines(p: Phase) -> None:
         say(f"    {p.probe()}")
 
 
-async def run(frame: bench_main.Frame, plan: Plan) -> None:
+async def run(frame: runner.Frame, plan: Plan) -> None:
     dsn, work, pg_pid = frame.dsn, frame.work, frame.pg_pid
     t_start = time.perf_counter()
     say("setup")
@@ -518,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sample:
         plan = Plan(plan.devices, min(args.sample, plan.devices))
 
-    async def body(frame: bench_main.Frame) -> None:
+    async def body(frame: runner.Frame) -> None:
         say(
             f"OpenSense restart benchmark{' (--quick)' if args.quick else ''},"
             f" {datetime.now(UTC):%Y-%m-%d %H:%M:%S}Z"
@@ -535,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         say()
         await run(frame, plan)
 
-    return bench_main.run("restart", args.dsn, body)
+    return runner.run("restart", args.dsn, body)
 
 
 if __name__ == "__main__":

@@ -42,8 +42,7 @@ from typing import Any
 import aiohttp
 import psutil
 
-from _lib import main as bench_main
-from _lib import pg
+from _lib import pg, runner
 from _lib.cpu import CpuMeter
 from _lib.fleet import bcrypt_rounds, ingest_devices
 from _lib.http_load import closed_loop, warm_up
@@ -148,9 +147,7 @@ def line(name: str, lat: list[float], bad: int) -> str:
 # --- the run ----------------------------------------------------------------------------
 
 
-async def run(
-    frame: bench_main.Frame, duration: float, rate: float, devices: int, rounds: int
-) -> None:
+async def run(frame: runner.Frame, duration: float, rate: float, devices: int, rounds: int) -> None:
     dsn = frame.dsn
     now = datetime.now(UTC)
     # the servers connect as the app role (they refuse a superuser): db/roles.py
@@ -258,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     duration = args.duration or (2.0 if args.quick else 20.0)
     devices = 8 if args.quick else 64
 
-    async def body(frame: bench_main.Frame) -> None:
+    async def body(frame: runner.Frame) -> None:
         say(
             f"OpenSense status benchmark{' (--quick)' if args.quick else ''},"
             f" {datetime.now(UTC):%Y-%m-%d %H:%M:%S}Z; {psutil.cpu_count()} cores shared by"
@@ -268,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"  database: {pg.describe(frame.dsn, frame.embedded)}")
         await run(frame, duration, args.rate, devices, bcrypt_rounds(args.quick))
 
-    return bench_main.run("status", args.dsn, body)
+    return runner.run("status", args.dsn, body)
 
 
 if __name__ == "__main__":

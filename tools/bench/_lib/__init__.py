@@ -16,7 +16,7 @@ its method and measures; the machinery is here:
 - `fleet`: accounts, sites, devices and tokens made through the server's service
   layer (and the MQTT fleet made through its API), the one place the benches reach
   into the server to set up data;
-- `main`: the frame every bench runs in (work directory, database, Ctrl-C/SIGTERM,
+- `runner`: the frame every bench runs in (work directory, database, Ctrl-C/SIGTERM,
   exit status).
 
 The benches run as scripts (`python tools/bench/<name>.py`), so `tools/bench` is on
