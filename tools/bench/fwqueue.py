@@ -16,7 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from _lib.procs import ROOT
+from _lib.report import ratio, say
 
 
 def main() -> int:
@@ -35,25 +36,23 @@ def main() -> int:
         return 1
     f = dict(line.split("=", 1) for line in r.stdout.split() if "=" in line)
     b1, b5 = float(f["offline_batch1_erases_per_day"]), float(f["offline_batch5_erases_per_day"])
-    print("node flash queue (littlefs, 4 KiB blocks, 2 MiB partition; 3 probes at 1/min)")
-    print(f"  erases/day, uplink down, batch=1 (baseline): {b1:8.0f}")
-    print(f"  erases/day, uplink down, batch=5 (default):  {b5:8.0f}   ratio {b5 / max(b1, 1):.2f}")
-    print(
+    say("node flash queue (littlefs, 4 KiB blocks, 2 MiB partition; 3 probes at 1/min)")
+    say(f"  erases/day, uplink down, batch=1 (baseline): {b1:8.0f}")
+    say(
+        f"  erases/day, uplink down, batch=5 (default):  {b5:8.0f}   ratio {ratio(b5, max(b1, 1)):.2f}"
+    )
+    say(
         f"  flash ops/day (programs+erases), batch=5:    {float(f['offline_batch5_flash_ops_per_day']):8.0f}"
     )
-    print(
-        f"  erases/day, uplink up (acked from RAM):      {float(f['online_erases_per_day']):8.0f}"
-    )
-    print(
+    say(f"  erases/day, uplink up (acked from RAM):      {float(f['online_erases_per_day']):8.0f}")
+    say(
         f"  per block (512 blocks, littlefs wear-levels): {b5 / 512:8.2f} erases/day -> "
         f"{100000 / max(b5 / 512, 1e-9) / 365:.0f} years to 100k cycles"
     )
-    print(f"  bytes on flash per sampling tick:             {float(f['bytes_per_tick']):8.1f}")
-    print(f"  outage the 1.6 MB queue holds:                {float(f['capacity_days']):8.1f} days")
-    print(
-        f"  littlefs free when the queue is full:         {int(f['fs_free_bytes']) // 1024:8d} KiB"
-    )
-    print(
+    say(f"  bytes on flash per sampling tick:             {float(f['bytes_per_tick']):8.1f}")
+    say(f"  outage the 1.6 MB queue holds:                {float(f['capacity_days']):8.1f} days")
+    say(f"  littlefs free when the queue is full:         {int(f['fs_free_bytes']) // 1024:8d} KiB")
+    say(
         f"  drain of {f['drain_records']} records on this host: {f['drain_ms_host']} ms "
         "(an ESP32 is slower; the uplink, not the flash, bounds replay)"
     )
