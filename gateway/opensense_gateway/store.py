@@ -235,7 +235,7 @@ class Store:
         if row is None:
             return None
         (value,) = row
-        return value
+        return str(value) if value is not None else None
 
     def set_meta(self, key: str, value: str) -> None:
         with self.lock:

@@ -133,7 +133,8 @@ def finish_prober(p: subprocess.Popen[bytes]) -> dict[str, Any]:
     out, _ = p.communicate(timeout=300)
     if p.returncode != 0:
         raise RuntimeError(f"the prober exited with {p.returncode}")
-    return json.loads(out)
+    doc: dict[str, Any] = json.loads(out)
+    return doc
 
 
 def line(name: str, lat: list[float], bad: int) -> str:

@@ -305,7 +305,8 @@ def _verify(path: str) -> bool:
 def _secret(t: dict[str, Any]) -> str | None:
     """What the path's send gets: a verify path's link token (the unsubscribe link),
     otherwise the signing secret (a webhook's)."""
-    return t["token"] if _verify(t["path"]) else t["secret"]
+    value: str | None = t["token"] if _verify(t["path"]) else t["secret"]
+    return value
 
 
 def _paced_until(path: str, p: dict[str, Any] | None, now: datetime) -> datetime | None:

@@ -28,14 +28,14 @@ from zoneinfo import ZoneInfo
 
 from dateutil.rrule import rrule, rrulestr
 
-from opensense_contract.rules import (  # noqa: F401  (re-exported for the engine's callers)
-    HIST_MAX_S,
-    RULE_KINDS,
-    SEVERITIES,
-    Param,
-    RuleKind,
-    check_params,
+from opensense_contract.rules import (  # re-exported: the engine's callers read them here
+    HIST_MAX_S as HIST_MAX_S,
 )
+from opensense_contract.rules import RULE_KINDS as RULE_KINDS
+from opensense_contract.rules import SEVERITIES as SEVERITIES
+from opensense_contract.rules import Param as Param
+from opensense_contract.rules import RuleKind as RuleKind
+from opensense_contract.rules import check_params as check_params
 
 from . import rule_kinds
 

@@ -325,7 +325,8 @@ def _telegram_pacing(p: Mapping[str, Any], now: datetime) -> datetime | None:
 def _email_pacing(p: Mapping[str, Any], now: datetime) -> datetime | None:
     """At most EMAIL_PER_HOUR messages an hour; the rest wait and go as one digest."""
     if now - p["window_start"] < timedelta(hours=1) and p["sent"] >= EMAIL_PER_HOUR:
-        return p["window_start"] + timedelta(hours=1)
+        start: datetime = p["window_start"]
+        return start + timedelta(hours=1)
     return None
 
 

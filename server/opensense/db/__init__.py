@@ -173,7 +173,7 @@ def embedded_dsn(state_dir: Path, database: str = "opensense") -> str:
         row = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()
         if row is None:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
-    return server.get_uri(database)
+    return str(server.get_uri(database))
 
 
 def resolve_dsn(database_url: str, state_dir: Path) -> str:

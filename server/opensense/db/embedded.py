@@ -37,7 +37,7 @@ def _alive(pid: int) -> bool:
     """A pid that is a live process other than a zombie (a zombie ran no exit hook
     either and will not: it only waits to be reaped)."""
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
         return psutil.pid_exists(pid) if pid > 0 else False
 

@@ -42,7 +42,7 @@ import logging
 import socket
 import ssl
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from aiohttp import web
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
@@ -209,7 +209,8 @@ class _BoundedReader(StreamReaderAdapter):
     async def read(self, n: int = -1) -> bytes:
         if self.cut:  # amqtt's read_or_raise turns this into "no more data": the end
             raise asyncio.IncompleteReadError(b"", None)
-        return await super().read(n)
+        data: bytes = await super().read(n)
+        return data
 
     def refuse(self, size: int) -> None:
         self.cut = True
@@ -312,7 +313,7 @@ class OpenSenseBroker(Broker):
         # TLS 1.2 at least, 1.3 whenever the client offers it. Not 1.3 only: the
         # firmware's TLS (MicroPython's mbedtls) offers 1.2 alone (tests/test_attack_broker.py)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        return ctx
+        return cast(ssl.SSLContext, ctx)
 
     async def _handle_disconnect(
         self, client_session: Session, handler: Any, disconnect_waiter: asyncio.Future[Any]

@@ -92,7 +92,7 @@ def check_cost(p: dict[str, Any], channels: int, max_channel_days: int) -> int:
             f" (asked: {channels} channel(s) x {days:.1f} days); read a shorter range or"
             " fewer channels at a time, or use fn=mean|min|max|count (from rollups)",
         )
-    return max(channels, math.ceil(days * channels / DAYS_PER_UNIT))
+    return int(max(channels, math.ceil(days * channels / DAYS_PER_UNIT)))
 
 
 def _value(v: float, fn: str, agg: str) -> float | int:
