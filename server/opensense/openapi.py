@@ -880,3 +880,8 @@ def gateway_paths() -> S:
 @routes.get("/v1/openapi.json")
 async def openapi_json(request: web.Request) -> web.Response:
     return web.json_response(document())
+
+
+def setup(app: web.Application) -> None:
+    """Serve the document; the status and alarm fragments are in it already."""
+    app.router.add_routes(routes)
