@@ -44,8 +44,8 @@ import psycopg
 
 from opensense import db
 from opensense.db import roles as db_roles
-from opensense.devices import service
-from opensense.gateway import service as gateways
+from opensense.devices import store as service
+from opensense.gateway import store as gateways
 from opensense_gateway.config import Config as GwConfig
 from opensense_gateway.payload import Reading
 from opensense_gateway.store import Store

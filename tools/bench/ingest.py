@@ -79,7 +79,7 @@ import psycopg
 from opensense import db
 from opensense.db import roles as db_roles
 from opensense.demo import simulated
-from opensense.devices import service
+from opensense.devices import store as service
 from opensense.settings import Config
 from opensense.storage import compaction
 from opensense.storage.write import insert_readings

@@ -1111,7 +1111,7 @@ def new_fleet(account: str) -> Fleet:
 async def fleet_by_service(dsn: str, n: int, rounds: int, name: str) -> Fleet:
     """Account, site and devices straight through the service layer (embedded broker:
     it checks every CONNECT against the database)."""
-    from opensense.devices import service
+    from opensense.devices import store as service
 
     now = datetime.now(UTC)
     async with await connect(dsn) as conn:
@@ -1140,7 +1140,7 @@ async def fleet_by_api(dsn: str, base: str, n: int, rounds: int, name: str) -> F
     an operator makes them: the server gives each one its broker credentials."""
     import aiohttp
 
-    from opensense.devices import service
+    from opensense.devices import store as service
 
     async with await connect(dsn) as conn:
         async with conn.transaction():

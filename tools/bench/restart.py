@@ -79,7 +79,7 @@ import ingest as ingest_bench  # noqa: E402  (tools/bench/ingest.py: CPU meter, 
 
 from opensense import db, tokens  # noqa: E402
 from opensense.db import roles as db_roles  # noqa: E402
-from opensense.devices import service  # noqa: E402
+from opensense.devices import store as service  # noqa: E402
 from opensense.ids import new_id  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
