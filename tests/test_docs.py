@@ -78,3 +78,12 @@ def test_every_rule_kind_is_documented(name: str) -> None:
     assert f"`{name}`" in text
     for p in RULE_KINDS[name].params:
         assert f"`{p.name}`" in text, (name, p.name)
+
+
+def test_every_feature_is_in_the_architecture_page() -> None:
+    from opensense.app import FEATURES, STATUS_FEATURES
+
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    for setup in (*FEATURES, *STATUS_FEATURES):
+        name = setup.__module__.removeprefix("opensense.")
+        assert f"| `{name}` |" in text, name
