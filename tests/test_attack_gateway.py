@@ -31,7 +31,7 @@ import pytest
 
 from opensense.alarms import engine
 from opensense.api.jsonutil import rfc3339
-from opensense.gateway import service as gateways
+from opensense.gateway import store as gateways
 from opensense_gateway import mosquitto
 from opensense_gateway import rules as gw_rules
 from opensense_gateway.config import Config as GwConfig

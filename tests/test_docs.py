@@ -100,3 +100,12 @@ def undocumented_notification_paths() -> list[str]:
 
 def test_every_notification_path_is_documented() -> None:
     assert undocumented_notification_paths() == []
+
+
+def test_every_feature_is_in_the_architecture_page() -> None:
+    from opensense.app import FEATURES, STATUS_FEATURES
+
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    for setup in (*FEATURES, *STATUS_FEATURES):
+        name = setup.__module__.removeprefix("opensense.")
+        assert f"| `{name}` |" in text, name

@@ -21,7 +21,7 @@ import psycopg
 import pytest
 from aiosmtpd.controller import Controller
 
-from opensense.gateway import service as gateways
+from opensense.gateway import store as gateways
 from opensense.settings import Config
 
 from .fixtures.processes import ServerProcess, free_port

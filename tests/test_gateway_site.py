@@ -16,8 +16,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from opensense.devices import service
-from opensense.gateway import service as gateways
+from opensense.devices import store
+from opensense.gateway import store as gateways
 from opensense.settings import Config
 
 from .fixtures.processes import ServerProcess, free_port
@@ -64,7 +64,7 @@ def rotate(dsn: str, world: Any) -> str:
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
             from datetime import UTC, datetime
 
-            _, tok = await service.rotate_device_token(
+            _, tok = await store.rotate_device_token(
                 conn, world.account, world.device_ids["fridge01"], 4, datetime.now(UTC)
             )
             return tok

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from opensense.api.jsonutil import rfc3339
-from opensense.gateway import service as gateways
+from opensense.gateway import store as gateways
 from opensense.ingest import pipeline
 from opensense.mqtt.ingest import MqttIngest
 from opensense_contract import topics

@@ -24,7 +24,7 @@ from .api.jsonutil import dumps
 from .audit.publish import SigningKeyError
 from .backup.dump import BackupError as BackupFailed
 from .db import roles as db_roles
-from .devices import service
+from .devices import store
 from .errors import ApiError
 from .ingest.validate import parse_ts
 from .settings import Config
@@ -253,8 +253,8 @@ def cmd_ca(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_account(cfg: Config, args: argparse.Namespace) -> int:
     async def go(conn: psycopg.AsyncConnection[Any]) -> Any:
-        acc = await service.create_account(conn, args.name, args.email, actor=_actor())
-        tid, token = await service.create_token(
+        acc = await store.create_account(conn, args.name, args.email, actor=_actor())
+        tid, token = await store.create_token(
             conn, acc, "ua_live", cfg.bcrypt_rounds, "cli", actor=_actor()
         )
         return {"account_id": acc, "api_token": token, "note": "the token is shown once; keep it"}
@@ -272,8 +272,8 @@ def cmd_site(cfg: Config, args: argparse.Namespace) -> int:
                 "vertical": args.vertical,
                 "address": args.address,
             }
-            return await service.create_site(conn, args.account, body, actor=_actor())
-        return await service.list_sites(conn, args.account)
+            return await store.create_site(conn, args.account, body, actor=_actor())
+        return await store.list_sites(conn, args.account)
 
     _print(_with_conn(cfg, go))
     return 0
@@ -295,30 +295,30 @@ def cmd_device(cfg: Config, args: argparse.Namespace) -> int:
                 body["name"] = args.name
             if args.dev_eui:
                 body["dev_eui"] = args.dev_eui
-            dev, token = await service.create_device(
+            dev, token = await store.create_device(
                 conn, args.account, body, cfg.bcrypt_rounds, now, actor=_actor()
             )
             return {**dev, "ingest_token": token}
         if a == "list":
-            return await service.list_devices(conn, args.account, now)
+            return await store.list_devices(conn, args.account, now)
         if a == "rotate-token":
-            dev, token = await service.rotate_device_token(
+            dev, token = await store.rotate_device_token(
                 conn, args.account, args.device, cfg.bcrypt_rounds, now, actor=_actor()
             )
             return {**dev, "ingest_token": token}
         if a == "move":
             at = parse_ts(args.effective_at, "effective_at") if args.effective_at else now
-            return await service.move_device(
+            return await store.move_device(
                 conn, args.account, args.device, args.site, at, now, actor=_actor()
             )
         if a == "delete":
-            await service.delete_device(conn, args.account, args.device, now, actor=_actor())
+            await store.delete_device(conn, args.account, args.device, now, actor=_actor())
             return {"deleted": args.device}
         if a == "set-dev-eui":
             if not args.dev_eui:
                 raise ApiError("invalid_request", "--dev-eui is required (16 hex digits, or none)")
             eui = None if args.dev_eui.lower() == "none" else args.dev_eui
-            return await service.patch_device(
+            return await store.patch_device(
                 conn, args.account, args.device, {"dev_eui": eui}, now, actor=_actor()
             )
         raise AssertionError(a)
@@ -361,13 +361,13 @@ def cmd_token(cfg: Config, args: argparse.Namespace) -> int:
 
     async def go(conn: psycopg.AsyncConnection[Any]) -> Any:
         if args.action == "create":
-            tid, token = await service.create_token(
+            tid, token = await store.create_token(
                 conn, args.account, args.kind, cfg.bcrypt_rounds, args.name, actor=_actor()
             )
             return {"id": tid, "kind": args.kind, "token": token}
         if args.action == "list":
-            return await service.list_tokens(conn, args.account, now)
-        await service.revoke_token(conn, args.account, args.token_id, now, actor=_actor())
+            return await store.list_tokens(conn, args.account, now)
+        await store.revoke_token(conn, args.account, args.token_id, now, actor=_actor())
         return {"revoked": args.token_id}
 
     _print(_with_conn(cfg, go))
@@ -452,7 +452,7 @@ def cmd_incident(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(cfg: Config, args: argparse.Namespace) -> int:
-    from .gateway import service as gateways
+    from .gateway import store as gateways
 
     async def go(conn: psycopg.AsyncConnection[Any]) -> Any:
         if args.action == "create":

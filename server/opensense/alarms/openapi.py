@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..openapi import NTS, TS, body, err, obj, ok, op, path_param, q
+from ..api.spec import NTS, TS, body, err, obj, ok, op, path_param, q
 from . import engine, outbox
 from . import paths as notify_paths
 

@@ -23,7 +23,7 @@ from ..api.body import json_object
 from ..api.jsonutil import response
 from ..api.keys import ALARMS_HTTP as HTTP
 from ..api.keys import CONFIG, POOL
-from ..devices.service import channel_row, get_site
+from ..devices.store import channel_row, get_site
 from ..errors import ApiError
 from . import dispatch, egress, engine, evaluator, outbox, paths, rule_kinds, store
 from .lifecycle import Change, transition

@@ -1,4 +1,4 @@
-"""The SQL of the alarm API (routes.py), as `devices/service.py` is the devices'.
+"""The SQL of the alarm API (routes.py), as `devices/store.py` is the devices'.
 
 Each function is one statement or a few that belong together; the caller holds the
 connection and the transaction (an audit row joins the change's transaction). Rows

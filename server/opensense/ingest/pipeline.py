@@ -46,7 +46,7 @@ def channel_rows(
 ) -> list[Row]:
     """The rows of `readings` (ts, value) on `channel`: every door's readings end
     here (HTTP, Shelly and LoRaWAN through `store`/`store_fast`, MQTT through
-    `store_fast`, the gateway's batch door through gateway/service.py), so the unit
+    `store_fast`, the gateway's batch door through gateway/store.py), so the unit
     check and the calibration offset are applied one way. Units are never converted:
     a unit other than the channel's refuses the readings (invalid_measurement,
     naming `field`)."""

@@ -12,8 +12,8 @@ from typing import Any
 import aiohttp
 import psycopg
 
-from opensense.devices import service
-from opensense.gateway import service as gateways
+from opensense.devices import store as device_store
+from opensense.gateway import store as gateways
 from opensense.settings import Config
 from opensense_contract import topics
 
@@ -25,8 +25,8 @@ Conn = psycopg.AsyncConnection[Any]
 
 async def account_site(conn: Conn, name: str) -> tuple[str, dict[str, Any]]:
     """One account with one site (UTC, chilled storage)."""
-    acc = await service.create_account(conn, name, "bench@opensense.invalid")
-    site = await service.create_site(
+    acc = await device_store.create_account(conn, name, "bench@opensense.invalid")
+    site = await device_store.create_site(
         conn, acc, {"name": "Bench", "timezone": "UTC", "vertical": "chilled_storage"}
     )
     return acc, site
@@ -39,7 +39,7 @@ async def devices(
     now = datetime.now(UTC)
     out = []
     for local_id in names:
-        dev, token = await service.create_device(
+        dev, token = await device_store.create_device(
             conn, acc, {"site_id": site_id, "local_id": local_id, "cadence_s": 60}, rounds, now
         )
         out.append((dev, token))
@@ -48,7 +48,7 @@ async def devices(
 
 async def api_key(conn: Conn, acc: str, rounds: int) -> str:
     """A `ua_live` key of the account: the bench acts as its operator over the API."""
-    _, key = await service.create_token(conn, acc, "ua_live", rounds, "bench")
+    _, key = await device_store.create_token(conn, acc, "ua_live", rounds, "bench")
     return str(key)
 
 

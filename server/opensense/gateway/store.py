@@ -107,10 +107,10 @@ async def create_gateway(
     """A gateway for one site and its gw_ token (plaintext returned once). The gateway,
     its token and their audit rows commit together."""
     from .. import audit
-    from ..devices import service
+    from ..devices import store as devices_store
 
     async with conn.transaction():
-        site = await service.get_site(conn, account_id, site_id)
+        site = await devices_store.get_site(conn, account_id, site_id)
         gid = new_id("gw")
         await conn.execute(
             "INSERT INTO gateways (id, account_id, site_id, name) VALUES (%s, %s, %s, %s)",
@@ -124,7 +124,7 @@ async def create_gateway(
             subject=gid,
             data={"site_id": site["id"], "name": name},
         )
-        _, plaintext = await service.create_token(
+        _, plaintext = await devices_store.create_token(
             conn, account_id, "gw", rounds, name, gateway_id=gid, actor=actor
         )
     return await get_gateway(conn, account_id, gid), plaintext
@@ -140,7 +140,7 @@ async def rotate_gateway_token(
     actor: str = "system",
 ) -> tuple[dict[str, Any], str]:
     """Revoke the gateway's live token and issue a new one (the old fails at once)."""
-    from ..devices import service
+    from ..devices import store as devices_store
 
     async with conn.transaction():
         gw = await get_gateway(conn, account_id, gateway_id)
@@ -148,7 +148,7 @@ async def rotate_gateway_token(
             "UPDATE tokens SET revoked_at = %s WHERE gateway_id = %s AND revoked_at IS NULL",
             (now, gw["id"]),
         )
-        _, plaintext = await service.create_token(
+        _, plaintext = await devices_store.create_token(
             conn,
             account_id,
             "gw",
