@@ -7,8 +7,9 @@ evaluator and the API look a rule's kind up in `BEHAVIOURS` instead of branching
 its name, so a new kind is one entry in each table plus its docs
 (tests/test_rule_kinds.py checks the two tables name the same kinds).
 
-Pure: no I/O. The engine's types are only annotations here (the engine imports this
-module, not the other way round).
+Pure: no I/O. The engine imports this module, not the other way round: a behaviour
+sees a rule and its state through the two small protocols below, which the engine's
+`Rule` and `RuleState` satisfy.
 """
 
 from __future__ import annotations
@@ -16,12 +17,27 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from opensense_contract.rules import HIST_MAX_S
 
-if TYPE_CHECKING:
-    from .engine import Lookup, Rule, RuleState
+
+class Rule(Protocol):
+    """What a behaviour reads of a rule (engine.Rule)."""
+
+    @property
+    def params(self) -> dict[str, Any]: ...
+
+
+class RuleState(Protocol):
+    """What a behaviour reads of a rule's state (engine.RuleState)."""
+
+    @property
+    def hist(self) -> list[tuple[datetime, float]]: ...
+
+
+# another channel's value at a time (engine.Lookup)
+Lookup = Callable[[str, datetime], float | None]
 
 Params = Mapping[str, Any]
 # Is this reading out of bounds? (params: the rule's, with an active window's over
