@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from opensense_contract import retry, topics
 from opensense_contract.errors import CODES
@@ -182,7 +183,7 @@ class Gateway:
     def start_mqtt(self) -> None:
         cfg = self.cfg
         c = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=cfg.mqtt_client_id,
             clean_session=False,  # the broker keeps our subscription and queue while we are down
             protocol=mqtt.MQTTv311,

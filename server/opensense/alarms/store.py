@@ -217,12 +217,13 @@ async def delete_target(conn: Conn, acc: str, target_id: str) -> DeletedTarget |
 
 
 async def address_of_token(conn: Conn, token: str) -> str | None:
-    return await _scalar(
+    value: str | None = await _scalar(
         conn,
         "SELECT address FROM notify_targets WHERE token = %s AND path = 'email'"
         " AND deleted_at IS NULL",
         (token,),
     )
+    return value
 
 
 # What the two links do (routes.TOKEN_ACTIONS): a fixed statement each, never text
@@ -244,7 +245,8 @@ async def use_token(conn: Conn, action: str, token: str) -> TokenTarget | None:
 
 
 async def account_email(conn: Conn, acc: str) -> str | None:
-    return await _scalar(conn, "SELECT email FROM accounts WHERE id = %s", (acc,))
+    value: str | None = await _scalar(conn, "SELECT email FROM accounts WHERE id = %s", (acc,))
+    return value
 
 
 # --- Telegram ------------------------------------------------------------------------------
@@ -282,22 +284,24 @@ async def use_link_code(conn: Conn, code: str, now: datetime) -> LinkCode | None
 
 async def insert_chat(conn: Conn, link: LinkCode, chat_id: str) -> str | None:
     """The new recipient's id; None: this chat is linked already (nothing changes)."""
-    return await _scalar(
+    value: str | None = await _scalar(
         conn,
         "INSERT INTO notify_targets (id, account_id, site_id, path, address, roles, verified)"
         " VALUES (%s, %s, %s, 'telegram', %s, %s, true) ON CONFLICT DO NOTHING RETURNING id",
         (new_id("tgt"), link.account_id, link.site_id, chat_id, Jsonb(link.roles)),
     )
+    return value
 
 
 async def chat_event_account(conn: Conn, event_id: str, chat_id: str) -> str | None:
     """The event's account, if this chat is one of its recipients (may acknowledge)."""
-    return await _scalar(
+    value: str | None = await _scalar(
         conn,
         "SELECT e.account_id FROM events e JOIN notify_targets t ON t.account_id = e.account_id"
         " WHERE e.id = %s AND t.path = 'telegram' AND t.address = %s AND t.deleted_at IS NULL",
         (event_id, chat_id),
     )
+    return value
 
 
 # --- escalation, silences, outbound log -----------------------------------------------------
@@ -306,7 +310,8 @@ async def chat_event_account(conn: Conn, event_id: str, chat_id: str) -> str | N
 async def escalation_steps(conn: Conn, site_id: str, lock: bool = False) -> list[Any] | None:
     """The site's steps; None: the default policy (outbox.DEFAULT_STEPS)."""
     sql = "SELECT steps FROM escalation_policies WHERE site_id = %s"
-    return await _scalar(conn, sql + (" FOR UPDATE" if lock else ""), (site_id,))
+    value: list[Any] | None = await _scalar(conn, sql + (" FOR UPDATE" if lock else ""), (site_id,))
+    return value
 
 
 async def put_escalation(conn: Conn, site_id: str, steps: list[Any]) -> None:

@@ -88,14 +88,15 @@ _qos2_flow = ProtocolHandler._handle_qos2_message_flow
 async def _store_then_ack(self: ProtocolHandler[Any], app_message: Any, original: Any) -> None:
     side = _side_of(self)
     if side is None or app_message.direction != INCOMING or self.session is None:
-        return await original(self, app_message)
+        await original(self, app_message)
+        return
     if not await side.on_publish(
         self.session, app_message.topic, bytes(app_message.data), app_message.qos, self
     ):
         # not stored: no acknowledgement; closing makes the node resend after reconnecting
         await self.handle_connection_closed()
-        return None
-    return await original(self, app_message)
+        return
+    await original(self, app_message)
 
 
 async def _qos1(self: ProtocolHandler[Any], app_message: Any) -> None:

@@ -67,6 +67,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import paho.mqtt.client as mqtt
 import psycopg
 from aiohttp import web
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -256,7 +257,7 @@ class ExternalBroker:
 
     def _client(self, client_id: str, *, persistent: bool) -> mqtt.Client:
         c = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv5,
             manual_ack=persistent,
@@ -275,7 +276,7 @@ class ExternalBroker:
         return c
 
     def _connect(self, c: mqtt.Client, *, persistent: bool = False) -> None:
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         if persistent:
             props.SessionExpiryInterval = SESSION_NEVER_EXPIRES
             props.ReceiveMaximum = RECEIVE_MAXIMUM

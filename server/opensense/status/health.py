@@ -57,7 +57,8 @@ HEALTH = web.AppKey(KEY_NAME, Health)
 
 
 def registry(app: MutableMapping[Any, Any]) -> Health:
-    return app[HEALTH]
+    health: Health = app[HEALTH]
+    return health
 
 
 def ok(app: MutableMapping[Any, Any], component: str, detail: str = "") -> None:

@@ -58,6 +58,7 @@ class _Client:
 
     def __init__(self, spec: dict[str, Any], conf: dict[str, Any], run: _PubRun) -> None:
         import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
 
         self.run = run
         self.client_id = str(spec["client_id"])
@@ -67,7 +68,7 @@ class _Client:
         self.ts0 = int(spec.get("ts0", 0))
         self.ts_limit = int(spec.get("ts_limit", 2**62))
         self.c = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             clean_session=True,
         )
@@ -279,8 +280,9 @@ def _reached(counts: list[int], n: int) -> bool:
 
 def _sub_worker(conf: dict[str, Any]) -> int:
     import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
 
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-sub", clean_session=True)
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-sub", clean_session=True)
     window = [math.inf, math.inf]
     counts = [0, 0]  # total, in window
     subscribed = threading.Event()

