@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, bisect_right
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
+from itertools import compress, repeat
+from operator import sub, truediv
 from zoneinfo import ZoneInfo
 
 MKT_DELTA_H_DEFAULT = 83_144.0  # J/mol (83.144 kJ/mol, the pharma default)
@@ -187,10 +189,12 @@ def mean_kinetic_temperature(
     if not celsius:
         return None
     k = delta_h / r
-    # factor out the largest term so exp() never underflows to 0 for a long series
-    exps = [-k / (c + KELVIN) for c in celsius]
-    top = max(exps)
-    s = math.fsum(math.exp(e - top) for e in exps) / len(exps)
+    # factor out the largest term (the warmest reading's) so exp() never underflows
+    top = -k / (max(celsius) + KELVIN)
+    # exp(-k / (c + KELVIN) - top) for each reading, as C-level maps (864,000 readings
+    # a month for 20 channels)
+    terms = map(math.exp, map(top.__rsub__, map(truediv, repeat(-k), map(KELVIN.__add__, celsius))))
+    s = math.fsum(terms) / len(celsius)
     return k / -(top + math.log(s)) - KELVIN
 
 
@@ -202,6 +206,18 @@ def _threshold_at(thresholds: Sequence[Threshold], t: float) -> Threshold | None
         else:
             break
     return cur
+
+
+def _in_range_fn(th: Threshold | None) -> Callable[[float], bool]:
+    lo = th.ok_min if th is not None else None
+    hi = th.ok_max if th is not None else None
+    if lo is not None and hi is not None:
+        return lambda v: lo <= v <= hi
+    if lo is not None:
+        return lo.__le__
+    if hi is not None:
+        return hi.__ge__
+    return lambda v: True
 
 
 def in_range(th: Threshold | None, v: float) -> bool:
@@ -221,35 +237,39 @@ def _channel(
     ndays = len(bounds) - 1
     in_range_s = [0.0] * ndays
     data_s = [0.0] * ndays
-    # one pass: each reading's coverage (until the next reading, at most 2 cadences)
-    # split over the days it touches; inlined, as this loop runs once per reading
-    limit = GAP_CADENCES * ch.cadence_s
-    ths = list(ch.thresholds)
-    ti = -1  # index of the threshold in force (-1: none yet)
-    mn = mx = None
-    d = 0
-    for i in range(lo, hi):
-        a = ts[i]
-        b = ts[i + 1] if i + 1 < len(ts) else end
-        if b - a > limit:
-            b = a + limit
-        if b > end:
-            b = end
-        while ti + 1 < len(ths) and (ths[ti + 1].since is None or ths[ti + 1].since <= a):  # type: ignore[operator]
-            ti += 1
-            mn, mx = ths[ti].ok_min, ths[ti].ok_max
-        v = vals[i]
-        ok = (mn is None or v >= mn) and (mx is None or v <= mx)
-        while bounds[d + 1] <= a:
-            d += 1
-        j = d
-        while a < b:
-            cut = b if b <= bounds[j + 1] else bounds[j + 1]
-            data_s[j] += cut - a
-            if ok:
-                in_range_s[j] += cut - a
-            a = cut
-            j += 1
+    # Each reading's coverage (until the next reading, at most 2 cadences), credited
+    # to the day it falls in. The period is cut into pieces at day bounds and limit
+    # changes; inside a piece the day and the limits are fixed, every reading but the
+    # last covers up to the next one (all within the piece), and the sums run in C
+    # (map/compress over array slices): a Python loop per reading was most of a
+    # 20-channel month's time. The piece's last reading may run past the piece.
+    limit = float(GAP_CADENCES * ch.cadence_s)
+    ths = ch.thresholds
+    cuts = sorted(
+        {*bounds, *(th.since for th in ths if th.since is not None and start < th.since < end)}
+    )
+    for p0, p1 in zip(cuts, cuts[1:], strict=False):
+        a = bisect_left(ts, p0, lo, hi)
+        b = bisect_left(ts, p1, lo, hi)
+        if a == b:
+            continue
+        th = _threshold_at(ths, p0)
+        ok = _in_range_fn(th)
+        j = bisect_right(bounds, p0) - 1
+        if b - a > 1:
+            covers = list(map(min, map(sub, ts[a + 1 : b], ts[a : b - 1]), repeat(limit)))
+            data_s[j] += math.fsum(covers)
+            in_range_s[j] += math.fsum(compress(covers, map(ok, vals[a : b - 1])))
+        t0 = ts[b - 1]
+        t1 = min(ts[b] if b < len(ts) else end, t0 + limit, end)
+        last_ok = ok(vals[b - 1])
+        while t0 < t1:
+            k = bisect_right(bounds, t0) - 1
+            cut = min(t1, bounds[k + 1])
+            data_s[k] += cut - t0
+            if last_ok:
+                in_range_s[k] += cut - t0
+            t0 = cut
     days = []
     for j in range(ndays):
         a, b = bisect_left(ts, bounds[j], lo, hi), bisect_left(ts, bounds[j + 1], lo, hi)
@@ -269,7 +289,7 @@ def _channel(
     gaps = _gaps(ch, lo, hi, start, end)
     period_vals = vals[lo:hi]
     n = hi - lo
-    chart = _chart(ts, vals, lo, hi, start)
+    chart = _chart(ts, vals, lo, hi, start, end)
     return ChannelReport(
         channel=ch,
         days=days,
@@ -288,39 +308,32 @@ def _channel(
 
 def _gaps(ch: ChannelInput, lo: int, hi: int, start: float, end: float) -> list[Gap]:
     """Silences longer than 2 cadences, the period's edges included."""
-    limit = GAP_CADENCES * ch.cadence_s
-    out = []
-    prev = start
-    for i in range(lo, hi):
-        t = ch.ts[i]
-        if t - prev > limit:
-            out.append(Gap(prev, t))
-        prev = t
-    if end - prev > limit:
-        out.append(Gap(prev, end))
+    limit = float(GAP_CADENCES * ch.cadence_s)
+    ts = ch.ts
+    if lo == hi:
+        return [Gap(start, end)]
+    out = [Gap(start, ts[lo])] if ts[lo] - start > limit else []
+    long = map(limit.__lt__, map(sub, ts[lo + 1 : hi], ts[lo : hi - 1]))
+    out += [Gap(ts[i], ts[i + 1]) for i in compress(range(lo, hi - 1), long)]
+    if end - ts[hi - 1] > limit:
+        out.append(Gap(ts[hi - 1], end))
     return out
 
 
 def _chart(
-    ts: Sequence[float], vals: Sequence[float], lo: int, hi: int, start: float
+    ts: Sequence[float], vals: Sequence[float], lo: int, hi: int, start: float, end: float
 ) -> list[tuple[float, float, float]]:
-    """Hourly (bucket start, min, max): what the overview chart draws."""
+    """Hourly (bucket start, min, max): what the overview chart draws; an hour
+    without readings is left out."""
     out: list[tuple[float, float, float]] = []
-    bucket = None
-    bmin = bmax = 0.0
-    for i in range(lo, hi):
-        b = start + (ts[i] - start) // CHART_BUCKET_S * CHART_BUCKET_S
-        v = vals[i]
-        if b != bucket:
-            if bucket is not None:
-                out.append((bucket, bmin, bmax))
-            bucket, bmin, bmax = b, v, v
-        elif v < bmin:
-            bmin = v
-        elif v > bmax:
-            bmax = v
-    if bucket is not None:
-        out.append((bucket, bmin, bmax))
+    a = lo
+    t = start
+    while t < end and a < hi:
+        b = bisect_left(ts, t + CHART_BUCKET_S, a, hi)
+        if b > a:
+            chunk = vals[a:b]
+            out.append((t, min(chunk), max(chunk)))
+        a, t = b, t + CHART_BUCKET_S
     return out
 
 
