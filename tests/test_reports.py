@@ -278,6 +278,22 @@ def _fields(text: str) -> list[str]:
     return [f for _, f, _, _ in string.Formatter().parse(text) if f]
 
 
+def test_a_channel_with_thousands_of_gaps_lists_the_first_and_counts_the_rest() -> None:
+    # a device whose cadence is set to 60 s but that reports every 5 minutes
+    inp = small_month()
+    ch = rd.ChannelInput(**{**inp.channels[0].__dict__, "cadence_s": 60})
+    d = rd.compute(rd.ReportInput(**{**inp.__dict__, "channels": [ch]}))
+    gaps = d.channels[0].gaps
+    # every silence between readings, and the last reading to the period's end
+    assert len(gaps) == len(ch.ts) and gaps[-1].end == d.end
+    pdf = render_pdf(d)
+    text = pdf_text(pdf)
+    assert len(PdfReader(io.BytesIO(pdf)).pages) < 10
+    rest = gaps[50:]
+    minutes = round(sum(g.seconds for g in rest) / 60)
+    assert f"… and {len(rest)} more gaps\n{minutes // 60} h {minutes % 60:02d} min" in text
+
+
 def test_last_page_says_it_is_not_yet_verifiable() -> None:
     pdf = render_pdf(rd.compute(small_month()))
     last = PdfReader(io.BytesIO(pdf)).pages[-1].extract_text()

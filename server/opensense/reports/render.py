@@ -45,6 +45,9 @@ from . import data as rd
 from .catalogue import LANGUAGES, num, t
 
 TEMPLATES = ("haccp_monthly",)
+# Gaps listed per channel; the rest are counted with their total duration. A channel
+# whose device cadence is set wrong has a gap between every two readings: thousands.
+MAX_GAPS_LISTED = 50
 FONT_DIRS = (Path("/usr/share/fonts/truetype/dejavu"),)
 FONT, FONT_BOLD = "DejaVuSans", "DejaVuSans-Bold"
 
@@ -475,13 +478,23 @@ def render_pdf(d: rd.ReportData, language: str = "en") -> bytes:
         [t(L, "channel"), t(L, "gap_from"), t(L, "gap_to"), t(L, "duration")]
     ]
     for c in d.channels:
-        for g in c.gaps:
+        for g in c.gaps[:MAX_GAPS_LISTED]:
             gap_rows.append(
                 [
                     Paragraph(escape(c.channel.name), st["cell"]),
                     f.when(g.start),
                     f.when(g.end),
                     f.duration(g.seconds),
+                ]
+            )
+        if len(c.gaps) > MAX_GAPS_LISTED:
+            rest = c.gaps[MAX_GAPS_LISTED:]
+            gap_rows.append(
+                [
+                    Paragraph(escape(c.channel.name), st["cell"]),
+                    Paragraph(escape(t(L, "more_gaps", n=len(rest))), st["cell"]),
+                    "",
+                    f.duration(sum(g.seconds for g in rest)),
                 ]
             )
     story += [Spacer(1, 3 * mm), Paragraph(escape(t(L, "gaps")), st["h2"])]
