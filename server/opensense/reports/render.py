@@ -135,7 +135,15 @@ class _Fmt:
         return f"{lo} … {hi}"
 
 
+_HEAD = ParagraphStyle("head", fontName=FONT_BOLD, fontSize=7, leading=8.5)
+
+
 def _table(rows: list[list[Any]], widths: list[float], *, header: bool = True) -> Table:
+    if header:  # header cells wrap: German headings are longer than the English
+        rows = [
+            [Paragraph(escape(h), _HEAD) if isinstance(h, str) else h for h in rows[0]],
+            *rows[1:],
+        ]
     tb = Table(rows, colWidths=widths, repeatRows=1 if header else 0)
     style = [
         ("FONT", (0, 0), (-1, -1), FONT, 7),
@@ -464,16 +472,19 @@ def render_pdf(d: rd.ReportData, language: str = "en") -> bytes:
         Paragraph(escape(t(L, "gap_rule")), st["small"]),
         Spacer(1, 2 * mm),
     ]
-    rows = [[t(L, "channel"), t(L, "uptime"), t(L, "gaps")]]
-    for c in d.channels:
-        rows.append(
-            [
-                Paragraph(escape(c.channel.name), st["cell"]),
-                f"{num(L, c.uptime * 100)} %",
-                str(len(c.gaps)),
-            ]
-        )
-    story.append(_table(rows, [full * 0.5, full * 0.25, full * 0.25]))
+    if not d.channels:  # a site without channels: nothing to list, say so
+        story.append(Paragraph(escape(t(L, "no_data_period")), st["body"]))
+    else:
+        rows = [[t(L, "channel"), t(L, "uptime"), t(L, "gaps")]]
+        for c in d.channels:
+            rows.append(
+                [
+                    Paragraph(escape(c.channel.name), st["cell"]),
+                    f"{num(L, c.uptime * 100)} %",
+                    str(len(c.gaps)),
+                ]
+            )
+        story.append(_table(rows, [full * 0.5, full * 0.25, full * 0.25]))
     gap_rows: list[list[Any]] = [
         [t(L, "channel"), t(L, "gap_from"), t(L, "gap_to"), t(L, "duration")]
     ]
