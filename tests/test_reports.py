@@ -408,6 +408,8 @@ def _png(pdf: Path, name: str) -> list[Path]:
     if shutil.which("pdftoppm") is None:
         return []
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for old in ARTIFACTS.glob(f"{name}-*.png"):  # a longer render of an earlier run
+        old.unlink()
     subprocess.run(["pdftoppm", "-r", "70", "-png", str(pdf), str(ARTIFACTS / name)], check=True)
     return sorted(ARTIFACTS.glob(f"{name}-*.png"))
 
