@@ -500,6 +500,16 @@ async def test_month_from_the_database_rendered_by_the_cli(
     silent = next(p for p in pages if "Kühlzelle c" in p and "Device" in p)
     assert "No readings from this channel in this period." in silent
     assert f"{when(m['start'])}\n{when(m['end'])}\n720 h 00 min" in health
+    # another account's site is not found (the API will pass the caller's account)
+    from opensense.errors import ApiError
+    from opensense.reports.load import load_month
+
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        with pytest.raises(ApiError) as err:
+            await load_month(
+                conn, m["site"], date(2026, 11, 1), date(2026, 11, 30), account_id="acc_other"
+            )
+        assert err.value.code == "site_not_found"
     # an unknown site is an error, not an empty report
     assert (
         await asyncio.to_thread(

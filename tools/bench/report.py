@@ -201,9 +201,7 @@ def setup_db(admin: str, channels: int, days: int) -> tuple[str, str, str]:
     name = f"opensense_bench_report_{secrets.token_hex(3)}"
     with psycopg.connect(admin, autocommit=True) as c:
         c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    info = psycopg.conninfo.conninfo_to_dict(admin)
-    info["dbname"] = name
-    dsn = psycopg.conninfo.make_conninfo(**info)
+    dsn = psycopg.conninfo.make_conninfo(admin, dbname=name)
     db.migrate(dsn)
     inp = make_input(channels, days)
     lo = datetime.fromtimestamp(
