@@ -167,15 +167,19 @@ def test_excursions_peak_duration_and_threshold_changes() -> None:
                        acknowledged_at=warm[0] + 1200, acknowledged_by="tok_ops", ack_note="door left open",
                        ack_action="closed the door", cleared_by="system")  # fmt: skip
     ex2 = rd.Excursion("evt_2", "chn_a", "range", "alarm", change, change + 900, None, 3.0)
+    ex3 = rd.Excursion(
+        "evt_3", "chn_a", "delta", "alarm", warm[0], warm[0] + 60, warm[0] + 600, 1.2
+    )
     d = rd.compute(
         report_input(
             [channel(ts, vals, thresholds=ths)],
             date(2026, 11, 1),
             date(2026, 11, 2),
-            excursions=[ex2, ex1],
+            excursions=[ex2, ex3, ex1],
         )
     )
-    r1, r2 = d.excursions
+    r1, r3, r2 = d.excursions
+    assert r3.excursion.id == "evt_3" and r3.peak == 1.2  # not a range: the event's own value
     assert r1.excursion.id == "evt_1" and r1.closed == warm[1] and r1.duration_s == 2400
     # peak: the worst reading from its start to its close (not the event's stored 8.5)
     assert r1.peak == pytest.approx(
@@ -471,6 +475,7 @@ async def test_month_from_the_database_rendered_by_the_cli(
         == 0
     )
     de = "\n".join(p.extract_text() for p in PdfReader(out_de).pages)
+    _png(out_de, "haccp_monthly_de")
     assert "Abweichungsprotokoll" in de and "Quittiert von tok_kitchen" in de
     # the same month again: the same bytes
     again = tmp_path / "again.pdf"

@@ -338,8 +338,10 @@ def _chart(
 
 
 def _peak(ch: ChannelInput | None, ex: Excursion, end: float) -> float | None:
-    """The worst reading of the excursion: furthest past the limit it broke."""
-    if ch is None:
+    """The worst reading of a `range` excursion: furthest past the limit it broke.
+    Other kinds (delta, absence, device_offline…) keep the event's own value: their
+    worst is not a distance from the range."""
+    if ch is None or ex.kind != "range":
         return ex.value
     stop = ex.cleared_at if ex.cleared_at is not None else end
     a, b = bisect_left(ch.ts, ex.started_at), bisect_right(ch.ts, stop)
