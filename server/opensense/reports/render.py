@@ -462,7 +462,8 @@ def render_pdf(d: rd.ReportData, language: str = "en") -> bytes:
             )
         story.append(
             _table(
-                rows, [full * 0.15, full * 0.14, full * 0.14, full * 0.1, full * 0.07, full * 0.4]
+                rows,
+                [full * 0.13, full * 0.15, full * 0.15, full * 0.1, full * 0.12, full * 0.35],
             )
         )
     # --- sensor health and gaps
