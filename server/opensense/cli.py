@@ -494,6 +494,27 @@ def cmd_node(cfg: Config, args: argparse.Namespace) -> int:
         return 2
 
 
+def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
+    from .reports import data as report_data
+    from .reports import load as report_load
+    from .reports import render as report_render
+
+    try:
+        first, last = report_load.month_period(args.month)
+    except ValueError as exc:
+        print(f"opensense report: {exc}", file=sys.stderr)
+        return 2
+
+    async def go(conn: psycopg.AsyncConnection[Any]) -> Any:
+        return await report_load.load_month(conn, args.site, first, last)
+
+    inp = _with_conn(cfg, go)
+    pdf = report_render.render_pdf(report_data.compute(inp), language=args.language)
+    Path(args.out).write_bytes(pdf)
+    print(f"{args.out}: {len(pdf)} bytes, {args.site} {first} – {last} ({args.language})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="opensense", description="OpenSense server and operator tools")
     sub = p.add_subparsers(dest="command", required=True)
@@ -634,6 +655,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", default="auto", help="serial port of the node (mpremote connect)")
     s.add_argument("--dry-run", action="store_true", help="check and print the mpremote steps")
     s.set_defaults(fn=cmd_node)
+
+    s = sub.add_parser("report", help="render a compliance report (PDF) of a site's month")
+    s.add_argument("action", choices=["render"])
+    s.add_argument("--site", required=True, help="site id (site_…)")
+    s.add_argument("--month", required=True, help="YYYY-MM, in the site's time zone")
+    s.add_argument("--out", required=True, help="the PDF file to write")
+    s.add_argument("--language", default="en", choices=["en", "de"])
+    s.add_argument("--template", default="haccp_monthly", choices=["haccp_monthly"])
+    s.set_defaults(fn=cmd_report)
     return p
 
 
