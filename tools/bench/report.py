@@ -39,6 +39,7 @@ import time
 from array import array
 from datetime import date
 from html import escape
+from typing import Any
 
 from opensense.reports import data as rd
 
@@ -94,7 +95,7 @@ def render_reportlab(d: rd.ReportData) -> bytes:
     st.fontName = "DejaVu"
     buf = io.BytesIO()
     doc = SimpleDocTemplate(buf, pagesize=A4, invariant=1)
-    story: list = []
+    story: list[Any] = []
     for c in d.channels:
         story.append(Paragraph(escape(c.channel.name), st))
         rows = [["day", "min", "mean", "max", "h in range"]]
@@ -169,7 +170,8 @@ def render_weasyprint(d: rd.ReportData) -> bytes:
             f'<polyline fill="none" stroke="blue" stroke-width="0.5" points="{lo_pts}"/><text x="2" y="8" font-size="7">°C</text></svg></section>'
         )
     parts.append("</body></html>")
-    return weasyprint.HTML(string="".join(parts)).write_pdf()
+    pdf: bytes = weasyprint.HTML(string="".join(parts)).write_pdf()
+    return pdf
 
 
 def render_template(d: rd.ReportData) -> bytes:
