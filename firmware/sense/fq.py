@@ -34,6 +34,20 @@ VAL_LEN = 5
 UNTIMED = 1
 SEQ_RESERVE = 256  # sequence numbers reserved per state write (a reboot skips the rest)
 KEEP_BOOTS = 8  # clock offsets remembered for this many boots
+# Erase blocks the queue never takes: littlefs needs free blocks for its copy-on-write
+# metadata (directory pairs, `state` replaces) and the node for config/cadence writes;
+# a littlefs with none left fails every write, the queue's `state` included.
+RESERVE_BLOCKS = 32
+ENOSPC = 28
+
+
+def free_blocks(root):
+    # -> (free erase blocks, block size), or (None, 0) where the port has no statvfs
+    try:
+        st = os.statvfs(root)
+    except (OSError, AttributeError):
+        return None, 0
+    return st[3], st[0]
 
 
 def pack(seq, t, boot, flags, vals):
@@ -153,6 +167,15 @@ class Queue:
                 if s == self.hi:
                     self.tail_ok = pos_ok
         self._gc()
+        # capacity from what the filesystem really has free (issue 17 item 5): the
+        # configured queue_bytes is an upper bound, never a promise the flash can't keep
+        # (a first estimate: a segment takes whole blocks; littlefs's metadata is
+        # checked for at every new segment, _room)
+        free, bs = free_blocks(root)
+        if free is not None:
+            per_seg = (seg_bytes + bs - 1) // bs
+            self.cap = min(cap_bytes, self.bytes + max(0, free - RESERVE_BLOCKS) // per_seg * seg_bytes)
+        self.full = 0  # times the filesystem itself was full (ENOSPC) at an append
         self.seq = max(st.get("seq", 0), last + 1)
         self.reserved = self.seq  # forces a state write before the first new seq is used
         self.flash_writes = 0  # appends + state replaces, for the wear figures
@@ -172,6 +195,32 @@ class Queue:
         return "%s/s%08d" % (self.root, i)
 
     def _save(self):
+        try:
+            self._write_state()
+        except OSError as e:
+            # no block left even for the state: the oldest segment makes room
+            if e.args[0] != ENOSPC or self.lo >= self.hi:
+                raise
+            self._shrink()
+            self._write_state()
+
+    def _shrink(self):
+        # the filesystem is fuller than the capacity said: the capacity becomes what
+        # the queue holds now less a segment, and the oldest segment goes (counted)
+        self.full += 1
+        self.cap = max(self.seg_bytes, self.bytes - self.seg_bytes)
+        self._drop_oldest()
+
+    def _room(self):
+        # before a new segment: RESERVE_BLOCKS stay free, whatever littlefs's metadata
+        # took meanwhile (statvfs walks the filesystem: once a segment, not per append)
+        while self.lo < self.hi:
+            free, bs = free_blocks(self.root)
+            if free is None or free >= RESERVE_BLOCKS + (self.seg_bytes + bs - 1) // bs:
+                return
+            self._shrink()
+
+    def _write_state(self):
         off = self.offsets
         if len(off) > KEEP_BOOTS:
             for k in sorted(off, key=int)[:-KEEP_BOOTS]:
@@ -213,22 +262,41 @@ class Queue:
         if not self.ram:
             return
         n = sum(len(r) for r in self.ram)
+        self._drop_oldest(n)  # room first: the append must not be the write that fails
         if self.hi < self.lo or not self.tail_ok or os.stat(self._seg(self.hi))[6] + n > self.seg_bytes:
+            self._room()
             self.hi += 1
             self.tail_ok = True
             if self.head[0] > self.hi:
                 self.head = [self.hi, 0]
-        with open(self._seg(self.hi), "ab") as f:
-            for r in self.ram:
-                f.write(r)
+        while True:
+            try:
+                with open(self._seg(self.hi), "ab") as f:
+                    for r in self.ram:
+                        f.write(r)
+                break
+            except OSError as e:
+                if e.args[0] != ENOSPC:
+                    raise
+                # The flash is fuller than the capacity said (littlefs metadata, another
+                # file): littlefs committed nothing of this append. The oldest segment
+                # goes, counted in `drops` (_shrink); with nothing older left, these
+                # records are the ones lost (counted too).
+                if self.lo >= self.hi:
+                    self.full += 1
+                    self.drops += sum(r[11] for r in self.ram)
+                    self.rows -= len(self.ram)
+                    self.ram = []
+                    self._save()
+                    return
+                self._shrink()
         self.flash_writes += 1
         self.bytes += n
         self.ram = []
-        self._drop_oldest()
 
-    def _drop_oldest(self):
+    def _drop_oldest(self, incoming=0):
         # full: the oldest segment goes first; `drops` counts the readings lost with it
-        while self.bytes > self.cap and self.lo < self.hi:
+        while self.bytes + incoming > self.cap and self.lo < self.hi:
             p = self._seg(self.lo)
             recs = vals = 0
             if self.head[0] <= self.lo:
@@ -247,7 +315,17 @@ class Queue:
             if self.head[0] <= self.lo:
                 self.head = [self.lo + 1, 0]
             self.lo += 1
-            self._save()  # the head moves past the segment before the segment goes
+            try:
+                self._write_state()  # the head moves past the segment before it goes
+            except OSError as e:
+                if e.args[0] != ENOSPC:
+                    raise
+                # no room for the state: the segment first (a reboot in between finds
+                # the head behind the oldest segment and moves it on, see __init__;
+                # only this drop's count could be lost)
+                os.remove(p)
+                self._write_state()
+                continue
             os.remove(p)
 
     def set_clock(self, offset):
