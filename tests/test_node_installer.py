@@ -80,6 +80,23 @@ def test_a_bad_config_is_refused_before_anything_is_written(files, change, expec
     assert expect in str(e.value)
 
 
+def test_a_queue_the_flash_cannot_hold_is_refused_at_check(files):
+    # issue 17 item 5: 16 MB were accepted and the node ran out of flash at ~1.7 MB
+    from opensense.node.deps import ensure
+
+    copies = flash.plan(*files, ensure())
+    room = flash.queue_room(copies)
+    assert 1_500_000 <= room < 2 * 1024 * 1024  # the default fits beside the firmware
+    for too_much in (16_000_000, room + 1):
+        cfg = good_config() | {"queue_bytes": too_much}
+        files[0].write_text(json.dumps(cfg))
+        with pytest.raises(flash.InstallError) as e:
+            flash.check(*files, say=lambda s: None)
+        assert "queue_bytes" in str(e.value) and str(room) in str(e.value)
+    assert flash.queue_problem(good_config() | {"queue_bytes": room}, copies) is None
+    assert flash.queue_problem(good_config(), copies) is None
+
+
 def test_ca_problems_are_named(tmp_path: Path):
     key, ca = make_ca()
     _, server = make_server_cert(key, ca, ["x"])

@@ -8,7 +8,10 @@ DEFAULTS = {
     "resolution": 12,  # DS18B20 bits: 0.0625 degC, 750 ms conversion
     "health_every": 15,  # a health record every N samples
     "batch": 5,  # records held in RAM before one flash append (while not acknowledged)
-    "queue_bytes": 1600000,  # flash for the queue (ESP32 4 MB: 2 MB littlefs partition)
+    # flash for the queue, at most: the queue also stops at the filesystem's free blocks
+    # less a reserve (sense/fq.py); a 4 MB ESP32's 2 MiB littlefs holds ~1.55 MB of it
+    # beside the firmware (`opensense node check` refuses more)
+    "queue_bytes": 1500000,
     "wdt_s": 120,
     "io_timeout_s": 10,
     "ladder": [900, 3600],  # s without uplink: restart Wi-Fi, then reset the chip

