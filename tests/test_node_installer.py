@@ -50,9 +50,9 @@ def test_a_good_config_passes_all_checks(files):
     st = flash.check(*files, say=said.append)
     assert said[0].startswith("[1/6]") and any(s.startswith("[3/6]") for s in said)
     dests = [c.dest for c in st["copies"]]
-    assert "/lib/umqtt/simple.py" in dests and "/lib/urequests.py" in dests
-    assert "/sense/fq.py" in dests and "/hw/esp32.py" in dests and "/main.py" in dests
-    assert "/hw/sim.py" not in dests  # the simulated board stays on the computer
+    assert "/lib/umqtt/simple.mpy" in dests and "/lib/urequests.mpy" in dests
+    assert "/sense/fq.mpy" in dests and "/hw/esp32.mpy" in dests and "/main.py" in dests
+    assert "/hw/sim.mpy" not in dests  # the simulated board stays on the computer
     assert dests[-2:] == ["/config.json", "/ca.der"]
 
 
@@ -80,21 +80,43 @@ def test_a_bad_config_is_refused_before_anything_is_written(files, change, expec
     assert expect in str(e.value)
 
 
-def test_a_queue_the_flash_cannot_hold_is_refused_at_check(files):
+def test_a_queue_the_flash_cannot_hold_is_refused_at_check(files, tmp_path: Path):
     # issue 17 item 5: 16 MB were accepted and the node ran out of flash at ~1.7 MB
     from opensense.node.deps import ensure
 
-    copies = flash.plan(*files, ensure())
+    copies, errors = flash.compile_mpy(flash.plan(*files, ensure()), tmp_path / "build")
     room = flash.queue_room(copies)
-    assert 1_500_000 <= room < 2 * 1024 * 1024  # the default fits beside the firmware
+    assert not errors and 1_500_000 <= room < 2 * 1024 * 1024  # the default fits
     for too_much in (16_000_000, room + 1):
-        cfg = good_config() | {"queue_bytes": too_much}
-        files[0].write_text(json.dumps(cfg))
-        with pytest.raises(flash.InstallError) as e:
-            flash.check(*files, say=lambda s: None)
-        assert "queue_bytes" in str(e.value) and str(room) in str(e.value)
+        problem = flash.queue_problem(good_config() | {"queue_bytes": too_much}, copies)
+        assert problem and "queue_bytes" in problem and str(room) in problem
     assert flash.queue_problem(good_config() | {"queue_bytes": room}, copies) is None
     assert flash.queue_problem(good_config(), copies) is None
+    files[0].write_text(json.dumps(good_config() | {"queue_bytes": 16_000_000}))
+    with pytest.raises(flash.InstallError) as e:
+        flash.check(*files, say=lambda s: None)
+    assert "queue_bytes" in str(e.value) and str(room) in str(e.value)
+
+
+def test_modules_go_to_the_chip_as_mpy_and_stale_sources_are_removed(files):
+    # issue 17 item 4: source imports cost the heap the IDF needs for TLS
+    ran: list[list[str]] = []
+
+    def run(c: list[str]) -> subprocess.CompletedProcess[str]:
+        ran.append(c)
+        return subprocess.CompletedProcess(c, 0, "SELFTEST OK\n", "")
+
+    st = flash.check(*files, say=lambda s: None)
+    dests = {c.dest: c.src for c in st["copies"]}
+    assert "/sense/node.mpy" in dests and "/lib/umqtt/simple.mpy" in dests
+    assert "/main.py" in dests and not [d for d in dests if d.endswith(".py") and d != "/main.py"]
+    head = dests["/sense/node.mpy"].read_bytes()[:4]
+    assert head[:2] == b"M\x06", head  # .mpy version 6: MicroPython 1.20 and later
+    flash.flash(*files, port="/dev/ttyUSB0", say=lambda s: None, run=run)
+    rm = [c for c in ran if c[3] == "exec" and "os.remove" in c[-1]]
+    cps = [i for i, c in enumerate(ran) if c[3:5] == ["fs", "cp"]]
+    assert len(rm) == 1 and ran.index(rm[0]) < cps[0]
+    assert "'/sense/node.py'" in rm[0][-1] and "'/main.py'" not in rm[0][-1]
 
 
 def test_ca_problems_are_named(tmp_path: Path):
@@ -126,7 +148,7 @@ def test_flash_runs_mpremote_in_order_and_reports_the_self_test(files):
     assert flash.flash(*files, port="/dev/ttyUSB0", say=said.append, run=run) == 0
     assert all(Path(c[0]).name == "mpremote" and c[1:3] == ["connect", "/dev/ttyUSB0"] for c in ran)
     cps = [c[-1] for c in ran if c[3:5] == ["fs", "cp"]]
-    assert ":/lib/umqtt/simple.py" in cps and cps[-1] == ":/ca.der"
+    assert ":/lib/umqtt/simple.mpy" in cps and cps[-1] == ":/ca.der"
     assert flash.is_rtc_cmd(ran[-2]) and ran[-1][-1] == "import selftest"
     assert any("SELFTEST OK" in s for s in said)
 

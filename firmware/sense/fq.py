@@ -9,6 +9,9 @@
 #   <seq u32><t u32><boot u16><flags u8><n u8> n * (<chan u8><value f32>) <crc32 u32>
 # little-endian; t is Unix seconds, or uptime seconds of `boot` while flags&1 (the clock
 # was not known yet: the time is filled in from the boot's clock offset once known).
+# flags&2: the values are <i32> integers, not <f32> (health counters: an f32 keeps 24
+# bits, so an uptime past 194 days or a large count would come back rounded, and as a
+# float on the wire).
 #
 # Why it survives a power cut: littlefs commits a file's new data only at close (its
 # metadata log is CRC-checked and copy-on-write), so an append is all or nothing;
@@ -32,6 +35,8 @@ HDR_LEN = 12
 VAL = "<Bf"
 VAL_LEN = 5
 UNTIMED = 1
+INTS = 2
+I32 = "<Bi"
 SEQ_RESERVE = 256  # sequence numbers reserved per state write (a reboot skips the rest)
 KEEP_BOOTS = 8  # clock offsets remembered for this many boots
 # Erase blocks the queue never takes: littlefs needs free blocks for its copy-on-write
@@ -55,8 +60,12 @@ def pack(seq, t, boot, flags, vals):
     b = bytearray(HDR_LEN + n * VAL_LEN + 4)
     struct.pack_into(HDR, b, 0, seq, t, boot & 0xFFFF, flags, n)
     o = HDR_LEN
+    ints = flags & INTS
     for c, v in vals:
-        struct.pack_into(VAL, b, o, c, v)
+        if ints:
+            struct.pack_into(I32, b, o, c, max(-0x7FFFFFFF, min(0x7FFFFFFF, int(v))))
+        else:
+            struct.pack_into(VAL, b, o, c, v)
         o += VAL_LEN
     struct.pack_into("<I", b, o, crc32(memoryview(b)[:o]) & 0xFFFFFFFF)
     return bytes(b)
@@ -66,8 +75,9 @@ def unpack(b):
     seq, t, boot, flags, n = struct.unpack_from(HDR, b, 0)
     vals = []
     o = HDR_LEN
+    fmt = I32 if flags & INTS else VAL
     for _ in range(n):
-        vals.append(struct.unpack_from(VAL, b, o))
+        vals.append(struct.unpack_from(fmt, b, o))
         o += VAL_LEN
     return [seq, t, boot, flags, vals]
 
@@ -244,14 +254,16 @@ class Queue:
         self.flash_writes += 1
         return len(self.chans) - 1
 
-    def add(self, t, timed, vals):
-        # one sampling tick; -> its sequence number. On flash after flush().
+    def add(self, t, timed, vals, ints=False):
+        # one sampling tick; -> its sequence number. On flash after flush(). `ints`: the
+        # values are integers and stay so (INTS)
         if self.seq >= self.reserved:
             self.reserved = self.seq + SEQ_RESERVE
             self._save()
         seq = self.seq
         self.seq += 1
-        self.ram.append(pack(seq, int(t), self.boot, 0 if timed else UNTIMED, vals))
+        flags = (0 if timed else UNTIMED) | (INTS if ints else 0)
+        self.ram.append(pack(seq, int(t), self.boot, flags, vals))
         self.rows += 1
         if len(self.ram) >= self.batch:
             self.flush()
@@ -340,7 +352,7 @@ class Queue:
         for i, r in enumerate(self.ram):
             if r[10] & UNTIMED and struct.unpack_from("<H", r, 8)[0] == self.boot & 0xFFFF:
                 rec = unpack(r)
-                self.ram[i] = pack(rec[0], rec[1] + int(offset), rec[2], 0, rec[4])
+                self.ram[i] = pack(rec[0], rec[1] + int(offset), rec[2], rec[3] & ~UNTIMED, rec[4])
 
     def _time(self, rec):
         if not rec[3] & UNTIMED:

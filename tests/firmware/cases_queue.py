@@ -115,6 +115,30 @@ def case_full_queue_drops_oldest_and_counts():
     fl.umount()
 
 
+def case_health_integers_stay_integers():
+    # an f32 keeps 24 bits: an uptime of 194 days came back as 16777216.0, on the
+    # wire too; integer records keep every bit and stay ints in the payload
+    from sense import payload
+
+    fl = _fresh()
+    q = _q(1)
+    c = q.chan("health", "uptime", "s")
+    d = q.chan("health", "drops", "1")
+    q.add(1795512000, False, [(c, 16777217), (d, 2147483647)], True)
+    q.set_clock(0)  # re-packs the untimed record held in RAM
+    q.add(1795512060, True, [(c, 16777277), (d, 0)], True)
+    q.flush()
+    _reboot(fl)
+    q = _q(2)
+    recs, _ = q.peek(32)
+    got = [v for r in recs for _, v in r[4]]
+    assert got == [16777217, 2147483647, 16777277, 0], got
+    assert all(isinstance(v, int) for v in got), got
+    body = payload.body(recs, q.chans)
+    assert '"value": 16777217' in body and "16777216" not in body, body
+    fl.umount()
+
+
 def _free_blocks():
     return os.statvfs("/f")[3]
 

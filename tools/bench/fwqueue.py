@@ -25,16 +25,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def install_list(tmp: Path) -> Path:
-    """What `opensense node flash` copies, as "<host path> <chip path>" lines; the
-    config and CA are stand-ins of their usual size."""
+    """What `opensense node flash` copies (.mpy modules), as "<host path> <chip path>"
+    lines; the config and CA are stand-ins of their usual size."""
     from opensense.node.deps import ensure
-    from opensense.node.flash import plan
+    from opensense.node.flash import compile_mpy, plan
 
     cfg, ca = tmp / "config.json", tmp / "ca.der"
     cfg.write_bytes(b" " * 900)
     ca.write_bytes(b"\0" * 500)
     out = tmp / "install.txt"
-    out.write_text("".join(f"{c.src} {c.dest}\n" for c in plan(cfg, ca, ensure())))
+    copies, _ = compile_mpy(plan(cfg, ca, ensure()), tmp / "chip")  # as the installer ships
+    out.write_text("".join(f"{c.src} {c.dest}\n" for c in copies))
     return out
 
 

@@ -4,8 +4,10 @@ Order (nothing is written to the chip before steps 1-3 pass):
   1. validate the node config (firmware/sense/config.py, the same checks the node
      runs at boot) and the CA (DER, a CA, not expired)
   2. fetch the pinned, hashed dependencies (firmware/deps.lock)
-  3. compile-check every file that goes to the chip with mpy-cross
-  4. copy: firmware to /, dependencies to /lib, config.json and ca.der
+  3. compile every module that goes to the chip with mpy-cross (.mpy for the ESP32's
+     xtensawin; main.py stays source), and check the queue fits beside them
+  4. copy: firmware to /, dependencies to /lib, config.json and ca.der (the .py of
+     every module shipped as .mpy removed first: a .py is imported before an .mpy)
      (main.py puts /lib ahead of the frozen modules, so the pinned umqtt.simple and
      urequests win over any copy frozen into the MicroPython build; step 6 checks it)
   5. set the chip's clock from this computer (mpremote rtc --set): TLS checks the
@@ -17,6 +19,7 @@ Every failure says what to do next.
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import json
 import shutil
@@ -172,6 +175,41 @@ def compile_check(files: list[Path]) -> list[str]:
     return errors
 
 
+MPY_ARCH = "xtensawin"  # the ESP32's (Xtensa LX6 with windowed registers)
+
+
+def compile_mpy(copies: list[Copy], out_dir: Path) -> tuple[list[Copy], list[str]]:
+    """The copies with every module compiled to .mpy (`mpy-cross -march=xtensawin`):
+    importing from source needs ~10 KB more heap for the compiler and the source's
+    bytecode, and on the ESP32 the MicroPython heap takes from the IDF heap that
+    mbedTLS and Wi-Fi need (issue 17 item 4). main.py stays source (the chip runs
+    main.py by name). -> (copies, errors)."""
+    out, errors = [], []
+    exe = mpy_cross()
+    for c in copies:
+        if c.src.suffix != ".py" or c.dest == "/main.py":
+            out.append(c)
+            continue
+        dest = c.dest[: -len(".py")] + ".mpy"
+        target = out_dir / dest.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run(
+            [exe, f"-march={MPY_ARCH}", "-s", c.dest.lstrip("/"), "-o", str(target), str(c.src)],
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode != 0:
+            errors.append((r.stderr or r.stdout).strip() or f"{c.src}: mpy-cross failed")
+        out.append(Copy(target, dest))
+    return out, errors
+
+
+def stale_sources(copies: list[Copy]) -> list[str]:
+    """The .py of every module shipped as .mpy: MicroPython imports a .py before an
+    .mpy of the same name, so a source left by an older install would win."""
+    return [c.dest[: -len(".mpy")] + ".py" for c in copies if c.dest.endswith(".mpy")]
+
+
 def mpremote() -> str:
     """mpremote on PATH, or the one installed next to this Python."""
     return shutil.which("mpremote") or str(Path(sys.executable).with_name("mpremote"))
@@ -204,6 +242,15 @@ def mpremote_cmds(port: str, copies: list[Copy]) -> list[list[str]]:
             cmd = [*base, "exec", f"import os\ntry:\n os.mkdir('{p}')\nexcept OSError:\n pass"]
             if cmd not in cmds:
                 cmds.append(cmd)
+    stale = stale_sources(copies)
+    if stale:
+        cmds.append(
+            [
+                *base,
+                "exec",
+                f"import os\nfor p in {stale!r}:\n try:\n  os.remove(p)\n except OSError:\n  pass",
+            ]
+        )
     for c in copies:
         cmds.append([*base, "fs", "cp", str(c.src), ":" + c.dest])
     cmds.append(rtc_cmd(base))  # made again with the time of the moment it runs
@@ -239,16 +286,20 @@ def check(config_file: Path, ca_file: Path, say: Say = print) -> dict[str, Any]:
     for d in locked():
         say(f"      ok: {d.name} {d.version} sha256 {d.sha256[:16]}...")
     copies = plan(config_file, ca_file, lib)
+    n_py = sum(c.src.suffix == ".py" for c in copies)
+    say(f"[3/6] compiling {n_py} files with mpy-cross -march={MPY_ARCH} (.mpy; main.py as source)")
+    errors = compile_check([c.src for c in copies if c.dest == "/main.py"])
+    build = Path(tempfile.mkdtemp(prefix="opensense-node-mpy-"))
+    atexit.register(shutil.rmtree, build, True)  # the copies read from it until then
+    copies, more = compile_mpy(copies, build)
+    if errors + more:
+        raise InstallError("the firmware does not compile:\n  " + "\n  ".join(errors + more))
+    say("      ok")
     problem = queue_problem(cfg, copies)
     if problem:
         raise InstallError("the node config is not right:\n  " + problem)
-    say(f"      ok: room for {queue_room(copies) // 1000} kB of queue on the flash")
-    say(f"[3/6] compile-checking {sum(c.src.suffix == '.py' for c in copies)} files with mpy-cross")
-    errors = compile_check([c.src for c in copies])
-    if errors:
-        raise InstallError("the firmware does not compile:\n  " + "\n  ".join(errors))
-    say("      ok")
-    return {"config": cfg, "copies": copies}
+    say(f"      room for {queue_room(copies) // 1000} kB of queue on the flash beside these files")
+    return {"config": cfg, "copies": copies, "build": build}
 
 
 def flash(
