@@ -69,6 +69,8 @@ def test_a_good_config_passes_all_checks(files):
         (lambda c: c.update(cadence=5), "cadence"),
         (lambda c: c["server"].update(https_url="http://x"), "https://"),
         (lambda c: c.pop("device_id"), "dev_"),
+        (lambda c: c.update(cadance=120), "cadance: not a config key"),
+        (lambda c: c["server"].update(port=8883), "server.port: not a config key"),
     ],
 )
 def test_a_bad_config_is_refused_before_anything_is_written(files, change, expect):
@@ -117,6 +119,152 @@ def test_modules_go_to_the_chip_as_mpy_and_stale_sources_are_removed(files):
     cps = [i for i, c in enumerate(ran) if c[3:5] == ["fs", "cp"]]
     assert len(rm) == 1 and ran.index(rm[0]) < cps[0]
     assert "'/sense/node.py'" in rm[0][-1] and "'/main.py'" not in rm[0][-1]
+
+
+class TlsListener:
+    """A TLS listener on 127.0.0.1 with a certificate for `hosts` signed by `ca`,
+    completing handshakes until closed (the broker as the installer meets it)."""
+
+    def __init__(self, tmp: Path, ca: Any, hosts: list[str], tls13_only: bool = False) -> None:
+        import socket
+        import ssl
+        import threading
+
+        from opensense.mqtt.ca import write_pair
+
+        key, cert = make_server_cert(ca[0], ca[1], hosts)
+        kp, cp = write_pair(tmp, "srv-" + "-".join(hosts), key, cert)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cp, kp)
+        if tls13_only:
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+
+        def serve() -> None:
+            while True:
+                try:
+                    c, _ = self.sock.accept()
+                except OSError:
+                    return
+                try:
+                    with ctx.wrap_socket(c, server_side=True) as t:
+                        t.recv(1)
+                except (OSError, ssl.SSLError):
+                    pass
+
+        threading.Thread(target=serve, daemon=True).start()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_the_tls_handshake_to_the_broker_is_checked_before_flashing(files, tmp_path: Path):
+    # issue 17 item 10: a broker certificate without the address nodes use failed only
+    # on the node, after the install
+    ca = make_ca()
+    der = ca[1].public_bytes(serialization.Encoding.DER)
+    good = TlsListener(tmp_path, ca, ["localhost"])
+    other_ca = TlsListener(tmp_path, make_ca(), ["localhost"])
+    only13 = TlsListener(tmp_path, ca, ["localhost"], tls13_only=True)
+    try:
+        assert flash.tls_problem("localhost", good.port, der) == ("", "")
+        problem, _ = flash.tls_problem("127.0.0.1", good.port, der)  # not on the certificate
+        assert "OPENSENSE_MQTT_HOSTNAMES" in problem and "'127.0.0.1'" in problem
+        problem, _ = flash.tls_problem("localhost", other_ca.port, der)
+        assert "signed by the CA" in problem
+        problem, _ = flash.tls_problem("localhost", only13.port, der)
+        assert "TLS 1.2" in problem
+        closed = TlsListener(tmp_path, ca, ["localhost"])
+        closed.close()
+        problem, warning = flash.tls_problem("localhost", closed.port, der)
+        assert not problem and "could not reach" in warning
+        # node check refuses before anything is compiled or written
+        files[1].write_bytes(der)
+        cfg = good_config()
+        cfg["server"] = {"host": "127.0.0.1", "mqtt_port": good.port}
+        files[0].write_text(json.dumps(cfg))
+        with pytest.raises(flash.InstallError) as e:
+            flash.flash(*files, port="/dev/null", run=lambda c: pytest.fail(f"ran {c}"))
+        assert "server.host" in str(e.value) and "OPENSENSE_MQTT_HOSTNAMES" in str(e.value)
+    finally:
+        for s in (good, other_ca, only13):
+            s.close()
+
+
+def test_changed_mqtt_hostnames_issue_the_server_certificate_again(tmp_path: Path):
+    # issue 17 item 10: a name added to OPENSENSE_MQTT_HOSTNAMES was ignored after the
+    # first start, so nodes using it refused the broker
+    from cryptography import x509
+
+    from opensense.mqtt.ca import cert_hosts, ensure_tls, write_pair
+
+    def server(files: Any) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+
+    first = ensure_tls(tmp_path, ["localhost"])
+    ca = first.ca_cert.read_bytes()
+    assert cert_hosts(server(first)) == {"localhost"}
+    again = ensure_tls(tmp_path, ["localhost", "192.168.1.20"])
+    assert cert_hosts(server(again)) == {"localhost", "192.168.1.20"}
+    assert again.ca_cert.read_bytes() == ca  # the same CA: installed nodes keep working
+    kept = server(again)
+    assert server(ensure_tls(tmp_path, ["localhost", "192.168.1.20"])) == kept  # no churn
+    # a certificate from elsewhere (e.g. Let's Encrypt) is used as it is
+    other_key, other_ca = make_ca()
+    key, cert = make_server_cert(other_key, other_ca, ["mqtt.example.com"])
+    write_pair(tmp_path / "mqtt-tls", "server", key, cert)
+    assert server(ensure_tls(tmp_path, ["localhost"])) == cert
+
+
+def test_ca_der_from_another_folder_makes_no_new_ca(tmp_path: Path, monkeypatch, capsys):
+    # issue 17 item 11: the default state directory is relative; `opensense ca --der`
+    # run elsewhere silently made a new CA that no broker used
+    from opensense.cli import main
+
+    monkeypatch.delenv("OPENSENSE_STATE_DIR", raising=False)
+    monkeypatch.delenv("OPENSENSE_ENV_FILE", raising=False)
+    server_dir, elsewhere = tmp_path / "srv", tmp_path / "elsewhere"
+    server_dir.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(server_dir)
+    assert main(["ca", "--new", "--der", str(tmp_path / "first.der")]) == 0  # the first, said
+    err = capsys.readouterr().err
+    state = (server_dir / ".opensense").resolve()
+    assert f"state directory {state}" in err and "made a new CA" in err  # said, absolutely
+    monkeypatch.chdir(elsewhere)
+    assert main(["ca", "--der", str(tmp_path / "second.der")]) == 2
+    err = capsys.readouterr().err
+    assert f"no state directory at {(elsewhere / '.opensense').resolve()}" in err
+    assert not (elsewhere / ".opensense").exists() and not (tmp_path / "second.der").exists()
+    monkeypatch.setenv("OPENSENSE_STATE_DIR", str(state))
+    assert main(["ca", "--der", str(tmp_path / "second.der")]) == 0
+    assert "made a new CA" not in capsys.readouterr().err
+    assert (tmp_path / "second.der").read_bytes() == (tmp_path / "first.der").read_bytes()
+
+
+def test_no_message_names_a_command_that_does_not_exist():
+    # issue 17 item 12: a bad ROM id said "copy it from `opensense node scan`"
+    import argparse
+    import re
+
+    from opensense.cli import build_parser
+
+    subs = next(
+        a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    ).choices
+    texts = [*FIRMWARE.rglob("*.py"), FIRMWARE / "deps.lock", FIRMWARE / "README.md"]
+    texts += [*Path(flash.__file__).parent.glob("*.py"), FIRMWARE.parent / "docs" / "firmware.md"]
+    named = 0
+    for f in texts:
+        for m in re.finditer(r"`opensense ([a-z]+)(?: ([a-z][a-z-]*))?", f.read_text()):
+            named += 1
+            cmd, word = m.groups()
+            assert cmd in subs, (f.name, m.group(0))
+            pos = [a for a in subs[cmd]._actions if not a.option_strings and a.choices]
+            if word and pos:
+                assert word in pos[0].choices, (f.name, m.group(0))
+    assert named >= 5
 
 
 def test_ca_problems_are_named(tmp_path: Path):

@@ -52,7 +52,8 @@ def _firmware_config_module() -> Any:
 def config_problems(cfg: Any) -> list[str]:
     if not isinstance(cfg, dict):
         return ["the config must be a JSON object (see docs/firmware.md)"]
-    return list(_firmware_config_module().problems(cfg))
+    c = _firmware_config_module()
+    return list(c.unknown_keys(cfg)) + list(c.problems(cfg))
 
 
 def ca_problems(der: bytes, now: dt.datetime | None = None) -> list[str]:
@@ -78,6 +79,49 @@ def ca_problems(der: bytes, now: dt.datetime | None = None) -> list[str]:
     if cert.not_valid_before_utc > now:
         out.append("ca: not valid yet; is this computer's clock right?")
     return out
+
+
+def tls_problem(host: str, port: int, ca_der: bytes, timeout: float = 5.0) -> tuple[str, str]:
+    """A real TLS handshake to the broker the node will use, as the node makes it (TLS
+    1.2, this CA only, the host name checked): -> (problem, warning). A problem (the
+    broker's certificate is not for this host or not from this CA, or the broker
+    speaks no TLS 1.2) refuses the install: the node could never connect. A broker
+    this computer cannot reach is a warning only (the installer may sit on another
+    network; the self-test tells)."""
+    import socket
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cadata=ca_der)
+    ctx.maximum_version = (
+        ssl.TLSVersion.TLSv1_2
+    )  # the firmware's mbedtls (tests/test_firmware_tls.py)
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout) as raw,
+            ctx.wrap_socket(raw, server_hostname=host),
+        ):
+            return "", ""
+    except ssl.SSLCertVerificationError as e:
+        return (
+            f"server.host: the broker at {host}:{port} presents a certificate this node would "
+            f"refuse ({e.verify_message}): its certificate must name {host!r} and be signed by "
+            "the CA given with --ca. On the server, add the name to OPENSENSE_MQTT_HOSTNAMES "
+            "and restart it (the certificate is issued again), or give the CA that signed "
+            "the broker's certificate",
+            "",
+        )
+    except ssl.SSLError as e:
+        return (
+            f"server.host: no TLS 1.2 handshake with the broker at {host}:{port} ({e.reason or e}): "
+            "the node speaks TLS 1.2 only; allow TLS 1.2 on the broker's listener",
+            "",
+        )
+    except OSError as e:
+        return "", (
+            f"could not reach the broker at {host}:{port} from this computer ({e}); "
+            "the TLS check is left to the self-test on the node"
+        )
 
 
 @dataclass(frozen=True)
@@ -111,7 +155,8 @@ FS_BLOCK = 4096
 SEG_FILL = 3880
 # littlefs's own blocks beside file data: the superblock pair and a metadata pair per
 # directory; the queue directory's metadata grows with its segments, about one block
-# per 12 (tools/bench/fwqueue: 429 blocks beyond the reserve held 1.55 MB of queue)
+# per 12 (tools/bench/fwqueue: 429 blocks beyond the reserve held 1.55 MB of queue;
+# 442 held 1.60 MB beside the .mpy install)
 FS_OVERHEAD_BLOCKS = 2
 SEGS_PER_META_BLOCK = 12
 
@@ -275,6 +320,14 @@ def check(config_file: Path, ca_file: Path, say: Say = print) -> dict[str, Any]:
             f"cannot read the CA {ca_file}: {e}; write it with `opensense ca --der {ca_file}`"
         ) from e
     problems = config_problems(cfg) + ca_problems(der)
+    if not problems:
+        srv = cfg["server"]
+        problem, warning = tls_problem(srv["host"], srv.get("mqtt_port", 8883), der)
+        problems += [problem] if problem else []
+        if warning:
+            say("      warning: " + warning)
+        elif not problem:
+            say(f"      ok: TLS 1.2 handshake with {srv['host']}:{srv.get('mqtt_port', 8883)}")
     if problems:
         raise InstallError("the node config is not right:\n  " + "\n  ".join(problems))
     say(f"      ok: {cfg['local_id']} ({cfg['device_id']}), {len(cfg.get('probes', {}))} probes")
@@ -295,9 +348,9 @@ def check(config_file: Path, ca_file: Path, say: Say = print) -> dict[str, Any]:
     if errors + more:
         raise InstallError("the firmware does not compile:\n  " + "\n  ".join(errors + more))
     say("      ok")
-    problem = queue_problem(cfg, copies)
-    if problem:
-        raise InstallError("the node config is not right:\n  " + problem)
+    too_big = queue_problem(cfg, copies)
+    if too_big:
+        raise InstallError("the node config is not right:\n  " + too_big)
     say(f"      room for {queue_room(copies) // 1000} kB of queue on the flash beside these files")
     return {"config": cfg, "copies": copies, "build": build}
 
