@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from opensense.gateway import service as gateways
+from opensense.gateway import store as gateways
 from opensense.mqtt.ca import make_ca, make_server_cert, write_pair
 from opensense.node.sim import SimNode, rom
 from opensense.settings import Config

@@ -315,7 +315,7 @@ async def _fixture_month(dsn: str, config: Any) -> dict[str, Any]:
     5 minutes with a warm spell and a gap on one, a threshold change, an acknowledged
     excursion; an empty second site."""
     from opensense.audit import trail
-    from opensense.devices import service
+    from opensense.devices import store as service
     from opensense.storage import write
 
     w = await make_world(dsn, config, ("fridge01",))
