@@ -18,7 +18,6 @@ import sys
 import time
 
 import vfs
-
 from sense import ds18b20
 
 DIR = os.getenv("OPENSENSE_SIM") or "sim"
@@ -272,7 +271,7 @@ class Board:
         out = []
         for p in self._probes():
             if p.get("fault") != "absent":
-                out.append(bytes(int(p["rom"][i:i + 2], 16) for i in range(0, 16, 2)))
+                out.append(bytes(int(p["rom"][i : i + 2], 16) for i in range(0, 16, 2)))
         return out
 
     def convert_all(self):
@@ -306,7 +305,12 @@ class Board:
                 # warming and cooling: a compressor cycle of `period` s around `temp`
                 import math
 
-                ph = 2 * math.pi * (self._true_time() % p.get("period", 2400)) / p.get("period", 2400)
+                ph = (
+                    2
+                    * math.pi
+                    * (self._true_time() % p.get("period", 2400))
+                    / p.get("period", 2400)
+                )
                 temp += p["amp"] * math.sin(ph)
             sp = ds18b20.encode(temp, getattr(self, "bits", {}).get(h, p.get("bits", 12)))
             n = self.reads.get(h, 0) if hasattr(self, "reads") else 0

@@ -38,14 +38,20 @@ def unknown_keys(cfg):
         if isinstance(cfg.get(sec), dict):
             for k in cfg[sec]:
                 if k not in SECTION_KEYS[sec]:
-                    p.append("%s.%s: not a config key (%s takes %s)" % (sec, k, sec, ", ".join(SECTION_KEYS[sec])))
+                    p.append(
+                        "%s.%s: not a config key (%s takes %s)"
+                        % (sec, k, sec, ", ".join(SECTION_KEYS[sec]))
+                    )
     probes = cfg.get("probes")
     if isinstance(probes, dict):
         for rom in probes:
             if isinstance(probes[rom], dict):
                 for k in probes[rom]:
                     if k not in PROBE_KEYS:
-                        p.append("probes.%s.%s: not a config key (a probe takes label, offset)" % (rom, k))
+                        p.append(
+                            "probes.%s.%s: not a config key (a probe takes label, offset)"
+                            % (rom, k)
+                        )
     return p
 
 
@@ -67,7 +73,7 @@ def rom_problem(rom):
     if not isinstance(rom, str) or len(rom) != 16:
         return "must be 16 hex digits (the probe's 64-bit ROM id, e.g. 28ff4a1b2c3d045a)"
     try:
-        b = bytes(int(rom[i:i + 2], 16) for i in range(0, 16, 2))
+        b = bytes(int(rom[i : i + 2], 16) for i in range(0, 16, 2))
     except ValueError:
         return "must be 16 hex digits"
     if b[0] != 0x28:
@@ -83,7 +89,9 @@ def problems(cfg):
     if not isinstance(w, dict) or not _str(w.get("ssid"), 1, 32):
         p.append("wifi.ssid: give the network name (1 to 32 bytes)")
     elif not (w.get("password") in ("", None) or _str(w.get("password"), 8, 63)):
-        p.append("wifi.password: WPA2 passwords have 8 to 63 characters (empty for an open network)")
+        p.append(
+            "wifi.password: WPA2 passwords have 8 to 63 characters (empty for an open network)"
+        )
     s = cfg.get("server")
     if not isinstance(s, dict) or not _str(s.get("host"), 1, 253) or " " in s.get("host", " "):
         p.append("server.host: give the broker's host name as on its certificate")
@@ -118,7 +126,9 @@ def problems(cfg):
             p.append("probes.%s.label: a short name for the probe (e.g. front, back)" % rom)
             continue
         if v["label"] in labels:
-            p.append("probes.%s.label: %r is used twice; each probe needs its own" % (rom, v["label"]))
+            p.append(
+                "probes.%s.label: %r is used twice; each probe needs its own" % (rom, v["label"])
+            )
         labels.append(v["label"])
         off = v.get("offset", 0)
         if isinstance(off, bool) or not isinstance(off, (int, float)) or not -5 <= off <= 5:
@@ -135,7 +145,9 @@ def problems(cfg):
     if not _int(c["batch"], 1, 60):
         p.append("batch: 1..60 records per flash append")
     if not _int(c["mqtt_keepalive"], 2, 1200):
-        p.append("mqtt_keepalive: 2..1200 s (the server sees a dead node as offline after 1.5x this)")
+        p.append(
+            "mqtt_keepalive: 2..1200 s (the server sees a dead node as offline after 1.5x this)"
+        )
     if not _int(c["mqtt_retry_s"], 10, 86400):
         p.append("mqtt_retry_s: 10..86400 s between MQTT attempts while on the HTTPS fallback")
     if not _int(c["queue_bytes"], 16384, 16000000):

@@ -21,9 +21,9 @@
 #
 # Memory habits: no segment is held in RAM; records are read one at a time into a
 # reused buffer; RAM holds at most `batch` unflushed records.
+import json
 import os
 import struct
-import json
 
 try:
     from binascii import crc32
@@ -184,7 +184,9 @@ class Queue:
         free, bs = free_blocks(root)
         if free is not None:
             per_seg = (seg_bytes + bs - 1) // bs
-            self.cap = min(cap_bytes, self.bytes + max(0, free - RESERVE_BLOCKS) // per_seg * seg_bytes)
+            self.cap = min(
+                cap_bytes, self.bytes + max(0, free - RESERVE_BLOCKS) // per_seg * seg_bytes
+            )
         self.full = 0  # times the filesystem itself was full (ENOSPC) at an append
         self.seq = max(st.get("seq", 0), last + 1)
         self.reserved = self.seq  # forces a state write before the first new seq is used
@@ -237,8 +239,13 @@ class Queue:
                 del off[k]
         _write_json(
             self.root + "/state",
-            {"head": self.head, "seq": self.reserved, "drops": self.drops,
-             "untimed": self.untimed, "off": off},
+            {
+                "head": self.head,
+                "seq": self.reserved,
+                "drops": self.drops,
+                "untimed": self.untimed,
+                "off": off,
+            },
         )
         self.flash_writes += 1
 
@@ -275,7 +282,11 @@ class Queue:
             return
         n = sum(len(r) for r in self.ram)
         self._drop_oldest(n)  # room first: the append must not be the write that fails
-        if self.hi < self.lo or not self.tail_ok or os.stat(self._seg(self.hi))[6] + n > self.seg_bytes:
+        if (
+            self.hi < self.lo
+            or not self.tail_ok
+            or os.stat(self._seg(self.hi))[6] + n > self.seg_bytes
+        ):
             self._room()
             self.hi += 1
             self.tail_ok = True

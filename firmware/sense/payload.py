@@ -1,6 +1,7 @@
 # The ingest payload from queue records (pure). MQTT: without the device key;
 # HTTP: the same body plus the device key (the contract's names: sense.contract).
 import json
+
 from sense import contract as C
 from sense.timefmt import rfc3339
 

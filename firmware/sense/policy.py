@@ -91,7 +91,7 @@ def batches(items, n=C.MAX_MEASUREMENTS):
     # the contract: 1..MAX_MEASUREMENTS measurements a request
     out = []
     for i in range(0, len(items), n):
-        out.append(items[i:i + n])
+        out.append(items[i : i + n])
     return out
 
 

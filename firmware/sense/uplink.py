@@ -44,17 +44,24 @@ class Uplink:
         # "not connected", connect() tries MQTT first and falls back again if it fails
         if self.c is not None:
             return True
-        return self.mode == HTTP and \
-            self.b.ticks_diff(self.b.ticks_ms(), self.http_at) < self.cfg["mqtt_retry_s"] * 1000
+        return (
+            self.mode == HTTP
+            and self.b.ticks_diff(self.b.ticks_ms(), self.http_at) < self.cfg["mqtt_retry_s"] * 1000
+        )
 
     def connect(self, info):
         # -> True when connected (MQTT, or HTTPS as the fallback)
         from umqtt.simple import MQTTClient, MQTTException
 
         c = MQTTClient(
-            self.cfg["device_id"], self.host, self.port,
-            user=self.cfg["device_id"], password=self.cfg["token"],
-            keepalive=self.keepalive, ssl=True, ssl_params={"server_hostname": self.host},
+            self.cfg["device_id"],
+            self.host,
+            self.port,
+            user=self.cfg["device_id"],
+            password=self.cfg["token"],
+            keepalive=self.keepalive,
+            ssl=True,
+            ssl_params={"server_hostname": self.host},
         )
         lwt = self.root + "/" + C.SUB_LWT
         c.set_last_will(lwt, C.LWT_OFFLINE, retain=True, qos=1)
@@ -77,7 +84,8 @@ class Uplink:
             self.close()
             self.last_error = "CONNACK refused %s" % e
             if e.args and e.args[0] in (4, 5):  # bad user name or password / not authorized
-                raise Refused(self.last_error)
+                # `from None`: MicroPython prints a warning for a chained cause
+                raise Refused(self.last_error) from None
             return self._failed()
         except (OSError, ValueError, IndexError, AssertionError) as e:
             self.close()
@@ -131,7 +139,7 @@ class Uplink:
         t = topic.decode() if isinstance(topic, bytes) else topic
         cmd = self.root + "/" + C.SUB_CMD + "/"
         if t.startswith(cmd):
-            self.on_cmd(t[len(cmd):], msg)
+            self.on_cmd(t[len(cmd) :], msg)
         elif t == self.root + "/" + C.SUB_ERR:
             self.refusal = policy.err_code(msg)
 
@@ -158,10 +166,13 @@ class Uplink:
 
         try:
             r = urequests.post(
-                self.https.rstrip("/") + C.INGEST_PATH, data=body,
-                headers={"Authorization": "Bearer " + self.cfg["token"],
-                         "Content-Type": "application/json",
-                         C.DEVICE_HEADER: self.cfg["local_id"]},
+                self.https.rstrip("/") + C.INGEST_PATH,
+                data=body,
+                headers={
+                    "Authorization": "Bearer " + self.cfg["token"],
+                    "Content-Type": "application/json",
+                    C.DEVICE_HEADER: self.cfg["local_id"],
+                },
             )
             st = r.status_code
             ra = r.headers.get("Retry-After") if hasattr(r, "headers") else None

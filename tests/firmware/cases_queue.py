@@ -201,7 +201,7 @@ def case_a_full_filesystem_drops_the_oldest_segment_and_counts():
         try:
             q.add(1795512000 + 60 * i, True, [(c, float(i))])
         except OSError as e:
-            raise AssertionError("add %d raised %r" % (i, e))
+            raise AssertionError("add %d raised %r" % (i, e)) from None
         n += 1
     q.flush()
     assert q.full > 0 and q.drops > 0, (q.full, q.drops)
@@ -309,6 +309,6 @@ def _peek_all(q):
             out.append((r[0], r[1], [round(v, 3) for _, v in r[4]]))
         # walk on without acknowledging: move the head in RAM only
         q.head = [cur[0], cur[1]]
-        q.ram = q.ram[cur[2]:]
+        q.ram = q.ram[cur[2] :]
     q.head, q.rows, q.ram = saved
     return out
