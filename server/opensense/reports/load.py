@@ -24,7 +24,6 @@ from ..errors import ApiError
 from ..storage import read
 from . import data as rd
 
-
 CHUNK = 100_000  # readings per read: memory stays a chunk of tuples plus the arrays
 
 
