@@ -16,13 +16,13 @@ seconds anyway, so nothing is ever stale for longer than that.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
 import psycopg
 from aiohttp import web
 
+from .. import aio
 from ..api.keys import DSN
 
 log = logging.getLogger(__name__)
@@ -84,9 +84,7 @@ def setup(app: web.Application) -> None:
     async def listener(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(watch.listen(app[DSN]))
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await aio.cancel(task)
 
     async def closing(_app: web.Application) -> None:
         watch.closing = True

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
 import psycopg
 from aiohttp import web
 
+from .. import aio
 from ..api.keys import CONFIG, DSN, MQTT
 from .emqx import EmqxApi
 from .side import MqttSide, NoMqtt
@@ -39,9 +39,7 @@ async def mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
     emqx = EmqxApi(cfg) if cfg.emqx_api_url else None
     listener = asyncio.create_task(_revocations(app[DSN], side, emqx))
     yield
-    listener.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await listener
+    await aio.cancel(listener)
     if emqx is not None:
         await emqx.close()
     stop = getattr(side, "stop", None)

@@ -14,7 +14,6 @@ request, so each request gets its own answer or its own error. A request answere
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from datetime import datetime, timedelta
 
 from psycopg_pool import AsyncConnectionPool
 
+from .. import aio
 from .write import ROLLUPS_SQL, Row, columns, execute_mending_partitions, to_us
 
 log = logging.getLogger(__name__)
@@ -72,11 +72,7 @@ class BatchWriter:
         self._tasks = [asyncio.create_task(self._run()) for _ in range(self._writers)]
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await aio.cancel(*self._tasks)
         while not self._queue.empty():  # nobody will write these: let their requests fail
             job = self._queue.get_nowait()
             if not job.done.done():
