@@ -22,21 +22,12 @@ from datetime import datetime, timedelta
 from psycopg_pool import AsyncConnectionPool
 
 from .. import aio
-from .write import ROLLUPS_SQL, Row, columns, execute_mending_partitions, to_us
+from .write import INSERT_CTE, ROLLUPS_SQL, Row, columns, execute_mending_partitions, to_us
 
 log = logging.getLogger(__name__)
 
 BATCH_SQL = (
-    """
-WITH src AS (
-  SELECT * FROM unnest(%(nums)s::int4[], %(ts)s::timestamptz[], %(vals)s::float8[])
-    AS s(channel_num, ts, value)
-), ins AS (
-  INSERT INTO measurements (channel_num, ts, value)
-  SELECT channel_num, ts, value FROM src
-  ON CONFLICT DO NOTHING
-  RETURNING channel_num, ts, value
-)"""
+    INSERT_CTE.format(order="")  # `_write` sorts the rows
     + ROLLUPS_SQL
     + """
 , seen AS (
