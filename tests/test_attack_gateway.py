@@ -561,7 +561,11 @@ def site_without_periodic_sync(dsn: str, tmp_path: Path) -> Any:
         http={"listen": f"127.0.0.1:{http_port}"},
     )
     try:
-        wait_for(lambda: "fridge02:" in broker.passwd.read_text(), 30, "the first sync")
+        wait_for(
+            lambda: f"{world.device_ids['fridge02']}:" in broker.passwd.read_text(),
+            30,
+            "the first sync",
+        )
         wait_for(lambda: gw.health().get("uplink") == "up", 30, "the uplink")
         yield world, gw, broker, f"http://127.0.0.1:{http_port}"
     except BaseException:
@@ -583,7 +587,7 @@ def test_a_rotated_device_token_stops_working_at_the_site_at_once(site_without_p
     old = world.devices["fridge01"]
     body = {"device": "fridge01", "measurements": [{"type": "temperature", "value": 4.5}]}
     assert post(local + "/v1/ingest", old, body)[0] == 200
-    node = connected_node(broker.port, world.account, "fridge01", old)
+    node = connected_node(broker.port, world.account, "fridge01", old, world.device_ids["fridge01"])
     dropped = threading.Event()
     node.c.on_disconnect = lambda *_: dropped.set()
     node.c.reconnect_delay_set(60, 60)  # no quiet reconnect with the old token meanwhile
@@ -598,6 +602,8 @@ def test_a_rotated_device_token_stops_working_at_the_site_at_once(site_without_p
     assert time.monotonic() - rotated < 15
     node.c.loop_stop()
     # and cannot come back with it; the new token works at the broker and the door
-    assert refused_node(broker.port, world.account, "fridge01", old)
-    connected_node(broker.port, world.account, "fridge01", new).close()
+    assert refused_node(broker.port, world.account, "fridge01", old, world.device_ids["fridge01"])
+    connected_node(
+        broker.port, world.account, "fridge01", new, world.device_ids["fridge01"]
+    ).close()
     assert post(local + "/v1/ingest", new, body)[0] == 200

@@ -11,6 +11,7 @@ suite. Marked `e2e` (one pass of tools/test.sh) and `bench` (`pytest -m bench`).
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import shutil
@@ -179,3 +180,27 @@ def test_mqtt(scratch_dsn: str) -> None:
         figure(
             summary, rf"Mosquitto end to end >= 50% of its own QoS 1 rate, 32 per msg .* {VERDICT}"
         )
+
+
+def test_report(pg_server: str) -> None:
+    # the product's engine and template; the measured alternative (WeasyPrint) is not
+    # a dependency, so its quick run is not part of the suite
+    out = run_bench("report", "--only", "reportlab", "--only", "haccp_monthly", "--dsn", pg_server)
+    (n,) = figure(out, rf"^monthly document: 3 channels x 1/min x 3 days = {NUM} readings")
+    assert n == "12960", out
+    for engine in ("reportlab", "haccp_monthly"):
+        total, rss = figure(out, rf"^{engine} +[\d.]+s +[\d.]+s +{NUM}s +{NUM}MB")
+        assert float(total) > 0 and float(rss) > 0
+    read, got = figure(out, rf"^db\+haccp +read [\d.]+s \({NUM} readings\).*= {NUM}s")
+    assert int(read) > 0 and float(got) > 0
+
+
+def test_every_bench_runs_here() -> None:
+    """A bench added to tools/bench without its quick run in this file fails here."""
+    launchers = {
+        p.name
+        for p in (ROOT / "tools" / "bench").iterdir()
+        if p.is_file() and os.access(p, os.X_OK) and not p.suffix
+    }
+    tested = {n.removeprefix("test_") for n in globals() if n.startswith("test_")}
+    assert launchers <= tested, sorted(launchers - tested)

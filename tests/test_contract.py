@@ -97,21 +97,26 @@ def test_topics_measurement_device_is_exact():
 
 
 def test_site_acl_is_the_device_acl_in_mosquittos_words():
-    acl = mosquitto.acl_file("acc_1", "gw")
+    devices = [{"id": "dev_1", "local_id": "fridge01", "site_hash": "$7$x"}]
+    acl = mosquitto.acl_file("acc_1", devices, "gw")
     assert acl == (
         "# written by opensense-gateway from the server's sync; do not edit\n"
-        "pattern write opensense/acc_1/%u\n"
-        "pattern write opensense/acc_1/%u/lwt\n"
-        "pattern write opensense/acc_1/%u/info\n"
-        "pattern read opensense/acc_1/%u/cmd/#\n"
+        "\nuser dev_1\n"
+        "topic write opensense/acc_1/fridge01\n"
+        "topic write opensense/acc_1/fridge01/lwt\n"
+        "topic write opensense/acc_1/fridge01/info\n"
+        "topic read opensense/acc_1/fridge01/cmd/#\n"
+        "topic read opensense/acc_1/fridge01/err\n"
         "\nuser gw\n"
         "topic read opensense/acc_1/#\n"
     )
-    # every topic a node may write there, the server's ACL lets it publish too
+    # every topic a node may write or read there, the server's ACL allows it too
     for line in acl.splitlines():
-        if line.startswith("pattern write "):
-            name = line.split(" ", 2)[2].replace("%u", "fridge01")
+        if line.startswith("topic write opensense/acc_1/fridge01"):
+            name = line.split(" ", 2)[2]
             assert topics.publish_refusal("acc_1", "fridge01", name) is None
+        if line.startswith("topic read opensense/acc_1/fridge01"):
+            assert topics.subscribe_refusal("acc_1", "fridge01", line.split(" ", 2)[2]) is None
 
 
 def test_retry_rule():

@@ -180,8 +180,16 @@ def test_broker_files():
     h = mosquitto.mosquitto_hash("secret", b"\x01" * 12)
     assert mosquitto.check_hash("secret", h) and not mosquitto.check_hash("Secret", h)
     text = mosquitto.password_file(
-        [{"local_id": "b", "site_hash": "$7$x"}, {"local_id": "a", "site_hash": None}], "gw", h
+        [
+            {"id": "dev_b", "local_id": "b", "site_hash": "$7$x"},
+            {"id": "dev_a", "local_id": "a", "site_hash": None},
+        ],
+        "gw",
+        h,
     )
-    assert text == f"gw:{h}\nb:$7$x\n"  # a device without a site hash cannot log in
-    acl = mosquitto.acl_file("acc_1", "gw")
-    assert "pattern write opensense/acc_1/%u\n" in acl and "topic read opensense/acc_1/#" in acl
+    # username = the dev_ id, as at the server's broker (the firmware logs in so);
+    # a device without a site hash cannot log in
+    assert text == f"gw:{h}\ndev_b:$7$x\n"
+    acl = mosquitto.acl_file("acc_1", [{"id": "dev_b", "local_id": "b", "site_hash": "$7$x"}], "gw")
+    assert "user dev_b\ntopic write opensense/acc_1/b\n" in acl
+    assert "topic read opensense/acc_1/b/err\n" in acl and "topic read opensense/acc_1/#" in acl

@@ -192,6 +192,11 @@ class Board:
     def free_heap(self):
         return gc.mem_free()
 
+    def idf_largest(self):
+        # the unix port has no IDF heap: a plausible ESP32 figure (largest free block
+        # after Wi-Fi and one TLS session), steerable through ctl.json
+        return self._ctl().get("idf_largest", 30720)
+
     def rand16(self):
         return int.from_bytes(os.urandom(2), "little")
 

@@ -229,7 +229,7 @@ class Node:
                     self.boots, " ".join("%s=%r" % (self.q.chans[c][1], v) for c, v in vals)))
             self.q.add(t if t is not None else u, t is not None, vals)
         if self.samples % self.cfg["health_every"] == 1:
-            self.q.add(t if t is not None else u, t is not None, self.health_vals())
+            self.q.add(t if t is not None else u, t is not None, self.health_vals(), True)
 
     def scan_bus(self):
         # At boot and on cmd/scan: search the bus, keep DS18B20s with a good ROM CRC
@@ -262,6 +262,7 @@ class Node:
         oldest = (t - recs[0][1]) if recs and t is not None and recs[0][1] is not None else 0
         h = {
             "uptime": b.uptime_s(), "boots": self.boots, "heap_free": b.free_heap(),
+            "idf_largest": b.idf_largest(),
             "queue_depth": q.depth(), "oldest_unsent": max(0, oldest), "drops": q.drops,
             "refused": self.n_refused,
             "clock_sync_age": -1 if self.sync_ms is None
@@ -280,7 +281,7 @@ class Node:
         h = self.health()
         for k in h:
             unit = "s" if k in ("uptime", "oldest_unsent", "clock_sync_age") else \
-                "B" if k == "heap_free" else "1"
+                "B" if k in ("heap_free", "idf_largest") else "1"
             if h[k] >= 0:
                 out.append((q.chan("health", k, unit), h[k]))
         return out

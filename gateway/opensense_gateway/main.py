@@ -127,7 +127,7 @@ class Gateway:
             cfg.mqtt_acl_file,
             cfg.mqtt_reload_command,
             mosquitto.password_file(self.sync_doc.get("devices", []), cfg.mqtt_username, gw_hash),
-            mosquitto.acl_file(self.account, cfg.mqtt_username),
+            mosquitto.acl_file(self.account, self.sync_doc.get("devices", []), cfg.mqtt_username),
         ):
             log.info("site broker credentials updated (%d devices)", len(self.sync_doc["devices"]))
 

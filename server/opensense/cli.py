@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import faulthandler
 import getpass
 import json
@@ -241,7 +242,20 @@ def cmd_ca(cfg: Config, args: argparse.Namespace) -> int:
     from .mqtt.ca import ensure_tls
 
     hosts = [h.strip() for h in cfg.mqtt_hostnames.split(",") if h.strip()]
+    existed = (cfg.state_dir / "mqtt-tls" / "ca.pem").exists()
+    if not existed and not cfg.state_dir.exists() and not args.new:
+        # run from another folder, the default relative state directory is a new,
+        # empty one: a CA made there silently is one no broker uses (issue 17 item 11)
+        print(
+            f"opensense ca: there is no state directory at {cfg.state_dir}, so no CA: run "
+            "this where the server keeps its state (or set OPENSENSE_STATE_DIR to it); "
+            "`opensense ca --new` makes a new CA there, which no running broker uses yet",
+            file=sys.stderr,
+        )
+        return 2
     tls = ensure_tls(cfg.state_dir, hosts)
+    if not existed:
+        print(f"opensense ca: made a new CA in {tls.ca_cert.parent}", file=sys.stderr)
     if args.der:
         out = Path(args.der)
         out.write_bytes(tls.ca_der())
@@ -494,6 +508,27 @@ def cmd_node(cfg: Config, args: argparse.Namespace) -> int:
         return 2
 
 
+def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
+    from .reports import data as report_data
+    from .reports import load as report_load
+    from .reports import render as report_render
+
+    try:
+        first, last = report_load.month_period(args.month)
+    except ValueError as exc:
+        print(f"opensense report: {exc}", file=sys.stderr)
+        return 2
+
+    async def go(conn: psycopg.AsyncConnection[Any]) -> Any:
+        return await report_load.load_month(conn, args.site, first, last)
+
+    inp = _with_conn(cfg, go)
+    pdf = report_render.render_pdf(report_data.compute(inp), language=args.language)
+    Path(args.out).write_bytes(pdf)
+    print(f"{args.out}: {len(pdf)} bytes, {args.site} {first} – {last} ({args.language})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="opensense", description="OpenSense server and operator tools")
     sub = p.add_subparsers(dest="command", required=True)
@@ -522,6 +557,11 @@ def build_parser() -> argparse.ArgumentParser:
         "ca", help="print the MQTT broker's CA certificate (PEM), or write it as DER"
     )
     s.add_argument("--der", metavar="FILE", help="write the CA as DER (what the firmware loads)")
+    s.add_argument(
+        "--new",
+        action="store_true",
+        help="make a CA in a state directory that does not exist yet (never replaces a CA)",
+    )
     s.set_defaults(fn=cmd_ca)
 
     s = sub.add_parser("account", help="create an account and its first API token")
@@ -634,6 +674,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", default="auto", help="serial port of the node (mpremote connect)")
     s.add_argument("--dry-run", action="store_true", help="check and print the mpremote steps")
     s.set_defaults(fn=cmd_node)
+
+    s = sub.add_parser("report", help="render a compliance report (PDF) of a site's month")
+    s.add_argument("action", choices=["render"])
+    s.add_argument("--site", required=True, help="site id (site_…)")
+    s.add_argument("--month", required=True, help="YYYY-MM, in the site's time zone")
+    s.add_argument("--out", required=True, help="the PDF file to write")
+    s.add_argument("--language", default="en", choices=["en", "de"])
+    s.add_argument("--template", default="haccp_monthly", choices=["haccp_monthly"])
+    s.set_defaults(fn=cmd_report)
     return p
 
 
@@ -647,6 +696,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"opensense: {exc}", file=sys.stderr)
         return 2
+    # resolved once, absolutely, and said (issue 17 item 11): a relative state
+    # directory depends on the folder a command runs in
+    cfg = dataclasses.replace(cfg, state_dir=cfg.state_dir.expanduser().resolve())
+    print(f"opensense: state directory {cfg.state_dir}", file=sys.stderr)
     logging.basicConfig(
         level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -92,13 +92,19 @@ def subscribe_refusal(account: str, device: str, topic_filter: str) -> str | Non
     return f"a device subscribes only to its own cmd/# and err, not {topic_filter!r}"
 
 
-def mosquitto_acl(account: str, gw_user: str) -> str:
-    """A site gateway's Mosquitto ACL: each node (user name = its local_id, `%u`)
-    writes only its own measurements, lwt and info and reads its own cmd/#; the
-    gateway reads them all. The same ACL as the server's, in Mosquitto's words."""
-    root = prefix(account, "%u")
+def mosquitto_acl(account: str, logins: list[tuple[str, str]], gw_user: str) -> str:
+    """A site gateway's Mosquitto ACL. A node logs in with its `dev_` id (the one
+    login convention of both brokers) while its topics are named by its `local_id`,
+    so each node gets a `user` block (`logins`: (dev_ id, local_id) pairs) rather than
+    a `%u` pattern: it writes only its own measurements, lwt and info and reads its
+    own cmd/# and err (the firmware subscribes to both; a denied subscription fails
+    its connect); the gateway reads them all. The same ACL as the server's, in
+    Mosquitto's words."""
     lines = ["# written by opensense-gateway from the server's sync; do not edit"]
-    lines += [f"pattern write {root}" + (f"/{sub}" if sub else "") for sub in DEVICE_PUBLISHES]
-    lines += [f"pattern read {root}/{CMD}/#", "", f"user {gw_user}"]
-    lines += [f"topic read {ROOT}/{account}/#"]
+    for login, local_id in logins:
+        root = prefix(account, local_id)
+        lines += ["", f"user {login}"]
+        lines += [f"topic write {root}" + (f"/{sub}" if sub else "") for sub in DEVICE_PUBLISHES]
+        lines += [f"topic read {root}/{CMD}/#", f"topic read {root}/{ERR}"]
+    lines += ["", f"user {gw_user}", f"topic read {ROOT}/{account}/#"]
     return "\n".join(lines) + "\n"

@@ -3,7 +3,7 @@
 import json
 
 from sense import ds18b20 as ds
-from sense import payload, policy, timefmt
+from sense import config, payload, policy, timefmt
 
 
 def case_crc8_maxim_an27_vector():
@@ -160,3 +160,14 @@ def case_bus_roms_keeps_only_ds18b20s_with_a_good_crc_and_bounds_the_count():
     found, bad = ds.bus_roms(many)
     assert len(found) == ds.MAX_SCAN and bad == 40 - ds.MAX_SCAN
     assert ds.config_byte(9) == 0x1F and ds.config_byte(12) == 0x7F  # datasheet fig. 10
+
+
+def case_unknown_config_keys_are_named():
+    cfg = {"wifi": {"ssid": "s", "pasword": "x"}, "server": {"host": "h", "port": 1},
+           "cadance": 60, "cadence": 60, "probes": {"28ff4a1b2c3d045a": {"label": "a", "ofset": 1}}}
+    got = config.unknown_keys(cfg)
+    assert len(got) == 4, got
+    assert got[0].startswith("cadance: not a config key"), got
+    assert [g.split(":")[0] for g in got[1:]] == ["wifi.pasword", "server.port",
+                                                 "probes.28ff4a1b2c3d045a.ofset"], got
+    assert config.unknown_keys({"wifi": {"ssid": "s"}, "batch": 5, "probes": {}}) == []
