@@ -36,7 +36,7 @@ def paths() -> S:
         "/v1/auth/request": {
             "post": op(
                 "Ask for a sign-in code and link by email (200 whether or not the email is a user's)",
-                {**ok(200, obj({"ok": {"type": "boolean"}}, ("ok",))), **err(400, 413, 415, 429)},
+                {**ok(200, obj({"ok": {"type": "boolean"}}, ("ok",))), **err(400, 413, 429)},
                 security=NO_TOKEN,
                 requestBody=body(obj({"email": EMAIL}, ("email",)), {"email": "owner@example.com"}),
                 description="docs/dashboard.md, Sign-in. Limited per IP (OPENSENSE_AUTH_RATE_PER_MIN).",
