@@ -372,3 +372,12 @@ async def test_without_smtp_the_link_is_in_the_log_marked(aiohttp_client, dsn, c
     line = lines()[0]
     assert line.startswith("*** SIGN-IN LINK")
     assert email in line and "/auth/link?t=" in line
+
+
+async def test_a_form_in_another_encoding_is_refused_in_the_envelope(web_client):
+    for ctype in ("multipart/form-data", "application/json"):  # the former: no boundary
+        r = await web_client.post(
+            "/auth/login", data=b"csrf=&email=a%40b.com", headers={"Content-Type": ctype}
+        )
+        assert r.status == 400, ctype
+        assert (await r.json())["error"]["code"] == "invalid_request"

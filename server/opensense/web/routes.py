@@ -75,6 +75,19 @@ def check_csrf(binding: str | None, form: Any) -> None:
         )
 
 
+async def form_of(request: web.Request) -> Any:
+    """The posted form: urlencoded, as the pages send it (no files anywhere)."""
+    if request.content_type not in (
+        "application/x-www-form-urlencoded",
+        "application/octet-stream",
+    ):
+        raise ApiError("invalid_request", "a form is sent as application/x-www-form-urlencoded")
+    try:
+        return await request.post()
+    except ValueError as exc:
+        raise ApiError("invalid_request", f"the form cannot be read: {exc}") from exc
+
+
 def pre_binding(request: web.Request) -> str:
     """The browser's pre-session cookie value, made if it has none yet (set by `page`)."""
     value = request.cookies.get(PRE_COOKIE)
@@ -207,7 +220,7 @@ async def login_form(request: web.Request) -> web.Response:
 
 @routes.post("/auth/login")
 async def login_submit(request: web.Request) -> web.Response:
-    form = await request.post()
+    form = await form_of(request)
     async with request.app[POOL].connection() as conn:
         await limit(request, conn)
         check_csrf(request.cookies.get(PRE_COOKIE), form)
@@ -222,7 +235,7 @@ async def login_submit(request: web.Request) -> web.Response:
 
 @routes.post("/auth/code")
 async def code_submit(request: web.Request) -> web.Response:
-    form = await request.post()
+    form = await form_of(request)
     now = request.app[CONFIG].clock()
     async with request.app[POOL].connection() as conn:
         await limit(request, conn)
@@ -257,7 +270,7 @@ async def link_form(request: web.Request) -> web.Response:
 
 @routes.post("/auth/link")
 async def link_submit(request: web.Request) -> web.Response:
-    form = await request.post()
+    form = await form_of(request)
     now = request.app[CONFIG].clock()
     t = form.get("t")
     async with request.app[POOL].connection() as conn:
@@ -276,7 +289,7 @@ async def link_submit(request: web.Request) -> web.Response:
 
 @routes.post("/auth/logout")
 async def logout(request: web.Request) -> web.Response:
-    form = await request.post()
+    form = await form_of(request)
     sid = request.cookies.get(SESSION_COOKIE)
     async with request.app[POOL].connection() as conn:
         await limit(request, conn)
@@ -291,7 +304,7 @@ async def logout(request: web.Request) -> web.Response:
 @routes.post("/auth/logout-all")
 async def logout_all(request: web.Request) -> web.Response:
     """Sign out everywhere: every session of this user ends."""
-    form = await request.post()
+    form = await form_of(request)
     sid = request.cookies.get(SESSION_COOKIE)
     now = request.app[CONFIG].clock()
     async with request.app[POOL].connection() as conn:
