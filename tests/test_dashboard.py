@@ -301,8 +301,26 @@ async def test_auth_is_rate_limited_per_ip(aiohttp_client, dsn, clock):
     assert r.status == 429
     body = await r.json()
     assert body["error"]["code"] == "rate_limited" and int(r.headers["Retry-After"]) >= 1
+    # behind the proxy on this host, each client its own count
+    r = await client.get("/auth/login", headers={"X-Forwarded-For": "203.0.113.7"})
+    assert r.status == 200
     clock.advance(minutes=1)
     assert (await client.get("/auth/login")).status == 200
+
+
+async def test_session_and_form_cookies_are_secure_over_tls(aiohttp_client, dsn, clock, smtp):
+    cfg = test_config(
+        clock,
+        public_url="https://cold.example.com",
+        smtp_host="127.0.0.1",
+        smtp_port=smtp.port,
+        smtp_tls="none",
+        auth_rate_per_min=10_000,
+    )
+    client = await aiohttp_client(create_app(cfg, dsn))
+    r = await client.get("/auth/login")
+    cookie = r.cookies["os_pre"]
+    assert cookie["secure"] and cookie["httponly"] and cookie["samesite"] == "Strict"
 
 
 async def test_security_headers_on_every_page(web_client, smtp, dsn):

@@ -130,11 +130,27 @@ def see_other(location: str) -> web.Response:
     return web.Response(status=303, headers={"Location": location})
 
 
+LOOPBACK = ("127.0.0.1", "::1")
+
+
+def client_ip(request: web.Request) -> str:
+    """The client's address: the peer's, or behind the reverse proxy on this host
+    (deploy/Caddyfile: a loopback peer) the last X-Forwarded-For entry, the one the
+    proxy added (Caddy replaces what an untrusted client sent)."""
+    peer = request.remote or ""
+    forwarded = request.headers.get("X-Forwarded-For", "")
+    if forwarded and peer in LOOPBACK:
+        last = forwarded.split(",")[-1].strip()
+        if last:
+            return last[:64]
+    return peer
+
+
 async def limit(request: web.Request, conn: AsyncConnection[Any]) -> None:
     """/auth/* and /v1/auth/*: OPENSENSE_AUTH_RATE_PER_MIN requests a minute per IP."""
     cfg = request.app[CONFIG]
     await ratelimit.hit(
-        conn, f"auth:{request.remote}", cfg.auth_rate_per_min, 60, cfg.clock(), "Sign-in"
+        conn, f"auth:{client_ip(request)}", cfg.auth_rate_per_min, 60, cfg.clock(), "Sign-in"
     )
 
 
@@ -170,7 +186,7 @@ async def request_sign_in(request: web.Request, conn: AsyncConnection[Any], emai
             actor=user.id,
             action="auth.link_issued",
             subject=user.id,
-            data={"email": email, "ip": request.remote or ""},
+            data={"email": email, "ip": client_ip(request)},
             at=now,
         )
     request.app[LOGIN_MAILER].send(email, code, link)
@@ -191,7 +207,7 @@ async def sign_in(
         actor=user.id,
         action="auth.login",
         subject=user.id,
-        data={"via": via, "ip": request.remote or ""},
+        data={"via": via, "ip": client_ip(request)},
         at=now,
     )
     resp = see_other("/")
