@@ -12,6 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from opensense.api.keys import CONFIG
 from opensense.app import create_app
 from opensense.web.ctx import web_ctx
 from opensense.web.mail import link_in_log_refused
@@ -399,3 +400,38 @@ async def test_a_form_in_another_encoding_is_refused_in_the_envelope(web_client)
         )
         assert r.status == 400, ctype
         assert (await r.json())["error"]["code"] == "invalid_request"
+
+
+async def test_housekeeping_sweeps_idle_sessions_and_expired_codes(web_client, smtp, dsn, clock):
+    from opensense.jobs import JOBS
+
+    email = unique_email("sweep")
+    acc = await make_account(dsn, email)
+    await sign_in_with_code(web_client, smtp, email)
+    await ask(web_client, email)  # a pending code, too
+    job = next(j for j in JOBS if j.name == "housekeeping")
+
+    async def left() -> tuple[Any, ...]:
+        async with await psycopg.AsyncConnection.connect(dsn) as conn:
+            cur = await conn.execute(
+                "SELECT (SELECT count(*) FROM sessions s JOIN users u ON u.id = s.user_id"
+                "  WHERE u.account_id = %s),"
+                " (SELECT count(*) FROM login_codes WHERE email = %s)",
+                (acc["account"], email),
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            return tuple(row)
+
+    async def run() -> None:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            await job.run(conn, web_client.app[CONFIG], clock())
+
+    await run()
+    assert await left() == (1, 1)
+    clock.advance(minutes=11)
+    await run()
+    assert await left() == (1, 0)
+    clock.advance(days=30)
+    await run()
+    assert await left() == (0, 0)
