@@ -21,7 +21,6 @@ import aiohttp
 import psycopg
 from aiohttp import web
 
-from . import audit
 from .api.jsonutil import rfc3339
 from .app import create_app
 from .devices import store
@@ -212,15 +211,8 @@ async def owner_link(cfg: Config, dsn: str, base: str) -> str | None:
             user = await web_store.user_for_email(conn, DEMO_OWNER)
             if user is None:
                 return None
-            _, link = await web_store.issue_code(conn, DEMO_OWNER, now)
-            await audit.record(
-                conn,
-                account_id=user.account_id,
-                actor=user.id,
-                action="auth.link_issued",
-                subject=user.id,
-                data={"email": DEMO_OWNER, "ip": "", "via": "opensense demo"},
-                at=now,
+            _, link = await web_store.issue_sign_in(
+                conn, user, now, {"ip": "", "via": "opensense demo"}
             )
     return f"{base}/auth/link?t={link}"
 

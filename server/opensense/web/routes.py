@@ -179,16 +179,7 @@ async def request_sign_in(request: web.Request, conn: AsyncConnection[Any], emai
         user = await store.user_for_email(conn, email)
         if user is None:
             return
-        code, link = await store.issue_code(conn, email, now)
-        await audit.record(
-            conn,
-            account_id=user.account_id,
-            actor=user.id,
-            action="auth.link_issued",
-            subject=user.id,
-            data={"email": email, "ip": client_ip(request)},
-            at=now,
-        )
+        code, link = await store.issue_sign_in(conn, user, now, {"ip": client_ip(request)})
     request.app[LOGIN_MAILER].send(email, code, link)
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
+from .. import audit
+
 CODE_TTL = timedelta(minutes=10)
 SESSION_IDLE = timedelta(days=30)  # a session ends after 30 days without a request
 MAX_CODE_ATTEMPTS = 5  # wrong codes before the pending sign-in is void
@@ -67,6 +69,24 @@ async def issue_code(conn: AsyncConnection[Any], email: str, now: datetime) -> t
         " code_hash = excluded.code_hash, link_hash = excluded.link_hash,"
         " created_at = excluded.created_at, expires_at = excluded.expires_at, attempts = 0",
         (email, digest(email + ":" + code), digest(link), now, now + CODE_TTL),
+    )
+    return code, link
+
+
+async def issue_sign_in(
+    conn: AsyncConnection[Any], user: User, now: datetime, data: dict[str, Any]
+) -> tuple[str, str]:
+    """`issue_code` for a user, recorded in the account's trail (`auth.link_issued`,
+    with `data`: who asked from where), in the caller's transaction."""
+    code, link = await issue_code(conn, user.email, now)
+    await audit.record(
+        conn,
+        account_id=user.account_id,
+        actor=user.id,
+        action="auth.link_issued",
+        subject=user.id,
+        data={"email": user.email, **data},
+        at=now,
     )
     return code, link
 
