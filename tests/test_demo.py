@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import time
@@ -91,6 +92,12 @@ def test_demo_serves_readings_from_an_embedded_database(tmp_path: Path) -> None:
         counts = json.load(urllib.request.urlopen(req, timeout=5))["data"]
         assert sum(v for _, v in counts) >= 6 * 60  # the 6-hour backfill at 1 a minute
         assert (tmp_path / "state" / "pgdata" / "PG_VERSION").exists()
+        # the printed sign-in link opens the demo owner's sign-in page (a button: the
+        # link is used by the POST it sends, tests/test_dashboard.py)
+        printed = re.search(r"(http://\S+/auth/link\?t=\S+)", (tmp_path / "demo.log").read_text())
+        assert printed, (tmp_path / "demo.log").read_text()
+        page = urllib.request.urlopen(printed.group(1), timeout=5).read().decode()
+        assert 'action="/auth/link"' in page, page
         # a fresh demo is not degraded: nothing it was never given (a backup key) is late
         status = json.load(urllib.request.urlopen(f"{base}/status.json", timeout=5))
         assert status["overall"] == "operational", status

@@ -16,6 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 from opensense_contract.payload import MAX_BODY_BYTES
 
 from . import alarms, db, devices, gateway, ingest, jobs, mqtt, openapi, status, storage
+from . import web as dashboard  # the package's name would shadow aiohttp's `web`
 from .api.keys import CONFIG, DSN, HEALTH, OBSERVER, POOL, REQUEST_LOG, VERIFIER, WRITER
 from .api.middleware import error_middleware
 from .api.requestlog import RequestLog
@@ -88,6 +89,7 @@ FEATURES: tuple[Callable[[web.Application], None], ...] = (
     alarms.setup,
     status.setup,
     gateway.setup,
+    dashboard.setup,
 )
 # A status-only process (role `status`): the page, /metrics and the incident API
 # (docs/status.md).

@@ -27,8 +27,11 @@ from .devices import store
 from .presets import VERTICALS
 from .settings import Config
 from .statedir import prepare_state_dir, write_secret
+from .web import store as web_store
 
 log = logging.getLogger(__name__)
+
+DEMO_OWNER = "demo@opensense.invalid"  # the demo account's login email: its owner
 
 DEVICES = (
     # local_id, name, site vertical's typical setpoint (°C), swing
@@ -61,7 +64,7 @@ async def ensure_demo(cfg: Config, dsn: str) -> dict[str, Any]:
         dsn, autocommit=True, options="-c timezone=UTC"
     ) as conn:
         async with conn.transaction():
-            acc = await store.create_account(conn, "Demo Café", "demo@opensense.invalid")
+            acc = await store.create_account(conn, "Demo Café", DEMO_OWNER)
             _, ua = await store.create_token(conn, acc, "ua_live", cfg.bcrypt_rounds, "demo")
             site = await store.create_site(
                 conn,
@@ -197,6 +200,23 @@ async def use_frozen_limits(http: aiohttp.ClientSession, base: str, state: dict[
                     log.warning("demo: could not set freezer limits: %s", await r.text())
 
 
+async def owner_link(cfg: Config, dsn: str, base: str) -> str | None:
+    """A fresh sign-in link for the demo account's owner (valid once, for 10 minutes;
+    issued and audited as a mailed one is), or None when the owner is gone."""
+    now = cfg.clock()
+    async with await psycopg.AsyncConnection.connect(
+        dsn, autocommit=True, options="-c timezone=UTC"
+    ) as conn:
+        async with conn.transaction():
+            user = await web_store.user_for_email(conn, DEMO_OWNER)
+            if user is None:
+                return None
+            _, link = await web_store.issue_sign_in(
+                conn, user, now, {"ip": "", "via": "opensense demo"}
+            )
+    return f"{base}/auth/link?t={link}"
+
+
 async def run_demo(cfg: Config, dsn: str, host: str, port: int) -> None:
     state = await ensure_demo(cfg, dsn)
     runner = web.AppRunner(create_app(cfg, dsn), access_log=None)
@@ -205,9 +225,13 @@ async def run_demo(cfg: Config, dsn: str, host: str, port: int) -> None:
     await site.start()
     base = f"http://{host}:{port}"
     tok = state["api_token"]
+    link = await owner_link(cfg, dsn, base)
     print(
         f"""
 OpenSense demo is running on {base}
+  Dashboard: sign in as the demo owner with {link}
+    (once, within 10 minutes; later: {base}/auth/login with {DEMO_OWNER},
+    and the link appears in this log, marked *** SIGN-IN LINK)
   API token (demo account): {tok}
   Try:
     curl -s -H 'Authorization: Bearer {tok}' {base}/v1/devices

@@ -21,6 +21,7 @@ PREFIXES = (
     "sil",
     "dlv",
     "gw",
+    "usr",
 )
 
 

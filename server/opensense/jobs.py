@@ -18,6 +18,7 @@ from . import aio, db
 from .api.keys import CONFIG, POOL
 from .settings import Config
 from .storage.compaction import compact
+from .web import store as web_store
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ async def _housekeeping(conn: AsyncConnection[Any], cfg: Config, now: datetime) 
     b = await conn.execute(
         "DELETE FROM idempotency_keys WHERE created_at < %s", (now - timedelta(hours=24),)
     )
+    await web_store.sweep(conn, now)  # expired sign-in codes, idle dashboard sessions
     return f"swept {a.rowcount} rate windows, {b.rowcount} idempotency keys"
 
 

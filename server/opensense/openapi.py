@@ -33,6 +33,7 @@ from .kinds import KINDS
 from .presets import VERTICALS
 from .status import apidoc as status_doc
 from .storage.read import AGGS, FNS
+from .web import apidoc as web_doc
 
 routes = web.RouteTableDef()
 
@@ -711,6 +712,7 @@ def document() -> S:
     }
     paths.update(status_doc.paths())
     paths.update(alarms_doc.paths())
+    paths.update(web_doc.paths())
     return {
         "openapi": "3.1.0",
         "info": {

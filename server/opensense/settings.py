@@ -524,6 +524,23 @@ SETTINGS: tuple[Setting, ...] = (
         "From address of alarm email.",
     ),
     Setting(
+        "auth_rate_per_min",
+        "OPENSENSE_AUTH_RATE_PER_MIN",
+        int,
+        10,
+        "Sign-in requests (/auth/* and /v1/auth/*) one IP address may make per minute before 429.",
+        minimum=1,
+    ),
+    Setting(
+        "login_link_in_log",
+        "OPENSENSE_LOGIN_LINK_IN_LOG",
+        bool,
+        False,
+        "Allow sign-in links written to the server log instead of mailed while OPENSENSE_SMTP_HOST "
+        "is empty, on a server whose OPENSENSE_PUBLIC_URL is https:// (a production install "
+        "refuses to start that way otherwise). Over http:// (the demo) the log is always used.",
+    ),
+    Setting(
         "notify_channel_interval_s",
         "OPENSENSE_NOTIFY_CHANNEL_INTERVAL_S",
         int,
@@ -682,6 +699,8 @@ class Config:
     smtp_password: str = ""
     smtp_tls: str = "starttls"
     mail_from: str = "alerts@opensense.invalid"
+    auth_rate_per_min: int = 10
+    login_link_in_log: bool = False
     notify_channel_interval_s: int = 300
     webhook_allow_private: bool = False
     dispatch_failing_min_accounts: int = 3

@@ -13,6 +13,7 @@ from ..status.monitor import StatusMonitor
 from ..status.observe import Observer
 from ..storage.batcher import BatchWriter
 from ..tokens import Verifier
+from ..web.mail import LoginMailer
 from .requestlog import RequestLog
 
 CONFIG = web.AppKey("config", Config)
@@ -25,9 +26,11 @@ MQTT = web.AppKey("mqtt", MqttSide)
 OBSERVER = web.AppKey("status_observer", Observer)
 STATUS = web.AppKey("status_monitor", StatusMonitor)
 ALARMS_HTTP = web.AppKey("alarms_http", aiohttp.ClientSession)  # the notifier's client
+LOGIN_MAILER = web.AppKey("login_mailer", LoginMailer)  # the dashboard's sign-in mail
 
 # per-request keys (request[...] = ...)
 REQUEST_ID = web.RequestKey("request_id", str)
 LOG_ACCOUNT = web.RequestKey("log_account", str)
 LOG_DEVICE = web.RequestKey("log_device", str)
 ACTOR = web.RequestKey("actor", str)  # the API token id behind a management request (audit)
+PRE_SESSION = web.RequestKey("pre_session", str)  # a new pre-session cookie (web/routes.py)

@@ -109,6 +109,11 @@ async def create_account(
     await conn.execute(
         "INSERT INTO accounts (id, name, email) VALUES (%s, %s, %s)", (acc, name, email)
     )
+    # the account's login email is its first owner (the dashboard's users, migration 0017)
+    await conn.execute(
+        "INSERT INTO users (id, account_id, email, role) VALUES (%s, %s, %s, 'owner')",
+        (new_id("usr"), acc, email.strip().lower()),
+    )
     await audit.record(
         conn,
         account_id=acc,
