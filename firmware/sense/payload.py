@@ -1,4 +1,4 @@
-# The PRODUCT.md ingest payload from queue records (pure). MQTT: without "device";
+# The docs/product.md#ingest payload from queue records (pure). MQTT: without "device";
 # HTTP: the same body plus "device".
 import json
 from sense.timefmt import rfc3339

@@ -1,7 +1,7 @@
 # Resilience rules as pure functions of counters and time (no I/O, no clock reads):
 # the node loop feeds them numbers, tests feed them numbers too.
 
-# PRODUCT.md client retry rule: 5xx -> backoff from 1 s, x2, cap 60 s, jitter;
+# docs/product.md#client-retry-rule: 5xx -> backoff from 1 s, x2, cap 60 s, jitter;
 # 429 -> Retry-After; 401/403/422 -> never retry (a human must fix the token/config).
 BACKOFF_FIRST_MS = 1000
 BACKOFF_CAP_MS = 60000
@@ -84,7 +84,7 @@ def safe_mode(crashes, n=BOOTLOOP_N):
 
 
 def batches(items, n=32):
-    # PRODUCT.md: 1..32 measurements a request
+    # docs/product.md#ingest: 1..32 measurements a request
     out = []
     for i in range(0, len(items), n):
         out.append(items[i:i + n])

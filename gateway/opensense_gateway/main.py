@@ -253,7 +253,7 @@ class Gateway:
             if it[0] == "mqtt":
                 _, gen, mid, qos, topic, raw = it
                 if qos == 0:
-                    self.qos0_dropped += 1  # PRODUCT.md: QoS 0 measurements are dropped
+                    self.qos0_dropped += 1  # docs/product.md#mqtt: QoS 0 measurements are dropped
                     continue
                 acks.append((gen, mid, qos))
                 parts = topic.split("/")
@@ -407,7 +407,7 @@ class Gateway:
         self.store.set_meta("uplink_last_ok", repr(now))
 
     def failed(self, a: Answer, attempt: int) -> float:
-        """How long to wait after a failed call (PRODUCT.md client retry rule)."""
+        """How long to wait after a failed call (docs/product.md#client-retry-rule)."""
         code, msg = error_text(a)
         if a.status == 0 or a.status >= 500:
             if self.link.is_up() or self.link.state == "unknown":

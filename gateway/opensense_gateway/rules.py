@@ -169,7 +169,7 @@ def check_absence(
 
 
 def backoff(attempt: int, rand: float) -> float:
-    """PRODUCT.md retry rule for 5xx and lost connections: 1 s, ×2 each attempt,
+    """docs/product.md#client-retry-rule for 5xx and lost connections: 1 s, ×2 each attempt,
     capped at 60 s, with jitter (`rand` in [0, 1): the delay is 50..100 % of it)."""
     base = min(60.0, 2.0 ** max(0, attempt))
     return base * (0.5 + rand / 2)

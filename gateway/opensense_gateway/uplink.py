@@ -1,5 +1,5 @@
 """Talking to the server: one persistent HTTPS connection, the gw_ token, and the
-PRODUCT.md client retry rule. Everything here runs on the uplink thread."""
+docs/product.md#client-retry-rule. Everything here runs on the uplink thread."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-# code -> HTTP status. PRODUCT.md's codes, plus the few the HTTP layer itself needs.
+# code -> HTTP status. docs/product.md#errors codes, plus the few the HTTP layer itself needs.
 CODES: dict[str, int] = {
     "bad_json": 400,
     "invalid_measurement": 400,

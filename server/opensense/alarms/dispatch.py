@@ -5,7 +5,7 @@ are sent, so with several server processes each message goes out once; a crash
 mid-send rolls the claim back and the row is sent after the restart. Every
 attempt is written to `outbound_log` (kept 90 days by the retention job).
 
-Pacing per recipient, as PRODUCT.md sets it: a Telegram chat gets at most one
+Pacing per recipient, as docs/product.md#notifications sets it: a Telegram chat gets at most one
 message per 10 s — what piles up meanwhile goes out as one grouped message (a
 "queue overflow" summary when the oldest waited more than 2 min); an email
 recipient gets at most 10 messages an hour, the rest as one digest. Several rows
@@ -51,7 +51,7 @@ EMAIL_PER_HOUR = 10
 MAX_ATTEMPTS = 20
 INTERNAL_MAX = 3  # an unexpected exception is most likely the row itself: give up sooner
 FAILING_AFTER = timedelta(minutes=5)
-# The alarm dispatch paths of the seed's P1 class. A webhook is one customer's own
+# The alarm dispatch paths of P1 (docs/product.md#incident-classes). A webhook is one customer's own
 # endpoint: its failures are in the outbound log, not a service incident.
 PEOPLE_PATHS = ("telegram", "email")
 

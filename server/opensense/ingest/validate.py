@@ -197,7 +197,7 @@ def validate_payload(
     header_device: str | None = None,
     require_device: bool = True,
 ) -> Batch:
-    """Check a PRODUCT.md ingest body. Raises ApiError naming the first bad field."""
+    """Check an ingest body (docs/product.md#ingest). Raises ApiError naming the first bad field."""
     if not isinstance(body, dict):
         raise ApiError("invalid_measurement", f"the body must be a JSON object, got {_type(body)}")
     unknown = sorted(set(body) - TOP_KEYS)

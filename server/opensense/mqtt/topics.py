@@ -1,6 +1,6 @@
 """Topics and the device ACL, as pure functions (no I/O; tested alone).
 
-Layout (PRODUCT.md): opensense/<account id>/<device local_id>
+Layout (docs/product.md#mqtt): opensense/<account id>/<device local_id>
   …                 measurements (QoS 1), published by the device
   …/lwt             retained "online"/"offline" (the device's will), by the device
   …/info            retained JSON (fw version, model, reset cause), by the device
