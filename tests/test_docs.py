@@ -187,3 +187,34 @@ def test_markdown_links_stay_inside_the_repository() -> None:
             if not dest.is_relative_to(ROOT) or not dest.exists():
                 found.append(f"{path.relative_to(ROOT)}: {target}")
     assert not found, found
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a Markdown page's headings."""
+    return {
+        re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+        for m in re.finditer(r"^#+ (.+)$", page.read_text(), re.M)
+    }
+
+
+def test_every_cited_section_exists() -> None:
+    """`docs/product.md#retention` in a comment and `[x](product.md#retention)` in a
+    page name a heading that is there: a renamed section breaks its citations here."""
+    found = []
+    for path in tracked_files():
+        if path.suffix not in {".md", ".py", ".sql", ".toml", ""} or not path.is_file():
+            continue
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            continue
+        cites = [(ROOT / p, a) for p, a in re.findall(r"\b(docs/[\w-]+\.md)#([\w-]+)", text)]
+        if path.suffix == ".md":
+            cites += [
+                ((path.parent / p).resolve(), a)
+                for p, a in re.findall(r"\]\(([\w./-]+\.md)#([\w-]+)\)", text)
+            ]
+        for page, anchor in cites:
+            if not page.exists() or anchor not in anchors(page):
+                found.append(f"{path.relative_to(ROOT)}: {page.name}#{anchor}")
+    assert not found, found
