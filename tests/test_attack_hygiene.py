@@ -257,6 +257,7 @@ def test_a_node_outliving_its_runner_keeps_the_directory_locked(tmp_path: Path) 
             SimNode(node_dir, {"token": "ds_live_y"}, b"ca", {"probes": []})
     finally:
         os.kill(child, signal.SIGKILL)
+        runner.stdout.close()
 
 
 # --- 23: the status page tells the truth ---------------------------------------------
