@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCANNED = ["tests", "tools/bench", "hil"]
-FIRST_PARTY = {"opensense", "opensense_contract", "opensense_gateway", "tests"}
+FIRST_PARTY = {"opensense", "opensense_contract", "opensense_gateway", "tests", "tools"}
 # Modules of the MicroPython unix port, imported by the cases that run under it
 MICROPYTHON_BUILTINS = {"vfs", "micropython", "machine", "network"}
 # Where a script finds local modules: beside itself, the firmware (put on the
