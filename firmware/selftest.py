@@ -11,7 +11,9 @@ if "/lib" in sys.path:
 import json
 
 import hw
-from sense import config, ds18b20, fq, payload, tls
+
+# fq unused here: importing it proves the queue module loads on this chip
+from sense import config, ds18b20, fq, payload, tls  # noqa: F401
 from sense.uplink import Uplink
 
 
@@ -48,8 +50,14 @@ def run():
     for rom in found:
         h = ds18b20.rom_hex(rom)
         st, v = ds18b20.read(b.read_scratch, rom)
-        print("  %s %-12s %s" % (h, names.get(h, "(not in config)"),
-                                 "%.4f C" % v if st == ds18b20.OK else ds18b20.FAULTS[st]))
+        print(
+            "  %s %-12s %s"
+            % (
+                h,
+                names.get(h, "(not in config)"),
+                "%.4f C" % v if st == ds18b20.OK else ds18b20.FAULTS[st],
+            )
+        )
         if st == ds18b20.OK and h in names:
             vals.append((names[h], v + cfg["probes"][h].get("offset", 0)))
     for rom in names:
@@ -77,7 +85,10 @@ def run():
     # always NTP: the RTC may hold what the installer's PC set (local time, not UTC),
     # and a reading dated by it is refused as "in the future" east of UTC
     if not b.ntp_sync(cfg["ntp_host"]):
-        return "no time from NTP (%s): the node dates no reading and opens no TLS without it" % cfg["ntp_host"]
+        return (
+            "no time from NTP (%s): the node dates no reading and opens no TLS without it"
+            % cfg["ntp_host"]
+        )
     up = Uplink(b, cfg, ca, lambda *a: None)
     if not up.connect({"fw_version": "selftest", "model": b.model}):
         return "could not reach the broker %s:%s: %s" % (up.host, up.port, up.last_error)

@@ -109,9 +109,13 @@ class TcpProxy:
 class SiteBroker:
     """Mosquitto with the shipped site config, moved into a temporary directory."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, tls: tuple[Path, Path] | None = None) -> None:
+        """`tls`: (certificate, key) PEM files for the nodes' TLS listener, which then
+        listens on `tls_port` (the firmware speaks TLS only); without it, the loopback
+        listener alone."""
         self.root = root
         self.port = free_port()
+        self.tls_port = free_port() if tls else 0
         self.passwd = root / "site.passwd"
         self.acl = root / "site.acl"
         (root / "data").mkdir(parents=True, exist_ok=True)
@@ -121,10 +125,24 @@ class SiteBroker:
         text = text.replace("/etc/mosquitto/opensense/site.passwd", str(self.passwd))
         text = text.replace("/etc/mosquitto/opensense/site.acl", str(self.acl))
         text = text.replace("/var/lib/mosquitto/", str(root / "data") + "/")
-        # the TLS listener needs certificates; the tests use the loopback listener
-        text = re.sub(r"^listener 8883\ncertfile .*\nkeyfile .*\n", "", text, flags=re.M)
+        if tls:
+            cert, key = tls
+            text = re.sub(
+                r"^listener 8883\ncertfile .*\nkeyfile .*\n",
+                f"listener {self.tls_port} 127.0.0.1\ncertfile {cert}\nkeyfile {key}\n",
+                text,
+                flags=re.M,
+            )
+        else:  # the TLS listener needs certificates; the tests use the loopback listener
+            text = re.sub(
+                r"^listener 8883\ncertfile .*\nkeyfile .*\nuse_username_as_clientid true\n",
+                "",
+                text,
+                flags=re.M,
+            )
         text = text.replace("listener 1883 127.0.0.1", f"listener {self.port} 127.0.0.1")
         assert f"listener {self.port}" in text and "8883" not in text
+        assert not tls or f"listener {self.tls_port}" in text
         assert str(self.passwd) in text and str(self.acl) in text
         if os.geteuid() == 0:
             text += "\nuser root\n"
@@ -135,6 +153,8 @@ class SiteBroker:
                 [MOSQUITTO, "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT
             )
         wait_for(lambda: _listening(self.port), 10, "the site Mosquitto")
+        if tls:
+            wait_for(lambda: _listening(self.tls_port), 10, "the site Mosquitto's TLS listener")
 
     @property
     def reload_command(self) -> str:
@@ -222,14 +242,16 @@ class GatewayProcess:
 
 
 class Node:
-    """A node in site mode: its own token, QoS 1 publishes to the site broker."""
+    """A node in site mode: its own token, QoS 1 publishes to the site broker. It logs
+    in as the firmware does, as its `dev_` id (`user`), and publishes under its
+    `local_id`."""
 
-    def __init__(self, port: int, account: str, local_id: str, token: str) -> None:
+    def __init__(self, port: int, account: str, local_id: str, token: str, user: str) -> None:
         self.topic = f"opensense/{account}/{local_id}"
         self.c = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=f"node-{local_id}", protocol=mqtt.MQTTv311
+            mqtt.CallbackAPIVersion.VERSION2, client_id=user, protocol=mqtt.MQTTv311
         )
-        self.c.username_pw_set(local_id, token)
+        self.c.username_pw_set(user, token)
         self.c.max_inflight_messages_set(100)
         self.c.max_queued_messages_set(0)
         self.connected = threading.Event()
@@ -255,11 +277,13 @@ class Node:
         self.c.loop_stop()
 
 
-def connected_node(port: int, account: str, local_id: str, token: str, timeout: float = 15) -> Node:
+def connected_node(
+    port: int, account: str, local_id: str, token: str, user: str, timeout: float = 15
+) -> Node:
     """A node that got in: retried while the broker may still be reloading its files."""
     deadline = time.monotonic() + timeout
     while True:
-        n = Node(port, account, local_id, token)
+        n = Node(port, account, local_id, token, user)
         if n.connected.wait(2):
             return n
         n.close()
@@ -267,11 +291,13 @@ def connected_node(port: int, account: str, local_id: str, token: str, timeout: 
             raise AssertionError(f"the site broker keeps refusing {local_id}: {n.refused}")
 
 
-def refused_node(port: int, account: str, local_id: str, token: str, timeout: float = 15) -> Any:
+def refused_node(
+    port: int, account: str, local_id: str, token: str, user: str, timeout: float = 15
+) -> Any:
     """The broker's answer to a token it must refuse (retried while it reloads)."""
     deadline = time.monotonic() + timeout
     while True:
-        n = Node(port, account, local_id, token)
+        n = Node(port, account, local_id, token, user)
         answered = time.monotonic() + 5
         while n.refused is None and not n.connected.is_set():
             assert time.monotonic() < answered, "no CONNACK in 5 s"

@@ -647,7 +647,7 @@ async def test_an_alarm_the_site_gateway_already_raised_locally_is_not_sent_agai
     """Issue 5: while the WAN was down the gateway woke people itself; it posts its
     local alert before it forwards the backlog. The server's engine opens the event at
     its true times from the late readings, but people are not alarmed a second time."""
-    from opensense.gateway import service as gateways
+    from opensense.gateway import store as gateways
 
     client, world, app = setup
     await email_target(client, app, world, smtp, "night@example.test")

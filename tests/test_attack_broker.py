@@ -22,8 +22,8 @@ import pytest
 
 from opensense.api.keys import MQTT
 from opensense.app import create_app
-from opensense.mqtt import topics
 from opensense.mqtt.ca import TlsFiles
+from opensense_contract import topics
 
 from .fixtures.processes import free_port
 from .fixtures.server import World, make_world, test_config

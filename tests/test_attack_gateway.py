@@ -31,7 +31,7 @@ import pytest
 
 from opensense.alarms import engine
 from opensense.api.jsonutil import rfc3339
-from opensense.gateway import service as gateways
+from opensense.gateway import store as gateways
 from opensense_gateway import mosquitto
 from opensense_gateway import rules as gw_rules
 from opensense_gateway.config import Config as GwConfig
@@ -244,6 +244,29 @@ def test_http_door_bounds_the_body_before_reading_and_checks_the_token_first(tmp
         status, body = exchange(port, head(str(60 * 1024), token="ds_live_nope_nope"))
         assert (status, body["error"]["code"]) == (401, "token_invalid")
         # and the node of this site still gets in
+        status, body = exchange(port, head(str(len(READING))), READING)
+        assert status == 200 and body["accepted"] == 1, body
+    finally:
+        stop_door(gw)
+
+
+def test_http_door_answers_the_servers_code_for_a_body_it_cannot_read(tmp_path: Path):
+    """Drift of the old private copy: a body nested past the parser's depth escaped the
+    door as a RecursionError (no answer at all), and unreadable JSON was answered
+    invalid_measurement where the server says bad_json (the contract's strict JSON)."""
+    gw = door(tmp_path)
+    assert gw.http is not None
+    port = gw.http.server_address[1]
+    try:
+        deep = b"[" * 30_000 + b"]" * 30_000
+        status, body = exchange(port, head(str(len(deep))), deep)
+        assert (status, body["error"]["code"]) == (400, "bad_json"), body
+        for raw in (b"{", b'{"measurements": [{"type": "temperature", "value": NaN}]}'):
+            status, body = exchange(port, head(str(len(raw))), raw)
+            assert (status, body["error"]["code"]) == (400, "bad_json"), body
+        huge = b'{"measurements": [{"type": "temperature", "value": ' + b"9" * 400 + b"}]}"
+        status, body = exchange(port, head(str(len(huge))), huge)
+        assert (status, body["error"]["code"]) == (400, "invalid_measurement"), body
         status, body = exchange(port, head(str(len(READING))), READING)
         assert status == 200 and body["accepted"] == 1, body
     finally:
@@ -540,7 +563,11 @@ def site_without_periodic_sync(dsn: str, tmp_path: Path) -> Any:
         http={"listen": f"127.0.0.1:{http_port}"},
     )
     try:
-        wait_for(lambda: "fridge02:" in broker.passwd.read_text(), 30, "the first sync")
+        wait_for(
+            lambda: f"{world.device_ids['fridge02']}:" in broker.passwd.read_text(),
+            30,
+            "the first sync",
+        )
         wait_for(lambda: gw.health().get("uplink") == "up", 30, "the uplink")
         yield world, gw, broker, f"http://127.0.0.1:{http_port}"
     except BaseException:
@@ -562,7 +589,7 @@ def test_a_rotated_device_token_stops_working_at_the_site_at_once(site_without_p
     old = world.devices["fridge01"]
     body = {"device": "fridge01", "measurements": [{"type": "temperature", "value": 4.5}]}
     assert post(local + "/v1/ingest", old, body)[0] == 200
-    node = connected_node(broker.port, world.account, "fridge01", old)
+    node = connected_node(broker.port, world.account, "fridge01", old, world.device_ids["fridge01"])
     dropped = threading.Event()
     node.c.on_disconnect = lambda *_: dropped.set()
     node.c.reconnect_delay_set(60, 60)  # no quiet reconnect with the old token meanwhile
@@ -577,6 +604,8 @@ def test_a_rotated_device_token_stops_working_at_the_site_at_once(site_without_p
     assert time.monotonic() - rotated < 15
     node.c.loop_stop()
     # and cannot come back with it; the new token works at the broker and the door
-    assert refused_node(broker.port, world.account, "fridge01", old)
-    connected_node(broker.port, world.account, "fridge01", new).close()
+    assert refused_node(broker.port, world.account, "fridge01", old, world.device_ids["fridge01"])
+    connected_node(
+        broker.port, world.account, "fridge01", new, world.device_ids["fridge01"]
+    ).close()
     assert post(local + "/v1/ingest", new, body)[0] == 200

@@ -15,12 +15,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SCANNED = ["tests", "tools/bench", "hil"]
 FIRST_PARTY = {"opensense", "opensense_contract", "opensense_gateway", "tests", "tools"}
+# Imported only on a path the suite never takes, each with the reason; installed by
+# whoever takes that path
+OPTIONAL = {
+    # tools/bench/report: a candidate engine for a comparison run by hand; the suite
+    # runs that bench with --only reportlab --only haccp_monthly
+    "weasyprint",
+}
 # Modules of the MicroPython unix port, imported by the cases that run under it
 MICROPYTHON_BUILTINS = {"vfs", "micropython", "machine", "network"}
 # Where a script finds local modules: beside itself, the firmware (put on the
 # MicroPython path by the firmware fixtures and benches, with its pinned dependencies
 # and the test helpers of tests/firmware)
-LOCAL_DIRS = [ROOT / "firmware", ROOT / "tests" / "firmware"]
+LOCAL_DIRS = [ROOT, ROOT / "firmware", ROOT / "tests" / "firmware"]  # ROOT: hil, tools
 
 
 def _norm(name: str) -> str:
@@ -73,6 +80,7 @@ def third_party_imports() -> dict[str, set[str]]:
                 if (
                     name in sys.stdlib_module_names
                     or name in FIRST_PARTY
+                    or name in OPTIONAL
                     or is_local(name, path)
                     or (under_mp and (name in MICROPYTHON_BUILTINS or name in fw))
                 ):

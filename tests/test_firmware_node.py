@@ -69,6 +69,8 @@ async def test_node_reports_over_tls_mqtt_and_obeys_commands(fw_app, dsn, clock,
     )
     labels = {label for label, _, _ in health}
     assert {"uptime", "boots", "heap_free", "queue_depth", "drops", "oldest_unsent"} <= labels
+    # the IDF heap's largest free block (issue 17 item 4), the sim's plausible figure
+    assert {v for label, _, v in health if label == "idf_largest"} == {30720}
     assert max(v for label, _, v in health if label == "probe_errors_door") >= 1
     # the first health record is taken at boot, before the Wi-Fi join ends: no RSSI yet
     await wait_for(lambda: rows(dsn, world, "signal"), what=lambda: n.console()[-2000:])

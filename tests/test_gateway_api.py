@@ -10,8 +10,8 @@ import psycopg
 import pytest
 
 from opensense.api.jsonutil import rfc3339
-from opensense.devices import service
-from opensense.gateway import service as gateways
+from opensense.devices import store
+from opensense.gateway import store as gateways
 from opensense.tokens import site_hash
 
 from .fixtures.server import World, make_world
@@ -66,10 +66,10 @@ async def test_ingest_scoped_to_site_exactly_once(client, world: World, dsn, clo
     gid, token = await make_gateway(dsn, world)
     other = await make_world(dsn, config, ("elsewhere",))
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        site2 = await service.create_site(
+        site2 = await store.create_site(
             conn, world.account, {"name": "Other", "vertical": "frozen"}
         )
-        await service.create_device(
+        await store.create_device(
             conn, world.account, {"site_id": site2["id"], "local_id": "remote"}, 4, clock()
         )
     t0 = int(clock().timestamp()) - 3600

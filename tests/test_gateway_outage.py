@@ -21,7 +21,7 @@ import psycopg
 import pytest
 from aiosmtpd.controller import Controller
 
-from opensense.gateway import service as gateways
+from opensense.gateway import store as gateways
 from opensense.settings import Config
 
 from .fixtures.processes import ServerProcess, free_port
@@ -119,7 +119,11 @@ def test_three_day_outage_twenty_nodes_gateway_killed_three_times(dsn, tmp_path:
 
         nodes = [  # retried while Mosquitto reloads its password file
             connected_node(
-                broker.port, world.account, f"fridge{i:02d}", world.devices[f"fridge{i:02d}"]
+                broker.port,
+                world.account,
+                f"fridge{i:02d}",
+                world.devices[f"fridge{i:02d}"],
+                world.device_ids[f"fridge{i:02d}"],
             )
             for i in range(NODES)
         ]

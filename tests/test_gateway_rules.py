@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from opensense_contract import retry, topics
 from opensense_gateway import mosquitto, payload, rules
 from opensense_gateway.uplink import group
 
@@ -88,16 +89,16 @@ def test_channel_rules_beat_site_defaults():
     "attempt,lo,hi", [(0, 0.5, 1), (1, 1, 2), (2, 2, 4), (5, 16, 32), (6, 30, 60), (20, 30, 60)]
 )
 def test_backoff_from_1s_doubling_capped_at_60s_with_jitter(attempt, lo, hi):
-    assert rules.backoff(attempt, 0.0) == lo
-    assert lo <= rules.backoff(attempt, 0.5) < hi
-    assert rules.backoff(attempt, 0.999999) == pytest.approx(hi, rel=1e-5)
+    assert retry.backoff(attempt, 0.0) == lo
+    assert lo <= retry.backoff(attempt, 0.5) < hi
+    assert retry.backoff(attempt, 0.999999) == pytest.approx(hi, rel=1e-5)
 
 
 def test_retry_after():
-    assert rules.retry_after("7") == 7
-    assert rules.retry_after(None) == 60
-    assert rules.retry_after("soon") == 60
-    assert rules.retry_after("0") == 1 and rules.retry_after("99999") == 3600
+    assert retry.retry_after("7") == 7
+    assert retry.retry_after(None) == 60
+    assert retry.retry_after("soon") == 60
+    assert retry.retry_after("0") == 1 and retry.retry_after("99999") == 3600
 
 
 def test_payload_as_the_server_reads_it():
@@ -141,9 +142,9 @@ def test_payload_refusals_say_why(raw, why):
 
 
 def test_topic_names_the_node():
-    assert payload.topic_device("opensense/acc_1/fridge01", "acc_1") == "fridge01"
-    assert payload.topic_device("opensense/acc_2/fridge01", "acc_1") is None
-    assert payload.topic_device("opensense/acc_1/fridge01/lwt", "acc_1") is None
+    assert topics.measurement_device("opensense/acc_1/fridge01", "acc_1") == "fridge01"
+    assert topics.measurement_device("opensense/acc_2/fridge01", "acc_1") is None
+    assert topics.measurement_device("opensense/acc_1/fridge01/lwt", "acc_1") is None
 
 
 def test_group_is_columnar_and_keeps_row_ids():
@@ -179,8 +180,16 @@ def test_broker_files():
     h = mosquitto.mosquitto_hash("secret", b"\x01" * 12)
     assert mosquitto.check_hash("secret", h) and not mosquitto.check_hash("Secret", h)
     text = mosquitto.password_file(
-        [{"local_id": "b", "site_hash": "$7$x"}, {"local_id": "a", "site_hash": None}], "gw", h
+        [
+            {"id": "dev_b", "local_id": "b", "site_hash": "$7$x"},
+            {"id": "dev_a", "local_id": "a", "site_hash": None},
+        ],
+        "gw",
+        h,
     )
-    assert text == f"gw:{h}\nb:$7$x\n"  # a device without a site hash cannot log in
-    acl = mosquitto.acl_file("acc_1", "gw")
-    assert "pattern write opensense/acc_1/%u\n" in acl and "topic read opensense/acc_1/#" in acl
+    # username = the dev_ id, as at the server's broker (the firmware logs in so);
+    # a device without a site hash cannot log in
+    assert text == f"gw:{h}\ndev_b:$7$x\n"
+    acl = mosquitto.acl_file("acc_1", [{"id": "dev_b", "local_id": "b", "site_hash": "$7$x"}], "gw")
+    assert "user dev_b\ntopic write opensense/acc_1/b\n" in acl
+    assert "topic read opensense/acc_1/b/err\n" in acl and "topic read opensense/acc_1/#" in acl

@@ -16,8 +16,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from opensense.devices import service
-from opensense.gateway import service as gateways
+from opensense.devices import store
+from opensense.gateway import store as gateways
 from opensense.settings import Config
 
 from .fixtures.processes import ServerProcess, free_port
@@ -64,7 +64,7 @@ def rotate(dsn: str, world: Any) -> str:
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
             from datetime import UTC, datetime
 
-            _, tok = await service.rotate_device_token(
+            _, tok = await store.rotate_device_token(
                 conn, world.account, world.device_ids["fridge01"], 4, datetime.now(UTC)
             )
             return tok
@@ -93,7 +93,11 @@ def site(dsn: str, tmp_path: Path) -> Any:
         http={"listen": f"127.0.0.1:{http_port}"},
     )
     try:
-        wait_for(lambda: "fridge02:" in broker.passwd.read_text(), 30, "the first sync")
+        wait_for(
+            lambda: f"{world.device_ids['fridge02']}:" in broker.passwd.read_text(),
+            30,
+            "the first sync",
+        )
         wait_for(lambda: gw.health().get("uplink") == "up", 30, "the uplink")
         wait_for(lambda: gw.health().get("site_broker") == "subscribed", 30, "the subscription")
     except AssertionError:
@@ -123,10 +127,22 @@ def test_http_door_tokens_rotation_and_dead_letters(site, dsn):
         assert status == 401 and answer["error"]["code"] == "token_invalid"
 
         # the site broker checks the node's own token: a wrong one cannot connect
-        assert refused_node(broker.port, world.account, "fridge02", world.devices["fridge01"])
+        assert refused_node(
+            broker.port,
+            world.account,
+            "fridge02",
+            world.devices["fridge01"],
+            world.device_ids["fridge02"],
+        )
         # a reading the server refuses (outside the physical range) becomes a dead
         # letter, visible in the gateway's health on the server
-        node = connected_node(broker.port, world.account, "fridge02", world.devices["fridge02"])
+        node = connected_node(
+            broker.port,
+            world.account,
+            "fridge02",
+            world.devices["fridge02"],
+            world.device_ids["fridge02"],
+        )
         node.publish(time.time() - 60, 4.0).wait_for_publish(10)
         node.publish(time.time(), 9999.0).wait_for_publish(10)
         wait_for(lambda: stored(dsn, world.account, "fridge02") == [4.0], 20, "fridge02's reading")
@@ -151,8 +167,12 @@ def test_http_door_tokens_rotation_and_dead_letters(site, dsn):
         status, _ = post(local + "/v1/ingest", new, body | {"ts": recent})
         assert status == 200
         # Mosquitto reloads its password file on SIGHUP, a moment later
-        assert refused_node(broker.port, world.account, "fridge01", old)
-        connected_node(broker.port, world.account, "fridge01", new).close()
+        assert refused_node(
+            broker.port, world.account, "fridge01", old, world.device_ids["fridge01"]
+        )
+        connected_node(
+            broker.port, world.account, "fridge01", new, world.device_ids["fridge01"]
+        ).close()
     except BaseException:
         print(gw.log_text())
         raise

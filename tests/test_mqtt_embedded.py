@@ -15,7 +15,7 @@ import pytest
 
 from opensense.api.jsonutil import rfc3339
 from opensense.api.keys import MQTT
-from opensense.mqtt import topics
+from opensense_contract import topics
 
 from .fixtures.processes import free_port
 from .fixtures.server import World, make_world, test_config

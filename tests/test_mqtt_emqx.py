@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from opensense.app import create_app
-from opensense.mqtt import topics
+from opensense_contract import topics
 
 from .fixtures.server import World, make_world, test_config
 

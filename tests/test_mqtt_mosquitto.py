@@ -26,8 +26,9 @@ from paho.mqtt.properties import Properties
 from opensense.api.jsonutil import rfc3339
 from opensense.api.keys import MQTT
 from opensense.app import create_app
-from opensense.mqtt import dynsec, topics
+from opensense.mqtt import dynsec
 from opensense.mqtt.external import BrokerUrl, default_client_id
+from opensense_contract import topics
 
 from .fixtures.mosquitto import Mosquitto
 from .fixtures.processes import free_port
@@ -317,11 +318,11 @@ async def test_a_new_server_disables_stale_passwords_and_names_devices_without_a
     dev = world.device_ids["fridge01"]
     # rotate behind the broker's back (as if the rotating process died right after)
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        from opensense.devices import service
+        from opensense.devices import store
 
         async with conn.transaction():
-            await service.rotate_device_token(conn, world.account, dev, 4, clock())
-            extra, _ = await service.create_device(
+            await store.rotate_device_token(conn, world.account, dev, 4, clock())
+            extra, _ = await store.create_device(
                 conn, world.account, {"site_id": world.site, "local_id": "fridge09"}, 4, clock()
             )
     second = await external_app(aiohttp_client, dsn, clock, mosquitto.url)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from opensense.mqtt import topics
+from opensense_contract import topics
 
 A, D = "acc_1", "fridge01"
 

@@ -39,9 +39,9 @@ MUTATIONS = (
     Mutation(
         "fq_segment_deleted_before_the_head_moves",
         "firmware/sense/fq.py",
-        "            self._save()  # the head moves past the segment before the segment goes\n"
-        "            os.remove(p)\n",
-        "            os.remove(p)\n            self._save()\n",
+        "            if self._state_fits():  # the head moves past the segment before the segment goes\n"
+        "                os.remove(p)\n",
+        "            os.remove(p)\n            if self._state_fits():\n                pass\n",
         "tests/test_firmware_queue.py::test_queue_under_micropython"
         "[case_power_cut_at_every_step_loses_nothing_committed]",
         "a cut between the delete and the state write loses records no counter owns up to",

@@ -18,7 +18,7 @@ from aiohttp import web
 from schemathesis.engine import events, from_schema
 
 from opensense.app import create_app
-from opensense.devices import service
+from opensense.devices import store
 from opensense.openapi import TTN_EXAMPLE, document
 
 from .fixtures.server import World, make_world, test_config
@@ -93,7 +93,7 @@ def test_every_check_named_is_one_schemathesis_has():
 async def _lorawan_setup(dsn: str, world: World) -> str:
     """A whk_ token, and fridge02 answering to the dev_eui of the document's TTN example."""
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        _, tok = await service.create_token(conn, world.account, "whk", 4, "ttn")
+        _, tok = await store.create_token(conn, world.account, "whk", 4, "ttn")
         await conn.execute(
             "UPDATE devices SET dev_eui = %s WHERE id = %s",
             (TTN_EXAMPLE["end_device_ids"]["dev_eui"], world.device_ids["fridge02"]),

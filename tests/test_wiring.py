@@ -19,7 +19,7 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from opensense import jobs
-from opensense.alarms import service
+from opensense.alarms import tasks
 from opensense.alarms.lifecycle import Change, transition
 from opensense.api.jsonutil import rfc3339
 from opensense.api.keys import STATUS
@@ -325,8 +325,8 @@ async def test_alarm_loops_report_their_health(aiohttp_client, new_database, clo
 
     state: dict[str, float] = {}  # cleared before each pass: the time sweep runs too
     state.clear()
-    await service.evaluator_work(app, True, state)
-    await service.sender_work(app, True, {})
+    await tasks.evaluator_work(app, True, state)
+    await tasks.sender_work(app, True, {})
     snap = await _snap(client)
     assert _comp(snap, "rule_engine")["state"] == "operational"
     assert _comp(snap, "dispatch_email")["state"] == "operational"
@@ -337,8 +337,8 @@ async def test_alarm_loops_report_their_health(aiohttp_client, new_database, clo
         await conn.execute("ALTER TABLE alarm_dirty RENAME TO alarm_dirty_gone")
         await conn.execute("ALTER TABLE outbox RENAME TO outbox_gone")
     state.clear()
-    await service.evaluator_work(app, True, state)
-    await service.sender_work(app, True, {})
+    await tasks.evaluator_work(app, True, state)
+    await tasks.sender_work(app, True, {})
     snap = await _snap(client)
     assert _comp(snap, "rule_engine")["state"] == "outage"
     assert _comp(snap, "dispatch_email")["state"] == "outage"
@@ -352,8 +352,8 @@ async def test_alarm_loops_report_their_health(aiohttp_client, new_database, clo
         await conn.execute("ALTER TABLE alarm_dirty_gone RENAME TO alarm_dirty")
         await conn.execute("ALTER TABLE outbox_gone RENAME TO outbox")
     state.clear()
-    await service.evaluator_work(app, True, state)
-    await service.sender_work(app, True, {})
+    await tasks.evaluator_work(app, True, state)
+    await tasks.sender_work(app, True, {})
     snap = await _snap(client)
     assert _comp(snap, "rule_engine")["state"] == "operational"
     assert _comp(snap, "dispatch_email")["state"] == "operational"

@@ -22,6 +22,12 @@ if ! command -v socat >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/d
   echo "== installing socat"
   apt-get install -y -qq socat >/dev/null || echo "no socat: the mpremote pty test is skipped" >&2
 fi
+# pdftoppm turns rendered reports into PNG test artifacts; reports embed DejaVu Sans
+if { ! command -v pdftoppm >/dev/null || [ ! -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; } \
+   && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "== installing poppler-utils and fonts-dejavu-core"
+  apt-get install -y -qq poppler-utils fonts-dejavu-core >/dev/null || echo "no pdftoppm: report PNGs are not made" >&2
+fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 # the site gateway is its own package (gateway/pyproject.toml); its tests need it here
 .venv/bin/python -m pip install -q --disable-pip-version-check -e gateway

@@ -97,6 +97,17 @@ class Board:
     def free_heap(self):
         return gc.mem_free()
 
+    def idf_largest(self):
+        # the largest free block of the IDF heap, outside the MicroPython heap: mbedTLS
+        # and Wi-Fi allocate there (micropython#14421), and a TLS handshake needs its
+        # record buffers in one piece; a shrinking figure over days is fragmentation
+        try:
+            import esp32
+
+            return max([h[2] for h in esp32.idf_heap_info(esp32.HEAP_DATA)] or [0])
+        except (ImportError, AttributeError, OSError):
+            return -1  # left out of health
+
     def rand16(self):
         import random
 

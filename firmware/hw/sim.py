@@ -18,7 +18,6 @@ import sys
 import time
 
 import vfs
-
 from sense import ds18b20
 
 DIR = os.getenv("OPENSENSE_SIM") or "sim"
@@ -192,6 +191,11 @@ class Board:
     def free_heap(self):
         return gc.mem_free()
 
+    def idf_largest(self):
+        # the unix port has no IDF heap: a plausible ESP32 figure (largest free block
+        # after Wi-Fi and one TLS session), steerable through ctl.json
+        return self._ctl().get("idf_largest", 30720)
+
     def rand16(self):
         return int.from_bytes(os.urandom(2), "little")
 
@@ -267,7 +271,7 @@ class Board:
         out = []
         for p in self._probes():
             if p.get("fault") != "absent":
-                out.append(bytes(int(p["rom"][i:i + 2], 16) for i in range(0, 16, 2)))
+                out.append(bytes(int(p["rom"][i : i + 2], 16) for i in range(0, 16, 2)))
         return out
 
     def convert_all(self):
@@ -301,7 +305,12 @@ class Board:
                 # warming and cooling: a compressor cycle of `period` s around `temp`
                 import math
 
-                ph = 2 * math.pi * (self._true_time() % p.get("period", 2400)) / p.get("period", 2400)
+                ph = (
+                    2
+                    * math.pi
+                    * (self._true_time() % p.get("period", 2400))
+                    / p.get("period", 2400)
+                )
                 temp += p["amp"] * math.sin(ph)
             sp = ds18b20.encode(temp, getattr(self, "bits", {}).get(h, p.get("bits", 12)))
             n = self.reads.get(h, 0) if hasattr(self, "reads") else 0

@@ -8,7 +8,10 @@ DEFAULTS = {
     "resolution": 12,  # DS18B20 bits: 0.0625 degC, 750 ms conversion
     "health_every": 15,  # a health record every N samples
     "batch": 5,  # records held in RAM before one flash append (while not acknowledged)
-    "queue_bytes": 1600000,  # flash for the queue (ESP32 4 MB: 2 MB littlefs partition)
+    # flash for the queue, at most: the queue also stops at the filesystem's free blocks
+    # less a reserve (sense/fq.py); a 4 MB ESP32's 2 MiB littlefs holds ~1.6 MB of it
+    # beside the firmware (`opensense node check` refuses more)
+    "queue_bytes": 1500000,
     "wdt_s": 120,
     "io_timeout_s": 10,
     "ladder": [900, 3600],  # s without uplink: restart Wi-Fi, then reset the chip
@@ -18,6 +21,38 @@ DEFAULTS = {
     "mqtt_retry_s": 300,  # on the HTTPS fallback, MQTT is tried again this often
 }
 MAX_PROBES = 8
+# every key a config may hold, by section; DEFAULTS' keys too (issue 17 item 12)
+KEYS = ("wifi", "server", "account", "device_id", "local_id", "token", "probes")
+SECTION_KEYS = {"wifi": ("ssid", "password"), "server": ("host", "mqtt_port", "https_url")}
+PROBE_KEYS = ("label", "offset")
+
+
+def unknown_keys(cfg):
+    # the installer's check: a misspelt key ("cadance") would silently be a default.
+    # Not run at boot: a node keeps working with a key a newer installer wrote.
+    p = []
+    for k in cfg:
+        if k not in KEYS and k not in DEFAULTS:
+            p.append("%s: not a config key (a typo? the keys are in docs/firmware.md)" % k)
+    for sec in SECTION_KEYS:
+        if isinstance(cfg.get(sec), dict):
+            for k in cfg[sec]:
+                if k not in SECTION_KEYS[sec]:
+                    p.append(
+                        "%s.%s: not a config key (%s takes %s)"
+                        % (sec, k, sec, ", ".join(SECTION_KEYS[sec]))
+                    )
+    probes = cfg.get("probes")
+    if isinstance(probes, dict):
+        for rom in probes:
+            if isinstance(probes[rom], dict):
+                for k in probes[rom]:
+                    if k not in PROBE_KEYS:
+                        p.append(
+                            "probes.%s.%s: not a config key (a probe takes label, offset)"
+                            % (rom, k)
+                        )
+    return p
 
 
 def with_defaults(cfg):
@@ -36,15 +71,15 @@ def _int(v, lo, hi):
 
 def rom_problem(rom):
     if not isinstance(rom, str) or len(rom) != 16:
-        return "must be 16 hex digits (the probe's 64-bit ROM id, e.g. 28ff4a1b2c3d0489)"
+        return "must be 16 hex digits (the probe's 64-bit ROM id, e.g. 28ff4a1b2c3d045a)"
     try:
-        b = bytes(int(rom[i:i + 2], 16) for i in range(0, 16, 2))
+        b = bytes(int(rom[i : i + 2], 16) for i in range(0, 16, 2))
     except ValueError:
         return "must be 16 hex digits"
     if b[0] != 0x28:
         return "is not a DS18B20 (family code 28); check the probe type"
     if crc8(b, 7) != b[7]:
-        return "has a bad CRC: a typo in the ROM id? copy it from `opensense node scan`"
+        return "has a bad CRC: a typo in the ROM id? copy it from the bus scan (docs/firmware.md, Flashing a node, step 3)"
     return None
 
 
@@ -54,7 +89,9 @@ def problems(cfg):
     if not isinstance(w, dict) or not _str(w.get("ssid"), 1, 32):
         p.append("wifi.ssid: give the network name (1 to 32 bytes)")
     elif not (w.get("password") in ("", None) or _str(w.get("password"), 8, 63)):
-        p.append("wifi.password: WPA2 passwords have 8 to 63 characters (empty for an open network)")
+        p.append(
+            "wifi.password: WPA2 passwords have 8 to 63 characters (empty for an open network)"
+        )
     s = cfg.get("server")
     if not isinstance(s, dict) or not _str(s.get("host"), 1, 253) or " " in s.get("host", " "):
         p.append("server.host: give the broker's host name as on its certificate")
@@ -89,7 +126,9 @@ def problems(cfg):
             p.append("probes.%s.label: a short name for the probe (e.g. front, back)" % rom)
             continue
         if v["label"] in labels:
-            p.append("probes.%s.label: %r is used twice; each probe needs its own" % (rom, v["label"]))
+            p.append(
+                "probes.%s.label: %r is used twice; each probe needs its own" % (rom, v["label"])
+            )
         labels.append(v["label"])
         off = v.get("offset", 0)
         if isinstance(off, bool) or not isinstance(off, (int, float)) or not -5 <= off <= 5:
@@ -106,7 +145,9 @@ def problems(cfg):
     if not _int(c["batch"], 1, 60):
         p.append("batch: 1..60 records per flash append")
     if not _int(c["mqtt_keepalive"], 2, 1200):
-        p.append("mqtt_keepalive: 2..1200 s (the server sees a dead node as offline after 1.5x this)")
+        p.append(
+            "mqtt_keepalive: 2..1200 s (the server sees a dead node as offline after 1.5x this)"
+        )
     if not _int(c["mqtt_retry_s"], 10, 86400):
         p.append("mqtt_retry_s: 10..86400 s between MQTT attempts while on the HTTPS fallback")
     if not _int(c["queue_bytes"], 16384, 16000000):

@@ -9,6 +9,9 @@
 #   <seq u32><t u32><boot u16><flags u8><n u8> n * (<chan u8><value f32>) <crc32 u32>
 # little-endian; t is Unix seconds, or uptime seconds of `boot` while flags&1 (the clock
 # was not known yet: the time is filled in from the boot's clock offset once known).
+# flags&2: the values are <i32> integers, not <f32> (health counters: an f32 keeps 24
+# bits, so an uptime past 194 days or a large count would come back rounded, and as a
+# float on the wire).
 #
 # Why it survives a power cut: littlefs commits a file's new data only at close (its
 # metadata log is CRC-checked and copy-on-write), so an append is all or nothing;
@@ -18,9 +21,9 @@
 #
 # Memory habits: no segment is held in RAM; records are read one at a time into a
 # reused buffer; RAM holds at most `batch` unflushed records.
+import json
 import os
 import struct
-import json
 
 try:
     from binascii import crc32
@@ -32,8 +35,24 @@ HDR_LEN = 12
 VAL = "<Bf"
 VAL_LEN = 5
 UNTIMED = 1
+INTS = 2
+I32 = "<Bi"
 SEQ_RESERVE = 256  # sequence numbers reserved per state write (a reboot skips the rest)
 KEEP_BOOTS = 8  # clock offsets remembered for this many boots
+# Erase blocks the queue never takes: littlefs needs free blocks for its copy-on-write
+# metadata (directory pairs, `state` replaces) and the node for config/cadence writes;
+# a littlefs with none left fails every write, the queue's `state` included.
+RESERVE_BLOCKS = 32
+ENOSPC = 28
+
+
+def free_blocks(root):
+    # -> (free erase blocks, block size), or (None, 0) where the port has no statvfs
+    try:
+        st = os.statvfs(root)
+    except (OSError, AttributeError):
+        return None, 0
+    return st[3], st[0]
 
 
 def pack(seq, t, boot, flags, vals):
@@ -41,8 +60,12 @@ def pack(seq, t, boot, flags, vals):
     b = bytearray(HDR_LEN + n * VAL_LEN + 4)
     struct.pack_into(HDR, b, 0, seq, t, boot & 0xFFFF, flags, n)
     o = HDR_LEN
+    ints = flags & INTS
     for c, v in vals:
-        struct.pack_into(VAL, b, o, c, v)
+        if ints:
+            struct.pack_into(I32, b, o, c, max(-0x7FFFFFFF, min(0x7FFFFFFF, int(v))))
+        else:
+            struct.pack_into(VAL, b, o, c, v)
         o += VAL_LEN
     struct.pack_into("<I", b, o, crc32(memoryview(b)[:o]) & 0xFFFFFFFF)
     return bytes(b)
@@ -52,8 +75,9 @@ def unpack(b):
     seq, t, boot, flags, n = struct.unpack_from(HDR, b, 0)
     vals = []
     o = HDR_LEN
+    fmt = I32 if flags & INTS else VAL
     for _ in range(n):
-        vals.append(struct.unpack_from(VAL, b, o))
+        vals.append(struct.unpack_from(fmt, b, o))
         o += VAL_LEN
     return [seq, t, boot, flags, vals]
 
@@ -105,7 +129,7 @@ def _exists(p):
 
 
 class Queue:
-    def __init__(self, root, boot, cap_bytes=1600000, seg_bytes=4000, batch=5):
+    def __init__(self, root, boot, cap_bytes=1500000, seg_bytes=4000, batch=5):
         self.root = root
         self.boot = boot
         self.cap = cap_bytes
@@ -153,6 +177,17 @@ class Queue:
                 if s == self.hi:
                     self.tail_ok = pos_ok
         self._gc()
+        # capacity from what the filesystem really has free (issue 17 item 5): the
+        # configured queue_bytes is an upper bound, never a promise the flash can't keep
+        # (a first estimate: a segment takes whole blocks; littlefs's metadata is
+        # checked for at every new segment, _room)
+        free, bs = free_blocks(root)
+        if free is not None:
+            per_seg = (seg_bytes + bs - 1) // bs
+            self.cap = min(
+                cap_bytes, self.bytes + max(0, free - RESERVE_BLOCKS) // per_seg * seg_bytes
+            )
+        self.full = 0  # times the filesystem itself was full (ENOSPC) at an append
         self.seq = max(st.get("seq", 0), last + 1)
         self.reserved = self.seq  # forces a state write before the first new seq is used
         self.flash_writes = 0  # appends + state replaces, for the wear figures
@@ -172,14 +207,45 @@ class Queue:
         return "%s/s%08d" % (self.root, i)
 
     def _save(self):
+        try:
+            self._write_state()
+        except OSError as e:
+            # no block left even for the state: the oldest segment makes room
+            if e.args[0] != ENOSPC or self.lo >= self.hi:
+                raise
+            self._shrink()
+            self._write_state()
+
+    def _shrink(self):
+        # the filesystem is fuller than the capacity said: the capacity becomes what
+        # the queue holds now less a segment, and the oldest segment goes (counted)
+        self.full += 1
+        self.cap = max(self.seg_bytes, self.bytes - self.seg_bytes)
+        self._drop_oldest()
+
+    def _room(self):
+        # before a new segment: RESERVE_BLOCKS stay free, whatever littlefs's metadata
+        # took meanwhile (statvfs walks the filesystem: once a segment, not per append)
+        while self.lo < self.hi:
+            free, bs = free_blocks(self.root)
+            if free is None or free >= RESERVE_BLOCKS + (self.seg_bytes + bs - 1) // bs:
+                return
+            self._shrink()
+
+    def _write_state(self):
         off = self.offsets
         if len(off) > KEEP_BOOTS:
             for k in sorted(off, key=int)[:-KEEP_BOOTS]:
                 del off[k]
         _write_json(
             self.root + "/state",
-            {"head": self.head, "seq": self.reserved, "drops": self.drops,
-             "untimed": self.untimed, "off": off},
+            {
+                "head": self.head,
+                "seq": self.reserved,
+                "drops": self.drops,
+                "untimed": self.untimed,
+                "off": off,
+            },
         )
         self.flash_writes += 1
 
@@ -195,14 +261,16 @@ class Queue:
         self.flash_writes += 1
         return len(self.chans) - 1
 
-    def add(self, t, timed, vals):
-        # one sampling tick; -> its sequence number. On flash after flush().
+    def add(self, t, timed, vals, ints=False):
+        # one sampling tick; -> its sequence number. On flash after flush(). `ints`: the
+        # values are integers and stay so (INTS)
         if self.seq >= self.reserved:
             self.reserved = self.seq + SEQ_RESERVE
             self._save()
         seq = self.seq
         self.seq += 1
-        self.ram.append(pack(seq, int(t), self.boot, 0 if timed else UNTIMED, vals))
+        flags = (0 if timed else UNTIMED) | (INTS if ints else 0)
+        self.ram.append(pack(seq, int(t), self.boot, flags, vals))
         self.rows += 1
         if len(self.ram) >= self.batch:
             self.flush()
@@ -213,22 +281,45 @@ class Queue:
         if not self.ram:
             return
         n = sum(len(r) for r in self.ram)
-        if self.hi < self.lo or not self.tail_ok or os.stat(self._seg(self.hi))[6] + n > self.seg_bytes:
+        self._drop_oldest(n)  # room first: the append must not be the write that fails
+        if (
+            self.hi < self.lo
+            or not self.tail_ok
+            or os.stat(self._seg(self.hi))[6] + n > self.seg_bytes
+        ):
+            self._room()
             self.hi += 1
             self.tail_ok = True
             if self.head[0] > self.hi:
                 self.head = [self.hi, 0]
-        with open(self._seg(self.hi), "ab") as f:
-            for r in self.ram:
-                f.write(r)
+        while True:
+            try:
+                with open(self._seg(self.hi), "ab") as f:
+                    for r in self.ram:
+                        f.write(r)
+                break
+            except OSError as e:
+                if e.args[0] != ENOSPC:
+                    raise
+                # The flash is fuller than the capacity said (littlefs metadata, another
+                # file): littlefs committed nothing of this append. The oldest segment
+                # goes, counted in `drops` (_shrink); with nothing older left, these
+                # records are the ones lost (counted too).
+                if self.lo >= self.hi:
+                    self.full += 1
+                    self.drops += sum(r[11] for r in self.ram)
+                    self.rows -= len(self.ram)
+                    self.ram = []
+                    self._save()
+                    return
+                self._shrink()
         self.flash_writes += 1
         self.bytes += n
         self.ram = []
-        self._drop_oldest()
 
-    def _drop_oldest(self):
+    def _drop_oldest(self, incoming=0):
         # full: the oldest segment goes first; `drops` counts the readings lost with it
-        while self.bytes > self.cap and self.lo < self.hi:
+        while self.bytes + incoming > self.cap and self.lo < self.hi:
             p = self._seg(self.lo)
             recs = vals = 0
             if self.head[0] <= self.lo:
@@ -247,8 +338,23 @@ class Queue:
             if self.head[0] <= self.lo:
                 self.head = [self.lo + 1, 0]
             self.lo += 1
-            self._save()  # the head moves past the segment before the segment goes
-            os.remove(p)
+            if self._state_fits():  # the head moves past the segment before the segment goes
+                os.remove(p)
+            else:
+                # no room for the state: the segment first (a reboot in between finds
+                # the head behind the oldest segment and moves it on, see __init__;
+                # only this drop's count could be lost)
+                os.remove(p)
+                self._write_state()
+
+    def _state_fits(self):
+        try:
+            self._write_state()
+            return True
+        except OSError as e:
+            if e.args[0] != ENOSPC:
+                raise
+            return False
 
     def set_clock(self, offset):
         # this boot's clock became known: Unix time = offset + uptime
@@ -257,7 +363,7 @@ class Queue:
         for i, r in enumerate(self.ram):
             if r[10] & UNTIMED and struct.unpack_from("<H", r, 8)[0] == self.boot & 0xFFFF:
                 rec = unpack(r)
-                self.ram[i] = pack(rec[0], rec[1] + int(offset), rec[2], 0, rec[4])
+                self.ram[i] = pack(rec[0], rec[1] + int(offset), rec[2], rec[3] & ~UNTIMED, rec[4])
 
     def _time(self, rec):
         if not rec[3] & UNTIMED:

@@ -6,7 +6,8 @@
 import gc
 import json
 
-from sense import config, ds18b20, fq, payload, policy, timefmt
+from sense import config, ds18b20, fq, payload, policy
+from sense import contract as C
 from sense.uplink import Refused, Uplink
 
 FW_VERSION = "0.4.0"
@@ -89,9 +90,12 @@ class Node:
         self.probes = {}  # rom bytes -> (label, offset, channel)
         for rom in c.get("probes", {}):
             p = c["probes"][rom]
-            rb = bytes(int(rom[i:i + 2], 16) for i in range(0, 16, 2))
-            self.probes[rb] = (p["label"], p.get("offset", 0),
-                               self.q.chan("temperature", p["label"], "°C"))
+            rb = bytes(int(rom[i : i + 2], 16) for i in range(0, 16, 2))
+            self.probes[rb] = (
+                p["label"],
+                p.get("offset", 0),
+                self.q.chan("temperature", p["label"], "°C"),
+            )
         self.up = Uplink(b, c, self.ca, self._cmd)
         self.samples = 0
         self.sync_ms = None
@@ -224,11 +228,18 @@ class Node:
         if vals:
             # logged (sim only) before the queue write, so the harness's true time is
             # taken at the instant the clock was read
-            b.event("sample %d %d %d %s" % (self.q.seq, t if t is not None else -u,
-                    self.boots, " ".join("%s=%r" % (self.q.chans[c][1], v) for c, v in vals)))
+            b.event(
+                "sample %d %d %d %s"
+                % (
+                    self.q.seq,
+                    t if t is not None else -u,
+                    self.boots,
+                    " ".join("%s=%r" % (self.q.chans[c][1], v) for c, v in vals),
+                )
+            )
             self.q.add(t if t is not None else u, t is not None, vals)
         if self.samples % self.cfg["health_every"] == 1:
-            self.q.add(t if t is not None else u, t is not None, self.health_vals())
+            self.q.add(t if t is not None else u, t is not None, self.health_vals(), True)
 
     def scan_bus(self):
         # At boot and on cmd/scan: search the bus, keep DS18B20s with a good ROM CRC
@@ -260,10 +271,16 @@ class Node:
         t = self._now()
         oldest = (t - recs[0][1]) if recs and t is not None and recs[0][1] is not None else 0
         h = {
-            "uptime": b.uptime_s(), "boots": self.boots, "heap_free": b.free_heap(),
-            "queue_depth": q.depth(), "oldest_unsent": max(0, oldest), "drops": q.drops,
+            "uptime": b.uptime_s(),
+            "boots": self.boots,
+            "heap_free": b.free_heap(),
+            "idf_largest": b.idf_largest(),
+            "queue_depth": q.depth(),
+            "oldest_unsent": max(0, oldest),
+            "drops": q.drops,
             "refused": self.n_refused,
-            "clock_sync_age": -1 if self.sync_ms is None
+            "clock_sync_age": -1
+            if self.sync_ms is None
             else b.ticks_diff(b.ticks_ms(), self.sync_ms) // 1000,
         }
         for rom in self.probes:
@@ -278,16 +295,27 @@ class Node:
             out.append((q.chan("signal", "wifi", "dBm"), r))
         h = self.health()
         for k in h:
-            unit = "s" if k in ("uptime", "oldest_unsent", "clock_sync_age") else \
-                "B" if k == "heap_free" else "1"
+            unit = (
+                "s"
+                if k in ("uptime", "oldest_unsent", "clock_sync_age")
+                else "B"
+                if k in ("heap_free", "idf_largest")
+                else "1"
+            )
             if h[k] >= 0:
                 out.append((q.chan("health", k, unit), h[k]))
         return out
 
     def info(self):
-        return {"fw_version": FW_VERSION, "model": self.b.model, "reset_cause": self.reset_cause,
-                "boots": self.boots, "cadence": self.cadence, "probes": self.status,
-                "health": self.health()}
+        return {
+            "fw_version": FW_VERSION,
+            "model": self.b.model,
+            "reset_cause": self.reset_cause,
+            "boots": self.boots,
+            "cadence": self.cadence,
+            "probes": self.status,
+            "health": self.health(),
+        }
 
     # --- commands ----------------------------------------------------------------------
     def _cmd(self, name, msg):
@@ -339,7 +367,7 @@ class Node:
             b.event("connected %s" % ("mqtt" if up.mode == 0 else "https"))
         self._crumb_set("p", "send")
         for _ in range(SENDS_PER_STEP):
-            recs, cur = self.q.peek(32)
+            recs, cur = self.q.peek(C.MAX_MEASUREMENTS)
             if not recs:
                 break
             if recs[0][1] is None:
@@ -363,7 +391,9 @@ class Node:
                 return
             if not ok:
                 self.attempt += 1
-                self.next_try = b.ticks_add(b.ticks_ms(), policy.backoff_ms(self.attempt, b.rand16()))
+                self.next_try = b.ticks_add(
+                    b.ticks_ms(), policy.backoff_ms(self.attempt, b.rand16())
+                )
                 b.event("send failed %s" % up.last_error)
                 return
             if up.refusal and len(recs) > 1:
@@ -372,7 +402,9 @@ class Node:
                 # records one at a time, so only the bad one is lost; each record is
                 # sent at most twice, and the queue moves on.
                 self.solo = len(recs)
-                b.event("refused batch %s: sending its %d records one by one" % (up.refusal, len(recs)))
+                b.event(
+                    "refused batch %s: sending its %d records one by one" % (up.refusal, len(recs))
+                )
                 continue
             if up.refusal:
                 # One record the server will never take (retrying cannot change it): it
@@ -438,8 +470,10 @@ class Node:
         b = self.b
         if self.safe:
             print("safe mode: %d crashes in a row; the app is not started." % self.crashes)
-            print("The REPL is free for mpremote for %d s; then the node resets and tries again."
-                  % policy.SAFE_WAIT_S)
+            print(
+                "The REPL is free for mpremote for %d s; then the node resets and tries again."
+                % policy.SAFE_WAIT_S
+            )
             b.event("safe_mode")
             return self._park("safe")
         if self.problems:
@@ -459,7 +493,9 @@ class Node:
                 self.sample()
                 next_sample = b.ticks_add(next_sample, self.cadence * 1000)  # ticks wrap: ticks_add
                 if b.ticks_diff(b.ticks_ms(), next_sample) >= 0:
-                    next_sample = b.ticks_add(b.ticks_ms(), self.cadence * 1000)  # fell behind: no burst
+                    next_sample = b.ticks_add(
+                        b.ticks_ms(), self.cadence * 1000
+                    )  # fell behind: no burst
             self._wifi()
             self._clock()
             self._uplink()

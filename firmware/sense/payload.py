@@ -1,6 +1,8 @@
-# The docs/product.md#ingest payload from queue records (pure). MQTT: without "device";
-# HTTP: the same body plus "device".
+# The ingest payload from queue records (pure). MQTT: without the device key;
+# HTTP: the same body plus the device key (the contract's names: sense.contract).
 import json
+
+from sense import contract as C
 from sense.timefmt import rfc3339
 
 
@@ -11,17 +13,17 @@ def measurements(recs, chans):
         ts = rfc3339(t)
         for c, v in vals:
             kind, label, unit = chans[c]
-            m = {"type": kind, "value": round(v, 4), "ts": ts, "seq": seq}
+            m = {C.KEY_TYPE: kind, C.KEY_VALUE: round(v, 4), C.KEY_TS: ts, C.KEY_SEQ: seq}
             if label:
-                m["label"] = label
+                m[C.KEY_LABEL] = label
             if unit:
-                m["unit"] = unit
+                m[C.KEY_UNIT] = unit
             out.append(m)
     return out
 
 
 def body(recs, chans, device=None):
-    d = {"measurements": measurements(recs, chans)}
+    d = {C.KEY_MEASUREMENTS: measurements(recs, chans)}
     if device:
-        d["device"] = device
+        d[C.KEY_DEVICE] = device
     return json.dumps(d)

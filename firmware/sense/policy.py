@@ -1,10 +1,12 @@
 # Resilience rules as pure functions of counters and time (no I/O, no clock reads):
 # the node loop feeds them numbers, tests feed them numbers too.
+from sense import contract as C
 
-# docs/product.md#client-retry-rule: 5xx -> backoff from 1 s, x2, cap 60 s, jitter;
-# 429 -> Retry-After; 401/403/422 -> never retry (a human must fix the token/config).
-BACKOFF_FIRST_MS = 1000
-BACKOFF_CAP_MS = 60000
+# The contract's client retry rule (opensense_contract.retry): 5xx -> backoff from
+# 1 s, x2, cap 60 s, jitter; 429 -> Retry-After; 401/403/422 and any other 4xx ->
+# never retry (a human must fix the token/config).
+BACKOFF_FIRST_MS = C.BACKOFF_FIRST_MS
+BACKOFF_CAP_MS = C.BACKOFF_CAP_MS
 
 
 def backoff_ms(attempt, rand16, first=BACKOFF_FIRST_MS, cap=BACKOFF_CAP_MS):
@@ -23,9 +25,11 @@ def http_retry(status, retry_after_s=None):
     # and keep the queue; a human must fix the token or the config)
     if 200 <= status < 300:
         return 0
-    if status == 429:
-        return int((retry_after_s or 60) * 1000)
-    if status in (401, 403, 422) or 400 <= status < 500:
+    if status == C.RETRY_STATUS:
+        # the server's Retry-After within the contract's bounds, as the gateway reads it
+        ra = C.RETRY_AFTER_DEFAULT_S if retry_after_s is None else retry_after_s
+        return int(min(C.RETRY_AFTER_MAX_S, max(C.RETRY_AFTER_MIN_S, ra)) * 1000)
+    if status in C.NEVER_RETRY_STATUSES or 400 <= status < 500:
         return -1
     return None  # 5xx: caller uses backoff_ms
 
@@ -83,11 +87,11 @@ def safe_mode(crashes, n=BOOTLOOP_N):
     return crashes >= n
 
 
-def batches(items, n=32):
-    # docs/product.md#ingest: 1..32 measurements a request
+def batches(items, n=C.MAX_MEASUREMENTS):
+    # the contract: 1..MAX_MEASUREMENTS measurements a request
     out = []
     for i in range(0, len(items), n):
-        out.append(items[i:i + n])
+        out.append(items[i : i + n])
     return out
 
 

@@ -12,23 +12,17 @@
 import ssl
 import sys
 
-CFG = {"ca": None, "host": None, "timeout": 10, "feed": None, "resolve": None}
+from sense import net
+from sense.sock import CFG, Sock, feed
+
 _ctx = []
 
 
 def install(ca_der, host, timeout_s, feed, resolve):
     CFG.update(ca=ca_der, host=host, timeout=timeout_s, feed=feed, resolve=resolve)
     _ctx.clear()
-    from sense import net
-
     sys.modules["ussl"] = sys.modules["sense.tls"]
     sys.modules["usocket"] = net
-
-
-def _feed():
-    f = CFG["feed"]
-    if f:
-        f()
 
 
 def context():
@@ -43,52 +37,10 @@ def context():
     return _ctx[0]
 
 
-class Sock:
-    # a socket (plain or TLS) whose blocking mode always keeps the timeout
-    def __init__(self, s, raw):
-        self.s = s
-        self.raw = raw
-        self.rx = 0  # reads that returned data: the uplink's keepalive sees a PINGRESP by it
-
-    def connect(self, addr):
-        _feed()
-        self.s.connect(addr)
-
-    def read(self, n=None):
-        _feed()
-        d = self.s.read() if n is None else self.s.read(n)
-        if d:
-            self.rx += 1
-        return d
-
-    def readinto(self, buf, n=None):
-        _feed()
-        return self.s.readinto(buf) if n is None else self.s.readinto(buf, n)
-
-    def readline(self):
-        _feed()
-        return self.s.readline()
-
-    def write(self, buf, n=None):
-        _feed()
-        return self.s.write(buf) if n is None else self.s.write(buf, n)
-
-    def setblocking(self, flag):
-        self.s.setblocking(flag)
-        if flag:
-            self.raw.settimeout(CFG["timeout"])
-
-    def close(self):
-        try:
-            self.s.close()
-        except OSError:
-            pass
-
-
 def wrap_socket(sock, server_hostname=None, **_kw):
     # every argument but the host name is ignored on purpose: verification stays on
     raw = sock.raw if isinstance(sock, Sock) else sock
-    _feed()
+    feed()
     s = context().wrap_socket(raw, server_hostname=server_hostname or CFG["host"])
-    _feed()
+    feed()
     return Sock(s, raw)

@@ -3,6 +3,7 @@
 # it from the queue only when send() returned True (PUBACK / HTTP 200).
 import json
 
+from sense import contract as C
 from sense import policy, tls
 
 MQTT = 0
@@ -24,7 +25,7 @@ class Uplink:
         self.host = s["host"]
         self.port = s.get("mqtt_port", 8883)
         self.https = s.get("https_url") or ""
-        self.root = "opensense/%s/%s" % (cfg["account"], cfg["local_id"])
+        self.root = "%s/%s/%s" % (C.TOPIC_ROOT, cfg["account"], cfg["local_id"])
         tls.install(ca_der, self.host, cfg["io_timeout_s"], board.wdt_feed, board.getaddrinfo)
         self.c = None
         self.mode = MQTT
@@ -43,39 +44,48 @@ class Uplink:
         # "not connected", connect() tries MQTT first and falls back again if it fails
         if self.c is not None:
             return True
-        return self.mode == HTTP and \
-            self.b.ticks_diff(self.b.ticks_ms(), self.http_at) < self.cfg["mqtt_retry_s"] * 1000
+        return (
+            self.mode == HTTP
+            and self.b.ticks_diff(self.b.ticks_ms(), self.http_at) < self.cfg["mqtt_retry_s"] * 1000
+        )
 
     def connect(self, info):
         # -> True when connected (MQTT, or HTTPS as the fallback)
         from umqtt.simple import MQTTClient, MQTTException
 
         c = MQTTClient(
-            self.cfg["device_id"], self.host, self.port,
-            user=self.cfg["device_id"], password=self.cfg["token"],
-            keepalive=self.keepalive, ssl=True, ssl_params={"server_hostname": self.host},
+            self.cfg["device_id"],
+            self.host,
+            self.port,
+            user=self.cfg["device_id"],
+            password=self.cfg["token"],
+            keepalive=self.keepalive,
+            ssl=True,
+            ssl_params={"server_hostname": self.host},
         )
-        c.set_last_will(self.root + "/lwt", "offline", retain=True, qos=1)
+        lwt = self.root + "/" + C.SUB_LWT
+        c.set_last_will(lwt, C.LWT_OFFLINE, retain=True, qos=1)
         c.set_callback(self._msg)
         try:
             self.stage = "connect"
             c.connect(clean_session=True)
             self.c = c
             self.stage = "lwt"
-            c.publish(self.root + "/lwt", b"online", retain=True, qos=1)
+            c.publish(lwt, C.LWT_ONLINE.encode(), retain=True, qos=1)
             self.stage = "info"
-            c.publish(self.root + "/info", json.dumps(info).encode(), retain=True, qos=1)
+            c.publish(self.root + "/" + C.SUB_INFO, json.dumps(info).encode(), retain=True, qos=1)
             self.stage = "subscribe"
-            c.subscribe(self.root + "/cmd/#", qos=1)
+            c.subscribe(self.root + "/" + C.SUB_CMD + "/#", qos=1)
             # the server acknowledges a payload it refuses (a 4xx is never worth a retry)
             # and says why on …/err (docs/mqtt.md); the embedded broker sends it on this
             # connection before the PUBACK, so send() knows which batch it was
-            c.subscribe(self.root + "/err", qos=1)
+            c.subscribe(self.root + "/" + C.SUB_ERR, qos=1)
         except MQTTException as e:
             self.close()
             self.last_error = "CONNACK refused %s" % e
             if e.args and e.args[0] in (4, 5):  # bad user name or password / not authorized
-                raise Refused(self.last_error)
+                # `from None`: MicroPython prints a warning for a chained cause
+                raise Refused(self.last_error) from None
             return self._failed()
         except (OSError, ValueError, IndexError, AssertionError) as e:
             self.close()
@@ -127,9 +137,10 @@ class Uplink:
 
     def _msg(self, topic, msg):
         t = topic.decode() if isinstance(topic, bytes) else topic
-        if t.startswith(self.root + "/cmd/"):
-            self.on_cmd(t[len(self.root) + 5:], msg)
-        elif t == self.root + "/err":
+        cmd = self.root + "/" + C.SUB_CMD + "/"
+        if t.startswith(cmd):
+            self.on_cmd(t[len(cmd) :], msg)
+        elif t == self.root + "/" + C.SUB_ERR:
             self.refusal = policy.err_code(msg)
 
     def send(self, body):
@@ -140,8 +151,8 @@ class Uplink:
         if self.mode == HTTP:
             return self._post(body)
         try:
-            self.c.publish(self.root, body, qos=1)  # returns after the PUBACK
-            if self.refusal == "rate_limited":
+            self.c.publish(self.root, body, qos=C.MEASUREMENT_QOS)  # returns after the PUBACK
+            if self.refusal == C.RETRY_CODE:
                 self.refusal = None  # not acknowledged: the batch is sent again later
             self.tx_at = self.b.ticks_ms()
             return True
@@ -155,10 +166,13 @@ class Uplink:
 
         try:
             r = urequests.post(
-                self.https.rstrip("/") + "/v1/ingest", data=body,
-                headers={"Authorization": "Bearer " + self.cfg["token"],
-                         "Content-Type": "application/json",
-                         "X-Device-Id": self.cfg["local_id"]},
+                self.https.rstrip("/") + C.INGEST_PATH,
+                data=body,
+                headers={
+                    "Authorization": "Bearer " + self.cfg["token"],
+                    "Content-Type": "application/json",
+                    C.DEVICE_HEADER: self.cfg["local_id"],
+                },
             )
             st = r.status_code
             ra = r.headers.get("Retry-After") if hasattr(r, "headers") else None

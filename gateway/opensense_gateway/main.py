@@ -36,10 +36,15 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from opensense_contract import retry, topics
+from opensense_contract.errors import CODES
+from opensense_contract.payload import MAX_BODY_BYTES
 
 from . import __version__, mosquitto, notify, payload, rules
 from .config import Config, example, http_address, load
-from .store import Store
+from .store import Queued, Store
 from .uplink import Answer, Api, Link, error_text, group
 
 log = logging.getLogger("opensense-gateway")
@@ -122,7 +127,7 @@ class Gateway:
             cfg.mqtt_acl_file,
             cfg.mqtt_reload_command,
             mosquitto.password_file(self.sync_doc.get("devices", []), cfg.mqtt_username, gw_hash),
-            mosquitto.acl_file(self.account, cfg.mqtt_username),
+            mosquitto.acl_file(self.account, self.sync_doc.get("devices", []), cfg.mqtt_username),
         ):
             log.info("site broker credentials updated (%d devices)", len(self.sync_doc["devices"]))
 
@@ -169,7 +174,7 @@ class Gateway:
                 attempt = 0
             else:
                 api.close()
-                self.stop.wait(rules.backoff(attempt, random.random()))
+                self.stop.wait(retry.backoff(attempt, random.random()))
                 attempt = min(attempt + 1, 6)
         api.close()
 
@@ -178,7 +183,7 @@ class Gateway:
     def start_mqtt(self) -> None:
         cfg = self.cfg
         c = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=cfg.mqtt_client_id,
             clean_session=False,  # the broker keeps our subscription and queue while we are down
             protocol=mqtt.MQTTv311,
@@ -193,7 +198,7 @@ class Gateway:
                 log.warning("site broker refused the gateway: %s", rc)
                 return
             self.generation += 1
-            client.subscribe("opensense/+/+", qos=1)
+            client.subscribe(f"{topics.ROOT}/+/+", qos=topics.MEASUREMENT_QOS)
             log.info("connected to the site broker (session present: %s)", _f.session_present)
 
         def on_subscribe(_c: mqtt.Client, _u: Any, _mid: int, codes: Any, _p: Any) -> None:
@@ -258,7 +263,7 @@ class Gateway:
                 acks.append((gen, mid, qos))
                 parts = topic.split("/")
                 account = self.account or (parts[1] if len(parts) > 1 else "")
-                device = payload.topic_device(topic, account)
+                device = topics.measurement_device(topic, account)
                 try:
                     if device is None:
                         raise payload.PayloadError(f"not a measurement topic: {topic[:100]}")
@@ -337,7 +342,7 @@ class Gateway:
             except Exception:  # the uplink thread must never die: log, wait, go on
                 log.exception("uplink round failed; retrying")
                 api.close()
-                self.stop.wait(rules.backoff(attempt, random.random()))
+                self.stop.wait(retry.backoff(attempt, random.random()))
                 attempt = min(attempt + 1, 10)
                 continue
             now = self.clock()
@@ -407,21 +412,21 @@ class Gateway:
         self.store.set_meta("uplink_last_ok", repr(now))
 
     def failed(self, a: Answer, attempt: int) -> float:
-        """How long to wait after a failed call (docs/product.md#client-retry-rule)."""
+        """How long to wait after a failed call (the contract's retry rule)."""
         code, msg = error_text(a)
         if a.status == 0 or a.status >= 500:
             if self.link.is_up() or self.link.state == "unknown":
                 log.warning("server unreachable (%s: %s); keeping readings", code, msg)
             self.link.down(f"{code}: {msg}")
-            return rules.backoff(attempt, random.random())
+            return retry.backoff(attempt, random.random())
         if a.status == 429:
-            return rules.retry_after(a.retry_after)
+            return retry.retry_after(a.retry_after)
         # 401/403: never retried; the rows stay queued until an operator fixes the token
         log.error("server refused the gateway (%s: %s); waiting for SIGHUP", code, msg)
         self.link.refused(f"{code}: {msg}")
         return 0.0
 
-    def forward(self, api: Api, rows: list[Any]) -> Answer:
+    def forward(self, api: Api, rows: list[Queued]) -> Answer:
         body, ids = group(rows)
         body["batch"] = uuid.uuid4().hex
         a = api.call("POST", "/v1/gateway/ingest", body)
@@ -434,7 +439,7 @@ class Gateway:
                 except (KeyError, IndexError, ValueError, TypeError):
                     continue
                 dead.append((rid, str(rej.get("code")), str(rej.get("message"))[:500]))
-            self.store.settle(rows[-1][0], [r[0] for r in rows], dead, now)
+            self.store.settle(rows[-1].id, [r.id for r in rows], dead, now)
             self.forwarded += len(rows)
             if dead:
                 log.warning("server refused %d readings; kept in dead_letters", len(dead))
@@ -442,7 +447,7 @@ class Gateway:
             # the batch as a whole is refused and would be refused again: keep it aside
             code, msg = error_text(a)
             self.store.settle(
-                rows[-1][0], [r[0] for r in rows], [(r[0], code, msg[:500]) for r in rows], now
+                rows[-1].id, [r.id for r in rows], [(r.id, code, msg[:500]) for r in rows], now
             )
             log.error("server refused a batch of %d (%s); kept in dead_letters", len(rows), code)
             return Answer(200, a.body)
@@ -642,7 +647,6 @@ class Gateway:
             self.mqtt.loop_stop()
         if self.http is not None:
             self.http.shutdown()
-            self.http.server_close()  # the listening socket too, not only the loop
         for t in self.threads:
             t.join(10)
         self.store.close()
@@ -653,7 +657,7 @@ class Gateway:
 # bounded before a byte of body is read, the token is checked before the body is
 # read, each connection has a time limit, and only so many are served at once.
 
-MAX_BODY = 64 * 1024  # the server's own HTTP limit
+MAX_BODY = MAX_BODY_BYTES  # the server's own HTTP limit (the contract's)
 DOOR_TIMEOUT_S = 15.0  # per socket operation: a slow or silent client lets go
 DOOR_CONNECTIONS = 64  # served at once; more are closed at accept
 LENGTH = re.compile(r"[0-9]{1,7}")  # digits only: no sign, no spaces, no underscores
@@ -747,7 +751,9 @@ def door_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data)
 
-        def error(self, status: int, code: str, message: str, close: bool = False) -> None:
+        def error(self, code: str, message: str, close: bool = False) -> None:
+            """The server's envelope, with the status the contract gives the code."""
+            status = CODES[code]
             rid = "req_" + uuid.uuid4().hex[:16]
             self.answer(
                 status, {"error": {"code": code, "message": message, "request_id": rid}}, close
@@ -757,13 +763,12 @@ def door_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
             if self.path == "/healthz":
                 self.answer(200, gw.health())
             else:
-                self.error(404, "not_found", "only POST /v1/ingest and GET /healthz here")
+                self.error("not_found", "only POST /v1/ingest and GET /healthz here")
 
         def body_length(self) -> int | None:
             """The body's length from the headers, or None once refused."""
             if self.headers.get("Transfer-Encoding") is not None:
                 self.error(
-                    411,
                     "length_required",
                     "chunked bodies are not taken: send Content-Length",
                     True,
@@ -771,11 +776,10 @@ def door_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
                 return None
             lengths = self.headers.get_all("Content-Length") or []
             if not lengths:
-                self.error(411, "length_required", "send Content-Length (at most 64 KiB)", True)
+                self.error("length_required", "send Content-Length (at most 64 KiB)", True)
                 return None
             if len(lengths) > 1 or not LENGTH.fullmatch(lengths[0]):
                 self.error(
-                    400,
                     "invalid_request",
                     "Content-Length must be one non-negative integer",
                     True,
@@ -783,41 +787,39 @@ def door_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
                 return None
             n = int(lengths[0])
             if n > MAX_BODY:
-                self.error(413, "payload_too_large", "the body is over 64 KiB", True)
+                self.error("payload_too_large", "the body is over 64 KiB", True)
                 return None
             return n
 
         def do_POST(self) -> None:  # noqa: N802
             if self.path.split("?")[0] != "/v1/ingest":
-                return self.error(404, "not_found", "only POST /v1/ingest here", True)
+                return self.error("not_found", "only POST /v1/ingest here", True)
             n = self.body_length()
             if n is None:
                 return None
             auth = self.headers.get("Authorization", "")
             token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
             if not token:
-                return self.error(
-                    401, "auth_required", "send Authorization: Bearer ds_live_…", True
-                )
+                return self.error("auth_required", "send Authorization: Bearer ds_live_…", True)
             device = gw.device_for_token(token)
             if device is None:
                 return self.error(
-                    401, "token_invalid", "the token is not a live token of this site", True
+                    "token_invalid", "the token is not a live token of this site", True
                 )
             raw = self.rfile.read(n)  # bounded, and only for a node of this site
             if len(raw) < n:
-                return self.error(400, "invalid_request", "the body ended early", True)
+                return self.error("invalid_request", "the body ended early", True)
             try:
                 named = self.headers.get("X-Device-Id")
                 if named is not None and named != device:
                     raise payload.PayloadError(f"this token belongs to {device!r}")
                 readings = payload.parse(raw, device, gw.clock())
             except payload.PayloadError as exc:
-                return self.error(400, "invalid_measurement", str(exc))
+                return self.error(exc.code, str(exc))
             w = HttpWait(readings)
             gw.inbox.put(("http", w))
             if not w.done.wait(30) or w.error:
-                return self.error(503, "unavailable", w.error or "the gateway is busy")
+                return self.error("unavailable", w.error or "the gateway is busy")
             self.answer(
                 200,
                 {

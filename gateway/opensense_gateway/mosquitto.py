@@ -17,6 +17,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from opensense_contract import topics
+
 ITERATIONS = 101  # mosquitto_passwd's default for $7$
 
 
@@ -39,30 +41,29 @@ def check_hash(password: str, stored: str) -> bool:
     return secrets.compare_digest(got, want)
 
 
+def _logins(devices: list[dict[str, Any]], gw_user: str) -> list[dict[str, Any]]:
+    return sorted(
+        (d for d in devices if d.get("site_hash") and d.get("id") and d["id"] != gw_user),
+        key=lambda d: str(d["id"]),
+    )
+
+
 def password_file(devices: list[dict[str, Any]], gw_user: str, gw_hash: str) -> str:
-    """One line per device whose live token has a site hash: username = local_id."""
+    """One line per device whose live token has a site hash. Username = the device's
+    `dev_` id, the one login convention of both brokers (the server's and this one:
+    docs/mqtt.md), so a node logs in the same way wherever it is pointed."""
     lines = [f"{gw_user}:{gw_hash}"]
-    lines += [
-        f"{d['local_id']}:{d['site_hash']}"
-        for d in sorted(devices, key=lambda d: d["local_id"])
-        if d.get("site_hash") and d["local_id"] != gw_user
-    ]
+    lines += [f"{d['id']}:{d['site_hash']}" for d in _logins(devices, gw_user)]
     return "\n".join(lines) + "\n"
 
 
-def acl_file(account: str, gw_user: str) -> str:
-    """A node publishes only its own measurements, lwt and info (the topic names it,
-    so the gateway knows which node sent what); the gateway reads them all."""
-    root = f"opensense/{account}/%u"
-    return (
-        "# written by opensense-gateway from the server's sync; do not edit\n"
-        f"pattern write {root}\n"
-        f"pattern write {root}/lwt\n"
-        f"pattern write {root}/info\n"
-        f"pattern read {root}/cmd/#\n"
-        f"\nuser {gw_user}\n"
-        f"topic read opensense/{account}/#\n"
-    )
+def acl_file(account: str, devices: list[dict[str, Any]], gw_user: str) -> str:
+    """Each node publishes only its own measurements, lwt and info (the topic names it
+    by `local_id`, so the gateway knows which node sent what) and reads its own
+    commands and refusals; the gateway reads them all. The contract's device ACL
+    (opensense_contract.topics.mosquitto_acl), one `user` block per device."""
+    logins = [(str(d["id"]), str(d["local_id"])) for d in _logins(devices, gw_user)]
+    return topics.mosquitto_acl(account, logins, gw_user)
 
 
 def _write_if_changed(path: Path, text: str) -> bool:

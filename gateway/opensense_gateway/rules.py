@@ -166,19 +166,3 @@ def check_absence(
     if not silent and st.open_at is not None:
         return replace(st, open_at=None), Event("clear", now, None)
     return st, None
-
-
-def backoff(attempt: int, rand: float) -> float:
-    """docs/product.md#client-retry-rule for 5xx and lost connections: 1 s, ×2 each attempt,
-    capped at 60 s, with jitter (`rand` in [0, 1): the delay is 50..100 % of it)."""
-    base = min(60.0, 2.0 ** max(0, attempt))
-    return base * (0.5 + rand / 2)
-
-
-def retry_after(header: str | None, default: float = 60.0) -> float:
-    """429: the server's Retry-After (seconds), within 1 s .. 1 h."""
-    try:
-        v = float(header) if header is not None else default
-    except ValueError:
-        v = default
-    return min(3600.0, max(1.0, v))

@@ -16,10 +16,23 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .payload import Reading
 from .rules import State
+
+
+class Queued(NamedTuple):
+    """A reading waiting in the queue for the server."""
+
+    id: int  # the queue's row id: settled up to the batch's last one
+    device: str
+    kind: str
+    label: str
+    unit: str
+    ts: float
+    value: float
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS readings (
@@ -125,12 +138,13 @@ class Store:
 
     # --- forwarding -----------------------------------------------------------------
 
-    def oldest(self, n: int) -> list[tuple[int, str, str, str, str, float, float]]:
+    def oldest(self, n: int) -> list[Queued]:
         with self.lock:
-            return self.db.execute(
+            rows = self.db.execute(
                 "SELECT id, device, kind, label, unit, ts, value FROM readings ORDER BY id LIMIT ?",
                 (n,),
             ).fetchall()
+        return [Queued._make(r) for r in rows]
 
     def settle(
         self, last_id: int, ids: Sequence[int], dead: Iterable[tuple[int, str, str]], now: float
@@ -161,7 +175,8 @@ class Store:
 
     def dead_count(self) -> int:
         with self.lock:
-            return int(self.db.execute("SELECT count(*) FROM dead_letters").fetchone()[0])
+            (n,) = self.db.execute("SELECT count(*) FROM dead_letters").fetchone()
+        return int(n)
 
     # --- alarms and alerts -----------------------------------------------------------
 
@@ -217,7 +232,10 @@ class Store:
     def get_meta(self, key: str) -> str | None:
         with self.lock:
             row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else None
+        if row is None:
+            return None
+        (value,) = row
+        return str(value) if value is not None else None
 
     def set_meta(self, key: str, value: str) -> None:
         with self.lock:

@@ -1,5 +1,5 @@
 """Talking to the server: one persistent HTTPS connection, the gw_ token, and the
-docs/product.md#client-retry-rule. Everything here runs on the uplink thread."""
+client retry rule (opensense_contract.retry). Everything here runs on the uplink thread."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ import ssl
 import threading
 import time
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .config import Config
+from .store import Queued
 
 
 @dataclass
@@ -125,9 +127,7 @@ def error_text(a: Answer) -> tuple[str, str]:
     return f"http_{a.status}", "no answer" if a.status == 0 else f"HTTP {a.status}"
 
 
-def group(
-    rows: list[tuple[int, str, str, str, str, float, float]],
-) -> tuple[dict[str, Any], list[list[int]]]:
+def group(rows: Sequence[Queued]) -> tuple[dict[str, Any], list[list[int]]]:
     """Rows (oldest first) as the columnar batch body, and each series' row ids."""
     series: dict[tuple[str, str, str, str], tuple[dict[str, Any], list[int]]] = {}
     for rid, device, kind, label, unit, ts, value in rows:

@@ -1,56 +1,30 @@
-"""The app factory: `create_app(config)` only wires. Pools, writers and background
-tasks live in cleanup_ctx so they start and stop with the app."""
+"""The app factory: `create_app(config)` only wires. It holds the contexts every
+feature shares (the database pool, the token verifier, the request log, the batch
+writer) and the list of features; each feature's `setup(app)` adds its own routes
+and contexts (docs/architecture.md, "Adding a feature"). Pools, writers and
+background tasks live in cleanup_ctx so they start and stop with the app."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import psycopg
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
-from . import db, jobs
-from .alarms.routes import routes as alarm_routes
-from .alarms.service import alarms_ctx
-from .api.keys import (
-    CONFIG,
-    DSN,
-    HEALTH,
-    MQTT,
-    OBSERVER,
-    POOL,
-    REQUEST_LOG,
-    STATUS,
-    VERIFIER,
-    WRITER,
-)
+from opensense_contract.payload import MAX_BODY_BYTES
+
+from . import alarms, db, devices, gateway, ingest, jobs, mqtt, openapi, status, storage
+from .api.keys import CONFIG, DSN, HEALTH, OBSERVER, POOL, REQUEST_LOG, VERIFIER, WRITER
 from .api.middleware import error_middleware
 from .api.requestlog import RequestLog
 from .db import roles as db_roles
-from .devices.routes import routes as device_routes
-from .gateway import push as gateway_push
-from .gateway.routes import routes as gateway_routes
-from .ingest.routes import routes as ingest_routes
-from .ingest.validate import MAX_BODY_BYTES
-from .mqtt.emqx import EmqxApi
-from .mqtt.emqx import routes as emqx_routes
-from .mqtt.side import MqttSide, NoMqtt
-from .openapi import routes as openapi_routes
 from .settings import Config
-from .status import mail as incident_mail
 from .status.health import Health
-from .status.monitor import StatusMonitor
 from .status.observe import Observer
-from .status.routes import routes as status_routes
 from .storage.batcher import BatchWriter
-from .storage.routes import routes as read_routes
 from .tokens import Verifier, load_mac_key
-
-log = logging.getLogger(__name__)
 
 
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -97,98 +71,27 @@ async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
     await writer.stop()
 
 
-async def mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The MQTT side: the embedded broker, an external broker's consumer, or none.
-    Every process also listens for token revocations to cut live sessions."""
-    cfg = app[CONFIG]
-    side: MqttSide
-    if cfg.mqtt == "embedded":
-        from .mqtt.embedded import EmbeddedBroker
-
-        side = EmbeddedBroker(app)
-    elif cfg.mqtt == "external":
-        from .mqtt.external import ExternalBroker
-
-        side = ExternalBroker(app)
-    else:
-        side = NoMqtt()
-    app[MQTT] = side
-    start = getattr(side, "start", None)
-    if start is not None:
-        await start()
-    emqx = EmqxApi(cfg) if cfg.emqx_api_url else None
-    listener = asyncio.create_task(_revocations(app[DSN], side, emqx))
-    yield
-    listener.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await listener
-    if emqx is not None:
-        await emqx.close()
-    stop = getattr(side, "stop", None)
-    if stop is not None:
-        await stop()
-
-
-async def _revocations(dsn: str, side: MqttSide, emqx: EmqxApi | None = None) -> None:
-    """LISTEN opensense_token_revoked: any process's rotation reaches this broker (and
-    EMQX's REST API, when configured: docs/mqtt.md)."""
-    kicks: set[asyncio.Task[bool]] = set()
-    while True:
-        try:
-            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-                await conn.execute("LISTEN opensense_token_revoked")
-                async for note in conn.notifies():
-                    device_id = note.payload.split(" ", 1)[0]
-                    try:
-                        await side.token_revoked(device_id)
-                    except Exception:
-                        log.exception("closing the MQTT session of %s failed", device_id)
-                    if emqx is not None:
-                        # in the background: an unreachable EMQX must not hold the next note
-                        task = asyncio.create_task(emqx.kick(device_id))
-                        kicks.add(task)
-                        task.add_done_callback(kicks.discard)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("token revocation listener lost its connection; reconnecting")
-            await asyncio.sleep(1)
-
-
-async def jobs_ctx(app: web.Application) -> AsyncIterator[None]:
-    cfg = app[CONFIG]
-    task = asyncio.create_task(jobs.scheduler(app[POOL], cfg)) if cfg.jobs_enabled else None
-    yield
-    if task:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-async def status_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The status monitor (snapshot, self-watching) and the incident mailer."""
-    cfg = app[CONFIG]
-    if cfg.incident_smtp_url:
-        incident_mail.SmtpPath.parse(cfg.incident_smtp_url)  # a bad URL stops the start
-    side = app.get(MQTT)
-    if cfg.mqtt == "embedded" and side is not None:
-        app[HEALTH].ok("mqtt", "embedded broker listening")
-    monitor = StatusMonitor(
-        cfg, app[POOL], app[OBSERVER], app[HEALTH], mqtt_connected=getattr(side, "connected", None)
-    )
-    app[STATUS] = monitor
-    await monitor.tick()  # the first snapshot before the first request
-    monitor.start()
-    mailer = asyncio.create_task(incident_mail.run(app[POOL], cfg))
-    yield
-    mailer.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await mailer
-    await monitor.stop()
-
-
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
+
+
+# The features a serving process has, in order: each one's setup adds its routes,
+# its contexts (started in this order, stopped in reverse: the status monitor after
+# the MQTT side it reads) and, through opensense/openapi.py, its OpenAPI part.
+FEATURES: tuple[Callable[[web.Application], None], ...] = (
+    ingest.setup,
+    devices.setup,
+    storage.setup,
+    mqtt.setup,
+    openapi.setup,
+    jobs.setup,
+    alarms.setup,
+    status.setup,
+    gateway.setup,
+)
+# A status-only process (role `status`): the page, /metrics and the incident API
+# (docs/status.md).
+STATUS_FEATURES: tuple[Callable[[web.Application], None], ...] = (status.setup,)
 
 
 def create_app(config: Config, dsn: str) -> web.Application:
@@ -198,35 +101,10 @@ def create_app(config: Config, dsn: str) -> web.Application:
     app[VERIFIER] = Verifier(workers=config.bcrypt_workers)
     app[HEALTH] = Health(config.clock)
     app[OBSERVER] = Observer()
-    if config.role == "status":
-        # a status-only process: the page, /metrics and the incident API (docs/status.md)
-        app.cleanup_ctx.extend([database_ctx, verifier_ctx, request_log_ctx, status_ctx])
-        app.router.add_get("/healthz", healthz)
-        app.router.add_routes(status_routes)
-        return app
-    app.cleanup_ctx.extend(
-        [
-            database_ctx,
-            verifier_ctx,
-            request_log_ctx,
-            writer_ctx,
-            mqtt_ctx,
-            jobs_ctx,
-            alarms_ctx,
-            status_ctx,
-        ]
-    )
+    app.cleanup_ctx.extend([database_ctx, verifier_ctx, request_log_ctx])
+    if config.role != "status":
+        app.cleanup_ctx.append(writer_ctx)  # one batch writer for every door
     app.router.add_get("/healthz", healthz)
-    for table in (
-        ingest_routes,
-        device_routes,
-        read_routes,
-        emqx_routes,
-        openapi_routes,
-        status_routes,
-        alarm_routes,
-    ):
-        app.router.add_routes(table)
-    app.router.add_routes(gateway_routes)
-    gateway_push.setup(app)  # the gateways' sync long-poll (push)
+    for setup in STATUS_FEATURES if config.role == "status" else FEATURES:
+        setup(app)
     return app

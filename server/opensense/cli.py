@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import faulthandler
 import getpass
 import json
@@ -24,7 +25,7 @@ from .api.jsonutil import dumps
 from .audit.publish import SigningKeyError
 from .backup.dump import BackupError as BackupFailed
 from .db import roles as db_roles
-from .devices import service
+from .devices import store
 from .errors import ApiError
 from .ingest.validate import parse_ts
 from .settings import Config
@@ -241,7 +242,20 @@ def cmd_ca(cfg: Config, args: argparse.Namespace) -> int:
     from .mqtt.ca import ensure_tls
 
     hosts = [h.strip() for h in cfg.mqtt_hostnames.split(",") if h.strip()]
+    existed = (cfg.state_dir / "mqtt-tls" / "ca.pem").exists()
+    if not existed and not cfg.state_dir.exists() and not args.new:
+        # run from another folder, the default relative state directory is a new,
+        # empty one: a CA made there silently is one no broker uses (issue 17 item 11)
+        print(
+            f"opensense ca: there is no state directory at {cfg.state_dir}, so no CA: run "
+            "this where the server keeps its state (or set OPENSENSE_STATE_DIR to it); "
+            "`opensense ca --new` makes a new CA there, which no running broker uses yet",
+            file=sys.stderr,
+        )
+        return 2
     tls = ensure_tls(cfg.state_dir, hosts)
+    if not existed:
+        print(f"opensense ca: made a new CA in {tls.ca_cert.parent}", file=sys.stderr)
     if args.der:
         out = Path(args.der)
         out.write_bytes(tls.ca_der())
@@ -253,8 +267,8 @@ def cmd_ca(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_account(cfg: Config, args: argparse.Namespace) -> int:
     async def go(conn: psycopg.AsyncConnection[Any]) -> Any:
-        acc = await service.create_account(conn, args.name, args.email, actor=_actor())
-        tid, token = await service.create_token(
+        acc = await store.create_account(conn, args.name, args.email, actor=_actor())
+        tid, token = await store.create_token(
             conn, acc, "ua_live", cfg.bcrypt_rounds, "cli", actor=_actor()
         )
         return {"account_id": acc, "api_token": token, "note": "the token is shown once; keep it"}
@@ -272,8 +286,8 @@ def cmd_site(cfg: Config, args: argparse.Namespace) -> int:
                 "vertical": args.vertical,
                 "address": args.address,
             }
-            return await service.create_site(conn, args.account, body, actor=_actor())
-        return await service.list_sites(conn, args.account)
+            return await store.create_site(conn, args.account, body, actor=_actor())
+        return await store.list_sites(conn, args.account)
 
     _print(_with_conn(cfg, go))
     return 0
@@ -295,30 +309,30 @@ def cmd_device(cfg: Config, args: argparse.Namespace) -> int:
                 body["name"] = args.name
             if args.dev_eui:
                 body["dev_eui"] = args.dev_eui
-            dev, token = await service.create_device(
+            dev, token = await store.create_device(
                 conn, args.account, body, cfg.bcrypt_rounds, now, actor=_actor()
             )
             return {**dev, "ingest_token": token}
         if a == "list":
-            return await service.list_devices(conn, args.account, now)
+            return await store.list_devices(conn, args.account, now)
         if a == "rotate-token":
-            dev, token = await service.rotate_device_token(
+            dev, token = await store.rotate_device_token(
                 conn, args.account, args.device, cfg.bcrypt_rounds, now, actor=_actor()
             )
             return {**dev, "ingest_token": token}
         if a == "move":
             at = parse_ts(args.effective_at, "effective_at") if args.effective_at else now
-            return await service.move_device(
+            return await store.move_device(
                 conn, args.account, args.device, args.site, at, now, actor=_actor()
             )
         if a == "delete":
-            await service.delete_device(conn, args.account, args.device, now, actor=_actor())
+            await store.delete_device(conn, args.account, args.device, now, actor=_actor())
             return {"deleted": args.device}
         if a == "set-dev-eui":
             if not args.dev_eui:
                 raise ApiError("invalid_request", "--dev-eui is required (16 hex digits, or none)")
             eui = None if args.dev_eui.lower() == "none" else args.dev_eui
-            return await service.patch_device(
+            return await store.patch_device(
                 conn, args.account, args.device, {"dev_eui": eui}, now, actor=_actor()
             )
         raise AssertionError(a)
@@ -361,13 +375,13 @@ def cmd_token(cfg: Config, args: argparse.Namespace) -> int:
 
     async def go(conn: psycopg.AsyncConnection[Any]) -> Any:
         if args.action == "create":
-            tid, token = await service.create_token(
+            tid, token = await store.create_token(
                 conn, args.account, args.kind, cfg.bcrypt_rounds, args.name, actor=_actor()
             )
             return {"id": tid, "kind": args.kind, "token": token}
         if args.action == "list":
-            return await service.list_tokens(conn, args.account, now)
-        await service.revoke_token(conn, args.account, args.token_id, now, actor=_actor())
+            return await store.list_tokens(conn, args.account, now)
+        await store.revoke_token(conn, args.account, args.token_id, now, actor=_actor())
         return {"revoked": args.token_id}
 
     _print(_with_conn(cfg, go))
@@ -452,7 +466,7 @@ def cmd_incident(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(cfg: Config, args: argparse.Namespace) -> int:
-    from .gateway import service as gateways
+    from .gateway import store as gateways
 
     async def go(conn: psycopg.AsyncConnection[Any]) -> Any:
         if args.action == "create":
@@ -494,6 +508,27 @@ def cmd_node(cfg: Config, args: argparse.Namespace) -> int:
         return 2
 
 
+def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
+    from .reports import data as report_data
+    from .reports import load as report_load
+    from .reports import render as report_render
+
+    try:
+        first, last = report_load.month_period(args.month)
+    except ValueError as exc:
+        print(f"opensense report: {exc}", file=sys.stderr)
+        return 2
+
+    async def go(conn: psycopg.AsyncConnection[Any]) -> Any:
+        return await report_load.load_month(conn, args.site, first, last)
+
+    inp = _with_conn(cfg, go)
+    pdf = report_render.render_pdf(report_data.compute(inp), language=args.language)
+    Path(args.out).write_bytes(pdf)
+    print(f"{args.out}: {len(pdf)} bytes, {args.site} {first} – {last} ({args.language})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="opensense", description="OpenSense server and operator tools")
     sub = p.add_subparsers(dest="command", required=True)
@@ -522,6 +557,11 @@ def build_parser() -> argparse.ArgumentParser:
         "ca", help="print the MQTT broker's CA certificate (PEM), or write it as DER"
     )
     s.add_argument("--der", metavar="FILE", help="write the CA as DER (what the firmware loads)")
+    s.add_argument(
+        "--new",
+        action="store_true",
+        help="make a CA in a state directory that does not exist yet (never replaces a CA)",
+    )
     s.set_defaults(fn=cmd_ca)
 
     s = sub.add_parser("account", help="create an account and its first API token")
@@ -634,6 +674,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", default="auto", help="serial port of the node (mpremote connect)")
     s.add_argument("--dry-run", action="store_true", help="check and print the mpremote steps")
     s.set_defaults(fn=cmd_node)
+
+    s = sub.add_parser("report", help="render a compliance report (PDF) of a site's month")
+    s.add_argument("action", choices=["render"])
+    s.add_argument("--site", required=True, help="site id (site_…)")
+    s.add_argument("--month", required=True, help="YYYY-MM, in the site's time zone")
+    s.add_argument("--out", required=True, help="the PDF file to write")
+    s.add_argument("--language", default="en", choices=["en", "de"])
+    s.add_argument("--template", default="haccp_monthly", choices=["haccp_monthly"])
+    s.set_defaults(fn=cmd_report)
     return p
 
 
@@ -647,6 +696,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"opensense: {exc}", file=sys.stderr)
         return 2
+    # resolved once, absolutely, and said (issue 17 item 11): a relative state
+    # directory depends on the folder a command runs in
+    cfg = dataclasses.replace(cfg, state_dir=cfg.state_dir.expanduser().resolve())
+    print(f"opensense: state directory {cfg.state_dir}", file=sys.stderr)
     logging.basicConfig(
         level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from .api.jsonutil import rfc3339
 from .app import create_app
-from .devices import service
+from .devices import store
 from .presets import VERTICALS
 from .settings import Config
 from .statedir import prepare_state_dir, write_secret
@@ -61,9 +61,9 @@ async def ensure_demo(cfg: Config, dsn: str) -> dict[str, Any]:
         dsn, autocommit=True, options="-c timezone=UTC"
     ) as conn:
         async with conn.transaction():
-            acc = await service.create_account(conn, "Demo Café", "demo@opensense.invalid")
-            _, ua = await service.create_token(conn, acc, "ua_live", cfg.bcrypt_rounds, "demo")
-            site = await service.create_site(
+            acc = await store.create_account(conn, "Demo Café", "demo@opensense.invalid")
+            _, ua = await store.create_token(conn, acc, "ua_live", cfg.bcrypt_rounds, "demo")
+            site = await store.create_site(
                 conn,
                 acc,
                 {
@@ -75,7 +75,7 @@ async def ensure_demo(cfg: Config, dsn: str) -> dict[str, Any]:
             )
             devices = {}
             for local_id, name, _, _ in DEVICES:
-                dev, token = await service.create_device(
+                dev, token = await store.create_device(
                     conn,
                     acc,
                     {"site_id": site["id"], "local_id": local_id, "name": name},

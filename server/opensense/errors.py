@@ -11,41 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-# code -> HTTP status. docs/product.md#errors codes, plus the few the HTTP layer itself needs.
-CODES: dict[str, int] = {
-    "bad_json": 400,
-    "invalid_measurement": 400,
-    "invalid_request": 400,
-    "auth_required": 401,
-    "token_invalid": 401,
-    "forbidden": 403,
-    "not_found": 404,
-    "device_not_found": 404,
-    "channel_not_found": 404,
-    "sensor_not_found": 404,
-    "site_not_found": 404,
-    "token_not_found": 404,
-    "incident_not_found": 404,
-    "event_not_found": 404,
-    "rule_not_found": 404,
-    "target_not_found": 404,
-    "uplink_not_found": 404,  # the LoRaWAN tray (docs/api.md)
-    "method_not_allowed": 405,
-    "idempotency_conflict": 409,
-    "conflict": 409,
-    "incident_resolved": 409,
-    "event_state": 409,
-    "length_required": 411,  # the site gateway's local HTTP door (docs/gateway.md)
-    "payload_too_large": 413,
-    "unsupported_media_type": 415,
-    "out_of_range": 422,
-    "unknown_kind": 422,
-    "invalid_range": 422,
-    "invalid_rule": 422,
-    "rate_limited": 429,
-    "internal": 500,
-    "unavailable": 503,
-}
+from opensense_contract import errors as contract_errors
+
+# code -> HTTP status, declared in the wire contract (the gateway answers the same).
+CODES = contract_errors.CODES
 
 
 class ApiError(Exception):

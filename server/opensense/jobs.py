@@ -4,16 +4,19 @@ claimed by one UPDATE that moves `next_run_at` forward, so each run happens once
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from aiohttp import web
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from . import db
+from .api.keys import CONFIG, POOL
 from .settings import Config
 from .storage.compaction import compact
 
@@ -217,3 +220,19 @@ async def scheduler(pool: AsyncConnectionPool, cfg: Config, tick: float = 30.0) 
         except Exception:
             log.exception("scheduler tick failed")
         await asyncio.sleep(tick)
+
+
+async def jobs_ctx(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[CONFIG]
+    task = asyncio.create_task(scheduler(app[POOL], cfg)) if cfg.jobs_enabled else None
+    yield
+    if task:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def setup(app: web.Application) -> None:
+    """The scheduler, in a serving process with OPENSENSE_JOBS on (the database
+    decides which process runs a due job: `claim`)."""
+    app.cleanup_ctx.append(jobs_ctx)

@@ -4,41 +4,37 @@ answers match it."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 
+from opensense_contract.payload import ENTRY_KEYS, MAX_MEASUREMENTS
+
 from . import __version__
+from .alarms import openapi as alarms_doc  # the alarm routes document themselves
+from .api.spec import (
+    ID,
+    MODEL,
+    NAME,
+    NTS,
+    TS,
+    S,
+    body,
+    err,
+    listing,
+    obj,
+    ok,
+    op,
+    path_param,
+    q,
+    ref,
+)
 from .errors import CODES
 from .ingest.tray import STATES as TRAY_STATES
-from .ingest.validate import ENTRY_KEYS, MAX_MEASUREMENTS
 from .kinds import KINDS
 from .presets import VERTICALS
+from .status import apidoc as status_doc
 from .storage.read import AGGS, FNS
 
 routes = web.RouteTableDef()
-
-S = dict[str, Any]
-TS = {"type": "string", "format": "date-time"}
-NTS = {"type": ["string", "null"], "format": "date-time"}
-ID = {"type": "string", "minLength": 1, "maxLength": 64}
-# names as the server takes them: 1-200 characters, not all blank
-NAME = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "\\S"}
-MODEL = {"type": "string", "minLength": 1, "maxLength": 64, "pattern": "\\S"}
-
-
-def ref(name: str) -> S:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def obj(props: S, required: tuple[str, ...] = (), extra: bool = True) -> S:
-    out: S = {"type": "object", "properties": props}
-    if required:
-        out["required"] = list(required)
-    if not extra:
-        out["additionalProperties"] = False
-    return out
-
 
 SCHEMAS: S = {
     "Error": obj(
@@ -362,63 +358,6 @@ SCHEMAS: S = {
 }
 
 
-def listing(item: str) -> S:
-    return obj({"data": {"type": "array", "items": ref(item)}}, ("data",))
-
-
-def err(*statuses: int) -> S:
-    text = {
-        400: "Bad request: the message says which field and why",
-        401: "No token, or a wrong, rotated or revoked one",
-        403: "The token may not do this",
-        404: "No such thing in this account",
-        409: "Conflict with what exists",
-        413: "Body larger than 64 KiB",
-        422: "Well-formed but refused: out of range, unknown kind, invalid range",
-        429: "Rate limited; see Retry-After",
-        503: "The database cannot be reached; retry with backoff (see Retry-After)",
-    }
-    return {
-        str(s): {"description": text[s], "content": {"application/json": {"schema": ref("Error")}}}
-        for s in statuses
-    }
-
-
-def ok(status: int, schema: S | None, description: str = "OK") -> S:
-    if schema is None:
-        return {str(status): {"description": description}}
-    return {
-        str(status): {
-            "description": description,
-            "content": {"application/json": {"schema": schema}},
-        }
-    }
-
-
-def body(schema: S, example: Any = None) -> S:
-    media: S = {"schema": schema}
-    if example is not None:
-        media["example"] = example
-    return {"required": True, "content": {"application/json": media}}
-
-
-def path_param(name: str) -> S:
-    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-
-
-def q(name: str, schema: S, description: str = "", example: Any = None) -> S:
-    out: S = {
-        "name": name,
-        "in": "query",
-        "required": False,
-        "schema": schema,
-        "description": description,
-    }
-    if example is not None:
-        out["example"] = example
-    return out
-
-
 INGEST_EXAMPLE: S = {
     "device": "fridge01",
     "measurements": [
@@ -435,7 +374,6 @@ TTN_EXAMPLE: S = {
 }
 
 
-USER: list[S] = [{"userToken": []}]
 MGMT_ERR = (400, 401, 404, 413, 429)
 
 READ_PARAMS = [
@@ -446,29 +384,6 @@ READ_PARAMS = [
     q("limit", {"type": "integer", "minimum": 1, "maximum": 5000}),
     q("cursor", {"type": "string"}),
 ]
-
-
-def op(
-    summary: str,
-    responses: S,
-    *,
-    security: list[S] | None = None,
-    uses_db: bool = True,
-    **extra: Any,
-) -> S:
-    # Any request may be refused 400 before it reaches the handler: a NUL character
-    # (%00) in the path or the query, or a body that cannot be read.
-    responses = {**responses}
-    responses.setdefault("400", err(400)["400"])
-    if uses_db:
-        responses.setdefault("503", err(503)["503"])
-    out: S = {
-        "summary": summary,
-        "responses": responses,
-        "security": USER if security is None else security,
-    }
-    out.update(extra)
-    return out
 
 
 def document() -> S:
@@ -794,11 +709,7 @@ def document() -> S:
             )
         },
     }
-    from .status import apidoc as status_doc
-
     paths.update(status_doc.paths())
-    from .alarms import openapi as alarms_doc  # the alarm routes document themselves
-
     paths.update(alarms_doc.paths())
     return {
         "openapi": "3.1.0",
@@ -970,3 +881,8 @@ def gateway_paths() -> S:
 @routes.get("/v1/openapi.json")
 async def openapi_json(request: web.Request) -> web.Response:
     return web.json_response(document())
+
+
+def setup(app: web.Application) -> None:
+    """Serve the document; the status and alarm fragments are in it already."""
+    app.router.add_routes(routes)

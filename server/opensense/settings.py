@@ -324,7 +324,8 @@ SETTINGS: tuple[Setting, ...] = (
         "OPENSENSE_MQTT_HOSTNAMES",
         str,
         "localhost,127.0.0.1",
-        "Names and addresses the generated broker certificate is valid for (comma-separated).",
+        "Names and addresses the generated broker certificate is valid for (comma-separated); "
+        "a change issues the certificate again (same CA) at the next start.",
     ),
     Setting(
         "mqtt_url",

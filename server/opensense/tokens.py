@@ -30,6 +30,8 @@ from typing import Any
 import bcrypt
 from psycopg import AsyncConnection
 
+from opensense_contract import retry
+
 from .errors import ApiError
 from .ids import new_id
 from .statedir import create_secret
@@ -317,7 +319,7 @@ class Verifier:
             raise ApiError(
                 "unavailable",
                 "the server is busy checking tokens after a restart; retry in a few seconds",
-                headers={"Retry-After": "5"},
+                headers={"Retry-After": str(retry.SERVER_BUSY_RETRY_S)},
             )
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="bcrypt")

@@ -2,8 +2,8 @@
 # micropython with an ESP32-sized heap (tests/test_firmware_logic.py).
 import json
 
+from sense import config, payload, policy, timefmt
 from sense import ds18b20 as ds
-from sense import payload, policy, timefmt
 
 
 def case_crc8_maxim_an27_vector():
@@ -15,9 +15,17 @@ def case_crc8_maxim_an27_vector():
 
 def case_decode_datasheet_table1():
     # datasheet table 1: temperature/data relationship
-    for raw, deg in ((0x07D0, 125.0), (0x0191, 25.0625), (0x00A2, 10.125), (0x0008, 0.5),
-                     (0x0000, 0.0), (0xFFF8, -0.5), (0xFF5E, -10.125), (0xFE6F, -25.0625),
-                     (0xFC90, -55.0)):
+    for raw, deg in (
+        (0x07D0, 125.0),
+        (0x0191, 25.0625),
+        (0x00A2, 10.125),
+        (0x0008, 0.5),
+        (0x0000, 0.0),
+        (0xFFF8, -0.5),
+        (0xFF5E, -10.125),
+        (0xFE6F, -25.0625),
+        (0xFC90, -55.0),
+    ):
         sp = ds.encode(deg)
         assert sp[0] | sp[1] << 8 == raw, (deg, sp)
         assert ds.decode(sp) == (ds.OK, deg), (deg, ds.decode(sp))
@@ -85,6 +93,10 @@ def case_backoff_doubles_caps_and_jitters():
 def case_http_retry_rule():
     assert policy.http_retry(200) == 0
     assert policy.http_retry(429, 7) == 7000
+    # Retry-After within the contract's bounds, as the gateway reads it (the old
+    # firmware waited 60 s for a "0" and 27 h for a "99999")
+    assert policy.http_retry(429) == 60000
+    assert policy.http_retry(429, 0) == 1000 and policy.http_retry(429, 99999) == 3600000
     assert policy.http_retry(401) == -1 and policy.http_retry(422) == -1
     assert policy.http_retry(503) is None
 
@@ -118,8 +130,14 @@ def case_payload_shape():
     recs = [[7, 1795512896, 3, 0, [(0, 4.0625), (1, -61.0)]]]
     d = json.loads(payload.body(recs, chans, "fridge01"))
     assert d["device"] == "fridge01"
-    assert d["measurements"][0] == {"type": "temperature", "value": 4.0625, "label": "front",
-                                    "unit": "°C", "ts": "2026-11-24T09:34:56Z", "seq": 7}
+    assert d["measurements"][0] == {
+        "type": "temperature",
+        "value": 4.0625,
+        "label": "front",
+        "unit": "°C",
+        "ts": "2026-11-24T09:34:56Z",
+        "seq": 7,
+    }
     assert d["measurements"][1]["type"] == "signal"
 
 
@@ -130,7 +148,7 @@ def case_wifi_step_connects_once_and_retries_only_after_a_failure_or_timeout():
     assert W.wifi_step(W.STAT_CONNECTING, 0) == W.WIFI_WAIT
     assert W.wifi_step(W.STAT_CONNECTING, W.WIFI_TIMEOUT_MS - 1) == W.WIFI_WAIT
     assert W.wifi_step(W.STAT_CONNECTING, W.WIFI_TIMEOUT_MS) == W.WIFI_RETRY
-    assert W.wifi_step(W.STAT_GOT_IP, 10 ** 9) == W.WIFI_UP
+    assert W.wifi_step(W.STAT_GOT_IP, 10**9) == W.WIFI_UP
     for failed in (200, 201, 202, 203, 204, W.STAT_IDLE, -1):
         assert W.wifi_step(failed, 0) == W.WIFI_RETRY, failed
 
@@ -156,3 +174,22 @@ def case_bus_roms_keeps_only_ds18b20s_with_a_good_crc_and_bounds_the_count():
     found, bad = ds.bus_roms(many)
     assert len(found) == ds.MAX_SCAN and bad == 40 - ds.MAX_SCAN
     assert ds.config_byte(9) == 0x1F and ds.config_byte(12) == 0x7F  # datasheet fig. 10
+
+
+def case_unknown_config_keys_are_named():
+    cfg = {
+        "wifi": {"ssid": "s", "pasword": "x"},
+        "server": {"host": "h", "port": 1},
+        "cadance": 60,
+        "cadence": 60,
+        "probes": {"28ff4a1b2c3d045a": {"label": "a", "ofset": 1}},
+    }
+    got = config.unknown_keys(cfg)
+    assert len(got) == 4, got
+    assert got[0].startswith("cadance: not a config key"), got
+    assert [g.split(":")[0] for g in got[1:]] == [
+        "wifi.pasword",
+        "server.port",
+        "probes.28ff4a1b2c3d045a.ofset",
+    ], got
+    assert config.unknown_keys({"wifi": {"ssid": "s"}, "batch": 5, "probes": {}}) == []

@@ -38,6 +38,10 @@ def _fresh():
     if not _FL:
         _FL.append(RamFlash())
     fl = _FL[0]
+    try:
+        fl.umount()  # a failed case left it mounted
+    except OSError:
+        pass
     fl.reset()
     fl.mount(fresh=True)
     return fl
@@ -108,6 +112,103 @@ def case_full_queue_drops_oldest_and_counts():
     got = _all(q)
     assert q.drops > 0 and len(got) + q.drops == 200, (len(got), q.drops)
     assert [g[2][0] for g in got] == [float(i) for i in range(200 - len(got), 200)]
+    fl.umount()
+
+
+def case_health_integers_stay_integers():
+    # an f32 keeps 24 bits: an uptime of 194 days came back as 16777216.0, on the
+    # wire too; integer records keep every bit and stay ints in the payload
+    from sense import payload
+
+    fl = _fresh()
+    q = _q(1)
+    c = q.chan("health", "uptime", "s")
+    d = q.chan("health", "drops", "1")
+    q.add(1795512000, False, [(c, 16777217), (d, 2147483647)], True)
+    q.set_clock(0)  # re-packs the untimed record held in RAM
+    q.add(1795512060, True, [(c, 16777277), (d, 0)], True)
+    q.flush()
+    _reboot(fl)
+    q = _q(2)
+    recs, _ = q.peek(32)
+    got = [v for r in recs for _, v in r[4]]
+    assert got == [16777217, 2147483647, 16777277, 0], got
+    assert all(isinstance(v, int) for v in got), got
+    body = payload.body(recs, q.chans)
+    assert '"value": 16777217' in body and "16777216" not in body, body
+    fl.umount()
+
+
+def _free_blocks():
+    return os.statvfs("/f")[3]
+
+
+def _drain_count(q):
+    # -> (records, first value, last value); the values must be consecutive
+    k = 0
+    first = last = None
+    while True:
+        recs, cur = q.peek(32)
+        if not recs:
+            return k, first, last
+        for r in recs:
+            v = r[4][0][1]
+            assert last is None or v == last + 1, (last, v)
+            first = v if first is None else first
+            last = v
+            k += 1
+        q.ack(cur, len(recs))
+
+
+def case_capacity_comes_from_free_blocks_with_a_reserve():
+    # a queue_bytes far beyond the chip (64 KiB): the queue holds what the free blocks
+    # allow, keeps RESERVE_BLOCKS free, drops the oldest and counts, never raises ENOSPC
+    fl = _fresh()
+    q = _q(1, cap_bytes=16000000, seg_bytes=400)
+    assert q.cap < 64 * 1024, q.cap
+    c = q.chan("temperature", "a", "°C")
+    n = 2000
+    for i in range(n):
+        q.add(1795512000 + 60 * i, True, [(c, float(i)), (c, -float(i))])
+    q.flush()
+    assert _free_blocks() >= fq.RESERVE_BLOCKS, _free_blocks()
+    assert q.drops > 0
+    k, first, last = _drain_count(q)
+    assert k * 2 + q.drops == 2 * n, (k, q.drops)
+    assert last == n - 1 and first == n - k, (first, last, k)
+    fl.umount()
+
+
+def case_a_full_filesystem_drops_the_oldest_segment_and_counts():
+    # another file takes the flash after the queue sized itself: the append that meets
+    # ENOSPC drops the oldest segment (counted) instead of crashing the node
+    fl = _fresh()
+    q = _q(1, cap_bytes=40000, seg_bytes=400)
+    c = q.chan("temperature", "a", "°C")
+    for i in range(60):
+        q.add(1795512000 + 60 * i, True, [(c, float(i))])
+    q.flush()
+    with open("/f/hog", "wb") as f:
+        chunk = b"x" * 512
+        try:
+            while True:
+                f.write(chunk)
+                f.flush()
+        except OSError:
+            pass
+    n = 60
+    for i in range(60, 400):
+        try:
+            q.add(1795512000 + 60 * i, True, [(c, float(i))])
+        except OSError as e:
+            raise AssertionError("add %d raised %r" % (i, e)) from None
+        n += 1
+    q.flush()
+    assert q.full > 0 and q.drops > 0, (q.full, q.drops)
+    got = _all(q)
+    assert len(got) + q.drops == n, (len(got), q.drops, n)
+    vals = [g[2][0] for g in got]
+    assert vals == sorted(vals) and vals[-1] == float(n - 1), vals[-5:]
     fl.umount()
 
 
@@ -208,6 +309,6 @@ def _peek_all(q):
             out.append((r[0], r[1], [round(v, 3) for _, v in r[4]]))
         # walk on without acknowledging: move the head in RAM only
         q.head = [cur[0], cur[1]]
-        q.ram = q.ram[cur[2]:]
+        q.ram = q.ram[cur[2] :]
     q.head, q.rows, q.ram = saved
     return out

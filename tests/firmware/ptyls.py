@@ -1,7 +1,7 @@
 # micropython ptyls.py <image>: every file in a flash image with its sha256
-import sys
 import binascii
 import hashlib
+import sys
 
 import vfs
 

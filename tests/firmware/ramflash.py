@@ -30,7 +30,7 @@ class RamFlash:
         # a blank chip again, without a second 64 KiB allocation
         z = b"\xff" * self.bs
         for i in range(self.n):
-            self.data[i * self.bs:(i + 1) * self.bs] = z
+            self.data[i * self.bs : (i + 1) * self.bs] = z
         self.budget = None
         self.cut = False
         self.ops = 0
@@ -38,7 +38,7 @@ class RamFlash:
 
     def readblocks(self, n, buf, off=0):
         a = n * self.bs + off
-        buf[:] = self.data[a:a + len(buf)]
+        buf[:] = self.data[a : a + len(buf)]
 
     def writeblocks(self, n, buf, off=None):
         a = n * self.bs + (off or 0)
@@ -46,14 +46,14 @@ class RamFlash:
             if not self._go():
                 return 0
             self.erases += 1
-            self.data[n * self.bs:(n + 1) * self.bs] = b"\xff" * self.bs
+            self.data[n * self.bs : (n + 1) * self.bs] = b"\xff" * self.bs
         elif not self._go():
             if self.cut and self.budget == 0:
                 self.budget = -1
                 h = len(buf) // 2
-                self.data[a:a + h] = buf[:h]  # the torn half
+                self.data[a : a + h] = buf[:h]  # the torn half
             return 0
-        self.data[a:a + len(buf)] = buf
+        self.data[a : a + len(buf)] = buf
         return 0
 
     def ioctl(self, op, arg):
@@ -64,7 +64,7 @@ class RamFlash:
         if op == 6:  # erase
             if self._go():
                 self.erases += 1
-                self.data[arg * self.bs:(arg + 1) * self.bs] = b"\xff" * self.bs
+                self.data[arg * self.bs : (arg + 1) * self.bs] = b"\xff" * self.bs
             return 0
         return 0
 

@@ -55,7 +55,9 @@ def mp_cases(module: str, timeout: float = 300, heap: str = HEAP) -> dict[str, s
         elif line.startswith("FAIL "):
             out[line.split()[1]] = line
     if "done" not in r.stdout.splitlines():
-        out["<runner>"] = f"micropython exited {r.returncode}: {r.stdout[-2000:]} {r.stderr[-2000:]}"
+        out["<runner>"] = (
+            f"micropython exited {r.returncode}: {r.stdout[-2000:]} {r.stderr[-2000:]}"
+        )
     return out
 
 

@@ -10,6 +10,9 @@ from ramflash import RamFlash  # noqa: E402
 from sense import fq  # noqa: E402
 
 QUICK = "--quick" in sys.argv
+# --install <file>: lines "<host path> <chip path>" of what `opensense node flash`
+# copies (fwqueue.py writes it): the footprint the queue shares the partition with
+INSTALL = sys.argv[sys.argv.index("--install") + 1] if "--install" in sys.argv else None
 PROBES = 3
 DAY = 1440  # one sampling tick a minute
 HEALTH_EVERY = 15
@@ -86,3 +89,57 @@ while True:
     k += len(recs)
 print("drain_records=%d" % k)
 print("drain_ms_host=%d" % time.ticks_diff(time.ticks_ms(), t0))
+
+
+# days of outage the queue holds beside the installed firmware, for 1, 3 and 8 probes:
+# the files `opensense node flash` copies on a fresh 2 MiB littlefs, then the queue with
+# no queue_bytes limit (only the free blocks and the reserve bound it), filled offline
+# at a reading a minute plus the node's health record every 15 minutes until its
+# first drop
+def install():
+    n = 0
+    if not INSTALL:
+        return 0
+    import os
+
+    for line in open(INSTALL):
+        src, dest = line.split()
+        parts = dest.split("/")[1:-1]
+        for i in range(1, len(parts) + 1):
+            try:
+                os.mkdir("/f/" + "/".join(parts[:i]))
+            except OSError:
+                pass
+        with open(src, "rb") as f, open("/f" + dest, "wb") as g:
+            while True:
+                b = f.read(4096)
+                if not b:
+                    break
+                g.write(b)
+                n += len(b)
+    return n
+
+
+for probes in (1, 3, 8):
+    fresh()
+    footprint = install()
+    free0 = __import__("os").statvfs("/f")[3]
+    q = fq.Queue("/f/q", 1, 16000000, 4000, 5)
+    cap = q.cap
+    chans = [q.chan("temperature", "p%d" % i, "°C") for i in range(probes)]
+    hch = [q.chan("health", "h%d" % i, "1") for i in range(9)]
+    n = 0
+    limit = (1 if QUICK else 90) * DAY
+    while q.drops == 0 and n < limit:
+        q.add(1795000000 + 60 * n, True, [(c, 4.0) for c in chans])
+        if n % HEALTH_EVERY == 0:
+            q.add(1795000000 + 60 * n, True, [(c, float(n)) for c in hch])
+        n += 1
+    q.flush()
+    print("footprint_bytes=%d" % footprint)
+    print("free_blocks_after_install=%d" % free0)
+    print("probes%d_capacity_bytes=%d" % (probes, cap))
+    print("probes%d_bytes_per_day=%d" % (probes, q.bytes * DAY // n))
+    # filled: the ticks it held until its first drop; --quick: from its capacity
+    print("probes%d_days=%.1f" % (probes, (n - 1) / DAY if q.drops else cap / (q.bytes / n) / DAY))
+    print("probes%d_filled=%d" % (probes, 1 if q.drops else 0))

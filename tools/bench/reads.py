@@ -17,6 +17,7 @@ the "before" figures of the same run.
 
     tools/bench/reads                # 13 months (~1 min on 2 cores, most of it building the data)
     tools/bench/reads --days 60      # a shorter range
+    tools/bench/reads --quick        # 14 days (a smoke run, seconds)
     tools/bench/reads --dsn postgresql://postgres@127.0.0.1:5432/test   # a server to make a scratch db on
 """
 
@@ -24,25 +25,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import secrets
 import sys
-import tempfile
 import time
 import tracemalloc
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import sql
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from alarms import server_dsn, with_db  # noqa: E402  (the bench's own helpers)
-
-from opensense import db  # noqa: E402
-from opensense.storage import read, write  # noqa: E402
-from opensense.storage.compaction import compact  # noqa: E402
+from _lib import pg, runner
+from _lib.report import ratio, say
+from opensense import db
+from opensense.storage import read, write
+from opensense.storage.compaction import compact
 
 NUM = 1_000_001  # a channel number of the bench's own (measurements has no foreign key)
 
@@ -104,66 +100,62 @@ async def peak(way: Callable[..., Awaitable[int]], conn: Any, lo: datetime, hi: 
         tracemalloc.stop()
 
 
-async def main() -> None:
+async def run(frame: runner.Frame, days: int) -> None:
+    with pg.scratch(frame.dsn, "opensense_bench_reads") as dsn:
+        await compare(dsn, days)
+
+
+async def compare(dsn: str, days: int) -> None:
+    """Build the data, then time both ways over it."""
+    pg.migrate(dsn)
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    hi = datetime(now.year, now.month, now.day, tzinfo=UTC)
+    lo = hi - timedelta(days=days)
+    n = days * 1440
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        t0 = time.perf_counter()
+        months = {db.month_start((lo + timedelta(days=d)).date()) for d in range(days + 2)}
+        await write.ensure_month_partitions(conn, months)
+        await conn.execute(
+            "INSERT INTO measurements (channel_num, ts, value) SELECT %s,"
+            " %s + make_interval(mins => i), 3.5 + 1.5 * sin(i / 37.0)"
+            " FROM generate_series(0, %s) AS i",
+            (NUM, lo, n - 1),
+        )
+        await conn.execute(
+            "INSERT INTO measurements (channel_num, ts, value) SELECT %s,"
+            " %s + make_interval(mins => i), 4.0 FROM generate_series(0, 3 * 1440) AS i",
+            (NUM, hi),
+        )  # the last 3 days stay raw (compaction leaves them), as in production
+        moved = await compact(conn, hi + timedelta(days=3), 3)
+        say(f"data: {n} readings over {days} days, {moved} packed"
+              f" ({time.perf_counter() - t0:.1f} s to build)")  # fmt: skip
+        rows = {}
+        for label, way in (("before", before), ("after", after)):
+            took, stall, buckets = await measure(way, conn, lo, hi + timedelta(days=3), "p95")
+            mem = await peak(way, conn, lo, hi + timedelta(days=3))
+            rows[label] = (took, stall, mem, buckets)
+        b = rows["before"]
+        say(f"{'fn=p95 agg=1d':<16}{'time':>10}{'loop stall':>14}{'peak alloc':>14}{'buckets':>9}")
+        for label, (took, stall, mem, buckets) in rows.items():
+            say(
+                f"{label:<16}{took:>9.2f}s{stall * 1000:>12.0f}ms{mem / 1e6:>12.1f}MB{buckets:>9}"
+                f"   (x{ratio(took, b[0]):.2f} time, x{ratio(stall, max(b[1], 1e-9)):.3f} stall,"
+                f" x{ratio(mem, b[2]):.3f} memory)"
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--days", type=int, default=396, help="range in days (default 13 months)")
+    ap.add_argument("--days", type=int, help="range in days (default 13 months, --quick 14)")
+    ap.add_argument("--quick", action="store_true", help="14 days")
     ap.add_argument("--dsn", help="PostgreSQL server (admin DSN) to make a scratch database on")
-    args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="opensense-bench-reads-"))
-    admin, embedded = server_dsn(args, tmp)
-    name = f"opensense_bench_reads_{secrets.token_hex(3)}"
-    with psycopg.connect(admin, autocommit=True) as c:
-        c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    dsn = with_db(admin, name)
-    try:
-        db.migrate(dsn)
-        now = datetime.now(UTC).replace(second=0, microsecond=0)
-        hi = datetime(now.year, now.month, now.day, tzinfo=UTC)
-        lo = hi - timedelta(days=args.days)
-        n = args.days * 1440
-        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-            t0 = time.perf_counter()
-            months = {db.month_start((lo + timedelta(days=d)).date()) for d in range(args.days + 2)}
-            await write.ensure_month_partitions(conn, months)
-            await conn.execute(
-                "INSERT INTO measurements (channel_num, ts, value) SELECT %s,"
-                " %s + make_interval(mins => i), 3.5 + 1.5 * sin(i / 37.0)"
-                " FROM generate_series(0, %s) AS i",
-                (NUM, lo, n - 1),
-            )
-            await conn.execute(
-                "INSERT INTO measurements (channel_num, ts, value) SELECT %s,"
-                " %s + make_interval(mins => i), 4.0 FROM generate_series(0, 3 * 1440) AS i",
-                (NUM, hi),
-            )  # the last 3 days stay raw (compaction leaves them), as in production
-            moved = await compact(conn, hi + timedelta(days=3), 3)
-            print(f"data: {n} readings over {args.days} days, {moved} packed"
-                  f" ({time.perf_counter() - t0:.1f} s to build)")  # fmt: skip
-            rows = {}
-            for label, way in (("before", before), ("after", after)):
-                took, stall, buckets = await measure(way, conn, lo, hi + timedelta(days=3), "p95")
-                mem = await peak(way, conn, lo, hi + timedelta(days=3))
-                rows[label] = (took, stall, mem, buckets)
-            b = rows["before"]
-            print(
-                f"{'fn=p95 agg=1d':<16}{'time':>10}{'loop stall':>14}{'peak alloc':>14}{'buckets':>9}"
-            )
-            for label, (took, stall, mem, buckets) in rows.items():
-                print(
-                    f"{label:<16}{took:>9.2f}s{stall * 1000:>12.0f}ms{mem / 1e6:>12.1f}MB{buckets:>9}"
-                    f"   (x{took / b[0]:.2f} time, x{stall / max(b[1], 1e-9):.3f} stall,"
-                    f" x{mem / b[2]:.3f} memory)"
-                )
-    finally:
-        with psycopg.connect(admin, autocommit=True) as c:
-            c.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
-        if embedded is not None:
-            del embedded
+    args = ap.parse_args(argv)
+    days = args.days or (14 if args.quick else 396)
+    return runner.run("reads", args.dsn, lambda frame: run(frame, days))
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    sys.exit(main())

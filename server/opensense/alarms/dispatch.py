@@ -5,10 +5,11 @@ are sent, so with several server processes each message goes out once; a crash
 mid-send rolls the claim back and the row is sent after the restart. Every
 attempt is written to `outbound_log` (kept 90 days by the retention job).
 
-Pacing per recipient, as docs/product.md#notifications sets it: a Telegram chat gets at most one
-message per 10 s — what piles up meanwhile goes out as one grouped message (a
-"queue overflow" summary when the oldest waited more than 2 min); an email
-recipient gets at most 10 messages an hour, the rest as one digest. Several rows
+Pacing per recipient is its path's (`paths.PATHS`, as docs/product.md#notifications sets it): a
+Telegram chat gets at most one message per 10 s — what piles up meanwhile goes out
+as one grouped message (a "queue overflow" summary when the oldest waited more than
+2 min); an email recipient gets at most 10 messages an hour, the rest as one digest.
+Nothing here names a path: what a path does differently is a field of its entry. Several rows
 due together for one recipient are grouped by site into one message
 (Alertmanager-style: a storm is one message, not fifty).
 
@@ -45,15 +46,10 @@ from .paths import Outcome
 
 log = logging.getLogger(__name__)
 
-TELEGRAM_GAP = timedelta(seconds=10)
 OVERFLOW_AFTER = timedelta(minutes=2)
-EMAIL_PER_HOUR = 10
 MAX_ATTEMPTS = 20
 INTERNAL_MAX = 3  # an unexpected exception is most likely the row itself: give up sooner
 FAILING_AFTER = timedelta(minutes=5)
-# The alarm dispatch paths of P1 (docs/product.md#incident-classes). A webhook is one customer's own
-# endpoint: its failures are in the outbound log, not a service incident.
-PEOPLE_PATHS = ("telegram", "email")
 
 CLAIM_SQL = """
 SELECT o.id, o.account_id, o.target_id, o.event_id, o.kind, o.payload, o.attempts,
@@ -142,13 +138,10 @@ async def send_one(
     msg: dict[str, Any],
     now: datetime,
 ) -> Outcome:
-    if path == "telegram":
-        return await paths.send_telegram(session, cfg, address, msg)
-    if path == "email":
-        return await paths.send_email(cfg, address, msg, secret)
-    return await paths.send_webhook(
-        address, secret or "", delivery_id, msg, now, cfg.webhook_allow_private
-    )
+    p = paths.PATHS.get(path)
+    if p is None:  # stored by hand or by a release that had it: never sendable here
+        return Outcome("invalid", None, f"not sendable: no notification path {path[:40]!r}")
+    return await p.send(paths.Send(session, cfg, address, secret, delivery_id, msg, now))
 
 
 async def _attempt(
@@ -206,7 +199,7 @@ async def dispatch_due(
         pacing = {p["target_id"]: p for p in await cur.fetchall()}
         for tid, grp in groups.items():
             first = grp[0]
-            if first["path"] == "email" and not first["verified"]:
+            if _verify(first["path"]) and not first["verified"]:
                 held = [r for r in grp if r["kind"] != "verify"]
                 for r in held:  # double opt-in: nothing but the confirmation goes out
                     o = Outcome("dropped", None, "the recipient has not confirmed yet")
@@ -230,7 +223,7 @@ async def dispatch_due(
                     (wait, [r["id"] for r in grp]),
                 )
                 continue
-            if first["path"] == "webhook" or len(grp) == 1:
+            if not paths.is_people(first["path"]) or len(grp) == 1:
                 for r in grp:
                     sends.append(([r], _payload(r), f"dlv_{r['id']}"))
             else:
@@ -279,7 +272,7 @@ async def _hold_per_channel(
     keys = {
         (r["target_id"], r["channel_id"])
         for r in rows
-        if r["kind"] == "alarm_opened" and r["channel_id"] and r["path"] != "webhook"
+        if r["kind"] == "alarm_opened" and r["channel_id"] and paths.is_people(r["path"])
     }
     if not keys or interval_s <= 0:
         return rows
@@ -294,7 +287,7 @@ async def _hold_per_channel(
     keep = []
     for r in rows:
         at = last.get((r["target_id"], r["channel_id"])) if r["kind"] == "alarm_opened" else None
-        if at is None or r["path"] == "webhook":
+        if at is None or not paths.is_people(r["path"]):
             keep.append(r)
             continue
         await conn.execute(
@@ -304,20 +297,23 @@ async def _hold_per_channel(
     return keep
 
 
+def _verify(path: str) -> bool:
+    p = paths.PATHS.get(path)
+    return p is not None and p.verify
+
+
 def _secret(t: dict[str, Any]) -> str | None:
-    """What the path signs with: a webhook's secret; an email's unsubscribe token."""
-    return t["token"] if t["path"] == "email" else t["secret"]
+    """What the path's send gets: a verify path's link token (the unsubscribe link),
+    otherwise the signing secret (a webhook's)."""
+    value: str | None = t["token"] if _verify(t["path"]) else t["secret"]
+    return value
 
 
 def _paced_until(path: str, p: dict[str, Any] | None, now: datetime) -> datetime | None:
-    if p is None:
+    np = paths.PATHS.get(path)
+    if p is None or np is None or np.pacing is None:
         return None
-    if path == "telegram" and p["last_sent_at"] and now - p["last_sent_at"] < TELEGRAM_GAP:
-        return p["last_sent_at"] + TELEGRAM_GAP
-    if path == "email" and now - p["window_start"] < timedelta(hours=1):
-        if p["sent"] >= EMAIL_PER_HOUR:
-            return p["window_start"] + timedelta(hours=1)
-    return None
+    return np.pacing(p, now)
 
 
 async def _settle(
@@ -342,7 +338,7 @@ async def _settle(
             r["event_id"], r["kind"], o, attempt, now,
         )  # fmt: skip
     if o.status == "ok":
-        status = "sent" if len(grp) == 1 or first["path"] == "webhook" else "digested"
+        status = "sent" if len(grp) == 1 or not paths.is_people(first["path"]) else "digested"
         await conn.execute(
             "UPDATE outbox SET status = %s, attempts = attempts + 1, sent_at = %s, last_error = NULL"
             " WHERE id = ANY(%s)",
@@ -383,7 +379,9 @@ async def check_paths(
     opened = []
     async with pool.connection() as conn, conn.transaction():
         figures = await probes.dispatch(conn, now, min_accounts)
-        for path in PEOPLE_PATHS:
+        # the paths people read; a webhook is one customer's own endpoint: its
+        # failures are in the outbound log, not a service incident
+        for path in paths.people_paths():
             d = figures.get(path) or {}
             attempts, failed = d.get("attempts_5m", 0), d.get("failed_5m", 0)
             failing = (
@@ -459,7 +457,7 @@ async def send_test(
     msg["data"] = {"test": True, "by": by}
 
     async def one(t: dict[str, Any]) -> Outcome:
-        if t["path"] == "email" and not t["verified"]:
+        if _verify(t["path"]) and not t["verified"]:
             return Outcome("dropped", None, "the recipient has not confirmed yet")
         row = {**t, "kind": "test", "payload": msg}
         return await _attempt(session, cfg, [row], lambda: msg, f"dlv_test_{t['id']}", now)

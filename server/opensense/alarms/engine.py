@@ -12,7 +12,8 @@ Readings are fed in timestamp order, so buffered readings that arrive hours late
 produce the transitions that really happened, with their real times. The caller
 persists `RuleState` (as JSON) between calls and keeps checkpoints to rewind to.
 
-Rule kinds are declared once, as data, in `RULE_KINDS`.
+Rule kinds are declared once, as data: `RULE_KINDS` (the contract) and
+`rule_kinds.BEHAVIOURS` (what each does).
 """
 
 from __future__ import annotations
@@ -27,18 +28,22 @@ from zoneinfo import ZoneInfo
 
 from dateutil.rrule import rrule, rrulestr
 
-from opensense_contract.rules import (  # noqa: F401  (re-exported for the engine's callers)
-    HIST_MAX_S,
-    RULE_KINDS,
-    SEVERITIES,
-    Param,
-    RuleKind,
-    check_params,
+from opensense_contract.rules import (  # re-exported: the engine's callers read them here
+    HIST_MAX_S as HIST_MAX_S,
 )
+from opensense_contract.rules import RULE_KINDS as RULE_KINDS
+from opensense_contract.rules import SEVERITIES as SEVERITIES
+from opensense_contract.rules import Param as Param
+from opensense_contract.rules import RuleKind as RuleKind
+from opensense_contract.rules import check_params as check_params
+
+from . import rule_kinds
 
 # --- rule kinds -------------------------------------------------------------------------
 # What a kind is on the wire (name, params, defaults, whether a gateway runs it) is
-# the contract's (server/opensense_contract/rules.py); its behaviour is below.
+# the contract's (server/opensense_contract/rules.py); what it does (its check, the
+# history it keeps, whether time alone can breach it) is its entry in
+# rule_kinds.BEHAVIOURS. Nothing below branches on a kind's name.
 
 
 UTC_ZONE = ZoneInfo("UTC")
@@ -293,13 +298,13 @@ def _no_lookup(_cid: str, _t: datetime) -> float | None:
 
 
 def _hist_window(rule: Rule) -> timedelta:
-    # clamped: a rule stored with a longer window (by hand, or an older release) is
-    # judged over a day rather than growing its state without end
-    if rule.kind == "delta":
-        return timedelta(seconds=min(HIST_MAX_S, float(rule.params.get("interval_s", 600))))
-    if rule.kind == "derivative":
-        return timedelta(seconds=min(HIST_MAX_S, float(rule.params.get("window_s", 3600))))
-    return timedelta(0)
+    return rule_kinds.behaviour(rule.kind).history(rule.params)
+
+
+def _gap(rule: Rule) -> Callable[[Mapping[str, Any]], timedelta] | None:
+    """A time-driven kind's gap (None: judged by readings alone, or no such kind)."""
+    b = rule_kinds.BEHAVIOURS.get(rule.kind)
+    return b.gap if b is not None else None
 
 
 def breach(
@@ -311,33 +316,9 @@ def breach(
     lookup: Lookup = _no_lookup,
 ) -> bool | None:
     """Is this reading out of bounds? None: cannot tell (keeps the current state).
-    `state.hist` already holds this reading."""
-    k = rule.kind
-    if k == "range":
-        lo, hi = params.get("ok_min"), params.get("ok_max")
-        return (lo is not None and value < lo) or (hi is not None and value > hi)
-    if k == "delta":
-        vals = [v for _, v in state.hist]
-        return max(vals) - min(vals) > float(params["max_delta"])
-    if k == "derivative":
-        if len(state.hist) < 2:
-            return None
-        t0, v0 = state.hist[0]
-        span = (ts - t0).total_seconds()
-        if span < _hist_window(rule).total_seconds() / 2:
-            return None  # too short a baseline to call a trend
-        rate = (value - v0) / (span / 3600.0)
-        lo, hi = params.get("min_rate"), params.get("max_rate")
-        return (lo is not None and rate < lo) or (hi is not None and rate > hi)
-    if k == "comparison":
-        other = lookup(str(params["other_channel_id"]), ts)
-        if other is None:
-            return None
-        ref = other + float(params.get("offset", 0))
-        return value < ref if params.get("op") == "lt" else value > ref
-    if k == "absence":
-        return False  # a reading is the opposite of absence; gaps are judged in step()
-    raise ValueError(f"unknown rule kind {k}")
+    `state.hist` already holds this reading. The kind's behaviour decides
+    (rule_kinds.BEHAVIOURS); ValueError for a kind without one."""
+    return rule_kinds.behaviour(rule.kind).breach(rule, params, state, ts, value, lookup)
 
 
 def advance(rule: Rule, st: RuleState, t: datetime, out: list[Transition]) -> RuleState:
@@ -385,8 +366,9 @@ def step(
     out: list[Transition] = []
     if st.last_ts is not None and ts <= st.last_ts:
         return st, out  # already seen (the caller rewinds for truly late readings)
-    if rule.kind == "absence" and st.last_ts is not None:
-        gap_start = st.last_ts + timedelta(seconds=float(rule.params["max_gap_s"]))
+    gap = rule_kinds.behaviour(rule.kind).gap
+    if gap is not None and st.last_ts is not None:
+        gap_start = st.last_ts + gap(rule.params)
         if ts > gap_start:  # the gap really happened: open (and judge) it at its true times
             st = advance(rule, st, gap_start, out)
             st = _judge(rule, st, gap_start, True, None, out)
@@ -418,8 +400,9 @@ def tick(rule: Rule, st: RuleState, now: datetime) -> tuple[RuleState, list[Tran
     hold an alarm back); an absence rule notices its gap. Clearing needs a reading in
     range, so it is only ever confirmed by data."""
     out: list[Transition] = []
-    if rule.kind == "absence" and st.last_ts is not None and st.status == "ok":
-        gap_start = st.last_ts + timedelta(seconds=float(rule.params["max_gap_s"]))
+    gap = _gap(rule)
+    if gap is not None and st.last_ts is not None and st.status == "ok":
+        gap_start = st.last_ts + gap(rule.params)
         if now > gap_start:
             st = _judge(rule, st, gap_start, True, None, out)
     if st.status == "grace":
@@ -431,8 +414,9 @@ def due_at(rule: Rule, st: RuleState) -> datetime | None:
     """When `tick` would next change something (the sweep's schedule)."""
     if st.status == "grace" and st.since is not None:
         return st.since + rule.grace
-    if rule.kind == "absence" and st.status == "ok" and st.last_ts is not None:
-        return st.last_ts + timedelta(seconds=float(rule.params["max_gap_s"]))
+    gap = _gap(rule)
+    if gap is not None and st.status == "ok" and st.last_ts is not None:
+        return st.last_ts + gap(rule.params)
     return None
 
 

@@ -35,10 +35,11 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from psycopg import AsyncConnection
+from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from . import engine, outbox
+from . import engine, outbox, rule_kinds
 from .engine import Rule, RuleState, Transition, Window
 from .lifecycle import AuditEntry, Change, transition, write_audit
 
@@ -60,6 +61,26 @@ SELECT c.num, c.id, c.account_id, c.device_id, s.timezone,
 FROM channels c JOIN devices d ON d.id = c.device_id JOIN sites s ON s.id = d.site_id
 WHERE c.num = ANY(%s)
 """
+
+
+@dataclass(frozen=True)
+class StateRow:
+    """A channel's `alarm_state` row as the evaluator reads it."""
+
+    channel_num: int
+    rules: dict[str, Any]  # rule id -> RuleState JSON
+    events: dict[str, Any]  # rule id -> open event id
+    checkpoints: list[Any]  # [[iso time, rules, events], ...], oldest first
+    last_ts: datetime | None  # judged up to this reading
+
+
+STATE_SQL = "SELECT channel_num, rules, events, checkpoints, last_ts FROM alarm_state"
+
+
+async def _states(conn: AsyncConnection[Any], sql: str, args: Any) -> dict[int, StateRow]:
+    cur = conn.cursor(row_factory=class_row(StateRow))
+    await cur.execute(STATE_SQL + sql, args)
+    return {r.channel_num: r for r in await cur.fetchall()}
 
 
 @dataclass
@@ -184,12 +205,9 @@ async def evaluate_dirty(
             " WHERE num = ANY(%s) ORDER BY num ON CONFLICT DO NOTHING",
             (nums,),
         )
-        cur = await conn.execute(
-            "SELECT channel_num, rules, events, checkpoints, last_ts FROM alarm_state"
-            " WHERE channel_num = ANY(%s) ORDER BY channel_num FOR UPDATE",
-            (nums,),
+        states = await _states(
+            conn, " WHERE channel_num = ANY(%s) ORDER BY channel_num FOR UPDATE", (nums,)
         )
-        states = {int(r[0]): r[1:] for r in await cur.fetchall()}
         meta = await _meta(conn, nums)
         plans = {
             num: _plan(states[num], dirty[num], st) for num in nums if num in meta and num in states
@@ -240,10 +258,11 @@ class Plan:
     judged_to: datetime | None = None  # where the channel stood (a replay ends there)
 
 
-def _plan(row: tuple[Any, ...], since: datetime, st: Stats) -> Plan:
+def _plan(row: StateRow, since: datetime, st: Stats) -> Plan:
     """From where to judge: where the channel stands, or — for late readings — the
     last checkpoint before them (or a fresh state a day earlier)."""
-    rules_json, events, checkpoints, last_ts = dict(row[0]), dict(row[1]), list(row[2]), row[3]
+    rules_json, events, checkpoints = dict(row.rules), dict(row.events), list(row.checkpoints)
+    last_ts = row.last_ts
     tiny = timedelta(microseconds=1)
     if last_ts is None:
         return Plan(rules_json, events, checkpoints, since - tiny)
@@ -279,19 +298,21 @@ async def _readings(
 async def _lookup_for(
     conn: AsyncConnection[Any], m: Meta, lo: datetime, hi: datetime
 ) -> engine.Lookup:
-    """The other channels' values around the readings, for comparison rules."""
+    """The other channels' values around the readings, for the rules whose kind
+    compares against another channel (RuleBehaviour.other_channel)."""
     series: dict[str, tuple[list[datetime], list[float]]] = {}
     for r in m.rules:
-        if r.kind != "comparison":
+        other_of = rule_kinds.behaviour(r.kind).other_channel
+        if other_of is None:
             continue
-        other = str(r.params["other_channel_id"])
+        other = other_of(r.params)
         cur = await conn.execute(
             "SELECT m.ts, m.value FROM measurements m JOIN channels c ON c.num = m.channel_num"
             " WHERE c.id = %s AND c.account_id = %s AND m.ts BETWEEN %s AND %s ORDER BY m.ts",
             (other, m.account_id, lo - timedelta(hours=1), hi),
         )
         rows = await cur.fetchall()
-        series[other] = ([x[0] for x in rows], [float(x[1]) for x in rows])
+        series[other] = ([ts for ts, _ in rows], [float(v) for _, v in rows])
 
     def lookup(cid: str, t: datetime) -> float | None:
         ts, vs = series.get(cid, ([], []))
@@ -323,7 +344,7 @@ async def _run(
         checkpoints.append([last.isoformat(), {k: s.to_json() for k, s in states.items()}, events])
     lookup = (
         await _lookup_for(conn, m, readings[0][0], readings[-1][0])
-        if any(r.kind == "comparison" for r in m.rules)
+        if any(rule_kinds.behaviour(r.kind).other_channel for r in m.rules)
         else engine._no_lookup
     )
     trs: list[Transition] = []
@@ -422,12 +443,11 @@ async def tick_due(pool: AsyncConnectionPool, now: datetime, limit: int = 500) -
     """Time-driven steps: grace running out with no new reading, absence gaps."""
     n = 0
     async with pool.connection() as conn, conn.transaction():
-        cur = await conn.execute(
-            "SELECT channel_num, rules, events, checkpoints, last_ts FROM alarm_state"
+        rows = await _states(
+            conn,
             " WHERE due_at <= %s ORDER BY channel_num LIMIT %s FOR UPDATE SKIP LOCKED",
             (now, limit),
         )
-        rows = {int(r[0]): r[1:] for r in await cur.fetchall()}
         if not rows:
             return 0
         meta = await _meta(conn, sorted(rows))
@@ -436,27 +456,44 @@ async def tick_due(pool: AsyncConnectionPool, now: datetime, limit: int = 500) -
             m = meta.get(num)
             if m is None:
                 continue
-            states = {r.id: RuleState.from_json(row[0].get(r.id)) for r in m.rules}
-            events = dict(row[1])
+            states = {r.id: RuleState.from_json(row.rules.get(r.id)) for r in m.rules}
+            events = dict(row.events)
             trs: list[Transition] = []
             for r in m.rules:
                 states[r.id], out = engine.tick(r, states[r.id], now)
                 trs.extend(out)
             trs.sort(key=lambda t: t.at)
             await apply(conn, m, trs, events, now, pending)
-            await conn.execute(SAVE_SQL, save_params(m, states, events, list(row[2]), None, now))
+            await conn.execute(
+                SAVE_SQL, save_params(m, states, events, list(row.checkpoints), None, now)
+            )
             n += len(trs)
         await write_audit(conn, pending)
     return n
+
+
+@dataclass(frozen=True)
+class DeviceSeen:
+    """A device whose connectivity changed: silent past 2 x cadence, or back."""
+
+    id: str
+    account_id: str
+    last_seen_at: datetime
+    cadence_s: int
+    offline_since: datetime | None  # set: it was offline (device_alarm_state)
+    event_id: str | None  # its open device_offline event
+    channel_id: str | None  # its first channel, to hang the event on
 
 
 async def check_devices(pool: AsyncConnectionPool, now: datetime) -> int:
     """device_offline after 2 x cadence without a message; device_online when back."""
     n = 0
     async with pool.connection() as conn, conn.transaction():
-        cur = await conn.execute(
+        cur = conn.cursor(row_factory=class_row(DeviceSeen))
+        await cur.execute(
             "SELECT d.id, d.account_id, d.last_seen_at, d.cadence_s, a.offline_since, a.event_id,"
             " (SELECT c.id FROM channels c WHERE c.device_id = d.id ORDER BY c.num LIMIT 1)"
+            " AS channel_id"
             " FROM devices d LEFT JOIN device_alarm_state a ON a.device_id = d.id"
             " WHERE d.deleted_at IS NULL AND d.last_seen_at IS NOT NULL AND ("
             "  (a.offline_since IS NULL AND d.last_seen_at < %s - make_interval(secs => 2 * d.cadence_s))"
@@ -465,7 +502,9 @@ async def check_devices(pool: AsyncConnectionPool, now: datetime) -> int:
             (now,),
         )
         pending: list[AuditEntry] = []
-        for dev, acc, seen, cadence, off_since, ev_id, chan in await cur.fetchall():
+        for d in await cur.fetchall():
+            dev, acc, seen, cadence = d.id, d.account_id, d.last_seen_at, d.cadence_s
+            off_since, ev_id, chan = d.offline_since, d.event_id, d.channel_id
             if off_since is None:
                 if chan is None:
                     continue  # no channel to hang the event on yet

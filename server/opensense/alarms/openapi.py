@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..openapi import NTS, TS, body, err, obj, ok, op, path_param, q
+from ..api.spec import NTS, TS, body, err, obj, ok, op, path_param, q
 from . import engine, outbox
+from . import paths as notify_paths
 
 S = dict[str, Any]
 STR = {"type": "string"}
@@ -78,29 +79,49 @@ RULE_FIELDS: S = {
     "enabled": {"type": "boolean"},
     "windows": {"type": "array", "items": WINDOW, "maxItems": 20},
 }
-RULE = obj(
-    {
-        "id": STR,
-        "channel_id": STR,
-        "kind": {"type": "string", "enum": list(engine.RULE_KINDS)},
-        **RULE_FIELDS,
-    },  # fmt: skip
-    ("id", "channel_id", "kind", "params"),
-)
-TARGET = obj(
-    {
-        "id": STR,
-        "site_id": NSTR,
-        "path": {"type": "string", "enum": ["telegram", "email", "webhook"]},
-        "address": STR,
-        "name": STR,
-        "roles": {"type": "array", "items": {"type": "string", "enum": list(outbox.ROLES)}},
-        "verified": {"type": "boolean"},
-        "created_at": TS,
-        "secret": {"type": "string", "description": "webhooks: the signing secret, shown once"},
-    },
-    ("id", "path", "address"),
-)
+
+
+# The enums of rule kinds and notification paths are read from their declarations
+# (engine.RULE_KINDS, paths.PATHS) each time the document is built.
+def kind_enum() -> S:
+    return {"type": "string", "enum": list(engine.RULE_KINDS)}
+
+
+def path_enum(added_by_api: bool = False) -> S:
+    """Every declared path, or (added_by_api) those POST /v1/targets adds."""
+    ps = notify_paths.PATHS.values()
+    return {"type": "string", "enum": [p.name for p in ps if p.check or not added_by_api]}
+
+
+def rule_schema() -> S:
+    return obj(
+        {"id": STR, "channel_id": STR, "kind": kind_enum(), **RULE_FIELDS},
+        ("id", "channel_id", "kind", "params"),
+    )
+
+
+def target_schema() -> S:
+    return obj(
+        {
+            "id": STR,
+            "site_id": NSTR,
+            "path": path_enum(),
+            "address": STR,
+            "name": STR,
+            "roles": {"type": "array", "items": {"type": "string", "enum": list(outbox.ROLES)}},
+            "verified": {"type": "boolean"},
+            "created_at": TS,
+            "secret": {
+                "type": "string",
+                "description": "webhooks: the signing secret, shown once",
+            },
+        },
+        ("id", "path", "address"),
+    )
+
+
+RULE = rule_schema()
+TARGET = target_schema()
 STEP = obj(
     {
         "delay_min": {"type": "integer", "minimum": 0, "maximum": 1440},
@@ -157,6 +178,7 @@ HTML_OK: S = {"200": {"description": "An HTML page", "content": {"text/html": {"
 
 
 def paths() -> S:
+    RULE, TARGET = rule_schema(), target_schema()  # noqa: N806  (the enums as declared now)
     return {
         "/v1/events": {
             "get": op(
@@ -200,7 +222,7 @@ def paths() -> S:
                 requestBody=body(
                     obj(
                         {
-                            "kind": {"type": "string", "enum": list(engine.RULE_KINDS)},
+                            "kind": kind_enum(),
                             **RULE_FIELDS,
                         },
                         ("kind",),
@@ -245,7 +267,7 @@ def paths() -> S:
                 requestBody=body(
                     obj(
                         {
-                            "path": {"type": "string", "enum": ["email", "webhook"]},
+                            "path": path_enum(added_by_api=True),
                             "address": {"type": "string", "minLength": 1, "maxLength": 500},
                             "name": {"type": "string", "maxLength": 2000},
                             "roles": {

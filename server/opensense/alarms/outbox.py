@@ -14,10 +14,11 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from psycopg import AsyncConnection
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, scalar_row
 from psycopg.types.json import Jsonb
 
 from ..api.jsonutil import rfc3339
+from . import paths
 
 DEFAULT_STEPS: list[dict[str, Any]] = [{"delay_min": 0, "to": "everyone"}]
 STEP_TARGETS = ("on_shift", "manager", "everyone")
@@ -56,7 +57,7 @@ def in_opening_hours(hours: dict[str, Any], tz: str, t: datetime) -> bool:
 
 
 def _pick(targets: list[dict[str, Any]], to: Any, open_now: bool) -> list[dict[str, Any]]:
-    people = [t for t in targets if t["path"] != "webhook"]
+    people = [t for t in targets if paths.is_people(t["path"])]
     if isinstance(to, list):
         return [t for t in people if t["id"] in to]
     if to == "everyone":
@@ -176,16 +177,18 @@ async def enqueue_opened(
 ) -> None:
     ctx = await _context(conn, ev["channel_id"])
     site_id = ctx.get("site_id")
-    cur = await conn.execute("SELECT steps FROM escalation_policies WHERE site_id = %s", (site_id,))
-    row = await cur.fetchone()
-    steps = row[0] if row else DEFAULT_STEPS
+    cur = conn.cursor(row_factory=scalar_row)
+    await cur.execute("SELECT steps FROM escalation_policies WHERE site_id = %s", (site_id,))
+    steps = await cur.fetchone()
+    if steps is None:
+        steps = DEFAULT_STEPS
     targets = await _targets(conn, ev["account_id"], site_id)
     quiet = await silenced(conn, ev["account_id"], site_id, ev["channel_id"], now)
     status = "silenced" if quiet else "pending"
     payload = message(kind, ev, ctx)
     local = await covered_locally(conn, ev, now) if kind == "alarm_opened" else None
-    for t in targets:  # machines hear everything at once
-        if t["path"] == "webhook":
+    for t in targets:  # machines (webhooks) hear everything at once
+        if not paths.is_people(t["path"]):
             await put(
                 conn, account_id=ev["account_id"], target_id=t["id"], event_id=ev["id"], kind=kind,
                 key=f"{ev['id']}:{kind}:{t['id']}", payload=payload, due=now, status=status,
@@ -219,7 +222,8 @@ async def covered_locally(
     its end): the people were woken once; they are not woken again for it. Webhooks (machines) still hear the event, so integrations keep the full record.
     Only alerts posted with the gateway's live token count (a rotated or deleted
     gateway's alerts do not), and one without a clear only for LOCAL_ALERT_TTL."""
-    cur = await conn.execute(
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(
         "SELECT l.gateway_id, l.path, l.opened_at FROM local_alerts l"
         " JOIN gateways g ON g.id = l.gateway_id AND g.deleted_at IS NULL"
         " JOIN tokens t ON t.id = l.token_id AND t.revoked_at IS NULL"
@@ -238,7 +242,7 @@ async def covered_locally(
     row = await cur.fetchone()
     if row is None:
         return None
-    return {"gateway_id": row[0], "path": row[1], "opened_at": row[2].isoformat()}
+    return {**row, "opened_at": row["opened_at"].isoformat()}
 
 
 async def cancel_escalation(
@@ -256,15 +260,17 @@ async def cancel_escalation(
 
 
 async def _told(conn: AsyncConnection[Any], ev: dict[str, Any]) -> list[str]:
-    """Who heard about this event (sent or still being tried), plus every webhook."""
-    cur = await conn.execute(
+    """Who heard about this event (sent or still being tried), plus every machine
+    (webhook)."""
+    cur = conn.cursor(row_factory=scalar_row)
+    await cur.execute(
         "SELECT DISTINCT o.target_id FROM outbox o WHERE o.event_id = %s"
         " AND o.status IN ('sent', 'pending', 'failed', 'digested')"
-        " UNION SELECT id FROM notify_targets WHERE account_id = %s AND path = 'webhook'"
+        " UNION SELECT id FROM notify_targets WHERE account_id = %s AND path = ANY(%s)"
         " AND deleted_at IS NULL ORDER BY 1",
-        (ev["id"], ev["account_id"]),
+        (ev["id"], ev["account_id"], paths.machine_paths()),
     )
-    return [r[0] for r in await cur.fetchall()]
+    return list(await cur.fetchall())
 
 
 async def enqueue_follow_up(
@@ -296,7 +302,7 @@ async def enqueue_reminder(conn: AsyncConnection[Any], ev: dict[str, Any], now: 
 
 async def silence_webhooks(conn: AsyncConnection[Any], now: datetime) -> int:
     """silence_opened when a silence begins, silence_closed when it ends: to every
-    webhook of the account, once each (flags on the silence, in the same transaction)."""
+    machine (webhook) of the account, once each (flags on the silence, in the same transaction)."""
     n = 0
     for kind, flag, at in (
         ("silence_opened", "opened_sent", "starts_at"),
@@ -326,9 +332,9 @@ async def silence_webhooks(conn: AsyncConnection[Any], now: datetime) -> int:
                 "ackable": False,
             }
             tcur = await conn.execute(
-                "SELECT id FROM notify_targets WHERE account_id = %s AND path = 'webhook'"
+                "SELECT id FROM notify_targets WHERE account_id = %s AND path = ANY(%s)"
                 " AND deleted_at IS NULL ORDER BY id",
-                (sil["account_id"],),
+                (sil["account_id"], paths.machine_paths()),
             )
             for (tid,) in await tcur.fetchall():
                 await put(

@@ -1,4 +1,4 @@
-"""The three dispatch paths. Each send returns an `Outcome`; none raises for a
+"""The notification paths, declared in `PATHS` at the end. Each send returns an `Outcome`; none raises for a
 delivery failure (the dispatcher decides retry, drop or give up from it).
 
 - Telegram Bot API (base URL configurable, so tests and self-hosted Bot API
@@ -23,8 +23,10 @@ import base64
 import hashlib
 import hmac
 import json
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from email.message import EmailMessage
 from typing import Any
 
@@ -227,3 +229,151 @@ async def send_webhook(
     if 400 <= status < 500:
         return Outcome("dropped", status, f"HTTP {status}")
     return Outcome("retry", status, f"HTTP {status}", scope="recipient")
+
+
+# --- the declared paths --------------------------------------------------------------
+# A notification path is one `NotifyPath` in `PATHS`: dispatch, the outbox, the API,
+# its OpenAPI enums and the status page's probes and components read this table and
+# never name a path. Adding one is an entry plus its docs (docs/alarms.md, "Adding a
+# notification path"; tests/test_extension_points.py adds a throwaway one).
+
+TELEGRAM_GAP = timedelta(seconds=10)
+EMAIL_PER_HOUR = 10
+
+
+@dataclass(frozen=True)
+class Send:
+    """One message to one recipient, as a path's `send` gets it."""
+
+    session: aiohttp.ClientSession
+    cfg: Config
+    address: str
+    secret: str | None  # the path's signing secret, or (verify paths) the link token
+    delivery_id: str
+    msg: dict[str, Any]
+    now: datetime
+
+
+SendFn = Callable[[Send], Awaitable[Outcome]]
+# Why an address cannot be added through POST /v1/targets (the API's message), or None.
+AddressCheck = Callable[[Config, str], Awaitable[str | None]]
+# When a recipient may next be sent to, from its `target_pacing` row (None: now).
+Pacing = Callable[[Mapping[str, Any], datetime], datetime | None]
+
+
+@dataclass(frozen=True)
+class NotifyPath:
+    name: str
+    doc: str
+    send: SendFn
+    # People read it: escalation steps pick its recipients, several messages due
+    # together become one grouped message, an alarm per channel is paced
+    # (OPENSENSE_NOTIFY_CHANNEL_INTERVAL_S), and a path failing for everyone is an
+    # incident told through the other paths. False: a machine (a webhook) that hears
+    # every event at once, one message each, silences included.
+    people: bool
+    # Double opt-in: a recipient gets a link token (`notify_targets.token`) and a
+    # confirmation message; nothing else goes to it before it confirms. The token is
+    # what `send` gets as its secret (the unsubscribe link).
+    verify: bool = False
+    pacing: Pacing | None = None
+    # A signing secret made when the recipient is added, shown once in that answer,
+    # stored in `notify_targets.secret` and given to `send`.
+    secret: Callable[[], str] | None = None
+    # The address check of POST /v1/targets; None: not added there (`link` says how).
+    check: AddressCheck | None = None
+    link: str = ""
+
+
+async def _send_telegram(s: Send) -> Outcome:
+    return await send_telegram(s.session, s.cfg, s.address, s.msg)
+
+
+async def _send_email(s: Send) -> Outcome:
+    return await send_email(s.cfg, s.address, s.msg, s.secret)
+
+
+async def _send_webhook(s: Send) -> Outcome:
+    return await send_webhook(
+        s.address, s.secret or "", s.delivery_id, s.msg, s.now, s.cfg.webhook_allow_private
+    )
+
+
+async def _check_email(_cfg: Config, address: str) -> str | None:
+    why = egress.email_problem(address)
+    return f"address must be an email address: {why}" if why else None
+
+
+async def _check_webhook(cfg: Config, address: str) -> str | None:
+    why = egress.url_problem(address)
+    if why:
+        return f"address must be an http(s) URL: {why}"
+    u = URL(address)
+    try:
+        await egress.resolve(u.raw_host or "", u.port or 0, cfg.webhook_allow_private)
+    except egress.Refused as exc:
+        return f"address refused: {exc}"
+    return None
+
+
+def _telegram_pacing(p: Mapping[str, Any], now: datetime) -> datetime | None:
+    """A chat gets at most one message per 10 s (the Bot API's per-chat limit)."""
+    last = p["last_sent_at"]
+    return last + TELEGRAM_GAP if last and now - last < TELEGRAM_GAP else None
+
+
+def _email_pacing(p: Mapping[str, Any], now: datetime) -> datetime | None:
+    """At most EMAIL_PER_HOUR messages an hour; the rest wait and go as one digest."""
+    if now - p["window_start"] < timedelta(hours=1) and p["sent"] >= EMAIL_PER_HOUR:
+        start: datetime = p["window_start"]
+        return start + timedelta(hours=1)
+    return None
+
+
+def _webhook_secret() -> str:
+    return "whsec_" + secrets.token_urlsafe(24)
+
+
+PATHS: dict[str, NotifyPath] = {
+    p.name: p
+    for p in (
+        NotifyPath(
+            "telegram",
+            "a Telegram chat or group (address: the chat id), with an Acknowledge button",
+            _send_telegram,
+            people=True,
+            pacing=_telegram_pacing,
+            link="link Telegram with POST /v1/telegram/link",
+        ),
+        NotifyPath(
+            "email",
+            "an email address over SMTP, confirmed by a link first",
+            _send_email,
+            people=True,
+            verify=True,
+            pacing=_email_pacing,
+            check=_check_email,
+        ),
+        NotifyPath(
+            "webhook",
+            "a signed HTTPS POST to the tenant's URL",
+            _send_webhook,
+            people=False,
+            secret=_webhook_secret,
+            check=_check_webhook,
+        ),
+    )
+}
+
+
+def people_paths() -> list[str]:
+    return [p.name for p in PATHS.values() if p.people]
+
+
+def machine_paths() -> list[str]:
+    return [p.name for p in PATHS.values() if not p.people]
+
+
+def is_people(path: str) -> bool:
+    p = PATHS.get(path)
+    return p is not None and p.people

@@ -15,9 +15,7 @@ from typing import Any
 
 from aiohttp import web
 from psycopg import AsyncConnection
-from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from yarl import URL
 
 from .. import audit, ratelimit
 from ..api import auth
@@ -25,20 +23,13 @@ from ..api.body import json_object
 from ..api.jsonutil import response
 from ..api.keys import ALARMS_HTTP as HTTP
 from ..api.keys import CONFIG, POOL
-from ..devices.service import channel_row, get_site
+from ..devices.store import channel_row, get_site
 from ..errors import ApiError
-from ..ids import new_id
-from . import dispatch, egress, engine, evaluator, outbox, paths
+from . import dispatch, egress, engine, evaluator, outbox, paths, rule_kinds, store
 from .lifecycle import Change, transition
 
 routes = web.RouteTableDef()
 
-EVENT_COLS = (
-    "id, channel_id, device_id, rule_id, kind, severity, state, value, started_at, alarm_at,"
-    " acknowledged_at, acknowledged_by, ack_note, ack_cause, ack_action, ack_product,"
-    " cleared_at, cleared_by, clear_note, renotified_at"
-)
-TARGET_COLS = "id, site_id, path, address, name, roles, verified, created_at"
 LINK_TTL = timedelta(minutes=30)
 
 
@@ -120,29 +111,11 @@ async def list_events(request: web.Request) -> web.Response:
         raise ApiError("invalid_request", "limit must be an integer") from None
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn)
-        sql = f"SELECT {EVENT_COLS} FROM events WHERE account_id = %s"
-        args: list[Any] = [acc]
-        if state == "open":
-            sql += " AND state <> 'cleared'"
-        elif state:
-            sql += " AND state = %s"
-            args.append(state)
-        if q.get("channel_id"):
-            sql += " AND channel_id = %s"
-            args.append(q["channel_id"])
-        sql += " ORDER BY started_at DESC LIMIT %s"
-        args.append(limit)
-        cur = conn.cursor(row_factory=dict_row)
-        await cur.execute(sql, args)
-        return response({"data": await cur.fetchall()})
+        return response({"data": await store.events(conn, acc, state, q.get("channel_id"), limit)})
 
 
 async def _event(conn: AsyncConnection[Any], acc: str, event_id: str) -> dict[str, Any]:
-    cur = conn.cursor(row_factory=dict_row)
-    await cur.execute(
-        f"SELECT {EVENT_COLS} FROM events WHERE id = %s AND account_id = %s", (event_id, acc)
-    )
-    ev = await cur.fetchone()
+    ev = await store.event(conn, acc, event_id)
     if ev is None:
         raise ApiError("event_not_found", f"no event {event_id[:40]!r} in this account")
     return ev
@@ -195,24 +168,14 @@ async def clear_event(request: web.Request) -> web.Response:
         async with conn.transaction():
             now = cfg.clock()
             before = await _event(conn, acc, request.match_info["event_id"])
-            await conn.execute(
-                "SELECT 1 FROM alarm_state WHERE channel_id = %s FOR UPDATE",
-                (before["channel_id"],),
-            )
+            await store.lock_channel_state(conn, before["channel_id"])
             ev = await transition(
                 conn,
                 Change("clear", now, now, account_id=acc, event_id=before["id"], actor=str(by),
                        note=note, via=auth.actor(request)),
             )  # fmt: skip
             if ev["rule_id"]:
-                await conn.execute(
-                    "UPDATE alarm_state SET events = events - %s::text,"
-                    " rules = CASE WHEN rules ? %s::text THEN jsonb_set(rules, ARRAY[%s::text],"
-                    '   (rules -> %s::text) || \'{"status": "ok", "since": null,'
-                    '   "clear_since": null, "value": null}\'::jsonb) ELSE rules END'
-                    " WHERE channel_id = %s",
-                    (ev["rule_id"], ev["rule_id"], ev["rule_id"], ev["rule_id"], ev["channel_id"]),
-                )
+                await store.reset_rule_state(conn, ev["channel_id"], ev["rule_id"])
         return response(await _event(conn, acc, ev["id"]))
 
 
@@ -260,11 +223,6 @@ def _rule_fields(body: dict[str, Any], kind: str, partial: bool) -> dict[str, An
     return out
 
 
-RULE_COLS = (
-    "id, channel_id, kind, params, grace_min, clear_min, severity, enabled, windows, renotify_min"
-)
-
-
 @routes.post("/v1/channels/{channel_id}/rules")
 async def create_rule(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
@@ -276,18 +234,11 @@ async def create_rule(request: web.Request) -> web.Response:
         if kind not in engine.RULE_KINDS:
             raise ApiError("invalid_rule", f"kind must be one of {', '.join(engine.RULE_KINDS)}")
         f = _rule_fields(body, kind, partial=False)
-        if kind == "comparison":
-            await channel_row(conn, acc, str(f["params"].obj["other_channel_id"]))
-        cols = ["id", "channel_id", "kind", *f]
-        cur = conn.cursor(row_factory=dict_row)
+        other_of = rule_kinds.behaviour(kind).other_channel
+        if other_of is not None:  # the other channel must be one of this account's
+            await channel_row(conn, acc, other_of(f["params"].obj))
         async with conn.transaction():
-            await cur.execute(
-                f"INSERT INTO rules ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))})"
-                f" RETURNING {RULE_COLS}",
-                [new_id("rul"), ch["id"], kind, *f.values()],
-            )
-            row = await cur.fetchone()
-            assert row is not None
+            row = await store.insert_rule(conn, ch["id"], kind, f)
             await _audit(
                 conn, request, acc, "rule.create", row["id"],
                 {"channel_id": ch["id"], "kind": kind, **f},
@@ -296,13 +247,7 @@ async def create_rule(request: web.Request) -> web.Response:
 
 
 async def _rule(conn: AsyncConnection[Any], acc: str, rule_id: str) -> dict[str, Any]:
-    cur = conn.cursor(row_factory=dict_row)
-    await cur.execute(
-        f"SELECT {', '.join('r.' + c.strip() for c in RULE_COLS.split(','))} FROM rules r"
-        " JOIN channels c ON c.id = r.channel_id WHERE r.id = %s AND c.account_id = %s",
-        (rule_id, acc),
-    )
-    row = await cur.fetchone()
+    row = await store.rule(conn, acc, rule_id)
     if row is None:
         raise ApiError("rule_not_found", f"no rule {rule_id[:40]!r} in this account")
     return row
@@ -319,8 +264,7 @@ async def patch_rule(request: web.Request) -> web.Response:
             raise ApiError("invalid_rule", "a rule's kind cannot change; make a new rule")
         f = _rule_fields(body, rule["kind"], partial=True)
         async with conn.transaction():
-            for k, v in f.items():
-                await conn.execute(f"UPDATE rules SET {k} = %s WHERE id = %s", (v, rule["id"]))
+            await store.update_rule(conn, rule["id"], f)
             changed = {
                 k: {"from": rule[k], "to": _plain(v)} for k, v in f.items() if rule[k] != _plain(v)
             }
@@ -340,7 +284,7 @@ async def delete_rule(request: web.Request) -> web.Response:
         await _write_limit(request, conn, acc)
         rule = await _rule(conn, acc, request.match_info["rule_id"])
         async with conn.transaction():
-            await conn.execute("UPDATE rules SET enabled = false WHERE id = %s", (rule["id"],))
+            await store.disable_rule(conn, rule["id"])
             await _audit(
                 conn, request, acc, "rule.delete", rule["id"],
                 {"channel_id": rule["channel_id"], "kind": rule["kind"], "was_enabled": rule["enabled"]},
@@ -353,12 +297,11 @@ async def alarm_state(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn)
         ch = await channel_row(conn, acc, request.match_info["channel_id"])
-        cur = conn.cursor(row_factory=dict_row)
-        await cur.execute(
-            "SELECT status, last_ts, due_at, rules, events FROM alarm_state WHERE channel_id = %s",
-            (ch["id"],),
-        )
-        row = await cur.fetchone() or {"status": "no_data", "last_ts": None, "due_at": None}
+        row = await store.alarm_state(conn, ch["id"]) or {
+            "status": "no_data",
+            "last_ts": None,
+            "due_at": None,
+        }
         rules = {k: v.get("status") for k, v in (row.get("rules") or {}).items()}
         return response(
             {
@@ -382,11 +325,9 @@ async def recompute(request: web.Request) -> web.Response:
             conn, f"recompute:{acc}", cfg.recompute_per_hour, 3600, cfg.clock(), "Recompute"
         )
         ch = await channel_row(conn, acc, request.match_info["channel_id"])
-        cur = await conn.execute("SELECT num FROM channels WHERE id = %s", (ch["id"],))
-        num = await cur.fetchone()
-        assert num is not None
+        num = await store.channel_num(conn, ch["id"])
         async with conn.transaction():
-            await evaluator.recompute(conn, num[0], cfg.clock())
+            await evaluator.recompute(conn, num, cfg.clock())
             await _audit(conn, request, acc, "channel.recompute", ch["id"], {"hours": 24})
     return response({"channel_id": ch["id"], "status": "queued", "hours": 24}, status=202)
 
@@ -414,24 +355,7 @@ async def _site_or_none(conn: AsyncConnection[Any], acc: str, site_id: Any) -> s
 async def list_targets(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn)
-        cur = conn.cursor(row_factory=dict_row)
-        await cur.execute(
-            f"SELECT {TARGET_COLS} FROM notify_targets WHERE account_id = %s AND deleted_at IS NULL"
-            " ORDER BY created_at, id",
-            (acc,),
-        )
-        return response({"data": await cur.fetchall()})
-
-
-async def _room_for_target(conn: AsyncConnection[Any], acc: str, cap: int) -> bool:
-    """Whether the account may add one more recipient. Locks the account row, so
-    concurrent additions are counted one after the other (call inside the transaction)."""
-    await conn.execute("SELECT 1 FROM accounts WHERE id = %s FOR UPDATE", (acc,))
-    cur = await conn.execute(
-        "SELECT count(*) FROM notify_targets WHERE account_id = %s AND deleted_at IS NULL", (acc,)
-    )
-    row = await cur.fetchone()
-    return row is not None and row[0] < cap
+        return response({"data": await store.targets(conn, acc)})
 
 
 @routes.post("/v1/targets")
@@ -448,26 +372,14 @@ async def create_target(request: web.Request) -> web.Response:
         body = await json_object(request)
         path = body.get("path")
         address = (_text(body, "address", required=True, limit=500) or "").strip()
-        if path == "email":
-            why = egress.email_problem(address)
-            if why:
-                raise ApiError("invalid_request", f"address must be an email address: {why}")
-        elif path == "webhook":
-            why = egress.url_problem(address)
-            if why:
-                raise ApiError("invalid_request", f"address must be an http(s) URL: {why}")
-            u = URL(address)
-            try:
-                await egress.resolve(u.raw_host or "", u.port or 0, cfg.webhook_allow_private)
-            except egress.Refused as exc:
-                raise ApiError("invalid_request", f"address refused: {exc}") from None
-        else:
-            raise ApiError(
-                "invalid_request",
-                "path must be email or webhook (link Telegram with POST /v1/telegram/link)",
-            )
-        secret = "whsec_" + secrets.token_urlsafe(24) if path == "webhook" else None
-        token = secrets.token_urlsafe(24) if path == "email" else None
+        np = paths.PATHS.get(path) if isinstance(path, str) else None
+        if np is None or np.check is None:
+            raise ApiError("invalid_request", _paths_hint())
+        why = await np.check(cfg, address)
+        if why:
+            raise ApiError("invalid_request", why)
+        secret = np.secret() if np.secret else None
+        token = secrets.token_urlsafe(24) if np.verify else None
         site = await _site_or_none(conn, acc, body.get("site_id"))
         name = _text(body, "name", limit=200) or ""
         if egress.line_problem(name, "name"):
@@ -475,21 +387,16 @@ async def create_target(request: web.Request) -> web.Response:
                 "invalid_request", "name may not contain line breaks or control characters"
             )
         roles = _roles(body.get("roles"))
-        cur = conn.cursor(row_factory=dict_row)
         async with conn.transaction():
-            if not await _room_for_target(conn, acc, cfg.targets_max):
+            if not await store.room_for_target(conn, acc, cfg.targets_max):
                 raise ApiError(
                     "conflict",
                     f"this account has {cfg.targets_max} recipients already (the most it may "
                     "have); remove one first",
                 )
-            await cur.execute(
-                "INSERT INTO notify_targets (id, account_id, site_id, path, address, name, roles,"
-                " secret, token) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                f" ON CONFLICT DO NOTHING RETURNING {TARGET_COLS}",
-                (new_id("tgt"), acc, site, path, address, name, Jsonb(roles), secret, token),
+            row = await store.insert_target(
+                conn, acc, site, np.name, address, name, roles, secret, token
             )
-            row = await cur.fetchone()
             if row is None:
                 raise ApiError("conflict", f"{address!r} is a {path} recipient already")
             await _audit(
@@ -506,6 +413,13 @@ async def create_target(request: web.Request) -> web.Response:
         if secret:
             row["secret"] = secret
         return response(row, status=201)
+
+
+def _paths_hint() -> str:
+    """e.g. "path must be email or webhook (link Telegram with POST /v1/telegram/link)"."""
+    made = [p.name for p in paths.PATHS.values() if p.check is not None]
+    links = [p.link for p in paths.PATHS.values() if p.check is None and p.link]
+    return f"path must be {' or '.join(made)}" + (f" ({'; '.join(links)})" if links else "")
 
 
 def _verify_mail(request: web.Request, token: str) -> dict[str, Any]:
@@ -539,9 +453,8 @@ PAGE_HEADERS = {
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
 }
-TOKEN_ACTIONS = {
+TOKEN_ACTIONS = {  # the statement each does: store.TOKEN_UPDATES
     "verify": {
-        "update": "UPDATE notify_targets SET verified = true",
         "audit": "target.verify",
         "title": "Confirm alarm emails",
         "ask": "Send OpenSense alarm emails to {address}?",
@@ -549,7 +462,6 @@ TOKEN_ACTIONS = {
         "done": "Confirmed: {address} will receive OpenSense alarm emails.",
     },
     "unsubscribe": {
-        "update": "UPDATE notify_targets SET deleted_at = now()",
         "audit": "target.unsubscribe",
         "title": "Stop alarm emails",
         "ask": "Stop OpenSense alarm emails to {address}? The account's owner is told.",
@@ -580,17 +492,12 @@ async def _token_page(request: web.Request, action: str) -> web.Response:
     token = _token(request)
     a = TOKEN_ACTIONS[action]
     async with request.app[POOL].connection() as conn:
-        cur = await conn.execute(
-            "SELECT address FROM notify_targets WHERE token = %s AND path = 'email'"
-            " AND deleted_at IS NULL",
-            (token,),
-        )
-        row = await cur.fetchone()
-    if row is None:
+        address = await store.address_of_token(conn, token)
+    if address is None:
         raise ApiError("target_not_found", "this link is not valid (no such recipient)")
     esc = html.escape
     body = (
-        f"<p>{esc(a['ask'].format(address=row[0]))}</p>"
+        f"<p>{esc(a['ask'].format(address=address))}</p>"
         f'<form method="post" action="?token={esc(token)}">'
         '<input type="hidden" name="List-Unsubscribe" value="One-Click">'
         f'<button type="submit">{esc(a["button"])}</button></form>'
@@ -607,15 +514,10 @@ async def _token_post(request: web.Request, action: str) -> web.Response:
     cfg = request.app[CONFIG]
     async with request.app[POOL].connection() as conn:
         async with conn.transaction():
-            cur = await conn.execute(
-                a["update"] + " WHERE token = %s AND path = 'email' AND deleted_at IS NULL"
-                " RETURNING address, account_id, id",
-                (token,),
-            )
-            row = await cur.fetchone()
-            if row is None:
+            t = await store.use_token(conn, action, token)
+            if t is None:
                 raise ApiError("target_not_found", "this link is not valid (no such recipient)")
-            address, acc, tid = row
+            address, acc, tid = t.address, t.account_id, t.id
             # the link in the mail is the proof: the address itself is the actor
             await _audit(
                 conn, request, acc, a["audit"], tid, {"path": "email", "address": address},
@@ -629,9 +531,8 @@ async def _token_post(request: web.Request, action: str) -> web.Response:
 async def _tell_owner(
     conn: AsyncConnection[Any], acc: str, tid: str, address: str, now: datetime
 ) -> None:
-    cur = await conn.execute("SELECT email FROM accounts WHERE id = %s", (acc,))
-    row = await cur.fetchone()
-    if row is None or not row[0]:
+    owner = await store.account_email(conn, acc)
+    if not owner:
         return
     text = (
         f"{address} unsubscribed from OpenSense alarm emails at "
@@ -643,7 +544,7 @@ async def _tell_owner(
         conn, account_id=acc, target_id=tid, event_id=None, kind="recipient_left",
         key=f"recipient_left:{tid}",
         payload={"kind": "recipient_left", "subject": "[OpenSense] An alarm recipient left",
-                 "text": text, "data": {"target_id": tid}, "ackable": False, "to": row[0]},
+                 "text": text, "data": {"target_id": tid}, "ackable": False, "to": owner},
         due=now,
     )  # fmt: skip
 
@@ -676,17 +577,12 @@ async def delete_target(request: web.Request) -> web.Response:
         acc = await auth.account(request, conn, read=False)
         await _write_limit(request, conn, acc)
         async with conn.transaction():
-            cur = await conn.execute(
-                "UPDATE notify_targets SET deleted_at = now() WHERE id = %s AND account_id = %s"
-                " AND deleted_at IS NULL RETURNING id, path, address, site_id",
-                (request.match_info["target_id"], acc),
-            )
-            row = await cur.fetchone()
-            if row is None:
+            gone = await store.delete_target(conn, acc, request.match_info["target_id"])
+            if gone is None:
                 raise ApiError("target_not_found", "no such recipient in this account")
             await _audit(
-                conn, request, acc, "target.delete", row[0],
-                {"path": row[1], "address": row[2], "site_id": row[3]},
+                conn, request, acc, "target.delete", gone.id,
+                {"path": gone.path, "address": gone.address, "site_id": gone.site_id},
             )  # fmt: skip
         return response({"id": request.match_info["target_id"], "deleted": True})
 
@@ -707,11 +603,7 @@ async def telegram_link(request: web.Request) -> web.Response:
         expires = cfg.clock() + LINK_TTL
         roles = _roles(body.get("roles"))
         async with conn.transaction():
-            await conn.execute(
-                "INSERT INTO telegram_link_codes (code, account_id, site_id, roles, expires_at)"
-                " VALUES (%s, %s, %s, %s, %s)",
-                (code, acc, site, Jsonb(roles), expires),
-            )
+            await store.insert_link_code(conn, code, acc, site, roles, expires)
             # the code is a one-time secret: the row names what it grants, not the code
             await _audit(
                 conn, request, acc, "telegram.link_code", None,
@@ -766,27 +658,18 @@ async def _link_chat(
     if not args:
         return "Send /start <code>; get a code in OpenSense under Notifications."
     async with request.app[POOL].connection() as conn, conn.transaction():
-        cur = await conn.execute(
-            "UPDATE telegram_link_codes SET used_at = %s WHERE code = %s AND used_at IS NULL"
-            " AND expires_at > %s RETURNING account_id, site_id, roles",
-            (now, args[0].upper(), now),
-        )
-        row = await cur.fetchone()
-        if row is None:
+        link = await store.use_link_code(conn, args[0].upper(), now)
+        if link is None:
             return "That code is unknown, used or expired; ask OpenSense for a new one."
         cap = request.app[CONFIG].targets_max
-        if not await _room_for_target(conn, row[0], cap):
+        if not await store.room_for_target(conn, link.account_id, cap):
             return f"This OpenSense account has {cap} recipients already; remove one first."
-        cur = await conn.execute(
-            "INSERT INTO notify_targets (id, account_id, site_id, path, address, roles, verified)"
-            " VALUES (%s, %s, %s, 'telegram', %s, %s, true) ON CONFLICT DO NOTHING RETURNING id",
-            (new_id("tgt"), row[0], row[1], chat_id, Jsonb(row[2])),
-        )
-        made = await cur.fetchone()
+        made = await store.insert_chat(conn, link, chat_id)
         if made is not None:  # a chat linked again with a new code changes nothing
             await _audit(
-                conn, request, row[0], "target.create", made[0],
-                {"path": "telegram", "address": chat_id, "site_id": row[1], "roles": row[2]},
+                conn, request, link.account_id, "target.create", made,
+                {"path": "telegram", "address": chat_id, "site_id": link.site_id,
+                 "roles": link.roles},
                 actor=_telegram_user(sender) if sender else f"telegram:chat:{chat_id}",
             )  # fmt: skip
     return "Linked: this chat will get OpenSense alarms."
@@ -799,18 +682,13 @@ async def _ack_from_chat(request: web.Request, cq: dict[str, Any], now: datetime
     chat_id = str(_dict(_dict(cq.get("message")).get("chat")).get("id", ""))
     who = _telegram_user(_dict(cq.get("from")))
     async with request.app[POOL].connection() as conn, conn.transaction():
-        cur = await conn.execute(
-            "SELECT e.account_id FROM events e JOIN notify_targets t ON t.account_id = e.account_id"
-            " WHERE e.id = %s AND t.path = 'telegram' AND t.address = %s AND t.deleted_at IS NULL",
-            (data[4:], chat_id),
-        )
-        row = await cur.fetchone()
-        if row is None:
+        acc = await store.chat_event_account(conn, data[4:], chat_id)
+        if acc is None:
             return "This chat may not acknowledge that alarm."
         try:
             await transition(
                 conn,
-                Change("ack", now, now, account_id=row[0], event_id=data[4:], actor=who,
+                Change("ack", now, now, account_id=acc, event_id=data[4:], actor=who,
                        note={"note": "acknowledged from Telegram"}, via=f"telegram:chat:{chat_id}"),
             )  # fmt: skip
         except ApiError as err:
@@ -826,11 +704,10 @@ async def get_escalation(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn)
         site = await get_site(conn, acc, request.match_info["site_id"])
-        cur = await conn.execute(
-            "SELECT steps FROM escalation_policies WHERE site_id = %s", (site["id"],)
+        steps = await store.escalation_steps(conn, site["id"])
+        return response(
+            {"site_id": site["id"], "steps": outbox.DEFAULT_STEPS if steps is None else steps}
         )
-        row = await cur.fetchone()
-        return response({"site_id": site["id"], "steps": row[0] if row else outbox.DEFAULT_STEPS})
 
 
 @routes.put("/v1/sites/{site_id}/escalation")
@@ -856,19 +733,11 @@ async def put_escalation(request: web.Request) -> web.Response:
                     "invalid_request", "a step's to is on_shift, manager, everyone or a list of recipient ids"
                 )  # fmt: skip
         async with conn.transaction():
-            cur = await conn.execute(
-                "SELECT steps FROM escalation_policies WHERE site_id = %s FOR UPDATE", (site["id"],)
-            )
-            old = await cur.fetchone()
-            await conn.execute(
-                "INSERT INTO escalation_policies (site_id, steps) VALUES (%s, %s)"
-                " ON CONFLICT (site_id) DO UPDATE SET steps = excluded.steps, updated_at = now()",
-                (site["id"], Jsonb(steps)),
-            )
+            old = await store.escalation_steps(conn, site["id"], lock=True)
+            await store.put_escalation(conn, site["id"], steps)
             await _audit(
-                conn, request, acc, "escalation.update", site["id"],
-                {"from": old[0] if old else None, "to": steps},
-            )  # fmt: skip
+                conn, request, acc, "escalation.update", site["id"], {"from": old, "to": steps}
+            )
         return response({"site_id": site["id"], "steps": steps})
 
 
@@ -876,13 +745,7 @@ async def put_escalation(request: web.Request) -> web.Response:
 async def list_silences(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn)
-        cur = conn.cursor(row_factory=dict_row)
-        await cur.execute(
-            "SELECT id, site_id, channel_id, starts_at, ends_at, reason FROM silences"
-            " WHERE account_id = %s ORDER BY starts_at DESC LIMIT 500",
-            (acc,),
-        )
-        return response({"data": await cur.fetchall()})
+        return response({"data": await store.silences(conn, acc)})
 
 
 @routes.post("/v1/silences")
@@ -900,16 +763,8 @@ async def create_silence(request: web.Request) -> web.Response:
         chan = None
         if body.get("channel_id") is not None:
             chan = (await channel_row(conn, acc, str(body["channel_id"])))["id"]
-        cur = conn.cursor(row_factory=dict_row)
         async with conn.transaction():
-            await cur.execute(
-                "INSERT INTO silences (id, account_id, site_id, channel_id, starts_at, ends_at,"
-                " reason) VALUES (%s, %s, %s, %s, %s, %s, %s)"
-                " RETURNING id, site_id, channel_id, starts_at, ends_at, reason",
-                (new_id("sil"), acc, site, chan, start, end, reason),
-            )
-            row = await cur.fetchone()
-            assert row is not None
+            row = await store.insert_silence(conn, acc, site, chan, start, end, reason)
             await _audit(
                 conn, request, acc, "silence.create", row["id"],
                 {"site_id": site, "channel_id": chan, "from": start, "to": end, "reason": reason},
@@ -944,10 +799,4 @@ async def outbound_log(request: web.Request) -> web.Response:
         raise ApiError("invalid_request", "limit must be an integer") from None
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn)
-        cur = conn.cursor(row_factory=dict_row)
-        await cur.execute(
-            "SELECT id, path, target, event_id, kind, status, code, error, attempt, at"
-            " FROM outbound_log WHERE account_id = %s ORDER BY at DESC, id DESC LIMIT %s",
-            (acc, limit),
-        )
-        return response({"data": await cur.fetchall()})
+        return response({"data": await store.outbound_log(conn, acc, limit)})

@@ -8,7 +8,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from ..mqtt.side import MqttSide
 from ..settings import Config
-from ..status.health import Health
+from ..status.health import HEALTH as HEALTH  # made beside its registry
 from ..status.monitor import StatusMonitor
 from ..status.observe import Observer
 from ..storage.batcher import BatchWriter
@@ -22,7 +22,6 @@ REQUEST_LOG = web.AppKey("request_log", RequestLog)
 DSN = web.AppKey("dsn", str)
 WRITER = web.AppKey("writer", BatchWriter)
 MQTT = web.AppKey("mqtt", MqttSide)
-HEALTH = web.AppKey("status_health", Health)
 OBSERVER = web.AppKey("status_observer", Observer)
 STATUS = web.AppKey("status_monitor", StatusMonitor)
 ALARMS_HTTP = web.AppKey("alarms_http", aiohttp.ClientSession)  # the notifier's client

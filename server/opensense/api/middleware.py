@@ -14,6 +14,8 @@ import psycopg
 from aiohttp import web
 from psycopg_pool import PoolClosed, PoolTimeout
 
+from opensense_contract import retry
+
 from ..errors import ApiError, envelope
 from ..ids import new_id
 from .keys import CONFIG, LOG_ACCOUNT, LOG_DEVICE, OBSERVER, REQUEST_ID, REQUEST_LOG
@@ -92,7 +94,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         code = "unavailable"
         reason = "the database cannot be reached right now; retry with backoff"
         resp = web.json_response(envelope(code, reason, request_id), status=503)
-        resp.headers["Retry-After"] = "5"
+        resp.headers["Retry-After"] = str(retry.SERVER_BUSY_RETRY_S)
     except Exception:
         log.exception("unhandled error in %s %s (%s)", request.method, request.path, request_id)
         code, reason = "internal", "the server failed to handle this request; it has been logged"

@@ -115,9 +115,12 @@ class Directory:
         ignore = self.root / ".gitignore"
         if not ignore.exists():
             ignore.write_text(".lock\n*.tmp\n")
-        run = lambda *a: subprocess.run(  # noqa: E731
-            ["git", "-C", str(self.root), *a], check=True, capture_output=True, text=True
-        )
+
+        def run(*a: str) -> None:
+            subprocess.run(
+                ["git", "-C", str(self.root), *a], check=True, capture_output=True, text=True
+            )
+
         run("add", "-A")
         if subprocess.run(["git", "-C", str(self.root), "diff", "--cached", "--quiet"]).returncode:
             run(

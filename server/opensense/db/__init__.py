@@ -10,6 +10,8 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from .grants import grant_app
+
 log = logging.getLogger(__name__)
 
 MIGRATIONS_PACKAGE = "opensense.db.migrations"
@@ -69,8 +71,6 @@ def migrate(dsn: str, now: datetime | None = None, app_role: str | None = None) 
                 done.append(name)
             ensure_partitions(conn, now or datetime.now(UTC))
             if app_role:
-                from .roles import grant_app
-
                 with conn.transaction():
                     grant_app(conn, app_role)
         finally:
@@ -173,7 +173,7 @@ def embedded_dsn(state_dir: Path, database: str = "opensense") -> str:
         row = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()
         if row is None:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
-    return server.get_uri(database)
+    return str(server.get_uri(database))
 
 
 def resolve_dsn(database_url: str, state_dir: Path) -> str:

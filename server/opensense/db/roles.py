@@ -19,22 +19,12 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from . import embedded_dsn, migrate
+from .grants import grant_app
+
 OWNER_ROLE = "opensense_owner"
 APP_ROLE = "opensense_app"
 RESTORE_ROLE = "opensense_restore"
-
-# Tables whose rows the app may read and append but never change.
-APPEND_ONLY = ("audit_log",)
-# Tables the app may read, append and update (a run's outcome) but not delete from.
-NO_DELETE = ("backup_runs",)
-# Tables the app may only read.
-READ_ONLY = ("schema_migrations",)
-# SECURITY DEFINER functions the app may call (migration 0011).
-APP_FUNCTIONS = (
-    "opensense_create_partition(text, date)",
-    "opensense_drop_partition(text)",
-    "opensense_reindex_partition(text)",
-)
 
 
 class UnsafeRole(RuntimeError):
@@ -182,67 +172,6 @@ def _hand_over(conn: psycopg.Connection[Any], owner: str) -> None:
         )
 
 
-def grant_app(conn: psycopg.Connection[Any], app: str) -> None:
-    """As the owner, after the migrations: what the app role may do. Re-run by every
-    `db migrate`, so tables of later migrations are covered too."""
-    a = sql.Identifier(app)
-    x = conn.execute
-    x(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(a))
-    x(
-        sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {}").format(
-            a
-        )
-    )
-    x(sql.SQL("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {}").format(a))
-    # partitions made later (by opensense_create_partition, as the owner) inherit these
-    x(
-        sql.SQL(
-            "ALTER DEFAULT PRIVILEGES IN SCHEMA public"
-            " GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {}"
-        ).format(a)
-    )
-    x(
-        sql.SQL(
-            "ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT USAGE, SELECT ON SEQUENCES TO {}"
-        ).format(a)
-    )
-    present = {
-        r[0]
-        for r in x(
-            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE n.nspname = 'public'"
-        ).fetchall()
-    }
-    for table, privileges in (
-        *((t, "SELECT, INSERT") for t in APPEND_ONLY),
-        *((t, "SELECT, INSERT, UPDATE") for t in NO_DELETE),
-        *((t, "SELECT") for t in READ_ONLY),
-    ):
-        if table in present:
-            x(sql.SQL("REVOKE ALL ON {} FROM {}").format(sql.Identifier(table), a))
-            x(sql.SQL("GRANT {} ON {} TO {}").format(sql.SQL(privileges), sql.Identifier(table), a))
-    if conn.info.server_version >= 170000:
-        # PostgreSQL 17's MAINTAIN lets compaction VACUUM and REINDEX the packed months;
-        # not on the append-only tables (an ACCESS EXCLUSIVE lock there stalls writers).
-        x(
-            sql.SQL(
-                "ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT MAINTAIN ON TABLES TO {}"
-            ).format(a)
-        )
-        for (table,) in x(
-            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND NOT c.relname = ANY(%s)",
-            (list(APPEND_ONLY + READ_ONLY),),
-        ).fetchall():
-            x(sql.SQL("GRANT MAINTAIN ON {} TO {}").format(sql.Identifier(table), a))
-        for table in APPEND_ONLY + READ_ONLY:
-            if table in present:
-                x(sql.SQL("REVOKE MAINTAIN ON {} FROM {}").format(sql.Identifier(table), a))
-    for fn in APP_FUNCTIONS:
-        if x("SELECT to_regprocedure(%s)", (fn,)).fetchone() != (None,):
-            x(sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(sql.SQL(fn), a))
-
-
 def check_serving_role(dsn: str) -> str:
     """Refuse (UnsafeRole) a role that could rewrite the audit trail: a superuser, a
     member of the role owning audit_log or the schema, or one holding UPDATE, DELETE
@@ -292,8 +221,6 @@ def check_serving_role(dsn: str) -> str:
 def embedded(state_dir: Path, database: str = "opensense", roles: Roles | None = None) -> Dsns:
     """The embedded server with its roles: made at init, and made on the next start
     for a state directory an older release created (everything handed to the owner)."""
-    from . import embedded_dsn  # the embedded server's process handling lives there
-
     roles = roles or Roles()
     admin = embedded_dsn(state_dir, database)
     provision(admin, database, roles)
@@ -318,8 +245,6 @@ def serving_dsn(admin_dsn: str, roles: Roles | None = None) -> str:
     """For tools holding a superuser DSN of a scratch database (tools/bench): give it
     the roles, migrate it as the owner, and return the app role's DSN to serve with.
     Assumes a server that trusts local connections (the embedded one, a test server)."""
-    from . import migrate
-
     roles = roles or Roles()
     name = str(psycopg.conninfo.conninfo_to_dict(admin_dsn)["dbname"])
     provision(admin_dsn, name, roles)

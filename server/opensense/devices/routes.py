@@ -6,13 +6,14 @@ import logging
 
 from aiohttp import web
 
+from opensense_contract import topics
+
 from ..api import auth
 from ..api.body import body_ts, json_object, query_ts
 from ..api.jsonutil import response
 from ..api.keys import CONFIG, MQTT, POOL
 from ..errors import ApiError
-from ..mqtt import topics
-from . import service
+from . import store
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -37,7 +38,7 @@ async def get_account(request: web.Request) -> web.Response:
 async def list_sites(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn)
-        return response({"data": await service.list_sites(conn, acc)})
+        return response({"data": await store.list_sites(conn, acc)})
 
 
 @routes.post("/v1/sites")
@@ -46,7 +47,7 @@ async def create_site(request: web.Request) -> web.Response:
         acc = await auth.account(request, conn)
         body = await json_object(request)
         async with conn.transaction():
-            site = await service.create_site(conn, acc, body, actor=auth.actor(request))
+            site = await store.create_site(conn, acc, body, actor=auth.actor(request))
     return response(site, status=201)
 
 
@@ -54,7 +55,7 @@ async def create_site(request: web.Request) -> web.Response:
 async def get_site(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn)
-        return response(await service.get_site(conn, acc, request.match_info["site_id"]))
+        return response(await store.get_site(conn, acc, request.match_info["site_id"]))
 
 
 @routes.patch("/v1/sites/{site_id}")
@@ -63,7 +64,7 @@ async def patch_site(request: web.Request) -> web.Response:
         acc = await auth.account(request, conn)
         body = await json_object(request)
         async with conn.transaction():
-            site = await service.patch_site(
+            site = await store.patch_site(
                 conn, acc, request.match_info["site_id"], body, actor=auth.actor(request)
             )
     return response(site)
@@ -75,9 +76,9 @@ async def site_devices(request: web.Request) -> web.Response:
     now = request.app[CONFIG].clock()
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn)
-        site = await service.get_site(conn, acc, request.match_info["site_id"])
+        site = await store.get_site(conn, acc, request.match_info["site_id"])
         at = query_ts(request, "at")
-        devs = await service.list_devices(conn, acc, now, site_id=site["id"], at=at)
+        devs = await store.list_devices(conn, acc, now, site_id=site["id"], at=at)
     return response({"data": devs})
 
 
@@ -89,7 +90,7 @@ async def list_devices(request: web.Request) -> web.Response:
     now = request.app[CONFIG].clock()
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn)
-        return response({"data": await service.list_devices(conn, acc, now)})
+        return response({"data": await store.list_devices(conn, acc, now)})
 
 
 @routes.post("/v1/devices")
@@ -99,7 +100,7 @@ async def create_device(request: web.Request) -> web.Response:
         acc = await auth.account(request, conn)
         body = await json_object(request)
         async with conn.transaction():
-            dev, token = await service.create_device(
+            dev, token = await store.create_device(
                 conn, acc, body, cfg.bcrypt_rounds, cfg.clock(), actor=auth.actor(request)
             )
     await request.app[MQTT].credentials_changed(dev["id"], acc, dev["local_id"], token)
@@ -111,7 +112,7 @@ async def get_device(request: web.Request) -> web.Response:
     now = request.app[CONFIG].clock()
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn)
-        return response(await service.get_device(conn, acc, request.match_info["device_id"], now))
+        return response(await store.get_device(conn, acc, request.match_info["device_id"], now))
 
 
 @routes.patch("/v1/devices/{device_id}")
@@ -121,8 +122,8 @@ async def patch_device(request: web.Request) -> web.Response:
         acc = await auth.account(request, conn)
         body = await json_object(request)
         async with conn.transaction():
-            before = await service.get_device(conn, acc, request.match_info["device_id"], now)
-            dev = await service.patch_device(
+            before = await store.get_device(conn, acc, request.match_info["device_id"], now)
+            dev = await store.patch_device(
                 conn, acc, request.match_info["device_id"], body, now, actor=auth.actor(request)
             )
     if dev["cadence_s"] != before["cadence_s"]:
@@ -146,7 +147,7 @@ async def identify_device(request: web.Request) -> web.Response:
     now = request.app[CONFIG].clock()
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn)
-        dev = await service.get_device(conn, acc, request.match_info["device_id"], now)
+        dev = await store.get_device(conn, acc, request.match_info["device_id"], now)
     if not await request.app[MQTT].publish(
         topics.topic(acc, dev["local_id"], "cmd/identify"), b"1", qos=1
     ):
@@ -163,8 +164,8 @@ async def delete_device(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn)
         async with conn.transaction():
-            dev = await service.get_device(conn, acc, request.match_info["device_id"], now)
-            await service.delete_device(conn, acc, dev["id"], now, actor=auth.actor(request))
+            dev = await store.get_device(conn, acc, request.match_info["device_id"], now)
+            await store.delete_device(conn, acc, dev["id"], now, actor=auth.actor(request))
     await request.app[MQTT].device_deleted(dev["id"])
     return web.Response(status=204)
 
@@ -175,7 +176,7 @@ async def rotate_token(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn)
         async with conn.transaction():
-            dev, token = await service.rotate_device_token(
+            dev, token = await store.rotate_device_token(
                 conn,
                 acc,
                 request.match_info["device_id"],
@@ -195,7 +196,7 @@ async def move_device(request: web.Request) -> web.Response:
         body = await json_object(request)
         effective = body_ts(body, "effective_at") or now
         async with conn.transaction():
-            dev = await service.move_device(
+            dev = await store.move_device(
                 conn,
                 acc,
                 request.match_info["device_id"],
@@ -212,7 +213,7 @@ async def device_placements(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn)
         return response(
-            {"data": await service.placements(conn, acc, request.match_info["device_id"])}
+            {"data": await store.placements(conn, acc, request.match_info["device_id"])}
         )
 
 
@@ -224,15 +225,15 @@ async def list_channels(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn)
         dev = request.query.get("device_id") or None
-        return response({"data": await service.list_channels(conn, acc, dev)})
+        return response({"data": await store.list_channels(conn, acc, dev)})
 
 
 @routes.get("/v1/channels/{channel_id}")
 async def get_channel(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn)
-        row = await service.channel_row(conn, acc, request.match_info["channel_id"])
-    return response(service.channel_public(row))
+        row = await store.channel_row(conn, acc, request.match_info["channel_id"])
+    return response(store.channel_public(row))
 
 
 @routes.patch("/v1/channels/{channel_id}")
@@ -242,7 +243,7 @@ async def patch_channel(request: web.Request) -> web.Response:
         acc = await auth.account(request, conn)
         body = await json_object(request)
         async with conn.transaction():
-            ch = await service.patch_channel(
+            ch = await store.patch_channel(
                 conn, acc, request.match_info["channel_id"], body, now, actor=auth.actor(request)
             )
     return response(ch)
@@ -256,7 +257,7 @@ async def list_tokens(request: web.Request) -> web.Response:
     now = request.app[CONFIG].clock()
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn)
-        return response({"data": await service.list_tokens(conn, acc, now)})
+        return response({"data": await store.list_tokens(conn, acc, now)})
 
 
 @routes.post("/v1/tokens")
@@ -276,7 +277,7 @@ async def create_token(request: web.Request) -> web.Response:
         if not isinstance(name, str) or len(name) > 200:
             raise ApiError("invalid_request", "name must be a string of at most 200 characters")
         async with conn.transaction():
-            tid, plaintext = await service.create_token(
+            tid, plaintext = await store.create_token(
                 conn, acc, kind, cfg.bcrypt_rounds, name, actor=auth.actor(request)
             )
     return response({"id": tid, "kind": kind, "name": name, "token": plaintext}, status=201)
@@ -288,7 +289,7 @@ async def revoke_token(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn)
         async with conn.transaction():
-            await service.revoke_token(
+            await store.revoke_token(
                 conn, acc, request.match_info["token_id"], now, actor=auth.actor(request)
             )
     return web.Response(status=204)

@@ -13,7 +13,7 @@ from ..api.keys import CONFIG, LOG_ACCOUNT, POOL, VERIFIER
 from ..errors import ApiError
 from ..ingest.routes import oldest_accepted
 from ..ingest.validate import parse_json
-from . import service
+from . import store
 from .push import SYNC_WATCH
 
 routes = web.RouteTableDef()
@@ -24,10 +24,10 @@ MAX_BATCH_BYTES = 1024 * 1024
 MAX_WAIT_S = 55
 
 
-async def _gateway(request: web.Request) -> service.Gateway:
+async def _gateway(request: web.Request) -> store.Gateway:
     cfg = request.app[CONFIG]
     async with request.app[POOL].connection() as conn:
-        gw = await service.authenticate(conn, request.app[VERIFIER], bearer(request), cfg.clock())
+        gw = await store.authenticate(conn, request.app[VERIFIER], bearer(request), cfg.clock())
     request[LOG_ACCOUNT] = gw.account_id
     return gw
 
@@ -42,7 +42,7 @@ async def sync(request: web.Request) -> web.Response:
     wait, held = _wait(request)
     if not wait:
         async with request.app[POOL].connection() as conn:
-            doc = await service.sync_document(conn, gw, cfg.clock())
+            doc = await store.sync_document(conn, gw, cfg.clock())
         return response(doc)
     watch = request.app[SYNC_WATCH]
     deadline = time.monotonic() + wait
@@ -52,7 +52,7 @@ async def sync(request: web.Request) -> web.Response:
             changed = watch.watch(gw.site_id)
             try:
                 async with request.app[POOL].connection() as conn:
-                    doc = await service.sync_document(conn, gw, cfg.clock())
+                    doc = await store.sync_document(conn, gw, cfg.clock())
                 if doc["version"] != held:
                     return response(doc)
                 left = deadline - time.monotonic()
@@ -67,7 +67,7 @@ async def sync(request: web.Request) -> web.Response:
     finally:
         # the end of a long-poll is a call too: a gateway holding one is up
         async with request.app[POOL].connection() as conn:
-            await service.heard(conn, gw.id, cfg.clock())
+            await store.heard(conn, gw.id, cfg.clock())
 
 
 def _wait(request: web.Request) -> tuple[float, str]:
@@ -92,9 +92,9 @@ async def ingest(request: web.Request) -> web.Response:
     raw = await request.clone(client_max_size=MAX_BATCH_BYTES).read()
     now = cfg.clock()
     body = parse_json(raw)
-    checked = service.check_batch(body, now, oldest_accepted(cfg, now), cfg.gateway_batch_max)
+    checked = store.check_batch(body, now, oldest_accepted(cfg, now), cfg.gateway_batch_max)
     async with request.app[POOL].connection() as conn:
-        answer = await service.ingest_batch(
+        answer = await store.ingest_batch(
             conn, gw, body["batch"], checked, now=now, compact_after_days=cfg.compact_after_days
         )
     return response(answer)
@@ -103,9 +103,9 @@ async def ingest(request: web.Request) -> web.Response:
 @routes.post("/v1/gateway/health")
 async def health(request: web.Request) -> web.Response:
     gw = await _gateway(request)
-    body = service.check_health(parse_json(await request.read()))
+    body = store.check_health(parse_json(await request.read()))
     async with request.app[POOL].connection() as conn:
-        await service.store_health(conn, gw, body, request.app[CONFIG].clock())
+        await store.store_health(conn, gw, body, request.app[CONFIG].clock())
     return response({"ok": True})
 
 
@@ -116,5 +116,5 @@ async def local_alerts(request: web.Request) -> web.Response:
     body = parse_json(await request.read())
     now = cfg.clock()
     async with request.app[POOL].connection() as conn:
-        answer = await service.store_local_alerts(conn, gw, body, now, oldest_accepted(cfg, now))
+        answer = await store.store_local_alerts(conn, gw, body, now, oldest_accepted(cfg, now))
     return response(answer)

@@ -26,9 +26,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from opensense_contract.payload import MAX_LABEL, MAX_MEASUREMENTS
+
 from ..errors import ApiError
 from ..kinds import KINDS
-from .validate import MAX_LABEL, MAX_MEASUREMENTS, Entry, check_ts_window, make_entry, parse_ts
+from .validate import Entry, check_ts_window, make_entry, parse_ts
 
 # TTS message types other than an uplink: answered 200 "ignored", never an error
 # (TTS counts a 4xx against the webhook and may disable it).

@@ -1,15 +1,19 @@
-"""The ingest pipeline every door feeds (HTTP JSON, Shelly, LoRaWAN; MQTT later):
-authenticate the device, resolve or create its channels, store new readings once,
-answer with accepted/deduplicated counts. All or nothing, in one transaction."""
+"""The ingest pipeline every door feeds (HTTP JSON, Shelly, LoRaWAN, MQTT and the
+site gateway's batch door): authenticate the device, resolve or create its channels,
+turn its readings into rows of those channels (`channel_rows`, the one function every
+door's readings pass through), store new readings once, answer with
+accepted/deduplicated counts. All or nothing, in one transaction."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from psycopg import AsyncConnection
+from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
@@ -19,10 +23,40 @@ from ..ids import new_id
 from ..kinds import KINDS
 from ..presets import VERTICALS
 from ..storage.batcher import BatchWriter
-from ..storage.write import insert_readings, packed_horizon
+from ..storage.write import Row, insert_readings, packed_horizon
 from .validate import Entry
 
 IDEMPOTENCY_TTL = timedelta(hours=24)
+
+
+class Channel(NamedTuple):
+    """A device's channel as the ingest needs it: where its readings go."""
+
+    id: str
+    num: int
+    unit: str
+    offset: float  # the calibration offset added to every reading
+
+
+ChannelKey = tuple[str, str]  # (kind, label)
+
+
+def channel_rows(
+    channel: Channel, unit: str, readings: Iterable[tuple[datetime, float]], field: str
+) -> list[Row]:
+    """The rows of `readings` (ts, value) on `channel`: every door's readings end
+    here (HTTP, Shelly and LoRaWAN through `store`/`store_fast`, MQTT through
+    `store_fast`, the gateway's batch door through gateway/store.py), so the unit
+    check and the calibration offset are applied one way. Units are never converted:
+    a unit other than the channel's refuses the readings (invalid_measurement,
+    naming `field`)."""
+    if channel.unit != unit:
+        raise ApiError(
+            "invalid_measurement",
+            f"{field} {unit!r} differs from channel {channel.id}'s unit {channel.unit!r}; "
+            "units are never converted",
+        )
+    return [Row(channel.num, ts, value + channel.offset) for ts, value in readings]
 
 
 @dataclass(frozen=True)
@@ -31,8 +65,8 @@ class Device:
     account_id: str
     local_id: str
     vertical: str
-    # (kind, label) -> (channel id, num, unit, offset), as read with the token
-    channels: dict[tuple[str, str], tuple[str, int, str, float]] | None = None
+    # (kind, label) -> its channel, as read with the token
+    channels: dict[ChannelKey, Channel] | None = None
     model: str = ""  # the device's model (Shelly: which unit its battery reports in)
 
 
@@ -54,13 +88,39 @@ WITH t AS (
   RETURNING count
 )
 SELECT t.id, t.kind, t.account_id, t.device_id, t.hash, t.revoked_at, t.local_id,
-       t.deleted_at, t.vertical, (SELECT count FROM rl),
+       t.deleted_at, t.vertical, (SELECT count FROM rl) AS rate_count,
        (SELECT coalesce(jsonb_agg(jsonb_build_array(c.kind, c.label, c.id, c.num, c.unit, c."offset")),
                         '[]'::jsonb)
-        FROM channels c WHERE c.device_id = t.device_id),
+        FROM channels c WHERE c.device_id = t.device_id) AS channels,
        t.fast_check, t.model
 FROM t
 """
+
+
+@dataclass(frozen=True)
+class AuthRow:
+    """A row of AUTH_SQL: the token, its device and site, the rate count."""
+
+    id: str  # the token's
+    kind: str
+    account_id: str
+    device_id: str | None
+    hash: str
+    revoked_at: datetime | None
+    local_id: str | None  # None: the token has no device
+    deleted_at: datetime | None  # the device's
+    vertical: str | None
+    rate_count: int | None  # None: not counted (not a live token of a live device)
+    channels: list[list[Any]]  # [kind, label, id, num, unit, offset] each
+    fast_check: bytes | None
+    model: str | None
+
+
+def read_channels(rows: list[list[Any]]) -> dict[ChannelKey, Channel]:
+    """The channels aggregated as JSON arrays [kind, label, id, num, unit, offset]."""
+    return {
+        (k, lbl): Channel(cid, int(num), unit, float(off)) for k, lbl, cid, num, unit, off in rows
+    }
 
 
 async def device_for_token(
@@ -73,19 +133,37 @@ async def device_for_token(
     """Authenticate a ds_live_ token and count the device's rate limit (401/429)."""
     kind, key_id, secret = tokens.parse_or_raise(token, ("ds_live",))
     window = ratelimit.window_start(now, 60)
-    cur = await conn.execute(AUTH_SQL, {"key_id": key_id, "window": window})
+    cur = conn.cursor(row_factory=class_row(AuthRow))
+    await cur.execute(AUTH_SQL, {"key_id": key_id, "window": window})
     row = await cur.fetchone()
     if row is None:
         raise ApiError("token_invalid", "the token is not known (wrong, or deleted)")
     await tokens.check_row(
-        conn, verifier, kind, key_id, secret, row[0], row[1], row[4], row[5], now, fast=row[11]
+        conn,
+        verifier,
+        kind,
+        key_id,
+        secret,
+        row.id,
+        row.kind,
+        row.hash,
+        row.revoked_at,
+        now,
+        fast=row.fast_check,
     )
-    if row[7] is not None or row[6] is None:
+    if row.deleted_at is not None or row.local_id is None:
         raise ApiError("token_invalid", "the token's device was deleted")
-    if row[9] is not None and row[9] > rate_per_min:
+    if row.rate_count is not None and row.rate_count > rate_per_min:
         raise ratelimit.limited(rate_per_min, 60, window, now, "ingest for this device")
-    channels = {(c[0], c[1]): (c[2], int(c[3]), c[4], float(c[5])) for c in row[10]}
-    return Device(row[3], row[2], row[6], row[8], channels, row[12] or "")
+    assert row.device_id is not None and row.vertical is not None
+    return Device(
+        row.device_id,
+        row.account_id,
+        row.local_id,
+        row.vertical,
+        read_channels(row.channels),
+        row.model or "",
+    )
 
 
 async def check_named_device(pool: AsyncConnectionPool, dev: Device, named: str | None) -> None:
@@ -114,19 +192,22 @@ async def device_by_eui(conn: AsyncConnection[Any], account_id: str, dev_eui: st
         " WHERE d.account_id = %s AND d.dev_eui = %s AND d.deleted_at IS NULL",
         (account_id, dev_eui.upper()),
     )
-    d = await cur.fetchone()
-    return Device(d[0], account_id, d[1], d[2]) if d else None
+    found = await cur.fetchone()
+    if found is None:
+        return None
+    device_id, local_id, vertical = found
+    return Device(device_id, account_id, local_id, vertical)
 
 
-async def _channels(
+async def channels_for(
     conn: AsyncConnection[Any], dev: Device, entries: tuple[Entry, ...]
-) -> dict[tuple[str, str], tuple[str, int, str, float]]:
-    """(kind, label) -> (channel id, num, unit, offset), creating what is missing
-    with the site vertical's default rule."""
+) -> dict[ChannelKey, Channel]:
+    """(kind, label) -> its channel, creating what is missing with the site
+    vertical's default rule."""
     cur = await conn.execute(
         'SELECT kind, label, id, num, unit, "offset" FROM channels WHERE device_id = %s', (dev.id,)
     )
-    known = {(r[0], r[1]): (r[2], r[3], r[4], r[5]) for r in await cur.fetchall()}
+    known = {(kind, label): Channel(*ch) for kind, label, *ch in await cur.fetchall()}
     wanted: dict[tuple[str, str], str] = {}
     for e in entries:
         wanted.setdefault((e.kind, e.label), e.unit)
@@ -139,53 +220,47 @@ async def _channels(
             ' ON CONFLICT (device_id, kind, label) DO NOTHING RETURNING id, num, unit, "offset"',
             (new_id("chn"), new_id("snr"), dev.account_id, dev.id, kind, label, wanted[key], name),
         )
-        got = await cur.fetchone()
-        if got is None:  # created meanwhile by a concurrent request for this device
+        row = await cur.fetchone()
+        if row is None:  # created meanwhile by a concurrent request for this device
             cur = await conn.execute(
                 'SELECT id, num, unit, "offset" FROM channels WHERE device_id = %s AND kind = %s AND label = %s',
                 (dev.id, kind, label),
             )
-            got = await cur.fetchone()
-            assert got is not None
+            row = await cur.fetchone()
+            assert row is not None
+            got = Channel(*row)
         else:
+            got = Channel(*row)
             preset = VERTICALS[dev.vertical].rules.get(kind)
             if preset and not KINDS[kind].auxiliary:
                 await conn.execute(
                     "INSERT INTO rules (id, channel_id, kind, params, grace_min, is_default)"
                     " VALUES (%s, %s, %s, %s, %s, true)",
-                    (new_id("rul"), got[0], preset.kind, Jsonb(preset.params), preset.grace_min),
+                    (new_id("rul"), got.id, preset.kind, Jsonb(preset.params), preset.grace_min),
                 )
             await audit.record(
                 conn,
                 account_id=dev.account_id,
                 actor=f"device:{dev.id}",
                 action="channel.create",
-                subject=got[0],
+                subject=got.id,
                 data={"device_id": dev.id, "kind": kind, "label": label, "unit": wanted[key]},
             )
-        known[key] = (got[0], got[1], got[2], got[3])
+        known[key] = got
     return known
 
 
-def _rows(
-    entries: tuple[Entry, ...], channels: dict[tuple[str, str], tuple[str, int, str, float]]
-) -> list[tuple[int, datetime, float]]:
-    rows = []
+def _rows(entries: tuple[Entry, ...], channels: dict[ChannelKey, Channel]) -> list[Row]:
+    rows: list[Row] = []
     for i, e in enumerate(entries):
-        cid, num, unit, offset = channels[(e.kind, e.label)]
-        if unit != e.unit:
-            raise ApiError(
-                "invalid_measurement",
-                f"measurements[{i}].unit {e.unit!r} differs from channel {cid}'s unit {unit!r}; "
-                "units are never converted",
-            )
-        rows.append((num, e.ts, e.value + offset))
+        ch = channels[(e.kind, e.label)]
+        rows += channel_rows(ch, e.unit, ((e.ts, e.value),), f"measurements[{i}].unit")
     return rows
 
 
 def _answer(
     entries: tuple[Entry, ...],
-    channels: dict[tuple[str, str], tuple[str, int, str, float]],
+    channels: dict[ChannelKey, Channel],
     inserted: int,
 ) -> dict[str, Any]:
     seen: dict[tuple[str, str], None] = {}
@@ -195,7 +270,7 @@ def _answer(
         "accepted": inserted,
         "deduplicated": len(entries) - inserted,
         "channels": [
-            {"type": k, "label": lbl, "channel_id": channels[(k, lbl)][0]} for k, lbl in seen
+            {"type": k, "label": lbl, "channel_id": channels[(k, lbl)].id} for k, lbl in seen
         ],
     }
 
@@ -256,13 +331,14 @@ async def store(
                 )
                 prev = await cur.fetchone()
                 assert prev is not None
-                if bytes(prev[0]) != digest:
+                body_sha256, response = prev
+                if bytes(body_sha256) != digest:
                     raise ApiError(
                         "idempotency_conflict",
                         "this Idempotency-Key was used in the last 24 h with a different body",
                     )
-                return dict(prev[1])
-        channels = await _channels(conn, dev, entries)
+                return dict(response)
+        channels = await channels_for(conn, dev, entries)
         rows = _rows(entries, channels)
         inserted = await insert_readings(conn, rows, now=now, compact_after_days=compact_after_days)
         await conn.execute(

@@ -174,12 +174,12 @@ def shelly_batch(
     return Batch(q.get("device") or None, tuple(entries)), ignored
 
 
-def _battery_channel(e: Entry, chans: dict[tuple[str, str], tuple[str, int, str, float]]) -> Entry:
+def _battery_channel(e: Entry, chans: dict[pipeline.ChannelKey, pipeline.Channel]) -> Entry:
     """A battery channel made in the other unit (a Gen3's volts read as percent before
     its model was set) keeps its history; this reading goes to the channel labelled
     with its unit (`battery V`), so nothing is lost and no unit is ever converted."""
     held = chans.get((e.kind, e.label))
-    if e.kind == "battery" and held is not None and held[2] != e.unit:
+    if e.kind == "battery" and held is not None and held.unit != e.unit:
         return Entry(e.kind, e.unit, e.unit, e.value, e.ts)
     return e
 

@@ -7,21 +7,31 @@ is stored.
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
+
+from opensense_contract import strictjson
+from opensense_contract.errors import WireError
+from opensense_contract.payload import (
+    ENTRY_KEYS,
+    MAX_DEVICE,
+    MAX_FUTURE_S,
+    MAX_LABEL,
+    MAX_MEASUREMENTS,
+    TOP_KEYS,
+    finite_number,
+)
+from opensense_contract.payload import json_type as _type
+from opensense_contract.payload import parse_ts as _contract_parse_ts
 
 from ..errors import ApiError
 from ..kinds import KINDS
 
-MAX_MEASUREMENTS = 32
-MAX_BODY_BYTES = 64 * 1024
-MAX_FUTURE = timedelta(minutes=5)
-MAX_LABEL = 64
-ENTRY_KEYS = {"type", "value", "label", "ts", "unit", "seq"}
-TOP_KEYS = {"device", "ts", "measurements"}
+# The payload's shape, limits and value/time rules are the wire contract's
+# (opensense_contract.payload); this module adds what only the server judges:
+# kinds, units, physical ranges and the accepted time window.
+MAX_FUTURE = timedelta(seconds=MAX_FUTURE_S)
 
 
 @dataclass(frozen=True)
@@ -39,95 +49,27 @@ class Batch:
     entries: tuple[Entry, ...]
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number (JSON has no NaN or Infinity)")
-
-
 def parse_json(raw: bytes) -> Any:
-    """Strict JSON: refuses NaN/Infinity, which Python's json would otherwise accept."""
+    """Strict JSON (opensense_contract.strictjson), refused as the envelope's bad_json."""
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ApiError("bad_json", f"the body is not UTF-8 text (byte {exc.start})") from None
-    try:
-        body = json.loads(text, parse_constant=_reject_constant)
-    except RecursionError:
-        raise ApiError("bad_json", "the body nests arrays or objects too deeply") from None
-    except ValueError as exc:
-        raise ApiError("bad_json", f"the body is not valid JSON: {exc}") from None
-    check_text(body)
-    return body
-
-
-def check_text(body: Any) -> None:
-    """Every string in a JSON body is text PostgreSQL can store: no NUL character and
-    no unpaired UTF-16 surrogate (JSON's \\ud800 escapes allow one; UTF-8 does not)."""
-    stack: list[tuple[str, Any]] = [("", body)]
-    while stack:
-        field, value = stack.pop()
-        where = field or "the body"
-        if isinstance(value, dict):
-            for k, v in value.items():
-                stack.append((f"a key of {where}", k))
-                stack.append((f"{field}.{k[:40]}" if field else k[:40], v))
-        elif isinstance(value, list):
-            stack.extend((f"{where}[{i}]", v) for i, v in enumerate(value))
-        elif isinstance(value, str):
-            if "\x00" in value:
-                raise ApiError(
-                    "bad_json", f"{where} holds a NUL character (\\u0000), which no text may"
-                )
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise ApiError(
-                    "bad_json",
-                    f"{where} holds an unpaired UTF-16 surrogate: it is not valid Unicode",
-                ) from None
+        return strictjson.loads(raw)
+    except WireError as e:
+        raise ApiError(e.code, e.message) from None
 
 
 def parse_ts(value: Any, field: str) -> datetime:
-    """RFC 3339 with an explicit offset (or Z)."""
-    if not isinstance(value, str):
-        raise ApiError(
-            "invalid_measurement", f"{field} must be an RFC 3339 string, got {_type(value)}"
-        )
+    """RFC 3339 with an explicit offset (or Z), by the contract's rule."""
     try:
-        ts = datetime.fromisoformat(value)
-    except ValueError:
-        raise ApiError(
-            "invalid_measurement", f"{field} is not an RFC 3339 timestamp: {value[:40]!r}"
-        ) from None
-    if ts.tzinfo is None or "T" not in value.upper():
-        raise ApiError(
-            "invalid_measurement",
-            f"{field} must be a full RFC 3339 date-time with an offset (e.g. 2026-11-24T10:00:00Z), got {value[:40]!r}",
-        )
-    try:
-        return ts.astimezone(UTC)
-    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 has no UTC equivalent
-        raise ApiError("invalid_measurement", f"{field} {value[:40]!r} is out of range") from None
-
-
-def _type(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "a boolean"
-    if isinstance(v, int | float):
-        return "a number"
-    if isinstance(v, str):
-        return "a string"
-    if isinstance(v, list):
-        return "an array"
-    return "an object"
+        return _contract_parse_ts(value, field)
+    except WireError as e:
+        raise ApiError(e.code, e.message) from None
 
 
 def check_ts_window(ts: datetime, field: str, now: datetime, oldest: datetime) -> None:
     if ts > now + MAX_FUTURE:
         raise ApiError(
             "out_of_range",
-            f"{field} {ts.isoformat()} is more than 5 minutes in the future (server time "
+            f"{field} {ts.isoformat()} is more than {MAX_FUTURE_S // 60} minutes in the future (server time "
             f"{now.isoformat(timespec='seconds')}); is the node's clock set?",
         )
     if ts < oldest:
@@ -139,14 +81,10 @@ def check_ts_window(ts: datetime, field: str, now: datetime, oldest: datetime) -
 
 
 def check_value(kind_name: str, unit_symbol: str, value: Any, field: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ApiError("invalid_measurement", f"{field}.value must be a number, got {_type(value)}")
     try:
-        v = float(value)
-    except OverflowError:  # an integer literal too large for a double
-        v = math.inf
-    if not math.isfinite(v):
-        raise ApiError("invalid_measurement", f"{field}.value is not a finite number")
+        v = finite_number(value, field)
+    except WireError as e:
+        raise ApiError(e.code, e.message) from None
     unit = KINDS[kind_name].unit(unit_symbol)
     assert unit is not None
     if not unit.min <= v <= unit.max:
@@ -212,9 +150,10 @@ def validate_payload(
             "invalid_measurement",
             "device in the body and X-Device-Id header disagree; send one of them",
         )
-    if device is not None and (not isinstance(device, str) or not 0 < len(device) <= 64):
+    if device is not None and (not isinstance(device, str) or not 0 < len(device) <= MAX_DEVICE):
         raise ApiError(
-            "invalid_measurement", "device must be a non-empty string of at most 64 characters"
+            "invalid_measurement",
+            f"device must be a non-empty string of at most {MAX_DEVICE} characters",
         )
     if require_device and device is None:
         raise ApiError(

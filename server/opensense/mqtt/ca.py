@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..statedir import private_dir, write_secret
+
+log = logging.getLogger(__name__)
 
 CA_DAYS = 3650
 SERVER_DAYS = 825
@@ -121,8 +125,42 @@ def make_server_cert(
     return key, cert
 
 
+def cert_hosts(cert: x509.Certificate) -> set[str]:
+    """The DNS names and IP addresses a certificate is for (its SANs)."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    return set(san.get_values_for_type(x509.DNSName)) | {
+        str(a) for a in san.get_values_for_type(x509.IPAddress)
+    }
+
+
+def _ours_for_other_hosts(files: TlsFiles, hosts: list[str]) -> bool:
+    """True when the server certificate is one this CA issued for other names than
+    `hosts` (OPENSENSE_MQTT_HOSTNAMES changed since): it is issued again, else the new
+    name is silently never on it and nodes using it refuse the broker (issue 17 item
+    10). A certificate from elsewhere (e.g. Let's Encrypt) is never touched."""
+    try:
+        cert = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+        ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+        cert.verify_directly_issued_by(ca)
+    except (OSError, ValueError, TypeError, InvalidSignature):
+        return False
+    if cert_hosts(cert) == set(hosts):
+        return False
+    log.warning(
+        "MQTT server certificate issued again for %s (it was for %s): OPENSENSE_MQTT_HOSTNAMES "
+        "changed",
+        ", ".join(hosts),
+        ", ".join(sorted(cert_hosts(cert))),
+    )
+    return True
+
+
 def ensure_tls(state_dir: Path, hosts: list[str]) -> TlsFiles:
-    """The CA and server pair in <state_dir>/mqtt-tls/, made once and then reused."""
+    """The CA and server pair in <state_dir>/mqtt-tls/, made once and then reused; the
+    server certificate is issued again when `hosts` changed."""
     d = private_dir(state_dir / "mqtt-tls")
     files = TlsFiles(d / "ca.pem", d / "server.pem", d / "server.key")
     ca_key_path = d / "ca.key"
@@ -130,7 +168,11 @@ def ensure_tls(state_dir: Path, hosts: list[str]) -> TlsFiles:
         key, cert = make_ca()
         _write_private(ca_key_path, _key_pem(key))
         files.ca_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    if not files.server_cert.exists() or not files.server_key.exists():
+    if (
+        not files.server_cert.exists()
+        or not files.server_key.exists()
+        or _ours_for_other_hosts(files, hosts)
+    ):
         ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)
         assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
         ca_cert = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import topics
+from opensense_contract import topics
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,8 @@ def device_acls(account: str, local_id: str) -> list[dict[str, Any]]:
         ),
         # a pattern: the subscription must fall inside it, so cmd/#, cmd/+ and
         # cmd/identify are allowed and opensense/# is not
-        _acl("subscribePattern", topics.topic(account, local_id, "cmd/#")),
-        _acl("subscribeLiteral", topics.topic(account, local_id, "err")),
+        _acl("subscribePattern", topics.topic(account, local_id, f"{topics.CMD}/#")),
+        _acl("subscribeLiteral", topics.topic(account, local_id, topics.ERR)),
     ]
 
 
@@ -107,11 +107,11 @@ def server_acls() -> list[dict[str, Any]]:
     already gives it (subscribe and receive everything, the control topic)."""
     root = topics.ROOT
     return [
-        _acl("publishClientSend", f"{root}/+/+/cmd/#"),
-        _acl("publishClientSend", f"{root}/+/+/err"),
+        _acl("publishClientSend", f"{root}/+/+/{topics.CMD}/#"),
+        _acl("publishClientSend", f"{root}/+/+/{topics.ERR}"),
         # a deleted device's retained lwt/info are cleared with an empty retained message
-        _acl("publishClientSend", f"{root}/+/+/lwt"),
-        _acl("publishClientSend", f"{root}/+/+/info"),
+        _acl("publishClientSend", f"{root}/+/+/{topics.LWT}"),
+        _acl("publishClientSend", f"{root}/+/+/{topics.INFO}"),
     ]
 
 

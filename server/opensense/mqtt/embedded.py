@@ -16,7 +16,7 @@ outside the device's own topics) gets its CONNACK refusal and the connection clo
 and no existing session is deleted, taken over or changed by it. A revoked or rotated
 token closes the device's live session at once (opensense_token_revoked
 notifications). ACL: a device publishes only its own measurements, lwt and info, and
-subscribes only to its own cmd/# and err (opensense.mqtt.topics); anything else is
+subscribes only to its own cmd/# and err (opensense_contract.topics); anything else is
 refused and logged with the reason. A will is held to the same publish ACL at CONNECT
 and again when the broker is about to publish it.
 
@@ -42,7 +42,7 @@ import logging
 import socket
 import ssl
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from aiohttp import web
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
@@ -58,12 +58,13 @@ from amqtt.mqtt.protocol.handler import INCOMING, ProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
 from amqtt.session import Session
 
+from opensense_contract import topics
+from opensense_contract.payload import MAX_BODY_BYTES
+
 from ..api.keys import CONFIG, REQUEST_LOG
 from ..errors import ApiError
 from ..ids import new_id
 from ..ingest.pipeline import Device
-from ..ingest.validate import MAX_BODY_BYTES
-from . import topics
 from .ca import ensure_tls
 from .ingest import MqttIngest
 
@@ -87,14 +88,15 @@ _qos2_flow = ProtocolHandler._handle_qos2_message_flow
 async def _store_then_ack(self: ProtocolHandler[Any], app_message: Any, original: Any) -> None:
     side = _side_of(self)
     if side is None or app_message.direction != INCOMING or self.session is None:
-        return await original(self, app_message)
+        await original(self, app_message)
+        return
     if not await side.on_publish(
         self.session, app_message.topic, bytes(app_message.data), app_message.qos, self
     ):
         # not stored: no acknowledgement; closing makes the node resend after reconnecting
         await self.handle_connection_closed()
-        return None
-    return await original(self, app_message)
+        return
+    await original(self, app_message)
 
 
 async def _qos1(self: ProtocolHandler[Any], app_message: Any) -> None:
@@ -208,7 +210,8 @@ class _BoundedReader(StreamReaderAdapter):
     async def read(self, n: int = -1) -> bytes:
         if self.cut:  # amqtt's read_or_raise turns this into "no more data": the end
             raise asyncio.IncompleteReadError(b"", None)
-        return await super().read(n)
+        data: bytes = await super().read(n)
+        return data
 
     def refuse(self, size: int) -> None:
         self.cut = True
@@ -311,7 +314,7 @@ class OpenSenseBroker(Broker):
         # TLS 1.2 at least, 1.3 whenever the client offers it. Not 1.3 only: the
         # firmware's TLS (MicroPython's mbedtls) offers 1.2 alone (tests/test_attack_broker.py)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        return ctx
+        return cast(ssl.SSLContext, ctx)
 
     async def _handle_disconnect(
         self, client_session: Session, handler: Any, disconnect_waiter: asyncio.Future[Any]
@@ -417,7 +420,7 @@ class DeviceAuthPlugin(BaseAuthPlugin):
 
 
 class DeviceTopicPlugin(BaseTopicPlugin):
-    """The device ACL of opensense.mqtt.topics."""
+    """The device ACL of opensense_contract.topics."""
 
     @dataclass
     class Config:
@@ -461,7 +464,7 @@ class DeviceStatePlugin(BasePlugin[Any]):
             t = topics.parse(client_session.will_topic)
             if (
                 t is not None
-                and t.sub == "lwt"
+                and t.sub == topics.LWT
                 and (t.account, t.device) == (dev.account_id, dev.local_id)
             ):
                 try:
@@ -622,7 +625,7 @@ class EmbeddedBroker:
             return True  # acknowledged and dropped: the broker's ACL stops it too
         t = topics.parse(topic)
         assert t is not None
-        err_topic = topics.topic(dev.account_id, dev.local_id, "err")
+        err_topic = topics.topic(dev.account_id, dev.local_id, topics.ERR)
         try:
             if t.sub == "":
                 limited = await self.ingest.over_rate(dev, t)

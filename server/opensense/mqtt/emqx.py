@@ -35,12 +35,13 @@ from urllib.parse import quote
 import aiohttp
 from aiohttp import web
 
+from opensense_contract import topics
+
 from ..api.auth import bearer
 from ..api.body import json_object
 from ..api.keys import CONFIG, POOL
 from ..errors import ApiError
 from ..settings import Config
-from . import topics
 from .ingest import MqttIngest
 
 log = logging.getLogger(__name__)

@@ -67,15 +67,18 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import paho.mqtt.client as mqtt
 import psycopg
 from aiohttp import web
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from opensense_contract import retry, topics
 
 from .. import tokens
 from ..api.keys import CONFIG, DSN, POOL
 from ..errors import ApiError
 from ..ingest import pipeline
-from . import dynsec, topics
+from . import dynsec
 from .ingest import MqttIngest
 
 log = logging.getLogger(__name__)
@@ -84,7 +87,7 @@ SHARE_GROUP = "opensense"
 RECEIVE_MAXIMUM = 500  # messages the broker may have in flight to the consumer, unacknowledged
 SESSION_NEVER_EXPIRES = 0xFFFFFFFF
 KEEPALIVE = 30
-MAX_BACKOFF = 60.0
+MAX_BACKOFF = float(retry.BACKOFF_CAP_S)  # the contract's cap; no jitter: one consumer
 STREAK_RESET_S = 300.0  # a failure this long after the last one starts the backoff again at 1 s
 DRAIN_S = 10.0  # how long a reconnect or a stop waits for messages being handled
 CONNECT_WAIT_S = 10.0  # start() waits this long for the broker, then goes on without it
@@ -254,7 +257,7 @@ class ExternalBroker:
 
     def _client(self, client_id: str, *, persistent: bool) -> mqtt.Client:
         c = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv5,
             manual_ack=persistent,
@@ -273,7 +276,7 @@ class ExternalBroker:
         return c
 
     def _connect(self, c: mqtt.Client, *, persistent: bool = False) -> None:
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         if persistent:
             props.SessionExpiryInterval = SESSION_NEVER_EXPIRES
             props.ReceiveMaximum = RECEIVE_MAXIMUM
@@ -430,7 +433,7 @@ class ExternalBroker:
                 answer = await self.ingest.handle(dev, t, m.payload, m.qos)
                 if answer is not None:
                     self._publish_nowait(
-                        topics.topic(t.account, t.device, "err"), json.dumps(answer).encode()
+                        topics.topic(t.account, t.device, topics.ERR), json.dumps(answer).encode()
                     )
         except Exception:
             log.exception(
@@ -751,7 +754,7 @@ class ExternalBroker:
             return
         if row is not None:
             # forget its retained state, so nothing shows a gone device as online
-            for sub in ("lwt", "info"):
+            for sub in (topics.LWT, topics.INFO):
                 self._publish_nowait(topics.topic(row[0], row[1], sub), b"", retain=True)
 
 

@@ -19,6 +19,8 @@ from typing import Any
 from aiohttp import web
 from psycopg.types.json import Jsonb
 
+from opensense_contract import topics
+
 from .. import ratelimit, tokens
 from ..api.keys import CONFIG, POOL, REQUEST_LOG, VERIFIER, WRITER
 from ..errors import ApiError, envelope
@@ -26,7 +28,6 @@ from ..ids import new_id
 from ..ingest import pipeline
 from ..ingest.routes import oldest_accepted
 from ..ingest.validate import parse_json, validate_payload
-from . import topics
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,10 @@ WHERE d.deleted_at IS NULL AND {where}
 
 
 def _device(row: Any) -> pipeline.Device:
-    channels = {(c[0], c[1]): (c[2], int(c[3]), c[4], float(c[5])) for c in row[4]}
-    return pipeline.Device(row[0], row[1], row[2], row[3], channels)
+    device_id, account_id, local_id, vertical, channels = row
+    return pipeline.Device(
+        device_id, account_id, local_id, vertical, pipeline.read_channels(channels)
+    )
 
 
 @dataclass
@@ -100,9 +103,9 @@ class MqttIngest:
         try:
             if t.sub == "":
                 await self._measurements(dev, payload, qos, now)
-            elif t.sub == "lwt":
+            elif t.sub == topics.LWT:
                 await self._lwt(dev, payload, now)
-            elif t.sub == "info":
+            elif t.sub == topics.INFO:
                 await self._info(dev, payload)
             else:
                 raise ApiError("forbidden", f"a device does not publish to {t.sub!r}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..openapi import NTS, TS, err, obj, ok, op, path_param, q, ref
+from ..api.spec import NTS, TS, err, obj, ok, op, path_param, q, ref
 from .components import STATES
 
 S = dict[str, Any]

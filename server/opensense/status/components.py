@@ -68,9 +68,9 @@ COMPONENTS: tuple[Component, ...] = (
 )
 BY_ID = {c.id: c for c in COMPONENTS}
 
-# Features that exist in this build and have said so. A feature module registers at
-# import (`register_feature("reports")` next to its routes), so every process that
-# wires the feature (create_app imports it) shows its component; nothing else does.
+# Features that exist in this build and have said so. A feature registers at the
+# import of its package (`register_feature("reports")` in reports/__init__.py), which
+# app.py imports in every process (docs/architecture.md); nothing else does.
 _BUILT: set[str] = set()
 
 

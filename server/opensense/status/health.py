@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from aiohttp import web
+
 
 @dataclass
 class Report:
@@ -48,14 +50,15 @@ class Health:
         return {k: r.as_json() for k, r in self.reports.items()}
 
 
-# The app key lives here (not in api/keys.py) so callers need only this module.
+# The app key is made here and api/keys.py names it with the others: a caller needs
+# only this module, and this module needs nothing of the app's.
 KEY_NAME = "status_health"
+HEALTH = web.AppKey(KEY_NAME, Health)
 
 
 def registry(app: MutableMapping[Any, Any]) -> Health:
-    from ..api.keys import HEALTH
-
-    return app[HEALTH]
+    health: Health = app[HEALTH]
+    return health
 
 
 def ok(app: MutableMapping[Any, Any], component: str, detail: str = "") -> None:

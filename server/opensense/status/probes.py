@@ -13,10 +13,13 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
+from ..alarms import paths as notify_paths
 from . import health as health_mod
 from .observe import INGEST_SLOW_BOUND, LATENCY_BUCKETS, quantile_bound, share_above
 
-PATHS = ("telegram", "email", "webhook")
+# The notification paths are the alarm side's declaration (alarms/paths.py PATHS):
+# a path added there is probed here and has its dispatch_<path> component.
+PATHS = tuple(notify_paths.PATHS)
 # outbound_log statuses that are a delivery attempt, and the failed ones among them.
 # 'dropped' (a 4xx from the customer's own webhook) is the target refusing, not the
 # path failing; 'queued' is not an attempt yet; 'quarantined' is a row given up on.
@@ -136,10 +139,10 @@ async def dispatch(
     counts them. Path failures (`failed`) always count; recipient-side failures
     (`rejected`) count only when they span `min_accounts` accounts."""
     if not await exists(conn, "outbound_log"):
-        return {p: None for p in PATHS}
+        return {p: None for p in notify_paths.PATHS}
     out: dict[str, Any] = {}
     window = now - timedelta(minutes=5)
-    for path in PATHS:
+    for path in notify_paths.PATHS:
         cur = await conn.execute(
             "SELECT count(*) FILTER (WHERE status = 'ok'),"
             " count(*) FILTER (WHERE status = ANY(%s)),"

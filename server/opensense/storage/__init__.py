@@ -1,1 +1,14 @@
 """Storage: readings, rollups, compaction of closed days, retention."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+
+def setup(app: web.Application) -> None:
+    """The read API (the batch writer is shared by every door: opensense/app.py)."""
+    # imported here, not at the top: a module of the package (api/keys.py imports
+    # some) must stay importable without the HTTP layer, which needs api/keys.py
+    from .routes import routes
+
+    app.router.add_routes(routes)

@@ -22,11 +22,9 @@ from datetime import datetime, timedelta
 
 from psycopg_pool import AsyncConnectionPool
 
-from .write import ROLLUPS_SQL, execute_mending_partitions, to_us
+from .write import ROLLUPS_SQL, Row, columns, execute_mending_partitions, to_us
 
 log = logging.getLogger(__name__)
-
-Row = tuple[int, datetime, float]
 
 BATCH_SQL = (
     """
@@ -126,20 +124,14 @@ class BatchWriter:
         rows: list[Row] = []
         for i, job in enumerate(batch):
             for r in job.rows:
-                key = (r[0], to_us(r[1]))
+                key = (r.channel_num, to_us(r.ts))
                 if key not in owner:
                     owner[key] = i
                     rows.append(r)
-        rows.sort(key=lambda r: (r[0], r[1]))
+        rows.sort(key=lambda r: (r.channel_num, r.ts))
         now = max(job.now for job in batch)
         devices = sorted({job.device_id for job in batch if self._seen_due(job.device_id, job.now)})
-        params = {
-            "nums": [r[0] for r in rows],
-            "ts": [r[1] for r in rows],
-            "vals": [r[2] for r in rows],
-            "now": now,
-            "devices": devices,
-        }
+        params = {**columns(rows), "now": now, "devices": devices}
         async with self._pool.connection() as conn:  # autocommit: one statement, one transaction
             cur = await execute_mending_partitions(conn, BATCH_SQL, params, rows, savepoint=False)
             inserted = await cur.fetchall()

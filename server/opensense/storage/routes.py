@@ -24,7 +24,7 @@ from ..api import auth
 from ..api.body import query_choice, query_int, query_ts
 from ..api.jsonutil import response, rfc3339
 from ..api.keys import CONFIG, POOL
-from ..devices import service
+from ..devices import store
 from ..errors import ApiError
 from ..ingest.validate import parse_ts
 from .read import AGG_SECONDS, AGGS, COMPUTED_FNS, FNS, floor_bucket, read_series
@@ -92,7 +92,7 @@ def check_cost(p: dict[str, Any], channels: int, max_channel_days: int) -> int:
             f" (asked: {channels} channel(s) x {days:.1f} days); read a shorter range or"
             " fewer channels at a time, or use fn=mean|min|max|count (from rollups)",
         )
-    return max(channels, math.ceil(days * channels / DAYS_PER_UNIT))
+    return int(max(channels, math.ceil(days * channels / DAYS_PER_UNIT)))
 
 
 def _value(v: float, fn: str, agg: str) -> float | int:
@@ -100,7 +100,7 @@ def _value(v: float, fn: str, agg: str) -> float | int:
 
 
 async def _series(conn: Any, acc: str, channel_id: str, p: dict[str, Any]) -> dict[str, Any]:
-    ch = await service.channel_row(conn, acc, channel_id)
+    ch = await store.channel_row(conn, acc, channel_id)
     points, more = await read_series(
         conn, ch["num"], p["lo"], p["hi"], p["agg"], p["fn"], p["limit"], p["after"]
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from psycopg import AsyncConnection, AsyncCursor, errors
 
@@ -62,6 +62,28 @@ WITH src AS (
 )
 
 
+class Row(NamedTuple):
+    """One reading as stored: its channel's number, its time, its value (offset
+    applied)."""
+
+    channel_num: int
+    ts: datetime
+    value: float
+
+
+# What the writers take: Rows, or plain (channel_num, ts, value) tuples (benches).
+RowLike = tuple[int, datetime, float]
+
+
+def columns(rows: Sequence[RowLike]) -> dict[str, list[Any]]:
+    """The rows as the three arrays the INSERT statements unnest."""
+    return {
+        "nums": [num for num, _, _ in rows],
+        "ts": [ts for _, ts, _ in rows],
+        "vals": [value for _, _, value in rows],
+    }
+
+
 def to_us(ts: datetime) -> int:
     delta = ts - EPOCH
     return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
@@ -81,7 +103,7 @@ def packed_horizon(now: datetime, compact_after_days: int) -> date:
 
 async def insert_readings(
     conn: AsyncConnection[Any],
-    rows: Sequence[tuple[int, datetime, float]],
+    rows: Sequence[RowLike],
     *,
     now: datetime,
     compact_after_days: int,
@@ -94,17 +116,12 @@ async def insert_readings(
     if not rows:
         return 0
     horizon = packed_horizon(now, compact_after_days) + timedelta(days=1)  # margin
-    old = [r for r in rows if r[1].date() < horizon]
+    old = [(num, ts, value) for num, ts, value in rows if ts.date() < horizon]
     if old:
         rows = await _drop_already_packed(conn, rows, old)
         if not rows:
             return 0
-    params = {
-        "nums": [r[0] for r in rows],
-        "ts": [r[1] for r in rows],
-        "vals": [r[2] for r in rows],
-    }
-    cur = await execute_mending_partitions(conn, INSERT_SQL, params, rows, savepoint=True)
+    cur = await execute_mending_partitions(conn, INSERT_SQL, columns(rows), rows, savepoint=True)
     got = await cur.fetchone()
     return int(got[0]) if got else 0
 
@@ -113,7 +130,7 @@ async def execute_mending_partitions(
     conn: AsyncConnection[Any],
     query: str,
     params: dict[str, Any],
-    rows: Sequence[tuple[int, datetime, float]],
+    rows: Sequence[RowLike],
     *,
     savepoint: bool,
 ) -> AsyncCursor[Any]:
@@ -128,7 +145,7 @@ async def execute_mending_partitions(
     except errors.CheckViolation as exc:
         if "no partition" not in str(exc):
             raise
-    await ensure_month_partitions(conn, {db.month_start(r[1].date()) for r in rows})
+    await ensure_month_partitions(conn, {db.month_start(ts.date()) for _, ts, _ in rows})
     return await conn.execute(query, params)
 
 
@@ -141,19 +158,19 @@ async def ensure_month_partitions(conn: AsyncConnection[Any], months: set[date])
 
 async def _drop_already_packed(
     conn: AsyncConnection[Any],
-    rows: Sequence[tuple[int, datetime, float]],
-    old: Sequence[tuple[int, datetime, float]],
-) -> list[tuple[int, datetime, float]]:
-    days = sorted({r[1].date() for r in old})
+    rows: Sequence[RowLike],
+    old: Sequence[RowLike],
+) -> list[RowLike]:
+    days = sorted({ts.date() for _, ts, _ in old})
     for d in days:  # sorted: no lock-order deadlock with another ingest
         await conn.execute(
             "SELECT pg_advisory_xact_lock_shared(%s, %s)", (DAY_LOCK_NS, d.toordinal())
         )
-    keys = sorted({(r[0], r[1].date()) for r in old})
+    keys = sorted({(num, ts.date()) for num, ts, _ in old})
     cur = await conn.execute(
         "SELECT channel_num, day, blob FROM measurements_packed"
         " WHERE (channel_num, day) IN (SELECT * FROM unnest(%s::int4[], %s::date[]))",
-        ([k[0] for k in keys], [k[1] for k in keys]),
+        ([num for num, _ in keys], [day for _, day in keys]),
     )
     present: dict[int, set[int]] = defaultdict(set)
     for num, _day, blob in await cur.fetchall():
@@ -161,4 +178,4 @@ async def _drop_already_packed(
         present[num].update(ts)
     if not present:
         return list(rows)
-    return [r for r in rows if to_us(r[1]) not in present.get(r[0], ())]
+    return [(num, ts, v) for num, ts, v in rows if to_us(ts) not in present.get(num, ())]

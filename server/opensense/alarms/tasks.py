@@ -1,4 +1,4 @@
-"""The alarm side's background work, started by `alarms_ctx` (app cleanup_ctx):
+"""The alarm side's background tasks, started by `alarms_ctx` (app cleanup_ctx):
 
 - the evaluator: LISTEN opensense_alarm_dirty (sent at the commit of readings);
   each wake-up judges the dirty channels at once; every `alarm_sweep_s` it also

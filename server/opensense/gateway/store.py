@@ -9,15 +9,16 @@ import json
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from psycopg import AsyncConnection
-from psycopg.rows import dict_row
+from psycopg.rows import class_row, dict_row
 from psycopg.types.json import Jsonb
 
 # The rule kinds a site gateway evaluates on its own during an outage (the server
 # decides; the sync document lists them in `rule_kinds` and carries only those),
 # with their params exactly as the contract declares them.
+from opensense_contract.payload import MAX_FUTURE_S
 from opensense_contract.rules import GATEWAY_RULE_KINDS
 
 from .. import tokens
@@ -27,7 +28,7 @@ from ..ingest import pipeline
 from ..ingest.validate import MAX_FUTURE, check_value, make_entry, parse_ts
 from ..kinds import KINDS
 from ..presets import VERTICALS
-from ..storage.write import insert_readings
+from ..storage.write import Row, insert_readings
 
 MAX_SERIES = 1000
 HEALTH_KEYS = ("queue_depth", "oldest_unsent_s", "uplink", "last_sync", "dead_letters")
@@ -55,6 +56,42 @@ class Gateway:
     gap_to: datetime | None = None
 
 
+@dataclass(frozen=True)
+class GatewayTokenRow:
+    """The row a gw_ token authenticates with: the token and its gateway."""
+
+    token_id: str
+    kind: str
+    hash: str
+    revoked_at: datetime | None
+    id: str
+    account_id: str
+    site_id: str
+    name: str
+    deleted_at: datetime | None
+    vertical: str
+
+
+class SiteDevice(NamedTuple):
+    id: str
+    site_id: str
+
+
+class LocalAlert(NamedTuple):
+    """A local alert as posted, checked for shape."""
+
+    ref: str
+    device: str
+    kind: str  # the measurement kind (`type` on the wire)
+    label: str
+    unit: str | None
+    rule_id: str | None
+    opened_at: datetime | None
+    notified_at: datetime | None
+    path: str
+    cleared_at: datetime | None
+
+
 # --- management --------------------------------------------------------------------
 
 
@@ -70,10 +107,10 @@ async def create_gateway(
     """A gateway for one site and its gw_ token (plaintext returned once). The gateway,
     its token and their audit rows commit together."""
     from .. import audit
-    from ..devices import service
+    from ..devices import store as devices_store
 
     async with conn.transaction():
-        site = await service.get_site(conn, account_id, site_id)
+        site = await devices_store.get_site(conn, account_id, site_id)
         gid = new_id("gw")
         await conn.execute(
             "INSERT INTO gateways (id, account_id, site_id, name) VALUES (%s, %s, %s, %s)",
@@ -87,7 +124,7 @@ async def create_gateway(
             subject=gid,
             data={"site_id": site["id"], "name": name},
         )
-        _, plaintext = await service.create_token(
+        _, plaintext = await devices_store.create_token(
             conn, account_id, "gw", rounds, name, gateway_id=gid, actor=actor
         )
     return await get_gateway(conn, account_id, gid), plaintext
@@ -103,7 +140,7 @@ async def rotate_gateway_token(
     actor: str = "system",
 ) -> tuple[dict[str, Any], str]:
     """Revoke the gateway's live token and issue a new one (the old fails at once)."""
-    from ..devices import service
+    from ..devices import store as devices_store
 
     async with conn.transaction():
         gw = await get_gateway(conn, account_id, gateway_id)
@@ -111,7 +148,7 @@ async def rotate_gateway_token(
             "UPDATE tokens SET revoked_at = %s WHERE gateway_id = %s AND revoked_at IS NULL",
             (now, gw["id"]),
         )
-        _, plaintext = await service.create_token(
+        _, plaintext = await devices_store.create_token(
             conn,
             account_id,
             "gw",
@@ -155,9 +192,10 @@ async def authenticate(
 ) -> Gateway:
     """The live gateway behind a gw_ token, or 401."""
     kind, key_id, secret = tokens.parse_or_raise(token, ("gw",))
-    cur = await conn.execute(
-        "SELECT t.id, t.kind, t.hash, t.revoked_at, g.id, g.account_id, g.site_id, g.name,"
-        " g.deleted_at, s.vertical FROM tokens t JOIN gateways g ON g.id = t.gateway_id"
+    cur = conn.cursor(row_factory=class_row(GatewayTokenRow))
+    await cur.execute(
+        "SELECT t.id AS token_id, t.kind, t.hash, t.revoked_at, g.id, g.account_id, g.site_id,"
+        " g.name, g.deleted_at, s.vertical FROM tokens t JOIN gateways g ON g.id = t.gateway_id"
         " JOIN sites s ON s.id = g.site_id WHERE t.key_id = %s",
         (key_id,),
     )
@@ -165,12 +203,14 @@ async def authenticate(
     if row is None:
         raise ApiError("token_invalid", "the token is not known (wrong, or deleted)")
     await tokens.check_row(
-        conn, verifier, kind, key_id, secret, row[0], row[1], row[2], row[3], now
+        conn, verifier, kind, key_id, secret, row.token_id, row.kind, row.hash, row.revoked_at, now
     )
-    if row[8] is not None:
+    if row.deleted_at is not None:
         raise ApiError("token_invalid", "the token's gateway was deleted")
-    gap = await heard(conn, row[4], now)
-    return Gateway(row[4], row[5], row[6], row[7], row[9], row[0], gap[0], gap[1])
+    gap_from, gap_to = await heard(conn, row.id, now)
+    return Gateway(
+        row.id, row.account_id, row.site_id, row.name, row.vertical, row.token_id, gap_from, gap_to
+    )
 
 
 async def heard(
@@ -190,7 +230,10 @@ async def heard(
         {"edge": now - GAP, "now": now, "id": gateway_id},
     )
     row = await cur.fetchone()
-    return (row[0], row[1]) if row else (None, None)
+    if row is None:
+        return None, None
+    gap_from, gap_to = row
+    return gap_from, gap_to
 
 
 # --- sync --------------------------------------------------------------------------
@@ -219,27 +262,16 @@ async def sync_document(conn: AsyncConnection[Any], gw: Gateway, now: datetime) 
                 "site_hash": shash,
             },
         )
-    cur = await conn.execute(
-        "SELECT r.id, d.local_id, c.kind, c.label, c.id, r.kind, r.params, r.grace_min, r.severity"
+    rule_cur = conn.cursor(row_factory=dict_row)
+    await rule_cur.execute(
+        "SELECT r.id, d.local_id AS device, c.kind AS type, c.label, c.id AS channel_id,"
+        " r.kind, r.params, r.grace_min, r.severity"
         " FROM rules r JOIN channels c ON c.id = r.channel_id JOIN devices d ON d.id = c.device_id"
         " WHERE d.site_id = %s AND d.account_id = %s AND d.deleted_at IS NULL AND r.enabled"
         " AND r.kind = ANY(%s) ORDER BY r.id",
         (gw.site_id, gw.account_id, list(GATEWAY_RULE_KINDS)),
     )
-    rules = [
-        {
-            "id": r[0],
-            "device": r[1],
-            "type": r[2],
-            "label": r[3],
-            "channel_id": r[4],
-            "kind": r[5],
-            "params": r[6],
-            "grace_min": r[7],
-            "severity": r[8],
-        }
-        for r in await cur.fetchall()
-    ]
+    rules = list(await rule_cur.fetchall())
     preset = VERTICALS[gw.vertical]
     defaults = [
         {"type": k, "kind": d.kind, "params": d.params, "grace_min": d.grace_min}
@@ -346,7 +378,7 @@ def check_batch(body: Any, now: datetime, oldest: datetime, max_readings: int) -
                 if at > now + MAX_FUTURE:
                     raise ApiError(
                         "out_of_range",
-                        f"{f}.ts[{j}] {at.isoformat()} is more than 5 minutes in the future",
+                        f"{f}.ts[{j}] {at.isoformat()} is more than {MAX_FUTURE_S // 60} minutes in the future",
                     )
                 if at < oldest:
                     raise ApiError(
@@ -363,6 +395,15 @@ def check_batch(body: Any, now: datetime, oldest: datetime, max_readings: int) -
         if keep.ts:
             out.append(keep)
     return Checked(out, rejected, n)
+
+
+@dataclass
+class Span:
+    """A device's readings in one gateway batch: how many, first and last time."""
+
+    n: int
+    first: datetime
+    last: datetime
 
 
 async def ingest_batch(
@@ -384,23 +425,24 @@ async def ingest_batch(
             " WHERE d.account_id = %s AND d.deleted_at IS NULL AND d.local_id = ANY(%s)",
             (gw.account_id, names),
         )
-        found = {r[0]: (r[1], r[2]) for r in await cur.fetchall()}
+        found = {local_id: SiteDevice(did, site) for local_id, did, site in await cur.fetchall()}
         cur = await conn.execute(
             'SELECT device_id, kind, label, id, num, unit, "offset" FROM channels'
             " WHERE device_id = ANY(%s)",
-            ([v[0] for v in found.values()],),
+            ([d.id for d in found.values()],),
         )
-        chans: dict[tuple[str, str, str], tuple[str, int, str, float]] = {
-            (r[0], r[1], r[2]): (r[3], r[4], r[5], r[6]) for r in await cur.fetchall()
+        chans: dict[tuple[str, str, str], pipeline.Channel] = {
+            (device_id, kind, label): pipeline.Channel(*ch)
+            for device_id, kind, label, *ch in await cur.fetchall()
         }
-        rows: list[tuple[int, datetime, float]] = []
-        spans: dict[str, list[Any]] = {}  # device id -> [n, first, last]
+        rows: list[Row] = []
+        spans: dict[str, Span] = {}  # device id -> its readings in this batch
         for i, s in enumerate(checked.series):
             dev = found.get(s.device)
             code, msg = None, ""
             if dev is None:
                 code, msg = "device_not_found", f"no device {s.device!r} in this account"
-            elif dev[1] != gw.site_id:
+            elif dev.site_id != gw.site_id:
                 code = "forbidden"
                 msg = f"device {s.device!r} is not at this gateway's site {gw.site_id}"
             if code is not None:
@@ -409,25 +451,26 @@ async def ingest_batch(
                 )
                 continue
             assert dev is not None
-            ch = chans.get((dev[0], s.kind, s.label))
+            ch = chans.get((dev.id, s.kind, s.label))
             if ch is None:
-                d = pipeline.Device(dev[0], gw.account_id, s.device, gw.vertical)
+                d = pipeline.Device(dev.id, gw.account_id, s.device, gw.vertical)
                 entry = make_entry(s.kind, s.label, s.unit, s.values[0], s.ts[0], "series")
-                made = await pipeline._channels(conn, d, (entry,))
+                made = await pipeline.channels_for(conn, d, (entry,))
                 ch = made[(s.kind, s.label)]
-                chans[(dev[0], s.kind, s.label)] = ch
-            if ch[2] != s.unit:
-                msg = f"unit {s.unit!r} differs from channel {ch[0]}'s unit {ch[2]!r}; units are never converted"
+                chans[(dev.id, s.kind, s.label)] = ch
+            try:
+                # the one path every door's readings take (unit check, offset)
+                rows += pipeline.channel_rows(ch, s.unit, zip(s.ts, s.values, strict=True), "unit")
+            except ApiError as exc:
                 rejected.extend(
-                    {"series": i, "index": j, "code": "invalid_measurement", "message": msg}
+                    {"series": i, "index": j, "code": exc.code, "message": exc.message}
                     for j in s.index
                 )
                 continue
-            rows.extend((ch[1], t, v + ch[3]) for t, v in zip(s.ts, s.values, strict=True))
-            span = spans.setdefault(dev[0], [0, s.ts[0], s.ts[0]])
-            span[0] += len(s.ts)
-            span[1] = min(span[1], *s.ts)
-            span[2] = max(span[2], *s.ts)
+            span = spans.setdefault(dev.id, Span(0, s.ts[0], s.ts[0]))
+            span.n += len(s.ts)
+            span.first = min(span.first, *s.ts)
+            span.last = max(span.last, *s.ts)
         inserted = await insert_readings(conn, rows, now=now, compact_after_days=compact_after_days)
         if spans:
             ids = list(spans)
@@ -443,9 +486,9 @@ async def ingest_batch(
                     batch_id,
                     now,
                     ids,
-                    [spans[d][0] for d in ids],
-                    [spans[d][1] for d in ids],
-                    [spans[d][2] for d in ids],
+                    [spans[d].n for d in ids],
+                    [spans[d].first for d in ids],
+                    [spans[d].last for d in ids],
                 ),
             )
             # a node heard through the gateway was seen when it last measured
@@ -453,7 +496,7 @@ async def ingest_batch(
                 "UPDATE devices d SET last_seen_at = u.t FROM unnest(%s::text[],"
                 " %s::timestamptz[]) AS u(id, t) WHERE d.id = u.id"
                 " AND (d.last_seen_at IS NULL OR d.last_seen_at < u.t) AND u.t <= %s",
-                (ids, [spans[d][2] for d in ids], now + timedelta(minutes=5)),
+                (ids, [spans[d].last for d in ids], now + timedelta(minutes=5)),
             )
         await conn.execute("UPDATE gateways SET last_seen_at = %s WHERE id = %s", (now, gw.id))
     return {
@@ -573,7 +616,7 @@ async def store_local_alerts(
     alerts = body.get("alerts") if isinstance(body, dict) else None
     if not isinstance(alerts, list) or len(alerts) > 1000:
         raise ApiError("invalid_request", "alerts must be an array of at most 1000 entries")
-    parsed = []
+    parsed: list[LocalAlert] = []
     for i, a in enumerate(alerts):
         f = f"alerts[{i}]"
         if not isinstance(a, dict):
@@ -582,7 +625,7 @@ async def store_local_alerts(
             if not isinstance(a.get(k), str) or not 0 < len(a[k]) <= 200:
                 raise ApiError("invalid_request", f"{f}.{k} must be a non-empty string")
         parsed.append(
-            (
+            LocalAlert(
                 a["ref"],
                 a["device"],
                 a["type"],
@@ -597,11 +640,20 @@ async def store_local_alerts(
         )
     cur = await conn.execute(
         "SELECT ref, opened_at FROM local_alerts WHERE gateway_id = %s AND ref = ANY(%s)",
-        (gw.id, [p[0] for p in parsed]),
+        (gw.id, [p.ref for p in parsed]),
     )
-    known: dict[str, datetime] = {r[0]: r[1] for r in await cur.fetchall()}
+    known: dict[str, datetime] = {ref: opened for ref, opened in await cur.fetchall()}
     for i, p in enumerate(parsed):
-        check_alert_times(f"alerts[{i}]", gw, now, oldest, known.get(p[0]), p[6], p[7], p[9])
+        check_alert_times(
+            f"alerts[{i}]",
+            gw,
+            now,
+            oldest,
+            known.get(p.ref),
+            p.opened_at,
+            p.notified_at,
+            p.cleared_at,
+        )
     stored = 0
     async with conn.transaction():
         for ref, dev, kind, label, unit, rule_id, opened, notified, path, cleared in parsed:
@@ -613,7 +665,7 @@ async def store_local_alerts(
                 (kind, label, gw.account_id, gw.site_id, dev),
             )
             row = await cur.fetchone()
-            device_id, channel_id = (row[0], row[1]) if row else (None, None)
+            device_id, channel_id = row if row else (None, None)
             if device_id is not None and channel_id is None and kind in KINDS:
                 # the channel is first heard of through its alarm (the backlog that
                 # would create it comes after): create it now, with the node's unit
@@ -624,8 +676,8 @@ async def store_local_alerts(
                     entry = None
                 if entry is not None:
                     d = pipeline.Device(device_id, gw.account_id, dev, gw.vertical)
-                    made = await pipeline._channels(conn, d, (entry,))
-                    channel_id = made[(kind, label)][0]
+                    made = await pipeline.channels_for(conn, d, (entry,))
+                    channel_id = made[(kind, label)].id
             await conn.execute(
                 "INSERT INTO local_alerts (gateway_id, channel_id, rule_id, opened_at, notified_at,"
                 " path, cleared_at, ref, device_id, kind, label, token_id)"

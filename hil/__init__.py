@@ -1,0 +1,1 @@
+"""The bench rig (docs/bench-rig.md)."""

@@ -1,0 +1,75 @@
+"""The MQTT side's app context (the mqtt feature's setup puts it in cleanup_ctx)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import psycopg
+from aiohttp import web
+
+from ..api.keys import CONFIG, DSN, MQTT
+from .emqx import EmqxApi
+from .side import MqttSide, NoMqtt
+
+log = logging.getLogger(__name__)
+
+
+async def mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The MQTT side: the embedded broker, an external broker's consumer, or none.
+    Every process also listens for token revocations to cut live sessions."""
+    cfg = app[CONFIG]
+    side: MqttSide
+    if cfg.mqtt == "embedded":
+        from .embedded import EmbeddedBroker
+
+        side = EmbeddedBroker(app)
+    elif cfg.mqtt == "external":
+        from .external import ExternalBroker
+
+        side = ExternalBroker(app)
+    else:
+        side = NoMqtt()
+    app[MQTT] = side
+    start = getattr(side, "start", None)
+    if start is not None:
+        await start()
+    emqx = EmqxApi(cfg) if cfg.emqx_api_url else None
+    listener = asyncio.create_task(_revocations(app[DSN], side, emqx))
+    yield
+    listener.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await listener
+    if emqx is not None:
+        await emqx.close()
+    stop = getattr(side, "stop", None)
+    if stop is not None:
+        await stop()
+
+
+async def _revocations(dsn: str, side: MqttSide, emqx: EmqxApi | None = None) -> None:
+    """LISTEN opensense_token_revoked: any process's rotation reaches this broker (and
+    EMQX's REST API, when configured: docs/mqtt.md)."""
+    kicks: set[asyncio.Task[bool]] = set()
+    while True:
+        try:
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                await conn.execute("LISTEN opensense_token_revoked")
+                async for note in conn.notifies():
+                    device_id = note.payload.split(" ", 1)[0]
+                    try:
+                        await side.token_revoked(device_id)
+                    except Exception:
+                        log.exception("closing the MQTT session of %s failed", device_id)
+                    if emqx is not None:
+                        # in the background: an unreachable EMQX must not hold the next note
+                        task = asyncio.create_task(emqx.kick(device_id))
+                        kicks.add(task)
+                        task.add_done_callback(kicks.discard)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("token revocation listener lost its connection; reconnecting")
+            await asyncio.sleep(1)

@@ -1,0 +1,188 @@
+"""A site's period from PostgreSQL into the pure inputs of reports/data.py.
+
+Readings come through the storage read path (`storage.read.raw_points`: raw rows and
+packed days merged), a chunk at a time, into float arrays. Excursions are the alarm
+events (events table) that reached the alarm state and overlap the period.
+Thresholds are each channel's first enabled `range` rule, its history in the period
+rebuilt from the audit trail's `rule.create`/`rule.update` rows (the rules table
+holds only the current values; the audit trail is append-only).
+"""
+
+from __future__ import annotations
+
+import calendar
+from array import array
+from datetime import UTC, date, datetime
+from itertools import repeat
+from operator import itemgetter, truediv
+from typing import Any
+
+from psycopg import AsyncConnection
+
+from ..errors import ApiError
+from ..storage import read
+from . import data as rd
+
+CHUNK = 100_000  # readings per read: memory stays a chunk of tuples plus the arrays
+
+
+def month_period(month: str) -> tuple[date, date]:
+    """'2026-11' -> (2026-11-01, 2026-11-30)."""
+    try:
+        y, m = (int(p) for p in month.split("-"))
+        return date(y, m, 1), date(y, m, calendar.monthrange(y, m)[1])
+    except ValueError as exc:
+        raise ValueError(f"month must be YYYY-MM, got {month!r}") from exc
+
+
+def _epoch(ts: datetime | None) -> float | None:
+    return ts.timestamp() if ts is not None else None
+
+
+async def _readings(
+    conn: AsyncConnection[Any], num: int, lo: datetime, hi: datetime
+) -> tuple[array[float], array[float]]:
+    ts, vals = array("d"), array("d")
+    cursor = lo
+    while True:
+        pts = await read.raw_points(conn, num, cursor, hi, CHUNK)
+        ts.extend(
+            map(truediv, map(itemgetter(0), pts), repeat(1e6))
+        )  # C-level: no loop per reading
+        vals.extend(map(itemgetter(1), pts))
+        if len(pts) < CHUNK:
+            return ts, vals
+        cursor = datetime.fromtimestamp(pts[-1][0] / 1e6 + 1e-6, UTC)
+
+
+def _limits(params: Any) -> tuple[float | None, float | None]:
+    p = params if isinstance(params, dict) else {}
+    lo, hi = p.get("ok_min"), p.get("ok_max")
+    return (float(lo) if lo is not None else None, float(hi) if hi is not None else None)
+
+
+async def _thresholds(
+    conn: AsyncConnection[Any], account_id: str, channel_id: str, start: float, end: float
+) -> tuple[rd.Threshold, ...]:
+    cur = await conn.execute(
+        "SELECT id, params, created_at FROM rules WHERE channel_id = %s AND kind = 'range'"
+        " AND enabled ORDER BY created_at, id LIMIT 1",
+        (channel_id,),
+    )
+    rule = await cur.fetchone()
+    if rule is None:
+        return ()
+    rule_id, params, created_at = rule
+    cur = await conn.execute(
+        "SELECT at, actor, action, data FROM audit_log WHERE account_id = %s AND subject = %s"
+        " AND action IN ('rule.create', 'rule.update') ORDER BY seq",
+        (account_id, rule_id),
+    )
+    changes = [
+        (at.timestamp(), actor, action, data) for at, actor, action, data in await cur.fetchall()
+    ]
+    # walk back from the current values: the values in force at `end`, then at each change
+    history: list[rd.Threshold] = []
+    current = _limits(params)
+    for at, actor, action, data in reversed(changes):
+        if at < start:
+            break
+        if action == "rule.update" and "params" in data:
+            if at < end:
+                history.append(rd.Threshold(at, *_limits(data["params"]["to"]), who=actor))
+            current = _limits(data["params"]["from"])
+        elif action == "rule.create":
+            if at < end:
+                history.append(rd.Threshold(at, *current, who=actor))
+            current = (None, None)
+    first = rd.Threshold(None, *current)
+    if created_at.timestamp() >= end:
+        return ()
+    return (first, *reversed(history))
+
+
+async def load_month(
+    conn: AsyncConnection[Any],
+    site_id: str,
+    period_from: date,
+    period_to: date,
+    *,
+    account_id: str | None = None,
+    mkt_delta_h: float = rd.MKT_DELTA_H_DEFAULT,
+) -> rd.ReportInput:
+    """The site's readings, thresholds and excursions over [period_from, period_to]
+    (site-local days, inclusive). `account_id`: the caller's account; another
+    account's site is not found."""
+    cur = await conn.execute(
+        "SELECT account_id, name, address, timezone FROM sites WHERE id = %s"
+        " AND (%s::text IS NULL OR account_id = %s)",
+        (site_id, account_id, account_id),
+    )
+    site = await cur.fetchone()
+    if site is None:
+        raise ApiError("site_not_found", f"no site {site_id[:40]!r} in this account")
+    acc, name, address, tz = site
+    start, end = rd.period_bounds(period_from, period_to, tz)
+    lo, hi = datetime.fromtimestamp(start, UTC), datetime.fromtimestamp(end, UTC)
+    cur = await conn.execute(
+        "SELECT c.id, c.num, c.name, c.unit, c.kind, d.name, d.cadence_s FROM channels c"
+        " JOIN devices d ON d.id = c.device_id WHERE d.site_id = %s AND d.deleted_at IS NULL"
+        " ORDER BY d.name, c.name, c.id",
+        (site_id,),
+    )
+    channels = []
+    for cid, num, cname, unit, kind, dname, cadence in await cur.fetchall():
+        ts, vals = await _readings(conn, num, lo, hi)
+        channels.append(
+            rd.ChannelInput(
+                id=cid,
+                name=f"{dname} · {cname}",
+                device=dname,
+                unit=unit,
+                cadence_s=cadence,
+                ts=ts,
+                values=vals,
+                thresholds=await _thresholds(conn, acc, cid, start, end),
+                kind=kind,
+            )
+        )
+    cur = await conn.execute(
+        "SELECT id, channel_id, kind, severity, started_at, alarm_at, cleared_at, value,"
+        " acknowledged_at, acknowledged_by, ack_note, ack_cause, ack_action, ack_product,"
+        " cleared_by, clear_note FROM events WHERE channel_id = ANY(%s) AND alarm_at IS NOT NULL"
+        " AND started_at < %s AND (cleared_at IS NULL OR cleared_at >= %s)"
+        " ORDER BY started_at, id",
+        ([c.id for c in channels], hi, lo),
+    )
+    excursions = [
+        rd.Excursion(
+            id=r[0],
+            channel_id=r[1],
+            kind=r[2],
+            severity=r[3],
+            started_at=r[4].timestamp(),
+            alarm_at=_epoch(r[5]),
+            cleared_at=_epoch(r[6]),
+            value=r[7],
+            acknowledged_at=_epoch(r[8]),
+            acknowledged_by=r[9],
+            ack_note=r[10],
+            ack_cause=r[11],
+            ack_action=r[12],
+            ack_product=r[13],
+            cleared_by=r[14],
+            clear_note=r[15],
+        )
+        for r in await cur.fetchall()
+    ]
+    return rd.ReportInput(
+        site_id=site_id,
+        site_name=name,
+        address=address,
+        timezone=tz,
+        period_from=period_from,
+        period_to=period_to,
+        channels=channels,
+        excursions=excursions,
+        mkt_delta_h=mkt_delta_h,
+    )

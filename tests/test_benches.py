@@ -1,0 +1,206 @@
+"""Every benchmark under tools/bench runs in its --quick form, as a separate process,
+and prints its figures: the benches call the server, the gateway and the firmware as
+they are today, so a change that breaks one shows here, not on the day someone
+measures. Each test parses the figures the bench's README section documents and
+checks they are figures (a rate above zero, every reading accounted for); it does not
+judge them: PASS/MISS against a target is the bench's to print, never a failure.
+
+The database benches get a database of the session's PostgreSQL server (--dsn), not
+an embedded server of their own: starting one per bench would add minutes to the
+suite. Marked `e2e` (one pass of tools/test.sh) and `bench` (`pytest -m bench`)."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+pytestmark = [pytest.mark.db, pytest.mark.e2e, pytest.mark.bench]
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 240  # a --quick run takes seconds; a hung one must not hold the suite
+
+
+def run_bench(name: str, *args: str) -> str:
+    """tools/bench/<name> --quick <args>: its output; fails on a non-zero exit."""
+    t0 = time.monotonic()
+    done = subprocess.run(
+        [str(ROOT / "tools" / "bench" / name), "--quick", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, f"tools/bench/{name} --quick exited {done.returncode}:\n{out}"
+    print(f"tools/bench/{name} --quick: {time.monotonic() - t0:.1f} s")
+    return out
+
+
+def figure(text: str, pattern: str) -> tuple[str, ...]:
+    """The groups of the first line matching `pattern` (numbers without separators)."""
+    m = re.search(pattern, text, re.M)
+    assert m, f"no line matching {pattern!r} in:\n{text}"
+    return tuple(g.replace(",", "") for g in m.groups())
+
+
+NUM = r"([\d,]+(?:\.\d+)?)"
+VERDICT = r"(PASS|MISS)"
+
+
+@pytest.fixture
+def scratch_dsn(pg_server: str) -> Iterator[str]:
+    """A fresh, empty database on the session's server, as its superuser: the benches
+    that take a scratch database give it their roles and migrate it."""
+    name = f"opensense_bench_{secrets.token_hex(4)}"
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    info = psycopg.conninfo.conninfo_to_dict(pg_server)
+    info["dbname"] = name
+    yield psycopg.conninfo.make_conninfo("", **info)
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+def test_fwqueue() -> None:
+    out = run_bench("fwqueue")
+    b1, b5, ratio = figure(
+        out, rf"batch=1 \(baseline\): +{NUM}\n.*batch=5 \(default\): +{NUM} +ratio {NUM}"
+    )
+    assert float(b1) > float(b5) > 0 and 0 < float(ratio) < 1
+    (days,) = figure(out, rf"outage the 1.6 MB queue holds: +{NUM} days")
+    assert float(days) > 0
+
+
+def test_audit(pg_server: str) -> None:
+    out = run_bench("audit", "--dsn", pg_server)
+    (base,) = figure(out, rf"plain INSERT, 1 writer: +{NUM} rows/s \(baseline\)")
+    rate, ratio = figure(out, rf"audit.record, 1 writer: +{NUM} rows/s \({NUM}x baseline\)")
+    assert float(base) > 0 and float(rate) > 0 and float(ratio) > 0
+    for what in ("publish", "verify "):
+        (r,) = figure(out, rf"^  {what}.*: +{NUM} rows/s")
+        assert float(r) > 0
+    (plain,) = figure(out, rf"pg_dump -Fc -> file \(unencrypted\): +{NUM} MB/s")
+    (enc,) = figure(out, rf"pg_dump -Fc \| age -> file: +{NUM} MB/s")
+    assert float(plain) > 0 and float(enc) > 0
+
+
+def test_reads(pg_server: str) -> None:
+    out = run_bench("reads", "--dsn", pg_server)
+    (n,) = figure(out, rf"^data: {NUM} readings over 14 days")
+    assert int(n) == 14 * 1440
+    rows = {
+        way: figure(out, rf"^{way} +{NUM}s +{NUM}ms +{NUM}MB +(\d+) ")
+        for way in ("before", "after")
+    }
+    # both ways answer the same buckets: the range's days
+    assert rows["before"][3] == rows["after"][3] and int(rows["after"][3]) >= 14
+
+
+def test_alarms(pg_server: str) -> None:
+    out = run_bench("alarms", "--dsn", pg_server)
+    opened, hooks, _mails = figure(
+        out,
+        rf"probes: {NUM} alarms opened by a commit; webhooks received {NUM}; alarm emails {NUM}",
+    )
+    assert int(opened) > 0 and hooks == opened, out
+    figure(out, rf"baseline NOTIFY round trip: p50 {NUM} ms  p99 {NUM} ms")
+    p50, p99 = figure(out, rf"commit -> webhook handed over: p50 {NUM} ms  p99 {NUM} ms")
+    assert 0 < float(p50) <= float(p99)
+    figure(out, rf"target p99 < 1 s with [\d,]+ channels live: {VERDICT}")
+
+
+def test_gateway(scratch_dsn: str) -> None:
+    out = run_bench("gateway", "--dsn", scratch_dsn)
+    (base,) = figure(out, rf"^baseline  direct POST /v1/ingest.*: {NUM} readings/s")
+    n, rate = figure(out, rf"^drain     {NUM} readings in [\d.]+ s: {NUM} readings/s")
+    assert int(n) == 5000 and float(base) > 0 and float(rate) > 0
+    figure(out, r"queue after: 0, dead letters 0")
+    (peak,) = figure(out, rf"gateway peak RSS while draining [\d,]+: {NUM} MB")
+    assert float(peak) > 0
+    assert len(re.findall(rf"  {VERDICT}$", out, re.M)) == 2, out
+
+
+def test_status(scratch_dsn: str) -> None:
+    out = run_bench("status", "--dsn", scratch_dsn)
+    (readings,) = figure(out, rf"ingest meanwhile: [\d,]+ requests/s, {NUM} readings/s")
+    assert float(readings) > 0
+    idle, loaded = figure(out, rf"/status.json p99: idle {NUM} ms; under ingest load {NUM} ms")
+    assert float(idle) > 0 and float(loaded) > 0
+    figure(
+        out, rf"status-only process {NUM} ms {VERDICT}; the ingest server itself {NUM} ms {VERDICT}"
+    )
+
+
+def test_ingest(scratch_dsn: str) -> None:
+    out = run_bench("ingest", "--dsn", scratch_dsn)
+    summary = out[out.index("SUMMARY") :]
+    (ceiling,) = figure(summary, rf"ceiling = {NUM} rows/s")
+    assert float(ceiling) > 0
+    phases = re.findall(
+        rf"^ +(1|32) +(16|64) +{NUM} +{NUM} .*%.*every reading accepted$", summary, re.M
+    )
+    assert len(phases) == 4, summary
+    (packed,) = figure(summary, rf"after: packed {NUM} B/reading")
+    assert float(packed) > 0
+    assert len(re.findall(rf" {VERDICT}$", summary[summary.index("TARGETS") :], re.M)) == 3
+
+
+def test_restart(scratch_dsn: str) -> None:
+    out = run_bench("restart", "--dsn", scratch_dsn)
+    figure(out, r"fast checks for 3 devices checked by bcrypt equal the bench's")
+    (today,) = figure(out, rf"today \(extrapolated from \d+\): {NUM} s")
+    assert float(today) > 0
+    for door in ("HTTP", "MQTT"):
+        ok, n = figure(out, rf"^  {door} .*; {NUM}/{NUM} admitted; target < 60 s: (?:PASS|MISS)")
+        assert ok == n == "50", out
+
+
+def test_mqtt(scratch_dsn: str) -> None:
+    out = run_bench("mqtt", "--dsn", scratch_dsn)
+    summary = out[out.index("SUMMARY") :]
+    for broker in ("amqtt", "embedded"):
+        (rate,) = figure(summary, rf"^   {broker} +32 readings \(.*?\) +{NUM}")
+        assert float(rate) > 0
+    # every PUBACKed message is in the database, exactly once
+    figure(summary, rf"embedded, 32 per message: {NUM} rows = {NUM} PUBACKed x 32$")
+    if shutil.which("mosquitto") and shutil.which("mosquitto_ctrl"):
+        figure(summary, rf"Mosquitto, 32 per message: {NUM} rows = {NUM} PUBACKed x 32")
+        figure(
+            summary, rf"Mosquitto end to end >= 50% of its own QoS 1 rate, 32 per msg .* {VERDICT}"
+        )
+
+
+def test_report(pg_server: str) -> None:
+    # the product's engine and template; the measured alternative (WeasyPrint) is not
+    # a dependency, so its quick run is not part of the suite
+    out = run_bench("report", "--only", "reportlab", "--only", "haccp_monthly", "--dsn", pg_server)
+    (n,) = figure(out, rf"^monthly document: 3 channels x 1/min x 3 days = {NUM} readings")
+    assert n == "12960", out
+    for engine in ("reportlab", "haccp_monthly"):
+        total, rss = figure(out, rf"^{engine} +[\d.]+s +[\d.]+s +{NUM}s +{NUM}MB")
+        assert float(total) > 0 and float(rss) > 0
+    read, got = figure(out, rf"^db\+haccp +read [\d.]+s \({NUM} readings\).*= {NUM}s")
+    assert int(read) > 0 and float(got) > 0
+
+
+def test_every_bench_runs_here() -> None:
+    """A bench added to tools/bench without its quick run in this file fails here."""
+    launchers = {
+        p.name
+        for p in (ROOT / "tools" / "bench").iterdir()
+        if p.is_file() and os.access(p, os.X_OK) and not p.suffix
+    }
+    tested = {n.removeprefix("test_") for n in globals() if n.startswith("test_")}
+    assert launchers <= tested, sorted(launchers - tested)

