@@ -647,6 +647,7 @@ class Gateway:
             self.mqtt.loop_stop()
         if self.http is not None:
             self.http.shutdown()
+            self.http.server_close()  # the listening socket too, not only the loop
         for t in self.threads:
             t.join(10)
         self.store.close()
