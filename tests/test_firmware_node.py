@@ -20,7 +20,8 @@ from .fixtures.firmware import assert_exactly_once, node_config, rows, wait_for
 from .fixtures.processes import free_port
 from .fixtures.server import World, make_world
 
-pytestmark = pytest.mark.db
+# every test runs the real firmware beside a server: once, on the embedded PostgreSQL
+pytestmark = [pytest.mark.db, pytest.mark.e2e]
 
 
 async def test_node_reports_over_tls_mqtt_and_obeys_commands(fw_app, dsn, clock, sim_nodes):

@@ -35,7 +35,8 @@ from .fixtures.processes import free_port
 from .fixtures.server import World, make_world, test_config
 from .mqtt_node import Node
 
-pytestmark = pytest.mark.db
+# a real Mosquitto and the server as processes: once, on the embedded PostgreSQL
+pytestmark = [pytest.mark.db, pytest.mark.e2e]
 
 
 async def external_app(aiohttp_client: Any, dsn: str, clock: Any, url: str, ca: str = "") -> Any:

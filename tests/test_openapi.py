@@ -30,7 +30,7 @@ def _real_clock() -> datetime:
     return datetime.now(UTC)
 
 
-MAX_EXAMPLES = 20
+MAX_EXAMPLES = 10
 # cases the run sends at least: well below what it sends today (printed in the summary),
 # far above what a run that quietly skipped phases or operations would
 MIN_CASES = 1000

@@ -72,6 +72,13 @@ def local_params(kind: str, params: Any) -> dict[str, float] | None:
     return out
 
 
+def _runnable(entry: dict[str, Any], runs: set[str]) -> dict[str, float] | None:
+    """The params of a synced rule or default when this gateway runs its kind."""
+    if entry.get("kind") not in runs:
+        return None
+    return local_params(entry["kind"], entry.get("params"))
+
+
 def rules_from_sync(doc: dict[str, Any]) -> list[Rule]:
     """The rules of a sync document this gateway runs: only the kinds the server
     lists in `rule_kinds` (a server without the list: range and absence) that this
@@ -80,10 +87,7 @@ def rules_from_sync(doc: dict[str, Any]) -> list[Rule]:
     runs = set(LOCAL_KINDS) & (set(kinds) if isinstance(kinds, list) else set(LOCAL_KINDS))
     out: list[Rule] = []
     for r in doc.get("rules", []):
-        if r.get("kind") not in runs:
-            continue
-        params = local_params(r["kind"], r.get("params"))
-        if params is not None:
+        if (params := _runnable(r, runs)) is not None:
             out.append(
                 Rule(
                     r["id"],
@@ -97,10 +101,7 @@ def rules_from_sync(doc: dict[str, Any]) -> list[Rule]:
                 )
             )
     for d in doc.get("defaults", []):
-        if d.get("kind") not in runs:
-            continue
-        params = local_params(d["kind"], d.get("params"))
-        if params is not None:
+        if (params := _runnable(d, runs)) is not None:
             out.append(
                 Rule(
                     f"default:{d['type']}",

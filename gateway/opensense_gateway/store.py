@@ -71,6 +71,12 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def _dicts(cur: sqlite3.Cursor) -> list[dict[str, Any]]:
+    """A query's rows as dicts by column name."""
+    cols = [c[0] for c in cur.description]
+    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+
 class Store:
     """Thread-safe access to the queue database (one connection, one lock: SQLite
     serialises writers anyway, and the hot path writes in large transactions)."""
@@ -187,8 +193,7 @@ class Store:
                 " a.cleared_at FROM alarms a WHERE a.uplink_down = 1"
                 " AND NOT EXISTS (SELECT 1 FROM alerts x WHERE x.alarm_ref = a.ref)"
             )
-            cols = [c[0] for c in cur.description]
-            return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+            return _dicts(cur)
 
     def hand_over_alarms(self) -> None:
         """The server is reachable again: alarms not alerted locally are left to it."""
@@ -215,8 +220,7 @@ class Store:
                 " a.label, a.unit, a.opened_at FROM alerts x JOIN alarms a ON a.ref = x.alarm_ref"
                 " WHERE x.posted = 0 ORDER BY x.notified_at LIMIT 1000"
             )
-            cols = [c[0] for c in cur.description]
-            return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+            return _dicts(cur)
 
     def mark_posted(self, refs: Sequence[str], cleared: dict[str, float | None]) -> None:
         """Posted as they were read: a clear that arrived meanwhile stays unposted."""

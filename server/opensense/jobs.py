@@ -4,7 +4,6 @@ claimed by one UPDATE that moves `next_run_at` forward, so each run happens once
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from aiohttp import web
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from . import db
+from . import aio, db
 from .api.keys import CONFIG, POOL
 from .settings import Config
 from .storage.compaction import compact
@@ -226,10 +225,7 @@ async def jobs_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
     task = asyncio.create_task(scheduler(app[POOL], cfg)) if cfg.jobs_enabled else None
     yield
-    if task:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    await aio.cancel(task)
 
 
 def setup(app: web.Application) -> None:

@@ -59,22 +59,30 @@ def prepare_state_dir(state_dir: Path, *, for_embedded_postgres: bool = False) -
     )
 
 
-def write_secret(path: Path, data: bytes) -> None:
-    """Write `data` to `path` as a new 0600 file in one step (the old file, if any, is
-    replaced by rename: a reader sees the old or the new content, never a mix)."""
+def _fresh_file(path: Path, tag: str, data: bytes) -> Path:
+    """A new 0600 file beside `path` holding `data`, on disk (fsync-ed): what both
+    writers below then move into place, each in its own way."""
     if not path.parent.is_dir():
         private_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.unlink()  # a leftover of a killed writer
-    except FileNotFoundError:
-        pass
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{tag}")
+    tmp.unlink(missing_ok=True)  # a leftover of a killed writer
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, SECRET_FILE)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def write_secret(path: Path, data: bytes) -> None:
+    """Write `data` to `path` as a new 0600 file in one step (the old file, if any, is
+    replaced by rename: a reader sees the old or the new content, never a mix)."""
+    tmp = _fresh_file(path, "tmp", data)
+    try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -86,16 +94,8 @@ def create_secret(path: Path, data: bytes) -> bool:
     appears at once (hard link of a finished 0600 file), so a process starting at the
     same moment reads either no file or all of it, never an empty one. False: the file
     was already there (made by another process or an earlier start), left as it is."""
-    if not path.parent.is_dir():
-        private_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.new")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, SECRET_FILE)
+    tmp = _fresh_file(path, "new", data)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         os.link(tmp, path)
         return True
     except FileExistsError:

@@ -38,11 +38,31 @@ def day(q, chans, hch, online, ticks):
             q.ack(cur, len(recs))
 
 
+def channels(q, probes):
+    """The probes' temperature channels and the node's nine health channels."""
+    chans = [q.chan("temperature", "p%d" % i, "°C") for i in range(probes)]
+    return chans, [q.chan("health", "h%d" % i, "1") for i in range(9)]
+
+
+def fill(q, probes, limit):
+    """Offline, a reading a minute from each probe (and the health record every
+    HEALTH_EVERY ticks) until the queue's first drop or `limit` ticks; returns the
+    ticks written."""
+    chans, hch = channels(q, probes)
+    n = 0
+    while q.drops == 0 and n < limit:
+        q.add(1795000000 + 60 * n, True, [(c, 4.0) for c in chans])
+        if n % HEALTH_EVERY == 0:
+            q.add(1795000000 + 60 * n, True, [(c, float(n)) for c in hch])
+        n += 1
+    q.flush()
+    return n
+
+
 def run(batch, online, ticks):
     fresh()
     q = fq.Queue("/f/q", 1, 1600000, 4000, batch)
-    chans = [q.chan("temperature", "p%d" % i, "°C") for i in range(PROBES)]
-    hch = [q.chan("health", "h%d" % i, "1") for i in range(9)]
+    chans, hch = channels(q, PROBES)
     e0, o0 = fl.erases, fl.ops
     t0 = time.ticks_ms()
     day(q, chans, hch, online, ticks)
@@ -62,16 +82,7 @@ print("online_erases_per_day=%d" % er)
 # capacity: fill the default 1.6 MB queue, offline, until the first drop
 fresh()
 q = fq.Queue("/f/q", 1, 1600000, 4000, 5)
-chans = [q.chan("temperature", "p%d" % i, "°C") for i in range(PROBES)]
-hch = [q.chan("health", "h%d" % i, "1") for i in range(9)]
-n = 0
-limit = (3 if QUICK else 45) * DAY
-while q.drops == 0 and n < limit:
-    q.add(1795000000 + 60 * n, True, [(c, 4.0) for c in chans])
-    if n % HEALTH_EVERY == 0:
-        q.add(1795000000 + 60 * n, True, [(c, float(n)) for c in hch])
-    n += 1
-q.flush()
+n = fill(q, PROBES, (3 if QUICK else 45) * DAY)
 print("queue_bytes=%d" % q.bytes)
 print("bytes_per_tick=%.1f" % (q.bytes / n))
 print("capacity_days=%.1f" % ((1600000 / (q.bytes / n)) / DAY))
@@ -126,16 +137,7 @@ for probes in (1, 3, 8):
     free0 = __import__("os").statvfs("/f")[3]
     q = fq.Queue("/f/q", 1, 16000000, 4000, 5)
     cap = q.cap
-    chans = [q.chan("temperature", "p%d" % i, "°C") for i in range(probes)]
-    hch = [q.chan("health", "h%d" % i, "1") for i in range(9)]
-    n = 0
-    limit = (1 if QUICK else 90) * DAY
-    while q.drops == 0 and n < limit:
-        q.add(1795000000 + 60 * n, True, [(c, 4.0) for c in chans])
-        if n % HEALTH_EVERY == 0:
-            q.add(1795000000 + 60 * n, True, [(c, float(n)) for c in hch])
-        n += 1
-    q.flush()
+    n = fill(q, probes, (1 if QUICK else 90) * DAY)
     print("footprint_bytes=%d" % footprint)
     print("free_blocks_after_install=%d" % free0)
     print("probes%d_capacity_bytes=%d" % (probes, cap))

@@ -302,6 +302,15 @@ def worker(engine: str, channels: int, days: int) -> None:
     )
 
 
+def _in_fresh_process(*args: str) -> tuple[dict[str, Any] | None, list[str]]:
+    """This script again, in a new process (its peak RSS is the run's own): the JSON
+    of its last output line, or None and the last line of its stderr."""
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if out.returncode:
+        return None, out.stderr.strip().splitlines()[-1:]
+    return json.loads(out.stdout.strip().splitlines()[-1]), []
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -333,24 +342,12 @@ def main() -> None:
     )
     base = None
     for engine in a.only or list(ENGINES):
-        out = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--worker",
-                engine,
-                "--channels",
-                str(channels),
-                "--days",
-                str(days),
-            ],
-            capture_output=True,
-            text=True,
+        r, err = _in_fresh_process(
+            "--worker", engine, "--channels", str(channels), "--days", str(days)
         )
-        if out.returncode:
-            print(f"{engine:<14} failed: {out.stderr.strip().splitlines()[-1:]}")
+        if r is None:
+            print(f"{engine:<14} failed: {err}")
             continue
-        r = json.loads(out.stdout.strip().splitlines()[-1])
         total = r["data_s"] + r["render_s"]
         base = base or r
         ratio = f"(x{r['render_s'] / base['render_s']:.2f} render, x{r['rss_mb'] / base['rss_mb']:.2f} RSS)"
@@ -369,25 +366,12 @@ def main() -> None:
             f"from the database: {name}, month built and packed in {time.perf_counter() - t0:.1f} s"
         )
         try:
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--db-worker",
-                    dsn,
-                    site,
-                    "--channels",
-                    str(channels),
-                    "--days",
-                    str(days),
-                ],
-                capture_output=True,
-                text=True,
+            r, err = _in_fresh_process(
+                "--db-worker", dsn, site, "--channels", str(channels), "--days", str(days)
             )
-            if out.returncode:
-                print(f"database run failed: {out.stderr.strip().splitlines()[-1:]}")
+            if r is None:
+                print(f"database run failed: {err}")
             else:
-                r = json.loads(out.stdout.strip().splitlines()[-1])
                 total = r["read_s"] + r["data_s"] + r["render_s"]
                 verdict = "PASS" if total < 5 and r["rss_mb"] < 300 else "MISS"
                 print(

@@ -139,26 +139,20 @@ def _note(body: dict[str, Any]) -> dict[str, str | None]:
 
 @routes.post("/v1/events/{event_id}/ack")
 async def ack_event(request: web.Request) -> web.Response:
-    cfg = request.app[CONFIG]
-    async with request.app[POOL].connection() as conn:
-        acc = await auth.account(request, conn, read=False)
-        body = await json_object(request)
-        by = _text(body, "by", required=True, limit=200)
-        note = _note(body)
-        async with conn.transaction():
-            now = cfg.clock()
-            ev = await transition(
-                conn,
-                Change("ack", now, now, account_id=acc, event_id=request.match_info["event_id"],
-                       actor=str(by), note=note, via=auth.actor(request)),
-            )  # fmt: skip
-        return response(await _event(conn, acc, ev["id"]))
+    return await _by_a_person(request, "ack")
 
 
 @routes.post("/v1/events/{event_id}/clear")
 async def clear_event(request: web.Request) -> web.Response:
     """A person closes an event (e.g. the fridge was emptied and switched off). The
     rule starts afresh: still out of range, it opens a new alarm after grace."""
+    return await _by_a_person(request, "clear")
+
+
+async def _by_a_person(request: web.Request, what: str) -> web.Response:
+    """An ack or a clear: who (`by`) and the corrective-action note from the body, the
+    token that sent it as `via`. A clear also locks the channel's state first and
+    resets its rule's state in the same transaction."""
     cfg = request.app[CONFIG]
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn, read=False)
@@ -167,14 +161,17 @@ async def clear_event(request: web.Request) -> web.Response:
         note = _note(body)
         async with conn.transaction():
             now = cfg.clock()
-            before = await _event(conn, acc, request.match_info["event_id"])
-            await store.lock_channel_state(conn, before["channel_id"])
+            event_id = request.match_info["event_id"]
+            if what == "clear":
+                before = await _event(conn, acc, event_id)
+                await store.lock_channel_state(conn, before["channel_id"])
+                event_id = before["id"]
             ev = await transition(
                 conn,
-                Change("clear", now, now, account_id=acc, event_id=before["id"], actor=str(by),
+                Change(what, now, now, account_id=acc, event_id=event_id, actor=str(by),
                        note=note, via=auth.actor(request)),
             )  # fmt: skip
-            if ev["rule_id"]:
+            if what == "clear" and ev["rule_id"]:
                 await store.reset_rule_state(conn, ev["channel_id"], ev["rule_id"])
         return response(await _event(conn, acc, ev["id"]))
 

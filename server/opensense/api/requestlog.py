@@ -16,7 +16,7 @@ from urllib.parse import unquote, unquote_plus
 
 from psycopg_pool import AsyncConnectionPool
 
-from .. import tokens
+from .. import aio, tokens
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +156,5 @@ class RequestLog:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await aio.cancel(self._task)
         await self.flush()

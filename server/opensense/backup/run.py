@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,16 @@ def _names(d: Path) -> list[str]:
     return [p.name for p in d.iterdir()] if d.is_dir() else []
 
 
+@contextmanager
+def _failure_recorded(conn: psycopg.Connection, run_id: int, cfg: Config) -> Iterator[None]:
+    """A step that fails ends its run as failed (with the error), then raises on."""
+    try:
+        yield
+    except Exception as exc:
+        _finish(conn, run_id, False, cfg.clock(), detail=str(exc)[:1000])
+        raise
+
+
 def run_backup(cfg: Config, dsn: str, progress: Progress | None = None) -> list[str]:
     """One dump (daily if it is the day's first, else hourly), the weekly copy when
     due, then rotation of both places. Returns what it did, one line each."""
@@ -66,13 +78,10 @@ def run_backup(cfg: Config, dsn: str, progress: Progress | None = None) -> list[
     out: list[str] = []
     with psycopg.connect(dsn, autocommit=True) as conn:
         run_id = _start(conn, kind, now)
-        try:
+        with _failure_recorded(conn, run_id, cfg):
             # each dump is signed: a missing signing key stops the run, recorded
             signer = AuditPlaces.from_config(cfg).signer()
             res = dump(dsn, path, cfg.backup_recipients, cfg.pg_bin, progress, signer=signer)
-        except Exception as exc:
-            _finish(conn, run_id, False, cfg.clock(), detail=str(exc)[:1000])
-            raise
         _finish(
             conn,
             run_id,
@@ -90,7 +99,7 @@ def run_backup(cfg: Config, dsn: str, progress: Progress | None = None) -> list[
             if rotation.weekly_due(rotation.parse_all(_names(off)), now):
                 wid = _start(conn, "weekly", now)
                 target = off / rotation.name_for(now, "weekly")
-                try:
+                with _failure_recorded(conn, wid, cfg):
                     off.mkdir(parents=True, exist_ok=True)
                     tmp = target.with_name(target.name + ".partial")
                     shutil.copyfile(path, tmp)
@@ -106,9 +115,6 @@ def run_backup(cfg: Config, dsn: str, progress: Progress | None = None) -> list[
                     )
                     sig_path(target).write_text(weekly_note)
                     tmp.replace(target)
-                except Exception as exc:
-                    _finish(conn, wid, False, cfg.clock(), detail=str(exc)[:1000])
-                    raise
                 _finish(
                     conn,
                     wid,

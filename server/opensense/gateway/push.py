@@ -16,13 +16,12 @@ seconds anyway, so nothing is ever stale for longer than that.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-import psycopg
 from aiohttp import web
 
+from .. import aio
 from ..api.keys import DSN
 
 log = logging.getLogger(__name__)
@@ -57,18 +56,10 @@ class SyncWatch:
                 ev.set()
 
     async def listen(self, dsn: str) -> None:
-        while True:
-            try:
-                async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-                    await conn.execute(f"LISTEN {CHANNEL}")
-                    self.wake(None)  # whatever changed while we were not listening
-                    async for note in conn.notifies():
-                        self.wake(note.payload)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("gateway sync listener lost its connection; reconnecting")
-                await asyncio.sleep(1)
+        async def wake(site_id: str | None) -> None:
+            self.wake(site_id)  # None (listening again): whatever changed meanwhile
+
+        await aio.listen(dsn, CHANNEL, wake, "gateway sync listener")
 
 
 SYNC_WATCH = web.AppKey("gateway_sync_watch", SyncWatch)
@@ -84,9 +75,7 @@ def setup(app: web.Application) -> None:
     async def listener(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(watch.listen(app[DSN]))
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await aio.cancel(task)
 
     async def closing(_app: web.Application) -> None:
         watch.closing = True

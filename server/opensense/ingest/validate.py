@@ -127,6 +127,19 @@ def make_entry(kind: Any, label: Any, unit: Any, value: Any, ts: datetime, field
     return Entry(kind, label, unit, v, ts)
 
 
+def _check_object(v: Any, not_object: str, where: str, allowed: frozenset[str]) -> None:
+    """`v` is a JSON object with only `allowed` keys, or the refusal says which key
+    is not (the body and each of its measurements alike)."""
+    if not isinstance(v, dict):
+        raise ApiError("invalid_measurement", f"{not_object}, got {_type(v)}")
+    unknown = sorted(set(v) - allowed)
+    if unknown:
+        raise ApiError(
+            "invalid_measurement",
+            f"{where}unknown field {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})",
+        )
+
+
 def validate_payload(
     body: Any,
     *,
@@ -136,14 +149,7 @@ def validate_payload(
     require_device: bool = True,
 ) -> Batch:
     """Check an ingest body (docs/product.md#ingest). Raises ApiError naming the first bad field."""
-    if not isinstance(body, dict):
-        raise ApiError("invalid_measurement", f"the body must be a JSON object, got {_type(body)}")
-    unknown = sorted(set(body) - TOP_KEYS)
-    if unknown:
-        raise ApiError(
-            "invalid_measurement",
-            f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(TOP_KEYS))})",
-        )
+    _check_object(body, "the body must be a JSON object", "", TOP_KEYS)
     device = body.get("device", header_device)
     if header_device is not None and "device" in body and body["device"] != header_device:
         raise ApiError(
@@ -177,14 +183,7 @@ def validate_payload(
     seen: dict[tuple[str, str, datetime], int] = {}
     for i, m in enumerate(ms):
         field = f"measurements[{i}]"
-        if not isinstance(m, dict):
-            raise ApiError("invalid_measurement", f"{field} must be an object, got {_type(m)}")
-        unknown = sorted(set(m) - ENTRY_KEYS)
-        if unknown:
-            raise ApiError(
-                "invalid_measurement",
-                f"{field} has unknown field {unknown[0]!r} (allowed: {', '.join(sorted(ENTRY_KEYS))})",
-            )
+        _check_object(m, f"{field} must be an object", f"{field} has ", ENTRY_KEYS)
         if "type" not in m:
             raise ApiError("invalid_measurement", f"{field}.type is missing")
         if "value" not in m:

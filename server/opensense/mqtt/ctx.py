@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-import psycopg
 from aiohttp import web
 
+from .. import aio
 from ..api.keys import CONFIG, DSN, MQTT
 from .emqx import EmqxApi
 from .side import MqttSide, NoMqtt
@@ -39,9 +38,7 @@ async def mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
     emqx = EmqxApi(cfg) if cfg.emqx_api_url else None
     listener = asyncio.create_task(_revocations(app[DSN], side, emqx))
     yield
-    listener.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await listener
+    await aio.cancel(listener)
     if emqx is not None:
         await emqx.close()
     stop = getattr(side, "stop", None)
@@ -53,23 +50,19 @@ async def _revocations(dsn: str, side: MqttSide, emqx: EmqxApi | None = None) ->
     """LISTEN opensense_token_revoked: any process's rotation reaches this broker (and
     EMQX's REST API, when configured: docs/mqtt.md)."""
     kicks: set[asyncio.Task[bool]] = set()
-    while True:
+
+    async def revoked(payload: str | None) -> None:
+        if payload is None:  # listening (again): no revocation in that
+            return
+        device_id = payload.split(" ", 1)[0]
         try:
-            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-                await conn.execute("LISTEN opensense_token_revoked")
-                async for note in conn.notifies():
-                    device_id = note.payload.split(" ", 1)[0]
-                    try:
-                        await side.token_revoked(device_id)
-                    except Exception:
-                        log.exception("closing the MQTT session of %s failed", device_id)
-                    if emqx is not None:
-                        # in the background: an unreachable EMQX must not hold the next note
-                        task = asyncio.create_task(emqx.kick(device_id))
-                        kicks.add(task)
-                        task.add_done_callback(kicks.discard)
-        except asyncio.CancelledError:
-            raise
+            await side.token_revoked(device_id)
         except Exception:
-            log.exception("token revocation listener lost its connection; reconnecting")
-            await asyncio.sleep(1)
+            log.exception("closing the MQTT session of %s failed", device_id)
+        if emqx is not None:
+            # in the background: an unreachable EMQX must not hold the next note
+            task = asyncio.create_task(emqx.kick(device_id))
+            kicks.add(task)
+            task.add_done_callback(kicks.discard)
+
+    await aio.listen(dsn, "opensense_token_revoked", revoked, "token revocation listener")

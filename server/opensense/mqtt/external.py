@@ -74,7 +74,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from opensense_contract import retry, topics
 
-from .. import tokens
+from .. import aio, tokens
 from ..api.keys import CONFIG, DSN, POOL
 from ..errors import ApiError
 from ..ingest import pipeline
@@ -241,10 +241,7 @@ class ExternalBroker:
         for t in [*self._background, self._recycle_task]:
             if t is not None:
                 t.cancel()
-        if self._lead_task is not None:
-            self._lead_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._lead_task
+        await aio.cancel(self._lead_task)
         await self._drain()
         clients = [c for c in (self._consumer, self._control) if c is not None]
         await asyncio.to_thread(_close, *clients)

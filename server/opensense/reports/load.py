@@ -18,6 +18,7 @@ from operator import itemgetter, truediv
 from typing import Any
 
 from psycopg import AsyncConnection
+from psycopg.rows import dict_row
 
 from ..errors import ApiError
 from ..storage import read
@@ -146,35 +147,36 @@ async def load_month(
                 kind=kind,
             )
         )
-    cur = await conn.execute(
-        "SELECT id, channel_id, kind, severity, started_at, alarm_at, cleared_at, value,"
-        " acknowledged_at, acknowledged_by, ack_note, ack_cause, ack_action, ack_product,"
-        " cleared_by, clear_note FROM events WHERE channel_id = ANY(%s) AND alarm_at IS NOT NULL"
-        " AND started_at < %s AND (cleared_at IS NULL OR cleared_at >= %s)"
-        " ORDER BY started_at, id",
-        ([c.id for c in channels], hi, lo),
-    )
-    excursions = [
-        rd.Excursion(
-            id=r[0],
-            channel_id=r[1],
-            kind=r[2],
-            severity=r[3],
-            started_at=r[4].timestamp(),
-            alarm_at=_epoch(r[5]),
-            cleared_at=_epoch(r[6]),
-            value=r[7],
-            acknowledged_at=_epoch(r[8]),
-            acknowledged_by=r[9],
-            ack_note=r[10],
-            ack_cause=r[11],
-            ack_action=r[12],
-            ack_product=r[13],
-            cleared_by=r[14],
-            clear_note=r[15],
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            "SELECT id, channel_id, kind, severity, started_at, alarm_at, cleared_at, value,"
+            " acknowledged_at, acknowledged_by, ack_note, ack_cause, ack_action, ack_product,"
+            " cleared_by, clear_note FROM events WHERE channel_id = ANY(%s)"
+            " AND alarm_at IS NOT NULL AND started_at < %s"
+            " AND (cleared_at IS NULL OR cleared_at >= %s) ORDER BY started_at, id",
+            ([c.id for c in channels], hi, lo),
         )
-        for r in await cur.fetchall()
-    ]
+        excursions = [
+            rd.Excursion(
+                id=r["id"],
+                channel_id=r["channel_id"],
+                kind=r["kind"],
+                severity=r["severity"],
+                started_at=r["started_at"].timestamp(),
+                alarm_at=_epoch(r["alarm_at"]),
+                cleared_at=_epoch(r["cleared_at"]),
+                value=r["value"],
+                acknowledged_at=_epoch(r["acknowledged_at"]),
+                acknowledged_by=r["acknowledged_by"],
+                ack_note=r["ack_note"],
+                ack_cause=r["ack_cause"],
+                ack_action=r["ack_action"],
+                ack_product=r["ack_product"],
+                cleared_by=r["cleared_by"],
+                clear_note=r["clear_note"],
+            )
+            for r in await cur.fetchall()
+        ]
     return rd.ReportInput(
         site_id=site_id,
         site_name=name,

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from .. import aio
 from ..api.keys import CONFIG, HEALTH, MQTT, OBSERVER, POOL, STATUS
 from . import mail as incident_mail
 from .monitor import StatusMonitor
@@ -29,7 +29,5 @@ async def status_ctx(app: web.Application) -> AsyncIterator[None]:
     monitor.start()
     mailer = asyncio.create_task(incident_mail.run(app[POOL], cfg))
     yield
-    mailer.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await mailer
+    await aio.cancel(mailer)
     await monitor.stop()

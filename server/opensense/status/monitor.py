@@ -31,6 +31,7 @@ from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from .. import aio
 from ..api.jsonutil import dumps
 from ..settings import Config
 from . import cadence, components, conditions, incidents, probes
@@ -143,12 +144,7 @@ class StatusMonitor:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await aio.cancel(self._task)
         if self.pool is not None and self.heartbeat and not self.pool.closed:
             try:
                 async with self.pool.connection(timeout=2) as conn:
@@ -161,13 +157,8 @@ class StatusMonitor:
 
     async def pause(self) -> None:
         """Stop the background loop (tests drive `tick()` with an injected clock)."""
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await aio.cancel(self._task)
+        self._task = None
 
     def poke(self) -> None:
         """Refresh soon (a full tick)."""

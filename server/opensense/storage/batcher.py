@@ -14,7 +14,6 @@ request, so each request gets its own answer or its own error. A request answere
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,21 +21,13 @@ from datetime import datetime, timedelta
 
 from psycopg_pool import AsyncConnectionPool
 
-from .write import ROLLUPS_SQL, Row, columns, execute_mending_partitions, to_us
+from .. import aio
+from .write import INSERT_CTE, ROLLUPS_SQL, Row, columns, execute_mending_partitions, to_us
 
 log = logging.getLogger(__name__)
 
 BATCH_SQL = (
-    """
-WITH src AS (
-  SELECT * FROM unnest(%(nums)s::int4[], %(ts)s::timestamptz[], %(vals)s::float8[])
-    AS s(channel_num, ts, value)
-), ins AS (
-  INSERT INTO measurements (channel_num, ts, value)
-  SELECT channel_num, ts, value FROM src
-  ON CONFLICT DO NOTHING
-  RETURNING channel_num, ts, value
-)"""
+    INSERT_CTE.format(order="")  # `_write` sorts the rows
     + ROLLUPS_SQL
     + """
 , seen AS (
@@ -72,11 +63,7 @@ class BatchWriter:
         self._tasks = [asyncio.create_task(self._run()) for _ in range(self._writers)]
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await aio.cancel(*self._tasks)
         while not self._queue.empty():  # nobody will write these: let their requests fail
             job = self._queue.get_nowait()
             if not job.done.done():

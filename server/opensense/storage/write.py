@@ -46,17 +46,23 @@ ROLLUPS_SQL = (
 )"""
 )
 
-INSERT_SQL = (
-    """
+# The head of both writing statements: the rows (three arrays, `columns`) go in
+# unless stored already; `ins` holds the new ones, for the rollups and the answer.
+# {order}: the batch writer sorts its rows before sending them; INSERT_SQL's caller
+# does not, so that statement sorts them itself.
+INSERT_CTE = """
 WITH src AS (
   SELECT * FROM unnest(%(nums)s::int4[], %(ts)s::timestamptz[], %(vals)s::float8[])
     AS s(channel_num, ts, value)
 ), ins AS (
   INSERT INTO measurements (channel_num, ts, value)
-  SELECT channel_num, ts, value FROM src ORDER BY channel_num, ts
+  SELECT channel_num, ts, value FROM src{order}
   ON CONFLICT DO NOTHING
   RETURNING channel_num, ts, value
 )"""
+
+INSERT_SQL = (
+    INSERT_CTE.format(order=" ORDER BY channel_num, ts")
     + ROLLUPS_SQL
     + "\nSELECT count(*) FROM ins"
 )
