@@ -148,10 +148,10 @@ class SiteBroker:
             text += "\nuser root\n"
         self.conf = root / "mosquitto.conf"
         self.conf.write_text(text)
-        self.log = open(root / "mosquitto.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [MOSQUITTO, "-c", str(self.conf)], stdout=self.log, stderr=subprocess.STDOUT
-        )
+        with open(root / "mosquitto.log", "wb") as log:  # the child keeps its own copy
+            self.proc = subprocess.Popen(
+                [MOSQUITTO, "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT
+            )
         wait_for(lambda: _listening(self.port), 10, "the site Mosquitto")
         if tls:
             wait_for(lambda: _listening(self.tls_port), 10, "the site Mosquitto's TLS listener")
@@ -188,16 +188,16 @@ class GatewayProcess:
             lines += [f"{k} = {v}" for k, v in values.items()]
         self.conf = root / "gateway.conf"
         self.conf.write_text("\n".join(lines) + "\n")
-        self.logfile = open(root / "gateway.log", "ab")  # noqa: SIM115
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [str(GATEWAY_BIN), "--config", str(self.conf)],
-            stdout=self.logfile,
-            stderr=subprocess.STDOUT,
-        )
+        with open(self.root / "gateway.log", "ab") as log:  # the child keeps its own copy
+            self.proc = subprocess.Popen(
+                [str(GATEWAY_BIN), "--config", str(self.conf)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     def kill(self) -> None:
         """SIGKILL: no cleanup at all, as a power cut of the gateway."""

@@ -23,6 +23,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from psycopg_pool import AsyncConnectionPool
 
 from opensense import jobs
@@ -171,6 +172,8 @@ def test_embedded_mode_connects_as_the_app_role_and_upgrades_an_old_state_dir(
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        if proc.stdout:
+            proc.stdout.close()
 
 
 def _serve_outcome(dsn: str) -> tuple[int | None, str]:
@@ -225,8 +228,14 @@ async def test_serving_as_a_superuser_or_the_owner_is_refused(
     from opensense.db.roles import UnsafeRole
 
     cfg = Config(bcrypt_rounds=4, mqtt="off", jobs_enabled=False, clock=clock)
+    # a client of our own: pytest-aiohttp's aiohttp_client never closes a client
+    # whose server failed to start (its session is left to the garbage collector)
+    app = create_app(cfg, dsn)
+    client = TestClient(TestServer(app))
     with pytest.raises(UnsafeRole):
-        await aiohttp_client(create_app(cfg, dsn))
+        await client.start_server()
+    await client.close()
+    await app.cleanup()  # leave the contexts entered before the refusal, as run_app does
 
 
 # --- the tail: signed within minutes, verified with the pinned key -----------------------

@@ -100,8 +100,9 @@ async def test_every_rule_kind_reaches_the_gateway_engine_with_its_params(
         mqtt_host="",
     )
     gw = Gateway(cfg)
+    api = Api(cfg)  # closed below: its kept-alive connection is a socket
     try:
-        answer = await asyncio.to_thread(gw.sync, Api(cfg))
+        answer = await asyncio.to_thread(gw.sync, api)
         assert answer.status == 200, answer.body
         local = {r.id: r for r in gw.rules if r.device is not None}
         runs = set(answer.body["rule_kinds"])
@@ -130,6 +131,7 @@ async def test_every_rule_kind_reaches_the_gateway_engine_with_its_params(
         assert gw_rules.in_range(rng, 5.0) and not gw_rules.in_range(rng, 5.01)
         assert gw_rules.in_range(rng, -2.0) and not gw_rules.in_range(rng, -2.01)
     finally:
+        api.close()
         gw.store.close()
 
 

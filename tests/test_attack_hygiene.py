@@ -161,12 +161,13 @@ def _stop_postmasters(pgdata: Path) -> None:
 
 def _serve(state: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    proc = subprocess.Popen(
-        [str(BIN), "serve", "--port", str(port)],
-        env=_embedded_env(state),
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
+    with log.open("ab") as out:  # the child keeps its own copy
+        proc = subprocess.Popen(
+            [str(BIN), "serve", "--port", str(port)],
+            env=_embedded_env(state),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -257,6 +258,7 @@ def test_a_node_outliving_its_runner_keeps_the_directory_locked(tmp_path: Path) 
             SimNode(node_dir, {"token": "ds_live_y"}, b"ca", {"probes": []})
     finally:
         os.kill(child, signal.SIGKILL)
+        runner.stdout.close()
 
 
 # --- 23: the status page tells the truth ---------------------------------------------
@@ -321,13 +323,14 @@ def _nodes_in(state: Path) -> list[psutil.Process]:
 
 def _demo(tmp_path: Path, state: Path, log: Path) -> subprocess.Popen[bytes]:
     env = _embedded_env(state, OPENSENSE_MQTT="embedded", OPENSENSE_MQTT_PORT=str(free_port()))
-    proc = subprocess.Popen(
-        [str(BIN), "demo", "--port", str(free_port())],
-        env=env,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        cwd=tmp_path,
-    )
+    with log.open("ab") as out:  # the child keeps its own copy
+        proc = subprocess.Popen(
+            [str(BIN), "demo", "--port", str(free_port())],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+        )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(_nodes_in(state)) < 3:
         assert proc.poll() is None, log.read_text()

@@ -52,10 +52,10 @@ def test_demo_serves_readings_from_an_embedded_database(tmp_path: Path) -> None:
             "OPENSENSE_MQTT_PORT": str(free_port()),
         }
     )
-    log = (tmp_path / "demo.log").open("w")
-    proc = subprocess.Popen(
-        [str(BIN), "demo", "--port", str(port)], env=env, stdout=log, stderr=log, cwd=tmp_path
-    )
+    with (tmp_path / "demo.log").open("w") as log:  # the child keeps its own copy
+        proc = subprocess.Popen(
+            [str(BIN), "demo", "--port", str(port)], env=env, stdout=log, stderr=log, cwd=tmp_path
+        )
     try:
         base = f"http://127.0.0.1:{port}"
         state_file = tmp_path / "state" / "demo.json"

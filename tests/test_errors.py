@@ -1,4 +1,4 @@
-"""Every error the server produces leaves in the one envelope of PRODUCT.md:
+"""Every error the server produces leaves in the one envelope of docs/product.md#errors:
 ``{"error": {"code", "message", "request_id": "req_…"}}``, with a code from
 `opensense.errors.CODES`, the HTTP status that code stands for, and no stack trace.
 Another account's ids answer 404 and leak nothing."""

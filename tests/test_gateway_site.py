@@ -115,7 +115,7 @@ def site(dsn: str, tmp_path: Path) -> Any:
 def test_http_door_tokens_rotation_and_dead_letters(site, dsn):
     world, gid, gw, broker, server, local = site
     try:
-        # a node that can only POST: the PRODUCT.md ingest format, at the gateway
+        # a node that can only POST: the docs/product.md#ingest format, at the gateway
         body = {"device": "fridge01", "measurements": [{"type": "temperature", "value": 4.5}]}
         status, answer = post(local + "/v1/ingest", world.devices["fridge01"], body)
         assert status == 200 and answer["accepted"] == 1, answer

@@ -168,7 +168,7 @@ def test_cli_account_site_device_token(new_database):
 
 
 async def test_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(dsn, server_processes):
-    """A client that follows PRODUCT.md's retry rule (retry until a 200) against a
+    """A client that follows docs/product.md#client-retry-rule (retry until a 200) against a
     server that is SIGKILLed twice mid-stream: every reading ends up stored once."""
     import random
 

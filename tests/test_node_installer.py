@@ -402,6 +402,7 @@ async def test_self_test_on_a_simulated_node_gets_a_reading_accepted(fw_app, dsn
         text=True,
         timeout=60,
     )
+    n.close()  # its directory lock and console log
     assert "SELFTEST FAILED: the server refused the reading" in r.stdout, r.stdout + r.stderr
     assert "future" in r.stdout
 

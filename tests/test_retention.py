@@ -1,5 +1,5 @@
-"""Retention for every class of the seed table: declared as data, documented, never
-configurable below the seed default, applied by the `retention` job (tolerating an
+"""Retention for every class of the product's table (docs/product.md#retention): declared as data, documented, never
+configurable below the product's minimum, applied by the `retention` job (tolerating an
 outbound_log table that another migration has not made yet)."""
 
 from __future__ import annotations
@@ -29,16 +29,16 @@ def test_every_class_is_documented(cls: retention.DataClass) -> None:
 
 
 @pytest.mark.parametrize("cls", [c for c in retention.RETENTION if c.setting], ids=lambda c: c.name)
-def test_shorter_than_the_seed_is_refused(cls: retention.DataClass) -> None:
+def test_shorter_than_the_promised_minimum_is_refused(cls: retention.DataClass) -> None:
     setting = next(s for s in SETTINGS if s.name == cls.setting)
-    assert cls.seed_minimum is not None
+    assert cls.promised_minimum is not None
     with pytest.raises(ValueError, match="below the minimum"):
-        Config.from_env({setting.env: str(cls.seed_minimum - 1)})
-    Config.from_env({setting.env: str(cls.seed_minimum + 1)})  # longer is fine
+        Config.from_env({setting.env: str(cls.promised_minimum - 1)})
+    Config.from_env({setting.env: str(cls.promised_minimum + 1)})  # longer is fine
 
 
 def _storage_table() -> dict[str, str]:
-    """docs/storage.md's retention table: data class -> what is kept. The seed's table
+    """docs/storage.md's retention table: data class -> what is kept. The product's table
     (outside this repository) is copied there, so the check runs on every clone."""
     text = (ROOT / "docs" / "storage.md").read_text()
     table = text.split("## Retention", 1)[1].split("\n## ", 1)[0]
@@ -52,7 +52,7 @@ def _storage_table() -> dict[str, str]:
 
 def test_every_documented_class_is_declared_with_its_period() -> None:
     rows = _storage_table()
-    assert len(rows) >= 10, rows  # the seed's nine classes, backups split, the audit trail
+    assert len(rows) >= 10, rows  # the product's nine classes, backups split, the audit trail
     declared = {c.name: c for c in retention.RETENTION}
     assert set(rows) == set(declared)
     for name, kept in rows.items():

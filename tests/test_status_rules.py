@@ -124,7 +124,7 @@ def test_slow_ingest_slow_report_old_backup_and_audit():
     assert names(fired) == {"audit_integrity"} and fired[0].condition.klass == "P0"
 
 
-def test_conditions_cover_the_seed_thresholds():
+def test_conditions_cover_the_product_thresholds():
     assert {c.name for c in CONDITIONS} >= {
         "ingest_5xx",
         "dispatch_failing",
@@ -210,7 +210,7 @@ def test_business_hours_skip_nights_and_weekends():
     )
 
 
-def test_what_is_due_follows_the_seed_cadence():
+def test_what_is_due_follows_the_product_cadence():
     opened = T0
     due = cadence.next_due("P1", opened, None, None, None, False, BERLIN)
     assert due == cadence.Due("acknowledgement", opened + timedelta(minutes=30))

@@ -207,7 +207,7 @@ async def test_retention_drops_whole_old_partitions_only(dsn, new_database):
         assert (await (await conn.execute("SELECT count(*) FROM rollup_1d")).fetchone())[0] == 1
 
 
-def test_retention_below_the_seed_defaults_is_refused():
+def test_retention_below_the_product_minimums_is_refused():
     with pytest.raises(ValueError, match="OPENSENSE_RETENTION_RAW_MONTHS"):
         Config(retention_raw_months=12)
     with pytest.raises(ValueError, match="minimum"):

@@ -258,7 +258,7 @@ class Gateway:
             if it[0] == "mqtt":
                 _, gen, mid, qos, topic, raw = it
                 if qos == 0:
-                    self.qos0_dropped += 1  # PRODUCT.md: QoS 0 measurements are dropped
+                    self.qos0_dropped += 1  # docs/product.md#mqtt: QoS 0 measurements are dropped
                     continue
                 acks.append((gen, mid, qos))
                 parts = topic.split("/")
@@ -647,6 +647,7 @@ class Gateway:
             self.mqtt.loop_stop()
         if self.http is not None:
             self.http.shutdown()
+            self.http.server_close()  # the listening socket too, not only the loop
         for t in self.threads:
             t.join(10)
         self.store.close()

@@ -1,4 +1,4 @@
-"""The env file the service starts with (deploy/opensense.env; seed: root:root 0400).
+"""The env file the service starts with (deploy/opensense.env; root:root 0400, docs/product.md#secrets).
 
 systemd reads it (EnvironmentFile=) before dropping privileges; OPENSENSE_ENV_FILE
 names it so the server can check it at start: read the variables not already set

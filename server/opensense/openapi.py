@@ -410,7 +410,7 @@ def document() -> S:
     paths: S = {
         "/v1/ingest": {
             "post": op(
-                "Send readings (PRODUCT.md payload)",
+                "Send readings (the product's ingest payload)",
                 {**ok(200, ref("IngestAnswer")), **ingest_err},
                 security=[{"deviceToken": []}],
                 parameters=[

@@ -1,7 +1,7 @@
 """Vertical presets, declared once as data.
 
 A site has one vertical; the first uplink of a new channel gets that vertical's
-default rule for its kind (PRODUCT.md, Alarms → Vertical presets; HACCP limits).
+default rule for its kind (docs/product.md#vertical-presets; HACCP limits).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Retention of every data class in the seed's table (security-architecture.md),
+"""Retention of every data class in the product's table (docs/product.md#retention),
 declared once as data. docs/storage.md lists each class (a test holds it to this
-table); a setting's minimum is the seed default, so shortening is refused at start.
+table); a setting's minimum is the product's, so shortening is refused at start.
 
 Kinds of rule:
 - `partitions`: whole monthly partitions dropped by storage.compaction
@@ -25,24 +25,24 @@ from .storage.compaction import enforce_retention
 
 @dataclass(frozen=True)
 class DataClass:
-    name: str  # as the seed's table names it
+    name: str  # as the product's table names it
     rule: str  # partitions | rows | backups | forever | not_stored
-    default: str  # the seed's words
+    default: str  # the product's words
     setting: str | None = None  # Config field holding the period
     table: str | None = None  # rows: the table
     column: str | None = None  # rows: its time column
-    seed_minimum: int | None = None  # the seed default in the setting's unit
+    promised_minimum: int | None = None  # the product's minimum in the setting's unit
 
 
 RETENTION: tuple[DataClass, ...] = (
     DataClass(
-        "Raw measurements", "partitions", "13 months", "retention_raw_months", seed_minimum=13
+        "Raw measurements", "partitions", "13 months", "retention_raw_months", promised_minimum=13
     ),
     DataClass(
-        "5-minute rollups", "partitions", "5 years", "retention_rollup_months", seed_minimum=60
+        "5-minute rollups", "partitions", "5 years", "retention_rollup_months", promised_minimum=60
     ),
     DataClass(
-        "1-hour rollups", "partitions", "5 years", "retention_rollup_months", seed_minimum=60
+        "1-hour rollups", "partitions", "5 years", "retention_rollup_months", promised_minimum=60
     ),
     DataClass("1-day rollups", "forever", "forever"),
     DataClass("Alert events", "forever", "forever"),
@@ -55,7 +55,7 @@ RETENTION: tuple[DataClass, ...] = (
         "retention_request_log_days",
         "request_log",
         "ts",
-        seed_minimum=30,
+        promised_minimum=30,
     ),
     DataClass(
         "Outbound notification logs",
@@ -64,7 +64,7 @@ RETENTION: tuple[DataClass, ...] = (
         "retention_outbound_log_days",
         "outbound_log",
         "at",
-        seed_minimum=90,
+        promised_minimum=90,
     ),
     # a network re-delivers an uplink within minutes or hours; readings carry the
     # network's time, so an older re-delivery is still deduplicated by (channel, ts)
@@ -75,21 +75,21 @@ RETENTION: tuple[DataClass, ...] = (
         "retention_request_log_days",
         "lorawan_seen",
         "received_at",
-        seed_minimum=30,
+        promised_minimum=30,
     ),
     DataClass("LoRaWAN tray", "forever", "forever (assigned and discarded rows are kept)"),
-    DataClass("Hourly backups", "backups", "7 days", "backup_keep_hourly_days", seed_minimum=7),
-    DataClass("Daily backups", "backups", "30 days", "backup_keep_daily_days", seed_minimum=30),
+    DataClass("Hourly backups", "backups", "7 days", "backup_keep_hourly_days", promised_minimum=7),
+    DataClass("Daily backups", "backups", "30 days", "backup_keep_daily_days", promised_minimum=30),
 )
 
 
 def check_minimums() -> None:
-    """Every class with a setting refuses values below the seed default."""
+    """Every class with a setting refuses values below the product's minimum."""
     by_name = {s.name: s for s in SETTINGS}
     for c in RETENTION:
         if c.setting is not None:
             s = by_name[c.setting]
-            assert s.minimum is not None and s.minimum >= (c.seed_minimum or 0), c.name
+            assert s.minimum is not None and s.minimum >= (c.promised_minimum or 0), c.name
 
 
 check_minimums()

@@ -2,7 +2,7 @@
 
 Each setting is read from the environment variable named here; `docs/settings.md`
 lists them all (a test holds the docs to this table). Retention settings carry a
-minimum: the seed architecture forbids shortening retention, so a lower value is
+minimum: the product forbids shortening retention, so a lower value is
 refused at start instead of silently deleting data.
 """
 
@@ -135,7 +135,7 @@ SETTINGS: tuple[Setting, ...] = (
         "OPENSENSE_RETENTION_RAW_MONTHS",
         int,
         13,
-        "Months of raw measurements kept (seed minimum 13).",
+        "Months of raw measurements kept (the product's minimum 13).",
         minimum=13,
     ),
     Setting(
@@ -143,7 +143,7 @@ SETTINGS: tuple[Setting, ...] = (
         "OPENSENSE_RETENTION_ROLLUP_MONTHS",
         int,
         60,
-        "Months of 5-minute and 1-hour rollups kept (seed minimum 60); 1-day rollups are kept forever.",
+        "Months of 5-minute and 1-hour rollups kept (the product's minimum 60); 1-day rollups are kept forever.",
         minimum=60,
     ),
     Setting(
@@ -151,7 +151,7 @@ SETTINGS: tuple[Setting, ...] = (
         "OPENSENSE_RETENTION_REQUEST_LOG_DAYS",
         int,
         30,
-        "Days of API request log kept (seed minimum 30).",
+        "Days of API request log kept (the product's minimum 30).",
         minimum=30,
     ),
     Setting(
@@ -159,7 +159,7 @@ SETTINGS: tuple[Setting, ...] = (
         "OPENSENSE_RETENTION_OUTBOUND_LOG_DAYS",
         int,
         90,
-        "Days of outbound notification log kept (seed minimum 90).",
+        "Days of outbound notification log kept (the product's minimum 90).",
         minimum=90,
     ),
     Setting(
@@ -235,7 +235,7 @@ SETTINGS: tuple[Setting, ...] = (
         "OPENSENSE_BACKUP_KEEP_HOURLY_DAYS",
         int,
         7,
-        "Days hourly dumps are kept (seed minimum 7).",
+        "Days hourly dumps are kept (the product's minimum 7).",
         minimum=7,
     ),
     Setting(
@@ -243,7 +243,7 @@ SETTINGS: tuple[Setting, ...] = (
         "OPENSENSE_BACKUP_KEEP_DAILY_DAYS",
         int,
         30,
-        "Days daily dumps are kept (seed minimum 30).",
+        "Days daily dumps are kept (the product's minimum 30).",
         minimum=30,
     ),
     Setting(

@@ -5,7 +5,7 @@ are sent, so with several server processes each message goes out once; a crash
 mid-send rolls the claim back and the row is sent after the restart. Every
 attempt is written to `outbound_log` (kept 90 days by the retention job).
 
-Pacing per recipient is its path's (`paths.PATHS`, as PRODUCT.md sets it): a
+Pacing per recipient is its path's (`paths.PATHS`, as docs/product.md#notifications sets it): a
 Telegram chat gets at most one message per 10 s — what piles up meanwhile goes out
 as one grouped message (a "queue overflow" summary when the oldest waited more than
 2 min); an email recipient gets at most 10 messages an hour, the rest as one digest.

@@ -421,7 +421,7 @@ def due_at(rule: Rule, st: RuleState) -> datetime | None:
 
 
 def channel_status(rules: list[Rule], states: Mapping[str, RuleState]) -> str:
-    """The most severe of a channel's rules: alarm > grace > ok (PRODUCT.md states)."""
+    """The most severe of a channel's rules: alarm > grace > ok (docs/product.md#alarms)."""
     status = "ok"
     for r in rules:
         s = states.get(r.id)

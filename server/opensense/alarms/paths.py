@@ -5,7 +5,7 @@ delivery failure (the dispatcher decides retry, drop or give up from it).
   servers work): sendMessage with an inline "Acknowledge" button whose callback
   data is `ack:<event id>`; answerCallbackQuery answers the button press.
 - Email over SMTP with aiosmtplib (Postmark or any relay).
-- Webhooks signed as PRODUCT.md says: `X-OpenSense-Signature: t=<epoch>,v1=<base64
+- Webhooks signed as docs/product.md#notifications says: `X-OpenSense-Signature: t=<epoch>,v1=<base64
   HMAC-SHA256(secret, t + "." + body)>`, `X-OpenSense-Delivery-Id`. A webhook is a
   tenant's URL: it is checked and resolved at every send (egress.py), the connection
   goes to the checked address only, redirects are not followed, and only the status

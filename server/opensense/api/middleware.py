@@ -1,6 +1,6 @@
 """The one error translator at the boundary, and the request log.
 
-Whatever a handler raises leaves as the PRODUCT.md envelope; an unexpected
+Whatever a handler raises leaves as the docs/product.md#errors envelope; an unexpected
 exception is logged with its request id and answered 500 with no detail.
 """
 

@@ -23,8 +23,9 @@ async def accounts(conn: AsyncConnection[Any]) -> list[str]:
 
 async def rows(conn: AsyncConnection[Any], account_id: str) -> AsyncIterator[Row]:
     """The account's rows in seq order, streamed (a server-side cursor in a transaction)."""
-    async with conn.transaction():
-        cur = conn.cursor(name="audit_rows")
+    # closed before the transaction ends: left to the garbage collector, psycopg
+    # warns (ResourceWarning) that the cursor was deleted while still open
+    async with conn.transaction(), conn.cursor(name="audit_rows") as cur:
         await cur.execute(
             f"SELECT {COLUMNS} FROM audit_log WHERE account_id = %s ORDER BY seq, id",
             (account_id,),

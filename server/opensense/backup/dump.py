@@ -271,7 +271,7 @@ def dump(
                 os.fsync(f.fileno())
         finally:
             proc.stdout.close()
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            err = _read_and_close(proc.stderr)
             rc = proc.wait()
         snap.execute("COMMIT")
     if rc != 0:
@@ -283,6 +283,15 @@ def dump(
     (out.with_name(out.name + ".json")).write_text(json.dumps({"counts": counts}, indent=1))
     sig_path(out).write_text(note)
     return DumpResult(out, out.stat().st_size, src.n, counts, manifest.sha256, note)
+
+
+def _read_and_close(pipe: IO[bytes] | None) -> str:
+    """A child's stderr, to its end, then closed (a pipe left to the garbage collector
+    is a ResourceWarning, and an open descriptor until then)."""
+    if pipe is None:
+        return ""
+    with pipe:
+        return pipe.read().decode(errors="replace")
 
 
 def check_signed(f: IO[bytes], path: Path, verifier: Verifier, note: str) -> Manifest:
@@ -390,7 +399,7 @@ def _restore_checked(
             proc.stdin.close()
         except BrokenPipeError:
             pass
-        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        err = _read_and_close(proc.stderr)
         rc = proc.wait()
     if failure:
         raise BackupError(failure)

@@ -148,7 +148,7 @@ def validate_payload(
     header_device: str | None = None,
     require_device: bool = True,
 ) -> Batch:
-    """Check a PRODUCT.md ingest body. Raises ApiError naming the first bad field."""
+    """Check an ingest body (docs/product.md#ingest). Raises ApiError naming the first bad field."""
     _check_object(body, "the body must be a JSON object", "", TOP_KEYS)
     device = body.get("device", header_device)
     if header_device is not None and "device" in body and body["device"] != header_device:

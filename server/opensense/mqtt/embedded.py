@@ -104,7 +104,7 @@ async def _qos1(self: ProtocolHandler[Any], app_message: Any) -> None:
 
 
 async def _qos2(self: ProtocolHandler[Any], app_message: Any) -> None:
-    # QoS 2 is handled as QoS 1 (PRODUCT.md): stored before PUBREC
+    # QoS 2 is handled as QoS 1 (docs/product.md#mqtt): stored before PUBREC
     await _store_then_ack(self, app_message, _qos2_flow)
 
 

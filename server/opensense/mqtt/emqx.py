@@ -1,6 +1,6 @@
 """EMQX HTTP authentication and authorization (EMQX 5's HTTP auth contract).
 
-For a cluster running EMQX (the broker of the seed architecture) instead of the
+For a cluster running EMQX (docs/product.md#hosting) instead of the
 embedded broker or Mosquitto. EMQX asks these endpoints at every CONNECT and every
 PUBLISH/SUBSCRIBE, so no broker keeps a copy of the tokens and a rotation takes effect
 at the next CONNECT. Configure in EMQX (docs/mqtt.md has the full snippet):

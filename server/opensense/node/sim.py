@@ -222,6 +222,8 @@ class SimNode:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+        if self.thread is None or not self.thread.is_alive():  # nothing writes to it now
+            self.log.close()
 
     def power_cut(self) -> None:
         """Pull the plug: SIGKILL, RTC memory lost, then power on again."""

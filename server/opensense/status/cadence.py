@@ -1,4 +1,4 @@
-"""Incident classes and their clocks (seeds/incident-response.txt, "Response
+"""Incident classes and their clocks (docs/product.md#incident-classes, "Response
 timelines"), as data, and what is due when: pure functions of the incident and time.
 
 Business time is Monday to Friday, 09:00 to 17:00 in OPENSENSE_STATUS_BUSINESS_TZ

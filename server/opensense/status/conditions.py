@@ -1,4 +1,4 @@
-"""The self-watching conditions of the seed incident-response page, declared as data
+"""The self-watching conditions of docs/product.md#incident-classes, declared as data
 in one place (docs/status.md lists every one; a test holds the docs to this table),
 and their evaluation: a pure function of samples and time.
 
@@ -35,7 +35,7 @@ HEARTBEAT_DOWN_S = 60.0  # no process heartbeat for this long: the API is down
 @dataclass(frozen=True)
 class Condition:
     name: str
-    klass: str  # P0, P1, P2 (seeds/incident-response.txt)
+    klass: str  # P0, P1, P2 (docs/product.md#incident-classes)
     component: str  # the status page component it concerns
     sustain: timedelta
     title: str  # incident title; {key} is the instance

@@ -1,5 +1,5 @@
 """Incidents: open (by self-watching or by an operator), acknowledge, post updates,
-resolve, attach the post-mortem. Every step that the seed says customers hear about
+resolve, attach the post-mortem. Every step that the product says customers hear about
 (acknowledgement, updates, resolution, post-mortem) queues a notice to the affected
 accounts' email in incident_mail, in the same transaction; the incident mailer
 (mail.py) sends it through its own SMTP path.

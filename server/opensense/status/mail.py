@@ -1,7 +1,7 @@
 """The incident mailer: sends incident_mail rows through the incident SMTP path
 (OPENSENSE_INCIDENT_SMTP_URL, OPENSENSE_INCIDENT_MAIL_FROM), configured apart from the
 app's notification mail so that it can point at infrastructure independent of the
-service (seeds: "Sent from infrastructure independent of the SaaS").
+service (docs/product.md#incident-classes: mailed from infrastructure independent of the service).
 
 Rows are claimed with FOR UPDATE SKIP LOCKED (any number of processes), sent, and
 marked; a failure is retried with backoff (30 s doubling, at most an hour). The

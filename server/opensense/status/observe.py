@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 # Upper bounds in seconds. 2.0 is a bound, so "p99 above 2 s" is exact: more than 1 %
 # of the answers fell above it.
-INGEST_SLOW_BOUND = 2.0  # seconds: the seed's p99 threshold
+INGEST_SLOW_BOUND = 2.0  # seconds: the P2 p99 threshold (docs/product.md#incident-classes)
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.005,
     0.01,

@@ -139,7 +139,7 @@ async def open_incident(request: web.Request) -> web.Response:
     body = await _body(request)
     klass = body.get("class")
     if klass not in ("P0", "P1", "P2"):
-        raise ApiError("invalid_request", "`class` must be P0, P1 or P2 (seed incident classes)")
+        raise ApiError("invalid_request", "`class` must be P0, P1 or P2 (the incident classes)")
     title = incidents._text(body, "title", limit=200)
     text = incidents._text(body, "body")
     affected = body.get("affected_accounts")

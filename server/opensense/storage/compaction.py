@@ -126,7 +126,7 @@ async def enforce_retention(
     rollup_months: int,
 ) -> list[str]:
     """Drop whole monthly partitions past retention. Never finer than a month, and the
-    settings refuse anything shorter than the seed defaults."""
+    settings refuse anything shorter than the product's minimums."""
     this_month = db.month_start(now.date())
     raw_before = db.add_months(this_month, -raw_months)
     rollup_before = db.add_months(this_month, -rollup_months)

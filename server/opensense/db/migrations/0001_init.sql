@@ -50,7 +50,7 @@ CREATE TABLE device_placements (
     PRIMARY KEY (device_id, effective_from)
 );
 
--- Sensor and channel are merged (PRODUCT.md allows it): a channel row carries its
+-- Sensor and channel are merged (docs/product.md#nouns): a channel row carries its
 -- sensor id too, so both snr_ and chn_ ids resolve.
 CREATE TABLE channels (
     id          text PRIMARY KEY CHECK (id LIKE 'chn\_%'),

@@ -1,4 +1,4 @@
--- The remaining nouns of PRODUCT.md: alarm events and report jobs. Their behaviour
+-- The remaining nouns of docs/product.md#nouns: alarm events and report jobs. Their behaviour
 -- (the rule engine, rendering) arrives with the alarms and reports work; the rows
 -- are defined here so every noun has its table and prefixed id.
 

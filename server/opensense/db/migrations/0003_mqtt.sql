@@ -1,5 +1,5 @@
 -- MQTT state of a device: its retained lwt (connected) and info, and the QoS 0
--- measurement publishes that were dropped (PRODUCT.md: QoS 0 is not accepted).
+-- measurement publishes that were dropped (docs/product.md#mqtt: QoS 0 is not accepted).
 ALTER TABLE devices ADD COLUMN connected boolean;
 ALTER TABLE devices ADD COLUMN connected_changed_at timestamptz;
 ALTER TABLE devices ADD COLUMN info jsonb NOT NULL DEFAULT '{}';

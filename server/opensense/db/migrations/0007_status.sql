@@ -47,7 +47,7 @@ CREATE TABLE status_meta (
     at   timestamptz NOT NULL
 );
 
--- Incidents, classes of the seed incident-response page (P0/P1/P2).
+-- Incidents, classes of docs/product.md#incident-classes (P0/P1/P2).
 CREATE TABLE incidents (
     id                 text PRIMARY KEY CHECK (id LIKE 'inc\_%'),
     class              text NOT NULL CHECK (class IN ('P0', 'P1', 'P2')),
