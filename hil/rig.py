@@ -75,6 +75,9 @@ class LinkProxy:
                         c.shutdown(socket.SHUT_RDWR)
                     except OSError:
                         pass
+                    # closed here too: a blackholed connection has no pipe thread to
+                    # close it (a pipe's own close in its `finally` is then a no-op)
+                    c.close()
                 self.conns.clear()
 
     def _accept(self) -> None:
