@@ -19,7 +19,8 @@ from .fixtures.clock import FakeClock
 from .fixtures.processes import BIN, opensense_env
 from .fixtures.server import make_world, test_config
 
-pytestmark = pytest.mark.db
+# several server processes against one database: once, on the embedded PostgreSQL
+pytestmark = [pytest.mark.db, pytest.mark.e2e]
 
 
 def body() -> dict:

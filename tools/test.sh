@@ -43,9 +43,10 @@ env -u OPENSENSE_TEST_DSN .venv/bin/python -m pytest "$@"
 
 DSN=${OPENSENSE_TEST_DSN:-postgresql://postgres@127.0.0.1:5432/test}
 if .venv/bin/python -c 'import sys, psycopg; psycopg.connect(sys.argv[1], connect_timeout=3).close()' "$DSN" 2>/dev/null; then
-  # the long end-to-end process runs (marker e2e) ran above; their SQL is what the db tests
-  # cover, so this pass skips them (on a clean clone on 2 quiet cores the whole command took
-  # 18 min on 2026-12-03, the first pass 10.6 min and this one 6.5: close to the 20-minute budget)
+  # the long end-to-end process runs (marker e2e: the firmware, Mosquitto, several server
+  # processes, the benches) ran above; their SQL is what the db tests cover, so this pass
+  # skips them. On a clean clone on 2 cores on 2026-12-03 the first pass took 13.2 min,
+  # so this one must stay within a few minutes of the 20-minute budget.
   echo "== pytest -m 'db and not e2e' (PostgreSQL at $DSN)"
   OPENSENSE_TEST_DSN=$DSN .venv/bin/python -m pytest -m "db and not e2e" "$@"
 else
