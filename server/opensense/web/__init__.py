@@ -14,8 +14,12 @@ def setup(app: web.Application) -> None:
     import aiohttp_jinja2
     import jinja2
 
+    from . import overview, routes
     from .ctx import web_ctx
-    from .routes import SECURITY_HEADERS, routes
+    from .routes import SECURITY_HEADERS
+
+    # every module of pages (each a RouteTableDef named `routes`): sign-in first
+    pages = (routes, overview)
 
     aiohttp_jinja2.setup(
         app,
@@ -24,8 +28,9 @@ def setup(app: web.Application) -> None:
         undefined=jinja2.StrictUndefined,
     )
     app.cleanup_ctx.append(web_ctx)
-    app.router.add_routes(routes)
-    paths = {r.path for r in routes if isinstance(r, web.RouteDef)}
+    for module in pages:
+        app.router.add_routes(module.routes)
+    paths = {r.path for m in pages for r in m.routes if isinstance(r, web.RouteDef)}
 
     async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
         resource = request.match_info.route.resource
