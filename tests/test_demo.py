@@ -7,11 +7,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
+import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from .fixtures.processes import BIN, free_port
 
@@ -39,8 +44,18 @@ def assert_secrets_private(state: Path, demo: dict) -> None:
     assert {f"demo-nodes/{n}/config.json" for n in demo["devices"]} <= set(holders), holders
 
 
-def test_demo_serves_readings_from_an_embedded_database(tmp_path: Path) -> None:
-    os.chmod(tmp_path, 0o755)  # as root, the embedded server runs as its own user
+@pytest.fixture
+def demo_dir() -> Iterator[Path]:
+    """A folder the embedded server's own user can reach when we are root: not under
+    pytest's tmp_path, whose root (/tmp/pytest-of-root) is 0700."""
+    d = Path(tempfile.mkdtemp(prefix="opensense-demo-"))
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_demo_serves_readings_from_an_embedded_database(demo_dir: Path) -> None:
+    tmp_path = demo_dir
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENSENSE_")}
     env.update(
@@ -103,6 +118,41 @@ def test_demo_serves_readings_from_an_embedded_database(tmp_path: Path) -> None:
         assert status["overall"] == "operational", status
         assert not [c for c in status["components"] if c["state"] in ("degraded", "outage")]
         assert_secrets_private(tmp_path / "state", json.loads(state_file.read_text()))
+        # the story (docs/dashboard.md, "The demo"): one past excursion, the prep
+        # fridge's, acknowledged with its note; no false alarm on the freezer
+        demo = json.loads(state_file.read_text())
+        events: list = []
+        for _ in range(60):
+            req = urllib.request.Request(
+                f"{base}/v1/events", headers={"Authorization": f"Bearer {token}"}
+            )
+            events = json.load(urllib.request.urlopen(req, timeout=5))["data"]
+            if events and all(e["acknowledged_at"] for e in events):
+                break
+            time.sleep(0.5)
+        assert [e["device_id"] for e in events] == [demo["devices"]["fridge02"]["id"]], events
+        assert events[0]["ack_note"] and events[0]["ack_product"], events
+        assert events[0]["value"] >= 8.5, events  # the door ajar warmed it to ~9 °C
+        proc.terminate()
+        assert proc.wait(30) == 0
+        # a restart backfills only the minutes since each fridge's last reading
+        with (tmp_path / "demo2.log").open("w") as log:
+            proc = subprocess.Popen(
+                [str(BIN), "demo", "--port", str(port)],
+                env=env,
+                stdout=log,
+                stderr=log,
+                cwd=tmp_path,
+            )
+        backfilled = None
+        deadline = time.monotonic() + 60
+        while backfilled is None and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            backfilled = re.search(
+                r"backfilled (\d+) readings", (tmp_path / "demo2.log").read_text()
+            )
+        assert backfilled, (tmp_path / "demo2.log").read_text()
+        assert int(backfilled.group(1)) <= 3 * 3, backfilled.group(0)  # a minute or two each
         proc.terminate()
         assert proc.wait(30) == 0
         # the embedded PostgreSQL stopped with the demo

@@ -4,8 +4,14 @@ is a simulated node running the real firmware (firmware/) on the MicroPython uni
 port, its probe warming and cooling, reporting over TLS MQTT to the embedded broker
 (opensense.node.sim). If the nodes cannot run (no micropython interpreter, MQTT off),
 the demo says why and feeds the same readings over HTTP instead. Re-running reuses
-the account (its tokens are kept in <state_dir>/demo.json); readings sit on a minute
-grid, so a restart resends the backfill and the server deduplicates it."""
+the account (its tokens are kept in <state_dir>/demo.json); a restart backfills only
+the minutes since each fridge's last stored reading (at most six hours).
+
+The story a fresh demo tells (docs/dashboard.md, "The demo"): three fridges in range,
+nodes online, and the prep fridge with one past excursion — its door left ajar three
+hours ago — that the engine opened and closed and that the demo owner acknowledged
+with a corrective-action note. The freezer's frozen limits are set before its
+history arrives, so no false alarm opens."""
 
 from __future__ import annotations
 
@@ -36,21 +42,33 @@ DEMO_OWNER = "demo@opensense.invalid"  # the demo account's login email: its own
 DEVICES = (
     # local_id, name, site vertical's typical setpoint (°C), swing
     ("fridge01", "Walk-in fridge", 3.0, 1.2),
-    ("fridge02", "Prep fridge", 4.0, 1.5),
+    ("fridge02", "Prep fridge", 3.5, 1.0),
     ("freezer01", "Chest freezer", -20.0, 1.5),
 )
 BACKFILL = timedelta(hours=6)
 LABEL = "air"  # the probe's label: the backfill and the live node share one channel
 NODE_CADENCE_S = 15  # the demo nodes report every 15 s so the dashboard moves
+# The prep fridge's past excursion, as minutes after the start of the first backfill:
+# its door left ajar from 3 h ago for 45 min, the air warming to about 9 °C.
+EXCURSION = ("fridge02", 180, 45)
+STORY_ACK = {
+    "by": "Demo owner",
+    "note": "Door left ajar after the morning delivery; found on the kitchen round.",
+    "cause": "door not closed",
+    "action": "door closed, seal checked",
+    "product": "core temperature 4.1 °C measured; product kept",
+}
 
 
 def simulated(setpoint: float, swing: float, ts: datetime, seed: int) -> float:
-    """A compressor cycle (~40 min) plus slow drift; a door opening now and then."""
+    """A compressor cycle (~40 min) plus slow drift, inside the site's limits: the one
+    excursion of the story is laid over it by `excursion`. (No brief door openings: a
+    history sent in batches of 32 would show the engine an out-of-range minute at the
+    end of a batch as still out when its clock runs, docs/alarms.md "Choices and
+    limits", and the demo would open alarms no fridge had.)"""
     t = ts.timestamp()
     v = setpoint + swing * math.sin(t / 2400 * 2 * math.pi + seed)
     v += 0.3 * math.sin(t / 86400 * 2 * math.pi)
-    if int(t // 60) % 97 == seed:  # a door left open for a minute
-        v += 2.5
     return round(v * 16) / 16  # DS18B20 12-bit resolution: 1/16 °C
 
 
@@ -91,21 +109,58 @@ async def ensure_demo(cfg: Config, dsn: str) -> dict[str, Any]:
     return state
 
 
-async def feed(base: str, state: dict[str, Any], cfg: Config, nodes: list[Any]) -> None:
+def excursion(local_id: str, ts: datetime, start: datetime, value: float) -> float:
+    """The story's excursion laid over a fridge's simulated air temperature: a door
+    ajar warms the air towards 9 °C within ~10 min and it cools back once closed."""
+    who, after_min, length_min = EXCURSION
+    if local_id != who:
+        return value
+    m = (ts - start).total_seconds() / 60 - after_min
+    if m < 0 or m > length_min + 10:
+        return value
+    warm = min(m, length_min) / 10
+    cool = max(0.0, m - length_min) / 4
+    lift = (9.0 - value) * min(1.0, warm) * math.exp(-cool)
+    return round((value + lift) * 16) / 16
+
+
+async def last_readings(dsn: str, state: dict[str, Any]) -> dict[str, datetime | None]:
+    """Each demo fridge's newest stored raw reading, so a restart backfills only the
+    minutes it missed (readings of days already packed are older than the backfill)."""
+    out: dict[str, datetime | None] = {}
+    async with await psycopg.AsyncConnection.connect(
+        dsn, autocommit=True, options="-c timezone=UTC"
+    ) as conn:
+        for local_id, dev in state["devices"].items():
+            cur = await conn.execute(
+                "SELECT max(m.ts) FROM measurements m JOIN channels c ON c.num = m.channel_num"
+                " WHERE c.device_id = %s AND c.account_id = %s",
+                (dev["id"], state["account_id"]),
+            )
+            row = await cur.fetchone()
+            out[local_id] = row[0] if row else None
+    return out
+
+
+async def feed(base: str, state: dict[str, Any], cfg: Config, nodes: list[Any], dsn: str) -> None:
     async with aiohttp.ClientSession() as http:
 
         async def send(
-            local_id: str, times: list[datetime], seed: int, sp: float, sw: float
+            local_id: str,
+            times: list[datetime],
+            seed: int,
+            sp: float,
+            sw: float,
+            start: datetime | None = None,
         ) -> None:
+            def value(t: datetime) -> float:
+                v = simulated(sp, sw, t, seed)
+                return v if start is None else excursion(local_id, t, start, v)
+
             body = {
                 "device": local_id,
                 "measurements": [
-                    {
-                        "type": "temperature",
-                        "label": LABEL,
-                        "value": simulated(sp, sw, t, seed),
-                        "ts": rfc3339(t),
-                    }
+                    {"type": "temperature", "label": LABEL, "value": value(t), "ts": rfc3339(t)}
                     for t in times
                 ],
             }
@@ -115,15 +170,32 @@ async def feed(base: str, state: dict[str, Any], cfg: Config, nodes: list[Any]) 
                     log.warning("demo feed %s: %s %s", local_id, r.status, await r.text())
 
         now = cfg.clock().replace(second=0, microsecond=0)
+        start = now - BACKFILL
+        last = await last_readings(dsn, state)
+        fresh = all(v is None for v in last.values())
+        sent = 0
         for seed, (local_id, _, sp, sw) in enumerate(DEVICES):
+            prev = last.get(local_id)
+            first = start if prev is None else max(start, prev + timedelta(minutes=1))
             grid = [
-                now - BACKFILL + timedelta(minutes=i)
-                for i in range(int(BACKFILL.total_seconds() // 60))
+                first + timedelta(minutes=i)
+                for i in range(int((now - first).total_seconds() // 60))
             ]
+            if local_id == "freezer01" and prev is None and grid:
+                # Its channel comes with its first reading, judged by the site's chilled
+                # limits until the frozen ones are set: that reading is the newest one,
+                # so the engine's clock cannot age it into an alarm before its history
+                # (sent next, replayed under the frozen limits) arrives.
+                await send(local_id, grid[-1:], seed, sp, sw)
+                await use_frozen_limits(http, base, state)
+                grid = grid[:-1]
+                sent += 1
             for i in range(0, len(grid), 32):
-                await send(local_id, grid[i : i + 32], seed, sp, sw)
-        log.info("demo: backfilled %s of readings", BACKFILL)
-        await use_frozen_limits(http, base, state)
+                await send(local_id, grid[i : i + 32], seed, sp, sw, start if fresh else None)
+            sent += len(grid)
+        log.info("demo: backfilled %d readings (the minutes since each fridge's last)", sent)
+        if fresh:
+            await acknowledge_story(http, base, state)
         nodes[:] = await asyncio.to_thread(start_nodes, state, cfg)
         if nodes:
             await asyncio.Event().wait()  # the nodes report on their own; run_demo stops them
@@ -200,6 +272,30 @@ async def use_frozen_limits(http: aiohttp.ClientSession, base: str, state: dict[
                     log.warning("demo: could not set freezer limits: %s", await r.text())
 
 
+async def acknowledge_story(http: aiohttp.ClientSession, base: str, state: dict[str, Any]) -> None:
+    """Acknowledge the prep fridge's past excursion with its corrective-action note, as
+    the owner would have: waits (a few seconds at most) for the engine to open it."""
+    auth = {"Authorization": f"Bearer {state['api_token']}"}
+    dev = state["devices"][EXCURSION[0]]["id"]
+    async with http.get(f"{base}/v1/channels", params={"device_id": dev}, headers=auth) as r:
+        channels = [c["id"] for c in (await r.json())["data"] if c["kind"] == "temperature"]
+    for _ in range(100):
+        for ch in channels:
+            params = {"channel_id": ch}
+            async with http.get(f"{base}/v1/events", params=params, headers=auth) as r:
+                events = (await r.json())["data"]
+            for ev in events:
+                if ev.get("acknowledged_at") is None:
+                    async with http.post(
+                        f"{base}/v1/events/{ev['id']}/ack", json=STORY_ACK, headers=auth
+                    ) as r:
+                        if r.status != 200:
+                            log.warning("demo: could not acknowledge: %s", await r.text())
+                    return
+        await asyncio.sleep(0.2)
+    log.warning("demo: the prep fridge's past excursion did not open an alarm")
+
+
 async def owner_link(cfg: Config, dsn: str, base: str) -> str | None:
     """A fresh sign-in link for the demo account's owner (valid once, for 10 minutes;
     issued and audited as a mailed one is), or None when the owner is gone."""
@@ -245,7 +341,7 @@ Press Ctrl-C to stop.
         flush=True,
     )
     nodes: list[Any] = []  # the simulated firmware nodes feed() starts
-    task = asyncio.create_task(feed(base, state, cfg, nodes))
+    task = asyncio.create_task(feed(base, state, cfg, nodes, dsn))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
