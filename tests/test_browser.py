@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import time
-from datetime import datetime
 from html import unescape
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,6 +20,7 @@ from axe_playwright_python.sync_playwright import Axe
 from opensense.web.session import NAV
 
 from .fixtures.browser import LiveServer, shot
+from .fixtures.clock import FakeClock
 from .fixtures.notify import Mailbox
 from .fixtures.tenants import Tenant, make_tenant
 
@@ -34,8 +34,8 @@ LINK_RE = re.compile(r'<a\s[^>]*?href="([^"]*)"')
 
 
 @pytest.fixture(scope="module")
-def tenant(live_server: LiveServer, dsn: str) -> Tenant:
-    return live_server.run(make_tenant(dsn, "brw", datetime.now().astimezone()))
+def tenant(live_server: LiveServer, live_clock: FakeClock, dsn: str) -> Tenant:
+    return live_server.run(make_tenant(dsn, "brw", live_clock()))
 
 
 @pytest.fixture(scope="module")
@@ -135,24 +135,29 @@ def nav_paths(app: web.Application) -> list[str]:
 
 
 def crawl(page: Any, start: list[str]) -> list[str]:
-    """Every same-site page reachable from `start` through links, in visit order:
-    the navigation's pages and what they link to (a channel, a device...), bounded."""
-    seen: list[str] = []
+    """Every same-site HTML page reachable from `start` through links, in visit order:
+    the navigation's pages and what they link to (a channel, a device...), bounded. A
+    path is visited once, with the first query string found for it (a chart's other
+    ranges render the same page)."""
+    pages: list[str] = []
+    seen: set[str] = set()
     queue = list(start)
     while queue:
         path = queue.pop(0)
-        if path in seen:
+        if urlsplit(path).path in seen:
             continue
-        assert len(seen) < MAX_PAGES, f"more than {MAX_PAGES} pages: raise MAX_PAGES"
-        seen.append(path)
+        seen.add(urlsplit(path).path)
+        assert len(seen) <= MAX_PAGES, f"more than {MAX_PAGES} pages: raise MAX_PAGES"
         answer = page.context.request.get(path)  # the browser's cookies, no rendering
-        html = answer.text() if answer.headers["content-type"].startswith("text/html") else ""
-        for href in LINK_RE.findall(html):
+        if not answer.headers.get("content-type", "").startswith("text/html"):
+            continue  # a download (an export, a CSV)
+        pages.append(path)
+        for href in LINK_RE.findall(answer.text()):
             target = urlsplit(unescape(href))
             if not target.netloc and target.path.startswith("/") and target.path not in seen:
                 if not target.path.startswith(("/static/", "/auth/")):
                     queue.append(target.path + (f"?{target.query}" if target.query else ""))
-    return seen
+    return pages
 
 
 def test_the_accessibility_check_finds_what_it_is_for(desktop, axe):
