@@ -8,6 +8,7 @@ pytest_plugins = [
     "tests.fixtures.mosquitto",
     "tests.fixtures.notify",
     "tests.fixtures.firmware",
+    "tests.fixtures.browser",
 ]
 
 

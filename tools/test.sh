@@ -28,6 +28,17 @@ if { ! command -v pdftoppm >/dev/null || [ ! -e /usr/share/fonts/truetype/dejavu
   echo "== installing poppler-utils and fonts-dejavu-core"
   apt-get install -y -qq poppler-utils fonts-dejavu-core >/dev/null || echo "no pdftoppm: report PNGs are not made" >&2
 fi
+# Chromium for the dashboard's browser tests (Playwright drives Debian's build at
+# /usr/bin/chromium; `playwright install` and its downloaded browsers are not used)
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== installing chromium"
+    apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+  else
+    echo "the browser tests need Debian's chromium: sudo apt-get install chromium" >&2
+    exit 1
+  fi
+fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 # the site gateway is its own package (gateway/pyproject.toml); its tests need it here
 .venv/bin/python -m pip install -q --disable-pip-version-check -e gateway
