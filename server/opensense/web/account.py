@@ -20,7 +20,7 @@ from ..errors import ApiError
 from ..ids import new_id
 from . import export
 from .forms import errors_of, posted, text
-from .routes import check_email, client_ip
+from .routes import check_email, client_ip, limit
 from .session import ROLES, render, require, signed_in
 from .store import User, issue_sign_in
 
@@ -28,6 +28,7 @@ routes = web.RouteTableDef()
 
 ROLE_INVALID = f"role must be one of {', '.join(ROLES)}"
 LAST_OWNER = "an account keeps at least one owner: make another user owner first"
+MAX_USERS = 500  # users of one account: every input is bounded
 INVITE_FIELDS = ("email", "role")
 TOKEN_FIELDS = ("kind", "name")
 
@@ -90,11 +91,17 @@ async def invite(request: web.Request) -> web.Response:
     now = request.app[CONFIG].clock()
     async with request.app[POOL].connection() as conn:
         user, form = await posted(request, conn, "owner")
+        await limit(request, conn)  # each invitation sends a mail: the sign-in rate limit
         values = {k: text(form, k) or "" for k in INVITE_FIELDS}
         try:
             email = check_email(text(form, "email"))
             role = check_role(text(form, "role"))
             async with conn.transaction():
+                cur = await conn.execute(
+                    "SELECT count(*) FROM users WHERE account_id = %s", (user.account_id,)
+                )
+                if ((await cur.fetchone()) or (0,))[0] >= MAX_USERS:
+                    raise ApiError("conflict", f"an account has at most {MAX_USERS} users")
                 cur = await conn.execute(
                     "INSERT INTO users (id, account_id, email, role) VALUES (%s, %s, %s, %s)"
                     " ON CONFLICT (account_id, email) DO NOTHING RETURNING id",

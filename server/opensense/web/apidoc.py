@@ -238,6 +238,7 @@ def manage_paths() -> S:
                     "role": {"type": "string", "enum": ["viewer", "operator", "manager", "owner"]},
                 },
                 ("email", "role"),
+                **err(429),
             )
         },
         "/account/users/{user_id}/role": {
