@@ -13,6 +13,7 @@ from ..api.body import body_ts, json_object, query_ts
 from ..api.jsonutil import response
 from ..api.keys import CONFIG, MQTT, POOL
 from ..errors import ApiError
+from ..mqtt.side import MqttSide
 from . import store
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,16 @@ async def patch_device(request: web.Request) -> web.Response:
     return response(dev)
 
 
+async def send_identify(mqtt: MqttSide, account_id: str, local_id: str) -> None:
+    """cmd/identify to the node (QoS 1, not retained: a node offline now never blinks
+    later); the dashboard's device page sends it too."""
+    if not await mqtt.publish(topics.topic(account_id, local_id, "cmd/identify"), b"1", qos=1):
+        raise ApiError(
+            "conflict",
+            "this server runs without MQTT (OPENSENSE_MQTT=off): commands cannot reach nodes",
+        )
+
+
 @routes.post("/v1/devices/{device_id}/identify")
 async def identify_device(request: web.Request) -> web.Response:
     """Blink the node's LED (cmd/identify) so an installer finds it in the fridge."""
@@ -148,13 +159,7 @@ async def identify_device(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn)
         dev = await store.get_device(conn, acc, request.match_info["device_id"], now)
-    if not await request.app[MQTT].publish(
-        topics.topic(acc, dev["local_id"], "cmd/identify"), b"1", qos=1
-    ):
-        raise ApiError(
-            "conflict",
-            "this server runs without MQTT (OPENSENSE_MQTT=off): commands cannot reach nodes",
-        )
+    await send_identify(request.app[MQTT], acc, dev["local_id"])
     return response({"device_id": dev["id"], "sent": "cmd/identify"}, status=202)
 
 
@@ -267,15 +272,7 @@ async def create_token(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn)
         body = await json_object(request)
-        kind = body.get("kind", "ua_live")
-        if kind not in ("ua_live", "whk"):
-            raise ApiError(
-                "invalid_request",
-                "kind must be ua_live or whk (device tokens come with the device)",
-            )
-        name = body.get("name", "")
-        if not isinstance(name, str) or len(name) > 200:
-            raise ApiError("invalid_request", "name must be a string of at most 200 characters")
+        kind, name = store.check_token_request(body)
         async with conn.transaction():
             tid, plaintext = await store.create_token(
                 conn, acc, kind, cfg.bcrypt_rounds, name, actor=auth.actor(request)

@@ -157,6 +157,23 @@ async def create_token(
     return t.id, t.plaintext
 
 
+TOKEN_KINDS = ("ua_live", "whk")  # made on request; device tokens come with the device
+
+
+def check_token_request(body: dict[str, Any]) -> tuple[str, str]:
+    """(kind, name) of a request for a new user or webhook token."""
+    kind = body.get("kind", "ua_live")
+    if kind not in TOKEN_KINDS:
+        raise ApiError(
+            "invalid_request",
+            "kind must be ua_live or whk (device tokens come with the device)",
+        )
+    name = body.get("name", "")
+    if not isinstance(name, str) or len(name) > 200:
+        raise ApiError("invalid_request", "name must be a string of at most 200 characters")
+    return str(kind), name
+
+
 def token_public(row: Row, now: datetime) -> Row:
     return {
         "id": row["id"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..api.spec import body, err, obj, ok, op, q
+from ..api.spec import body, err, obj, ok, op, path_param, q
 
 S = dict[str, Any]
 HTML = {"content": {"text/html": {"schema": {"type": "string"}}}}
@@ -32,6 +32,10 @@ NO_TOKEN: list[S] = []  # the pages use the session cookie, or nothing before si
 
 
 def paths() -> S:
+    return {**sign_in_paths(), **manage_paths()}
+
+
+def sign_in_paths() -> S:
     return {
         "/v1/auth/request": {
             "post": op(
@@ -126,6 +130,159 @@ def paths() -> S:
                 {**see_other("Signed out: to /auth/login"), **err(403, 413, 429)},
                 security=NO_TOKEN,
                 requestBody=form(CSRF, ("csrf",)),
+            )
+        },
+    }
+
+
+# --- devices and account (web/devices.py, web/account.py) ------------------------------
+
+SIGN_IN = see_other("Not signed in: to /auth/login")
+REFUSED = err(403, 404, 413)  # CSRF or role (403), another account's id (404)
+
+
+def page_post(summary: str, fields: S, required: tuple[str, ...], *params: str, **ok: S) -> S:
+    """A POST of a management page: the page again (200/201, or 4xx with the API's
+    message next to the field), or the refusals of the envelope."""
+    responses: S = {**SIGN_IN, **REFUSED, **html(200, "The page, saying what was done")}
+    for status, description in (
+        ("404", "Another account's id (a form's field): the page, saying so"),
+        ("409", "Conflict (e.g. a local id in use, the last owner): the page, saying so"),
+        ("422", "Refused by the API's checks: the page, the message next to the field"),
+    ):
+        responses[status] = {
+            "description": description,
+            "content": {**HTML["content"], **err(int(status))[status]["content"]},
+        }
+    responses["400"] = {
+        "description": "Refused by the API's checks: the page, the message next to the field",
+        "content": {**HTML["content"], **err(400)["400"]["content"]},
+    }
+    responses.update(ok)
+    return op(
+        summary,
+        responses,
+        security=NO_TOKEN,
+        requestBody=form({**CSRF, **fields}, ("csrf", *required)),
+        parameters=[path_param(p) for p in params],
+    )
+
+
+def page_get(summary: str, *params: str, roles: bool = False) -> S:
+    responses: S = {**html(200, "The page"), **SIGN_IN}
+    if params:
+        responses.update(err(404))
+    if roles:
+        responses.update(err(403))
+    extra: S = {"parameters": [path_param(p) for p in params]} if params else {}
+    return op(summary, responses, security=NO_TOKEN, **extra)
+
+
+TEXT = {"type": "string", "maxLength": 4096}
+
+
+def manage_paths() -> S:
+    return {
+        "/devices": {"get": page_get("Dashboard: sites and their devices (HTML)")},
+        "/devices/new": {
+            "get": page_get("Dashboard: the add-a-device form (HTML; manager)", roles=True),
+            "post": page_post(
+                "Dashboard: add a device; the answer holds what to paste (shown once)",
+                {
+                    "site_id": TEXT,
+                    "name": TEXT,
+                    "local_id": TEXT,
+                    "kind": {
+                        "type": "string",
+                        "enum": ["node", "shelly", "shelly_gen3", "lorawan"],
+                    },
+                    "dev_eui": TEXT,
+                },
+                ("site_id", "name", "local_id", "kind"),
+                **html(201, "Added: the node config, Shelly URL or TTN webhook to paste"),
+            ),
+        },
+        "/devices/{device_id}": {
+            "get": page_get("Dashboard: a device's health and actions (HTML)", "device_id")
+        },
+        "/devices/{device_id}/rotate-token": {
+            "post": page_post(
+                "Dashboard: rotate a device's ingest token (manager); the new one shown once",
+                {},
+                (),
+                "device_id",
+            )
+        },
+        "/devices/{device_id}/move": {
+            "post": page_post(
+                "Dashboard: move a device to another site of the account, from now (manager)",
+                {"site_id": TEXT},
+                ("site_id",),
+                "device_id",
+            )
+        },
+        "/devices/{device_id}/identify": {
+            "post": page_post(
+                "Dashboard: blink the node's LED (cmd/identify; operator)",
+                {},
+                (),
+                "device_id",
+            )
+        },
+        "/account": {"get": page_get("Dashboard: users and roles, API tokens, export (HTML)")},
+        "/account/users": {
+            "post": page_post(
+                "Dashboard: invite a user by email with a role (owner); mails a sign-in link",
+                {
+                    "email": TEXT,
+                    "role": {"type": "string", "enum": ["viewer", "operator", "manager", "owner"]},
+                },
+                ("email", "role"),
+                **err(429),
+            )
+        },
+        "/account/users/{user_id}/role": {
+            "post": page_post(
+                "Dashboard: change a user's role (owner; an account keeps one owner)",
+                {"role": TEXT},
+                ("role",),
+                "user_id",
+                **see_other("Demoted yourself: to /account"),
+            )
+        },
+        "/account/users/{user_id}/remove": {
+            "post": page_post(
+                "Dashboard: remove a user (owner; an account keeps one owner)",
+                {},
+                (),
+                "user_id",
+                **see_other("Removed yourself: to /auth/login"),
+            )
+        },
+        "/account/tokens": {
+            "post": page_post(
+                "Dashboard: create an API (ua_live) or webhook (whk) token (owner), shown once",
+                {"kind": {"type": "string", "enum": ["ua_live", "whk"]}, "name": TEXT},
+                ("kind",),
+            )
+        },
+        "/account/tokens/{token_id}/revoke": {
+            "post": page_post(
+                "Dashboard: revoke an API or webhook token (owner)", {}, (), "token_id"
+            )
+        },
+        "/account/export": {
+            "get": op(
+                "Dashboard: a ZIP of CSV and JSON of everything the account owns (owner)",
+                {
+                    "200": {
+                        "description": "The ZIP, streamed",
+                        "content": {"application/zip": {"schema": {"type": "string"}}},
+                    },
+                    **SIGN_IN,
+                    **err(403),
+                },
+                security=NO_TOKEN,
             )
         },
     }

@@ -161,6 +161,17 @@ async def current_user(request: web.Request, conn: AsyncConnection[Any]) -> User
     return await store.session_user(conn, sid, request.app[CONFIG].clock())
 
 
+EMAIL_INVALID = "email: an email address of at most 254 characters"
+
+
+def check_email(raw: Any) -> str:
+    """`clean_email`, or the API's refusal (invalid_request) naming the field."""
+    email = clean_email(raw)
+    if email is None:
+        raise ApiError("invalid_request", EMAIL_INVALID)
+    return email
+
+
 def clean_email(raw: Any) -> str | None:
     if not isinstance(raw, str):
         return None
@@ -213,7 +224,7 @@ async def api_request(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
         await limit(request, conn)
         if email is None:
-            raise ApiError("invalid_request", "email: an email address of at most 254 characters")
+            raise ApiError("invalid_request", EMAIL_INVALID)
         await request_sign_in(request, conn, email)
     return web.json_response({"ok": True})
 
@@ -234,7 +245,7 @@ async def login_submit(request: web.Request) -> web.Response:
         csrf = csrf_token(request.cookies[PRE_COOKIE])
         email = clean_email(form.get("email"))
         if email is None:
-            ctx = {"csrf": csrf, "error": "email: an email address of at most 254 characters"}
+            ctx = {"csrf": csrf, "error": EMAIL_INVALID}
             return page(request, "login.html", ctx, status=422)
         await request_sign_in(request, conn, email)
     return page(request, "code.html", {"csrf": csrf, "email": email})

@@ -26,6 +26,7 @@ RANK = {r: i for i, r in enumerate(ROLES)}
 # The navigation, as data: (path, label). A page appears in it once its route exists.
 NAV = (
     ("/", "Overview"),
+    ("/devices", "Devices"),
     ("/reports", "Reports"),
     ("/rules", "Rules"),
     ("/notifications", "Notifications"),
