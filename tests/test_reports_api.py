@@ -15,7 +15,9 @@ import asyncio
 import dataclasses
 import hashlib
 import io
+import os
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -269,6 +271,15 @@ async def test_bad_requests_get_the_envelope(aiohttp_client: Any, rdsn: str) -> 
         assert got == 202, body
     got, body = await _post(client, w)
     assert (got, body["error"]["code"]) == (429, "rate_limited"), body
+    # the schedule's recipients are checked where they are set
+    for bad in (
+        ["qa@example.com", "x\r\nBcc: y@example.com"],
+        [f"q{i}@example.com" for i in range(21)],
+    ):
+        r = await client.patch(
+            f"/v1/sites/{w.site}", json={"report_recipients": bad}, headers=w.auth
+        )
+        assert r.status == 400 and "report_recipients" in (await r.json())["error"]["message"]
     r = await client.post("/v1/reports", data=b"[1]", headers=w.auth)
     assert r.status == 400 and (await r.json())["error"]["code"] == "invalid_request"
     r = await client.post("/v1/reports", json={"site_id": w.site, "period": NOV})
@@ -286,13 +297,14 @@ def _boom(_d: Any, _lang: str) -> bytes:
 
 
 async def test_status_component_reflects_renders_and_failures(
-    aiohttp_client: Any, new_database: Any, monkeypatch: pytest.MonkeyPatch
+    aiohttp_client: Any, rdsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    dsn = new_database()  # its own: the component counts every account's renders
-    clock = FakeClock(NOW)
+    # a month later than the other tests: the component counts the last 24 hours'
+    # renders of every account, and theirs are out of that window
+    clock = FakeClock(NOW + timedelta(days=31))
     cfg = cfg_for(clock, status_interval_s=10)
-    w = await _world(dsn, cfg)
-    client = await _app(aiohttp_client, dsn, cfg)
+    w = await _world(rdsn, cfg)
+    client = await _app(aiohttp_client, rdsn, cfg)
     mon = client.app[STATUS]
 
     async def component() -> dict[str, Any]:
@@ -361,15 +373,19 @@ async def test_monthly_schedule_fires_once_after_the_month_closes_and_emails_the
         await schedule.run(conn, cfg, clock())
         assert await months(utc["id"]) == [oct_, nov]
 
-        async with AsyncConnectionPool(rdsn, min_size=1, max_size=4, open=False) as pool:
-            renderer = Renderer(pool, cfg)
-            while await renderer.run_once():
-                pass
         cur = await conn.execute(
-            "SELECT id, status, sha256 FROM reports WHERE site_id = %s AND period_from = %s",
+            "SELECT id FROM reports WHERE site_id = %s AND origin = 'schedule'", (berlin.site,)
+        )
+        async with AsyncConnectionPool(rdsn, min_size=1, max_size=4, open=False) as pool:
+            renderer = Renderer(pool, cfg)  # any server's renderer; this one takes Berlin's
+            for (rid,) in await cur.fetchall():
+                claimed = await renderer.claim(only=rid)
+                assert claimed is not None and await renderer.render(claimed) == "ready"
+        cur = await conn.execute(
+            "SELECT status, sha256 FROM reports WHERE site_id = %s AND period_from = %s",
             (berlin.site, nov[0]),
         )
-        _rid, status, sha = await cur.fetchone()  # type: ignore[misc]
+        status, sha = await cur.fetchone()  # type: ignore[misc]
         assert status == "ready"
         line = await schedule.run(conn, cfg, clock())
         assert "4 sent" in line, line  # October's and November's, to both recipients
@@ -381,3 +397,38 @@ async def test_monthly_schedule_fires_once_after_the_month_closes_and_emails_the
         pdf = att.get_payload(decode=True)
         assert hashlib.sha256(pdf).hexdigest() == sha
         assert sha in m.get_payload()[0].get_payload(decode=True).decode()
+
+
+def _cli(dsn: str, *args: str) -> int:
+    from opensense import cli
+
+    os.environ["OPENSENSE_DATABASE_URL"] = dsn
+    try:
+        return cli.main(["report", "render", *args])
+    finally:
+        del os.environ["OPENSENSE_DATABASE_URL"]
+
+
+async def test_cli_queues_renders_and_checks_like_the_api_and_local_renders_alike(
+    rdsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clock = FakeClock(NOW)
+    w = await _world(rdsn, cfg_for(clock))
+    args = ("--site", w.site, "--month", "2026-11")
+    queued, local = tmp_path / "q.pdf", tmp_path / "l.pdf"
+    assert await asyncio.to_thread(_cli, rdsn, *args, "--out", str(queued)) == 0
+    line = capsys.readouterr().out
+    async with await psycopg.AsyncConnection.connect(rdsn, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT id, status, origin, sha256, progress FROM reports WHERE site_id = %s",
+            (w.site,),
+        )
+        (rid, status, origin, sha, progress), *more = await cur.fetchall()
+    assert not more and (status, origin, progress) == ("ready", "cli", 1.0)
+    assert hashlib.sha256(queued.read_bytes()).hexdigest() == sha and sha in line and rid in line
+    assert await asyncio.to_thread(_cli, rdsn, *args, "--out", str(local), "--local") == 0
+    assert local.read_bytes() == queued.read_bytes()
+    # the queued path refuses what the API refuses (a month not over yet); --local does not
+    assert await asyncio.to_thread(_cli, rdsn, "--site", w.site, "--month", "2099-01",
+                                   "--out", str(local)) == 1  # fmt: skip
+    assert "invalid_range" in capsys.readouterr().err

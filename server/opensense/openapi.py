@@ -168,7 +168,9 @@ SCHEMAS: S = {
             "report_options": {"type": "object"},
             "report_recipients": {
                 "type": "array",
+                "maxItems": 20,
                 "items": {"type": "string", "pattern": "@", "description": "an email address"},
+                "description": "the monthly report's email recipients (docs/reports.md)",
             },
         },
     ),

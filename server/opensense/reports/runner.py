@@ -87,18 +87,23 @@ class Renderer:
         self.wake = asyncio.Event()
         self.lease = timedelta(seconds=cfg.report_lease_s)
 
-    async def claim(self) -> store.Row | None:
+    async def claim(self, only: str | None = None) -> store.Row | None:
+        """The next report to render here (`only`: that one, if it is free)."""
         async with self.pool.connection() as conn, conn.transaction():
             return await store.claim(
-                conn, self.me, self.cfg.clock(), self.lease, self.cfg.report_max_attempts
+                conn, self.me, self.cfg.clock(), self.lease, self.cfg.report_max_attempts, only
             )
 
     async def render(self, r: store.Row) -> str:
         """Render a claimed report to its end; returns its final status (or `lost`)."""
+        return (await self.render_pdf(r))[0]
+
+    async def render_pdf(self, r: store.Row) -> tuple[str, bytes | None]:
+        """The same, with the PDF when it became ready here."""
         async with self.slots:
             return await self._render(r)
 
-    async def _render(self, r: store.Row) -> str:
+    async def _render(self, r: store.Row) -> tuple[str, bytes | None]:
         async def step(fraction: float, stage: str) -> None:
             async with self.pool.connection() as conn:
                 await store.progress(
@@ -112,22 +117,21 @@ class Renderer:
             )  # fmt: skip
         except store.ClaimLost:
             log.warning("report %s: the claim ran out and was taken over", r["id"])
-            return "lost"
+            return "lost", None
         except ApiError as exc:  # the site went away between the request and the render
-            return await self._fail(r, exc.message)
+            return await self._fail(r, exc.message), None
         except Exception as exc:
             log.exception("report %s failed", r["id"])
-            return await self._fail(
-                r, f"rendering failed ({type(exc).__name__}); the server's log has the details"
-            )
+            why = f"rendering failed ({type(exc).__name__}); the server's log has the details"
+            return await self._fail(r, why), None
         now = self.cfg.clock()
         async with self.pool.connection() as conn, conn.transaction():
             sha = hashlib.sha256(pdf).hexdigest()
             if not await store.ready(conn, r, self.me, sha, len(pdf), now):
-                return "lost"
+                return "lost", None
             await queue_report_ready(conn, {**r, "sha256": sha}, now)
             await schedule.plan_mail(conn, r, now)  # a scheduled report: its email
-        return "ready"
+        return "ready", pdf
 
     async def _fail(self, r: store.Row, reason: str) -> str:
         async with self.pool.connection() as conn:

@@ -229,7 +229,8 @@ async def expire(conn: AsyncConnection[Any], now: datetime, max_attempts: int) -
 CLAIM_SQL = f"""
 WITH c AS (
     SELECT id FROM reports
-    WHERE status = 'queued' OR (status = 'rendering' AND claimed_until < %(now)s)
+    WHERE (status = 'queued' OR (status = 'rendering' AND claimed_until < %(now)s))
+      AND (%(only)s::text IS NULL OR id = %(only)s)
     ORDER BY created_at, id LIMIT 1
     FOR UPDATE SKIP LOCKED
 )
@@ -241,12 +242,19 @@ RETURNING {", ".join("r." + c.strip() for c in COLS.split(","))}
 
 
 async def claim(
-    conn: AsyncConnection[Any], me: str, now: datetime, lease: timedelta, max_attempts: int
+    conn: AsyncConnection[Any],
+    me: str,
+    now: datetime,
+    lease: timedelta,
+    max_attempts: int,
+    only: str | None = None,
 ) -> Row | None:
     """One report for renderer `me`: the oldest queued one, or one whose renderer's
-    lease ran out (tried fewer than max_attempts times). None: nothing to do."""
+    lease ran out (tried fewer than max_attempts times); `only`: that report or none.
+    None: nothing to do."""
     await expire(conn, now, max_attempts)
-    return await _one(conn, CLAIM_SQL, {"now": now, "me": me, "until": now + lease})
+    args = {"now": now, "me": me, "until": now + lease, "only": only}
+    return await _one(conn, CLAIM_SQL, args)
 
 
 async def progress(
