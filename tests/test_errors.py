@@ -657,6 +657,9 @@ def cases(t: Tenants) -> list[Case]:
         add(Case.json(f"tray {method} {path}", method, path, "uplink_not_found", body, headers=A))
     for q in ("state=bogus", "limit=0", "limit=x"):
         add(Case(f"tray list {q}", "GET", f"/v1/lorawan/unassigned?{q}", "invalid_request", A))
+    # reports: no such report (another account's: test_another_accounts_id_on_every_route)
+    for path in ("/v1/reports/rpt_nope", "/v1/reports/rpt_nope/file"):
+        add(Case(f"report {path}", "GET", path, "report_not_found", A))
     add(
         Case.json(
             "tray assign extra field",

@@ -79,6 +79,13 @@ async def queue_report_ready(conn: AsyncConnection[Any], r: store.Row, now: date
     return len(rows)
 
 
+def _log_failure(task: asyncio.Task[str]) -> None:
+    """A render that raised past its own handling (the database gone while it saved):
+    logged here; its lease runs out and the report is claimed again."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("a report render ended with an error", exc_info=task.exception())
+
+
 class Renderer:
     def __init__(self, pool: AsyncConnectionPool, cfg: Config) -> None:
         self.pool, self.cfg = pool, cfg
@@ -165,6 +172,7 @@ class Renderer:
                         task = asyncio.create_task(self.render(r))
                         running.add(task)
                         task.add_done_callback(running.discard)
+                        task.add_done_callback(_log_failure)
                 except Exception:
                     log.exception("report claim failed")
                 self.wake.clear()
