@@ -657,6 +657,9 @@ def cases(t: Tenants) -> list[Case]:
         add(Case.json(f"tray {method} {path}", method, path, "uplink_not_found", body, headers=A))
     for q in ("state=bogus", "limit=0", "limit=x"):
         add(Case(f"tray list {q}", "GET", f"/v1/lorawan/unassigned?{q}", "invalid_request", A))
+    # reports: no such report (another account's: test_another_accounts_id_on_every_route)
+    for path in ("/v1/reports/rpt_nope", "/v1/reports/rpt_nope/file"):
+        add(Case(f"report {path}", "GET", path, "report_not_found", A))
     add(
         Case.json(
             "tray assign extra field",
@@ -906,6 +909,7 @@ ID_KINDS = {
     "rule_id": "rule",
     "target_id": "target",
     "uplink_id": "uplink",  # a row of the LoRaWAN tray
+    "report_id": "report",
 }
 
 
@@ -1008,6 +1012,13 @@ async def _b_ids(client: Any, t: Tenants, dsn: str) -> dict[str, list[str]]:
         row = await cur.fetchone()
         assert row is not None
         b_uplink = str(row[0])
+        b_rpt = "rpt_errorsb" + b.account[-8:]
+        await conn.execute(
+            "INSERT INTO reports (id, account_id, site_id, template, period_from, period_to,"
+            " status, sha256) VALUES (%s, %s, %s, 'haccp_monthly', '2026-01-01', '2026-01-31',"
+            " 'ready', repeat('0', 64))",
+            (b_rpt, b.account, b.site),
+        )
     return {
         "site": [b.site],
         "device": [t.b_dev],
@@ -1017,6 +1028,7 @@ async def _b_ids(client: Any, t: Tenants, dsn: str) -> dict[str, list[str]]:
         "rule": [rule["id"]],
         "target": [target["id"]],
         "uplink": [b_uplink],
+        "report": [b_rpt],
     }
 
 
@@ -1034,6 +1046,7 @@ async def _b_rows(dsn: str, t: Tenants) -> list[Any]:
             "SELECT x.id, to_jsonb(x)::text FROM notify_targets x WHERE x.account_id = %s",
             "SELECT x.id, to_jsonb(x)::text FROM tokens x WHERE x.account_id = %s",
             "SELECT x.id, to_jsonb(x)::text FROM unassigned_uplinks x WHERE x.account_id = %s",
+            "SELECT x.id, to_jsonb(x)::text FROM reports x WHERE x.account_id = %s",
         ):
             cur = await conn.execute(q + " ORDER BY 1", (t.b.account,))
             out.append(await cur.fetchall())

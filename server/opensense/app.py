@@ -15,7 +15,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from opensense_contract.payload import MAX_BODY_BYTES
 
-from . import alarms, db, devices, gateway, ingest, jobs, mqtt, openapi, status, storage
+from . import alarms, db, devices, gateway, ingest, jobs, mqtt, openapi, reports, status, storage
 from . import web as dashboard  # the package's name would shadow aiohttp's `web`
 from .api.keys import CONFIG, DSN, HEALTH, OBSERVER, POOL, REQUEST_LOG, VERIFIER, WRITER
 from .api.middleware import error_middleware
@@ -87,6 +87,7 @@ FEATURES: tuple[Callable[[web.Application], None], ...] = (
     openapi.setup,
     jobs.setup,
     alarms.setup,
+    reports.setup,
     status.setup,
     gateway.setup,
     dashboard.setup,

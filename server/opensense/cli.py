@@ -509,24 +509,9 @@ def cmd_node(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
-    from .reports import data as report_data
-    from .reports import load as report_load
-    from .reports import render as report_render
+    from .reports import cli as report_cli
 
-    try:
-        first, last = report_load.month_period(args.month)
-    except ValueError as exc:
-        print(f"opensense report: {exc}", file=sys.stderr)
-        return 2
-
-    async def go(conn: psycopg.AsyncConnection[Any]) -> Any:
-        return await report_load.load_month(conn, args.site, first, last)
-
-    inp = _with_conn(cfg, go)
-    pdf = report_render.render_pdf(report_data.compute(inp), language=args.language)
-    Path(args.out).write_bytes(pdf)
-    print(f"{args.out}: {len(pdf)} bytes, {args.site} {first} – {last} ({args.language})")
-    return 0
+    return report_cli.run(cfg, _dsn(cfg), args, _actor())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -675,13 +660,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="check and print the mpremote steps")
     s.set_defaults(fn=cmd_node)
 
+    from .reports.build import TEMPLATES
+    from .reports.catalogue import LANGUAGES
+
     s = sub.add_parser("report", help="render a compliance report (PDF) of a site's month")
     s.add_argument("action", choices=["render"])
     s.add_argument("--site", required=True, help="site id (site_…)")
     s.add_argument("--month", required=True, help="YYYY-MM, in the site's time zone")
     s.add_argument("--out", required=True, help="the PDF file to write")
-    s.add_argument("--language", default="en", choices=["en", "de"])
-    s.add_argument("--template", default="haccp_monthly", choices=["haccp_monthly"])
+    s.add_argument("--language", default="en", choices=list(LANGUAGES))
+    s.add_argument("--template", default="haccp_monthly", choices=list(TEMPLATES))
+    s.add_argument(
+        "--local",
+        action="store_true",
+        help="render in this process without queueing (any month, the current one too)",
+    )
+    s.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="give a server's renderer S seconds to take the queued report before rendering here",
+    )
     s.set_defaults(fn=cmd_report)
     return p
 

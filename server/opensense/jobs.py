@@ -141,6 +141,12 @@ async def _housekeeping(conn: AsyncConnection[Any], cfg: Config, now: datetime) 
     return f"swept {a.rowcount} rate windows, {b.rowcount} idempotency keys"
 
 
+async def _report_schedule(conn: AsyncConnection[Any], cfg: Config, now: datetime) -> str:
+    from .reports import schedule
+
+    return await schedule.run(conn, cfg, now)
+
+
 JOBS: tuple[Job, ...] = (
     Job("partitions", timedelta(hours=6), _partitions, "create monthly partitions ahead of time"),
     Job("compaction", timedelta(hours=1), _compaction, "pack closed days"),
@@ -166,6 +172,13 @@ JOBS: tuple[Job, ...] = (
         timedelta(hours=24),
         _restore_test,
         "restore the newest dump into a scratch database and check it",
+    ),
+    Job(
+        "report_schedule",
+        timedelta(minutes=5),
+        _report_schedule,
+        "queue each site's monthly report once its month closed (site time zone); "
+        "email ready ones with the PDF to the site's report recipients",
     ),
     Job(
         "housekeeping",

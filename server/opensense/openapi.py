@@ -31,6 +31,7 @@ from .errors import CODES
 from .ingest.tray import STATES as TRAY_STATES
 from .kinds import KINDS
 from .presets import VERTICALS
+from .reports import apidoc as reports_doc
 from .status import apidoc as status_doc
 from .storage.read import AGGS, FNS
 from .web import apidoc as web_doc
@@ -167,7 +168,9 @@ SCHEMAS: S = {
             "report_options": {"type": "object"},
             "report_recipients": {
                 "type": "array",
+                "maxItems": 20,
                 "items": {"type": "string", "pattern": "@", "description": "an email address"},
+                "description": "the monthly report's email recipients (docs/reports.md)",
             },
         },
     ),
@@ -712,6 +715,7 @@ def document() -> S:
     }
     paths.update(status_doc.paths())
     paths.update(alarms_doc.paths())
+    paths.update(reports_doc.paths())
     paths.update(web_doc.paths())
     return {
         "openapi": "3.1.0",
@@ -722,7 +726,7 @@ def document() -> S:
         },
         "paths": paths,
         "components": {
-            "schemas": {**SCHEMAS, **status_doc.SCHEMAS},
+            "schemas": {**SCHEMAS, **status_doc.SCHEMAS, **reports_doc.SCHEMAS},
             "securitySchemes": {
                 **status_doc.SECURITY,
                 "emqxSecret": {

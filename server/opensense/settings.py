@@ -608,6 +608,39 @@ SETTINGS: tuple[Setting, ...] = (
         "Readings a site gateway may forward in one POST /v1/gateway/ingest batch.",
         minimum=1,
     ),
+    Setting(
+        "report_workers",
+        "OPENSENSE_REPORT_WORKERS",
+        int,
+        1,
+        "Reports one server process renders at once (each in a worker thread).",
+        minimum=0,
+    ),
+    Setting(
+        "report_queue_max",
+        "OPENSENSE_REPORT_QUEUE_MAX",
+        int,
+        10,
+        "Reports one account may have queued or rendering; one more is 429.",
+        minimum=1,
+    ),
+    Setting(
+        "report_lease_s",
+        "OPENSENSE_REPORT_LEASE_S",
+        int,
+        120,
+        "Seconds a renderer's claim on a report lasts unless it reports progress; a "
+        "claim past it (a crashed renderer) is retried.",
+        minimum=10,
+    ),
+    Setting(
+        "report_max_attempts",
+        "OPENSENSE_REPORT_MAX_ATTEMPTS",
+        int,
+        3,
+        "Claims of one report before it is failed (a report that crashes its renderer).",
+        minimum=1,
+    ),
 )
 
 
@@ -709,6 +742,10 @@ class Config:
     recompute_per_hour: int = 30
     targets_max: int = 50
     gateway_batch_max: int = 5000
+    report_workers: int = 1
+    report_queue_max: int = 10
+    report_lease_s: int = 120
+    report_max_attempts: int = 3
     # Not a setting: the clock. Tests inject one; everything time-dependent asks it.
     clock: Callable[[], datetime] = field(default=_utcnow, compare=False, repr=False)
 

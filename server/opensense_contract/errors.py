@@ -28,6 +28,7 @@ CODES: dict[str, int] = {
     "rule_not_found": 404,
     "target_not_found": 404,
     "uplink_not_found": 404,  # the LoRaWAN tray (docs/api.md)
+    "report_not_found": 404,  # a compliance report (docs/reports.md)
     "method_not_allowed": 405,
     "idempotency_conflict": 409,
     "conflict": 409,

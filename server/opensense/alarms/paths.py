@@ -122,8 +122,13 @@ async def send_telegram(
 
 
 async def send_email(
-    cfg: Config, to: str, msg: dict[str, Any], token: str | None = None
+    cfg: Config,
+    to: str,
+    msg: dict[str, Any],
+    token: str | None = None,
+    attachment: tuple[str, str, bytes] | None = None,
 ) -> Outcome:
+    """`attachment`: (file name, MIME type, bytes), e.g. a report's PDF (reports/schedule.py)."""
     if not cfg.smtp_host:
         return Outcome("dropped", None, "no SMTP host configured")
     why = egress.email_problem(to)
@@ -142,6 +147,10 @@ async def send_email(
         em["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
         text += f"\n\nStop these emails: {url}"
     em.set_content(text)
+    if attachment is not None:
+        name, mime, data = attachment
+        main, _, sub = mime.partition("/")
+        em.add_attachment(data, maintype=main, subtype=sub, filename=name)
     try:
         await aiosmtplib.send(
             em,

@@ -7,6 +7,7 @@ from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
 from ..mqtt.side import MqttSide
+from ..reports.runner import Renderer
 from ..settings import Config
 from ..status.health import HEALTH as HEALTH  # made beside its registry
 from ..status.monitor import StatusMonitor
@@ -27,6 +28,7 @@ OBSERVER = web.AppKey("status_observer", Observer)
 STATUS = web.AppKey("status_monitor", StatusMonitor)
 ALARMS_HTTP = web.AppKey("alarms_http", aiohttp.ClientSession)  # the notifier's client
 LOGIN_MAILER = web.AppKey("login_mailer", LoginMailer)  # the dashboard's sign-in mail
+REPORTS = web.AppKey("reports", Renderer)  # the report renderer (queue and files)
 
 # per-request keys (request[...] = ...)
 REQUEST_ID = web.RequestKey("request_id", str)

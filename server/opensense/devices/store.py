@@ -18,6 +18,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from .. import audit, tokens
+from ..alarms.egress import email_problem
 from ..errors import ApiError
 from ..ids import new_id
 from ..kinds import KINDS
@@ -70,6 +71,23 @@ def _check_str(
             "invalid_request", f"{field} may not contain line breaks or control characters"
         )
     return value
+
+
+REPORT_RECIPIENTS_MAX = 20
+
+
+def check_report_recipients(r: Any) -> list[str]:
+    """The addresses a site's monthly report is emailed to (docs/reports.md)."""
+    if not isinstance(r, list) or len(r) > REPORT_RECIPIENTS_MAX:
+        raise ApiError(
+            "invalid_request",
+            f"report_recipients must be a list of at most {REPORT_RECIPIENTS_MAX} email addresses",
+        )
+    for i, x in enumerate(r):
+        why = email_problem(x) if isinstance(x, str) else "not a string"
+        if why:
+            raise ApiError("invalid_request", f"report_recipients[{i}] is not sendable: {why}")
+    return list(dict.fromkeys(r))
 
 
 def check_timezone(tz: Any) -> str:
@@ -317,10 +335,7 @@ async def patch_site(
                 raise ApiError("invalid_request", f"{key} must be an object")
             sets[key] = Jsonb(body[key])
     if "report_recipients" in body:
-        r = body["report_recipients"]
-        if not isinstance(r, list) or not all(isinstance(x, str) and "@" in x for x in r):
-            raise ApiError("invalid_request", "report_recipients must be a list of email addresses")
-        sets["report_recipients"] = Jsonb(r)
+        sets["report_recipients"] = Jsonb(check_report_recipients(body["report_recipients"]))
     for k, v in sets.items():
         await conn.execute(f"UPDATE sites SET {k} = %s WHERE id = %s", (v, site_id))
     if sets:

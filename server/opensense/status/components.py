@@ -52,7 +52,7 @@ COMPONENTS: tuple[Component, ...] = (
     Component(
         "reports",
         "Report rendering",
-        "monthly report render times (reports table)",
+        "report render times and failures (reports table)",
         feature="reports",
     ),
     Component("backups", "Backups", "the last good backup and restore test (backup_runs)"),
@@ -181,6 +181,15 @@ def _reports(f: Figures) -> tuple[str, str]:
     s = r.get("slowest_monthly_s")
     if s is not None and s > 120:
         return "degraded", f"a monthly report took {s / 60:.1f} min"
+    n, failed = r.get("rendered_24h") or 0, r.get("failed_24h") or 0
+    if failed and failed >= n:
+        return "degraded", f"{failed} of {n + failed} reports in 24 h failed"
+    if n:
+        med, top = r.get("render_median_24h_s"), r.get("render_max_24h_s")
+        text = f"{n} report(s) rendered in 24 h"
+        if med is not None and top is not None:
+            text += f", median {med:.1f} s, slowest {top:.1f} s"
+        return "operational", text + (f"; {failed} failed" if failed else "")
     if h:
         return h
     if r.get("last_ready_age_s") is not None:

@@ -199,10 +199,12 @@ async def dispatch_accounts(conn: AsyncConnection[Any], path: str, now: datetime
 
 
 async def reports(conn: AsyncConnection[Any], now: datetime) -> dict[str, Any]:
+    """Real renders from the reports table: the slowest monthly report of the last hour
+    (asked to ready, or still waiting), and the last 24 hours' renders and failures."""
     cur = await conn.execute(
         "SELECT id, extract(epoch FROM coalesce(ready_at, %s) - created_at)::float8"
         " FROM reports WHERE template = 'haccp_monthly'"
-        " AND ((status = 'queued' AND created_at > %s) OR ready_at > %s)"
+        " AND ((status IN ('queued', 'rendering') AND created_at > %s) OR ready_at > %s)"
         " ORDER BY 2 DESC LIMIT 1",
         (now, now - timedelta(days=1), now - timedelta(hours=1)),
     )
@@ -212,10 +214,25 @@ async def reports(conn: AsyncConnection[Any], now: datetime) -> dict[str, Any]:
         (now - timedelta(days=30),),
     )
     last_ready = (await cur.fetchone() or (None,))[0]
+    day = now - timedelta(days=1)
+    cur = await conn.execute(
+        "SELECT count(*) FILTER (WHERE status = 'ready' AND ready_at > %s),"
+        " count(*) FILTER (WHERE status = 'failed' AND failed_at > %s),"
+        " max(render_ms) FILTER (WHERE status = 'ready' AND ready_at > %s),"
+        " percentile_disc(0.5) WITHIN GROUP (ORDER BY render_ms)"
+        "   FILTER (WHERE status = 'ready' AND ready_at > %s)"
+        " FROM reports WHERE created_at > %s",
+        (day, day, day, day, now - timedelta(days=14)),
+    )
+    n, failed, slowest_ms, median_ms = await cur.fetchone() or (0, 0, None, None)
     return {
         "slowest_monthly_s": slow[1] if slow else None,
         "slowest_id": slow[0] if slow else None,
         "last_ready_age_s": (now - last_ready).total_seconds() if last_ready else None,
+        "rendered_24h": n,
+        "failed_24h": failed,
+        "render_max_24h_s": slowest_ms / 1000 if slowest_ms is not None else None,
+        "render_median_24h_s": median_ms / 1000 if median_ms is not None else None,
     }
 
 

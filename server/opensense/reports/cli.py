@@ -1,0 +1,139 @@
+"""`opensense report render`: the API's path from the command line.
+
+The report is queued in the reports table like POST /v1/reports (origin `cli`),
+then claimed and rendered by this command through the same renderer (lease, progress,
+SHA-256, `report_ready`), unless a server's renderer takes it first within `--wait`
+seconds. A progress bar shows on a terminal. `--local` renders in-process without a
+row, as part one did (any period, the current month too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from psycopg_pool import AsyncConnectionPool
+
+from ..errors import ApiError
+from ..settings import Config
+from . import build, store
+from .load import month_period
+from .runner import Renderer
+
+POLL_S = 0.2
+BAR = 30
+
+
+class Bar:
+    """One line redrawn on a terminal; nothing in a pipe or a log (the end is printed)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out, self.tty = out, out.isatty()
+
+    def show(self, r: store.Row) -> None:
+        if not self.tty:
+            return
+        p = float(r["progress"])
+        fill = round(p * BAR)
+        stage = r["stage"] or r["status"]
+        self.out.write(f"\r[{'#' * fill}{'-' * (BAR - fill)}] {p * 100:3.0f}% {stage:<12}")
+        self.out.flush()
+
+    def end(self) -> None:
+        if self.tty:
+            self.out.write("\n")
+
+
+async def _row(pool: AsyncConnectionPool, rid: str) -> store.Row:
+    async with pool.connection() as conn:
+        return await store.get(conn, None, rid)
+
+
+async def queue_and_wait(
+    cfg: Config,
+    dsn: str,
+    site: str,
+    month: str,
+    language: str,
+    template: str,
+    *,
+    actor: str,
+    wait_s: float = 0.0,
+    out: TextIO = sys.stderr,
+) -> tuple[store.Row, bytes]:
+    first, last = month_period(month)
+    ask = store.Ask(site, template, first, last, language)
+    cfg = dataclasses.replace(cfg, report_workers=1)
+    async with AsyncConnectionPool(
+        dsn, min_size=1, max_size=3, kwargs={"autocommit": True}, open=False
+    ) as pool:
+        async with pool.connection() as conn:
+            cur = await conn.execute("SELECT account_id FROM sites WHERE id = %s", (site,))
+            acc = await cur.fetchone()
+            if acc is None:
+                raise ApiError("site_not_found", f"no site {site[:40]!r}")
+            async with conn.transaction():
+                row = await store.create(
+                    conn, acc[0], ask, cfg.clock(), queue_max=cfg.report_queue_max,
+                    actor=actor, origin="cli",
+                )  # fmt: skip
+        renderer, bar = Renderer(pool, cfg), Bar(out)
+        task: asyncio.Task[tuple[str, bytes | None]] | None = None
+        t0 = time.monotonic()
+        while True:
+            r = await _row(pool, row["id"])
+            bar.show(r)
+            if r["status"] in ("ready", "failed") and (task is None or task.done()):
+                break
+            if task is None and r["status"] == "queued" and time.monotonic() - t0 >= wait_s:
+                claimed = await renderer.claim(only=row["id"])
+                if claimed is not None:  # no server took it: render it here
+                    task = asyncio.create_task(renderer.render_pdf(claimed))
+            await asyncio.sleep(POLL_S)
+        bar.end()
+        if r["status"] == "failed":
+            raise ApiError("conflict", f"report {r['id']} failed: {r['error']}")
+        pdf = task.result()[1] if task is not None else None
+        if pdf is None:  # a server rendered it: the same bytes again, checked
+            pdf = await renderer.file(r)
+            if hashlib.sha256(pdf).hexdigest() != r["sha256"]:
+                raise ApiError("conflict", "the site's data changed since the report was rendered")
+        return r, pdf
+
+
+async def local(dsn: str, site: str, month: str, language: str, template: str) -> bytes:
+    first, last = month_period(month)
+    async with AsyncConnectionPool(
+        dsn, min_size=1, max_size=1, kwargs={"autocommit": True}, open=False
+    ) as pool:
+        return await build.build(pool, None, site, template, first, last, language)
+
+
+def run(cfg: Config, dsn: str, args: Any, actor: str) -> int:
+    try:
+        month_period(args.month)
+    except ValueError as exc:
+        print(f"opensense report: {exc}", file=sys.stderr)
+        return 2
+    if args.local:
+        pdf = asyncio.run(local(dsn, args.site, args.month, args.language, args.template))
+        Path(args.out).write_bytes(pdf)
+        print(f"{args.out}: {len(pdf)} bytes, {args.site} {args.month} ({args.language}, local)")
+        return 0
+    r, pdf = asyncio.run(
+        queue_and_wait(
+            cfg, dsn, args.site, args.month, args.language, args.template,
+            actor=actor, wait_s=args.wait,
+        )
+    )  # fmt: skip
+    Path(args.out).write_bytes(pdf)
+    print(
+        f"{args.out}: {len(pdf)} bytes, {args.site} {r['period_from']} – {r['period_to']}"
+        f" ({args.language}), report {r['id']} sha256 {r['sha256']}"
+    )
+    return 0
