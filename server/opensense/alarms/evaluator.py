@@ -341,7 +341,12 @@ async def _run(
     if last is not None and (
         not checkpoints or last - datetime.fromisoformat(checkpoints[-1][0]) >= CHECKPOINT_EVERY
     ):
-        checkpoints.append([last.isoformat(), {k: s.to_json() for k, s in states.items()}, events])
+        # a copy of `events`: apply() changes the dict in place later in this pass, and a
+        # checkpoint holding it would replay with events opened after the checkpoint
+        # (a replayed clear then closed the wrong event)
+        checkpoints.append(
+            [last.isoformat(), {k: s.to_json() for k, s in states.items()}, dict(events)]
+        )
     lookup = (
         await _lookup_for(conn, m, readings[0][0], readings[-1][0])
         if any(rule_kinds.behaviour(r.kind).other_channel for r in m.rules)
@@ -373,7 +378,9 @@ async def _run(
     if fed < len(readings) and p.judged_to is not None and upto < p.judged_to:
         # a replay cut short: a checkpoint where it stopped, so the next pass goes on
         # from there instead of rewinding to the same place again
-        checkpoints.append([upto.isoformat(), {k: s.to_json() for k, s in states.items()}, events])
+        checkpoints.append(
+            [upto.isoformat(), {k: s.to_json() for k, s in states.items()}, dict(events)]
+        )
     return save_params(m, states, events, checkpoints, upto, now), fed
 
 
@@ -399,6 +406,10 @@ async def apply(
                 pending,
             )  # fmt: skip
             events[rule.id] = ev["id"]
+        elif t.what == "peak" and events.get(rule.id):
+            await transition(
+                conn, Change("peak", t.at, now, event_id=events[rule.id], value=t.value)
+            )
         elif t.what == "cleared" and events.get(rule.id):
             await transition(
                 conn,
