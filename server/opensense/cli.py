@@ -509,21 +509,39 @@ def cmd_node(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
-    from .reports import data as report_data
     from .reports import load as report_load
     from .reports import render as report_render
+    from .reports.templates import TEMPLATES
 
+    tpl = TEMPLATES[args.template]
     try:
-        first, last = report_load.month_period(args.month)
+        if args.month:
+            first, last = report_load.month_period(args.month)
+        elif args.from_month and args.to_month:
+            first = report_load.month_period(args.from_month)[0]
+            last = report_load.month_period(args.to_month)[1]
+        else:
+            raise ValueError("give --month, or --from and --to (months, YYYY-MM)")
+        if not first <= last or (last - first).days + 1 > tpl.max_days:
+            raise ValueError(f"{tpl.name} takes a period of 1 to {tpl.max_days} days")
     except ValueError as exc:
         print(f"opensense report: {exc}", file=sys.stderr)
         return 2
+    logo = None
+    if args.logo:
+        try:
+            with open(args.logo, "rb") as fh:  # read one byte past the bound, not the file
+                logo = fh.read(report_render.LOGO_MAX_BYTES + 1)
+            report_render.check_logo(logo)
+        except (OSError, ValueError) as exc:
+            print(f"opensense report: --logo {args.logo}: {exc}", file=sys.stderr)
+            return 2
 
     async def go(conn: psycopg.AsyncConnection[Any]) -> Any:
-        return await report_load.load_month(conn, args.site, first, last)
+        return await tpl.load(conn, args.site, first, last, logo=logo)
 
     inp = _with_conn(cfg, go)
-    pdf = report_render.render_pdf(report_data.compute(inp), language=args.language)
+    pdf = tpl.render(inp, args.language)
     Path(args.out).write_bytes(pdf)
     print(f"{args.out}: {len(pdf)} bytes, {args.site} {first} – {last} ({args.language})")
     return 0
@@ -678,10 +696,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="render a compliance report (PDF) of a site's month")
     s.add_argument("action", choices=["render"])
     s.add_argument("--site", required=True, help="site id (site_…)")
-    s.add_argument("--month", required=True, help="YYYY-MM, in the site's time zone")
+    s.add_argument("--month", help="YYYY-MM, in the site's time zone")
+    s.add_argument("--from", dest="from_month", help="first month YYYY-MM (with --to)")
+    s.add_argument("--to", dest="to_month", help="last month YYYY-MM, inclusive (with --from)")
     s.add_argument("--out", required=True, help="the PDF file to write")
     s.add_argument("--language", default="en", choices=["en", "de"])
-    s.add_argument("--template", default="haccp_monthly", choices=["haccp_monthly"])
+    s.add_argument(
+        "--template",
+        default="haccp_monthly",
+        choices=["haccp_monthly", "haccp_annual", "server_room_uptime"],
+        help="docs/reports.md (reports/templates.py TEMPLATES)",
+    )
+    s.add_argument("--logo", help="a PNG or JPEG for the cover (at most 256 kB and 2000 px a side)")
     s.set_defaults(fn=cmd_report)
     return p
 
