@@ -512,6 +512,20 @@ async def test_month_from_the_database_rendered_by_the_cli(
     de = "\n".join(p.extract_text() for p in PdfReader(out_de).pages)
     _png(out_de, "haccp_monthly_de")
     assert "Abweichungsprotokoll" in de and "Quittiert von tok_kitchen" in de
+    # the other templates from the same database: the annual one from the 1-hour
+    # rollups (November alone), the server-room one from the readings
+    for name in ("haccp_annual", "server_room_uptime"):
+        out_t = tmp_path / f"{name}.pdf"
+        args = ("--site", m["site"], "--from", "2026-11", "--to", "2026-11", "--template", name)
+        assert await asyncio.to_thread(_cli, dsn, *args, "--out", str(out_t)) == 0
+        _png(out_t, f"{name}_db")
+        t_text = "\n".join(p.extract_text() for p in PdfReader(out_t).pages)
+        if name == "haccp_annual":
+            vs = [v for _, v in a]
+            row = f"2026-11\n720\n{len(vs):,}\n{min(vs):.1f}\n{statistics.fmean(vs):.1f}\n{max(vs):.1f}\n"
+            assert row in t_text and "1\n1.8 h" in t_text  # the excursion, 1 h 45 min
+        else:
+            assert "fridge01\n3\n" in t_text  # one device, three channels
     # the same month again: the same bytes
     again = tmp_path / "again.pdf"
     assert (
