@@ -258,3 +258,90 @@ def test_templates_render_through_the_declaration() -> None:
     assert TEMPLATES["haccp_annual"].render(year, "de").startswith(b"%PDF")
     assert (date(2026, 12, 31) - date(2026, 1, 1)).days + 1 <= TEMPLATES["haccp_annual"].max_days
     assert timedelta(days=TEMPLATES["haccp_monthly"].max_days) == timedelta(days=31)
+
+
+# --- haccp_monthly: MKT, DST, logo --------------------------------------------------------
+
+
+def _png_bytes(w: int, h: int) -> bytes:
+    """A w x h grey PNG, written with the standard library."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    raw = b"".join(b"\x00" + b"\x80" * w for _ in range(h))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_dst_month_mkt_with_its_inputs_and_a_logo_on_the_cover() -> None:
+    from decimal import Decimal, getcontext
+
+    from opensense.reports.render import LOGO_MAX_PX, check_logo, render_pdf
+
+    # October 2026 in Europe/Berlin (745 h), a reading every 30 min, 2..8 °C
+    start, end = rd.period_bounds(date(2026, 10, 1), date(2026, 10, 31), "Europe/Berlin")
+    ts, vals = series(start, end, 1800, lambda k, t: 2 + (k % 13) / 2)
+    logo = _png_bytes(120, 40)
+    inp = report_input([channel(ts, vals, cadence_s=1800)], date(2026, 10, 1), date(2026, 10, 31),
+                       logo=logo, mkt_delta_h=83_144.0)  # fmt: skip
+    d = rd.compute(inp)
+    pdf = render_pdf(d)
+    text = pdf_text(pdf)
+    assert "745 h, time zone Europe/Berlin" in text and f"Readings\n{745 * 2:,}\n" in text
+    assert "2026-10-25\n25\n50\n" in text  # the DST day: 25 hours, 50 readings
+    # MKT with its inputs and formula, the figure recomputed with Decimal
+    getcontext().prec = 40
+    k = Decimal(83144) / Decimal("8.314")
+    mean = sum((-k / (Decimal(v) + Decimal("273.15"))).exp() for v in vals) / len(vals)
+    mkt = float(k / -mean.ln() - Decimal("273.15"))
+    flat = " ".join(text.split())
+    assert (
+        f"Mean kinetic temperature {mkt:.2f} °C (ΔH = 83.144 kJ/mol, R = 8.314 J/mol/K, "
+        f"n = {len(vals):,} readings; T_k = (ΔH/R) / −ln(Σ exp(−ΔH/(R·T_i)) / n))"
+    ) in flat
+    # the logo is drawn on the first page only, as an image
+    first = PdfReader(io.BytesIO(pdf)).pages[0]
+    images = [o for o in first["/Resources"].get("/XObject", {}).values()
+              if o.get_object()["/Subtype"] == "/Image"]  # fmt: skip
+    assert len(images) == 1
+    assert pdf == render_pdf(rd.compute(inp))  # the same logo, the same bytes
+    save(pdf, "haccp_monthly_dst_logo")
+    # a logo out of bounds, or not an image, is refused with the reason
+    for bad, why in ((_png_bytes(LOGO_MAX_PX + 1, 2), "pixels"), (b"GIF89a....", "PNG or JPEG"),
+                     (b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, "cannot be read"),
+                     (logo + b"\x00" * 300_000, "bytes")):  # fmt: skip
+        try:
+            check_logo(bad)
+        except ValueError as exc:
+            assert why in str(exc), exc
+        else:
+            raise AssertionError(f"accepted {bad[:12]!r}")
+
+
+def test_cli_refuses_a_bad_period_logo_or_delta_h_before_reading_anything(tmp_path: Path) -> None:
+    from opensense import cli
+
+    def run(*args: str) -> int:
+        return cli.main(
+            ["report", "render", "--site", "site_x", "--out", str(tmp_path / "x.pdf"), *args]
+        )
+
+    assert run("--template", "haccp_monthly", "--from", "2026-01", "--to", "2026-03") == 2
+    assert run("--template", "haccp_annual", "--from", "2025-01", "--to", "2026-03") == 2
+    assert run("--template", "haccp_annual", "--from", "2026-03", "--to", "2026-01") == 2
+    assert run("--month", "2026-11", "--mkt-delta-h", "5") == 2
+    assert run("--template", "haccp_annual", "--month", "2026-11", "--mkt-delta-h", "100") == 2
+    (tmp_path / "logo.gif").write_bytes(b"GIF89a")
+    assert run("--month", "2026-11", "--logo", str(tmp_path / "logo.gif")) == 2
+    assert run("--month", "2026-11", "--logo", str(tmp_path / "missing.png")) == 2
+    assert not (tmp_path / "x.pdf").exists()

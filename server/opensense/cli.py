@@ -527,6 +527,15 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"opensense report: {exc}", file=sys.stderr)
         return 2
+    extra: dict[str, Any] = {}
+    if args.mkt_delta_h is not None:
+        if tpl.name == "haccp_annual" or not 10 <= args.mkt_delta_h <= 1000:
+            print(
+                "opensense report: --mkt-delta-h is 10..1000 kJ/mol, for the monthly templates",
+                file=sys.stderr,
+            )
+            return 2
+        extra["mkt_delta_h"] = args.mkt_delta_h * 1000
     logo = None
     if args.logo:
         try:
@@ -538,7 +547,7 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
             return 2
 
     async def go(conn: psycopg.AsyncConnection[Any]) -> Any:
-        return await tpl.load(conn, args.site, first, last, logo=logo)
+        return await tpl.load(conn, args.site, first, last, logo=logo, **extra)
 
     inp = _with_conn(cfg, go)
     pdf = tpl.render(inp, args.language)
@@ -708,6 +717,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="docs/reports.md (reports/templates.py TEMPLATES)",
     )
     s.add_argument("--logo", help="a PNG or JPEG for the cover (at most 256 kB and 2000 px a side)")
+    s.add_argument(
+        "--mkt-delta-h",
+        type=float,
+        help="activation energy for the mean kinetic temperature, kJ/mol (default 83.144)",
+    )
     s.set_defaults(fn=cmd_report)
     return p
 

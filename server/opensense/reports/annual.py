@@ -238,7 +238,7 @@ def render_annual(d: AnnualData, language: str = "en") -> bytes:
     story.append(Paragraph(escape(t(L, "annual_intro")), st["small"]))
     head = [t(L, k) for k in ("month", "hours", "n", "min", "mean", "max", "hours_data",
                               "in_range", "excursions", "duration")]  # fmt: skip
-    widths = [full * 0.1] * 10
+    widths = [full * w for w in (0.1, 0.08, 0.11, 0.08, 0.08, 0.08, 0.1, 0.1, 0.12, 0.12)]
 
     def cells(label: str, r: MonthRow) -> list[Any]:
         return [
