@@ -6,6 +6,7 @@ docs and the CLI."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import math
 import re
@@ -14,11 +15,12 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import pytest
 from pypdf import PdfReader
 
 from opensense.reports import annual, uptime
 from opensense.reports import data as rd
-from opensense.reports.templates import TEMPLATES
+from opensense.reports.templates import TEMPLATES, Template
 
 from .test_reports import ARTIFACTS, _png, channel, epoch, report_input, series
 
@@ -37,19 +39,36 @@ def save(pdf: bytes, name: str) -> None:
     _png(path, name)
 
 
-def test_templates_are_declared_documented_and_offered_by_the_cli() -> None:
+def test_templates_are_declared_and_a_throwaway_one_is_caught_undocumented(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     from opensense import cli
 
+    from .test_docs import undocumented_report_templates
+
     assert list(TEMPLATES) == ["haccp_monthly", "haccp_annual", "server_room_uptime"]
-    docs = (ROOT / "docs" / "reports.md").read_text()
+    assert undocumented_report_templates() == []
     for name, tpl in TEMPLATES.items():
-        assert f"`{name}`" in docs, name
         assert tpl.name == name and tpl.max_days >= 28
-    sub = next(
-        a for a in cli.build_parser()._subparsers._group_actions[0].choices["report"]._actions  # type: ignore[union-attr]
-        if a.dest == "template"
-    )  # fmt: skip
-    assert list(sub.choices) == list(TEMPLATES)
+    # a template put into the table alone: the docs check names it, the CLI offers it
+    rendered: list[Any] = []
+
+    async def load(_conn: Any, site: str, first: date, last: date, **kw: Any) -> Any:
+        return (site, first, last, kw)
+
+    def render(inp: Any, language: str) -> bytes:
+        rendered.append((inp, language))
+        return b"%PDF-throwaway"
+
+    monkeypatch.setitem(TEMPLATES, "throwaway", Template("throwaway", "", load, render, 31))
+    assert undocumented_report_templates() == ["throwaway"]
+    monkeypatch.setattr(cli, "_with_conn", lambda _cfg, fn: asyncio.run(fn(None)))
+    out = tmp_path / "t.pdf"
+    argv = ["report", "render", "--site", "site_x", "--month", "2026-02", "--out", str(out)]
+    assert cli.main([*argv, "--template", "throwaway", "--language", "de"]) == 0
+    assert out.read_bytes() == b"%PDF-throwaway"
+    assert rendered == [(("site_x", date(2026, 2, 1), date(2026, 2, 28), {"logo": None}), "de")]
+    assert cli.main([*argv, "--template", "nope"]) == 2
 
 
 # --- haccp_annual -----------------------------------------------------------------------

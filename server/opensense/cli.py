@@ -513,7 +513,14 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
     from .reports import render as report_render
     from .reports.templates import TEMPLATES
 
-    tpl = TEMPLATES[args.template]
+    tpl = TEMPLATES.get(args.template)
+    if tpl is None:
+        print(
+            f"opensense report: unknown template {args.template[:40]!r};"
+            f" known: {', '.join(TEMPLATES)}",
+            file=sys.stderr,
+        )
+        return 2
     try:
         if args.month:
             first, last = report_load.month_period(args.month)
@@ -713,8 +720,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--template",
         default="haccp_monthly",
-        choices=["haccp_monthly", "haccp_annual", "server_room_uptime"],
-        help="docs/reports.md (reports/templates.py TEMPLATES)",
+        help="haccp_monthly (default), haccp_annual or server_room_uptime: reports/templates.py"
+        " TEMPLATES, docs/reports.md",
     )
     s.add_argument("--logo", help="a PNG or JPEG for the cover (at most 256 kB and 2000 px a side)")
     s.add_argument(
