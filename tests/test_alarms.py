@@ -398,6 +398,12 @@ async def test_the_events_worst_value_counts_readings_after_it_opened(setup, clo
     # the still open one open (a checkpoint once held the later open events)
     late = [e for e in await events(client, world) if e["started_at"] == rfc3339(at(240))]
     assert late[0]["cleared_at"] is None
+    # a steady rise in one request: a peak per reading, applied as the last one
+    await post(280, 3.0)
+    await evaluate(app)
+    await ingest(client, world, clock, [6.0 + 0.2 * i for i in range(31)], start=at(330))
+    await evaluate(app)
+    assert await worst(at(330)) == [12.0]
 
 
 async def test_flapping_around_the_limit_is_one_event(setup, clock):

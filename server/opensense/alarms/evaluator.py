@@ -393,7 +393,21 @@ async def apply(
     pending: list[AuditEntry],
 ) -> None:
     by_id = {r.id: r for r in m.rules}
-    for t in trs:
+    # of an event's peaks in this batch only the last counts: one UPDATE, not one per
+    # rising reading (a peak is superseded by a later one before the event closes)
+    superseded: set[int] = set()
+    later: set[str] = set()
+    for i in range(len(trs) - 1, -1, -1):
+        t = trs[i]
+        if t.what == "peak":
+            if t.rule_id in later:
+                superseded.add(i)
+            later.add(t.rule_id)
+        elif t.what in ("alarm", "cleared"):
+            later.discard(t.rule_id)
+    for i, t in enumerate(trs):
+        if i in superseded:
+            continue
         rule = by_id[t.rule_id]
         if t.what == "alarm":
             ev = await transition(
