@@ -167,3 +167,41 @@ def test_channel_status_is_the_most_severe():
     states = {"a": RuleState(status="grace"), "b": RuleState(status="alarm")}
     assert engine.channel_status([a, b], states) == "alarm"
     assert engine.channel_status([a], states) == "grace"
+
+
+def _peak(trs):
+    """The event's worst value as the evaluator records it: the alarm's, then each peak."""
+    value = None
+    for t in trs:
+        if t.what in ("alarm", "peak"):
+            value = t.value
+    return value
+
+
+def test_the_events_worst_value_counts_readings_after_the_alarm_opened():
+    # issue 18 item 5: grace 15 min, 8.0 then 8.5 at +14 and 9.7 at +21 is a 9.7 event
+    rule = Rule("rul_p", "range", {"ok_min": -2.0, "ok_max": 5.0}, grace_min=15)
+    series = [
+        (T0, 8.0),
+        (T0 + timedelta(minutes=14), 8.5),
+        (T0 + timedelta(minutes=21), 9.7),
+        (T0 + timedelta(minutes=25), 9.0),
+    ]
+    st, trs = feed(rule, series)
+    assert whats(trs, "alarm") == [("alarm", T0 + timedelta(minutes=15))]
+    assert [(t.what, t.at, t.value) for t in trs if t.what == "peak"] == [
+        ("peak", T0 + timedelta(minutes=21), 9.7)
+    ]
+    assert _peak(trs) == 9.7 and st.value == 9.7
+    # split over two calls (two requests, the state saved between them) alike
+    st1, trs1 = feed(rule, series[:2])
+    st1 = RuleState.from_json(st1.to_json())
+    _, trs2 = feed(rule, series[2:], st1)
+    assert _peak(trs1 + trs2) == 9.7
+    # below the range: the worst is the lowest
+    cold = [(t, -v) for t, v in series]
+    _, trs = feed(rule, cold)
+    assert _peak(trs) == -9.7
+    # and the cleared transition carries the same worst value
+    _, trs = feed(rule, series + minutes(T0 + timedelta(minutes=26), [4.0] * 20))
+    assert [t.value for t in trs if t.what == "cleared"] == [9.7]

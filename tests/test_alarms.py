@@ -355,6 +355,57 @@ async def test_late_readings_after_a_six_hour_outage_open_events_at_true_times(s
     assert sorted(x["id"] for x in again) == sorted(x["id"] for x in evs)
 
 
+async def test_the_events_worst_value_counts_readings_after_it_opened(setup, clock):
+    """Issue 18 item 5: grace 15 min, 8.0, 8.5 at +14 min and 9.7 at +21 min is an
+    event whose worst value is 9.7 — in one request, split over two, and late."""
+    client, world, app = setup
+    t0 = clock() - timedelta(hours=6)
+
+    def at(minute: float):
+        return t0 + timedelta(minutes=minute)
+
+    async def post(minute: float, value: float) -> None:
+        await ingest(client, world, clock, [value], start=at(minute))
+
+    async def worst(since) -> list[Any]:
+        return [e["value"] for e in await events(client, world)
+                if e["kind"] == "range" and e["started_at"] == rfc3339(since)]  # fmt: skip
+
+    # in order, one request: 8.0, 8.5 at +14, 9.7 at +21, back in range at +30
+    await ingest(client, world, clock, [8.0] + [8.5] * 13 + [8.5] * 7 + [9.7] + [3.0] * 30,
+                 start=at(0))  # fmt: skip
+    await evaluate(app)
+    assert await worst(at(0)) == [9.7]
+    # split over requests, each evaluated before the next arrives
+    await post(120, 8.0)
+    await post(134, 8.5)
+    await evaluate(app)
+    await post(141, 9.7)
+    await evaluate(app)
+    assert await worst(at(120)) == [9.7]
+    await post(160, 3.0)
+    await evaluate(app)
+    # late: 8.0, 8.5 at +14 and 9.0 at +30 are judged; 9.7 at +21 arrives afterwards
+    await post(240, 8.0)
+    await post(254, 8.5)
+    await post(270, 9.0)
+    await evaluate(app)
+    assert await worst(at(240)) == [9.0]
+    await post(261, 9.7)
+    await evaluate(app)
+    assert await worst(at(240)) == [9.7]
+    # the replay ran through the earlier event's clearing: it closed that one, and left
+    # the still open one open (a checkpoint once held the later open events)
+    late = [e for e in await events(client, world) if e["started_at"] == rfc3339(at(240))]
+    assert late[0]["cleared_at"] is None
+    # a steady rise in one request: a peak per reading, applied as the last one
+    await post(280, 3.0)
+    await evaluate(app)
+    await ingest(client, world, clock, [6.0 + 0.2 * i for i in range(31)], start=at(330))
+    await evaluate(app)
+    assert await worst(at(330)) == [12.0]
+
+
 async def test_flapping_around_the_limit_is_one_event(setup, clock):
     client, world, app = setup
     await ingest(client, world, clock, [6.0] * 20 + [4.9, 5.1] * 30 + [4.0] * 20)

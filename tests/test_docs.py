@@ -100,6 +100,20 @@ def undocumented_notification_paths() -> list[str]:
     return [p for p in PATHS if not any(ln.startswith(f"| `{p}` |") for ln in text.splitlines())]
 
 
+def undocumented_report_templates() -> list[str]:
+    """The report templates without their row in docs/reports.md's templates table."""
+    from opensense.reports.templates import TEMPLATES
+
+    text = (ROOT / "docs" / "reports.md").read_text()
+    return [
+        t for t in TEMPLATES if not any(ln.startswith(f"| `{t}` |") for ln in text.splitlines())
+    ]
+
+
+def test_every_report_template_is_documented() -> None:
+    assert undocumented_report_templates() == []
+
+
 def test_every_notification_path_is_documented() -> None:
     assert undocumented_notification_paths() == []
 

@@ -314,6 +314,10 @@ async def _fixture_month(dsn: str, config: Any) -> dict[str, Any]:
     """Two channels on one site (Europe/Berlin): November 2026 at one reading every
     5 minutes with a warm spell and a gap on one, a threshold change, an acknowledged
     excursion; an empty second site."""
+    from psycopg_pool import AsyncConnectionPool
+
+    from opensense.alarms import evaluator
+    from opensense.alarms.lifecycle import Change, transition
     from opensense.audit import trail
     from opensense.devices import store as service
     from opensense.storage import write
@@ -324,6 +328,7 @@ async def _fixture_month(dsn: str, config: Any) -> dict[str, Any]:
     warm = (epoch(2026, 11, 10, 14), epoch(2026, 11, 10, 15, 30))
     gap = (epoch(2026, 11, 20, 3), epoch(2026, 11, 20, 5))
     change = datetime(2026, 11, 15, 9, tzinfo=UTC)
+    offset_at = datetime(2026, 11, 5, 9, tzinfo=UTC)
     out: dict[str, Any] = {"site": w.site, "warm": warm, "gap": gap, "start": start, "end": end}
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         async with conn.transaction():
@@ -369,30 +374,40 @@ async def _fixture_month(dsn: str, config: Any) -> dict[str, Any]:
             await write.insert_readings(
                 conn, rows, now=datetime(2026, 12, 2, tzinfo=UTC), compact_after_days=400
             )
-            await conn.execute(
-                "INSERT INTO events (id, account_id, channel_id, rule_id, kind, state, started_at, alarm_at,"
-                " acknowledged_at, acknowledged_by, ack_note, ack_action, cleared_at, value)"
-                " VALUES ('evt_tw', %s, %s, %s, 'range', 'cleared', %s, %s, %s, 'tok_kitchen',"
-                " 'Lieferung zu lange offen', 'Ware umgelagert', %s, 9.0)",
-                (
-                    w.account,
-                    ca,
-                    rule,
-                    *(
-                        datetime.fromtimestamp(x, UTC)
-                        for x in (warm[0], warm[0] + 900, warm[0] + 1500, warm[1])
-                    ),
-                ),
-            )
+            # calibration: one offset from before the month, one set during it
+            for at, off in ((datetime(2026, 10, 1, tzinfo=UTC), 0.3), (offset_at, -0.5)):
+                await conn.execute(
+                    'INSERT INTO channel_offsets (channel_id, "offset", effective_from)'
+                    " VALUES (%s, %s, %s)",
+                    (ca, off, at),
+                )
             empty = await service.create_site(
                 conn,
                 w.account,
                 {"name": "Leer", "vertical": "chilled_storage", "timezone": "Europe/Berlin"},
             )
+    # the alarm engine judges the month (the warm spell's 10.5 comes after the alarm
+    # opened: the event's worst value must count it, issue 18 item 5); a person
+    # acknowledges the event with a note
+    now = datetime(2026, 12, 2, tzinfo=UTC)
+    async with AsyncConnectionPool(dsn, min_size=1, max_size=2, open=False) as pool:
+        while (await evaluator.evaluate_dirty(pool, now, budget_s=60)).channels:
+            pass
+        async with pool.connection() as conn, conn.transaction():
+            cur = await conn.execute("SELECT id, value FROM events WHERE channel_id = %s", (ca,))
+            [(event_id, event_value)] = await cur.fetchall()
+            await transition(
+                conn,
+                Change("ack", datetime.fromtimestamp(warm[0] + 1500, UTC), now,
+                       account_id=w.account, event_id=event_id, actor="tok_kitchen",
+                       note={"note": "Lieferung zu lange offen", "action": "Ware umgelagert"}),
+            )  # fmt: skip
     out.update(
         readings={"a": readings[na], "b": readings[nb]},
         empty=empty["id"],
         change=change.timestamp(),
+        event_value=event_value,
+        offset_at=offset_at.timestamp(),
     )
     return out
 
@@ -444,11 +459,27 @@ async def test_month_from_the_database_rendered_by_the_cli(
         vs = [v for t, v in a if lo <= t < lo + 86400]
         row = f"{date(2026, 11, 1 + k)}\n24\n{len(vs)}\n{min(vs):.1f}\n{statistics.fmean(vs):.1f}\n{max(vs):.1f}\n"
         assert row in text, row
-    # the excursion: opened, closed, duration, peak from the readings (10.5, not the stored 9.0), its note
+    # the excursion: opened, closed (after the 15-min clear delay), duration, peak from
+    # the readings — 10.5, the reading after the alarm opened — and the event's own
+    # recorded worst value is the same (issue 18 item 5), its note
     warm = m["warm"]
     when = lambda x: datetime.fromtimestamp(x, BERLIN).strftime("%Y-%m-%d %H:%M")  # noqa: E731
+    assert m["event_value"] == 10.5 == max(v for t, v in a if warm[0] <= t <= warm[1] + 900)
     log = next(p for p in pages if "Excursion log" in p)
-    assert f"{when(warm[0])}\n{when(warm[1])}\n1 h 30 min\n10.5\n" in log
+    assert f"{when(warm[0])}\n{when(warm[1] + 900)}\n1 h 45 min\n10.5\n" in log
+    # its zoom chart, captioned with the same peak
+    assert f"Kühlzelle a: {when(warm[0])} – {when(warm[1] + 900)}, peak 10.5 °C" in " ".join(
+        text.split()
+    )
+    # the calibration record: the offset in force at the start, the change in the month,
+    # and the change as a footnote of its day in the daily table
+    assert (
+        f"{when(datetime(2026, 10, 1, tzinfo=UTC).timestamp())}\n+0.30 °C\nin force at period start"
+        in text
+    )
+    assert f"{when(m['offset_at'])}\n-0.50 °C\nchanged in period" in text
+    assert f"{when(m['offset_at'])}: calibration offset set to -0.50" in text
+    assert f"{when(m['change'])}: limits changed to 0.0 … 6.0 by cli:chef" in text
     flat = " ".join(log.split())  # the note column wraps its lines
     assert "Acknowledged by tok_kitchen at " + when(warm[0] + 1500) in flat
     assert "Lieferung zu lange offen" in flat and "Ware umgelagert" in flat
@@ -481,6 +512,20 @@ async def test_month_from_the_database_rendered_by_the_cli(
     de = "\n".join(p.extract_text() for p in PdfReader(out_de).pages)
     _png(out_de, "haccp_monthly_de")
     assert "Abweichungsprotokoll" in de and "Quittiert von tok_kitchen" in de
+    # the other templates from the same database: the annual one from the 1-hour
+    # rollups (November alone), the server-room one from the readings
+    for name in ("haccp_annual", "server_room_uptime"):
+        out_t = tmp_path / f"{name}.pdf"
+        args = ("--site", m["site"], "--from", "2026-11", "--to", "2026-11", "--template", name)
+        assert await asyncio.to_thread(_cli, dsn, *args, "--out", str(out_t)) == 0
+        _png(out_t, f"{name}_db")
+        t_text = "\n".join(p.extract_text() for p in PdfReader(out_t).pages)
+        if name == "haccp_annual":
+            vs = [v for _, v in a]
+            row = f"2026-11\n720\n{len(vs):,}\n{min(vs):.1f}\n{statistics.fmean(vs):.1f}\n{max(vs):.1f}\n"
+            assert row in t_text and "1\n1.8 h" in t_text  # the excursion, 1 h 45 min
+        else:
+            assert "fridge01\n3\n" in t_text  # one device, three channels
     # the same month again: the same bytes
     again = tmp_path / "again.pdf"
     assert (

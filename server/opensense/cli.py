@@ -666,7 +666,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="render a compliance report (PDF) of a site's month")
     s.add_argument("action", choices=["render"])
     s.add_argument("--site", required=True, help="site id (site_…)")
-    s.add_argument("--month", required=True, help="YYYY-MM, in the site's time zone")
+    s.add_argument("--month", help="YYYY-MM, in the site's time zone")
+    s.add_argument("--from", dest="from_month", help="first month YYYY-MM (with --to)")
+    s.add_argument("--to", dest="to_month", help="last month YYYY-MM, inclusive (with --from)")
     s.add_argument("--out", required=True, help="the PDF file to write")
     s.add_argument("--language", default="en", choices=list(LANGUAGES))
     s.add_argument("--template", default="haccp_monthly", choices=list(TEMPLATES))
@@ -681,6 +683,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         metavar="S",
         help="give a server's renderer S seconds to take the queued report before rendering here",
+    )
+    s.add_argument(
+        "--logo",
+        help="a PNG or JPEG for the cover (at most 256 kB and 2000 px a side; with --local)",
+    )
+    s.add_argument(
+        "--mkt-delta-h",
+        type=float,
+        help="activation energy for the mean kinetic temperature, kJ/mol (default 83.144;"
+        " with --local)",
     )
     s.set_defaults(fn=cmd_report)
     return p

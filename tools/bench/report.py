@@ -14,6 +14,10 @@ Candidates:
 - weasyprint: the same document as HTML with inline SVG charts;
 - haccp_monthly: the product's template (opensense.reports.render, ReportLab).
 
+And the annual template, haccp_annual (opensense.reports.annual): 20 channels x
+12 months of 1-hour rollups (8,760 a channel, what reports.annual.load_year reads),
+its figures computed and rendered, in a fresh process the same way.
+
     tools/bench/report                  # the three candidates, full month
     tools/bench/report --quick          # 3 channels, 3 days (a smoke run)
     tools/bench/report --only reportlab
@@ -37,7 +41,7 @@ import subprocess
 import sys
 import time
 from array import array
-from datetime import date
+from datetime import date, timedelta
 from html import escape
 from typing import Any
 
@@ -280,13 +284,58 @@ def db_worker(dsn: str, site: str, channels: int, days: int) -> None:
     )
 
 
+def make_annual_input(channels: int, months: int) -> Any:
+    """`channels` x `months` of 1-hour rollups (12 readings an hour), from 2026-01."""
+    from opensense.reports import annual
+
+    start, end = rd.period_bounds(date(2026, 1, 1), date(2026, 12, 31), "Europe/Berlin")
+    end = min(end, start + months * 31 * 86400)
+    chans = []
+    for c in range(channels):
+        ts, lo, hi, sm, n = array("d"), array("d"), array("d"), array("d"), array("q")
+        t, k = start, 0
+        while t < end:
+            v = 3.0 + (k % 24) / 10 + c / 100
+            ts.append(t)
+            lo.append(v - 0.3)
+            hi.append(v + (3.0 if k % 500 == 0 else 0.3))
+            sm.append(v * 12)
+            n.append(12)
+            t, k = t + 3600, k + 1
+        chans.append(
+            annual.HourlyChannel(
+                f"chn_{c}", f"node{c // 4} · probe {c}", f"node{c // 4}", "°C", ts, lo, hi, sm, n,
+                (rd.Threshold(None, 0.0, 5.0),),
+            )
+        )  # fmt: skip
+    exs = [
+        rd.Excursion(f"evt_{c}_{k}", f"chn_{c}", "range", "alarm", start + k * 500 * 3600,
+                     start + k * 500 * 3600 + 900, start + k * 500 * 3600 + 5400, 6.0)
+        for c in range(channels) for k in range(int((end - start) // (500 * 3600)))
+    ]  # fmt: skip
+    last = date(2026, 12, 31) if months >= 12 else date(2026, months + 1, 1) - timedelta(days=1)
+    return annual.AnnualInput(
+        "site_bench", "Bench", "", "Europe/Berlin", date(2026, 1, 1), last, chans, exs
+    )
+
+
 def worker(engine: str, channels: int, days: int) -> None:
-    inp = make_input(channels, days)  # stands for the database read: not timed here
-    t0 = time.perf_counter()
-    d = rd.compute(inp)
-    t1 = time.perf_counter()
-    rss_data = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    pdf = ENGINES[engine](d)
+    if engine == "haccp_annual":
+        from opensense.reports import annual
+
+        year = make_annual_input(channels, 12 if days >= 28 else 1)
+        t0 = time.perf_counter()
+        ad = annual.compute_annual(year)
+        t1 = time.perf_counter()
+        rss_data = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        pdf = annual.render_annual(ad)
+    else:
+        inp = make_input(channels, days)  # stands for the database read: not timed here
+        t0 = time.perf_counter()
+        d = rd.compute(inp)
+        t1 = time.perf_counter()
+        rss_data = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        pdf = ENGINES[engine](d)
     t2 = time.perf_counter()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
@@ -316,7 +365,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", choices=list(ENGINES), action="append")
+    ap.add_argument("--only", choices=[*ENGINES, "haccp_annual"], action="append")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument(
         "--dsn",
@@ -341,7 +390,7 @@ def main() -> None:
         f"{'engine':<14} {'data':>7} {'render':>7} {'total':>7} {'peak RSS':>9} {'(data only)':>11} {'PDF':>9}"
     )
     base = None
-    for engine in a.only or list(ENGINES):
+    for engine in a.only or [*ENGINES, "haccp_annual"]:
         r, err = _in_fresh_process(
             "--worker", engine, "--channels", str(channels), "--days", str(days)
         )

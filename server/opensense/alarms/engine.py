@@ -280,7 +280,10 @@ def _dt(s: str | None) -> datetime | None:
 class Transition:
     """What happened to a rule, at its true time. `what`: grace (excursion began),
     ok (ended within grace), alarm (grace elapsed: an event opens), clearing,
-    cleared (the event closes), realarm (out again while clearing)."""
+    cleared (the event closes), realarm (out again while clearing), peak (a reading
+    worse than any before it in an open alarm: the event's worst `value` moves).
+    `value` of alarm, peak and cleared is the excursion's worst reading so far,
+    counted from its first reading out of bounds (grace included)."""
 
     what: str
     rule_id: str
@@ -386,6 +389,10 @@ def step(
         return st, out
     if bad and st.status in ("grace", "alarm", "clearing") and st.value is not None:
         worst = max(st.value, value) if _above(rule, params, value) else min(st.value, value)
+        if worst != st.value and st.status in ("alarm", "clearing"):
+            # the event is open already: its recorded worst value moves with the
+            # excursion (issue 18 item 5), at the reading's true time
+            out.append(Transition("peak", rule.id, ts, st.since, worst))
         st = replace(st, value=worst)
     return _judge(rule, st, ts, bad, value, out), out
 

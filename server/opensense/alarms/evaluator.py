@@ -341,7 +341,12 @@ async def _run(
     if last is not None and (
         not checkpoints or last - datetime.fromisoformat(checkpoints[-1][0]) >= CHECKPOINT_EVERY
     ):
-        checkpoints.append([last.isoformat(), {k: s.to_json() for k, s in states.items()}, events])
+        # a copy of `events`: apply() changes the dict in place later in this pass, and a
+        # checkpoint holding it would replay with events opened after the checkpoint
+        # (a replayed clear then closed the wrong event)
+        checkpoints.append(
+            [last.isoformat(), {k: s.to_json() for k, s in states.items()}, dict(events)]
+        )
     lookup = (
         await _lookup_for(conn, m, readings[0][0], readings[-1][0])
         if any(rule_kinds.behaviour(r.kind).other_channel for r in m.rules)
@@ -373,7 +378,9 @@ async def _run(
     if fed < len(readings) and p.judged_to is not None and upto < p.judged_to:
         # a replay cut short: a checkpoint where it stopped, so the next pass goes on
         # from there instead of rewinding to the same place again
-        checkpoints.append([upto.isoformat(), {k: s.to_json() for k, s in states.items()}, events])
+        checkpoints.append(
+            [upto.isoformat(), {k: s.to_json() for k, s in states.items()}, dict(events)]
+        )
     return save_params(m, states, events, checkpoints, upto, now), fed
 
 
@@ -386,7 +393,21 @@ async def apply(
     pending: list[AuditEntry],
 ) -> None:
     by_id = {r.id: r for r in m.rules}
-    for t in trs:
+    # of an event's peaks in this batch only the last counts: one UPDATE, not one per
+    # rising reading (a peak is superseded by a later one before the event closes)
+    superseded: set[int] = set()
+    later: set[str] = set()
+    for i in range(len(trs) - 1, -1, -1):
+        t = trs[i]
+        if t.what == "peak":
+            if t.rule_id in later:
+                superseded.add(i)
+            later.add(t.rule_id)
+        elif t.what in ("alarm", "cleared"):
+            later.discard(t.rule_id)
+    for i, t in enumerate(trs):
+        if i in superseded:
+            continue
         rule = by_id[t.rule_id]
         if t.what == "alarm":
             ev = await transition(
@@ -399,6 +420,10 @@ async def apply(
                 pending,
             )  # fmt: skip
             events[rule.id] = ev["id"]
+        elif t.what == "peak" and events.get(rule.id):
+            await transition(
+                conn, Change("peak", t.at, now, event_id=events[rule.id], value=t.value)
+            )
         elif t.what == "cleared" and events.get(rule.id):
             await transition(
                 conn,

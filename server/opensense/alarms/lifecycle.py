@@ -3,7 +3,9 @@ audit call (opensense.audit.record) can be added in exactly one place.
 
 Steps: open (grace elapsed: the alarm), ack, clear (back in range after the clear
 delay, or by a person with a note), renotify (acknowledged but still out of range),
-offline/online (a device's connectivity). Each runs inside the caller's transaction
+offline/online (a device's connectivity), peak (a worse reading in an open alarm:
+the event's worst `value` moves; no message, no audit row of its own — the clear's
+audit row carries the final worst value). Each runs inside the caller's transaction
 and queues its notifications in the outbox of that same transaction, so an event
 and its messages commit together or not at all.
 
@@ -32,7 +34,7 @@ from ..errors import ApiError
 from ..ids import new_id
 from . import outbox
 
-ACTIONS = ("open", "ack", "clear", "renotify", "offline", "online")
+ACTIONS = ("open", "ack", "clear", "renotify", "offline", "online", "peak")
 # the audit_log action of each audited step (docs/audit.md)
 AUDIT_ACTIONS = {
     "open": "alarm.open",
@@ -175,6 +177,14 @@ async def transition(
             )
             found = await cur.fetchone()
             assert found is not None
+            if ch.value is not None and found["value"] != ch.value:
+                # late readings inside grace: the replay knows the true worst so far
+                await cur.execute(
+                    "UPDATE events SET value = %s WHERE id = %s RETURNING *",
+                    (ch.value, found["id"]),
+                )
+                found = await cur.fetchone()
+                assert found is not None
             return found
         await outbox.enqueue_opened(
             conn, ev, "device_offline" if ch.action == "offline" else "alarm_opened", ch.now
@@ -229,6 +239,15 @@ async def transition(
         kind = "device_online" if ch.action == "online" else "alarm_cleared"
         await outbox.enqueue_follow_up(conn, ev, kind, ch.now)
         await _audit(conn, ch, ev, pending)
+        return ev
+
+    if ch.action == "peak":
+        if ev["cleared_at"] is None or ev["cleared_at"] >= ch.at:
+            await cur.execute(
+                "UPDATE events SET value = %s WHERE id = %s RETURNING *", (ch.value, ev["id"])
+            )
+            ev = await cur.fetchone()
+            assert ev is not None
         return ev
 
     # renotify

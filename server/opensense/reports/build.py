@@ -2,13 +2,12 @@
 API's renderer, GET /v1/reports/{id}/file, the monthly schedule and `opensense
 report render --local`).
 
-Templates are data: `TEMPLATES` maps a template's name to how its input is loaded
-from the database, how its figures are computed (pure) and how its PDF is drawn.
-A new template (haccp_annual, server_room_uptime) or a sealing step (the report's
-hash into the audit trail and its checkpoint printed on the page) is an entry here
-or a change of `build`, and the API, the CLI and the schedule follow.
+Templates are data: `reports/templates.py` `TEMPLATES` maps a template's name to
+how its input is loaded from the database and how its figures are computed (pure)
+and its PDF drawn. A new template is an entry there, and the API, the CLI and the
+schedule follow.
 
-The load runs on the event loop (async database reads); the pure computation and the
+The load runs on the event loop (async database reads); the computation and the
 drawing run in a worker thread (`asyncio.to_thread`), so a render never blocks the
 loop. `progress(fraction, stage)` is awaited between the steps.
 """
@@ -18,44 +17,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from . import data as rd
-from . import load, render
 from .catalogue import LANGUAGES
+from .templates import TEMPLATES, Template
+
+__all__ = ["TEMPLATES", "Template", "Progress", "build"]
 
 Progress = Callable[[float, str], Awaitable[None]]
-Loader = Callable[..., Awaitable[rd.ReportInput]]
-
-
-@dataclass(frozen=True)
-class Template:
-    name: str
-    doc: str
-    # (conn, site_id, period_from, period_to, *, account_id) -> the pure input
-    load: Loader
-    compute: Callable[[rd.ReportInput], rd.ReportData]
-    render: Callable[[rd.ReportData, str], bytes]
-
-
-TEMPLATES: dict[str, Template] = {
-    t.name: t
-    for t in (
-        Template(
-            "haccp_monthly",
-            "the HACCP report of a period (made for a month): per-channel daily figures and "
-            "chart, excursion log, sensor health, threshold changes",
-            load.load_month,
-            rd.compute,
-            render.render_pdf,
-        ),
-    )
-}
 
 
 async def _nothing(_fraction: float, _stage: str) -> None:
@@ -94,9 +67,7 @@ async def build(
     await step(0.05, "loading")
     async with _connection(pool_or_conn) as conn:
         inp = await t.load(conn, site_id, period_from, period_to, account_id=account_id)
-    await step(0.5, "computing")
-    figures = await asyncio.to_thread(t.compute, inp)
-    await step(0.7, "drawing")
-    pdf = await asyncio.to_thread(t.render, figures, language)
+    await step(0.5, "drawing")
+    pdf = await asyncio.to_thread(t.render, inp, language)
     await step(0.95, "drawn")
     return pdf

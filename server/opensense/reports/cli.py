@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import sys
 import time
+from datetime import date
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -21,9 +22,10 @@ from psycopg_pool import AsyncConnectionPool
 
 from ..errors import ApiError
 from ..settings import Config
-from . import build, store
+from . import build, render, store
 from .load import month_period
 from .runner import Renderer
+from .templates import TEMPLATES
 
 POLL_S = 0.2
 BAR = 30
@@ -58,7 +60,8 @@ async def queue_and_wait(
     cfg: Config,
     dsn: str,
     site: str,
-    month: str,
+    first: date,
+    last: date,
     language: str,
     template: str,
     *,
@@ -66,7 +69,6 @@ async def queue_and_wait(
     wait_s: float = 0.0,
     out: TextIO = sys.stderr,
 ) -> tuple[store.Row, bytes]:
-    first, last = month_period(month)
     ask = store.Ask(site, template, first, last, language)
     cfg = dataclasses.replace(cfg, report_workers=1)
     async with AsyncConnectionPool(
@@ -106,28 +108,74 @@ async def queue_and_wait(
         return r, pdf
 
 
-async def local(dsn: str, site: str, month: str, language: str, template: str) -> bytes:
-    first, last = month_period(month)
+async def local(
+    dsn: str, site: str, first: date, last: date, language: str, template: str, **extra: Any
+) -> bytes:
+    """Render in this process, no row: any period (the current month too), and the
+    options the API does not take (a cover logo, another MKT activation energy)."""
+    tpl = TEMPLATES[template]
     async with AsyncConnectionPool(
         dsn, min_size=1, max_size=1, kwargs={"autocommit": True}, open=False
     ) as pool:
-        return await build.build(pool, None, site, template, first, last, language)
+        if not extra:
+            return await build.build(pool, None, site, template, first, last, language)
+        async with pool.connection() as conn:
+            inp = await tpl.load(conn, site, first, last, **extra)
+    return await asyncio.to_thread(tpl.render, inp, language)
+
+
+def period(args: Any) -> tuple[date, date]:
+    """--month, or --from and --to (months, both inclusive), checked against the
+    template's longest period."""
+    if args.month:
+        first, last = month_period(args.month)
+    elif args.from_month and args.to_month:
+        first, last = month_period(args.from_month)[0], month_period(args.to_month)[1]
+    else:
+        raise ValueError("give --month, or --from and --to (months, YYYY-MM)")
+    tpl = TEMPLATES[args.template]
+    if not first <= last or (last - first).days + 1 > tpl.max_days:
+        raise ValueError(f"{tpl.name} takes a period of 1 to {tpl.max_days} days")
+    return first, last
+
+
+def extras(args: Any) -> dict[str, Any]:
+    """--logo and --mkt-delta-h, checked (they need --local: the API has neither)."""
+    extra: dict[str, Any] = {}
+    if args.mkt_delta_h is not None:
+        if args.template == "haccp_annual" or not 10 <= args.mkt_delta_h <= 1000:
+            raise ValueError("--mkt-delta-h is 10..1000 kJ/mol, for the monthly templates")
+        extra["mkt_delta_h"] = args.mkt_delta_h * 1000
+    if args.logo:
+        try:
+            with open(args.logo, "rb") as fh:  # read one byte past the bound, not the file
+                logo = fh.read(render.LOGO_MAX_BYTES + 1)
+            render.check_logo(logo)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--logo {args.logo}: {exc}") from exc
+        extra["logo"] = logo
+    if extra and not args.local:
+        raise ValueError("--logo and --mkt-delta-h render here: add --local")
+    return extra
 
 
 def run(cfg: Config, dsn: str, args: Any, actor: str) -> int:
     try:
-        month_period(args.month)
+        first, last = period(args)
+        extra = extras(args)
     except ValueError as exc:
         print(f"opensense report: {exc}", file=sys.stderr)
         return 2
     if args.local:
-        pdf = asyncio.run(local(dsn, args.site, args.month, args.language, args.template))
+        pdf = asyncio.run(local(dsn, args.site, first, last, args.language, args.template, **extra))
         Path(args.out).write_bytes(pdf)
-        print(f"{args.out}: {len(pdf)} bytes, {args.site} {args.month} ({args.language}, local)")
+        print(
+            f"{args.out}: {len(pdf)} bytes, {args.site} {first} – {last} ({args.language}, local)"
+        )
         return 0
     r, pdf = asyncio.run(
         queue_and_wait(
-            cfg, dsn, args.site, args.month, args.language, args.template,
+            cfg, dsn, args.site, first, last, args.language, args.template,
             actor=actor, wait_s=args.wait,
         )
     )  # fmt: skip

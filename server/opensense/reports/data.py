@@ -36,6 +36,8 @@ GAS_CONSTANT = 8.314  # J/(mol·K)
 KELVIN = 273.15
 GAP_CADENCES = 2  # a silence longer than this many cadences is a gap
 CHART_BUCKET_S = 3600  # the overview chart's resolution: an hour's min and max
+ZOOM_PAD_S = 3600  # a zoom chart shows an hour either side of its excursion
+ZOOM_POINTS = 240  # at most this many (min, max) buckets in a zoom chart
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,17 @@ class Threshold:
     ok_min: float | None
     ok_max: float | None
     who: str = ""
+
+
+@dataclass(frozen=True)
+class Offset:
+    """A channel's calibration offset from `since` (epoch s), as stored in
+    `channel_offsets` (devices/store.py writes one row per change). Readings are stored
+    with the offset in force when they arrived; the offsets are printed, never applied
+    again."""
+
+    since: float
+    offset: float
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,7 @@ class ChannelInput:
     values: Sequence[float]
     thresholds: Sequence[Threshold] = ()  # ascending by since; the first may be None
     kind: str = "temperature"
+    offsets: Sequence[Offset] = ()  # the calibration history up to the period's end, ascending
 
 
 @dataclass(frozen=True)
@@ -95,6 +109,7 @@ class ReportInput:
     channels: Sequence[ChannelInput]
     excursions: Sequence[Excursion] = ()
     mkt_delta_h: float = MKT_DELTA_H_DEFAULT
+    logo: bytes | None = None  # PNG or JPEG for the cover (render.check_logo bounds it)
 
 
 @dataclass(frozen=True)
@@ -127,6 +142,10 @@ class ExcursionRow:
     closed: float | None  # None: still open at the period's end
     duration_s: float  # to its close, or to the period's end when open
     peak: float | None  # from the readings; the event's value when none in the period
+    # the zoom chart: (bucket start, min, max) around the excursion, at most ZOOM_POINTS
+    zoom: list[tuple[float, float, float]] = field(default_factory=list)
+    zoom_from: float = 0.0
+    zoom_to: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -136,6 +155,16 @@ class ThresholdChange:
     ok_min: float | None
     ok_max: float | None
     who: str
+
+
+@dataclass(frozen=True)
+class Note:
+    """A footnote of a channel's daily table: what changed or was noted that day
+    (`what`: threshold, offset, excursion). Readings themselves are never edited."""
+
+    at: float
+    what: str
+    text: dict[str, str]
 
 
 @dataclass
@@ -152,6 +181,9 @@ class ChannelReport:
     uptime: float  # share of the period covered by readings (0..1)
     mkt_c: float | None  # mean kinetic temperature in °C (temperature channels only)
     chart: list[tuple[float, float, float]] = field(default_factory=list)  # (t, min, max)
+    hours_above: float = 0.0  # covered hours above the upper limit in force
+    hours_below: float = 0.0  # covered hours below the lower limit in force
+    notes: list[Note] = field(default_factory=list)
 
 
 @dataclass
@@ -237,6 +269,7 @@ def _channel(
     ndays = len(bounds) - 1
     in_range_s = [0.0] * ndays
     data_s = [0.0] * ndays
+    above_s = below_s = 0.0
     # Each reading's coverage (until the next reading, at most 2 cadences), credited
     # to the day it falls in. The period is cut into pieces at day bounds and limit
     # changes; inside a piece the day and the limits are fixed, every reading but the
@@ -255,14 +288,24 @@ def _channel(
             continue
         th = _threshold_at(ths, p0)
         ok = _in_range_fn(th)
+        hi_lim = th.ok_max if th is not None else None
+        lo_lim = th.ok_min if th is not None else None
         j = bisect_right(bounds, p0) - 1
         if b - a > 1:
             covers = list(map(min, map(sub, ts[a + 1 : b], ts[a : b - 1]), repeat(limit)))
             data_s[j] += math.fsum(covers)
             in_range_s[j] += math.fsum(compress(covers, map(ok, vals[a : b - 1])))
+            if hi_lim is not None:
+                above_s += math.fsum(compress(covers, map(hi_lim.__lt__, vals[a : b - 1])))
+            if lo_lim is not None:
+                below_s += math.fsum(compress(covers, map(lo_lim.__gt__, vals[a : b - 1])))
         t0 = ts[b - 1]
         t1 = min(ts[b] if b < len(ts) else end, t0 + limit, end)
         last_ok = ok(vals[b - 1])
+        if hi_lim is not None and vals[b - 1] > hi_lim:
+            above_s += max(0.0, t1 - t0)
+        if lo_lim is not None and vals[b - 1] < lo_lim:
+            below_s += max(0.0, t1 - t0)
         while t0 < t1:
             k = bisect_right(bounds, t0) - 1
             cut = min(t1, bounds[k + 1])
@@ -303,6 +346,8 @@ def _channel(
         uptime=sum(data_s) / (end - start),
         mkt_c=mean_kinetic_temperature(period_vals, delta_h) if ch.kind == "temperature" else None,
         chart=chart,
+        hours_above=above_s / 3600,
+        hours_below=below_s / 3600,
     )
 
 
@@ -321,20 +366,66 @@ def _gaps(ch: ChannelInput, lo: int, hi: int, start: float, end: float) -> list[
 
 
 def _chart(
-    ts: Sequence[float], vals: Sequence[float], lo: int, hi: int, start: float, end: float
+    ts: Sequence[float],
+    vals: Sequence[float],
+    lo: int,
+    hi: int,
+    start: float,
+    end: float,
+    width: float = CHART_BUCKET_S,
 ) -> list[tuple[float, float, float]]:
-    """Hourly (bucket start, min, max): what the overview chart draws; an hour
-    without readings is left out."""
+    """(bucket start, min, max) per `width` seconds (hourly: what the overview chart
+    draws); a bucket without readings is left out."""
     out: list[tuple[float, float, float]] = []
     a = lo
     t = start
     while t < end and a < hi:
-        b = bisect_left(ts, t + CHART_BUCKET_S, a, hi)
+        b = bisect_left(ts, t + width, a, hi)
         if b > a:
             chunk = vals[a:b]
             out.append((t, min(chunk), max(chunk)))
-        a, t = b, t + CHART_BUCKET_S
+        a, t = b, t + width
     return out
+
+
+def zoom(
+    ch: ChannelInput, opened: float, closed: float | None, start: float, end: float
+) -> tuple[float, float, list[tuple[float, float, float]]]:
+    """The zoom chart of an excursion: from an hour before it opened to an hour
+    after it closed (within the period), in at most ZOOM_POINTS buckets of at least
+    one cadence. (from, to, buckets)."""
+    a = max(start, opened - ZOOM_PAD_S)
+    b = min(end, (closed if closed is not None else end) + ZOOM_PAD_S)
+    width = max(float(ch.cadence_s), math.ceil((b - a) / ZOOM_POINTS))
+    lo, hi = bisect_left(ch.ts, a), bisect_left(ch.ts, b)
+    return a, b, _chart(ch.ts, ch.values, lo, hi, a, b, width)
+
+
+def _notes(
+    ch: ChannelInput, excursions: Sequence[Excursion], start: float, end: float
+) -> list[Note]:
+    """The channel's footnotes in the period: limit changes, calibration changes and
+    excursions with a note (acknowledgement or clearing)."""
+    out = [
+        Note(th.since, "threshold", {"lo": _s(th.ok_min), "hi": _s(th.ok_max), "who": th.who})
+        for th in ch.thresholds
+        if th.since is not None and start <= th.since < end
+    ]
+    out += [
+        Note(o.since, "offset", {"offset": f"{o.offset:+.2f}"})
+        for o in ch.offsets
+        if start <= o.since < end
+    ]
+    for ex in excursions:
+        text = " · ".join(x for x in (ex.ack_note, ex.ack_action, ex.clear_note) if x)
+        if ex.channel_id == ch.id and text and start <= ex.started_at < end:
+            out.append(Note(ex.started_at, "excursion", {"note": text}))
+    out.sort(key=lambda n: (n.at, n.what))
+    return out
+
+
+def _s(v: float | None) -> str:
+    return "" if v is None else repr(float(v))
 
 
 def _peak(ch: ChannelInput | None, ex: Excursion, end: float) -> float | None:
@@ -368,6 +459,8 @@ def compute(inp: ReportInput) -> ReportData:
     bounds = [local_midnight(d, z) for d in days]
     start, end = bounds[0], bounds[-1]
     channels = [_channel(ch, days, bounds, inp.mkt_delta_h) for ch in inp.channels]
+    for c in channels:
+        c.notes = _notes(c.channel, inp.excursions, start, end)
     by_id = {c.id: c for c in inp.channels}
     rows = []
     for ex in sorted(inp.excursions, key=lambda e: (e.started_at, e.id)):
@@ -375,6 +468,7 @@ def compute(inp: ReportInput) -> ReportData:
             continue
         ch = by_id.get(ex.channel_id)
         closed = ex.cleared_at if ex.cleared_at is not None and ex.cleared_at <= end else None
+        z_from, z_to, zpts = zoom(ch, ex.started_at, closed, start, end) if ch else (0.0, 0.0, [])
         rows.append(
             ExcursionRow(
                 excursion=ex,
@@ -383,6 +477,9 @@ def compute(inp: ReportInput) -> ReportData:
                 closed=closed,
                 duration_s=(closed if closed is not None else end) - ex.started_at,
                 peak=_peak(ch, ex, end),
+                zoom=zpts,
+                zoom_from=z_from,
+                zoom_to=z_to,
             )
         )
     changes = [

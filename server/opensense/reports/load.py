@@ -15,7 +15,7 @@ from array import array
 from datetime import UTC, date, datetime
 from itertools import repeat
 from operator import itemgetter, truediv
-from typing import Any
+from typing import Any, NamedTuple
 
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
@@ -102,51 +102,51 @@ async def _thresholds(
     return (first, *reversed(history))
 
 
-async def load_month(
-    conn: AsyncConnection[Any],
-    site_id: str,
-    period_from: date,
-    period_to: date,
-    *,
-    account_id: str | None = None,
-    mkt_delta_h: float = rd.MKT_DELTA_H_DEFAULT,
-) -> rd.ReportInput:
-    """The site's readings, thresholds and excursions over [period_from, period_to]
-    (site-local days, inclusive). `account_id`: the caller's account; another
-    account's site is not found."""
+class Site(NamedTuple):
+    account_id: str
+    name: str
+    address: str
+    timezone: str
+
+
+async def site(conn: AsyncConnection[Any], site_id: str, account_id: str | None) -> Site:
+    """The site, in `account_id`'s account when given; `site_not_found` otherwise."""
     cur = await conn.execute(
         "SELECT account_id, name, address, timezone FROM sites WHERE id = %s"
         " AND (%s::text IS NULL OR account_id = %s)",
         (site_id, account_id, account_id),
     )
-    site = await cur.fetchone()
-    if site is None:
+    row = await cur.fetchone()
+    if row is None:
         raise ApiError("site_not_found", f"no site {site_id[:40]!r} in this account")
-    acc, name, address, tz = site
-    start, end = rd.period_bounds(period_from, period_to, tz)
-    lo, hi = datetime.fromtimestamp(start, UTC), datetime.fromtimestamp(end, UTC)
+    return Site(*row)
+
+
+class Channel(NamedTuple):
+    id: str
+    num: int
+    name: str  # "device · channel", as the report prints it
+    unit: str
+    kind: str
+    device: str
+    cadence_s: int
+
+
+async def channels(conn: AsyncConnection[Any], site_id: str) -> list[Channel]:
+    """The site's channels on its current devices, in print order."""
     cur = await conn.execute(
-        "SELECT c.id, c.num, c.name, c.unit, c.kind, d.name, d.cadence_s FROM channels c"
-        " JOIN devices d ON d.id = c.device_id WHERE d.site_id = %s AND d.deleted_at IS NULL"
-        " ORDER BY d.name, c.name, c.id",
+        "SELECT c.id, c.num, d.name || ' · ' || c.name, c.unit, c.kind, d.name, d.cadence_s"
+        " FROM channels c JOIN devices d ON d.id = c.device_id"
+        " WHERE d.site_id = %s AND d.deleted_at IS NULL ORDER BY d.name, c.name, c.id",
         (site_id,),
     )
-    channels = []
-    for cid, num, cname, unit, kind, dname, cadence in await cur.fetchall():
-        ts, vals = await _readings(conn, num, lo, hi)
-        channels.append(
-            rd.ChannelInput(
-                id=cid,
-                name=f"{dname} · {cname}",
-                device=dname,
-                unit=unit,
-                cadence_s=cadence,
-                ts=ts,
-                values=vals,
-                thresholds=await _thresholds(conn, acc, cid, start, end),
-                kind=kind,
-            )
-        )
+    return [Channel(*r) for r in await cur.fetchall()]
+
+
+async def excursions(
+    conn: AsyncConnection[Any], channel_ids: list[str], lo: datetime, hi: datetime
+) -> list[rd.Excursion]:
+    """The channels' alarm events that reached the alarm state and overlap [lo, hi)."""
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
             "SELECT id, channel_id, kind, severity, started_at, alarm_at, cleared_at, value,"
@@ -154,9 +154,9 @@ async def load_month(
             " cleared_by, clear_note FROM events WHERE channel_id = ANY(%s)"
             " AND alarm_at IS NOT NULL AND started_at < %s"
             " AND (cleared_at IS NULL OR cleared_at >= %s) ORDER BY started_at, id",
-            ([c.id for c in channels], hi, lo),
+            (channel_ids, hi, lo),
         )
-        excursions = [
+        return [
             rd.Excursion(
                 id=r["id"],
                 channel_id=r["channel_id"],
@@ -177,6 +177,57 @@ async def load_month(
             )
             for r in await cur.fetchall()
         ]
+
+
+OFFSETS_MAX = 100  # calibration changes per channel printed (the latest, up to the period's end)
+
+
+async def _offsets(
+    conn: AsyncConnection[Any], channel_id: str, end: float
+) -> tuple[rd.Offset, ...]:
+    cur = await conn.execute(
+        'SELECT effective_from, "offset" FROM channel_offsets WHERE channel_id = %s'
+        " AND effective_from < %s ORDER BY effective_from DESC LIMIT %s",
+        (channel_id, datetime.fromtimestamp(end, UTC), OFFSETS_MAX),
+    )
+    return tuple(rd.Offset(t.timestamp(), float(o)) for t, o in reversed(await cur.fetchall()))
+
+
+async def load_month(
+    conn: AsyncConnection[Any],
+    site_id: str,
+    period_from: date,
+    period_to: date,
+    *,
+    account_id: str | None = None,
+    mkt_delta_h: float = rd.MKT_DELTA_H_DEFAULT,
+    logo: bytes | None = None,
+) -> rd.ReportInput:
+    """The site's readings, thresholds and excursions over [period_from, period_to]
+    (site-local days, inclusive). `account_id`: the caller's account; another
+    account's site is not found."""
+    site_row = await site(conn, site_id, account_id)
+    acc, name, address, tz = site_row
+    start, end = rd.period_bounds(period_from, period_to, tz)
+    lo, hi = datetime.fromtimestamp(start, UTC), datetime.fromtimestamp(end, UTC)
+    chans = []
+    for c in await channels(conn, site_id):
+        ts, vals = await _readings(conn, c.num, lo, hi)
+        chans.append(
+            rd.ChannelInput(
+                id=c.id,
+                name=c.name,
+                device=c.device,
+                unit=c.unit,
+                cadence_s=c.cadence_s,
+                ts=ts,
+                values=vals,
+                thresholds=await _thresholds(conn, acc, c.id, start, end),
+                kind=c.kind,
+                offsets=await _offsets(conn, c.id, end),
+            )
+        )
+    exs = await excursions(conn, [c.id for c in chans], lo, hi)
     return rd.ReportInput(
         site_id=site_id,
         site_name=name,
@@ -184,7 +235,8 @@ async def load_month(
         timezone=tz,
         period_from=period_from,
         period_to=period_to,
-        channels=channels,
-        excursions=excursions,
+        channels=chans,
+        excursions=exs,
         mkt_delta_h=mkt_delta_h,
+        logo=logo,
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from html import escape
 from pathlib import Path
@@ -26,12 +27,13 @@ from reportlab.lib import colors
 from reportlab.lib.pagesizes import A4
 from reportlab.lib.styles import ParagraphStyle
 from reportlab.lib.units import mm
-from reportlab.lib.utils import TimeStamp
+from reportlab.lib.utils import ImageReader, TimeStamp
 from reportlab.pdfbase import pdfmetrics
 from reportlab.pdfbase.ttfonts import TTFont
 from reportlab.pdfgen.canvas import Canvas
 from reportlab.platypus import (
     CondPageBreak,
+    Image,
     KeepTogether,
     PageBreak,
     Paragraph,
@@ -44,10 +46,10 @@ from reportlab.platypus import (
 from . import data as rd
 from .catalogue import LANGUAGES, num, t
 
-TEMPLATES = ("haccp_monthly",)
 # Gaps listed per channel; the rest are counted with their total duration. A channel
 # whose device cadence is set wrong has a gap between every two readings: thousands.
 MAX_GAPS_LISTED = 50
+MAX_ZOOMS = 40  # zoom charts per report; the excursion log lists every excursion
 FONT_DIRS = (Path("/usr/share/fonts/truetype/dejavu"),)
 FONT, FONT_BOLD = "DejaVuSans", "DejaVuSans-Bold"
 
@@ -161,53 +163,63 @@ def _table(rows: list[list[Any]], widths: list[float], *, header: bool = True) -
     return tb
 
 
-def _chart(c: rd.ChannelReport, d: rd.ReportData, width: float, height: float) -> Drawing:
-    """Hourly min/max band over the period, limits dashed, a tick per day."""
+def _band_chart(
+    points: list[tuple[float, float, float]],
+    t0: float,
+    t1: float,
+    width_s: float,
+    ths: Any,
+    unit: str,
+    ticks: Sequence[tuple[float, str]],
+    size: tuple[float, float],
+    shade: tuple[float, float] | None = None,
+) -> Drawing:
+    """A (bucket start, min, max) band from t0 to t1, limits dashed (each from when it
+    applied), labelled x ticks; `shade`: an interval drawn behind (an excursion)."""
+    width, height = size
     dr = Drawing(width, height)
     left, bottom, right, top = 28.0, 14.0, width - 4, height - 4
     w, h = right - left, top - bottom
-    ths = [th for th in c.channel.thresholds]
-    ys = [v for _, lo, hi in c.chart for v in (lo, hi)]
+    ths = list(ths)
+    ys = [v for _, lo, hi in points for v in (lo, hi)]
     ys += [v for th in ths for v in (th.ok_min, th.ok_max) if v is not None]
     ymin, ymax = (min(ys), max(ys)) if ys else (0.0, 1.0)
     pad = (ymax - ymin) * 0.08 or 1.0
     ymin, ymax = ymin - pad, ymax + pad
-    span = d.end - d.start
+    span = (t1 - t0) or 1.0
 
     def x(tt: float) -> float:
-        return left + (tt - d.start) / span * w
+        return left + (min(max(tt, t0), t1) - t0) / span * w
 
     def y(v: float) -> float:
         return bottom + (v - ymin) / (ymax - ymin) * h
 
+    if shade is not None:
+        dr.add(
+            Rect(x(shade[0]), bottom, x(shade[1]) - x(shade[0]), h,
+                 fillColor=colors.HexColor("#fde0dd"), strokeColor=None)
+        )  # fmt: skip
     dr.add(Rect(left, bottom, w, h, fillColor=None, strokeColor=colors.grey, strokeWidth=0.4))
-    days = c.days
-    step = 1 if len(days) <= 10 else 7 if len(days) > 62 else 2
-    tt = d.start
-    for k, day in enumerate(days):
+    for tt, label in ticks:
         dr.add(Line(x(tt), bottom, x(tt), bottom - 2, strokeColor=colors.grey, strokeWidth=0.3))
-        if k % step == 0:
-            dr.add(String(x(tt) + 1, 3, day.day.strftime("%d.%m."), fontName=FONT, fontSize=5.5))
-        tt += day.hours * 3600
+        if label:
+            dr.add(String(x(tt) + 1, 3, label, fontName=FONT, fontSize=5.5))
     for frac in (0.0, 0.5, 1.0):
         v = ymin + pad + (ymax - ymin - 2 * pad) * frac
         dr.add(String(2, y(v) - 2, num("en", v).rjust(5), fontName=FONT, fontSize=5.5))
         dr.add(Line(left - 2, y(v), left, y(v), strokeColor=colors.grey, strokeWidth=0.3))
-    dr.add(String(left + 3, top - 8, c.channel.unit, fontName=FONT, fontSize=6))
-    # the band, in runs of consecutive hours: a gap stays empty
+    dr.add(String(left + 3, top - 8, unit, fontName=FONT, fontSize=6))
+    # the band, in runs of consecutive buckets: a gap stays empty
     runs: list[list[tuple[float, float, float]]] = []
-    for pt in c.chart:
-        if runs and pt[0] - runs[-1][-1][0] <= rd.CHART_BUCKET_S:
+    for pt in points:
+        if runs and pt[0] - runs[-1][-1][0] <= width_s:
             runs[-1].append(pt)
         else:
             runs.append([pt])
     for run in runs:
-        upper = [(x(b), y(mx)) for b, _, mx in run] + [
-            (x(run[-1][0] + rd.CHART_BUCKET_S), y(run[-1][2]))
-        ]
-        lower = [(x(b), y(mn)) for b, mn, _ in run] + [
-            (x(run[-1][0] + rd.CHART_BUCKET_S), y(run[-1][1]))
-        ]
+        end_x = x(run[-1][0] + width_s)
+        upper = [(x(b), y(mx)) for b, _, mx in run] + [(end_x, y(run[-1][2]))]
+        lower = [(x(b), y(mn)) for b, mn, _ in run] + [(end_x, y(run[-1][1]))]
         pts = [v for p in upper + lower[::-1] for v in p]
         dr.add(
             Polygon(
@@ -218,14 +230,14 @@ def _chart(c: rd.ChannelReport, d: rd.ReportData, width: float, height: float) -
             )
         )
     for k, th in enumerate(ths):
-        a = d.start if th.since is None else max(th.since, d.start)
+        a = t0 if th.since is None else max(th.since, t0)
         nxt = ths[k + 1].since if k + 1 < len(ths) else None
-        b = d.end if nxt is None else nxt
+        b = t1 if nxt is None else min(nxt, t1)
         for lim in (th.ok_min, th.ok_max):
             if lim is not None and b > a:
                 dr.add(
                     PolyLine(
-                        [x(a), y(lim), x(min(b, d.end)), y(lim)],
+                        [x(a), y(lim), x(b), y(lim)],
                         strokeColor=colors.red,
                         strokeWidth=0.6,
                         strokeDashArray=[3, 2],
@@ -234,16 +246,80 @@ def _chart(c: rd.ChannelReport, d: rd.ReportData, width: float, height: float) -
     return dr
 
 
-def render_pdf(d: rd.ReportData, language: str = "en") -> bytes:
-    """The haccp_monthly PDF of `d`; the same data and language give the same bytes."""
-    if language not in LANGUAGES:
-        raise ValueError(f"unknown language {language!r}; known: {', '.join(LANGUAGES)}")
-    _register_fonts()
-    L = language
-    st = _styles()
-    f = _Fmt(L, d.input.timezone)
-    inp = d.input
-    period = f"{inp.period_from.isoformat()} – {inp.period_to.isoformat()}"
+def _chart(c: rd.ChannelReport, d: rd.ReportData, width: float, height: float) -> Drawing:
+    """Hourly min/max band over the period, limits dashed, a tick per day."""
+    days = c.days
+    step = 1 if len(days) <= 10 else 7 if len(days) > 62 else 2
+    ticks, tt = [], d.start
+    for k, day in enumerate(days):
+        ticks.append((tt, day.day.strftime("%d.%m.") if k % step == 0 else ""))
+        tt += day.hours * 3600
+    return _band_chart(
+        c.chart, d.start, d.end, rd.CHART_BUCKET_S, c.channel.thresholds, c.channel.unit,
+        ticks, (width, height),
+    )  # fmt: skip
+
+
+def _zoom_chart(x: rd.ExcursionRow, ch: rd.ChannelInput, tz: ZoneInfo, width: float) -> Drawing:
+    """One excursion from an hour before to an hour after, the excursion shaded."""
+    t0, t1 = x.zoom_from, x.zoom_to
+    span = t1 - t0
+    step = next((s for s in (900, 1800, 3600, 7200, 21600, 43200, 86400) if span / s <= 8), 172800)
+    first = t0 - t0 % step + step
+    ticks = [
+        (tt, datetime.fromtimestamp(tt, tz).strftime("%d. %H:%M"))
+        for tt in range(int(first), int(t1), step)
+    ]
+    width_s = (x.zoom[1][0] - x.zoom[0][0]) if len(x.zoom) > 1 else float(ch.cadence_s)
+    shade = (x.opened, x.closed if x.closed is not None else t1)
+    return _band_chart(
+        x.zoom, t0, t1, width_s, ch.thresholds, ch.unit, ticks, (width, 30 * mm), shade
+    )
+
+
+def _note_args(lang: str, note: rd.Note) -> dict[str, str]:
+    x = note.text
+    if note.what == "threshold":
+        lo = num(lang, float(x["lo"])) if x["lo"] else "…"
+        hi = num(lang, float(x["hi"])) if x["hi"] else "…"
+        return {"limits": f"{lo} … {hi}", "who": x["who"] or t(lang, "dash")}
+    return dict(x)
+
+
+LOGO_MAX_BYTES = 256 * 1024  # a logo is a small PNG or JPEG
+LOGO_MAX_PX = 2000  # per side
+LOGO_BOX = (45 * mm, 18 * mm)  # drawn within this box, keeping its aspect
+
+
+def check_logo(blob: bytes) -> tuple[int, int]:
+    """The logo's size in pixels; ValueError saying why it is refused."""
+    if len(blob) > LOGO_MAX_BYTES:
+        raise ValueError(f"the logo is {len(blob):,} bytes; at most {LOGO_MAX_BYTES:,}")
+    if not (blob.startswith(b"\x89PNG\r\n\x1a\n") or blob.startswith(b"\xff\xd8\xff")):
+        raise ValueError("the logo must be a PNG or JPEG file")
+    try:
+        w, h = ImageReader(io.BytesIO(blob)).getSize()
+    except Exception as exc:  # noqa: BLE001 - any decoder error: an unreadable image
+        raise ValueError(f"the logo cannot be read as an image: {exc}") from None
+    if not (0 < w <= LOGO_MAX_PX and 0 < h <= LOGO_MAX_PX):
+        raise ValueError(f"the logo is {w}x{h} pixels; at most {LOGO_MAX_PX} a side")
+    return int(w), int(h)
+
+
+def _logo(blob: bytes) -> Image:
+    w, h = check_logo(blob)
+    scale = min(LOGO_BOX[0] / w, LOGO_BOX[1] / h)
+    img = Image(io.BytesIO(blob), width=w * scale, height=h * scale)
+    img.hAlign = "LEFT"
+    return img
+
+
+CONTENT_WIDTH = A4[0] - 32 * mm  # the page less its 16 mm margins
+
+
+def build(lang: str, title: str, site: str, period: str, end: float, story: list[Any]) -> bytes:
+    """The story as an A4 PDF: margins, the footer on every page, the document's
+    dates fixed at `end` (reproducible bytes). Every template ends here."""
     buf = io.BytesIO()
     doc = SimpleDocTemplate(
         buf,
@@ -252,13 +328,12 @@ def render_pdf(d: rd.ReportData, language: str = "en") -> bytes:
         rightMargin=16 * mm,
         topMargin=16 * mm,
         bottomMargin=16 * mm,
-        title=t(L, "title"),
+        title=title,
         author="OpenSense",
-        subject=f"{inp.site_name} {period}",
+        subject=f"{site} {period}",
         creator="OpenSense",
         invariant=1,
     )
-    full = doc.width
 
     def footer(canvas: Canvas, _doc: Any) -> None:
         canvas.saveState()
@@ -266,42 +341,44 @@ def render_pdf(d: rd.ReportData, language: str = "en") -> bytes:
         canvas.drawString(
             16 * mm,
             9 * mm,
-            t(L, "footer", site=inp.site_name, period=period, page=canvas.getPageNumber()),
+            t(lang, "footer", site=site, period=period, page=canvas.getPageNumber()),
         )
         canvas.restoreState()
 
-    story: list[Any] = []
-    # --- cover
-    n_total = sum(c.n for c in d.channels)
+    doc.build(story, onFirstPage=footer, onLaterPages=footer, canvasmaker=_fixed_canvas(end))
+    return buf.getvalue()
+
+
+def facts(lang: str, inp: Any, hours: float) -> list[list[Any]]:
+    """The cover's site, address and period rows (`inp`: any template's input)."""
+    cell = _styles()["cell"]
+    period = t(
+        lang, "period_value", start=inp.period_from.isoformat(), end=inp.period_to.isoformat(),
+        hours=num(lang, hours, 0), tz=inp.timezone,
+    )  # fmt: skip
+    return [
+        [t(lang, "site"), Paragraph(escape(inp.site_name), cell)],
+        [t(lang, "address"), Paragraph(escape(inp.address or t(lang, "dash")), cell)],
+        [t(lang, "period"), period],
+    ]
+
+
+def cover(
+    lang: str, title: str, logo: bytes | None, rows: list[list[Any]], no_data: str | None
+) -> list[Any]:
+    """A template's first page: logo, title, the facts table, `no_data` when the
+    period holds nothing, and the signature lines (printed name, role, date,
+    signature) for two people."""
+    L, st, full = lang, _styles(), CONTENT_WIDTH
+    story: list[Any] = [_logo(logo), Spacer(1, 3 * mm)] if logo is not None else []
     story += [
-        Paragraph(escape(t(L, "title")), st["title"]),
+        Paragraph(escape(title), st["title"]),
         Spacer(1, 6 * mm),
-        _table(
-            [
-                [t(L, "site"), Paragraph(escape(inp.site_name), st["cell"])],
-                [t(L, "address"), Paragraph(escape(inp.address or t(L, "dash")), st["cell"])],
-                [
-                    t(L, "period"),
-                    t(
-                        L,
-                        "period_value",
-                        start=inp.period_from.isoformat(),
-                        end=inp.period_to.isoformat(),
-                        hours=num(L, d.hours, 0),
-                        tz=inp.timezone,
-                    ),
-                ],
-                [t(L, "channels"), str(len(d.channels))],
-                [t(L, "readings"), num(L, n_total, 0)],
-                [t(L, "excursions"), str(len(d.excursions))],
-            ],
-            [35 * mm, full - 35 * mm],
-            header=False,
-        ),
+        _table(rows, [35 * mm, full - 35 * mm], header=False),
         Spacer(1, 4 * mm),
     ]
-    if not d.has_data:
-        story.append(Paragraph(escape(t(L, "no_data_period")), st["h2"]))
+    if no_data is not None:
+        story.append(Paragraph(escape(no_data), st["h2"]))
     story += [
         Spacer(1, 10 * mm),
         Paragraph(escape(t(L, "signatures")), st["h2"]),
@@ -324,7 +401,35 @@ def render_pdf(d: rd.ReportData, language: str = "en") -> bytes:
             ]
         )
     )
-    story += [sig, PageBreak()]
+    return [*story, sig, PageBreak()]
+
+
+def render_pdf(d: rd.ReportData, language: str = "en") -> bytes:
+    """The haccp_monthly PDF of `d`; the same data and language give the same bytes."""
+    if language not in LANGUAGES:
+        raise ValueError(f"unknown language {language!r}; known: {', '.join(LANGUAGES)}")
+    _register_fonts()
+    L = language
+    st = _styles()
+    f = _Fmt(L, d.input.timezone)
+    inp = d.input
+    period = f"{inp.period_from.isoformat()} – {inp.period_to.isoformat()}"
+    full = CONTENT_WIDTH
+    story: list[Any] = []
+    # --- cover
+    n_total = sum(c.n for c in d.channels)
+    story += cover(
+        L,
+        t(L, "title"),
+        inp.logo,
+        [
+            *facts(L, inp, d.hours),
+            [t(L, "channels"), str(len(d.channels))],
+            [t(L, "readings"), num(L, n_total, 0)],
+            [t(L, "excursions"), str(len(d.excursions))],
+        ],
+        None if d.has_data else t(L, "no_data_period"),
+    )
     # --- one section per channel: summary, chart, daily table
     for c in d.channels:
         ch = c.channel
@@ -396,8 +501,13 @@ def render_pdf(d: rd.ReportData, language: str = "en") -> bytes:
                 t(L, "mean"),
                 t(L, "max"),
                 t(L, "in_range"),
+                t(L, "notes_col"),
             ]
         ]
+        marks: dict[str, list[str]] = {}
+        for k, note in enumerate(c.notes, 1):
+            on = datetime.fromtimestamp(note.at, UTC).astimezone(f.tz).date().isoformat()
+            marks.setdefault(on, []).append(f"[{k}]")
         for day in c.days:
             rows.append(
                 [
@@ -408,9 +518,14 @@ def render_pdf(d: rd.ReportData, language: str = "en") -> bytes:
                     num(L, day.vmean),
                     num(L, day.vmax),
                     num(L, day.hours_in_range),
+                    " ".join(marks.get(day.day.isoformat(), [])),
                 ]
             )
-        story += [Spacer(1, 2 * mm), _table(rows, [full / 7] * 7), PageBreak()]
+        story += [Spacer(1, 2 * mm), _table(rows, [full * 0.13] + [full * 0.124] * 7)]
+        for k, note in enumerate(c.notes, 1):
+            text = t(L, f"note_{note.what}", when=f.when(note.at), **_note_args(L, note))
+            story.append(Paragraph(escape(f"[{k}] {text}"), st["small"]))
+        story.append(PageBreak())
     # --- excursion log
     story.append(Paragraph(escape(t(L, "excursion_log")), st["h1"]))
     if not d.excursions:
@@ -466,6 +581,28 @@ def render_pdf(d: rd.ReportData, language: str = "en") -> bytes:
                 [full * 0.13, full * 0.15, full * 0.15, full * 0.1, full * 0.12, full * 0.35],
             )
         )
+    # --- a zoom chart per excursion
+    by_id = {c.channel.id: c.channel for c in d.channels}
+    zooms = [x for x in d.excursions if x.zoom and x.excursion.channel_id in by_id]
+    if zooms:
+        story += [CondPageBreak(60 * mm), Paragraph(escape(t(L, "zooms")), st["h1"])]
+    for x in zooms[:MAX_ZOOMS]:
+        caption = t(
+            L, "zoom_caption", channel=x.channel_name, opened=f.when(x.opened),
+            closed=f.when(x.closed) if x.closed is not None else t(L, "still_open"),
+            peak=num(L, x.peak), unit=by_id[x.excursion.channel_id].unit,
+        )  # fmt: skip
+        story.append(
+            KeepTogether(
+                [
+                    Paragraph(escape(caption), st["small"]),
+                    _zoom_chart(x, by_id[x.excursion.channel_id], f.tz, full),
+                    Spacer(1, 2 * mm),
+                ]
+            )
+        )
+    if len(zooms) > MAX_ZOOMS:
+        story.append(Paragraph(escape(t(L, "more_zooms", n=len(zooms) - MAX_ZOOMS)), st["body"]))
     # --- sensor health and gaps
     story += [
         CondPageBreak(40 * mm),
@@ -530,6 +667,32 @@ def render_pdf(d: rd.ReportData, language: str = "en") -> bytes:
                 ]
             )
         story.append(_table(rows, [full * 0.3, full * 0.2, full * 0.2, full * 0.3]))
+    # --- calibration record
+    story += [
+        CondPageBreak(30 * mm),
+        Paragraph(escape(t(L, "calibration")), st["h1"]),
+        Paragraph(escape(t(L, "calibration_intro")), st["small"]),
+        Spacer(1, 2 * mm),
+    ]
+    cal: list[list[Any]] = [[t(L, "channel"), t(L, "since"), t(L, "offset"), t(L, "in_force")]]
+    for c in d.channels:
+        offs = c.channel.offsets
+        current = max((k for k, o in enumerate(offs) if o.since < d.start), default=None)
+        for k, o in enumerate(offs):
+            if k < (current or 0):
+                continue  # before the one in force at the period's start
+            cal.append(
+                [
+                    Paragraph(escape(c.channel.name), st["cell"]),
+                    f.when(o.since),
+                    f"{o.offset:+.2f} {c.channel.unit}",
+                    t(L, "at_start") if k == current else t(L, "changed_in_period"),
+                ]
+            )
+    if len(cal) == 1:
+        story.append(Paragraph(escape(t(L, "no_calibration")), st["body"]))
+    else:
+        story.append(_table(cal, [full * 0.34, full * 0.22, full * 0.16, full * 0.28]))
     # --- last page: how to check (not yet verifiable: no hash, no QR)
     story += [
         PageBreak(),
@@ -538,5 +701,4 @@ def render_pdf(d: rd.ReportData, language: str = "en") -> bytes:
         Spacer(1, 3 * mm),
         Paragraph(escape(t(L, "verify_originals")), st["body"]),
     ]
-    doc.build(story, onFirstPage=footer, onLaterPages=footer, canvasmaker=_fixed_canvas(d.end))
-    return buf.getvalue()
+    return build(L, t(L, "title"), inp.site_name, period, d.end, story)
