@@ -6,7 +6,6 @@ docs and the CLI."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import math
 import re
@@ -39,8 +38,9 @@ def save(pdf: bytes, name: str) -> None:
     _png(path, name)
 
 
+@pytest.mark.db
 def test_templates_are_declared_and_a_throwaway_one_is_caught_undocumented(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, new_database: Any
 ) -> None:
     from opensense import cli
 
@@ -62,13 +62,17 @@ def test_templates_are_declared_and_a_throwaway_one_is_caught_undocumented(
 
     monkeypatch.setitem(TEMPLATES, "throwaway", Template("throwaway", "", load, render, 31))
     assert undocumented_report_templates() == ["throwaway"]
-    monkeypatch.setattr(cli, "_with_conn", lambda _cfg, fn: asyncio.run(fn(None)))
+    monkeypatch.setenv("OPENSENSE_DATABASE_URL", new_database())
     out = tmp_path / "t.pdf"
     argv = ["report", "render", "--site", "site_x", "--month", "2026-02", "--out", str(out)]
-    assert cli.main([*argv, "--template", "throwaway", "--language", "de"]) == 0
+    assert cli.main([*argv, "--template", "throwaway", "--language", "de", "--local"]) == 0
     assert out.read_bytes() == b"%PDF-throwaway"
-    assert rendered == [(("site_x", date(2026, 2, 1), date(2026, 2, 28), {"logo": None}), "de")]
-    assert cli.main([*argv, "--template", "nope"]) == 2
+    assert rendered == [
+        (("site_x", date(2026, 2, 1), date(2026, 2, 28), {"account_id": None}), "de")
+    ]
+    with pytest.raises(SystemExit) as refused:  # argparse: not one of the choices
+        cli.main([*argv, "--template", "nope"])
+    assert refused.value.code == 2
 
 
 # --- haccp_annual -----------------------------------------------------------------------

@@ -67,7 +67,7 @@ async def queue_and_wait(
     *,
     actor: str,
     wait_s: float = 0.0,
-    out: TextIO = sys.stderr,
+    out: TextIO | None = None,
 ) -> tuple[store.Row, bytes]:
     ask = store.Ask(site, template, first, last, language)
     cfg = dataclasses.replace(cfg, report_workers=1)
@@ -84,7 +84,7 @@ async def queue_and_wait(
                     conn, acc[0], ask, cfg.clock(), queue_max=cfg.report_queue_max,
                     actor=actor, origin="cli",
                 )  # fmt: skip
-        renderer, bar = Renderer(pool, cfg), Bar(out)
+        renderer, bar = Renderer(pool, cfg), Bar(sys.stderr if out is None else out)
         task: asyncio.Task[tuple[str, bytes | None]] | None = None
         t0 = time.monotonic()
         while True:
