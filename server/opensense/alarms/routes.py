@@ -30,6 +30,11 @@ from .lifecycle import Change, transition
 
 routes = web.RouteTableDef()
 
+# the configuration changes' signature (add_rule, add_target, ...: below)
+Conn = AsyncConnection[Any]
+Body = dict[str, Any]
+Who = str | None  # the actor; None: the API token
+
 LINK_TTL = timedelta(minutes=30)
 
 
@@ -412,12 +417,8 @@ async def create_target(request: web.Request) -> web.Response:
 
 
 async def add_target(
-    conn: AsyncConnection[Any],
-    request: web.Request,
-    acc: str,
-    body: dict[str, Any],
-    actor: str | None = None,
-) -> dict[str, Any]:
+    conn: Conn, request: web.Request, acc: str, body: Body, actor: Who = None
+) -> Body:
     """The new recipient's row; a webhook's with its `secret` (shown once)."""
     cfg = request.app[CONFIG]
     path = body.get("path")
@@ -659,12 +660,8 @@ async def telegram_link(request: web.Request) -> web.Response:
 
 
 async def telegram_code(
-    conn: AsyncConnection[Any],
-    request: web.Request,
-    acc: str,
-    body: dict[str, Any],
-    actor: str | None = None,
-) -> dict[str, Any]:
+    conn: Conn, request: web.Request, acc: str, body: Body, actor: Who = None
+) -> Body:
     """A one-time link code for a chat: {code, expires_at, send}."""
     cfg = request.app[CONFIG]
     site = await _site_or_none(conn, acc, body.get("site_id"))
@@ -841,12 +838,8 @@ async def create_silence(request: web.Request) -> web.Response:
 
 
 async def add_silence(
-    conn: AsyncConnection[Any],
-    request: web.Request,
-    acc: str,
-    body: dict[str, Any],
-    actor: str | None = None,
-) -> dict[str, Any]:
+    conn: Conn, request: web.Request, acc: str, body: Body, actor: Who = None
+) -> Body:
     start, end = _ts(body.get("from"), "from"), _ts(body.get("to"), "to")
     if end <= start:
         raise ApiError("invalid_request", "to must be after from")

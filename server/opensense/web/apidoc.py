@@ -141,21 +141,23 @@ FORM_ERRORS = err(403, 404, 413, 429)  # CSRF or role, another account's id, siz
 
 
 def _page(summary: str, *params: S) -> S:
+    extra: S = {"parameters": list(params)} if params else {}
     return op(
         f"Dashboard: {summary} (HTML)",
         {**html(200, "The page"), **SIGNED_OUT, **err(404)},
         security=NO_TOKEN,
-        **({"parameters": list(params)} if params else {}),
+        **extra,
     )
 
 
 def _post(summary: str, fields: S, answers: S, *params: str) -> S:
+    extra: S = {"parameters": [path_param(p) for p in params]} if params else {}
     return op(
         f"Dashboard: {summary}",
         {**answers, **SIGNED_OUT, **REFUSED, **FORM_ERRORS},
         security=NO_TOKEN,
         requestBody=form({**CSRF, **fields}, ("csrf",)),
-        **({"parameters": [path_param(p) for p in params]} if params else {}),
+        **extra,
     )
 
 

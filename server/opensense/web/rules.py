@@ -360,6 +360,17 @@ async def _rule_and_channel(
     return rule, await channel_row(conn, acc, rule["channel_id"])
 
 
+async def _change(
+    request: web.Request, conn: AsyncConnection[Any]
+) -> tuple[User, Any, dict[str, Any], dict[str, Any]]:
+    """A manager's change to the rule of the URL: the user, the form, the rule and its
+    channel (counted against the API's write limit)."""
+    user, form = await posted(request, conn, MANAGER)
+    await api.write_limit(request, conn, user.account_id)
+    rule, ch = await _rule_and_channel(conn, user.account_id, request.match_info["rule_id"])
+    return user, form, rule, ch
+
+
 @routes.get("/rules/{rule_id}")
 async def rule_page(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
@@ -396,10 +407,8 @@ async def _again(
 @routes.post("/rules/{rule_id}")
 async def save_rule(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
-        user, form = await posted(request, conn, MANAGER)
+        user, form, rule, ch = await _change(request, conn)
         acc = user.account_id
-        await api.write_limit(request, conn, acc)
-        rule, ch = await _rule_and_channel(conn, acc, request.match_info["rule_id"])
         rk = RULE_KINDS[rule["kind"]]
         body = rule_body(form, rk)
         try:
@@ -432,10 +441,8 @@ def window_of(form: Any, rk: RuleKind) -> dict[str, Any]:
 @routes.post("/rules/{rule_id}/windows")
 async def add_window(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
-        user, form = await posted(request, conn, MANAGER)
+        user, form, rule, ch = await _change(request, conn)
         acc = user.account_id
-        await api.write_limit(request, conn, acc)
-        rule, ch = await _rule_and_channel(conn, acc, request.match_info["rule_id"])
         rk = RULE_KINDS[rule["kind"]]
         try:
             body = {"windows": [*(rule["windows"] or []), window_of(form, rk)]}
@@ -449,10 +456,8 @@ async def add_window(request: web.Request) -> web.Response:
 @routes.post("/rules/{rule_id}/windows/delete")
 async def delete_window(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
-        user, form = await posted(request, conn, MANAGER)
+        user, form, rule, ch = await _change(request, conn)
         acc = user.account_id
-        await api.write_limit(request, conn, acc)
-        rule, _ = await _rule_and_channel(conn, acc, request.match_info["rule_id"])
         windows = list(rule["windows"] or [])
         n = number(form.get("n", ""))
         if not isinstance(n, int) or not 0 <= n < len(windows):
