@@ -245,6 +245,14 @@ async def test_bad_input_gets_the_apis_message_next_to_the_field_and_changes_not
         text = await r.text()
         assert r.status == 422, (url, changed, text[:300])
         assert field_error(text, form, name) == message, (url, changed)
+    # a preset without a rule for the channel's measurement: said next to the field
+    r = await client.get(
+        f"/rules/new?channel_id={acc['channel']}&start=preset:server_room:humidity"
+    )
+    assert r.status == 422
+    assert field_error(await r.text(), "add", "start") == (
+        "start: the preset 'server_room' has no rule for temperature channels"
+    )
     # a missing or empty CSRF token, and a body that is not a form
     r = await client.post(f"/rules/{rule_id}", data={**good, "csrf": ""})
     assert r.status == 403 and (await r.json())["error"]["code"] == "forbidden"

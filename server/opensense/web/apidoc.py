@@ -140,11 +140,11 @@ REFUSED = html(422, "Refused: the form again with the API's message next to the 
 FORM_ERRORS = err(403, 404, 413, 429)  # CSRF or role, another account's id, size, rate
 
 
-def _page(summary: str, *params: S) -> S:
+def _page(summary: str, *params: S, answers: S | None = None) -> S:
     extra: S = {"parameters": list(params)} if params else {}
     return op(
         f"Dashboard: {summary} (HTML)",
-        {**html(200, "The page"), **SIGNED_OUT, **err(404)},
+        {**html(200, "The page"), **SIGNED_OUT, **err(404), **(answers or {})},
         security=NO_TOKEN,
         **extra,
     )
@@ -173,6 +173,7 @@ def config_pages() -> S:
                 "the rule editor, filled from a preset or empty for a kind",
                 q("channel_id", TEXT, "the channel"),
                 q("start", TEXT, "preset:<vertical>:<measurement> or kind:<rule kind>"),
+                answers=html(422, "Not a start for this channel: /rules, saying so at the field"),
             ),
             "post": _post(
                 "create a rule (manager)",

@@ -234,29 +234,31 @@ async def _editor_ctx(
 
 @routes.get("/rules/new")
 async def new_rule_page(request: web.Request) -> web.Response:
-    """The editor, filled from a preset or empty for a kind; nothing is stored yet."""
+    """The editor, filled from a preset or empty for a kind; nothing is stored yet. A
+    preset without a rule for the channel's measurement: /rules again, saying so."""
     q = request.query
+    now = request.app[CONFIG].clock()
     async with request.app[POOL].connection() as conn:
         user = await signed_in(request, conn)
         ch = await channel_row(conn, user.account_id, q.get("channel_id", "")[:100])
-        start = q.get("start", "")
+        start = q.get("start", "")[:100]
         values: dict[str, str] = {"severity": "alarm", "enabled": "on", "grace_min": "15"}
+        kind, why = None, "start must be a preset or a rule kind"
         if start.startswith("kind:") and start[5:] in RULE_KINDS:
             kind = start[5:]
         elif start.startswith("preset:"):
             _, name, measure = (start.split(":") + ["", ""])[:3]
             v = VERTICALS.get(name)
             d = v.rules.get(ch["kind"]) if v else None
-            if d is None or measure != ch["kind"]:
-                raise ApiError(
-                    "invalid_request",
-                    f"start: preset {name[:40]!r} has no rule for {ch['kind']} channels",
-                )
-            kind = d.kind
-            values.update(_values_of({"params": d.params, "grace_min": d.grace_min}))
-            values.update({"severity": "alarm", "enabled": "on", "clear_min": ""})
-        else:
-            raise ApiError("invalid_request", "start must be a preset or a rule kind")
+            why = f"start: the preset {name[:40]!r} has no rule for {ch['kind']} channels"
+            if d is not None and measure == ch["kind"]:
+                kind = d.kind
+                values.update(_values_of({"params": d.params, "grace_min": d.grace_min}))
+                values["clear_min"] = ""
+        if kind is None:
+            ctx = await _rules_ctx(conn, user, now)
+            ctx.update(errors={"start": why}, values={"channel_id": ch["id"], "start": start})
+            return render(request, user, "rules.html", ctx, status=422)
         ctx = await _editor_ctx(conn, user, ch, kind, None)
     ctx["values"] = values
     return render(request, user, "rule.html", ctx)
