@@ -20,7 +20,7 @@ from opensense_contract.rules import RULE_KINDS, SEVERITIES, RuleKind
 from ..alarms import routes as api
 from ..alarms import store as alarm_store
 from ..api.keys import CONFIG, POOL
-from ..devices.store import channel_row
+from ..devices.store import channel_row, list_sites
 from ..errors import ApiError
 from ..presets import VERTICALS
 from . import alarm_store as views
@@ -140,7 +140,7 @@ async def _rules_ctx(conn: AsyncConnection[Any], user: User, now: datetime) -> d
                 "windows": [window_words(w) for w in r["windows"] or []],
             }
         )
-    sites = {c["site_id"]: c["site_name"] for c in chans}
+    sites = {x["id"]: x["name"] for x in await list_sites(conn, acc)}
     silences = [
         {
             **s,
@@ -340,7 +340,8 @@ async def add_silence(request: web.Request) -> web.Response:
         try:
             if scope.startswith("site:"):
                 target["site_id"] = scope[5:]
-                tz = next((c["timezone"] for c in chans if c["site_id"] == scope[5:]), tz)
+                sites = await list_sites(conn, acc)
+                tz = next((x["timezone"] for x in sites if x["id"] == scope[5:]), tz)
             elif scope.startswith("channel:"):
                 target["channel_id"] = scope[8:]
                 tz = next((c["timezone"] for c in chans if c["id"] == scope[8:]), tz)
