@@ -30,6 +30,11 @@ from .lifecycle import Change, transition
 
 routes = web.RouteTableDef()
 
+# the configuration changes' signature (add_rule, add_target, ...: below)
+Conn = AsyncConnection[Any]
+Body = dict[str, Any]
+Who = str | None  # the actor; None: the API token
+
 LINK_TTL = timedelta(minutes=30)
 
 
@@ -74,7 +79,7 @@ async def _audit(
     )
 
 
-async def _write_limit(request: web.Request, conn: AsyncConnection[Any], acc: str) -> None:
+async def write_limit(request: web.Request, conn: AsyncConnection[Any], acc: str) -> None:
     """Alarm configuration writes (recipients, rules, escalation, silences) per account
     and minute: counted before the body is read, refused 429 with Retry-After."""
     cfg = request.app[CONFIG]
@@ -179,7 +184,7 @@ async def _by_a_person(request: web.Request, what: str) -> web.Response:
 # --- rules -------------------------------------------------------------------------------
 
 
-def _rule_fields(body: dict[str, Any], kind: str, partial: bool) -> dict[str, Any]:
+def rule_fields(body: dict[str, Any], kind: str, partial: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "params" in body or not partial:
         params = body.get("params", {})
@@ -224,26 +229,44 @@ def _rule_fields(body: dict[str, Any], kind: str, partial: bool) -> dict[str, An
 async def create_rule(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn, read=False)
-        await _write_limit(request, conn, acc)
+        await write_limit(request, conn, acc)
         ch = await channel_row(conn, acc, request.match_info["channel_id"])
         body = await json_object(request)
-        kind = body.get("kind")
-        if kind not in engine.RULE_KINDS:
-            raise ApiError("invalid_rule", f"kind must be one of {', '.join(engine.RULE_KINDS)}")
-        f = _rule_fields(body, kind, partial=False)
-        other_of = rule_kinds.behaviour(kind).other_channel
-        if other_of is not None:  # the other channel must be one of this account's
-            await channel_row(conn, acc, other_of(f["params"].obj))
-        async with conn.transaction():
-            row = await store.insert_rule(conn, ch["id"], kind, f)
-            await _audit(
-                conn, request, acc, "rule.create", row["id"],
-                {"channel_id": ch["id"], "kind": kind, **f},
-            )  # fmt: skip
-        return response(row, status=201)
+        return response(await add_rule(conn, request, acc, ch, body), status=201)
 
 
-async def _rule(conn: AsyncConnection[Any], acc: str, rule_id: str) -> dict[str, Any]:
+# The configuration changes below (add_rule, change_rule, ...) are the API's and the
+# dashboard's (web/rules.py, web/notify.py): the same checks, messages and audit rows.
+# The caller has found the account (and counted write_limit); `actor` None is the
+# API token (auth.actor), the dashboard passes its signed-in user.
+
+
+async def add_rule(
+    conn: AsyncConnection[Any],
+    request: web.Request,
+    acc: str,
+    ch: dict[str, Any],
+    body: dict[str, Any],
+    actor: str | None = None,
+) -> dict[str, Any]:
+    """A new rule on channel `ch` (a row of this account's) from a JSON-like body."""
+    kind = body.get("kind")
+    if kind not in engine.RULE_KINDS:
+        raise ApiError("invalid_rule", f"kind must be one of {', '.join(engine.RULE_KINDS)}")
+    f = rule_fields(body, kind, partial=False)
+    other_of = rule_kinds.behaviour(kind).other_channel
+    if other_of is not None:  # the other channel must be one of this account's
+        await channel_row(conn, acc, other_of(f["params"].obj))
+    async with conn.transaction():
+        row = await store.insert_rule(conn, ch["id"], kind, f)
+        await _audit(
+            conn, request, acc, "rule.create", row["id"],
+            {"channel_id": ch["id"], "kind": kind, **f}, actor,
+        )  # fmt: skip
+    return row
+
+
+async def rule_of(conn: AsyncConnection[Any], acc: str, rule_id: str) -> dict[str, Any]:
     row = await store.rule(conn, acc, rule_id)
     if row is None:
         raise ApiError("rule_not_found", f"no rule {rule_id[:40]!r} in this account")
@@ -254,23 +277,35 @@ async def _rule(conn: AsyncConnection[Any], acc: str, rule_id: str) -> dict[str,
 async def patch_rule(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn, read=False)
-        await _write_limit(request, conn, acc)
-        rule = await _rule(conn, acc, request.match_info["rule_id"])
+        await write_limit(request, conn, acc)
+        rule = await rule_of(conn, acc, request.match_info["rule_id"])
         body = await json_object(request)
-        if "kind" in body and body["kind"] != rule["kind"]:
-            raise ApiError("invalid_rule", "a rule's kind cannot change; make a new rule")
-        f = _rule_fields(body, rule["kind"], partial=True)
-        async with conn.transaction():
-            await store.update_rule(conn, rule["id"], f)
-            changed = {
-                k: {"from": rule[k], "to": _plain(v)} for k, v in f.items() if rule[k] != _plain(v)
-            }
-            if changed:
-                await _audit(
-                    conn, request, acc, "rule.update", rule["id"],
-                    {"channel_id": rule["channel_id"], **changed},
-                )  # fmt: skip
-        return response(await _rule(conn, acc, rule["id"]))
+        await change_rule(conn, request, acc, rule, body)
+        return response(await rule_of(conn, acc, rule["id"]))
+
+
+async def change_rule(
+    conn: AsyncConnection[Any],
+    request: web.Request,
+    acc: str,
+    rule: dict[str, Any],
+    body: dict[str, Any],
+    actor: str | None = None,
+) -> None:
+    """The fields of `body` set on `rule` (a row of this account's, rule_of)."""
+    if "kind" in body and body["kind"] != rule["kind"]:
+        raise ApiError("invalid_rule", "a rule's kind cannot change; make a new rule")
+    f = rule_fields(body, rule["kind"], partial=True)
+    async with conn.transaction():
+        await store.update_rule(conn, rule["id"], f)
+        changed = {
+            k: {"from": rule[k], "to": _plain(v)} for k, v in f.items() if rule[k] != _plain(v)
+        }
+        if changed:
+            await _audit(
+                conn, request, acc, "rule.update", rule["id"],
+                {"channel_id": rule["channel_id"], **changed}, actor,
+            )  # fmt: skip
 
 
 @routes.delete("/v1/rules/{rule_id}")
@@ -278,15 +313,15 @@ async def delete_rule(request: web.Request) -> web.Response:
     """Rules are disabled, not deleted: their events keep pointing at them."""
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn, read=False)
-        await _write_limit(request, conn, acc)
-        rule = await _rule(conn, acc, request.match_info["rule_id"])
+        await write_limit(request, conn, acc)
+        rule = await rule_of(conn, acc, request.match_info["rule_id"])
         async with conn.transaction():
             await store.disable_rule(conn, rule["id"])
             await _audit(
                 conn, request, acc, "rule.delete", rule["id"],
                 {"channel_id": rule["channel_id"], "kind": rule["kind"], "was_enabled": rule["enabled"]},
             )  # fmt: skip
-        return response(await _rule(conn, acc, rule["id"]))
+        return response(await rule_of(conn, acc, rule["id"]))
 
 
 @routes.get("/v1/channels/{channel_id}/alarm-state")
@@ -314,19 +349,31 @@ async def alarm_state(request: web.Request) -> web.Response:
 
 @routes.post("/v1/channels/{channel_id}/recompute")
 async def recompute(request: web.Request) -> web.Response:
-    cfg = request.app[CONFIG]
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn, read=False)
-        # a replay reads 24 h of readings and rewrites the channel's state: per hour
-        await ratelimit.hit(
-            conn, f"recompute:{acc}", cfg.recompute_per_hour, 3600, cfg.clock(), "Recompute"
-        )
-        ch = await channel_row(conn, acc, request.match_info["channel_id"])
-        num = await store.channel_num(conn, ch["id"])
-        async with conn.transaction():
-            await evaluator.recompute(conn, num, cfg.clock())
-            await _audit(conn, request, acc, "channel.recompute", ch["id"], {"hours": 24})
+        ch = await recompute_channel(conn, request, acc, request.match_info["channel_id"])
     return response({"channel_id": ch["id"], "status": "queued", "hours": 24}, status=202)
+
+
+async def recompute_channel(
+    conn: AsyncConnection[Any],
+    request: web.Request,
+    acc: str,
+    channel_id: str,
+    actor: str | None = None,
+) -> dict[str, Any]:
+    """Replay the channel's last 24 h; the channel's row."""
+    cfg = request.app[CONFIG]
+    # a replay reads 24 h of readings and rewrites the channel's state: per hour
+    await ratelimit.hit(
+        conn, f"recompute:{acc}", cfg.recompute_per_hour, 3600, cfg.clock(), "Recompute"
+    )
+    ch = await channel_row(conn, acc, channel_id)
+    num = await store.channel_num(conn, ch["id"])
+    async with conn.transaction():
+        await evaluator.recompute(conn, num, cfg.clock())
+        await _audit(conn, request, acc, "channel.recompute", ch["id"], {"hours": 24}, actor)
+    return ch
 
 
 # --- recipients ---------------------------------------------------------------------------
@@ -362,54 +409,59 @@ async def create_target(request: web.Request) -> web.Response:
     checked here (no CR/LF, a valid host), and a webhook's host is resolved: private
     addresses are refused unless OPENSENSE_WEBHOOK_ALLOW_PRIVATE (the sender checks
     again at every send)."""
-    cfg = request.app[CONFIG]
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn, read=False)
-        await _write_limit(request, conn, acc)
+        await write_limit(request, conn, acc)
         body = await json_object(request)
-        path = body.get("path")
-        address = (_text(body, "address", required=True, limit=500) or "").strip()
-        np = paths.PATHS.get(path) if isinstance(path, str) else None
-        if np is None or np.check is None:
-            raise ApiError("invalid_request", _paths_hint())
-        why = await np.check(cfg, address)
-        if why:
-            raise ApiError("invalid_request", why)
-        secret = np.secret() if np.secret else None
-        token = secrets.token_urlsafe(24) if np.verify else None
-        site = await _site_or_none(conn, acc, body.get("site_id"))
-        name = _text(body, "name", limit=200) or ""
-        if egress.line_problem(name, "name"):
+        return response(await add_target(conn, request, acc, body), status=201)
+
+
+async def add_target(
+    conn: Conn, request: web.Request, acc: str, body: Body, actor: Who = None
+) -> Body:
+    """The new recipient's row; a webhook's with its `secret` (shown once)."""
+    cfg = request.app[CONFIG]
+    path = body.get("path")
+    address = (_text(body, "address", required=True, limit=500) or "").strip()
+    np = paths.PATHS.get(path) if isinstance(path, str) else None
+    if np is None or np.check is None:
+        raise ApiError("invalid_request", _paths_hint())
+    why = await np.check(cfg, address)
+    if why:
+        raise ApiError("invalid_request", why)
+    secret = np.secret() if np.secret else None
+    token = secrets.token_urlsafe(24) if np.verify else None
+    site = await _site_or_none(conn, acc, body.get("site_id"))
+    name = _text(body, "name", limit=200) or ""
+    if egress.line_problem(name, "name"):
+        raise ApiError("invalid_request", "name may not contain line breaks or control characters")
+    roles = _roles(body.get("roles"))
+    async with conn.transaction():
+        if not await store.room_for_target(conn, acc, cfg.targets_max):
             raise ApiError(
-                "invalid_request", "name may not contain line breaks or control characters"
+                "conflict",
+                f"this account has {cfg.targets_max} recipients already (the most it may "
+                "have); remove one first",
             )
-        roles = _roles(body.get("roles"))
-        async with conn.transaction():
-            if not await store.room_for_target(conn, acc, cfg.targets_max):
-                raise ApiError(
-                    "conflict",
-                    f"this account has {cfg.targets_max} recipients already (the most it may "
-                    "have); remove one first",
-                )
-            row = await store.insert_target(
-                conn, acc, site, np.name, address, name, roles, secret, token
-            )
-            if row is None:
-                raise ApiError("conflict", f"{address!r} is a {path} recipient already")
-            await _audit(
-                conn, request, acc, "target.create", row["id"],
-                {"path": path, "address": row["address"], "name": name, "site_id": site,
-                 "roles": roles},
+        row = await store.insert_target(
+            conn, acc, site, np.name, address, name, roles, secret, token
+        )
+        if row is None:
+            raise ApiError("conflict", f"{address!r} is a {path} recipient already")
+        await _audit(
+            conn, request, acc, "target.create", row["id"],
+            {"path": path, "address": row["address"], "name": name, "site_id": site,
+             "roles": roles}, actor,
+        )  # fmt: skip
+        if token:  # double opt-in: the address confirms itself before any alarm goes
+            await outbox.put(
+                conn, account_id=acc, target_id=row["id"], event_id=None, kind="verify",
+                key=f"verify:{row['id']}", payload=_verify_mail(request, token),
+                due=cfg.clock(),
             )  # fmt: skip
-            if token:  # double opt-in: the address confirms itself before any alarm goes
-                await outbox.put(
-                    conn, account_id=acc, target_id=row["id"], event_id=None, kind="verify",
-                    key=f"verify:{row['id']}", payload=_verify_mail(request, token),
-                    due=cfg.clock(),
-                )  # fmt: skip
-        if secret:
-            row["secret"] = secret
-        return response(row, status=201)
+    if secret:
+        row["secret"] = secret
+    return row
 
 
 def _paths_hint() -> str:
@@ -572,16 +624,26 @@ async def unsubscribe(request: web.Request) -> web.Response:
 async def delete_target(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn, read=False)
-        await _write_limit(request, conn, acc)
-        async with conn.transaction():
-            gone = await store.delete_target(conn, acc, request.match_info["target_id"])
-            if gone is None:
-                raise ApiError("target_not_found", "no such recipient in this account")
-            await _audit(
-                conn, request, acc, "target.delete", gone.id,
-                {"path": gone.path, "address": gone.address, "site_id": gone.site_id},
-            )  # fmt: skip
+        await write_limit(request, conn, acc)
+        await remove_target(conn, request, acc, request.match_info["target_id"])
         return response({"id": request.match_info["target_id"], "deleted": True})
+
+
+async def remove_target(
+    conn: AsyncConnection[Any],
+    request: web.Request,
+    acc: str,
+    target_id: str,
+    actor: str | None = None,
+) -> None:
+    async with conn.transaction():
+        gone = await store.delete_target(conn, acc, target_id)
+        if gone is None:
+            raise ApiError("target_not_found", "no such recipient in this account")
+        await _audit(
+            conn, request, acc, "target.delete", gone.id,
+            {"path": gone.path, "address": gone.address, "site_id": gone.site_id}, actor,
+        )  # fmt: skip
 
 
 # --- Telegram ------------------------------------------------------------------------------
@@ -590,23 +652,30 @@ async def delete_target(request: web.Request) -> web.Response:
 @routes.post("/v1/telegram/link")
 async def telegram_link(request: web.Request) -> web.Response:
     """A one-time code; send `/start <code>` to the bot from the chat or group."""
-    cfg = request.app[CONFIG]
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn, read=False)
-        await _write_limit(request, conn, acc)
+        await write_limit(request, conn, acc)
         body = await json_object(request)
-        site = await _site_or_none(conn, acc, body.get("site_id"))
-        code = secrets.token_hex(4).upper()
-        expires = cfg.clock() + LINK_TTL
-        roles = _roles(body.get("roles"))
-        async with conn.transaction():
-            await store.insert_link_code(conn, code, acc, site, roles, expires)
-            # the code is a one-time secret: the row names what it grants, not the code
-            await _audit(
-                conn, request, acc, "telegram.link_code", None,
-                {"site_id": site, "roles": roles, "expires_at": expires},
-            )  # fmt: skip
-        return response({"code": code, "expires_at": expires, "send": f"/start {code}"}, status=201)
+        return response(await telegram_code(conn, request, acc, body), status=201)
+
+
+async def telegram_code(
+    conn: Conn, request: web.Request, acc: str, body: Body, actor: Who = None
+) -> Body:
+    """A one-time link code for a chat: {code, expires_at, send}."""
+    cfg = request.app[CONFIG]
+    site = await _site_or_none(conn, acc, body.get("site_id"))
+    code = secrets.token_hex(4).upper()
+    expires = cfg.clock() + LINK_TTL
+    roles = _roles(body.get("roles"))
+    async with conn.transaction():
+        await store.insert_link_code(conn, code, acc, site, roles, expires)
+        # the code is a one-time secret: the row names what it grants, not the code
+        await _audit(
+            conn, request, acc, "telegram.link_code", None,
+            {"site_id": site, "roles": roles, "expires_at": expires}, actor,
+        )  # fmt: skip
+    return {"code": code, "expires_at": expires, "send": f"/start {code}"}
 
 
 @routes.post("/v1/telegram/webhook")
@@ -711,31 +780,44 @@ async def get_escalation(request: web.Request) -> web.Response:
 async def put_escalation(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn, read=False)
-        await _write_limit(request, conn, acc)
+        await write_limit(request, conn, acc)
         site = await get_site(conn, acc, request.match_info["site_id"])
         body = await json_object(request)
-        steps = body.get("steps")
-        if not isinstance(steps, list) or not 1 <= len(steps) <= 10:
-            raise ApiError("invalid_request", "steps must be a list of 1..10 steps")
-        for s in steps:
-            d = s.get("delay_min") if isinstance(s, dict) else None
-            to = s.get("to") if isinstance(s, dict) else None
-            if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= 24 * 60:
-                raise ApiError("invalid_request", "each step needs delay_min, 0..1440")
-            if not (
-                to in outbox.STEP_TARGETS
-                or (isinstance(to, list) and all(isinstance(x, str) for x in to))
-            ):
-                raise ApiError(
-                    "invalid_request", "a step's to is on_shift, manager, everyone or a list of recipient ids"
-                )  # fmt: skip
-        async with conn.transaction():
-            old = await store.escalation_steps(conn, site["id"], lock=True)
-            await store.put_escalation(conn, site["id"], steps)
-            await _audit(
-                conn, request, acc, "escalation.update", site["id"], {"from": old, "to": steps}
-            )
+        steps = await set_escalation(conn, request, acc, site["id"], body)
         return response({"site_id": site["id"], "steps": steps})
+
+
+async def set_escalation(
+    conn: AsyncConnection[Any],
+    request: web.Request,
+    acc: str,
+    site_id: str,
+    body: dict[str, Any],
+    actor: str | None = None,
+) -> list[Any]:
+    """The steps of `body` as site `site_id`'s (a site of this account's, get_site)."""
+    steps = body.get("steps")
+    if not isinstance(steps, list) or not 1 <= len(steps) <= 10:
+        raise ApiError("invalid_request", "steps must be a list of 1..10 steps")
+    for s in steps:
+        d = s.get("delay_min") if isinstance(s, dict) else None
+        to = s.get("to") if isinstance(s, dict) else None
+        if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= 24 * 60:
+            raise ApiError("invalid_request", "each step needs delay_min, 0..1440")
+        if not (
+            to in outbox.STEP_TARGETS
+            or (isinstance(to, list) and all(isinstance(x, str) for x in to))
+        ):
+            raise ApiError(
+                "invalid_request", "a step's to is on_shift, manager, everyone or a list of recipient ids"
+            )  # fmt: skip
+    async with conn.transaction():
+        old = await store.escalation_steps(conn, site_id, lock=True)
+        await store.put_escalation(conn, site_id, steps)
+        await _audit(
+            conn, request, acc, "escalation.update", site_id, {"from": old, "to": steps}, actor
+        )
+    return steps
 
 
 @routes.get("/v1/silences")
@@ -750,23 +832,30 @@ async def create_silence(request: web.Request) -> web.Response:
     """Notifications only: the alarm still opens, shows and is reported."""
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn, read=False)
-        await _write_limit(request, conn, acc)
+        await write_limit(request, conn, acc)
         body = await json_object(request)
-        start, end = _ts(body.get("from"), "from"), _ts(body.get("to"), "to")
-        if end <= start:
-            raise ApiError("invalid_request", "to must be after from")
-        reason = _text(body, "reason", required=True, limit=500)
-        site = await _site_or_none(conn, acc, body.get("site_id"))
-        chan = None
-        if body.get("channel_id") is not None:
-            chan = (await channel_row(conn, acc, str(body["channel_id"])))["id"]
-        async with conn.transaction():
-            row = await store.insert_silence(conn, acc, site, chan, start, end, reason)
-            await _audit(
-                conn, request, acc, "silence.create", row["id"],
-                {"site_id": site, "channel_id": chan, "from": start, "to": end, "reason": reason},
-            )  # fmt: skip
-        return response(row, status=201)
+        return response(await add_silence(conn, request, acc, body), status=201)
+
+
+async def add_silence(
+    conn: Conn, request: web.Request, acc: str, body: Body, actor: Who = None
+) -> Body:
+    start, end = _ts(body.get("from"), "from"), _ts(body.get("to"), "to")
+    if end <= start:
+        raise ApiError("invalid_request", "to must be after from")
+    reason = _text(body, "reason", required=True, limit=500)
+    site = await _site_or_none(conn, acc, body.get("site_id"))
+    chan = None
+    if body.get("channel_id") is not None:
+        chan = (await channel_row(conn, acc, str(body["channel_id"])))["id"]
+    async with conn.transaction():
+        row = await store.insert_silence(conn, acc, site, chan, start, end, reason)
+        await _audit(
+            conn, request, acc, "silence.create", row["id"],
+            {"site_id": site, "channel_id": chan, "from": start, "to": end, "reason": reason},
+            actor,
+        )  # fmt: skip
+    return row
 
 
 @routes.post("/v1/notifications/test")

@@ -122,7 +122,7 @@ async def rule(conn: Conn, acc: str, rule_id: str) -> Row | None:
 
 
 async def update_rule(conn: Conn, rule_id: str, fields: dict[str, Any]) -> None:
-    for k, v in fields.items():  # keys are _rule_fields' own names, never the client's
+    for k, v in fields.items():  # keys are routes.rule_fields' own names, never the client's
         await conn.execute(f"UPDATE rules SET {k} = %s WHERE id = %s", (v, rule_id))
 
 

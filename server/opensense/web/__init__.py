@@ -14,12 +14,12 @@ def setup(app: web.Application) -> None:
     import aiohttp_jinja2
     import jinja2
 
-    from . import account, devices, overview, routes
+    from . import account, audit, devices, notify, overview, routes, rules
     from .ctx import web_ctx
     from .routes import SECURITY_HEADERS
 
     # every module of pages (each a RouteTableDef named `routes`): sign-in first
-    pages = (routes, overview, devices, account)
+    pages = (routes, overview, devices, rules, notify, audit, account)
 
     aiohttp_jinja2.setup(
         app,

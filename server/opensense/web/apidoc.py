@@ -132,6 +132,119 @@ def sign_in_paths() -> S:
                 requestBody=form(CSRF, ("csrf",)),
             )
         },
+        **config_pages(),
+    }
+
+
+# --- rules, notifications, audit (web/rules.py, web/notify.py, web/audit.py) ---------
+
+FIELD = {"type": "string"}
+SIGNED_OUT = see_other("Not signed in: to /auth/login")
+REFUSED = html(422, "Refused: the form again with the API's message next to the field")
+FORM_ERRORS = err(403, 404, 413, 429)  # CSRF or role, another account's id, size, rate
+
+
+def _page(summary: str, *params: S, answers: S | None = None) -> S:
+    extra: S = {"parameters": list(params)} if params else {}
+    return op(
+        f"Dashboard: {summary} (HTML)",
+        {**html(200, "The page"), **SIGNED_OUT, **err(404), **(answers or {})},
+        security=NO_TOKEN,
+        **extra,
+    )
+
+
+def _post(summary: str, fields: S, answers: S, *params: str) -> S:
+    extra: S = {"parameters": [path_param(p) for p in params]} if params else {}
+    return op(
+        f"Dashboard: {summary}",
+        {**answers, **SIGNED_OUT, **REFUSED, **FORM_ERRORS},
+        security=NO_TOKEN,
+        requestBody=form({**CSRF, **fields}, ("csrf",)),
+        **extra,
+    )
+
+
+def config_pages() -> S:
+    redirect = see_other("Done: to the page that shows it")
+    rule = {k: FIELD for k in ("grace_min", "clear_min", "renotify_min", "severity", "enabled")}
+    window = {k: FIELD for k in ("days", "start", "duration_min", "during")}
+    before = q("before", {"type": "string", "maxLength": 18}, "the next page: rows below this")
+    return {
+        "/rules": {"get": _page("the account's alarm rules and silences")},
+        "/rules/new": {
+            "get": _page(
+                "the rule editor, filled from a preset or empty for a kind",
+                q("channel_id", FIELD, "the channel"),
+                q("start", FIELD, "preset:<vertical>:<measurement> or kind:<rule kind>"),
+                answers=html(422, "Not a start for this channel: /rules, saying so at the field"),
+            ),
+            "post": _post(
+                "create a rule (manager)",
+                {"channel_id": FIELD, "kind": FIELD, **rule},
+                see_other("Created: to the rule's page"),
+            ),
+        },
+        "/rules/silences": {
+            "post": _post(
+                "silence notifications from now until a time (manager)",
+                {"scope": FIELD, "to": FIELD, "reason": FIELD},
+                redirect,
+            )
+        },
+        "/rules/{rule_id}": {
+            "get": _page("one rule: editor, windows in words, recompute", path_param("rule_id")),
+            "post": _post("save a rule (manager)", rule, redirect, "rule_id"),
+        },
+        "/rules/{rule_id}/windows": {
+            "post": _post("add a time window to a rule (manager)", window, redirect, "rule_id")
+        },
+        "/rules/{rule_id}/windows/delete": {
+            "post": _post(
+                "remove a rule's time window (manager)", {"n": FIELD}, redirect, "rule_id"
+            )
+        },
+        "/rules/{rule_id}/recompute": {
+            "post": _post(
+                "recompute the rule's channel, last 24 h (manager)", {}, redirect, "rule_id"
+            )
+        },
+        "/notifications": {
+            "get": _page("recipients, Telegram linking, escalation, the outbound log", before)
+        },
+        "/notifications/recipients": {
+            "post": _post(
+                "add a recipient (manager)",
+                {k: FIELD for k in ("path", "address", "name", "site_id", "roles")},
+                html(201, "Added: the page, with a webhook's secret shown once"),
+            )
+        },
+        "/notifications/recipients/{target_id}/delete": {
+            "post": _post("remove a recipient (manager)", {}, redirect, "target_id")
+        },
+        "/notifications/telegram": {
+            "post": _post(
+                "a one-time code that links a Telegram chat (manager)",
+                {"site_id": FIELD, "roles": FIELD},
+                html(201, "The page with the code to send to the bot"),
+            )
+        },
+        "/notifications/escalation/{site_id}": {
+            "post": _post(
+                "save a site's escalation steps (manager)",
+                {"delay_min_0": FIELD, "to_0": FIELD},
+                redirect,
+                "site_id",
+            )
+        },
+        "/audit": {"get": _page("the account's audit trail and its verification", before)},
+        "/audit/verify": {
+            "post": _post(
+                "verify this account's audit trail now",
+                {},
+                html(200, "The audit page with the result"),
+            )
+        },
     }
 
 
