@@ -1040,6 +1040,31 @@ async def _b_rows(dsn: str, t: Tenants) -> list[Any]:
         return out
 
 
+async def _page_request(
+    client: Any, dsn: str, t: Tenants, method: str
+) -> tuple[dict[str, str], bytes | None]:
+    """Headers and body of a dashboard request by account A's owner (web/session.py)."""
+    from urllib.parse import urlencode
+
+    from opensense.api.keys import CONFIG
+    from opensense.web import store as web_store
+    from opensense.web.routes import csrf_token
+
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT id FROM users WHERE account_id = %s AND role = 'owner' LIMIT 1", (t.a.account,)
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        sid = await web_store.create_session(conn, row[0], client.app[CONFIG].clock())
+    headers = {"Cookie": f"os_session={sid}"}
+    if method == "GET":
+        return headers, None
+    form = {"csrf": csrf_token(sid), "note": "a note"}
+    headers["Content-Type"] = "application/x-www-form-urlencoded"
+    return headers, urlencode(form).encode()
+
+
 async def test_another_accounts_id_on_every_route_is_not_found(eclient, tenants: Tenants, dsn):
     """Account A's token with one of account B's ids, on every route of the router that
     takes an id: 404 `<kind>_not_found` in the envelope, nothing of B shown or changed.
@@ -1054,7 +1079,8 @@ async def test_another_accounts_id_on_every_route_is_not_found(eclient, tenants:
         security = _security(method, path)
         if security == {"operatorToken"}:
             continue
-        assert "userToken" in security, (
+        page = not path.startswith("/v1/") and not security  # the dashboard's: a session
+        assert "userToken" in security or page, (
             f"{method} {path} takes an id but not a user's token ({security}): decide how "
             "another account's id is refused there and add it to this test"
         )
@@ -1062,22 +1088,25 @@ async def test_another_accounts_id_on_every_route_is_not_found(eclient, tenants:
         assert not unknown, f"{method} {path}: add account B's {unknown} to ID_KINDS/_b_ids"
         for name in names:
             for value in ids[ID_KINDS[name]]:
-                # the other placeholders (none today) get the same account B's ids
+                # the other placeholders get account B's ids too; on a page, whose
+                # checks go from the channel to its event, the channel is A's own
                 url = path
                 for other in names:
                     fill = value if other == name else ids[ID_KINDS[other]][0]
+                    if page and other != name and other == "channel_id":
+                        fill = t.a_chn
                     url = re.sub(r"\{" + other + r"(?::[^}]*)?\}", fill, url)
                 kind = ID_KINDS[name]
                 if value.startswith("snr_"):
                     kind = "sensor"
-                case = Case(
-                    f"B's {name} on {method} {path}",
-                    method,
-                    url,
-                    f"{kind}_not_found",
+                headers, body = (
                     {**t.a.auth, "Content-Type": "application/json"},
                     _valid_body(method, path),
                 )
+                if page:  # A's owner signed in; a form with this session's CSRF token
+                    headers, body = await _page_request(client, dsn, t, method)
+                case = Case(f"B's {name} on {method} {path}", method, url, f"{kind}_not_found",
+                            headers, body)  # fmt: skip
                 status, headers, text = await send(client, case)
                 tried += 1
                 for p in envelope_problems(case, status, headers, text, t.secrets):
