@@ -29,6 +29,7 @@ def setup(app: web.Application) -> None:
     )
     app.cleanup_ctx.append(web_ctx)
     app.cleanup_ctx.append(live.live_ctx)  # one LISTEN connection for the live streams
+    app.on_shutdown.append(live.end_streams)
     for module in pages:
         app.router.add_routes(module.routes)
     paths = {r.path for m in pages for r in m.routes if isinstance(r, web.RouteDef)}

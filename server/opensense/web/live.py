@@ -210,6 +210,13 @@ async def live_ctx(app: web.Application) -> AsyncIterator[None]:
     await aio.cancel(*tasks, *hub.flushing.values())
 
 
+async def end_streams(app: web.Application) -> None:
+    """At shutdown (app.on_shutdown), before the server waits for open requests: an
+    open stream would otherwise hold it until its next heartbeat."""
+    if HUB in app:
+        app[HUB].close_all()
+
+
 @routes.get("/live")
 async def live(request: web.Request) -> web.StreamResponse:
     """The event stream: a `board` event with every card first, then one with the
