@@ -82,7 +82,7 @@ async def make_world(dsn: str, tag: str) -> dict[str, Any]:
             conn, acc, dev["id"], "temperature", "°C", f"{tag} fridge"
         )
         w["leak"], leak_num = await add_channel(conn, acc, dev["id"], "leak", "0/1", f"{tag} floor")
-        _, batt = await add_channel(conn, acc, dev["id"], "battery", "%", "battery")
+        w["battery"], batt = await add_channel(conn, acc, dev["id"], "battery", "%", "battery")
         _, rssi = await add_channel(conn, acc, dev["id"], "signal", "dBm", "rssi")
         _, queue = await add_channel(conn, acc, dev["id"], "health", "1", "queue", "queue_depth")
         rows = [
@@ -228,6 +228,18 @@ async def test_stream_delivers_own_account_changes_only(app_client, dsn, worlds)
         )
     name, msg = await next_event(resp)
     seen.append(json.dumps(msg))
+    # a health channel judged: its device's line is sent, with the device's cards
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute(
+            "INSERT INTO alarm_state (channel_num, channel_id)"
+            " SELECT num, id FROM channels WHERE id = %s",
+            (a["battery"],),
+        )
+    name, msg = await next_event(resp)
+    seen.append(json.dumps(msg))
+    assert [d["id"] for d in msg["devices"]] == [a["device"]]
+    assert msg["devices"][0]["health"].startswith("battery 87 %")
+    assert {c["id"] for c in msg["cards"]} == {a["temp"], a["leak"]}
     assert all(b["temp"] not in s and b["device"] not in s for s in seen)
     resp.close()
 

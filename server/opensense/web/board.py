@@ -97,6 +97,7 @@ class Device:
     offline: str | None  # "went offline 3 h ago", or None when online
     open_events: int  # device-level (offline) events
     cards: list[Card] = field(default_factory=list)
+    health_ids: set[str] = field(default_factory=set)  # its health channels
 
     @property
     def alarming(self) -> bool:
@@ -153,6 +154,7 @@ async def board(conn: AsyncConnection[Any], account_id: str, now: datetime) -> l
                      status, "alarm" if n_open else STATE_CLASS.get(status, "none"), n_open)
             )  # fmt: skip
             continue
+        d.health_ids.add(cid)
         d.open_events += n_open  # e.g. device_offline, filed on a health channel
         words = HEALTH_LINE.get(kind) or HEALTH_LABELS.get(label)
         if words and value is not None:

@@ -80,7 +80,8 @@ def board_message(devices: list[Device], ids: set[str] | None) -> bytes | None:
     none of them is on the board."""
     devs, cards = [], []
     for d in devices:
-        dev_changed = ids is None or d.id in ids
+        # the device itself (offline, online) or one of its health channels
+        dev_changed = ids is None or d.id in ids or not d.health_ids.isdisjoint(ids)
         if dev_changed:
             devs.append(d.json())
         for c in d.cards:
