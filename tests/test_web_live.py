@@ -357,3 +357,25 @@ async def test_acknowledge_form(app_client, dsn, worlds):
     # twice: the event's state forbids it, said on the page
     r = await app_client.post(ack, data={"csrf": csrf, "note": "again"})
     assert r.status == 422 and "acknowledged already" in await r.text()
+
+
+def test_vendored_uplot_matches_its_record(tmp_path):
+    """tools/refresh_uplot.py --check: the served files are the recorded ones, and a
+    changed byte is caught."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "refresh_uplot.py"
+    spec = importlib.util.spec_from_file_location("refresh_uplot", path)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.check() == []
+    rec = mod.read_record()
+    assert rec["version"] and rec["integrity"].startswith("sha512-")
+    copy = tmp_path / "uplot"
+    shutil.copytree(mod.DEST, copy)
+    js = copy / "uPlot.iife.min.js"
+    js.write_bytes(js.read_bytes() + b" ")
+    assert mod.check(copy) == ["uPlot.iife.min.js: SHA-256 differs from VERSION"]
