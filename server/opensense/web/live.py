@@ -6,7 +6,9 @@ NOTIFYs `opensense_live` "<account> <channel or device id>" at the commit of eac
 change the overview shows (migration 0023: the rule engine's alarm_state, events,
 device_alarm_state). One LISTEN connection per process (`aio.listen`) feeds the hub;
 the hub reads the changed account's board once (one query, however many of that
-account's streams are open) and hands the changed cards to each of its streams.
+account's streams are open; at most `READERS` such reads at once, so a pass of the
+rule engine touching many accounts leaves the pool to requests) and hands the
+changed cards to each of its streams.
 
 Bounds: `PER_USER` streams per user (a further one ends the user's oldest: a tab
 left open elsewhere), `TOTAL` per process (past it 503), `QUEUE` messages waiting
@@ -49,6 +51,7 @@ QUEUE = 64
 HEARTBEAT_S = 15.0
 CHECK_S = 5.0
 EVERYTHING = "*"  # a pending id meaning "the whole board" (listening again)
+READERS = 2  # board reads at once for the streams: the pool stays free for requests
 
 
 @dataclass(eq=False)
@@ -111,6 +114,7 @@ class Hub:
         self.pending: dict[str, set[str]] = {}  # account -> changed ids not sent yet
         self.flushing: dict[str, asyncio.Task[None]] = {}
         self.listening = asyncio.Event()
+        self.readers = asyncio.Semaphore(READERS)
 
     def count(self) -> int:
         return sum(len(s) for s in self.streams.values())
@@ -155,7 +159,7 @@ class Hub:
             while ids := self.pending.pop(acc, set()):
                 if acc not in self.streams:
                     continue
-                async with self.pool.connection() as conn:
+                async with self.readers, self.pool.connection() as conn:
                     devices = await board(conn, acc, self.clock())
                 msg = board_message(devices, None if EVERYTHING in ids else ids)
                 if msg is not None:
