@@ -198,6 +198,8 @@ async def test_overview_shows_measurements_with_health_folded(app_client, dsn, w
     assert "1.0 1" not in html and "87.0" not in html
     assert b["temp"] not in html and "Beta" not in html
     assert '<script src="/static/live.js" defer></script>' in html
+    # the live stream and the chart's data are fetched from this server (CSP)
+    assert "connect-src 'self'" in r.headers["Content-Security-Policy"]
     js = await app_client.get("/static/live.js")
     assert js.status == 200 and "EventSource" in await js.text()
 
