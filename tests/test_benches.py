@@ -195,6 +195,21 @@ def test_report(pg_server: str) -> None:
     assert int(read) > 0 and float(got) > 0
 
 
+def test_dashboard(pg_server: str) -> None:
+    out = run_bench("dashboard", "--dsn", pg_server)
+    for label in ("overview \\(50 channels\\)", "13-month chart data"):
+        p50, p95 = figure(out, rf"^{label} +server time p50 {NUM} ms  p95 {NUM} ms")
+        assert 0 < float(p50) <= float(p95), out
+    points, size = figure(out, rf"\({NUM} points, {NUM} bytes\)")
+    assert 390 <= int(points) <= 400 and int(size) > 0  # one point a day, no raw readings
+    p50, p95, probes = figure(
+        out,
+        rf"^commit -> state change on all 50 streams: p50 {NUM} ms  p95 {NUM} ms .*; (\d+) probes",
+    )
+    assert 0 < float(p50) <= float(p95) and int(probes) == 3, out
+    assert len(re.findall(rf": {VERDICT}$", out, re.M)) == 3, out
+
+
 def test_every_bench_runs_here() -> None:
     """A bench added to tools/bench without its quick run in this file fails here."""
     launchers = {

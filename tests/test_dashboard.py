@@ -339,7 +339,10 @@ async def test_security_headers_on_every_page(web_client, smtp, dsn):
         assert r.headers["Referrer-Policy"] == "no-referrer"
         if path != "/static/dashboard.css":
             html = await r.text()
-            assert "<script" not in html and " style=" not in html and "<style" not in html
+            # scripts only as files of this server (CSP script-src 'self'), never inline
+            scripts = re.findall(r"<script([^>]*)>(.*?)</script>", html, re.S)
+            assert all(' src="/static/' in a and not body.strip() for a, body in scripts)
+            assert " style=" not in html and "<style" not in html
             assert 'name="viewport"' in html
     # a refusal in the envelope carries them too
     r = await web_client.post("/auth/logout", data={})

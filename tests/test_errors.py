@@ -1054,23 +1054,28 @@ async def _b_rows(dsn: str, t: Tenants) -> list[Any]:
         return out
 
 
-FORM = "application/x-www-form-urlencoded"
+async def _page_request(
+    client: Any, dsn: str, t: Tenants, method: str
+) -> tuple[dict[str, str], bytes | None]:
+    """Headers and body of a dashboard request by account A's owner (web/session.py)."""
+    from urllib.parse import urlencode
 
-
-async def _a_session(dsn: str, t: Tenants) -> str:
-    """A dashboard session of account A's owner (its login email's user)."""
-    from datetime import UTC, datetime
-
+    from opensense.api.keys import CONFIG
     from opensense.web import store as web_store
 
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         cur = await conn.execute(
-            "SELECT id FROM users WHERE account_id = %s AND role = 'owner' ORDER BY created_at",
-            (t.a.account,),
+            "SELECT id FROM users WHERE account_id = %s AND role = 'owner' LIMIT 1", (t.a.account,)
         )
         row = await cur.fetchone()
         assert row is not None
-        return await web_store.create_session(conn, row[0], datetime.now(UTC))
+        sid = await web_store.create_session(conn, row[0], client.app[CONFIG].clock())
+    headers = {"Cookie": f"os_session={sid}"}
+    if method == "GET":
+        return headers, None
+    form = {"csrf": csrf_token(sid), "note": "a note"}
+    headers["Content-Type"] = "application/x-www-form-urlencoded"
+    return headers, urlencode(form).encode()
 
 
 async def test_another_accounts_id_on_every_route_is_not_found(eclient, tenants: Tenants, dsn):
@@ -1082,16 +1087,13 @@ async def test_another_accounts_id_on_every_route_is_not_found(eclient, tenants:
     ids = await _b_ids(client, t, dsn)
     before = await _b_rows(dsn, t)
     routes = _routes_with_ids(client.app)
-    sid = await _a_session(dsn, t)
     tried, failures = 0, []
     for method, path, names in routes:
         security = _security(method, path)
         if security == {"operatorToken"}:
             continue
-        # a dashboard page (docs/dashboard.md): A's owner signed in, a form with the CSRF
-        # token of that session; refused as the API refuses it
-        page = not security and not path.startswith("/v1/")
-        assert page or "userToken" in security, (
+        page = not path.startswith("/v1/") and not security  # the dashboard's: a session
+        assert "userToken" in security or page, (
             f"{method} {path} takes an id but not a user's token ({security}): decide how "
             "another account's id is refused there and add it to this test"
         )
@@ -1099,25 +1101,25 @@ async def test_another_accounts_id_on_every_route_is_not_found(eclient, tenants:
         assert not unknown, f"{method} {path}: add account B's {unknown} to ID_KINDS/_b_ids"
         for name in names:
             for value in ids[ID_KINDS[name]]:
-                # the other placeholders (none today) get the same account B's ids
+                # the other placeholders get account B's ids too; on a page, whose
+                # checks go from the channel to its event, the channel is A's own
                 url = path
                 for other in names:
                     fill = value if other == name else ids[ID_KINDS[other]][0]
+                    if page and other != name and other == "channel_id":
+                        fill = t.a_chn
                     url = re.sub(r"\{" + other + r"(?::[^}]*)?\}", fill, url)
                 kind = ID_KINDS[name]
                 if value.startswith("snr_"):
                     kind = "sensor"
-                case = Case(
-                    f"B's {name} on {method} {path}",
-                    method,
-                    url,
-                    f"{kind}_not_found",
+                headers, body = (
                     {**t.a.auth, "Content-Type": "application/json"},
                     _valid_body(method, path),
                 )
-                if page:
-                    case.headers = {"Cookie": f"os_session={sid}", "Content-Type": FORM}
-                    case.body = None if method == "GET" else f"csrf={csrf_token(sid)}".encode()
+                if page:  # A's owner signed in; a form with this session's CSRF token
+                    headers, body = await _page_request(client, dsn, t, method)
+                case = Case(f"B's {name} on {method} {path}", method, url, f"{kind}_not_found",
+                            headers, body)  # fmt: skip
                 status, headers, text = await send(client, case)
                 tried += 1
                 for p in envelope_problems(case, status, headers, text, t.secrets):

@@ -25,8 +25,9 @@ from ..api.keys import ALARMS_HTTP as HTTP
 from ..api.keys import CONFIG, POOL
 from ..devices.store import channel_row, get_site
 from ..errors import ApiError
-from . import dispatch, egress, engine, evaluator, outbox, paths, rule_kinds, store
+from . import dispatch, egress, engine, evaluator, outbox, paths, person, rule_kinds, store
 from .lifecycle import Change, transition
+from .person import text as _text
 
 routes = web.RouteTableDef()
 
@@ -36,17 +37,6 @@ Body = dict[str, Any]
 Who = str | None  # the actor; None: the API token
 
 LINK_TTL = timedelta(minutes=30)
-
-
-def _text(body: dict[str, Any], key: str, required: bool = False, limit: int = 2000) -> str | None:
-    v = body.get(key)
-    if v is None:
-        if required:
-            raise ApiError("invalid_request", f"{key} is required")
-        return None
-    if not isinstance(v, str) or (required and not v.strip()) or len(v) > limit:
-        raise ApiError("invalid_request", f"{key} must be text of 1..{limit} characters")
-    return v
 
 
 def _plain(v: Any) -> Any:
@@ -133,15 +123,6 @@ async def get_event(request: web.Request) -> web.Response:
         return response(await _event(conn, acc, request.match_info["event_id"]))
 
 
-def _note(body: dict[str, Any]) -> dict[str, str | None]:
-    return {
-        "note": _text(body, "note", required=True),
-        "cause": _text(body, "cause"),
-        "action": _text(body, "action"),
-        "product": _text(body, "product"),
-    }
-
-
 @routes.post("/v1/events/{event_id}/ack")
 async def ack_event(request: web.Request) -> web.Response:
     return await _by_a_person(request, "ack")
@@ -156,28 +137,16 @@ async def clear_event(request: web.Request) -> web.Response:
 
 async def _by_a_person(request: web.Request, what: str) -> web.Response:
     """An ack or a clear: who (`by`) and the corrective-action note from the body, the
-    token that sent it as `via`. A clear also locks the channel's state first and
-    resets its rule's state in the same transaction."""
+    token that sent it as `via` (alarms/person.py, shared with the dashboard)."""
     cfg = request.app[CONFIG]
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn, read=False)
         body = await json_object(request)
         by = _text(body, "by", required=True, limit=200)
-        note = _note(body)
-        async with conn.transaction():
-            now = cfg.clock()
-            event_id = request.match_info["event_id"]
-            if what == "clear":
-                before = await _event(conn, acc, event_id)
-                await store.lock_channel_state(conn, before["channel_id"])
-                event_id = before["id"]
-            ev = await transition(
-                conn,
-                Change(what, now, now, account_id=acc, event_id=event_id, actor=str(by),
-                       note=note, via=auth.actor(request)),
-            )  # fmt: skip
-            if what == "clear" and ev["rule_id"]:
-                await store.reset_rule_state(conn, ev["channel_id"], ev["rule_id"])
+        ev = await person.step(
+            conn, what, acc, request.match_info["event_id"], str(by), person.note(body),
+            auth.actor(request), cfg.clock(),
+        )  # fmt: skip
         return response(await _event(conn, acc, ev["id"]))
 
 

@@ -14,12 +14,12 @@ def setup(app: web.Application) -> None:
     import aiohttp_jinja2
     import jinja2
 
-    from . import account, audit, devices, notify, overview, routes, rules
+    from . import account, audit, channel, devices, live, notify, overview, routes, rules
     from .ctx import web_ctx
     from .routes import SECURITY_HEADERS
 
     # every module of pages (each a RouteTableDef named `routes`): sign-in first
-    pages = (routes, overview, devices, rules, notify, audit, account)
+    pages = (routes, overview, live, channel, devices, rules, notify, audit, account)
 
     aiohttp_jinja2.setup(
         app,
@@ -28,6 +28,8 @@ def setup(app: web.Application) -> None:
         undefined=jinja2.StrictUndefined,
     )
     app.cleanup_ctx.append(web_ctx)
+    app.cleanup_ctx.append(live.live_ctx)  # one LISTEN connection for the live streams
+    app.on_shutdown.append(live.end_streams)
     for module in pages:
         app.router.add_routes(module.routes)
     paths = {r.path for m in pages for r in m.routes if isinstance(r, web.RouteDef)}

@@ -133,6 +133,7 @@ def sign_in_paths() -> S:
             )
         },
         **config_pages(),
+        **live_and_channel_paths(),
     }
 
 
@@ -398,4 +399,112 @@ def manage_paths() -> S:
                 security=NO_TOKEN,
             )
         },
+    }
+
+
+# --- live updates and the channel page (web/live.py, web/channel.py) ------------------
+
+RANGE = q("range", {"type": "string", "enum": ["24h", "7d", "30d", "13m"]}, "the chart's range")
+NOTE_TEXT = {"type": "string", "maxLength": 2000}
+SERIES = {"type": "array", "items": {"type": ["number", "null"]}}
+
+
+def asset(summary: str, ctype: str) -> S:
+    return op(
+        summary,
+        {"200": {"description": "OK", "content": {ctype: {"schema": {"type": "string"}}}}},
+        security=NO_TOKEN,
+        uses_db=False,
+    )
+
+
+def person_step(what: str) -> S:
+    return op(
+        f"Dashboard: {what} one of the channel's events with a note (operator role or above)",
+        {
+            **see_other("Done: back to the channel page (or not signed in: to /auth/login)"),
+            **html(
+                422, "A field is wrong or the event's state forbids it: the page again, saying so"
+            ),
+            **err(403, 404, 413),
+        },
+        security=NO_TOKEN,
+        parameters=[path_param("channel_id"), path_param("event_id")],
+        requestBody=form(
+            {
+                **CSRF,
+                "note": NOTE_TEXT,
+                "cause": NOTE_TEXT,
+                "action": NOTE_TEXT,
+                "product": NOTE_TEXT,
+            },
+            ("csrf", "note"),
+        ),
+        description="docs/dashboard.md, Channel. The same validation as POST /v1/events/{id}/ack.",
+    )
+
+
+def live_and_channel_paths() -> S:
+    chart = obj(
+        {
+            "channel": obj({"id": {"type": "string"}, "unit": {"type": "string"}}),
+            "range": {"type": "string"},
+            "agg": {"type": "string", "enum": ["5m", "1h", "1d"]},
+            "from": {"type": "integer"},
+            "to": {"type": "integer"},
+            "x": {"type": "array", "items": {"type": "integer"}},
+            "mean": SERIES,
+            "min": SERIES,
+            "max": SERIES,
+            "bands": {"type": "array", "items": {"type": "object"}},
+            "thresholds": {"type": "array", "items": {"type": "object"}},
+        },
+        ("range", "agg", "x", "mean", "min", "max", "bands", "thresholds"),
+    )
+    return {
+        "/live": {
+            "get": op(
+                "Dashboard: live changes of the account's overview (Server-Sent Events)",
+                {
+                    "200": {
+                        "description": "An event stream: `board` events (JSON: devices, cards)",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    **see_other("Not signed in: to /auth/login"),
+                },
+                security=NO_TOKEN,
+                description="docs/dashboard.md, Live updates.",
+            )
+        },
+        "/channels/{channel_id}": {
+            "get": op(
+                "Dashboard: a channel's chart, data table and events (HTML)",
+                {**html(200, "The page"), **see_other("Not signed in: to /auth/login"), **err(404)},
+                security=NO_TOKEN,
+                parameters=[path_param("channel_id"), RANGE],
+            )
+        },
+        "/channels/{channel_id}/data": {
+            "get": op(
+                "Dashboard: a channel's chart data (rollup buckets, alarm bands, thresholds)",
+                {**ok(200, chart), **see_other("Not signed in: to /auth/login"), **err(404)},
+                security=NO_TOKEN,
+                parameters=[path_param("channel_id"), RANGE],
+            )
+        },
+        "/channels/{channel_id}/events/{event_id}/ack": {"post": person_step("acknowledge")},
+        "/channels/{channel_id}/events/{event_id}/clear": {"post": person_step("clear")},
+        "/static/live.js": {
+            "get": asset("Dashboard: the overview's live script", "text/javascript")
+        },
+        "/static/channel.js": {
+            "get": asset("Dashboard: the channel chart's script", "text/javascript")
+        },
+        "/static/vendor/uplot/uPlot.iife.min.js": {
+            "get": asset("Dashboard: uPlot (vendored, MIT)", "text/javascript")
+        },
+        "/static/vendor/uplot/uPlot.min.css": {
+            "get": asset("Dashboard: uPlot's stylesheet", "text/css")
+        },
+        "/static/vendor/uplot/LICENSE": {"get": asset("Dashboard: uPlot's licence", "text/plain")},
     }

@@ -38,12 +38,12 @@ EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
 EMAIL_MAX = 254
 
 # What every page answers with (docs/dashboard.md, "Security"): scripts only from this
-# server (there are none yet) and never inline, no framing, no referrer (a sign-in
-# link's token is in its URL), forms only to this server.
+# server and never inline, fetches and event streams to this server only, no framing,
+# no referrer (a sign-in link's token is in its URL), forms only to this server.
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self';"
-        " form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+        " connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
     ),
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",

@@ -1,8 +1,9 @@
-"""The dashboard's SQL: users, sign-in codes, sessions, and what the overview shows.
+"""The dashboard's SQL: users, sign-in codes and sessions.
 
 Secrets (codes, link tokens, session ids) are kept as SHA-256 hashes only; the
 plain value exists in the mail and in the browser's cookie. Every read of account
-data takes the account id of the signed-in user, never one from the request.
+data takes the account id of the signed-in user, never one from the request (what
+the overview shows: web/board.py).
 """
 
 from __future__ import annotations
@@ -156,48 +157,3 @@ async def sweep(conn: AsyncConnection[Any], now: datetime) -> None:
     """Expired codes and idle sessions (the housekeeping job)."""
     await conn.execute("DELETE FROM login_codes WHERE expires_at <= %s", (now,))
     await conn.execute("DELETE FROM sessions WHERE last_seen_at <= %s", (now - SESSION_IDLE,))
-
-
-@dataclass(frozen=True)
-class ChannelLine:
-    site_id: str
-    site_name: str
-    device_id: str
-    device_name: str
-    channel_id: str
-    channel_name: str
-    unit: str
-    value: float | None
-    ts: datetime | None
-    status: str  # the alarm engine's: ok, grace, alarm, …; "none" before any judgement
-    open_events: int
-    offline_since: datetime | None
-
-
-# One row per live channel of the account: the newest raw reading (days already
-# packed show as "no recent reading"), the engine's status, open events and whether
-# its device is offline. Open alarms first, then by site and name.
-OVERVIEW_SQL = """
-SELECT s.id, s.name, d.id, d.name, c.id, c.name, c.unit, m.value, m.ts,
-       coalesce(a.status, 'none'),
-       (SELECT count(*) FROM events e WHERE e.channel_id = c.id AND e.account_id = c.account_id
-          AND e.state <> 'cleared'),
-       das.offline_since
-  FROM channels c
-  JOIN devices d ON d.id = c.device_id AND d.account_id = c.account_id AND d.deleted_at IS NULL
-  JOIN sites s ON s.id = d.site_id AND s.account_id = c.account_id
-  LEFT JOIN alarm_state a ON a.channel_id = c.id
-  LEFT JOIN device_alarm_state das ON das.device_id = d.id
-  LEFT JOIN LATERAL (
-      SELECT x.value, x.ts FROM measurements x WHERE x.channel_num = c.num
-       ORDER BY x.ts DESC LIMIT 1
-  ) m ON true
- WHERE c.account_id = %s
-"""
-
-
-async def overview(conn: AsyncConnection[Any], account_id: str) -> list[ChannelLine]:
-    cur = await conn.execute(OVERVIEW_SQL, (account_id,))
-    lines = [ChannelLine(*r) for r in await cur.fetchall()]
-    lines.sort(key=lambda x: (x.open_events == 0, x.site_name, x.device_name, x.channel_name))
-    return lines

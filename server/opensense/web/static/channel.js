@@ -1,0 +1,62 @@
+// OpenSense channel page: the chart (uPlot, vendored in /static/vendor/uplot/).
+// Without this script the page shows the same data as a table.
+(function () {
+  "use strict";
+  var el = document.getElementById("chart");
+  if (!el || !window.uPlot || !window.fetch) return;
+
+  function stepAt(steps, t) {
+    var v = null;
+    for (var i = 0; i < steps.length && steps[i][0] <= t; i++) v = steps[i][1];
+    return v;
+  }
+
+  function draw(d) {
+    var unit = el.getAttribute("data-unit") || "";
+    var data = [d.x, d.mean, d.min, d.max];
+    var series = [
+      {},
+      { label: "mean", stroke: "#1f5fa8", width: 2, value: fmt },
+      { label: "min", stroke: "#7aa6d6", width: 1, value: fmt },
+      { label: "max", stroke: "#7aa6d6", width: 1, value: fmt },
+    ];
+    d.thresholds.forEach(function (th) {
+      data.push(d.x.map(function (t) { return stepAt(th.steps, t); }));
+      series.push({ label: th.label, stroke: "#b3261e", width: 1, dash: [6, 4], value: fmt,
+        paths: uPlot.paths.stepped({ align: 1 }) });
+    });
+    function fmt(u, v) { return v == null ? "–" : v.toFixed(1) + " " + unit; }
+    var opts = {
+      width: Math.max(300, el.clientWidth),
+      height: 260,
+      series: series,
+      scales: { x: { time: true, range: [d.from, d.to] } },
+      axes: [{}, { label: unit }],
+      hooks: {
+        drawClear: [function (u) {
+          // alarm periods as bands behind the lines
+          var ctx = u.ctx;
+          ctx.save();
+          ctx.fillStyle = "rgba(179, 38, 30, 0.15)";
+          d.bands.forEach(function (b) {
+            var x0 = u.valToPos(b.from, "x", true), x1 = u.valToPos(b.to, "x", true);
+            ctx.fillRect(x0, u.bbox.top, Math.max(1, x1 - x0), u.bbox.height);
+          });
+          ctx.restore();
+        }],
+      },
+    };
+    el.textContent = "";
+    var plot = new uPlot(opts, data, el);
+    window.addEventListener("resize", function () {
+      plot.setSize({ width: Math.max(300, el.clientWidth), height: 260 });
+    });
+    var table = document.querySelector("details.data-table");
+    if (table) table.open = false; // the chart shows it; the table stays one tap away
+  }
+
+  fetch(el.getAttribute("data-src"), { credentials: "same-origin" })
+    .then(function (r) { if (!r.ok) throw new Error(r.status); return r.json(); })
+    .then(draw)
+    .catch(function () { el.textContent = "The chart could not be loaded; the table below has the data."; });
+})();
