@@ -792,6 +792,12 @@ async def test_every_error_is_the_envelope_with_its_status(eclient, tenants: Ten
     client, t = eclient, tenants
     before = await state_of_b(client, t)
     table = cases(t)
+    # a dashboard form (a session, not a token): no such user of the account
+    headers, body = await _page_request(client, dsn, t, "POST")
+    table.append(
+        Case("page: no such user", "POST", "/account/users/usr_nope/role", "user_not_found",
+             headers, body)
+    )  # fmt: skip
     failures = []
     for case in table:
         status, headers, text = await send(client, case)
@@ -911,6 +917,7 @@ ID_KINDS = {
     "target_id": "target",
     "uplink_id": "uplink",  # a row of the LoRaWAN tray
     "report_id": "report",
+    "user_id": "user",  # a dashboard user (account page)
 }
 
 
@@ -1027,6 +1034,7 @@ async def _b_ids(client: Any, t: Tenants, dsn: str) -> dict[str, list[str]]:
         "token": [t.b_token_id],
         "event": [b_evt],
         "rule": [rule["id"]],
+        "user": [await _b_user(dsn, t)],
         "target": [target["id"]],
         "uplink": [b_uplink],
         "report": [b_rpt],
@@ -1076,6 +1084,14 @@ async def _page_request(
     form = {"csrf": csrf_token(sid), "note": "a note"}
     headers["Content-Type"] = "application/x-www-form-urlencoded"
     return headers, urlencode(form).encode()
+
+
+async def _b_user(dsn: str, t: Tenants) -> str:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute("SELECT id FROM users WHERE account_id = %s", (t.b.account,))
+        row = await cur.fetchone()
+        assert row is not None
+        return str(row[0])
 
 
 async def test_another_accounts_id_on_every_route_is_not_found(eclient, tenants: Tenants, dsn):

@@ -71,8 +71,9 @@ FILL_BY_SEGMENT = {
     "tokens": "tok",
     "users": "usr",
 }
-# A query string a page needs to answer 200 (a chart's range, say), by route path
-QUERY_BY_PATH: dict[str, str] = {}
+# A query string a page needs to answer 200 (a chart's range, say), by route path;
+# {chn} and the like: the signed-in account's id of that prefix
+QUERY_BY_PATH: dict[str, str] = {"/rules/new": "?channel_id={chn}&start=kind:range"}
 # Form fields that name an object: a form posted with B's ids in them (and A's in the
 # path) must change nothing of B's
 FORM_FIELDS = {name: prefix for name, prefix in FILL_BY_NAME.items()} | {"id": "evt"}
@@ -123,7 +124,7 @@ def prefix_for(route: WebRoute, param: str) -> str:
 
 def url_of(route: WebRoute, owner: Tenant) -> str:
     """The route's URL with its parameters filled with `owner`'s ids."""
-    query = QUERY_BY_PATH.get(route.path, "")
+    query = QUERY_BY_PATH.get(route.path, "").format_map({k: v[0] for k, v in owner.ids.items()})
     params = PARAM_RE.findall(route.path)
     if not params:
         return route.path + query

@@ -29,6 +29,7 @@ CODES: dict[str, int] = {
     "target_not_found": 404,
     "uplink_not_found": 404,  # the LoRaWAN tray (docs/api.md)
     "report_not_found": 404,  # a compliance report (docs/reports.md)
+    "user_not_found": 404,  # a dashboard user of the account (docs/dashboard.md)
     "method_not_allowed": 405,
     "idempotency_conflict": 409,
     "conflict": 409,

@@ -144,7 +144,7 @@ async def lock_user(conn: AsyncConnection[Any], account_id: str, user_id: str) -
     )
     row = await cur.fetchone()
     if row is None:
-        raise ApiError("not_found", f"no user {user_id[:40]!r} in this account")
+        raise ApiError("user_not_found", f"no user {user_id[:40]!r} in this account")
     return row[0], row[1]
 
 
