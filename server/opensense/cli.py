@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import faulthandler
 import getpass
+import hashlib
 import json
 import logging
 import os
@@ -509,23 +510,86 @@ def cmd_node(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
+    """`report render`: sealed by default (reports/verify.py: a signed checkpoint, the
+    hash in the audit trail, the link printed), `--draft` unsealed (DRAFT on every
+    page), `--again CODE` a sealed report rendered again under its stored seal."""
+    from .errors import ApiError
     from .reports import data as report_data
     from .reports import load as report_load
     from .reports import render as report_render
+    from .reports import verify as report_verify
 
+    if args.again:
+        if args.site or args.month or args.draft:
+            print("opensense report: --again takes only --out", file=sys.stderr)
+            return 2
+
+        async def again(conn: psycopg.AsyncConnection[Any]) -> Any:
+            return await report_verify.render_again(conn, args.again)
+
+        try:
+            pdf, seal = _with_conn(cfg, again)
+        except ApiError as exc:
+            print(f"opensense report: {exc.message}", file=sys.stderr)
+            return 1
+        Path(args.out).write_bytes(pdf)
+        sha = hashlib.sha256(pdf).hexdigest()
+        same = "the same bytes as sealed" if sha == seal.sha256 else "NOT the bytes sealed"
+        print(f"{args.out}: {len(pdf)} bytes, sha256 {sha}: {same} (sha256 {seal.sha256})")
+        print(f"verify at {seal.link}")
+        return 0 if sha == seal.sha256 else 1
+    if not args.site or not args.month:
+        print("opensense report: --site and --month are required", file=sys.stderr)
+        return 2
     try:
         first, last = report_load.month_period(args.month)
     except ValueError as exc:
         print(f"opensense report: {exc}", file=sys.stderr)
         return 2
 
-    async def go(conn: psycopg.AsyncConnection[Any]) -> Any:
-        return await report_load.load_month(conn, args.site, first, last)
+    if args.draft:
 
-    inp = _with_conn(cfg, go)
-    pdf = report_render.render_pdf(report_data.compute(inp), language=args.language)
+        async def go(conn: psycopg.AsyncConnection[Any]) -> Any:
+            return await report_load.load_month(conn, args.site, first, last)
+
+        inp = _with_conn(cfg, go)
+        pdf = report_render.render_pdf(report_data.compute(inp), language=args.language)
+        Path(args.out).write_bytes(pdf)
+        print(
+            f"{args.out}: {len(pdf)} bytes, {args.site} {first} – {last} ({args.language}), DRAFT"
+        )
+        return 0
+
+    async def sealed(conn: psycopg.AsyncConnection[Any]) -> Any:
+        cur = await conn.execute("SELECT account_id FROM sites WHERE id = %s", (args.site,))
+        row = await cur.fetchone()
+        if row is None:
+            raise ApiError("site_not_found", f"no site {args.site[:40]!r}")
+        return await report_verify.sealed_render_conn(
+            conn,
+            cfg,
+            account_id=row[0],
+            site_id=args.site,
+            template=args.template,
+            period_from=first,
+            period_to=last,
+            language=args.language,
+            now=cfg.clock(),
+            actor=_actor(),
+        )
+
+    try:
+        pdf, seal = _with_conn(cfg, sealed)
+    except ApiError as exc:
+        print(f"opensense report: {exc.message}", file=sys.stderr)
+        return 1
+    except report_verify.SealError as exc:
+        print(f"opensense report: {exc} (or render a draft: --draft)", file=sys.stderr)
+        return 1
     Path(args.out).write_bytes(pdf)
-    print(f"{args.out}: {len(pdf)} bytes, {args.site} {first} – {last} ({args.language})")
+    print(f"{args.out}: {len(pdf)} bytes, {args.site} {first} – {last} ({args.language}), sealed")
+    print(f"sha256 {seal.sha256}")
+    print(f"verify at {seal.link}")
     return 0
 
 
@@ -677,8 +741,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("report", help="render a compliance report (PDF) of a site's month")
     s.add_argument("action", choices=["render"])
-    s.add_argument("--site", required=True, help="site id (site_…)")
-    s.add_argument("--month", required=True, help="YYYY-MM, in the site's time zone")
+    s.add_argument("--site", help="site id (site_…)")
+    s.add_argument("--month", help="YYYY-MM, in the site's time zone")
+    s.add_argument(
+        "--draft", action="store_true", help="not sealed: DRAFT on every page, not verifiable"
+    )
+    s.add_argument("--again", metavar="CODE", help="render a sealed report again (its link's code)")
     s.add_argument("--out", required=True, help="the PDF file to write")
     s.add_argument("--language", default="en", choices=["en", "de"])
     s.add_argument("--template", default="haccp_monthly", choices=["haccp_monthly"])

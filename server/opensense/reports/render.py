@@ -42,6 +42,7 @@ from reportlab.platypus import (
 )
 
 from . import data as rd
+from . import seal_pdf  # the verification hook (issue 18 item 4): seal_pdf.py
 from .catalogue import LANGUAGES, num, t
 
 TEMPLATES = ("haccp_monthly",)
@@ -234,8 +235,10 @@ def _chart(c: rd.ChannelReport, d: rd.ReportData, width: float, height: float) -
     return dr
 
 
-def render_pdf(d: rd.ReportData, language: str = "en") -> bytes:
-    """The haccp_monthly PDF of `d`; the same data and language give the same bytes."""
+def render_pdf(d: rd.ReportData, language: str = "en", seal: seal_pdf.Seal | None = None) -> bytes:
+    """The haccp_monthly PDF of `d`; the same data, language and seal give the same
+    bytes. `seal` (reports/verify.py sealed_render): printed on the cover, each
+    footer and the last page; without one the PDF is a DRAFT on every page."""
     if language not in LANGUAGES:
         raise ValueError(f"unknown language {language!r}; known: {', '.join(LANGUAGES)}")
     _register_fonts()
@@ -269,6 +272,7 @@ def render_pdf(d: rd.ReportData, language: str = "en") -> bytes:
             t(L, "footer", site=inp.site_name, period=period, page=canvas.getPageNumber()),
         )
         canvas.restoreState()
+        seal_pdf.page_mark(canvas, seal, L, FONT, FONT_BOLD)  # verification hook
 
     story: list[Any] = []
     # --- cover
@@ -303,7 +307,8 @@ def render_pdf(d: rd.ReportData, language: str = "en") -> bytes:
     if not d.has_data:
         story.append(Paragraph(escape(t(L, "no_data_period")), st["h2"]))
     story += [
-        Spacer(1, 10 * mm),
+        Spacer(1, 6 * mm),
+        *seal_pdf.cover(seal, L, st, full),  # verification hook
         Paragraph(escape(t(L, "signatures")), st["h2"]),
         Paragraph(escape(t(L, "sign_intro")), st["body"]),
         Spacer(1, 2 * mm),
@@ -530,13 +535,7 @@ def render_pdf(d: rd.ReportData, language: str = "en") -> bytes:
                 ]
             )
         story.append(_table(rows, [full * 0.3, full * 0.2, full * 0.2, full * 0.3]))
-    # --- last page: how to check (not yet verifiable: no hash, no QR)
-    story += [
-        PageBreak(),
-        Paragraph(escape(t(L, "verify")), st["h1"]),
-        Paragraph(escape(t(L, "verify_body")), st["body"]),
-        Spacer(1, 3 * mm),
-        Paragraph(escape(t(L, "verify_originals")), st["body"]),
-    ]
+    # --- last page: how to check (verification hook: seal_pdf.py)
+    story += [PageBreak(), *seal_pdf.last_page(seal, L, st, full, inp.site_name, period)]
     doc.build(story, onFirstPage=footer, onLaterPages=footer, canvasmaker=_fixed_canvas(d.end))
     return buf.getvalue()
