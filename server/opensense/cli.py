@@ -565,9 +565,9 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
         row = await cur.fetchone()
         if row is None:
             raise ApiError("site_not_found", f"no site {args.site[:40]!r}")
-        return await report_verify.sealed_render_conn(
+        return await report_verify.sealed_render(
             conn,
-            cfg,
+            config=cfg,
             account_id=row[0],
             site_id=args.site,
             template=args.template,

@@ -16,6 +16,8 @@ import asyncio
 import base64
 import hashlib
 import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, date, datetime
 from typing import Any
@@ -71,75 +73,8 @@ def render_bytes(template: str, inp: rd.ReportInput, language: str, seal: Seal |
     return render.render_pdf(rd.compute(inp), language=language, seal=seal)
 
 
-async def sealed_render_conn(
-    conn: AsyncConnection[Any],
-    config: Config,
-    *,
-    account_id: str,
-    site_id: str,
-    template: str,
-    period_from: date,
-    period_to: date,
-    language: str,
-    now: datetime,
-    actor: str = "system",
-) -> tuple[bytes, Seal]:
-    """`sealed_render` on one connection (the CLI's)."""
-    _check(template, language)
-    inp = await load_month(conn, site_id, period_from, period_to, account_id=account_id)
-    try:
-        note = await publish_account(conn, AuditPlaces.from_config(config), account_id)
-    except (Diverged, SigningKeyError) as exc:
-        raise SealError(f"cannot seal the report: {exc}") from exc
-    code = new_code()
-    seal = Seal(code, link(config.public_url, code), now.astimezone(UTC), note)
-    pdf = await asyncio.to_thread(render_bytes, template, inp, language, seal)
-    sha = hashlib.sha256(pdf).hexdigest()
-    async with conn.transaction():
-        row = await audit.record(
-            conn,
-            account_id=account_id,
-            actor=actor,
-            action=ACTION,
-            subject=code,
-            data={
-                "site": site_id,
-                "template": template,
-                "period": {"from": period_from.isoformat(), "to": period_to.isoformat()},
-                "language": language,
-                "rendered_at": iso(seal.rendered_at),
-                "sha256": sha,
-                "checkpoint": {
-                    "origin": seal.origin,
-                    "size": seal.tree_size,
-                    "root": seal.root_hash,
-                },
-            },
-            at=now,
-        )
-        await seal_store.insert(
-            conn,
-            seal_store.SealRow(
-                code=code,
-                link=seal.link,
-                account_id=account_id,
-                site_id=site_id,
-                site_name=inp.site_name,
-                template=template,
-                period_from=period_from,
-                period_to=period_to,
-                language=language,
-                rendered_at=seal.rendered_at,
-                checkpoint=note,
-                sha256=sha,
-                audit_id=row.id,
-            ),
-        )
-    return pdf, replace(seal, sha256=sha)
-
-
 async def sealed_render(
-    pool: AsyncConnectionPool[Any],
+    db: AsyncConnectionPool[Any] | AsyncConnection[Any],
     *,
     account_id: str,
     site_id: str,
@@ -152,21 +87,72 @@ async def sealed_render(
     actor: str = "system",
 ) -> tuple[bytes, Seal]:
     """Render the site's period sealed: (the PDF's bytes, its Seal with `sha256`).
-    Raises ApiError (unknown template or language, another account's site) or
-    SealError (no signing key, or an audit trail that does not verify)."""
-    async with pool.connection() as conn:
-        return await sealed_render_conn(
-            conn,
-            config,
-            account_id=account_id,
-            site_id=site_id,
-            template=template,
-            period_from=period_from,
-            period_to=period_to,
-            language=language,
-            now=now,
-            actor=actor,
-        )
+    `db`: the server's pool, or one connection (the CLI's). Raises ApiError (unknown
+    template or language, another account's site) or SealError (no signing key, or
+    an audit trail that does not verify)."""
+    _check(template, language)
+    async with _connection(db) as conn:
+        inp = await load_month(conn, site_id, period_from, period_to, account_id=account_id)
+        try:
+            note = await publish_account(conn, AuditPlaces.from_config(config), account_id)
+        except (Diverged, SigningKeyError) as exc:
+            raise SealError(f"cannot seal the report: {exc}") from exc
+        code = new_code()
+        seal = Seal(code, link(config.public_url, code), now.astimezone(UTC), note)
+        pdf = await asyncio.to_thread(render_bytes, template, inp, language, seal)
+        sha = hashlib.sha256(pdf).hexdigest()
+        async with conn.transaction():
+            row = await audit.record(
+                conn,
+                account_id=account_id,
+                actor=actor,
+                action=ACTION,
+                subject=code,
+                data={
+                    "site": site_id,
+                    "template": template,
+                    "period": {"from": period_from.isoformat(), "to": period_to.isoformat()},
+                    "language": language,
+                    "rendered_at": iso(seal.rendered_at),
+                    "sha256": sha,
+                    "checkpoint": {
+                        "origin": seal.origin,
+                        "size": seal.tree_size,
+                        "root": seal.root_hash,
+                    },
+                },
+                at=now,
+            )
+            await seal_store.insert(
+                conn,
+                seal_store.SealRow(
+                    code=code,
+                    link=seal.link,
+                    account_id=account_id,
+                    site_id=site_id,
+                    site_name=inp.site_name,
+                    template=template,
+                    period_from=period_from,
+                    period_to=period_to,
+                    language=language,
+                    rendered_at=seal.rendered_at,
+                    checkpoint=note,
+                    sha256=sha,
+                    audit_id=row.id,
+                ),
+            )
+        return pdf, replace(seal, sha256=sha)
+
+
+@asynccontextmanager
+async def _connection(
+    db: AsyncConnectionPool[Any] | AsyncConnection[Any],
+) -> AsyncIterator[AsyncConnection[Any]]:
+    if isinstance(db, AsyncConnection):
+        yield db
+    else:
+        async with db.connection() as conn:
+            yield conn
 
 
 async def render_again(conn: AsyncConnection[Any], code: str) -> tuple[bytes, Seal]:
