@@ -37,6 +37,7 @@ from opensense.settings import Config
 
 from .fixtures.clock import FakeClock
 from .fixtures.server import make_world, test_config
+from .test_reports import _png
 
 pytestmark = pytest.mark.db
 
@@ -146,6 +147,16 @@ async def test_the_pdf_prints_the_checkpoint_the_link_and_how_to_check(
     # drawing operators, are the QR encoding of the link at the printed level
     assert _qr_modules(reader, -1) == _qr_of(link)
     assert _qr_modules(reader, 0) == _qr_of(link)
+    path = sealed["tmp"] / "sealed_en.pdf"
+    path.write_bytes(sealed["pdf"])
+    _png(path, "sealed_en")  # the cover's verification block, the last page
+    # in German, from the catalogue
+    async with await psycopg.AsyncConnection.connect(sealed["dsn"]) as conn:
+        inp = await load_month(conn, w.site, sealed["first"], sealed["last"])
+    de = await asyncio.to_thread(render_bytes, "haccp_monthly", inp, "de", seal)
+    last_de = _flat(PdfReader(io.BytesIO(de)).pages[-1].extract_text())
+    assert "So prüfen Sie diesen Bericht" in last_de and "sha256sum bericht.pdf" in last_de
+    assert "Was sie nicht beweist" in last_de and seal.root_hash in last_de
 
 
 def _qr_of(value: str) -> set[tuple[int, int]]:

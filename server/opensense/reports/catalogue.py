@@ -76,7 +76,7 @@ EN: dict[str, str] = {
     "verify_body": (
         "This is a draft: it was rendered without a seal, its checksum is not in the "
         "audit trail, and it cannot be verified yet. For a report an inspector can check, "
-        "render it sealed (`opensense report render` without --draft, or the API)."
+        "render it sealed (opensense report render without --draft, or the API)."
     ),
     "draft_mark": "DRAFT",
     "draft_footer": "DRAFT · not sealed, cannot be verified",
@@ -103,9 +103,9 @@ EN: dict[str, str] = {
         "upload this PDF file: the server computes its checksum and compares it."
     ),
     "verify_step_hash": (
-        "2. Or compute the checksum yourself and enter it there: on Linux `sha256sum "
-        "report.pdf`, on macOS `shasum -a 256 report.pdf`, on Windows `certutil -hashfile "
-        "report.pdf SHA256`. The result is 64 characters, 0-9 and a-f."
+        "2. Or compute the checksum yourself and enter it there: on Linux sha256sum "
+        "report.pdf, on macOS shasum -a 256 report.pdf, on Windows certutil -hashfile "
+        "report.pdf SHA256. The result is 64 characters, 0-9 and a-f."
     ),
     "verify_proves_heading": "What a match proves",
     "verify_proves": (
@@ -203,7 +203,7 @@ DE: dict[str, str] = {
         "Dies ist ein Entwurf: Er wurde ohne Siegel erzeugt, seine Prüfsumme steht nicht im "
         "Prüfpfad, und er kann noch nicht geprüft werden. Für einen Bericht, den eine "
         "Prüferin oder ein Prüfer kontrollieren kann, erzeugen Sie ihn versiegelt "
-        "(`opensense report render` ohne --draft, oder über die API)."
+        "(opensense report render ohne --draft, oder über die API)."
     ),
     "draft_mark": "ENTWURF",
     "draft_footer": "ENTWURF · nicht versiegelt, nicht prüfbar",
@@ -233,8 +233,8 @@ DE: dict[str, str] = {
     ),
     "verify_step_hash": (
         "2. Oder berechnen Sie die Prüfsumme selbst und geben Sie sie dort ein: unter Linux "
-        "`sha256sum bericht.pdf`, unter macOS `shasum -a 256 bericht.pdf`, unter Windows "
-        "`certutil -hashfile bericht.pdf SHA256`. Das Ergebnis hat 64 Zeichen, 0-9 und a-f."
+        "sha256sum bericht.pdf, unter macOS shasum -a 256 bericht.pdf, unter Windows "
+        "certutil -hashfile bericht.pdf SHA256. Das Ergebnis hat 64 Zeichen, 0-9 und a-f."
     ),
     "verify_proves_heading": "Was eine Übereinstimmung beweist",
     "verify_proves": (
