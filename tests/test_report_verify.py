@@ -310,6 +310,9 @@ async def test_an_upload_too_big_is_refused_with_the_envelope(
     headers = {"Content-Type": "multipart/form-data; boundary=b", **_ip("big")}
     resp = await client.post("/verify", data=raw, headers=headers)
     assert resp.status == 400 and (await resp.json())["error"]["code"] == "invalid_request"
+    headers["Content-Type"] = "multipart/form-data"  # no boundary
+    resp = await client.post("/verify", data=raw, headers=headers)
+    assert resp.status == 400 and (await resp.json())["error"]["code"] == "invalid_request"
 
 
 async def test_the_page_is_rate_limited_per_ip(aiohttp_client: Any, sealed: dict[str, Any]) -> None:

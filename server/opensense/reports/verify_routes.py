@@ -128,7 +128,7 @@ async def _multipart(request: web.Request) -> dict[str, str]:
                     await _field(part)  # an unknown field is read (bounded) and ignored
     except TimeoutError as exc:
         raise ApiError("invalid_request", f"the upload took over {UPLOAD_TIMEOUT_S} s") from exc
-    except (ValueError, HttpProcessingError) as exc:  # a malformed multipart body
+    except (ValueError, KeyError, HttpProcessingError) as exc:  # a malformed multipart body
         raise ApiError("invalid_request", f"the form cannot be read: {exc}") from exc
     raise ApiError("invalid_request", f"a form of at most {MAX_PARTS} parts")
 
