@@ -65,7 +65,7 @@ def test_templates_are_declared_and_a_throwaway_one_is_caught_undocumented(
     monkeypatch.setenv("OPENSENSE_DATABASE_URL", new_database())
     out = tmp_path / "t.pdf"
     argv = ["report", "render", "--site", "site_x", "--month", "2026-02", "--out", str(out)]
-    assert cli.main([*argv, "--template", "throwaway", "--language", "de", "--local"]) == 0
+    assert cli.main([*argv, "--template", "throwaway", "--language", "de", "--draft"]) == 0
     assert out.read_bytes() == b"%PDF-throwaway"
     assert rendered == [
         (("site_x", date(2026, 2, 1), date(2026, 2, 28), {"account_id": None}), "de")

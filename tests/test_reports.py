@@ -300,9 +300,11 @@ def test_a_channel_with_thousands_of_gaps_lists_the_first_and_counts_the_rest() 
     )
 
 
-def test_last_page_says_it_is_not_yet_verifiable() -> None:
-    pdf = render_pdf(rd.compute(small_month()))
-    last = PdfReader(io.BytesIO(pdf)).pages[-1].extract_text()
+def test_an_unsealed_render_is_a_draft_on_every_page_and_cannot_be_verified() -> None:
+    # sealed reports: tests/test_report_verify.py
+    pages = PdfReader(io.BytesIO(render_pdf(rd.compute(small_month())))).pages
+    assert all("DRAFT · not sealed, cannot be verified" in p.extract_text() for p in pages)
+    last = " ".join(pages[-1].extract_text().split())
     assert "How to check this report" in last and "cannot be verified yet" in last
     assert "SHA" not in last and "http" not in last
 
@@ -417,7 +419,7 @@ def _cli(dsn: str, *args: str) -> int:
 
     os.environ["OPENSENSE_DATABASE_URL"] = dsn
     try:
-        return cli.main(["report", "render", *args])
+        return cli.main(["report", "render", "--draft", *args])
     finally:
         del os.environ["OPENSENSE_DATABASE_URL"]
 

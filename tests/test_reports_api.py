@@ -410,8 +410,11 @@ def _cli(dsn: str, *args: str) -> int:
 
 
 async def test_cli_queues_renders_and_checks_like_the_api_and_local_renders_alike(
-    rdsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    rdsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # a state directory without an audit signing key: the queued report is a DRAFT
+    # (sealing: tests/test_report_verify.py)
+    monkeypatch.setenv("OPENSENSE_STATE_DIR", str(tmp_path / "state"))
     clock = FakeClock(NOW)
     w = await _world(rdsn, cfg_for(clock))
     args = ("--site", w.site, "--month", "2026-11")
@@ -426,9 +429,49 @@ async def test_cli_queues_renders_and_checks_like_the_api_and_local_renders_alik
         (rid, status, origin, sha, progress), *more = await cur.fetchall()
     assert not more and (status, origin, progress) == ("ready", "cli", 1.0)
     assert hashlib.sha256(queued.read_bytes()).hexdigest() == sha and sha in line and rid in line
-    assert await asyncio.to_thread(_cli, rdsn, *args, "--out", str(local), "--local") == 0
+    assert await asyncio.to_thread(_cli, rdsn, *args, "--out", str(local), "--draft") == 0
     assert local.read_bytes() == queued.read_bytes()
-    # the queued path refuses what the API refuses (a month not over yet); --local does not
+    assert "not sealed" in line and "DRAFT" in capsys.readouterr().out
+    # sealing in the command needs the key; nothing is rendered without it
+    assert await asyncio.to_thread(_cli, rdsn, *args, "--out", str(local), "--local") == 1
+    assert "no audit signing key" in capsys.readouterr().err
+    # the queued path refuses what the API refuses (a month not over yet); --draft does not
     assert await asyncio.to_thread(_cli, rdsn, "--site", w.site, "--month", "2099-01",
                                    "--out", str(local)) == 1  # fmt: skip
     assert "invalid_range" in capsys.readouterr().err
+
+
+async def test_the_renderer_seals_when_the_server_has_its_signing_key(
+    aiohttp_client: Any, rdsn: str, tmp_path: Path
+) -> None:
+    """With the audit signing key the API's report is sealed (reports/verify.py): its
+    hash is in report_seals and the audit trail, the PDF prints the verification
+    link, and the file route renders it again under that seal to the same bytes."""
+    from opensense.audit.note import generate_key
+
+    generate_key(tmp_path / "audit" / "signing.key", "opensense.test/reports")
+    clock = FakeClock(NOW)
+    cfg = cfg_for(clock, state_dir=tmp_path, audit_origin="opensense.test/reports")
+    w = await _world(rdsn, cfg)
+    client = await _app(aiohttp_client, rdsn, cfg)
+    status, rep = await _post(client, w)
+    assert status == 202, rep
+    renderer: Renderer = client.app[REPORTS]
+    claimed = await renderer.claim()
+    assert claimed is not None and await renderer.render(claimed) == "ready"
+    done = await _get(client, w, rep["id"])
+    r = await client.get(done["file"], headers=w.auth)
+    pdf = await r.read()
+    assert r.status == 200 and hashlib.sha256(pdf).hexdigest() == done["sha256"]
+    async with await psycopg.AsyncConnection.connect(rdsn, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT code, link FROM report_seals WHERE sha256 = %s", (done["sha256"],)
+        )
+        (code, link), *more = await cur.fetchall()
+        cur = await conn.execute(
+            "SELECT count(*) FROM audit_log WHERE action = 'report.rendered' AND subject = %s",
+            (code,),
+        )
+        assert not more and (await cur.fetchone()) == (1,)
+    text = " ".join(p.extract_text() for p in PdfReader(io.BytesIO(pdf)).pages)
+    assert link in text and "DRAFT" not in text

@@ -21,6 +21,7 @@ from .api.keys import CONFIG, DSN, HEALTH, OBSERVER, POOL, REQUEST_LOG, VERIFIER
 from .api.middleware import error_middleware
 from .api.requestlog import RequestLog
 from .db import roles as db_roles
+from .reports import verify_routes as report_verify
 from .settings import Config
 from .status.health import Health
 from .status.observe import Observer
@@ -91,6 +92,7 @@ FEATURES: tuple[Callable[[web.Application], None], ...] = (
     status.setup,
     gateway.setup,
     dashboard.setup,
+    report_verify.setup,  # the public verification page of sealed reports
 )
 # A status-only process (role `status`): the page, /metrics and the incident API
 # (docs/status.md).

@@ -665,17 +665,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("report", help="render a compliance report (PDF) of a site's month")
     s.add_argument("action", choices=["render"])
-    s.add_argument("--site", required=True, help="site id (site_…)")
+    s.add_argument("--site", help="site id (site_…)")
     s.add_argument("--month", help="YYYY-MM, in the site's time zone")
     s.add_argument("--from", dest="from_month", help="first month YYYY-MM (with --to)")
     s.add_argument("--to", dest="to_month", help="last month YYYY-MM, inclusive (with --from)")
+    s.add_argument(
+        "--draft", action="store_true", help="render here, not sealed: DRAFT on every page"
+    )
+    s.add_argument("--again", metavar="CODE", help="render a sealed report again (its link's code)")
     s.add_argument("--out", required=True, help="the PDF file to write")
     s.add_argument("--language", default="en", choices=list(LANGUAGES))
     s.add_argument("--template", default="haccp_monthly", choices=list(TEMPLATES))
     s.add_argument(
         "--local",
         action="store_true",
-        help="render in this process without queueing (any month, the current one too)",
+        help="render and seal in this process without queueing (any month, the current one too)",
     )
     s.add_argument(
         "--wait",
@@ -686,13 +690,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--logo",
-        help="a PNG or JPEG for the cover (at most 256 kB and 2000 px a side; with --local)",
+        help="a PNG or JPEG for the cover (at most 256 kB and 2000 px a side; with --draft)",
     )
     s.add_argument(
         "--mkt-delta-h",
         type=float,
         help="activation energy for the mean kinetic temperature, kJ/mol (default 83.144;"
-        " with --local)",
+        " with --draft)",
     )
     s.set_defaults(fn=cmd_report)
     return p

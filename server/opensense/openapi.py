@@ -32,6 +32,7 @@ from .ingest.tray import STATES as TRAY_STATES
 from .kinds import KINDS
 from .presets import VERTICALS
 from .reports import apidoc as reports_doc
+from .reports import verify_apidoc as report_verify_doc
 from .status import apidoc as status_doc
 from .storage.read import AGGS, FNS
 from .web import apidoc as web_doc
@@ -717,6 +718,7 @@ def document() -> S:
     paths.update(alarms_doc.paths())
     paths.update(reports_doc.paths())
     paths.update(web_doc.paths())
+    paths.update(report_verify_doc.paths())
     return {
         "openapi": "3.1.0",
         "info": {

@@ -15,7 +15,7 @@ from typing import IO, Any
 
 from psycopg import AsyncConnection
 
-from . import merkle, store
+from . import merkle, store, verify
 from .note import Checkpoint, NoteError, Signer, Verifier, load_key
 
 log = logging.getLogger(__name__)
@@ -132,31 +132,68 @@ async def _publish(conn: AsyncConnection[Any], places: AuditPlaces) -> list[str]
     signer = places.signer()
     directory = store.Directory(places.publish_dir)
     directory.write_verifier(signer)  # for auditors' convenience; never trusted here
-    verifier = Verifier.parse(signer.verifier_key())
     out: list[str] = []
     failures: list[str] = []
     for acc in await store.accounts(conn):
-        leaves = [r.leaf() async for r in store.rows(conn, acc)]
-        pub = directory.load(acc)
-        old = 0
-        if pub.checkpoints:
-            last = store.parse_signed(verifier, pub.checkpoints[-1][1])
-            old = last.size
-            if last.size > len(leaves) or merkle.root(leaves[: last.size]) != last.root:
-                failures.append(
-                    f"{acc}: the database ({len(leaves)} rows) does not extend the published "
-                    f"checkpoint of size {last.size}; run `opensense audit verify`"
-                )
-                continue
-            if last.size == len(leaves):
-                out.append(f"{acc}: unchanged at {last.size}")
-                continue
-        cp = Checkpoint(origin_of(places.origin, acc), len(leaves), merkle.root(leaves))
-        note = signer.sign(cp.text())
-        path = directory.write(acc, cp.size, note, b"".join(leaves[old:]), old)
-        out.append(f"{acc}: published size {cp.size} -> {path}")
+        try:
+            line, _note = await _publish_account(conn, places, signer, directory, acc)
+        except Diverged as exc:
+            failures.append(str(exc))
+            continue
+        out.append(line)
     if directory.commit(f"audit checkpoints: {len(out)} account(s)"):
         out.append(f"committed to git in {places.publish_dir}")
     if failures:
         raise Diverged("; ".join(failures + out))
     return out
+
+
+async def _publish_account(
+    conn: AsyncConnection[Any],
+    places: AuditPlaces,
+    signer: Signer,
+    directory: store.Directory,
+    acc: str,
+) -> tuple[str, str]:
+    """Sign and publish one account's checkpoint if its trail grew (else the latest
+    published one stands). Returns a line saying what happened and the signed note."""
+    verifier = Verifier.parse(signer.verifier_key())
+    leaves = [r.leaf() async for r in store.rows(conn, acc)]
+    pub = directory.load(acc)
+    old = 0
+    if pub.checkpoints:
+        last = store.parse_signed(verifier, pub.checkpoints[-1][1])
+        old = last.size
+        if last.size > len(leaves) or merkle.root(leaves[: last.size]) != last.root:
+            raise Diverged(
+                f"{acc}: the database ({len(leaves)} rows) does not extend the published "
+                f"checkpoint of size {last.size}; run `opensense audit verify`"
+            )
+        if last.size == len(leaves):
+            return f"{acc}: unchanged at {last.size}", pub.checkpoints[-1][1]
+    cp = Checkpoint(origin_of(places.origin, acc), len(leaves), merkle.root(leaves))
+    note = signer.sign(cp.text())
+    path = directory.write(acc, cp.size, note, b"".join(leaves[old:]), old)
+    return f"{acc}: published size {cp.size} -> {path}", note
+
+
+async def publish_account(conn: AsyncConnection[Any], places: AuditPlaces, account_id: str) -> str:
+    """The signed checkpoint (a C2SP signed note) of one account's trail as it is now:
+    signed and published like the job's when the trail grew, else the latest published.
+    For a sealed report (reports/verify.py), which prints the checkpoint it was
+    rendered under. The whole account's trail is verified first, as the job does:
+    a report is never sealed over a trail that does not verify."""
+    with _lock_file(places.publish_dir) as lock:
+        await asyncio.to_thread(fcntl.flock, lock.fileno(), fcntl.LOCK_EX)
+        try:
+            signer = places.signer()
+            directory = store.Directory(places.publish_dir)
+            directory.write_verifier(signer)
+            rep = await verify.verify(conn, directory, places.verifier(), account_id)
+            if not rep.ok:
+                raise Diverged(f"{account_id}: " + "; ".join(rep.problems))
+            _line, note = await _publish_account(conn, places, signer, directory, account_id)
+            directory.commit(f"audit checkpoint: {account_id}")
+            return note
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)

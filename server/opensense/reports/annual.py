@@ -34,7 +34,8 @@ from reportlab.platypus import Paragraph, Spacer
 from . import data as rd
 from . import load
 from .catalogue import LANGUAGES, num, t
-from .render import CONTENT_WIDTH, _register_fonts, _styles, _table, build, cover, facts
+from .render import CONTENT_WIDTH, _register_fonts, _styles, _table, build, cover, facts, last_page
+from .seal_pdf import Seal
 
 MAX_MONTHS = 13
 
@@ -215,7 +216,7 @@ async def load_year(
 # --- rendering --------------------------------------------------------------------------
 
 
-def render_annual(d: AnnualData, language: str = "en") -> bytes:
+def render_annual(d: AnnualData, language: str = "en", seal: Seal | None = None) -> bytes:
     """The haccp_annual PDF of `d`; the same data and language give the same bytes."""
     if language not in LANGUAGES:
         raise ValueError(f"unknown language {language!r}; known: {', '.join(LANGUAGES)}")
@@ -234,6 +235,7 @@ def render_annual(d: AnnualData, language: str = "en") -> bytes:
             [t(L, "excursions"), str(sum(c.total.excursions for c in d.channels))],
         ],
         None if has_data else t(L, "no_data_period"),
+        seal=seal,
     )
     story.append(Paragraph(escape(t(L, "annual_intro")), st["small"]))
     head = [t(L, k) for k in ("month", "hours", "n", "min", "mean", "max", "hours_data",
@@ -261,4 +263,5 @@ def render_annual(d: AnnualData, language: str = "en") -> bytes:
         story.append(_table(rows, widths))
     if not d.channels:
         story.append(Paragraph(escape(t(L, "no_data_period")), st["body"]))
-    return build(L, t(L, "annual_title"), inp.site_name, period, d.end, story)
+    story += last_page(seal, L, inp.site_name, period)
+    return build(L, t(L, "annual_title"), inp.site_name, period, d.end, story, seal)

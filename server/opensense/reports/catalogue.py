@@ -74,12 +74,61 @@ EN: dict[str, str] = {
     "by": "By",
     "verify": "How to check this report",
     "verify_body": (
-        "This report cannot be verified yet. A later version of OpenSense will record a "
-        "checksum of each rendered report in the site's tamper-evident audit trail and "
-        "print here, with a short link and QR code, how to confirm that this document is "
-        "the one the system produced. This page carries no checksum and no link: until it "
-        "does, ask the operator of this OpenSense installation to render the same period "
-        "again; the same readings always give the same document."
+        "This is a draft: it was rendered without a seal, its checksum is not in the "
+        "audit trail, and it cannot be verified yet. For a report an inspector can check, "
+        "render it sealed (opensense report render without --draft, or the API)."
+    ),
+    "draft_mark": "DRAFT",
+    "draft_footer": "DRAFT · not sealed, cannot be verified",
+    "draft_cover": "DRAFT: not sealed, not for inspection.",
+    "seal_heading": "Verification",
+    "seal_intro": (
+        "This report is sealed: its SHA-256 checksum is in the site's tamper-evident audit "
+        "trail. The last page says how to check it."
+    ),
+    "seal_rendered": "Rendered at",
+    "seal_origin": "Audit log",
+    "seal_size": "Tree size",
+    "seal_root": "Root hash",
+    "seal_link": "Verify at",
+    "seal_footer": "verify: {link}",
+    "verify_sealed": (
+        "When this report was rendered, its SHA-256 checksum (a fingerprint of the file's "
+        "bytes) was written to the site's tamper-evident audit trail, and a signed "
+        "checkpoint of that trail was taken. The checkpoint is printed below and on the cover."
+    ),
+    "verify_how": "How to check",
+    "verify_step_link": (
+        "1. Scan the QR code below, or type the link {link} into a browser. On that page, "
+        "upload this PDF file: the server computes its checksum and compares it."
+    ),
+    "verify_step_hash": (
+        "2. Or compute the checksum yourself and enter it there: on Linux sha256sum "
+        "report.pdf, on macOS shasum -a 256 report.pdf, on Windows certutil -hashfile "
+        "report.pdf SHA256. The result is 64 characters, 0-9 and a-f."
+    ),
+    "verify_proves_heading": "What a match proves",
+    "verify_proves": (
+        "The page then confirms the site ({site}), the period ({period}) and the time of "
+        "rendering ({when}), and nothing else. A match proves that this file is, byte for "
+        "byte, the report this system rendered then: no reading, note or page was changed "
+        "since. Any change, even of one reading, gives a different checksum, which the "
+        "page refuses."
+    ),
+    "verify_not_heading": "What it does not prove",
+    "verify_not": (
+        "It does not prove that the readings were right (a sensor can be wrong, misplaced or "
+        "out of calibration), that nothing happened that the sensors did not measure, or who "
+        "printed or signed a paper copy. A paper copy has no checksum: check the file it was "
+        "printed from. A checksum the page does not know means the file was changed or is not "
+        "a report of this system: ask the operator to render it again."
+    ),
+    "verify_checkpoint": "The audit trail's signed checkpoint at rendering",
+    "verify_checkpoint_body": (
+        "Origin, tree size and root hash of the account's audit trail when the report was "
+        "rendered, signed by the operator's key (C2SP signed note, Ed25519). An auditor "
+        "holding the operator's verifier key can check the signature and that later "
+        "checkpoints extend this one (docs/audit.md)."
     ),
     "verify_originals": (
         "Original readings are never edited: corrections and annotations appear as notes."
@@ -182,13 +231,65 @@ DE: dict[str, str] = {
     "by": "Durch",
     "verify": "So prüfen Sie diesen Bericht",
     "verify_body": (
-        "Dieser Bericht kann noch nicht geprüft werden. Eine spätere Version von OpenSense "
-        "wird eine Prüfsumme jedes erzeugten Berichts im manipulationssicheren Prüfpfad des "
-        "Standorts festhalten und hier, mit Kurzlink und QR-Code, erklären, wie Sie "
-        "bestätigen, dass dieses Dokument das vom System erzeugte ist. Diese Seite trägt "
-        "keine Prüfsumme und keinen Link: Bis dahin bitten Sie den Betreiber dieser "
-        "OpenSense-Installation, denselben Zeitraum erneut zu erzeugen; dieselben Messwerte "
-        "ergeben stets dasselbe Dokument."
+        "Dies ist ein Entwurf: Er wurde ohne Siegel erzeugt, seine Prüfsumme steht nicht im "
+        "Prüfpfad, und er kann noch nicht geprüft werden. Für einen Bericht, den eine "
+        "Prüferin oder ein Prüfer kontrollieren kann, erzeugen Sie ihn versiegelt "
+        "(opensense report render ohne --draft, oder über die API)."
+    ),
+    "draft_mark": "ENTWURF",
+    "draft_footer": "ENTWURF · nicht versiegelt, nicht prüfbar",
+    "draft_cover": "ENTWURF: nicht versiegelt, nicht zur Vorlage bei Kontrollen.",
+    "seal_heading": "Prüfung",
+    "seal_intro": (
+        "Dieser Bericht ist versiegelt: Seine SHA-256-Prüfsumme steht im manipulationssicheren "
+        "Prüfpfad des Standorts. Die letzte Seite erklärt, wie Sie ihn prüfen."
+    ),
+    "seal_rendered": "Erzeugt am",
+    "seal_origin": "Prüfpfad",
+    "seal_size": "Baumgröße",
+    "seal_root": "Wurzel-Hash",
+    "seal_link": "Prüfen unter",
+    "seal_footer": "prüfen: {link}",
+    "verify_sealed": (
+        "Als dieser Bericht erzeugt wurde, wurde seine SHA-256-Prüfsumme (ein Fingerabdruck "
+        "der Bytes der Datei) in den manipulationssicheren Prüfpfad des Standorts geschrieben "
+        "und ein signierter Checkpoint dieses Prüfpfads genommen. Der Checkpoint steht unten "
+        "und auf dem Deckblatt."
+    ),
+    "verify_how": "So prüfen Sie",
+    "verify_step_link": (
+        "1. Scannen Sie den QR-Code unten oder geben Sie den Link {link} im Browser ein. "
+        "Laden Sie dort diese PDF-Datei hoch: Der Server berechnet ihre Prüfsumme und "
+        "vergleicht sie."
+    ),
+    "verify_step_hash": (
+        "2. Oder berechnen Sie die Prüfsumme selbst und geben Sie sie dort ein: unter Linux "
+        "sha256sum bericht.pdf, unter macOS shasum -a 256 bericht.pdf, unter Windows "
+        "certutil -hashfile bericht.pdf SHA256. Das Ergebnis hat 64 Zeichen, 0-9 und a-f."
+    ),
+    "verify_proves_heading": "Was eine Übereinstimmung beweist",
+    "verify_proves": (
+        "Die Seite bestätigt dann den Standort ({site}), den Zeitraum ({period}) und den "
+        "Zeitpunkt der Erzeugung ({when}), und nichts weiter. Eine Übereinstimmung beweist, "
+        "dass diese Datei Byte für Byte der Bericht ist, den dieses System damals erzeugt hat: "
+        "Kein Messwert, keine Notiz und keine Seite wurde seitdem verändert. Jede Änderung, "
+        "auch eines einzigen Messwerts, ergibt eine andere Prüfsumme, die die Seite ablehnt."
+    ),
+    "verify_not_heading": "Was sie nicht beweist",
+    "verify_not": (
+        "Sie beweist nicht, dass die Messwerte stimmten (ein Sensor kann falsch, falsch "
+        "platziert oder nicht kalibriert sein), dass nichts geschah, was die Sensoren nicht "
+        "gemessen haben, oder wer eine Papierkopie gedruckt oder unterschrieben hat. Eine "
+        "Papierkopie hat keine Prüfsumme: Prüfen Sie die Datei, aus der sie gedruckt wurde. "
+        "Eine Prüfsumme, die die Seite nicht kennt, bedeutet: Die Datei wurde verändert oder "
+        "ist kein Bericht dieses Systems. Bitten Sie den Betreiber, ihn erneut zu erzeugen."
+    ),
+    "verify_checkpoint": "Der signierte Checkpoint des Prüfpfads bei der Erzeugung",
+    "verify_checkpoint_body": (
+        "Ursprung, Baumgröße und Wurzel-Hash des Prüfpfads des Kontos bei der Erzeugung des "
+        "Berichts, signiert mit dem Schlüssel des Betreibers (C2SP Signed Note, Ed25519). "
+        "Wer den Prüfschlüssel des Betreibers hat, kann die Signatur prüfen und dass spätere "
+        "Checkpoints diesen fortsetzen (docs/audit.md)."
     ),
     "verify_originals": (
         "Originale Messwerte werden nie verändert: Korrekturen und Anmerkungen erscheinen als Notizen."

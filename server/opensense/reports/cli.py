@@ -3,8 +3,10 @@
 The report is queued in the reports table like POST /v1/reports (origin `cli`),
 then claimed and rendered by this command through the same renderer (lease, progress,
 SHA-256, `report_ready`), unless a server's renderer takes it first within `--wait`
-seconds. A progress bar shows on a terminal. `--local` renders in-process without a
-row, as part one did (any period, the current month too).
+seconds. A progress bar shows on a terminal. `--local` renders and seals in-process without a
+row (any period, the current month too); `--draft` renders in-process unsealed, DRAFT
+on every page (with `--logo`, `--mkt-delta-h`); `--again CODE` renders a sealed
+report again under its stored seal (reports/verify.py).
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from datetime import date
 from pathlib import Path
 from typing import Any, TextIO
 
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from ..errors import ApiError
 from ..settings import Config
-from . import build, render, store
+from . import build, render, seal_store, store, verify
 from .load import month_period
 from .runner import Renderer
 from .templates import TEMPLATES
@@ -154,24 +157,70 @@ def extras(args: Any) -> dict[str, Any]:
         except (OSError, ValueError) as exc:
             raise ValueError(f"--logo {args.logo}: {exc}") from exc
         extra["logo"] = logo
-    if extra and not args.local:
-        raise ValueError("--logo and --mkt-delta-h render here: add --local")
+    if extra and not args.draft:
+        raise ValueError("--logo and --mkt-delta-h render a draft: add --draft")
     return extra
 
 
+async def _again(dsn: str, code: str) -> tuple[bytes, Any]:
+    async with await AsyncConnection.connect(dsn, autocommit=True) as conn:
+        return await verify.render_again(conn, code)
+
+
+async def _sealed(
+    cfg: Config, dsn: str, args: Any, first: date, last: date, actor: str
+) -> tuple[bytes, Any]:
+    async with await AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute("SELECT account_id FROM sites WHERE id = %s", (args.site,))
+        row = await cur.fetchone()
+        if row is None:
+            raise ApiError("site_not_found", f"no site {args.site[:40]!r}")
+        return await verify.sealed_render(
+            conn, config=cfg, account_id=row[0], site_id=args.site, template=args.template,
+            period_from=first, period_to=last, language=args.language, now=cfg.clock(),
+            actor=actor,
+        )  # fmt: skip
+
+
 def run(cfg: Config, dsn: str, args: Any, actor: str) -> int:
+    if args.again:
+        if args.site or args.month or args.draft or args.local:
+            print("opensense report: --again takes only --out", file=sys.stderr)
+            return 2
+        pdf, seal = asyncio.run(_again(dsn, args.again))
+        Path(args.out).write_bytes(pdf)
+        sha = hashlib.sha256(pdf).hexdigest()
+        same = "the same bytes as sealed" if sha == seal.sha256 else "NOT the bytes sealed"
+        print(f"{args.out}: {len(pdf)} bytes, sha256 {sha}: {same} (sha256 {seal.sha256})")
+        print(f"verify at {seal.link}")
+        return 0 if sha == seal.sha256 else 1
     try:
+        if not args.site:
+            raise ValueError("--site is required")
         first, last = period(args)
         extra = extras(args)
     except ValueError as exc:
         print(f"opensense report: {exc}", file=sys.stderr)
         return 2
-    if args.local:
+    if args.draft:
         pdf = asyncio.run(local(dsn, args.site, first, last, args.language, args.template, **extra))
         Path(args.out).write_bytes(pdf)
         print(
-            f"{args.out}: {len(pdf)} bytes, {args.site} {first} – {last} ({args.language}, local)"
+            f"{args.out}: {len(pdf)} bytes, {args.site} {first} – {last} ({args.language}), DRAFT"
         )
+        return 0
+    if args.local:
+        try:
+            pdf, seal = asyncio.run(_sealed(cfg, dsn, args, first, last, actor))
+        except verify.SealError as exc:
+            print(f"opensense report: {exc}", file=sys.stderr)
+            return 1
+        Path(args.out).write_bytes(pdf)
+        print(
+            f"{args.out}: {len(pdf)} bytes, {args.site} {first} – {last}"
+            f" ({args.language}), sealed, sha256 {seal.sha256}"
+        )
+        print(f"verify at {seal.link}")
         return 0
     r, pdf = asyncio.run(
         queue_and_wait(
@@ -184,4 +233,11 @@ def run(cfg: Config, dsn: str, args: Any, actor: str) -> int:
         f"{args.out}: {len(pdf)} bytes, {args.site} {r['period_from']} – {r['period_to']}"
         f" ({args.language}), report {r['id']} sha256 {r['sha256']}"
     )
+    sealed = asyncio.run(_seal_of(dsn, r["sha256"]))
+    print(f"verify at {sealed.link}" if sealed else "not sealed (no audit signing key): a DRAFT")
     return 0
+
+
+async def _seal_of(dsn: str, sha: str) -> Any:
+    async with await AsyncConnection.connect(dsn, autocommit=True) as conn:
+        return await seal_store.by_sha256(conn, sha)

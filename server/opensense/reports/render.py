@@ -44,6 +44,7 @@ from reportlab.platypus import (
 )
 
 from . import data as rd
+from . import seal_pdf  # the verification hook (issue 18 item 4): seal_pdf.py
 from .catalogue import LANGUAGES, num, t
 
 # Gaps listed per channel; the rest are counted with their total duration. A channel
@@ -317,9 +318,18 @@ def _logo(blob: bytes) -> Image:
 CONTENT_WIDTH = A4[0] - 32 * mm  # the page less its 16 mm margins
 
 
-def build(lang: str, title: str, site: str, period: str, end: float, story: list[Any]) -> bytes:
-    """The story as an A4 PDF: margins, the footer on every page, the document's
-    dates fixed at `end` (reproducible bytes). Every template ends here."""
+def build(
+    lang: str,
+    title: str,
+    site: str,
+    period: str,
+    end: float,
+    story: list[Any],
+    seal: seal_pdf.Seal | None = None,
+) -> bytes:
+    """The story as an A4 PDF: margins, the footer on every page (with the seal's
+    short link, or DRAFT without a seal), the document's dates fixed at `end`
+    (reproducible bytes). Every template ends here."""
     buf = io.BytesIO()
     doc = SimpleDocTemplate(
         buf,
@@ -344,6 +354,7 @@ def build(lang: str, title: str, site: str, period: str, end: float, story: list
             t(lang, "footer", site=site, period=period, page=canvas.getPageNumber()),
         )
         canvas.restoreState()
+        seal_pdf.page_mark(canvas, seal, lang, FONT, FONT_BOLD)  # verification hook
 
     doc.build(story, onFirstPage=footer, onLaterPages=footer, canvasmaker=_fixed_canvas(end))
     return buf.getvalue()
@@ -364,11 +375,16 @@ def facts(lang: str, inp: Any, hours: float) -> list[list[Any]]:
 
 
 def cover(
-    lang: str, title: str, logo: bytes | None, rows: list[list[Any]], no_data: str | None
+    lang: str,
+    title: str,
+    logo: bytes | None,
+    rows: list[list[Any]],
+    no_data: str | None,
+    seal: seal_pdf.Seal | None = None,
 ) -> list[Any]:
     """A template's first page: logo, title, the facts table, `no_data` when the
-    period holds nothing, and the signature lines (printed name, role, date,
-    signature) for two people."""
+    period holds nothing, the seal (checkpoint, link and QR code; or DRAFT), and the
+    signature lines (printed name, role, date, signature) for two people."""
     L, st, full = lang, _styles(), CONTENT_WIDTH
     story: list[Any] = [_logo(logo), Spacer(1, 3 * mm)] if logo is not None else []
     story += [
@@ -380,7 +396,8 @@ def cover(
     if no_data is not None:
         story.append(Paragraph(escape(no_data), st["h2"]))
     story += [
-        Spacer(1, 10 * mm),
+        Spacer(1, 6 * mm),
+        *seal_pdf.cover(seal, L, st, full),  # verification hook
         Paragraph(escape(t(L, "signatures")), st["h2"]),
         Paragraph(escape(t(L, "sign_intro")), st["body"]),
         Spacer(1, 2 * mm),
@@ -404,8 +421,15 @@ def cover(
     return [*story, sig, PageBreak()]
 
 
-def render_pdf(d: rd.ReportData, language: str = "en") -> bytes:
-    """The haccp_monthly PDF of `d`; the same data and language give the same bytes."""
+def last_page(seal: seal_pdf.Seal | None, lang: str, site: str, period: str) -> list[Any]:
+    """Every template's last page: how to check the report (verification hook)."""
+    return [PageBreak(), *seal_pdf.last_page(seal, lang, _styles(), CONTENT_WIDTH, site, period)]
+
+
+def render_pdf(d: rd.ReportData, language: str = "en", seal: seal_pdf.Seal | None = None) -> bytes:
+    """The haccp_monthly PDF of `d`; the same data, language and seal give the same
+    bytes. `seal` (reports/verify.py sealed_render): printed on the cover, each
+    footer and the last page; without one the PDF is a DRAFT on every page."""
     if language not in LANGUAGES:
         raise ValueError(f"unknown language {language!r}; known: {', '.join(LANGUAGES)}")
     _register_fonts()
@@ -429,6 +453,7 @@ def render_pdf(d: rd.ReportData, language: str = "en") -> bytes:
             [t(L, "excursions"), str(len(d.excursions))],
         ],
         None if d.has_data else t(L, "no_data_period"),
+        seal=seal,
     )
     # --- one section per channel: summary, chart, daily table
     for c in d.channels:
@@ -693,12 +718,5 @@ def render_pdf(d: rd.ReportData, language: str = "en") -> bytes:
         story.append(Paragraph(escape(t(L, "no_calibration")), st["body"]))
     else:
         story.append(_table(cal, [full * 0.34, full * 0.22, full * 0.16, full * 0.28]))
-    # --- last page: how to check (not yet verifiable: no hash, no QR)
-    story += [
-        PageBreak(),
-        Paragraph(escape(t(L, "verify")), st["h1"]),
-        Paragraph(escape(t(L, "verify_body")), st["body"]),
-        Spacer(1, 3 * mm),
-        Paragraph(escape(t(L, "verify_originals")), st["body"]),
-    ]
-    return build(L, t(L, "title"), inp.site_name, period, d.end, story)
+    story += last_page(seal, L, inp.site_name, period)
+    return build(L, t(L, "title"), inp.site_name, period, d.end, story, seal)

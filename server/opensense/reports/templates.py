@@ -5,7 +5,7 @@ checks it does).
 A caller (the CLI, the reports API) looks a template up and runs
 
     inp = await TEMPLATES[name].load(conn, site_id, first, last, account_id=acc, logo=logo)
-    pdf = TEMPLATES[name].render(inp, language)
+    pdf = TEMPLATES[name].render(inp, language, seal=None)  # a seal: reports/verify.py
 
 `load` raises ApiError(site_not_found) for another account's site and ValueError
 for a period the template does not take; `render` computes the figures (pure) and
@@ -21,6 +21,7 @@ from typing import Any
 from . import annual, load, uptime
 from . import data as rd
 from . import render as monthly
+from .seal_pdf import Seal
 
 
 @dataclass(frozen=True)
@@ -29,21 +30,23 @@ class Template:
     doc: str
     # (conn, site_id, first day, last day, *, account_id, logo) -> the template's input
     load: Callable[..., Awaitable[Any]]
-    # (input, language) -> PDF bytes
-    render: Callable[[Any, str], bytes]
+    # (input, language, seal=None) -> PDF bytes; without a seal a DRAFT (reports/verify.py)
+    render: Callable[..., bytes]
     max_days: int  # the longest period it takes, in days (both ends inclusive)
 
 
-def _haccp_monthly(inp: rd.ReportInput, language: str = "en") -> bytes:
-    return monthly.render_pdf(rd.compute(inp), language)
+def _haccp_monthly(inp: rd.ReportInput, language: str = "en", seal: Seal | None = None) -> bytes:
+    return monthly.render_pdf(rd.compute(inp), language, seal)
 
 
-def _haccp_annual(inp: annual.AnnualInput, language: str = "en") -> bytes:
-    return annual.render_annual(annual.compute_annual(inp), language)
+def _haccp_annual(inp: annual.AnnualInput, language: str = "en", seal: Seal | None = None) -> bytes:
+    return annual.render_annual(annual.compute_annual(inp), language, seal)
 
 
-def _server_room_uptime(inp: rd.ReportInput, language: str = "en") -> bytes:
-    return uptime.render_uptime(rd.compute(inp), language)
+def _server_room_uptime(
+    inp: rd.ReportInput, language: str = "en", seal: Seal | None = None
+) -> bytes:
+    return uptime.render_uptime(rd.compute(inp), language, seal)
 
 
 TEMPLATES: dict[str, Template] = {

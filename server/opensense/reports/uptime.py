@@ -26,7 +26,8 @@ from reportlab.platypus import Paragraph, Spacer
 
 from . import data as rd
 from .catalogue import LANGUAGES, num, t
-from .render import CONTENT_WIDTH, _Fmt, _register_fonts, _styles, _table, build, cover
+from .render import CONTENT_WIDTH, _Fmt, _register_fonts, _styles, _table, build, cover, last_page
+from .seal_pdf import Seal
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def site_availability(devs: Sequence[DeviceUptime]) -> float | None:
     return math.fsum(x.availability for x in devs) / len(devs) if devs else None
 
 
-def render_uptime(d: rd.ReportData, language: str = "en") -> bytes:
+def render_uptime(d: rd.ReportData, language: str = "en", seal: Seal | None = None) -> bytes:
     """The server_room_uptime PDF of `d`; the same data and language give the same bytes."""
     if language not in LANGUAGES:
         raise ValueError(f"unknown language {language!r}; known: {', '.join(LANGUAGES)}")
@@ -105,6 +106,7 @@ def render_uptime(d: rd.ReportData, language: str = "en") -> bytes:
             [t(L, "channels"), str(len(d.channels))],
         ],
         None if d.has_data else t(L, "no_data_period"),
+        seal=seal,
     )
     story += [
         Paragraph(escape(t(L, "devices")), st["h1"]),
@@ -136,4 +138,5 @@ def render_uptime(d: rd.ReportData, language: str = "en") -> bytes:
     story.append(_table(rows, [full * 0.22] + [full * 0.13] * 6))
     if not d.channels:
         story.append(Paragraph(escape(t(L, "no_data_period")), st["body"]))
-    return build(L, t(L, "uptime_title"), inp.site_name, period, d.end, story)
+    story += last_page(seal, L, inp.site_name, period)
+    return build(L, t(L, "uptime_title"), inp.site_name, period, d.end, story, seal)
