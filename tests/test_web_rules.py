@@ -439,3 +439,20 @@ async def test_audit_page_shows_this_account_only_with_verification_and_checkpoi
     assert "1 signed checkpoint(s) match" in text
     r = await client.post("/audit/verify", data={})
     assert r.status == 403
+
+
+async def test_a_rule_of_a_kind_this_server_does_not_know_is_refused_not_a_500(client, dsn, clock):
+    """A rule row of an unknown kind (written by another version): its page says so in
+    the envelope (found by the isolation sweep with a fixture's made-up kind)."""
+    acc = await tenant(dsn, "oddkind")
+    await sign_in_as(client, dsn, clock, await user_of(dsn, acc["account"], "owner"))
+    await sql(
+        dsn,
+        "INSERT INTO rules (id, channel_id, kind, params, grace_min)"
+        " VALUES ('rul_oddkind0000001', %s, 'threshold', '{}', 15)",
+        acc["channel"],
+    )
+    r = await client.get("/rules/rul_oddkind0000001")
+    body = await r.json()
+    assert r.status == 422 and body["error"]["code"] == "invalid_rule", body
+    assert "threshold" in body["error"]["message"]

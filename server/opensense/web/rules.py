@@ -361,6 +361,12 @@ async def _rule_and_channel(
     conn: AsyncConnection[Any], acc: str, rule_id: str
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     rule = await api.rule_of(conn, acc, rule_id)
+    if rule["kind"] not in RULE_KINDS:  # stored by an older or newer server
+        raise ApiError(
+            "invalid_rule",
+            f"rule {rule_id} is of kind {str(rule['kind'])[:40]!r}, which this server does not"
+            f" know (the engine skips it); known: {', '.join(RULE_KINDS)}",
+        )
     return rule, await channel_row(conn, acc, rule["channel_id"])
 
 
