@@ -453,13 +453,22 @@ async def test_the_renderer_seals_when_the_server_has_its_signing_key(
     clock = FakeClock(NOW)
     cfg = cfg_for(clock, state_dir=tmp_path, audit_origin="opensense.test/reports")
     w = await _world(rdsn, cfg)
+    # a node's own health figure on the site: not part of a compliance report
+    async with await psycopg.AsyncConnection.connect(rdsn, autocommit=True) as conn:
+        await conn.execute(
+            "INSERT INTO channels (id, sensor_id, account_id, device_id, kind, label, unit, name)"
+            " VALUES ('chn_sealhealth0001', 'snr_sealhealth0001', %s, %s, 'health',"
+            " 'uptime', 's', 'health uptime')",
+            (w.account, w.device_ids["fridge01"]),
+        )
     client = await _app(aiohttp_client, rdsn, cfg)
     status, rep = await _post(client, w)
     assert status == 202, rep
     renderer: Renderer = client.app[REPORTS]
-    claimed = await renderer.claim()
+    claimed = await renderer.claim(only=rep["id"])  # not the schedule's, if it ran
     assert claimed is not None and await renderer.render(claimed) == "ready"
     done = await _get(client, w, rep["id"])
+    assert done["status"] == "ready", done
     r = await client.get(done["file"], headers=w.auth)
     pdf = await r.read()
     assert r.status == 200 and hashlib.sha256(pdf).hexdigest() == done["sha256"]
@@ -475,3 +484,4 @@ async def test_the_renderer_seals_when_the_server_has_its_signing_key(
         assert not more and (await cur.fetchone()) == (1,)
     text = " ".join(p.extract_text() for p in PdfReader(io.BytesIO(pdf)).pages)
     assert link in text and "DRAFT" not in text
+    assert "Kühlzelle" in text and "health uptime" not in text

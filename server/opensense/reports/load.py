@@ -21,6 +21,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 
 from ..errors import ApiError
+from ..kinds import KINDS
 from ..storage import read
 from . import data as rd
 
@@ -133,14 +134,17 @@ class Channel(NamedTuple):
 
 
 async def channels(conn: AsyncConnection[Any], site_id: str) -> list[Channel]:
-    """The site's channels on its current devices, in print order."""
+    """The site's measurement channels on its current devices, in print order: a
+    node's own health figures (auxiliary kinds: battery, signal, health, ...) are not
+    part of a compliance report."""
     cur = await conn.execute(
         "SELECT c.id, c.num, d.name || ' · ' || c.name, c.unit, c.kind, d.name, d.cadence_s"
         " FROM channels c JOIN devices d ON d.id = c.device_id"
         " WHERE d.site_id = %s AND d.deleted_at IS NULL ORDER BY d.name, c.name, c.id",
         (site_id,),
     )
-    return [Channel(*r) for r in await cur.fetchall()]
+    rows = [Channel(*r) for r in await cur.fetchall()]
+    return [c for c in rows if not (c.kind in KINDS and KINDS[c.kind].auxiliary)]
 
 
 async def excursions(
