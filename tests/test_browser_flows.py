@@ -166,7 +166,7 @@ def test_flow_alarm_arrives_live_on_the_phone(
 ):
     page = sign_in(phone, live_mail, tenant.owner_email, "code")
     card = page.locator(f'li[data-channel="{probe.channel}"]')
-    assert card.get_attribute("class") == "state-ok"
+    assert card.get_attribute("class") in ("state-ok", "state-none")  # judged or not yet
     assert not card.locator('[data-f="open"]').is_visible()
     page.evaluate("window.__notReloaded = true")  # gone if the page were loaded again
     hub = live_server.app[HUB]
