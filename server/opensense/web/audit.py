@@ -29,6 +29,7 @@ from .store import User
 routes = web.RouteTableDef()
 
 DATA_MAX = 300  # characters of a row's data shown in the list
+DATA_FULL_MAX = 20_000  # characters of a cut row's data shown when it is opened
 VERIFY_PER_HOUR = 12  # "verify now" per account: it reads the whole trail
 
 
@@ -57,9 +58,14 @@ def _mtime(path: Path) -> datetime:
     return datetime.fromtimestamp(path.stat().st_mtime, UTC)
 
 
-def _data(v: Any) -> str:
+def _data(v: Any) -> tuple[str, str | None]:
+    """(the row's data as shown in the list, the whole of it when that is cut): an
+    acknowledgement's cause and actions come after its note and must stay readable."""
     s = json.dumps(v, ensure_ascii=False, sort_keys=True, default=str)
-    return s if len(s) <= DATA_MAX else s[: DATA_MAX - 1] + "…"
+    if len(s) <= DATA_MAX:
+        return s, None
+    full = s if len(s) <= DATA_FULL_MAX else s[: DATA_FULL_MAX - 1] + "…"
+    return s[: DATA_MAX - 1] + "…", full
 
 
 def _before(request: web.Request) -> int | None:
@@ -82,7 +88,7 @@ async def _ctx(
                 **r,
                 "when": views.when(r["at"]),
                 "who": emails.get(r["actor"], r["actor"]),
-                "data": _data(r["data"]),
+                **dict(zip(("data", "full"), _data(r["data"]), strict=True)),
             }
             for r in rows
         ],  # fmt: skip
