@@ -56,6 +56,7 @@ FILL_BY_NAME = {
     "silence_id": "sil",
     "token_id": "tok",
     "user_id": "usr",
+    "report_id": "rpt",
 }
 FILL_BY_SEGMENT = {
     "accounts": "acc",
@@ -70,6 +71,7 @@ FILL_BY_SEGMENT = {
     "silences": "sil",
     "tokens": "tok",
     "users": "usr",
+    "reports": "rpt",
 }
 # A query string a page needs to answer 200 (a chart's range, say), by route path;
 # {chn} and the like: the signed-in account's id of that prefix

@@ -5,8 +5,10 @@ its SHA-256 is the one recorded when the report became ready."""
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 from aiohttp import web
+from psycopg import AsyncConnection
 
 from ..api import auth
 from ..api.body import json_object
@@ -18,22 +20,32 @@ from . import store
 routes = web.RouteTableDef()
 
 
+async def request_report(
+    app: web.Application,
+    conn: AsyncConnection[Any],
+    account_id: str,
+    body: dict[str, Any],
+    actor: str,
+) -> store.Row:
+    """Check a request (the API's JSON body, or the dashboard's form made into one) and
+    queue it, every refusal an ApiError in the API's words; the renderer is woken. The
+    one function of POST /v1/reports and the dashboard's reports page."""
+    cfg = app[CONFIG]
+    ask = store.parse(body)
+    async with conn.transaction():
+        row = await store.create(
+            conn, account_id, ask, cfg.clock(), queue_max=cfg.report_queue_max, actor=actor
+        )
+    app[REPORTS].wake.set()
+    return row
+
+
 @routes.post("/v1/reports")
 async def create_report(request: web.Request) -> web.Response:
-    cfg = request.app[CONFIG]
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn)
-        ask = store.parse(await json_object(request))
-        async with conn.transaction():
-            row = await store.create(
-                conn,
-                acc,
-                ask,
-                cfg.clock(),
-                queue_max=cfg.report_queue_max,
-                actor=auth.actor(request),
-            )
-    request.app[REPORTS].wake.set()
+        body = await json_object(request)
+        row = await request_report(request.app, conn, acc, body, auth.actor(request))
     return response(store.public(row), status=202)
 
 
@@ -45,18 +57,17 @@ async def get_report(request: web.Request) -> web.Response:
     return response(store.public(row))
 
 
-@routes.get("/v1/reports/{report_id}/file")
-async def report_file(request: web.Request) -> web.Response:
-    async with request.app[POOL].connection() as conn:
-        acc = await auth.account(request, conn)
-        row = await store.get(conn, acc, request.match_info["report_id"])
+async def file_response(app: web.Application, row: store.Row) -> web.Response:
+    """A ready report's PDF, rendered again by the renderer and answered only with the
+    SHA-256 recorded when it became ready; 409 (conflict) otherwise. The one path of
+    GET /v1/reports/{id}/file and the dashboard's download link."""
     if row["status"] != "ready":
         raise ApiError(
             "conflict",
             f"report {row['id']} is {row['status']}, not ready"
             + (f": {row['error']}" if row["error"] else ""),
         )
-    pdf = await request.app[REPORTS].file(row)
+    pdf = await app[REPORTS].file(row)
     if hashlib.sha256(pdf).hexdigest() != row["sha256"]:
         raise ApiError(
             "conflict",
@@ -74,3 +85,11 @@ async def report_file(request: web.Request) -> web.Response:
             "Cache-Control": "private, max-age=0",
         },
     )
+
+
+@routes.get("/v1/reports/{report_id}/file")
+async def report_file(request: web.Request) -> web.Response:
+    async with request.app[POOL].connection() as conn:
+        acc = await auth.account(request, conn)
+        row = await store.get(conn, acc, request.match_info["report_id"])
+    return await file_response(request.app, row)

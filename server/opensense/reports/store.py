@@ -211,6 +211,21 @@ async def get(conn: AsyncConnection[Any], account_id: str | None, report_id: str
     return row
 
 
+async def recent(
+    conn: AsyncConnection[Any], account_id: str, before: str | None, limit: int
+) -> list[Row]:
+    """The account's reports newest first, `limit` of them; `before`: those older than
+    that report of the account (none when it is not the account's)."""
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(
+        f"SELECT {COLS} FROM reports WHERE account_id = %(acc)s AND (%(before)s::text IS NULL"
+        " OR (created_at, id) < (SELECT created_at, id FROM reports WHERE id = %(before)s"
+        " AND account_id = %(acc)s)) ORDER BY created_at DESC, id DESC LIMIT %(limit)s",
+        {"acc": account_id, "before": before, "limit": limit},
+    )
+    return await cur.fetchall()
+
+
 # --- the renderer's side ---------------------------------------------------------------
 
 

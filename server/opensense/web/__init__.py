@@ -14,12 +14,12 @@ def setup(app: web.Application) -> None:
     import aiohttp_jinja2
     import jinja2
 
-    from . import account, audit, channel, devices, live, notify, overview, routes, rules
+    from . import account, audit, channel, devices, live, notify, overview, reports, routes, rules
     from .ctx import web_ctx
     from .routes import SECURITY_HEADERS
 
     # every module of pages (each a RouteTableDef named `routes`): sign-in first
-    pages = (routes, overview, live, channel, devices, rules, notify, audit, account)
+    pages = (routes, overview, live, channel, devices, reports, rules, notify, audit, account)
 
     aiohttp_jinja2.setup(
         app,

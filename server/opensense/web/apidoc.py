@@ -134,6 +134,7 @@ def sign_in_paths() -> S:
         },
         **config_pages(),
         **live_and_channel_paths(),
+        **report_pages(),
     }
 
 
@@ -507,4 +508,66 @@ def live_and_channel_paths() -> S:
             "get": asset("Dashboard: uPlot's stylesheet", "text/css")
         },
         "/static/vendor/uplot/LICENSE": {"get": asset("Dashboard: uPlot's licence", "text/plain")},
+    }
+
+
+# --- reports (web/reports.py) ----------------------------------------------------------
+
+
+def report_pages() -> S:
+    refused = {
+        str(status): {
+            "description": f"Refused ({why}): the page, the API's message next to the field",
+            "content": {**HTML["content"], **err(status)[str(status)]["content"]},
+        }
+        for status, why in (
+            (400, "a field"),
+            (404, "another account's site"),
+            (422, "a month not over yet"),
+            (429, "the account's queue is full"),
+        )
+    }
+    month = {"type": "string", "maxLength": 20, "description": "YYYY-MM"}
+    return {
+        "/reports": {
+            "get": _page(
+                "the account's reports, newest first, and the form to ask for one",
+                q("before", {"type": "string", "maxLength": 64}, "the next page: older reports"),
+            ),
+            "post": op(
+                "Dashboard: ask for a report of a site's month (operator)",
+                {
+                    **see_other("Queued: to /reports"),
+                    **SIGNED_OUT,
+                    **err(403, 413),
+                    **refused,
+                },
+                security=NO_TOKEN,
+                requestBody=form(
+                    {
+                        **CSRF,
+                        "site_id": FIELD,
+                        "template": FIELD,
+                        "month": month,
+                        "language": FIELD,
+                    },
+                    ("csrf", "site_id", "month"),
+                ),
+            ),
+        },
+        "/reports/{report_id}/file": {
+            "get": op(
+                "Dashboard: a ready report's PDF, rendered again with its recorded SHA-256",
+                {
+                    "200": {
+                        "description": "The PDF",
+                        "content": {"application/pdf": {"schema": {"type": "string"}}},
+                    },
+                    **SIGNED_OUT,
+                    **err(404, 409),
+                },
+                security=NO_TOKEN,
+                parameters=[path_param("report_id")],
+            )
+        },
     }
