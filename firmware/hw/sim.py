@@ -8,6 +8,8 @@
 #               like the ESP32's SPI flash), survives resets and power cuts
 #   rtc.bin     RTC slow memory: survives a reset, the harness deletes it for a power cut
 #   config.json the node config the installer would write; ca.der the broker's CA
+#               hold_write: stop half-way through the next flash write (a power cut
+#               is timed to it: the harness waits for the file `held`, then SIGKILLs)
 #   events.log  what the board did (led, reset, wdt, sync), one line each, for tests
 # A reset ends the process with exit code 3; the harness starts it again (the chip
 # running main.py from the top).
@@ -39,6 +41,7 @@ class FileFlash:
             self.f = open(path, "r+b")
         self.erases = 0
         self.blank = b"\xff" * BLOCK  # allocated once: erases must not churn the heap
+        self.hold = None  # -> True: stop half-way through the next write (a power cut)
 
     def readblocks(self, n, buf, off=0):
         self.f.seek(n * BLOCK + off)
@@ -49,6 +52,15 @@ class FileFlash:
             self.ioctl(6, n)
             off = 0
         self.f.seek(n * BLOCK + off)
+        if self.hold is not None and self.hold():
+            # ctl hold_write (the bench rig's power cut during a flash write): half the
+            # bytes reach the flash, then the board waits for the harness's SIGKILL
+            self.f.write(memoryview(buf)[: len(buf) // 2])
+            self.f.flush()
+            with open(DIR + "/held", "w") as f:
+                f.write("%d %d" % (n, off))
+            while True:
+                time.sleep(0.05)
         self.f.write(buf)
         self.f.flush()
 
@@ -329,6 +341,7 @@ class Board:
         if self._flash is None:
             blocks = self.ctl.get("flash_blocks", 512)  # 2 MiB like the ESP32's vfs partition
             self._flash = FileFlash(DIR + "/flash.img", blocks)
+            self._flash.hold = lambda: self._ctl().get("hold_write")
             try:
                 fs = vfs.VfsLfs2(self._flash)
             except OSError:

@@ -484,6 +484,17 @@ class Node:
         c = self.cfg
         b.wdt_start(c["wdt_s"])
         self.scan_bus()
+        try:
+            self._loop(steps)
+        except KeyboardInterrupt:
+            # mpremote taking the REPL (`opensense node flash` over a running node):
+            # the readings held in RAM go to flash first, or every reinstall loses up
+            # to `batch` of them (the bench rig's twenty-reinstalls scenario)
+            self.q.flush()
+            raise
+
+    def _loop(self, steps):
+        b = self.b
         next_sample = b.ticks_ms()
         while steps is None or steps > 0:
             if steps:
