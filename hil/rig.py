@@ -191,17 +191,28 @@ class LinkProxy:
 
 
 class VirtualRig(Rig):
-    """Simulated nodes (the real firmware on the unix port) behind a LinkProxy to the
-    broker at `broker_port`; the fast clock is each node's ctl `speed`."""
+    """Simulated nodes (the real firmware on the unix port), each behind a LinkProxy of
+    its own to the broker at `broker_port`; the fast clock is each node's ctl `speed`."""
 
     def __init__(self, root: Path, broker_port: int) -> None:
         self.root = root
-        self.proxy = LinkProxy(broker_port)
+        self.broker_port = broker_port
+        self.proxies: dict[str, LinkProxy] = {}  # one per node: its own Wi-Fi and link
+        self.mode = ("up", 0)  # what `link` last set, for every node whose AP is on
         self.nodes: dict[str, Any] = {}
 
-    def _point(self, config: dict[str, Any]) -> dict[str, Any]:
+    @property
+    def proxy(self) -> LinkProxy:
+        """The first node's link proxy (its counters, for a scenario of one node)."""
+        return next(iter(self.proxies.values()))
+
+    def _point(self, name: str, config: dict[str, Any]) -> dict[str, Any]:
+        if name not in self.proxies:
+            self.proxies[name] = LinkProxy(self.broker_port)
+            self.proxies[name].set(*self.mode)
         cfg = dict(config)
-        cfg["server"] = dict(cfg["server"], host="localhost", mqtt_port=self.proxy.port)
+        port = self.proxies[name].port
+        cfg["server"] = dict(cfg["server"], host="localhost", mqtt_port=port)
         return cfg
 
     def add_node(
@@ -209,8 +220,10 @@ class VirtualRig(Rig):
     ) -> Any:
         from opensense.node.sim import SimNode
 
-        node = SimNode(self.root / name, self._point(config), ca_der, ctl)
+        node = SimNode(self.root / name, self._point(name, config), ca_der, ctl)
         self.nodes[name] = node
+        if not node.ctl.get("wifi", True):
+            self.proxies[name].set("drop")  # no AP: no connection either
         node.start()
         return node
 
@@ -224,10 +237,11 @@ class VirtualRig(Rig):
             n.set(hold_write=False)
             held.unlink()
         elif during == "tls_handshake":
-            self.proxy.hold_handshake()  # and the node's connection is cut for it:
-            self.proxy.set("drop")  # the next one is a new handshake
-            self.proxy.set("up")
-            if not self.proxy.held.wait(within):
+            proxy = self.proxies[node]
+            proxy.hold_handshake()  # and the node's connection is cut for it:
+            proxy.set("drop")  # the next one is a new handshake
+            proxy.set(*self.mode)
+            if not proxy.held.wait(within):
                 raise TimeoutError(f"{node}: no TLS handshake in {within} s")
         elif during is not None:
             raise ValueError(f"power cut during {during!r}: one of {', '.join(CUT_MOMENTS)}")
@@ -249,7 +263,7 @@ class VirtualRig(Rig):
         if config is not None:
             from opensense.statedir import write_secret
 
-            write_secret(n.dir / "config.json", json.dumps(self._point(config)).encode())
+            write_secret(n.dir / "config.json", json.dumps(self._point(node, config)).encode())
         n.cause = "soft"
         n.start()
 
@@ -263,9 +277,16 @@ class VirtualRig(Rig):
         for name, n in self.nodes.items():
             if node in (None, name):
                 n.set(wifi=up)
+                # the AP gone takes the node's TCP connections with it, and no new
+                # one gets through until it is back (the simulated board's sockets
+                # are the host's: they would live on)
+                self.proxies[name].set(*(self.mode if up else ("drop", 0)))
 
     def link(self, mode: str, delay_ms: int = 0) -> None:
-        self.proxy.set(mode, delay_ms)
+        self.mode = (mode, delay_ms)
+        for name, p in self.proxies.items():
+            if self.nodes[name].ctl.get("wifi", True):
+                p.set(mode, delay_ms)
 
     def console(self, node: str) -> str:
         return str(self.nodes[node].console())
@@ -273,7 +294,8 @@ class VirtualRig(Rig):
     def close(self) -> None:
         for n in self.nodes.values():
             n.close()
-        self.proxy.close()
+        for p in self.proxies.values():
+            p.close()
 
 
 @dataclass

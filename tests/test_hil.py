@@ -165,11 +165,24 @@ class Bench:
     async def drained(self, node: str, within: float = 90) -> None:
         """The server holds every timed reading the node took (but the last few)."""
 
+        count = [0, 0]
+
         async def done() -> bool:
             taken = sum(len(v) for _, t, v, _ in self.rig.samples(node) if t > 0)
-            return taken > 0 and len(await self.stored(node)) >= taken - 4
+            count[:] = [len(await self.stored(node)), taken]
+            return taken > 0 and count[0] >= taken - 4
 
-        await self.until(done, within, f"{node}'s queue at the server")
+        try:
+            await self.until(done, within, f"{node}'s queue at the server")
+        except AssertionError as e:
+            # which readings are missing, for the report
+            got = {(lb, int(ts.timestamp())) for lb, ts, _ in await self.stored(node)}
+            miss = [
+                (seq, t, tt)
+                for seq, t, v, tt in self.rig.samples(node)
+                if t > 0 and any((lb, t) not in got for lb in v)
+            ]
+            raise AssertionError(f"stored {count[0]} of {count[1]}; missing {miss[:8]}") from e
 
     async def power_cut(self, node: str, during: str | None = None) -> None:
         await asyncio.to_thread(self.rig.power_cut, node, during)

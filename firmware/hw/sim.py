@@ -90,6 +90,8 @@ class Board:
         self.start = _host()
         self.ctl = {}
         self.ctl_at = -1.0
+        # the RTC keeps its time through a reset (not a power cut: the harness deletes
+        # rtc_clock with rtc.bin), as the ESP32's does
         self.synced_offset = None
         self.read_true = None  # true time of the last time() read (for the sample log)
         self.wifi_at = None  # ticks of the connect() under way, None: idle
@@ -98,6 +100,11 @@ class Board:
         self.last_feed = 0
         self._flash = None
         self._ctl(True)
+        try:
+            with open(DIR + "/rtc_clock") as f:  # the RTC's time, kept through a reset
+                self.synced_offset = float(f.read()) + self.start * self._speed()
+        except (OSError, ValueError):
+            pass
 
     def _ctl(self, force=False):
         # re-read the harness's control file at most every 20 ms of real time
@@ -129,7 +136,12 @@ class Board:
         time.sleep(max(ms / 1000 / self._speed(), 0.002))
 
     def uptime_s(self):
-        return self.ticks_ms() // 1000
+        # the true time of this read too: a reading taken before the clock is known
+        # is placed by its uptime (the sample's log line takes it from read_true)
+        h = _host()
+        c = self._ctl()
+        self.read_true = c.get("epoch0", 1795500000) + (h - c.get("t0", self.start)) * self._speed()
+        return int((h - self.start) * self._speed())
 
     def _true_time(self):
         c = self._ctl()
@@ -158,6 +170,8 @@ class Board:
         c = self._ctl()
         true = c.get("epoch0", 1795500000) + (h - c.get("t0", self.start)) * self._speed()
         self.synced_offset = true - (h - self.start) * self._speed()
+        with open(DIR + "/rtc_clock", "w") as f:
+            f.write(repr(self.synced_offset - self.start * self._speed()))  # host-time based
         self.event("ntp")
         return True
 

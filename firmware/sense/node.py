@@ -373,7 +373,15 @@ class Node:
             if recs[0][1] is None:
                 if recs[0][2] == self.boots & 0xFFFF:
                     break  # this boot's clock is not known yet: wait for NTP
-                self.q.skip_untimed(cur, len(recs))  # an old boot that never learned the time
+                # an old boot that never learned the time: its records only. The batch
+                # can go on into the next boot's, timed once it learned the time (the
+                # bench rig's six-hour AP cut lost those when the whole batch went)
+                n = 1
+                while n < len(recs) and recs[n][1] is None and recs[n][2] == recs[0][2]:
+                    n += 1
+                if n < len(recs):
+                    recs, cur = self.q.peek_n(n)
+                self.q.skip_untimed(cur, n)
                 continue
             n = 0
             while n < len(recs) and recs[n][1] is not None:

@@ -246,6 +246,7 @@ class SimNode:
         """Pull the plug: SIGKILL, RTC memory lost, then power on again."""
         self.stop()
         (self.dir / "rtc.bin").unlink(missing_ok=True)
+        (self.dir / "rtc_clock").unlink(missing_ok=True)  # the RTC's time goes too
         self.cause = "power_on"
         self.start()
 
