@@ -16,9 +16,10 @@ from typing import Any
 import psycopg
 import pytest
 
+from hil.rig import VirtualRig
 from opensense.gateway import store as gateways
 from opensense.mqtt.ca import make_ca, make_server_cert, write_pair
-from opensense.node.sim import SimNode, rom
+from opensense.node.sim import rom
 from opensense.settings import Config
 
 from .fixtures.firmware import assert_exactly_once, rows
@@ -70,6 +71,7 @@ def test_firmware_through_a_site_gateway_wan_cut_and_gateway_killed(dsn, tmp_pat
     )
     a, b = rom(201), rom(202)
     node = None
+    rig = None
     try:
         dev = world.device_ids["fridge01"]
         wait_for(lambda: f"{dev}:" in broker.passwd.read_text(), 30, "the first sync")
@@ -97,8 +99,9 @@ def test_firmware_through_a_site_gateway_wan_cut_and_gateway_killed(dsn, tmp_pat
                 {"rom": b, "temp": 3.5, "amp": 1.0, "period": 3000},
             ],
         }
-        node = SimNode(tmp_path / "node", config, ca_der, ctl)
-        node.start()
+        # the node on the bench rig (hil.rig): the site broker behind its link proxy
+        rig = VirtualRig(tmp_path / "rig", broker.tls_port)
+        node = rig.add_node("fridge01", config, ca_der, ctl)
         wait_for(lambda: len(stored(dsn, world)) >= 6, 30, "readings through the gateway")
         assert any(e.split()[2:4] == ["connected", "mqtt"] for e in node.events())
 
@@ -136,8 +139,8 @@ def test_firmware_through_a_site_gateway_wan_cut_and_gateway_killed(dsn, tmp_pat
             print(node.console()[-3000:])
         raise
     finally:
-        if node is not None:
-            node.close()
+        if rig is not None:
+            rig.close()
         gw.stop()
         broker.stop()
         proxy.close()

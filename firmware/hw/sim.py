@@ -8,6 +8,8 @@
 #               like the ESP32's SPI flash), survives resets and power cuts
 #   rtc.bin     RTC slow memory: survives a reset, the harness deletes it for a power cut
 #   config.json the node config the installer would write; ca.der the broker's CA
+#               hold_write: stop half-way through the next flash write (a power cut
+#               is timed to it: the harness waits for the file `held`, then SIGKILLs)
 #   events.log  what the board did (led, reset, wdt, sync), one line each, for tests
 # A reset ends the process with exit code 3; the harness starts it again (the chip
 # running main.py from the top).
@@ -39,6 +41,7 @@ class FileFlash:
             self.f = open(path, "r+b")
         self.erases = 0
         self.blank = b"\xff" * BLOCK  # allocated once: erases must not churn the heap
+        self.hold = None  # -> True: stop half-way through the next write (a power cut)
 
     def readblocks(self, n, buf, off=0):
         self.f.seek(n * BLOCK + off)
@@ -49,6 +52,15 @@ class FileFlash:
             self.ioctl(6, n)
             off = 0
         self.f.seek(n * BLOCK + off)
+        if self.hold is not None and self.hold():
+            # ctl hold_write (the bench rig's power cut during a flash write): half the
+            # bytes reach the flash, then the board waits for the harness's SIGKILL
+            self.f.write(memoryview(buf)[: len(buf) // 2])
+            self.f.flush()
+            with open(DIR + "/held", "w") as f:
+                f.write("%d %d" % (n, off))
+            while True:
+                time.sleep(0.05)
         self.f.write(buf)
         self.f.flush()
 
@@ -78,6 +90,8 @@ class Board:
         self.start = _host()
         self.ctl = {}
         self.ctl_at = -1.0
+        # the RTC keeps its time through a reset (not a power cut: the harness deletes
+        # rtc_clock with rtc.bin), as the ESP32's does
         self.synced_offset = None
         self.read_true = None  # true time of the last time() read (for the sample log)
         self.wifi_at = None  # ticks of the connect() under way, None: idle
@@ -86,6 +100,11 @@ class Board:
         self.last_feed = 0
         self._flash = None
         self._ctl(True)
+        try:
+            with open(DIR + "/rtc_clock") as f:  # the RTC's time, kept through a reset
+                self.synced_offset = float(f.read()) + self.start * self._speed()
+        except (OSError, ValueError):
+            pass
 
     def _ctl(self, force=False):
         # re-read the harness's control file at most every 20 ms of real time
@@ -117,7 +136,12 @@ class Board:
         time.sleep(max(ms / 1000 / self._speed(), 0.002))
 
     def uptime_s(self):
-        return self.ticks_ms() // 1000
+        # the true time of this read too: a reading taken before the clock is known
+        # is placed by its uptime (the sample's log line takes it from read_true)
+        h = _host()
+        c = self._ctl()
+        self.read_true = c.get("epoch0", 1795500000) + (h - c.get("t0", self.start)) * self._speed()
+        return int((h - self.start) * self._speed())
 
     def _true_time(self):
         c = self._ctl()
@@ -146,6 +170,8 @@ class Board:
         c = self._ctl()
         true = c.get("epoch0", 1795500000) + (h - c.get("t0", self.start)) * self._speed()
         self.synced_offset = true - (h - self.start) * self._speed()
+        with open(DIR + "/rtc_clock", "w") as f:
+            f.write(repr(self.synced_offset - self.start * self._speed()))  # host-time based
         self.event("ntp")
         return True
 
@@ -329,6 +355,7 @@ class Board:
         if self._flash is None:
             blocks = self.ctl.get("flash_blocks", 512)  # 2 MiB like the ESP32's vfs partition
             self._flash = FileFlash(DIR + "/flash.img", blocks)
+            self._flash.hold = lambda: self._ctl().get("hold_write")
             try:
                 fs = vfs.VfsLfs2(self._flash)
             except OSError:

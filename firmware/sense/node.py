@@ -373,7 +373,15 @@ class Node:
             if recs[0][1] is None:
                 if recs[0][2] == self.boots & 0xFFFF:
                     break  # this boot's clock is not known yet: wait for NTP
-                self.q.skip_untimed(cur, len(recs))  # an old boot that never learned the time
+                # an old boot that never learned the time: its records only. The batch
+                # can go on into the next boot's, timed once it learned the time (the
+                # bench rig's six-hour AP cut lost those when the whole batch went)
+                n = 1
+                while n < len(recs) and recs[n][1] is None and recs[n][2] == recs[0][2]:
+                    n += 1
+                if n < len(recs):
+                    recs, cur = self.q.peek_n(n)
+                self.q.skip_untimed(cur, n)
                 continue
             n = 0
             while n < len(recs) and recs[n][1] is not None:
@@ -484,6 +492,17 @@ class Node:
         c = self.cfg
         b.wdt_start(c["wdt_s"])
         self.scan_bus()
+        try:
+            self._loop(steps)
+        except KeyboardInterrupt:
+            # mpremote taking the REPL (`opensense node flash` over a running node):
+            # the readings held in RAM go to flash first, or every reinstall loses up
+            # to `batch` of them (the bench rig's twenty-reinstalls scenario)
+            self.q.flush()
+            raise
+
+    def _loop(self, steps):
+        b = self.b
         next_sample = b.ticks_ms()
         while steps is None or steps > 0:
             if steps:

@@ -216,6 +216,23 @@ class SimNode:
         if self.thread is not None:
             self.thread.join(10)
 
+    def interrupt(self, within: float = 10) -> int | None:
+        """Ctrl-C, as mpremote sends to take the REPL (SIGINT: KeyboardInterrupt in the
+        unix port), and the node stays stopped; SIGKILL if it is not over `within` s.
+        Returns the interpreter's exit code."""
+        self.stopping = True
+        rc = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                rc = self.proc.wait(within)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self.thread is not None:
+            self.thread.join(10)
+        return rc
+
     def close(self) -> None:
         """Stop the node and let go of its directory."""
         self.stop()
@@ -229,6 +246,7 @@ class SimNode:
         """Pull the plug: SIGKILL, RTC memory lost, then power on again."""
         self.stop()
         (self.dir / "rtc.bin").unlink(missing_ok=True)
+        (self.dir / "rtc_clock").unlink(missing_ok=True)  # the RTC's time goes too
         self.cause = "power_on"
         self.start()
 
@@ -240,23 +258,29 @@ class SimNode:
 
     def samples(self) -> list[tuple[int, int, dict[str, float], int]]:
         """(seq, Unix time, {label: value}, true time) of every reading the node queued,
-        from its event log. A reading taken before the clock was known gets the time
-        the node gave it once it was (negative: that boot never learned the time); the
-        true time is the simulated world's clock at that moment."""
-        out = []
-        offsets: dict[str, int] = {}
-        lines = [line.split() for line in self.events()]
-        for parts in lines:
-            if len(parts) == 5 and parts[2] == "clock":
-                offsets[parts[3]] = int(parts[4])
-        for parts in lines:
-            if len(parts) >= 6 and parts[2] == "sample":
-                vals = {k: float(v) for k, v in (p.split("=", 1) for p in parts[6:])}
-                t = int(parts[4])
-                if t < 0 and parts[5] in offsets:
-                    t = offsets[parts[5]] - t  # taken at uptime -t, before the clock was known
-                out.append((int(parts[3]), t, vals, int(parts[1])))
-        return out
+        from its event log (parse_samples)."""
+        return parse_samples(self.events())
 
     def console(self) -> str:
         return (self.dir / "console.log").read_text(errors="replace")
+
+
+def parse_samples(events: list[str]) -> list[tuple[int, int, dict[str, float], int]]:
+    """(seq, Unix time, {label: value}, true time) of every reading in a node's event
+    lines. A reading taken before the clock was known gets the time the node gave it
+    once it was (negative: that boot never learned the time); the true time is the
+    world's clock at that moment (the simulated one, or the bench's console stamp)."""
+    out = []
+    offsets: dict[str, int] = {}
+    lines = [line.split() for line in events]
+    for parts in lines:
+        if len(parts) == 5 and parts[2] == "clock":
+            offsets[parts[3]] = int(parts[4])
+    for parts in lines:
+        if len(parts) >= 6 and parts[2] == "sample":
+            vals = {k: float(v) for k, v in (p.split("=", 1) for p in parts[6:])}
+            t = int(parts[4])
+            if t < 0 and parts[5] in offsets:
+                t = offsets[parts[5]] - t  # taken at uptime -t, before the clock was known
+            out.append((int(parts[3]), t, vals, int(parts[1])))
+    return out
