@@ -24,6 +24,7 @@ from opensense.jobs import JOBS
 from opensense.storage import write
 
 from .fixtures.clock import FakeClock
+from .fixtures.processes import free_port
 from .fixtures.server import make_world, test_config
 
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -242,6 +243,41 @@ async def test_a_day_is_due_at_the_sites_hour_and_off_means_nothing_is_sent(
     clock = FakeClock(local(8, 0, DAY + timedelta(days=1)))
     cfg = test_config(clock, smtp_host="127.0.0.1", smtp_port=smtp.port, smtp_tls="none",
                       daily_digest=False)  # fmt: skip
+    w = await make_world(dsn, cfg, ())
+    tag = secrets.token_hex(3)
+    late, left = f"late-{tag}@example.com", f"left-{tag}@example.com"
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await _target(conn, w.account, late)
+        leaving = await _target(conn, w.account, left)
         assert await digest.run(conn, cfg, clock()) == "skipped: OPENSENSE_DAILY_DIGEST is off"
-    assert not smtp.messages
+        assert not smtp.messages
+        # on, but the relay cannot be reached: retried later through the same code
+        down = cfg.replace(daily_digest=True, smtp_port=free_port())
+        assert await digest.plan(conn, down, clock()) >= 2
+        # one recipient unsubscribes before its digest goes out: dropped, never sent
+        await conn.execute("UPDATE notify_targets SET deleted_at = now() WHERE id = %s", (leaving,))
+        await digest.send_due(conn, down, clock())
+
+        async def row(address: str) -> tuple[Any, ...]:
+            cur = await conn.execute(
+                "SELECT m.status, m.attempts, m.next_at FROM digest_mail m JOIN notify_targets t"
+                " ON t.id = m.target_id WHERE t.address = %s",
+                (address,),
+            )
+            return await cur.fetchone()  # type: ignore[return-value]
+
+        assert await row(late) == ("pending", 1, clock() + digest.MAIL_BACKOFF)
+        assert (await row(left))[:2] == ("dropped", 1)
+        clock.advance(minutes=4)
+        await digest.run(conn, cfg.replace(daily_digest=True), clock())
+        assert not smtp.messages  # not due yet
+        clock.advance(minutes=1)
+        await digest.run(conn, cfg.replace(daily_digest=True), clock())
+        assert (await row(late))[:2] == ("sent", 2)
+        cur = await conn.execute(
+            "SELECT status FROM outbound_log WHERE account_id = %s AND kind = 'daily_digest'"
+            " ORDER BY id",
+            (w.account,),
+        )
+        assert [r[0] for r in await cur.fetchall()] == ["dropped", "failed", "ok"]
+    assert [m["X-Rcpt"] for m in smtp.messages] == [late]
