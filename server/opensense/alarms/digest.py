@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 from datetime import date, datetime, time, timedelta
 from typing import Any
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
@@ -81,8 +81,13 @@ async def plan(conn: AsyncConnection[Any], cfg: Config, now: datetime) -> int:
     accounts: list[str] = []
     days: list[date] = []
     for tid, acc, created, tzs in await cur.fetchall():
-        day = min(due_day(now, tz, cfg.daily_digest_hour) for tz in tzs)
-        if created > max(send_time(day, tz, cfg.daily_digest_hour) for tz in tzs):
+        try:
+            day = min(due_day(now, tz, cfg.daily_digest_hour) for tz in tzs)
+            last = max(send_time(day, tz, cfg.daily_digest_hour) for tz in tzs)
+        except (ZoneInfoNotFoundError, ValueError):  # a zone stored before it was checked
+            log.warning("recipient %s: a site's time zone is not known; no digest", tid)
+            continue
+        if created > last:
             continue  # added after this digest's time: its first is the next day's
         ids.append(tid)
         accounts.append(acc)
