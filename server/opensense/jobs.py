@@ -141,6 +141,12 @@ async def _housekeeping(conn: AsyncConnection[Any], cfg: Config, now: datetime) 
     return f"swept {a.rowcount} rate windows, {b.rowcount} idempotency keys"
 
 
+async def _daily_digest(conn: AsyncConnection[Any], cfg: Config, now: datetime) -> str:
+    from .alarms import digest
+
+    return await digest.run(conn, cfg, now)
+
+
 async def _report_schedule(conn: AsyncConnection[Any], cfg: Config, now: datetime) -> str:
     from .reports import schedule
 
@@ -179,6 +185,13 @@ JOBS: tuple[Job, ...] = (
         _report_schedule,
         "queue each site's monthly report once its month closed (site time zone); "
         "email ready ones with the PDF to the site's report recipients",
+    ),
+    Job(
+        "daily_digest",
+        timedelta(minutes=5),
+        _daily_digest,
+        "email each confirmed email recipient the digest of the day before, once, from "
+        "OPENSENSE_DAILY_DIGEST_HOUR site time (off: OPENSENSE_DAILY_DIGEST)",
     ),
     Job(
         "housekeeping",

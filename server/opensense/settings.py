@@ -459,6 +459,21 @@ SETTINGS: tuple[Setting, ...] = (
         "Run the rule engine and the notification sender in this process (any number may).",
     ),
     Setting(
+        "daily_digest",
+        "OPENSENSE_DAILY_DIGEST",
+        bool,
+        True,
+        "Send the daily email digest (the daily_digest job) to every confirmed email recipient.",
+    ),
+    Setting(
+        "daily_digest_hour",
+        "OPENSENSE_DAILY_DIGEST_HOUR",
+        int,
+        7,
+        "Hour (0..23, site time) at which the digest of the day before goes out.",
+        minimum=0,
+    ),
+    Setting(
         "alarm_sweep_s",
         "OPENSENSE_ALARM_SWEEP_S",
         float,
@@ -720,6 +735,8 @@ class Config:
     incident_mail_from: str = "alerts@opensense.invalid"
     incident_operator_email: str = ""
     alarms_enabled: bool = True
+    daily_digest: bool = True
+    daily_digest_hour: int = 7
     alarm_sweep_s: float = 2.0
     alarm_pass_budget_ms: int = 250
     telegram_bot_token: str = ""
@@ -770,6 +787,8 @@ class Config:
             raise ValueError(
                 f"OPENSENSE_SMTP_TLS must be starttls, tls or none, not {self.smtp_tls!r}"
             )
+        if not 0 <= self.daily_digest_hour <= 23:
+            raise ValueError(f"OPENSENSE_DAILY_DIGEST_HOUR={self.daily_digest_hour} must be 0..23")
         if self.mqtt == "external" and not self.mqtt_url:
             raise ValueError("OPENSENSE_MQTT=external needs OPENSENSE_MQTT_URL")
         for s in SETTINGS:
