@@ -34,6 +34,7 @@ pytestmark = pytest.mark.db
 
 CSRF_RE = re.compile(r'name="csrf" value="([^"]+)"')
 NOW = datetime.now(UTC).replace(second=0, microsecond=0)
+DAY0 = NOW.replace(hour=0, minute=0)  # today's 1-day bucket
 
 
 def new_id(prefix: str) -> str:
@@ -100,7 +101,8 @@ async def make_world(dsn: str, tag: str) -> dict[str, Any]:
             " SELECT %s, d, 3, 6, 4.5, 1 FROM generate_series(%s::timestamptz, %s, '1 day') d"
             " WHERE d < %s - interval '20 days' OR d > %s - interval '13 days'"
             " ON CONFLICT DO NOTHING",
-            (temp_num, NOW - timedelta(days=420), NOW - timedelta(days=2), NOW, NOW),
+            # on UTC midnights, as the rollup keeps them (not at the test's time of day)
+            (temp_num, DAY0 - timedelta(days=420), DAY0 - timedelta(days=1), DAY0, DAY0),
         )
         # a range rule made 30 days ago whose upper limit went from 10 to 8 six hours ago
         rule = new_id("rul")
