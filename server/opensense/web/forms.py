@@ -1,13 +1,17 @@
-"""The management pages' forms (web/devices.py, web/account.py): the signed-in user of
-a POST with its CSRF token checked and its role required, and an API refusal placed
-next to the field it names, in the API's own words (the pages call the API's
-validation, they never word a refusal of their own)."""
+"""The pages' forms: the signed-in user of a POST with its CSRF token checked and its
+role required, a posted form turned into the body the API takes, and an API refusal
+placed next to the field it names, in the API's own words (the pages call the API's
+validation, they never word a refusal of their own; docs/dashboard.md, "Forms").
+
+A form field is named as the API's key (grace_min, ok_max, site_id, ...), so the
+field an API message is about is the first field name the message mentions."""
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Iterable, Sequence
+from typing import Any, TypeVar
 
 from aiohttp import web
 from psycopg import AsyncConnection
@@ -40,19 +44,69 @@ def text(form: Any, key: str) -> Any:
     return v[:MAX_FIELD] if isinstance(v, str) else None
 
 
-def field_of(err: ApiError, fields: Sequence[str]) -> str:
-    """The form field an API refusal is about: the one its message starts with or
-    names, the field of a not-found id, else "form" (shown above the form)."""
-    if err.code in NOT_FOUND_FIELD and NOT_FOUND_FIELD[err.code] in fields:
-        return NOT_FOUND_FIELD[err.code]
-    for f in fields:
-        if err.message.startswith(f + " ") or err.message.startswith(f + ":"):
-            return f
-    for f in fields:
-        if re.search(rf"\b{re.escape(f)}\b", err.message):
-            return f
-    return "form"
+def field_of(message: str, names: Iterable[str]) -> str:
+    """The field whose name the message mentions first ("form": none, shown above the
+    form)."""
+    best, at = FORM, len(message) + 1
+    for name in names:
+        m = re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", message)
+        if m and m.start() < at:
+            best, at = name, m.start()
+    return best
 
 
 def errors_of(err: ApiError, fields: Sequence[str]) -> dict[str, str]:
-    return {field_of(err, fields): err.message}
+    """The refusal by field; a not-found id's message names no field: its field."""
+    if err.code in NOT_FOUND_FIELD and NOT_FOUND_FIELD[err.code] in fields:
+        return {NOT_FOUND_FIELD[err.code]: err.message}
+    return {field_of(err.message, fields): err.message}
+
+
+T = TypeVar("T")
+
+# Refusals shown next to a field (the form again, 422). Any other code (not found,
+# forbidden, too many requests) leaves as the API's error envelope.
+FIELD_CODES = ("invalid_request", "invalid_rule", "conflict")
+INT_RE = re.compile(r"^[+-]?\d{1,15}$")
+FORM = "form"  # an error about the form as a whole
+
+
+class Refused(Exception):
+    """The form again, with these messages by field."""
+
+    def __init__(self, errors: dict[str, str]) -> None:
+        super().__init__(errors)
+        self.errors = errors
+
+
+async def checked(names: Iterable[str], work: Awaitable[T]) -> T:
+    """Run an API function; its refusal becomes Refused with the message at its field."""
+    try:
+        return await work
+    except ApiError as err:
+        if err.code not in FIELD_CODES:
+            raise
+        raise Refused({field_of(err.message, names): err.message}) from None
+
+
+def number(raw: Any) -> Any:
+    """A form value as the API's JSON would carry it: "" -> None (left out), a whole
+    number -> int, a finite decimal -> float, anything else as it was (so the API
+    says what it should be)."""
+    if not isinstance(raw, str):
+        return raw
+    v = raw.strip()
+    if not v:
+        return None
+    if INT_RE.match(v):
+        return int(v)
+    try:
+        f = float(v.replace(",", "."))
+    except ValueError:
+        return raw
+    return f if math.isfinite(f) and len(v) <= 32 else raw
+
+
+def given(raw: Any) -> str | None:
+    """ "" -> None (left out), else the text as typed."""
+    return raw if isinstance(raw, str) and raw != "" else None

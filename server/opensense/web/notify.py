@@ -17,9 +17,8 @@ from ..alarms import store as alarm_store
 from ..api.keys import POOL
 from ..devices.store import get_site, list_sites
 from . import alarm_store as views
-from .forms import posted
+from .forms import Refused, checked, given, number, posted
 from .routes import see_other
-from .ruleforms import Refused, checked, number, text
 from .session import render, signed_in
 from .store import User
 
@@ -127,8 +126,8 @@ async def add_recipient(request: web.Request) -> web.Response:
         body = {
             "path": form.get("path"),
             "address": form.get("address"),
-            "name": text(form.get("name")),
-            "site_id": text(form.get("site_id")),
+            "name": given(form.get("name")),
+            "site_id": given(form.get("site_id")),
             "roles": _roles_of(form),
         }
         try:
@@ -159,7 +158,7 @@ async def telegram_link(request: web.Request) -> web.Response:
         user, form = await posted(request, conn, MANAGER)
         acc = user.account_id
         await api.write_limit(request, conn, acc)
-        body = {"site_id": text(form.get("site_id")), "roles": _roles_of(form)}
+        body = {"site_id": given(form.get("site_id")), "roles": _roles_of(form)}
         try:
             link = await checked(
                 TARGET_FIELDS, api.telegram_code(conn, request, acc, body, user.id)
@@ -182,7 +181,7 @@ async def save_escalation(request: web.Request) -> web.Response:
         site = await get_site(conn, acc, request.match_info["site_id"])
         steps = []
         for i in range(STEP_ROWS):
-            to, delay = text(form.get(f"to_{i}")), number(form.get(f"delay_min_{i}", ""))
+            to, delay = given(form.get(f"to_{i}")), number(form.get(f"delay_min_{i}", ""))
             if to is not None or delay is not None:
                 steps.append({"delay_min": delay, "to": to})
         try:

@@ -24,9 +24,8 @@ from ..devices.store import channel_row, list_sites
 from ..errors import ApiError
 from ..presets import VERTICALS
 from . import alarm_store as views
-from .forms import posted
+from .forms import Refused, checked, given, number, posted
 from .routes import see_other
-from .ruleforms import Refused, checked, number, text
 from .session import render, signed_in
 from .store import User
 
@@ -270,7 +269,7 @@ def rule_body(form: Any, rk: RuleKind) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for p in rk.params:
         raw = form.get(p.name, "")
-        v = number(raw) if p.type == "number" else text(raw)
+        v = number(raw) if p.type == "number" else given(raw)
         if v is not None:
             params[p.name] = v
     body: dict[str, Any] = {"params": params, "severity": form.get("severity")}
