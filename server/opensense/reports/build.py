@@ -55,9 +55,11 @@ async def build(
     period_to: date,
     language: str,
     progress: Progress | None = None,
+    **options: Any,
 ) -> bytes:
     """The PDF of `template` over the site-local days [period_from, period_to].
-    `account_id` None: any account's site (the operator's CLI). Raises KeyError for an
+    `account_id` None: any account's site (the operator's CLI). `options` go to the
+    template's loader (a draft's `logo`, `mkt_delta_h`: the CLI's). Raises KeyError for an
     unknown template or language (the API checks both before it queues a report),
     ApiError site_not_found for a site not in the account."""
     t = TEMPLATES[template]
@@ -66,7 +68,7 @@ async def build(
     step = progress or _nothing
     await step(0.05, "loading")
     async with _connection(pool_or_conn) as conn:
-        inp = await t.load(conn, site_id, period_from, period_to, account_id=account_id)
+        inp = await t.load(conn, site_id, period_from, period_to, account_id=account_id, **options)
     await step(0.5, "drawing")
     pdf = await asyncio.to_thread(t.render, inp, language)
     await step(0.95, "drawn")

@@ -116,15 +116,10 @@ async def local(
 ) -> bytes:
     """Render in this process, no row: any period (the current month too), and the
     options the API does not take (a cover logo, another MKT activation energy)."""
-    tpl = TEMPLATES[template]
     async with AsyncConnectionPool(
         dsn, min_size=1, max_size=1, kwargs={"autocommit": True}, open=False
     ) as pool:
-        if not extra:
-            return await build.build(pool, None, site, template, first, last, language)
-        async with pool.connection() as conn:
-            inp = await tpl.load(conn, site, first, last, **extra)
-    return await asyncio.to_thread(tpl.render, inp, language)
+        return await build.build(pool, None, site, template, first, last, language, **extra)
 
 
 def period(args: Any) -> tuple[date, date]:
