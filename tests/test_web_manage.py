@@ -17,7 +17,6 @@ from typing import Any
 import psycopg
 import pytest
 
-from opensense.app import create_app
 from opensense.devices import store
 from opensense.node.flash import config_problems
 from opensense.storage import packing
@@ -27,8 +26,7 @@ from opensense.web.account import LAST_OWNER, ROLE_INVALID
 from opensense.web.routes import EMAIL_INVALID
 
 from .fixtures.clock import FakeClock
-from .fixtures.server import test_config
-from .test_dashboard import code_and_link, csrf_of, mail_to
+from .test_dashboard import code_and_link, csrf_of, mail_to, web_client  # noqa: F401
 
 ROLES = ("viewer", "operator", "manager", "owner")
 
@@ -123,15 +121,9 @@ async def as_user(client: Any, dsn: str, tenant: dict[str, Any], role: str) -> N
 
 
 @pytest.fixture
-async def web(aiohttp_client: Any, dsn: str, clock: FakeClock, smtp: Any) -> Any:
-    cfg = test_config(
-        clock,
-        smtp_host="127.0.0.1",
-        smtp_port=smtp.port,
-        smtp_tls="none",
-        auth_rate_per_min=10_000,
-    )
-    return await aiohttp_client(create_app(cfg, dsn))
+async def web(web_client: Any) -> Any:  # noqa: F811
+    """The dashboard's test app (tests/test_dashboard.py: mail to the SMTP capture)."""
+    return web_client
 
 
 @pytest.fixture
