@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
 import shutil
 import signal
 import socket
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+
+from hil.rig import LinkProxy
 
 from .fixtures.processes import free_port
 
@@ -39,71 +40,16 @@ def wait_for(cond: Any, timeout: float, what: str, every: float = 0.1) -> Any:
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
-class TcpProxy:
-    """127.0.0.1:<port> -> target. `cut()` drops every connection and refuses new
-    ones (accepted and closed at once, as a dead WAN link with a live router)."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target = target_port
-        self.port = free_port()
-        self.sock = socket.create_server(("127.0.0.1", self.port))
-        self.up = True
-        self.conns: list[socket.socket] = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            if not self.up:
-                c.close()
-                continue
-            try:
-                s = socket.create_connection(("127.0.0.1", self.target))
-            except OSError:
-                c.close()
-                continue
-            with self.lock:
-                self.conns += [c, s]
-            threading.Thread(target=self._pipe, args=(c, s), daemon=True).start()
-
-    def _pipe(self, a: socket.socket, b: socket.socket) -> None:
-        try:
-            while True:
-                r, _, _ = select.select([a, b], [], [], 1)
-                for x in r:
-                    data = x.recv(65536)
-                    if not data:
-                        raise OSError
-                    (b if x is a else a).sendall(data)
-        except (OSError, ValueError):
-            pass
-        finally:
-            for x in (a, b):
-                try:
-                    x.close()
-                except OSError:
-                    pass
+class TcpProxy(LinkProxy):
+    """127.0.0.1:<port> -> target: the bench rig's link proxy (hil/rig.py). `cut()`
+    drops every connection and refuses new ones (accepted and closed at once, as a
+    dead WAN link with a live router); `restore()` lets them through again."""
 
     def cut(self) -> None:
-        self.up = False
-        with self.lock:
-            for c in self.conns:
-                try:
-                    c.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            self.conns.clear()
+        self.set("drop")
 
     def restore(self) -> None:
-        self.up = True
-
-    def close(self) -> None:
-        self.cut()
-        self.sock.close()
+        self.set("up")
 
 
 class SiteBroker:
