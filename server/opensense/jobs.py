@@ -17,6 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 from . import aio, db
 from .api.keys import CONFIG, POOL
 from .settings import Config
+from .storage import rollups
 from .storage.compaction import compact
 from .web import store as web_store
 
@@ -51,6 +52,10 @@ async def _partitions(conn: AsyncConnection[Any], cfg: Config, now: datetime) ->
 
 async def _compaction(conn: AsyncConnection[Any], cfg: Config, now: datetime) -> str:
     return f"{await compact(conn, now, cfg.compact_after_days)} readings packed"
+
+
+async def _rollups(conn: AsyncConnection[Any], cfg: Config, now: datetime) -> str:
+    return await rollups.materialize(conn, now)
 
 
 async def _retention(conn: AsyncConnection[Any], cfg: Config, now: datetime) -> str:
@@ -155,6 +160,12 @@ async def _report_schedule(conn: AsyncConnection[Any], cfg: Config, now: datetim
 
 JOBS: tuple[Job, ...] = (
     Job("partitions", timedelta(hours=6), _partitions, "create monthly partitions ahead of time"),
+    Job(
+        "rollups",
+        timedelta(minutes=1),
+        _rollups,
+        "materialise the rollup buckets that closed 5 minutes ago; recompute late ranges",
+    ),
     Job("compaction", timedelta(hours=1), _compaction, "pack closed days"),
     Job(
         "retention", timedelta(hours=24), _retention, "drop partitions and log rows past retention"

@@ -35,6 +35,7 @@ from psycopg.rows import dict_row
 
 from ..reports import load
 from ..settings import Config
+from ..storage import rollups
 from . import paths
 from .dispatch import _log
 
@@ -192,9 +193,9 @@ async def site_section(
     lines = [f"== {site['name']} ({day.isoformat()}, {tz}) =="]
     chans = await load.channels(conn, site["id"])
     cur = await conn.execute(
-        "SELECT channel_num, min(vmin), max(vmax), sum(vsum) / sum(n), sum(n) FROM rollup_5m"
-        " WHERE channel_num = ANY(%s) AND bucket >= %s AND bucket < %s GROUP BY channel_num",
-        ([c.num for c in chans], start, end),
+        "SELECT channel_num, min(vmin), max(vmax), sum(vsum) / sum(n), sum(n)"
+        f" FROM ({rollups.buckets_sql('5m')}) b GROUP BY channel_num",
+        rollups.buckets_params([c.num for c in chans], start, end),
     )
     stats = {r[0]: r[1:] for r in await cur.fetchall()}
     lines.append("Channels (min / max / mean):")

@@ -31,6 +31,7 @@ from psycopg import AsyncConnection
 from reportlab.lib.units import mm
 from reportlab.platypus import Paragraph, Spacer
 
+from ..storage import rollups
 from . import data as rd
 from . import load
 from .catalogue import LANGUAGES, num, t
@@ -181,9 +182,9 @@ async def load_year(
     channels = []
     for c in await load.channels(conn, site_id):
         cur = await conn.execute(
-            "SELECT extract(epoch FROM bucket)::float8, vmin, vmax, vsum, n FROM rollup_1h"
-            " WHERE channel_num = %s AND bucket >= %s AND bucket < %s ORDER BY bucket",
-            (c.num, lo, hi),
+            "SELECT extract(epoch FROM bucket)::float8, vmin, vmax, vsum, n"
+            f" FROM ({rollups.buckets_sql('1h')}) b",
+            rollups.buckets_params([c.num], lo, hi),
         )
         rows = await cur.fetchall()
         channels.append(

@@ -1,6 +1,8 @@
 """Compaction of closed days, and retention by whole partitions.
 
-A day D (UTC) is closed once D < today − compact_after_days. Its raw rows move,
+A day D (UTC) is closed once D < today − compact_after_days and its rollups are
+materialised (storage/rollups.py: compaction materialises first, and recomputes the
+day's pending late ranges under the day's lock before packing it). Its raw rows move,
 channel by channel, into one measurements_packed row holding the compressed arrays
 (opensense.storage.packing). A late reading for a closed day lands raw again and
 the next run merges it into the packed row. Reads merge both sources, so every
@@ -17,7 +19,7 @@ from typing import Any
 from psycopg import AsyncConnection, errors
 
 from .. import db
-from . import packing
+from . import packing, rollups
 from .write import DAY_LOCK_NS, packed_horizon, to_us
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,10 @@ async def compact(conn: AsyncConnection[Any], now: datetime, compact_after_days:
 
     `conn` must be in autocommit mode; each (day, channel chunk) is one transaction.
     """
-    horizon = packed_horizon(now, compact_after_days)
+    await rollups.materialize(conn, now)
+    st = await (await conn.execute("SELECT materialized FROM rollup_state")).fetchone()
+    assert st is not None
+    horizon = min(packed_horizon(now, compact_after_days), st[0].astimezone(UTC).date())
     cur = await conn.execute(
         "SELECT DISTINCT (ts AT TIME ZONE 'UTC')::date AS d, channel_num FROM measurements"
         " WHERE ts < %s ORDER BY 1, 2",
@@ -89,6 +94,20 @@ async def _compact_chunk(conn: AsyncConnection[Any], day: date, nums: list[int])
     end = start + timedelta(days=1)
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (DAY_LOCK_NS, day.toordinal()))
+        # the day's pending late ranges: recomputed from the raw rows while they are raw
+        cur = await conn.execute(
+            "SELECT id, channel_num, lo, hi FROM rollup_invalid WHERE channel_num = ANY(%s)"
+            " AND lo < %s AND hi >= %s ORDER BY id FOR UPDATE",
+            (nums, end, start),
+        )
+        late = await cur.fetchall()
+        if late:
+            st = await (await conn.execute("SELECT materialized FROM rollup_state")).fetchone()
+            assert st is not None
+            await rollups.recompute_ranges(conn, [(n, lo, hi) for _, n, lo, hi in late], st[0])
+            await conn.execute(
+                "DELETE FROM rollup_invalid WHERE id = ANY(%s)", ([r[0] for r in late],)
+            )
         cur = await conn.execute(
             "DELETE FROM measurements WHERE channel_num = ANY(%s) AND ts >= %s AND ts < %s"
             " RETURNING channel_num, ts, value",

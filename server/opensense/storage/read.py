@@ -3,7 +3,8 @@
 Ranges are half-open, [lo, hi). Aggregated buckets are those whose start lies in
 [floor(lo), hi); mean/min/max/count come from the rollup tables, last/p50/p95 are
 computed per bucket from the readings. A bucket with no data is omitted: a gap is
-a gap, never filled.
+a gap, never filled. Rollup reads combine the materialised buckets with the raw
+rows of the buckets not materialised yet (storage/rollups.py).
 
 Nothing here holds a range in memory (issue 11: 13 months of p95 loaded 570,000
 points into Python). Raw rows are aggregated by PostgreSQL (`percentile_cont`,
@@ -26,7 +27,7 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
-from . import packing
+from . import packing, rollups
 from .write import from_us, to_us
 
 AGG_SECONDS = {"5m": 300, "1h": 3600, "1d": 86400}
@@ -35,7 +36,6 @@ FNS = ("mean", "min", "max", "count", "last", "p50", "p95")
 ROLLUP_FNS = {"mean": "vsum / n", "min": "vmin", "max": "vmax", "count": "n"}
 COMPUTED_FNS = ("last", "p50", "p95")  # from the readings: their cost grows with the range
 QUANTILES = {"p50": 0.5, "p95": 0.95}
-ROLLUP_TABLES = {"5m": "rollup_5m", "1h": "rollup_1h", "1d": "rollup_1d"}
 PACKED_BATCH = 8  # packed days fetched per query: memory is a few days' blobs at most
 
 Point = tuple[datetime, float]
@@ -121,9 +121,8 @@ async def read_series(
         start = max(start, floor_bucket(after, agg) + timedelta(seconds=AGG_SECONDS[agg]))
     if fn in ROLLUP_FNS:
         cur = await conn.execute(
-            f"SELECT bucket, {ROLLUP_FNS[fn]} FROM {ROLLUP_TABLES[agg]}"
-            " WHERE channel_num = %s AND bucket >= %s AND bucket < %s ORDER BY bucket LIMIT %s",
-            (num, start, hi, limit + 1),
+            f"SELECT bucket, {ROLLUP_FNS[fn]} FROM ({rollups.buckets_sql(agg)}) b LIMIT %(n)s",
+            {**rollups.buckets_params([num], start, hi), "n": limit + 1},
         )
         rows = [(b, float(v)) for b, v in await cur.fetchall()]
         return rows[:limit], len(rows) > limit

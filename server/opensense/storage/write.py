@@ -1,5 +1,9 @@
-"""Writing readings: one statement stores the new rows and folds exactly those rows
-into the 5m/1h/1d rollups, so a resent reading changes neither table."""
+"""Writing readings: one statement stores the new rows (a resent reading changes
+nothing) and marks their channels for the rule engine. Rollups are not kept here: the
+`rollups` job materialises them from the raw rows (storage/rollups.py); a writer only
+logs the range of its late rows, in the same transaction, and folds a late reading
+into a day already packed into the rollups itself (the job never recomputes packed
+days)."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from typing import Any, NamedTuple
 from psycopg import AsyncConnection, AsyncCursor, errors
 
 from .. import db
-from . import packing
+from . import packing, rollups
 
 # Namespace for pg_advisory_xact_lock(int, int): (namespace, day ordinal). Compaction
 # takes a day exclusively; an ingest of a reading into a closed day takes it shared,
@@ -36,15 +40,16 @@ ROLLUPS_SQL = (
     )
     + _ROLLUP.format(name="r1h", table="rollup_1h", bucket="date_trunc('hour', ts, 'UTC')")
     + _ROLLUP.format(name="r1d", table="rollup_1d", bucket="date_trunc('day', ts, 'UTC')")
-    # the rule engine's wake-up (opensense.alarms): which channels got new readings,
-    # from when; committed with the readings, and its trigger NOTIFYs at commit
-    + """
+)
+
+# the rule engine's wake-up (opensense.alarms): which channels got new readings, from
+# when; committed with the readings, and its trigger NOTIFYs at commit
+DIRTY_SQL = """
 , dirty AS (
   INSERT INTO alarm_dirty AS d (channel_num, since)
   SELECT channel_num, min(ts) FROM ins GROUP BY channel_num ORDER BY channel_num
   ON CONFLICT (channel_num) DO UPDATE SET since = least(d.since, excluded.since)
 )"""
-)
 
 # The head of both writing statements: the rows (three arrays, `columns`) go in
 # unless stored already; `ins` holds the new ones, for the rollups and the answer.
@@ -61,10 +66,16 @@ WITH src AS (
   RETURNING channel_num, ts, value
 )"""
 
-INSERT_SQL = (
+# A late reading into a packed day: stored and folded into the rollups at once
+FOLD_SQL = (
     INSERT_CTE.format(order=" ORDER BY channel_num, ts")
     + ROLLUPS_SQL
+    + DIRTY_SQL
     + "\nSELECT count(*) FROM ins"
+)
+# Any other reading: stored raw (its rollups come from the job)
+INSERT_SQL = (
+    INSERT_CTE.format(order=" ORDER BY channel_num, ts") + DIRTY_SQL + "\nSELECT count(*) FROM ins"
 )
 
 
@@ -123,13 +134,25 @@ async def insert_readings(
         return 0
     horizon = packed_horizon(now, compact_after_days) + timedelta(days=1)  # margin
     old = [(num, ts, value) for num, ts, value in rows if ts.date() < horizon]
+    packed_days: set[tuple[int, date]] = set()
     if old:
-        rows = await _drop_already_packed(conn, rows, old)
+        rows, packed_days = await _drop_already_packed(conn, rows, old)
         if not rows:
             return 0
-    cur = await execute_mending_partitions(conn, INSERT_SQL, columns(rows), rows, savepoint=True)
-    got = await cur.fetchone()
-    return int(got[0]) if got else 0
+    fold = [r for r in rows if (r[0], r[1].astimezone(UTC).date()) in packed_days]
+    # the writers' lock, before the statement that checks the threshold (rollups.py)
+    await conn.execute(f"SELECT {rollups.WRITER_LOCK_SQL}")
+    folded = set(fold)
+    raw = [r for r in rows if r not in folded] if fold else list(rows)
+    n = 0
+    for query, part in ((FOLD_SQL, fold), (INSERT_SQL, raw)):
+        if part:
+            cur = await execute_mending_partitions(conn, query, columns(part), part, savepoint=True)
+            got = await cur.fetchone()
+            n += int(got[0]) if got else 0
+    if raw:  # after the insert, in the same transaction (storage/rollups.py)
+        await conn.execute(rollups.LATE_SQL, rollups.late_params(raw))
+    return n
 
 
 async def execute_mending_partitions(
@@ -166,7 +189,8 @@ async def _drop_already_packed(
     conn: AsyncConnection[Any],
     rows: Sequence[RowLike],
     old: Sequence[RowLike],
-) -> list[RowLike]:
+) -> tuple[list[RowLike], set[tuple[int, date]]]:
+    """The rows not in a packed day already, and the (channel, day)s that are packed."""
     days = sorted({ts.date() for _, ts, _ in old})
     for d in days:  # sorted: no lock-order deadlock with another ingest
         await conn.execute(
@@ -179,9 +203,12 @@ async def _drop_already_packed(
         ([num for num, _ in keys], [day for _, day in keys]),
     )
     present: dict[int, set[int]] = defaultdict(set)
-    for num, _day, blob in await cur.fetchall():
+    packed_days: set[tuple[int, date]] = set()
+    for num, day, blob in await cur.fetchall():
         ts, _ = packing.unpack(blob)
         present[num].update(ts)
+        packed_days.add((num, day))
     if not present:
-        return list(rows)
-    return [(num, ts, v) for num, ts, v in rows if to_us(ts) not in present.get(num, ())]
+        return list(rows), packed_days
+    kept = [(num, ts, v) for num, ts, v in rows if to_us(ts) not in present.get(num, ())]
+    return kept, packed_days

@@ -24,7 +24,8 @@ from ..alarms import store as alarms_store
 from ..api.jsonutil import response
 from ..api.keys import CONFIG, POOL
 from ..errors import ApiError
-from ..storage.read import AGG_SECONDS, ROLLUP_TABLES, floor_bucket
+from ..storage import rollups
+from ..storage.read import AGG_SECONDS, floor_bucket
 from .board import fmt_value
 from .routes import SESSION_COOKIE, check_csrf, form_of, see_other
 from .session import render, require, signed_in
@@ -106,9 +107,8 @@ async def series(
     lo = floor_bucket(now - rng.span, rng.agg)
     width = AGG_SECONDS[rng.agg]
     cur = await conn.execute(
-        f"SELECT bucket, vsum / n, vmin, vmax FROM {ROLLUP_TABLES[rng.agg]}"
-        " WHERE channel_num = %s AND bucket >= %s AND bucket <= %s ORDER BY bucket",
-        (ch.num, lo, now),
+        f"SELECT bucket, vsum / n, vmin, vmax FROM ({rollups.buckets_sql(rng.agg)}) b",
+        rollups.buckets_params([ch.num], lo, now + timedelta(microseconds=1)),
     )
     x: list[int] = []
     cols: dict[str, list[float | None]] = {"mean": [], "min": [], "max": []}
