@@ -83,6 +83,17 @@ def test_fwqueue() -> None:
     assert float(days) > 0
 
 
+def test_decode() -> None:
+    out = run_bench("decode")
+    for body, k in (("32 readings", 32), ("3 readings", 3), ("1 reading", 1)):
+        size, b, a, b_r, a_r = figure(out, rf"^{body} +(\d+) +{NUM} +{NUM} +{NUM} +{NUM} ")
+        assert int(size) > 0 and float(b) > 0 and float(a) > 0
+        assert abs(float(b_r) * k - float(b)) <= 0.01 * k + 0.1
+    for refused in (r"bad JSON \(NaN\)", r"bad value \(31st\)"):
+        figure(out, rf"^{refused} +\d+ +{NUM} +{NUM} ")
+    figure(out, rf"^32 channels +\d+ +{NUM} +{NUM} ")
+
+
 def test_audit(pg_server: str) -> None:
     out = run_bench("audit", "--dsn", pg_server)
     (base,) = figure(out, rf"plain INSERT, 1 writer: +{NUM} rows/s \(baseline\)")

@@ -6,6 +6,7 @@ import math
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
 from .. import db, ratelimit, tokens
@@ -28,6 +29,23 @@ from .validate import (
 )
 
 routes = web.RouteTableDef()
+
+_encode = msgspec.json.Encoder().encode
+
+
+def answer_body(answer: dict[str, Any]) -> bytes:
+    """The JSON of an ingest answer (product.md: accepted, deduplicated, channels).
+    It holds only integers, strings and booleans, in lists and objects, which msgspec
+    writes as `jsonutil.dumps` does, only without the spaces after `,` and `:` (and in
+    a tenth of the time: tools/bench/decode); no float and no datetime, which it would
+    write otherwise (NaN as null, a datetime in its own form)."""
+    return _encode(answer)
+
+
+def answer_response(answer: dict[str, Any]) -> web.Response:
+    """`jsonutil.response(answer)` for an ingest answer: the same status and
+    Content-Type (application/json; charset=utf-8), the body from `answer_body`."""
+    return web.Response(body=answer_body(answer), content_type="application/json", charset="utf-8")
 
 
 def oldest_accepted(cfg: Config, now: datetime) -> datetime:
@@ -90,7 +108,7 @@ async def ingest(request: web.Request) -> web.Response:
             now=now,
             compact_after_days=cfg.compact_after_days,
         )
-    return response(answer)
+    return answer_response(answer)
 
 
 SHELLY_PARAMS = {"temp": "temperature", "hum": "humidity", "battery": "battery", "signal": "signal"}

@@ -3,6 +3,12 @@
 Every refusal names the field and says why, so an installer reading the error can
 fix the node. A payload is accepted or refused whole: nothing of a refused payload
 is stored.
+
+Speed (issue 14; tools/bench/decode): a body is read by msgspec's JSON decoder when
+it is sure to read it as the reference reader (`opensense_contract.strictjson`)
+does, and each measurement is taken on a short path when it is plainly valid. Any
+doubt goes the reference way, so every refusal is the reference's, word for word:
+see `parse_json` and `validate_payload`.
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
+
+import msgspec
 
 from opensense_contract import strictjson
 from opensense_contract.errors import WireError
@@ -26,7 +34,7 @@ from opensense_contract.payload import json_type as _type
 from opensense_contract.payload import parse_ts as _contract_parse_ts
 
 from ..errors import ApiError
-from ..kinds import KINDS
+from ..kinds import KINDS, Unit
 
 # The payload's shape, limits and value/time rules are the wire contract's
 # (opensense_contract.payload); this module adds what only the server judges:
@@ -49,8 +57,38 @@ class Batch:
     entries: tuple[Entry, ...]
 
 
+# The fast reader takes a body only when it cannot read it otherwise than the
+# reference one: at most this many `[` and `{` bytes (so it nests at most this deep,
+# far from the reference reader's bound, the interpreter's recursion limit; a valid
+# ingest body has at most 34), and no `\u0000` or `\ud…` escape: the reference
+# refuses a NUL and a lone surrogate by a walk over every string, which is most of
+# its cost; msgspec takes a NUL, and surrogate escapes are left to the walk too.
+FAST_MAX_BRACKETS = 256
+_decode = msgspec.json.Decoder().decode
+
+
+def _fast_candidate(raw: bytes) -> bool:
+    return (
+        raw.count(b"[") + raw.count(b"{") <= FAST_MAX_BRACKETS
+        and b"\\u0000" not in raw
+        and b"\\ud" not in raw
+        and b"\\uD" not in raw
+    )
+
+
 def parse_json(raw: bytes) -> Any:
-    """Strict JSON (opensense_contract.strictjson), refused as the envelope's bad_json."""
+    """Strict JSON (opensense_contract.strictjson), refused as the envelope's bad_json.
+
+    msgspec reads a candidate body (see `_fast_candidate`) to the same value: it
+    keeps integers of any size as int and duplicate keys' last value, refuses
+    NaN/Infinity, invalid UTF-8 (a BOM too) and what JSON refuses. Whatever it
+    refuses, and every other body, the reference reader reads: its value, or its
+    refusal and message (tests/test_decode.py pins both readers to each other)."""
+    if _fast_candidate(raw):
+        try:
+            return _decode(raw)
+        except msgspec.DecodeError:  # ValidationError too (an integer past 4300 digits)
+            pass  # the reference reader decides, and words the refusal
     try:
         return strictjson.loads(raw)
     except WireError as e:
@@ -132,6 +170,8 @@ def _check_object(v: Any, not_object: str, where: str, allowed: frozenset[str]) 
     is not (the body and each of its measurements alike)."""
     if not isinstance(v, dict):
         raise ApiError("invalid_measurement", f"{not_object}, got {_type(v)}")
+    if v.keys() <= allowed:
+        return
     unknown = sorted(set(v) - allowed)
     if unknown:
         raise ApiError(
@@ -167,9 +207,11 @@ def validate_payload(
         )
 
     batch_ts = now
+    times: dict[str, datetime] = {}  # a ts text already taken (parsed, in the window)
     if "ts" in body and body["ts"] is not None:
         batch_ts = parse_ts(body["ts"], "ts")
         check_ts_window(batch_ts, "ts", now, oldest)
+        times[body["ts"]] = batch_ts
 
     ms = body.get("measurements")
     if not isinstance(ms, list):
@@ -181,26 +223,99 @@ def validate_payload(
         )
     entries: list[Entry] = []
     seen: dict[tuple[str, str, datetime], int] = {}
+    latest = now + MAX_FUTURE
     for i, m in enumerate(ms):
-        field = f"measurements[{i}]"
-        _check_object(m, f"{field} must be an object", f"{field} has ", ENTRY_KEYS)
-        if "type" not in m:
-            raise ApiError("invalid_measurement", f"{field}.type is missing")
-        if "value" not in m:
-            raise ApiError("invalid_measurement", f"{field}.value is missing")
-        if "seq" in m and (isinstance(m["seq"], bool) or not isinstance(m["seq"], int)):
-            raise ApiError("invalid_measurement", f"{field}.seq must be an integer")
-        ts = batch_ts
-        if m.get("ts") is not None:
-            ts = parse_ts(m["ts"], f"{field}.ts")
-            check_ts_window(ts, f"{field}.ts", now, oldest)
-        e = make_entry(m["type"], m.get("label"), m.get("unit"), m["value"], ts, field)
+        e = _plain_entry(m, batch_ts, times, latest, oldest)
+        if e is None:  # not plainly valid: the full checks, in their order, with their words
+            e = _entry(m, f"measurements[{i}]", batch_ts, now, oldest)
         key = (e.kind, e.label, e.ts)
         if key in seen:
             raise ApiError(
                 "invalid_measurement",
-                f"{field} repeats measurements[{seen[key]}] (same type, label and ts)",
+                f"measurements[{i}] repeats measurements[{seen[key]}] (same type, label and ts)",
             )
         seen[key] = i
         entries.append(e)
     return Batch(device, tuple(entries))
+
+
+# (kind, unit symbol or None for the kind's default) -> (unit symbol, Unit)
+_UNITS: dict[tuple[str, str | None], tuple[str, Unit]] = {
+    (k.name, sym): (u.symbol, u)
+    for k in KINDS.values()
+    for sym, u in [(None, k.units[0]), *((u.symbol, u) for u in k.units)]
+}
+
+
+def _plain_entry(
+    m: Any, batch_ts: datetime, times: dict[str, datetime], latest: datetime, oldest: datetime
+) -> Entry | None:
+    """The entry `_entry` makes of `m` when `m` is plainly valid (each check passes at
+    its first look), else None: then `_entry` judges it. Every condition here implies
+    `_entry`'s, so no refusal can be skipped. `times` keeps each ts text taken (parsed,
+    in the window): the readings of one instant share one."""
+    if type(m) is not dict or not m.keys() <= ENTRY_KEYS:
+        return None
+    kind = m.get("type")
+    value = m.get("value")
+    unit = m.get("unit")
+    label = m.get("label")
+    t = m.get("ts")
+    if type(kind) is not str or (type(value) is not float and type(value) is not int):
+        return None
+    if "seq" in m and type(m["seq"]) is not int:
+        return None
+    if t is None:
+        ts = batch_ts
+    elif type(t) is not str:
+        return None
+    elif t in times:
+        ts = times[t]
+    else:
+        try:
+            ts = _contract_parse_ts(t, "ts")
+        except WireError:
+            return None
+        if not oldest <= ts <= latest:
+            return None
+        times[t] = ts
+    if label is None:
+        label = ""
+    elif type(label) is not str or len(label) > MAX_LABEL:
+        return None
+    if unit is not None and type(unit) is not str:
+        return None
+    found = _UNITS.get((kind, unit))
+    if found is None or (type(value) is int and not -(2**53) <= value <= 2**53):
+        return None
+    symbol, u = found
+    v = float(value)
+    if not u.min <= v <= u.max or (u.integral and v not in (0.0, 1.0)):
+        return None  # NaN is never in a range (and JSON has none)
+    e = _new(Entry)
+    _set(e, "__dict__", {"kind": kind, "label": label, "unit": symbol, "value": v, "ts": ts})
+    return e
+
+
+# Entry(...) without its __init__: a frozen dataclass's sets each of the five fields
+# through object.__setattr__; its __dict__ set at once is the same object (equal, same
+# hash; Entry has no __post_init__ and no slots) in under half the time, a third of
+# what is left of a plain reading's cost (tools/bench/decode; tests/test_decode.py).
+_new = object.__new__
+_set = object.__setattr__
+
+
+def _entry(m: Any, field: str, batch_ts: datetime, now: datetime, oldest: datetime) -> Entry:
+    """One measurement by every rule, in order; raises ApiError naming the first bad field."""
+    _check_object(m, f"{field} must be an object", f"{field} has ", ENTRY_KEYS)
+    if "type" not in m:
+        raise ApiError("invalid_measurement", f"{field}.type is missing")
+    if "value" not in m:
+        raise ApiError("invalid_measurement", f"{field}.value is missing")
+    if "seq" in m and (isinstance(m["seq"], bool) or not isinstance(m["seq"], int)):
+        raise ApiError("invalid_measurement", f"{field}.seq must be an integer")
+    ts = batch_ts
+    if m.get("ts") is not None:
+        ts = parse_ts(m["ts"], f"{field}.ts")
+        check_ts_window(ts, f"{field}.ts", now, oldest)
+    return make_entry(m["type"], m.get("label"), m.get("unit"), m["value"], ts, field)
