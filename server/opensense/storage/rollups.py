@@ -69,7 +69,7 @@ INVALID_BATCH = 2000
 LATE_SQL = """
 INSERT INTO rollup_invalid (channel_num, lo, hi)
 SELECT s.channel_num, min(s.ts), max(s.ts)
-FROM unnest(%(late_nums)s::int4[], %(late_ts)s::timestamptz[]) AS s(channel_num, ts)
+FROM unnest(%(late_nums)b::int4[], %(late_ts)b::timestamptz[]) AS s(channel_num, ts)
 WHERE s.ts < (SELECT threshold FROM rollup_state)
 GROUP BY s.channel_num, date_bin('1 day', s.ts, timestamptz '2000-01-01T00:00:00Z')
 ORDER BY 1, 2
