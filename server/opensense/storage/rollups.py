@@ -96,42 +96,63 @@ def buckets_sql(agg: str) -> str:
     * clean buckets (ending by M, no pending late range) from the rollup table;
     * the others from the raw rows of their dirty 5-minute buckets (after M, or
       touched by a pending late range) plus the clean 5-minute rollups inside them.
+
+    Every part is an index range: the head after M, or the span of the pending late
+    ranges (none: nothing read), so a 13-month read costs its clean buckets and the
+    last few hours, not 13 months of 5-minute rows.
     """
     w, table = _w(agg), TABLES[agg]
+    m, wm, ia, iz = (f"(SELECT {c} FROM b)" for c in ("m", "wm", "ia", "iz"))
+    in_inv_5m = (
+        "EXISTS (SELECT 1 FROM inv WHERE inv.channel_num = {t}.channel_num"
+        " AND inv.a <= {ts} AND inv.z >= date_bin('5 minutes', {ts}, %(epoch)s))"
+    )
+    in_range = (
+        "date_bin({w}, {ts}, %(epoch)s) >= %(lo)s AND date_bin({w}, {ts}, %(epoch)s) < %(hi)s"
+    )
+    raw_cols = (
+        f"SELECT x.channel_num, date_bin({w}, x.ts, %(epoch)s) AS bucket, min(x.value) AS vmin,"
+        " max(x.value) AS vmax, sum(x.value) AS vsum, count(*) AS n FROM measurements x"
+    )
     parts = f"""
-  SELECT x.channel_num, date_bin({w}, x.ts, %(epoch)s) AS bucket,
-         min(x.value) AS vmin, max(x.value) AS vmax, sum(x.value) AS vsum, count(*) AS n
-  FROM measurements x, st
-  WHERE x.channel_num = ANY(%(nums)s) AND x.ts >= %(lo)s AND x.ts < %(hi)s::timestamptz + {w}
-    AND date_bin({w}, x.ts, %(epoch)s) >= %(lo)s AND date_bin({w}, x.ts, %(epoch)s) < %(hi)s
-    AND (x.ts >= st.m OR EXISTS (SELECT 1 FROM inv WHERE inv.channel_num = x.channel_num
-         AND inv.a <= x.ts AND inv.z >= date_bin('5 minutes', x.ts, %(epoch)s)))
+  {raw_cols}
+  WHERE x.channel_num = ANY(%(nums)s) AND x.ts >= %(lo)s AND x.ts >= {m}
+    AND x.ts < %(hi)s::timestamptz + {w} AND {in_range.format(w=w, ts="x.ts")}
+  GROUP BY 1, 2
+  UNION ALL
+  {raw_cols}
+  WHERE x.channel_num = ANY(%(nums)s) AND x.ts >= %(lo)s AND x.ts >= {ia}
+    AND x.ts < {m} AND x.ts < {iz} + '5 minutes'::interval
+    AND {in_range.format(w=w, ts="x.ts")} AND {in_inv_5m.format(t="x", ts="x.ts")}
   GROUP BY 1, 2"""
     if agg != "5m":
-        parts += f"""
-  UNION ALL
+        five = f"""
   SELECT r.channel_num, date_bin({w}, r.bucket, %(epoch)s), r.vmin, r.vmax, r.vsum, r.n
-  FROM rollup_5m r, st
-  WHERE r.channel_num = ANY(%(nums)s) AND r.bucket >= %(lo)s AND r.bucket < %(hi)s::timestamptz + {w}
-    AND date_bin({w}, r.bucket, %(epoch)s) >= %(lo)s AND date_bin({w}, r.bucket, %(epoch)s) < %(hi)s
-    AND r.bucket + '5 minutes'::interval <= st.m
-    AND NOT EXISTS (SELECT 1 FROM inv WHERE inv.channel_num = r.channel_num
-                    AND inv.a <= r.bucket AND inv.z >= r.bucket)
-    AND (date_bin({w}, r.bucket, %(epoch)s) + {w} > st.m
-         OR EXISTS (SELECT 1 FROM inv WHERE inv.channel_num = r.channel_num
-                    AND inv.a < date_bin({w}, r.bucket, %(epoch)s) + {w}
-                    AND inv.z >= date_bin({w}, r.bucket, %(epoch)s)))"""
+  FROM rollup_5m r
+  WHERE r.channel_num = ANY(%(nums)s) AND r.bucket >= %(lo)s AND r.bucket < {m}
+    AND {in_range.format(w=w, ts="r.bucket")}
+    AND NOT {in_inv_5m.format(t="r", ts="r.bucket")}"""
+        parts += f"""
+  UNION ALL{five} AND r.bucket >= {wm}
+  UNION ALL{five} AND r.bucket < {wm}
+    AND r.bucket >= date_bin({w}, {ia}, %(epoch)s) AND r.bucket < {iz} + {w}
+    AND EXISTS (SELECT 1 FROM inv WHERE inv.channel_num = r.channel_num
+                AND inv.a < date_bin({w}, r.bucket, %(epoch)s) + {w}
+                AND inv.z >= date_bin({w}, r.bucket, %(epoch)s))"""
     return f"""
-WITH st AS MATERIALIZED (SELECT materialized AS m FROM rollup_state),
-inv AS MATERIALIZED (
+WITH inv AS MATERIALIZED (
   SELECT i.channel_num, date_bin('5 minutes', i.lo, %(epoch)s) AS a, i.hi AS z
   FROM rollup_invalid i
   WHERE i.channel_num = ANY(%(nums)s) AND i.hi >= %(lo)s AND i.lo < %(hi)s::timestamptz + {w}
+), b AS MATERIALIZED (
+  SELECT materialized AS m, date_bin({w}, materialized, %(epoch)s) AS wm,
+         (SELECT min(a) FROM inv) AS ia, (SELECT max(z) FROM inv) AS iz
+  FROM rollup_state
 )
 SELECT r.channel_num, r.bucket, r.vmin, r.vmax, r.vsum, r.n::int8
-FROM {table} r, st
+FROM {table} r
 WHERE r.channel_num = ANY(%(nums)s) AND r.bucket >= %(lo)s AND r.bucket < %(hi)s
-  AND r.bucket + {w} <= st.m
+  AND r.bucket < {wm}
   AND NOT EXISTS (SELECT 1 FROM inv WHERE inv.channel_num = r.channel_num
                   AND inv.a < r.bucket + {w} AND inv.z >= r.bucket)
 UNION ALL
