@@ -95,6 +95,15 @@ def test_dashboard_down_for_15_minutes_from_the_heartbeat_age():
     assert names(evaluate(run([(0, fig)]), T0)) == {"dashboard_down"}
 
 
+def test_rollups_behind_fires_after_fifteen_sustained_minutes():
+    behind = {"ingest": {"rollups_behind_s": 45 * 60.0}}
+    fine = {"ingest": {"rollups_behind_s": 8 * 60.0}}
+    assert evaluate(run([(m, behind) for m in range(0, 15)]), T0 + timedelta(minutes=14)) == []
+    fired = evaluate(run([(m, behind) for m in range(0, 16)]), T0 + timedelta(minutes=15))
+    assert names(fired) == {"rollups_behind"} and "45 minutes ago" in fired[0].detail
+    assert evaluate(run([(m, fine) for m in range(0, 30)]), T0 + timedelta(minutes=29)) == []
+
+
 def test_slow_ingest_slow_report_old_backup_and_audit():
     assert names(evaluate(run([(0, ingest(50, 0, slow=0.02, req5=50))]), T0)) == {"ingest_slow"}
     assert evaluate(run([(0, ingest(5, 0, slow=0.5, req5=5))]), T0) == []  # too few answers

@@ -30,6 +30,7 @@ INGEST_P99_S = 2.0
 INGEST_P99_MIN_REQUESTS = 20  # in the 5-minute window; fewer: too few to call a p99
 REPORT_MONTHLY_S = 120.0
 HEARTBEAT_DOWN_S = 60.0  # no process heartbeat for this long: the API is down
+ROLLUPS_BEHIND_S = 1800.0  # the rollups job materialises up to 5-10 minutes ago
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,13 @@ def _ingest_5xx(f: Figures) -> Bad:
     n, e = i.get("requests_2m", 0), i.get("errors_5xx_2m", 0)
     if n and e / n >= INGEST_5XX_SHARE:
         return {"": (f"{e} of {n} ingest answers in the last 2 minutes were 5xx", None)}
+    return {}
+
+
+def _rollups_behind(f: Figures) -> Bad:
+    behind = (f.get("ingest") or {}).get("rollups_behind_s")
+    if behind is not None and behind > ROLLUPS_BEHIND_S:
+        return {"": (f"rollups materialised up to {behind / 60:.0f} minutes ago", None)}
     return {}
 
 
@@ -156,6 +164,17 @@ CONDITIONS: tuple[Condition, ...] = (
         f"ingest p99 latency above {INGEST_P99_S:g} s over 5 minutes "
         f"(at least {INGEST_P99_MIN_REQUESTS} answers)",
         _ingest_p99,
+    ),
+    Condition(
+        "rollups_behind",
+        "P2",
+        "database",
+        timedelta(minutes=15),
+        "Rollups are behind",
+        f"the rollups job has not materialised the buckets older than {ROLLUPS_BEHIND_S / 60:.0f}"
+        " minutes, for 15 minutes: charts, reports and digests stay right but compute more from"
+        " raw readings (is any process running jobs, OPENSENSE_JOBS?)",
+        _rollups_behind,
     ),
     Condition(
         "report_slow",

@@ -103,7 +103,10 @@ async def ingest(conn: AsyncConnection[Any], now: datetime) -> dict[str, Any]:
             req2 += req
             err2 += e
     p99 = quantile_bound(lat5, 0.99)
+    st = await (await conn.execute("SELECT materialized FROM rollup_state")).fetchone()
     return {
+        # how far the rollups job is behind the clock (storage/rollups.py)
+        "rollups_behind_s": (now - st[0]).total_seconds() if st else None,
         "requests_2m": req2,
         "errors_5xx_2m": err2,
         "requests_5m": req5,
