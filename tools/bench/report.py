@@ -347,14 +347,20 @@ def db_worker(dsn: str, site: str, channels: int, days: int) -> None:
     from opensense.reports import load, render
 
     inp0 = make_input(1, days)
+    # The month leaves the coroutine through a list, not as its result: Python 3.11's
+    # asyncio.run, restoring the SIGINT handler, formats the repr of its task (and so
+    # of the task's result: 1.7 million floats, ~2 s) in a ValueError that
+    # signal.getsignal swallows. The CLI's coroutine returns the PDF, not the month.
+    out: list[rd.ReportInput] = []
 
-    async def go() -> rd.ReportInput:
+    async def go() -> None:
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-            return await load.load_month(conn, site, inp0.period_from, inp0.period_to)
+            out.append(await load.load_month(conn, site, inp0.period_from, inp0.period_to))
 
     t0, c0 = time.perf_counter(), time.process_time()
-    inp = asyncio.run(go())
+    asyncio.run(go())
     t1, c1 = time.perf_counter(), time.process_time()
+    inp = out[0]
     d = rd.compute(inp)
     t2 = time.perf_counter()
     pdf = render.render_pdf(d)
