@@ -205,14 +205,17 @@ def unpack(blob: bytes) -> tuple[list[int], list[float]]:
         if len(found) < n:
             raise ValueError("packed blob is truncated")
         dod = _ints(found[: n - 1])
-        mode_at = pos + sum(map(len, found[: n - 1]))
-        if buf[mode_at] == MODE_DECIMAL:
+        if found[n - 1] == b"\x01" and len(found) > n and len(found[n]) == 1:
+            # the mode byte says decimal, then the scale byte, then the n varints
+            f = 10 ** found[n][0]
+        else:  # doubles after anything but a day of them, or a scale byte >= 0x80
+            mode_at = pos + sum(map(len, found[: n - 1]))
+            if buf[mode_at] != MODE_DECIMAL:
+                values = list(struct.unpack_from(f"<{n}d", buf, mode_at + 1))
+                return list(accumulate(accumulate(dod), initial=first)), values
             f = 10 ** buf[mode_at + 1]
-            if len(found[n]) != 1:  # a scale byte >= 0x80 (never written): read on after it
-                found[n + 1 :] = _VARINT.findall(buf, mode_at + 2)
-            if len(found) < 2 * n + 1:
-                raise ValueError("packed blob is truncated")
-            values = list(map(truediv, accumulate(_ints(found[n + 1 : 2 * n + 1])), repeat(f)))
-        else:
-            values = list(struct.unpack_from(f"<{n}d", buf, mode_at + 1))
+            found[n + 1 :] = _VARINT.findall(buf, mode_at + 2)
+        if len(found) < 2 * n + 1:
+            raise ValueError("packed blob is truncated")
+        values = list(map(truediv, accumulate(_ints(found[n + 1 : 2 * n + 1])), repeat(f)))
     return list(accumulate(accumulate(dod), initial=first)), values
