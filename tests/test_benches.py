@@ -204,6 +204,9 @@ def test_report(pg_server: str) -> None:
         assert float(total) > 0 and float(rss) > 0
     read, got = figure(out, rf"^db\+haccp +read [\d.]+s \({NUM} readings\).*= {NUM}s")
     assert int(read) > 0 and float(got) > 0
+    for kind in ("bench readings", "DS18B20 node"):
+        old, new = figure(out, rf"^decode {kind} .* loop {NUM} µs/reading, unpack {NUM} µs")
+        assert float(old) > 0 and float(new) > 0
 
 
 def test_dashboard(pg_server: str) -> None:

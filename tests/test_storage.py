@@ -135,6 +135,10 @@ async def test_compaction_keeps_every_read_the_same_and_is_compact(
     late = start + timedelta(minutes=5, seconds=30)
     new = await send(client, world, [late])
     assert (new["accepted"], new["deduplicated"]) == (1, 0)
+    # before the next compaction the late raw row is read merged among its packed day
+    raw = await read_all(client, world, cid, frm, to)
+    assert len(raw) == 2881 and [rfc3339(late), fridge(0)] in raw
+    assert [p[0] for p in raw] == sorted(p[0] for p in raw)
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         assert (
             await compact(conn, clock.now, config.compact_after_days) == 241

@@ -27,7 +27,14 @@ With --dsn (a PostgreSQL server's admin DSN), the same month is also put in a sc
 database on it (dropped after): one site, one device, 20 channels, the readings
 packed by compaction as a closed month is in production, and `opensense report
 render`'s path is timed end to end in a fresh process: reports.load.load_month
-(readings through storage.read), compute, render.
+(readings through storage.read), compute, render. The read's CPU time is printed
+beside it (on a shared machine the wall time is mostly waiting).
+
+And the decoding of packed days alone (storage.packing.unpack, what a closed month's
+read spends most of its CPU in), µs per reading, against the per-varint loop it
+replaced (kept here as the baseline), in the same process: the month's channel-days
+packed as the bench's readings (doubles, a steady cadence) and as a DS18B20 node's
+(0.0625 °C steps, whole-second timestamps with a second of jitter: the decimal mode).
 """
 
 from __future__ import annotations
@@ -81,6 +88,90 @@ def make_input(channels: int, days: int) -> rd.ReportInput:
     return rd.ReportInput(
         "site_bench", "Bench site", "Teststraße 1", "Europe/Berlin", p_from, p_to, chans
     )
+
+
+def _old_unpack(blob: bytes) -> tuple[list[int], list[float]]:
+    """storage.packing.unpack as it was: a Python loop over every varint (the baseline)."""
+    import struct
+    import zlib
+
+    def get(buf: bytes, pos: int) -> tuple[int, int]:
+        shift = result = 0
+        while True:
+            b = buf[pos]
+            pos += 1
+            result |= (b & 0x7F) << shift
+            if b < 0x80:
+                return (result >> 1) ^ -(result & 1), pos
+            shift += 7
+
+    buf = zlib.decompress(blob)
+    n, pos = get(buf, 1)
+    ts: list[int] = []
+    prev = prev_delta = 0
+    for i in range(n):
+        d, pos = get(buf, pos)
+        if i == 0:
+            prev = d
+        else:
+            prev_delta += d
+            prev += prev_delta
+        ts.append(prev)
+    mode = buf[pos]
+    pos += 1
+    values: list[float] = []
+    if mode == 1:
+        f = 10 ** buf[pos]
+        pos += 1
+        last = 0
+        for _ in range(n):
+            d, pos = get(buf, pos)
+            last += d
+            values.append(last / f)
+    else:
+        for _ in range(n):
+            values.append(struct.unpack_from("<d", buf, pos)[0])
+            pos += 8
+    return ts, values
+
+
+def decode_figures(channels: int, days: int) -> None:
+    """Print µs per reading of packing.unpack against _old_unpack over the month's
+    channel-days, both kinds of day; checks both decode the same."""
+    import random
+
+    from opensense.storage import packing
+
+    inp = make_input(channels, days)
+    rnd = random.Random(1)
+    kinds: dict[str, list[bytes]] = {"bench readings (doubles)": [], "DS18B20 node (decimal)": []}
+    for ch in inp.channels:
+        for d in range(days):
+            day = [
+                (t, v)
+                for t, v in zip(ch.ts, ch.values, strict=True)
+                if d * 86400 <= t - ch.ts[0] < (d + 1) * 86400
+            ]
+            ts = [round(t * 1e6) for t, _ in day]
+            kinds["bench readings (doubles)"].append(packing.pack(ts, [v for _, v in day]))
+            node_ts = [t + rnd.randrange(2) * 1_000_000 for t in ts]
+            node_v = [round(v * 16) / 16 for _, v in day]
+            kinds["DS18B20 node (decimal)"].append(packing.pack(node_ts, node_v))
+    for kind, blobs in kinds.items():
+        n = sum(len(packing.unpack(b)[0]) for b in blobs)
+        assert all(packing.unpack(b) == _old_unpack(b) for b in blobs), "decoders differ"
+        best = {"old": math.inf, "new": math.inf}
+        for _ in range(3):  # interleaved, best of 3: the machine may be shared
+            for name, fn in (("old", _old_unpack), ("new", packing.unpack)):
+                t0 = time.process_time()
+                for b in blobs:
+                    fn(b)
+                best[name] = min(best[name], time.process_time() - t0)
+        print(
+            f"decode {kind:<25} {len(blobs)} days, {n:,} readings: per-varint loop"
+            f" {best['old'] / n * 1e6:.2f} µs/reading, unpack {best['new'] / n * 1e6:.2f}"
+            f" µs/reading (x{best['old'] / best['new']:.1f} faster, CPU time)"
+        )
 
 
 def render_reportlab(d: rd.ReportData) -> bytes:
@@ -256,14 +347,20 @@ def db_worker(dsn: str, site: str, channels: int, days: int) -> None:
     from opensense.reports import load, render
 
     inp0 = make_input(1, days)
+    # The month leaves the coroutine through a list, not as its result: Python 3.11's
+    # asyncio.run, restoring the SIGINT handler, formats the repr of its task (and so
+    # of the task's result: 1.7 million floats, ~2 s) in a ValueError that
+    # signal.getsignal swallows. The CLI's coroutine returns the PDF, not the month.
+    out: list[rd.ReportInput] = []
 
-    async def go() -> rd.ReportInput:
+    async def go() -> None:
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-            return await load.load_month(conn, site, inp0.period_from, inp0.period_to)
+            out.append(await load.load_month(conn, site, inp0.period_from, inp0.period_to))
 
-    t0 = time.perf_counter()
-    inp = asyncio.run(go())
-    t1 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
+    asyncio.run(go())
+    t1, c1 = time.perf_counter(), time.process_time()
+    inp = out[0]
     d = rd.compute(inp)
     t2 = time.perf_counter()
     pdf = render.render_pdf(d)
@@ -274,6 +371,7 @@ def db_worker(dsn: str, site: str, channels: int, days: int) -> None:
         json.dumps(
             {
                 "read_s": t1 - t0,
+                "read_cpu_s": c1 - c0,
                 "data_s": t2 - t1,
                 "render_s": t3 - t2,
                 "rss_mb": rss,
@@ -405,6 +503,7 @@ def main() -> None:
             f"{engine:<14} {r['data_s']:6.2f}s {r['render_s']:6.2f}s {total:6.2f}s {r['rss_mb']:7.0f}MB"
             f" {r['rss_data_mb']:9.0f}MB {r['bytes'] / 1024:7.0f}kB  {verdict} {ratio}"
         )
+    decode_figures(channels, days)
     if a.dsn:
         import psycopg
         from psycopg import sql
@@ -426,6 +525,7 @@ def main() -> None:
                 print(
                     f"{'db+haccp':<14} read {r['read_s']:.2f}s ({r['n']:,} readings) + data {r['data_s']:.2f}s"
                     f" + render {r['render_s']:.2f}s = {total:.2f}s, peak RSS {r['rss_mb']:.0f}MB  {verdict}"
+                    f" (read CPU {r['read_cpu_s']:.2f}s)"
                 )
         finally:
             with psycopg.connect(a.dsn, autocommit=True) as c:

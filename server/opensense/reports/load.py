@@ -1,7 +1,7 @@
 """A site's period from PostgreSQL into the pure inputs of reports/data.py.
 
-Readings come through the storage read path (`storage.read.raw_points`: raw rows and
-packed days merged), a chunk at a time, into float arrays. Excursions are the alarm
+Readings come through the storage read path (`storage.read.raw_columns`: raw rows and
+packed days merged, as two lists), a chunk at a time, into float arrays. Excursions are the alarm
 events (events table) that reached the alarm state and overlap the period.
 Thresholds are each channel's first enabled `range` rule, its history in the period
 rebuilt from the audit trail's `rule.create`/`rule.update` rows (the rules table
@@ -14,7 +14,7 @@ import calendar
 from array import array
 from datetime import UTC, date, datetime
 from itertools import repeat
-from operator import itemgetter, truediv
+from operator import truediv
 from typing import Any, NamedTuple
 
 from psycopg import AsyncConnection
@@ -25,7 +25,7 @@ from ..kinds import KINDS
 from ..storage import read
 from . import data as rd
 
-CHUNK = 100_000  # readings per read: memory stays a chunk of tuples plus the arrays
+CHUNK = 100_000  # readings per read: memory stays a chunk's two lists plus the arrays
 
 
 def month_period(month: str) -> tuple[date, date]:
@@ -47,14 +47,12 @@ async def _readings(
     ts, vals = array("d"), array("d")
     cursor = lo
     while True:
-        pts = await read.raw_points(conn, num, cursor, hi, CHUNK)
-        ts.extend(
-            map(truediv, map(itemgetter(0), pts), repeat(1e6))
-        )  # C-level: no loop per reading
-        vals.extend(map(itemgetter(1), pts))
-        if len(pts) < CHUNK:
+        ts_us, values = await read.raw_columns(conn, num, cursor, hi, CHUNK)
+        ts.fromlist(list(map(truediv, ts_us, repeat(1e6))))  # C-level: no loop per reading
+        vals.fromlist(values)
+        if len(ts_us) < CHUNK:
             return ts, vals
-        cursor = datetime.fromtimestamp(pts[-1][0] / 1e6 + 1e-6, UTC)
+        cursor = datetime.fromtimestamp(ts_us[-1] / 1e6 + 1e-6, UTC)
 
 
 def _limits(params: Any) -> tuple[float | None, float | None]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import math
+from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
@@ -56,28 +57,46 @@ async def raw_points(
     conn: AsyncConnection[Any], num: int, lo: datetime, hi: datetime, limit: int
 ) -> list[tuple[int, float]]:
     """Up to `limit` points (µs, value) with lo <= ts < hi, ascending."""
+    ts, values = await raw_columns(conn, num, lo, hi, limit)
+    return list(zip(ts, values, strict=True))
+
+
+async def raw_columns(
+    conn: AsyncConnection[Any], num: int, lo: datetime, hi: datetime, limit: int
+) -> tuple[list[int], list[float]]:
+    """raw_points as two columns (µs, values): a packed day's readings are sliced
+    from its decoded lists, no Python work per reading (a month's report reads
+    ~860,000)."""
     cur = await conn.execute(
         "SELECT ts, value FROM measurements WHERE channel_num = %s AND ts >= %s AND ts < %s"
         " ORDER BY ts LIMIT %s",
         (num, lo, hi, limit),
     )
-    raw = [(to_us(ts), v) for ts, v in await cur.fetchall()]
+    rows = await cur.fetchall()
+    raw_ts = [to_us(ts) for ts, _ in rows]
+    raw_values = [v for _, v in rows]
     lo_us, hi_us = to_us(lo), to_us(hi)
-    cutoff = raw[-1][0] if len(raw) == limit else hi_us - 1
-    packed: list[tuple[int, float]] = []
+    cutoff = raw_ts[-1] if len(raw_ts) == limit else hi_us - 1
+    ts: list[int] = []
+    values: list[float] = []
     async for _day, blob in _packed_blobs(conn, num, lo.date(), from_us(cutoff).date()):
-        ts, values = packing.unpack(blob)
-        packed.extend((t, v) for t, v in zip(ts, values, strict=True) if lo_us <= t <= cutoff)
-        if len(packed) >= limit:
+        day_ts, day_values = packing.unpack(blob)
+        a, b = bisect_left(day_ts, lo_us), bisect_right(day_ts, cutoff)  # ascending
+        ts += day_ts[a:b]
+        values += day_values[a:b]
+        if len(ts) >= limit:
             break
-    if not packed:
-        return raw
-    out = []
-    for p in heapq.merge(raw, packed):
-        out.append(p)
-        if len(out) == limit:
-            break
-    return out
+    if not ts:
+        return raw_ts, raw_values
+    if raw_ts and raw_ts[0] <= ts[-1]:  # late raw rows among packed days: merge
+        raw = zip(raw_ts, raw_values, strict=True)
+        merged = sorted([*raw, *zip(ts, values, strict=True)])[:limit]  # as heapq.merge
+        return [t for t, _ in merged], [v for _, v in merged]
+    ts += raw_ts  # the raw rows are all later (the open days)
+    values += raw_values
+    if len(ts) > limit:
+        del ts[limit:], values[limit:]
+    return ts, values
 
 
 def aggregate(values: Sequence[float], fn: str) -> float:
