@@ -89,6 +89,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -568,8 +569,6 @@ def now_ms() -> datetime:
 
 
 def json_of(text: str) -> dict[str, Any]:
-    import json
-
     out: dict[str, Any] = json.loads(text)
     return out
 
