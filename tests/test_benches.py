@@ -193,6 +193,34 @@ def test_mqtt(scratch_dsn: str) -> None:
         )
 
 
+def test_fleet(scratch_dsn: str) -> None:
+    out = run_bench("fleet", "--dsn", scratch_dsn)
+    summary = out[out.index("SUMMARY") :]
+    brokers = ["embedded"]
+    if shutil.which("mosquitto") and shutil.which("mosquitto_ctrl"):
+        brokers.append("Mosquitto")
+    for broker in brokers:
+        points = re.findall(rf"^   {broker} +{NUM} nodes = +{NUM} msg/min", summary, re.M)
+        assert [n for n, _ in points] == ["120", "240"], summary
+        for nodes in ("120", "240"):
+            # every PUBACKed message is in the database, exactly once
+            rows, acked = figure(
+                summary,
+                rf"^   {broker}, {nodes} nodes: {NUM} rows = {NUM} PUBACKed x 3"
+                r"(?: \+ \d+ of unPUBACKed ones)?(?:;|$)",
+            )
+            assert int(rows) >= 3 * int(acked) > 0, summary
+        figure(summary, rf"^   {broker}: share = -?[\d.]+% \+ -?[\d.]+% per 1,000 nodes.* nodes")
+        figure(summary, rf"under 50 % CPU on 2 cores, {broker} +(?:[\d,]+|n/a) nodes  {VERDICT}")
+    # each point: the CPU shares and publish -> stored of tracked messages, all seen
+    shares = re.findall(rf"= +{NUM}% of the machine; load", summary)
+    assert len(shares) == 2 * len(brokers) and all(float(x) > 0 for x in shares), summary
+    lat = re.findall(rf"publish -> stored p50 {NUM} ms  p99 {NUM} ms \(([\d,]+) tracked\)", summary)
+    assert len(lat) == len(shares), summary
+    assert all(0 < float(p50) <= float(p99) and n != "0" for p50, p99, n in lat), summary
+    assert "never seen" not in summary, summary
+
+
 def test_report(pg_server: str) -> None:
     # the product's engine and template; the measured alternative (WeasyPrint) is not
     # a dependency, so its quick run is not part of the suite

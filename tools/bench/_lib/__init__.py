@@ -12,6 +12,7 @@ its method and measures; the machinery is here:
 - `http_load`: the HTTP ingest load client (node-like devices, closed and open loop);
 - `mqtt_load` and `mqtt_worker`: the MQTT publishers and subscriber (processes of
   their own), the bench's side of them, and counting what the server committed;
+- `fleet_worker`: the fleet bench's publishers, device connections on a fixed schedule;
 - `brokers`: a broker of the bench's own (amqtt, Mosquitto) and Mosquitto as shipped;
 - `fleet`: accounts, sites, devices and tokens made through the server's service
   layer (and the MQTT fleet made through its API), the one place the benches reach

@@ -170,3 +170,13 @@ async def fleet_by_api(dsn: str, base: str, n: int, rounds: int, name: str) -> M
                 dev = await r.json()
             out.add(dev["id"], dev["local_id"], dev["ingest_token"])
     return out
+
+
+async def retire(dsn: str, fleet: MqttFleet) -> None:
+    """Delete the fleet's devices (service layer: token revoked, device retired), so a
+    later phase's server does not spend its sweeps on them going offline."""
+    now = datetime.now(UTC)
+    async with await pg.connect(dsn) as conn:
+        async with conn.transaction():
+            for device_id in fleet.ids:
+                await device_store.delete_device(conn, fleet.account, device_id, now)

@@ -30,10 +30,11 @@ DB_DRAIN_S = 60.0  # after the window, how long the bench waits for the server t
 
 
 class Worker:
-    """A publisher or subscriber process (mqtt_worker.py)."""
+    """A publisher or subscriber process (mqtt_worker.py, or another `script` that
+    speaks the same lines: READY, ERROR, RESULT)."""
 
-    def __init__(self, kind: str, conf: dict[str, Any], log: Path) -> None:
-        self.kind, self.conf, self.log = kind, conf, log
+    def __init__(self, kind: str, conf: dict[str, Any], log: Path, script: Path = WORKER) -> None:
+        self.kind, self.conf, self.log, self.script = kind, conf, log, script
         self.proc: asyncio.subprocess.Process | None = None
         self._lines: asyncio.Queue[str | None] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
@@ -43,7 +44,7 @@ class Worker:
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
-                str(WORKER),
+                str(self.script),
                 self.kind,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,

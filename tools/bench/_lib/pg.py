@@ -115,3 +115,28 @@ def describe(dsn: str, embedded: bool) -> str:
         f"PostgreSQL {row[0]} ({where}), shared_buffers {row[1]},"
         f" synchronous_commit {row[2]}, fsync {row[3]}"
     )
+
+
+LOCAL_HOSTS = ("", "127.0.0.1", "localhost", "::1")
+
+
+def local_postmaster(dsn: str) -> int | None:
+    """The postmaster of the PostgreSQL server a DSN reaches, when it runs on this
+    machine and this user may read its CPU times (for the CPU accounts of a --dsn
+    run: that server's other databases are counted too); None otherwise."""
+    import psutil
+
+    host = str(psycopg.conninfo.conninfo_to_dict(dsn).get("host") or "")
+    if host not in LOCAL_HOSTS and not host.startswith("/"):
+        return None
+    try:
+        with psycopg.connect(dsn) as conn:
+            row = conn.execute("SELECT pg_backend_pid()").fetchone()
+        assert row is not None
+        parent = psutil.Process(int(row[0])).parent()
+        if parent is None or "postgres" not in parent.name():
+            return None
+        parent.cpu_times()
+        return int(parent.pid)
+    except (psycopg.Error, psutil.Error):
+        return None
