@@ -225,10 +225,13 @@ class Meter(CpuMeter):
         stats_dsn: str | None = None,
         perf: PgPerf | None = None,
         backends_dsn: str | None = None,
+        server_perf: PgPerf | None = None,
     ) -> None:
         super().__init__(roles, me)
         self.spy, self.stats_dsn, self.perf = spy, stats_dsn, perf
         self.backends_dsn = backends_dsn  # --dsn: PostgreSQL = that database's backends
+        self.server_perf = server_perf
+        self.server_native: dict[str, PgProfile] = {}
         self.name = "phase"
         self.profiles: dict[str, Summary] = {}
         self.pg_profiles: dict[str, PgProfile] = {}
@@ -241,6 +244,8 @@ class Meter(CpuMeter):
             self.spy.start(self.name)
         if self.perf:
             self.perf.start(self.name)
+        if self.server_perf:
+            self.server_perf.start(self.name)
         if self.backends_dsn:
             pids = pg.local_backends(self.backends_dsn)
             if pids:
@@ -257,6 +262,10 @@ class Meter(CpuMeter):
             pgp = self.perf.stop()
             if pgp is not None:
                 self.pg_profiles[self.name] = pgp
+        if self.server_perf:
+            native = self.server_perf.stop()
+            if native is not None:
+                self.server_native[self.name] = native
         if self.stats_dsn:
             self.statements[self.name] = pg.stat_statements(self.stats_dsn)
         return use
@@ -976,12 +985,14 @@ async def run(
         )
         await server.wait_ready()
         spy = PySpy(profile, server.pid) if profile is not None else None
-        perf = None
-        if profile is not None and pg_pid is not None:
+        perf = server_perf = None
+        if profile is not None:
             try:
-                perf = PgPerf(profile, pg_pid)
+                if pg_pid is not None:
+                    perf = PgPerf(profile, pg_pid)
+                server_perf = PgPerf(profile, server.pid, 499, "server")
             except RuntimeError as exc:
-                say(f"  --profile: PostgreSQL not profiled: {exc}")
+                say(f"  --profile: no perf: {exc}")
         # without the embedded PostgreSQL: the backends of this database, if local
         backends = None if pg_pid else dsn
         meter = Meter(
@@ -991,6 +1002,7 @@ async def run(
             stats_dsn,
             perf,
             backends,
+            server_perf,
         )
         t0 = time.perf_counter()
         w = await warm_up(server.base, devs)
@@ -1141,6 +1153,13 @@ def show_profile(meter: Meter, c: Cost | None) -> None:
     if prof is not None:
         lines.append(f"  server (py-spy) -- {name}:")
         lines += table(prof, c.server_us if c else None)
+    native = meter.server_native.get(name)
+    if native is not None:
+        lines.append(
+            "  server (perf, on-CPU only), by library (python3.11 = the interpreter;"
+            " [kernel.kallsyms] = system calls, e.g. socket writes):"
+        )
+        lines += [f"    {dso[:52]:<52} {pct / 100:6.1%}" for pct, dso in native.self_syms[:8]]
     stmts = meter.statements.get(name)
     if stmts is not None and c is not None:
         lines += statements_lines(stmts, c.readings, c.pg_us)
