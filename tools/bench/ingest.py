@@ -82,6 +82,7 @@ import dataclasses
 import math
 import os
 import random
+import re
 import struct
 import sys
 import time
@@ -542,14 +543,12 @@ def statement_variants() -> list[tuple[str, str]]:
     from the server's own text (storage/write.py): the raw INSERT alone, with the
     alarm_dirty upsert, with the three rollup upserts, with both. A part the text no
     longer has is left out."""
-    import re as _re
-
     from opensense.storage import batcher, write
 
     head = write.INSERT_CTE.format(order="")
     tail = "\nSELECT channel_num, ts FROM ins"
     out = [("INSERT ... ON CONFLICT DO NOTHING only", head + tail)]
-    m = _re.search(r"\n, dirty AS \(.*?\n\)", write.ROLLUPS_SQL, _re.S)
+    m = re.search(r"\n, dirty AS \(.*?\n\)", write.ROLLUPS_SQL, re.S)
     if m:
         dirty = m.group(0)
         rollups = write.ROLLUPS_SQL.replace(dirty, "")
@@ -571,8 +570,6 @@ async def variants(dsn: str, plan: Plan, now: datetime) -> list[Variant]:
     """Each variant, each batch size, on one connection (autocommit, prepared, as the
     pool's connections run it): the backend's own CPU time (psutil on its pid) per row.
     Every row new; the rows, rollups and alarm_dirty entries are deleted after."""
-    import psutil as _ps
-
     from opensense.storage.write import columns
 
     out: list[Variant] = []
@@ -589,9 +586,9 @@ async def variants(dsn: str, plan: Plan, now: datetime) -> list[Variant]:
         row = await cur.fetchone()
         assert row is not None
         try:
-            backend = _ps.Process(int(row[0]))
+            backend = psutil.Process(int(row[0]))
             backend.cpu_times()
-        except _ps.Error:
+        except psutil.Error:
             say("  not measured: the backend is not on this machine's process table")
             return out
         try:
