@@ -68,7 +68,7 @@ removes it afterwards. With --dsn it migrates that database and leaves its bench
 account, devices and readings there (the COPY rows are deleted), and compaction packs
 every closed day in it: use a scratch database.
 
-    tools/bench/ingest              # full run, about 1.5 minutes on 2 cores
+    tools/bench/ingest              # full run, about 6 minutes on a busy 2-core box
     tools/bench/ingest --quick      # smoke run with tiny sizes, tokens at bcrypt cost 4
     tools/bench/ingest --dsn postgresql://user@host/scratch --duration 10
     OPENSENSE_BCRYPT_ROUNDS=4 tools/bench/ingest --profile /tmp/ingest-profile
@@ -1176,7 +1176,7 @@ def show_profile(meter: Meter, c: Cost | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--dsn", help="PostgreSQL DSN of a scratch database (default: embedded)")
-    ap.add_argument("--duration", type=float, help="seconds per measured HTTP phase")
+    ap.add_argument("--duration", type=float, help="seconds per measured HTTP and MQTT phase")
     ap.add_argument("--quick", action="store_true", help="smoke run with tiny sizes")
     ap.add_argument("--mqtt-devices", type=int, help="node-like MQTT publishers")
     ap.add_argument(
