@@ -541,20 +541,26 @@ class Variant:
 def statement_variants() -> list[tuple[str, str]]:
     """The batch writer's statement (storage/batcher.py BATCH_SQL) and its parts, built
     from the server's own text (storage/write.py): the raw INSERT alone, with the
-    alarm_dirty upsert, with the three rollup upserts, with both. A part the text no
-    longer has is left out."""
+    alarm_dirty upsert, with the three rollup upserts (ROLLUPS_SQL: on the write path
+    or, once they moved to a job, the statement a late reading into a packed day
+    runs), with both. A part the text no longer has is left out."""
     from opensense.storage import batcher, write
 
     head = write.INSERT_CTE.format(order="")
     tail = "\nSELECT channel_num, ts FROM ins"
+    rollups = str(getattr(write, "ROLLUPS_SQL", ""))
+    dirty = str(getattr(write, "DIRTY_SQL", ""))
+    if not dirty:  # the dirty upsert inside ROLLUPS_SQL (before DIRTY_SQL had a name)
+        m = re.search(r"\n, dirty AS \(.*?\n\)", rollups, re.S)
+        dirty = m.group(0) if m else ""
+    rollups = rollups.replace(dirty, "") if dirty else rollups
     out = [("INSERT ... ON CONFLICT DO NOTHING only", head + tail)]
-    m = re.search(r"\n, dirty AS \(.*?\n\)", write.ROLLUPS_SQL, re.S)
-    if m:
-        dirty = m.group(0)
-        rollups = write.ROLLUPS_SQL.replace(dirty, "")
+    if dirty:
         out.append(("+ alarm_dirty upsert (and its NOTIFY)", head + dirty + tail))
+    if rollups:
         out.append(("+ 3 rollup upserts", head + rollups + tail))
-    out.append(("+ 3 rollups + alarm_dirty", head + write.ROLLUPS_SQL + tail))
+    if dirty and rollups:
+        out.append(("+ 3 rollups + alarm_dirty", head + rollups + dirty + tail))
     out.append(("BATCH_SQL as the server runs it", batcher.BATCH_SQL))
     return out
 
