@@ -678,6 +678,27 @@ async def refusals(dsn: str, account: str) -> str:
     )
 
 
+async def per_device(dsn: str, fleet: MqttFleet, since: datetime, load: Load) -> str:
+    """Devices whose p0 rows of the phase differ from the messages they published
+    (every message carries p0), with the stored span: a gap inside, or a short tail."""
+    async with await connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT c.device_id, count(*), min(m.ts), max(m.ts) FROM measurements m"
+            " JOIN channels c ON c.num = m.channel_num"
+            " WHERE c.device_id = ANY(%s) AND c.label = 'p0' AND m.ts >= %s GROUP BY 1",
+            (fleet.ids, since),
+        )
+        got = {str(d): (int(n), lo, hi) for d, n, lo, hi in await cur.fetchall()}
+    out = []
+    for did in fleet.ids:
+        n, lo, hi = got.get(did, (0, None, None))
+        sent = load.sent.get(did, 0)
+        if n != sent:
+            span = int((hi - lo).total_seconds()) + 1 if lo and hi else 0
+            out.append(f"{did}: published {sent}, stored {n} over {span} s")
+    return "per device (p0): " + ("; ".join(out[:8]) or "every device's count matches")
+
+
 async def mqtt_phase(
     dsn: str, fleet: MqttFleet, port: int, ca: Path, k: int, plan: Plan, meter: Meter, work: Path
 ) -> MqttPhase:
@@ -685,6 +706,7 @@ async def mqtt_phase(
     flight each) after one warm-up message per device; the window counts PUBACKs.
     Afterwards the phase's rows must be exactly the PUBACKed messages × k."""
     count = RowCounter(dsn, fleet.account, fleet.base)
+    since = datetime.fromtimestamp(fleet.base, UTC)
     conf = {"host": "127.0.0.1", "port": port, "ca": str(ca), "k": k, "warm": True}
     pubs = [
         Worker("pub", {**conf, "window": plan.mqtt_window, "clients": part}, work / "pub.log")
@@ -721,6 +743,7 @@ async def mqtt_phase(
     ok = 0 <= extra <= load.unacked * k  # an unacknowledged message may be stored too
     if not ok:
         say(f"      {await refusals(dsn, fleet.account)}")
+        say(f"      {await per_device(dsn, fleet, since, load)}")
     check = (
         f"{new:,} rows = {load.acked:,} PUBACKed x {k}"
         if extra == 0
