@@ -165,7 +165,17 @@ def test_ingest(scratch_dsn: str) -> None:
     assert len(phases) == 4, summary
     (packed,) = figure(summary, rf"after: packed {NUM} B/reading")
     assert float(packed) > 0
-    assert len(re.findall(rf" {VERDICT}$", summary[summary.index("TARGETS") :], re.M)) == 3
+    # MQTT through the embedded broker: every PUBACKed message is in the database
+    for k in (1, 3):
+        figure(summary, rf"^ +{k} +4 +{NUM} +{NUM} .* {NUM} rows = {NUM} PUBACKed x {k}$")
+    # CPU per stored reading, each path, beside COPY's per row
+    for path in ("HTTP 32 readings/request", "HTTP 1 reading/request", "MQTT 1", "MQTT 3"):
+        rate, server, _pg, total = figure(summary, rf"^   {path}.*? {NUM} +{NUM} +(\S+) +{NUM} ")
+        assert float(rate) > 0 and float(server) > 0 and float(total) >= float(server)
+    figure(summary, rf"^   COPY \(binary, 1 stream\) .* {NUM}")
+    # the writing statement part by part
+    figure(summary, rf"^   BATCH_SQL as the server runs it +{NUM} +{NUM} +{NUM}")
+    assert len(re.findall(rf" {VERDICT}$", summary[summary.index("TARGETS") :], re.M)) == 5
 
 
 def test_restart(scratch_dsn: str) -> None:

@@ -24,9 +24,35 @@ What it measures (in this order in the summary):
    fresh, then packed by `opensense.storage.compaction.compact` and VACUUMed and
    measured again. Raw rows (table, indexes) are reported apart from the rollups.
 
-The phases run in the order 2, 3, 1, 4: the HTTP phases first, on a table the COPY
-rows (deleted again afterwards) never touched; the ratio to the COPY ceiling is
+5. MQTT through the embedded broker of the same server (OPENSENSE_MQTT=embedded, TLS
+   on a port of the run's own): node-like paho clients (_lib/mqtt_worker.py, processes
+   of their own, as tools/bench/mqtt) publish messages of 1 and of 3 readings, QoS 1,
+   closed loop. The devices' channels are made first (one HTTP request per device)
+   because the broker reads a device's channels at CONNECT: a channel made during a
+   session sends that session's messages down the one-by-one path. A PUBACK means
+   committed, so PUBACKs in the window × readings per message is the rate; afterwards
+   the phase's rows must equal every PUBACKed message × its readings.
+6. CPU per stored reading, per path (HTTP 32 and 1 per request: the phase with the
+   most readings/s; MQTT 1 and 3 per message): CPU seconds of the server process
+   (its embedded broker included) and of PostgreSQL (the embedded server's postmaster
+   and all its children; with --dsn the database's backends, if local) over the
+   measured window, divided by the readings stored in it. The load client and the
+   publishers are left out. COPY's CPU per row (PostgreSQL only) is the floor beside
+   it; BASELINE_CPU_US is the figure of the code when issue 14 began, and the targets
+   are shares of it.
+7. The writing statement part by part: BATCH_SQL (storage/batcher.py) and its pieces
+   built from storage/write.py's text, run on one connection (prepared, autocommit,
+   as the pool runs it) with 1, 32 and 256 new rows a statement; the backend's own
+   CPU time (psutil on its pid) per row.
+
+The phases run in the order 2, 3, 5, 1, 7, 4: the HTTP phases first, on a table the
+COPY rows (deleted again afterwards) never touched; the ratio to the COPY ceiling is
 filled in by the summary.
+
+--profile DIR: for every measured window also py-spy on the server, pg_stat_statements
+(the embedded PostgreSQL restarted with it preloaded) and perf on PostgreSQL's
+processes, printed as tables per phase and kept in DIR (see _lib/profile.py and
+docs/ingest-cost.md).
 
 How to read it: the closing "targets" block puts the issue's targets next to the
 measured figures with PASS/MISS; a miss never makes the bench fail (exit status 0
@@ -42,9 +68,10 @@ removes it afterwards. With --dsn it migrates that database and leaves its bench
 account, devices and readings there (the COPY rows are deleted), and compaction packs
 every closed day in it: use a scratch database.
 
-    tools/bench/ingest              # full run, about 1.5 minutes on 2 cores
+    tools/bench/ingest              # full run, about 6 minutes on a busy 2-core box
     tools/bench/ingest --quick      # smoke run with tiny sizes, tokens at bcrypt cost 4
     tools/bench/ingest --dsn postgresql://user@host/scratch --duration 10
+    OPENSENSE_BCRYPT_ROUNDS=4 tools/bench/ingest --profile /tmp/ingest-profile
 """
 
 from __future__ import annotations
@@ -55,11 +82,13 @@ import dataclasses
 import math
 import os
 import random
+import re
 import struct
 import sys
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -67,10 +96,12 @@ import psycopg
 
 from _lib import pg, runner
 from _lib.cpu import CpuMeter, CpuUse
-from _lib.fleet import bcrypt_rounds, ingest_devices
-from _lib.http_load import Stats, closed_loop, paced, warm_up
+from _lib.fleet import MqttFleet, bcrypt_rounds, fleet_by_service, ingest_devices
+from _lib.http_load import Dev, Stats, closed_loop, paced, warm_up
+from _lib.mqtt_load import DB_DRAIN_S, Load, RowCounter, Worker, drive, split, wait_rows
 from _lib.pg import checkpoint, connect
-from _lib.procs import Serve, watched
+from _lib.procs import Serve, free_port, watched
+from _lib.profile import PgPerf, PgProfile, PySpy, Summary, pg_table, table
 from _lib.report import banner, fmt, percentile, say, verdict
 from opensense import db
 from opensense.demo import simulated
@@ -86,6 +117,19 @@ TARGET_RATIO = 0.25  # readings/s with 32 per request, as a share of the COPY ce
 TARGET_P99_MS = 50.0  # at half the peak rate
 TARGET_BYTES = 12.0  # per reading after compaction
 
+# CPU µs per stored reading (the server's process + PostgreSQL's, the load client
+# excluded) of the code when issue 14 began: the figures its targets are shares of.
+# Measured by this bench (plain run, embedded PostgreSQL, OPENSENSE_BCRYPT_ROUNDS=4) on
+# main at BASELINE_COMMIT, on the 2-core box while other work kept 1.1-1.5 cores busy
+# (load average ~6): the lowest of two plain runs per path; a quiet box gives lower
+# figures (the issue quoted ~155 µs on HTTP 32 per request), so re-measure there and
+# replace them (docs/ingest-cost.md). TARGET_CPU: the most each path may cost, as a
+# share of its baseline.
+BASELINE_DATE = "2026-12-03 18:37Z"
+BASELINE_COMMIT = "dc0c4da"
+BASELINE_CPU_US = {"http32": 250.0, "http1": 3107.0, "mqtt1": 1419.0, "mqtt3": 547.0}
+TARGET_CPU = {"http32": 0.20, "mqtt1": 0.30}
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -97,6 +141,16 @@ class Plan:
     storage_channels: int
     per_request: tuple[int, ...] = (1, 32)
     concurrency: tuple[int, ...] = (16, 64)
+    # MQTT through the embedded broker: node-like paho clients (_lib/mqtt_worker.py)
+    mqtt_devices: int = 32
+    mqtt_workers: int = 2  # publisher processes
+    mqtt_window: int = 20  # QoS 1 messages in flight per client
+    mqtt_warm: float = 1.5  # seconds of publishing before the window opens
+    mqtt_sizes: tuple[int, ...] = (1, 3)  # readings per message
+    # the writing statement part by part: rows per statement, most statements and rows
+    variant_sizes: tuple[int, ...] = (1, 32, 256)
+    variant_statements: int = 1500
+    variant_rows: int = 40_000
 
 
 FULL = Plan(
@@ -114,11 +168,128 @@ QUICK = Plan(
     copy_channels=100,
     storage_days=1,
     storage_channels=2,
+    mqtt_devices=4,
+    mqtt_workers=1,
+    mqtt_warm=0.5,
+    variant_statements=40,
+    variant_rows=1_000,
 )
 
 
 def day_start(d: date) -> datetime:
     return datetime(d.year, d.month, d.day, tzinfo=UTC)
+
+
+# --- CPU per reading, and where it goes (--profile) ---------------------------------------
+
+
+@dataclass(frozen=True)
+class Cost:
+    """CPU µs per stored reading over one measured window: the server's process (its
+    embedded broker included) and PostgreSQL's (the postmaster and all its children:
+    backends, WAL writer, checkpointer, autovacuum), the load client excluded."""
+
+    server_us: float
+    pg_us: float | None  # None: PostgreSQL is not among this machine's accounts (--dsn)
+    readings: int
+
+    @property
+    def total(self) -> float:
+        return self.server_us + (self.pg_us or 0.0)
+
+
+def fmt_us(us: float | None) -> str:
+    return "n/a" if us is None or not math.isfinite(us) else f"{us:,.1f}"
+
+
+def cost(cpu: CpuUse | None, readings: int, server: str = "server") -> Cost | None:
+    if cpu is None or readings <= 0:
+        return None
+    pg_s = cpu.roles.get("PostgreSQL")
+    return Cost(
+        cpu.of(server) / readings * 1e6,
+        None if pg_s is None else pg_s / readings * 1e6,
+        readings,
+    )
+
+
+class Meter(CpuMeter):
+    """The CPU accounts of every measured window; with --profile also py-spy on the
+    server and PostgreSQL's statement statistics over the same window, kept per
+    phase (`name` is set before each one)."""
+
+    def __init__(
+        self,
+        roles: dict[str, int | None],
+        me: str,
+        spy: PySpy | None = None,
+        stats_dsn: str | None = None,
+        perf: PgPerf | None = None,
+        backends_dsn: str | None = None,
+        server_perf: PgPerf | None = None,
+    ) -> None:
+        super().__init__(roles, me)
+        self.spy, self.stats_dsn, self.perf = spy, stats_dsn, perf
+        self.backends_dsn = backends_dsn  # --dsn: PostgreSQL = that database's backends
+        self.server_perf = server_perf
+        self.server_native: dict[str, PgProfile] = {}
+        self.name = "phase"
+        self.profiles: dict[str, Summary] = {}
+        self.pg_profiles: dict[str, PgProfile] = {}
+        self.statements: dict[str, list[pg.Statement]] = {}
+
+    def start(self, roles: dict[str, list[int]] | None = None) -> None:
+        if self.stats_dsn:
+            pg.stat_statements_reset(self.stats_dsn)
+        if self.spy:
+            self.spy.start(self.name)
+        if self.perf:
+            self.perf.start(self.name)
+        if self.server_perf:
+            self.server_perf.start(self.name)
+        if self.backends_dsn:
+            pids = pg.local_backends(self.backends_dsn)
+            if pids:
+                roles = {**(roles or {}), "PostgreSQL": pids}
+        super().start(roles)
+
+    def stop(self) -> CpuUse:
+        use = super().stop()
+        if self.spy:
+            got = self.spy.stop()
+            if got is not None:
+                self.profiles[self.name] = got
+        if self.perf:
+            pgp = self.perf.stop()
+            if pgp is not None:
+                self.pg_profiles[self.name] = pgp
+        if self.server_perf:
+            native = self.server_perf.stop()
+            if native is not None:
+                self.server_native[self.name] = native
+        if self.stats_dsn:
+            self.statements[self.name] = pg.stat_statements(self.stats_dsn)
+        return use
+
+
+def statements_lines(stmts: list[pg.Statement], readings: int, pg_us: float | None) -> list[str]:
+    """PostgreSQL's statements of a window, costliest first: calls, rows, time per
+    reading; with PostgreSQL's CPU µs per reading, that CPU shared out by execution
+    time (an estimate: execution time is wall time in the backend)."""
+    total = sum(st.exec_ms + st.plan_ms for st in stmts) or 1.0
+    out = [
+        "  PostgreSQL statements (pg_stat_statements), by execution + planning time:",
+        "        calls       rows  exec µs/reading  share  ~CPU µs/reading  WAL B/reading  query",
+    ]
+    for st in stmts[:8]:
+        t = st.exec_ms + st.plan_ms
+        est = f"{t / total * pg_us:15.1f}" if pg_us is not None else f"{'n/a':>15}"
+        q = " ".join(st.query.split())
+        out.append(
+            f"    {st.calls:>9,} {st.rows:>10,}  {t * 1000 / max(readings, 1):15.1f}"
+            f"  {t / total:5.1%}  {est}  {st.wal_bytes / max(readings, 1):13.1f}  {q[:90]}"
+        )
+    return out
 
 
 # --- 1. COPY ceiling ---------------------------------------------------------------------
@@ -151,6 +322,12 @@ class CopyResult:
     def rows_s(self) -> float:
         return self.rows / self.seconds
 
+    @property
+    def pg_us(self) -> float | None:
+        """PostgreSQL's CPU µs per row (None: not on this machine's accounts)."""
+        pg_s = self.cpu.roles.get("PostgreSQL")
+        return None if pg_s is None else pg_s / self.rows * 1e6
+
 
 async def copy_run(
     dsn: str, bufs: list[bytes], rows: int, meter: CpuMeter, streams: int
@@ -177,7 +354,7 @@ async def copy_run(
             await c.close()
 
 
-async def copy_ceiling(dsn: str, plan: Plan, now: datetime, meter: CpuMeter) -> list[CopyResult]:
+async def copy_ceiling(dsn: str, plan: Plan, now: datetime, meter: Meter) -> list[CopyResult]:
     async with await connect(dsn) as conn:
         cur = await conn.execute("SELECT coalesce(max(num), 0) FROM channels")
         row = await cur.fetchone()
@@ -193,12 +370,13 @@ async def copy_ceiling(dsn: str, plan: Plan, now: datetime, meter: CpuMeter) -> 
             first = base + (streams - 1) * plan.copy_channels
             bufs = [copy_buffer(per, first + s * chans, chans, lo, now) for s in range(streams)]
             await checkpoint(dsn)
+            meter.name = f"copy-{streams}"
             r = await copy_run(dsn, bufs, per * streams, meter, streams)
             say(
                 f"  {streams} stream{'s' if streams > 1 else ''}: {r.rows:,} rows in"
                 f" {r.seconds:.2f} s = {fmt(r.rows_s)} rows/s"
             )
-            say(f"    {r.cpu.line()}")
+            say(f"    {r.cpu.line()}; PostgreSQL {fmt_us(r.pg_us)} µs CPU per row")
             results.append(r)
     finally:
         t0 = time.perf_counter()
@@ -340,6 +518,244 @@ async def storage(dsn: str, cfg: Config, plan: Plan, acc: str, now: datetime) ->
     )
 
 
+# --- 6. the writing statement, part by part ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    rows_per_statement: int
+    statements: int
+    backend_cpu_s: float
+    wall_s: float
+
+    @property
+    def rows(self) -> int:
+        return self.rows_per_statement * self.statements
+
+    @property
+    def us_per_row(self) -> float:
+        return self.backend_cpu_s / self.rows * 1e6
+
+
+def statement_variants() -> list[tuple[str, str]]:
+    """The batch writer's statement (storage/batcher.py BATCH_SQL) and its parts, built
+    from the server's own text (storage/write.py): the raw INSERT alone, with the
+    alarm_dirty upsert, with the three rollup upserts (ROLLUPS_SQL: on the write path
+    or, once they moved to a job, the statement a late reading into a packed day
+    runs), with both. A part the text no longer has is left out."""
+    from opensense.storage import batcher, write
+
+    head = write.INSERT_CTE.format(order="")
+    tail = "\nSELECT channel_num, ts FROM ins"
+    rollups = str(getattr(write, "ROLLUPS_SQL", ""))
+    dirty = str(getattr(write, "DIRTY_SQL", ""))
+    if not dirty:  # the dirty upsert inside ROLLUPS_SQL (before DIRTY_SQL had a name)
+        m = re.search(r"\n, dirty AS \(.*?\n\)", rollups, re.S)
+        dirty = m.group(0) if m else ""
+    rollups = rollups.replace(dirty, "") if dirty else rollups
+    out = [("INSERT ... ON CONFLICT DO NOTHING only", head + tail)]
+    if dirty:
+        out.append(("+ alarm_dirty upsert (and its NOTIFY)", head + dirty + tail))
+    if rollups:
+        out.append(("+ 3 rollup upserts", head + rollups + tail))
+    if dirty and rollups:
+        out.append(("+ 3 rollups + alarm_dirty", head + rollups + dirty + tail))
+    out.append(("BATCH_SQL as the server runs it", batcher.BATCH_SQL))
+    return out
+
+
+def variant_rows(base: int, b: int, i: int, t0: datetime) -> list[tuple[int, datetime, float]]:
+    """Statement i of b rows: b channels at one instant (as b/32 merged 32-reading
+    requests), 15 s after statement i-1."""
+    ts = t0 + timedelta(seconds=15 * i)
+    return [(base + j, ts, 4.0 + ((i + j) % 61) / 16) for j in range(b)]
+
+
+async def variants(dsn: str, plan: Plan, now: datetime) -> list[Variant]:
+    """Each variant, each batch size, on one connection (autocommit, prepared, as the
+    pool's connections run it): the backend's own CPU time (psutil on its pid) per row.
+    Every row new; the rows, rollups and alarm_dirty entries are deleted after."""
+    from opensense.storage.write import columns
+
+    out: list[Variant] = []
+    async with await connect(dsn) as conn:
+        cur = await conn.execute("SELECT coalesce(max(num), 0) FROM channels")
+        got = await cur.fetchone()
+        top = int(got[0]) if got else 0
+    # channel numbers no channel uses, above the COPY phase's
+    base = (max(top, COPY_BASE) // COPY_BASE + 1) * COPY_BASE + COPY_BASE // 2
+    span = timedelta(seconds=15 * plan.variant_statements)
+    t0 = max(day_start(db.month_start(now.date())), now - timedelta(hours=20) - span)
+    async with await connect(dsn) as conn:
+        cur = await conn.execute("SELECT pg_backend_pid()")
+        row = await cur.fetchone()
+        assert row is not None
+        try:
+            backend = psutil.Process(int(row[0]))
+            backend.cpu_times()
+        except psutil.Error:
+            say("  not measured: the backend is not on this machine's process table")
+            return out
+        try:
+            for vi, (name, sql) in enumerate(statement_variants()):
+                for b in plan.variant_sizes:
+                    n = max(20, min(plan.variant_statements, plan.variant_rows // b))
+                    first = (
+                        base + (vi * len(plan.variant_sizes) + plan.variant_sizes.index(b)) * 1000
+                    )
+                    params = [
+                        {**columns(variant_rows(first, b, i, t0)), "now": now, "devices": []}
+                        for i in range(n)
+                    ]
+                    await checkpoint(dsn)
+                    c0 = backend.cpu_times()
+                    w0 = time.perf_counter()
+                    for p in params:
+                        cur = await conn.execute(sql, p, prepare=True)
+                        await cur.fetchall()
+                    wall = time.perf_counter() - w0
+                    c1 = backend.cpu_times()
+                    cpu = (c1.user + c1.system) - (c0.user + c0.system)
+                    v = Variant(name, b, n, cpu, wall)
+                    out.append(v)
+                    say(
+                        f"  {name:<40} {b:>4} rows/statement x {n:>5}:"
+                        f" {v.us_per_row:7.1f} µs backend CPU per row"
+                        f" ({v.backend_cpu_s / n * 1e6:8.0f} µs per statement)"
+                    )
+        finally:
+            for table in ("measurements", "rollup_5m", "rollup_1h", "rollup_1d", "alarm_dirty"):
+                await conn.execute(f"DELETE FROM {table} WHERE channel_num >= %s", (base,))
+    return out
+
+
+# --- 5. MQTT through the embedded broker -----------------------------------------------
+
+
+@dataclass
+class MqttPhase:
+    load: Load
+    devices: int
+    stored: int  # the phase's rows once the server caught up
+    check: str
+    ok: bool
+
+    @property
+    def readings(self) -> int:
+        """Readings PUBACKed inside the window (embedded broker: a PUBACK means
+        committed)."""
+        return self.load.in_window * self.load.k
+
+    @property
+    def readings_s(self) -> float:
+        return self.readings / self.load.duration
+
+
+MQTT_HEAD = "  per msg  devices     msg/s  readings/s  PUBACK p50 ms  p99 ms  check"
+
+
+def mqtt_line(m: MqttPhase) -> str:
+    ld = m.load
+    return (
+        f"  {ld.k:>7}  {m.devices:>7}  {ld.acked_s:>8,.0f}  {m.readings_s:>10,.0f}"
+        f"  {fmt(ld.ms(50), 1):>13}  {fmt(ld.ms(99), 1):>6}  {m.check}"
+    )
+
+
+async def refusals(dsn: str, account: str) -> str:
+    """What the server refused or deduplicated for the account over MQTT (request log)."""
+    async with await connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT status, code, left(reason, 160), count(*) FROM request_log"
+            " WHERE account_id = %s AND method LIKE 'MQTT%%' GROUP BY 1, 2, 3 ORDER BY 4 DESC"
+            " LIMIT 5",
+            (account,),
+        )
+        rows = await cur.fetchall()
+    return "server's request log: " + (
+        "; ".join(f"{st} {code} x{n}: {why}" for st, code, why, n in rows) or "nothing refused"
+    )
+
+
+async def per_device(dsn: str, fleet: MqttFleet, since: datetime, load: Load) -> str:
+    """Devices whose p0 rows of the phase differ from the messages they published
+    (every message carries p0), with the stored span: a gap inside, or a short tail."""
+    async with await connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT c.device_id, count(*), min(m.ts), max(m.ts) FROM measurements m"
+            " JOIN channels c ON c.num = m.channel_num"
+            " WHERE c.device_id = ANY(%s) AND c.label = 'p0' AND m.ts >= %s GROUP BY 1",
+            (fleet.ids, since),
+        )
+        got = {str(d): (int(n), lo, hi) for d, n, lo, hi in await cur.fetchall()}
+    out = []
+    for did in fleet.ids:
+        n, lo, hi = got.get(did, (0, None, None))
+        sent = load.sent.get(did, 0)
+        if n != sent:
+            span = int((hi - lo).total_seconds()) + 1 if lo and hi else 0
+            out.append(f"{did}: published {sent}, stored {n} over {span} s")
+    return "per device (p0): " + ("; ".join(out[:8]) or "every device's count matches")
+
+
+async def mqtt_phase(
+    dsn: str, fleet: MqttFleet, port: int, ca: Path, k: int, plan: Plan, meter: Meter, work: Path
+) -> MqttPhase:
+    """The fleet publishes k-reading messages closed loop (QoS 1, plan.mqtt_window in
+    flight each) after one warm-up message per device; the window counts PUBACKs.
+    Afterwards the phase's rows must be exactly the PUBACKed messages × k."""
+    count = RowCounter(dsn, fleet.account, fleet.base)
+    since = datetime.fromtimestamp(fleet.base, UTC)
+    conf = {"host": "127.0.0.1", "port": port, "ca": str(ca), "k": k, "warm": True}
+    pubs = [
+        Worker("pub", {**conf, "window": plan.mqtt_window, "clients": part}, work / "pub.log")
+        for part in split(fleet.specs(), plan.mqtt_workers)
+    ]
+    try:
+        rows0 = await count()
+        want = rows0 + len(fleet.ids) * k
+
+        async def settle() -> None:
+            try:
+                await wait_rows(count, want)
+            except RuntimeError:
+                say(
+                    f"      warm-up: {await count() - rows0} of {want - rows0} rows;"
+                    f" {await refusals(dsn, fleet.account)}"
+                )
+                raise
+
+        load, _, _ = await drive(pubs, k, plan.mqtt_warm, plan.duration, meter, {}, settle=settle)
+        fleet.base += max(load.sent.values(), default=0) + 15
+        expected = rows0 + load.acked * k
+        final = await count()
+        deadline = time.monotonic() + DB_DRAIN_S
+        while final < expected and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            final = await count()
+    finally:
+        for w in pubs:
+            await w.stop()
+        await count.close()
+    new = final - rows0
+    extra = new - load.acked * k
+    ok = 0 <= extra <= load.unacked * k  # an unacknowledged message may be stored too
+    if not ok:
+        say(f"      {await refusals(dsn, fleet.account)}")
+        say(f"      {await per_device(dsn, fleet, since, load)}")
+    check = (
+        f"{new:,} rows = {load.acked:,} PUBACKed x {k}"
+        if extra == 0
+        else f"{'MISMATCH' if not ok else 'ok'}: {new:,} rows for {load.acked:,} PUBACKed x {k}"
+    )
+    if load.unacked:
+        check += f"; {load.unacked} without PUBACK"
+    if load.out_of_ts:
+        check += f"; {load.out_of_ts} device(s) ran out of timestamps"
+    return MqttPhase(load, len(fleet.ids), new, check, ok)
+
+
 # --- the run ------------------------------------------------------------------------------
 
 
@@ -350,6 +766,9 @@ class Results:
     paced: Stats | None = None
     paced_target: float = 0.0
     storage: StorageResult | None = None
+    mqtt: list[MqttPhase] = field(default_factory=list)
+    mqtt_missing: str = ""  # why the MQTT phases did not run
+    variants: list[Variant] = field(default_factory=list)
 
 
 def phase_line(s: Stats, ceiling: float | None) -> str:
@@ -361,6 +780,35 @@ def phase_line(s: Stats, ceiling: float | None) -> str:
 
 
 PHASE_HEAD = "  per req   conc     req/s  readings/s  p50 ms  p99 ms  of COPY  requests  answers"
+
+
+PATH_NAMES = {
+    "http32": "HTTP 32 readings/request",
+    "http1": "HTTP 1 reading/request",
+    "mqtt1": "MQTT 1 reading/message",
+    "mqtt3": "MQTT 3 readings/message",
+}
+
+
+def path_costs(res: Results) -> list[tuple[str, str, float, Cost]]:
+    """(key, name, readings/s, CPU per reading) of each path: its phase with the most
+    readings/s."""
+    out = []
+    for k in (32, 1):
+        best = max(
+            (s for s in res.phases if s.per_request == k),
+            key=lambda s: s.readings_s,
+            default=None,
+        )
+        c = cost(best.cpu, best.accepted) if best else None
+        if best is not None and c is not None:
+            name = f"{PATH_NAMES[f'http{k}']} (c={best.concurrency})"
+            out.append((f"http{k}", name, best.readings_s, c))
+    for m in res.mqtt:
+        c = cost(m.load.cpu, m.readings)
+        if c is not None and f"mqtt{m.load.k}" in PATH_NAMES:
+            out.append((f"mqtt{m.load.k}", PATH_NAMES[f"mqtt{m.load.k}"], m.readings_s, c))
+    return out
 
 
 def report(res: Results, plan: Plan) -> None:
@@ -388,6 +836,16 @@ def report(res: Results, plan: Plan) -> None:
             f" (from the scheduled send time; client send lag p99"
             f" {percentile(p.lag, 99) * 1000:.1f} ms); {p.problems()}"
         )
+        say()
+    if res.mqtt or res.mqtt_missing:
+        say(
+            f"MQTT through the embedded broker (a PUBACK means committed), {plan.duration:g} s each"
+        )
+        say(MQTT_HEAD)
+        for m in res.mqtt:
+            say(mqtt_line(m))
+        if res.mqtt_missing:
+            say(f"  not measured: {res.mqtt_missing}")
         say()
     st = res.storage
     if st is not None:
@@ -420,6 +878,43 @@ def report(res: Results, plan: Plan) -> None:
         )
         say()
 
+    paths = path_costs(res)
+    copy_us = next((c.pg_us for c in res.copies if c.streams == 1), None)
+    say(
+        "5. CPU per stored reading (server process incl. its embedded broker + PostgreSQL's"
+        " processes, over each window; the load client excluded)"
+    )
+    say(
+        "   path                               readings/s   server µs       PG µs    total µs"
+        "  x COPY  baseline µs  of baseline"
+    )
+    for key, what, rate, pc in paths:
+        base = BASELINE_CPU_US.get(key, 0.0)
+        say(
+            f"   {what:<34} {rate:>10,.0f}  {pc.server_us:>10,.1f}  {fmt_us(pc.pg_us):>10}"
+            f"  {pc.total:>10,.1f}  {fmt(pc.total / copy_us, 1) if copy_us else 'n/a':>6}"
+            f"  {base:>11,.1f}  {f'{pc.total / base:.0%}' if base else 'n/a':>11}"
+        )
+    if copy_us is not None:
+        say(
+            f"   {'COPY (binary, 1 stream)':<34} {'':>10}  {'-':>10}  {copy_us:>10,.1f}  {copy_us:>10,.1f}"
+        )
+    say(
+        f"   (each path: its phase with the most readings/s; baseline: {BASELINE_DATE},"
+        f" main at {BASELINE_COMMIT}, same bench)"
+    )
+    say()
+    if res.variants:
+        sizes = sorted({v.rows_per_statement for v in res.variants})
+        say("6. The writing statement part by part: PostgreSQL backend CPU µs per row")
+        say(f"   {'statement':<40}" + "".join(f"  {b:>5} rows/stmt" for b in sizes))
+        for name in dict.fromkeys(v.name for v in res.variants):
+            cells = {v.rows_per_statement: v.us_per_row for v in res.variants if v.name == name}
+            say(f"   {name:<40}" + "".join(f"  {fmt_us(cells.get(b)):>14}" for b in sizes))
+        if copy_us is not None:
+            say(f"   {'COPY (binary, 1 stream, all processes)':<40}  {copy_us:>14,.1f}")
+        say()
+
     say("TARGETS (from the issue; a MISS is reported, never fatal)")
     rows: list[tuple[str, str, str]] = []
     best32 = max((s.readings_s for s in res.phases if s.per_request == 32), default=math.nan)
@@ -450,8 +945,18 @@ def report(res: Results, plan: Plan) -> None:
                 verdict(packed_a <= TARGET_BYTES),
             )
         )
+    for key, _, _, pc in paths:
+        if key in TARGET_CPU and BASELINE_CPU_US.get(key):
+            limit = TARGET_CPU[key] * BASELINE_CPU_US[key]
+            rows.append(
+                (
+                    f"{PATH_NAMES[key]} CPU <= {TARGET_CPU[key]:.0%} of baseline",
+                    f"{pc.total:,.1f} µs/reading (target <= {limit:,.1f})",
+                    verdict(pc.pg_us is not None and pc.total <= limit),
+                )
+            )
     for what, measured, v in rows:
-        say(f"  {what:<40} {measured:<36} {v}")
+        say(f"  {what:<52} {measured:<40} {v}")
     if st is not None:
         n = st.readings
         raw_a = st.after[st.rels["raw"]].total / n
@@ -463,16 +968,40 @@ def report(res: Results, plan: Plan) -> None:
         )
 
 
-async def run(frame: runner.Frame, cfg: Config, plan: Plan, rounds: int) -> None:
+async def run(
+    frame: runner.Frame, cfg: Config, plan: Plan, rounds: int, profile: Path | None
+) -> None:
     dsn = frame.dsn
     t_start = time.perf_counter()
     now = datetime.now(UTC)
     res = Results()
+    pg_pid = frame.pg_pid
+    stats_dsn = None
+    if profile is not None:
+        if frame.embedded:
+            pg_pid = await asyncio.to_thread(pg.preload_stat_statements, frame.work)
+        if await asyncio.to_thread(pg.stat_statements_ready, dsn):
+            stats_dsn = dsn
+            say("  --profile: pg_stat_statements on (reset and read around each window)")
+        else:
+            say("  --profile: pg_stat_statements is not preloaded on that server: no statements")
     say(f"setup: migrating, starting the server, creating {plan.devices} devices")
     # the server connects as the app role (it refuses a superuser): db/roles.py
     app_dsn = await asyncio.to_thread(pg.serving_dsn, dsn)
-    env = {"OPENSENSE_INGEST_RATE_PER_MIN": str(BENCH_RATE_PER_MIN)}
-    server = Serve(app_dsn, frame.work / "server.log", env).start()
+    state = frame.work / "state"
+    state.mkdir()
+    os.chmod(state, 0o755)
+    mqtt_port = free_port()
+    env = {
+        "OPENSENSE_INGEST_RATE_PER_MIN": str(BENCH_RATE_PER_MIN),
+        # the product's default broker, on ports and a state directory of the run's own
+        "OPENSENSE_MQTT": "embedded",
+        "OPENSENSE_MQTT_HOST": "127.0.0.1",
+        "OPENSENSE_MQTT_PORT": str(mqtt_port),
+        "OPENSENSE_MQTT_HOSTNAMES": "localhost,127.0.0.1",
+        "OPENSENSE_STATE_DIR": str(state),
+    }
+    server = Serve(app_dsn, frame.work / "server.log", env, mqtt_port=mqtt_port).start()
     with watched(server):
         t0 = time.perf_counter()
         acc, devs = await ingest_devices(dsn, rounds, plan.devices, now)
@@ -481,7 +1010,26 @@ async def run(frame: runner.Frame, cfg: Config, plan: Plan, rounds: int) -> None
             f" {time.perf_counter() - t0:.1f} s"
         )
         await server.wait_ready()
-        meter = CpuMeter({"server": server.pid, "PostgreSQL": frame.pg_pid}, "load client")
+        spy = PySpy(profile, server.pid) if profile is not None else None
+        perf = server_perf = None
+        if profile is not None:
+            try:
+                if pg_pid is not None:
+                    perf = PgPerf(profile, pg_pid)
+                server_perf = PgPerf(profile, server.pid, 499, "server")
+            except RuntimeError as exc:
+                say(f"  --profile: no perf: {exc}")
+        # without the embedded PostgreSQL: the backends of this database, if local
+        backends = None if pg_pid else dsn
+        meter = Meter(
+            {"server": server.pid, "PostgreSQL": pg_pid},
+            "load client",
+            spy,
+            stats_dsn,
+            perf,
+            backends,
+            server_perf,
+        )
         t0 = time.perf_counter()
         w = await warm_up(server.base, devs)
         say(
@@ -497,13 +1045,16 @@ async def run(frame: runner.Frame, cfg: Config, plan: Plan, rounds: int) -> None
         for k in plan.per_request:
             for conc in plan.concurrency:
                 await checkpoint(dsn)
+                meter.name = f"http{k}-c{conc}"
                 s = await closed_loop(server.base, devs, k, conc, plan.duration, meter)
                 res.phases.append(s)
                 say(phase_line(s, None))
                 if s.cpu:
                     say(f"      {s.cpu.line()}")
+                    say(f"      {cost_line(cost(s.cpu, s.accepted))}")
                 if s.sample:
                     say(f"      first failure: {s.sample}")
+                show_profile(meter, cost(s.cpu, s.accepted))
 
         best32 = max(s.readings_s for s in res.phases if s.per_request == 32)
         res.paced_target = best32 / 2
@@ -513,6 +1064,7 @@ async def run(frame: runner.Frame, cfg: Config, plan: Plan, rounds: int) -> None
             f" ({res.paced_target / 32:,.1f} requests/s of 32), {plan.duration:g} s"
         )
         await checkpoint(dsn)
+        meter.name = "http32-paced"
         res.paced = await paced(server.base, devs, 32, res.paced_target / 32, plan.duration, meter)
         p = res.paced
         say(
@@ -521,10 +1073,78 @@ async def run(frame: runner.Frame, cfg: Config, plan: Plan, rounds: int) -> None
         )
         if p.cpu:
             say(f"  {p.cpu.line()}")
+            say(f"  {cost_line(cost(p.cpu, p.accepted))}")
+
+        say()
+        say(
+            f"[5] MQTT through the embedded broker: {plan.mqtt_devices} devices (dev_ id +"
+            f" ds_live_ token, TLS with the CA verified, QoS 1, {plan.mqtt_window} in flight"
+            f" each) in {plan.mqtt_workers} publisher process(es), {plan.duration:g} s per phase"
+        )
+        try:
+            fleet = await fleet_by_service(dsn, plan.mqtt_devices, rounds, "Ingest bench, MQTT")
+        except Exception as exc:
+            res.mqtt_missing = f"{type(exc).__name__}: {exc}"
+            say(f"  not measured: {res.mqtt_missing}")
+        else:
+            # Each device's channels exist before its publishers connect: the broker
+            # reads a device's channels at CONNECT, and a message for a channel that
+            # did not exist then takes the one-by-one path (`pipeline.store`) for the
+            # rest of the session. Steady state is a node whose channels exist: one
+            # HTTP request of 32 readings per device (its own token) makes them, just
+            # before the first phase's timestamps.
+            t0 = time.perf_counter()
+            first = datetime.fromtimestamp(fleet.base, UTC)
+            limit = datetime.fromtimestamp(fleet.ts_limit, UTC)
+            mdevs = [
+                Dev(
+                    lid,
+                    {"Authorization": f"Bearer {tok}", "Content-Type": "application/json"},
+                    first,
+                    limit,
+                )
+                for lid, tok in zip(fleet.local_ids, fleet.tokens, strict=True)
+            ]
+            w = await warm_up(server.base, mdevs)
+            # the phases' timestamps start after every warm-up reading: a request the
+            # server answered 503 (its bcrypt queue full, cost 12 tokens) is sent again
+            # 15 s of device time later, and a warm-up reading on a phase's timestamp
+            # would make that phase's message a duplicate (PUBACKed, not stored)
+            fleet.base = int(max(d.next_ts for d in mdevs).timestamp()) + 60
+            say(
+                f"  {plan.mqtt_devices} devices, their channels made by one HTTP request each"
+                f" in {time.perf_counter() - t0:.1f} s: {w.problems()}"
+            )
+            if w.bad:
+                raise RuntimeError(f"MQTT devices' warm-up failed: {w.sample}")
+            say(MQTT_HEAD)
+            ca = state / "mqtt-tls" / "ca.pem"
+            for k in plan.mqtt_sizes:
+                await checkpoint(dsn)
+                meter.name = f"mqtt{k}"
+                try:
+                    m = await mqtt_phase(dsn, fleet, mqtt_port, ca, k, plan, meter, frame.work)
+                except RuntimeError as exc:
+                    res.mqtt_missing += f"{k} per message: {exc}. "
+                    say(f"  {k} per message: not measured: {exc}")
+                    continue
+                res.mqtt.append(m)
+                say(mqtt_line(m))
+                if m.load.cpu:
+                    say(f"      {m.load.cpu.line()}")
+                    say(f"      {cost_line(cost(m.load.cpu, m.readings))}")
+                show_profile(meter, cost(m.load.cpu, m.readings))
 
         say()
         say(f"[1] COPY ceiling: {plan.copy_rows:,} rows over {plan.copy_channels} channels")
         res.copies = await copy_ceiling(dsn, plan, now, meter)
+
+        say()
+        say(
+            "[6] the writing statement part by part: one connection, prepared, every row new;"
+            " the backend's CPU per row"
+        )
+        res.variants = await variants(dsn, plan, now)
 
         say()
         say(
@@ -537,19 +1157,76 @@ async def run(frame: runner.Frame, cfg: Config, plan: Plan, rounds: int) -> None
             f" compacted in {res.storage.compact_s:.1f} s"
         )
     report(res, plan)
+    if profile is not None:
+        say()
+        say(f"--profile: py-spy raw stacks (flame graphs) and the tables above are in {profile}")
     say()
     say(f"bench finished in {time.perf_counter() - t_start:.0f} s")
+
+
+def cost_line(c: Cost | None) -> str:
+    if c is None:
+        return "CPU per reading: n/a"
+    return (
+        f"CPU per reading: server {c.server_us:,.1f} µs + PostgreSQL {fmt_us(c.pg_us)} µs"
+        f" = {c.total:,.1f} µs"
+        + ("" if c.pg_us is not None else " (PostgreSQL not on this machine's accounts)")
+    )
+
+
+def show_profile(meter: Meter, c: Cost | None) -> None:
+    """With --profile: the server's samples and PostgreSQL's statements of the window
+    just measured, printed and kept in DIR/<phase>.summary.txt."""
+    name = meter.name
+    lines: list[str] = []
+    prof = meter.profiles.get(name)
+    if prof is not None:
+        lines.append(f"  server (py-spy) -- {name}:")
+        lines += table(prof, c.server_us if c else None)
+    native = meter.server_native.get(name)
+    if native is not None:
+        lines.append(
+            "  server (perf, on-CPU only), by library (python3.11 = the interpreter;"
+            " [kernel.kallsyms] = system calls, e.g. socket writes):"
+        )
+        lines += [f"    {dso[:52]:<52} {pct / 100:6.1%}" for pct, dso in native.self_syms[:8]]
+    stmts = meter.statements.get(name)
+    if stmts is not None and c is not None:
+        lines += statements_lines(stmts, c.readings, c.pg_us)
+    pgp = meter.pg_profiles.get(name)
+    if pgp is not None:
+        lines += pg_table(pgp, c.pg_us if c else None)
+    if not lines:
+        return
+    for line in lines:
+        say("    " + line)
+    if meter.spy is not None:
+        (meter.spy.out / f"{name}.summary.txt").write_text(
+            "\n".join([cost_line(c), *lines, ""]), encoding="utf-8"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--dsn", help="PostgreSQL DSN of a scratch database (default: embedded)")
-    ap.add_argument("--duration", type=float, help="seconds per measured HTTP phase")
+    ap.add_argument("--duration", type=float, help="seconds per measured HTTP and MQTT phase")
     ap.add_argument("--quick", action="store_true", help="smoke run with tiny sizes")
+    ap.add_argument("--mqtt-devices", type=int, help="node-like MQTT publishers")
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="py-spy on the server and pg_stat_statements (embedded PostgreSQL: restarted"
+        " with it preloaded) for each measured window; raw stacks and summaries into DIR",
+    )
     args = ap.parse_args(argv)
     plan = QUICK if args.quick else FULL
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     if args.duration:
         plan = dataclasses.replace(plan, duration=args.duration)
+    if args.mqtt_devices:
+        plan = dataclasses.replace(plan, mqtt_devices=args.mqtt_devices)
     cfg = Config.from_env()
 
     async def body(frame: runner.Frame) -> None:
@@ -573,7 +1250,7 @@ def main(argv: list[str] | None = None) -> int:
             " request is one instant of one device: 1 channel, or 32 channels at once"
         )
         say()
-        await run(frame, cfg, plan, bcrypt_rounds(args.quick))
+        await run(frame, cfg, plan, bcrypt_rounds(args.quick), args.profile)
 
     return runner.run("ingest", args.dsn, body)
 

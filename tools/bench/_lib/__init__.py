@@ -9,6 +9,8 @@ its method and measures; the machinery is here:
 - `pg`: the database (embedded PostgreSQL in a temporary directory, or a DSN given),
   scratch databases, the app role the server serves as;
 - `cpu`: who used the machine's cores during a phase;
+- `profile`: where a process's CPU goes: py-spy on the server and perf on
+  PostgreSQL, summarised by function group (the ingest bench's --profile);
 - `http_load`: the HTTP ingest load client (node-like devices, closed and open loop);
 - `mqtt_load` and `mqtt_worker`: the MQTT publishers and subscriber (processes of
   their own), the bench's side of them, and counting what the server committed;

