@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -752,3 +752,77 @@ async def test_an_alarm_the_site_gateway_already_raised_locally_is_not_sent_agai
     await send(app, client)
     subjects = [m["Subject"] for m in smtp.to("night@example.test")]
     assert any(s.startswith("[ALARM]") or "notifications" in s for s in subjects), subjects
+
+
+async def test_checkpoints_one_per_ten_minutes_kept_25_hours_and_a_rewind_keeps_those_before(
+    setup, clock, dsn
+):
+    """Passes that do not rewind change a channel's stored checkpoints in place (added
+    at the end, dropped past 25 h) without reading them; the stored array must be what
+    writing it whole gave: one per 10 minutes of readings (at the newest reading judged
+    before the pass), none older than 25 h before the newest judged reading, oldest
+    first, each with the rules' state at its time. A rewind reads them whole and keeps
+    those before the late reading; one pass over more than 25 h drops them all."""
+    client, world, app = setup
+    t0 = clock() - timedelta(hours=60)
+    cid = await ingest(client, world, clock, [3.0], start=t0)
+    pool = app[POOL]
+
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        num, rid = await (
+            await conn.execute(
+                "SELECT c.num, r.id FROM channels c JOIN rules r ON r.channel_id = c.id"
+                " WHERE c.id = %s AND r.kind = 'range'",
+                (cid,),
+            )
+        ).fetchone()
+
+        async def put(times: list[Any]) -> None:
+            await conn.execute(
+                "INSERT INTO measurements (channel_num, ts, value)"
+                " SELECT %s, t, 3.0 FROM unnest(%s::timestamptz[]) t",
+                (num, times),
+            )
+            await conn.execute(
+                "INSERT INTO alarm_dirty (channel_num, since) VALUES (%s, %s) ON CONFLICT"
+                " (channel_num) DO UPDATE SET since = least(alarm_dirty.since, excluded.since)",
+                (num, min(times)),
+            )
+            while (await evaluator.evaluate_dirty(pool, clock(), budget_s=60)).channels:
+                pass
+
+        async def stored() -> tuple[list[Any], Any]:
+            cps, last = await (
+                await conn.execute(
+                    "SELECT checkpoints, last_ts FROM alarm_state WHERE channel_num = %s", (num,)
+                )
+            ).fetchone()
+            for at, rules, _events in cps:  # each holds the rules' state at its time
+                assert rules[rid]["last_ts"] == at
+            return [datetime.fromisoformat(c[0]) for c in cps], last
+
+        m = timedelta(minutes=1)
+        await put([t0 + 5 * m])
+        for k in range(1, 162):  # 27 h: a pass per 10 minutes, readings 5 minutes apart
+            await put([t0 + (10 * k) * m, t0 + (10 * k + 5) * m])
+        times, last = await stored()
+        assert last == t0 + 1615 * m
+        made = [t0 + (10 * j + 5) * m for j in range(161)]  # at each pass's start
+        assert times == [t for t in made if t >= last - timedelta(hours=25)]
+        assert len(times) == 150
+
+        # a late reading 3 h back: the rewind keeps the checkpoints before it
+        late = last - timedelta(hours=3, minutes=2)
+        await put([late])
+        times2, last2 = await stored()
+        assert last2 == last and times2 == [t for t in times if t < late]
+        await put([last + 5 * m])  # the next pass adds one at the newest reading
+        times3, last3 = await stored()
+        assert times3 == [t for t in [*times2, last] if t >= last3 - timedelta(hours=25)]
+        assert times3[-1] == last and len(times3) == len(times2)  # one in, one out
+
+        # 26 h in one pass: the one added at its start is past 25 h too, all go
+        await put([last + (10 + 10 * i) * m for i in range(156)])
+        times4, last4 = await stored()
+        assert last4 == last + 1560 * m and times4 == []
+        assert not [e for e in await events(client, world) if e["kind"] == "range"]

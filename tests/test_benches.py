@@ -130,6 +130,14 @@ def test_alarms(pg_server: str) -> None:
     p50, p99 = figure(out, rf"commit -> webhook handed over: p50 {NUM} ms  p99 {NUM} ms")
     assert 0 < float(p50) <= float(p99)
     figure(out, rf"target p99 < 1 s with [\d,]+ channels live: {VERDICT}")
+    for state in ("fresh", "25 h"):
+        for size in (128, 8):
+            client, _ = figure(
+                out,
+                rf"evaluator pass, {state} state, {size} channels a pass: client {NUM} µs"
+                rf" \+ PostgreSQL (n/a|{NUM} µs) CPU per channel",
+            )[:2]
+            assert float(client) >= 0
 
 
 def test_gateway(scratch_dsn: str) -> None:

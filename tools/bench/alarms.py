@@ -36,14 +36,17 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psutil
 import psycopg
 from aiohttp import web
 from aiosmtpd.controller import Controller
 from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
 
 from _lib import pg, runner
 from _lib.procs import Serve, free_port
 from _lib.report import percentile, ratio, say, verdict
+from opensense.alarms import evaluator
 from opensense.ids import new_id
 from opensense.storage.batcher import BATCH_SQL
 
@@ -138,6 +141,113 @@ async def write(
     await conn.execute(BATCH_SQL, {"nums": nums, "ts": ts, "vals": vals, "now": now, "devices": []})
 
 
+def _cpu(pid: int | None) -> float | None:
+    """CPU seconds of a process (None: not on this machine)."""
+    if pid is None:
+        return None
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return None
+    return float(t.user + t.system)
+
+
+async def _passes(
+    pool: AsyncConnectionPool, backend: int | None, limit: int
+) -> tuple[int, int, int, float, float | None, float]:
+    """evaluate_dirty until nothing is dirty: (passes, channels, readings, this
+    process's CPU s, the backend's CPU s, wall s)."""
+    me, be, t0 = _cpu(psutil.Process().pid), _cpu(backend), time.perf_counter()
+    passes = channels = readings = 0
+    while True:
+        st = await evaluator.evaluate_dirty(pool, datetime.now(UTC), limit=limit, budget_s=60)
+        if not st.readings:
+            break
+        passes += 1
+        channels += st.channels
+        readings += st.readings
+    wall = time.perf_counter() - t0
+    me1, be1 = _cpu(psutil.Process().pid), _cpu(backend)
+    assert me is not None and me1 is not None
+    return passes, channels, readings, me1 - me, (be1 - be) if be and be1 else None, wall
+
+
+async def pass_cost(dsn: str, fresh: list[int], aged: list[int], rounds: int) -> None:
+    """The evaluator's cost per channel evaluated (see the module doc)."""
+    async with (
+        AsyncConnectionPool(dsn, min_size=1, max_size=1, open=False) as pool,
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn,
+    ):
+        async with pool.connection() as c:
+            row = await (await c.execute("SELECT pg_backend_pid()")).fetchone()
+        backend: int | None = int(row[0]) if row else None
+        if _cpu(backend) is None:
+            backend = None
+        now0 = datetime.now(UTC).replace(second=0, microsecond=0)
+        first = now0 - timedelta(minutes=2 * rounds + 1)
+        # the aged channels: one judged over 25 h of readings, its state copied to the others
+        tmpl = aged[0]
+        hist = [first - timedelta(minutes=m) for m in range(25 * 60, 0, -1)]
+        for i in range(0, len(hist), 10):  # a pass per 10 minutes: a checkpoint each
+            part = hist[i : i + 10]
+            vals = [3.0 + (j % 7) * 0.1 for j in range(len(part))]
+            await write(conn, [tmpl] * len(part), part, vals)
+            while (await evaluator.evaluate_dirty(pool, now0, budget_s=60)).channels:
+                pass
+        await conn.execute(
+            "INSERT INTO alarm_state (channel_num, channel_id) SELECT num, id FROM channels"
+            " WHERE num = ANY(%s) ORDER BY num ON CONFLICT DO NOTHING",
+            (aged,),
+        )
+        rid = await (
+            await conn.execute(
+                "SELECT r.id FROM rules r JOIN channels c ON c.id = r.channel_id WHERE c.num = %s",
+                (tmpl,),
+            )
+        ).fetchone()
+        assert rid is not None
+        await conn.execute(
+            "UPDATE alarm_state s SET rules = replace(t.rules::text, %(rid)s, r.id)::jsonb,"
+            " events = t.events, checkpoints = replace(t.checkpoints::text, %(rid)s, r.id)::jsonb,"
+            " last_ts = t.last_ts, due_at = t.due_at, status = t.status"
+            " FROM alarm_state t, rules r WHERE t.channel_num = %(tmpl)s"
+            " AND r.channel_id = s.channel_id AND s.channel_num = ANY(%(nums)s)"
+            " AND s.channel_num <> %(tmpl)s",
+            {"rid": rid[0], "tmpl": tmpl, "nums": aged},
+        )
+        size = await (
+            await conn.execute(
+                "SELECT avg(jsonb_array_length(checkpoints)), avg(pg_column_size(checkpoints))"
+                " FROM alarm_state WHERE channel_num = ANY(%s)",
+                (aged,),
+            )
+        ).fetchone()
+        assert size is not None
+        for li, limit in enumerate((128, 8)):
+            for name, nums in (("fresh", fresh), ("25 h", aged)):
+                agg = [0.0] * 6
+                be_known = backend is not None
+                for k in range(rounds):  # both states get the same reading times
+                    ts = first + timedelta(minutes=li * rounds + k)
+                    await write(conn, nums, [ts] * len(nums), [4.0] * len(nums))
+                    res = await _passes(pool, backend, limit)
+                    for i, v in enumerate(res):
+                        be_known = be_known and v is not None
+                        agg[i] += v or 0.0
+                passes, chans = int(agg[0]), max(1, int(agg[1]))
+                be_txt = f"{agg[4] / chans * 1e6:,.0f} µs" if be_known else "n/a"
+                say(
+                    f"evaluator pass, {name} state, {limit} channels a pass: client"
+                    f" {agg[3] / chans * 1e6:,.0f} µs + PostgreSQL {be_txt} CPU per channel"
+                    f" ({int(agg[1])} channels, {int(agg[2])} readings, {passes} passes,"
+                    f" {agg[5] / max(1, passes) * 1000:.1f} ms wall a pass)"
+                )
+        say(
+            f"  (25 h state: {float(size[0] or 0):.0f} checkpoints,"
+            f" {float(size[1] or 0) / 1024:.1f} KiB stored per channel)"
+        )
+
+
 async def notify_round_trip(dsn: str, n: int) -> list[float]:
     """The baseline: a bare NOTIFY, commit -> a LISTENing connection, n times."""
     base: list[float] = []
@@ -208,6 +318,10 @@ async def run(frame: runner.Frame, args: argparse.Namespace) -> None:
             say(
                 f"setup: {live} live channels + {nprobes} probe channels in"
                 f" {time.monotonic() - t0:.1f} s"
+            )
+            k = min(len(live_nums) // 2, 100 if args.quick else 1000)
+            await pass_cost(
+                dsn, sorted(live_nums[:k]), sorted(live_nums[k : 2 * k]), 1 if args.quick else 3
             )
             env = {
                 "OPENSENSE_MQTT": "off",

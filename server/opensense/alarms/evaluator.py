@@ -65,22 +65,43 @@ WHERE c.num = ANY(%s)
 
 @dataclass(frozen=True)
 class StateRow:
-    """A channel's `alarm_state` row as the evaluator reads it."""
+    """A channel's `alarm_state` row as the evaluator reads it. Its checkpoints (up to
+    150 of them after a day: the bulk of the row) are read only as a summary — how
+    many, the last one's time, the earliest time — which is all a pass needs unless it
+    rewinds; a rewind reads them whole (`_full_checkpoints`)."""
 
     channel_num: int
     rules: dict[str, Any]  # rule id -> RuleState JSON
     events: dict[str, Any]  # rule id -> open event id
-    checkpoints: list[Any]  # [[iso time, rules, events], ...], oldest first
+    n_checkpoints: int  # [[iso time, rules, events], ...] stored, oldest first
+    last_checkpoint: datetime | None  # the time of the last one
+    # the time of the first one: the oldest, as every checkpoint is added at least
+    # CHECKPOINT_EVERY after the one before it (or to none), and dropping keeps the order
+    first_checkpoint: datetime | None
     last_ts: datetime | None  # judged up to this reading
 
 
-STATE_SQL = "SELECT channel_num, rules, events, checkpoints, last_ts FROM alarm_state"
+STATE_SQL = (
+    "SELECT channel_num, rules, events, jsonb_array_length(checkpoints) AS n_checkpoints,"
+    " (checkpoints -> -1 ->> 0)::timestamptz AS last_checkpoint,"
+    " (checkpoints -> 0 ->> 0)::timestamptz AS first_checkpoint, last_ts FROM alarm_state"
+)
 
 
 async def _states(conn: AsyncConnection[Any], sql: str, args: Any) -> dict[int, StateRow]:
     cur = conn.cursor(row_factory=class_row(StateRow))
     await cur.execute(STATE_SQL + sql, args)
     return {r.channel_num: r for r in await cur.fetchall()}
+
+
+async def _full_checkpoints(conn: AsyncConnection[Any], nums: list[int]) -> dict[int, list[Any]]:
+    """The checkpoints of channels that rewind (rows locked by the caller)."""
+    if not nums:
+        return {}
+    cur = await conn.execute(
+        "SELECT channel_num, checkpoints FROM alarm_state WHERE channel_num = ANY(%s)", (nums,)
+    )
+    return {int(n): list(c) for n, c in await cur.fetchall()}
 
 
 @dataclass
@@ -130,8 +151,12 @@ def rule_from_json(r: dict[str, Any]) -> Rule:
 
 async def _meta(conn: AsyncConnection[Any], nums: list[int]) -> dict[int, Meta]:
     cur = await conn.execute(META_SQL, (nums,))
+    return _meta_rows(await cur.fetchall())
+
+
+def _meta_rows(rows: list[Any]) -> dict[int, Meta]:
     out = {}
-    for num, cid, acc, dev, tz, rules in await cur.fetchall():
+    for num, cid, acc, dev, tz, rules in rows:
         out[num] = Meta(num, cid, acc, dev, ZoneInfo(tz), [x for r in rules if (x := _usable(r))])
     return out
 
@@ -174,7 +199,8 @@ class Stats:
 
 
 REMARK_SQL = (
-    "INSERT INTO alarm_dirty (channel_num, since) VALUES (%s, %s)"
+    "INSERT INTO alarm_dirty (channel_num, since)"
+    " SELECT * FROM unnest(%s::int4[], %s::timestamptz[]) ORDER BY 1"
     " ON CONFLICT (channel_num) DO UPDATE SET since = least(alarm_dirty.since, excluded.since)"
 )
 
@@ -186,8 +212,12 @@ async def evaluate_dirty(
     budget_s: float = PASS_BUDGET_S,
 ) -> Stats:
     """One pass over (up to `limit`) channels with new readings, oldest wake-up first.
-    Three statements whatever the batch size: claim, read the readings, save. Past
-    `budget_s` of run time the pass stops feeding readings (see the module doc)."""
+    A fixed number of statements whatever the batch size: claim; create and lock the
+    states, and the rules (one round trip); readings; (the checkpoints of channels
+    that rewind); mark again; save — each one statement for all the pass's channels;
+    only a transition (an event step) and a comparison rule's other channel cost a
+    statement of their own.
+    Past `budget_s` of run time the pass stops feeding readings (see the module doc)."""
     st = Stats()
     deadline = time.monotonic() + budget_s
     async with pool.connection() as conn, conn.transaction():
@@ -200,22 +230,28 @@ async def evaluate_dirty(
         if not dirty:
             return st
         nums = sorted(dirty)
-        await conn.execute(
-            "INSERT INTO alarm_state (channel_num, channel_id) SELECT num, id FROM channels"
-            " WHERE num = ANY(%s) ORDER BY num ON CONFLICT DO NOTHING",
-            (nums,),
-        )
-        states = await _states(
-            conn, " WHERE channel_num = ANY(%s) ORDER BY channel_num FOR UPDATE", (nums,)
-        )
-        meta = await _meta(conn, nums)
-        plans = {
-            num: _plan(states[num], dirty[num], st) for num in nums if num in meta and num in states
-        }
+        scur = conn.cursor(row_factory=class_row(StateRow))
+        async with conn.pipeline():  # one round trip for the three
+            await conn.execute(
+                "INSERT INTO alarm_state (channel_num, channel_id) SELECT num, id FROM channels"
+                " WHERE num = ANY(%s) ORDER BY num ON CONFLICT DO NOTHING",
+                (nums,),
+            )
+            await scur.execute(
+                STATE_SQL + " WHERE channel_num = ANY(%s) ORDER BY channel_num FOR UPDATE",
+                (nums,),
+            )
+            mcur = await conn.execute(META_SQL, (nums,))
+        states = {r.channel_num: r for r in await scur.fetchall()}
+        meta = _meta_rows(await mcur.fetchall())
+        todo = [num for num in nums if num in meta and num in states]
+        full = await _full_checkpoints(conn, [n for n in todo if _rewinds(states[n], dirty[n])])
+        plans = {num: _plan(states[num], dirty[num], st, full.get(num)) for num in todo}
         per_channel = max(100, min(MAX_READINGS, MAX_PASS_READINGS // max(1, len(plans))))
         lower = {num: p.lower for num, p in plans.items()}
         readings = await _readings(conn, lower, per_channel)
-        saves: list[tuple[Any, ...]] = []
+        saves: list[Save] = []
+        remarks: list[tuple[int, datetime]] = []
         pending: list[AuditEntry] = []
         for num, p in plans.items():
             rs = readings.get(num, [])
@@ -223,21 +259,21 @@ async def evaluate_dirty(
                 continue
             if st.channels and time.monotonic() >= deadline:
                 st.deferred += 1  # not started: judged by the next pass, from where it was
-                await conn.execute(REMARK_SQL, (num, dirty[num]))
+                remarks.append((num, dirty[num]))
                 continue
             ran = await _run(conn, meta[num], p, rs, now, st, pending, deadline)
             if ran is None:
                 continue  # logged; the channel's next reading brings these back
-            save, fed = ran
-            saves.append(save)
+            row, fed = ran
+            saves.append(row)
             st.channels += 1
             if fed < len(rs):
                 st.deferred += 1
             if fed < len(rs) or len(rs) >= per_channel:  # more to come: mark it again
-                await conn.execute(REMARK_SQL, (num, rs[fed - 1][0] + timedelta(microseconds=1)))
-        if saves:
-            async with conn.cursor() as c:
-                await c.executemany(SAVE_SQL, saves)
+                remarks.append((num, rs[fed - 1][0] + timedelta(microseconds=1)))
+        if remarks:
+            await conn.execute(REMARK_SQL, ([n for n, _ in remarks], [t for _, t in remarks]))
+        await save(conn, saves, now)
         await write_audit(conn, pending)  # last: after every row lock of this pass
         st.channels = max(st.channels, 1)  # the claim made progress: look again
     if st.deferred:
@@ -253,27 +289,44 @@ async def evaluate_dirty(
 class Plan:
     rules_json: dict[str, Any]
     events: dict[str, Any]
+    # all the channel's checkpoints when `stored` is None (read for a rewind); else
+    # only those this pass adds after the stored ones
     checkpoints: list[Any]
     lower: datetime  # readings after this are (re)judged
     judged_to: datetime | None = None  # where the channel stood (a replay ends there)
+    stored: StateRow | None = None  # the stored checkpoints (their summary), kept
 
 
-def _plan(row: StateRow, since: datetime, st: Stats) -> Plan:
+def _rewinds(row: StateRow, since: datetime) -> bool:
+    """Whether the pass goes back before where the channel stands (late readings,
+    a recompute): then it needs the checkpoints themselves."""
+    return row.last_ts is not None and since <= row.last_ts
+
+
+def _plan(row: StateRow, since: datetime, st: Stats, checkpoints: list[Any] | None = None) -> Plan:
     """From where to judge: where the channel stands, or — for late readings — the
-    last checkpoint before them (or a fresh state a day earlier)."""
-    rules_json, events, checkpoints = dict(row.rules), dict(row.events), list(row.checkpoints)
+    last checkpoint before them (or a fresh state a day earlier). `checkpoints`: all
+    of the channel's, read when it rewinds (`_rewinds`)."""
+    rules_json, events = dict(row.rules), dict(row.events)
     last_ts = row.last_ts
     tiny = timedelta(microseconds=1)
     if last_ts is None:
-        return Plan(rules_json, events, checkpoints, since - tiny)
+        return Plan(rules_json, events, [], since - tiny, stored=row)
     if since > last_ts:
-        return Plan(rules_json, events, checkpoints, last_ts, last_ts)
+        return Plan(rules_json, events, [], last_ts, last_ts, stored=row)
+    assert checkpoints is not None, "a rewind reads the checkpoints"
     st.rewinds += 1
     keep = [c for c in checkpoints if datetime.fromisoformat(c[0]) < since]
     if keep:
         at = datetime.fromisoformat(keep[-1][0])
         return Plan(dict(keep[-1][1]), dict(keep[-1][2]), keep, at, last_ts)
     return Plan({}, events, [], since - timedelta(hours=24) - tiny, last_ts)
+
+
+def _last_checkpoint(p: Plan) -> datetime | None:
+    if p.checkpoints:
+        return datetime.fromisoformat(p.checkpoints[-1][0])
+    return p.stored.last_checkpoint if p.stored is not None else None
 
 
 async def _readings(
@@ -331,16 +384,15 @@ async def _run(
     st: Stats,
     pending: list[AuditEntry],
     deadline: float,
-) -> tuple[tuple[Any, ...], int] | None:
+) -> tuple[Save, int] | None:
     """Feed the readings, in slices, until done or past `deadline` (at least one
     slice); apply the transitions; return the state row to save and how many
     readings were fed."""
     states = {r.id: RuleState.from_json(p.rules_json.get(r.id)) for r in m.rules}
     events, checkpoints = p.events, p.checkpoints
     last = max((s.last_ts for s in states.values() if s.last_ts), default=None)
-    if last is not None and (
-        not checkpoints or last - datetime.fromisoformat(checkpoints[-1][0]) >= CHECKPOINT_EVERY
-    ):
+    prev = _last_checkpoint(p)
+    if last is not None and (prev is None or last - prev >= CHECKPOINT_EVERY):
         # a copy of `events`: apply() changes the dict in place later in this pass, and a
         # checkpoint holding it would replay with events opened after the checkpoint
         # (a replayed clear then closed the wrong event)
@@ -381,7 +433,7 @@ async def _run(
         checkpoints.append(
             [upto.isoformat(), {k: s.to_json() for k, s in states.items()}, dict(events)]
         )
-    return save_params(m, states, events, checkpoints, upto, now), fed
+    return save_params(m, states, events, checkpoints, upto, p.stored), fed
 
 
 async def apply(
@@ -432,35 +484,100 @@ async def apply(
             )
 
 
-SAVE_SQL = (
-    "UPDATE alarm_state SET rules = %s, events = %s, checkpoints = %s,"
-    " last_ts = greatest(last_ts, %s), due_at = %s, status = %s, updated_at = %s"
-    " WHERE channel_num = %s"
-)
+@dataclass(frozen=True)
+class Save:
+    """A channel's new `alarm_state`, as `save` writes it. Checkpoints: `set` writes
+    `checkpoints` as they are (a rewind read them all); `append` adds them after the
+    stored ones; `merge` does too and drops those before `cutoff`; `keep` leaves the
+    stored ones as they are (most passes: a checkpoint is added every 10 minutes of
+    readings, and one drops out as often)."""
+
+    num: int
+    rules: Jsonb
+    events: Jsonb
+    cp_mode: str  # set | append | merge | keep
+    checkpoints: Jsonb | None
+    cutoff: datetime | None
+    last_ts: datetime | None
+    due_at: datetime | None
+    status: str
+
+
+# One statement for every channel of a pass (rows locked by the pass already).
+SAVE_SQL = """
+UPDATE alarm_state s SET rules = x.rules, events = x.events,
+  checkpoints = CASE x.cp_mode WHEN 'set' THEN x.checkpoints
+    WHEN 'append' THEN s.checkpoints || x.checkpoints
+    WHEN 'merge' THEN (SELECT coalesce(jsonb_agg(e.c ORDER BY e.i), '[]'::jsonb)
+      FROM jsonb_array_elements(s.checkpoints || x.checkpoints) WITH ORDINALITY AS e(c, i)
+      WHERE x.cutoff IS NULL OR (e.c ->> 0)::timestamptz >= x.cutoff)
+    ELSE s.checkpoints END,
+  last_ts = greatest(s.last_ts, x.last_ts), due_at = x.due_at, status = x.status,
+  updated_at = %(now)s
+FROM unnest(%(nums)s::int4[], %(rules)s::jsonb[], %(events)s::jsonb[], %(cp_mode)s::text[],
+    %(checkpoints)s::jsonb[], %(cutoff)s::timestamptz[], %(last_ts)s::timestamptz[],
+    %(due_at)s::timestamptz[], %(status)s::text[])
+  AS x(num, rules, events, cp_mode, checkpoints, cutoff, last_ts, due_at, status)
+WHERE s.channel_num = x.num
+"""
+
+
+async def save(conn: AsyncConnection[Any], saves: list[Save], now: datetime) -> None:
+    if not saves:
+        return
+    await conn.execute(
+        SAVE_SQL,
+        {
+            "now": now,
+            "nums": [x.num for x in saves],
+            "rules": [x.rules for x in saves],
+            "events": [x.events for x in saves],
+            "cp_mode": [x.cp_mode for x in saves],
+            "checkpoints": [x.checkpoints for x in saves],
+            "cutoff": [x.cutoff for x in saves],
+            "last_ts": [x.last_ts for x in saves],
+            "due_at": [x.due_at for x in saves],
+            "status": [x.status for x in saves],
+        },
+    )
 
 
 def save_params(
     m: Meta,
     states: dict[str, RuleState],
     events: dict[str, Any],
-    checkpoints: list[Any],
+    checkpoints: list[Any] | None,
     last_ts: datetime | None,
-    now: datetime,
-) -> tuple[Any, ...]:
-    if last_ts is not None:
-        checkpoints = [
-            c for c in checkpoints if datetime.fromisoformat(c[0]) >= last_ts - CHECKPOINT_KEEP
-        ]
+    stored: StateRow | None = None,
+) -> Save:
+    """The channel's row to save. `checkpoints`: all of them (`stored` None), or those
+    added after the stored ones (`stored`: their summary), or None: left as stored.
+    Checkpoints more than CHECKPOINT_KEEP before `last_ts` are dropped."""
+    cutoff = last_ts - CHECKPOINT_KEEP if last_ts is not None else None
+    mode, cps = "keep", None
+    if checkpoints is not None and stored is None:
+        if cutoff is not None:
+            checkpoints = [c for c in checkpoints if datetime.fromisoformat(c[0]) >= cutoff]
+        mode, cps = "set", Jsonb(checkpoints)
+    elif checkpoints is not None and stored is not None:
+        times = [datetime.fromisoformat(c[0]) for c in checkpoints]
+        if stored.first_checkpoint is not None:
+            times.append(stored.first_checkpoint)
+        if cutoff is not None and any(t < cutoff for t in times):
+            mode, cps = "merge", Jsonb(checkpoints)  # some go: the database drops them
+        elif checkpoints:
+            mode, cps = "append", Jsonb(checkpoints)
     dues = [d for r in m.rules if (d := engine.due_at(r, states[r.id])) is not None]
-    return (
+    return Save(
+        m.num,
         Jsonb({k: s.to_json() for k, s in states.items()}),
         Jsonb(events),
-        Jsonb(checkpoints),
+        mode,
+        cps,
+        cutoff,
         last_ts,
         min(dues) if dues else None,
         engine.channel_status(m.rules, states),
-        now,
-        m.num,
     )
 
 
@@ -477,6 +594,7 @@ async def tick_due(pool: AsyncConnectionPool, now: datetime, limit: int = 500) -
             return 0
         meta = await _meta(conn, sorted(rows))
         pending: list[AuditEntry] = []
+        saves: list[Save] = []
         for num, row in rows.items():
             m = meta.get(num)
             if m is None:
@@ -489,10 +607,9 @@ async def tick_due(pool: AsyncConnectionPool, now: datetime, limit: int = 500) -
                 trs.extend(out)
             trs.sort(key=lambda t: t.at)
             await apply(conn, m, trs, events, now, pending)
-            await conn.execute(
-                SAVE_SQL, save_params(m, states, events, list(row.checkpoints), None, now)
-            )
+            saves.append(save_params(m, states, events, None, None))  # checkpoints kept
             n += len(trs)
+        await save(conn, saves, now)
         await write_audit(conn, pending)
     return n
 
