@@ -103,7 +103,7 @@ async def test_writers_racing_the_job_never_make_a_bucket_wrong(new_database):
     stored: list[tuple[int, datetime, float]] = []
     async with AsyncConnectionPool(dsn, min_size=4, max_size=8, open=False,
                                    kwargs={"autocommit": True}) as pool:  # fmt: skip
-        writer = BatchWriter(pool, clock=clock)
+        writer = BatchWriter(pool)
         writer.start()
         seen: set[tuple[int, datetime]] = set()
 

@@ -66,7 +66,7 @@ async def request_log_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
-    writer = BatchWriter(app[POOL], clock=app[CONFIG].clock)
+    writer = BatchWriter(app[POOL])
     writer.start()
     app[WRITER] = writer
     yield

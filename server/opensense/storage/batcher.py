@@ -7,8 +7,7 @@ carries many requests (no timer, no added latency when idle). Rows are sorted by
 (channel, ts), so two writers lock rows and rollup buckets in the same order.
 
 Rollups are not written here (storage/rollups.py): the batch's statement stores the
-rows and answers the rollup threshold; rows that may be late are offered, in the same
-transaction, to the statement that logs late ranges.
+rows and logs the range of the late ones.
 
 A batch that fails (a poisoned row, a lost connection) is retried request by
 request, so each request gets its own answer or its own error. A request answered
@@ -19,35 +18,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import datetime, timedelta
 
-from psycopg import AsyncConnection, errors
 from psycopg_pool import AsyncConnectionPool
 
-from .. import aio, db
+from .. import aio
 from . import rollups
-from .write import DIRTY_SQL, INSERT_CTE, Row, columns, ensure_month_partitions, to_us
+from .write import DIRTY_SQL, INSERT_CTE, Row, columns, execute_mending_partitions, to_us
 
 log = logging.getLogger(__name__)
 
-# The new rows' keys, and one row (NULL, threshold): the rollup threshold as this
-# statement saw it; the statement takes the writers' lock (storage/rollups.py)
+# One statement, one transaction (autocommit): the rows, the rule engine's wake-up,
+# the late rows' ranges (storage/rollups.py), last_seen_at; answers the new rows' keys
 BATCH_SQL = (
     INSERT_CTE.format(order="")  # `_write` sorts the rows
     + DIRTY_SQL
+    + rollups.LATE_CTE
     + """
 , seen AS (
   UPDATE devices SET last_seen_at = %(now)s WHERE id = ANY(%(devices)s)
     AND (last_seen_at IS NULL OR last_seen_at < %(now)s)
 )
-, lk AS (SELECT """
-    + rollups.WRITER_LOCK_SQL
-    + """)
-SELECT channel_num, ts FROM ins
-UNION ALL SELECT NULL, (SELECT threshold FROM rollup_state) FROM lk"""
+SELECT channel_num, ts FROM ins"""
 )
 
 
@@ -62,15 +56,8 @@ class _Job:
 
 
 class BatchWriter:
-    def __init__(
-        self,
-        pool: AsyncConnectionPool,
-        writers: int = 2,
-        max_rows: int = 8192,
-        clock: Callable[[], datetime] | None = None,
-    ) -> None:
+    def __init__(self, pool: AsyncConnectionPool, writers: int = 2, max_rows: int = 8192) -> None:
         self._pool = pool
-        self._clock = clock or (lambda: datetime.now(UTC))
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._writers = writers
         self._max_rows = max_rows
@@ -139,15 +126,9 @@ class BatchWriter:
         now = max(job.now for job in batch)
         devices = sorted({job.device_id for job in batch if self._seen_due(job.device_id, job.now)})
         params = {**columns(rows), "now": now, "devices": devices}
-        async with self._pool.connection() as conn:
-            try:
-                inserted = await self._transaction(conn, params, rows)
-            except errors.CheckViolation as exc:
-                # the partitions job fell behind: a reading must still not be refused
-                if "no partition" not in str(exc):
-                    raise
-                await ensure_month_partitions(conn, {db.month_start(r.ts.date()) for r in rows})
-                inserted = await self._transaction(conn, params, rows)
+        async with self._pool.connection() as conn:  # autocommit: one statement, one transaction
+            cur = await execute_mending_partitions(conn, BATCH_SQL, params, rows, savepoint=False)
+            inserted = await cur.fetchall()
         counts = [0] * len(batch)
         for num, ts in inserted:
             counts[owner[(num, to_us(ts))]] += 1
@@ -156,23 +137,6 @@ class BatchWriter:
         for job, c in zip(batch, counts, strict=True):
             if not job.done.done():
                 job.done.set_result(c)
-
-    async def _transaction(
-        self, conn: AsyncConnection[Any], params: dict[str, Any], rows: list[Row]
-    ) -> list[tuple[int, datetime]]:
-        """The batch's rows in, and the late ones logged, in one transaction."""
-        async with conn.transaction():
-            cur = await conn.execute(BATCH_SQL, params)
-            got = await cur.fetchall()
-            inserted = [(num, ts) for num, ts in got if num is not None]
-            threshold = next(ts for num, ts in got if num is None)
-            # after the rows went in (storage/rollups.py): rows older than the clock
-            # allows a threshold to be, and rows before the threshold this statement saw
-            suspect = max(self._clock() - rollups.SUSPECT_AGE, threshold)
-            late = [(num, ts, 0.0) for num, ts in inserted if ts < suspect]
-            if late:
-                await conn.execute(rollups.LATE_SQL, rollups.late_params(late))
-        return inserted
 
     def _seen_due(self, device_id: str, now: datetime) -> bool:
         """last_seen_at is written at most every 5 s per device by this process."""

@@ -17,13 +17,14 @@ reading. The state (migration 0025) is one row:
 
 The job moves T first, in a transaction of its own, then waits until every
 transaction that was writing when T moved has ended (it takes WRITER_LOCK, which
-every writing transaction holds shared from its insert to its end), then
-materialises [M, T) from the raw rows with a snapshot that sees them all. A writer
-checks T in a statement after the one that took the lock (`LATE_SQL`, in the same
-transaction): either it saw the new T and logged its late rows, or it held the lock
-when T moved and the job waited for it. (A transaction id cannot stand in for the
-lock: a snapshot lists only the running transactions older than the newest finished
-one.)
+every writing statement takes shared and holds to its commit), then materialises
+[M, T) from the raw rows with a snapshot that sees them all. A writing statement
+reads T through `rollup_writer_threshold()` (migration 0025), a VOLATILE function
+whose read takes its own snapshot after the lock is held: either the writer holds
+the lock while the job waits (the job then sees its rows), or it took the lock after
+the job moved T and reads the new T (and logs its rows before it, `LATE_CTE`). (A
+transaction id cannot stand in for the lock: a snapshot lists only the running
+transactions older than the newest finished one.)
 
 Packed days (storage/compaction.py) are never recomputed: compaction packs only days
 before M and first recomputes the day's pending ranges under its day lock, and a late
@@ -48,36 +49,27 @@ FIVE = timedelta(minutes=5)
 # T trails the clock by 5 to 10 minutes: a reading that arrives within 5 minutes of
 # its time is never late (a node sends once a minute; its buffer drains in seconds).
 LAG = timedelta(minutes=5)
-# A writer offers every row older than this to LATE_SQL (which keeps those before T).
-# T never passes (the job's clock) - LAG, so a row newer than (the writer's clock) -
-# SUSPECT_AGE cannot be late unless the two clocks disagree by more than LAG -
-# SUSPECT_AGE (3 minutes; one host, or NTP). The writer also offers every row before
-# the T it read while inserting (a clock set back, as tests do).
-SUSPECT_AGE = timedelta(minutes=2)
 WIDTHS = {"5m": timedelta(minutes=5), "1h": timedelta(hours=1), "1d": timedelta(days=1)}
 TABLES = {"5m": "rollup_5m", "1h": "rollup_1h", "1d": "rollup_1d"}
 CHUNK = timedelta(days=1)  # [M, T) is materialised a day at most per transaction
 WAIT_WRITERS_S = 30.0  # longer than any ingest transaction; else the next run goes on
 ROLLUP_LOCK = (7262003, 1)  # one materialiser at a time (pg_try_advisory_lock)
-WRITER_LOCK = (7262003, 2)  # held shared by every writing transaction (see above)
-WRITER_LOCK_SQL = "pg_advisory_xact_lock_shared(7262003, 2)"
+WRITER_LOCK = (7262003, 2)  # rollup_writer_threshold() takes it shared (see above)
 INVALID_BATCH = 2000
 
-# Log the late part of rows just inserted: per channel and UTC day (a range never
-# spans a day that may be packed), the range of its rows before T as read now (a
-# fresh snapshot: after this transaction's rows went in).
-LATE_SQL = """
-INSERT INTO rollup_invalid (channel_num, lo, hi)
-SELECT s.channel_num, min(s.ts), max(s.ts)
-FROM unnest(%(late_nums)b::int4[], %(late_ts)b::timestamptz[]) AS s(channel_num, ts)
-WHERE s.ts < (SELECT threshold FROM rollup_state)
-GROUP BY s.channel_num, date_bin('1 day', s.ts, timestamptz '2000-01-01T00:00:00Z')
-ORDER BY 1, 2
-"""
-
-
-def late_params(rows: Sequence[tuple[int, datetime, float]]) -> dict[str, list[Any]]:
-    return {"late_nums": [r[0] for r in rows], "late_ts": [r[1] for r in rows]}
+# The late part of the rows a writing statement inserted (`ins`), logged by that
+# statement: per channel and UTC day (a range never spans a day that may be packed),
+# the range of its rows before the threshold as `rollup_writer_threshold()` answers it
+# (migration 0025: after the writers' lock is held). No statement of its own, no
+# clock: a fresh reading costs one function call a statement.
+LATE_CTE = """
+, th AS (SELECT rollup_writer_threshold() AS t)
+, late AS (
+  INSERT INTO rollup_invalid (channel_num, lo, hi)
+  SELECT ins.channel_num, min(ins.ts), max(ins.ts) FROM ins, th WHERE ins.ts < th.t
+  GROUP BY ins.channel_num, date_bin('1 day', ins.ts, timestamptz '2000-01-01T00:00:00Z')
+  ORDER BY 1, 2
+)"""
 
 
 def floor_to(ts: datetime, width: timedelta) -> datetime:

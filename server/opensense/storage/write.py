@@ -73,9 +73,13 @@ FOLD_SQL = (
     + DIRTY_SQL
     + "\nSELECT count(*) FROM ins"
 )
-# Any other reading: stored raw (its rollups come from the job)
+# Any other reading: stored raw (its rollups come from the job; a late one's range is
+# logged by the same statement)
 INSERT_SQL = (
-    INSERT_CTE.format(order=" ORDER BY channel_num, ts") + DIRTY_SQL + "\nSELECT count(*) FROM ins"
+    INSERT_CTE.format(order=" ORDER BY channel_num, ts")
+    + DIRTY_SQL
+    + rollups.LATE_CTE
+    + "\nSELECT count(*) FROM ins"
 )
 
 
@@ -144,8 +148,6 @@ async def insert_readings(
         if not rows:
             return 0
     fold = [r for r in rows if (r[0], r[1].astimezone(UTC).date()) in packed_days]
-    # the writers' lock, before the statement that checks the threshold (rollups.py)
-    await conn.execute(f"SELECT {rollups.WRITER_LOCK_SQL}")
     folded = set(fold)
     raw = [r for r in rows if r not in folded] if fold else list(rows)
     n = 0
@@ -154,8 +156,6 @@ async def insert_readings(
             cur = await execute_mending_partitions(conn, query, columns(part), part, savepoint=True)
             got = await cur.fetchone()
             n += int(got[0]) if got else 0
-    if raw:  # after the insert, in the same transaction (storage/rollups.py)
-        await conn.execute(rollups.LATE_SQL, rollups.late_params(raw))
     return n
 
 

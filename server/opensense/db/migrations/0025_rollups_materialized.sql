@@ -35,6 +35,21 @@ CREATE TABLE rollup_invalid (
 );
 CREATE INDEX rollup_invalid_channel ON rollup_invalid (channel_num, lo);
 
+-- What a writing statement calls once (storage/write.py LATE_CTE): take the writers'
+-- lock shared (held to the end of the transaction), then read the threshold. VOLATILE:
+-- its SELECT takes a snapshot of its own, after the lock is held, so the threshold it
+-- answers is at least the one the job moved before it waited for the writers. Rows
+-- before it are logged late by the same statement; rows after it are seen by the job,
+-- which waits for this transaction before it reads the raw rows.
+CREATE FUNCTION rollup_writer_threshold() RETURNS timestamptz
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE t timestamptz;
+BEGIN
+  PERFORM pg_advisory_xact_lock_shared(7262003, 2);
+  SELECT threshold INTO t FROM rollup_state;
+  RETURN t;
+END $$;
+
 -- The job materialises [M, T) of every channel by time: a BRIN index on ts finds the
 -- recent rows (inserted in time order, so each block range covers a short span) at a
 -- fraction of a B-tree's cost per insert.
