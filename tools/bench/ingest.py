@@ -1011,9 +1011,11 @@ async def run(
         # threshold is set before them, as it stands for a node's fresh reading.
         async with await connect(dsn) as conn:
             opened = first_open_day(now) - timedelta(minutes=5)
-            await conn.execute(
-                "UPDATE rollup_state SET threshold = %s, materialized = %s", (opened, opened)
-            )
+            has = await (await conn.execute("SELECT to_regclass('rollup_state')")).fetchone()
+            if has and has[0]:  # (the code before issue 14 has no threshold)
+                await conn.execute(
+                    "UPDATE rollup_state SET threshold = %s, materialized = %s", (opened, opened)
+                )
         acc, devs = await ingest_devices(dsn, rounds, plan.devices, now)
         say(
             f"  {plan.devices} devices and tokens (bcrypt cost {rounds}) in"
