@@ -15,7 +15,8 @@ Ways, timed on the same bytes:
 
 - before: the former path, reproduced here: `opensense_contract.strictjson.loads`
   (the stdlib reader and its walk over every string) and the former
-  `validate_payload` (`before_validate` below, every check on every entry);
+  `validate_payload` (`before_validate` below: the server's, its short path and
+  shortcut switched off, so every check on every entry);
 - after: `opensense.ingest.validate.parse_json` and `.validate_payload` as they are.
 
 Each way runs N times per round (parse + validate, the result a `Batch`), rounds
@@ -40,16 +41,16 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from types import FunctionType
 from typing import Any
 
 from _lib.report import ratio, say
 from opensense.api.jsonutil import dumps
 from opensense.errors import ApiError
 from opensense.ingest import routes, validate
-from opensense.ingest.validate import Batch, Entry, check_ts_window, make_entry, parse_ts
+from opensense.ingest.validate import Batch
 from opensense_contract import strictjson
 from opensense_contract.errors import WireError
-from opensense_contract.payload import ENTRY_KEYS, MAX_DEVICE, MAX_MEASUREMENTS, TOP_KEYS
 from opensense_contract.payload import json_type as _type
 
 NOW = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
@@ -78,68 +79,25 @@ def _before_check_object(v: Any, not_object: str, where: str, allowed: frozenset
         )
 
 
-def before_validate(
-    body: Any,
-    *,
-    now: datetime,
-    oldest: datetime,
-    header_device: str | None = None,
-    require_device: bool = True,
-) -> Batch:
-    """validate_payload as it was before issue 14's decode change."""
-    _before_check_object(body, "the body must be a JSON object", "", TOP_KEYS)
-    device = body.get("device", header_device)
-    if header_device is not None and "device" in body and body["device"] != header_device:
-        raise ApiError(
-            "invalid_measurement",
-            "device in the body and X-Device-Id header disagree; send one of them",
-        )
-    if device is not None and (not isinstance(device, str) or not 0 < len(device) <= MAX_DEVICE):
-        raise ApiError(
-            "invalid_measurement",
-            f"device must be a non-empty string of at most {MAX_DEVICE} characters",
-        )
-    if require_device and device is None:
-        raise ApiError(
-            "invalid_measurement", "device is missing: name it in the body or in X-Device-Id"
-        )
-    batch_ts = now
-    if "ts" in body and body["ts"] is not None:
-        batch_ts = parse_ts(body["ts"], "ts")
-        check_ts_window(batch_ts, "ts", now, oldest)
-    ms = body.get("measurements")
-    if not isinstance(ms, list):
-        raise ApiError("invalid_measurement", f"measurements must be an array, got {_type(ms)}")
-    if not 1 <= len(ms) <= MAX_MEASUREMENTS:
-        raise ApiError(
-            "invalid_measurement",
-            f"measurements must hold 1 to {MAX_MEASUREMENTS} entries, got {len(ms)}",
-        )
-    entries: list[Entry] = []
-    seen: dict[tuple[str, str, datetime], int] = {}
-    for i, m in enumerate(ms):
-        field = f"measurements[{i}]"
-        _before_check_object(m, f"{field} must be an object", f"{field} has ", ENTRY_KEYS)
-        if "type" not in m:
-            raise ApiError("invalid_measurement", f"{field}.type is missing")
-        if "value" not in m:
-            raise ApiError("invalid_measurement", f"{field}.value is missing")
-        if "seq" in m and (isinstance(m["seq"], bool) or not isinstance(m["seq"], int)):
-            raise ApiError("invalid_measurement", f"{field}.seq must be an integer")
-        ts = batch_ts
-        if m.get("ts") is not None:
-            ts = parse_ts(m["ts"], f"{field}.ts")
-            check_ts_window(ts, f"{field}.ts", now, oldest)
-        e = make_entry(m["type"], m.get("label"), m.get("unit"), m["value"], ts, field)
-        key = (e.kind, e.label, e.ts)
-        if key in seen:
-            raise ApiError(
-                "invalid_measurement",
-                f"{field} repeats measurements[{seen[key]}] (same type, label and ts)",
-            )
-        seen[key] = i
-        entries.append(e)
-    return Batch(device, tuple(entries))
+def _switched_off(f: Callable[..., Any], names: dict[str, Any]) -> Callable[..., Any]:
+    """`f`, a function of opensense.ingest.validate, run with the module names `names`."""
+    g = FunctionType(f.__code__, names, f.__name__, f.__defaults__, f.__closure__)
+    g.__kwdefaults__ = f.__kwdefaults__
+    return g
+
+
+# The former validate_payload is the server's as it is with issue 14's two additions
+# switched off, the server's code run with these module names bound otherwise (no copy
+# of it here to drift from it): the short path `_plain_entry` takes no entry, so every
+# entry goes through `_entry` (the former loop's checks, kept there verbatim), and
+# `_check_object` is the former one above (no subset shortcut), for the body and, in
+# `_entry`, for each entry. Left of the change: per body a dict and a datetime sum
+# (`times`, `latest`), per entry one call of the no-op: ~0.1 µs, which puts the before
+# figures ~1 % above those of a verbatim copy of the former code (measured 2026-12-03).
+_FORMER: dict[str, Any] = dict(vars(validate))
+_FORMER |= {"_plain_entry": lambda *_: None, "_check_object": _before_check_object}
+_FORMER["_entry"] = _switched_off(validate._entry, _FORMER)
+before_validate: Callable[..., Batch] = _switched_off(validate.validate_payload, _FORMER)
 
 
 def before_answer(answer: dict[str, Any]) -> bytes:

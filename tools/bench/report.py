@@ -91,19 +91,12 @@ def make_input(channels: int, days: int) -> rd.ReportInput:
 
 
 def _old_unpack(blob: bytes) -> tuple[list[int], list[float]]:
-    """storage.packing.unpack as it was: a Python loop over every varint (the baseline)."""
+    """storage.packing.unpack as it was: a Python loop over every varint (the baseline),
+    each read by packing._get, the one-varint reader it called then and still has."""
     import struct
     import zlib
 
-    def get(buf: bytes, pos: int) -> tuple[int, int]:
-        shift = result = 0
-        while True:
-            b = buf[pos]
-            pos += 1
-            result |= (b & 0x7F) << shift
-            if b < 0x80:
-                return (result >> 1) ^ -(result & 1), pos
-            shift += 7
+    from opensense.storage.packing import _get as get
 
     buf = zlib.decompress(blob)
     n, pos = get(buf, 1)

@@ -189,8 +189,7 @@ class PySpy:
 
     def start(self, name: str) -> None:
         self.path = self.out / f"{name}.txt"
-        log = open(self.out / f"{name}.py-spy.log", "wb")  # noqa: SIM115 - the child's
-        self.proc = subprocess.Popen(
+        self.proc = _spawn(
             [
                 self.exe,
                 "record",
@@ -204,29 +203,43 @@ class PySpy:
                 "--output",
                 str(self.path),
             ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            self.out / f"{name}.py-spy.log",
         )
-        log.close()
-        STARTED.append(self.proc)
 
     def stop(self) -> Summary | None:
-        proc, path = self.proc, self.path
-        self.proc = None
-        if proc is None or path is None:
+        proc, self.proc = self.proc, None
+        path = _stop(proc, self.path)
+        if path is None:
             return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
         if not path.exists():
             say(f"  py-spy wrote no {path.name} (see {path.stem}.py-spy.log)")
             return None
         return summarise(path)
+
+
+def _spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """A recorder (py-spy, perf) in its own session, its output to `log`, ended with
+    the bench if not before (procs.STARTED)."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    STARTED.append(proc)
+    return proc
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, path: Path | None) -> Path | None:
+    """End a recorder started to write `path` (SIGINT: py-spy and perf write their output
+    on it), killed if it takes more than 30 s; `path` (written or not), or None if no
+    recorder was started."""
+    if proc is None or path is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return path
 
 
 # --- PostgreSQL's processes: perf ------------------------------------------------------
@@ -282,16 +295,19 @@ def _perf_report(data: Path, children: bool) -> list[tuple[float, str]]:
         "0.3",
         "--children" if children else "--no-children",
     ]
+    # the first percent is the sort's (children or self), the second perf's self
+    return _perf_rows(cmd, r"^\s+([\d.]+)%\s+(?:[\d.]+%\s+)?\[[.k]\]\s+(.+?)\s*$")
+
+
+def _perf_rows(cmd: list[str], row: str) -> list[tuple[float, str]]:
+    """(percent, name) of each line of the perf report `cmd` prints that matches `row`
+    (group 1 the percent, group 2 the name); none if perf fails or takes over 120 s."""
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False).stdout
     except (OSError, subprocess.TimeoutExpired):
         return []
-    rows = []
-    for line in out.splitlines():
-        m = re.match(r"^\s+([\d.]+)%\s+(?:([\d.]+)%\s+)?\[[.k]\]\s+(.+?)\s*$", line)
-        if m:
-            rows.append((float(m[1]), m[3]))
-    return rows
+    rx = re.compile(row)
+    return [(float(m[1]), m[2]) for m in map(rx.match, out.splitlines()) if m]
 
 
 def pg_summarise(data: Path) -> PgProfile:
@@ -317,16 +333,7 @@ def by_dso(data: Path) -> list[tuple[float, str]]:
     """perf's self samples by library (python, kernel, libpq, libssl, ...)."""
     cmd = ["perf", "report", "-i", str(data), "--stdio", "--sort", "dso", "--no-children"]
     cmd += ["-g", "none", "--percent-limit", "0.5"]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    rows = []
-    for line in out.splitlines():
-        m = re.match(r"^\s+([\d.]+)%\s+(\S.*?)\s*$", line)
-        if m:
-            rows.append((float(m[1]), m[2]))
-    return rows
+    return _perf_rows(cmd, r"^\s+([\d.]+)%\s+(\S.*?)\s*$")
 
 
 class PgPerf:
@@ -350,8 +357,7 @@ class PgPerf:
         except psutil.Error:
             return
         self.path = self.out / f"{name}.{self.label}.perf.data"
-        log = open(self.out / f"{name}.{self.label}.perf.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
+        self.proc = _spawn(
             [
                 "perf",
                 "record",
@@ -367,26 +373,13 @@ class PgPerf:
                 "-o",
                 str(self.path),
             ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            self.out / f"{name}.{self.label}.perf.log",
         )
-        log.close()
-        STARTED.append(self.proc)
 
     def stop(self) -> PgProfile | None:
-        proc, path = self.proc, self.path
-        self.proc = None
-        if proc is None or path is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        if not path.exists():
+        proc, self.proc = self.proc, None
+        path = _stop(proc, self.path)
+        if path is None or not path.exists():
             return None
         if self.label != "pg":
             return PgProfile(by_dso(path), [])
