@@ -53,12 +53,17 @@ def _beat(
 
 
 async def _listen_loop(
-    dsn: str, channel: str, every: float, work: Callable[[bool], Awaitable[None]]
+    dsn: str,
+    channel: str,
+    every: float,
+    work: Callable[[bool], Awaitable[None]],
+    gather: float = 0.0,
 ) -> None:
     """Run `work(woken)` after each NOTIFY on `channel`, and at least every `every` s.
     A pump task keeps the connection's notifies() generator running all the time (a
     notification arriving while no generator waits would be lost); the wake-up flag
-    is cleared before each run, so a commit during a run causes another run."""
+    is cleared before each run, so a commit during a run causes another run. Woken,
+    it waits `gather` s first: the notifications of that moment make one run."""
     wake = asyncio.Event()
     while True:
         try:
@@ -76,6 +81,8 @@ async def _listen_loop(
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(wake.wait(), every)
                         woken = wake.is_set()
+                        if woken and gather > 0:
+                            await asyncio.sleep(gather)
                         wake.clear()
                         await work(woken)
                     pumper.result()  # raises what broke the connection
@@ -146,6 +153,7 @@ async def alarms_ctx(app: web.Application) -> AsyncIterator[None]:
                     "opensense_alarm_dirty",
                     cfg.alarm_sweep_s,
                     lambda w: evaluator_work(app, w, ev_state),
+                    cfg.alarm_gather_ms / 1000,
                 )
             ),
             asyncio.create_task(
