@@ -95,7 +95,6 @@ import os
 import shutil
 import sys
 import time
-import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -105,11 +104,11 @@ from typing import Any
 import psutil
 
 from _lib import pg, runner
-from _lib.brokers import ShippedMosquitto, mosquitto_version
+from _lib.brokers import mosquitto_version, shipped_with_server
 from _lib.cpu import CpuMeter, CpuUse
 from _lib.fleet import MqttFleet, fleet_by_api, fleet_by_service, retire
 from _lib.mqtt_load import Worker, split
-from _lib.procs import Serve, free_port, tail, watched
+from _lib.procs import Serve, free_port, watched
 from _lib.report import banner, fmt, percentile, say, verdict
 
 FLEET_WORKER = Path(__file__).with_name("_lib") / "fleet_worker.py"
@@ -160,19 +159,12 @@ class FleetWorker(Worker):
         super().__init__("pub", conf, log, script=FLEET_WORKER)
         self.on_track = on_track
 
-    async def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        while True:
-            raw = await self.proc.stdout.readline()
-            if not raw:
-                await self._lines.put(None)
-                return
-            text = raw.decode().strip()
-            if text.startswith("T "):
-                _, client_id, v, ms = text.split()
-                self.on_track(client_id, int(v), int(ms))
-            else:
-                await self._lines.put(text)
+    async def _take(self, text: str) -> None:
+        if text.startswith("T "):
+            _, client_id, v, ms = text.split()
+            self.on_track(client_id, int(v), int(ms))
+        else:
+            await super()._take(text)
 
 
 SEEN_SQL = """
@@ -634,20 +626,7 @@ async def embedded(
 async def mosquitto(
     dsn: str, work: Path, plan: Plan, rounds: int, pg_pid: int | None
 ) -> tuple[list[Point], float]:
-    mosq = ShippedMosquitto(work)
-    await asyncio.to_thread(mosq.setup)
-    env = {
-        **server_env(rounds),
-        "OPENSENSE_MQTT": "external",
-        "OPENSENSE_MQTT_URL": mosq.url,
-        "OPENSENSE_STATE_DIR": str(mosq.state),
-    }
-    server = Serve(dsn, work / "server-external.log", env)
-    try:
-        mosq.start()
-        await mosq.wait_ready()
-        server.start()
-        await server.wait_ready()
+    async with shipped_with_server(work, dsn, server_env(rounds)) as (mosq, server):
         fleets = await make_fleets(
             plan.connections,
             lambda n, name: fleet_by_api(
@@ -668,14 +647,6 @@ async def mosquitto(
         finally:
             for f in fleets:
                 await retire(dsn, f)
-    except BaseException:
-        if server.proc is not None:
-            say("--- server log (tail) ---\n" + server.log_tail())
-        say("--- mosquitto log (tail) ---\n" + tail(mosq.log, 15))
-        raise
-    finally:
-        server.stop()
-        mosq.stop()
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -786,15 +757,9 @@ async def run(frame: runner.Frame, plan: Plan, rounds: int, logs: Path | None) -
     for name, fn, fatal in (("embedded", embedded, True), ("Mosquitto", mosquitto, False)):
         say()
         say(f"[{name}] nodes {', '.join(f'{n:,}' for n in plan.nodes)}")
-        try:
-            res.points[name], res.idle[name] = await fn(dsn, frame.work, plan, rounds, pg_pid)
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
-            res.missing[name] = reason
-            res.broke = res.broke or fatal
-            say(f"  not measured: {reason}")
-            if fatal:
-                traceback.print_exc()
+        got = await runner.part(res, name, fatal, fn(dsn, frame.work, plan, rounds, pg_pid))
+        if got is not None:
+            res.points[name], res.idle[name] = got
     report(res, plan, pg_note)
     say()
     say(f"bench finished in {time.perf_counter() - t_start:.0f} s")

@@ -74,8 +74,6 @@ import os
 import shutil
 import sys
 import time
-import traceback
-from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -84,7 +82,7 @@ from typing import Any
 import psutil
 
 from _lib import pg, runner
-from _lib.brokers import MOSQUITTO, OwnBroker, ShippedMosquitto, TlsPaths, mosquitto_version
+from _lib.brokers import MOSQUITTO, OwnBroker, TlsPaths, mosquitto_version, shipped_with_server
 from _lib.cpu import CpuMeter
 from _lib.fleet import MqttFleet, fleet_by_api, fleet_by_service
 from _lib.mqtt_load import (
@@ -100,7 +98,7 @@ from _lib.mqtt_load import (
     wait_rows,
 )
 from _lib.mqtt_worker import ACK_DRAIN_S
-from _lib.procs import Serve, free_port, tail, watched
+from _lib.procs import Serve, free_port, watched
 from _lib.report import banner, fmt, say, verdict
 
 TARGET_SHARE = 0.5  # Mosquitto end to end, as a share of Mosquitto's own QoS 1 rate
@@ -373,20 +371,8 @@ async def embedded_e2e(
 async def external_e2e(
     dsn: str, work: Path, plan: Plan, meter: CpuMeter, rounds: int, pg_pid: int | None
 ) -> list[EndToEnd]:
-    mosq = ShippedMosquitto(work)
-    await asyncio.to_thread(mosq.setup)
-    env = {
-        "OPENSENSE_MQTT": "external",
-        "OPENSENSE_MQTT_URL": mosq.url,
-        "OPENSENSE_STATE_DIR": str(mosq.state),
-        "OPENSENSE_BCRYPT_ROUNDS": str(rounds),
-    }
-    server = Serve(dsn, work / "server-external.log", env)
-    try:
-        mosq.start()
-        await mosq.wait_ready()
-        server.start()
-        await server.wait_ready()
+    env = {"OPENSENSE_BCRYPT_ROUNDS": str(rounds)}
+    async with shipped_with_server(work, dsn, env) as (mosq, server):
         t0 = time.perf_counter()
         fleet = await fleet_by_api(dsn, server.base, plan.devices, rounds, "MQTT bench, Mosquitto")
         say(
@@ -401,14 +387,6 @@ async def external_e2e(
         return await end_to_end(
             "Mosquitto", dsn, fleet, mosq.tls_port, mosq.ca, plan, meter, roles, work
         )
-    except BaseException:
-        if server.proc is not None:
-            say("--- server log (tail) ---\n" + server.log_tail())
-        say("--- mosquitto log (tail) ---\n" + tail(mosq.log, 15))
-        raise
-    finally:
-        server.stop()
-        mosq.stop()
 
 
 # --- the run ------------------------------------------------------------------------------
@@ -520,20 +498,6 @@ def report(res: Results, plan: Plan) -> None:
         )
 
 
-async def part(res: Results, name: str, fatal: bool, coro: Awaitable[Any]) -> Any | None:
-    """Run one part; a failure is reported as "not measured" and the run goes on."""
-    try:
-        return await coro
-    except Exception as exc:
-        reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
-        res.missing[name] = reason
-        res.broke = res.broke or fatal
-        say(f"  not measured: {reason}")
-        if fatal:
-            traceback.print_exc()
-        return None
-
-
 async def run(frame: runner.Frame, plan: Plan, rounds: int, logs: Path | None) -> int:
     from opensense.mqtt.ca import ensure_tls
 
@@ -550,7 +514,7 @@ async def run(frame: runner.Frame, plan: Plan, rounds: int, logs: Path | None) -
                 f"[1] {label} alone: {plan.broker_clients} publishers over TLS -> 1 subscriber,"
                 f" {plan.duration:g} s window after {plan.warm:g} s warm-up"
             )
-            got = await part(
+            got = await runner.part(
                 res, f"own:{own}", own == "amqtt", broker_own(own, work, tls, plan, meter)
             )
             if got is not None:
@@ -563,15 +527,15 @@ async def run(frame: runner.Frame, plan: Plan, rounds: int, logs: Path | None) -
         say()
         say(f"[2] end to end through the embedded broker: {plan.devices} devices")
         e2e = embedded_e2e(dsn, work, plan, meter, rounds, frame.pg_pid)
-        got = await part(res, "e2e:embedded", True, e2e)
-        if got is not None:
-            res.e2e["embedded"] = got
+        through = await runner.part(res, "e2e:embedded", True, e2e)
+        if through is not None:
+            res.e2e["embedded"] = through
         say()
         say("[2] end to end through Mosquitto (deploy/mosquitto, OPENSENSE_MQTT=external)")
         e2e = external_e2e(dsn, work, plan, meter, rounds, frame.pg_pid)
-        got = await part(res, "e2e:Mosquitto", False, e2e)
-        if got is not None:
-            res.e2e["Mosquitto"] = got
+        through = await runner.part(res, "e2e:Mosquitto", False, e2e)
+        if through is not None:
+            res.e2e["Mosquitto"] = through
         report(res, plan)
         say()
         say(f"bench finished in {time.perf_counter() - t_start:.0f} s")

@@ -15,6 +15,7 @@ its method and measures; the machinery is here:
 - `mqtt_load` and `mqtt_worker`: the MQTT publishers and subscriber (processes of
   their own), the bench's side of them, and counting what the server committed;
 - `fleet_worker`: the fleet bench's publishers, device connections on a fixed schedule;
+- `publisher`: the paho QoS 1 publisher both workers' clients are (publish -> PUBACK);
 - `brokers`: a broker of the bench's own (amqtt, Mosquitto) and Mosquitto as shipped;
 - `fleet`: accounts, sites, devices and tokens made through the server's service
   layer (and the MQTT fleet made through its API), the one place the benches reach

@@ -4,6 +4,7 @@ nothing of OpenSense in it) and Mosquitto as shipped in deploy/mosquitto."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -11,11 +12,12 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .procs import READY_TIMEOUT, ROOT, STARTED, free_port, listening, stop_popen, tail
+from .procs import READY_TIMEOUT, ROOT, STARTED, Serve, free_port, listening, stop_popen, tail
+from .report import say
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 BOOTSTRAP = ROOT / "deploy" / "mosquitto" / "bootstrap.sh"
@@ -199,6 +201,38 @@ class ShippedMosquitto:
     def stop(self) -> None:
         if self.proc is not None:
             stop_popen(self.proc)
+
+
+@contextlib.asynccontextmanager
+async def shipped_with_server(
+    work: Path, dsn: str, env: dict[str, str]
+) -> AsyncIterator[tuple[ShippedMosquitto, Serve]]:
+    """Mosquitto as shipped and `opensense serve` on it (OPENSENSE_MQTT=external, plus
+    `env`), both up; a failure inside prints the tails of their logs; both are stopped
+    after."""
+    mosq = ShippedMosquitto(work)
+    await asyncio.to_thread(mosq.setup)
+    env = {
+        **env,
+        "OPENSENSE_MQTT": "external",
+        "OPENSENSE_MQTT_URL": mosq.url,
+        "OPENSENSE_STATE_DIR": str(mosq.state),
+    }
+    server = Serve(dsn, work / "server-external.log", env)
+    try:
+        mosq.start()
+        await mosq.wait_ready()
+        server.start()
+        await server.wait_ready()
+        yield mosq, server
+    except BaseException:
+        if server.proc is not None:
+            say("--- server log (tail) ---\n" + server.log_tail())
+        say("--- mosquitto log (tail) ---\n" + tail(mosq.log, 15))
+        raise
+    finally:
+        server.stop()
+        mosq.stop()
 
 
 async def wait_listening(

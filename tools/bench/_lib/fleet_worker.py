@@ -1,8 +1,8 @@
 """The fleet bench's publisher processes (`python tools/bench/_lib/fleet_worker.py`):
 paho clients, each one device connection kept open over TLS for the whole run,
 publishing QoS 1 measurement messages on a fixed schedule (open loop: a message goes
-out when it is due, whatever the broker or the server do). Standard library and paho
-only: it runs as a script.
+out when it is due, whatever the broker or the server do). Standard library, paho
+and _lib/publisher.py only: it runs as a script.
 
 Each connection speaks for `k` simulated nodes ("virtual nodes" v = 0..k-1): every
 virtual node has its own three probe channels (labels n<v>p0, n<v>p1, n<v>p2) and
@@ -30,7 +30,13 @@ import ssl
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
+
+if not __package__:  # run as a script: its package `_lib` importable, as in the benches
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from _lib.publisher import Publisher  # noqa: E402
 
 ACK_DRAIN_S = 30.0  # after a run, how long the worker waits for outstanding PUBACKs
 WARM_TIMEOUT_S = 600.0
@@ -42,7 +48,7 @@ def ts_ms_text(ms: int) -> str:
 
 
 def payload(v: int, ms: int, n: int) -> bytes:
-    """Virtual node v's measurement message (PRODUCT.md: as HTTP without `device`):
+    """Virtual node v's measurement message (docs/product.md: as HTTP without `device`):
     three probes at one instant, DS18B20 steps, inside chilled storage's -2..+5 °C."""
     t = ts_ms_text(ms)
     return json.dumps(
@@ -84,45 +90,13 @@ class Run:
                 self.puback.append(now - sent)
 
 
-class Client:
+class Client(Publisher):
     def __init__(self, spec: dict[str, Any], conf: dict[str, Any], run: Run) -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-
+        super().__init__(str(spec["client_id"]), str(spec["topic"]), int(conf.get("inflight", 100)))
         self.run = run
-        self.client_id = str(spec["client_id"])
-        self.topic = str(spec["topic"])
-        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id)
         self.c.username_pw_set(str(spec["username"]), str(spec["password"]))
         # CERT_REQUIRED with the CA and the host name checked, as the firmware does
         self.c.tls_set(ca_certs=conf["ca"], cert_reqs=ssl.CERT_REQUIRED)
-        self.c.max_inflight_messages_set(int(conf.get("inflight", 100)))
-        self.c.max_queued_messages_set(0)  # beyond the in-flight window paho queues
-        self.connected = threading.Event()
-        self.refusal = ""
-        # never held while calling into paho (paho holds its own lock around on_publish)
-        self.lock = threading.Lock()
-        self.sent_at: dict[int, float] = {}
-        self.early: dict[int, float] = {}  # PUBACKs that came before publish() returned
-        self.sending = 0
-        self.sent = 0
-        self.acked = 0
-        self.c.on_connect = self._on_connect
-        self.c.on_publish = self._on_publish
-
-    def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
-        if rc.is_failure:
-            self.refusal = str(rc)
-        else:
-            self.connected.set()
-
-    def connect(self, host: str, port: int) -> None:
-        self.c.connect(host, port, keepalive=60)
-        self.c.loop_start()
-
-    def outstanding(self) -> int:
-        with self.lock:
-            return len(self.sent_at) + self.sending
 
     def send(self, v: int) -> int:
         """Publish virtual node v's message now; its timestamp (epoch ms)."""
@@ -131,34 +105,13 @@ class Client:
             self.sent += 1
             self.sending += 1
         ms = int(time.time() * 1000)
-        t = time.monotonic()
-        info = self.c.publish(self.topic, payload(v, ms, n), qos=1)
-        with self.lock:
-            self.sending -= 1
-            acked_at = self.early.pop(info.mid, None)
-            if acked_at is None:
-                self.sent_at[info.mid] = t
-        if acked_at is not None:
-            self._acked(t, acked_at)
+        self._publish(payload(v, ms, n))
         return ms
-
-    def _on_publish(self, client: Any, userdata: Any, mid: int, rc: Any, props: Any) -> None:
-        now = time.monotonic()
-        with self.lock:
-            t = self.sent_at.pop(mid, None)
-            if t is None:
-                self.early[mid] = now
-                return
-        self._acked(t, now)
 
     def _acked(self, sent: float, now: float) -> None:
         with self.lock:
             self.acked += 1
         self.run.count(sent, now)
-
-    def close(self) -> None:
-        self.c.disconnect()
-        self.c.loop_stop()
 
 
 def _wait(clients: list[Client], timeout: float) -> bool:

@@ -65,7 +65,11 @@ class Worker:
             if not raw:
                 await self._lines.put(None)
                 return
-            await self._lines.put(raw.decode().strip())
+            await self._take(raw.decode().strip())
+
+    async def _take(self, text: str) -> None:
+        """A line from the worker, for `expect` (a subclass may take some itself)."""
+        await self._lines.put(text)
 
     @property
     def pid(self) -> int:

@@ -1,7 +1,7 @@
 """The MQTT load's processes: publishers and a subscriber (paho-mqtt), each a process
 of its own (`python tools/bench/_lib/mqtt_worker.py pub|sub`) so the clients do not
-share one interpreter with the bench or each other. Standard library and paho only:
-it runs as a script.
+share one interpreter with the bench or each other. Standard library, paho and
+_lib/publisher.py only: it runs as a script.
 
 Protocol on stdin/stdout, one line each: the bench writes the JSON spec; the worker
 connects and answers READY (or ERROR <text>); the bench writes "GO <t0> <t1>"
@@ -23,7 +23,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+if not __package__:  # run as a script: its package `_lib` importable, as in the benches
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from _lib.publisher import Publisher  # noqa: E402
 
 LABELS = tuple(f"p{i}" for i in range(32))
 READY_TIMEOUT = 30.0  # seconds for the subscription to be acknowledged
@@ -53,60 +59,25 @@ def payload(k: int, epoch: int, n: int) -> bytes:
     ).encode()
 
 
-class _Client:
+class _Client(Publisher):
     """One paho client publishing QoS 1 messages with at most `window` in flight."""
 
     def __init__(self, spec: dict[str, Any], conf: dict[str, Any], run: _PubRun) -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-
-        self.run = run
-        self.client_id = str(spec["client_id"])
-        self.topic = str(spec["topic"])
-        self.k = int(conf["k"])
         self.window = int(conf["window"])
+        super().__init__(
+            str(spec["client_id"]), str(spec["topic"]), self.window, clean_session=True
+        )
+        self.run = run
+        self.k = int(conf["k"])
         self.ts0 = int(spec.get("ts0", 0))
         self.ts_limit = int(spec.get("ts_limit", 2**62))
-        self.c = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            clean_session=True,
-        )
         if spec.get("username"):
             self.c.username_pw_set(str(spec["username"]), spec.get("password"))
         if conf.get("ca"):
             # CERT_REQUIRED with the CA and the host name checked, as the firmware does
             self.c.tls_set(ca_certs=conf["ca"], cert_reqs=ssl.CERT_REQUIRED)
-        self.c.max_inflight_messages_set(self.window)
-        self.c.max_queued_messages_set(0)
-        self.connected = threading.Event()
-        self.refusal = ""
-        # never held while calling into paho (paho holds its own lock around on_publish)
-        self.lock = threading.Lock()
-        self.sent_at: dict[int, float] = {}
-        self.early: dict[int, float] = {}  # PUBACKs that came before publish() returned
-        self.sent = 0
-        self.acked = 0
         self.parked = 0  # free slots of the window waiting for credit
-        self.sending = 0  # in publish() right now
         self.out_of_ts = False
-        self.c.on_connect = self._on_connect
-        self.c.on_publish = self._on_publish
-
-    def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
-        if rc.is_failure:
-            self.refusal = str(rc)
-        else:
-            self.connected.set()
-
-    def connect(self, host: str, port: int) -> None:
-        self.c.connect(host, port, keepalive=60)
-        self.c.loop_start()
-
-    def outstanding(self) -> int:
-        """Published (or being published) and not yet acknowledged."""
-        with self.lock:
-            return len(self.sent_at) + self.sending
 
     def send(self) -> None:
         with self.lock:
@@ -116,25 +87,7 @@ class _Client:
                 return
             self.sent += 1
             self.sending += 1
-        data = payload(self.k, self.ts0 + n, n)  # every message its own timestamp
-        t = time.monotonic()
-        info = self.c.publish(self.topic, data, qos=1)
-        with self.lock:
-            self.sending -= 1
-            acked_at = self.early.pop(info.mid, None)
-            if acked_at is None:
-                self.sent_at[info.mid] = t
-        if acked_at is not None:
-            self._acked(t, acked_at)
-
-    def _on_publish(self, client: Any, userdata: Any, mid: int, rc: Any, props: Any) -> None:
-        now = time.monotonic()
-        with self.lock:
-            t = self.sent_at.pop(mid, None)
-            if t is None:
-                self.early[mid] = now
-                return
-        self._acked(t, now)
+        self._publish(payload(self.k, self.ts0 + n, n))  # every message its own timestamp
 
     def _acked(self, sent: float, now: float) -> None:
         run = self.run
@@ -166,10 +119,6 @@ class _Client:
             with self.lock:
                 self.parked -= 1
             self.send()
-
-    def close(self) -> None:
-        self.c.disconnect()
-        self.c.loop_stop()
 
 
 class _PubRun:

@@ -11,10 +11,10 @@ import shutil
 import signal
 import tempfile
 import traceback
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from . import pg
 from .procs import stop_all
@@ -27,6 +27,30 @@ class Frame:
     dsn: str  # a superuser's DSN: the one given, or the embedded PostgreSQL's
     embedded: bool
     pg_pid: int | None  # the embedded PostgreSQL (CPU accounts); None when elsewhere
+
+
+class Outcome(Protocol):
+    """What a bench's results keep of its parts that failed."""
+
+    missing: dict[str, str]  # part -> why it was not measured
+    broke: bool  # a part whose failure breaks the run (exit status 1) failed
+
+
+T = TypeVar("T")
+
+
+async def part(res: Outcome, name: str, fatal: bool, coro: Awaitable[T]) -> T | None:
+    """Run one part; a failure is reported as "not measured" and the run goes on."""
+    try:
+        return await coro
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
+        res.missing[name] = reason
+        res.broke = res.broke or fatal
+        say(f"  not measured: {reason}")
+        if fatal:
+            traceback.print_exc()
+        return None
 
 
 def _interrupt(signum: int, frame: Any) -> None:
