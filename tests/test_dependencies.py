@@ -61,6 +61,10 @@ def imports(path: Path) -> set[str]:
 
 
 def is_local(name: str, path: Path) -> bool:
+    # a script inside a package importing that package by name (tools/bench/_lib's
+    # workers, run as scripts, import `_lib.publisher`)
+    if path.parent.name == name and (path.parent / "__init__.py").exists():
+        return True
     for d in [path.parent, *LOCAL_DIRS]:
         if (d / f"{name}.py").exists() or (d / name / "__init__.py").exists():
             return True
