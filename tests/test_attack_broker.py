@@ -13,6 +13,7 @@ import os
 import socket
 import ssl
 import struct
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import paho.mqtt.client as mqtt
 import psycopg
 import pytest
 
+from opensense.api.jsonutil import rfc3339
 from opensense.api.keys import MQTT
 from opensense.app import create_app
 from opensense.mqtt.ca import TlsFiles
@@ -331,6 +333,107 @@ async def test_a_publish_flood_is_rate_limited_and_nothing_is_lost(slow_app, dsn
     assert await asyncio.to_thread(again.publish, t, reading(4.0))
     assert await stored(dsn, world) == [1.0, 2.0, 3.0, 4.0]
     await asyncio.to_thread(again.close)
+
+
+async def rate_count(dsn: str, device_id: str) -> int:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT coalesce(sum(count), 0) FROM rate_counters WHERE key = %s",
+            (f"ingest:{device_id}",),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+async def test_mqtt_and_http_share_the_allowance_through_the_flush(slow_app, dsn, clock):
+    """The broker counts in the process and writes the counts once a second
+    (ratelimit.LocalCounter): its flush carries MQTT's count to the shared counter
+    HTTP checks, and brings HTTP's count back to the broker."""
+    world = await make_world(dsn, slow_app.cfg)
+    now = clock()  # the limit counts per minute: start at the top of one
+    clock.advance(seconds=60 - now.second - now.microsecond / 1e6)
+    dev = world.device_ids["fridge01"]
+    auth = {"Authorization": f"Bearer {world.devices['fridge01']}"}
+    rate = slow_app.app[MQTT].ingest.rate
+    for v in (1.0, 2.0):
+        clock.advance(seconds=1)
+        body = {"device": "fridge01", "measurements": [{"type": "temperature", "value": v}]}
+        r = await slow_app.post("/v1/ingest", json=body, headers=auth)
+        assert r.status == 200, await r.text()
+    t = topics.topic(world.account, "fridge01")
+    n = node(slow_app, world)
+    assert str(await asyncio.to_thread(n.connect)) == "Success"
+    await asyncio.to_thread(n.subscribe, topics.topic(world.account, "fridge01", "err"))
+    clock.advance(seconds=1)
+    flushes = rate.flushes
+    assert await asyncio.to_thread(n.publish, t, reading(3.0))  # the third of 3
+    # the broker's flush loop (not this test) writes the publish's count
+    for _ in range(100):
+        if rate.flushes > flushes:
+            break
+        await asyncio.sleep(0.05)
+    assert await rate_count(dsn, dev) == 3
+    # ... and learnt HTTP's two: the next publish is the fourth, refused, not acknowledged
+    clock.advance(seconds=1)
+    info = n.client.publish(t, reading(4.0), qos=1)
+    msg = await asyncio.to_thread(n.next_message)
+    assert msg is not None and json.loads(msg[1])["error"]["code"] == "rate_limited"
+    assert await asyncio.to_thread(n.disconnected.wait, 10)
+    assert not info.is_published()
+    r = await slow_app.post("/v1/ingest", data=reading(5.0), headers=auth)
+    assert r.status == 429 and (await r.json())["error"]["code"] == "rate_limited"
+    assert await stored(dsn, world) == [1.0, 2.0, 3.0]
+    await asyncio.to_thread(n.client.loop_stop)
+
+
+async def test_one_devices_flood_does_not_refuse_another(slow_app, dsn, clock):
+    """fridge01 floods past its allowance (refused, reconnecting, refused again) while
+    fridge02 sends its three: all of fridge02's are acknowledged and stored. (How
+    much the flood slows the other: tools/bench/mqtt.)"""
+    world = await make_world(dsn, slow_app.cfg, ("fridge01", "fridge02"))
+    now = clock()
+    clock.advance(seconds=60 - now.second - now.microsecond / 1e6)
+    t1, t2 = topics.topic(world.account, "fridge01"), topics.topic(world.account, "fridge02")
+    start = clock()
+
+    def at(value: float) -> bytes:  # a ts of its own, so no two readings are duplicates
+        ts = rfc3339(start - timedelta(seconds=value))
+        return json.dumps(
+            {"measurements": [{"type": "temperature", "value": value, "ts": ts}]}
+        ).encode()
+
+    calm = node(slow_app, world, "fridge02")
+    assert str(await asyncio.to_thread(calm.connect)) == "Success"
+
+    async def flood() -> int:
+        refused = 0
+        for round_ in range(3):
+            n = node(slow_app, world, "fridge01")
+            assert str(await asyncio.to_thread(n.connect)) == "Success"
+            for i in range(6):
+                if not await asyncio.to_thread(n.publish, t1, at(100 + 10 * round_ + i), 1, 2):
+                    refused += 1
+                    break
+            await asyncio.to_thread(n.close)
+        return refused
+
+    async def calm_three() -> list[bool]:
+        return [await asyncio.to_thread(calm.publish, t2, at(v)) for v in (7.0, 8.0, 9.0)]
+
+    refused, acked = await asyncio.gather(flood(), calm_three())
+    assert refused == 3 and acked == [True, True, True]
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT d.local_id, m.value FROM measurements m"
+            " JOIN channels c ON c.num = m.channel_num JOIN devices d ON d.id = c.device_id"
+            " WHERE c.account_id = %s ORDER BY m.value",
+            (world.account,),
+        )
+        rows = await cur.fetchall()
+    assert [v for d, v in rows if d == "fridge02"] == [7.0, 8.0, 9.0]
+    assert [v for d, v in rows if d == "fridge01"] == [100.0, 101.0, 102.0]
+    await asyncio.to_thread(calm.close)
 
 
 async def test_the_shipped_mosquitto_refuses_an_oversized_publish(mosquitto):

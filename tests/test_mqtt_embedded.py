@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from opensense.api.jsonutil import rfc3339
-from opensense.api.keys import MQTT
+from opensense.api.keys import MQTT, WRITER
 from opensense_contract import topics
 
 from .fixtures.processes import free_port
@@ -81,6 +81,37 @@ async def test_publish_over_tls_is_stored_before_puback(mqtt_app, dsn, clock):
     assert await asyncio.to_thread(n.publish, t, reading(4.2, ts=(await r.json())["data"][0][0]))
     assert (counters.stored, counters.deduplicated) == (1, 1)
     assert await stored(dsn, world) == [4.2]
+    await asyncio.to_thread(n.close)
+
+
+async def test_a_new_nodes_session_takes_the_batch_writer_once_its_channels_exist(
+    mqtt_app, dsn, clock
+):
+    """The session's device is read at CONNECT, before a brand-new node has channels:
+    its first publish creates them (a transaction of its own), and the session then
+    knows them, so the next publishes ride the group-commit writer; so does a
+    publish after a further new channel."""
+    world = await make_world(dsn, mqtt_app.cfg)
+    writer = mqtt_app.app[WRITER]
+    n = await node(mqtt_app, world)
+    assert str(await asyncio.to_thread(n.connect)) == "Success"
+    t = topics.topic(world.account, "fridge01")
+
+    def msg(kind: str, value: float) -> bytes:
+        clock.advance(seconds=1)
+        return json.dumps({"measurements": [{"type": kind, "value": value}]}).encode()
+
+    before = writer.requests
+    assert await asyncio.to_thread(n.publish, t, msg("temperature", 4.0))
+    assert writer.requests == before  # created its channel: not the writer
+    assert await asyncio.to_thread(n.publish, t, msg("temperature", 4.1))
+    assert writer.requests == before + 1
+    assert await asyncio.to_thread(n.publish, t, msg("humidity", 50.0))
+    assert writer.requests == before + 1
+    assert await asyncio.to_thread(n.publish, t, msg("humidity", 51.0))
+    assert await asyncio.to_thread(n.publish, t, msg("temperature", 4.2))
+    assert writer.requests == before + 3
+    assert sorted(await stored(dsn, world)) == [4.0, 4.1, 4.2, 50.0, 51.0]
     await asyncio.to_thread(n.close)
 
 

@@ -25,7 +25,13 @@ an HTTP body) closes the connection before its body is read. Measurement publish
 count against the device's ingest rate limit (OPENSENSE_INGEST_RATE_PER_MIN, shared
 with HTTP ingest); one over the limit is not acknowledged, gets a `rate_limited`
 envelope on …/err and its connection closed, so the node keeps the reading and sends
-it again after its backoff.
+it again after its backoff. The count is kept in the process and written to the
+shared counter once a second for all devices (ratelimit.LocalCounter; how exact that
+is: docs/mqtt.md "Bounds").
+
+Channels: a session's device (with its channels) is read at CONNECT; a publish that
+created channels (a new node's first) reads it again for the session, so the next
+publishes take the group-commit writer.
 
 TLS: TLS 1.2 or 1.3 (whichever the client offers; MicroPython's mbedtls speaks only
 1.2), and no client-certificate request: devices prove who they are with their token.
@@ -41,6 +47,7 @@ import json
 import logging
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn, cast
 
@@ -61,6 +68,7 @@ from amqtt.session import Session
 from opensense_contract import topics
 from opensense_contract.payload import MAX_BODY_BYTES
 
+from .. import aio
 from ..api.keys import CONFIG, REQUEST_LOG
 from ..errors import ApiError
 from ..ids import new_id
@@ -404,6 +412,21 @@ def _device(session: Session | None) -> Device | None:
     return getattr(session, "opensense_device", None)
 
 
+def _refresher(session: Session, dev: Device) -> Callable[[Device], None]:
+    """The session's device, read at CONNECT, gets the channels a publish created
+    (MqttIngest.handle), so the next publishes take the group-commit writer. Only if
+    it is still the same device: a revocation (None) or a new CONNECT (its own read)
+    since wins."""
+
+    def refreshed(fresh: Device) -> None:
+        if getattr(session, "opensense_device", None) is dev:
+            session.opensense_device = fresh
+        if getattr(session, "opensense_will_device", None) is dev:
+            session.opensense_will_device = fresh
+
+    return refreshed
+
+
 class DeviceAuthPlugin(BaseAuthPlugin):
     """CONNECT: username = dev_ id, password = ds_live_ token."""
 
@@ -489,6 +512,7 @@ class EmbeddedBroker:
         self.ingest = MqttIngest(app)
         self.broker: OpenSenseBroker | None = None
         self.refusals = 0
+        self._rate_flush: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         cfg = self.app[CONFIG]
@@ -519,6 +543,7 @@ class EmbeddedBroker:
         broker.connections = set()
         await broker.start()
         self.broker = broker
+        self._rate_flush = asyncio.create_task(self.ingest.rate.run())
         log.info("embedded MQTT broker: TLS on %s:%s", cfg.mqtt_host, cfg.mqtt_port)
 
     async def stop(self) -> None:
@@ -536,6 +561,9 @@ class EmbeddedBroker:
             await self.broker.shutdown()
             self.broker.cut_connections()
             self.broker = None
+        await aio.cancel(self._rate_flush)
+        self._rate_flush = None
+        await self.ingest.final_rate_flush()
 
     async def admit(self, session: Session, reader: Any, writer: WriterAdapter) -> None:
         """A CONNECT, before amqtt looks up, deletes or resumes any session: the token,
@@ -638,7 +666,7 @@ class EmbeddedBroker:
                             err_topic, json.dumps(limited).encode(), 0, False
                         )
                     return False
-            env = await self.ingest.handle(dev, t, data, qos)
+            env = await self.ingest.handle(dev, t, data, qos, _refresher(session, dev))
         except Exception:
             log.exception("storing a publish of %s on %s failed; not acknowledged", dev.id, topic)
             return False

@@ -407,6 +407,17 @@ class ExternalBroker:
                 self._devices[key] = (dev, time.monotonic() + DEVICE_TTL_S)
             return dev
 
+    def _refreshed(
+        self, t: topics.DeviceTopic, dev: pipeline.Device, fresh: pipeline.Device
+    ) -> None:
+        """A message created channels: the cached device gets them now rather than at
+        its expiry (so the next messages take the group-commit writer), unless the
+        entry changed meanwhile (forgotten by a revocation or deletion, or read again)."""
+        key = (t.account, t.device)
+        hit = self._devices.get(key)
+        if hit is not None and hit[0] is dev:
+            self._devices[key] = (fresh, hit[1])
+
     def _forget(self, device_id: str) -> None:
         for key, (dev, _) in list(self._devices.items()):
             if dev.id == device_id:
@@ -427,7 +438,9 @@ class ExternalBroker:
                 # the broker's ACL let it through, so the device was deleted meanwhile
                 log.info("MQTT message on %s: no such device (deleted?); dropped", m.topic)
             else:
-                answer = await self.ingest.handle(dev, t, m.payload, m.qos)
+                answer = await self.ingest.handle(
+                    dev, t, m.payload, m.qos, lambda fresh: self._refreshed(t, dev, fresh)
+                )
                 if answer is not None:
                     self._publish_nowait(
                         topics.topic(t.account, t.device, topics.ERR), json.dumps(answer).encode()

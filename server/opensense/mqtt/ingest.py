@@ -9,9 +9,11 @@ An exception means the message was not stored: the caller must not acknowledge i
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -62,6 +64,18 @@ class MqttIngest:
     def __init__(self, app: web.Application) -> None:
         self.app = app
         self.counters = Counters()
+        # the ingest rate limit of the publishes this process receives (over_rate);
+        # a broker that counts runs its flush loop (`run_rate_flush`)
+        self.rate = ratelimit.LocalCounter(app[POOL], app[CONFIG].clock)
+
+    async def final_rate_flush(self) -> None:
+        """At shutdown: what was counted since the last flush (best effort, bounded:
+        a database that does not answer costs only the counts, not the shutdown)."""
+        try:
+            async with asyncio.timeout(5):
+                await self.rate.flush()
+        except Exception as exc:
+            log.warning("rate counters not written at shutdown (%s)", exc)
 
     # --- who is this ---------------------------------------------------------------
 
@@ -96,13 +110,22 @@ class MqttIngest:
     # --- what it said ---------------------------------------------------------------
 
     async def handle(
-        self, dev: pipeline.Device, t: topics.DeviceTopic, payload: bytes, qos: int
+        self,
+        dev: pipeline.Device,
+        t: topics.DeviceTopic,
+        payload: bytes,
+        qos: int,
+        refreshed: Callable[[pipeline.Device], None] | None = None,
     ) -> dict[str, Any] | None:
+        """`refreshed`, if given, gets the device read again when this message created
+        channels: a caller that keeps `dev` (a broker session) passes it on to the next
+        messages, whose readings then take the group-commit writer (`store_fast` needs
+        every channel known) instead of a transaction each."""
         now = self.app[CONFIG].clock()
         started = time.perf_counter()
         try:
             if t.sub == "":
-                await self._measurements(dev, payload, qos, now)
+                await self._measurements(dev, payload, qos, now, refreshed)
             elif t.sub == topics.LWT:
                 await self._lwt(dev, payload, now)
             elif t.sub == topics.INFO:
@@ -129,21 +152,23 @@ class MqttIngest:
     async def over_rate(self, dev: pipeline.Device, t: topics.DeviceTopic) -> dict[str, Any] | None:
         """Count one measurement publish against the device's ingest rate limit (the
         counter HTTP ingest uses: one allowance per device, whatever the door). Over
-        it: the `rate_limited` envelope (logged); the caller must not acknowledge."""
+        it: the `rate_limited` envelope (logged); the caller must not acknowledge.
+
+        Counted in this process (`ratelimit.LocalCounter`, no round trip), flushed to
+        the shared counter every second by its `run` loop (the broker's task); a refusal flushes at once
+        so that HTTP ingest sees the spent allowance before the node is told."""
         cfg = self.app[CONFIG]
         now = cfg.clock()
         started = time.perf_counter()
         try:
-            async with self.app[POOL].connection() as conn:
-                await ratelimit.hit(
-                    conn,
-                    f"ingest:{dev.id}",
-                    cfg.ingest_rate_per_min,
-                    60,
-                    now,
-                    "ingest for this device",
-                )
+            self.rate.hit(
+                f"ingest:{dev.id}", cfg.ingest_rate_per_min, 60, now, "ingest for this device"
+            )
         except ApiError as err:
+            try:
+                await self.rate.flush()
+            except Exception as exc:  # the refusal stands; the count goes with the next flush
+                log.warning("rate counters not written yet (%s)", exc)
             self.counters.rejected += 1
             self.counters.by_reason[err.code] = self.counters.by_reason.get(err.code, 0) + 1
             rid = new_id("req")
@@ -153,7 +178,12 @@ class MqttIngest:
         return None
 
     async def _measurements(
-        self, dev: pipeline.Device, payload: bytes, qos: int, now: datetime
+        self,
+        dev: pipeline.Device,
+        payload: bytes,
+        qos: int,
+        now: datetime,
+        refreshed: Callable[[pipeline.Device], None] | None = None,
     ) -> None:
         if qos == 0:
             self.counters.qos0_dropped += 1
@@ -183,6 +213,23 @@ class MqttIngest:
         )
         self.counters.stored += answer["accepted"]
         self.counters.deduplicated += answer["deduplicated"]
+        known = dev.channels or {}
+        if refreshed is not None and any((e.kind, e.label) not in known for e in batch.entries):
+            # stored: the channels exist now. A failure here costs only speed
+            try:
+                fresh = await self.device_by_id(dev.id)
+            except Exception as exc:
+                log.warning("reading %s's new channels failed (%s)", dev.id, exc)
+                return
+            if fresh is not None:
+                refreshed(fresh)
+
+    async def device_by_id(self, device_id: str) -> pipeline.Device | None:
+        """A live device with its channels (None: deleted)."""
+        async with self.app[POOL].connection() as conn:
+            cur = await conn.execute(DEVICE_SQL.format(where="d.id = %s"), (device_id,))
+            row = await cur.fetchone()
+        return _device(row) if row else None
 
     async def _lwt(self, dev: pipeline.Device, payload: bytes, now: datetime) -> None:
         state = payload.decode("utf-8", "replace").strip().lower()
