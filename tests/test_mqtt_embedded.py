@@ -115,6 +115,43 @@ async def test_a_new_nodes_session_takes_the_batch_writer_once_its_channels_exis
     await asyncio.to_thread(n.close)
 
 
+async def test_a_calibration_change_reaches_the_live_session_at_once(mqtt_app, dsn, clock):
+    """A session keeps its device's channels (with their offsets) from CONNECT: a
+    PATCH of the offset makes the next reading on the same session get the new one,
+    in this process at once and in the others by NOTIFY (here: a channel change
+    announced for the device alone is heard by the listener too)."""
+    world = await make_world(dsn, mqtt_app.cfg)
+    n = await node(mqtt_app, world)
+    assert str(await asyncio.to_thread(n.connect)) == "Success"
+    t = topics.topic(world.account, "fridge01")
+
+    def msg(value: float) -> bytes:
+        clock.advance(seconds=1)
+        return reading(value)
+
+    assert await asyncio.to_thread(n.publish, t, msg(4.0))  # creates the channel
+    assert await asyncio.to_thread(n.publish, t, msg(4.0))  # the session knows it now
+    r = await mqtt_app.get("/v1/channels", headers=world.auth)
+    cid = (await r.json())["data"][0]["id"]
+    r = await mqtt_app.patch(f"/v1/channels/{cid}", headers=world.auth, json={"offset": 1.5})
+    assert r.status == 200, await r.text()
+    assert await asyncio.to_thread(n.publish, t, msg(4.0))
+    assert await stored(dsn, world) == [4.0, 4.0, 5.5]
+    # another process's PATCH reaches this one by NOTIFY only
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute('UPDATE channels SET "offset" = -0.5 WHERE id = %s', (cid,))
+        await conn.execute(
+            "SELECT pg_notify('opensense_channels_changed', %s)", (world.device_ids["fridge01"],)
+        )
+    for _ in range(100):
+        assert await asyncio.to_thread(n.publish, t, msg(4.0))
+        if (await stored(dsn, world))[-1] == 3.5:
+            break
+        await asyncio.sleep(0.05)
+    assert (await stored(dsn, world))[-1] == 3.5
+    await asyncio.to_thread(n.close)
+
+
 async def test_wrong_token_plain_tcp_and_another_devices_topic_are_refused(mqtt_app, dsn, clock):
     world = await make_world(dsn, mqtt_app.cfg, ("fridge01", "fridge02"))
     bad = Node(

@@ -152,6 +152,26 @@ async def test_paho_publishes_over_verified_tls_and_the_reading_is_read_back(
     await asyncio.to_thread(n.close)
 
 
+async def test_a_calibration_change_applies_to_the_next_message(app, dsn, clock, mosquitto):
+    """The consumer caches a device (its channels' offsets) for a few seconds: a PATCH
+    of the offset drops it, so the very next message gets the new offset."""
+    world = await new_world(app, dsn, "fridge01")
+    dev = world.device_ids["fridge01"]
+    n = node(mosquitto, world, "fridge01")
+    assert str(await asyncio.to_thread(n.connect)) == "Success"
+    t = topics.topic(world.account, "fridge01")
+    assert await asyncio.to_thread(n.publish, t, reading(4.0, clock.now))
+    assert await eventually(lambda: stored(dsn, dev)) == [4.0]
+    r = await app.get("/v1/channels", headers=world.auth)
+    cid = (await r.json())["data"][0]["id"]
+    r = await app.patch(f"/v1/channels/{cid}", headers=world.auth, json={"offset": 1.5})
+    assert r.status == 200, await r.text()
+    assert await asyncio.to_thread(n.publish, t, reading(4.0, clock.now + timedelta(seconds=5)))
+    assert await eventually(lambda: _has(dsn, dev, 2))
+    assert await stored(dsn, dev) == [4.0, 5.5]
+    await asyncio.to_thread(n.close)
+
+
 async def _has(dsn: str, dev: str, n: int) -> bool:
     return len(await stored(dsn, dev)) >= n
 

@@ -251,6 +251,10 @@ async def patch_channel(request: web.Request) -> web.Response:
             ch = await store.patch_channel(
                 conn, acc, request.match_info["channel_id"], body, now, actor=auth.actor(request)
             )
+    if "offset" in body:
+        # this process's broker side at once (the others by the NOTIFY sent at commit):
+        # the next reading of a live MQTT session gets the new offset
+        await request.app[MQTT].channels_changed(ch["device_id"])
     return response(ch)
 
 

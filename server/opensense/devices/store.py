@@ -790,6 +790,11 @@ async def patch_channel(
             ' ON CONFLICT (channel_id, effective_from) DO UPDATE SET "offset" = excluded."offset"',
             (row["id"], off, now),
         )
+        # at commit, every process's MQTT side reads the device's channels again
+        # (mqtt/ctx.py): a live session must not go on adding the old offset
+        await conn.execute(
+            "SELECT pg_notify('opensense_channels_changed', %s)", (row["device_id"],)
+        )
     if any(k in body for k in ("ok_min", "ok_max", "grace_min")):
         cur = conn.cursor(row_factory=dict_row)
         await cur.execute(

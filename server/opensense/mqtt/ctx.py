@@ -15,6 +15,8 @@ from .side import MqttSide, NoMqtt
 
 log = logging.getLogger(__name__)
 
+CHANNELS_CHANGED = "opensense_channels_changed"
+
 
 async def mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
     """The MQTT side: the embedded broker, an external broker's consumer, or none.
@@ -37,8 +39,9 @@ async def mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
         await start()
     emqx = EmqxApi(cfg) if cfg.emqx_api_url else None
     listener = asyncio.create_task(_revocations(app[DSN], side, emqx))
+    changes = asyncio.create_task(_channel_changes(app[DSN], side))
     yield
-    await aio.cancel(listener)
+    await aio.cancel(listener, changes)
     if emqx is not None:
         await emqx.close()
     stop = getattr(side, "stop", None)
@@ -66,3 +69,18 @@ async def _revocations(dsn: str, side: MqttSide, emqx: EmqxApi | None = None) ->
             task.add_done_callback(kicks.discard)
 
     await aio.listen(dsn, "opensense_token_revoked", revoked, "token revocation listener")
+
+
+async def _channel_changes(dsn: str, side: MqttSide) -> None:
+    """LISTEN opensense_channels_changed (devices/store.py `patch_channel`, with the
+    device id): a calibration offset changed in any process reaches this process's
+    broker side, which reads the device's channels again. On (re)listening, every
+    device's, since a change sent while nobody listened is lost."""
+
+    async def changed(payload: str | None) -> None:
+        try:
+            await side.channels_changed(payload or None)
+        except Exception:
+            log.exception("refreshing the MQTT side's channels of %s failed", payload)
+
+    await aio.listen(dsn, CHANNELS_CHANGED, changed, "channel change listener")

@@ -720,6 +720,23 @@ class EmbeddedBroker:
     async def device_deleted(self, device_id: str) -> None:
         await self._close_sessions(device_id)
 
+    async def channels_changed(self, device_id: str | None) -> None:
+        """A session keeps the device (and its channels' offsets) read at CONNECT: the
+        sessions of `device_id` (None: every session) read it again."""
+        if self.broker is None:
+            return
+        for session, _ in list(self.broker._sessions.values()):
+            dev = _device(session)
+            if dev is None or (device_id is not None and dev.id != device_id):
+                continue
+            try:
+                fresh = await self.ingest.device_by_id(dev.id)
+            except Exception:
+                log.exception("reading %s's changed channels for its MQTT session failed", dev.id)
+                continue
+            if fresh is not None:
+                _refresher(session, dev)(fresh)
+
     async def _close_sessions(self, device_id: str) -> None:
         if self.broker is None:
             return

@@ -745,6 +745,13 @@ class ExternalBroker:
                 await self._put(device_id, *pending)
         await self._converge(device_id)
 
+    async def channels_changed(self, device_id: str | None) -> None:
+        """The cached device is read again at its next message."""
+        if device_id is None:
+            self._devices.clear()
+        else:
+            self._forget(device_id)
+
     async def device_deleted(self, device_id: str) -> None:
         self._pending.pop(device_id, None)
         self._forget(device_id)

@@ -24,6 +24,12 @@ class MqttSide(Protocol):
     async def device_deleted(self, device_id: str) -> None:
         """The device is gone: remove whatever the broker keeps for it."""
 
+    async def channels_changed(self, device_id: str | None) -> None:
+        """A device's channels changed (a calibration offset): whatever the broker side
+        keeps of them (a session's device, a cache) is read again, so the next reading
+        gets the offset in force. None: any device's may have (a listener that was
+        away). Called in every server process (LISTEN opensense_channels_changed)."""
+
 
 class NoMqtt:
     """OPENSENSE_MQTT=off: commands cannot be delivered."""
@@ -42,4 +48,7 @@ class NoMqtt:
         return None
 
     async def device_deleted(self, device_id: str) -> None:
+        return None
+
+    async def channels_changed(self, device_id: str | None) -> None:
         return None
