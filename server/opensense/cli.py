@@ -113,6 +113,10 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
     host = args.host or cfg.host
     port = args.port if args.port is not None else cfg.port
     cfg = cfg.replace(host=host, port=port)  # the MQTT consumer's client id uses the port
+    if cfg.workers > 1:  # a supervisor of worker processes on one port (docs/scaling.md)
+        from .workers import supervise
+
+        return supervise(cfg, dsn)
     app = create_app(cfg, dsn)
     app.on_shutdown.append(_bounded_stop)
     web.run_app(
