@@ -285,3 +285,19 @@ def test_a_port_held_by_another_process_stops_the_start(dsn, tmp_path):
         )
     assert proc.returncode == 2, proc.stderr
     assert "SO_REUSEPORT" in proc.stderr
+
+
+async def test_workers_stop_when_the_supervisor_is_killed(dsn, workers):
+    """A SIGKILLed supervisor runs no stop: its workers notice and stop themselves."""
+    pids = await workers.pids()
+    workers.proc.kill()
+    workers.proc.wait(10)
+
+    async def gone() -> bool:
+        return not any(
+            psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+            for p in pids.values()
+        )
+
+    await until(gone)
+    assert "is gone: stopping" in workers.text()
