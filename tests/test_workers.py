@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from .fixtures.clock import FakeClock
 from .fixtures.processes import BIN, free_port, opensense_env
 from .fixtures.server import make_world, test_config
 from .mqtt_node import Node
+from .test_mqtt_mosquitto import Stream
 
 pytestmark = [pytest.mark.db, pytest.mark.e2e]
 
@@ -35,21 +37,21 @@ pytestmark = [pytest.mark.db, pytest.mark.e2e]
 class Workers:
     """`opensense serve` with OPENSENSE_WORKERS=2, the embedded broker and the jobs on."""
 
-    def __init__(self, dsn: str, state: Path) -> None:
+    def __init__(self, dsn: str, state: Path, **extra: str) -> None:
         self.port, self.mqtt_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ca = str(state / "mqtt-tls" / "ca.pem")
         self.log = state / "serve.log"
-        env = opensense_env(
-            dsn,
-            OPENSENSE_WORKERS="2",
-            OPENSENSE_JOBS="true",
-            OPENSENSE_MQTT="embedded",
-            OPENSENSE_MQTT_PORT=str(self.mqtt_port),
-            OPENSENSE_STATE_DIR=str(state),
-            OPENSENSE_STATUS_INTERVAL_S="1",
-            OPENSENSE_INGEST_RATE_PER_MIN="100000",
-        )
+        settings = {
+            "OPENSENSE_WORKERS": "2",
+            "OPENSENSE_JOBS": "true",
+            "OPENSENSE_MQTT": "embedded",
+            "OPENSENSE_MQTT_PORT": str(self.mqtt_port),
+            "OPENSENSE_STATE_DIR": str(state),
+            "OPENSENSE_STATUS_INTERVAL_S": "1",
+            "OPENSENSE_INGEST_RATE_PER_MIN": "100000",
+        }
+        env = opensense_env(dsn, **{**settings, **extra})
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [str(BIN), "serve", "--port", str(self.port)],
@@ -262,16 +264,12 @@ async def test_two_workers_share_the_port_and_the_leader_is_replaced(dsn, worker
     assert workers.proc.wait(30) == 0, workers.text()
     for pid in pids.values():
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
-    import socket
-
     with socket.socket() as s:  # nobody listens on it (closed connections may linger)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", workers.port))
 
 
 def test_a_port_held_by_another_process_stops_the_start(dsn, tmp_path):
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
@@ -301,3 +299,34 @@ async def test_workers_stop_when_the_supervisor_is_killed(dsn, workers):
 
     await until(gone)
     assert "is gone: stopping" in workers.text()
+
+
+@pytest.mark.parametrize("consumer", ["single", "shared"])
+async def test_workers_consume_from_mosquitto_once(dsn, clock, mosquitto, tmp_path, consumer):
+    """With an external broker every worker keeps its control connection; the readings
+    of a stream are stored exactly once while worker 1 is SIGKILLed and started again.
+    consumer=single: one consumer among the workers (the advisory lock); shared: one
+    session per worker, each under its own client id."""
+    os.chmod(tmp_path, 0o755)
+    (tmp_path / "server").mkdir()
+    url = mosquitto.url + ("?consumer=shared" if consumer == "shared" else "")
+    w = Workers(dsn, tmp_path / "server", OPENSENSE_MQTT="external", OPENSENSE_MQTT_URL=url)
+    try:
+        pids = await w.pids()
+        stream = await Stream.make(dsn, clock, mosquitto, w.url, 4)
+        now = datetime.now(UTC).replace(microsecond=0)
+        await stream.phase(
+            now - timedelta(hours=3), 600, 300.0, lambda: os.kill(pids[1], signal.SIGKILL)
+        )
+        stream.close()
+        await w.pids(not_leader=None)  # worker 1 is back
+        log = w.text()
+        assert "worker 1 (pid" in log and "starting it again" in log
+        if consumer == "shared":
+            me = f"opensense-{socket.gethostname()}-{w.port}"
+            for i in (0, 1):
+                assert f"MQTT consumer {me}-w{i} connected" in log, log
+        else:
+            assert log.count("MQTT consumer opensense-consumer runs in this process") >= 1
+    finally:
+        w.stop()
