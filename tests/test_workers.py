@@ -72,7 +72,7 @@ class Workers:
         except aiohttp.ClientError:
             return None
 
-    async def pids(self, within: float = 30, not_leader: int | None = None) -> dict[int, int]:
+    async def pids(self, within: float = 60, not_leader: int | None = None) -> dict[int, int]:
         """index -> pid of both workers, once both have answered on the shared port
         (and, with not_leader, once worker 0 is a process other than that pid)."""
         seen: dict[int, int] = {}
