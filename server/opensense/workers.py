@@ -95,8 +95,8 @@ def worker_config(cfg: Config, index: int) -> Config:
 
 
 def setup(app: web.Application, worker: Worker) -> None:
-    """Name the answering worker on every response, stop when the supervisor is gone,
-    and in the leader with the embedded broker: carry out the other workers' calls."""
+    """Name the answering worker on every response and stop when the supervisor is
+    gone (the relay of broker calls is the mqtt feature's: mqtt/__init__.py)."""
     app[WORKER] = worker
     value = f"{worker.index} {os.getpid()}"
 
