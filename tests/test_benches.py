@@ -270,6 +270,21 @@ def test_dashboard(pg_server: str) -> None:
     assert len(re.findall(rf": {VERDICT}$", out, re.M)) == 3, out
 
 
+def test_workers(pg_server: str) -> None:
+    out = run_bench("workers", "--dsn", pg_server)
+    for workers in (1, 2):
+        for k in (1, 32):
+            (rate,) = figure(
+                out, rf"workers={workers} +{k}/request +{NUM} readings/s .*every reading accepted"
+            )
+            assert float(rate) > 0
+    for k in (1, 32):
+        one, two, ratio = figure(
+            out, rf"^ +{k}/request +1 worker +{NUM} +2 workers +{NUM} +x{NUM}$"
+        )
+        assert float(one) > 0 and float(two) > 0 and float(ratio) > 0
+
+
 def test_every_bench_runs_here() -> None:
     """A bench added to tools/bench without its quick run in this file fails here."""
     launchers = {

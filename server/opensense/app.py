@@ -15,7 +15,20 @@ from psycopg_pool import AsyncConnectionPool
 
 from opensense_contract.payload import MAX_BODY_BYTES
 
-from . import alarms, db, devices, gateway, ingest, jobs, mqtt, openapi, reports, status, storage
+from . import (
+    alarms,
+    db,
+    devices,
+    gateway,
+    ingest,
+    jobs,
+    mqtt,
+    openapi,
+    reports,
+    status,
+    storage,
+    workers,
+)
 from . import web as dashboard  # the package's name would shadow aiohttp's `web`
 from .api.keys import CONFIG, DSN, HEALTH, OBSERVER, POOL, REQUEST_LOG, VERIFIER, WRITER
 from .api.middleware import error_middleware
@@ -27,6 +40,7 @@ from .status.health import Health
 from .status.observe import Observer
 from .storage.batcher import BatchWriter
 from .tokens import Verifier, load_mac_key
+from .workers import Worker
 
 
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -99,8 +113,12 @@ FEATURES: tuple[Callable[[web.Application], None], ...] = (
 STATUS_FEATURES: tuple[Callable[[web.Application], None], ...] = (status.setup,)
 
 
-def create_app(config: Config, dsn: str) -> web.Application:
+def create_app(config: Config, dsn: str, worker: Worker | None = None) -> web.Application:
+    """`worker`: this process is one of `opensense serve`'s OPENSENSE_WORKERS
+    (opensense/workers.py); None: a single server process."""
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
+    if worker is not None:
+        workers.setup(app, worker)
     app[CONFIG] = config
     app[DSN] = dsn
     app[VERIFIER] = Verifier(workers=config.bcrypt_workers)

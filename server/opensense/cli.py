@@ -5,14 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import faulthandler
 import getpass
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,7 @@ from .db import roles as db_roles
 from .devices import store
 from .errors import ApiError
 from .ingest.validate import parse_ts
+from .serving import bounded_stop, stop_on_hangup
 from .settings import Config
 
 log = logging.getLogger("opensense")
@@ -113,62 +111,21 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
     host = args.host or cfg.host
     port = args.port if args.port is not None else cfg.port
     cfg = cfg.replace(host=host, port=port)  # the MQTT consumer's client id uses the port
+    if cfg.workers > 1:  # a supervisor of worker processes on one port (docs/scaling.md)
+        from .supervisor import supervise
+
+        return supervise(cfg, dsn)
     app = create_app(cfg, dsn)
-    app.on_shutdown.append(_bounded_stop)
+    app.on_shutdown.append(bounded_stop)
     web.run_app(
         app,
         host=host,
         port=port,
         access_log=None,
         print=lambda *_: log.info("serving on http://%s:%s", host, port),
-        loop=_stop_on_hangup(asyncio.new_event_loop()),
+        loop=stop_on_hangup(asyncio.new_event_loop()),
     )
     return 0
-
-
-STOP_BUDGET_S = 20.0
-
-
-async def _bounded_stop(app: web.Application) -> None:
-    """A stop (SIGTERM, SIGINT, SIGHUP) that has not ended after STOP_BUDGET_S is ended
-    hard, after every thread's and task's stack is logged: a stop that hangs would
-    otherwise hold the port, the broker and the database handle until someone kills
-    it. Nothing acknowledged is lost by it: a reading is committed before its 200 or
-    PUBACK, and the rest is what a SIGKILL leaves (the nodes resend it)."""
-    loop = asyncio.get_running_loop()
-
-    def expire() -> None:
-        log.error(
-            "the stop has not ended after %.0f s: stacks follow, then the process ends hard",
-            STOP_BUDGET_S,
-        )
-        for task in list(asyncio.all_tasks(loop)):  # a read-only look from this thread
-            log.error("pending task %r", task)
-            for frame in task.get_stack(limit=8):
-                log.error(
-                    "    %s:%s %s", frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name
-                )
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        sys.stderr.flush()
-        os._exit(3)
-
-    timer = threading.Timer(STOP_BUDGET_S, expire)
-    timer.daemon = True  # never what keeps the process alive
-    timer.start()
-
-
-def _stop_on_hangup(loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
-    """A closed terminal (SIGHUP) stops the server the way SIGTERM does (aiohttp
-    handles SIGINT and SIGTERM): the default action would end the process without its
-    exit hooks, leaving the embedded PostgreSQL running for good."""
-
-    def hangup() -> None:
-        log.info("SIGHUP: stopping")
-        raise web.GracefulExit()
-
-    if hasattr(signal, "SIGHUP"):
-        loop.add_signal_handler(signal.SIGHUP, hangup)
-    return loop
 
 
 def cmd_demo(cfg: Config, args: argparse.Namespace) -> int:

@@ -296,6 +296,17 @@ SETTINGS: tuple[Setting, ...] = (
         "Run scheduled jobs (partitions, compaction, retention) in this process. "
         "Safe in every process: each job run is claimed in the database.",
     ),
+    Setting(
+        "workers",
+        "OPENSENSE_WORKERS",
+        int,
+        1,
+        "Server processes `opensense serve` starts, all accepting HTTP on the one port "
+        "(SO_REUSEPORT). Worker 0, the leader, alone runs the embedded MQTT broker, the "
+        "scheduled jobs and the rule engine; a worker that dies is started again "
+        "(docs/scaling.md). 1: one process, no supervisor.",
+        minimum=1,
+    ),
     Setting("log_level", "OPENSENSE_LOG_LEVEL", str, "INFO", "Python logging level."),
     Setting(
         "mqtt",
@@ -725,6 +736,7 @@ class Config:
     pg_bin: str = ""
     env_file: str = ""
     jobs_enabled: bool = True
+    workers: int = 1
     log_level: str = "INFO"
     mqtt: str = "embedded"
     mqtt_host: str = "127.0.0.1"

@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from .. import aio
-from ..api.keys import CONFIG, DSN, MQTT
+from ..api.keys import CONFIG, DSN, MQTT, POOL
+from ..workers import WORKER, LeaderRelay, is_leader
 from .emqx import EmqxApi
 from .side import MqttSide, NoMqtt
 
@@ -23,14 +24,23 @@ async def mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
     Every process also listens for token revocations to cut live sessions."""
     cfg = app[CONFIG]
     side: MqttSide
-    if cfg.mqtt == "embedded":
+    if cfg.mqtt == "embedded" and not is_leader(app):
+        # one of several workers: the broker (and its port) is the leader's
+        side = LeaderRelay(app[POOL])
+    elif cfg.mqtt == "embedded":
         from .embedded import EmbeddedBroker
 
         side = EmbeddedBroker(app)
     elif cfg.mqtt == "external":
-        from .external import ExternalBroker
+        from .external import BrokerUrl, ExternalBroker, default_client_id
 
-        side = ExternalBroker(app)
+        client_id = None
+        worker = app.get(WORKER)
+        if worker is not None and BrokerUrl.parse(cfg.mqtt_url).consumer == "shared":
+            # one session per worker: the workers share the HTTP port the default uses
+            base = default_client_id(BrokerUrl.parse(cfg.mqtt_url), cfg.port)
+            client_id = f"{base}-w{worker.index}"
+        side = ExternalBroker(app, client_id=client_id)
     else:
         side = NoMqtt()
     app[MQTT] = side

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from .. import aio
 from ..api.keys import CONFIG, HEALTH, MQTT, OBSERVER, POOL, STATUS
+from ..workers import is_leader
 from . import mail as incident_mail
 from .monitor import StatusMonitor
 
@@ -19,7 +20,7 @@ async def status_ctx(app: web.Application) -> AsyncIterator[None]:
     if cfg.incident_smtp_url:
         incident_mail.SmtpPath.parse(cfg.incident_smtp_url)  # a bad URL stops the start
     side = app.get(MQTT)
-    if cfg.mqtt == "embedded" and side is not None:
+    if cfg.mqtt == "embedded" and side is not None and is_leader(app):  # its broker
         app[HEALTH].ok("mqtt", "embedded broker listening")
     monitor = StatusMonitor(
         cfg, app[POOL], app[OBSERVER], app[HEALTH], mqtt_connected=getattr(side, "connected", None)

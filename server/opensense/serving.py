@@ -1,0 +1,61 @@
+"""How a server process serves and stops: the one place `opensense serve` (one
+process) and each of its workers (opensense/supervisor.py) take their stop rules from."""
+
+from __future__ import annotations
+
+import asyncio
+import faulthandler
+import logging
+import os
+import signal
+import sys
+import threading
+
+from aiohttp import web
+
+log = logging.getLogger("opensense")
+
+
+STOP_BUDGET_S = 20.0
+
+
+async def bounded_stop(app: web.Application) -> None:
+    """A stop (SIGTERM, SIGINT, SIGHUP) that has not ended after STOP_BUDGET_S is ended
+    hard, after every thread's and task's stack is logged: a stop that hangs would
+    otherwise hold the port, the broker and the database handle until someone kills
+    it. Nothing acknowledged is lost by it: a reading is committed before its 200 or
+    PUBACK, and the rest is what a SIGKILL leaves (the nodes resend it)."""
+    loop = asyncio.get_running_loop()
+
+    def expire() -> None:
+        log.error(
+            "the stop has not ended after %.0f s: stacks follow, then the process ends hard",
+            STOP_BUDGET_S,
+        )
+        for task in list(asyncio.all_tasks(loop)):  # a read-only look from this thread
+            log.error("pending task %r", task)
+            for frame in task.get_stack(limit=8):
+                log.error(
+                    "    %s:%s %s", frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name
+                )
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        os._exit(3)
+
+    timer = threading.Timer(STOP_BUDGET_S, expire)
+    timer.daemon = True  # never what keeps the process alive
+    timer.start()
+
+
+def stop_on_hangup(loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
+    """A closed terminal (SIGHUP) stops the server the way SIGTERM does (aiohttp
+    handles SIGINT and SIGTERM): the default action would end the process without its
+    exit hooks, leaving the embedded PostgreSQL running for good."""
+
+    def hangup() -> None:
+        log.info("SIGHUP: stopping")
+        raise web.GracefulExit()
+
+    if hasattr(signal, "SIGHUP"):
+        loop.add_signal_handler(signal.SIGHUP, hangup)
+    return loop
