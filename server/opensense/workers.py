@@ -167,6 +167,9 @@ class LeaderRelay:
     async def device_deleted(self, device_id: str) -> None:
         await self._send({"op": "device_deleted", "device_id": device_id})
 
+    async def channels_changed(self, device_id: str | None) -> None:
+        return None  # the leader hears opensense_channels_changed itself
+
 
 async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
     """In the leader with the embedded broker: carry out the relayed calls. Only the
