@@ -122,8 +122,7 @@ def test_reads(pg_server: str) -> None:
 def test_evaluator(pg_server: str) -> None:
     out = run_bench("evaluator", "--dsn", pg_server)
     rows = {
-        side: figure(out, rf"^{side} +{NUM} +{NUM} +{NUM} +{NUM} ")
-        for side in ("baseline", "now")
+        side: figure(out, rf"^{side} +{NUM} +{NUM} +{NUM} +{NUM} ") for side in ("baseline", "now")
     }
     for server, _pg, total, _chan in rows.values():
         assert 0 < float(server) <= float(total)
