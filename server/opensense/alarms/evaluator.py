@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import itertools
 import logging
+import operator
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -56,10 +58,10 @@ PASS_BUDGET_S = 0.25  # the default of OPENSENSE_ALARM_PASS_BUDGET_MS
 
 META_SQL = """
 SELECT c.num, c.id, c.account_id, c.device_id, s.timezone,
-  coalesce((SELECT jsonb_agg(jsonb_build_object('id', r.id, 'kind', r.kind, 'params', r.params,
+  coalesce((SELECT json_agg(json_build_object('id', r.id, 'kind', r.kind, 'params', r.params,
       'grace_min', r.grace_min, 'clear_min', r.clear_min, 'severity', r.severity,
       'windows', r.windows, 'renotify_min', r.renotify_min) ORDER BY r.created_at)
-    FROM rules r WHERE r.channel_id = c.id AND r.enabled), '[]'::jsonb)::text
+    FROM rules r WHERE r.channel_id = c.id AND r.enabled), '[]'::json)::text
 FROM channels c JOIN devices d ON d.id = c.device_id JOIN sites s ON s.id = d.site_id
 WHERE c.num = ANY(%s)
 """
@@ -286,9 +288,11 @@ async def evaluate_dirty(
         scur = _cursor(conn, class_row(StateRow))
         mcur = _cursor(conn)
         async with conn.pipeline():  # one round trip for the three
-            await conn.execute(
-                "INSERT INTO alarm_state (channel_num, channel_id) SELECT num, id FROM channels"
-                " WHERE num = ANY(%s) ORDER BY num ON CONFLICT DO NOTHING",
+            await conn.execute(  # (the rows not there yet: an ON CONFLICT check costs more)
+                "INSERT INTO alarm_state (channel_num, channel_id) SELECT c.num, c.id"
+                " FROM unnest(%b::int4[]) AS u(num) JOIN channels c ON c.num = u.num"
+                " WHERE NOT EXISTS (SELECT FROM alarm_state s WHERE s.channel_num = u.num)"
+                " ORDER BY c.num ON CONFLICT DO NOTHING",
                 (nums,),
             )
             await scur.execute(
@@ -397,10 +401,14 @@ async def _readings(
         " ORDER BY f.num, m.ts",
         (nums, [lower[n] for n in nums], per_channel),
     )
-    out: dict[int, list[tuple[datetime, float]]] = {}
-    for num, ts, value in await cur.fetchall():
-        out.setdefault(int(num), []).append((ts, float(value)))
-    return out
+    # rows in channel order: one list a channel (value is float8: a float already)
+    return {
+        int(num): [(ts, value) for _, ts, value in rows]
+        for num, rows in itertools.groupby(await cur.fetchall(), key=_first)
+    }
+
+
+_first = operator.itemgetter(0)
 
 
 async def _lookup_for(
@@ -487,9 +495,10 @@ async def _run(
     for i, r in enumerate(rules):
         states[r.id] = sts[i]
     st.readings += fed
-    trs.sort(key=lambda t: t.at)
-    await apply(conn, m, trs, events, now, pending)
-    st.transitions += len(trs)
+    if trs:  # (no transition: apply() has nothing to do)
+        trs.sort(key=lambda t: t.at)
+        await apply(conn, m, trs, events, now, pending)
+        st.transitions += len(trs)
     upto = readings[fed - 1][0]
     if fed < len(readings) and p.judged_to is not None and upto < p.judged_to:
         # a replay cut short: a checkpoint where it stopped, so the next pass goes on
