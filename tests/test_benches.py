@@ -119,6 +119,17 @@ def test_reads(pg_server: str) -> None:
     assert rows["before"][3] == rows["after"][3] and int(rows["after"][3]) >= 14
 
 
+def test_evaluator(pg_server: str) -> None:
+    out = run_bench("evaluator", "--dsn", pg_server)
+    rows = {
+        side: figure(out, rf"^{side} +{NUM} +{NUM} +{NUM} +{NUM} ") for side in ("baseline", "now")
+    }
+    for server, _pg, total, _chan in rows.values():
+        assert 0 < float(server) <= float(total)
+    figure(out, r"^now .*\(server x[\d.]+, total x[\d.]+\)")
+    figure(out, r"same decisions on both sides \(states, events; [1-9]\d* events a side\): yes")
+
+
 def test_alarms(pg_server: str) -> None:
     out = run_bench("alarms", "--dsn", pg_server)
     opened, hooks, _mails = figure(

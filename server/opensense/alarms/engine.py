@@ -367,24 +367,29 @@ def step(
 ) -> tuple[RuleState, list[Transition]]:
     """Feed one reading (in timestamp order)."""
     out: list[Transition] = []
-    if st.last_ts is not None and ts <= st.last_ts:
+    last = st.last_ts
+    if last is not None and ts <= last:
         return st, out  # already seen (the caller rewinds for truly late readings)
-    gap = rule_kinds.behaviour(rule.kind).gap
-    if gap is not None and st.last_ts is not None:
-        gap_start = st.last_ts + gap(rule.params)
+    # one look-up of the kind's behaviour a step (its gap, history and check)
+    b = rule_kinds.behaviour(rule.kind)
+    gap = b.gap
+    if gap is not None and last is not None:
+        gap_start = last + gap(rule.params)
         if ts > gap_start:  # the gap really happened: open (and judge) it at its true times
             st = advance(rule, st, gap_start, out)
             st = _judge(rule, st, gap_start, True, None, out)
             st = advance(rule, st, ts, out)
-    st = advance(rule, st, ts, out)
-    window = _hist_window(rule)
+    if st.status != "ok":  # advance() changes nothing in ok
+        st = advance(rule, st, ts, out)
+    window = b.history(rule.params)
     hist = [(t, v) for t, v in st.hist if t >= ts - window] + [(ts, value)] if window else []
-    st = replace(st, hist=hist, last_ts=ts)
+    # a new state (the one passed in stays as it was), as dataclasses.replace but cheaper
+    st = RuleState(st.status, st.since, st.clear_since, st.value, ts, hist)
     w = active_window(rule.windows, tz, ts) if rule.windows else None
     if w is not None and w.params is None:
         return st, out  # the window switches the rule off: nothing is judged
     params = {**rule.params, **(w.params or {})} if w is not None else rule.params
-    bad = breach(rule, params, st, ts, value, lookup)
+    bad = b.breach(rule, params, st, ts, value, lookup)
     if bad is None:
         return st, out
     if bad and st.status in ("grace", "alarm", "clearing") and st.value is not None:
@@ -394,6 +399,8 @@ def step(
             # excursion (issue 18 item 5), at the reading's true time
             out.append(Transition("peak", rule.id, ts, st.since, worst))
         st = replace(st, value=worst)
+    if not bad and st.status == "ok":
+        return st, out  # in range and ok: _judge() and advance() change nothing
     return _judge(rule, st, ts, bad, value, out), out
 
 
