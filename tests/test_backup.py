@@ -212,7 +212,10 @@ async def test_backup_runs_rotation_weekly_copy_and_restore_test(
     new_database: Any, tmp_path: Path
 ) -> None:
     src = new_database()
-    clock = FakeClock(datetime.now(UTC).replace(minute=0, second=0, microsecond=0))
+    # noon of today: the hours this test steps (daily, then hourly; 8 days on, daily
+    # then hourly) must not cross midnight, or an "hourly" is the next day's daily
+    # (started at the real hour, it failed when run after 22:00 UTC)
+    clock = FakeClock(datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0))
     await _populate(src, clock)
     recipient = _identity(tmp_path / "id.txt")
     _signer(tmp_path)
