@@ -50,6 +50,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from .mqtt.side import NoMqtt
+
 if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
 
@@ -127,11 +129,12 @@ async def _orphan_ctx(app: web.Application) -> AsyncIterator[None]:
     await aio.cancel(task)
 
 
-class LeaderRelay:
+class LeaderRelay(NoMqtt):
     """The MQTT side of a worker that is not the leader, with the embedded broker: the
     broker lives in the leader, so what has to reach it goes there by NOTIFY.
-    Token revocations need nothing (the leader hears the database's own NOTIFY) and
-    nor do credentials (the embedded broker checks each CONNECT in the database)."""
+    Token revocations and channel changes need nothing here (the leader hears the
+    database's own NOTIFYs) and nor do credentials (the embedded broker checks each
+    CONNECT in the database): NoMqtt's nothing-to-do for those."""
 
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self.pool = pool
@@ -156,19 +159,8 @@ class LeaderRelay:
         note = {"op": "publish", "topic": topic, "payload": data, "qos": qos, "retain": retain}
         return await self._send(note)
 
-    async def credentials_changed(
-        self, device_id: str, account_id: str, local_id: str, token: str
-    ) -> None:
-        return None  # never sent anywhere: the embedded broker checks the database
-
-    async def token_revoked(self, device_id: str) -> None:
-        return None  # the leader hears opensense_token_revoked itself
-
     async def device_deleted(self, device_id: str) -> None:
         await self._send({"op": "device_deleted", "device_id": device_id})
-
-    async def channels_changed(self, device_id: str | None) -> None:
-        return None  # the leader hears opensense_channels_changed itself
 
 
 async def relay_ctx(app: web.Application) -> AsyncIterator[None]:

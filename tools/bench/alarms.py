@@ -44,6 +44,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from _lib import pg, runner
+from _lib.cpu import process_cpu as _cpu
 from _lib.procs import Serve, free_port
 from _lib.report import percentile, ratio, say, verdict
 from opensense.alarms import evaluator
@@ -139,17 +140,6 @@ async def write(
     writer does: each commit wakes the evaluator exactly as ingest does."""
     now = datetime.now(UTC)
     await conn.execute(BATCH_SQL, {"nums": nums, "ts": ts, "vals": vals, "now": now, "devices": []})
-
-
-def _cpu(pid: int | None) -> float | None:
-    """CPU seconds of a process (None: not on this machine)."""
-    if pid is None:
-        return None
-    try:
-        t = psutil.Process(pid).cpu_times()
-    except psutil.Error:
-        return None
-    return float(t.user + t.system)
 
 
 async def _passes(

@@ -42,11 +42,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import psutil
 import psycopg
 from psycopg.types.json import Jsonb
 
 from _lib import pg, runner
+from _lib.cpu import process_cpu as _cpu
 from _lib.report import fmt, ratio, say
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,16 +108,6 @@ def value(i: int, k: int) -> float:
 
 
 # --- the worker: one per side, the evaluator of that side's code ---------------------------
-
-
-def _cpu(pid: int | None) -> float | None:
-    if pid is None:
-        return None
-    try:
-        t = psutil.Process(pid).cpu_times()
-    except psutil.Error:
-        return None
-    return float(t.user + t.system)
 
 
 async def worker(dsn: str, limit: int, profile: str | None) -> None:

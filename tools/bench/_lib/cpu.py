@@ -32,6 +32,17 @@ class CpuUse:
         return f"CPU, cores busy of {psutil.cpu_count()}: " + ", ".join(parts)
 
 
+def process_cpu(pid: int | None) -> float | None:
+    """CPU seconds of one process (None: no pid, or not on this machine)."""
+    if pid is None:
+        return None
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return None
+    return float(t.user + t.system)
+
+
 def _tree_cpu(pids: list[int]) -> dict[int, float]:
     out: dict[int, float] = {}
     for pid in pids:
