@@ -41,9 +41,12 @@ What it measures (in this order in the summary):
    it; BASELINE_CPU_US is the figure of the code when issue 14 began, and the targets
    are shares of it.
 7. The writing statement part by part: BATCH_SQL (storage/batcher.py) and its pieces
-   built from storage/write.py's text, run on one connection (prepared, autocommit,
-   as the pool runs it) with 1, 32 and 256 new rows a statement; the backend's own
-   CPU time (psutil on its pid) per row.
+   (the INSERT alone; + write.py's DIRTY_SQL, its alarm_dirty rows left from the
+   statement before or claimed in between; + rollups.py's LATE_CTE; + last_seen_at;
+   the whole), run on one connection (prepared, autocommit, as the pool runs it) with
+   1, 32 and 256 new rows a statement; the backend's own CPU time (psutil on its pid)
+   per row. `--only statement` runs this part alone (a LISTEN connection in the
+   server's place), `--repeat N` N rounds of it (medians).
 
 The phases run in the order 2, 3, 5, 1, 7, 4: the HTTP phases first, on a table the
 COPY rows (deleted again afterwards) never touched; the ratio to the COPY ceiling is
