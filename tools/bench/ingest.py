@@ -46,7 +46,8 @@ What it measures (in this order in the summary):
    the whole), run on one connection (prepared, autocommit, as the pool runs it) with
    1, 32 and 256 new rows a statement; the backend's own CPU time (psutil on its pid)
    per row. `--only statement` runs this part alone (a LISTEN connection in the
-   server's place), `--repeat N` N rounds of it (medians).
+   server's place), `--repeat N` N rounds of it (medians). `--only http`: the HTTP
+   closed-loop phases (2) and their CPU per reading alone.
 
 The phases run in the order 2, 3, 5, 1, 7, 4: the HTTP phases first, on a table the
 COPY rows (deleted again afterwards) never touched; the ratio to the COPY ceiling is
@@ -1093,6 +1094,7 @@ async def run(
     rounds: int,
     profile: Path | None,
     repeat: int = 1,
+    only: str | None = None,
 ) -> None:
     dsn = frame.dsn
     t_start = time.perf_counter()
@@ -1191,6 +1193,9 @@ async def run(
                     say(f"      first failure: {s.sample}")
                 show_profile(meter, cost(s.cpu, s.accepted))
 
+        if only == "http":  # the HTTP phases alone
+            report(res, plan)
+            return
         best32 = max(s.readings_s for s in res.phases if s.per_request == 32)
         res.paced_target = best32 / 2
         say()
@@ -1356,9 +1361,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--only",
-        choices=["statement"],
+        choices=["statement", "http"],
         help="statement: only the writing statement part by part (section 6), on a"
-        " migrated database with a listener on the rule engine's channel and no server",
+        " migrated database with a listener on the rule engine's channel and no server;"
+        " http: only the HTTP closed-loop phases and their CPU per reading",
     )
     ap.add_argument(
         "--repeat",
@@ -1401,7 +1407,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.only == "statement":
             await only_statement(frame, plan, bcrypt_rounds(args.quick), args.repeat)
             return
-        await run(frame, cfg, plan, bcrypt_rounds(args.quick), args.profile, args.repeat)
+        await run(frame, cfg, plan, bcrypt_rounds(args.quick), args.profile, args.repeat, args.only)
 
     return runner.run("ingest", args.dsn, body)
 
