@@ -41,9 +41,13 @@ What it measures (in this order in the summary):
    it; BASELINE_CPU_US is the figure of the code when issue 14 began, and the targets
    are shares of it.
 7. The writing statement part by part: BATCH_SQL (storage/batcher.py) and its pieces
-   built from storage/write.py's text, run on one connection (prepared, autocommit,
-   as the pool runs it) with 1, 32 and 256 new rows a statement; the backend's own
-   CPU time (psutil on its pid) per row.
+   (the INSERT alone; + write.py's DIRTY_SQL, its alarm_dirty rows left from the
+   statement before or claimed in between; + rollups.py's LATE_CTE; + last_seen_at;
+   the whole), run on one connection (prepared, autocommit, as the pool runs it) with
+   1, 32 and 256 new rows a statement; the backend's own CPU time (psutil on its pid)
+   per row. `--only statement` runs this part alone (a LISTEN connection in the
+   server's place), `--repeat N` N rounds of it (medians). `--only http`: the HTTP
+   closed-loop phases (2) and their CPU per reading alone.
 
 The phases run in the order 2, 3, 5, 1, 7, 4: the HTTP phases first, on a table the
 COPY rows (deleted again afterwards) never touched; the ratio to the COPY ceiling is
@@ -83,6 +87,7 @@ import math
 import os
 import random
 import re
+import statistics
 import struct
 import sys
 import time
@@ -539,30 +544,43 @@ class Variant:
         return self.backend_cpu_s / self.rows * 1e6
 
 
-def statement_variants() -> list[tuple[str, str]]:
-    """The batch writer's statement (storage/batcher.py BATCH_SQL) and its parts, built
-    from the server's own text (storage/write.py): the raw INSERT alone, with the
-    alarm_dirty upsert, with the three rollup upserts (ROLLUPS_SQL: on the write path
-    or, once they moved to a job, the statement a late reading into a packed day
-    runs), with both. A part the text no longer has is left out."""
+def statement_variants() -> list[tuple[str, str, int, bool]]:
+    """The batch writer's statement (storage/batcher.py BATCH_SQL) and its pieces, built
+    from the server's own text: the raw INSERT alone, then with each other part of
+    BATCH_SQL added on its own (write.py DIRTY_SQL: the alarm_dirty upsert and its
+    statement trigger's NOTIFY; rollups.py LATE_CTE: the late rows' ranges, none of
+    them late here; the `seen` CTE: devices.last_seen_at), then the whole with no
+    device due and with a device per 32 rows due. The alarm_dirty upsert twice: with
+    the rows of the statement before still there (each row a conflict), and claimed in
+    between (each row inserted anew, as when the rule engine keeps up). (name, text,
+    devices a statement per 32 rows: 0 or 1, claim alarm_dirty between statements).
+    A piece the text no longer has is left out."""
     from opensense.storage import batcher, write
 
+    whole = batcher.BATCH_SQL
     head = write.INSERT_CTE.format(order="")
     tail = "\nSELECT channel_num, ts FROM ins"
-    rollups = str(getattr(write, "ROLLUPS_SQL", ""))
+    late = ""
+    try:
+        from opensense.storage import rollups
+
+        late = str(getattr(rollups, "LATE_CTE", ""))
+    except ImportError:
+        pass
     dirty = str(getattr(write, "DIRTY_SQL", ""))
-    if not dirty:  # the dirty upsert inside ROLLUPS_SQL (before DIRTY_SQL had a name)
-        m = re.search(r"\n, dirty AS \(.*?\n\)", rollups, re.S)
-        dirty = m.group(0) if m else ""
-    rollups = rollups.replace(dirty, "") if dirty else rollups
-    out = [("INSERT ... ON CONFLICT DO NOTHING only", head + tail)]
-    if dirty:
-        out.append(("+ alarm_dirty upsert (and its NOTIFY)", head + dirty + tail))
-    if rollups:
-        out.append(("+ 3 rollup upserts", head + rollups + tail))
-    if dirty and rollups:
-        out.append(("+ 3 rollups + alarm_dirty", head + rollups + dirty + tail))
-    out.append(("BATCH_SQL as the server runs it", batcher.BATCH_SQL))
+    m = re.search(r"\n, seen AS \(.*?\n\)", whole, re.S)
+    seen = m.group(0) if m else ""
+    out = [("INSERT ... ON CONFLICT DO NOTHING only", head + tail, 0, False)]
+    for name, piece, due, claim in (
+        ("+ alarm_dirty upsert (and its NOTIFY)", dirty, 0, False),
+        ("+ alarm_dirty, claimed in between", dirty, 0, True),
+        ("+ LATE_CTE (threshold; no row late)", late, 0, False),
+        ("+ last_seen_at (a device per 32 rows)", seen, 1, False),
+    ):
+        if piece and piece in whole:
+            out.append((name, head + piece + tail, due, claim))
+    out.append(("BATCH_SQL, no device due", whole, 0, False))
+    out.append(("BATCH_SQL as the server runs it", whole, 1, False))
     return out
 
 
@@ -573,10 +591,23 @@ def variant_rows(base: int, b: int, i: int, t0: datetime) -> list[tuple[int, dat
     return [(base + j, ts, 4.0 + ((i + j) % 61) / 16) for j in range(b)]
 
 
-async def variants(dsn: str, plan: Plan, now: datetime) -> list[Variant]:
+async def _drain(conn: psycopg.AsyncConnection[Any]) -> None:
+    async for _ in conn.notifies():
+        pass
+
+
+async def variants(
+    dsn: str, plan: Plan, now: datetime, repeat: int = 1, listen: bool = False
+) -> list[Variant]:
     """Each variant, each batch size, on one connection (autocommit, prepared, as the
     pool's connections run it): the backend's own CPU time (psutil on its pid) per row.
-    Every row new; the rows, rollups and alarm_dirty entries are deleted after."""
+    Every row new; the channels' alarm_dirty rows stay between statements (no
+    evaluator claims them here), so the upsert finds its row from the second statement
+    on. `repeat` rounds, each over every variant and size in turn (the box's noise
+    spreads over all of them); the summary takes each cell's median. `listen`: a
+    connection LISTENs to the rule engine's channel as the server's would (the bench
+    without a server). The rows, alarm_dirty entries and late ranges are deleted
+    after, and last_seen_at put back."""
     from opensense.storage.write import columns
 
     out: list[Variant] = []
@@ -584,11 +615,29 @@ async def variants(dsn: str, plan: Plan, now: datetime) -> list[Variant]:
         cur = await conn.execute("SELECT coalesce(max(num), 0) FROM channels")
         got = await cur.fetchone()
         top = int(got[0]) if got else 0
+        cur = await conn.execute("SELECT id, last_seen_at FROM devices ORDER BY id LIMIT 8")
+        seen0 = [(str(d), s) for d, s in await cur.fetchall()]
+        cur = await conn.execute("SELECT threshold, materialized FROM rollup_state")
+        state0 = await cur.fetchone()
+    devices = [d for d, _ in seen0]
     # channel numbers no channel uses, above the COPY phase's
     base = (max(top, COPY_BASE) // COPY_BASE + 1) * COPY_BASE + COPY_BASE // 2
-    span = timedelta(seconds=15 * plan.variant_statements)
+    round_span = timedelta(seconds=15 * plan.variant_statements)
+    span = round_span * repeat  # each round its own timestamps: every row new
     t0 = max(day_start(db.month_start(now.date())), now - timedelta(hours=20) - span)
-    async with await connect(dsn) as conn:
+    if state0 is not None:  # the rows are fresh readings: none before the threshold
+        async with await connect(dsn) as conn:
+            await conn.execute(
+                "UPDATE rollup_state SET threshold = %s, materialized = %s",
+                (t0 - timedelta(minutes=5), t0 - timedelta(minutes=5)),
+            )
+    tick = 0  # last_seen_at moves by 1 ms a statement: a due device is always written
+    listener = await connect(dsn) if listen else None
+    drain = None
+    if listener is not None:
+        await listener.execute("LISTEN opensense_alarm_dirty")
+        drain = asyncio.create_task(_drain(listener))
+    async with await connect(dsn) as conn, await connect(dsn) as other:
         cur = await conn.execute("SELECT pg_backend_pid()")
         row = await cur.fetchone()
         assert row is not None
@@ -599,35 +648,65 @@ async def variants(dsn: str, plan: Plan, now: datetime) -> list[Variant]:
             say("  not measured: the backend is not on this machine's process table")
             return out
         try:
-            for vi, (name, sql) in enumerate(statement_variants()):
-                for b in plan.variant_sizes:
-                    n = max(20, min(plan.variant_statements, plan.variant_rows // b))
-                    first = (
-                        base + (vi * len(plan.variant_sizes) + plan.variant_sizes.index(b)) * 1000
-                    )
-                    params = [
-                        {**columns(variant_rows(first, b, i, t0)), "now": now, "devices": []}
-                        for i in range(n)
-                    ]
-                    await checkpoint(dsn)
-                    c0 = backend.cpu_times()
-                    w0 = time.perf_counter()
-                    for p in params:
-                        cur = await conn.execute(sql, p, prepare=True)
-                        await cur.fetchall()
-                    wall = time.perf_counter() - w0
-                    c1 = backend.cpu_times()
-                    cpu = (c1.user + c1.system) - (c0.user + c0.system)
-                    v = Variant(name, b, n, cpu, wall)
-                    out.append(v)
-                    say(
-                        f"  {name:<40} {b:>4} rows/statement x {n:>5}:"
-                        f" {v.us_per_row:7.1f} µs backend CPU per row"
-                        f" ({v.backend_cpu_s / n * 1e6:8.0f} µs per statement)"
-                    )
+            for rnd in range(repeat):
+                for vi, (name, sql, due, claim) in enumerate(statement_variants()):
+                    for b in plan.variant_sizes:
+                        n = max(20, min(plan.variant_statements, plan.variant_rows // b))
+                        first = (
+                            base
+                            + (vi * len(plan.variant_sizes) + plan.variant_sizes.index(b)) * 1000
+                        )
+                        k = max(1, b // 32) if due else 0
+                        params = []
+                        for i in range(n):
+                            tick += 1
+                            params.append(
+                                {
+                                    **columns(variant_rows(first, b, i, t0 + rnd * round_span)),
+                                    "now": now + timedelta(milliseconds=tick),
+                                    "devices": devices[:k],
+                                }
+                            )
+                        await checkpoint(dsn)
+                        cpu = wall = 0.0
+                        for p in params:
+                            c0 = backend.cpu_times()
+                            w0 = time.perf_counter()
+                            cur = await conn.execute(sql, p, prepare=True)
+                            await cur.fetchall()
+                            wall += time.perf_counter() - w0
+                            c1 = backend.cpu_times()
+                            cpu += (c1.user + c1.system) - (c0.user + c0.system)
+                            if claim:  # as the rule engine's pass would, on its connection
+                                await other.execute(
+                                    "DELETE FROM alarm_dirty WHERE channel_num >= %s", (base,)
+                                )
+                        v = Variant(name, b, n, cpu, wall)
+                        out.append(v)
+                        say(
+                            f"  {name:<40} {b:>4} rows/statement x {n:>5}:"
+                            f" {v.us_per_row:7.1f} µs backend CPU per row"
+                            f" ({v.backend_cpu_s / n * 1e6:8.0f} µs per statement)"
+                            f"; load average {os.getloadavg()[0]:.2f}"
+                        )
+                        for table in ("alarm_dirty", "rollup_invalid"):  # the next cell fresh
+                            await conn.execute(
+                                f"DELETE FROM {table} WHERE channel_num >= %s", (base,)
+                            )
         finally:
             for table in ("measurements", "rollup_5m", "rollup_1h", "rollup_1d", "alarm_dirty"):
                 await conn.execute(f"DELETE FROM {table} WHERE channel_num >= %s", (base,))
+            await conn.execute("DELETE FROM rollup_invalid WHERE channel_num >= %s", (base,))
+            for d, s in seen0:
+                await conn.execute("UPDATE devices SET last_seen_at = %s WHERE id = %s", (s, d))
+            if state0 is not None:
+                await conn.execute(
+                    "UPDATE rollup_state SET threshold = %s, materialized = %s", tuple(state0)
+                )
+            if drain is not None:
+                drain.cancel()
+            if listener is not None:
+                await listener.close()
     return out
 
 
@@ -812,6 +891,31 @@ def path_costs(res: Results) -> list[tuple[str, str, float, Cost]]:
     return out
 
 
+def variants_table(vs: list[Variant]) -> None:
+    """Section 6 of the summary: each cell the median of its rounds (and their range)."""
+    sizes = sorted({v.rows_per_statement for v in vs})
+    rounds = max(
+        sum(1 for v in vs if v.name == vs[0].name and v.rows_per_statement == b) for b in sizes
+    )
+    say(
+        "6. The writing statement part by part: PostgreSQL backend CPU µs per row"
+        + (f" (median of {rounds} rounds, their range in brackets)" if rounds > 1 else "")
+    )
+    say(f"   {'statement':<40}" + "".join(f"  {b:>5} rows/stmt" for b in sizes))
+    for name in dict.fromkeys(v.name for v in vs):
+        cells = []
+        for b in sizes:
+            got = sorted(v.us_per_row for v in vs if v.name == name and v.rows_per_statement == b)
+            if not got:
+                cells.append(f"  {'n/a':>14}")
+            elif len(got) == 1:
+                cells.append(f"  {fmt_us(got[0]):>14}")
+            else:
+                mid = statistics.median(got)
+                cells.append(f"  {fmt_us(mid):>14} ({got[0]:,.0f}–{got[-1]:,.0f})")
+        say(f"   {name:<40}" + "".join(cells))
+
+
 def report(res: Results, plan: Plan) -> None:
     banner("SUMMARY")
     ceiling = max((c.rows_s for c in res.copies), default=0.0)
@@ -906,12 +1010,7 @@ def report(res: Results, plan: Plan) -> None:
     )
     say()
     if res.variants:
-        sizes = sorted({v.rows_per_statement for v in res.variants})
-        say("6. The writing statement part by part: PostgreSQL backend CPU µs per row")
-        say(f"   {'statement':<40}" + "".join(f"  {b:>5} rows/stmt" for b in sizes))
-        for name in dict.fromkeys(v.name for v in res.variants):
-            cells = {v.rows_per_statement: v.us_per_row for v in res.variants if v.name == name}
-            say(f"   {name:<40}" + "".join(f"  {fmt_us(cells.get(b)):>14}" for b in sizes))
+        variants_table(res.variants)
         if copy_us is not None:
             say(f"   {'COPY (binary, 1 stream, all processes)':<40}  {copy_us:>14,.1f}")
         say()
@@ -969,8 +1068,33 @@ def report(res: Results, plan: Plan) -> None:
         )
 
 
+async def only_statement(frame: runner.Frame, plan: Plan, rounds: int, repeat: int) -> None:
+    """--only statement: section 6 alone (the schema, a few devices, no server: a
+    connection LISTENs to the rule engine's channel in its place)."""
+    t_start = time.perf_counter()
+    now = datetime.now(UTC)
+    await asyncio.to_thread(pg.serving_dsn, frame.dsn)  # migrates, as the server's owner
+    await ingest_devices(frame.dsn, rounds, 8, now)
+    say(
+        "[6] the writing statement part by part: one connection, prepared, every row new;"
+        " the backend's CPU per row"
+    )
+    vs = await variants(frame.dsn, plan, now, repeat, listen=True)
+    banner("SUMMARY")
+    if vs:
+        variants_table(vs)
+    say()
+    say(f"bench finished in {time.perf_counter() - t_start:.0f} s")
+
+
 async def run(
-    frame: runner.Frame, cfg: Config, plan: Plan, rounds: int, profile: Path | None
+    frame: runner.Frame,
+    cfg: Config,
+    plan: Plan,
+    rounds: int,
+    profile: Path | None,
+    repeat: int = 1,
+    only: str | None = None,
 ) -> None:
     dsn = frame.dsn
     t_start = time.perf_counter()
@@ -1069,6 +1193,9 @@ async def run(
                     say(f"      first failure: {s.sample}")
                 show_profile(meter, cost(s.cpu, s.accepted))
 
+        if only == "http":  # the HTTP phases alone
+            report(res, plan)
+            return
         best32 = max(s.readings_s for s in res.phases if s.per_request == 32)
         res.paced_target = best32 / 2
         say()
@@ -1157,7 +1284,7 @@ async def run(
             "[6] the writing statement part by part: one connection, prepared, every row new;"
             " the backend's CPU per row"
         )
-        res.variants = await variants(dsn, plan, now)
+        res.variants = await variants(dsn, plan, now, repeat)
 
         say()
         say(
@@ -1232,6 +1359,20 @@ def main(argv: list[str] | None = None) -> int:
         help="py-spy on the server and pg_stat_statements (embedded PostgreSQL: restarted"
         " with it preloaded) for each measured window; raw stacks and summaries into DIR",
     )
+    ap.add_argument(
+        "--only",
+        choices=["statement", "http"],
+        help="statement: only the writing statement part by part (section 6), on a"
+        " migrated database with a listener on the rule engine's channel and no server;"
+        " http: only the HTTP closed-loop phases and their CPU per reading",
+    )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="rounds of section 6 (each over every piece and size; cells are medians)",
+    )
     args = ap.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.profile:
@@ -1263,7 +1404,10 @@ def main(argv: list[str] | None = None) -> int:
             " request is one instant of one device: 1 channel, or 32 channels at once"
         )
         say()
-        await run(frame, cfg, plan, bcrypt_rounds(args.quick), args.profile)
+        if args.only == "statement":
+            await only_statement(frame, plan, bcrypt_rounds(args.quick), args.repeat)
+            return
+        await run(frame, cfg, plan, bcrypt_rounds(args.quick), args.profile, args.repeat, args.only)
 
     return runner.run("ingest", args.dsn, body)
 

@@ -43,12 +43,18 @@ ROLLUPS_SQL = (
 )
 
 # the rule engine's wake-up (opensense.alarms): which channels got new readings, from
-# when; committed with the readings, and its trigger NOTIFYs at commit
+# when; committed with the readings, and its trigger NOTIFYs at commit. A channel
+# already dirty from an earlier time keeps its row as it is: the WHERE skips the new
+# row version (and its WAL) that `since = least(d.since, excluded.since)` wrote, with
+# the same result. PostgreSQL locks a conflicting row whether the WHERE lets the
+# update through or not, so an evaluator claiming it (FOR UPDATE SKIP LOCKED) still
+# skips it until this commit, or this statement waits for the claim and inserts anew.
 DIRTY_SQL = """
 , dirty AS (
   INSERT INTO alarm_dirty AS d (channel_num, since)
   SELECT channel_num, min(ts) FROM ins GROUP BY channel_num ORDER BY channel_num
-  ON CONFLICT (channel_num) DO UPDATE SET since = least(d.since, excluded.since)
+  ON CONFLICT (channel_num) DO UPDATE SET since = excluded.since
+    WHERE excluded.since < d.since
 )"""
 
 # The head of both writing statements: the rows (three arrays, `columns`) go in

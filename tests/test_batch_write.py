@@ -1,0 +1,126 @@
+"""The batch writer's statement and the rule engine's wake-up (storage/write.py
+DIRTY_SQL): a channel already dirty keeps its row unless a reading moves its `since`
+earlier, and that row stays locked by the writer until its commit, as an update would
+have locked it, so an evaluator's claim never takes a channel whose new readings it
+cannot see yet."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from opensense.storage.batcher import BatchWriter
+from opensense.storage.write import Row, insert_readings
+
+pytestmark = pytest.mark.db
+
+# the evaluator's claim (alarms/evaluator.py evaluate_dirty)
+CLAIM_SQL = (
+    "DELETE FROM alarm_dirty WHERE channel_num IN (SELECT channel_num FROM alarm_dirty"
+    " ORDER BY marked_at LIMIT 128 FOR UPDATE SKIP LOCKED) RETURNING channel_num, since"
+)
+NUM = 7
+
+
+@pytest.fixture
+async def pool(new_database: Any) -> AsyncIterator[AsyncConnectionPool]:
+    dsn = new_database()
+    async with AsyncConnectionPool(
+        dsn, min_size=2, max_size=4, open=False, kwargs={"autocommit": True}
+    ) as p:
+        yield p
+
+
+def at(minutes: float) -> datetime:
+    base = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=1)
+    return base + timedelta(minutes=minutes)
+
+
+async def dirty_row(pool: AsyncConnectionPool) -> tuple[datetime, str, datetime] | None:
+    """(since, ctid, marked_at) of NUM's alarm_dirty row."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT since, ctid::text, marked_at FROM alarm_dirty WHERE channel_num = %s", (NUM,)
+        )
+        row = await cur.fetchone()
+    return None if row is None else (row[0], row[1], row[2])
+
+
+async def test_since_moves_earlier_only_and_a_later_reading_leaves_the_row_as_it_is(pool):
+    writer = BatchWriter(pool)
+    writer.start()
+    try:
+        t = at(30)
+        assert await writer.write([Row(NUM, t, 4.0)], "dev_x", t) == 1
+        first = await dirty_row(pool)
+        assert first is not None and first[0] == t
+
+        # later readings: the row is not rewritten (same version, same marked_at)
+        assert await writer.write([Row(NUM, at(31), 4.5), Row(NUM, at(32), 5.0)], "dev_x", t) == 2
+        assert await dirty_row(pool) == first
+
+        # a late reading moves since back to it
+        assert await writer.write([Row(NUM, at(10), 3.0), Row(NUM, at(40), 3.5)], "dev_x", t) == 2
+        moved = await dirty_row(pool)
+        assert moved is not None and moved[0] == at(10) and moved[2] == first[2]
+
+        # a resent reading is no new reading: it marks nothing
+        async with pool.connection() as conn:
+            await conn.execute(CLAIM_SQL)
+        assert await writer.write([Row(NUM, at(5), 9.9), Row(NUM, at(10), 3.0)], "dev_x", t) == 1
+        again = await dirty_row(pool)
+        assert again is not None and again[0] == at(5)
+        async with pool.connection() as conn:
+            await conn.execute(CLAIM_SQL)
+        assert await writer.write([Row(NUM, at(5), 9.9)], "dev_x", t) == 0
+        assert await dirty_row(pool) is None
+    finally:
+        await writer.stop()
+
+
+async def test_a_claim_skips_a_dirty_row_whose_writer_has_not_committed(pool):
+    """The writer's reading is later than the row's since (no update), yet the row is
+    locked until its commit: the evaluator's claim, which would read the channel's
+    readings at once, must not take it before the reading is visible."""
+    async with pool.connection() as conn:
+        await insert_readings(conn, [Row(NUM, at(20), 1.0)], now=at(60), compact_after_days=3)
+    before = await dirty_row(pool)
+    assert before is not None and before[0] == at(20)
+    async with pool.connection() as writing, writing.transaction():
+        n = await insert_readings(
+            writing, [Row(NUM, at(25), 2.0)], now=at(60), compact_after_days=3
+        )
+        assert n == 1
+        async with pool.connection() as evaluator:
+            claimed = await (await evaluator.execute(CLAIM_SQL)).fetchall()
+        assert claimed == []  # locked by the writer: left for the next pass
+    async with pool.connection() as evaluator:
+        claimed = await (await evaluator.execute(CLAIM_SQL)).fetchall()
+    assert claimed == [(NUM, at(20))]
+
+
+async def test_a_writer_waits_for_a_claim_in_progress_and_marks_the_channel_again(pool):
+    """An evaluator has claimed (deleted, not committed) the channel's row; a later
+    reading's writer waits for that pass and, once it commits, makes the channel dirty
+    again from its reading: the pass could not have seen it."""
+    writer = BatchWriter(pool)
+    writer.start()
+    try:
+        assert await writer.write([Row(NUM, at(20), 1.0)], "dev_x", at(60)) == 1
+        async with pool.connection() as evaluator:
+            async with evaluator.transaction():
+                claimed = await (await evaluator.execute(CLAIM_SQL)).fetchall()
+                assert claimed == [(NUM, at(20))]
+                write = asyncio.create_task(writer.write([Row(NUM, at(26), 2.0)], "dev_x", at(60)))
+                done, _ = await asyncio.wait({write}, timeout=0.5)
+                assert not done  # waiting for the claim's transaction
+            assert await write == 1
+        after = await dirty_row(pool)
+        assert after is not None and after[0] == at(26)
+    finally:
+        await writer.stop()
