@@ -80,7 +80,7 @@ async def request_log_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
-    writer = BatchWriter(app[POOL])
+    writer = BatchWriter(app[POOL], linger_ms=app[CONFIG].write_linger_ms)
     writer.start()
     app[WRITER] = writer
     yield

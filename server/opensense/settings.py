@@ -131,6 +131,20 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=2,
     ),
     Setting(
+        "write_linger_ms",
+        "OPENSENSE_WRITE_LINGER_MS",
+        int,
+        50,
+        "At a steady trickle of readings (a fleet's nodes each sending a message a minute), "
+        "the group-commit writer waits until its first request is this old before its "
+        "statement, so the requests of that moment share one statement and one commit; "
+        "only while requests come often enough that more are expected within it and "
+        "waiting has been gathering them (an idle server, or one client waiting for each "
+        "answer, does not wait). A reading is stored and answered that much later at most. "
+        "0: never wait.",
+        minimum=0,
+    ),
+    Setting(
         "retention_raw_months",
         "OPENSENSE_RETENTION_RAW_MONTHS",
         int,
@@ -716,6 +730,7 @@ class Config:
     pool_min: int = 2
     pool_max: int = 10
     compact_after_days: int = 3
+    write_linger_ms: int = 50
     retention_raw_months: int = 13
     retention_rollup_months: int = 60
     retention_request_log_days: int = 30

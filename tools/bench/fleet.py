@@ -65,8 +65,10 @@ bench polls PostgreSQL every 25 ms for the announced rows that are not yet seen 
 takes, for each, the time the poll that first sees it returned minus the timestamp
 in the payload (both the machine's wall clock). So a figure is the time until the
 committed row was visible to another connection, an upper bound by at most one poll
-interval plus one query (the bench's polling queries are counted in PostgreSQL's CPU;
-they are a few tiny index lookups per poll). A row not seen 60 s after its window
+interval plus one query. The polling backend's CPU is the load's, not PostgreSQL's
+(it was counted as PostgreSQL's until 2026-12-03: its query, a lookup per pending
+message 40 times a second, was the costliest statement of a window and about a fifth
+of PostgreSQL's CPU at 2,400 nodes). A row not seen 60 s after its window
 closed counts as infinitely late. publish -> PUBACK is printed beside it (embedded: a
 PUBACK means committed; Mosquitto: it means the broker has it).
 
@@ -109,6 +111,7 @@ from _lib.cpu import CpuMeter, CpuUse
 from _lib.fleet import MqttFleet, fleet_by_api, fleet_by_service, retire
 from _lib.mqtt_load import Worker, split
 from _lib.procs import Serve, free_port, watched
+from _lib.profile import PySpy, table
 from _lib.report import banner, fmt, percentile, say, verdict
 
 FLEET_WORKER = Path(__file__).with_name("_lib") / "fleet_worker.py"
@@ -187,6 +190,7 @@ class Tracker:
         self.pending: dict[tuple[int, int], None] = {}
         self.lat_ms: list[float] = []
         self.unknown = 0  # announced on a channel the bench did not know (a bug)
+        self.backend_pid: int | None = None  # its PostgreSQL backend: the bench's, not the server's
         self._task: asyncio.Task[None] | None = None
 
     def add(self, client_id: str, v: int, ms: int) -> None:
@@ -198,6 +202,9 @@ class Tracker:
 
     async def _poll(self) -> None:
         async with await pg.connect(self.dsn) as conn:
+            cur = await conn.execute("SELECT pg_backend_pid()")
+            row = await cur.fetchone()
+            self.backend_pid = int(row[0]) if row else None
             while True:
                 t_next = time.monotonic() + POLL_S
                 if self.pending:
@@ -229,6 +236,91 @@ class Tracker:
         lost = len(self.pending)
         self.lat_ms.extend([math.inf] * lost)
         return lost
+
+
+POLL_ROLE = "bench's poll (PostgreSQL)"  # the tracker's backend: load, not PostgreSQL's work
+
+
+def pg_title(pid: int) -> str:
+    """What a PostgreSQL process is, from its title: a background process's name, or
+    "backend <user> <database>"."""
+    try:
+        title = " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return "(gone)"
+    if not title.startswith("postgres:"):
+        return "postmaster"
+    words = title.removeprefix("postgres:").split()
+    if len(words) >= 3 and ("(" in words[2] or words[2] == "[local]"):
+        return f"backend {words[0]} {words[1]}"
+    return " ".join(w for w in words if not w.isdigit())[:40] or "?"
+
+
+class Profiler:
+    """--profile DIR: for each measured window py-spy on the server, pg_stat_statements
+    (when PostgreSQL preloads it) and PostgreSQL's CPU by process (backends, WAL writer,
+    checkpointer, autovacuum, ...), printed in µs per committed message and kept in
+    DIR/<broker>-<nodes>.summary.txt (py-spy's raw stacks in DIR/<broker>-<nodes>.txt)."""
+
+    def __init__(self, out: Path, stats_dsn: str | None) -> None:
+        self.out, self.stats_dsn = out, stats_dsn
+        self.spy: PySpy | None = None
+        self.server_role = "server"
+
+    def attach(self, server_pid: int, server_role: str) -> None:
+        self.spy = PySpy(self.out, server_pid, rate=100)
+        self.server_role = server_role
+
+    def start(self, name: str) -> None:
+        if self.stats_dsn is not None:
+            pg.stat_statements_reset(self.stats_dsn)
+        if self.spy is not None:
+            self.spy.start(name)
+
+    async def stop(self, name: str, meter: CpuMeter, cpu: CpuUse, stored: float) -> None:
+        summary = await asyncio.to_thread(self.spy.stop) if self.spy is not None else None
+        stmts = (
+            await asyncio.to_thread(pg.stat_statements, self.stats_dsn, 12)
+            if self.stats_dsn is not None
+            else []
+        )
+        msgs = max(stored, 1.0)
+        server_us = cpu.of(self.server_role) / msgs * 1e6
+        lines = [
+            f"  where the CPU of a message went, {name}: {stored:,.0f} messages committed in"
+            f" {cpu.wall:.0f} s, load average {os.getloadavg()[0]:.2f}",
+            f"  server process: {server_us:,.0f} µs a message",
+        ]
+        if summary is not None:
+            lines += table(summary, server_us)
+        groups: dict[str, float] = {}
+        for pid, sec in meter.by_pid.get("PostgreSQL", {}).items():
+            t = pg_title(pid)
+            groups[t] = groups.get(t, 0.0) + sec
+        if groups:
+            total = sum(groups.values())
+            lines.append(
+                f"  PostgreSQL by process: {total / msgs * 1e6:,.0f} µs a message"
+                " (processes that ended inside the window are missing)"
+            )
+            for t, sec in sorted(groups.items(), key=lambda kv: -kv[1]):
+                lines.append(f"    {t:<52} {sec / msgs * 1e6:9,.0f} µs")
+        if stmts:
+            lines.append(
+                "  PostgreSQL statements (pg_stat_statements; execution + planning wall time):"
+            )
+            lines.append("        calls  per message   µs a call   µs a message  query")
+            for st in stmts:
+                ms = st.exec_ms + st.plan_ms
+                q = " ".join(st.query.split())
+                lines.append(
+                    f"    {st.calls:>9,} {st.calls / msgs:12.2f}"
+                    f" {ms * 1000 / max(st.calls, 1):11.0f} {ms * 1000 / msgs:14.1f}  {q[:80]}"
+                )
+        for line in lines:
+            say("    " + line)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"{name}.summary.txt").write_text("\n".join([*lines, ""]), encoding="utf-8")
 
 
 # --- counting in the database ---------------------------------------------------------------
@@ -392,7 +484,7 @@ def share_line(p: Point) -> str:
     parts = [f"{r} {p.share(r):6.1%}" for r in p.infra]
     return (
         f"{'  '.join(parts)}  = {p.infra_share:6.1%} of the machine;"
-        f" load {p.share('load') + p.share('bench'):5.1%}"
+        f" load {p.share('load') + p.share('bench') + p.share(POLL_ROLE):5.1%}"
     )
 
 
@@ -415,7 +507,9 @@ def latency_line(p: Point) -> str:
     )
 
 
-async def measure(side: BrokerSide, dsn: str, plan: Plan, work: Path) -> tuple[list[Point], float]:
+async def measure(
+    side: BrokerSide, dsn: str, plan: Plan, work: Path, prof: Profiler | None = None
+) -> tuple[list[Point], float]:
     accounts = [f.account for f in side.fleets]
     specs = [spec for f in side.fleets for spec in f.specs()]
     nums: dict[tuple[str, str], int] = {}
@@ -429,6 +523,8 @@ async def measure(side: BrokerSide, dsn: str, plan: Plan, work: Path) -> tuple[l
         for i, part in enumerate(parts)
     ]
     out: list[Point] = []
+    if prof is not None:
+        prof.attach(side.server.pid, side.infra[0])
     idle: float | None = None
     meter = CpuMeter(me="bench")
     try:
@@ -489,10 +585,16 @@ async def measure(side: BrokerSide, dsn: str, plan: Plan, work: Path) -> tuple[l
                 w.send(f"RUN {k} {t_go} {t0} {t1} {track}")
             await asyncio.sleep(max(0.0, t0 - time.monotonic()))
             rows0 = await rows_since(dsn, accounts, since)
-            meter.start({**side.roles, "load": [w.pid for w in pubs]})
+            name = f"{side.name}-{nodes}"
+            if prof is not None:
+                prof.start(name)
+            poll = [tracker.backend_pid] if tracker.backend_pid else []
+            meter.start({**side.roles, "load": [w.pid for w in pubs], POLL_ROLE: poll})
             await asyncio.sleep(max(0.0, t1 - time.monotonic()))
             cpu = meter.stop()
             stored = (await rows_since(dsn, accounts, since) - rows0) / READINGS
+            if prof is not None:
+                await prof.stop(name, meter, cpu, stored)
             backlog, oldest = await dirty(dsn, accounts)
             res = [json_of(await w.expect("RESULT", 120)) for w in pubs]
             acked = sum(int(r["acked"]) for r in res)
@@ -584,7 +686,7 @@ def server_env(rounds: int) -> dict[str, str]:
 
 
 async def embedded(
-    dsn: str, work: Path, plan: Plan, rounds: int, pg_pid: int | None
+    dsn: str, work: Path, plan: Plan, rounds: int, pg_pid: int | None, prof: Profiler | None
 ) -> tuple[list[Point], float]:
     state = work / "state-embedded"
     state.mkdir()
@@ -617,14 +719,14 @@ async def embedded(
             fleets,
         )
         try:
-            return await measure(side, dsn, plan, work)
+            return await measure(side, dsn, plan, work, prof)
         finally:
             for f in fleets:
                 await retire(dsn, f)
 
 
 async def mosquitto(
-    dsn: str, work: Path, plan: Plan, rounds: int, pg_pid: int | None
+    dsn: str, work: Path, plan: Plan, rounds: int, pg_pid: int | None, prof: Profiler | None
 ) -> tuple[list[Point], float]:
     async with shipped_with_server(work, dsn, server_env(rounds)) as (mosq, server):
         fleets = await make_fleets(
@@ -643,7 +745,7 @@ async def mosquitto(
             roles["PostgreSQL"] = [pg_pid]
         side = BrokerSide("Mosquitto", server, mosq.tls_port, mosq.ca, roles, tuple(roles), fleets)
         try:
-            return await measure(side, dsn, plan, work)
+            return await measure(side, dsn, plan, work, prof)
         finally:
             for f in fleets:
                 await retire(dsn, f)
@@ -741,10 +843,27 @@ def report(res: Results, plan: Plan, pg_note: str) -> None:
         say(f"{what}  {fmt(f2.nodes_at_target)} nodes  {verdict(ok)}")
 
 
-async def run(frame: runner.Frame, plan: Plan, rounds: int, logs: Path | None) -> int:
+async def run(
+    frame: runner.Frame,
+    plan: Plan,
+    rounds: int,
+    logs: Path | None,
+    brokers: set[str],
+    profile: Path | None = None,
+) -> int:
     t_start = time.perf_counter()
     res = Results()
     pg_pid = frame.pg_pid or await asyncio.to_thread(pg.local_postmaster, frame.dsn)
+    prof = None
+    if profile is not None:
+        if frame.embedded:
+            pg_pid = await asyncio.to_thread(pg.preload_stat_statements, frame.work) or pg_pid
+        ready = await asyncio.to_thread(pg.stat_statements_ready, frame.dsn)
+        prof = Profiler(profile, frame.dsn if ready else None)
+        say(
+            f"  --profile {profile}: py-spy on the server, PostgreSQL's CPU by process"
+            + (", pg_stat_statements" if ready else " (pg_stat_statements not preloaded there)")
+        )
     pg_note = ""
     if not frame.embedded:
         pg_note = (
@@ -755,9 +874,12 @@ async def run(frame: runner.Frame, plan: Plan, rounds: int, logs: Path | None) -
     say(f"database: {pg.describe(frame.dsn, frame.embedded)}")
     dsn = await asyncio.to_thread(pg.serving_dsn, frame.dsn)
     for name, fn, fatal in (("embedded", embedded, True), ("Mosquitto", mosquitto, False)):
+        if name.lower() not in brokers:
+            res.missing[name] = "not asked for (--brokers)"
+            continue
         say()
         say(f"[{name}] nodes {', '.join(f'{n:,}' for n in plan.nodes)}")
-        got = await runner.part(res, name, fatal, fn(dsn, frame.work, plan, rounds, pg_pid))
+        got = await runner.part(res, name, fatal, fn(dsn, frame.work, plan, rounds, pg_pid, prof))
         if got is not None:
             res.points[name], res.idle[name] = got
     report(res, plan, pg_note)
@@ -783,9 +905,23 @@ def cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--connections", type=int, help="device connections standing for the fleet")
     ap.add_argument("--quick", action="store_true", help="smoke run with tiny sizes")
     ap.add_argument(
+        "--brokers",
+        default="embedded,mosquitto",
+        help="which brokers' sides to run, comma-separated (default: embedded,mosquitto)",
+    )
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        help="also where the CPU goes in each window (py-spy, PostgreSQL by process and"
+        " statement), kept in this directory",
+    )
+    ap.add_argument(
         "--logs", type=Path, help="keep the servers', Mosquitto's and workers' logs here"
     )
     args = ap.parse_args(argv)
+    brokers = {b.strip().lower() for b in args.brokers.split(",") if b.strip()}
+    if not brokers or not brokers <= {"embedded", "mosquitto"}:
+        ap.error("--brokers wants embedded, mosquitto or both")
     plan = QUICK if args.quick else FULL
     if args.duration:
         plan = dataclasses.replace(plan, duration=args.duration)
@@ -813,7 +949,9 @@ def cli(argv: list[str] | None = None) -> int:
         f" {plan.duration:g} s window"
     )
     say(f"  mosquitto: {mosquitto_version()}")
-    return runner.run("fleet", args.dsn, lambda frame: run(frame, plan, rounds, args.logs))
+    return runner.run(
+        "fleet", args.dsn, lambda frame: run(frame, plan, rounds, args.logs, brokers, args.profile)
+    )
 
 
 if __name__ == "__main__":

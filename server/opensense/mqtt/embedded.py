@@ -415,14 +415,22 @@ def _device(session: Session | None) -> Device | None:
 def _refresher(session: Session, dev: Device) -> Callable[[Device], None]:
     """The session's device, read at CONNECT, gets the channels a publish created
     (MqttIngest.handle), so the next publishes take the group-commit writer. Only if
-    it is still the same device: a revocation (None) or a new CONNECT (its own read)
-    since wins."""
+    it is still the same admission: a revocation (None) or a new CONNECT (its own
+    read) since wins. Two publishes creating channels at once (a gateway's nodes on
+    one connection) each refresh it: a refresh replaces one of the same admission
+    unless it knows fewer channels (read before the other's commit), so neither
+    publish's channels are lost to the race and left to the slow path."""
+    admission = getattr(session, "opensense_admission", None)
 
     def refreshed(fresh: Device) -> None:
-        if getattr(session, "opensense_device", None) is dev:
-            session.opensense_device = fresh
-        if getattr(session, "opensense_will_device", None) is dev:
-            session.opensense_will_device = fresh
+        if getattr(session, "opensense_admission", None) is not admission:
+            return  # a new CONNECT since: its own read wins
+        for attr in ("opensense_device", "opensense_will_device"):
+            current = getattr(session, attr, None)
+            if current is not None and (
+                current is dev or len(current.channels or {}) <= len(fresh.channels or {})
+            ):
+                setattr(session, attr, fresh)
 
     return refreshed
 
@@ -602,6 +610,7 @@ class EmbeddedBroker:
         session.opensense_device = dev
         session.opensense_will_device = dev
         session.opensense_admitted = True
+        session.opensense_admission = object()  # what a publish's channel refresh belongs to
         if isinstance(reader, _BoundedReader):
             reader.device = dev
         old = self.broker._sessions.get(dev.id) if self.broker is not None else None
@@ -620,6 +629,7 @@ class EmbeddedBroker:
             # credentials onto it; not will_retain, nor who the device is
             old_session.opensense_device = old_session.opensense_will_device = dev
             old_session.opensense_admitted = True
+            old_session.opensense_admission = session.opensense_admission
             old_session.will_retain = session.will_retain
 
     async def _refuse_connect(

@@ -3,8 +3,19 @@
 Each request hands its rows to the writer and waits for the commit of the batch
 that carried them; only then does it answer 200. While one batch is being written,
 new requests queue up and form the next batch, so under load a single statement
-carries many requests (no timer, no added latency when idle). Rows are sorted by
-(channel, ts), so two writers lock rows and rollup buckets in the same order.
+carries many requests. Rows are sorted by (channel, ts), so two writers lock rows
+and rollup buckets in the same order.
+
+Linger (OPENSENSE_WRITE_LINGER_MS, as Kafka's linger.ms): at a steady trickle (a
+fleet's nodes each sending a message a minute) nothing queues while a statement runs,
+so every request would pay a statement and a commit of its own. A writer that finds
+only what arrived since the last statement then waits until the first request of its
+batch is `linger` old, taking whatever comes meanwhile, but only while waiting pays:
+when requests have arrived often enough lately that at least one more is expected
+within the linger, and lingering has been gathering more requests (`_Linger`). A
+lone client sending request after request (each waiting for its answer) gains
+nothing from waiting and stops paying it after a few tries; an idle server never
+lingers. A request waits at most `linger` more than before.
 
 Rollups are not written here (storage/rollups.py): the batch's statement stores the
 rows and logs the range of the late ones.
@@ -18,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -53,18 +65,68 @@ class _Job:
     done: asyncio.Future[int] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class _Linger:
+    """Whether a writer should wait for more requests before its statement.
+
+    Two running estimates: the gap between requests (exponentially weighted, so a
+    pause of a second ends lingering at once), and how many requests a linger gained
+    (weighted likewise). Lingering pays when a request is expected within the linger
+    and lingers have been gaining requests; when they stop gaining (a lone client
+    waiting for each answer), a linger is tried again at most once a second."""
+
+    ALPHA = 0.2  # weight of the newest observation
+    MIN_GAIN = 0.5  # requests a linger must gather on average to go on lingering
+    PROBE_S = 1.0  # while it does not, one linger a second at most
+
+    def __init__(self, linger_s: float) -> None:
+        self.linger_s = linger_s
+        self._last = -1e9
+        self._gap = 1e9  # no estimate yet: as if idle
+        self._gain = self.MIN_GAIN  # the first linger finds out
+        self._probed = -1e9
+
+    def arrived(self, now: float) -> None:
+        gap = now - self._last
+        self._last = now
+        # after a pause (or at the start) the newest gap is the estimate
+        self._gap = gap if max(gap, self._gap) > 1.0 else self._gap + self.ALPHA * (gap - self._gap)
+
+    def due(self, now: float) -> bool:
+        if self.linger_s <= 0 or self._gap > self.linger_s or now - self._last > self.linger_s:
+            return False
+        if self._gain >= self.MIN_GAIN:
+            return True
+        if now - self._probed >= self.PROBE_S:
+            self._probed = now
+            return True
+        return False
+
+    def gained(self, jobs: int) -> None:
+        self._gain += self.ALPHA * (jobs - self._gain)
 
 
 class BatchWriter:
-    def __init__(self, pool: AsyncConnectionPool, writers: int = 2, max_rows: int = 8192) -> None:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        writers: int = 2,
+        max_rows: int = 8192,
+        linger_ms: float = 0.0,
+    ) -> None:
         self._pool = pool
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._writers = writers
         self._max_rows = max_rows
+        self._linger = _Linger(linger_ms / 1000)
+        self._collecting = asyncio.Lock()  # one writer gathers a batch at a time
         self._tasks: list[asyncio.Task[None]] = []
         self._seen_written: dict[str, datetime] = {}
         self.batches = 0
         self.requests = 0
+        self.lingered = 0  # batches that waited for more requests
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._run()) for _ in range(self._writers)]
@@ -79,18 +141,39 @@ class BatchWriter:
     async def write(self, rows: Sequence[Row], device_id: str, now: datetime) -> int:
         """Store `rows` (recent days only); returns how many were new."""
         job = _Job(rows, device_id, now)
-        await self._queue.put(job)
+        self._linger.arrived(job.arrived)
+        self._queue.put_nowait(job)  # unbounded: never blocks
         return await job.done
+
+    def _take(self, batch: list[_Job], n: int) -> int:
+        while n < self._max_rows and not self._queue.empty():
+            job = self._queue.get_nowait()
+            batch.append(job)
+            n += len(job.rows)
+        return n
+
+    async def _gather(self, batch: list[_Job]) -> None:
+        """Fill `batch` with the queued requests; with a linger due, also with those
+        arriving until its first request is `linger` old."""
+        async with self._collecting:
+            batch.append(await self._queue.get())
+            n = self._take(batch, len(batch[0].rows))
+            if n >= self._max_rows:
+                return
+            wait = batch[0].arrived + self._linger.linger_s - time.monotonic()
+            if wait <= 0 or not self._linger.due(time.monotonic()):
+                return
+            had = len(batch)
+            await asyncio.sleep(wait)
+            self._take(batch, n)
+            self._linger.gained(len(batch) - had)
+            self.lingered += 1
 
     async def _run(self) -> None:
         while True:
-            batch = [await self._queue.get()]
-            n = len(batch[0].rows)
-            while n < self._max_rows and not self._queue.empty():
-                job = self._queue.get_nowait()
-                batch.append(job)
-                n += len(job.rows)
+            batch: list[_Job] = []
             try:
+                await self._gather(batch)
                 await self._write(batch)
             except asyncio.CancelledError:
                 for job in batch:

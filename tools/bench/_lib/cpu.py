@@ -43,7 +43,9 @@ def process_cpu(pid: int | None) -> float | None:
     return float(t.user + t.system)
 
 
-def _tree_cpu(pids: list[int]) -> dict[int, float]:
+def _tree_cpu(pids: list[int], skip: frozenset[int] = frozenset()) -> dict[int, float]:
+    """CPU seconds so far of `pids` and their descendants, by pid; those in `skip`
+    (a process another role names itself) left out."""
     out: dict[int, float] = {}
     for pid in pids:
         try:
@@ -52,6 +54,8 @@ def _tree_cpu(pids: list[int]) -> dict[int, float]:
         except psutil.Error:
             continue
         for p in procs:
+            if p.pid in skip:
+                continue
             try:
                 t = p.cpu_times()
                 out[p.pid] = t.user + t.system
@@ -62,19 +66,27 @@ def _tree_cpu(pids: list[int]) -> dict[int, float]:
 
 class CpuMeter:
     """CPU seconds per role and of this process (as `me`) between start() and stop().
-    A role whose pid is None is left out (PostgreSQL on another machine)."""
+    A role whose pid is None is left out (PostgreSQL on another machine). A role is its
+    processes and their descendants, except a descendant that another role names
+    itself (the bench's own PostgreSQL backend is not PostgreSQL's work for the
+    server). `by_pid` holds the last window's CPU seconds per process of each role."""
 
     def __init__(self, roles: dict[str, int | None] | None = None, me: str = "bench") -> None:
         self.me = me
         self._roles: dict[str, list[int]] = {}
         self._fixed = {r: [p] for r, p in (roles or {}).items() if p}
         self._start: tuple[float, dict[str, dict[int, float]], float] | None = None
+        self.by_pid: dict[str, dict[int, float]] = {}
+
+    def _skip(self, role: str) -> frozenset[int]:
+        mine = set(self._roles[role])
+        return frozenset(p for r, ps in self._roles.items() for p in ps if p not in mine)
 
     def start(self, roles: dict[str, list[int]] | None = None) -> None:
         self._roles = {**self._fixed, **(roles or {})}
         psutil.cpu_percent(interval=None)  # resets the system-wide counter
         me = psutil.Process().cpu_times()
-        before = {r: _tree_cpu(p) for r, p in self._roles.items()}
+        before = {r: _tree_cpu(p, self._skip(r)) for r, p in self._roles.items()}
         self._start = (time.perf_counter(), before, me.user + me.system)
 
     def stop(self) -> CpuUse:
@@ -84,8 +96,11 @@ class CpuMeter:
         machine = psutil.cpu_percent(interval=None) / 100 * (psutil.cpu_count() or 1) * wall
         me = psutil.Process().cpu_times()
         out: dict[str, float] = {}
+        self.by_pid = {}
         for role, pids in self._roles.items():
-            after = _tree_cpu(pids)
-            out[role] = sum(max(0.0, v - before[role].get(pid, 0.0)) for pid, v in after.items())
+            after = _tree_cpu(pids, self._skip(role))
+            per = {pid: max(0.0, v - before[role].get(pid, 0.0)) for pid, v in after.items()}
+            self.by_pid[role] = per
+            out[role] = sum(per.values())
         out[self.me] = me.user + me.system - me0
         return CpuUse(wall, out, machine)
