@@ -78,6 +78,8 @@ from .ingest import MqttIngest
 
 log = logging.getLogger(__name__)
 
+STOP_STORING_S = 10.0  # how long `stop` waits for publishes being stored
+
 
 def _side_of(handler: ProtocolHandler[Any]) -> EmbeddedBroker | None:
     return _side_of_plugins(handler.plugins_manager)
@@ -521,6 +523,11 @@ class EmbeddedBroker:
         self.broker: OpenSenseBroker | None = None
         self.refusals = 0
         self._rate_flush: asyncio.Task[None] | None = None
+        # publishes being stored: `stop` waits for them, so nothing a stopped broker
+        # received is written after it returned (the writer may linger: storage/batcher.py)
+        self._storing = 0
+        self._stored_all = asyncio.Event()
+        self._stored_all.set()
 
     async def start(self) -> None:
         cfg = self.app[CONFIG]
@@ -569,6 +576,11 @@ class EmbeddedBroker:
             await self.broker.shutdown()
             self.broker.cut_connections()
             self.broker = None
+        try:
+            async with asyncio.timeout(STOP_STORING_S):
+                await self._stored_all.wait()
+        except TimeoutError:
+            log.warning("broker stopped with %d publishes still being stored", self._storing)
         await aio.cancel(self._rate_flush)
         self._rate_flush = None
         await self.ingest.final_rate_flush()
@@ -676,7 +688,14 @@ class EmbeddedBroker:
                             err_topic, json.dumps(limited).encode(), 0, False
                         )
                     return False
-            env = await self.ingest.handle(dev, t, data, qos, _refresher(session, dev))
+            self._storing += 1
+            self._stored_all.clear()
+            try:
+                env = await self.ingest.handle(dev, t, data, qos, _refresher(session, dev))
+            finally:
+                self._storing -= 1
+                if self._storing == 0:
+                    self._stored_all.set()
         except Exception:
             log.exception("storing a publish of %s on %s failed; not acknowledged", dev.id, topic)
             return False
