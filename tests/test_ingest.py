@@ -11,7 +11,7 @@ import pytest
 
 from opensense.api.jsonutil import rfc3339
 
-from .fixtures.server import World
+from .fixtures.server import World, count_rows
 
 pytestmark = pytest.mark.db
 
@@ -22,18 +22,6 @@ def body(ts: Any, *ms: dict[str, Any], device: str = "fridge01") -> dict[str, An
 
 def t(value: float, **kw: Any) -> dict[str, Any]:
     return {"type": "temperature", "value": value, **kw}
-
-
-async def count_rows(dsn: str, account: str) -> int:
-    async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        cur = await conn.execute(
-            "SELECT count(*) FROM measurements m JOIN channels c ON c.num = m.channel_num"
-            " WHERE c.account_id = %s",
-            (account,),
-        )
-        row = await cur.fetchone()
-        assert row
-        return int(row[0])
 
 
 async def test_accepts_and_creates_channels_with_vertical_default(client, world: World, clock, dsn):

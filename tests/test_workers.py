@@ -27,7 +27,7 @@ from opensense_contract import topics
 
 from .fixtures.clock import FakeClock
 from .fixtures.processes import BIN, free_port, opensense_env
-from .fixtures.server import make_world, test_config
+from .fixtures.server import count_rows, make_world, test_config
 from .mqtt_node import Node
 from .test_mqtt_mosquitto import Stream
 
@@ -129,18 +129,6 @@ async def health_of(dsn: str, pid: int) -> dict[str, Any]:
         return dict(row[0]) if row else {}
 
 
-async def stored(dsn: str, account: str) -> int:
-    async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        cur = await conn.execute(
-            "SELECT count(*) FROM measurements m JOIN channels c ON c.num = m.channel_num"
-            " WHERE c.account_id = %s",
-            (account,),
-        )
-        row = await cur.fetchone()
-        assert row is not None
-        return int(row[0])
-
-
 async def until(check: Any, within: float = 15) -> None:
     deadline = time.monotonic() + within
     while not await check():
@@ -194,7 +182,7 @@ async def test_two_workers_share_the_port_and_the_leader_is_replaced(dsn, worker
                     assert r.status == 200, await r.text()
                     answered.append(int(r.headers[HEADER].split()[0]))
     assert set(answered) == {0, 1}, answered
-    assert await stored(dsn, world.account) == 40
+    assert await count_rows(dsn, world.account) == 40
 
     # the leader alone runs the broker and the rule engine (status heartbeats), and jobs
     async def leader_reports() -> bool:
@@ -226,7 +214,7 @@ async def test_two_workers_share_the_port_and_the_leader_is_replaced(dsn, worker
     n = await asyncio.to_thread(node)
     assert await asyncio.to_thread(n.subscribe, topics.topic(world.account, "fridge02", "cmd/#"))
     assert await asyncio.to_thread(n.publish, topic, reading(5.0, t0))
-    assert await stored(dsn, world.account) == 41
+    assert await count_rows(dsn, world.account) == 41
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
         url = f"{workers.url}/v1/devices/{world.device_ids['fridge02']}/identify"
         for _ in range(100):
@@ -256,7 +244,7 @@ async def test_two_workers_share_the_port_and_the_leader_is_replaced(dsn, worker
     n = await asyncio.to_thread(node)
     assert await asyncio.to_thread(n.publish, topic, reading(6.0, t0 + timedelta(seconds=1)))
     await asyncio.to_thread(n.close)
-    assert await stored(dsn, world.account) == 42
+    assert await count_rows(dsn, world.account) == 42
     assert "leader 0 (pid" in workers.text() and "starting it again" in workers.text()
 
     # SIGTERM to the supervisor stops every worker, and the port is free again
