@@ -53,9 +53,9 @@ class Node:
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         self.disconnected.set()
 
-    def connect(self, timeout: float = 10) -> Any:
+    def connect(self, timeout: float = 10, keepalive: int = 30) -> Any:
         """The CONNACK reason code (0 / "Success" when accepted), or None with no CONNACK."""
-        self.client.connect(self.host, self.port, keepalive=30)
+        self.client.connect(self.host, self.port, keepalive=keepalive)
         self.client.loop_start()
         self.connected.wait(timeout)
         return self.connack

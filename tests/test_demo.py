@@ -113,6 +113,24 @@ def test_demo_serves_readings_from_an_embedded_database(demo_dir: Path) -> None:
         assert printed, (tmp_path / "demo.log").read_text()
         page = urllib.request.urlopen(printed.group(1), timeout=5).read().decode()
         assert 'action="/auth/link"' in page, page
+        # a link asked for later (no SMTP: into the log, marked) names the demo's own
+        # port too, not the default public URL's 8080
+        ask = urllib.request.Request(
+            f"{base}/v1/auth/request",
+            data=json.dumps({"email": "demo@opensense.invalid"}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        assert urllib.request.urlopen(ask, timeout=5).status == 200
+        mailed = None
+        for _ in range(100):
+            mailed = re.search(
+                r"SIGN-IN LINK.*?(http://\S+/auth/link\?t=)", (tmp_path / "demo.log").read_text()
+            )
+            if mailed:
+                break
+            time.sleep(0.1)
+        assert mailed, (tmp_path / "demo.log").read_text()
+        assert mailed.group(1).startswith(f"{base}/"), mailed.group(0)
         # a fresh demo is not degraded: nothing it was never given (a backup key) is late
         status = json.load(urllib.request.urlopen(f"{base}/status.json", timeout=5))
         assert status["overall"] == "operational", status

@@ -258,6 +258,43 @@ async def test_lwt_info_and_commands(mqtt_app, dsn, clock):
     n.client.loop_stop()
 
 
+async def test_a_silent_connection_is_cut_after_its_keep_alive(mqtt_app, dsn, clock):
+    """MQTT 3.1.1 §3.1.2.10: 1.5 x keep alive without a packet and the broker closes the
+    connection, publishing the will (the broker's own timer, not amqtt's per-packet
+    wait_for). A node that keeps pinging stays connected; the measurements each sent
+    before are stored and acknowledged (the PUBACK-only path)."""
+    world = await make_world(dsn, mqtt_app.cfg, ("fridge01", "fridge02"))
+    silent, talker = "fridge01", "fridge02"
+    nodes = {}
+    for local in (silent, talker):
+        lwt = topics.topic(world.account, local, "lwt")
+        n = await node(mqtt_app, world, local, will=(lwt, b"offline"))
+        assert str(await asyncio.to_thread(n.connect, 10, 2)) == "Success"
+        assert await asyncio.to_thread(n.publish, lwt, b"online")
+        assert await asyncio.to_thread(n.publish, topics.topic(world.account, local), reading(3.0))
+        nodes[local] = n
+
+    async def connected(local: str) -> bool:
+        async with await psycopg.AsyncConnection.connect(dsn) as conn:
+            cur = await conn.execute(
+                "SELECT connected FROM devices WHERE id = %s", (world.device_ids[local],)
+            )
+            return bool((await cur.fetchone())[0])
+
+    quiet = asyncio.get_running_loop().time()  # (its last packet: the PUBLISH above)
+    # the socket stays open and nothing is sent on it (loop_stop may take a second)
+    await asyncio.to_thread(nodes[silent].client.loop_stop)
+    while await connected(silent):
+        assert asyncio.get_running_loop().time() - quiet < 10, "never cut"
+        await asyncio.sleep(0.1)
+    waited = asyncio.get_running_loop().time() - quiet
+    assert waited >= 2.5, f"cut after {waited:.1f} s, before 1.5 x its keep alive of 2 s"
+    assert await connected(talker)  # its PINGREQs count as packets
+    assert not nodes[talker].disconnected.is_set()
+    assert await stored(dsn, world) == [3.0, 3.0]
+    nodes[talker].close()
+
+
 async def test_rotation_closes_the_live_session_and_refuses_the_old_token(mqtt_app, dsn, clock):
     world = await make_world(dsn, mqtt_app.cfg)
     n = await node(mqtt_app, world)

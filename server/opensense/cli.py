@@ -25,7 +25,7 @@ from .db import roles as db_roles
 from .devices import store
 from .errors import ApiError
 from .ingest.validate import parse_ts
-from .serving import bounded_stop, stop_on_hangup
+from .serving import bounded_stop, new_loop, stop_on_hangup
 from .settings import Config
 
 log = logging.getLogger("opensense")
@@ -123,7 +123,7 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
         port=port,
         access_log=None,
         print=lambda *_: log.info("serving on http://%s:%s", host, port),
-        loop=stop_on_hangup(asyncio.new_event_loop()),
+        loop=stop_on_hangup(new_loop(cfg.event_loop)),
     )
     return 0
 
@@ -140,14 +140,14 @@ def cmd_demo(cfg: Config, args: argparse.Namespace) -> int:
     if not key.exists():  # the demo's explicit setup: a server never makes one silently
         generate_key(key, cfg.audit_origin)
         log.info("demo: made the audit signing key %s (a production install: keygen)", key)
-    asyncio.run(
-        run_demo(
-            cfg,
-            dsn,
-            host=args.host or cfg.host,
-            port=args.port if args.port is not None else cfg.port,
-        )
-    )
+    host = args.host or cfg.host
+    port = args.port if args.port is not None else cfg.port
+    if cfg.public_url == Config().public_url:
+        # the demo is reached where it serves: its mailed sign-in links (the log's
+        # *** SIGN-IN LINK) must name the port it runs on, not the default 8080
+        cfg = cfg.replace(public_url=f"http://{host}:{port}")
+    with asyncio.Runner(loop_factory=lambda: new_loop(cfg.event_loop)) as runner:
+        runner.run(run_demo(cfg, dsn, host=host, port=port))
     return 0
 
 

@@ -47,6 +47,20 @@ async def bounded_stop(app: web.Application) -> None:
     timer.start()
 
 
+def new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    """The event loop a serving process runs on (OPENSENSE_EVENT_LOOP). uvloop's libuv
+    loop does the same work as asyncio's pure-Python selector loop for less CPU: the
+    loop itself was a third of the server's CPU a stored MQTT message
+    (docs/ingest-cost.md). Everything the server does goes through the loop's public
+    API, so both run it alike (the suite's subprocess servers run uvloop, its in-process
+    ones asyncio)."""
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
 def stop_on_hangup(loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
     """A closed terminal (SIGHUP) stops the server the way SIGTERM does (aiohttp
     handles SIGINT and SIGTERM): the default action would end the process without its

@@ -321,6 +321,16 @@ SETTINGS: tuple[Setting, ...] = (
         "(docs/scaling.md). 1: one process, no supervisor.",
         minimum=1,
     ),
+    Setting(
+        "event_loop",
+        "OPENSENSE_EVENT_LOOP",
+        str,
+        "uvloop",
+        "The event loop `opensense serve`, its workers and `opensense demo` run on: uvloop "
+        "(libuv: less CPU for the same work, docs/ingest-cost.md) or asyncio (the standard "
+        "library's pure-Python loop). The test suite's in-process servers run on asyncio's, "
+        "its server processes on uvloop.",
+    ),
     Setting("log_level", "OPENSENSE_LOG_LEVEL", str, "INFO", "Python logging level."),
     Setting(
         "mqtt",
@@ -752,6 +762,7 @@ class Config:
     env_file: str = ""
     jobs_enabled: bool = True
     workers: int = 1
+    event_loop: str = "uvloop"
     log_level: str = "INFO"
     mqtt: str = "embedded"
     mqtt_host: str = "127.0.0.1"
@@ -806,6 +817,10 @@ class Config:
     clock: Callable[[], datetime] = field(default=_utcnow, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.event_loop not in ("uvloop", "asyncio"):
+            raise ValueError(
+                f"OPENSENSE_EVENT_LOOP must be uvloop or asyncio, not {self.event_loop!r}"
+            )
         if self.mqtt not in ("embedded", "external", "off"):
             raise ValueError(f"OPENSENSE_MQTT must be embedded, external or off, not {self.mqtt!r}")
         if self.status_interval_s > 60:

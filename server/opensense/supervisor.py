@@ -41,10 +41,9 @@ async def _ignore_more_signals(app: web.Application) -> None:
 
 def _worker_main(cfg: Config, dsn: str, index: int, count: int, parent_pid: int) -> None:
     """A worker process (multiprocessing's spawn: a fresh interpreter)."""
-    import asyncio
 
     from .app import create_app
-    from .serving import bounded_stop, stop_on_hangup
+    from .serving import bounded_stop, new_loop, stop_on_hangup
 
     logging.basicConfig(
         level=cfg.log_level,
@@ -68,7 +67,7 @@ def _worker_main(cfg: Config, dsn: str, index: int, count: int, parent_pid: int)
         print=lambda *_: log.info(
             "%s %d (pid %d) serving on http://%s:%s", role, index, os.getpid(), cfg.host, cfg.port
         ),
-        loop=stop_on_hangup(asyncio.new_event_loop()),
+        loop=stop_on_hangup(new_loop(cfg.event_loop)),
     )
 
 

@@ -47,7 +47,8 @@ What it measures (in this order in the summary):
    1, 32 and 256 new rows a statement; the backend's own CPU time (psutil on its pid)
    per row. `--only statement` runs this part alone (a LISTEN connection in the
    server's place), `--repeat N` N rounds of it (medians). `--only http`: the HTTP
-   closed-loop phases (2) and their CPU per reading alone.
+   closed-loop phases (2) and their CPU per reading alone; `--only mqtt`: the MQTT
+   phases (5) alone.
 
 The phases run in the order 2, 3, 5, 1, 7, 4: the HTTP phases first, on a table the
 COPY rows (deleted again afterwards) never touched; the ratio to the COPY ceiling is
@@ -1179,7 +1180,7 @@ async def run(
         say()
         say(f"[2] HTTP ingest, closed loop, {plan.duration:g} s per phase")
         say(PHASE_HEAD)
-        for k in plan.per_request:
+        for k in plan.per_request if only != "mqtt" else ():
             for conc in plan.concurrency:
                 await checkpoint(dsn)
                 meter.name = f"http{k}-c{conc}"
@@ -1196,24 +1197,27 @@ async def run(
         if only == "http":  # the HTTP phases alone
             report(res, plan)
             return
-        best32 = max(s.readings_s for s in res.phases if s.per_request == 32)
+        best32 = max((s.readings_s for s in res.phases if s.per_request == 32), default=0.0)
         res.paced_target = best32 / 2
-        say()
-        say(
-            f"[3] open loop at {res.paced_target:,.0f} readings/s"
-            f" ({res.paced_target / 32:,.1f} requests/s of 32), {plan.duration:g} s"
-        )
-        await checkpoint(dsn)
-        meter.name = "http32-paced"
-        res.paced = await paced(server.base, devs, 32, res.paced_target / 32, plan.duration, meter)
-        p = res.paced
-        say(
-            f"  achieved {p.readings_s:,.0f} readings/s, p50 {p.ms(50):.1f} ms, p99"
-            f" {p.ms(99):.1f} ms; {p.problems()}"
-        )
-        if p.cpu:
-            say(f"  {p.cpu.line()}")
-            say(f"  {cost_line(cost(p.cpu, p.accepted))}")
+        if only != "mqtt":  # --only mqtt: section 5 alone
+            say()
+            say(
+                f"[3] open loop at {res.paced_target:,.0f} readings/s"
+                f" ({res.paced_target / 32:,.1f} requests/s of 32), {plan.duration:g} s"
+            )
+            await checkpoint(dsn)
+            meter.name = "http32-paced"
+            res.paced = await paced(
+                server.base, devs, 32, res.paced_target / 32, plan.duration, meter
+            )
+            p = res.paced
+            say(
+                f"  achieved {p.readings_s:,.0f} readings/s, p50 {p.ms(50):.1f} ms, p99"
+                f" {p.ms(99):.1f} ms; {p.problems()}"
+            )
+            if p.cpu:
+                say(f"  {p.cpu.line()}")
+                say(f"  {cost_line(cost(p.cpu, p.accepted))}")
 
         say()
         say(
@@ -1275,6 +1279,9 @@ async def run(
                     say(f"      {cost_line(cost(m.load.cpu, m.readings))}")
                 show_profile(meter, cost(m.load.cpu, m.readings))
 
+        if only == "mqtt":
+            report(res, plan)
+            return
         say()
         say(f"[1] COPY ceiling: {plan.copy_rows:,} rows over {plan.copy_channels} channels")
         res.copies = await copy_ceiling(dsn, plan, now, meter)
@@ -1361,10 +1368,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--only",
-        choices=["statement", "http"],
+        choices=["statement", "http", "mqtt"],
         help="statement: only the writing statement part by part (section 6), on a"
         " migrated database with a listener on the rule engine's channel and no server;"
-        " http: only the HTTP closed-loop phases and their CPU per reading",
+        " http: only the HTTP closed-loop phases and their CPU per reading; mqtt: only"
+        " the MQTT phases (section 5)",
     )
     ap.add_argument(
         "--repeat",
