@@ -79,7 +79,7 @@ The target: >= 500,000 nodes under 50 % of the CPU of 2 cores (server + PostgreS
 broker), PASS/MISS per broker; a miss is reported, never fatal (exit 0 unless the run
 itself broke; a failed Mosquitto part says "not measured: <reason>").
 
-    tools/bench/fleet                          # 120 connections, 1,200 and 3,600 nodes, 120 s each
+    tools/bench/fleet                          # 120 connections, 4,800 and 19,200 nodes, 120 s each
     tools/bench/fleet --quick                  # smoke run: 4 connections, 120 and 240 nodes, 4 s
     tools/bench/fleet --nodes 3000,9000 --connections 300 --duration 180
     tools/bench/fleet --dsn postgresql://user@host/scratch   # leaves its accounts there
@@ -141,7 +141,7 @@ FULL = Plan(
     warm=15.0,
     connections=120,
     workers=2,
-    nodes=(1200, 3600),
+    nodes=(4800, 19200),
     track_per_s=20,
     idle=20.0,
 )
