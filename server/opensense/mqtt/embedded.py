@@ -70,7 +70,7 @@ from opensense_contract import topics
 from opensense_contract.payload import MAX_BODY_BYTES
 
 from .. import aio
-from ..api.keys import CONFIG, REQUEST_LOG
+from ..api.keys import CONFIG, REQUEST_LOG, WRITER
 from ..errors import ApiError
 from ..ids import new_id
 from ..ingest.pipeline import Device
@@ -86,9 +86,12 @@ def _side_of(handler: ProtocolHandler[Any]) -> EmbeddedBroker | None:
     return _side_of_plugins(handler.plugins_manager)
 
 
+def _broker_of(plugins_manager: Any) -> Broker | None:
+    return getattr(getattr(plugins_manager, "app_context", None), "_broker_instance", None)
+
+
 def _side_of_plugins(plugins_manager: Any) -> EmbeddedBroker | None:
-    broker = getattr(getattr(plugins_manager, "app_context", None), "_broker_instance", None)
-    return getattr(broker, "opensense", None)
+    return getattr(_broker_of(plugins_manager), "opensense", None)
 
 
 _qos1_flow = ProtocolHandler._handle_qos1_message_flow
@@ -100,6 +103,13 @@ async def _store_then_ack(self: ProtocolHandler[Any], app_message: Any, original
     side = _side_of(self)
     if side is None or app_message.direction != INCOMING or self.session is None:
         await original(self, app_message)
+        return
+    if getattr(_broker_of(self.plugins_manager), "stopping", False):
+        # read after `stop` began (a connection's reader goes on with what it had
+        # buffered when it was cut): not stored, not acknowledged, the node sends it
+        # again. From here to on_publish's count of publishes being stored nothing
+        # yields, so `stop` either waits for this one or it is refused here.
+        await self.handle_connection_closed()
         return
     if not await side.on_publish(
         self.session, app_message.topic, bytes(app_message.data), app_message.qos, self
@@ -624,6 +634,12 @@ class EmbeddedBroker:
         try:
             async with asyncio.timeout(STOP_STORING_S):
                 await self._stored_all.wait()
+                # a cut connection cancels its handler's tasks (amqtt's reader loop), a
+                # publish's among them, while its rows wait in the group-commit writer,
+                # which commits them all the same: wait for those too
+                writer = self.app.get(WRITER)
+                if writer is not None:
+                    await writer.settled()
         except TimeoutError:
             log.warning("broker stopped with %d publishes still being stored", self._storing)
         await aio.cancel(self._rate_flush)

@@ -124,6 +124,7 @@ class BatchWriter:
         self._collecting = asyncio.Lock()  # one writer gathers a batch at a time
         self._tasks: list[asyncio.Task[None]] = []
         self._seen_written: dict[str, datetime] = {}
+        self._active = 0  # batches taken from the queue and not yet written
         self.batches = 0
         self.requests = 0
         self.lingered = 0  # batches that waited for more requests
@@ -137,6 +138,15 @@ class BatchWriter:
             job = self._queue.get_nowait()
             if not job.done.done():
                 job.done.set_exception(RuntimeError("server stopping"))
+
+    async def settled(self, poll_s: float = 0.005) -> None:
+        """Once nothing is queued or being written: every request handed over before
+        (even one whose caller was cancelled, whose rows are written all the same) is
+        committed or failed. Polls; the caller bounds the wait (a server under steady
+        load may never settle)."""
+        # polled, not an Event: nothing on the write path pays for a wait made at stop
+        while self._active or not self._queue.empty():  # noqa: ASYNC110
+            await asyncio.sleep(poll_s)
 
     async def write(self, rows: Sequence[Row], device_id: str, now: datetime) -> int:
         """Store `rows` (recent days only); returns how many were new."""
@@ -157,6 +167,7 @@ class BatchWriter:
         arriving until its first request is `linger` old."""
         async with self._collecting:
             batch.append(await self._queue.get())
+            self._active += 1  # (given back by _run when the batch is done)
             n = self._take(batch, len(batch[0].rows))
             if n >= self._max_rows:
                 return
@@ -173,26 +184,33 @@ class BatchWriter:
         while True:
             batch: list[_Job] = []
             try:
-                await self._gather(batch)
-                await self._write(batch)
-            except asyncio.CancelledError:
-                for job in batch:
-                    if not job.done.done():
-                        job.done.set_exception(RuntimeError("server stopping"))
-                raise
-            except Exception:
-                if len(batch) == 1:
-                    log.exception("writing a batch of readings failed")
-                    if not batch[0].done.done():
-                        batch[0].done.set_exception(RuntimeError("storing the readings failed"))
-                else:
-                    for job in batch:  # one request's trouble must not fail the others
-                        try:
-                            await self._write([job])
-                        except Exception as exc:
-                            log.exception("writing one request's readings failed")
-                            if not job.done.done():
-                                job.done.set_exception(exc)
+                await self._run_batch(batch)
+            finally:
+                if batch:
+                    self._active -= 1
+
+    async def _run_batch(self, batch: list[_Job]) -> None:
+        try:
+            await self._gather(batch)
+            await self._write(batch)
+        except asyncio.CancelledError:
+            for job in batch:
+                if not job.done.done():
+                    job.done.set_exception(RuntimeError("server stopping"))
+            raise
+        except Exception:
+            if len(batch) == 1:
+                log.exception("writing a batch of readings failed")
+                if not batch[0].done.done():
+                    batch[0].done.set_exception(RuntimeError("storing the readings failed"))
+            else:
+                for job in batch:  # one request's trouble must not fail the others
+                    try:
+                        await self._write([job])
+                    except Exception as exc:
+                        log.exception("writing one request's readings failed")
+                        if not job.done.done():
+                            job.done.set_exception(exc)
 
     async def _write(self, batch: list[_Job]) -> None:
         # The first occurrence of a (channel, ts) in the batch owns it; later ones
