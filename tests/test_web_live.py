@@ -222,8 +222,11 @@ async def test_stream_delivers_own_account_changes_only(app_client, dsn, worlds)
     name, msg = await next_event(resp)
     took = asyncio.get_running_loop().time() - t0
     seen.append(json.dumps(msg))
-    assert name == "board" and [c["id"] for c in msg["cards"]] == [a["temp"]]
-    assert msg["cards"][0]["css"] == "alarm" and msg["cards"][0]["open"] >= 1
+    # the changed card; another of a's cards may ride along when a rule engine of a
+    # test running beside this one (same database) happens to judge it in this moment
+    cards = {c["id"]: c for c in msg["cards"]}
+    assert name == "board" and a["temp"] in cards and set(cards) <= {a["temp"], a["leak"]}
+    assert cards[a["temp"]]["css"] == "alarm" and cards[a["temp"]]["open"] >= 1
     assert took < 1.0, took
     # the ack by the API path changes the card again; still nothing of b
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
