@@ -142,7 +142,7 @@ def cmd_demo(cfg: Config, args: argparse.Namespace) -> int:
         log.info("demo: made the audit signing key %s (a production install: keygen)", key)
     host = args.host or cfg.host
     port = args.port if args.port is not None else cfg.port
-    if cfg.public_url == Config().public_url:
+    if cfg.public_url == Config.public_url:  # (the default: not set)
         # the demo is reached where it serves: its mailed sign-in links (the log's
         # *** SIGN-IN LINK) must name the port it runs on, not the default 8080
         cfg = cfg.replace(public_url=f"http://{host}:{port}")

@@ -49,11 +49,11 @@ async def bounded_stop(app: web.Application) -> None:
 
 def new_loop(kind: str) -> asyncio.AbstractEventLoop:
     """The event loop a serving process runs on (OPENSENSE_EVENT_LOOP). uvloop's libuv
-    loop does the same work as asyncio's pure-Python selector loop for less CPU: the
-    loop itself was a third of the server's CPU a stored MQTT message
-    (docs/ingest-cost.md). Everything the server does goes through the loop's public
-    API, so both run it alike (the suite's subprocess servers run uvloop, its in-process
-    ones asyncio)."""
+    loop does the same work as asyncio's pure-Python selector loop for somewhat less
+    CPU (HTTP 1 a request ~10 % less server CPU; no difference above the noise on the
+    saturated paths: docs/ingest-cost.md). Everything the server does goes through the
+    loop's public API, so both run it alike (the suite's subprocess servers run uvloop,
+    its in-process ones asyncio)."""
     if kind == "uvloop":
         import uvloop
 
