@@ -33,7 +33,7 @@ import operator
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 import msgspec
@@ -68,6 +68,11 @@ WHERE c.num = ANY(%s)
 
 
 _json_decode = msgspec.json.Decoder().decode
+# the states, events and checkpoints a pass saves, written by msgspec instead of
+# `json.dumps` (psycopg's default): the same JSON for what they hold (strings, finite
+# floats, integers, booleans, None, in lists and objects; a reading is never NaN or
+# infinite), about 4x faster (docs/ingest-cost.md)
+_json_encode = msgspec.json.Encoder().encode
 
 
 class _JsonbLoader(JsonbLoader):
@@ -89,12 +94,14 @@ def _cursor(conn: AsyncConnection[Any], row_factory: AsyncRowFactory[Any] | None
     return cur
 
 
-@dataclass(frozen=True)
-class StateRow:
+class StateRow(NamedTuple):
     """A channel's `alarm_state` row as the evaluator reads it. Its checkpoints (up to
     150 of them after a day: the bulk of the row) are read only as a summary — how
     many, the last one's time, the earliest time — which is all a pass needs unless it
-    rewinds; a rewind reads them whole (`_full_checkpoints`)."""
+    rewinds; a rewind reads them whole (`_full_checkpoints`). A named tuple, made
+    straight from the row's values (`_state_row`): a frozen dataclass through
+    `class_row` cost ~6 µs a channel, a tenth of the evaluator's Python at a fleet's
+    trickle."""
 
     channel_num: int
     rules: dict[str, Any]  # rule id -> RuleState JSON
@@ -107,6 +114,11 @@ class StateRow:
     last_ts: datetime | None  # judged up to this reading
 
 
+def _state_row(_cur: Any) -> Any:
+    """Row factory of STATE_SQL: its columns are StateRow's fields, in order."""
+    return StateRow._make
+
+
 STATE_SQL = (
     "SELECT channel_num, rules, events, jsonb_array_length(checkpoints) AS n_checkpoints,"
     " (checkpoints -> -1 ->> 0)::timestamptz AS last_checkpoint,"
@@ -115,7 +127,7 @@ STATE_SQL = (
 
 
 async def _states(conn: AsyncConnection[Any], sql: str, args: Any) -> dict[int, StateRow]:
-    cur = _cursor(conn, class_row(StateRow))
+    cur = _cursor(conn, _state_row)
     await cur.execute(STATE_SQL + sql, args)
     return {r.channel_num: r for r in await cur.fetchall()}
 
@@ -199,18 +211,44 @@ _RULES_CACHE: dict[str, tuple[Rule, ...]] = {}
 RULES_CACHE_MAX = 16384
 _logged = 0  # rules that `_usable` or `_windows` logged about, so far
 
+# Below that, one rule as built, by everything but its id (the JSON of the rest): a
+# fleet's channels share a few rule bodies (their site's default rule) but each
+# channel's rules have ids of their own, so with more channels than RULES_CACHE_MAX
+# (57,600 in tools/bench/fleet at 19,200 nodes) the cache above misses on every pass
+# and each rule was checked and built anew (~7 µs a channel). A body is kept only if
+# nothing was logged about it; the same bound.
+_BODY_CACHE: dict[bytes, Rule] = {}
+
 
 def _rules(text: str) -> list[Rule]:
     hit = _RULES_CACHE.get(text)
     if hit is not None:
         return list(hit)
     before = _logged
-    rules = [x for r in _json_decode(text) if (x := _usable(r))]
+    rules = [x for r in _json_decode(text) if (x := _usable_cached(r))]
     if _logged == before:
         if len(_RULES_CACHE) >= RULES_CACHE_MAX:
             _RULES_CACHE.clear()
         _RULES_CACHE[text] = tuple(rules)
     return rules
+
+
+def _usable_cached(r: dict[str, Any]) -> Rule | None:
+    """`_usable(r)`, by way of `_BODY_CACHE`."""
+    key = _json_encode({k: v for k, v in r.items() if k != "id"})
+    like = _BODY_CACHE.get(key)
+    if like is not None:
+        return Rule(
+            r["id"], like.kind, like.params, like.grace_min, like.clear_min,
+            like.severity, like.windows, like.renotify_min,
+        )  # fmt: skip
+    before = _logged
+    rule = _usable(r)
+    if rule is not None and _logged == before:
+        if len(_BODY_CACHE) >= RULES_CACHE_MAX:
+            _BODY_CACHE.clear()
+        _BODY_CACHE[key] = rule
+    return rule
 
 
 def _usable(r: dict[str, Any]) -> Rule | None:
@@ -285,7 +323,7 @@ async def evaluate_dirty(
         if not dirty:
             return st
         nums = sorted(dirty)
-        scur = _cursor(conn, class_row(StateRow))
+        scur = _cursor(conn, _state_row)
         mcur = _cursor(conn)
         async with conn.pipeline():  # one round trip for the three
             await conn.execute(  # (the rows not there yet: an ON CONFLICT check costs more)
@@ -438,6 +476,10 @@ async def _lookup_for(
     return lookup
 
 
+# the kinds judged from the channel's own readings alone (no RuleBehaviour.other_channel)
+_SELF_ONLY_KINDS = frozenset(k for k, b in rule_kinds.BEHAVIOURS.items() if b.other_channel is None)
+
+
 async def _run(
     conn: AsyncConnection[Any],
     m: Meta,
@@ -463,9 +505,9 @@ async def _run(
             [last.isoformat(), {k: s.to_json() for k, s in states.items()}, dict(events)]
         )
     lookup = (
-        await _lookup_for(conn, m, readings[0][0], readings[-1][0])
-        if any(rule_kinds.behaviour(r.kind).other_channel for r in m.rules)
-        else engine._no_lookup
+        engine._no_lookup
+        if _SELF_ONLY_KINDS.issuperset([r.kind for r in m.rules])
+        else await _lookup_for(conn, m, readings[0][0], readings[-1][0])
     )
     trs: list[Transition] = []
     fed = steps = 0
@@ -633,20 +675,21 @@ def save_params(
     if checkpoints is not None and stored is None:
         if cutoff is not None:
             checkpoints = [c for c in checkpoints if datetime.fromisoformat(c[0]) >= cutoff]
-        mode, cps = "set", Jsonb(checkpoints)
+        mode, cps = "set", Jsonb(checkpoints, _json_encode)
     elif checkpoints is not None and stored is not None:
         times = [datetime.fromisoformat(c[0]) for c in checkpoints]
         if stored.first_checkpoint is not None:
             times.append(stored.first_checkpoint)
         if cutoff is not None and any(t < cutoff for t in times):
-            mode, cps = "merge", Jsonb(checkpoints)  # some go: the database drops them
+            # some go: the database drops them
+            mode, cps = "merge", Jsonb(checkpoints, _json_encode)
         elif checkpoints:
-            mode, cps = "append", Jsonb(checkpoints)
+            mode, cps = "append", Jsonb(checkpoints, _json_encode)
     dues = [d for r in m.rules if (d := engine.due_at(r, states[r.id])) is not None]
     return Save(
         m.num,
-        Jsonb({k: s.to_json() for k, s in states.items()}),
-        Jsonb(events),
+        Jsonb({k: s.to_json() for k, s in states.items()}, _json_encode),
+        Jsonb(events, _json_encode),
         mode,
         cps,
         cutoff,
