@@ -25,7 +25,7 @@ from .db import roles as db_roles
 from .devices import store
 from .errors import ApiError
 from .ingest.validate import parse_ts
-from .serving import bounded_stop, new_loop, stop_on_hangup
+from .serving import bounded_stop, gc_on_startup, new_loop, stop_on_hangup
 from .settings import Config
 
 log = logging.getLogger("opensense")
@@ -116,6 +116,7 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
 
         return supervise(cfg, dsn)
     app = create_app(cfg, dsn)
+    app.on_startup.append(gc_on_startup(cfg.gc_gen0))
     app.on_shutdown.append(bounded_stop)
     web.run_app(
         app,

@@ -31,6 +31,7 @@ from .api.jsonutil import rfc3339
 from .app import create_app
 from .devices import store
 from .presets import VERTICALS
+from .serving import gc_on_startup
 from .settings import Config
 from .statedir import prepare_state_dir, write_secret
 from .web import store as web_store
@@ -315,7 +316,9 @@ async def owner_link(cfg: Config, dsn: str, base: str) -> str | None:
 
 async def run_demo(cfg: Config, dsn: str, host: str, port: int) -> None:
     state = await ensure_demo(cfg, dsn)
-    runner = web.AppRunner(create_app(cfg, dsn), access_log=None)
+    app = create_app(cfg, dsn)
+    app.on_startup.append(gc_on_startup(cfg.gc_gen0))
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

@@ -331,6 +331,18 @@ SETTINGS: tuple[Setting, ...] = (
         "library's pure-Python loop). The test suite's in-process servers run on asyncio's, "
         "its server processes on uvloop.",
     ),
+    Setting(
+        "gc_gen0",
+        "OPENSENSE_GC_GEN0",
+        int,
+        50000,
+        "Allocations between two young-generation passes of Python's cyclic garbage "
+        "collector in `opensense serve`, its workers and `opensense demo` (Python's default: "
+        "700); the objects there once the server has started are frozen out of its passes "
+        "(gc.freeze). Its passes were ~15 % of the server's CPU on the ingest path "
+        "(docs/ingest-cost.md). 0: Python's defaults, nothing frozen.",
+        minimum=0,
+    ),
     Setting("log_level", "OPENSENSE_LOG_LEVEL", str, "INFO", "Python logging level."),
     Setting(
         "mqtt",
@@ -764,6 +776,7 @@ class Config:
     jobs_enabled: bool = True
     workers: int = 1
     event_loop: str = "uvloop"
+    gc_gen0: int = 50000
     log_level: str = "INFO"
     mqtt: str = "embedded"
     mqtt_host: str = "127.0.0.1"

@@ -43,7 +43,7 @@ def _worker_main(cfg: Config, dsn: str, index: int, count: int, parent_pid: int)
     """A worker process (multiprocessing's spawn: a fresh interpreter)."""
 
     from .app import create_app
-    from .serving import bounded_stop, new_loop, stop_on_hangup
+    from .serving import bounded_stop, gc_on_startup, new_loop, stop_on_hangup
 
     logging.basicConfig(
         level=cfg.log_level,
@@ -55,6 +55,7 @@ def _worker_main(cfg: Config, dsn: str, index: int, count: int, parent_pid: int)
     os.setpgrp()
     worker = Worker(index, count, parent_pid)
     app = create_app(worker_config(cfg, index), dsn, worker=worker)
+    app.on_startup.append(gc_on_startup(cfg.gc_gen0))
     app.on_shutdown.append(_ignore_more_signals)
     app.on_shutdown.append(bounded_stop)
     role = "leader" if worker.leader else "worker"
