@@ -441,3 +441,23 @@ async def test_concurrent_overlapping_requests_store_each_reading_once(
     assert await count_rows(dsn, world.account) == 24 + 7
     writer = client.app[WRITER]
     assert writer.requests >= 24  # all but the channel-creating first went through the writer
+
+
+async def test_the_rate_count_commits_without_waiting_for_the_disk_alone(world: World, dsn, clock):
+    """The authentication statement counts the request with `synchronous_commit` off
+    for its own transaction only: the connection (a pool's, which writes readings
+    next) is back to synchronous commit after it."""
+    from opensense import ratelimit, tokens
+    from opensense.ingest import pipeline
+
+    _, key_id, _ = tokens.parse_or_raise(world.devices["fridge01"], ("ds_live",))
+    args = {"key_id": key_id, "window": ratelimit.window_start(clock.now, 60)}
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        async with conn.transaction():  # (as one explicit transaction, to look inside it)
+            row = await (await conn.execute(pipeline.AUTH_SQL, args)).fetchone()
+            assert row is not None and row[9] == 1  # counted
+            inside = await (await conn.execute("SHOW synchronous_commit")).fetchone()
+            assert inside == ("off",)
+        await conn.execute(pipeline.AUTH_SQL, args)  # its own transaction, as served
+        after = await (await conn.execute("SHOW synchronous_commit")).fetchone()
+        assert after == ("on",)
