@@ -123,3 +123,32 @@ async def test_stopping_while_lingering_fails_the_waiting_requests(new_database)
     assert isinstance(rest, RuntimeError) and "server stopping" in str(rest)
     # not stored, so not acknowledged: their senders send them again
     assert len(await rows_of(dsn, [9300])) == 1
+
+
+async def test_requests_sharing_a_statement_each_count_their_own_new_readings(new_database):
+    """One statement for three requests that overlap each other and readings stored
+    before: the first request to carry a reading owns it, a reading stored before is
+    new to none, and the table holds each reading once."""
+    dsn = new_database()
+    t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
+    a = [Row(9100, t0 + timedelta(seconds=i), 1.0) for i in range(3)]  # stored first
+    b = [Row(9101, t0 + timedelta(seconds=i), 2.0) for i in range(2)]
+    c = [Row(9102, t0, 3.0)]
+    async with pool_of(dsn) as pool:
+        writer = BatchWriter(pool, writers=1)
+        writer.start()
+        try:
+            assert await writer.write(a, "dev_a", datetime.now(UTC)) == 3
+            before = writer.batches
+            answers = await asyncio.gather(
+                writer.write([a[0], b[0], b[1]], "dev_1", datetime.now(UTC)),
+                writer.write([b[1], c[0]], "dev_2", datetime.now(UTC)),
+                writer.write([a[1], a[2], a[1]], "dev_3", datetime.now(UTC)),
+            )
+        finally:
+            await writer.stop()
+    assert writer.batches == before + 1  # (the three shared one statement)
+    assert answers == [2, 1, 0]
+    assert await rows_of(dsn, [9100, 9101, 9102]) == sorted(
+        (r.channel_num, r.ts) for r in a + b + c
+    )

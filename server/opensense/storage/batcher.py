@@ -43,7 +43,10 @@ from .write import DIRTY_SQL, INSERT_CTE, Row, columns, execute_mending_partitio
 log = logging.getLogger(__name__)
 
 # One statement, one transaction (autocommit): the rows, the rule engine's wake-up,
-# the late rows' ranges (storage/rollups.py), last_seen_at; answers the new rows' keys
+# the late rows' ranges (storage/rollups.py), last_seen_at; answers the keys of the
+# rows that were stored already (resent readings: usually none), not those of the
+# new ones: a batch of 1,000 new readings no longer sends 1,000 keys back to be
+# parsed and matched (~2 µs a reading of the server's CPU, HTTP 32 a request)
 BATCH_SQL = (
     INSERT_CTE.format(order="")  # `_write` sorts the rows
     + DIRTY_SQL
@@ -53,7 +56,8 @@ BATCH_SQL = (
   UPDATE devices SET last_seen_at = %(now)s WHERE id = ANY(%(devices)s)
     AND (last_seen_at IS NULL OR last_seen_at < %(now)s)
 )
-SELECT channel_num, ts FROM ins"""
+SELECT s.channel_num, s.ts FROM src s
+WHERE NOT EXISTS (SELECT FROM ins i WHERE i.channel_num = s.channel_num AND i.ts = s.ts)"""
 )
 
 
@@ -217,22 +221,23 @@ class BatchWriter:
         # (another request resending it) are duplicates, as they would be one by one.
         owner: dict[tuple[int, int], int] = {}
         rows: list[Row] = []
+        counts = [0] * len(batch)  # each request's rows of this statement, then its new ones
         for i, job in enumerate(batch):
             for r in job.rows:
                 key = (r.channel_num, to_us(r.ts))
                 if key not in owner:
                     owner[key] = i
                     rows.append(r)
+                    counts[i] += 1
         rows.sort(key=lambda r: (r.channel_num, r.ts))
         now = max(job.now for job in batch)
         devices = sorted({job.device_id for job in batch if self._seen_due(job.device_id, job.now)})
         params = {**columns(rows), "now": now, "devices": devices}
         async with self._pool.connection() as conn:  # autocommit: one statement, one transaction
             cur = await execute_mending_partitions(conn, BATCH_SQL, params, rows, savepoint=False)
-            inserted = await cur.fetchall()
-        counts = [0] * len(batch)
-        for num, ts in inserted:
-            counts[owner[(num, to_us(ts))]] += 1
+            stored_already = await cur.fetchall()
+        for num, ts in stored_already:
+            counts[owner[(num, to_us(ts))]] -= 1
         self.batches += 1
         self.requests += len(batch)
         for job, c in zip(batch, counts, strict=True):
