@@ -13,6 +13,7 @@ tools/bench/evaluator) decides exactly as before:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -175,6 +176,16 @@ def test_a_clean_rule_is_built_once_an_edited_one_again() -> None:
     edited = evaluator._rules(_text({**GOOD, "params": {"ok_max": 7.0}}))
     assert edited[0].params == {"ok_max": 7.0} and first[0].params == {"ok_max": 5.0}
     assert evaluator._rules("[]") == []
+
+
+def test_channels_sharing_a_rule_body_get_their_own_ids_and_one_built_body() -> None:
+    evaluator._RULES_CACHE.clear()
+    evaluator._BODY_CACHE.clear()
+    one = evaluator._rules(_text({**GOOD, "id": "rul_one"}))
+    two = evaluator._rules(_text({**GOOD, "id": "rul_two"}))
+    assert [r.id for r in one] == ["rul_one"] and [r.id for r in two] == ["rul_two"]
+    assert two[0] == dataclasses.replace(one[0], id="rul_two")
+    assert two[0].params is one[0].params  # checked and built once, for both
 
 
 def test_a_rule_that_is_logged_about_is_logged_on_every_pass(
