@@ -13,6 +13,7 @@ tools/bench/evaluator) decides exactly as before:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -310,3 +311,69 @@ async def test_saved_state_reads_back_as_written_in_every_checkpoint_mode(
         other = evaluator.Save(nums[1], Jsonb({}), Jsonb({}), "keep", None, None, None, None, "ok")
         await evaluator.save(conn, [one("keep", None, None, "ok"), other], now)
         assert await saved() == (rules, events, [cp2, cp2], t2, None, "ok")
+
+
+# --- the pace of the background evaluator --------------------------------------------------
+
+
+async def _dirty(dsn: str) -> set[int]:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        return {n for (n,) in await (await conn.execute("SELECT channel_num FROM alarm_dirty")).fetchall()}  # fmt: skip  # noqa: E501
+
+
+@pytest.mark.db
+async def test_a_pass_judges_only_channels_marked_long_enough_ago(
+    client: Any, world: World, clock: FakeClock, dsn: str
+) -> None:
+    """`settled_s` (the background evaluator passes OPENSENSE_ALARM_GATHER_MS): a
+    channel marked dirty less than that ago stays dirty for a later pass; one marked
+    earlier is judged. Without it (tests, tools) every dirty channel is judged."""
+    old, new = [await _channel(client, world, clock, dsn, d) for d in ("fridge01", "fridge02")]
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute(
+            "INSERT INTO alarm_dirty (channel_num, since, marked_at) VALUES"
+            " (%s, %s, clock_timestamp() - interval '5 seconds'), (%s, %s, clock_timestamp())",
+            (old, clock() - timedelta(minutes=5), new, clock() - timedelta(minutes=5)),
+        )
+    pool = client.app[POOL]
+    st = await evaluator.evaluate_dirty(pool, clock(), settled_s=2.0)
+    assert st.channels == 1 and await _dirty(dsn) == {new}
+    assert (await evaluator.evaluate_dirty(pool, clock(), settled_s=2.0)).channels == 0
+    assert (await evaluator.evaluate_dirty(pool, clock())).channels == 1
+    assert await _dirty(dsn) == set()
+
+
+@pytest.mark.db
+async def test_a_wake_up_during_the_gather_brings_another_run(dsn: str) -> None:
+    """The listen loop clears its wake-up before the gather, not after it: a mark
+    committed while it waits (which the run may not judge yet: it is not settled) wakes
+    the loop again at once, rather than waiting for the sweep (`every`, here 60 s)."""
+    import asyncio
+
+    from opensense.alarms import tasks
+
+    runs: list[bool] = []
+    gather = 0.3
+
+    async def work(woken: bool) -> None:
+        runs.append(woken)
+
+    loop = asyncio.create_task(tasks._listen_loop(dsn, "opensense_test_gather", 60, work, gather))
+    try:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            for _ in range(100):  # the loop's first run (whatever was missed) is made
+                if runs:
+                    break
+                await asyncio.sleep(0.02)
+            await conn.execute("NOTIFY opensense_test_gather")
+            await asyncio.sleep(gather / 3)  # the loop is in its gather now
+            await conn.execute("NOTIFY opensense_test_gather")
+            for _ in range(100):
+                if len(runs) >= 3:
+                    break
+                await asyncio.sleep(0.05)
+        assert runs == [True, True, True]  # the first, the woken one, and one more
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop

@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 from opensense.api.jsonutil import rfc3339
+from opensense.api.keys import WRITER
 
 from .fixtures.server import World, count_rows
 
@@ -443,6 +444,51 @@ async def test_concurrent_overlapping_requests_store_each_reading_once(
     assert writer.requests >= 24  # all but the channel-creating first went through the writer
 
 
+async def test_a_channel_changed_anywhere_is_read_again_on_the_next_request(
+    client, world: World, clock, dsn
+):
+    """HTTP ingest keeps each device's channels in the process and reads them again
+    only when the sum of their revisions (migration 0027) differs from the one it
+    holds: a recalibration by the API or by another process's plain UPDATE (no
+    notification), and a channel made meanwhile, count from the very next request."""
+    from opensense.api.keys import CHANNELS
+
+    cache = client.app[CHANNELS]
+    h = world.dev_auth("fridge01")
+
+    async def send(value: float, label: str = "") -> dict[str, Any]:
+        clock.advance(seconds=1)
+        r = await client.post("/v1/ingest", json=body(clock.now, t(value, label=label)), headers=h)
+        assert r.status == 200, await r.text()
+        return dict(await r.json())
+
+    cid = (await send(4.0))["channels"][0]["channel_id"]  # creates the channel
+    await send(4.0)
+    reads = cache.reads
+    await send(4.0)  # unchanged: the channels are not sent again
+    assert cache.reads == reads
+    r = await client.patch(f"/v1/channels/{cid}", headers=world.auth, json={"offset": 1.5})
+    assert r.status == 200, await r.text()
+    await send(4.0)
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute('UPDATE channels SET "offset" = -0.5 WHERE id = %s', (cid,))
+    await send(4.0)
+    assert cache.reads == reads + 2
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT m.value FROM measurements m JOIN channels c ON c.num = m.channel_num"
+            " WHERE c.id = %s ORDER BY m.ts",
+            (cid,),
+        )
+        assert [v for (v,) in await cur.fetchall()] == [4.0, 4.0, 4.0, 5.5, 3.5]
+    # a channel made by another request: known to the next one (the writer's path)
+    await send(3.0, label="door")
+    writer = client.app[WRITER]
+    before = writer.requests
+    await send(3.0, label="door")
+    assert writer.requests == before + 1
+
+
 async def test_the_rate_count_commits_without_waiting_for_the_disk_alone(world: World, dsn, clock):
     """The authentication statement counts the request with `synchronous_commit` off
     for its own transaction only: the connection (a pool's, which writes readings
@@ -451,11 +497,12 @@ async def test_the_rate_count_commits_without_waiting_for_the_disk_alone(world: 
     from opensense.ingest import pipeline
 
     _, key_id, _ = tokens.parse_or_raise(world.devices["fridge01"], ("ds_live",))
-    args = {"key_id": key_id, "window": ratelimit.window_start(clock.now, 60)}
+    args = {"key_id": key_id, "window": ratelimit.window_start(clock.now, 60), "rev": None}
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         async with conn.transaction():  # (as one explicit transaction, to look inside it)
-            row = await (await conn.execute(pipeline.AUTH_SQL, args)).fetchone()
-            assert row is not None and row[9] == 1  # counted
+            cur = conn.cursor(row_factory=pipeline._auth_row)
+            row = await (await cur.execute(pipeline.AUTH_SQL, args)).fetchone()
+            assert row is not None and row.rate_count == 1  # counted
             inside = await (await conn.execute("SHOW synchronous_commit")).fetchone()
             assert inside == ("off",)
         await conn.execute(pipeline.AUTH_SQL, args)  # its own transaction, as served

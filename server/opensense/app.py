@@ -30,10 +30,11 @@ from . import (
     workers,
 )
 from . import web as dashboard  # the package's name would shadow aiohttp's `web`
-from .api.keys import CONFIG, DSN, HEALTH, OBSERVER, POOL, REQUEST_LOG, VERIFIER, WRITER
+from .api.keys import CHANNELS, CONFIG, DSN, HEALTH, OBSERVER, POOL, REQUEST_LOG, VERIFIER, WRITER
 from .api.middleware import error_middleware
 from .api.requestlog import RequestLog
 from .db import roles as db_roles
+from .ingest.pipeline import ChannelCache
 from .reports import verify_routes as report_verify
 from .settings import Config
 from .status.health import Health
@@ -127,6 +128,7 @@ def create_app(config: Config, dsn: str, worker: Worker | None = None) -> web.Ap
     app.cleanup_ctx.extend([database_ctx, verifier_ctx, request_log_ctx])
     if config.role != "status":
         app.cleanup_ctx.append(writer_ctx)  # one batch writer for every door
+        app[CHANNELS] = ChannelCache()  # HTTP ingest's copy of devices' channels
     app.router.add_get("/healthz", healthz)
     for setup in STATUS_FEATURES if config.role == "status" else FEATURES:
         setup(app)

@@ -301,8 +301,12 @@ async def evaluate_dirty(
     now: datetime,
     limit: int = 128,
     budget_s: float = PASS_BUDGET_S,
+    settled_s: float = 0.0,
 ) -> Stats:
-    """One pass over (up to `limit`) channels with new readings, oldest wake-up first.
+    """One pass over (up to `limit`) channels with new readings, oldest wake-up first,
+    whose first unjudged reading was marked at least `settled_s` ago (the background
+    evaluator passes OPENSENSE_ALARM_GATHER_MS: under a steady stream a channel is
+    judged about once in that time, over what came meanwhile, not once a pass).
     A fixed number of statements whatever the batch size: claim; create and lock the
     states, and the rules (one round trip); readings; (the checkpoints of channels
     that rewind); mark again; save — each one statement for all the pass's channels;
@@ -314,8 +318,9 @@ async def evaluate_dirty(
     async with pool.connection() as conn, conn.transaction():
         cur = await conn.execute(
             "DELETE FROM alarm_dirty WHERE channel_num IN (SELECT channel_num FROM alarm_dirty"
+            " WHERE marked_at <= clock_timestamp() - make_interval(secs => %s)"
             " ORDER BY marked_at LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING channel_num, since",
-            (limit,),
+            (settled_s, limit),
         )
         dirty = {int(n): s for n, s in await cur.fetchall()}
         if not dirty:

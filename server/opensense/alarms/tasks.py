@@ -62,8 +62,10 @@ async def _listen_loop(
     """Run `work(woken)` after each NOTIFY on `channel`, and at least every `every` s.
     A pump task keeps the connection's notifies() generator running all the time (a
     notification arriving while no generator waits would be lost); the wake-up flag
-    is cleared before each run, so a commit during a run causes another run. Woken,
-    it waits `gather` s first: the notifications of that moment make one run."""
+    is cleared before each run and its gather, so a commit during either causes
+    another run. Woken, it waits `gather` s first: the notifications of that moment
+    make one run (and the evaluator's run judges only channels marked at least
+    `gather` ago: a mark during the gather is judged by the next run)."""
     wake = asyncio.Event()
     while True:
         try:
@@ -81,9 +83,9 @@ async def _listen_loop(
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(wake.wait(), every)
                         woken = wake.is_set()
+                        wake.clear()  # before the gather: a commit from now on brings a run
                         if woken and gather > 0:
                             await asyncio.sleep(gather)
-                        wake.clear()
                         await work(woken)
                     pumper.result()  # raises what broke the connection
                 finally:
@@ -102,7 +104,16 @@ async def evaluator_work(app: web.Application, woken: bool, state: dict[str, flo
     try:
         deferred = 0
         budget = cfg.alarm_pass_budget_ms / 1000
-        while (st := await evaluator.evaluate_dirty(pool, cfg.clock(), budget_s=budget)).channels:
+        # a channel marked less than the gather time ago waits for a later wake-up (its
+        # mark's NOTIFY brings one): under a steady stream each channel is judged about
+        # once a gather time, so the passes do not run back to back, each judging a
+        # channel's last few readings (which cost as much as judging many)
+        settled = cfg.alarm_gather_ms / 1000
+        while (
+            st := await evaluator.evaluate_dirty(
+                pool, cfg.clock(), budget_s=budget, settled_s=settled
+            )
+        ).channels:
             deferred += st.deferred
         note = f"{deferred} channel(s) carried over past the pass budget" if deferred else ""
         _beat(app, "rule_engine", None, note)

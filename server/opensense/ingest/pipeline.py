@@ -13,7 +13,6 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from psycopg import AsyncConnection
-from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
@@ -70,15 +69,24 @@ class Device:
     model: str = ""  # the device's model (Shelly: which unit its battery reports in)
 
 
-# One round trip per request: the token's row, its device and site, the device's
-# channels, and the device's rate-limit counter (counted only for a live token of a
-# live device; the secret is checked right after, so a caller needs the token's
-# public key id to spend a device's allowance).
+# One round trip per request: the token's row, its device and site, the sum of the
+# device's channel revisions (migration 0027), the channels themselves (as JSON arrays)
+# only when that sum is not the one this process holds them at (`rev`: None when it
+# holds none: ChannelCache), and the device's rate-limit counter (counted only for a
+# live token of a live device; the secret is checked right after, so a caller needs
+# the token's public key id to spend a device's allowance).
 AUTH_SQL = """
 WITH t AS (
-  SELECT t.id, t.kind, t.account_id, t.device_id, t.hash, t.revoked_at,
-         d.local_id, d.deleted_at, s.vertical, t.fast_check, d.model
+  SELECT t.id, t.kind, t.account_id, t.device_id, t.hash, t.revoked_at, d.local_id,
+         d.deleted_at, s.vertical, t.fast_check, d.model, r.rev,
+         CASE WHEN r.rev IS DISTINCT FROM %(rev)s::bigint THEN
+           (SELECT coalesce(jsonb_agg(jsonb_build_array(c.kind, c.label, c.id, c.num, c.unit,
+                                                        c."offset")), '[]'::jsonb)
+            FROM channels c WHERE c.device_id = t.device_id)
+         END AS channels
   FROM tokens t LEFT JOIN devices d ON d.id = t.device_id LEFT JOIN sites s ON s.id = d.site_id
+    LEFT JOIN LATERAL (SELECT coalesce(sum(c.rev), 0)::bigint AS rev FROM channels c
+                       WHERE c.device_id = t.device_id) r ON true
   WHERE t.key_id = %(key_id)s
 ), rl AS (
   INSERT INTO rate_counters (key, window_start, count)
@@ -87,12 +95,7 @@ WITH t AS (
   ON CONFLICT (key, window_start) DO UPDATE SET count = rate_counters.count + 1
   RETURNING count
 )
-SELECT t.id, t.kind, t.account_id, t.device_id, t.hash, t.revoked_at, t.local_id,
-       t.deleted_at, t.vertical, (SELECT count FROM rl) AS rate_count,
-       (SELECT coalesce(jsonb_agg(jsonb_build_array(c.kind, c.label, c.id, c.num, c.unit, c."offset")),
-                        '[]'::jsonb)
-        FROM channels c WHERE c.device_id = t.device_id) AS channels,
-       t.fast_check, t.model
+SELECT t.*, (SELECT count FROM rl) AS rate_count
 FROM t
 -- the counter's commit does not wait for its WAL to reach the disk (this statement's
 -- own transaction only; the readings' statements keep synchronous commit): visible to
@@ -102,9 +105,9 @@ WHERE set_config('synchronous_commit', 'off', true) IS NOT NULL
 """
 
 
-@dataclass(frozen=True)
-class AuthRow:
-    """A row of AUTH_SQL: the token, its device and site, the rate count."""
+class AuthRow(NamedTuple):
+    """A row of AUTH_SQL: the token, its device and site, the channels' revision and
+    (when it changed) the channels, the rate count."""
 
     id: str  # the token's
     kind: str
@@ -115,10 +118,15 @@ class AuthRow:
     local_id: str | None  # None: the token has no device
     deleted_at: datetime | None  # the device's
     vertical: str | None
-    rate_count: int | None  # None: not counted (not a live token of a live device)
-    channels: list[list[Any]]  # [kind, label, id, num, unit, offset] each
     fast_check: bytes | None
     model: str | None
+    rev: int  # the sum of the device's channel revisions (0: none)
+    channels: list[list[Any]] | None  # None: unchanged since `rev` was sent
+    rate_count: int | None  # None: not counted (not a live token of a live device)
+
+
+def _auth_row(cur: Any) -> Any:
+    return AuthRow._make
 
 
 def read_channels(rows: list[list[Any]]) -> dict[ChannelKey, Channel]:
@@ -128,18 +136,57 @@ def read_channels(rows: list[list[Any]]) -> dict[ChannelKey, Channel]:
     }
 
 
+Held = tuple[int, dict[ChannelKey, Channel]]  # (revision, channels)
+
+
+class ChannelCache:
+    """A server process's copy of each device's channels as HTTP ingest last read
+    them, keyed by the token's key id, with the revision they were read at (the sum of
+    the channels' revisions, migration 0027). The authentication statement compares
+    that revision with the database's in the same snapshot as the token's row, so a
+    channel made or recalibrated by any process is read again on the device's very
+    next request; the cache only saves sending and parsing what did not change.
+    Bounded: past `size` keys, the oldest half is dropped (read again when used)."""
+
+    def __init__(self, size: int = 65_536) -> None:
+        self.size = size
+        self._held: dict[str, Held] = {}
+        self.reads = 0  # statements that sent the channels (tests, benches)
+
+    def get(self, key_id: str) -> Held | None:
+        return self._held.get(key_id)
+
+    def channels(self, key_id: str, row: AuthRow, held: Held | None) -> dict[ChannelKey, Channel]:
+        """The device's channels: `held` (what `get` gave before the statement, whose
+        revision it sent) when the statement did not send them, else the ones sent."""
+        if row.channels is None:
+            assert held is not None and held[0] == row.rev, "sent unless the revision was held"
+            return held[1]
+        self.reads += 1
+        channels = read_channels(row.channels)
+        if len(self._held) >= self.size:
+            for k in list(self._held)[: self.size // 2]:  # insertion order: the oldest
+                del self._held[k]
+        self._held[key_id] = (row.rev, channels)
+        return channels
+
+
 async def device_for_token(
     conn: AsyncConnection[Any],
     verifier: tokens.Verifier,
     token: str | None,
     now: datetime,
     rate_per_min: int,
+    cache: ChannelCache,
 ) -> Device:
-    """Authenticate a ds_live_ token and count the device's rate limit (401/429)."""
+    """Authenticate a ds_live_ token and count the device's rate limit (401/429);
+    the device's channels from `cache` unless they changed."""
     kind, key_id, secret = tokens.parse_or_raise(token, ("ds_live",))
+    held = cache.get(key_id)
+    cur = conn.cursor(row_factory=_auth_row)
     window = ratelimit.window_start(now, 60)
-    cur = conn.cursor(row_factory=class_row(AuthRow))
-    await cur.execute(AUTH_SQL, {"key_id": key_id, "window": window})
+    rev = held[0] if held is not None else None
+    await cur.execute(AUTH_SQL, {"key_id": key_id, "window": window, "rev": rev})
     row = await cur.fetchone()
     if row is None:
         raise ApiError("token_invalid", "the token is not known (wrong, or deleted)")
@@ -166,7 +213,7 @@ async def device_for_token(
         row.account_id,
         row.local_id,
         row.vertical,
-        read_channels(row.channels),
+        cache.channels(key_id, row, held),
         row.model or "",
     )
 

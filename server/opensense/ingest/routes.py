@@ -14,7 +14,7 @@ from ..api import auth
 from ..api.auth import bearer
 from ..api.body import json_object
 from ..api.jsonutil import response
-from ..api.keys import CONFIG, LOG_ACCOUNT, LOG_DEVICE, POOL, VERIFIER, WRITER
+from ..api.keys import CHANNELS, CONFIG, LOG_ACCOUNT, LOG_DEVICE, POOL, VERIFIER, WRITER
 from ..errors import ApiError
 from ..settings import Config
 from . import lorawan, pipeline, tray
@@ -65,7 +65,12 @@ async def _device(request: web.Request, token: str | None, now: datetime) -> pip
     cfg = request.app[CONFIG]
     async with request.app[POOL].connection() as conn:
         dev = await pipeline.device_for_token(
-            conn, request.app[VERIFIER], token, now, cfg.ingest_rate_per_min
+            conn,
+            request.app[VERIFIER],
+            token,
+            now,
+            cfg.ingest_rate_per_min,
+            request.app[CHANNELS],
         )
     request[LOG_ACCOUNT], request[LOG_DEVICE] = dev.account_id, dev.id
     return dev
