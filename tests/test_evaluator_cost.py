@@ -377,3 +377,30 @@ async def test_a_wake_up_during_the_gather_brings_another_run(dsn: str) -> None:
         loop.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await loop
+
+
+@pytest.mark.db
+async def test_a_channel_a_pass_could_not_finish_keeps_its_place(
+    client: Any, world: World, clock: FakeClock, dsn: str
+) -> None:
+    """A channel a pass marks dirty again (out of budget here) keeps the time it was
+    first marked: settled already, the next pass of the same loop takes it, rather
+    than a gather later."""
+    for d in ("fridge01", "fridge02"):
+        await _channel(client, world, clock, dsn, d)
+    for d in ("fridge01", "fridge02"):  # a new reading each, both dirty
+        r = await client.post(
+            "/v1/ingest",
+            json={"device": d, "measurements": [
+                {"type": "temperature", "value": 4.0, "ts": rfc3339(clock() - timedelta(minutes=1))}
+            ]},
+            headers=world.dev_auth(d),
+        )  # fmt: skip
+        assert r.status == 200, await r.text()
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("UPDATE alarm_dirty SET marked_at = marked_at - interval '5 seconds'")
+    pool = client.app[POOL]
+    st = await evaluator.evaluate_dirty(pool, clock(), budget_s=0, settled_s=2.0)
+    assert (st.channels, st.deferred) == (1, 1) and len(await _dirty(dsn)) == 1
+    st = await evaluator.evaluate_dirty(pool, clock(), budget_s=0, settled_s=2.0)
+    assert (st.channels, st.deferred) == (1, 0) and await _dirty(dsn) == set()

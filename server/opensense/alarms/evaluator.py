@@ -289,10 +289,14 @@ class Stats:
     deferred: int = 0  # channels left dirty for the next pass: the pass ran out of budget
 
 
+# A channel the pass could not finish is marked again with the time it was first
+# marked, so it keeps its place (oldest first) and is settled at once: the loop goes
+# on with it, rather than waiting a gather for a mark of its own (`settled_s`).
 REMARK_SQL = (
-    "INSERT INTO alarm_dirty (channel_num, since)"
-    " SELECT * FROM unnest(%s::int4[], %s::timestamptz[]) ORDER BY 1"
-    " ON CONFLICT (channel_num) DO UPDATE SET since = least(alarm_dirty.since, excluded.since)"
+    "INSERT INTO alarm_dirty (channel_num, since, marked_at)"
+    " SELECT * FROM unnest(%s::int4[], %s::timestamptz[], %s::timestamptz[]) ORDER BY 1"
+    " ON CONFLICT (channel_num) DO UPDATE SET since = least(alarm_dirty.since, excluded.since),"
+    "  marked_at = least(alarm_dirty.marked_at, excluded.marked_at)"
 )
 
 
@@ -319,10 +323,13 @@ async def evaluate_dirty(
         cur = await conn.execute(
             "DELETE FROM alarm_dirty WHERE channel_num IN (SELECT channel_num FROM alarm_dirty"
             " WHERE marked_at <= clock_timestamp() - make_interval(secs => %s)"
-            " ORDER BY marked_at LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING channel_num, since",
+            " ORDER BY marked_at LIMIT %s FOR UPDATE SKIP LOCKED)"
+            " RETURNING channel_num, since, marked_at",
             (settled_s, limit),
         )
-        dirty = {int(n): s for n, s in await cur.fetchall()}
+        claimed = await cur.fetchall()
+        dirty = {int(n): s for n, s, _ in claimed}
+        marked = {int(n): m for n, _, m in claimed}
         if not dirty:
             return st
         nums = sorted(dirty)
@@ -371,7 +378,10 @@ async def evaluate_dirty(
             if fed < len(rs) or len(rs) >= per_channel:  # more to come: mark it again
                 remarks.append((num, rs[fed - 1][0] + timedelta(microseconds=1)))
         if remarks:
-            await conn.execute(REMARK_SQL, ([n for n, _ in remarks], [t for _, t in remarks]))
+            await conn.execute(
+                REMARK_SQL,
+                ([n for n, _ in remarks], [t for _, t in remarks], [marked[n] for n, _ in remarks]),
+            )
         await save(conn, saves, now)
         await write_audit(conn, pending)  # last: after every row lock of this pass
         st.channels = max(st.channels, 1)  # the claim made progress: look again
