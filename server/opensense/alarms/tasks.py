@@ -32,12 +32,11 @@ from . import dispatch, evaluator
 
 log = logging.getLogger(__name__)
 
-# Channels one background pass claims (evaluate_dirty's `limit`). A pass costs a fixed
-# few statements, and its claim sorts what is dirty: at a fleet's trickle, with a
-# second's marks waiting, 512 against 128 took the fleet's line from 88,778 / 87,733 to
-# 100,166 / 106,932 nodes (tools/bench/fleet, embedded; docs/ingest-cost.md). The pass
-# budget (OPENSENSE_ALARM_PASS_BUDGET_MS) still bounds how long a pass holds its locks.
-PASS_CHANNELS = 512
+# Channels one background pass claims (evaluate_dirty's `limit`). Measured both ways
+# (docs/ingest-cost.md): 512 took the fleet's line (embedded) from 88,778 / 87,733 to
+# 100,166 / 106,932 nodes, but HTTP 32 a request from 38.1-42.6 to 40.5-52.7 µs a
+# reading (four pairs, alternating); HTTP 32's is the issue's target, so 128 it stays.
+PASS_CHANNELS = 128
 
 
 def _beat(
