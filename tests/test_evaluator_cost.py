@@ -13,6 +13,7 @@ tools/bench/evaluator) decides exactly as before:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -27,7 +28,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from opensense.alarms import engine, evaluator
+from opensense.alarms import engine, evaluator, tasks
 from opensense.alarms.engine import Rule, RuleState, Transition, Window
 from opensense.api.jsonutil import rfc3339
 from opensense.api.keys import POOL
@@ -318,7 +319,8 @@ async def test_saved_state_reads_back_as_written_in_every_checkpoint_mode(
 
 async def _dirty(dsn: str) -> set[int]:
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        return {n for (n,) in await (await conn.execute("SELECT channel_num FROM alarm_dirty")).fetchall()}  # fmt: skip  # noqa: E501
+        cur = await conn.execute("SELECT channel_num FROM alarm_dirty")
+        return {n for (n,) in await cur.fetchall()}
 
 
 @pytest.mark.db
@@ -348,10 +350,6 @@ async def test_a_wake_up_during_the_gather_brings_another_run(dsn: str) -> None:
     """The listen loop clears its wake-up before the gather, not after it: a mark
     committed while it waits (which the run may not judge yet: it is not settled) wakes
     the loop again at once, rather than waiting for the sweep (`every`, here 60 s)."""
-    import asyncio
-
-    from opensense.alarms import tasks
-
     runs: list[bool] = []
     gather = 0.3
 

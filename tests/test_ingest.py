@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from opensense.api.jsonutil import rfc3339
-from opensense.api.keys import WRITER
+from opensense.api.keys import CHANNELS, WRITER
 
 from .fixtures.server import World, count_rows
 
@@ -425,8 +425,6 @@ async def test_concurrent_overlapping_requests_store_each_reading_once(
     is accepted by exactly one request and counted as a duplicate by the others."""
     import asyncio
 
-    from opensense.api.keys import WRITER
-
     base = clock.now - timedelta(hours=1)
     bodies = []
     for i in range(24):  # request i carries minutes i..i+7: neighbours overlap
@@ -451,8 +449,6 @@ async def test_a_channel_changed_anywhere_is_read_again_on_the_next_request(
     only when the sum of their revisions (migration 0027) differs from the one it
     holds: a recalibration by the API or by another process's plain UPDATE (no
     notification), and a channel made meanwhile, count from the very next request."""
-    from opensense.api.keys import CHANNELS
-
     cache = client.app[CHANNELS]
     h = world.dev_auth("fridge01")
 

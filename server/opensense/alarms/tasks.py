@@ -32,12 +32,6 @@ from . import dispatch, evaluator
 
 log = logging.getLogger(__name__)
 
-# Channels one background pass claims (evaluate_dirty's `limit`). Measured both ways
-# (docs/ingest-cost.md): 512 took the fleet's line (embedded) from 88,778 / 87,733 to
-# 100,166 / 106,932 nodes, but HTTP 32 a request from 38.1-42.6 to 40.5-52.7 µs a
-# reading (four pairs, alternating); HTTP 32's is the issue's target, so 128 it stays.
-PASS_CHANNELS = 128
-
 
 def _beat(
     app: web.Application, component: str, exc: BaseException | None, detail: str = ""
@@ -117,7 +111,7 @@ async def evaluator_work(app: web.Application, woken: bool, state: dict[str, flo
         settled = cfg.alarm_gather_ms / 1000
         while (
             st := await evaluator.evaluate_dirty(
-                pool, cfg.clock(), limit=PASS_CHANNELS, budget_s=budget, settled_s=settled
+                pool, cfg.clock(), budget_s=budget, settled_s=settled
             )
         ).channels:
             deferred += st.deferred
