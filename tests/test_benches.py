@@ -68,9 +68,10 @@ def scratch_dsn(pg_server: str) -> Iterator[str]:
     info["dbname"] = name
     yield psycopg.conninfo.make_conninfo("", **info)
     with psycopg.connect(pg_server, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+        for db in (name, f"{name}_baseline"):  # (ingest --baseline-rev makes the second)
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db))
+            )
 
 
 def test_fwqueue() -> None:
@@ -195,6 +196,24 @@ def test_ingest(scratch_dsn: str) -> None:
     # the writing statement part by part
     figure(summary, rf"^   BATCH_SQL as the server runs it +{NUM} +{NUM} +{NUM}")
     assert len(re.findall(rf" {VERDICT}$", summary[summary.index("TARGETS") :], re.M)) == 5
+
+
+def test_ingest_against_an_older_commit_in_the_same_run(scratch_dsn: str) -> None:
+    """--baseline-rev: the code when issue 14 began runs beside this tree, on a database
+    of its own, and the HTTP targets become shares of its figures from the same run."""
+    out = run_bench("ingest", "--dsn", scratch_dsn, "--only", "http", "--baseline-rev", "dc0c4da")
+    assert len(re.findall(r"every reading accepted  \(base\)$", out, re.M)) == 4, out
+    summary = out[out.index("SUMMARY") :]
+    assert "dc0c4da's server, the same HTTP phases in this run" in summary
+    rate, server, _pg, total, base = figure(
+        summary, rf"^   HTTP 32 readings/request.*? {NUM} +{NUM} +(\S+) +{NUM} +\S+ +{NUM} "
+    )
+    assert float(rate) > 0 and float(total) >= float(server) > 0 and float(base) > 0
+    assert base != "190.8"  # measured, not the constant
+    (limit,) = figure(
+        summary, rf"HTTP 32 readings/request CPU <= 20% of dc0c4da .*target <= {NUM}\)"
+    )
+    assert abs(float(limit) - 0.2 * float(base)) < 0.11
 
 
 def test_restart(scratch_dsn: str) -> None:

@@ -100,7 +100,7 @@ from typing import Any
 import psutil
 import psycopg
 
-from _lib import pg, runner
+from _lib import baseline, pg, runner
 from _lib.cpu import CpuMeter, CpuUse
 from _lib.fleet import MqttFleet, bcrypt_rounds, first_open_day, fleet_by_service, ingest_devices
 from _lib.http_load import Dev, Stats, closed_loop, paced, warm_up
@@ -850,6 +850,80 @@ class Results:
     mqtt: list[MqttPhase] = field(default_factory=list)
     mqtt_missing: str = ""  # why the MQTT phases did not run
     variants: list[Variant] = field(default_factory=list)
+    # --baseline-rev: that commit's server, measured phase by phase beside this one's
+    baseline_commit: str = ""
+    baseline_phases: list[Stats] = field(default_factory=list)
+
+
+@dataclass
+class BaselineServer:
+    """--baseline-rev: the other commit's server, its devices and its CPU accounts."""
+
+    commit: str
+    server: Serve
+    devs: list[Dev]
+    meter: Meter
+
+
+async def open_threshold(dsn: str, now: datetime) -> None:
+    """The readings' timestamps start on the first open day (each one new: a unique
+    channel and time), while a node's reading is minutes old at most. Measured against
+    a fresh database's rollup threshold (its migration time) every one would be "late"
+    and logged for the rollups job (storage/rollups.py): the threshold is set before
+    them, as it stands for a node's fresh reading."""
+    async with await connect(dsn) as conn:
+        opened = first_open_day(now) - timedelta(minutes=5)
+        has = await (await conn.execute("SELECT to_regclass('rollup_state')")).fetchone()
+        if has and has[0]:  # (the code before issue 14 has no threshold)
+            await conn.execute(
+                "UPDATE rollup_state SET threshold = %s, materialized = %s", (opened, opened)
+            )
+
+
+async def start_baseline(
+    frame: runner.Frame, rev: str, plan: Plan, rounds: int, env: dict[str, str]
+) -> BaselineServer:
+    """`rev`'s server on a database of its own in the same PostgreSQL (_lib/baseline.py),
+    its devices made and warmed up like this run's."""
+    tree = frame.work / "baseline"
+    commit = await asyncio.to_thread(baseline.extract, rev, tree)
+    now = datetime.now(UTC)
+    base_dsn = await asyncio.to_thread(baseline.database_dsn, frame.dsn)
+    app_dsn, devs = await asyncio.to_thread(
+        baseline.prepare, tree, base_dsn, rounds, plan.devices, now
+    )
+    await open_threshold(base_dsn, now)
+    state = frame.work / "baseline-state"
+    state.mkdir()
+    os.chmod(state, 0o755)
+    mqtt_port = free_port()
+    extra = {
+        **env,
+        **baseline.env(tree),
+        "OPENSENSE_MQTT_PORT": str(mqtt_port),
+        "OPENSENSE_STATE_DIR": str(state),
+    }
+    server = Serve(app_dsn, frame.work / "baseline-server.log", extra, mqtt_port=mqtt_port)
+    server.start()
+    try:
+        await server.wait_ready()
+        w = await warm_up(server.base, devs)
+        if w.bad:
+            raise RuntimeError(f"the baseline's warm-up failed: {w.sample}")
+    except BaseException:
+        say(f"--- baseline-server.log (tail) ---\n{server.log_tail()}")
+        server.stop()
+        raise
+    backends = None if frame.pg_pid else base_dsn
+    meter = Meter(
+        {"server": server.pid, "PostgreSQL": frame.pg_pid},
+        "load client",
+        None,
+        None,
+        None,
+        backends,
+    )
+    return BaselineServer(commit, server, devs, meter)
 
 
 def phase_line(s: Stats, ceiling: float | None) -> str:
@@ -874,10 +948,31 @@ PATH_NAMES = {
 def path_costs(res: Results) -> list[tuple[str, str, float, Cost]]:
     """(key, name, readings/s, CPU per reading) of each path: its phase with the most
     readings/s."""
+    out = http_costs(res.phases)
+    for m in res.mqtt:
+        c = cost(m.load.cpu, m.readings)
+        if c is not None and f"mqtt{m.load.k}" in PATH_NAMES:
+            out.append((f"mqtt{m.load.k}", PATH_NAMES[f"mqtt{m.load.k}"], m.readings_s, c))
+    return out
+
+
+def baselines(res: Results) -> tuple[dict[str, float], str]:
+    """The CPU µs a reading each path's target is a share of, and where they come from:
+    --baseline-rev's phases of this run, else the constants."""
+    if res.baseline_commit:
+        got = {key: c.total for key, _, _, c in http_costs(res.baseline_phases)}
+        return {**BASELINE_CPU_US, **got}, (
+            f"HTTP: {res.baseline_commit}'s server measured in this run, same phases; MQTT:"
+            f" {BASELINE_DATE}, main at {BASELINE_COMMIT}"
+        )
+    return BASELINE_CPU_US, f"{BASELINE_DATE}, main at {BASELINE_COMMIT}, same bench"
+
+
+def http_costs(phases: list[Stats]) -> list[tuple[str, str, float, Cost]]:
     out = []
     for k in (32, 1):
         best = max(
-            (s for s in res.phases if s.per_request == k),
+            (s for s in phases if s.per_request == k),
             key=lambda s: s.readings_s,
             default=None,
         )
@@ -885,10 +980,6 @@ def path_costs(res: Results) -> list[tuple[str, str, float, Cost]]:
         if best is not None and c is not None:
             name = f"{PATH_NAMES[f'http{k}']} (c={best.concurrency})"
             out.append((f"http{k}", name, best.readings_s, c))
-    for m in res.mqtt:
-        c = cost(m.load.cpu, m.readings)
-        if c is not None and f"mqtt{m.load.k}" in PATH_NAMES:
-            out.append((f"mqtt{m.load.k}", PATH_NAMES[f"mqtt{m.load.k}"], m.readings_s, c))
     return out
 
 
@@ -985,6 +1076,15 @@ def report(res: Results, plan: Plan) -> None:
         say()
 
     paths = path_costs(res)
+    bases, base_source = baselines(res)
+    if res.baseline_phases:
+        say(
+            f"   {res.baseline_commit}'s server, the same HTTP phases in this run (each before this tree's):"
+        )
+        say(PHASE_HEAD)
+        for s in res.baseline_phases:
+            say(phase_line(s, ceiling))
+        say()
     copy_us = next((c.pg_us for c in res.copies if c.streams == 1), None)
     say(
         "5. CPU per stored reading (server process incl. its embedded broker + PostgreSQL's"
@@ -995,7 +1095,7 @@ def report(res: Results, plan: Plan) -> None:
         "  x COPY  baseline µs  of baseline"
     )
     for key, what, rate, pc in paths:
-        base = BASELINE_CPU_US.get(key, 0.0)
+        base = bases.get(key, 0.0)
         say(
             f"   {what:<34} {rate:>10,.0f}  {pc.server_us:>10,.1f}  {fmt_us(pc.pg_us):>10}"
             f"  {pc.total:>10,.1f}  {fmt(pc.total / copy_us, 1) if copy_us else 'n/a':>6}"
@@ -1005,10 +1105,7 @@ def report(res: Results, plan: Plan) -> None:
         say(
             f"   {'COPY (binary, 1 stream)':<34} {'':>10}  {'-':>10}  {copy_us:>10,.1f}  {copy_us:>10,.1f}"
         )
-    say(
-        f"   (each path: its phase with the most readings/s; baseline: {BASELINE_DATE},"
-        f" main at {BASELINE_COMMIT}, same bench)"
-    )
+    say(f"   (each path: its phase with the most readings/s; baseline: {base_source})")
     say()
     if res.variants:
         variants_table(res.variants)
@@ -1047,11 +1144,12 @@ def report(res: Results, plan: Plan) -> None:
             )
         )
     for key, _, _, pc in paths:
-        if key in TARGET_CPU and BASELINE_CPU_US.get(key):
-            limit = TARGET_CPU[key] * BASELINE_CPU_US[key]
+        if key in TARGET_CPU and bases.get(key):
+            limit = TARGET_CPU[key] * bases[key]
             rows.append(
                 (
-                    f"{PATH_NAMES[key]} CPU <= {TARGET_CPU[key]:.0%} of baseline",
+                    f"{PATH_NAMES[key]} CPU <= {TARGET_CPU[key]:.0%} of"
+                    f" {res.baseline_commit or 'baseline'}",
                     f"{pc.total:,.1f} µs/reading (target <= {limit:,.1f})",
                     verdict(pc.pg_us is not None and pc.total <= limit),
                 )
@@ -1096,6 +1194,7 @@ async def run(
     profile: Path | None,
     repeat: int = 1,
     only: str | None = None,
+    baseline_rev: str | None = None,
 ) -> None:
     dsn = frame.dsn
     t_start = time.perf_counter()
@@ -1130,18 +1229,7 @@ async def run(
     server = Serve(app_dsn, frame.work / "server.log", env, mqtt_port=mqtt_port).start()
     with watched(server):
         t0 = time.perf_counter()
-        # The readings' timestamps start on the first open day (each one new: a unique
-        # channel and time), while a node's reading is minutes old at most. Measured
-        # against a fresh database's rollup threshold (its migration time) every one
-        # would be "late" and logged for the rollups job (storage/rollups.py): the
-        # threshold is set before them, as it stands for a node's fresh reading.
-        async with await connect(dsn) as conn:
-            opened = first_open_day(now) - timedelta(minutes=5)
-            has = await (await conn.execute("SELECT to_regclass('rollup_state')")).fetchone()
-            if has and has[0]:  # (the code before issue 14 has no threshold)
-                await conn.execute(
-                    "UPDATE rollup_state SET threshold = %s, materialized = %s", (opened, opened)
-                )
+        await open_threshold(dsn, now)
         acc, devs = await ingest_devices(dsn, rounds, plan.devices, now)
         say(
             f"  {plan.devices} devices and tokens (bcrypt cost {rounds}) in"
@@ -1177,11 +1265,34 @@ async def run(
         if w.bad:
             raise RuntimeError(f"warm-up failed: {w.sample}")
 
+        base = None
+        if baseline_rev and only != "mqtt":
+            say()
+            t0 = time.perf_counter()
+            base = await start_baseline(frame, baseline_rev, plan, rounds, env)
+            res.baseline_commit = base.commit
+            say(
+                f"  baseline: {base.commit}'s server (git archive, its own database migrated"
+                f" and its {plan.devices} devices made by that code) ready and warmed up in"
+                f" {time.perf_counter() - t0:.1f} s; each phase below runs on it first"
+                " (marked 'base'), then on this tree"
+            )
         say()
         say(f"[2] HTTP ingest, closed loop, {plan.duration:g} s per phase")
         say(PHASE_HEAD)
         for k in plan.per_request if only != "mqtt" else ():
             for conc in plan.concurrency:
+                if base is not None:
+                    await checkpoint(dsn)
+                    b = await closed_loop(
+                        base.server.base, base.devs, k, conc, plan.duration, base.meter
+                    )
+                    res.baseline_phases.append(b)
+                    say(phase_line(b, None) + "  (base)")
+                    if b.cpu:
+                        say(f"      {cost_line(cost(b.cpu, b.accepted))}")
+                    if b.sample:
+                        say(f"      first failure: {b.sample}")
                 await checkpoint(dsn)
                 meter.name = f"http{k}-c{conc}"
                 s = await closed_loop(server.base, devs, k, conc, plan.duration, meter)
@@ -1194,6 +1305,9 @@ async def run(
                     say(f"      first failure: {s.sample}")
                 show_profile(meter, cost(s.cpu, s.accepted))
 
+        if base is not None:
+            base.server.stop()  # the other phases measure this tree alone
+            await asyncio.to_thread(baseline.drop, dsn)
         if only == "http":  # the HTTP phases alone
             report(res, plan)
             return
@@ -1381,6 +1495,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="rounds of section 6 (each over every piece and size; cells are medians)",
     )
+    ap.add_argument(
+        "--baseline-rev",
+        metavar="REV",
+        help="also measure the HTTP phases on REV's server (a commit of this repository,"
+        " e.g. dc0c4da, the code when issue 14 began), phase by phase before this tree's,"
+        " on a database of its own in the same PostgreSQL; the CPU targets are then shares"
+        " of REV's figures from this run instead of the constants",
+    )
     args = ap.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.profile:
@@ -1415,7 +1537,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.only == "statement":
             await only_statement(frame, plan, bcrypt_rounds(args.quick), args.repeat)
             return
-        await run(frame, cfg, plan, bcrypt_rounds(args.quick), args.profile, args.repeat, args.only)
+        await run(
+            frame,
+            cfg,
+            plan,
+            bcrypt_rounds(args.quick),
+            args.profile,
+            args.repeat,
+            args.only,
+            args.baseline_rev,
+        )
 
     return runner.run("ingest", args.dsn, body)
 
