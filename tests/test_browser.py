@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import re
 import time
+from datetime import timedelta
 from html import unescape
 from typing import Any
 from urllib.parse import urlsplit
 
+import psycopg
 import pytest
 from aiohttp import web
 from axe_playwright_python.sync_playwright import Axe
 
+from opensense.storage import write
 from opensense.web.session import NAV
 
 from .fixtures.browser import LiveServer, shot
 from .fixtures.clock import FakeClock
 from .fixtures.notify import Mailbox
-from .fixtures.tenants import Tenant, make_tenant
+from .fixtures.tenants import Tenant, make_tenant, new_id
 
 pytestmark = pytest.mark.db
 
@@ -217,3 +220,56 @@ def test_every_page_is_accessible_and_fits_the_screen(
         name = "a11y-" + (re.sub(r"[^a-z0-9]+", "-", path.lower()).strip("-") or "overview")
         check(name)
     assert not problems, "axe-core found:\n" + "\n".join(problems)
+
+
+async def _one_reading_channel(dsn: str, tenant: Tenant, now: Any) -> str:
+    """A channel of the tenant's device with one reading three hours ago and a range
+    rule made an hour after it: the chart has one bucket, older than the rule."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        chn = new_id("chn")
+        cur = await conn.execute(
+            "INSERT INTO channels (id, sensor_id, account_id, device_id, kind, label, unit,"
+            " name) VALUES (%s, %s, %s, %s, 'temperature', 'new', '°C', %s) RETURNING num",
+            (chn, new_id("snr"), tenant.account, tenant.id("dev"), f"New probe {tenant.tag}"),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        async with conn.transaction():
+            rows = [(row[0], now - timedelta(hours=3), 5.0)]
+            await write.insert_readings(conn, rows, now=now, compact_after_days=3)
+        await conn.execute(
+            "INSERT INTO rules (id, channel_id, kind, params, created_at)"
+            " VALUES (%s, %s, 'range', '{\"ok_min\": 2, \"ok_max\": 8}', %s)",
+            (new_id("rul"), chn, now - timedelta(hours=2)),
+        )
+    return chn
+
+
+LIMIT_PIXELS_JS = """canvas => {
+  // the limits' dashed red (#b3261e), drawn opaque; the alarm bands are the same red at
+  // 15 % opacity and are left out by the alpha test
+  const d = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+  let n = 0;
+  for (let i = 0; i < d.length; i += 4)
+    if (d[i + 3] > 160 && Math.abs(d[i] - 179) < 40 && d[i + 1] < 90 && d[i + 2] < 90) n++;
+  return n;
+}"""
+
+
+def test_a_chart_of_one_bucket_draws_its_limits(
+    desktop, live_server, live_mail, live_clock, tenant, dsn
+):
+    # The limits are drawn from the rule's making to the range's end, whatever the
+    # buckets: they were sampled at the buckets' times only, so a chart whose buckets
+    # all came before the rule (here its only one) drew none.
+    chn = live_server.run(_one_reading_channel(dsn, tenant, live_clock()))
+    page = sign_in(desktop, live_mail, tenant.owner_email)
+    page.goto(f"/channels/{chn}?range=24h")
+    canvas = page.locator("#chart canvas")
+    canvas.wait_for()
+    shot(page, "chart-one-bucket")
+    width = canvas.evaluate("c => c.width")
+    # two limits over the last 2 of 24 hours, dashed (6 on, 4 off): ~2 × 0.6 × 1/12 of
+    # the plot's width painted; none before
+    painted = canvas.evaluate(LIMIT_PIXELS_JS)
+    assert width * 0.05 < painted < width * 0.2

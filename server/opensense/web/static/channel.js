@@ -11,9 +11,35 @@
     return v;
   }
 
+  // The limits are step lines over the whole range, whatever buckets there are: their
+  // points are the buckets' times, the range's ends and each change of a limit. At a
+  // point that is not a bucket the readings' series hold `undefined`, which uPlot
+  // steps over (a `null` from the server is a missing bucket and stays a gap). With
+  // the buckets' times alone, a chart of one bucket (a channel minutes old) or of
+  // buckets older than the rule drew no limit at all.
+  function points(d) {
+    var seen = {}, xs = [];
+    function add(t) { if (!seen[t]) { seen[t] = true; xs.push(t); } }
+    d.x.forEach(add);
+    if (d.thresholds.length) {
+      add(d.from);
+      add(d.to);
+      d.thresholds.forEach(function (th) {
+        th.steps.forEach(function (s) { if (s[0] > d.from && s[0] < d.to) add(s[0]); });
+      });
+    }
+    xs.sort(function (a, b) { return a - b; });
+    return xs;
+  }
+
   function draw(d) {
     var unit = el.getAttribute("data-unit") || "";
-    var data = [d.x, d.mean, d.min, d.max];
+    var xs = points(d), at = {};
+    d.x.forEach(function (t, i) { at[t] = i; });
+    function column(values) {
+      return xs.map(function (t) { return t in at ? values[at[t]] : undefined; });
+    }
+    var data = [xs, column(d.mean), column(d.min), column(d.max)];
     var series = [
       {},
       { label: "mean", stroke: "#1f5fa8", width: 2, value: fmt },
@@ -21,7 +47,7 @@
       { label: "max", stroke: "#7aa6d6", width: 1, value: fmt },
     ];
     d.thresholds.forEach(function (th) {
-      data.push(d.x.map(function (t) { return stepAt(th.steps, t); }));
+      data.push(xs.map(function (t) { return stepAt(th.steps, t); }));
       series.push({ label: th.label, stroke: "#b3261e", width: 1, dash: [6, 4], value: fmt,
         paths: uPlot.paths.stepped({ align: 1 }) });
     });
