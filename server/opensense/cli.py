@@ -26,7 +26,7 @@ from .devices import store
 from .errors import ApiError
 from .ingest.validate import parse_ts
 from .serving import bounded_stop, gc_on_startup, new_loop, stop_on_hangup
-from .settings import Config
+from .settings import Config, local_url
 
 log = logging.getLogger("opensense")
 
@@ -110,7 +110,8 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
     _check_signing_key(cfg)
     host = args.host or cfg.host
     port = args.port if args.port is not None else cfg.port
-    cfg = cfg.replace(host=host, port=port)  # the MQTT consumer's client id uses the port
+    # the MQTT consumer's client id uses the port; a default public URL follows it
+    cfg = cfg.on_port(port).replace(host=host)
     if cfg.workers > 1:  # a supervisor of worker processes on one port (docs/scaling.md)
         from .supervisor import supervise
 
@@ -143,7 +144,7 @@ def cmd_demo(cfg: Config, args: argparse.Namespace) -> int:
         log.info("demo: made the audit signing key %s (a production install: keygen)", key)
     host = args.host or cfg.host
     port = args.port if args.port is not None else cfg.port
-    if cfg.public_url == Config.public_url:  # (the default: not set)
+    if cfg.public_url == local_url(cfg.port):  # (the default: not set)
         # the demo is reached where it serves: its mailed sign-in links (the log's
         # *** SIGN-IN LINK) must name the port it runs on, not the default 8080
         cfg = cfg.replace(public_url=f"http://{host}:{port}")

@@ -580,7 +580,9 @@ SETTINGS: tuple[Setting, ...] = (
         "OPENSENSE_PUBLIC_URL",
         str,
         "http://127.0.0.1:8080",
-        "Base URL people reach this server at, for the links in email (confirm, unsubscribe).",
+        "Base URL people reach this server at, for the links in email (confirm, unsubscribe,"
+        " sign-in) and the report's verify link and QR code. Unset: http://127.0.0.1 with"
+        " the port the server binds (OPENSENSE_PORT or `serve --port`).",
     ),
     Setting("smtp_host", "OPENSENSE_SMTP_HOST", str, "", "SMTP relay host; empty: no email."),
     Setting("smtp_port", "OPENSENSE_SMTP_PORT", int, 587, "SMTP relay port.", minimum=1),
@@ -875,10 +877,23 @@ class Config:
             if s.env in env and env[s.env] != "":
                 values[s.name] = _parse(s, env[s.env])
         values.update(overrides)
+        if "public_url" not in values and "port" in values:
+            values["public_url"] = local_url(values["port"])
         return cls(**values)
+
+    def on_port(self, port: int) -> Config:
+        """This configuration serving on `port` (`serve --port`): a public URL that was
+        left to its default follows the port, so links name the server's port."""
+        follows = self.public_url == local_url(self.port)
+        return self.replace(port=port, public_url=local_url(port) if follows else self.public_url)
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
+
+
+def local_url(port: int) -> str:
+    """The public URL of a server nobody gave one: this machine, on its port."""
+    return f"http://127.0.0.1:{port}"
 
 
 def _check_table_matches_config() -> None:
