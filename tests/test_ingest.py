@@ -490,17 +490,17 @@ async def test_the_rate_count_commits_without_waiting_for_the_disk_alone(world: 
     for its own transaction only: the connection (a pool's, which writes readings
     next) is back to synchronous commit after it."""
     from opensense import ratelimit, tokens
-    from opensense.ingest import pipeline
+    from opensense.ingest.authbatch import AUTH_BATCH_SQL
 
     _, key_id, _ = tokens.parse_or_raise(world.devices["fridge01"], ("ds_live",))
-    args = {"key_id": key_id, "window": ratelimit.window_start(clock.now, 60), "rev": None}
+    window = ratelimit.window_start(clock.now, 60)
+    args = {"key_ids": [key_id], "revs": [None], "windows": [window]}
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         async with conn.transaction():  # (as one explicit transaction, to look inside it)
-            cur = conn.cursor(row_factory=pipeline._auth_row)
-            row = await (await cur.execute(pipeline.AUTH_SQL, args)).fetchone()
-            assert row is not None and row.rate_count == 1  # counted
+            row = await (await conn.execute(AUTH_BATCH_SQL, args)).fetchone()
+            assert row is not None and row[-1] == 1  # counted
             inside = await (await conn.execute("SHOW synchronous_commit")).fetchone()
             assert inside == ("off",)
-        await conn.execute(pipeline.AUTH_SQL, args)  # its own transaction, as served
+        await conn.execute(AUTH_BATCH_SQL, args)  # its own transaction, as served
         after = await (await conn.execute("SHOW synchronous_commit")).fetchone()
         assert after == ("on",)

@@ -30,10 +30,22 @@ from . import (
     workers,
 )
 from . import web as dashboard  # the package's name would shadow aiohttp's `web`
-from .api.keys import CHANNELS, CONFIG, DSN, HEALTH, OBSERVER, POOL, REQUEST_LOG, VERIFIER, WRITER
+from .api.keys import (
+    AUTHS,
+    CHANNELS,
+    CONFIG,
+    DSN,
+    HEALTH,
+    OBSERVER,
+    POOL,
+    REQUEST_LOG,
+    VERIFIER,
+    WRITER,
+)
 from .api.middleware import error_middleware
 from .api.requestlog import RequestLog
 from .db import roles as db_roles
+from .ingest.authbatch import AuthBatcher
 from .ingest.pipeline import ChannelCache
 from .reports import verify_routes as report_verify
 from .settings import Config
@@ -88,6 +100,15 @@ async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
     await writer.stop()
 
 
+async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
+    """HTTP ingest's token statements, shared by concurrent requests (ingest/authbatch.py)."""
+    auths = AuthBatcher(app[POOL])
+    auths.start()
+    app[AUTHS] = auths
+    yield
+    await auths.stop()
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
@@ -127,7 +148,7 @@ def create_app(config: Config, dsn: str, worker: Worker | None = None) -> web.Ap
     app[OBSERVER] = Observer()
     app.cleanup_ctx.extend([database_ctx, verifier_ctx, request_log_ctx])
     if config.role != "status":
-        app.cleanup_ctx.append(writer_ctx)  # one batch writer for every door
+        app.cleanup_ctx.extend([writer_ctx, auth_ctx])  # one batch writer for every door
         app[CHANNELS] = ChannelCache()  # HTTP ingest's copy of devices' channels
     app.router.add_get("/healthz", healthz)
     for setup in STATUS_FEATURES if config.role == "status" else FEATURES:

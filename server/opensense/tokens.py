@@ -343,6 +343,15 @@ class Verifier:
         self._inflight[key] = fut
         return await asyncio.shield(fut)
 
+    def remembers(self, key_id: str, secret: str, stored_hash: str) -> bool:
+        """Whether `check` would answer True from memory (no query, no bcrypt): this
+        process checked this secret against this hash before and it was good."""
+        key = (key_id, hashlib.sha256(secret.encode()).digest(), stored_hash)
+        if key not in self._good:
+            return False
+        self._good.move_to_end(key)  # used: the last to be forgotten
+        return True
+
     def due_for_touch(self, token_id: str, now: datetime) -> bool:
         """True at most once a minute per token in this process; the UPDATE's own
         condition keeps several processes to about once a minute as well."""
@@ -395,15 +404,17 @@ async def check_row(
     now: datetime,
     *,
     fast: bytes | None | object = UNREAD,
+    touch: bool | None = None,
 ) -> None:
     """Refuse (401) unless the row is a live token of `kind` whose hash matches
     `secret`; keeps last_used_at. Shared by every way a token row is read. `fast`: the
-    row's fast_check, when the caller's query read it."""
+    row's fast_check, when the caller's query read it. `touch`: whether last_used_at
+    is due, when the caller asked `verifier.due_for_touch` already (None: ask it)."""
     if row_kind != kind:
         raise ApiError("token_invalid", "the token is not known (wrong, or deleted)")
     if revoked_at is not None:
         raise ApiError("token_invalid", "the token was rotated or revoked; use the current one")
     if not await verifier.check(key_id, secret, stored_hash, conn, now, fast):
         raise ApiError("token_invalid", "the token is not known (wrong, or deleted)")
-    if verifier.due_for_touch(token_id, now):
+    if verifier.due_for_touch(token_id, now) if touch is None else touch:
         await conn.execute(TOUCH_SQL, {"now": now, "id": token_id})

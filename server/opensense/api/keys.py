@@ -6,6 +6,7 @@ import aiohttp
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
+from ..ingest.authbatch import AuthBatcher
 from ..ingest.pipeline import ChannelCache
 from ..mqtt.side import MqttSide
 from ..reports.runner import Renderer
@@ -25,6 +26,7 @@ REQUEST_LOG = web.AppKey("request_log", RequestLog)
 DSN = web.AppKey("dsn", str)
 WRITER = web.AppKey("writer", BatchWriter)
 CHANNELS = web.AppKey("ingest_channels", ChannelCache)  # HTTP ingest's devices' channels
+AUTHS = web.AppKey("ingest_auths", AuthBatcher)  # HTTP ingest's token statements, shared
 MQTT = web.AppKey("mqtt", MqttSide)
 OBSERVER = web.AppKey("status_observer", Observer)
 STATUS = web.AppKey("status_monitor", StatusMonitor)

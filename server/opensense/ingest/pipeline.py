@@ -7,7 +7,7 @@ accepted/deduplicated counts. All or nothing, in one transaction."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -69,45 +69,10 @@ class Device:
     model: str = ""  # the device's model (Shelly: which unit its battery reports in)
 
 
-# One round trip per request: the token's row, its device and site, the sum of the
-# device's channel revisions (migration 0027), the channels themselves (as JSON arrays)
-# only when that sum is not the one this process holds them at (`rev`: None when it
-# holds none: ChannelCache), and the device's rate-limit counter (counted only for a
-# live token of a live device; the secret is checked right after, so a caller needs
-# the token's public key id to spend a device's allowance).
-AUTH_SQL = """
-WITH t AS (
-  SELECT t.id, t.kind, t.account_id, t.device_id, t.hash, t.revoked_at, d.local_id,
-         d.deleted_at, s.vertical, t.fast_check, d.model, r.rev,
-         CASE WHEN r.rev IS DISTINCT FROM %(rev)s::bigint THEN
-           (SELECT coalesce(jsonb_agg(jsonb_build_array(c.kind, c.label, c.id, c.num, c.unit,
-                                                        c."offset")), '[]'::jsonb)
-            FROM channels c WHERE c.device_id = t.device_id)
-         END AS channels
-  FROM tokens t LEFT JOIN devices d ON d.id = t.device_id LEFT JOIN sites s ON s.id = d.site_id
-    LEFT JOIN LATERAL (SELECT coalesce(sum(c.rev), 0)::bigint AS rev FROM channels c
-                       WHERE c.device_id = t.device_id) r ON true
-  WHERE t.key_id = %(key_id)s
-), rl AS (
-  INSERT INTO rate_counters (key, window_start, count)
-  SELECT 'ingest:' || device_id, %(window)s, 1 FROM t
-  WHERE kind = 'ds_live' AND revoked_at IS NULL AND deleted_at IS NULL
-  ON CONFLICT (key, window_start) DO UPDATE SET count = rate_counters.count + 1
-  RETURNING count
-)
-SELECT t.*, (SELECT count FROM rl) AS rate_count
-FROM t
--- the counter's commit does not wait for its WAL to reach the disk (this statement's
--- own transaction only; the readings' statements keep synchronous commit): visible to
--- every process at once as before, and a database crash may forget the last fraction
--- of a second of counts (docs/mqtt.md, "How it is counted")
-WHERE set_config('synchronous_commit', 'off', true) IS NOT NULL
-"""
-
-
 class AuthRow(NamedTuple):
-    """A row of AUTH_SQL: the token, its device and site, the channels' revision and
-    (when it changed) the channels, the rate count."""
+    """The authentication statement's row for one request (ingest/authbatch.py): the
+    token, its device and site, the channels' revision and (when it changed) the
+    channels, the rate count."""
 
     id: str  # the token's
     kind: str
@@ -123,10 +88,6 @@ class AuthRow(NamedTuple):
     rev: int  # the sum of the device's channel revisions (0: none)
     channels: list[list[Any]] | None  # None: unchanged since `rev` was sent
     rate_count: int | None  # None: not counted (not a live token of a live device)
-
-
-def _auth_row(cur: Any) -> Any:
-    return AuthRow._make
 
 
 def read_channels(rows: list[list[Any]]) -> dict[ChannelKey, Channel]:
@@ -172,37 +133,57 @@ class ChannelCache:
 
 
 async def device_for_token(
-    conn: AsyncConnection[Any],
+    pool: AsyncConnectionPool,
+    lookup: Callable[[str, int | None, datetime], Awaitable[AuthRow | None]],
     verifier: tokens.Verifier,
     token: str | None,
     now: datetime,
     rate_per_min: int,
     cache: ChannelCache,
 ) -> Device:
-    """Authenticate a ds_live_ token and count the device's rate limit (401/429);
-    the device's channels from `cache` unless they changed."""
+    """Authenticate a ds_live_ token and count the device's rate limit (401/429); the
+    device's channels from `cache` unless they changed. The token's row comes from
+    `lookup` (`AuthBatcher.lookup`, ingest/authbatch.py: one statement read after the
+    request arrived, shared with concurrent requests); a connection is taken from
+    `pool` only when the check needs one: a secret this process has not checked yet,
+    or the token's last_used_at due (once a minute)."""
     kind, key_id, secret = tokens.parse_or_raise(token, ("ds_live",))
     held = cache.get(key_id)
-    cur = conn.cursor(row_factory=_auth_row)
     window = ratelimit.window_start(now, 60)
-    rev = held[0] if held is not None else None
-    await cur.execute(AUTH_SQL, {"key_id": key_id, "window": window, "rev": rev})
-    row = await cur.fetchone()
+    row = await lookup(key_id, held[0] if held is not None else None, window)
     if row is None:
         raise ApiError("token_invalid", "the token is not known (wrong, or deleted)")
-    await tokens.check_row(
-        conn,
-        verifier,
-        kind,
-        key_id,
-        secret,
-        row.id,
-        row.kind,
-        row.hash,
-        row.revoked_at,
-        now,
-        fast=row.fast_check,
-    )
+    live = row.kind == kind and row.revoked_at is None
+    touch = verifier.due_for_touch(row.id, now) if live else None
+    if not (live and verifier.remembers(key_id, secret, row.hash)) or touch:
+        async with pool.connection() as conn:
+            await tokens.check_row(
+                conn,
+                verifier,
+                kind,
+                key_id,
+                secret,
+                row.id,
+                row.kind,
+                row.hash,
+                row.revoked_at,
+                now,
+                fast=row.fast_check,
+                touch=touch,
+            )
+    return _device_of(row, key_id, held, now, window, rate_per_min, cache)
+
+
+def _device_of(
+    row: AuthRow,
+    key_id: str,
+    held: Held | None,
+    now: datetime,
+    window: datetime,
+    rate_per_min: int,
+    cache: ChannelCache,
+) -> Device:
+    """The device of a checked token row (401 if deleted, 429 past its rate)."""
     if row.deleted_at is not None or row.local_id is None:
         raise ApiError("token_invalid", "the token's device was deleted")
     if row.rate_count is not None and row.rate_count > rate_per_min:

@@ -14,7 +14,7 @@ from ..api import auth
 from ..api.auth import bearer
 from ..api.body import json_object
 from ..api.jsonutil import response
-from ..api.keys import CHANNELS, CONFIG, LOG_ACCOUNT, LOG_DEVICE, POOL, VERIFIER, WRITER
+from ..api.keys import AUTHS, CHANNELS, CONFIG, LOG_ACCOUNT, LOG_DEVICE, POOL, VERIFIER, WRITER
 from ..errors import ApiError
 from ..settings import Config
 from . import lorawan, pipeline, tray
@@ -63,15 +63,15 @@ async def _rate(conn: Any, cfg: Config, dev: pipeline.Device, now: datetime) -> 
 async def _device(request: web.Request, token: str | None, now: datetime) -> pipeline.Device:
     """The token's device, its rate limit counted; noted for the request log."""
     cfg = request.app[CONFIG]
-    async with request.app[POOL].connection() as conn:
-        dev = await pipeline.device_for_token(
-            conn,
-            request.app[VERIFIER],
-            token,
-            now,
-            cfg.ingest_rate_per_min,
-            request.app[CHANNELS],
-        )
+    dev = await pipeline.device_for_token(
+        request.app[POOL],
+        request.app[AUTHS].lookup,
+        request.app[VERIFIER],
+        token,
+        now,
+        cfg.ingest_rate_per_min,
+        request.app[CHANNELS],
+    )
     request[LOG_ACCOUNT], request[LOG_DEVICE] = dev.account_id, dev.id
     return dev
 

@@ -1,0 +1,168 @@
+"""HTTP ingest's authentication statement, shared by concurrent requests.
+
+Every HTTP ingest request reads its token's row (a rotated token fails at once, in
+every process), its device and site, the sum of the device's channel revisions
+(migration 0027) and the channels themselves only when that sum is not the one this
+process holds them at (`ChannelCache`, ingest/pipeline.py), and counts its device's
+rate limit in the database (exact across processes; counted only for a live token of
+a live device, and the secret is checked right after, so a caller needs the token's
+public key id to spend a device's allowance).
+
+One statement per request cost more than the rest of a 1-reading request: its
+executor start-up alone (the plan's nested loops, the channels' subquery, the locks
+of every table it names) took ~55 µs of PostgreSQL's CPU, the whole statement ~190 µs
+with its round trip, and the server ~90 µs more in psycopg (docs/ingest-cost.md). As
+the batch writer does for the readings (storage/batcher.py), requests arriving while
+a statement runs queue up and share the next one: under load one statement carries
+many requests; alone, a request waits for nothing (no linger).
+
+Each request is answered as if alone:
+- its own row, read in the statement's snapshot, which began after the request
+  arrived (so a token rotated before the request was sent is refused, as before);
+- its own rate count: the device's counter gains the batch's requests of that device
+  (and minute) in one upsert, and each request gets the count it would have got one
+  by one, in arrival order (the counter before the batch + its place among them);
+- its own channels when their revision is not the one this process holds.
+A batch whose statement fails is retried request by request, so one request's
+trouble (a key id the database refuses) fails that request alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+
+from .. import aio
+from .pipeline import AuthRow
+
+log = logging.getLogger(__name__)
+
+# (key id, held revision, rate window) a request, numbered in arrival order; `counted`:
+# a live token of a live device. The counters are upserted in key order (two batches
+# lock shared counters in the same order).
+AUTH_BATCH_SQL = """
+WITH q AS (
+  SELECT * FROM unnest(%(key_ids)s::text[], %(revs)s::int8[], %(windows)s::timestamptz[])
+    WITH ORDINALITY AS q(key_id, held, win, ord)
+), t AS (
+  SELECT q.ord, q.win, t.id, t.kind, t.account_id, t.device_id, t.hash, t.revoked_at,
+         d.local_id, d.deleted_at, s.vertical, t.fast_check, d.model, r.rev,
+         CASE WHEN r.rev IS DISTINCT FROM q.held THEN
+           (SELECT coalesce(jsonb_agg(jsonb_build_array(c.kind, c.label, c.id, c.num, c.unit,
+                                                        c."offset")), '[]'::jsonb)
+            FROM channels c WHERE c.device_id = t.device_id)
+         END AS channels,
+         (t.kind = 'ds_live' AND t.revoked_at IS NULL AND d.deleted_at IS NULL) AS counted
+  FROM q JOIN tokens t ON t.key_id = q.key_id
+    LEFT JOIN devices d ON d.id = t.device_id LEFT JOIN sites s ON s.id = d.site_id
+    LEFT JOIN LATERAL (SELECT coalesce(sum(c.rev), 0)::bigint AS rev FROM channels c
+                       WHERE c.device_id = t.device_id) r ON true
+), n AS (
+  SELECT 'ingest:' || device_id AS key, win, count(*) AS n FROM t WHERE counted
+  GROUP BY device_id, win
+), rl AS (
+  INSERT INTO rate_counters AS c (key, window_start, count)
+  SELECT key, win, n FROM n ORDER BY key, win
+  ON CONFLICT (key, window_start) DO UPDATE SET count = c.count + excluded.count
+  RETURNING key, window_start, count
+)
+SELECT t.ord, t.id, t.kind, t.account_id, t.device_id, t.hash, t.revoked_at, t.local_id,
+       t.deleted_at, t.vertical, t.fast_check, t.model, t.rev, t.channels,
+       CASE WHEN t.counted THEN
+         rl.count - n.n + row_number() OVER (PARTITION BY t.counted, t.device_id, t.win
+                                             ORDER BY t.ord)
+       END AS rate_count
+FROM t
+  LEFT JOIN n ON t.counted AND n.key = 'ingest:' || t.device_id AND n.win = t.win
+  LEFT JOIN rl ON rl.key = n.key AND rl.window_start = n.win
+-- the counters' commit does not wait for its WAL to reach the disk (this statement's
+-- own transaction only; the readings' statements keep synchronous commit): visible to
+-- every process at once, and a database crash may forget the last fraction of a
+-- second of counts (docs/mqtt.md, "How it is counted")
+WHERE set_config('synchronous_commit', 'off', true) IS NOT NULL
+"""
+
+
+@dataclass
+class _Ask:
+    key_id: str
+    held: int | None  # the channels' revision this process holds (None: none)
+    window: datetime
+    done: asyncio.Future[AuthRow | None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class AuthBatcher:
+    """`lookup` answers one request's row; concurrent ones share a statement. `runners` statements may be in flight at once (one gathers the next
+    batch while another runs); a batch holds at most `max_batch` requests."""
+
+    def __init__(self, pool: AsyncConnectionPool, runners: int = 2, max_batch: int = 256) -> None:
+        self._pool = pool
+        self._runners = runners
+        self._max_batch = max_batch
+        self._queue: asyncio.Queue[_Ask] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.statements = 0  # statements run (tests, benches)
+        self.requests = 0  # requests answered by them
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._run()) for _ in range(self._runners)]
+
+    async def stop(self) -> None:
+        await aio.cancel(*self._tasks)
+        while not self._queue.empty():
+            ask = self._queue.get_nowait()
+            if not ask.done.done():
+                ask.done.set_exception(RuntimeError("server stopping"))
+
+    async def lookup(self, key_id: str, held: int | None, window: datetime) -> AuthRow | None:
+        """The token's row (None: no such key id), its device's rate count included."""
+        ask = _Ask(key_id, held, window)
+        self._queue.put_nowait(ask)  # unbounded: a request already holds its socket
+        return await ask.done
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._answer(batch)
+            except asyncio.CancelledError:
+                for ask in batch:
+                    if not ask.done.done():
+                        ask.done.set_exception(RuntimeError("server stopping"))
+                raise
+            except Exception as exc:
+                if len(batch) == 1:
+                    if not batch[0].done.done():
+                        batch[0].done.set_exception(exc)
+                    continue
+                for ask in batch:  # one request's trouble must not fail the others
+                    try:
+                        await self._answer([ask])
+                    except Exception as one:
+                        if not ask.done.done():
+                            ask.done.set_exception(one)
+
+    async def _answer(self, batch: list[_Ask]) -> None:
+        params = {
+            "key_ids": [a.key_id for a in batch],
+            "revs": [a.held for a in batch],
+            "windows": [a.window for a in batch],
+        }
+        async with self._pool.connection() as conn:  # autocommit: one statement
+            cur = await conn.execute(AUTH_BATCH_SQL, params)
+            rows: list[tuple[Any, ...]] = await cur.fetchall()
+        self.statements += 1
+        self.requests += len(batch)
+        found = {int(r[0]): AuthRow._make(r[1:]) for r in rows}
+        for i, ask in enumerate(batch, start=1):
+            if not ask.done.done():
+                ask.done.set_result(found.get(i))

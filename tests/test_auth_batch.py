@@ -1,0 +1,121 @@
+"""HTTP ingest's authentication statements shared by concurrent requests
+(ingest/authbatch.py): each request is answered as if it were alone (its own token
+row, its own place in its device's rate count), the counts are exact, and one
+request's trouble fails that request alone."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from opensense import ratelimit, tokens
+from opensense.api.jsonutil import rfc3339
+from opensense.api.keys import AUTHS
+from opensense.ingest.authbatch import AUTH_BATCH_SQL, AuthBatcher
+
+from .fixtures.server import World
+
+pytestmark = pytest.mark.db
+
+
+def one(ts: Any, label: str, device: str = "fridge01") -> dict[str, Any]:
+    return {
+        "device": device,
+        "ts": rfc3339(ts),
+        "measurements": [{"type": "temperature", "value": 4.0, "label": label}],
+    }
+
+
+async def counter(dsn: str, device_id: str) -> int:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT coalesce(sum(count), 0) FROM rate_counters WHERE key = %s",
+            (f"ingest:{device_id}",),
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_concurrent_requests_share_statements_and_count_exactly(
+    client, world: World, clock, dsn
+):
+    """75 requests of one device at once against its 60 a minute, 10 of another, a
+    wrong secret, a rotated token and an unknown key: the first device gets exactly 60
+    answers 200 and 15 answers 429, the other all 200, the bad tokens 401 each; the
+    counters hold every request of a live token (the wrong secret's too, as one by
+    one); and they took fewer statements than requests."""
+    clock.now = clock.now.replace(second=0)
+    auths = client.app[AUTHS]
+    statements, requests = auths.statements, auths.requests
+    h1, h2 = world.dev_auth("fridge01"), world.dev_auth("fridge02")
+    kind, key_id, secret = tokens.parse_or_raise(world.devices["fridge02"], ("ds_live",))
+    wrong = {"Authorization": f"Bearer ds_live_{key_id}_{'x' * len(secret)}"}
+    unknown = {"Authorization": f"Bearer ds_live_{'z' * len(key_id)}_{secret}"}
+
+    async def post(body: dict[str, Any], headers: dict[str, str]) -> int:
+        r = await client.post("/v1/ingest", json=body, headers=headers)
+        await r.read()
+        return int(r.status)
+
+    calls = [post(one(clock.now, f"a{i}"), h1) for i in range(75)]
+    calls += [post(one(clock.now, f"b{i}", "fridge02"), h2) for i in range(10)]
+    calls += [post(one(clock.now, "w", "fridge02"), wrong), post(one(clock.now, "u"), unknown)]
+    got = await asyncio.gather(*calls)
+    assert sorted(got[:75]) == [200] * 60 + [429] * 15
+    assert got[75:85] == [200] * 10
+    assert got[85:] == [401, 401]
+    assert await counter(dsn, world.device_ids["fridge01"]) == 75
+    assert await counter(dsn, world.device_ids["fridge02"]) == 11
+    assert auths.requests - requests == 87
+    assert auths.statements - statements < 87  # shared
+
+
+async def test_a_rotated_token_is_refused_by_the_next_statement(client, world: World, clock):
+    """A token rotated while requests are in flight: every request sent after the
+    rotation is refused (its statement's snapshot is taken after it arrived)."""
+    h = world.dev_auth("fridge01")
+    r = await client.post("/v1/ingest", json=one(clock.now, "x"), headers=h)
+    assert r.status == 200
+    r = await client.post(
+        f"/v1/devices/{world.device_ids['fridge01']}/rotate-token", headers=world.auth
+    )
+    assert r.status == 200, await r.text()
+    new = {"Authorization": f"Bearer {(await r.json())['ingest_token']}"}
+    got = await asyncio.gather(
+        *(client.post("/v1/ingest", json=one(clock.now, f"y{i}"), headers=h) for i in range(5)),
+        *(client.post("/v1/ingest", json=one(clock.now, f"z{i}"), headers=new) for i in range(5)),
+    )
+    assert [g.status for g in got] == [401] * 5 + [200] * 5
+
+
+async def test_a_request_the_database_refuses_fails_alone(world: World, dsn, clock):
+    """A key id PostgreSQL cannot take (a NUL character) fails the batch's statement:
+    the batch is answered request by request, the others as usual."""
+    _, good, _ = tokens.parse_or_raise(world.devices["fridge01"], ("ds_live",))
+    window = ratelimit.window_start(clock.now, 60)
+    async with AsyncConnectionPool(
+        dsn, min_size=1, max_size=2, kwargs={"autocommit": True}
+    ) as pool:
+        auths = AuthBatcher(pool, runners=1)
+        # queued before the runner starts: one batch of three
+        asks = [
+            asyncio.ensure_future(auths.lookup(k, None, window)) for k in (good, "bad\x00key", good)
+        ]
+        await asyncio.sleep(0)
+        auths.start()
+        try:
+            done = await asyncio.gather(*asks, return_exceptions=True)
+        finally:
+            await auths.stop()
+    first, bad, second = done
+    assert not isinstance(first, BaseException) and first is not None
+    assert not isinstance(second, BaseException) and second is not None
+    assert isinstance(bad, psycopg.DataError)
+    assert (first.rate_count, second.rate_count) == (1, 2)  # one by one, in order
+    assert auths.statements == 2  # (the batch failed; then the two good ones alone)
+    assert "set_config('synchronous_commit', 'off', true)" in AUTH_BATCH_SQL
