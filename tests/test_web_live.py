@@ -219,14 +219,20 @@ async def test_stream_delivers_own_account_changes_only(app_client, dsn, worlds)
     await open_event(dsn, b)  # another account's alarm: nothing of it reaches this stream
     eid = await open_event(dsn, a)
     t0 = asyncio.get_running_loop().time()
-    name, msg = await next_event(resp)
+    while True:
+        # the changed card, within a second. The rule engine judging a's readings of
+        # the fixture (it waits OPENSENSE_ALARM_GATHER_MS after they were marked) may
+        # send a's cards once before it; another of a's cards may ride along when a
+        # rule engine of a test running beside this one (same database) judges it now
+        name, msg = await next_event(resp, wait=1.0)
+        seen.append(json.dumps(msg))
+        cards = {c["id"]: c for c in msg["cards"]}
+        assert name == "board" and set(cards) <= {a["temp"], a["leak"]}
+        if a["temp"] in cards and cards[a["temp"]]["css"] == "alarm":
+            break
+        assert asyncio.get_running_loop().time() - t0 < 1.0, "no alarm card within 1 s"
     took = asyncio.get_running_loop().time() - t0
-    seen.append(json.dumps(msg))
-    # the changed card; another of a's cards may ride along when a rule engine of a
-    # test running beside this one (same database) happens to judge it in this moment
-    cards = {c["id"]: c for c in msg["cards"]}
-    assert name == "board" and a["temp"] in cards and set(cards) <= {a["temp"], a["leak"]}
-    assert cards[a["temp"]]["css"] == "alarm" and cards[a["temp"]]["open"] >= 1
+    assert cards[a["temp"]]["open"] >= 1
     assert took < 1.0, took
     # the ack by the API path changes the card again; still nothing of b
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
