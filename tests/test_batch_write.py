@@ -124,3 +124,64 @@ async def test_a_writer_waits_for_a_claim_in_progress_and_marks_the_channel_agai
         assert after is not None and after[0] == at(26)
     finally:
         await writer.stop()
+
+
+async def _stored(pool: AsyncConnectionPool, num: int) -> list[tuple[datetime, float]]:
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT ts, value FROM measurements WHERE channel_num = %s ORDER BY ts", (num,)
+        )
+        return [(ts, v) for ts, v in await cur.fetchall()]
+
+
+async def test_a_batch_with_a_resent_reading_is_written_again_with_on_conflict(pool):
+    """A batch's first statement has no ON CONFLICT: a reading stored already makes the
+    primary key refuse it whole, and the batch runs again as BATCH_SQL. Every request
+    gets its own count, each reading is stored once, and the wake-up of the new ones
+    is kept (nothing of the failed statement)."""
+    writer = BatchWriter(pool)
+    writer.start()
+    try:
+        t0, t1, t2 = at(10), at(11), at(12)
+        assert await writer.write([Row(NUM, t0, 4.0), Row(NUM + 1, t0, 5.0)], "dev_x", t0) == 2
+        assert writer.resent == 0  # all new: one statement
+        async with pool.connection() as conn:
+            await conn.execute("DELETE FROM alarm_dirty")
+        # one batch of three requests (queued together): a resend among new readings
+        got = await asyncio.gather(
+            writer.write([Row(NUM, t1, 4.5)], "dev_x", t1),
+            writer.write([Row(NUM, t0, 9.9), Row(NUM + 1, t1, 5.5)], "dev_y", t1),
+            writer.write([Row(NUM + 1, t2, 6.0)], "dev_z", t2),
+        )
+        assert got == [1, 1, 1]
+        assert writer.resent >= 1
+        assert await _stored(pool, NUM) == [(t0, 4.0), (t1, 4.5)]  # the first 4.0 kept
+        assert await _stored(pool, NUM + 1) == [(t0, 5.0), (t1, 5.5), (t2, 6.0)]
+        async with pool.connection() as conn:
+            cur = await conn.execute("SELECT channel_num, since FROM alarm_dirty ORDER BY 1")
+            assert await cur.fetchall() == [(NUM, t1), (NUM + 1, t1)]
+    finally:
+        await writer.stop()
+
+
+async def test_two_writers_with_the_same_reading_store_it_once(pool):
+    """The same new reading in two batches written at once (two writers): the second
+    insert waits for the first's commit, is refused by the primary key and runs again
+    with ON CONFLICT: stored once, one request told it was new and one a duplicate."""
+    t = at(20)
+    for round_ in range(5):
+        a, b = BatchWriter(pool, writers=1), BatchWriter(pool, writers=1)
+        a.start()
+        b.start()
+        try:
+            ts = t + timedelta(seconds=round_)
+            got = await asyncio.gather(
+                a.write([Row(NUM, ts, 4.0)], "dev_x", ts), b.write([Row(NUM, ts, 4.0)], "dev_x", ts)
+            )
+        finally:
+            await a.stop()
+            await b.stop()
+        assert sorted(got) == [0, 1]
+    assert [ts for ts, _ in await _stored(pool, NUM)] == [
+        t + timedelta(seconds=i) for i in range(5)
+    ]

@@ -553,7 +553,8 @@ def statement_variants() -> list[tuple[str, str, int, bool]]:
     BATCH_SQL added on its own (write.py DIRTY_SQL: the alarm_dirty upsert and its
     statement trigger's NOTIFY; rollups.py LATE_CTE: the late rows' ranges, none of
     them late here; the `seen` CTE: devices.last_seen_at), then the whole with no
-    device due and with a device per 32 rows due. The alarm_dirty upsert twice: with
+    device due and with a device per 32 rows due, and the batch writer's first try
+    (PLAIN_BATCH_SQL: the same without ON CONFLICT). The alarm_dirty upsert twice: with
     the rows of the statement before still there (each row a conflict), and claimed in
     between (each row inserted anew, as when the rule engine keeps up). (name, text,
     devices a statement per 32 rows: 0 or 1, claim alarm_dirty between statements).
@@ -561,7 +562,7 @@ def statement_variants() -> list[tuple[str, str, int, bool]]:
     from opensense.storage import batcher, write
 
     whole = batcher.BATCH_SQL
-    head = write.INSERT_CTE.format(order="")
+    head = write.INSERT_CTE.format(order="", conflict=write.ON_CONFLICT)
     tail = "\nSELECT channel_num, ts FROM ins"
     late = ""
     try:
@@ -584,6 +585,9 @@ def statement_variants() -> list[tuple[str, str, int, bool]]:
             out.append((name, head + piece + tail, due, claim))
     out.append(("BATCH_SQL, no device due", whole, 0, False))
     out.append(("BATCH_SQL as the server runs it", whole, 1, False))
+    plain = getattr(batcher, "PLAIN_BATCH_SQL", None)
+    if plain:  # the first try of every batch: no ON CONFLICT (storage/batcher.py)
+        out.append(("PLAIN_BATCH_SQL as the server runs it", str(plain), 1, False))
     return out
 
 

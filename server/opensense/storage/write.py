@@ -57,24 +57,26 @@ DIRTY_SQL = """
     WHERE excluded.since < d.since
 )"""
 
-# The head of both writing statements: the rows (three arrays, `columns`) go in
+# The head of the writing statements: the rows (three arrays, `columns`) go in
 # unless stored already; `ins` holds the new ones, for the rollups and the answer.
 # {order}: the batch writer sorts its rows before sending them; INSERT_SQL's caller
-# does not, so that statement sorts them itself.
+# does not, so that statement sorts them itself. {conflict}: ON_CONFLICT, or nothing
+# for the batch writer's first try (storage/batcher.py PLAIN_BATCH_SQL), which lets
+# the primary key refuse a row stored already and then runs the statement with it.
 INSERT_CTE = """
 WITH src AS (
   SELECT * FROM unnest(%(nums)b::int4[], %(ts)b::timestamptz[], %(vals)b::float8[])
     AS s(channel_num, ts, value)
 ), ins AS (
   INSERT INTO measurements (channel_num, ts, value)
-  SELECT channel_num, ts, value FROM src{order}
-  ON CONFLICT DO NOTHING
+  SELECT channel_num, ts, value FROM src{order}{conflict}
   RETURNING channel_num, ts, value
 )"""
+ON_CONFLICT = "\n  ON CONFLICT DO NOTHING"
 
 # A late reading into a packed day: stored and folded into the rollups at once
 FOLD_SQL = (
-    INSERT_CTE.format(order=" ORDER BY channel_num, ts")
+    INSERT_CTE.format(order=" ORDER BY channel_num, ts", conflict=ON_CONFLICT)
     + ROLLUPS_SQL
     + DIRTY_SQL
     + "\nSELECT count(*) FROM ins"
@@ -82,7 +84,7 @@ FOLD_SQL = (
 # Any other reading: stored raw (its rollups come from the job; a late one's range is
 # logged by the same statement)
 INSERT_SQL = (
-    INSERT_CTE.format(order=" ORDER BY channel_num, ts")
+    INSERT_CTE.format(order=" ORDER BY channel_num, ts", conflict=ON_CONFLICT)
     + DIRTY_SQL
     + rollups.LATE_CTE
     + "\nSELECT count(*) FROM ins"
