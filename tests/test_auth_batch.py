@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolClosed
 
 from opensense import ratelimit, tokens
 from opensense.api.jsonutil import rfc3339
@@ -119,3 +119,60 @@ async def test_a_request_the_database_refuses_fails_alone(world: World, dsn, clo
     assert (first.rate_count, second.rate_count) == (1, 2)  # one by one, in order
     assert auths.statements == 2  # (the batch failed; then the two good ones alone)
     assert "set_config('synchronous_commit', 'off', true)" in AUTH_BATCH_SQL
+
+
+async def test_with_the_database_away_a_batch_fails_at_once(client, world: World, clock, dsn):
+    """The database gone: a batch fails whole at once, not retried request by request
+    (each would wait for the pool in turn); over HTTP every request of a burst is 503."""
+    window = ratelimit.window_start(clock.now, 60)
+    _, key_id, _ = tokens.parse_or_raise(world.devices["fridge01"], ("ds_live",))
+    pool = AsyncConnectionPool(dsn, min_size=1, max_size=1, open=False)
+    await pool.open()
+    await pool.close()
+    auths = AuthBatcher(pool, runners=1)
+    asks = [asyncio.ensure_future(auths.lookup(key_id, None, window)) for _ in range(3)]
+    await asyncio.sleep(0)
+    auths.start()  # the three queued: one batch
+    try:
+        done = await asyncio.gather(*asks, return_exceptions=True)
+    finally:
+        await auths.stop()
+    assert all(isinstance(d, PoolClosed) for d in done), done
+    assert auths.attempts == 1
+
+    from opensense.api.keys import POOL
+
+    await client.app[POOL].close()
+    h = world.dev_auth("fridge01")
+    got = await asyncio.gather(
+        *(client.post("/v1/ingest", json=one(clock.now, f"d{i}"), headers=h) for i in range(20))
+    )
+    assert [g.status for g in got] == [503] * 20
+
+
+async def test_a_wrong_secret_does_not_hold_back_last_used_at(client, world: World, clock, dsn):
+    """last_used_at is kept once a minute by a good request; a wrong secret with the
+    token's key id in between (401) does not use up that minute's touch."""
+    _, key_id, secret = tokens.parse_or_raise(world.devices["fridge01"], ("ds_live",))
+    wrong = {"Authorization": f"Bearer ds_live_{key_id}_{'x' * len(secret)}"}
+
+    async def used() -> Any:
+        async with await psycopg.AsyncConnection.connect(dsn) as conn:
+            cur = await conn.execute("SELECT last_used_at FROM tokens WHERE key_id = %s", (key_id,))
+            row = await cur.fetchone()
+        assert row is not None
+        return row[0]
+
+    r = await client.post(
+        "/v1/ingest", json=one(clock.now, "a"), headers=world.dev_auth("fridge01")
+    )
+    assert r.status == 200
+    assert await used() == clock.now
+    clock.advance(seconds=61)
+    r = await client.post("/v1/ingest", json=one(clock.now, "b"), headers=wrong)
+    assert r.status == 401
+    r = await client.post(
+        "/v1/ingest", json=one(clock.now, "c"), headers=world.dev_auth("fridge01")
+    )
+    assert r.status == 200
+    assert await used() == clock.now

@@ -185,3 +185,23 @@ async def test_two_writers_with_the_same_reading_store_it_once(pool):
     assert [ts for ts, _ in await _stored(pool, NUM)] == [
         t + timedelta(seconds=i) for i in range(5)
     ]
+
+
+async def test_with_the_database_away_a_batch_fails_whole_at_once(pool):
+    """A batch that fails because the database is away is not retried request by
+    request (each would wait for the pool's timeout in turn): every request gets the
+    error of the one attempt."""
+    from psycopg_pool import PoolClosed
+
+    await pool.close()
+    writer = BatchWriter(pool, writers=1)
+    t = at(40)
+    jobs = [asyncio.ensure_future(writer.write([Row(NUM, t, 4.0)], "dev_x", t)) for _ in range(3)]
+    await asyncio.sleep(0)
+    writer.start()  # the three queued: one batch
+    try:
+        done = await asyncio.gather(*jobs, return_exceptions=True)
+    finally:
+        await writer.stop()
+    assert all(isinstance(d, PoolClosed) for d in done), done
+    assert writer.attempts == 1

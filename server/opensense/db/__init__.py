@@ -178,3 +178,15 @@ def embedded_dsn(state_dir: Path, database: str = "opensense") -> str:
 
 def resolve_dsn(database_url: str, state_dir: Path) -> str:
     return database_url or embedded_dsn(state_dir)
+
+
+def connection_trouble(exc: BaseException) -> bool:
+    """The database or the way to it failed (not the statement's data): retrying the
+    requests of a batch one by one would only make each wait for the same failure in
+    turn. The batching writers (storage/batcher.py, ingest/authbatch.py) fail the whole
+    batch at once on these, and isolate a request only on anything else."""
+    from psycopg_pool import PoolClosed, PoolTimeout
+
+    return isinstance(
+        exc, psycopg.OperationalError | psycopg.InterfaceError | PoolTimeout | PoolClosed
+    )

@@ -24,7 +24,9 @@ Each request is answered as if alone:
   by one, in arrival order (the counter before the batch + its place among them);
 - its own channels when their revision is not the one this process holds.
 A batch whose statement fails is retried request by request, so one request's
-trouble (a key id the database refuses) fails that request alone.
+trouble (a key id the database refuses) fails that request alone; unless the database
+itself is away (`db.connection_trouble`): then the whole batch fails at once (503),
+rather than each request waiting for the pool's timeout in turn.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
-from .. import aio
+from .. import aio, db
 from .pipeline import AuthRow
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,7 @@ class AuthBatcher:
         self._max_batch = max_batch
         self._queue: asyncio.Queue[_Ask] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
+        self.attempts = 0  # statements tried (tests)
         self.statements = 0  # statements run (tests, benches)
         self.requests = 0  # requests answered by them
 
@@ -146,9 +149,10 @@ class AuthBatcher:
                         ask.done.set_exception(RuntimeError("server stopping"))
                 raise
             except Exception as exc:
-                if len(batch) == 1:
-                    if not batch[0].done.done():
-                        batch[0].done.set_exception(exc)
+                if len(batch) == 1 or db.connection_trouble(exc):
+                    for ask in batch:  # (the database is away: each would wait in turn)
+                        if not ask.done.done():
+                            ask.done.set_exception(exc)
                     continue
                 for ask in batch:  # one request's trouble must not fail the others
                     try:
@@ -163,6 +167,7 @@ class AuthBatcher:
             "revs": [a.held for a in batch],
             "windows": [a.window for a in batch],
         }
+        self.attempts += 1
         async with self._pool.connection() as conn:  # autocommit: one statement
             cur = await conn.execute(AUTH_BATCH_SQL, params)
             rows: list[tuple[Any, ...]] = await cur.fetchall()

@@ -153,9 +153,10 @@ async def device_for_token(
     row = await lookup(key_id, held[0] if held is not None else None, window)
     if row is None:
         raise ApiError("token_invalid", "the token is not known (wrong, or deleted)")
-    live = row.kind == kind and row.revoked_at is None
-    touch = verifier.due_for_touch(row.id, now) if live else None
-    if not (live and verifier.remembers(key_id, secret, row.hash)) or touch:
+    touch = None  # not known yet: check_row asks once the secret is found good
+    if row.kind == kind and row.revoked_at is None and verifier.remembers(key_id, secret, row.hash):
+        touch = verifier.due_for_touch(row.id, now)  # (a good secret: as check_row would)
+    if touch is not False:
         async with pool.connection() as conn:
             await tokens.check_row(
                 conn,

@@ -20,9 +20,11 @@ lingers. A request waits at most `linger` more than before.
 Rollups are not written here (storage/rollups.py): the batch's statement stores the
 rows and logs the range of the late ones.
 
-A batch that fails (a poisoned row, a lost connection) is retried request by
-request, so each request gets its own answer or its own error. A request answered
-200 is committed; a request that got an error stored nothing.
+A batch that fails (a poisoned row) is retried request by request, so each request
+gets its own answer or its own error; a batch that fails because the database is away
+(`db.connection_trouble`) fails whole at once, rather than each request waiting for
+the pool's timeout in turn. A request answered 200 is committed; a request that got an
+error stored nothing.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from datetime import datetime, timedelta
 from psycopg import errors
 from psycopg_pool import AsyncConnectionPool
 
-from .. import aio
+from .. import aio, db
 from . import rollups
 from .write import (
     DIRTY_SQL,
@@ -157,6 +159,7 @@ class BatchWriter:
         self.requests = 0
         self.lingered = 0  # batches that waited for more requests
         self.resent = 0  # batches that held a reading stored already (run twice)
+        self.attempts = 0  # statements tried, the failed ones included (tests)
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._run()) for _ in range(self._writers)]
@@ -227,11 +230,16 @@ class BatchWriter:
                 if not job.done.done():
                     job.done.set_exception(RuntimeError("server stopping"))
             raise
-        except Exception:
+        except Exception as exc:
             if len(batch) == 1:
                 log.exception("writing a batch of readings failed")
                 if not batch[0].done.done():
                     batch[0].done.set_exception(RuntimeError("storing the readings failed"))
+            elif db.connection_trouble(exc):  # each would wait for the same in turn
+                log.warning("writing a batch of %d requests failed: %s", len(batch), exc)
+                for job in batch:
+                    if not job.done.done():
+                        job.done.set_exception(exc)
             else:
                 for job in batch:  # one request's trouble must not fail the others
                     try:
@@ -258,6 +266,7 @@ class BatchWriter:
         now = max(job.now for job in batch)
         devices = sorted({job.device_id for job in batch if self._seen_due(job.device_id, job.now)})
         params = {**columns(rows), "now": now, "devices": devices}
+        self.attempts += 1
         async with self._pool.connection() as conn:  # autocommit: one statement, one transaction
             try:
                 cur = await execute_mending_partitions(
