@@ -176,3 +176,16 @@ async def test_a_wrong_secret_does_not_hold_back_last_used_at(client, world: Wor
     )
     assert r.status == 200
     assert await used() == clock.now
+
+
+async def test_a_key_id_no_token_can_have_never_reaches_the_database(client, clock):
+    """Key ids are made of tokens' own alphabet: anything else (here characters
+    PostgreSQL would refuse, or a batch would have to retry around) is 401 before any
+    statement."""
+    auths = client.app[AUTHS]
+    before = auths.attempts
+    for key_id in ("!" * 12, "A" * 12, "é" * 12, "il" * 6):
+        bad = {"Authorization": f"Bearer ds_live_{key_id}_{'a' * 32}"}
+        r = await client.post("/v1/ingest", json=one(clock.now, "k"), headers=bad)
+        assert (r.status, (await r.json())["error"]["code"]) == (401, "token_invalid"), key_id
+    assert auths.attempts == before

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 PREFIXES = {"ds_live": "ds_live_", "ua_live": "ua_live_", "whk": "whk_", "gw": "gw_"}
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
+_KEY_CHARS = frozenset(_ALPHABET)
 KEY_ID_LEN = 12
 SECRET_LEN = 32  # 160 bits
 ROTATE_AFTER_DAYS = 365  # older tokens are flagged "consider rotating"; they keep working
@@ -90,7 +91,13 @@ def parse(token: str) -> tuple[str, str, str] | None:
         if token.startswith(prefix):
             rest = token[len(prefix) :]
             key_id, sep, secret = rest.partition("_")
-            if sep and len(key_id) == KEY_ID_LEN and len(secret) == SECRET_LEN:
+            # the key id goes to the database: only what `_rand` makes gets that far
+            if (
+                sep
+                and len(key_id) == KEY_ID_LEN
+                and len(secret) == SECRET_LEN
+                and _KEY_CHARS.issuperset(key_id)
+            ):
                 return kind, key_id, secret
             return None
     return None
