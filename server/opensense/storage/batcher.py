@@ -231,15 +231,16 @@ class BatchWriter:
                     job.done.set_exception(RuntimeError("server stopping"))
             raise
         except Exception as exc:
-            if len(batch) == 1:
-                log.exception("writing a batch of readings failed")
-                if not batch[0].done.done():
-                    batch[0].done.set_exception(RuntimeError("storing the readings failed"))
-            elif db.connection_trouble(exc):  # each would wait for the same in turn
-                log.warning("writing a batch of %d requests failed: %s", len(batch), exc)
+            away = db.connection_trouble(exc)  # the database: each would wait in turn
+            if len(batch) == 1 or away:
+                if away:  # (answered 503 by the error translator)
+                    log.warning("writing a batch of %d request(s) failed: %s", len(batch), exc)
+                else:
+                    log.exception("writing a batch of readings failed")
+                fail = exc if away else RuntimeError("storing the readings failed")
                 for job in batch:
                     if not job.done.done():
-                        job.done.set_exception(exc)
+                        job.done.set_exception(fail)
             else:
                 for job in batch:  # one request's trouble must not fail the others
                     try:
