@@ -28,7 +28,7 @@ from opensense.mqtt.ca import TlsFiles
 from opensense_contract import topics
 
 from .fixtures.processes import free_port
-from .fixtures.server import World, make_world, test_config
+from .fixtures.server import World, make_world, rate_count, test_config
 from .mqtt_node import Node
 
 pytestmark = pytest.mark.db
@@ -333,17 +333,6 @@ async def test_a_publish_flood_is_rate_limited_and_nothing_is_lost(slow_app, dsn
     assert await asyncio.to_thread(again.publish, t, reading(4.0))
     assert await stored(dsn, world) == [1.0, 2.0, 3.0, 4.0]
     await asyncio.to_thread(again.close)
-
-
-async def rate_count(dsn: str, device_id: str) -> int:
-    async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        cur = await conn.execute(
-            "SELECT coalesce(sum(count), 0) FROM rate_counters WHERE key = %s",
-            (f"ingest:{device_id}",),
-        )
-        row = await cur.fetchone()
-        assert row is not None
-        return int(row[0])
 
 
 async def test_mqtt_and_http_share_the_allowance_through_the_flush(slow_app, dsn, clock):

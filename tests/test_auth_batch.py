@@ -17,7 +17,7 @@ from opensense.api.jsonutil import rfc3339
 from opensense.api.keys import AUTHS
 from opensense.ingest.authbatch import AUTH_BATCH_SQL, AuthBatcher
 
-from .fixtures.server import World
+from .fixtures.server import World, as_one_batch, rate_count
 
 pytestmark = pytest.mark.db
 
@@ -28,17 +28,6 @@ def one(ts: Any, label: str, device: str = "fridge01") -> dict[str, Any]:
         "ts": rfc3339(ts),
         "measurements": [{"type": "temperature", "value": 4.0, "label": label}],
     }
-
-
-async def counter(dsn: str, device_id: str) -> int:
-    async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        cur = await conn.execute(
-            "SELECT coalesce(sum(count), 0) FROM rate_counters WHERE key = %s",
-            (f"ingest:{device_id}",),
-        )
-        row = await cur.fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 async def test_concurrent_requests_share_statements_and_count_exactly(
@@ -69,8 +58,8 @@ async def test_concurrent_requests_share_statements_and_count_exactly(
     assert sorted(got[:75]) == [200] * 60 + [429] * 15
     assert got[75:85] == [200] * 10
     assert got[85:] == [401, 401]
-    assert await counter(dsn, world.device_ids["fridge01"]) == 75
-    assert await counter(dsn, world.device_ids["fridge02"]) == 11
+    assert await rate_count(dsn, world.device_ids["fridge01"]) == 75
+    assert await rate_count(dsn, world.device_ids["fridge02"]) == 11
     assert auths.requests - requests == 87
     assert auths.statements - statements < 87  # shared
 
@@ -102,16 +91,8 @@ async def test_a_request_the_database_refuses_fails_alone(world: World, dsn, clo
         dsn, min_size=1, max_size=2, kwargs={"autocommit": True}
     ) as pool:
         auths = AuthBatcher(pool, runners=1)
-        # queued before the runner starts: one batch of three
-        asks = [
-            asyncio.ensure_future(auths.lookup(k, None, window)) for k in (good, "bad\x00key", good)
-        ]
-        await asyncio.sleep(0)
-        auths.start()
-        try:
-            done = await asyncio.gather(*asks, return_exceptions=True)
-        finally:
-            await auths.stop()
+        calls = [auths.lookup(k, None, window) for k in (good, "bad\x00key", good)]
+        done = await as_one_batch(auths, calls)
     first, bad, second = done
     assert not isinstance(first, BaseException) and first is not None
     assert not isinstance(second, BaseException) and second is not None
@@ -130,13 +111,7 @@ async def test_with_the_database_away_a_batch_fails_at_once(client, world: World
     await pool.open()
     await pool.close()
     auths = AuthBatcher(pool, runners=1)
-    asks = [asyncio.ensure_future(auths.lookup(key_id, None, window)) for _ in range(3)]
-    await asyncio.sleep(0)
-    auths.start()  # the three queued: one batch
-    try:
-        done = await asyncio.gather(*asks, return_exceptions=True)
-    finally:
-        await auths.stop()
+    done = await as_one_batch(auths, [auths.lookup(key_id, None, window) for _ in range(3)])
     assert all(isinstance(d, PoolClosed) for d in done), done
     assert auths.attempts == 1
 

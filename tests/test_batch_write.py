@@ -17,6 +17,8 @@ from psycopg_pool import AsyncConnectionPool
 from opensense.storage.batcher import BatchWriter
 from opensense.storage.write import Row, insert_readings
 
+from .fixtures.server import as_one_batch
+
 pytestmark = pytest.mark.db
 
 # the evaluator's claim (alarms/evaluator.py evaluate_dirty)
@@ -196,12 +198,8 @@ async def test_with_the_database_away_a_batch_fails_whole_at_once(pool):
     await pool.close()
     writer = BatchWriter(pool, writers=1)
     t = at(40)
-    jobs = [asyncio.ensure_future(writer.write([Row(NUM, t, 4.0)], "dev_x", t)) for _ in range(3)]
-    await asyncio.sleep(0)
-    writer.start()  # the three queued: one batch
-    try:
-        done = await asyncio.gather(*jobs, return_exceptions=True)
-    finally:
-        await writer.stop()
+    done = await as_one_batch(
+        writer, [writer.write([Row(NUM, t, 4.0)], "dev_x", t) for _ in range(3)]
+    )
     assert all(isinstance(d, PoolClosed) for d in done), done
     assert writer.attempts == 1

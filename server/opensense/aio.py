@@ -1,12 +1,12 @@
-"""asyncio helpers the server's background loops share: stopping a task, and a
-PostgreSQL LISTEN that outlives lost connections."""
+"""asyncio helpers the server's background loops share: stopping a task, failing a
+batch's waiting requests, and a PostgreSQL LISTEN that outlives lost connections."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import psycopg
@@ -24,6 +24,21 @@ async def cancel(*tasks: asyncio.Task[Any] | None) -> None:
     for t in running:
         with contextlib.suppress(asyncio.CancelledError):
             await t
+
+
+def fail(futures: Iterable[asyncio.Future[Any]], exc: BaseException) -> None:
+    """Answer every future not answered yet with `exc`: the requests of a batch
+    (storage/batcher.py, ingest/authbatch.py) that failed together or were cut off."""
+    for fut in futures:
+        if not fut.done():
+            fut.set_exception(exc)
+
+
+def fail_queued(queue: asyncio.Queue[Any], exc: BaseException) -> None:
+    """Fail the requests left in a stopped batching writer's queue (items with a
+    `done` future): nobody will answer them now."""
+    while not queue.empty():
+        fail([queue.get_nowait().done], exc)
 
 
 async def listen(

@@ -871,6 +871,13 @@ class BaselineServer:
     meter: Meter
 
 
+def state_dir(path: Path) -> Path:
+    """A server's state directory in the run's own (mode 755: the server tightens it)."""
+    path.mkdir()
+    os.chmod(path, 0o755)
+    return path
+
+
 async def open_threshold(dsn: str, now: datetime) -> None:
     """The readings' timestamps start on the first open day (each one new: a unique
     channel and time), while a node's reading is minutes old at most. Measured against
@@ -899,9 +906,7 @@ async def start_baseline(
         baseline.prepare, tree, base_dsn, rounds, plan.devices, now
     )
     await open_threshold(base_dsn, now)
-    state = frame.work / "baseline-state"
-    state.mkdir()
-    os.chmod(state, 0o755)
+    state = state_dir(frame.work / "baseline-state")
     mqtt_port = free_port()
     extra = {
         **env,
@@ -1234,9 +1239,7 @@ async def run(
     say(f"setup: migrating, starting the server, creating {plan.devices} devices")
     # the server connects as the app role (it refuses a superuser): db/roles.py
     app_dsn = await asyncio.to_thread(pg.serving_dsn, dsn)
-    state = frame.work / "state"
-    state.mkdir()
-    os.chmod(state, 0o755)
+    state = state_dir(frame.work / "state")
     mqtt_port = free_port()
     env = {
         "OPENSENSE_INGEST_RATE_PER_MIN": str(BENCH_RATE_PER_MIN),

@@ -125,10 +125,7 @@ class AuthBatcher:
 
     async def stop(self) -> None:
         await aio.cancel(*self._tasks)
-        while not self._queue.empty():
-            ask = self._queue.get_nowait()
-            if not ask.done.done():
-                ask.done.set_exception(RuntimeError("server stopping"))
+        aio.fail_queued(self._queue, RuntimeError("server stopping"))
 
     async def lookup(self, key_id: str, held: int | None, window: datetime) -> AuthRow | None:
         """The token's row (None: no such key id), its device's rate count included."""
@@ -144,22 +141,17 @@ class AuthBatcher:
             try:
                 await self._answer(batch)
             except asyncio.CancelledError:
-                for ask in batch:
-                    if not ask.done.done():
-                        ask.done.set_exception(RuntimeError("server stopping"))
+                aio.fail((a.done for a in batch), RuntimeError("server stopping"))
                 raise
             except Exception as exc:
                 if len(batch) == 1 or db.connection_trouble(exc):
-                    for ask in batch:  # (the database is away: each would wait in turn)
-                        if not ask.done.done():
-                            ask.done.set_exception(exc)
+                    aio.fail((a.done for a in batch), exc)  # (the database: each would wait)
                     continue
                 for ask in batch:  # one request's trouble must not fail the others
                     try:
                         await self._answer([ask])
                     except Exception as one:
-                        if not ask.done.done():
-                            ask.done.set_exception(one)
+                        aio.fail([ask.done], one)
 
     async def _answer(self, batch: list[_Ask]) -> None:
         params = {

@@ -166,10 +166,7 @@ class BatchWriter:
 
     async def stop(self) -> None:
         await aio.cancel(*self._tasks)
-        while not self._queue.empty():  # nobody will write these: let their requests fail
-            job = self._queue.get_nowait()
-            if not job.done.done():
-                job.done.set_exception(RuntimeError("server stopping"))
+        aio.fail_queued(self._queue, RuntimeError("server stopping"))
 
     async def settled(self, poll_s: float = 0.005) -> None:
         """Once nothing is queued or being written: every request handed over before
@@ -226,9 +223,7 @@ class BatchWriter:
             await self._gather(batch)
             await self._write(batch)
         except asyncio.CancelledError:
-            for job in batch:
-                if not job.done.done():
-                    job.done.set_exception(RuntimeError("server stopping"))
+            aio.fail((job.done for job in batch), RuntimeError("server stopping"))
             raise
         except Exception as exc:
             away = db.connection_trouble(exc)  # the database: each would wait in turn
@@ -238,17 +233,14 @@ class BatchWriter:
                 else:
                     log.exception("writing a batch of readings failed")
                 fail = exc if away else RuntimeError("storing the readings failed")
-                for job in batch:
-                    if not job.done.done():
-                        job.done.set_exception(fail)
+                aio.fail((job.done for job in batch), fail)
             else:
                 for job in batch:  # one request's trouble must not fail the others
                     try:
                         await self._write([job])
-                    except Exception as exc:
+                    except Exception as one:
                         log.exception("writing one request's readings failed")
-                        if not job.done.done():
-                            job.done.set_exception(exc)
+                        aio.fail([job.done], one)
 
     async def _write(self, batch: list[_Job]) -> None:
         # The first occurrence of a (channel, ts) in the batch owns it; later ones
