@@ -107,8 +107,9 @@ class _Ask:
 
 
 class AuthBatcher:
-    """`lookup` answers one request's row; concurrent ones share a statement. `runners` statements may be in flight at once (one gathers the next
-    batch while another runs); a batch holds at most `max_batch` requests."""
+    """`lookup` answers one request's row; concurrent ones share a statement. `runners`
+    statements may be in flight at once (one gathers the next batch while another
+    runs); a batch holds at most `max_batch` requests."""
 
     def __init__(self, pool: AsyncConnectionPool, runners: int = 2, max_batch: int = 256) -> None:
         self._pool = pool
