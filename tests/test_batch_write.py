@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
+from opensense.db import arrays
 from opensense.storage.batcher import BatchWriter
-from opensense.storage.write import Row, insert_readings
+from opensense.storage.write import Row, columns, insert_readings
 
 from .fixtures.server import as_one_batch
 
@@ -38,9 +39,13 @@ async def pool(new_database: Any) -> AsyncIterator[AsyncConnectionPool]:
         yield p
 
 
+# One base for the module: a base read from the clock at each call moved by a minute
+# when a test ran across a minute's turn, and its assertions compared two instants
+BASE = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=1)
+
+
 def at(minutes: float) -> datetime:
-    base = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=1)
-    return base + timedelta(minutes=minutes)
+    return BASE + timedelta(minutes=minutes)
 
 
 async def dirty_row(pool: AsyncConnectionPool) -> tuple[datetime, str, datetime] | None:
@@ -203,3 +208,36 @@ async def test_with_the_database_away_a_batch_fails_whole_at_once(pool):
     )
     assert all(isinstance(d, PoolClosed) for d in done), done
     assert writer.attempts == 1
+
+
+async def test_the_packed_arrays_are_what_psycopg_sends_and_read_back_as_given(pool):
+    """db/arrays.py packs the three columns itself: byte for byte psycopg's own binary
+    arrays (other offsets, the int4 range's ends, negative and repeated values, a time
+    before 2000, the empty array), and PostgreSQL reads them back as given."""
+    from psycopg.adapt import PyFormat, Transformer
+
+    est = timezone(timedelta(hours=-5))
+    rows = [
+        (-(2**31), BASE, -40.25),
+        (2**31 - 1, BASE.astimezone(est), 0.0),
+        (7, BASE, 1e-300),
+        (7, datetime(1999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC), -0.0),
+        (8, BASE + timedelta(microseconds=1), 4),  # an int value: the float it is
+    ]
+    async with pool.connection() as conn:
+        tx = Transformer(conn)
+        nums, times, values = (list(c) for c in zip(*rows, strict=True))
+        wanted = (nums, times, [float(v) for v in values])  # (psycopg's dumper: one type)
+        for got, want, cast in zip(
+            columns(rows).values(), wanted, ("int4", "timestamptz", "float8"), strict=True
+        ):
+            assert got == tx.get_dumper(want, PyFormat.BINARY).dump(want)
+            cur = await conn.execute(f"SELECT %b::{cast}[]", (got,))
+            assert (await cur.fetchone()) == (want,)
+        for empty in columns([]).values():
+            cur = await conn.execute("SELECT cardinality(%b)", (empty,))
+            assert (await cur.fetchone()) == (0,)
+    with pytest.raises(OverflowError):
+        arrays.int4s([2**31])
+    with pytest.raises(TypeError):  # a naive time has no instant
+        arrays.timestamptzs([datetime(2026, 1, 1)])  # noqa: DTZ001

@@ -10,6 +10,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from . import arrays as arrays  # registers the packed arrays' dumpers (db/arrays.py)
 from .grants import grant_app
 
 log = logging.getLogger(__name__)

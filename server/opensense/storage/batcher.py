@@ -48,7 +48,6 @@ from .write import (
     Row,
     columns,
     execute_mending_partitions,
-    to_us,
 )
 
 log = logging.getLogger(__name__)
@@ -245,17 +244,21 @@ class BatchWriter:
     async def _write(self, batch: list[_Job]) -> None:
         # The first occurrence of a (channel, ts) in the batch owns it; later ones
         # (another request resending it) are duplicates, as they would be one by one.
-        owner: dict[tuple[int, int], int] = {}
+        # Keyed by (channel, ts) as datetimes: aware ones are equal (and hash alike) when
+        # they are the same instant, whatever their offsets.
+        owner: dict[tuple[int, datetime], int] = {}
         rows: list[Row] = []
         counts = [0] * len(batch)  # each request's rows of this statement, then its new ones
         for i, job in enumerate(batch):
+            n = 0
             for r in job.rows:
-                key = (r.channel_num, to_us(r.ts))
+                key = r[:2]
                 if key not in owner:
                     owner[key] = i
                     rows.append(r)
-                    counts[i] += 1
-        rows.sort(key=lambda r: (r.channel_num, r.ts))
+                    n += 1
+            counts[i] = n
+        rows.sort()  # by (channel, ts): no two rows share both, so value never decides
         now = max(job.now for job in batch)
         devices = sorted({job.device_id for job in batch if self._seen_due(job.device_id, job.now)})
         params = {**columns(rows), "now": now, "devices": devices}
@@ -272,7 +275,7 @@ class BatchWriter:
                 )
             stored_already = await cur.fetchall()
         for num, ts in stored_already:
-            counts[owner[(num, to_us(ts))]] -= 1
+            counts[owner[(num, ts)]] -= 1
         self.batches += 1
         self.requests += len(batch)
         for job, c in zip(batch, counts, strict=True):

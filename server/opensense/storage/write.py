@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 from psycopg import AsyncConnection, AsyncCursor, errors
 
 from .. import db
+from ..db import arrays
 from . import packing, rollups
 
 # Namespace for pg_advisory_xact_lock(int, int): (namespace, day ordinal). Compaction
@@ -104,16 +105,19 @@ class Row(NamedTuple):
 RowLike = tuple[int, datetime, float]
 
 
-def columns(rows: Sequence[RowLike]) -> dict[str, list[Any]]:
+def columns(rows: Sequence[RowLike]) -> dict[str, Any]:
     """The rows as the three arrays the INSERT statements unnest. They travel in
     binary (`%(x)b`): PostgreSQL parsing text timestamps and psycopg formatting them
     cost more than the insert itself (measured: 18 vs 7 µs a row client side, 80 vs
     33 µs wall, 256 rows a statement); a binary array is of one type, so every value is
-    a float."""
+    a float. Packed by db/arrays.py (what psycopg would send, in under half its time)."""
+    if not rows:
+        return {"nums": arrays.int4s([]), "ts": arrays.timestamptzs([]), "vals": arrays.float8s([])}
+    nums, ts, vals = zip(*rows, strict=True)
     return {
-        "nums": [num for num, _, _ in rows],
-        "ts": [ts for _, ts, _ in rows],
-        "vals": [float(value) for _, _, value in rows],
+        "nums": arrays.int4s(nums),
+        "ts": arrays.timestamptzs(ts),
+        "vals": arrays.float8s(vals),  # (struct packs an int as the float it is)
     }
 
 
