@@ -241,3 +241,24 @@ async def test_the_packed_arrays_are_what_psycopg_sends_and_read_back_as_given(p
         arrays.int4s([2**31])
     with pytest.raises(TypeError):  # a naive time has no instant
         arrays.timestamptzs([datetime(2026, 1, 1)])  # noqa: DTZ001
+
+
+async def test_the_packed_text_and_int8_arrays_of_the_authentication_statement(pool):
+    """The authentication statement's arrays (ingest/authbatch.py): text (non-ASCII,
+    empty, characters the text format would quote) and int8 with NULLs, byte for byte
+    psycopg's, read back as given."""
+    from psycopg.adapt import PyFormat, Transformer
+    from psycopg.types.numeric import Int8
+
+    words = ["k0abc", "", "é ü 温度", 'a "quoted", {braced} \\ word']
+    revs = [None, 2**62, -5, 0]
+    async with pool.connection() as conn:
+        tx = Transformer(conn)
+        as_int8 = [None if v is None else Int8(v) for v in revs]  # (psycopg: the smallest type)
+        assert arrays.texts(words) == tx.get_dumper(words, PyFormat.BINARY).dump(words)
+        assert arrays.int8s(revs) == tx.get_dumper(as_int8, PyFormat.BINARY).dump(as_int8)
+        cur = await conn.execute(
+            "SELECT %b::text[], %b::int8[], %b::int8[]",
+            (arrays.texts(words), arrays.int8s(revs), arrays.int8s([None])),
+        )
+        assert (await cur.fetchone()) == (words, revs, [None])

@@ -34,6 +34,8 @@ from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
 _HEADER = struct.Struct(">iiIii")
+_INT8 = struct.Struct(">iq")
+_LEN = struct.Struct(">i")
 _SWAP = sys.byteorder == "little"
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
@@ -56,10 +58,18 @@ class Float8Array(Packed):
     oid = 1022  # float8[]
 
 
-def _header(elem_oid: int, n: int) -> bytes:
+class Int8Array(Packed):
+    oid = 1016  # int8[]
+
+
+class TextArray(Packed):
+    oid = 1009  # text[]
+
+
+def _header(elem_oid: int, n: int, flags: int = 0) -> bytes:
     if n == 0:  # an empty array has no dimension (array_send writes ndim 0)
         return _HEADER.pack(0, 0, elem_oid, 0, 0)[:12]
-    return _HEADER.pack(1, 0, elem_oid, n, 1)
+    return _HEADER.pack(1, flags, elem_oid, n, 1)
 
 
 def int4s(values: Sequence[int]) -> Int4Array:
@@ -93,6 +103,21 @@ def timestamptzs(values: Sequence[datetime]) -> TimestamptzArray:
     return TimestamptzArray(_header(1184, n) + body)
 
 
+def int8s(values: Sequence[int | None]) -> Int8Array:
+    """None is NULL (its length -1, no value); raises OverflowError past int8."""
+    body = b"".join(b"\xff\xff\xff\xff" if v is None else _INT8.pack(8, v) for v in values)
+    flags = 1 if None in values else 0  # "has nulls", as array_send sets it
+    return Int8Array(_header(20, len(values), flags) + body)
+
+
+def texts(values: Sequence[str]) -> TextArray:
+    """UTF-8, as the connection's client encoding (the pool's: UTF8) sends text; a
+    NUL, which text cannot hold, is refused by PostgreSQL as in any text parameter."""
+    parts = [v.encode() for v in values]
+    body = b"".join(_LEN.pack(len(b)) + b for b in parts)
+    return TextArray(_header(25, len(values)) + body)
+
+
 class _PackedDumper(Dumper):
     format = Format.BINARY
 
@@ -101,7 +126,7 @@ class _PackedDumper(Dumper):
 
 
 def _register() -> None:
-    for cls in (Int4Array, TimestamptzArray, Float8Array):
+    for cls in (Int4Array, TimestamptzArray, Float8Array, Int8Array, TextArray):
         dumper = type(f"{cls.__name__}Dumper", (_PackedDumper,), {"oid": cls.oid})
         psycopg.adapters.register_dumper(cls, dumper)
 
