@@ -37,6 +37,7 @@ _HEADER = struct.Struct(">iiIii")
 _INT8 = struct.Struct(">iq")
 _LEN = struct.Struct(">i")
 _SWAP = sys.byteorder == "little"
+assert array("i").itemsize == 4, "int4s packs C ints: 4 bytes on every platform served"
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
 
@@ -111,8 +112,9 @@ def int8s(values: Sequence[int | None]) -> Int8Array:
 
 
 def texts(values: Sequence[str]) -> TextArray:
-    """UTF-8, as the connection's client encoding (the pool's: UTF8) sends text; a
-    NUL, which text cannot hold, is refused by PostgreSQL as in any text parameter."""
+    """As UTF-8, which PostgreSQL takes as the connection's client encoding (UTF8 unless
+    a server sets another; the one caller sends token key ids, ASCII by tokens.parse).
+    A NUL, which text cannot hold, is refused by PostgreSQL as in any text parameter."""
     parts = [v.encode() for v in values]
     body = b"".join(_LEN.pack(len(b)) + b for b in parts)
     return TextArray(_header(25, len(values)) + body)

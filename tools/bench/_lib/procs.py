@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -26,6 +27,24 @@ STARTED: list[Any] = []  # every process this run started (Popen or asyncio Proc
 
 
 def free_port() -> int:
+    """A TCP port nobody holds on 127.0.0.1, taken from below the kernel's ephemeral
+    range. bind(0) hands out a port from that range, where this machine's outgoing
+    connections (a parallel test's database or broker client) take their local ports
+    too: one took such a port between the pick and the server's bind, and the server
+    could not start (CI: "address already in use"). Below the range only another
+    caller of this function can pick it, at random among 10,000."""
+    try:
+        lo = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        lo = 0  # not Linux: bind(0) as before
+    for _ in range(100 if lo > 11_024 else 0):
+        port = lo - 1 - secrets.randbelow(10_000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # held (or lingering): another
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
