@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
@@ -84,29 +85,38 @@ async def verifier_ctx(app: web.Application) -> AsyncIterator[None]:
     verifier.close()
 
 
-async def request_log_ctx(app: web.Application) -> AsyncIterator[None]:
-    rl = RequestLog(app[POOL])
-    rl.start()
-    app[REQUEST_LOG] = rl
-    yield
-    await rl.stop()
+class _Runner(Protocol):
+    def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
-async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
-    writer = BatchWriter(app[POOL], linger_ms=app[CONFIG].write_linger_ms)
-    writer.start()
-    app[WRITER] = writer
-    yield
-    await writer.stop()
+R = TypeVar("R", bound=_Runner)
 
 
-async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
-    """HTTP ingest's token statements, shared by concurrent requests (ingest/authbatch.py)."""
-    auths = AuthBatcher(app[POOL])
-    auths.start()
-    app[AUTHS] = auths
-    yield
-    await auths.stop()
+def runner_ctx(
+    key: web.AppKey[R], make: Callable[[web.Application], R]
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context for a background runner of the app: made and started at
+    startup and put on the app under `key`, stopped at cleanup."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        runner = make(app)
+        runner.start()
+        app[key] = runner
+        yield
+        await runner.stop()
+
+    return ctx
+
+
+# the request log; the one batch writer every door writes readings through; HTTP
+# ingest's token statements, shared by concurrent requests (ingest/authbatch.py)
+request_log_ctx = runner_ctx(REQUEST_LOG, lambda app: RequestLog(app[POOL]))
+writer_ctx = runner_ctx(
+    WRITER, lambda app: BatchWriter(app[POOL], linger_ms=app[CONFIG].write_linger_ms)
+)
+auth_ctx = runner_ctx(AUTHS, lambda app: AuthBatcher(app[POOL]))
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -214,6 +214,11 @@ async def _first(f: asyncio.Future[tuple[bool, float]]) -> bool:
     return (await f)[0]
 
 
+def _memo_key(key_id: str, secret: str, stored_hash: str) -> tuple[str, bytes, str]:
+    """What a Verifier remembers a check by: the secret only as its digest."""
+    return (key_id, hashlib.sha256(secret.encode()).digest(), stored_hash)
+
+
 class Verifier:
     """Checks token secrets against bcrypt hashes: memory, then the stored fast check,
     then (bounded) bcrypt.
@@ -262,10 +267,8 @@ class Verifier:
     ) -> bool:
         """`stored_fast`: the row's fast_check when the caller read it with the row
         (saves a query); UNREAD: read it here (on a memory miss only)."""
-        digest = hashlib.sha256(secret.encode()).digest()
-        key = (key_id, digest, stored_hash)
-        if key in self._good:
-            self._good.move_to_end(key)
+        key = _memo_key(key_id, secret, stored_hash)
+        if self._known_good(key):
             return True
         if key in self._bad:
             return False
@@ -353,7 +356,9 @@ class Verifier:
     def remembers(self, key_id: str, secret: str, stored_hash: str) -> bool:
         """Whether `check` would answer True from memory (no query, no bcrypt): this
         process checked this secret against this hash before and it was good."""
-        key = (key_id, hashlib.sha256(secret.encode()).digest(), stored_hash)
+        return self._known_good(_memo_key(key_id, secret, stored_hash))
+
+    def _known_good(self, key: tuple[str, bytes, str]) -> bool:
         if key not in self._good:
             return False
         self._good.move_to_end(key)  # used: the last to be forgotten
