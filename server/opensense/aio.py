@@ -7,9 +7,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import psycopg
+
+from .db import connection_trouble
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,52 @@ def fail_queued(queue: asyncio.Queue[Any], exc: BaseException) -> None:
     `done` future): nobody will answer them now."""
     while not queue.empty():
         fail([queue.get_nowait().done], exc)
+
+
+class Waiting(Protocol):
+    """A request queued in a batching writer: answered through its future."""
+
+    @property
+    def done(self) -> asyncio.Future[Any]: ...
+
+
+W = TypeVar("W", bound=Waiting)
+
+
+async def run_batch(
+    batch: list[W],
+    run: Callable[[list[W]], Awaitable[None]],
+    what: str,
+    lone: Callable[[Exception], BaseException] = lambda exc: exc,
+) -> None:
+    """Run one batch of a batching writer (storage/batcher.py, ingest/authbatch.py):
+    `run` answers each request's future. If it fails:
+    - cancelled (the server stopping): every request fails, and the cancel goes on;
+    - the database or the way to it failed (`db.connection_trouble`): every request
+      fails at once with that error, rather than each waiting for the pool's timeout
+      in turn (answered 503 by the error translator);
+    - anything else (a request the database refuses): each request is run alone, so
+      one request's trouble fails that request alone; a batch of one fails with
+      `lone(exc)`."""
+    try:
+        await run(batch)
+    except asyncio.CancelledError:
+        fail((b.done for b in batch), RuntimeError("server stopping"))
+        raise
+    except Exception as exc:
+        if connection_trouble(exc):
+            log.warning("%s: a batch of %d request(s) failed: %s", what, len(batch), exc)
+            fail((b.done for b in batch), exc)
+        elif len(batch) == 1:
+            log.exception("%s failed", what)
+            fail([batch[0].done], lone(exc))
+        else:
+            for one in batch:  # one request's trouble must not fail the others
+                try:
+                    await run([one])
+                except Exception as alone:
+                    log.exception("%s failed for one request", what)
+                    fail([one.done], alone)
 
 
 async def listen(

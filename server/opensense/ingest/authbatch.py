@@ -39,7 +39,7 @@ from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
-from .. import aio, db
+from .. import aio
 from ..db import arrays
 from .pipeline import AuthRow
 
@@ -140,20 +140,7 @@ class AuthBatcher:
             batch = [await self._queue.get()]
             while len(batch) < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            try:
-                await self._answer(batch)
-            except asyncio.CancelledError:
-                aio.fail((a.done for a in batch), RuntimeError("server stopping"))
-                raise
-            except Exception as exc:
-                if len(batch) == 1 or db.connection_trouble(exc):
-                    aio.fail((a.done for a in batch), exc)  # (the database: each would wait)
-                    continue
-                for ask in batch:  # one request's trouble must not fail the others
-                    try:
-                        await self._answer([ask])
-                    except Exception as one:
-                        aio.fail([ask.done], one)
+            await aio.run_batch(batch, self._answer, "an ingest authentication statement")
 
     async def _answer(self, batch: list[_Ask]) -> None:
         params = {  # packed in binary (db/arrays.py): psycopg's text arrays cost more

@@ -39,7 +39,7 @@ from datetime import datetime, timedelta
 from psycopg import errors
 from psycopg_pool import AsyncConnectionPool
 
-from .. import aio, db
+from .. import aio
 from . import rollups
 from .write import (
     DIRTY_SQL,
@@ -220,26 +220,15 @@ class BatchWriter:
     async def _run_batch(self, batch: list[_Job]) -> None:
         try:
             await self._gather(batch)
-            await self._write(batch)
         except asyncio.CancelledError:
             aio.fail((job.done for job in batch), RuntimeError("server stopping"))
             raise
-        except Exception as exc:
-            away = db.connection_trouble(exc)  # the database: each would wait in turn
-            if len(batch) == 1 or away:
-                if away:  # (answered 503 by the error translator)
-                    log.warning("writing a batch of %d request(s) failed: %s", len(batch), exc)
-                else:
-                    log.exception("writing a batch of readings failed")
-                fail = exc if away else RuntimeError("storing the readings failed")
-                aio.fail((job.done for job in batch), fail)
-            else:
-                for job in batch:  # one request's trouble must not fail the others
-                    try:
-                        await self._write([job])
-                    except Exception as one:
-                        log.exception("writing one request's readings failed")
-                        aio.fail([job.done], one)
+        await aio.run_batch(
+            batch,
+            self._write,
+            "writing readings",
+            lone=lambda _exc: RuntimeError("storing the readings failed"),
+        )
 
     async def _write(self, batch: list[_Job]) -> None:
         # The first occurrence of a (channel, ts) in the batch owns it; later ones
