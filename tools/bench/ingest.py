@@ -286,15 +286,15 @@ def statements_lines(stmts: list[pg.Statement], readings: int, pg_us: float | No
     total = sum(st.exec_ms + st.plan_ms for st in stmts) or 1.0
     out = [
         "  PostgreSQL statements (pg_stat_statements), by execution + planning time:",
-        "        calls       rows  exec µs/reading  share  ~CPU µs/reading  WAL B/reading"
-        "  of it planning  query",
+        "        calls    planned       rows  exec µs/reading  share  ~CPU µs/reading"
+        "  WAL B/reading  of it planning  query",
     ]
     for st in stmts[:8]:
         t = st.exec_ms + st.plan_ms
         est = f"{t / total * pg_us:15.1f}" if pg_us is not None else f"{'n/a':>15}"
         q = " ".join(st.query.split())
         out.append(
-            f"    {st.calls:>9,} {st.rows:>10,}  {t * 1000 / max(readings, 1):15.1f}"
+            f"    {st.calls:>9,} {st.plans:>10,} {st.rows:>10,}  {t * 1000 / max(readings, 1):15.1f}"
             f"  {t / total:5.1%}  {est}  {st.wal_bytes / max(readings, 1):13.1f}"
             f"  {st.plan_ms / t if t else 0.0:14.0%}  {q[:90]}"
         )

@@ -199,6 +199,7 @@ class Statement:
     blks_hit: int
     blks_read: int
     wal_bytes: int
+    plans: int = 0  # times planned: a prepared statement's generic plan is planned once
 
 
 def stat_statements(dsn: str, top: int = 15) -> list[Statement]:
@@ -207,7 +208,7 @@ def stat_statements(dsn: str, top: int = 15) -> list[Statement]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         rows = conn.execute(
             "SELECT query, calls, rows, total_exec_time, total_plan_time,"
-            " shared_blks_hit, shared_blks_read, wal_bytes::bigint"
+            " shared_blks_hit, shared_blks_read, wal_bytes::bigint, plans"
             " FROM pg_stat_statements"
             " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
             " AND query NOT ILIKE '%%pg_stat_statements%%'"
@@ -215,8 +216,10 @@ def stat_statements(dsn: str, top: int = 15) -> list[Statement]:
             (top,),
         ).fetchall()
     return [
-        Statement(str(q), int(c), int(r), float(e), float(p), int(h), int(rd), int(w or 0))
-        for q, c, r, e, p, h, rd, w in rows
+        Statement(
+            str(q), int(c), int(r), float(e), float(p), int(h), int(rd), int(w or 0), int(n or 0)
+        )
+        for q, c, r, e, p, h, rd, w, n in rows
     ]
 
 
