@@ -223,6 +223,44 @@ async def test_lost_pubacks_and_a_broker_restart_mid_replay_leave_no_gap(
     assert count >= 100
 
 
+async def test_a_cadence_changed_while_the_broker_was_away_reaches_the_node(
+    fw_app, dsn, clock, sim_nodes
+):
+    """The operator changes the cadence while the broker is away: its retained command
+    reaches no broker (the PATCH answers 200, the change is committed), and the
+    embedded broker starts again without retained messages. The node's info on its
+    next connect reports the old cadence; the server sends the device's again and the
+    node takes it (docs/mqtt.md, "Commands")."""
+    world = await make_world(dsn, fw_app.cfg, ("fridge01",))
+    r1 = rom(21)
+    n = sim_nodes(
+        "n1",
+        node_config(fw_app, world, "fridge01", {r1: "front"}),
+        fw_app.tls.ca_der(),
+        {
+            "speed": 60,
+            "epoch0": int((clock.now - timedelta(hours=1)).timestamp()),
+            "probes": [{"rom": r1, "temp": 3.5}],
+        },
+    )
+    n.start()
+    await wait_for(lambda: _more(dsn, world, 1), what=lambda: n.console()[-2000:])
+    broker = fw_app.app[MQTT]
+    await broker.stop()
+    dev = world.device_ids["fridge01"]
+    r = await fw_app.patch(f"/v1/devices/{dev}", headers=world.auth, json={"cadence_s": 120})
+    assert r.status == 200, await r.text()
+    assert not [e for e in n.events() if e.endswith("cadence 120")]
+    await broker.start()
+
+    async def obeyed() -> bool:
+        await asyncio.sleep(0.1)
+        return any(e.endswith("cadence 120") for e in n.events())
+
+    await wait_for(obeyed, what=lambda: "\n".join(n.events()[-20:]))
+    n.stop()
+
+
 async def _more(dsn: str, world: World, k: int) -> bool:
     return len(await rows(dsn, world)) >= k
 

@@ -258,6 +258,36 @@ async def test_lwt_info_and_commands(mqtt_app, dsn, clock):
     n.client.loop_stop()
 
 
+async def test_a_cadence_change_that_never_reached_the_node_is_sent_again_on_its_info(
+    mqtt_app, dsn, clock
+):
+    """Desired against reported: a node's info (sent on every connect) reports its
+    cadence; one other than the device's brings the retained cmd/cadence again, as
+    when a PATCH's command was lost (the embedded broker restarted and kept retained
+    messages in memory only, it was down, or a relay was lost in a leader's restart)."""
+    world = await make_world(dsn, mqtt_app.cfg)
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        # the change is committed; its command never went out
+        await conn.execute(
+            "UPDATE devices SET cadence_s = 120 WHERE id = %s", (world.device_ids["fridge01"],)
+        )
+    n = await node(mqtt_app, world)
+    await asyncio.to_thread(n.connect)
+    await asyncio.to_thread(n.subscribe, topics.topic(world.account, "fridge01", "cmd/#"))
+    info = topics.topic(world.account, "fridge01", "info")
+    assert await asyncio.to_thread(n.publish, info, json.dumps({"cadence": 60}).encode())
+    msg = await asyncio.to_thread(n.next_message)
+    assert msg == (topics.topic(world.account, "fridge01", "cmd/cadence"), b"120")
+    # a node on the device's cadence, or one whose info does not say, gets nothing;
+    # one repeating its stale info gets the command once a minute, not once each
+    for said in ({"cadence": 120}, {"fw_version": "0.3.1"}, {"cadence": True}):
+        assert await asyncio.to_thread(n.publish, info, json.dumps(said).encode())
+    for _ in range(20):
+        assert await asyncio.to_thread(n.publish, info, json.dumps({"cadence": 60}).encode())
+    assert await asyncio.to_thread(n.next_message, 1.0) is None
+    await asyncio.to_thread(n.close)
+
+
 async def test_a_silent_connection_is_cut_after_its_keep_alive(mqtt_app, dsn, clock):
     """MQTT 3.1.1 §3.1.2.10: 1.5 x keep alive without a packet and the broker closes the
     connection, publishing the will (the broker's own timer, not amqtt's per-packet

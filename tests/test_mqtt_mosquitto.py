@@ -419,6 +419,30 @@ async def test_commands_reach_the_node_through_the_broker(app, dsn, mosquitto):
     await asyncio.to_thread(n.close)
 
 
+async def test_a_cadence_the_node_never_got_is_sent_again_when_its_info_says_so(
+    app, dsn, mosquitto
+):
+    """The consumer reads a node's info (retained, sent on every connect): a cadence
+    other than the device's brings the retained cmd/cadence again (docs/mqtt.md)."""
+    world = await new_world(app, dsn, "fridge01")
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        # the change is committed; its command never went out
+        await conn.execute(
+            "UPDATE devices SET cadence_s = 300 WHERE id = %s", (world.device_ids["fridge01"],)
+        )
+    n = node(mosquitto, world, "fridge01")
+    assert str(await asyncio.to_thread(n.connect)) == "Success"
+    granted = await asyncio.to_thread(n.subscribe, topics.topic(world.account, "fridge01", "cmd/#"))
+    assert granted and not granted[0].is_failure
+    info = topics.topic(world.account, "fridge01", "info")
+    assert await asyncio.to_thread(n.publish, info, json.dumps({"cadence": 60}).encode())
+    assert await asyncio.to_thread(n.next_message) == (
+        topics.topic(world.account, "fridge01", "cmd/cadence"),
+        b"300",
+    )
+    await asyncio.to_thread(n.close)
+
+
 async def test_a_message_whose_handling_failed_comes_again_after_a_reconnect(app, dsn, mosquitto):
     """Not acknowledged when storing raised; the consumer reconnects (after 1 s, the
     first step of its backoff) and the broker sends it again: stored once."""

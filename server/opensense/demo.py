@@ -100,7 +100,14 @@ async def ensure_demo(cfg: Config, dsn: str) -> dict[str, Any]:
                 dev, token = await store.create_device(
                     conn,
                     acc,
-                    {"site_id": site["id"], "local_id": local_id, "name": name},
+                    # the nodes' own cadence: a node whose info reports another is
+                    # sent the device's (docs/mqtt.md, "Commands")
+                    {
+                        "site_id": site["id"],
+                        "local_id": local_id,
+                        "name": name,
+                        "cadence_s": NODE_CADENCE_S,
+                    },
                     cfg.bcrypt_rounds,
                     now,
                 )

@@ -24,7 +24,7 @@ from psycopg.types.json import Jsonb
 from opensense_contract import topics
 
 from .. import ratelimit, tokens
-from ..api.keys import CONFIG, POOL, REQUEST_LOG, VERIFIER, WRITER
+from ..api.keys import CONFIG, MQTT, POOL, REQUEST_LOG, VERIFIER, WRITER
 from ..errors import ApiError, envelope
 from ..ids import new_id
 from ..ingest import pipeline
@@ -32,6 +32,8 @@ from ..ingest.routes import oldest_accepted
 from ..ingest.validate import parse_json, validate_payload
 
 log = logging.getLogger(__name__)
+
+CADENCE_RESEND_S = 60.0  # a device's cadence is sent again at most this often
 
 DEVICE_SQL = """
 SELECT d.id, d.account_id, d.local_id, s.vertical,
@@ -67,6 +69,8 @@ class MqttIngest:
         # the ingest rate limit of the publishes this process receives (over_rate);
         # a broker that counts runs its flush loop (`run_rate_flush`)
         self.rate = ratelimit.LocalCounter(app[POOL], app[CONFIG].clock)
+        # device id -> when its cadence was last sent again (`_send_cadence`)
+        self._cadence_sent: dict[str, float] = {}
 
     async def final_rate_flush(self) -> None:
         """At shutdown: what was counted since the last flush (best effort, bounded:
@@ -257,11 +261,48 @@ class MqttIngest:
         if len(json.dumps(info)) > 4096:
             raise ApiError("invalid_request", "info is larger than 4 KiB")
         async with self.app[POOL].connection() as conn:
-            await conn.execute(
+            cur = await conn.execute(
                 "UPDATE devices SET info = %s, fw_version = coalesce(%s, fw_version),"
-                " model = coalesce(%s, model) WHERE id = %s",
+                " model = coalesce(%s, model) WHERE id = %s RETURNING cadence_s",
                 (Jsonb(info), fw, model, dev.id),
             )
+            row = await cur.fetchone()
+        reported = info.get("cadence")
+        if row is not None and type(reported) is int and reported != row[0]:
+            await self._send_cadence(dev, int(row[0]), reported)
+
+    async def _send_cadence(self, dev: pipeline.Device, wanted: int, reported: int) -> None:
+        """The node's info (sent on every connect) reports a cadence other than the
+        device's: the retained cmd/cadence of a change never reached it (a broker that
+        restarted and kept retained messages in memory only, a broker down at the
+        PATCH, a command relayed while the leader restarted: docs/mqtt.md). The
+        database's cadence is sent again, retained, as PATCH /v1/devices/{id} sends
+        it; a node takes the same value twice alike. At most once a minute a device:
+        the command is retained, so a node connecting again meanwhile gets it on its
+        subscription, and a device repeating its info cannot flood the broker."""
+        now = time.monotonic()
+        if now - self._cadence_sent.get(dev.id, -CADENCE_RESEND_S) < CADENCE_RESEND_S:
+            return
+        if len(self._cadence_sent) >= 10_000:  # bounded: forget the ones past the minute
+            self._cadence_sent = {
+                k: t for k, t in self._cadence_sent.items() if now - t < CADENCE_RESEND_S
+            }
+        self._cadence_sent[dev.id] = now
+        log.info(
+            "device %s reports cadence %d s, the device's is %d s: cmd/cadence sent again",
+            dev.id,
+            reported,
+            wanted,
+        )
+        try:
+            await self.app[MQTT].publish(
+                topics.topic(dev.account_id, dev.local_id, "cmd/cadence"),
+                str(wanted).encode(),
+                qos=1,
+                retain=True,
+            )
+        except ApiError as err:
+            log.warning("cmd/cadence for %s not sent again: %s", dev.id, err.message)
 
     def _log(
         self,
