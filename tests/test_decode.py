@@ -396,6 +396,111 @@ def test_each_boundary_is_judged_as_by_the_full_checks(edge: Any, text: str):
     assert validated(raw) == full_checks(raw)
 
 
+# --- read_payload: the typed reader and the general path alike ---------------------
+
+
+def read(raw: bytes, **kw: Any) -> Any:
+    """`validate.read_payload` as `validated` sees a batch, values typed (1.0 and 1
+    differ; an entry's value is always a float)."""
+    try:
+        b = validate.read_payload(raw, now=NOW, oldest=OLDEST, **kw)
+    except ApiError as e:
+        return (e.code, e.message)
+    return b.device, [(e.kind, e.label, e.unit, repr(e.value), e.ts) for e in b.entries]
+
+
+DEVICE_WAYS: list[dict[str, Any]] = [
+    {},
+    {"require_device": False},
+    {"header_device": "fridge01"},
+    {"header_device": "other"},
+    {"header_device": "fridge01", "require_device": False},
+]
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    ms=st.lists(entries, max_size=34),
+    body_ts=st.none() | ts_texts | scalars,
+    device=st.sampled_from([None, "fridge01", "", "x" * 65, 7, "absent"]),
+    way=st.sampled_from(DEVICE_WAYS),
+    data=st.data(),
+)
+def test_generated_bodies_are_read_by_read_payload_as_by_the_general_path(
+    ms: list[Any], body_ts: Any, device: Any, way: dict[str, Any], data: Any
+):
+    plain = [
+        {
+            "type": "temperature",
+            "value": data.draw(st.floats(-5, 10) | st.integers(-5, 10)),
+            "label": f"p{j % 5}",
+            "ts": data.draw(ts_texts),
+        }
+        for j in range(data.draw(st.integers(0, 8)))
+    ]
+    body: dict[str, Any] = {"measurements": plain + ms}
+    if device != "absent":
+        body["device"] = device
+    if body_ts is not None or data.draw(st.booleans()):
+        body["ts"] = body_ts
+    if data.draw(st.booleans()):
+        body["extra"] = 1
+    raw = json.dumps(body, ensure_ascii=data.draw(st.booleans())).encode()
+    assert read(raw, **way) == validated(raw, **way)
+
+
+def test_read_payload_takes_a_plain_body_without_the_general_path(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """The speed is real only if a plain body (the firmware's, the bench's) skips the
+    dict reader and the general checks; a body with any doubt still goes there."""
+    calls: list[Any] = []
+    real = validate.validate_payload
+
+    def counted(*a: Any, **kw: Any) -> Any:
+        calls.append(a)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(validate, "validate_payload", counted)
+    plain = {"device": "d", "ts": TS, "measurements": [m(label=f"p{i}") for i in range(32)]}
+    firmware = {
+        "measurements": [
+            {"type": "temperature", "value": 4.25, "ts": TS, "seq": 7, "label": "p", "unit": "°C"}
+        ]
+    }
+    for body, kw in ((plain, {}), (firmware, {"require_device": False})):
+        raw = json.dumps(body).encode()
+        assert read(raw, **kw) == validated(raw, **kw)
+    assert len(calls) == 2  # validated's own calls only
+    for body in (
+        {"device": "d", "measurements": [m(value=True)]},
+        {"device": "d", "measurements": [m(), m()]},  # a repeat: named by the general path
+        {"device": "d", "measurements": [m(value=2**53 + 1)]},
+        {"device": "d", "measurements": [m(vaule=1)]},
+    ):
+        calls.clear()
+        raw = json.dumps(body).encode()
+        assert read(raw) == validated(raw)
+        assert len(calls) == 2
+
+
+@pytest.mark.parametrize("edge", EDGES, ids=[str(i) for i in range(len(EDGES))])
+@pytest.mark.parametrize("text", ["1e999", "same"])
+def test_each_boundary_is_read_by_read_payload_as_by_the_general_path(edge: Any, text: str):
+    body = {"device": "d", "ts": TS, "measurements": [m(label="p0"), m(label="p1", ts=None), edge]}
+    raw = json.dumps(body).encode()
+    if text == "1e999":
+        raw = raw.replace(b'"value": 4.5, "label": "p9"', b'"value": 1e999, "label": "p9"')
+    assert read(raw) == validated(raw)
+
+
+@pytest.mark.parametrize("name,raw,expected", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_bodies_are_refused_by_read_payload_as_by_the_general_path(
+    name: str, raw: bytes, expected: Any
+):
+    assert read(raw) == validated(raw)
+
+
 def test_the_plain_path_makes_entries_equal_to_the_constructors():
     raw = json.dumps(
         {"device": "d", "measurements": [{"type": "leak", "value": 1, "ts": TS, "seq": 2**64}]}

@@ -3,7 +3,7 @@ server before it reaches the database, measured against the former code in the
 same run. No server, no database: the functions the doors call, in this process.
 
 Bodies, as they arrive (`POST /v1/ingest`; an MQTT measurement message is the same
-body without `device` and goes through the same two calls):
+body without `device` and goes through the same call):
 
 - 32 readings: the ingest bench's body (`_lib/http_load.py`: type, value, label
   and one shared ts per entry, compact separators);
@@ -17,7 +17,9 @@ Ways, timed on the same bytes:
   (the stdlib reader and its walk over every string) and the former
   `validate_payload` (`before_validate` below: the server's, its short path and
   shortcut switched off, so every check on every entry);
-- after: `opensense.ingest.validate.parse_json` and `.validate_payload` as they are.
+- after: `opensense.ingest.validate.read_payload` as it is, the call both doors
+  make (msgspec's typed reader for a plain body; `parse_json` and `validate_payload`
+  for any other).
 
 Each way runs N times per round (parse + validate, the result a `Batch`), rounds
 alternate between the ways (so both meet the same noise), and the best round is
@@ -186,7 +188,7 @@ def old(raw: bytes) -> Callable[[], Batch]:
 
 
 def new(raw: bytes) -> Callable[[], Batch]:
-    return lambda: validate.validate_payload(validate.parse_json(raw), now=NOW, oldest=OLDEST)
+    return lambda: validate.read_payload(raw, now=NOW, oldest=OLDEST)
 
 
 def answers(ans: dict[str, Any]) -> list[Callable[[], bytes]]:

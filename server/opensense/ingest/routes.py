@@ -25,7 +25,7 @@ from .validate import (
     make_entry,
     parse_json,
     parse_ts,
-    validate_payload,
+    read_payload,
 )
 
 routes = web.RouteTableDef()
@@ -86,8 +86,8 @@ async def ingest(request: web.Request) -> web.Response:
     dev = await _device(request, bearer(request), now)
     if key is not None and not 1 <= len(key) <= 200:
         raise ApiError("invalid_request", "Idempotency-Key must be 1 to 200 characters")
-    batch = validate_payload(
-        parse_json(raw),
+    batch = read_payload(
+        raw,
         now=now,
         oldest=oldest_accepted(cfg, now),
         header_device=request.headers.get("X-Device-Id"),

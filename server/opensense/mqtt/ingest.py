@@ -29,7 +29,7 @@ from ..errors import ApiError, envelope
 from ..ids import new_id
 from ..ingest import pipeline
 from ..ingest.routes import oldest_accepted
-from ..ingest.validate import parse_json, validate_payload
+from ..ingest.validate import parse_json, read_payload
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +200,8 @@ class MqttIngest:
                 "a QoS 0 measurement publish is dropped: publish measurements with QoS 1",
             )
         cfg = self.app[CONFIG]
-        batch = validate_payload(
-            parse_json(payload), now=now, oldest=oldest_accepted(cfg, now), require_device=False
+        batch = read_payload(
+            payload, now=now, oldest=oldest_accepted(cfg, now), require_device=False
         )
         if batch.device is not None and batch.device not in (dev.local_id, dev.id):
             raise ApiError(
