@@ -267,13 +267,29 @@ def _plain_entry(
         return None
     if "seq" in m and type(m["seq"]) is not int:
         return None
-    if t is None:
-        ts = batch_ts
-    elif type(t) is not str:
+    if t is not None and type(t) is not str:
         return None
-    elif t in times:
-        ts = times[t]
-    else:
+    if label is not None and type(label) is not str:
+        return None
+    if unit is not None and type(unit) is not str:
+        return None
+    ts = _plain_ts(t, batch_ts, times, latest, oldest)
+    return None if ts is None else _plain_made(kind, label, unit, value, ts)
+
+
+def _plain_ts(
+    t: str | None,
+    batch_ts: datetime,
+    times: dict[str, datetime],
+    latest: datetime,
+    oldest: datetime,
+) -> datetime | None:
+    """An entry's time when plainly in the window: the batch's (no ts), one already
+    taken for the same text, or the text parsed; else None."""
+    if t is None:
+        return batch_ts
+    ts = times.get(t)
+    if ts is None:
         try:
             ts = _contract_parse_ts(t, "ts")
         except WireError:
@@ -281,11 +297,17 @@ def _plain_entry(
         if not oldest <= ts <= latest:
             return None
         times[t] = ts
+    return ts
+
+
+def _plain_made(
+    kind: str, label: str | None, unit: str | None, value: int | float, ts: datetime
+) -> Entry | None:
+    """The Entry of a measurement whose fields have their JSON types already, when its
+    label, kind, unit and value pass at their first look; else None."""
     if label is None:
         label = ""
-    elif type(label) is not str or len(label) > MAX_LABEL:
-        return None
-    if unit is not None and type(unit) is not str:
+    elif len(label) > MAX_LABEL:
         return None
     found = _UNITS.get((kind, unit))
     if found is None or (type(value) is int and not -(2**53) <= value <= 2**53):
@@ -322,9 +344,9 @@ _decode_plain = msgspec.json.Decoder(_PlainBody).decode
 
 def read_payload(
     raw: bytes,
-    *,
     now: datetime,
     oldest: datetime,
+    *,
     header_device: str | None = None,
     require_device: bool = True,
 ) -> Batch:
@@ -376,55 +398,24 @@ def _plain_batch(
     elif not 0 < len(device) <= MAX_DEVICE:
         return None
     latest = now + MAX_FUTURE
-    batch_ts = now
     times: dict[str, datetime] = {}
-    if body.ts is not None:
-        try:
-            batch_ts = _contract_parse_ts(body.ts, "ts")
-        except WireError:
-            return None
-        if not oldest <= batch_ts <= latest:
-            return None
-        times[body.ts] = batch_ts
+    batch_ts = _plain_ts(body.ts, now, times, latest, oldest)
+    if batch_ts is None:
+        return None
     ms = body.measurements
     if not 1 <= len(ms) <= MAX_MEASUREMENTS:
         return None
     entries: list[Entry] = []
     seen: set[tuple[str, str, datetime]] = set()
-    units = _UNITS
     for m in ms:
-        t = m.ts
-        if t is None:
-            ts = batch_ts
-        elif t in times:
-            ts = times[t]
-        else:
-            try:
-                ts = _contract_parse_ts(t, "ts")
-            except WireError:
-                return None
-            if not oldest <= ts <= latest:
-                return None
-            times[t] = ts
-        label = m.label
-        if label is None:
-            label = ""
-        elif len(label) > MAX_LABEL:
+        ts = _plain_ts(m.ts, batch_ts, times, latest, oldest)
+        e = None if ts is None else _plain_made(m.type, m.label, m.unit, m.value, ts)
+        if e is None:
             return None
-        kind, value = m.type, m.value
-        found = units.get((kind, m.unit))
-        if found is None or (type(value) is int and not -(2**53) <= value <= 2**53):
-            return None
-        symbol, u = found
-        v = float(value)
-        if not u.min <= v <= u.max or (u.integral and v not in (0.0, 1.0)):
-            return None  # NaN is never in a range
-        key = (kind, label, ts)
+        key = (e.kind, e.label, e.ts)
         if key in seen:
             return None  # the general path names the repeat
         seen.add(key)
-        e = _new(Entry)
-        _set(e, "__dict__", {"kind": kind, "label": label, "unit": symbol, "value": v, "ts": ts})
         entries.append(e)
     return Batch(device, tuple(entries))
 
