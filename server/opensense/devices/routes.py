@@ -128,18 +128,25 @@ async def patch_device(request: web.Request) -> web.Response:
                 conn, acc, request.match_info["device_id"], body, now, actor=auth.actor(request)
             )
     if dev["cadence_s"] != before["cadence_s"]:
-        # retained, so a node that is offline now gets it when it reconnects; the
-        # change is committed already, so a broker that is down is logged, not an error
-        try:
-            await request.app[MQTT].publish(
-                topics.topic(acc, dev["local_id"], "cmd/cadence"),
-                str(dev["cadence_s"]).encode(),
-                qos=1,
-                retain=True,
-            )
-        except ApiError as err:
-            log.warning("cmd/cadence for %s not sent: %s", dev["id"], err.message)
+        await send_cadence(request.app[MQTT], dev["id"], acc, dev["local_id"], dev["cadence_s"])
     return response(dev)
+
+
+async def send_cadence(
+    mqtt: MqttSide, device_id: str, account_id: str, local_id: str, cadence_s: int
+) -> None:
+    """cmd/cadence to the node: retained, so a node that is offline now gets it when it
+    reconnects (PATCH above; again when its info reports another cadence, mqtt/ingest.py).
+    The change is committed already, so a broker that refuses is logged, not an error."""
+    try:
+        await mqtt.publish(
+            topics.topic(account_id, local_id, "cmd/cadence"),
+            str(cadence_s).encode(),
+            qos=1,
+            retain=True,
+        )
+    except ApiError as err:
+        log.warning("cmd/cadence for %s not sent: %s", device_id, err.message)
 
 
 async def send_identify(mqtt: MqttSide, account_id: str, local_id: str) -> None:

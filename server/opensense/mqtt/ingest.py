@@ -25,6 +25,7 @@ from opensense_contract import topics
 
 from .. import ratelimit, tokens
 from ..api.keys import CONFIG, MQTT, POOL, REQUEST_LOG, VERIFIER, WRITER
+from ..devices.routes import send_cadence
 from ..errors import ApiError, envelope
 from ..ids import new_id
 from ..ingest import pipeline
@@ -294,15 +295,7 @@ class MqttIngest:
             reported,
             wanted,
         )
-        try:
-            await self.app[MQTT].publish(
-                topics.topic(dev.account_id, dev.local_id, "cmd/cadence"),
-                str(wanted).encode(),
-                qos=1,
-                retain=True,
-            )
-        except ApiError as err:
-            log.warning("cmd/cadence for %s not sent again: %s", dev.id, err.message)
+        await send_cadence(self.app[MQTT], dev.id, dev.account_id, dev.local_id, wanted)
 
     def _log(
         self,
