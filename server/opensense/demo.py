@@ -49,6 +49,7 @@ DEVICES = (
 BACKFILL = timedelta(hours=6)
 LABEL = "air"  # the probe's label: the backfill and the live node share one channel
 NODE_CADENCE_S = 15  # the demo nodes report every 15 s so the dashboard moves
+STEP = timedelta(seconds=NODE_CADENCE_S)  # the backfill's too
 # The prep fridge's past excursion, as minutes after the start of the first backfill:
 # its door left ajar from 3 h ago for 45 min, the air warming to about 9 °C.
 EXCURSION = ("fridge02", 180, 45)
@@ -64,7 +65,7 @@ STORY_ACK = {
 def simulated(setpoint: float, swing: float, ts: datetime, seed: int) -> float:
     """A compressor cycle (~40 min) plus slow drift, inside the site's limits: the one
     excursion of the story is laid over it by `excursion`. (No brief door openings: a
-    history sent in batches of 32 would show the engine an out-of-range minute at the
+    history sent in batches of 32 would show the engine an out-of-range reading at the
     end of a batch as still out when its clock runs, docs/alarms.md "Choices and
     limits", and the demo would open alarms no fridge had.)"""
     t = ts.timestamp()
@@ -177,18 +178,18 @@ async def feed(base: str, state: dict[str, Any], cfg: Config, nodes: list[Any], 
                 if r.status != 200:
                     log.warning("demo feed %s: %s %s", local_id, r.status, await r.text())
 
-        now = cfg.clock().replace(second=0, microsecond=0)
+        # the history at the nodes' cadence, the devices' own (ensure_demo): a report
+        # counts a silence of more than two cadences as a gap
+        t = cfg.clock().replace(microsecond=0)
+        now = t.replace(second=t.second // NODE_CADENCE_S * NODE_CADENCE_S)
         start = now - BACKFILL
         last = await last_readings(dsn, state)
         fresh = all(v is None for v in last.values())
         sent = 0
         for seed, (local_id, _, sp, sw) in enumerate(DEVICES):
             prev = last.get(local_id)
-            first = start if prev is None else max(start, prev + timedelta(minutes=1))
-            grid = [
-                first + timedelta(minutes=i)
-                for i in range(int((now - first).total_seconds() // 60))
-            ]
+            first = start if prev is None else max(start, prev + STEP)
+            grid = [first + i * STEP for i in range(int((now - first) / STEP))]
             if local_id == "freezer01" and prev is None and grid:
                 # Its channel comes with its first reading, judged by the site's chilled
                 # limits until the frozen ones are set: that reading is the newest one,
