@@ -202,7 +202,7 @@ async def feed(base: str, state: dict[str, Any], cfg: Config, nodes: list[Any], 
             for i in range(0, len(grid), 32):
                 await send(local_id, grid[i : i + 32], seed, sp, sw, start if fresh else None)
             sent += len(grid)
-        log.info("demo: backfilled %d readings (the minutes since each fridge's last)", sent)
+        log.info("demo: backfilled %d readings (those since each fridge's last)", sent)
         if fresh:
             await acknowledge_story(http, base, state)
         nodes[:] = await asyncio.to_thread(start_nodes, state, cfg)
