@@ -5,7 +5,7 @@ port, its probe warming and cooling, reporting over TLS MQTT to the embedded bro
 (opensense.node.sim). If the nodes cannot run (no micropython interpreter, MQTT off),
 the demo says why and feeds the same readings over HTTP instead. Re-running reuses
 the account (its tokens are kept in <state_dir>/demo.json); a restart backfills only
-the minutes since each fridge's last stored reading (at most six hours).
+the readings since each fridge's last stored one (at most six hours, every 15 s).
 
 The story a fresh demo tells (docs/dashboard.md, "The demo"): three fridges in range,
 nodes online, and the prep fridge with one past excursion — its door left ajar three
