@@ -46,7 +46,7 @@ from _lib import pg, runner
 from _lib.cpu import CpuMeter
 from _lib.fleet import bcrypt_rounds, ingest_devices
 from _lib.http_load import closed_loop, warm_up
-from _lib.procs import Serve, watched
+from _lib.procs import Serve, free_port, watched
 from _lib.report import percentile, ratio, say, verdict
 
 TARGET_P99_MS = 50.0
@@ -153,8 +153,13 @@ async def run(frame: runner.Frame, duration: float, rate: float, devices: int, r
     now = datetime.now(UTC)
     # the servers connect as the app role (they refuse a superuser): db/roles.py
     app_dsn = await asyncio.to_thread(pg.serving_dsn, dsn)
-    env = {"OPENSENSE_INGEST_RATE_PER_MIN": "1000000000"}  # as tools/bench/ingest
-    server = Serve(app_dsn, frame.work / "server.log", env).start()
+    mqtt_port = free_port()  # the embedded broker's: not the default 8883, which a
+    # demo or another run on this machine may hold
+    env = {
+        "OPENSENSE_INGEST_RATE_PER_MIN": "1000000000",  # as tools/bench/ingest
+        "OPENSENSE_MQTT_PORT": str(mqtt_port),
+    }
+    server = Serve(app_dsn, frame.work / "server.log", env, mqtt_port=mqtt_port).start()
     status_proc = Serve(
         app_dsn, frame.work / "status.log", {**env, "OPENSENSE_ROLE": "status"}
     ).start()
