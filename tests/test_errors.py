@@ -511,6 +511,9 @@ def cases(t: Tenants) -> list[Case]:
         ),
         ("POST", "/v1/devices", {"site_id": a.site, "local_id": "fridge01"}, "conflict"),
         ("PATCH", f"/v1/devices/{a_dev}", {"cadence_s": True}, "invalid_request"),
+        # below what a node's firmware takes (firmware/sense/policy.py cadence_ok)
+        ("PATCH", f"/v1/devices/{a_dev}", {"cadence_s": 9}, "invalid_request"),
+        ("PATCH", f"/v1/devices/{a_dev}", {"cadence_s": 86401}, "invalid_request"),
         ("PATCH", f"/v1/devices/{a_dev}", {"name": ""}, "invalid_request"),
         ("POST", f"/v1/devices/{a_dev}/move", {}, "invalid_request"),
         (

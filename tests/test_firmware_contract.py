@@ -54,6 +54,11 @@ def test_generated_values_are_the_contracts():
     assert ns["INGEST_PATH"] == payload.INGEST_PATH
     assert ns["TOPIC_ROOT"] == topics.ROOT
     assert ns["BACKOFF_CAP_MS"] == retry.BACKOFF_CAP_S * 1000
+    # the cadences a node takes are the ones the API lets a device have
+    assert (ns["CADENCE_MIN_S"], ns["CADENCE_MAX_S"]) == (
+        topics.CADENCE_MIN_S,
+        topics.CADENCE_MAX_S,
+    )
     assert errors.CODES[str(ns["RETRY_CODE"])] == ns["RETRY_STATUS"]
 
 

@@ -56,6 +56,8 @@ def sections() -> list[tuple[str, list[tuple[str, Value]]]]:
                 ("SUB_ERR", topics.ERR),
                 ("SUB_CMD", topics.CMD),
                 ("COMMANDS", topics.COMMANDS),
+                ("CADENCE_MIN_S", topics.CADENCE_MIN_S),
+                ("CADENCE_MAX_S", topics.CADENCE_MAX_S),
                 ("LWT_ONLINE", topics.LWT_ONLINE),
                 ("LWT_OFFLINE", topics.LWT_OFFLINE),
                 ("MEASUREMENT_QOS", topics.MEASUREMENT_QOS),

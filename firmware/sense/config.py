@@ -1,6 +1,7 @@
 # Node config: checked before the installer writes anything, and again at boot.
 # Pure: a dict in, a list of problems out (each says what to do). Runs under CPython
 # (opensense node flash) and MicroPython (the node) alike.
+from sense import contract as C
 from sense.ds18b20 import crc8
 
 DEFAULTS = {
@@ -134,8 +135,10 @@ def problems(cfg):
         if isinstance(off, bool) or not isinstance(off, (int, float)) or not -5 <= off <= 5:
             p.append("probes.%s.offset: a calibration offset in degC, -5..5" % rom)
     c = with_defaults(cfg)
-    if not _int(c["cadence"], 10, 86400):
-        p.append("cadence: whole seconds between readings, 10..86400")
+    if not _int(c["cadence"], C.CADENCE_MIN_S, C.CADENCE_MAX_S):
+        p.append(
+            "cadence: whole seconds between readings, %d..%d" % (C.CADENCE_MIN_S, C.CADENCE_MAX_S)
+        )
     if c["resolution"] not in (9, 10, 11, 12):
         p.append("resolution: 9, 10, 11 or 12 bits")
     if not _int(c["wdt_s"], 30, 600):

@@ -96,8 +96,11 @@ def batches(items, n=C.MAX_MEASUREMENTS):
 
 
 def cadence_ok(s):
-    # cmd/cadence and the config: 10 s .. 1 day, whole seconds
-    return isinstance(s, int) and not isinstance(s, bool) and 10 <= s <= 86400
+    # cmd/cadence and the config: 10 s .. 1 day, whole seconds (the contract's range,
+    # which the server's API holds every device's cadence_s to)
+    return (
+        isinstance(s, int) and not isinstance(s, bool) and C.CADENCE_MIN_S <= s <= C.CADENCE_MAX_S
+    )
 
 
 def err_code(msg):

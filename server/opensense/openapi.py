@@ -7,6 +7,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from opensense_contract.payload import ENTRY_KEYS, MAX_MEASUREMENTS
+from opensense_contract.topics import CADENCE_MAX_S, CADENCE_MIN_S
 
 from . import __version__
 from .alarms import openapi as alarms_doc  # the alarm routes document themselves
@@ -38,6 +39,9 @@ from .storage.read import AGGS, FNS
 from .web import apidoc as web_doc
 
 routes = web.RouteTableDef()
+
+# a device's cadence: what a node's firmware takes (opensense_contract.topics)
+CADENCE = {"type": "integer", "minimum": CADENCE_MIN_S, "maximum": CADENCE_MAX_S}
 
 SCHEMAS: S = {
     "Error": obj(
@@ -229,7 +233,7 @@ SCHEMAS: S = {
             "local_id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
             "name": NAME,
             "model": MODEL,
-            "cadence_s": {"type": "integer", "minimum": 1, "maximum": 86400},
+            "cadence_s": CADENCE,
             "dev_eui": {"type": "string", "pattern": "^[0-9A-Fa-f]{16}$"},
         },
         ("site_id", "local_id"),
@@ -238,7 +242,7 @@ SCHEMAS: S = {
         {
             "name": NAME,
             "model": MODEL,
-            "cadence_s": {"type": "integer", "minimum": 1, "maximum": 86400},
+            "cadence_s": CADENCE,
             "dev_eui": {"type": ["string", "null"], "pattern": "^[0-9A-Fa-f]{16}$"},
         }
     ),

@@ -21,6 +21,11 @@ from dataclasses import dataclass
 ROOT = "opensense"
 DEVICE_PUBLISHES = ("", "lwt", "info")  # "" = the measurements topic itself
 COMMANDS = ("identify", "cadence")
+# cmd/cadence (and a node's config): whole seconds between readings, 10 s to a day.
+# The server's API holds a device's cadence_s to the same range, so every cadence it
+# sends is one a node takes.
+CADENCE_MIN_S = 10
+CADENCE_MAX_S = 86400
 LWT = "lwt"
 INFO = "info"
 ERR = "err"

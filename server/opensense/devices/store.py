@@ -17,6 +17,8 @@ from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from opensense_contract import topics
+
 from .. import audit, tokens
 from ..alarms.egress import email_problem
 from ..errors import ApiError
@@ -110,9 +112,19 @@ def check_vertical(v: Any) -> str:
     return str(v)
 
 
+# A node's firmware takes a cadence in the contract's range and refuses any other
+# (firmware/sense/policy.py cadence_ok): the API holds every device to the same range,
+# so a cadence the server sends (cmd/cadence) is one the node can take. 10 s is also
+# within the ingest rate limit of 60 requests a device and minute.
+CADENCE_MIN_S, CADENCE_MAX_S = topics.CADENCE_MIN_S, topics.CADENCE_MAX_S
+
+
 def check_cadence(c: Any) -> int:
-    if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= 86400:
-        raise ApiError("invalid_request", "cadence_s must be an integer from 1 to 86400 seconds")
+    if isinstance(c, bool) or not isinstance(c, int) or not CADENCE_MIN_S <= c <= CADENCE_MAX_S:
+        raise ApiError(
+            "invalid_request",
+            f"cadence_s must be an integer from {CADENCE_MIN_S} to {CADENCE_MAX_S} seconds",
+        )
     return c
 
 
