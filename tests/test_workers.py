@@ -21,6 +21,7 @@ import psutil
 import psycopg
 import pytest
 
+from opensense.serving import APP_NAME, EXTRA_CONNECTIONS
 from opensense.settings import Config
 from opensense.workers import HEADER, worker_config
 from opensense_contract import topics
@@ -271,6 +272,57 @@ def test_a_port_held_by_another_process_stops_the_start(dsn, tmp_path):
         )
     assert proc.returncode == 2, proc.stderr
     assert "SO_REUSEPORT" in proc.stderr
+
+
+def test_more_connections_than_postgresql_allows_stops_the_start(dsn, tmp_path):
+    """Workers whose pools could outgrow max_connections are refused at the start (a
+    pool waiting for a connection that never comes, a listener that cannot LISTEN),
+    with the settings to change."""
+    proc = subprocess.run(
+        [str(BIN), "serve", "--port", str(free_port())],
+        env=opensense_env(
+            dsn, OPENSENSE_WORKERS="3", OPENSENSE_POOL_MAX="40", OPENSENSE_STATE_DIR=str(tmp_path)
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    budget = 3 * (40 + EXTRA_CONNECTIONS)
+    assert f"= {budget} connections, but PostgreSQL allows" in proc.stderr
+    assert "OPENSENSE_POOL_MAX" in proc.stderr and "max_connections" in proc.stderr
+
+
+async def test_each_worker_holds_the_connections_the_budget_counts(dsn, tmp_path):
+    """The start's check (opensense.serving.check_connection_budget) counts a process's
+    pool and EXTRA_CONNECTIONS of its own: on running workers, each worker's
+    connections (named by worker in pg_stat_activity) are its pool and its listeners,
+    and the leader's are all of EXTRA_CONNECTIONS but the partitions job's, which it
+    holds only while the job runs."""
+    os.chmod(tmp_path, 0o755)
+    w = Workers(dsn, tmp_path, OPENSENSE_POOL_MIN="3", OPENSENSE_POOL_MAX="3")
+    try:
+        await w.pids()
+        counts: dict[str, int] = {}
+        steady = 0
+        deadline = time.monotonic() + 30
+        while steady < 10 and time.monotonic() < deadline:  # listeners connect as they start
+            async with await psycopg.AsyncConnection.connect(dsn) as conn:
+                cur = await conn.execute(
+                    "SELECT application_name, count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND application_name LIKE %s"
+                    " GROUP BY 1",
+                    (APP_NAME + " w%",),
+                )
+                now = {str(name): int(n) for name, n in await cur.fetchall()}
+            steady = steady + 1 if now == counts else 0
+            counts = now
+            await asyncio.sleep(0.2)
+        leader, other = counts[f"{APP_NAME} w0"], counts[f"{APP_NAME} w1"]
+        assert leader == 3 + EXTRA_CONNECTIONS - 1, counts
+        assert other <= 3 + EXTRA_CONNECTIONS, counts
+    finally:
+        w.stop()
 
 
 async def test_workers_stop_when_the_supervisor_is_killed(dsn, workers):

@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 from aiohttp import web
 
-from . import db, jobs
+from . import db, jobs, serving
 from .api.jsonutil import dumps
 from .audit.publish import SigningKeyError
 from .backup.dump import BackupError as BackupFailed
@@ -105,9 +105,13 @@ def _with_conn(cfg: Config, fn: Callable[[psycopg.AsyncConnection[Any]], Awaitab
 def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
     from .app import create_app
 
+    os.environ.setdefault("PGAPPNAME", serving.APP_NAME)  # (the workers inherit it)
     dsn = _dsn(cfg)
     db_roles.check_serving_role(dsn)
     _check_signing_key(cfg)
+    short = serving.check_connection_budget(dsn, cfg)
+    if short:
+        log.warning("%s", short)
     host = args.host or cfg.host
     port = args.port if args.port is not None else cfg.port
     # the MQTT consumer's client id uses the port; a default public URL follows it
@@ -692,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
     except BackupFailed as exc:
         print(f"opensense: {exc}", file=sys.stderr)
         return 1
-    except (db_roles.UnsafeRole, SigningKeyError) as exc:
+    except (db_roles.UnsafeRole, SigningKeyError, serving.ConnectionBudget) as exc:
         print(f"opensense: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

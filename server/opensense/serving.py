@@ -13,9 +13,72 @@ import sys
 import threading
 from collections.abc import Awaitable, Callable
 
+import psycopg
 from aiohttp import web
 
+from .settings import Config
+
 log = logging.getLogger("opensense")
+
+# What `opensense serve` calls its connections (libpq's PGAPPNAME, unless the DSN names
+# one): pg_stat_activity shows which of them are the server's.
+APP_NAME = "opensense serve"
+
+# The connections a server process holds besides its pool, at most (the leader: the
+# others run fewer listeners): a LISTEN connection each for the rule engine's wake-up,
+# the notification outbox, token revocations, channel changes, the dashboard's live
+# updates, the gateways' pushes and the workers' MQTT relay, and one the partitions
+# job opens while it runs. tests/test_workers.py counts them on running workers, so
+# this stays true when a listener is added.
+EXTRA_CONNECTIONS = 8
+
+
+class ConnectionBudget(RuntimeError):
+    """The server's processes could open more connections than PostgreSQL allows."""
+
+
+def connection_budget(cfg: Config) -> int:
+    """The most connections `opensense serve` holds at once: each process's pool at
+    its largest and its own connections, for every worker."""
+    return cfg.workers * (cfg.pool_max + EXTRA_CONNECTIONS)
+
+
+def check_connection_budget(dsn: str, cfg: Config) -> str | None:
+    """Refuse a start whose processes could need more connections than PostgreSQL's
+    `max_connections` leaves to ordinary roles: under load a pool would wait for a
+    connection that never comes (503s), and a listener that cannot connect leaves its
+    notifications unheard, the rule engine's among them. Returns a warning when the
+    budget fits but the connections other clients hold now leave too few."""
+    need = connection_budget(cfg)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT current_setting('max_connections')::int,"
+            " current_setting('superuser_reserved_connections')::int,"
+            " coalesce(current_setting('reserved_connections', true)::int, 0),"
+            " (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+            "    AND pid <> pg_backend_pid()"
+            "    AND application_name NOT LIKE %s)::int",
+            (APP_NAME + "%",),
+        ).fetchone()
+    assert row is not None
+    most, superuser, reserved, others = row
+    allowed = most - superuser - reserved
+    how = (
+        f"OPENSENSE_WORKERS={cfg.workers} x (OPENSENSE_POOL_MAX={cfg.pool_max}"
+        f" + {EXTRA_CONNECTIONS} of its own) = {need} connections"
+    )
+    if need > allowed:
+        raise ConnectionBudget(
+            f"{how}, but PostgreSQL allows {allowed} (max_connections {most} less {superuser}"
+            f" + {reserved} reserved): lower OPENSENSE_WORKERS or OPENSENSE_POOL_MAX, or"
+            " raise max_connections (docs/scaling.md)"
+        )
+    if need > allowed - others:
+        return (
+            f"{how}, and other clients hold {others} of the {allowed} PostgreSQL allows:"
+            " under load the server may find none free"
+        )
+    return None
 
 
 STOP_BUDGET_S = 20.0

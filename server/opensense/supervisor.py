@@ -43,7 +43,7 @@ def _worker_main(cfg: Config, dsn: str, index: int, count: int, parent_pid: int)
     """A worker process (multiprocessing's spawn: a fresh interpreter)."""
 
     from .app import create_app
-    from .serving import bounded_stop, gc_on_startup, new_loop, stop_on_hangup
+    from .serving import APP_NAME, bounded_stop, gc_on_startup, new_loop, stop_on_hangup
 
     logging.basicConfig(
         level=cfg.log_level,
@@ -53,6 +53,8 @@ def _worker_main(cfg: Config, dsn: str, index: int, count: int, parent_pid: int)
     # out of the terminal's process group: a Ctrl-C reaches the supervisor alone, which
     # then sends each worker one SIGTERM (a second signal would cut its stop short)
     os.setpgrp()
+    if os.environ.get("PGAPPNAME") == APP_NAME:  # pg_stat_activity tells the workers apart
+        os.environ["PGAPPNAME"] = f"{APP_NAME} w{index}"
     worker = Worker(index, count, parent_pid)
     app = create_app(worker_config(cfg, index), dsn, worker=worker)
     app.on_startup.append(gc_on_startup(cfg.gc_gen0))
