@@ -44,6 +44,10 @@ Params = Mapping[str, Any]
 # them; state.hist already holds this reading; lookup: another channel's value at a
 # time.) None: cannot tell, the rule's state stays as it is.
 Breach = Callable[["Rule", Params, "RuleState", datetime, float, "Lookup"], "bool | None"]
+# Would `breach` say False of every reading whose values lie within [lowest, highest]
+# (params: the rule's own)? True lets the engine pass a run of such readings at once
+# (engine.calm_run); False or no `calm` at all: each reading is judged by `breach`.
+Calm = Callable[[Params, float, float], bool]
 
 
 def no_history(_params: Params) -> timedelta:
@@ -66,6 +70,10 @@ class RuleBehaviour:
     # Needs another channel's values: the id of that channel (the API checks it is
     # in the account; the evaluator loads its readings for `lookup`). None: no other.
     other_channel: Callable[[Params], str] | None = None
+    # Tells from a run's lowest and highest value alone that no reading of it breaches
+    # (a kind whose breach reads only the reading's value): see `Calm`. None: a kind
+    # that reads the history, the time or another channel.
+    calm: Calm | None = None
 
 
 def _range(
@@ -73,6 +81,11 @@ def _range(
 ) -> bool:
     lo, hi = params.get("ok_min"), params.get("ok_max")
     return (lo is not None and value < lo) or (hi is not None and value > hi)
+
+
+def _range_calm(params: Params, lowest: float, highest: float) -> bool:
+    lo, hi = params.get("ok_min"), params.get("ok_max")
+    return (lo is None or lo <= lowest) and (hi is None or highest <= hi)
 
 
 def _delta(
@@ -110,6 +123,10 @@ def _absence(_r: Rule, _p: Params, _st: RuleState, _ts: datetime, _v: float, _l:
     return False  # a reading is the opposite of absence; gaps are judged by `gap`
 
 
+def _never(_params: Params, _lowest: float, _highest: float) -> bool:
+    return True  # no reading breaches an absence rule (its gaps are the engine's)
+
+
 def _absence_gap(params: Params) -> timedelta:
     return timedelta(seconds=float(params["max_gap_s"]))
 
@@ -131,10 +148,10 @@ def _comparison(
 BEHAVIOURS: dict[str, RuleBehaviour] = {
     b.name: b
     for b in (
-        RuleBehaviour("range", _range),
+        RuleBehaviour("range", _range, calm=_range_calm),
         RuleBehaviour("delta", _delta, history=_delta_history),
         RuleBehaviour("derivative", _derivative, history=_derivative_history),
-        RuleBehaviour("absence", _absence, gap=_absence_gap),
+        RuleBehaviour("absence", _absence, gap=_absence_gap, calm=_never),
         RuleBehaviour("comparison", _comparison, other_channel=_other),
     )
 }
