@@ -172,6 +172,48 @@ async def test_a_calibration_change_applies_to_the_next_message(app, dsn, clock,
     await asyncio.to_thread(n.close)
 
 
+async def test_the_consumer_reads_a_device_once_for_a_nodes_minutes(
+    app, dsn, clock, mosquitto, monkeypatch
+):
+    """A node sends once a minute: the consumer keeps its device (DEVICE_TTL_S) instead
+    of reading it again for every message (with 5 s it read it for each), and still
+    reads it again once that time is over."""
+    from opensense.mqtt import external
+
+    class Later:  # the module's clock, moved on by `shift` seconds
+        shift = 0.0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(time, name)
+
+        def monotonic(self) -> float:
+            return time.monotonic() + self.shift
+
+    later = Later()
+    monkeypatch.setattr(external, "time", later)
+    side = app.server.app[MQTT]
+    reads: list[str] = []
+    read = side.ingest.device_for_topic
+
+    async def counted(t: Any) -> Any:
+        reads.append(t.device)
+        return await read(t)
+
+    monkeypatch.setattr(side.ingest, "device_for_topic", counted)
+    world = await new_world(app, dsn, "fridge01")
+    dev = world.device_ids["fridge01"]
+    n = node(mosquitto, world, "fridge01")
+    assert str(await asyncio.to_thread(n.connect)) == "Success"
+    t = topics.topic(world.account, "fridge01")
+    for i, shift in enumerate((0.0, 60.0, 120.0, external.DEVICE_TTL_S + 1)):
+        later.shift = shift  # a node's minutes, then past the cache's time
+        ts = clock.now + timedelta(minutes=i)
+        assert await asyncio.to_thread(n.publish, t, reading(4.0 + i, ts))
+        assert await eventually(lambda i=i: _has(dsn, dev, i + 1))
+    assert reads == ["fridge01", "fridge01"], reads  # the first message, then after the TTL
+    await asyncio.to_thread(n.close)
+
+
 async def _has(dsn: str, dev: str, n: int) -> bool:
     return len(await stored(dsn, dev)) >= n
 
