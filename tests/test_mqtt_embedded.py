@@ -152,6 +152,39 @@ async def test_a_calibration_change_reaches_the_live_session_at_once(mqtt_app, d
     await asyncio.to_thread(n.close)
 
 
+async def test_a_moved_device_s_new_channel_gets_its_new_site_s_default_rule(mqtt_app, dsn, clock):
+    """A session keeps its device from CONNECT, its site's vertical with it: a move
+    reads it again (in this process before the answer, in the others by the NOTIFY
+    opensense_channels_changed, which drops the external consumer's cache too), so a
+    probe first heard after the move gets the new site's default rule."""
+    world = await make_world(dsn, mqtt_app.cfg)  # a chilled storage site
+    n = await node(mqtt_app, world)
+    assert str(await asyncio.to_thread(n.connect)) == "Success"
+    t = topics.topic(world.account, "fridge01")
+    clock.advance(seconds=1)
+    assert await asyncio.to_thread(n.publish, t, reading(4.0, label="a"))
+    r = await mqtt_app.post(
+        "/v1/sites", headers=world.auth, json={"name": "Cold room", "vertical": "frozen"}
+    )
+    assert r.status == 201, await r.text()
+    frozen = (await r.json())["id"]
+    dev = world.device_ids["fridge01"]
+    r = await mqtt_app.post(f"/v1/devices/{dev}/move", headers=world.auth, json={"site_id": frozen})
+    assert r.status == 200, await r.text()  # (this process's sessions: before the answer)
+    clock.advance(seconds=1)
+    assert await asyncio.to_thread(n.publish, t, reading(-20.0, label="b"))
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT c.label, r.params FROM rules r JOIN channels c ON c.id = r.channel_id"
+            " WHERE c.device_id = %s ORDER BY c.label",
+            (dev,),
+        )
+        rules = {label: params for label, params in await cur.fetchall()}
+    assert rules["a"] == {"ok_min": -2.0, "ok_max": 5.0}  # made on the chilled site
+    assert rules["b"] == {"ok_min": -24.0, "ok_max": -18.0}  # the frozen site's
+    await asyncio.to_thread(n.close)
+
+
 async def test_wrong_token_plain_tcp_and_another_devices_topic_are_refused(mqtt_app, dsn, clock):
     world = await make_world(dsn, mqtt_app.cfg, ("fridge01", "fridge02"))
     bad = Node(

@@ -217,6 +217,10 @@ async def move_device(request: web.Request) -> web.Response:
                 now,
                 actor=auth.actor(request),
             )
+    # this process's broker side at once (the others by the NOTIFY sent at commit): a
+    # live MQTT session holds the device's site vertical, whose default rules a probe
+    # first heard after the move gets
+    await request.app[MQTT].channels_changed(dev["id"])
     return response(dev)
 
 

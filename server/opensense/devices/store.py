@@ -656,6 +656,9 @@ async def move_device(
         (row["id"], site["id"], effective_at),
     )
     await conn.execute("UPDATE devices SET site_id = %s WHERE id = %s", (site["id"], row["id"]))
+    # at commit, every process's MQTT side reads the device again (mqtt/ctx.py): a live
+    # session, or the external consumer's cache, holds the old site's vertical
+    await conn.execute("SELECT pg_notify('opensense_channels_changed', %s)", (row["id"],))
     await audit.record(
         conn,
         account_id=account_id,
