@@ -293,6 +293,15 @@ def test_more_connections_than_postgresql_allows_stops_the_start(dsn, tmp_path):
     assert "OPENSENSE_POOL_MAX" in proc.stderr and "max_connections" in proc.stderr
 
 
+def test_the_docs_give_the_budget_s_own_connections() -> None:
+    """docs/scaling.md and OPENSENSE_POOL_MAX's help say what the start's check counts."""
+    root = Path(__file__).resolve().parents[1]
+    scaling = " ".join((root / "docs" / "scaling.md").read_text().split())
+    assert f"N × (`OPENSENSE_POOL_MAX` + {EXTRA_CONNECTIONS})" in scaling
+    settings = (root / "docs" / "settings.md").read_text()
+    assert f"OPENSENSE_WORKERS x (this + {EXTRA_CONNECTIONS})" in settings
+
+
 async def test_each_worker_holds_the_connections_the_budget_counts(dsn, tmp_path):
     """The start's check (opensense.serving.check_connection_budget) counts a process's
     pool and EXTRA_CONNECTIONS of its own: on running workers, each worker's

@@ -120,7 +120,14 @@ SETTINGS: tuple[Setting, ...] = (
         "pool_min", "OPENSENSE_POOL_MIN", int, 2, "Database pool: connections kept open.", minimum=1
     ),
     Setting(
-        "pool_max", "OPENSENSE_POOL_MAX", int, 10, "Database pool: most connections.", minimum=1
+        "pool_max",
+        "OPENSENSE_POOL_MAX",
+        int,
+        10,
+        "Database pool: most connections (each worker has its own: `opensense serve` refuses "
+        "to start when OPENSENSE_WORKERS x (this + 8) exceeds PostgreSQL's max_connections; "
+        "docs/scaling.md).",
+        minimum=1,
     ),
     Setting(
         "compact_after_days",
