@@ -536,22 +536,20 @@ async def _run(
         checkpoints.append(
             [last.isoformat(), {k: s.to_json() for k, s in states.items()}, dict(events)]
         )
-    trs: list[Transition] = []
-    fed = steps = 0
     # every rule calm over the whole run (the usual case: in range, in ok): each state
     # moves to the last reading at once, with what feeding them one by one gives
     calm = _calm(m.rules, states, readings)
     if calm is not None:
-        states = calm
-        fed = len(readings)
-        st.readings += fed
+        st.readings += len(readings)
         st.calm += 1
-        return save_params(m, states, events, checkpoints, readings[-1][0], p.stored), fed
+        return save_params(m, calm, events, checkpoints, readings[-1][0], p.stored), len(readings)
     lookup = (
         engine._no_lookup
         if _SELF_ONLY_KINDS.issuperset([r.kind for r in m.rules])
         else await _lookup_for(conn, m, readings[0][0], readings[-1][0])
     )
+    trs: list[Transition] = []
+    fed = steps = 0
     # the loop's names held locally, the rules' states in a list by position: this is
     # the per-reading path of every reading judged (tools/bench/evaluator)
     rules, tz, step = m.rules, m.tz, engine.step

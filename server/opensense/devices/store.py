@@ -112,19 +112,12 @@ def check_vertical(v: Any) -> str:
     return str(v)
 
 
-# A node's firmware takes a cadence in the contract's range and refuses any other
-# (firmware/sense/policy.py cadence_ok): the API holds every device to the same range,
-# so a cadence the server sends (cmd/cadence) is one the node can take. 10 s is also
-# within the ingest rate limit of 60 requests a device and minute.
-CADENCE_MIN_S, CADENCE_MAX_S = topics.CADENCE_MIN_S, topics.CADENCE_MAX_S
-
-
 def check_cadence(c: Any) -> int:
-    if isinstance(c, bool) or not isinstance(c, int) or not CADENCE_MIN_S <= c <= CADENCE_MAX_S:
-        raise ApiError(
-            "invalid_request",
-            f"cadence_s must be an integer from {CADENCE_MIN_S} to {CADENCE_MAX_S} seconds",
-        )
+    """The contract's range, the one a node's firmware takes (firmware/sense/policy.py
+    cadence_ok): a cadence the server sends (cmd/cadence) is one the node can take."""
+    lo, hi = topics.CADENCE_MIN_S, topics.CADENCE_MAX_S
+    if isinstance(c, bool) or not isinstance(c, int) or not lo <= c <= hi:
+        raise ApiError("invalid_request", f"cadence_s must be an integer from {lo} to {hi} seconds")
     return c
 
 
