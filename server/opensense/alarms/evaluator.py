@@ -58,15 +58,32 @@ MAX_PASS_READINGS = 50000  # per pass, shared by its channels (memory, and time 
 SLICE_STEPS = 512  # engine steps between two yields to the event loop
 PASS_BUDGET_S = 0.25  # the default of OPENSENSE_ALARM_PASS_BUDGET_MS
 
-META_SQL = """
+_META_COLUMNS = """
 SELECT c.num, c.id, c.account_id, c.device_id, s.timezone,
   coalesce((SELECT json_agg(json_build_object('id', r.id, 'kind', r.kind, 'params', r.params,
       'grace_min', r.grace_min, 'clear_min', r.clear_min, 'severity', r.severity,
       'windows', r.windows, 'renotify_min', r.renotify_min) ORDER BY r.created_at)
-    FROM rules r WHERE r.channel_id = c.id AND r.enabled), '[]'::json)::text
+    FROM rules r WHERE r.channel_id = c.id AND r.enabled), '[]'::json)::text"""
+# (every column and table this reads is watched by migration 0028's triggers)
+META_SQL = (
+    _META_COLUMNS
+    + """
 FROM channels c JOIN devices d ON d.id = c.device_id JOIN sites s ON s.id = d.site_id
 WHERE c.num = ANY(%s)
 """
+)
+# The same for the channels of a pass whose META_SQL row `MetaCache` does not hold at
+# their state's meta_rev (NULL: none held). Run after the pass locked the state rows,
+# so meta_rev cannot change under it (migration 0028).
+META_STALE_SQL = (
+    _META_COLUMNS
+    + """
+FROM unnest(%s::int4[], %s::int8[]) AS k(num, rev)
+  JOIN alarm_state a ON a.channel_num = k.num AND a.meta_rev IS DISTINCT FROM k.rev
+  JOIN channels c ON c.num = k.num JOIN devices d ON d.id = c.device_id
+  JOIN sites s ON s.id = d.site_id
+"""
+)
 
 
 _json_decode = msgspec.json.Decoder().decode
@@ -114,6 +131,9 @@ class StateRow(NamedTuple):
     # CHECKPOINT_EVERY after the one before it (or to none), and dropping keeps the order
     first_checkpoint: datetime | None
     last_ts: datetime | None  # judged up to this reading
+    # changes with anything META_SQL reads for the channel (migration 0028): what
+    # `_MetaCache` keeps is good while this is the same
+    meta_rev: int
 
 
 def _state_row(_cur: Any) -> Any:
@@ -124,7 +144,8 @@ def _state_row(_cur: Any) -> Any:
 STATE_SQL = (
     "SELECT channel_num, rules, events, jsonb_array_length(checkpoints) AS n_checkpoints,"
     " (checkpoints -> -1 ->> 0)::timestamptz AS last_checkpoint,"
-    " (checkpoints -> 0 ->> 0)::timestamptz AS first_checkpoint, last_ts FROM alarm_state"
+    " (checkpoints -> 0 ->> 0)::timestamptz AS first_checkpoint, last_ts, meta_rev"
+    " FROM alarm_state"
 )
 
 
@@ -196,11 +217,48 @@ async def _meta(conn: AsyncConnection[Any], nums: list[int]) -> dict[int, Meta]:
     return _meta_rows(await cur.fetchall())
 
 
-def _meta_rows(rows: list[Any]) -> dict[int, Meta]:
+def _meta_rows(rows: list[Any], keep: Any = None) -> dict[int, Meta]:
+    """Meta by channel number; `keep(m)` is called with each one whose rules were
+    built without a word in the log."""
     out = {}
     for num, cid, acc, dev, tz, rules in rows:
-        out[num] = Meta(num, cid, acc, dev, ZoneInfo(tz), _rules(rules))
+        before = _logged
+        m = out[num] = Meta(num, cid, acc, dev, ZoneInfo(tz), _rules(rules))
+        if keep is not None and _logged == before:
+            keep(m)
     return out
+
+
+class MetaCache:
+    """What META_SQL answered for a channel, with its state row's `meta_rev` then
+    (migration 0028 says why an equal `meta_rev` means nothing it reads changed).
+    The background evaluator's passes read the rules only of channels missing here
+    or at another `meta_rev`: at a fleet's trickle META_SQL was ~13 µs of PostgreSQL
+    a channel and pass (docs/ingest-cost.md, stop 30). A channel whose rules `_usable`
+    or `_windows` logs about is not kept, so it is read (and logged) on every pass, as
+    before. Bounded: emptied when full (~1 KB a channel). Meta is never changed after
+    it is built; passes share it. One a process and database (alarms/tasks.py):
+    channel numbers are the database's."""
+
+    MAX = 131072
+
+    def __init__(self) -> None:
+        self._by_num: dict[int, tuple[int, Meta]] = {}
+        self.hits = 0  # channels a pass took from here (tests, benches)
+        self.reads = 0  # channels a pass read
+
+    def held(self, nums: list[int]) -> dict[int, tuple[int, Meta]]:
+        """(meta_rev, Meta) of those of `nums` kept."""
+        by_num = self._by_num
+        return {n: hit for n in nums if (hit := by_num.get(n)) is not None}
+
+    def put(self, m: Meta, rev: int) -> None:
+        if len(self._by_num) >= self.MAX:
+            self._by_num.clear()
+        self._by_num[m.num] = (rev, m)
+
+    def clear(self) -> None:
+        self._by_num.clear()
 
 
 # A channel's rules as judged, by the text of META_SQL's aggregate of them (every
@@ -311,6 +369,7 @@ async def evaluate_dirty(
     limit: int = 128,
     budget_s: float = PASS_BUDGET_S,
     settled_s: float = 0.0,
+    metas: MetaCache | None = None,
 ) -> Stats:
     """One pass over (up to `limit`) channels with new readings, oldest wake-up first,
     whose first unjudged reading was marked at least `settled_s` ago (the background
@@ -321,7 +380,9 @@ async def evaluate_dirty(
     that rewind); mark again; save — each one statement for all the pass's channels;
     only a transition (an event step) and a comparison rule's other channel cost a
     statement of their own.
-    Past `budget_s` of run time the pass stops feeding readings (see the module doc)."""
+    Past `budget_s` of run time the pass stops feeding readings (see the module doc).
+    `metas`: the channels' rules and ids kept from earlier passes (the background
+    evaluator's); without it every pass reads them all."""
     st = Stats()
     deadline = time.monotonic() + budget_s
     async with pool.connection() as conn, conn.transaction():
@@ -340,6 +401,7 @@ async def evaluate_dirty(
         nums = sorted(dirty)
         scur = _cursor(conn, _state_row)
         mcur = _cursor(conn)
+        held = metas.held(nums) if metas is not None else {}
         async with conn.pipeline():  # one round trip for the three
             await conn.execute(  # (the rows not there yet: an ON CONFLICT check costs more)
                 "INSERT INTO alarm_state (channel_num, channel_id) SELECT c.num, c.id"
@@ -352,9 +414,23 @@ async def evaluate_dirty(
                 STATE_SQL + " WHERE channel_num = ANY(%s) ORDER BY channel_num FOR UPDATE",
                 (nums,),
             )
-            await mcur.execute(META_SQL, (nums,))
+            if metas is None:
+                await mcur.execute(META_SQL, (nums,))
+            else:  # only those not held at their meta_rev, which the lock above fixes
+                revs = [hit[0] if (hit := held.get(n)) is not None else None for n in nums]
+                await mcur.execute(META_STALE_SQL, (nums, revs))
         states = {r.channel_num: r for r in await scur.fetchall()}
-        meta = _meta_rows(await mcur.fetchall())
+        if metas is None:
+            meta = _meta_rows(await mcur.fetchall())
+        else:
+            rows = await mcur.fetchall()
+            metas.reads += len(rows)
+            meta = _meta_rows(rows, lambda m: metas.put(m, states[m.num].meta_rev))
+            for num, (rev, m) in held.items():
+                row = states.get(num)
+                if num not in meta and row is not None and row.meta_rev == rev:
+                    meta[num] = m
+                    metas.hits += 1
         todo = [num for num in nums if num in meta and num in states]
         full = await _full_checkpoints(conn, [n for n in todo if _rewinds(states[n], dirty[n])])
         plans = {num: _plan(states[num], dirty[num], st, full.get(num)) for num in todo}

@@ -99,7 +99,12 @@ async def _listen_loop(
             await asyncio.sleep(1)
 
 
-async def evaluator_work(app: web.Application, woken: bool, state: dict[str, float]) -> None:
+async def evaluator_work(
+    app: web.Application,
+    woken: bool,
+    state: dict[str, float],
+    metas: evaluator.MetaCache | None = None,
+) -> None:
     pool, cfg = app[POOL], app[CONFIG]
     try:
         deferred = 0
@@ -111,7 +116,7 @@ async def evaluator_work(app: web.Application, woken: bool, state: dict[str, flo
         settled = cfg.alarm_gather_ms / 1000
         while (
             st := await evaluator.evaluate_dirty(
-                pool, cfg.clock(), budget_s=budget, settled_s=settled
+                pool, cfg.clock(), budget_s=budget, settled_s=settled, metas=metas
             )
         ).channels:
             deferred += st.deferred
@@ -156,6 +161,7 @@ async def alarms_ctx(app: web.Application) -> AsyncIterator[None]:
     tasks: list[asyncio.Task[Any]] = []
     if cfg.alarms_enabled:
         ev_state: dict[str, float] = {}
+        metas = evaluator.MetaCache()  # this app's database's channels
         tx_state: dict[str, float] = {}
         tasks = [
             asyncio.create_task(
@@ -163,7 +169,7 @@ async def alarms_ctx(app: web.Application) -> AsyncIterator[None]:
                     app[DSN],
                     "opensense_alarm_dirty",
                     cfg.alarm_sweep_s,
-                    lambda w: evaluator_work(app, w, ev_state),
+                    lambda w: evaluator_work(app, w, ev_state, metas),
                     cfg.alarm_gather_ms / 1000,
                 )
             ),

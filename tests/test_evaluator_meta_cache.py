@@ -1,0 +1,147 @@
+"""The background evaluator keeps each channel's rules between passes (issue 14,
+"ingest cost"; migration 0028, `evaluator.MetaCache`), and a change is judged by the
+very next pass:
+
+- a pass over channels whose rules did not change reads none of them;
+- a rule edited, added, disabled or deleted through the API, a site's time zone, a
+  device moved to another site: the next pass reads that channel's rules again and
+  judges by the new ones (an edit that the cache missed would judge by the old);
+- every change to what the rules' statement reads moves the channel's `meta_rev`,
+  also when made by hand in SQL, and leaves the other channels' alone.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+import pytest
+
+from opensense.alarms import evaluator
+from opensense.api.jsonutil import rfc3339
+from opensense.api.keys import POOL
+from opensense.settings import Config
+
+from .fixtures.clock import FakeClock
+from .fixtures.server import World, test_config
+
+
+@pytest.fixture
+def config(clock: FakeClock) -> Config:
+    return test_config(clock, alarms_enabled=False, ingest_rate_per_min=10_000)
+
+
+async def _send(client: Any, world: World, device: str, value: float, at: Any) -> str:
+    r = await client.post(
+        "/v1/ingest",
+        json={"device": device,
+              "measurements": [{"type": "temperature", "value": value, "ts": rfc3339(at)}]},
+        headers=world.dev_auth(device),
+    )  # fmt: skip
+    assert r.status == 200, await r.text()
+    return str((await r.json())["channels"][0]["channel_id"])
+
+
+async def _pass(client: Any, clock: FakeClock, metas: evaluator.MetaCache) -> None:
+    while (await evaluator.evaluate_dirty(client.app[POOL], clock(), metas=metas)).channels:
+        pass
+
+
+async def _one(dsn: str, sql: str, *args: Any) -> Any:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        row = await (await conn.execute(sql, args)).fetchone()
+    assert row is not None
+    return row[0]
+
+
+async def _status(dsn: str, cid: str) -> str:
+    return str(await _one(dsn, "SELECT status FROM alarm_state WHERE channel_id = %s", cid))
+
+
+@pytest.mark.db
+async def test_the_next_pass_judges_by_a_rule_edited_since_the_last(
+    client: Any, world: World, clock: FakeClock, dsn: str
+) -> None:
+    metas = evaluator.MetaCache()
+    t = clock() - timedelta(minutes=30)
+    cid = await _send(client, world, "fridge01", 4.0, t)  # default rule: -2..5 °C
+    await _pass(client, clock, metas)
+    assert (metas.reads, metas.hits) == (1, 0)
+
+    await _send(client, world, "fridge01", 4.5, t + timedelta(minutes=1))
+    await _pass(client, clock, metas)
+    assert (metas.reads, metas.hits) == (1, 1)  # nothing changed: not read again
+    assert await _status(dsn, cid) == "ok"
+
+    rule = await _one(dsn, "SELECT id FROM rules WHERE channel_id = %s", cid)
+    r = await client.patch(
+        f"/v1/rules/{rule}",
+        json={"params": {"ok_min": -2.0, "ok_max": 4.0}, "grace_min": 0},
+        headers=world.auth,
+    )
+    assert r.status == 200, await r.text()
+    await _send(client, world, "fridge01", 4.5, t + timedelta(minutes=2))
+    await _pass(client, clock, metas)
+    assert metas.reads == 2  # read again, and judged by the new limit
+    assert await _status(dsn, cid) == "alarm"
+
+    r = await client.patch(f"/v1/rules/{rule}", json={"enabled": False}, headers=world.auth)
+    assert r.status == 200, await r.text()
+    await _send(client, world, "fridge01", 9.0, t + timedelta(minutes=3))
+    await _pass(client, clock, metas)
+    assert metas.reads == 3
+    n = await _one(dsn, "SELECT count(*) FROM events WHERE channel_id = %s", cid)
+    assert n == 1  # the disabled rule raised nothing more
+
+    r = await client.post(
+        f"/v1/channels/{cid}/rules",
+        json={"kind": "range", "params": {"ok_max": 8.0}, "grace_min": 0},
+        headers=world.auth,
+    )
+    assert r.status == 201, await r.text()
+    await _send(client, world, "fridge01", 9.5, t + timedelta(minutes=4))
+    await _pass(client, clock, metas)
+    assert metas.reads == 4
+    n = await _one(dsn, "SELECT count(*) FROM events WHERE channel_id = %s", cid)
+    assert n == 2  # the new rule's alarm
+
+
+# Each change to what META_SQL reads, made by hand, on fridge01's channel or what
+# holds it; {ch}, {dev}, {site}: its channel, device and site ids.
+CHANGES = {
+    "rule added": "INSERT INTO rules (id, channel_id, kind, params)"
+    " VALUES ('rul_x', '{ch}', 'range', '{{\"ok_max\": 3}}')",
+    "rule edited": "UPDATE rules SET params = '{{\"ok_max\": 3}}' WHERE channel_id = '{ch}'",
+    "rule disabled": "UPDATE rules SET enabled = false WHERE channel_id = '{ch}'",
+    "rule deleted": "DELETE FROM rules WHERE channel_id = '{ch}'",
+    "site's time zone": "UPDATE sites SET timezone = 'Asia/Tokyo' WHERE id = '{site}'",
+    "device moved": "UPDATE devices SET site_id = '{other_site}' WHERE id = '{dev}'",
+}
+
+
+@pytest.mark.db
+@pytest.mark.parametrize("change", list(CHANGES))
+async def test_every_change_the_rules_statement_sees_moves_meta_rev(
+    client: Any, world: World, clock: FakeClock, dsn: str, change: str
+) -> None:
+    t = clock() - timedelta(minutes=30)
+    ch = await _send(client, world, "fridge01", 4.0, t)
+    other = await _send(client, world, "fridge02", 4.0, t)
+    await _pass(client, clock, evaluator.MetaCache())
+    sql = "SELECT meta_rev FROM alarm_state WHERE channel_id = %s"
+    before = {c: await _one(dsn, sql, c) for c in (ch, other)}
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        other_site = f"{world.site}_other"
+        await conn.execute(
+            "INSERT INTO sites (id, account_id, name, vertical, timezone)"
+            " SELECT %s, account_id, 'Other', vertical, timezone FROM sites WHERE id = %s",
+            (other_site, world.site),
+        )
+        sql_change = CHANGES[change].format(
+            ch=ch, dev=world.device_ids["fridge01"], site=world.site, other_site=other_site
+        )
+        await conn.execute(sql_change)
+    assert await _one(dsn, sql, ch) > before[ch]
+    if change != "site's time zone":  # (fridge02 shares the site)
+        assert await _one(dsn, sql, other) == before[other]
