@@ -254,6 +254,13 @@ def test_mqtt(scratch_dsn: str) -> None:
         )
 
 
+def test_paholoop() -> None:
+    out = run_bench("paholoop")
+    (thread,) = figure(out, rf"^  thread \(loop_start, the baseline\) +{NUM} µs")
+    loop, ratio = figure(out, rf"^  event loop \(_PahoLoop\) +{NUM} µs +ratio {NUM}")
+    assert float(thread) > 0 and float(loop) > 0 and float(ratio) > 0
+
+
 def test_fleet(scratch_dsn: str) -> None:
     out = run_bench("fleet", "--dsn", scratch_dsn)
     summary = out[out.index("SUMMARY") :]

@@ -152,6 +152,21 @@ async def test_paho_publishes_over_verified_tls_and_the_reading_is_read_back(
     await asyncio.to_thread(n.close)
 
 
+async def test_the_servers_broker_connections_run_on_its_event_loop(app, dsn, mosquitto):
+    """No thread a connection (mqtt/external.py `_PahoLoop`; docs/ingest-cost.md, stop
+    30): both connections up and consuming over TLS, and no paho network thread."""
+    world = await new_world(app, dsn, "fridge01")
+    n = node(mosquitto, world, "fridge01")
+    assert str(await asyncio.to_thread(n.connect)) == "Success"
+    assert await asyncio.to_thread(n.publish, topics.topic(world.account, "fridge01"), reading(3.5))
+    assert await eventually(lambda: stored(dsn, world.device_ids["fridge01"])) == [3.5]
+    await asyncio.to_thread(n.close)
+    broker = app.app[MQTT]
+    assert broker.connected()
+    ours = ("paho-mqtt-client-opensense-", f"paho-mqtt-client-{broker.client_id}")
+    assert [t.name for t in threading.enumerate() if t.name.startswith(ours)] == []
+
+
 async def test_a_calibration_change_applies_to_the_next_message(app, dsn, clock, mosquitto):
     """The consumer caches a device (its channels' offsets) for a few seconds: a PATCH
     of the offset drops it, so the very next message gets the new offset."""

@@ -205,7 +205,8 @@ class DynSec:
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
 
     def feed(self, payload: bytes) -> None:
-        """An answer arrived (paho's network thread or the event loop)."""
+        """An answer arrived (from paho's callback, run on the event loop by
+        external.py's `_PahoLoop`; call_soon_threadsafe works from any thread)."""
         try:
             answers = json.loads(payload)["responses"]
         except (ValueError, KeyError, TypeError):

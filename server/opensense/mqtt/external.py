@@ -3,8 +3,11 @@ with the dynamic-security plugin, deploy/mosquitto/).
 
 OPENSENSE_MQTT_URL = mqtt[s]://user:password@host:port[?consumer=single|shared&client_id=…]
 
-Two MQTT connections, each with paho's network loop in its own thread; everything
-they receive is handed to the aiohttp event loop (call_soon_threadsafe):
+Two MQTT connections, each with paho's network loop driven by the aiohttp event loop
+(`_PahoLoop`: paho's external-loop API, the socket watched by the loop; only the
+blocking connect and TLS handshake run in a worker thread). It was a thread a
+connection, each message handed over by call_soon_threadsafe: ~40 µs more of the
+server's CPU a message (docs/ingest-cost.md, stop 30).
 
 - the consumer: a persistent session (MQTT 5, clean_start false, no session expiry)
   under a fixed client id, so the broker keeps queueing while the server is down
@@ -184,6 +187,8 @@ class ExternalBroker:
         self.client_id = client_id or default_client_id(self.url, cfg.port)
         self.missing: list[str] = []  # live devices the broker has no credentials for
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._drivers: dict[mqtt.Client, _PahoLoop] = {}  # each client's network loop
+        self._loop_thread = 0
         self._control: mqtt.Client | None = None
         self._consumer: mqtt.Client | None = None
         self._dynsec: dynsec.DynSec | None = None
@@ -214,6 +219,7 @@ class ExternalBroker:
 
     async def start(self) -> None:
         self._loop = loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         control_id = f"opensense-{socket.gethostname()}-{os.getpid()}-ctl"
         self._control = self._client(control_id, persistent=False)
         self._control.on_connect = self._control_connected
@@ -252,7 +258,7 @@ class ExternalBroker:
         await aio.cancel(self._lead_task)
         await self._drain()
         clients = [c for c in (self._consumer, self._control) if c is not None]
-        await asyncio.to_thread(_close, *clients)
+        await self._close(*clients)
         if self._pending:
             log.error(
                 "stopping with MQTT credentials never delivered to the broker for %s:"
@@ -271,7 +277,6 @@ class ExternalBroker:
             c.username_pw_set(self.url.username, self.url.password)
         if self.url.tls:
             c.tls_set_context(ssl.create_default_context(cafile=self.ca_file))
-        c.reconnect_delay_set(1, 30)
         c.on_connect_fail = lambda client, userdata: log.warning(
             "MQTT connection %s to %s:%d failed; retrying",
             client_id,
@@ -292,7 +297,13 @@ class ExternalBroker:
             clean_start=not persistent,
             properties=props,
         )
-        c.loop_start()  # retries the first connection too, then reconnects by itself
+        assert self._loop is not None
+        driver = self._drivers[c] = _PahoLoop(c, self._loop)
+        driver.start()  # retries the first connection too, then reconnects by itself
+
+    async def _close(self, *clients: mqtt.Client) -> None:
+        """Disconnect and stop their network loops."""
+        await asyncio.gather(*(d.stop() for c in clients if (d := self._drivers.pop(c, None))))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -300,9 +311,14 @@ class ExternalBroker:
         task.add_done_callback(self._background.discard)
 
     def _call(self, fn: Any, *args: Any) -> None:
-        """From a paho thread into the event loop."""
+        """From a paho callback (run by `_PahoLoop` on the event loop, or by `reconnect`
+        in its thread) to the event loop, after the callback."""
         loop = self._loop
-        if loop is not None and not loop.is_closed():
+        if loop is None or loop.is_closed():
+            return
+        if threading.get_ident() == self._loop_thread:
+            loop.call_soon(fn, *args)  # (the hot path: each message; no wake-up needed)
+        else:
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 loop.call_soon_threadsafe(fn, *args)
 
@@ -496,7 +512,7 @@ class ExternalBroker:
         await self._drain()
         old, self._consumer = self._consumer, None
         if old is not None:
-            await asyncio.to_thread(_close, old)
+            await self._close(old)
 
     async def _lead(self) -> None:
         """consumer=single: consume only while this process holds the advisory lock.
@@ -783,8 +799,150 @@ class ExternalBroker:
                 self._publish_nowait(topics.topic(row[0], row[1], sub), b"", retain=True)
 
 
-def _close(*clients: mqtt.Client) -> None:
-    """Blocking: disconnect and stop the network threads."""
-    for c in clients:
-        c.disconnect()
-        c.loop_stop()
+class _PahoLoop:
+    """paho's network loop on the asyncio event loop, for one client, in place of
+    `loop_start`'s thread. paho's external-loop API (its examples/loop_asyncio.py):
+    the socket's readability calls `loop_read`, its writability (watched only while
+    paho has something to send) `loop_write`, and a task calls `loop_misc` every
+    second (keepalive PINGREQ, a broker gone silent). `reconnect` (TCP connect, TLS
+    handshake: blocking) runs in a worker thread; the callbacks it makes are passed to
+    the loop. A lost connection is made again as `loop_start` did with the delays
+    this server set (1 s doubling to 30 s, back to 1 s after a CONNACK), and a failed
+    attempt calls `on_connect_fail`."""
+
+    MIN_DELAY_S = 1.0
+    MAX_DELAY_S = 30.0
+
+    def __init__(self, client: mqtt.Client, loop: asyncio.AbstractEventLoop) -> None:
+        self.client = client
+        self.loop = loop
+        self._thread = threading.get_ident()  # the loop's (made on it)
+        self._fd: int | None = None
+        self._closed = asyncio.Event()  # the socket was closed (set) or is open
+        self._kick = asyncio.Event()  # wakes `_run`: the socket closed, or stop()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        client.on_socket_open = self._opened
+        client.on_socket_close = self._closing
+        client.on_socket_register_write = self._want_write
+        client.on_socket_unregister_write = self._wrote
+
+    def start(self) -> None:
+        self._task = self.loop.create_task(self._run())
+
+    async def stop(self) -> None:
+        """The task ended (a connect under way in its thread finishes first), then
+        DISCONNECT sent when connected and the socket closed."""
+        self._stopping = True
+        self._kick.set()
+        if self._task is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(15.0):
+                    await asyncio.shield(self._task)
+            await aio.cancel(self._task)
+        if self.client.socket() is not None:
+            self.client.disconnect()  # written by loop_write; paho closes after it
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await self._closed.wait()
+        if self.client.socket() is not None:  # it did not go: close it here
+            self.client._sock_close()  # (paho has no public way)
+
+    def _on_loop(self, fn: Any, *args: Any) -> None:
+        if threading.get_ident() == self._thread:
+            fn(*args)
+        elif not self.loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                self.loop.call_soon_threadsafe(fn, *args)
+
+    # paho's socket callbacks (on the loop, or from `reconnect` in its thread)
+
+    def _opened(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._watch, sock)
+
+    def _watch(self, sock: Any) -> None:
+        fd = sock.fileno() if sock is not None else -1
+        if fd < 0 or self.client.socket() is not sock:
+            return  # closed before the loop got to it
+        self._fd = fd
+        self._closed.clear()
+        self.loop.add_reader(self._fd, self._readable)
+
+    def _closing(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        # paho closes the socket right after this: on the loop, unwatch it first
+        self._on_loop(self._unwatch)
+
+    def _unwatch(self) -> None:
+        if self._fd is not None:
+            self.loop.remove_reader(self._fd)
+            self.loop.remove_writer(self._fd)
+            self._fd = None
+        self._closed.set()
+        self._kick.set()
+
+    def _want_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._watch_write, sock)
+
+    def _watch_write(self, sock: Any) -> None:
+        if self.client.socket() is not sock:
+            return
+        if self._fd is not None:
+            self.loop.add_writer(self._fd, self.client.loop_write)
+        else:  # opened in `reconnect`'s thread, `_watch` still on its way to the loop
+            self.loop.call_soon(self._watch_write_later, sock)
+
+    def _watch_write_later(self, sock: Any) -> None:
+        if self._fd is not None and self.client.socket() is sock:
+            self.loop.add_writer(self._fd, self.client.loop_write)
+
+    def _wrote(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._unwatch_write)
+
+    def _unwatch_write(self) -> None:
+        if self._fd is not None:
+            self.loop.remove_writer(self._fd)
+
+    def _readable(self) -> None:
+        c = self.client
+        rc = c.loop_read()
+        # TLS: what the socket gave may hold more records than paho read; the loop
+        # would not say "readable" for those (they left the kernel already)
+        while rc == mqtt.MQTT_ERR_SUCCESS:
+            sock = c.socket()
+            if not isinstance(sock, ssl.SSLSocket) or not sock.pending():
+                break
+            rc = c.loop_read()
+
+    async def _run(self) -> None:
+        c = self.client
+        delay = self.MIN_DELAY_S
+        while not self._stopping:
+            self._closed.clear()
+            try:
+                await asyncio.to_thread(c.reconnect)
+            except Exception:
+                if self._stopping:
+                    break
+                if c.on_connect_fail is not None:
+                    c.on_connect_fail(c, None)
+                await self._pause(delay)
+                delay = min(self.MAX_DELAY_S, delay * 2)
+                continue
+            acked = False
+            while c.socket() is not None and not self._stopping:
+                await self._pause(1.0)
+                acked = acked or c.is_connected()
+                c.loop_misc()
+            if self._stopping:
+                break  # (stop() disconnects)
+            if acked:
+                delay = self.MIN_DELAY_S
+            await self._pause(delay)
+            delay = min(self.MAX_DELAY_S, delay * 2)
+
+    async def _pause(self, seconds: float) -> None:
+        """`seconds`, or less when the socket closed or stop() was called."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._kick.wait()
+        self._kick.clear()
