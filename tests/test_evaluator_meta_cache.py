@@ -59,19 +59,28 @@ async def _status(dsn: str, cid: str) -> str:
     return str(await _one(dsn, "SELECT status FROM alarm_state WHERE channel_id = %s", cid))
 
 
+async def _num(dsn: str, cid: str) -> int:
+    return int(await _one(dsn, "SELECT num FROM channels WHERE id = %s", cid))
+
+
 @pytest.mark.db
 async def test_the_next_pass_judges_by_a_rule_edited_since_the_last(
     client: Any, world: World, clock: FakeClock, dsn: str
 ) -> None:
+    """What the cache holds for the channel: the same object while nothing changed (a
+    pass that read the rules again would have put a new one), another after each
+    change, and the alarms follow the new rules. (Other tests' channels may be
+    judged by the same passes: only this channel's entry is looked at.)"""
     metas = evaluator.MetaCache()
     t = clock() - timedelta(minutes=30)
     cid = await _send(client, world, "fridge01", 4.0, t)  # default rule: -2..5 °C
+    num = await _num(dsn, cid)
     await _pass(client, clock, metas)
-    assert (metas.reads, metas.hits) == (1, 0)
+    first = metas.held([num])[num]
 
     await _send(client, world, "fridge01", 4.5, t + timedelta(minutes=1))
     await _pass(client, clock, metas)
-    assert (metas.reads, metas.hits) == (1, 1)  # nothing changed: not read again
+    assert metas.held([num])[num] == first and metas.held([num])[num][1] is first[1]
     assert await _status(dsn, cid) == "ok"
 
     rule = await _one(dsn, "SELECT id FROM rules WHERE channel_id = %s", cid)
@@ -83,14 +92,17 @@ async def test_the_next_pass_judges_by_a_rule_edited_since_the_last(
     assert r.status == 200, await r.text()
     await _send(client, world, "fridge01", 4.5, t + timedelta(minutes=2))
     await _pass(client, clock, metas)
-    assert metas.reads == 2  # read again, and judged by the new limit
+    second = metas.held([num])[num]
+    assert second[0] != first[0]  # read again, and judged by the new limit
+    assert second[1].rules[0].params["ok_max"] == 4.0
     assert await _status(dsn, cid) == "alarm"
 
     r = await client.patch(f"/v1/rules/{rule}", json={"enabled": False}, headers=world.auth)
     assert r.status == 200, await r.text()
     await _send(client, world, "fridge01", 9.0, t + timedelta(minutes=3))
     await _pass(client, clock, metas)
-    assert metas.reads == 3
+    third = metas.held([num])[num]
+    assert third[0] != second[0] and third[1].rules == []
     n = await _one(dsn, "SELECT count(*) FROM events WHERE channel_id = %s", cid)
     assert n == 1  # the disabled rule raised nothing more
 
@@ -102,7 +114,7 @@ async def test_the_next_pass_judges_by_a_rule_edited_since_the_last(
     assert r.status == 201, await r.text()
     await _send(client, world, "fridge01", 9.5, t + timedelta(minutes=4))
     await _pass(client, clock, metas)
-    assert metas.reads == 4
+    assert metas.held([num])[num][0] != third[0]
     n = await _one(dsn, "SELECT count(*) FROM events WHERE channel_id = %s", cid)
     assert n == 2  # the new rule's alarm
 

@@ -7,7 +7,9 @@ range rule (ok -2..5 °C, grace 15 min), two sides of their own: "baseline" and 
 The baseline is `server/opensense` at `--rev` (default 81fe07d, main when the work
 began), taken with `git archive` into the work directory and put first on the path
 of its own worker process; "now" is this tree's code in another worker process.
-Each worker keeps one connection (a pool of 1) and is long-lived, so both are warm.
+Each worker keeps one connection (a pool of 1) and is long-lived, so both are warm;
+a side whose code has the background evaluator's `MetaCache` (stop 30) keeps one
+across its passes, as the server does.
 
 Rounds: each round writes M new readings (default 32, one a minute) to every channel
 of a side through the server's own write statement (`storage.batcher.BATCH_SQL`),
@@ -124,6 +126,11 @@ async def worker(dsn: str, limit: int, profile: str | None) -> None:
         backend = int(row[0]) if row else None
         if _cpu(backend) is None:
             backend = None
+        # the background evaluator's cache of the channels' rules, kept across passes as
+        # the server keeps it (alarms/tasks.py), when the side's code has one
+        kept: dict[str, Any] = (
+            {"metas": evaluator.MetaCache()} if hasattr(evaluator, "MetaCache") else {}
+        )
         print(json.dumps({"ready": evaluator.__file__}), flush=True)
         loop = asyncio.get_running_loop()
         while (line := await loop.run_in_executor(None, sys.stdin.readline)).strip():
@@ -133,7 +140,7 @@ async def worker(dsn: str, limit: int, profile: str | None) -> None:
             if prof is not None:
                 prof.enable()
             while True:
-                st = await evaluator.evaluate_dirty(pool, now, limit=limit, budget_s=60)
+                st = await evaluator.evaluate_dirty(pool, now, limit=limit, budget_s=60, **kept)
                 if not st.readings:
                     break
                 passes += 1

@@ -132,7 +132,7 @@ class StateRow(NamedTuple):
     first_checkpoint: datetime | None
     last_ts: datetime | None  # judged up to this reading
     # changes with anything META_SQL reads for the channel (migration 0028): what
-    # `_MetaCache` keeps is good while this is the same
+    # `MetaCache` keeps is good while this is the same
     meta_rev: int
 
 
@@ -236,7 +236,7 @@ class MetaCache:
     or at another `meta_rev`: at a fleet's trickle META_SQL was ~13 µs of PostgreSQL
     a channel and pass (docs/ingest-cost.md, stop 30). A channel whose rules `_usable`
     or `_windows` logs about is not kept, so it is read (and logged) on every pass, as
-    before. Bounded: emptied when full (~1 KB a channel). Meta is never changed after
+    before. Bounded: emptied when it holds MAX channels. Meta is never changed after
     it is built; passes share it. One a process and database (alarms/tasks.py):
     channel numbers are the database's."""
 
@@ -244,8 +244,6 @@ class MetaCache:
 
     def __init__(self) -> None:
         self._by_num: dict[int, tuple[int, Meta]] = {}
-        self.hits = 0  # channels a pass took from here (tests, benches)
-        self.reads = 0  # channels a pass read
 
     def held(self, nums: list[int]) -> dict[int, tuple[int, Meta]]:
         """(meta_rev, Meta) of those of `nums` kept."""
@@ -256,9 +254,6 @@ class MetaCache:
         if len(self._by_num) >= self.MAX:
             self._by_num.clear()
         self._by_num[m.num] = (rev, m)
-
-    def clear(self) -> None:
-        self._by_num.clear()
 
 
 # A channel's rules as judged, by the text of META_SQL's aggregate of them (every
@@ -423,14 +418,11 @@ async def evaluate_dirty(
         if metas is None:
             meta = _meta_rows(await mcur.fetchall())
         else:
-            rows = await mcur.fetchall()
-            metas.reads += len(rows)
-            meta = _meta_rows(rows, lambda m: metas.put(m, states[m.num].meta_rev))
+            meta = _meta_rows(await mcur.fetchall(), lambda m: metas.put(m, states[m.num].meta_rev))
             for num, (rev, m) in held.items():
                 row = states.get(num)
                 if num not in meta and row is not None and row.meta_rev == rev:
                     meta[num] = m
-                    metas.hits += 1
         todo = [num for num in nums if num in meta and num in states]
         full = await _full_checkpoints(conn, [n for n in todo if _rewinds(states[n], dirty[n])])
         plans = {num: _plan(states[num], dirty[num], st, full.get(num)) for num in todo}

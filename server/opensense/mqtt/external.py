@@ -6,7 +6,7 @@ OPENSENSE_MQTT_URL = mqtt[s]://user:password@host:port[?consumer=single|shared&c
 Two MQTT connections, each with paho's network loop driven by the aiohttp event loop
 (`_PahoLoop`: paho's external-loop API, the socket watched by the loop; only the
 blocking connect and TLS handshake run in a worker thread). It was a thread a
-connection, each message handed over by call_soon_threadsafe: ~40 µs more of the
+connection, each message handed over by call_soon_threadsafe: 26–40 µs more of the
 server's CPU a message (docs/ingest-cost.md, stop 30).
 
 - the consumer: a persistent session (MQTT 5, clean_start false, no session expiry)
