@@ -27,7 +27,7 @@ from opensense.api.jsonutil import rfc3339
 from opensense.api.keys import MQTT
 from opensense.app import create_app
 from opensense.mqtt import dynsec
-from opensense.mqtt.external import BrokerUrl, default_client_id
+from opensense.mqtt.external import BrokerUrl, _PahoLoop, default_client_id
 from opensense_contract import topics
 
 from .fixtures.mosquitto import Mosquitto
@@ -165,6 +165,59 @@ async def test_the_servers_broker_connections_run_on_its_event_loop(app, dsn, mo
     assert broker.connected()
     ours = ("paho-mqtt-client-opensense-", f"paho-mqtt-client-{broker.client_id}")
     assert [t.name for t in threading.enumerate() if t.name.startswith(ours)] == []
+
+
+async def test_a_connect_that_failed_after_its_socket_opened_is_tried_again(mosquitto):
+    """`_PahoLoop`: `reconnect` (in its worker thread) opens the socket, then fails
+    before CONNECT is sent; the socket is closed on the event loop, unwatched, and the
+    next try connects."""
+    loop = asyncio.get_running_loop()
+    c = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id="paholoop-retry", protocol=mqtt.MQTTv5
+    )
+    c.username_pw_set(mosquitto.admin, mosquitto.password)
+    failed: list[int] = []
+    send_connect = c._send_connect
+
+    def first_fails(*args: Any, **kw: Any) -> Any:
+        if not failed:
+            failed.append(c.socket().fileno())
+            raise OSError("injected: the first CONNECT cannot be sent")
+        return send_connect(*args, **kw)
+
+    c._send_connect = first_fails
+    c.on_connect_fail = lambda client, userdata: None
+    c.connect_async("127.0.0.1", mosquitto.local_port, keepalive=30)
+    driver = _PahoLoop(c, loop)
+    driver.MIN_DELAY_S = 0.1
+    closed_in: list[int] = []  # the threads that closed a socket
+    unwatch = c.on_socket_close
+
+    def closing(client: Any, userdata: Any, sock: Any) -> None:
+        closed_in.append(threading.get_ident())
+        unwatch(client, userdata, sock)
+
+    c.on_socket_close = closing
+    driver.start()
+    try:
+        assert await eventually(lambda: _true(c.is_connected()))
+        assert failed and c.socket() is not None
+        # the failed socket was closed on the event loop, not by the next try's thread
+        assert closed_in == [threading.get_ident()]
+        # and it carries traffic both ways: a dynamic-security request and its answer
+        got: list[bytes] = []
+        c.on_message = lambda client, userdata, m: got.append(bytes(m.payload))
+        c.subscribe(dynsec.RESPONSE_TOPIC, qos=1)
+        await asyncio.sleep(0.2)
+        c.publish(dynsec.CONTROL_TOPIC, b'{"commands": [{"command": "listRoles"}]}', qos=1)
+        assert await eventually(lambda: _true(any(b"listRoles" in g for g in got)))
+    finally:
+        await driver.stop()
+    assert c.socket() is None
+
+
+async def _true(x: bool) -> bool:
+    return x
 
 
 async def test_a_calibration_change_applies_to_the_next_message(app, dsn, clock, mosquitto):

@@ -921,6 +921,10 @@ class _PahoLoop:
             try:
                 await asyncio.to_thread(c.reconnect)
             except Exception:
+                # a socket it opened before failing (CONNECT not sent) is closed here,
+                # on the loop, so it is unwatched before its descriptor can be reused
+                if c.socket() is not None:
+                    c._sock_close()
                 if self._stopping:
                     break
                 if c.on_connect_fail is not None:
