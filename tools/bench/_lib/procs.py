@@ -129,6 +129,8 @@ class Serve:
             **(env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None
+        self._extra: dict[str, str] = {}
+        self._ready_once = False  # after it, the ports stay (restart: the same ones)
 
     @property
     def pid(self) -> int:
@@ -137,8 +139,20 @@ class Serve:
 
     def start(self, **extra: str) -> Serve:
         cmd = [str(BIN / "opensense"), "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        self._extra = extra
         self.proc = launch(cmd, self.log_path, {**self.env, **extra})
         return self
+
+    def _taken_port(self) -> bool:
+        """The first start lost its HTTP port to another process between `free_port`'s
+        pick and the server's bind (another bench or test picking the same one: CI saw
+        it once): it may take another, as nobody has been told this one yet."""
+        if self._ready_once or "address already in use" not in self.log_tail(3):
+            return False
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.start(**self._extra)
+        return True
 
     async def wait_ready(self) -> None:
         """/healthz answers 200 (and, with an embedded broker, its port listens: it
@@ -147,14 +161,19 @@ class Serve:
         timeout, mqtt_port = self.ready_timeout, self.mqtt_port
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession() as http:
+            retries = 2
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
+                    if retries and self._taken_port():
+                        retries -= 1
+                        continue
                     raise RuntimeError(
                         f"the server exited with {self.proc.returncode}: {self.log_tail(8)}"
                     )
                 with contextlib.suppress(aiohttp.ClientError):
                     async with http.get(f"{self.base}/healthz") as r:
                         if r.status == 200 and (mqtt_port is None or listening(mqtt_port)):
+                            self._ready_once = True
                             return
                 await asyncio.sleep(0.1)
         raise RuntimeError(f"the server was not ready within {timeout:.0f} s")
