@@ -396,7 +396,9 @@ async def evaluate_dirty(
         nums = sorted(dirty)
         scur = _cursor(conn, _state_row)
         mcur = _cursor(conn)
-        held = metas.held(nums) if metas is not None else {}
+        if metas is None:
+            metas = MetaCache()  # (this pass's own: it reads every channel's rules)
+        held = metas.held(nums)
         async with conn.pipeline():  # one round trip for the three
             await conn.execute(  # (the rows not there yet: an ON CONFLICT check costs more)
                 "INSERT INTO alarm_state (channel_num, channel_id) SELECT c.num, c.id"
@@ -409,20 +411,16 @@ async def evaluate_dirty(
                 STATE_SQL + " WHERE channel_num = ANY(%s) ORDER BY channel_num FOR UPDATE",
                 (nums,),
             )
-            if metas is None:
-                await mcur.execute(META_SQL, (nums,))
-            else:  # only those not held at their meta_rev, which the lock above fixes
-                revs = [hit[0] if (hit := held.get(n)) is not None else None for n in nums]
-                await mcur.execute(META_STALE_SQL, (nums, revs))
+            # only those not held at their meta_rev, which the lock above fixes
+            revs = [hit[0] if (hit := held.get(n)) is not None else None for n in nums]
+            await mcur.execute(META_STALE_SQL, (nums, revs))
         states = {r.channel_num: r for r in await scur.fetchall()}
-        if metas is None:
-            meta = _meta_rows(await mcur.fetchall())
-        else:
-            meta = _meta_rows(await mcur.fetchall(), lambda m: metas.put(m, states[m.num].meta_rev))
-            for num, (rev, m) in held.items():
-                row = states.get(num)
-                if num not in meta and row is not None and row.meta_rev == rev:
-                    meta[num] = m
+        keep = metas.put
+        meta = _meta_rows(await mcur.fetchall(), lambda m: keep(m, states[m.num].meta_rev))
+        for num, (rev, m) in held.items():
+            row = states.get(num)
+            if num not in meta and row is not None and row.meta_rev == rev:
+                meta[num] = m
         todo = [num for num in nums if num in meta and num in states]
         full = await _full_checkpoints(conn, [n for n in todo if _rewinds(states[n], dirty[n])])
         plans = {num: _plan(states[num], dirty[num], st, full.get(num)) for num in todo}

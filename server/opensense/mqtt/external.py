@@ -883,17 +883,13 @@ class _PahoLoop:
     def _want_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         self._on_loop(self._watch_write, sock)
 
-    def _watch_write(self, sock: Any) -> None:
+    def _watch_write(self, sock: Any, again: bool = True) -> None:
         if self.client.socket() is not sock:
             return
         if self._fd is not None:
             self.loop.add_writer(self._fd, self.client.loop_write)
-        else:  # opened in `reconnect`'s thread, `_watch` still on its way to the loop
-            self.loop.call_soon(self._watch_write_later, sock)
-
-    def _watch_write_later(self, sock: Any) -> None:
-        if self._fd is not None and self.client.socket() is sock:
-            self.loop.add_writer(self._fd, self.client.loop_write)
+        elif again:  # opened in `reconnect`'s thread, `_watch` still on its way to the loop
+            self.loop.call_soon(self._watch_write, sock, False)
 
     def _wrote(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         self._on_loop(self._unwatch_write)
