@@ -262,3 +262,34 @@ async def test_the_packed_text_and_int8_arrays_of_the_authentication_statement(p
             (arrays.texts(words), arrays.int8s(revs), arrays.int8s([None])),
         )
         assert (await cur.fetchone()) == (words, revs, [None])
+
+
+async def test_the_packed_jsonb_and_nullable_time_arrays_of_the_rule_engines_save(pool):
+    """The rule engine's save (alarms/evaluator.py `save`): jsonb arrays (quotes,
+    backslashes, non-ASCII, NULLs, a lone NULL) and timestamptz arrays with NULLs (other
+    offsets, a time before 2000), byte for byte psycopg's, read back as given."""
+    from psycopg.adapt import PyFormat, Transformer
+    from psycopg.types.json import Jsonb
+
+    from opensense.alarms.evaluator import _json_text
+
+    est = timezone(timedelta(hours=-5))
+    docs = [{'rul_"x\\': {"hist": [["t", 1e-7]], "v": -0.0}}, None, {"k": "Kühl ❄"}, [], {}]
+    times = [BASE.astimezone(est), None, datetime(1999, 12, 31, 23, 59, tzinfo=UTC), None]
+    async with pool.connection() as conn:
+        tx = Transformer(conn)
+        wrapped = [None if d is None else Jsonb(d) for d in docs]
+        packed = arrays.jsonbs([_json_text(j) for j in wrapped])
+        assert packed == tx.get_dumper(wrapped, PyFormat.BINARY).dump(wrapped)
+        assert arrays.opt_timestamptzs(times) == tx.get_dumper(times, PyFormat.BINARY).dump(times)
+        assert arrays.opt_timestamptzs(times[:1]) == arrays.timestamptzs(times[:1])
+        cur = await conn.execute(
+            "SELECT %b::jsonb[], %b::timestamptz[], %b::jsonb[], %b::timestamptz[]",
+            (
+                packed,
+                arrays.opt_timestamptzs(times),
+                arrays.jsonbs([None]),
+                arrays.opt_timestamptzs([None]),
+            ),
+        )
+        assert (await cur.fetchone()) == (docs, times, [None], [None])

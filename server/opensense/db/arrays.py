@@ -1,4 +1,4 @@
-"""The readings' three columns as PostgreSQL binary arrays, encoded in one step.
+"""PostgreSQL binary arrays, encoded in one step.
 
 The writing statements (storage/write.py) take a batch's readings as three arrays,
 `int4[]`, `timestamptz[]` and `float8[]`, in binary. psycopg builds a binary array
@@ -8,12 +8,15 @@ the three (2,048 readings, tools/bench/decode's machine). Here each array is pac
 read at one instant) is converted once: ~0.20 µs, byte for byte what psycopg sends
 (tests/test_batch_write.py compares them). One difference: psycopg sends integers as
 the smallest type that holds them all (int2[] for channel numbers under 32,768), which
-the statements then cast to int4[]; here they are int4[] from the start.
+the statements then cast to int4[]; here they are int4[] from the start. The
+authentication statement's `text[]` and `int8[]` and the rule engine's save (`jsonb[]`,
+`timestamptz[]` with NULLs, `text[]`) are packed here too, for the same reason.
 
-The format (PostgreSQL's array_send): a header of five int32 (dimensions 1, no nulls,
-the element type's oid, the length, lower bound 1), then per element its byte length
-(int32) and its value: int4 big-endian; float8 as IEEE 754 big-endian; timestamptz as
-int64 microseconds since 2000-01-01 00:00 UTC.
+The format (PostgreSQL's array_send): a header of five int32 (dimensions 1, "has
+nulls", the element type's oid, the length, lower bound 1), then per element its byte
+length (int32; -1 and no value: NULL) and its value: int4 big-endian; float8 as IEEE
+754 big-endian; timestamptz as int64 microseconds since 2000-01-01 00:00 UTC; text as
+its UTF-8; jsonb as the format version 1 and the JSON text.
 
 `Packed` values are bytes that psycopg passes through as they are, typed by their
 class (registered on psycopg's global adapters when this module is imported: the db
@@ -26,7 +29,7 @@ import struct
 import sys
 from array import array
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from itertools import chain, repeat
 
 import psycopg
@@ -36,6 +39,7 @@ from psycopg.pq import Format
 _HEADER = struct.Struct(">iiIii")
 _INT8 = struct.Struct(">iq")
 _LEN = struct.Struct(">i")
+_NULL = b"\xff\xff\xff\xff"  # an element's length -1: NULL
 _SWAP = sys.byteorder == "little"
 assert array("i").itemsize == 4, "int4s packs C ints: 4 bytes on every platform served"
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
@@ -65,6 +69,10 @@ class Int8Array(Packed):
 
 class TextArray(Packed):
     oid = 1009  # text[]
+
+
+class JsonbArray(Packed):
+    oid = 3807  # jsonb[]
 
 
 def _header(elem_oid: int, n: int, flags: int = 0) -> bytes:
@@ -104,9 +112,20 @@ def timestamptzs(values: Sequence[datetime]) -> TimestamptzArray:
     return TimestamptzArray(_header(1184, n) + body)
 
 
+def opt_timestamptzs(values: Sequence[datetime | None]) -> TimestamptzArray:
+    """`timestamptzs` where None is NULL (its length -1, no value)."""
+    body = b"".join(_NULL if t is None else _INT8.pack(8, _us(t - PG_EPOCH)) for t in values)
+    flags = 1 if any(t is None for t in values) else 0  # "has nulls", as array_send sets it
+    return TimestamptzArray(_header(1184, len(values), flags) + body)
+
+
+def _us(d: timedelta) -> int:
+    return (d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds
+
+
 def int8s(values: Sequence[int | None]) -> Int8Array:
     """None is NULL (its length -1, no value); raises OverflowError past int8."""
-    body = b"".join(b"\xff\xff\xff\xff" if v is None else _INT8.pack(8, v) for v in values)
+    body = b"".join(_NULL if v is None else _INT8.pack(8, v) for v in values)
     flags = 1 if None in values else 0  # "has nulls", as array_send sets it
     return Int8Array(_header(20, len(values), flags) + body)
 
@@ -120,6 +139,15 @@ def texts(values: Sequence[str]) -> TextArray:
     return TextArray(_header(25, len(values)) + body)
 
 
+def jsonbs(values: Sequence[bytes | None]) -> JsonbArray:
+    """JSON texts (UTF-8) as jsonb[]: each element in jsonb's binary form (jsonb_send:
+    the format version, 1, then the text); None is NULL. PostgreSQL parses and checks
+    each text as it does a jsonb parameter."""
+    body = b"".join(_NULL if v is None else _LEN.pack(len(v) + 1) + b"\x01" + v for v in values)
+    flags = 1 if any(v is None for v in values) else 0
+    return JsonbArray(_header(3802, len(values), flags) + body)
+
+
 class _PackedDumper(Dumper):
     format = Format.BINARY
 
@@ -128,7 +156,7 @@ class _PackedDumper(Dumper):
 
 
 def _register() -> None:
-    for cls in (Int4Array, TimestamptzArray, Float8Array, Int8Array, TextArray):
+    for cls in (Int4Array, TimestamptzArray, Float8Array, Int8Array, TextArray, JsonbArray):
         dumper = type(f"{cls.__name__}Dumper", (_PackedDumper,), {"oid": cls.oid})
         psycopg.adapters.register_dumper(cls, dumper)
 
