@@ -229,6 +229,23 @@ def test_ingest_against_an_older_commit_in_the_same_run(scratch_dsn: str) -> Non
     assert abs(float(limit) - 0.2 * float(base)) < 0.11
 
 
+def test_ingest_mqtt_against_an_older_commit_on_this_machine(scratch_dsn: str) -> None:
+    """--only mqtt --baseline-rev: the MQTT phases of the code when issue 14 began and of
+    this tree, each a run of its own (the old one on a fresh database), and the MQTT
+    target becomes a share of the old code's figure measured here, not the constant."""
+    out = run_bench("ingest", "--dsn", scratch_dsn, "--only", "mqtt", "--baseline-rev", "dc0c4da")
+    assert re.search(r"^  round 1, dc0c4da +: MQTT 1 reading/message", out, re.M), out
+    assert re.search(r"^  round 1, this tree: MQTT 1 reading/message", out, re.M), out
+    summary = out[out.index("SUMMARY") :]
+    base, mine = figure(summary, rf"^   MQTT 1 reading/message +{NUM} +{NUM} +\d+%")
+    b, m = (float(x.replace(",", "")) for x in (base, mine))
+    assert b > 0 and m > 0
+    assert base != "975.5"  # measured, not the constant
+    (limit,) = figure(summary, rf"MQTT 1 reading/message CPU <= 30% of dc0c4da .*target <= {NUM}\)")
+    assert abs(float(limit.replace(",", "")) - 0.3 * b) < 0.11
+    figure(summary, rf"^   MQTT 3 readings/message +{NUM} +{NUM} +\d+%")
+
+
 def test_restart(scratch_dsn: str) -> None:
     out = run_bench("restart", "--dsn", scratch_dsn)
     figure(out, r"fast checks for 3 devices checked by bcrypt equal the bench's")

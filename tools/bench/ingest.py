@@ -48,7 +48,8 @@ What it measures (in this order in the summary):
    per row. `--only statement` runs this part alone (a LISTEN connection in the
    server's place), `--repeat N` N rounds of it (medians). `--only http`: the HTTP
    closed-loop phases (2) and their CPU per reading alone; `--only mqtt`: the MQTT
-   phases (5) alone.
+   phases (5) alone (with `--baseline-rev REV`: REV's and this tree's, each a run of
+   its own, alternating; the MQTT target a share of REV's figure from this machine).
 
 The phases run in the order 2, 3, 5, 1, 7, 4: the HTTP phases first, on a table the
 COPY rows (deleted again afterwards) never touched; the ratio to the COPY ceiling is
@@ -84,13 +85,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import math
 import os
 import random
 import re
 import statistics
 import struct
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -1030,7 +1034,26 @@ def variants_table(vs: list[Variant]) -> None:
         say(f"   {name:<40}" + "".join(cells))
 
 
+# --figures PATH: each path's CPU per reading as JSON, written by `report` (the runs
+# `mqtt_against` starts read it)
+FIGURES_OUT: list[Path] = []
+
+
+def write_figures(res: Results) -> None:
+    for out in FIGURES_OUT:
+        out.write_text(
+            json.dumps(
+                {
+                    key: {"server": c.server_us, "pg": c.pg_us, "total": c.total, "rate": rate}
+                    for key, _, rate, c in path_costs(res)
+                }
+            ),
+            encoding="utf-8",
+        )
+
+
 def report(res: Results, plan: Plan) -> None:
+    write_figures(res)
     banner("SUMMARY")
     ceiling = max((c.rows_s for c in res.copies), default=0.0)
     say("1. COPY ceiling (binary COPY into measurements, rows in time order)")
@@ -1494,6 +1517,90 @@ def show_profile(meter: Meter, c: Cost | None) -> None:
         )
 
 
+def mqtt_against(args: argparse.Namespace) -> int:
+    """--only mqtt --baseline-rev REV: the MQTT phases of REV's code beside this tree's,
+    measured on this machine. Each side is a run of this bench of its own (`--only
+    mqtt`; REV's: its server package from `git archive` first on the path of the bench
+    and of its server, as tools/bench/README.md's A/B runs do), the two alternating
+    which goes first, --rounds times; each path's figure is the median of its rounds.
+    The embedded broker's phases need REV's server to have one (dc0c4da and later)."""
+    work = Path(tempfile.mkdtemp(prefix="opensense-bench-mqtt-ab-"))
+    commit = baseline.extract(args.baseline_rev, work / "baseline")
+    child = [sys.executable, str(Path(__file__).resolve()), "--only", "mqtt"]
+    for flag, value in (("--duration", args.duration), ("--mqtt-devices", args.mqtt_devices)):
+        if value:
+            child += [flag, str(value)]
+    if args.quick:
+        child.append("--quick")
+    sides = {commit: baseline.env(work / "baseline"), "this tree": {}}
+    got: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
+    say(
+        f"OpenSense ingest benchmark, MQTT: {commit} against this tree,"
+        f" {datetime.now(UTC):%Y-%m-%d %H:%M:%S}Z; {args.rounds} round(s), each side a run"
+        " of this bench of its own (`--only mqtt`), alternating which goes first"
+    )
+    for r in range(args.rounds):
+        order = list(sides) if r % 2 == 0 else list(sides)[::-1]
+        for side in order:
+            out = work / f"figures-{r}-{len(got[side])}-{side.replace(' ', '-')}.json"
+            log_path = out.with_suffix(".log")
+            dsn = []  # (none: each run starts an embedded PostgreSQL of its own)
+            if args.dsn:  # REV's code on a fresh database of its own, this tree's on --dsn
+                dsn = ["--dsn", baseline.database_dsn(args.dsn) if side == commit else args.dsn]
+            with log_path.open("wb") as log_file:
+                rc = subprocess.run(
+                    [*child, *dsn, "--figures", str(out)],
+                    env={**os.environ, **sides[side]},
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    check=False,
+                ).returncode
+            if rc != 0 or not out.exists():
+                say(f"  {side}: the run failed (exit {rc}); its log {log_path}:")
+                say(log_path.read_text(errors="replace")[-3000:])
+                return 1
+            if args.dsn and side == commit:
+                baseline.drop(args.dsn)
+            fig = json.loads(out.read_text(encoding="utf-8"))
+            got[side].append(fig)
+            say(
+                f"  round {r + 1}, {side:<9}: "
+                + "; ".join(
+                    f"{PATH_NAMES[k]} {v['total']:,.1f} µs (server {v['server']:,.1f}"
+                    f" + PG {fmt_us(v['pg'])}) at {v['rate']:,.0f} readings/s"
+                    for k, v in fig.items()
+                    if k in PATH_NAMES
+                )
+            )
+    banner("SUMMARY")
+    say(f"   MQTT CPU per stored reading, median of {args.rounds} round(s) (log: {work})")
+    say(f"   path                               {commit:>12} µs   this tree µs  of {commit}")
+    rows: list[tuple[str, str, str]] = []
+    for key in ("mqtt1", "mqtt3"):
+        base = [f[key]["total"] for f in got[commit] if key in f]
+        mine = [f[key]["total"] for f in got["this tree"] if key in f]
+        if not base or not mine:
+            say(f"   {PATH_NAMES[key]:<34} not measured on both sides")
+            continue
+        b, m = statistics.median(base), statistics.median(mine)
+        pairs = ", ".join(f"{x:,.1f}/{y:,.1f}" for x, y in zip(base, mine, strict=False))
+        say(f"   {PATH_NAMES[key]:<34} {b:>15,.1f}  {m:>13,.1f}  {m / b:>8.0%}   ({pairs})")
+        if key in TARGET_CPU:
+            limit = TARGET_CPU[key] * b
+            rows.append(
+                (
+                    f"{PATH_NAMES[key]} CPU <= {TARGET_CPU[key]:.0%} of {commit}",
+                    f"{m:,.1f} µs/reading (target <= {limit:,.1f})",
+                    verdict(m <= limit),
+                )
+            )
+    say()
+    say("TARGETS (from the issue; a MISS is reported, never fatal)")
+    for what, measured, v in rows:
+        say(f"  {what:<52} {measured:<40} {v}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--dsn", help="PostgreSQL DSN of a scratch database (default: embedded)")
@@ -1528,7 +1635,14 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure the HTTP phases on REV's server (a commit of this repository,"
         " e.g. dc0c4da, the code when issue 14 began), phase by phase before this tree's,"
         " on a database of its own in the same PostgreSQL; the CPU targets are then shares"
-        " of REV's figures from this run instead of the constants",
+        " of REV's figures from this run instead of the constants. With --only mqtt: the"
+        " MQTT phases of REV's code and of this tree, each a run of its own, alternating",
+    )
+    ap.add_argument(
+        "--figures",
+        type=Path,
+        metavar="PATH",
+        help="also write each path's CPU per reading to PATH as JSON",
     )
     ap.add_argument(
         "--rounds",
@@ -1536,11 +1650,18 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         metavar="N",
         help="run the HTTP phases N times over (with --baseline-rev: REV's and this tree's"
-        " alternating, phase by phase); each path's figure is then its median round",
+        " alternating, phase by phase; with --only mqtt --baseline-rev: N runs a side);"
+        " each path's figure is then its median round",
     )
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
+    if args.only == "mqtt" and args.baseline_rev:
+        if args.profile:
+            ap.error("--profile: profile each side's run on its own")
+        return mqtt_against(args)
+    if args.figures:
+        FIGURES_OUT.append(args.figures)
     plan = QUICK if args.quick else FULL
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
