@@ -97,6 +97,10 @@ def float8s(values: Sequence[float]) -> Float8Array:
     return Float8Array(_header(701, n) + body)
 
 
+def _us(d: timedelta) -> int:
+    return (d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds
+
+
 def timestamptzs(values: Sequence[datetime]) -> TimestamptzArray:
     """Aware datetimes (a naive one raises TypeError, as subtracting it would)."""
     known: dict[datetime, int] = {}
@@ -104,8 +108,7 @@ def timestamptzs(values: Sequence[datetime]) -> TimestamptzArray:
     for t in values:
         u = known.get(t)
         if u is None:
-            d = t - PG_EPOCH
-            u = known[t] = (d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds
+            u = known[t] = _us(t - PG_EPOCH)
         us.append(u)
     n = len(us)
     body = struct.pack(">" + "iq" * n, *chain.from_iterable(zip(repeat(8), us)))
@@ -115,12 +118,8 @@ def timestamptzs(values: Sequence[datetime]) -> TimestamptzArray:
 def opt_timestamptzs(values: Sequence[datetime | None]) -> TimestamptzArray:
     """`timestamptzs` where None is NULL (its length -1, no value)."""
     body = b"".join(_NULL if t is None else _INT8.pack(8, _us(t - PG_EPOCH)) for t in values)
-    flags = 1 if any(t is None for t in values) else 0  # "has nulls", as array_send sets it
+    flags = 1 if None in values else 0  # "has nulls", as array_send sets it
     return TimestamptzArray(_header(1184, len(values), flags) + body)
-
-
-def _us(d: timedelta) -> int:
-    return (d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds
 
 
 def int8s(values: Sequence[int | None]) -> Int8Array:
@@ -132,7 +131,8 @@ def int8s(values: Sequence[int | None]) -> Int8Array:
 
 def texts(values: Sequence[str]) -> TextArray:
     """As UTF-8, which PostgreSQL takes as the connection's client encoding (UTF8 unless
-    a server sets another; the one caller sends token key ids, ASCII by tokens.parse).
+    a server sets another; the callers send token key ids and the rule engine's status
+    words, ASCII).
     A NUL, which text cannot hold, is refused by PostgreSQL as in any text parameter."""
     parts = [v.encode() for v in values]
     body = b"".join(_LEN.pack(len(b)) + b for b in parts)
@@ -144,7 +144,7 @@ def jsonbs(values: Sequence[bytes | None]) -> JsonbArray:
     the format version, 1, then the text); None is NULL. PostgreSQL parses and checks
     each text as it does a jsonb parameter."""
     body = b"".join(_NULL if v is None else _LEN.pack(len(v) + 1) + b"\x01" + v for v in values)
-    flags = 1 if any(v is None for v in values) else 0
+    flags = 1 if None in values else 0
     return JsonbArray(_header(3802, len(values), flags) + body)
 
 
