@@ -792,14 +792,20 @@ async def test_checkpoints_one_per_ten_minutes_kept_25_hours_and_a_rewind_keeps_
                 pass
 
         async def stored() -> tuple[list[Any], Any]:
-            cps, last = await (
+            cps, last, first_at, last_at = await (
                 await conn.execute(
-                    "SELECT checkpoints, last_ts FROM alarm_state WHERE channel_num = %s", (num,)
+                    "SELECT checkpoints, last_ts, cp_first, cp_last FROM alarm_state"
+                    " WHERE channel_num = %s",
+                    (num,),
                 )
             ).fetchone()
             for at, rules, _events in cps:  # each holds the rules' state at its time
                 assert rules[rid]["last_ts"] == at
-            return [datetime.fromisoformat(c[0]) for c in cps], last
+            times = [datetime.fromisoformat(c[0]) for c in cps]
+            # the first and last times kept beside the array (migration 0029), which the
+            # passes read instead of the array: always its ends, whatever the save did
+            assert (first_at, last_at) == ((times[0], times[-1]) if times else (None, None))
+            return times, last
 
         m = timedelta(minutes=1)
         await put([t0 + 5 * m])

@@ -120,8 +120,11 @@ def test_reads(pg_server: str) -> None:
     assert rows["before"][3] == rows["after"][3] and int(rows["after"][3]) >= 14
 
 
-def test_evaluator(pg_server: str) -> None:
-    out = run_bench("evaluator", "--dsn", pg_server)
+@pytest.mark.parametrize("aged", [False, True], ids=["fresh", "aged"])
+def test_evaluator(pg_server: str, aged: bool) -> None:
+    out = run_bench("evaluator", "--dsn", pg_server, *(["--aged"] if aged else []))
+    if aged:  # every state of both sides holds a day of checkpoints before the rounds
+        figure(out, r"^aged: 64 states, 150\.\.150 checkpoints each")
     rows = {
         side: figure(out, rf"^{side} +{NUM} +{NUM} +{NUM} +{NUM} ") for side in ("baseline", "now")
     }

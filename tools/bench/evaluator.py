@@ -26,6 +26,7 @@ states and events (rule ids aside): the same decisions.
     tools/bench/evaluator                 # 256 channels x 32 readings x 12 rounds (~1 min)
     tools/bench/evaluator --readings 1    # the trickle shape: one new reading a channel a pass
     tools/bench/evaluator --quick         # 32 channels, 4 rounds (a smoke run)
+    tools/bench/evaluator --aged          # states a day old: 150 checkpoints a channel
     tools/bench/evaluator --rev HEAD~3 --dsn postgresql://postgres@127.0.0.1:5432/test
 """
 
@@ -99,6 +100,49 @@ def setup(dsn: str, per_side: int) -> dict[str, list[int]]:
             )
             out[side] = [int(got[i]) for i in ids]
     return out
+
+
+# A day's checkpoints (one per 10 minutes over the 25 hours kept) before each state's
+# newest judged reading, each with the channel's rule states of then, as a server's
+# states hold after a day (alarms/evaluator.py CHECKPOINT_EVERY, CHECKPOINT_KEEP); the
+# bench's own run is minutes long and its states hold a few. cp_first and cp_last
+# follow when the schema has them (migration 0029).
+_ISO = """to_char(t AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"+00:00"')"""
+AGE_SQL = f"""
+UPDATE alarm_state s SET checkpoints = (
+  SELECT jsonb_agg(jsonb_build_array({_ISO},
+    (SELECT coalesce(jsonb_object_agg(k, v || jsonb_build_object('last_ts', {_ISO})), '{{}}')
+     FROM jsonb_each(s.rules) AS e(k, v)), '{{}}'::jsonb) ORDER BY t)
+  FROM generate_series(s.last_ts - interval '1500 minutes', s.last_ts - interval '10 minutes',
+                       interval '10 minutes') AS t)
+WHERE s.channel_num = ANY(%s) AND s.last_ts IS NOT NULL
+"""
+AGE_TIMES_SQL = """
+UPDATE alarm_state SET cp_first = (checkpoints -> 0 ->> 0)::timestamptz,
+  cp_last = (checkpoints -> -1 ->> 0)::timestamptz
+WHERE channel_num = ANY(%s)
+"""
+
+
+async def age(conn: Any, nums: list[int]) -> None:
+    await conn.execute(AGE_SQL, (nums,))
+    cur = await conn.execute(
+        "SELECT 1 FROM information_schema.columns"
+        " WHERE table_name = 'alarm_state' AND column_name = 'cp_first'"
+    )
+    if await cur.fetchone():
+        await conn.execute(AGE_TIMES_SQL, (nums,))
+    cur = await conn.execute(
+        "SELECT count(*), min(jsonb_array_length(checkpoints)),"
+        " max(jsonb_array_length(checkpoints)), avg(pg_column_size(checkpoints))"
+        " FROM alarm_state WHERE channel_num = ANY(%s)",
+        (nums,),
+    )
+    n, lo, hi, size = await cur.fetchone()
+    say(
+        f"aged: {n} states, {lo}..{hi} checkpoints each"
+        f" ({float(size or 0) / 1024:.1f} kB stored, compressed)"
+    )
 
 
 def value(i: int, k: int) -> float:
@@ -260,6 +304,8 @@ async def run(frame: runner.Frame, args: argparse.Namespace) -> None:
             )
             async with await pg.connect(dsn) as conn:
                 for k in range(-1, rounds):  # round -1: a warm-up, not counted
+                    if k == 0 and args.aged:
+                        await age(conn, nums["baseline"] + nums["now"])
                     order = ["baseline", "now"] if k % 2 else ["now", "baseline"]
                     for name in order:
                         s = sides[name]
@@ -296,7 +342,9 @@ async def run(frame: runner.Frame, args: argparse.Namespace) -> None:
         say()
         say(
             f"evaluation passes: {n} channels a side x {m} new readings a round x {rounds}"
-            f" rounds, {args.limit} channels a pass; baseline = server/opensense at {args.rev};"
+            f" rounds, {args.limit} channels a pass"
+            + (", states a day old (150 checkpoints a channel)" if args.aged else "")
+            + f"; baseline = server/opensense at {args.rev};"
             f" load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
         )
         say(
@@ -348,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--readings", type=int, default=32, help="new readings a channel a round")
     ap.add_argument("--rounds", type=int, help="measured rounds (default 12, --quick 4)")
     ap.add_argument("--limit", type=int, default=128, help="channels a pass (the server's 128)")
+    ap.add_argument(
+        "--aged",
+        action="store_true",
+        help="states a day old before the measured rounds: 150 checkpoints a channel",
+    )
     ap.add_argument("--rev", default=DEFAULT_REV, help="git revision of the baseline code")
     ap.add_argument(
         "--profile", help="cProfile the passes of the 'now' side into this file (pstats)"

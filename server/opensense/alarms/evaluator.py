@@ -117,8 +117,8 @@ def _cursor(conn: AsyncConnection[Any], row_factory: AsyncRowFactory[Any] | None
 
 class StateRow(NamedTuple):
     """A channel's `alarm_state` row as the evaluator reads it. Its checkpoints (up to
-    150 of them after a day: the bulk of the row) are read only as a summary — how
-    many, the last one's time, the earliest time — which is all a pass needs unless it
+    150 of them after a day: the bulk of the row) are not read: the times of the first
+    and last one, kept beside them (migration 0029), are all a pass needs unless it
     rewinds; a rewind reads them whole (`_full_checkpoints`). A named tuple, made
     straight from the row's values (`_state_row`): a frozen dataclass through
     `class_row` cost ~6 µs a channel, a tenth of the evaluator's Python at a fleet's
@@ -127,7 +127,7 @@ class StateRow(NamedTuple):
     channel_num: int
     rules: dict[str, Any]  # rule id -> RuleState JSON
     events: dict[str, Any]  # rule id -> open event id
-    n_checkpoints: int  # [[iso time, rules, events], ...] stored, oldest first
+    # of the checkpoints ([[iso time, rules, events], ...] stored, oldest first):
     last_checkpoint: datetime | None  # the time of the last one
     # the time of the first one: the oldest, as every checkpoint is added at least
     # CHECKPOINT_EVERY after the one before it (or to none), and dropping keeps the order
@@ -143,11 +143,10 @@ def _state_row(_cur: Any) -> Any:
     return StateRow._make
 
 
+# (cp_last and cp_first, not the array's own ends: each of `checkpoints -> -1`,
+# `checkpoints -> 0` decompressed the whole array, ~30 kB after a day: migration 0029)
 STATE_SQL = (
-    "SELECT channel_num, rules, events, jsonb_array_length(checkpoints) AS n_checkpoints,"
-    " (checkpoints -> -1 ->> 0)::timestamptz AS last_checkpoint,"
-    " (checkpoints -> 0 ->> 0)::timestamptz AS first_checkpoint, last_ts, meta_rev"
-    " FROM alarm_state"
+    "SELECT channel_num, rules, events, cp_last, cp_first, last_ts, meta_rev FROM alarm_state"
 )
 
 
@@ -729,20 +728,34 @@ class Save:
 # One statement for every channel of a pass (rows locked by the pass already). The
 # arrays go in binary (%b): a text array would escape every quote of every state's
 # JSON (psycopg does it by regular expression: a third of a pass's CPU before).
+# The checkpoints' new array (`cps`: all of them, the stored ones and those added, or
+# those less those dropped) is made once a row in the subquery (OFFSET 0 keeps
+# PostgreSQL from folding it into the three columns that use it, which made it
+# three times), and cp_first and cp_last (migration 0029) are its ends. Most saves
+# keep the stored array as it is: it is neither read nor written then.
 SAVE_SQL = """
 UPDATE alarm_state s SET rules = x.rules, events = x.events,
-  checkpoints = CASE x.cp_mode WHEN 'set' THEN x.checkpoints
-    WHEN 'append' THEN s.checkpoints || x.checkpoints
-    WHEN 'merge' THEN (SELECT coalesce(jsonb_agg(e.c ORDER BY e.i), '[]'::jsonb)
-      FROM jsonb_array_elements(s.checkpoints || x.checkpoints) WITH ORDINALITY AS e(c, i)
-      WHERE x.cutoff IS NULL OR (e.c ->> 0)::timestamptz >= x.cutoff)
-    ELSE s.checkpoints END,
+  checkpoints = CASE x.cp_mode WHEN 'keep' THEN s.checkpoints ELSE x.cps END,
+  cp_first = CASE x.cp_mode WHEN 'keep' THEN s.cp_first ELSE (x.cps -> 0 ->> 0)::timestamptz END,
+  cp_last = CASE x.cp_mode WHEN 'keep' THEN s.cp_last ELSE (x.cps -> -1 ->> 0)::timestamptz END,
   last_ts = greatest(s.last_ts, x.last_ts), due_at = x.due_at, status = x.status,
   updated_at = %(now)s
-FROM unnest(%(nums)b::int4[], %(rules)b::jsonb[], %(events)b::jsonb[], %(cp_mode)b::text[],
-    %(checkpoints)b::jsonb[], %(cutoff)b::timestamptz[], %(last_ts)b::timestamptz[],
-    %(due_at)b::timestamptz[], %(status)b::text[])
-  AS x(num, rules, events, cp_mode, checkpoints, cutoff, last_ts, due_at, status)
+FROM (
+  SELECT u.*, CASE u.cp_mode WHEN 'set' THEN u.checkpoints
+      WHEN 'append' THEN (SELECT a.checkpoints FROM alarm_state a WHERE a.channel_num = u.num)
+        || u.checkpoints
+      WHEN 'merge' THEN (SELECT coalesce(jsonb_agg(e.c ORDER BY e.i), '[]'::jsonb)
+        FROM alarm_state a,
+          jsonb_array_elements(a.checkpoints || u.checkpoints) WITH ORDINALITY AS e(c, i)
+        WHERE a.channel_num = u.num
+          AND (u.cutoff IS NULL OR (e.c ->> 0)::timestamptz >= u.cutoff))
+    END AS cps
+  FROM unnest(%(nums)b::int4[], %(rules)b::jsonb[], %(events)b::jsonb[], %(cp_mode)b::text[],
+      %(checkpoints)b::jsonb[], %(cutoff)b::timestamptz[], %(last_ts)b::timestamptz[],
+      %(due_at)b::timestamptz[], %(status)b::text[])
+    AS u(num, rules, events, cp_mode, checkpoints, cutoff, last_ts, due_at, status)
+  OFFSET 0
+) AS x
 WHERE s.channel_num = x.num
 """
 
