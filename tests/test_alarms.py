@@ -794,8 +794,9 @@ async def test_checkpoints_one_per_ten_minutes_kept_25_hours_and_a_rewind_keeps_
         async def stored() -> tuple[list[Any], Any]:
             cps, last, first_at, last_at = await (
                 await conn.execute(
-                    "SELECT checkpoints, last_ts, cp_first, cp_last FROM alarm_state"
-                    " WHERE channel_num = %s",
+                    "SELECT coalesce((SELECT jsonb_agg(c.cp ORDER BY c.id) FROM alarm_checkpoints c"
+                    "  WHERE c.channel_num = s.channel_num), '[]'), last_ts, cp_first, cp_last"
+                    " FROM alarm_state s WHERE channel_num = %s",
                     (num,),
                 )
             ).fetchone()

@@ -124,7 +124,9 @@ def test_reads(pg_server: str) -> None:
 def test_evaluator(pg_server: str, aged: bool) -> None:
     out = run_bench("evaluator", "--dsn", pg_server, *(["--aged"] if aged else []))
     if aged:  # every state of both sides holds a day of checkpoints before the rounds
-        figure(out, r"^aged: 64 states, 150\.\.150 checkpoints each")
+        # the baseline's (at its --rev: in the state rows' arrays) and this tree's (rows)
+        figure(out, r"^aged: 32 states, 150\.\.150 checkpoints each \(\d")
+        figure(out, r"^aged: 32 states, 150\.\.150 checkpoints each \(in rows of their own\)")
     rows = {
         side: figure(out, rf"^{side} +{NUM} +{NUM} +{NUM} +{NUM} ") for side in ("baseline", "now")
     }
@@ -153,6 +155,8 @@ def test_alarms(pg_server: str) -> None:
                 rf" \+ PostgreSQL (n/a|{NUM} µs) CPU per channel",
             )[:2]
             assert float(client) >= 0
+    # the aged channels hold the template's day of checkpoints (rows of their own)
+    assert 140 <= float(figure(out, rf"\(25 h state: {NUM} checkpoints")[0]) <= 151
 
 
 def test_gateway(scratch_dsn: str) -> None:

@@ -290,8 +290,10 @@ async def test_saved_state_reads_back_as_written_in_every_checkpoint_mode(
         async with await psycopg.AsyncConnection.connect(dsn) as c:
             row = await (
                 await c.execute(
-                    "SELECT rules::text, events::text, checkpoints::text, last_ts, due_at, status"
-                    " FROM alarm_state WHERE channel_num = %s",
+                    "SELECT rules::text, events::text, coalesce((SELECT jsonb_agg(c.cp ORDER BY"
+                    " c.id) FROM alarm_checkpoints c WHERE c.channel_num = s.channel_num),"
+                    " '[]')::text, last_ts, due_at, status FROM alarm_state s"
+                    " WHERE channel_num = %s",
                     (num,),
                 )
             ).fetchone()

@@ -198,18 +198,26 @@ async def pass_cost(dsn: str, fresh: list[int], aged: list[int], rounds: int) ->
         assert rid is not None
         await conn.execute(
             "UPDATE alarm_state s SET rules = replace(t.rules::text, %(rid)s, r.id)::jsonb,"
-            " events = t.events, checkpoints = replace(t.checkpoints::text, %(rid)s, r.id)::jsonb,"
-            " last_ts = t.last_ts, due_at = t.due_at, status = t.status"
+            " events = t.events, last_ts = t.last_ts, due_at = t.due_at, status = t.status,"
+            " cp_first = t.cp_first, cp_last = t.cp_last"
             " FROM alarm_state t, rules r WHERE t.channel_num = %(tmpl)s"
             " AND r.channel_id = s.channel_id AND s.channel_num = ANY(%(nums)s)"
             " AND s.channel_num <> %(tmpl)s",
             {"rid": rid[0], "tmpl": tmpl, "nums": aged},
         )
+        await conn.execute(  # its checkpoints, in rows of their own (migration 0030)
+            "INSERT INTO alarm_checkpoints (channel_num, at, cp)"
+            " SELECT s.channel_num, c.at, replace(c.cp::text, %(rid)s, r.id)::jsonb"
+            " FROM alarm_checkpoints c, alarm_state s JOIN rules r ON r.channel_id = s.channel_id"
+            " WHERE c.channel_num = %(tmpl)s AND s.channel_num = ANY(%(nums)s)"
+            " AND s.channel_num <> %(tmpl)s ORDER BY s.channel_num, c.id",
+            {"rid": rid[0], "tmpl": tmpl, "nums": aged},
+        )
         size = await (
             await conn.execute(
-                "SELECT avg(jsonb_array_length(checkpoints)), avg(pg_column_size(checkpoints))"
-                " FROM alarm_state WHERE channel_num = ANY(%s)",
-                (aged,),
+                "SELECT count(*)::float8 / %(n)s, sum(pg_column_size(cp))::float8 / %(n)s"
+                " FROM alarm_checkpoints WHERE channel_num = ANY(%(nums)s)",
+                {"n": len(aged), "nums": aged},
             )
         ).fetchone()
         assert size is not None

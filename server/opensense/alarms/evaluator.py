@@ -157,13 +157,19 @@ async def _states(conn: AsyncConnection[Any], sql: str, args: Any) -> dict[int, 
 
 
 async def _full_checkpoints(conn: AsyncConnection[Any], nums: list[int]) -> dict[int, list[Any]]:
-    """The checkpoints of channels that rewind (rows locked by the caller)."""
+    """The checkpoints of channels that rewind (their alarm_state rows locked by the
+    caller), each [iso time, rules, events], oldest first (migration 0030)."""
     if not nums:
         return {}
     cur = await _cursor(conn).execute(
-        "SELECT channel_num, checkpoints FROM alarm_state WHERE channel_num = ANY(%s)", (nums,)
+        "SELECT channel_num, cp FROM alarm_checkpoints WHERE channel_num = ANY(%s)"
+        " ORDER BY channel_num, id",
+        (nums,),
     )
-    return {int(n): list(c) for n, c in await cur.fetchall()}
+    out: dict[int, list[Any]] = {n: [] for n in nums}
+    for n, cp in await cur.fetchall():
+        out[int(n)].append(cp)
+    return out
 
 
 @dataclass
@@ -728,41 +734,72 @@ class Save:
 # One statement for every channel of a pass (rows locked by the pass already). The
 # arrays go in binary (%b): a text array would escape every quote of every state's
 # JSON (psycopg does it by regular expression: a third of a pass's CPU before).
-# The checkpoints' new array (`cps`: all of them, the stored ones and those added, or
-# those less those dropped) is made once a row in the subquery (OFFSET 0 keeps
-# PostgreSQL from folding it into the three columns that use it, which made it
-# three times), and cp_first and cp_last (migration 0029) are its ends. Most saves
-# keep the stored array as it is: it is neither read nor written then.
+# cp_first and cp_last (migration 0029) are the times of the channel's first and
+# last checkpoint rows once `save` has written them: looked up only for the saves
+# that changed them (one in ten at most under a steady stream); kept otherwise.
 SAVE_SQL = """
 UPDATE alarm_state s SET rules = x.rules, events = x.events,
-  checkpoints = CASE x.cp_mode WHEN 'keep' THEN s.checkpoints ELSE x.cps END,
-  cp_first = CASE x.cp_mode WHEN 'keep' THEN s.cp_first ELSE (x.cps -> 0 ->> 0)::timestamptz END,
-  cp_last = CASE x.cp_mode WHEN 'keep' THEN s.cp_last ELSE (x.cps -> -1 ->> 0)::timestamptz END,
+  cp_first = CASE WHEN x.cp_mode = 'keep' THEN s.cp_first
+    ELSE (SELECT c.at FROM alarm_checkpoints c WHERE c.channel_num = x.num ORDER BY c.id LIMIT 1)
+    END,
+  cp_last = CASE WHEN x.cp_mode = 'keep' THEN s.cp_last
+    ELSE (SELECT c.at FROM alarm_checkpoints c WHERE c.channel_num = x.num
+          ORDER BY c.id DESC LIMIT 1)
+    END,
   last_ts = greatest(s.last_ts, x.last_ts), due_at = x.due_at, status = x.status,
   updated_at = %(now)s
-FROM (
-  SELECT u.*, CASE u.cp_mode WHEN 'set' THEN u.checkpoints
-      WHEN 'append' THEN (SELECT a.checkpoints FROM alarm_state a WHERE a.channel_num = u.num)
-        || u.checkpoints
-      WHEN 'merge' THEN (SELECT coalesce(jsonb_agg(e.c ORDER BY e.i), '[]'::jsonb)
-        FROM alarm_state a,
-          jsonb_array_elements(a.checkpoints || u.checkpoints) WITH ORDINALITY AS e(c, i)
-        WHERE a.channel_num = u.num
-          AND (u.cutoff IS NULL OR (e.c ->> 0)::timestamptz >= u.cutoff))
-    END AS cps
-  FROM unnest(%(nums)b::int4[], %(rules)b::jsonb[], %(events)b::jsonb[], %(cp_mode)b::text[],
-      %(checkpoints)b::jsonb[], %(cutoff)b::timestamptz[], %(last_ts)b::timestamptz[],
-      %(due_at)b::timestamptz[], %(status)b::text[])
-    AS u(num, rules, events, cp_mode, checkpoints, cutoff, last_ts, due_at, status)
-  OFFSET 0
-) AS x
+FROM unnest(%(nums)b::int4[], %(rules)b::jsonb[], %(events)b::jsonb[], %(cp_mode)b::text[],
+    %(last_ts)b::timestamptz[], %(due_at)b::timestamptz[], %(status)b::text[])
+  AS x(num, rules, events, cp_mode, last_ts, due_at, status)
 WHERE s.channel_num = x.num
+"""
+
+# The checkpoints a save drops (migration 0030): all of a channel's (`set`: NULL
+# cutoff) or those before its cutoff (`merge`); then those it adds, in order.
+CHECKPOINTS_DROP_SQL = """
+DELETE FROM alarm_checkpoints c
+USING unnest(%b::int4[], %b::timestamptz[]) AS x(num, cutoff)
+WHERE c.channel_num = x.num AND (x.cutoff IS NULL OR c.at < x.cutoff)
+"""
+CHECKPOINTS_ADD_SQL = """
+INSERT INTO alarm_checkpoints (channel_num, at, cp)
+SELECT num, at, cp FROM unnest(%b::int4[], %b::timestamptz[], %b::jsonb[])
+  WITH ORDINALITY AS x(num, at, cp, i)
+ORDER BY i
 """
 
 
 async def save(conn: AsyncConnection[Any], saves: list[Save], now: datetime) -> None:
     if not saves:
         return
+    # the checkpoints first: SAVE_SQL reads the times of the rows they leave
+    drop = [x for x in saves if x.cp_mode in ("set", "merge")]
+    if drop:
+        await conn.execute(
+            CHECKPOINTS_DROP_SQL,
+            (
+                arrays.int4s([x.num for x in drop]),
+                arrays.opt_timestamptzs([x.cutoff if x.cp_mode == "merge" else None for x in drop]),
+            ),
+        )
+    added: list[tuple[int, datetime, Any]] = []
+    for x in saves:
+        if x.cp_mode == "keep" or x.checkpoints is None:
+            continue
+        for cp in x.checkpoints.obj:
+            at = datetime.fromisoformat(cp[0])
+            # merge: those added before the cutoff go too, as stored ones do
+            if x.cp_mode != "merge" or x.cutoff is None or at >= x.cutoff:
+                added.append((x.num, at, cp))
+    if added:
+        await conn.execute(
+            CHECKPOINTS_ADD_SQL,
+            (
+                arrays.int4s([n for n, _, _ in added]),
+                arrays.timestamptzs([t for _, t, _ in added]),
+                arrays.jsonbs([_json_encode(cp) for _, _, cp in added]),
+            ),
+        )
     # the arrays packed here (db/arrays.py): psycopg dumps a binary array element by
     # element from a Python loop (packed, a pass judging one reading a channel costs
     # x0.88 of the server's CPU: tools/bench/evaluator --readings 1)
@@ -774,8 +811,6 @@ async def save(conn: AsyncConnection[Any], saves: list[Save], now: datetime) -> 
             "rules": arrays.jsonbs([_json_text(x.rules) for x in saves]),
             "events": arrays.jsonbs([_json_text(x.events) for x in saves]),
             "cp_mode": arrays.texts([x.cp_mode for x in saves]),
-            "checkpoints": arrays.jsonbs([_json_text(x.checkpoints) for x in saves]),
-            "cutoff": arrays.opt_timestamptzs([x.cutoff for x in saves]),
             "last_ts": arrays.opt_timestamptzs([x.last_ts for x in saves]),
             "due_at": arrays.opt_timestamptzs([x.due_at for x in saves]),
             "status": arrays.texts([x.status for x in saves]),
