@@ -8,7 +8,9 @@ tools/bench/evaluator) decides exactly as before:
 - the cache of a channel's built rules: a rule that is logged about is built and
   logged on every pass, as before; an edited rule is another entry; it is bounded;
 - the state saved through binary arrays reads back as written, quotes, backslashes
-  and all, in every checkpoint mode.
+  and all, in every checkpoint mode;
+- an upgrade moves each channel's checkpoint array into rows of their own (migrations
+  0029, 0030) in order, leaves the array, and a rewind then starts from them.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
+from opensense import db
 from opensense.alarms import engine, evaluator, tasks
 from opensense.alarms.engine import Rule, RuleState, Transition, Window
 from opensense.api.jsonutil import rfc3339
@@ -35,6 +38,7 @@ from opensense.api.keys import POOL
 from opensense.settings import Config
 
 from .fixtures.clock import FakeClock
+from .fixtures.database import TEST_ROLES, owner_of
 from .fixtures.server import World, test_config
 
 T0 = datetime(2026, 3, 28, 20, 0, tzinfo=UTC)  # DST in Europe starts the next night
@@ -314,6 +318,96 @@ async def test_saved_state_reads_back_as_written_in_every_checkpoint_mode(
         other = evaluator.Save(nums[1], Jsonb({}), Jsonb({}), "keep", None, None, None, None, "ok")
         await evaluator.save(conn, [one("keep", None, None, "ok"), other], now)
         assert await saved() == (rules, events, [cp2, cp2], t2, None, "ok")
+
+
+@pytest.mark.db
+async def test_an_upgrade_copies_each_channels_checkpoint_array_into_rows_in_order(
+    client: Any, world: World, clock: FakeClock, dsn: str
+) -> None:
+    """Migrations 0029 and 0030 on a database whose states hold their checkpoints in
+    the array (as every release before them wrote): each checkpoint becomes a row,
+    the same JSON in the same order, cp_first and cp_last are the array's ends, the
+    arrays stay as they were (the previous release still reads them), and a rewind
+    after the upgrade starts from a copied checkpoint."""
+    num, other = [await _channel(client, world, clock, dsn, d) for d in ("fridge01", "fridge02")]
+    t = clock() - timedelta(hours=2)
+    owner = owner_of(dsn)  # (the DDL below is the owner role's, as migrations are)
+    async with await psycopg.AsyncConnection.connect(owner, autocommit=True) as conn:
+        rid = (
+            await (
+                await conn.execute(
+                    "SELECT r.id FROM rules r JOIN channels c ON c.id = r.channel_id"
+                    " WHERE c.num = %s",
+                    (num,),
+                )
+            ).fetchone()
+        )[0]
+        # a state in grace since t (a reading of 9 °C), checkpoints every 10 minutes
+        grace = {rid: {"status": "grace", "since": t.isoformat(), "value": 9.0, "hist": []}}
+        cps = [
+            [(t + timedelta(minutes=10 * i)).isoformat(),
+             {rid: {**grace[rid], "last_ts": (t + timedelta(minutes=10 * i)).isoformat()}},
+             {"note": 'quote " backslash \\ Kühl ❄'}]
+            for i in range(3)
+        ]  # fmt: skip
+        # the schema as before 0029, the arrays as the releases before it wrote them
+        await conn.execute("DROP TABLE alarm_checkpoints")
+        await conn.execute("ALTER TABLE alarm_state DROP COLUMN cp_first, DROP COLUMN cp_last")
+        await conn.execute("DELETE FROM schema_migrations WHERE version IN (29, 30)")
+        await conn.execute(
+            "UPDATE alarm_state SET checkpoints = %s, rules = %s, last_ts = %s"
+            " WHERE channel_num = %s",
+            (Jsonb(cps), Jsonb(cps[-1][1]), t + timedelta(minutes=25), num),
+        )
+        array_before = await (
+            await conn.execute("SELECT checkpoints FROM alarm_state WHERE channel_num = %s", (num,))
+        ).fetchone()
+        await asyncio.to_thread(db.migrate, owner, None, TEST_ROLES.app)
+        rows = await (
+            await conn.execute(
+                "SELECT channel_num, at, cp FROM alarm_checkpoints ORDER BY channel_num, id"
+            )
+        ).fetchall()
+        assert rows == [(num, datetime.fromisoformat(c[0]), c) for c in cps]
+        state = await (
+            await conn.execute(
+                "SELECT checkpoints, cp_first, cp_last FROM alarm_state WHERE channel_num = %s",
+                (num,),
+            )
+        ).fetchone()
+        assert state == (
+            array_before[0],
+            datetime.fromisoformat(cps[0][0]),
+            datetime.fromisoformat(cps[-1][0]),
+        )
+        assert await (
+            await conn.execute(
+                "SELECT checkpoints, cp_first, cp_last FROM alarm_state WHERE channel_num = %s",
+                (other,),
+            )
+        ).fetchone() == ([], None, None)
+        # a late reading 1 minute after the second checkpoint, in range: the rewind
+        # starts from that copied checkpoint (grace since t) and the reading ends it
+        late = t + timedelta(minutes=11)
+        await conn.execute(
+            "INSERT INTO measurements (channel_num, ts, value) VALUES (%s, %s, 3.0)", (num, late)
+        )
+        await conn.execute(
+            "INSERT INTO alarm_dirty (channel_num, since) VALUES (%s, %s)", (num, late)
+        )
+    st = await evaluator.evaluate_dirty(client.app[POOL], clock())
+    assert st.rewinds == 1 and st.channels == 1
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        rules, kept = await (
+            await conn.execute(
+                "SELECT s.rules, (SELECT jsonb_agg(c.cp ORDER BY c.id) FROM alarm_checkpoints c"
+                " WHERE c.channel_num = s.channel_num) FROM alarm_state s WHERE channel_num = %s",
+                (num,),
+            )
+        ).fetchone()
+    # judged on from there: the in-range reading ended the grace the checkpoint held
+    assert rules[rid]["status"] == "ok" and rules[rid]["since"] is None
+    assert kept == cps[:2]  # those before the late reading
 
 
 # --- the pace of the background evaluator --------------------------------------------------
