@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import random
+import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -423,7 +424,7 @@ async def _dirty(dsn: str) -> set[int]:
 async def test_a_pass_judges_only_channels_marked_long_enough_ago(
     client: Any, world: World, clock: FakeClock, dsn: str
 ) -> None:
-    """`settled_s` (the background evaluator passes OPENSENSE_ALARM_GATHER_MS): a
+    """`settled_s` (the background evaluator passes tasks.COMMITS_GATHER_S): a
     channel marked dirty less than that ago stays dirty for a later pass; one marked
     earlier is judged. Without it (tests, tools) every dirty channel is judged."""
     old, new = [await _channel(client, world, clock, dsn, d) for d in ("fridge01", "fridge02")]
@@ -439,6 +440,74 @@ async def test_a_pass_judges_only_channels_marked_long_enough_ago(
     assert (await evaluator.evaluate_dirty(pool, clock(), settled_s=2.0)).channels == 0
     assert (await evaluator.evaluate_dirty(pool, clock())).channels == 1
     assert await _dirty(dsn) == set()
+
+
+@pytest.mark.db
+async def test_a_channel_judged_within_the_gather_time_waits_one_judged_before_does_not(
+    client: Any, world: World, clock: FakeClock, dsn: str
+) -> None:
+    """`recent` (the background evaluator's, OPENSENSE_ALARM_GATHER_MS): a channel
+    this process judged less than `gap_s` ago is left dirty until then, or until its
+    mark is that old; any other channel is judged at once (an alarm too: under the
+    old rule every mark waited the whole gather, then up to twice that). A steady
+    stream is so judged about once a gather time, as before."""
+    a, b = [await _channel(client, world, clock, dsn, d) for d in ("fridge01", "fridge02")]
+    t = [1000.0]
+    recent = evaluator.Recent(30.0, clock=lambda: t[0])
+    pool = client.app[POOL]
+
+    async def mark(*nums: int, ago_s: float = 0.0) -> None:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            for n in nums:
+                await conn.execute(
+                    "INSERT INTO alarm_dirty (channel_num, since, marked_at)"
+                    " VALUES (%s, %s, clock_timestamp() - make_interval(secs => %s))",
+                    (n, clock() - timedelta(minutes=5), ago_s),
+                )
+
+    recent.judged([a])  # as if a pass had just judged it
+    assert recent.next_due() == 30.0
+    await mark(a, b)
+    assert (await evaluator.evaluate_dirty(pool, clock(), recent=recent)).channels == 1
+    assert await _dirty(dsn) == {a}  # b at once, a left for later
+    assert sorted(recent.nums()) == sorted([a, b]) and recent.next_due() == 30.0
+    t[0] += 10
+    assert (await evaluator.evaluate_dirty(pool, clock(), recent=recent)).channels == 0
+    assert recent.next_due() == 20.0  # when the loop is to look again
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("UPDATE alarm_dirty SET marked_at = marked_at - interval '40 s'")
+    assert (await evaluator.evaluate_dirty(pool, clock(), recent=recent)).channels == 1
+    assert await _dirty(dsn) == set()  # a's mark is older than the gather time: judged
+    await mark(a, b)
+    assert (await evaluator.evaluate_dirty(pool, clock(), recent=recent)).channels == 0
+    t[0] += 30.5  # b judged 40.5 s ago, a 30.5 s ago: both may be judged again
+    assert recent.nums() == [] and recent.next_due() is None
+    assert (await evaluator.evaluate_dirty(pool, clock(), recent=recent)).channels == 2
+    assert await _dirty(dsn) == set()
+
+
+@pytest.mark.db
+async def test_a_run_that_asks_for_the_next_one_gets_it_without_a_wake_up(dsn: str) -> None:
+    """The evaluator's run returns when a channel it left for later may be judged
+    (`Recent.next_due`); the loop runs again then, not at its sweep (`every`, here
+    60 s) or a commit's NOTIFY."""
+    runs: list[float] = []
+
+    async def work(woken: bool) -> float | None:
+        runs.append(time.monotonic())
+        return 0.3 if len(runs) == 1 else None
+
+    loop = asyncio.create_task(tasks._listen_loop(dsn, "opensense_test_due", 60, work, 0.0))
+    try:
+        for _ in range(100):
+            if len(runs) >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert len(runs) == 2 and 0.25 <= runs[1] - runs[0] < 3
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
 
 
 @pytest.mark.db

@@ -541,14 +541,15 @@ SETTINGS: tuple[Setting, ...] = (
         "OPENSENSE_ALARM_GATHER_MS",
         int,
         1000,
-        "After new readings wake the rule engine, it waits this long before its pass, and "
-        "judges only channels whose first unjudged reading was marked at least this long "
-        "ago: the commits of that moment are judged in one pass (a pass costs a fixed few "
-        "statements), and under a steady stream each channel is judged about once in this "
-        "time, over all it got meanwhile, not pass after pass over its last few readings "
-        "(1,000 against 200 ms: HTTP 32 a request 33.6-36.7 against 37.5-42.5 µs a reading, "
-        "docs/ingest-cost.md); an alarm, and the dashboard's live value, is that much later "
-        "at most. 0: a pass per wake-up.",
+        "A channel's new readings are judged about this long after its last judgement "
+        "by this process at the earliest (or this long after their first one's commit): "
+        "under a steady stream each channel is judged about once in this time, over all "
+        "it got meanwhile, not pass after pass over its last few readings (a pass costs "
+        "a fixed amount a channel; 1,000 against 200 ms: HTTP 32 a request 33.6-36.7 "
+        "against 37.5-42.5 µs a reading, docs/ingest-cost.md). A channel not judged in "
+        "this time (a node's reading a minute) is judged at the first run after its "
+        "commit, 0.2 s at most after the wake-up: its alarm too. 0: every channel at "
+        "once.",
         minimum=0,
     ),
     Setting(

@@ -33,7 +33,7 @@ import json
 import logging
 import operator
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -351,6 +351,62 @@ class Stats:
     calm: int = 0  # channels whose readings moved no rule, passed at once (engine.calm_run)
 
 
+class Recent:
+    """The channels this process judged in the last `gap_s` seconds, by when
+    (monotonic). `evaluate_dirty` leaves such a channel's new mark for later, until
+    `gap_s` after its judgement or after the mark, whichever is first: a channel under
+    a steady stream is judged about once in `gap_s`, over all it got meanwhile (a pass
+    costs a fixed amount a channel: docs/ingest-cost.md), while one that gets a
+    reading now and then is judged as soon as its commit's wake-up comes. Per process:
+    another process's evaluator does not see it (it may judge the channel sooner,
+    which is correct, only less gathered). Bounded by the channels judged in `gap_s`."""
+
+    def __init__(self, gap_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.gap_s = gap_s
+        self._clock = clock
+        self._at: dict[int, float] = {}
+
+    def judged(self, nums: Sequence[int]) -> None:
+        t = self._clock()
+        self._prune(t)
+        for n in nums:
+            self._at.pop(n, None)  # (re-inserted: the dict stays in judgement order)
+            self._at[n] = t
+
+    def nums(self) -> list[int]:
+        self._prune(self._clock())
+        return list(self._at)
+
+    def next_due(self) -> float | None:
+        """Seconds until the earliest of them may be judged again (None: none held)."""
+        self._prune(self._clock())
+        if not self._at:
+            return None
+        first = next(iter(self._at.values()))
+        return max(0.0, first + self.gap_s - self._clock())
+
+    def _prune(self, t: float) -> None:
+        at = self._at
+        while at:
+            n, when = next(iter(at.items()))
+            if t - when < self.gap_s:
+                break
+            del at[n]
+
+
+# The claim: the oldest marks first, settled for `settled` s, and not of a channel
+# judged in the last `gap` s (`recent`) unless marked that long ago. NOT IN over a
+# subquery: PostgreSQL hashes it once a statement (every dirty row is checked).
+CLAIM_SQL = """
+DELETE FROM alarm_dirty WHERE channel_num IN (SELECT channel_num FROM alarm_dirty
+  WHERE marked_at <= clock_timestamp() - make_interval(secs => %(settled)s)
+    AND (marked_at <= clock_timestamp() - make_interval(secs => %(gap)s)
+         OR channel_num NOT IN (SELECT unnest(%(recent)b::int4[])))
+  ORDER BY marked_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+RETURNING channel_num, since, marked_at
+"""
+
+
 # A channel the pass could not finish is marked again with the time it was first
 # marked, so it keeps its place (oldest first) and is settled at once: the loop goes
 # on with it, rather than waiting a gather for a mark of its own (`settled_s`).
@@ -372,11 +428,15 @@ async def evaluate_dirty(
     budget_s: float = PASS_BUDGET_S,
     settled_s: float = 0.0,
     metas: MetaCache | None = None,
+    recent: Recent | None = None,
 ) -> Stats:
     """One pass over (up to `limit`) channels with new readings, oldest wake-up first,
-    whose first unjudged reading was marked at least `settled_s` ago (the background
-    evaluator passes OPENSENSE_ALARM_GATHER_MS: under a steady stream a channel is
-    judged about once in that time, over what came meanwhile, not once a pass).
+    whose first unjudged reading was marked at least `settled_s` ago, and — with
+    `recent` (the background evaluator's) — that this process did not judge in the
+    last `recent.gap_s` (OPENSENSE_ALARM_GATHER_MS), unless their mark is that old:
+    under a steady stream a channel is judged about once in that time, over what came
+    meanwhile, not once a pass; a channel with a reading now and then is judged at
+    once (its alarm too).
     A fixed number of statements whatever the batch size: claim; create and lock the
     states, and the rules (one round trip); readings; (the checkpoints of channels
     that rewind); mark again; save — each one statement for all the pass's channels;
@@ -389,11 +449,13 @@ async def evaluate_dirty(
     deadline = time.monotonic() + budget_s
     async with pool.connection() as conn, conn.transaction():
         cur = await conn.execute(
-            "DELETE FROM alarm_dirty WHERE channel_num IN (SELECT channel_num FROM alarm_dirty"
-            " WHERE marked_at <= clock_timestamp() - make_interval(secs => %s)"
-            " ORDER BY marked_at LIMIT %s FOR UPDATE SKIP LOCKED)"
-            " RETURNING channel_num, since, marked_at",
-            (settled_s, limit),
+            CLAIM_SQL,
+            {
+                "settled": settled_s,
+                "gap": recent.gap_s if recent is not None else 0.0,
+                "recent": arrays.int4s(recent.nums() if recent is not None else []),
+                "limit": limit,
+            },
         )
         claimed = await cur.fetchall()
         dirty = {int(n): s for n, s, _ in claimed}
@@ -464,6 +526,9 @@ async def evaluate_dirty(
         await save(conn, saves, now)
         await write_audit(conn, pending)  # last: after every row lock of this pass
         st.channels = max(st.channels, 1)  # the claim made progress: look again
+    if recent is not None:  # committed: judged up to their last reading
+        again = {n for n, _ in remarks}
+        recent.judged([x.num for x in saves if x.num not in again])
     if st.deferred:
         log.warning(
             "rule evaluation: pass over its %.0f ms budget after %d readings;"

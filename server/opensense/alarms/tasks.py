@@ -27,6 +27,7 @@ from aiohttp import web
 
 from ..api.keys import ALARMS_HTTP as HTTP
 from ..api.keys import CONFIG, DSN, HEALTH, POOL
+from ..settings import Config
 from ..status import health
 from . import dispatch, evaluator
 
@@ -56,16 +57,18 @@ async def _listen_loop(
     dsn: str,
     channel: str,
     every: float,
-    work: Callable[[bool], Awaitable[None]],
+    work: Callable[[bool], Awaitable[float | None]],
     gather: float = 0.0,
 ) -> None:
-    """Run `work(woken)` after each NOTIFY on `channel`, and at least every `every` s.
-    A pump task keeps the connection's notifies() generator running all the time (a
-    notification arriving while no generator waits would be lost); the wake-up flag
-    is cleared before each run and its gather, so a commit during either causes
-    another run. Woken, it waits `gather` s first: the notifications of that moment
-    make one run (and the evaluator's run judges only channels marked at least
-    `gather` ago: a mark during the gather is judged by the next run)."""
+    """Run `work(woken)` after each NOTIFY on `channel`, and at least every `every` s,
+    or sooner when a run returns in how many seconds it wants the next (the
+    evaluator: when a channel it left for later may be judged). A pump task keeps the
+    connection's notifies() generator running all the time (a notification arriving
+    while no generator waits would be lost); the wake-up flag is cleared before each
+    run and its gather, so a commit during either causes another run. Woken, it waits
+    `gather` s first: the notifications of that moment make one run (and the
+    evaluator's run judges only channels marked at least `gather` ago: a mark during
+    the gather is judged by the next run)."""
     wake = asyncio.Event()
     while True:
         try:
@@ -78,15 +81,16 @@ async def _listen_loop(
 
                 pumper = asyncio.create_task(pump())
                 try:
-                    await work(True)  # whatever was missed while not listening
+                    want = await work(True)  # whatever was missed while not listening
                     while not pumper.done():
+                        wait = every if want is None else max(0.0, min(every, want))
                         with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(wake.wait(), every)
+                            await asyncio.wait_for(wake.wait(), wait)
                         woken = wake.is_set()
                         wake.clear()  # before the gather: a commit from now on brings a run
                         if woken and gather > 0:
                             await asyncio.sleep(gather)
-                        await work(woken)
+                        want = await work(woken)
                     pumper.result()  # raises what broke the connection
                 finally:
                     pumper.cancel()
@@ -99,27 +103,45 @@ async def _listen_loop(
             await asyncio.sleep(1)
 
 
+# After a wake-up the evaluator waits this long (at most the gather time) before its
+# run: the commits of that moment are judged in one pass. A channel not judged within
+# the gather time is judged then: an alarm opens this long after its reading's commit,
+# plus the pass (tools/bench/alarms: p99 < 1 s).
+COMMITS_GATHER_S = 0.2
+
+
+def commits_gather(cfg: Config) -> float:
+    return min(COMMITS_GATHER_S, cfg.alarm_gather_ms / 1000)
+
+
 async def evaluator_work(
     app: web.Application,
     woken: bool,
     state: dict[str, float],
     metas: evaluator.MetaCache | None = None,
-) -> None:
+    recent: evaluator.Recent | None = None,
+) -> float | None:
+    """One run; returns in how many seconds a channel left for later (judged by this
+    process less than the gather time ago, marked since) may be judged, if any."""
     pool, cfg = app[POOL], app[CONFIG]
+    want: float | None = None
     try:
         deferred = 0
         budget = cfg.alarm_pass_budget_ms / 1000
-        # a channel marked less than the gather time ago waits for a later wake-up (its
-        # mark's NOTIFY brings one): under a steady stream each channel is judged about
-        # once a gather time, so the passes do not run back to back, each judging a
-        # channel's last few readings (which cost as much as judging many)
-        settled = cfg.alarm_gather_ms / 1000
+        # a channel this process judged less than the gather time ago waits until then
+        # (or until its mark is that old): under a steady stream each channel is judged
+        # about once a gather time, so the passes do not run back to back, each judging
+        # a channel's last few readings (which cost as much as judging many); one with
+        # a reading now and then is judged at the first run after its commit
+        settled = commits_gather(cfg)
         while (
             st := await evaluator.evaluate_dirty(
-                pool, cfg.clock(), budget_s=budget, settled_s=settled, metas=metas
+                pool, cfg.clock(), budget_s=budget, settled_s=settled, metas=metas, recent=recent
             )
         ).channels:
             deferred += st.deferred
+        if recent is not None:
+            want = recent.next_due()
         note = f"{deferred} channel(s) carried over past the pass budget" if deferred else ""
         _beat(app, "rule_engine", None, note)
     except Exception as exc:
@@ -135,6 +157,7 @@ async def evaluator_work(
             _beat(app, "rule_engine_sweep", None)
         except Exception as exc:
             _beat(app, "rule_engine_sweep", exc)
+    return want
 
 
 async def sender_work(app: web.Application, woken: bool, state: dict[str, float]) -> None:
@@ -162,6 +185,7 @@ async def alarms_ctx(app: web.Application) -> AsyncIterator[None]:
     if cfg.alarms_enabled:
         ev_state: dict[str, float] = {}
         metas = evaluator.MetaCache()  # this app's database's channels
+        recent = evaluator.Recent(cfg.alarm_gather_ms / 1000)
         tx_state: dict[str, float] = {}
         tasks = [
             asyncio.create_task(
@@ -169,8 +193,8 @@ async def alarms_ctx(app: web.Application) -> AsyncIterator[None]:
                     app[DSN],
                     "opensense_alarm_dirty",
                     cfg.alarm_sweep_s,
-                    lambda w: evaluator_work(app, w, ev_state, metas),
-                    cfg.alarm_gather_ms / 1000,
+                    lambda w: evaluator_work(app, w, ev_state, metas, recent),
+                    commits_gather(cfg),
                 )
             ),
             asyncio.create_task(
