@@ -547,7 +547,7 @@ SETTINGS: tuple[Setting, ...] = (
         "it got meanwhile, not pass after pass over its last few readings (a pass costs "
         "a fixed amount a channel; docs/ingest-cost.md). A channel not judged in this "
         "time (a node's reading a minute) is judged at the first run after its commit, "
-        "0.2 s at most after the wake-up: its alarm too (tools/bench/alarms: p99 < 1 s). "
+        "0.5 s at most after the wake-up: its alarm too (tools/bench/alarms: p99 < 1 s). "
         "2,000 ms keeps the pace the former 1,000 ms wait gave a steady stream (a mark made "
         "during a wait waited for the next one too); it made every alarm 1-2 s late. 0: "
         "every channel at once.",
