@@ -66,9 +66,9 @@ async def _listen_loop(
     connection's notifies() generator running all the time (a notification arriving
     while no generator waits would be lost); the wake-up flag is cleared before each
     run and its gather, so a commit during either causes another run. Woken, it waits
-    `gather` s first: the notifications of that moment make one run (and the
-    evaluator's run judges only channels marked at least `gather` ago: a mark during
-    the gather is judged by the next run)."""
+    `gather` s first: the notifications of that moment make one run (the evaluator's
+    run then judges every channel marked by then, but those it judged less than the
+    gather time ago: evaluator.Recent)."""
     wake = asyncio.Event()
     while True:
         try:
@@ -108,7 +108,7 @@ async def _listen_loop(
 # of that moment are judged in one pass. An alarm opens about this long after its
 # reading's commit, plus the pass (tools/bench/alarms, target p99 < 1 s). Measured
 # (docs/ingest-cost.md, stop 32): 0.2 s made the fleet's passes smaller, its line
-# 73,913 / 97,976 nodes against 102,439 / 141,228 with 0.5 s.
+# 73,913 / 97,976 nodes against 105,823 / 103,237 with 0.5 s.
 COMMITS_GATHER_S = 0.5
 
 
@@ -136,7 +136,8 @@ async def evaluator_work(
         # a channel's last few readings (which cost as much as judging many); one with
         # a reading now and then is judged at the first run after its commit
         # (every mark made by now: the loop's wait after its wake-up was the gather;
-        # asking for marks a gather old made one during the wait wait for the next run)
+        # with marks required a gather old, one made during the wait waited for the
+        # next run, and an alarm up to twice the gather)
         settled = 0.0
         while (
             st := await evaluator.evaluate_dirty(
