@@ -15,7 +15,7 @@ from psycopg_pool import AsyncConnectionPool, PoolClosed
 from opensense import ratelimit, tokens
 from opensense.api.jsonutil import rfc3339
 from opensense.api.keys import AUTHS
-from opensense.ingest.authbatch import AUTH_BATCH_SQL, AuthBatcher
+from opensense.ingest.authbatch import AUTH_BATCH_SQL, AuthBatcher, auth_pool
 
 from .fixtures.server import World, as_one_batch, rate_count
 
@@ -100,6 +100,32 @@ async def test_a_request_the_database_refuses_fails_alone(world: World, dsn, clo
     assert (first.rate_count, second.rate_count) == (1, 2)  # one by one, in order
     assert auths.statements == 2  # (the batch failed; then the two good ones alone)
     assert "set_config('synchronous_commit', 'off', true)" in AUTH_BATCH_SQL
+
+
+async def test_the_statement_is_never_planned_anew(world: World, dsn, clock):
+    """The statement runs on its prepared statement's generic plan from its first
+    prepared execution on: no custom plan is made (PostgreSQL makes five before it
+    weighs the generic one, and once autovacuum's ANALYZE had raised the generic plan's
+    estimate it planned every execution anew, for good: authbatch.auth_pool)."""
+    _, key_id, _ = tokens.parse_or_raise(world.devices["fridge01"], ("ds_live",))
+    window = ratelimit.window_start(clock.now, 60)
+    async with auth_pool(dsn, runners=1) as pool:
+        auths = AuthBatcher(pool, runners=1)
+        auths.start()
+        try:
+            for _ in range(12):  # psycopg prepares it at the sixth (prepare_threshold 5)
+                assert await auths.lookup(key_id, None, window) is not None
+        finally:
+            await auths.stop()
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+                " WHERE statement LIKE %s",
+                ("%INSERT INTO rate_counters%",),
+            )
+            plans = await cur.fetchall()
+    assert len(plans) == 1 and plans[0][0] >= 6, plans
+    assert plans[0][1] == 0, plans
 
 
 async def test_with_the_database_away_a_batch_fails_at_once(client, world: World, clock, dsn):

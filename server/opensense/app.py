@@ -46,7 +46,7 @@ from .api.keys import (
 from .api.middleware import error_middleware
 from .api.requestlog import RequestLog
 from .db import roles as db_roles
-from .ingest.authbatch import AuthBatcher
+from .ingest.authbatch import AuthBatcher, auth_pool
 from .ingest.pipeline import ChannelCache
 from .reports import verify_routes as report_verify
 from .settings import Config
@@ -116,7 +116,19 @@ request_log_ctx = runner_ctx(REQUEST_LOG, lambda app: RequestLog(app[POOL]))
 writer_ctx = runner_ctx(
     WRITER, lambda app: BatchWriter(app[POOL], linger_ms=app[CONFIG].write_linger_ms)
 )
-auth_ctx = runner_ctx(AUTHS, lambda app: AuthBatcher(app[POOL]))
+
+
+async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
+    """HTTP ingest's token statements, on connections of their own (ingest/authbatch.py
+    says why: its plan setting)."""
+    pool = auth_pool(app[DSN])
+    await pool.open(wait=True, timeout=30)
+    auths = AuthBatcher(pool)
+    auths.start()
+    app[AUTHS] = auths
+    yield
+    await auths.stop()
+    await pool.close()
 
 
 async def healthz(request: web.Request) -> web.Response:

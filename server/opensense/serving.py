@@ -27,10 +27,11 @@ APP_NAME = "opensense serve"
 # The connections a server process holds besides its pool, at most (the leader: the
 # others run fewer listeners): a LISTEN connection each for the rule engine's wake-up,
 # the notification outbox, token revocations, channel changes, the dashboard's live
-# updates, the gateways' pushes and the workers' MQTT relay, and one the partitions
-# job opens while it runs. tests/test_workers.py counts them on running workers, so
-# this stays true when a listener is added.
-EXTRA_CONNECTIONS = 8
+# updates, the gateways' pushes and the workers' MQTT relay, two for HTTP ingest's
+# token statements (ingest/authbatch.py `auth_pool`: a plan setting of their own), and
+# one the partitions job opens while it runs. tests/test_workers.py counts them on
+# running workers, so this stays true when a listener is added.
+EXTRA_CONNECTIONS = 10
 
 
 class ConnectionBudget(RuntimeError):

@@ -125,7 +125,7 @@ SETTINGS: tuple[Setting, ...] = (
         int,
         10,
         "Database pool: most connections (each worker has its own: `opensense serve` refuses "
-        "to start when OPENSENSE_WORKERS x (this + 8) exceeds PostgreSQL's max_connections; "
+        "to start when OPENSENSE_WORKERS x (this + 10) exceeds PostgreSQL's max_connections; "
         "docs/scaling.md).",
         minimum=1,
     ),

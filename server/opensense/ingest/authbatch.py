@@ -97,6 +97,33 @@ WHERE set_config('synchronous_commit', 'off', true) IS NOT NULL
 """
 
 
+# The statement runs on connections of its own (`auth_pool`), which take its prepared
+# statement's generic plan, always. Its plan cannot depend on the parameters (the arrays
+# are behind scalar subqueries, above), but PostgreSQL weighs the generic plan's cost
+# against the average of every custom plan it made since the statement was prepared:
+# once autovacuum's ANALYZE of tokens, devices, channels or rate_counters had raised
+# the estimates, the generic plan cost more than that average (of plans made against
+# the tables before) and every execution was planned anew, for good
+# (pg_stat_statements, embedded PostgreSQL 18, tools/bench/ingest: from the tables'
+# first autoanalyze on, ~100 % of calls planned, half of the statement's time). Set
+# for the connection rather than by SET LOCAL around each statement, which is three
+# statements more a batch: HTTP 1 a request, a few requests a batch, would pay them.
+POOL_OPTIONS = "-c timezone=UTC -c plan_cache_mode=force_generic_plan"
+RUNNERS = 2  # statements in flight at once: one gathers the next batch while one runs
+
+
+def auth_pool(dsn: str, runners: int = RUNNERS) -> AsyncConnectionPool:
+    """The statement's connections (one a runner, all kept open: serving.py counts
+    them; autocommit), not yet open."""
+    return AsyncConnectionPool(
+        dsn,
+        min_size=runners,
+        max_size=runners,
+        kwargs={"autocommit": True, "options": POOL_OPTIONS},
+        open=False,
+    )
+
+
 @dataclass
 class _Ask:
     key_id: str
@@ -112,7 +139,9 @@ class AuthBatcher:
     statements may be in flight at once (one gathers the next batch while another
     runs); a batch holds at most `max_batch` requests."""
 
-    def __init__(self, pool: AsyncConnectionPool, runners: int = 2, max_batch: int = 256) -> None:
+    def __init__(
+        self, pool: AsyncConnectionPool, runners: int = RUNNERS, max_batch: int = 256
+    ) -> None:
         self._pool = pool
         self._runners = runners
         self._max_batch = max_batch
