@@ -102,3 +102,102 @@ def test_calm_run_gives_what_step_gives(case):
     want, transitions = stepped(rule, state, readings)
     assert transitions == []
     assert calm == want
+
+
+# --- engine.feed: calm stretches inside a run that is not calm as a whole -------------------
+
+
+def test_feed_steps_only_around_the_excursion(monkeypatch):
+    """A run in range but for one reading: the rule in ok passes the stretches before
+    and after at once, and only the readings that can move it are stepped."""
+    readings = run([1.0] * 10 + [9.0, 1.0] + [2.0] * 10)
+    calls = []
+    real = engine.step
+
+    def counted(rule, st, ts, v, *a):
+        calls.append(v)
+        return real(rule, st, ts, v, *a)
+
+    monkeypatch.setattr(engine, "step", counted)
+    got = engine.feed(RANGE, RuleState(), readings)
+    monkeypatch.undo()
+    assert got == stepped(RANGE, RuleState(), readings)
+    assert [t.what for t in got[1]] == ["grace", "ok"]
+    assert calls == [9.0, 1.0]  # the excursion and the reading that ends it
+
+
+def test_feed_passes_a_clearing_rule_to_the_reading_that_clears_it(monkeypatch):
+    """A rule clearing (grace 15 min): readings in range pass at once until the clear
+    delay has run; the reading that completes it is stepped (the alarm clears), and the
+    rule, in ok, passes the rest at once; a reading out of range is stepped (realarm)."""
+    clearing = RuleState("clearing", since=T0 - timedelta(hours=1), clear_since=T0, value=9.0)
+    readings = run([1.0] * 20 + [9.0] + [1.0] * 5, T0 + timedelta(minutes=1))
+    calls = []
+    real = engine.step
+
+    def counted(rule, st, ts, v, *a):
+        calls.append(ts)
+        return real(rule, st, ts, v, *a)
+
+    monkeypatch.setattr(engine, "step", counted)
+    got = engine.feed(RANGE, clearing, readings)
+    monkeypatch.undo()
+    assert got == stepped(RANGE, clearing, readings)
+    assert [(t.what, t.at) for t in got[1]] == [
+        ("cleared", T0 + timedelta(minutes=15)),
+        ("grace", readings[20][0]),
+        ("ok", readings[21][0]),
+    ]
+    # stepped: the reading at 15 min (clears), the excursion and the one after it
+    assert calls == [readings[14][0], readings[20][0], readings[21][0]]
+    realarm = engine.feed(RANGE, clearing, run([1.0, 9.0, 1.0], T0 + timedelta(minutes=1)))
+    assert realarm == stepped(RANGE, clearing, run([1.0, 9.0, 1.0], T0 + timedelta(minutes=1)))
+    assert [t.what for t in realarm[1]] == ["realarm", "clearing"]
+    # readings at or before the rule's last one are skipped, as step skips them
+    seen = RuleState(
+        "clearing", since=T0, clear_since=T0, value=9.0, last_ts=T0 + timedelta(hours=1)
+    )
+    assert engine.feed(RANGE, seen, readings[:5]) == (seen, [])
+
+
+near = st.one_of(  # mostly in range, now and then out of it
+    st.floats(-2, 5, allow_nan=False), st.floats(-40, 40, allow_nan=False)
+).map(lambda x: round(x, 1))
+
+
+@st.composite
+def mixed_cases(draw):
+    kind = draw(st.sampled_from(["range", "range", "absence", "delta"]))
+    grace = draw(st.integers(0, 20))
+    if kind == "range":
+        params = {"ok_min": draw(st.sampled_from([None, -2.0])), "ok_max": 5.0}
+        rule = Rule("rul_x", "range", params, grace, draw(st.sampled_from([None, 0, 5])))
+    elif kind == "absence":
+        rule = Rule("rul_x", "absence", {"max_gap_s": draw(st.integers(30, 900))}, grace)
+    else:
+        rule = Rule("rul_x", "delta", {"max_delta": 3.0, "interval_s": 300}, grace)
+    state = RuleState(
+        draw(st.sampled_from(["ok", "ok", "grace", "alarm", "clearing"])),
+        since=draw(maybe_t),
+        clear_since=draw(maybe_t),
+        value=draw(st.one_of(st.none(), values)),
+        last_ts=draw(maybe_t),
+    )
+    times, t = [], T0 + timedelta(seconds=draw(st.integers(-2000, 2000)))
+    for g in draw(st.lists(st.integers(1, 700), max_size=40)):
+        times.append(t)
+        t += timedelta(seconds=g)
+    return rule, state, [(ts, draw(near)) for ts in times]
+
+
+@settings(max_examples=800, deadline=None)
+@given(mixed_cases())
+def test_feed_gives_what_step_gives(case):
+    rule, state, readings = case
+    assert engine.feed(rule, state, readings) == stepped(rule, state, readings)
+
+
+def test_feed_steps_a_windowed_rule_reading_by_reading():
+    windowed = Rule("rul_w", "range", RANGE.params, 15, windows=(Window("FREQ=DAILY", 60),))
+    readings = run([1.0, 9.0, 9.0, 1.0] * 10, T0 - timedelta(minutes=30))
+    assert engine.feed(windowed, RuleState(), readings) == stepped(windowed, RuleState(), readings)

@@ -445,6 +445,67 @@ def calm_run(
     return RuleState("ok", st.since, st.clear_since, st.value, run[-1][0], [])
 
 
+def feed(
+    rule: Rule,
+    st: RuleState,
+    readings: Sequence[tuple[datetime, float]],
+    tz: ZoneInfo = UTC_ZONE,
+    lookup: Lookup = _no_lookup,
+) -> tuple[RuleState, list[Transition]]:
+    """`step` over `readings` (in timestamp order), one after another: the state and
+    the transitions it gives. A stretch that a rule in `ok` passes unmoved (each
+    reading calm by itself, and `calm_run` of the stretch not None) is passed at once;
+    the readings around it are stepped. So is a stretch of readings in range while the
+    rule is clearing, up to the reading that completes the clear delay. A steady stream
+    with an excursion now and then (a pass of ~25 readings with one out of range) is
+    then a few steps, not 25.
+    tests/test_engine_calm.py holds the two to each other."""
+    out: list[Transition] = []
+    b = rule_kinds.behaviour(rule.kind)
+    calm = b.calm
+    n, i = len(readings), 0
+    if calm is None or rule.windows or b.history(rule.params):
+        for ts, v in readings:
+            st, o = step(rule, st, ts, v, tz, lookup)
+            if o:
+                out.extend(o)
+        return st, out
+    params, gapless = rule.params, b.gap is None
+    end = 0  # readings[i:end] are each calm by itself (found once, not per step)
+    while i < n:
+        status = st.status
+        if status == "ok" or (status == "clearing" and gapless and st.clear_since is not None):
+            if end <= i:
+                end = i
+                while end < n and calm(params, readings[end][1], readings[end][1]):
+                    end += 1
+            if end > i and status == "ok":
+                c = calm_run(rule, st, readings[i:end])
+                if c is not None:  # (None: a gap within the stretch; stepped instead)
+                    st, i = c, end
+                    continue
+            elif end > i:
+                # clearing, in range: until the clear delay has run, `step` only moves
+                # the last reading's time (and keeps no history: no kind with history
+                # gets here); the reading at or past it is stepped (it clears)
+                assert st.clear_since is not None
+                due, last, j = st.clear_since + rule.clear, st.last_ts, i
+                while j < end and readings[j][0] < due:
+                    j += 1
+                if j > i:
+                    ts = readings[j - 1][0]
+                    if last is None or ts > last:  # (else all seen already: unchanged)
+                        st = RuleState(status, st.since, st.clear_since, st.value, ts, [])
+                    i = j
+                    continue
+        ts, v = readings[i]
+        st, o = step(rule, st, ts, v, tz, lookup)
+        if o:
+            out.extend(o)
+        i += 1
+    return st, out
+
+
 def _above(rule: Rule, params: Mapping[str, Any], value: float) -> bool:
     hi = params.get("ok_max")
     return hi is not None and value > hi
