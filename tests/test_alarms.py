@@ -517,7 +517,10 @@ async def test_test_alarm_goes_through_every_path_and_is_logged(
     results = (await r.json())["results"]
     assert {x["path"] for x in results} == {"email", "telegram", "webhook"}
     assert all(x["status"] == "ok" for x in results), results
-    assert len(smtp.messages) == 3 and webhook.received[-1]["type"] == "test"
+    # (the test notifications only: the outbox is the database's, and a message another
+    # test left in it may go out through this app's dispatcher meanwhile)
+    tests = [m for m in smtp.messages if m["Subject"] == "[TEST] OpenSense test notification"]
+    assert len(tests) == 3 and webhook.received[-1]["type"] == "test"
     telegram.fail = 403  # the bot was removed from the group
     r = await client.post("/v1/notifications/test", json={"by": "installer"}, headers=world.auth)
     tg = [x for x in (await r.json())["results"] if x["path"] == "telegram"][0]
