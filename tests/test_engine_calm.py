@@ -107,23 +107,29 @@ def test_calm_run_gives_what_step_gives(case):
 # --- engine.feed: calm stretches inside a run that is not calm as a whole -------------------
 
 
-def test_feed_steps_only_around_the_excursion(monkeypatch):
-    """A run in range but for one reading: the rule in ok passes the stretches before
-    and after at once, and only the readings that can move it are stepped."""
-    readings = run([1.0] * 10 + [9.0, 1.0] + [2.0] * 10)
+def fed_counting_steps(monkeypatch, rule: Rule, state: RuleState, readings):
+    """engine.feed's answer, and the readings it handed to `step` one by one."""
     calls = []
     real = engine.step
 
     def counted(rule, st, ts, v, *a):
-        calls.append(v)
+        calls.append((ts, v))
         return real(rule, st, ts, v, *a)
 
     monkeypatch.setattr(engine, "step", counted)
-    got = engine.feed(RANGE, RuleState(), readings)
+    got = engine.feed(rule, state, readings)
     monkeypatch.undo()
+    return got, calls
+
+
+def test_feed_steps_only_around_the_excursion(monkeypatch):
+    """A run in range but for one reading: the rule in ok passes the stretches before
+    and after at once, and only the readings that can move it are stepped."""
+    readings = run([1.0] * 10 + [9.0, 1.0] + [2.0] * 10)
+    got, calls = fed_counting_steps(monkeypatch, RANGE, RuleState(), readings)
     assert got == stepped(RANGE, RuleState(), readings)
     assert [t.what for t in got[1]] == ["grace", "ok"]
-    assert calls == [9.0, 1.0]  # the excursion and the reading that ends it
+    assert [v for _, v in calls] == [9.0, 1.0]  # the excursion and the reading that ends it
 
 
 def test_feed_passes_a_clearing_rule_to_the_reading_that_clears_it(monkeypatch):
@@ -132,16 +138,7 @@ def test_feed_passes_a_clearing_rule_to_the_reading_that_clears_it(monkeypatch):
     rule, in ok, passes the rest at once; a reading out of range is stepped (realarm)."""
     clearing = RuleState("clearing", since=T0 - timedelta(hours=1), clear_since=T0, value=9.0)
     readings = run([1.0] * 20 + [9.0] + [1.0] * 5, T0 + timedelta(minutes=1))
-    calls = []
-    real = engine.step
-
-    def counted(rule, st, ts, v, *a):
-        calls.append(ts)
-        return real(rule, st, ts, v, *a)
-
-    monkeypatch.setattr(engine, "step", counted)
-    got = engine.feed(RANGE, clearing, readings)
-    monkeypatch.undo()
+    got, calls = fed_counting_steps(monkeypatch, RANGE, clearing, readings)
     assert got == stepped(RANGE, clearing, readings)
     assert [(t.what, t.at) for t in got[1]] == [
         ("cleared", T0 + timedelta(minutes=15)),
@@ -149,7 +146,7 @@ def test_feed_passes_a_clearing_rule_to_the_reading_that_clears_it(monkeypatch):
         ("ok", readings[21][0]),
     ]
     # stepped: the reading at 15 min (clears), the excursion and the one after it
-    assert calls == [readings[14][0], readings[20][0], readings[21][0]]
+    assert [ts for ts, _ in calls] == [readings[14][0], readings[20][0], readings[21][0]]
     realarm = engine.feed(RANGE, clearing, run([1.0, 9.0, 1.0], T0 + timedelta(minutes=1)))
     assert realarm == stepped(RANGE, clearing, run([1.0, 9.0, 1.0], T0 + timedelta(minutes=1)))
     assert [t.what for t in realarm[1]] == ["realarm", "clearing"]
