@@ -8,6 +8,8 @@ very next pass:
   judges by the new ones (an edit that the cache missed would judge by the old);
 - every change to what the rules' statement reads moves the channel's `meta_rev`,
   also when made by hand in SQL, and leaves the other channels' alone.
+- the pass that makes a channel's state row keeps nothing of it: an edit committed
+  while that pass runs moves no `meta_rev` (the row is not visible to its trigger).
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ async def test_the_next_pass_judges_by_a_rule_edited_since_the_last(
     t = clock() - timedelta(minutes=30)
     cid = await _send(client, world, "fridge01", 4.0, t)  # default rule: -2..5 °C
     num = await _num(dsn, cid)
+    await _pass(client, clock, metas)
+    assert metas.held([num]) == {}  # the pass that made its state row keeps nothing
+    await _send(client, world, "fridge01", 4.2, t + timedelta(seconds=30))
     await _pass(client, clock, metas)
     first = metas.held([num])[num]
 
@@ -157,3 +162,32 @@ async def test_every_change_the_rules_statement_sees_moves_meta_rev(
     assert await _one(dsn, sql, ch) > before[ch]
     if change != "site's time zone":  # (fridge02 shares the site)
         assert await _one(dsn, sql, other) == before[other]
+
+
+@pytest.mark.db
+async def test_a_rule_edited_while_the_first_pass_makes_the_channels_state_is_seen(
+    client: Any, world: World, clock: FakeClock, dsn: str
+) -> None:
+    """The demo's freezer (opensense/demo.py): its channel comes with its first reading and
+    its limits are set at once. When the edit commits after the first pass has read the
+    rules but before that pass's new `alarm_state` row is committed, the edit's trigger
+    finds no row to move (the pass's is not visible to it yet): the pass must not keep
+    what it read, or every later pass judges by the old limits (the demo then opened a
+    freezer alarm on its whole history, CI of stop 33)."""
+    metas = evaluator.MetaCache()
+    t = clock() - timedelta(minutes=30)
+    cid = await _send(client, world, "fridge01", 4.0, t)  # default rule: -2..5 °C
+    num = await _num(dsn, cid)
+    async with await psycopg.AsyncConnection.connect(dsn) as edit:
+        # the edit made, its trigger run (no state row yet), not committed
+        await edit.execute(
+            "UPDATE rules SET params = '{\"ok_max\": 3}', grace_min = 0 WHERE channel_id = %s",
+            (cid,),
+        )
+        await _pass(client, clock, metas)  # the first pass: reads the old rules
+        assert await _status(dsn, cid) == "ok"
+        await edit.commit()
+    await _send(client, world, "fridge01", 4.0, t + timedelta(minutes=1))
+    await _pass(client, clock, metas)
+    assert metas.held([num])[num][1].rules[0].params["ok_max"] == 3
+    assert await _status(dsn, cid) == "alarm"  # judged by the edited limit
