@@ -1,8 +1,9 @@
 """Attacks on the embedded MQTT broker (amqtt in the server), performed through a real
 server with its TLS listener and real PostgreSQL: session takeover without the
 password, wills outside the device's topics, oversized packets, publish floods, TLS
-downgrade and certificate requests, and how a dropped connection is logged. Plus the
-shipped Mosquitto's packet size limit and TLS settings."""
+downgrade and certificate requests, how a dropped connection is logged, and a closed
+connection cut when the broker stops. Plus the shipped Mosquitto's packet size limit
+and TLS settings."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import psutil
 import psycopg
 import pytest
 
@@ -520,3 +522,53 @@ async def test_a_dropped_connection_is_one_info_line(fw_app, dsn, clock, caplog)
         mine = [r for r in records if r.name == "opensense.mqtt.embedded"]
         assert len(mine) == 1 and mine[0].levelno == logging.INFO, [r.getMessage() for r in mine]
         assert mine[0].exc_info is None
+
+
+# --- 6. a connection the broker closed does not outlive it ----------------------------------
+
+
+def served(port: int) -> list[Any]:
+    """This process's accepted TCP connections on `port` (the broker's side)."""
+    return [
+        c
+        for c in psutil.Process().net_connections("tcp")
+        if c.laddr and c.laddr.port == port and c.raddr
+    ]
+
+
+async def test_a_connection_in_its_tls_shutdown_is_cut_when_the_broker_stops(fw_app, dsn, clock):
+    """A refused CONNECT is closed with a TLS shutdown, which waits (asyncio: up to
+    30 s) for the peer's close_notify; a peer that never reads never sends it. The
+    broker forgot such a connection as soon as another came, so stop() left its socket
+    open beyond the broker's life (the unclosed transports of a flaky
+    test_firmware_e2e run, stop 33)."""
+    world = await make_world(dsn, fw_app.cfg)
+    port = fw_app.cfg.mqtt_port
+    dev = world.device_ids["fridge01"]
+
+    def refused() -> ssl.SSLSocket:
+        s = tls_socket(fw_app)
+        s.sendall(connect_packet(dev, dev, "not-the-token"))
+        return s  # and never read: the broker's close_notify stays unanswered
+
+    silent = await asyncio.to_thread(refused)
+    other: ssl.SSLSocket | None = None
+    try:
+        for _ in range(100):  # refused (the token checked), its shutdown under way
+            if fw_app.app[MQTT].refusals:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        assert len(served(port)) == 1
+        other = await asyncio.to_thread(connected_socket, fw_app, world)
+        assert len(served(port)) == 2
+        await fw_app.app[MQTT].stop()
+        for _ in range(50):
+            if not served(port):
+                break
+            await asyncio.sleep(0.05)
+        assert served(port) == []
+    finally:
+        silent.close()
+        if other is not None:
+            other.close()

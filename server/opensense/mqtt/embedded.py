@@ -316,6 +316,16 @@ def _peer(writer: Any) -> str:
         return "?"
 
 
+def _socket_open(writer: asyncio.StreamWriter) -> bool:
+    """Whether the connection's socket is still open (its TLS shutdown may be under
+    way: `is_closing()` is then true already)."""
+    try:
+        sock = writer.get_extra_info("socket")
+    except AttributeError:  # (asyncio's SSL transport after a reset: nothing left)
+        return False
+    return sock is not None and sock.fileno() != -1
+
+
 class _ConnectionEndFilter(logging.Filter):
     """amqtt 0.12.1 logs a client that drops its connection before or during its CONNECT
     as an ERROR ("No data from …") plus a WARNING, and a refused CONNECT as two
@@ -354,8 +364,12 @@ class OpenSenseBroker(Broker):
             writer.transport.abort()
             return
         # every open connection, so that stop() can cut them all (see there). Not
-        # removed when this returns: amqtt may return while the connection lives on
-        self.connections = {w for w in self.connections if not w.is_closing()}
+        # removed when this returns: amqtt may return while the connection lives on.
+        # Nor once closing: a TLS connection closed by the broker (a refused CONNECT,
+        # a take-over) waits up to asyncio's 30 s TLS shutdown timeout for a peer that
+        # may never answer; kept until its socket is closed, stop() cuts it too
+        # (left open, it outlived the broker: tests/test_attack_broker.py)
+        self.connections = {w for w in self.connections if _socket_open(w)}
         self.connections.add(writer)
         # amqtt 0.12.1's stream_connected, with the size-bounded reader. A connection
         # that ends while amqtt writes to it (a refusal's CONNACK, a close) raises out
