@@ -8,8 +8,10 @@ very next pass:
   judges by the new ones (an edit that the cache missed would judge by the old);
 - every change to what the rules' statement reads moves the channel's `meta_rev`,
   also when made by hand in SQL, and leaves the other channels' alone.
-- the pass that makes a channel's state row keeps nothing of it: an edit committed
-  while that pass runs moves no `meta_rev` (the row is not visible to its trigger).
+- a channel's state row comes with the channel (its first reading), so a rule edit
+  from then on moves its `meta_rev`; a pass that makes a missing row itself keeps
+  nothing of it: an edit committed while that pass runs moves no `meta_rev` (the row
+  is not visible to its trigger).
 """
 
 from __future__ import annotations
@@ -78,10 +80,7 @@ async def test_the_next_pass_judges_by_a_rule_edited_since_the_last(
     cid = await _send(client, world, "fridge01", 4.0, t)  # default rule: -2..5 °C
     num = await _num(dsn, cid)
     await _pass(client, clock, metas)
-    assert metas.held([num]) == {}  # the pass that made its state row keeps nothing
-    await _send(client, world, "fridge01", 4.2, t + timedelta(seconds=30))
-    await _pass(client, clock, metas)
-    first = metas.held([num])[num]
+    first = metas.held([num])[num]  # (its state row came with the channel: kept at once)
 
     await _send(client, world, "fridge01", 4.5, t + timedelta(minutes=1))
     await _pass(client, clock, metas)
@@ -178,6 +177,10 @@ async def test_a_rule_edited_while_the_first_pass_makes_the_channels_state_is_se
     t = clock() - timedelta(minutes=30)
     cid = await _send(client, world, "fridge01", 4.0, t)  # default rule: -2..5 °C
     num = await _num(dsn, cid)
+    # the channel's state row as a channel made before the rows came with it has none
+    # (the pass makes it)
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("DELETE FROM alarm_state WHERE channel_id = %s", (cid,))
     async with await psycopg.AsyncConnection.connect(dsn) as edit:
         # the edit made, its trigger run (no state row yet), not committed
         await edit.execute(
@@ -186,8 +189,27 @@ async def test_a_rule_edited_while_the_first_pass_makes_the_channels_state_is_se
         )
         await _pass(client, clock, metas)  # the first pass: reads the old rules
         assert await _status(dsn, cid) == "ok"
+        assert metas.held([num]) == {}  # and keeps nothing: it made the state row
         await edit.commit()
     await _send(client, world, "fridge01", 4.0, t + timedelta(minutes=1))
     await _pass(client, clock, metas)
     assert metas.held([num])[num][1].rules[0].params["ok_max"] == 3
     assert await _status(dsn, cid) == "alarm"  # judged by the edited limit
+
+
+@pytest.mark.db
+async def test_a_new_channel_comes_with_its_state_row(
+    client: Any, world: World, clock: FakeClock, dsn: str
+) -> None:
+    """Made in the transaction that makes the channel and its default rule, before any
+    pass: a rule edit from then on moves its `meta_rev`."""
+    cid = await _send(client, world, "fridge01", 4.0, clock() - timedelta(minutes=5))
+    before = await _one(dsn, "SELECT meta_rev FROM alarm_state WHERE channel_id = %s", cid)
+    assert await _status(dsn, cid) == "ok"
+    rule = await _one(dsn, "SELECT id FROM rules WHERE channel_id = %s", cid)
+    r = await client.patch(
+        f"/v1/rules/{rule}", json={"params": {"ok_min": -2.0, "ok_max": 4.0}}, headers=world.auth
+    )
+    assert r.status == 200, await r.text()
+    after = await _one(dsn, "SELECT meta_rev FROM alarm_state WHERE channel_id = %s", cid)
+    assert after > before

@@ -265,6 +265,15 @@ async def channels_for(
             got = Channel(*row)
         else:
             got = Channel(*row)
+            # The rule engine's state row, made with the channel: a rule edit from
+            # now on finds it for its `meta_rev` trigger, so the engine's first pass
+            # over the channel may keep its rules (alarms/evaluator.py `MetaCache`;
+            # a pass that makes the row itself keeps nothing of it)
+            await conn.execute(
+                "INSERT INTO alarm_state (channel_num, channel_id) VALUES (%s, %s)"
+                " ON CONFLICT DO NOTHING",
+                (got.num, got.id),
+            )
             preset = VERTICALS[dev.vertical].rules.get(kind)
             if preset and not KINDS[kind].auxiliary:
                 await conn.execute(
