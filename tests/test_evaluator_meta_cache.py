@@ -26,6 +26,7 @@ from opensense.alarms import evaluator
 from opensense.api.jsonutil import rfc3339
 from opensense.api.keys import POOL
 from opensense.settings import Config
+from opensense.web import board
 
 from .fixtures.clock import FakeClock
 from .fixtures.server import World, test_config
@@ -205,7 +206,14 @@ async def test_a_new_channel_comes_with_its_state_row(
     pass: a rule edit from then on moves its `meta_rev`."""
     cid = await _send(client, world, "fridge01", 4.0, clock() - timedelta(minutes=5))
     before = await _one(dsn, "SELECT meta_rev FROM alarm_state WHERE channel_id = %s", cid)
-    assert await _status(dsn, cid) == "ok"
+    # not judged yet, and the API and the overview say so, as before the row came
+    r = await client.get(f"/v1/channels/{cid}/alarm-state", headers=world.auth)
+    assert r.status == 200, await r.text()
+    got = await r.json()
+    assert got["status"] == "no_data" and got["last_ts"] is None, got
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        rows = await (await conn.execute(board.BOARD_SQL, (world.account,))).fetchall()
+    assert [r[12] for r in rows if r[5] == cid] == ["none"]
     rule = await _one(dsn, "SELECT id FROM rules WHERE channel_id = %s", cid)
     r = await client.patch(
         f"/v1/rules/{rule}", json={"params": {"ok_min": -2.0, "ok_max": 4.0}}, headers=world.auth

@@ -113,7 +113,7 @@ class Device:
 BOARD_SQL = """
 SELECT s.name, d.id, d.name, d.last_seen_at, das.offline_since,
        c.id, c.name, c.kind, c.label, c.unit, m.value, m.ts,
-       coalesce(a.status, 'none'),
+       CASE WHEN a.last_ts IS NULL THEN 'none' ELSE a.status END,
        (SELECT count(*) FROM events e WHERE e.channel_id = c.id AND e.account_id = c.account_id
           AND e.state <> 'cleared')
   FROM channels c
