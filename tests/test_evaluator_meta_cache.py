@@ -212,8 +212,8 @@ async def test_a_new_channel_comes_with_its_state_row(
     got = await r.json()
     assert got["status"] == "no_data" and got["last_ts"] is None, got
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        rows = await (await conn.execute(board.BOARD_SQL, (world.account,))).fetchall()
-    assert [r[12] for r in rows if r[5] == cid] == ["none"]
+        devices = await board.board(conn, world.account, clock())
+    assert [c.status for d in devices for c in d.cards if c.channel_id == cid] == ["none"]
     rule = await _one(dsn, "SELECT id FROM rules WHERE channel_id = %s", cid)
     r = await client.patch(
         f"/v1/rules/{rule}", json={"params": {"ok_min": -2.0, "ok_max": 4.0}}, headers=world.auth

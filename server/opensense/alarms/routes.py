@@ -298,10 +298,11 @@ async def alarm_state(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
         acc = await auth.account(request, conn)
         ch = await channel_row(conn, acc, request.match_info["channel_id"])
-        row = await store.alarm_state(conn, ch["id"])
-        if row is None or row["last_ts"] is None:
-            # never judged (its state row comes with the channel, before any pass)
-            row = {"status": "no_data", "last_ts": None, "due_at": None}
+        row = await store.alarm_state(conn, ch["id"]) or {
+            "status": "no_data",
+            "last_ts": None,
+            "due_at": None,
+        }
         rules = {k: v.get("status") for k, v in (row.get("rules") or {}).items()}
         return response(
             {

@@ -131,9 +131,12 @@ async def disable_rule(conn: Conn, rule_id: str) -> None:
 
 
 async def alarm_state(conn: Conn, channel_id: str) -> Row | None:
+    """The channel's state as judged; None before its first judgement (its row comes
+    with the channel, with no `last_ts` until a pass saves it)."""
     return await _one(
         conn,
-        "SELECT status, last_ts, due_at, rules, events FROM alarm_state WHERE channel_id = %s",
+        "SELECT status, last_ts, due_at, rules, events FROM alarm_state"
+        " WHERE channel_id = %s AND last_ts IS NOT NULL",
         (channel_id,),
     )
 
