@@ -37,7 +37,14 @@ What it measures (in this order in the summary):
    (its embedded broker included) and of PostgreSQL (the embedded server's postmaster
    and all its children; with --dsn the database's backends, if local) over the
    measured window, divided by the readings stored in it. The load client and the
-   publishers are left out. COPY's CPU per row (PostgreSQL only) is the floor beside
+   publishers are left out. An HTTP phase's window stays open after its load until
+   the server's rule engine has judged every reading it stored (`pg.judged`:
+   `alarm_dirty` empty), so the work a phase causes is counted in its own window:
+   before stop 35 it was not, and with --baseline-rev the two servers share
+   PostgreSQL, so the engine work one side left behind (the baseline's lagged) was
+   counted in the other's window (docs/ingest-cost.md, stop 35). An MQTT window
+   opens on a steady stream (after its warm-up) and each side runs on its own, so the
+   work left at its end is about what was left at its start. COPY's CPU per row (PostgreSQL only) is the floor beside
    it; BASELINE_CPU_US is the figure of the code when issue 14 began, and the targets
    are shares of it.
 7. The writing statement part by part: BATCH_SQL (storage/batcher.py) and its pieces
@@ -85,6 +92,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -873,6 +881,7 @@ class BaselineServer:
     server: Serve
     devs: list[Dev]
     meter: Meter
+    dsn: str  # its database
 
 
 def state_dir(path: Path) -> Path:
@@ -938,7 +947,7 @@ async def start_baseline(
         None,
         backends,
     )
-    return BaselineServer(commit, server, devs, meter)
+    return BaselineServer(commit, server, devs, meter, base_dsn)
 
 
 def phase_line(s: Stats, ceiling: float | None) -> str:
@@ -947,6 +956,10 @@ def phase_line(s: Stats, ceiling: float | None) -> str:
         f"  {s.per_request:>7}  {s.concurrency:>5}  {s.req_s:>8,.0f}  {s.readings_s:>10,.0f}"
         f"  {s.ms(50):>6.1f}  {s.ms(99):>6.1f}  {ratio}  {s.requests:>8,}  {s.problems()}"
     )
+
+
+def judged_line(s: Stats) -> str:
+    return f"every reading judged {s.drain_s:.1f} s after the load (in the CPU window)"
 
 
 PHASE_HEAD = "  per req   conc     req/s  readings/s  p50 ms  p99 ms  of COPY  requests  answers"
@@ -1133,7 +1146,8 @@ def report(res: Results, plan: Plan) -> None:
     copy_us = next((c.pg_us for c in res.copies if c.streams == 1), None)
     say(
         "5. CPU per stored reading (server process incl. its embedded broker + PostgreSQL's"
-        " processes, over each window; the load client excluded)"
+        " processes, over each window (HTTP: until every reading was judged); the load"
+        " client excluded)"
     )
     say(
         "   path                               readings/s   server µs       PG µs    total µs"
@@ -1333,10 +1347,17 @@ async def run(
             if base is not None:
                 await checkpoint(dsn)
                 b = await closed_loop(
-                    base.server.base, base.devs, k, conc, plan.duration, base.meter
+                    base.server.base,
+                    base.devs,
+                    k,
+                    conc,
+                    plan.duration,
+                    base.meter,
+                    functools.partial(pg.judged, base.dsn),
                 )
                 res.baseline_phases.append(b)
                 say(phase_line(b, None) + "  (base)")
+                say(f"      {judged_line(b)}")
                 if b.cpu:
                     say(f"      {cost_line(cost(b.cpu, b.accepted))}")
                 if b.sample:
@@ -1345,9 +1366,12 @@ async def run(
             meter.name = f"http{k}-c{conc}" + (
                 f"-r{r // len(phases) + 1}" if http_rounds > 1 else ""
             )
-            s = await closed_loop(server.base, devs, k, conc, plan.duration, meter)
+            s = await closed_loop(
+                server.base, devs, k, conc, plan.duration, meter, functools.partial(pg.judged, dsn)
+            )
             res.phases.append(s)
             say(phase_line(s, None))
+            say(f"      {judged_line(s)}")
             if s.cpu:
                 say(f"      {s.cpu.line()}")
                 say(f"      {cost_line(cost(s.cpu, s.accepted))}")

@@ -10,6 +10,7 @@ import math
 import random
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -55,6 +56,7 @@ class Stats:
     sample: str = ""
     elapsed: float = 0.0
     cpu: CpuUse | None = None
+    drain_s: float = 0.0  # after the load, until the server had judged every reading
 
     @property
     def requests(self) -> int:
@@ -142,8 +144,19 @@ def _groups(devs: list[Dev], conc: int) -> list[list[Dev]]:
 
 
 async def closed_loop(
-    base: str, devs: list[Dev], k: int, conc: int, duration: float, meter: CpuMeter
+    base: str,
+    devs: list[Dev],
+    k: int,
+    conc: int,
+    duration: float,
+    meter: CpuMeter,
+    judged: Callable[[], Awaitable[None]] | None = None,
 ) -> Stats:
+    """`conc` clients post k-reading requests for `duration` s. With `judged` (it
+    returns once the server has done all the work the readings brought: the rule
+    engine has judged them), the CPU window stays open until then, so what the load
+    caused is counted in its own window, not in the next one (another server's, with
+    --baseline-rev: they share PostgreSQL); readings/s are over the load alone."""
     stats = Stats(k, conc)
     rng = random.Random(k * 1000 + conc)
     url = f"{base}/v1/ingest"
@@ -161,6 +174,9 @@ async def closed_loop(
 
         await asyncio.gather(*(client(g) for g in _groups(devs, conc)))
         stats.elapsed = time.perf_counter() - start
+        if judged is not None:
+            await judged()
+            stats.drain_s = time.perf_counter() - start - stats.elapsed
         stats.cpu = meter.stop()
     return stats
 

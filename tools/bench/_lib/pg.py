@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -243,3 +245,26 @@ def local_backends(dsn: str) -> list[int]:
         except psutil.Error:
             pass
     return out
+
+
+JUDGED_WAIT_S = 300.0  # the most a phase waits for the rule engine to catch up
+
+
+async def judged(dsn: str, wait_s: float = JUDGED_WAIT_S) -> None:
+    """Return once the rule engine of `dsn`'s database has judged every stored reading:
+    no channel is left in `alarm_dirty` (a mark goes in the statement that stores the
+    readings and leaves in the pass that judged them; every release has it since
+    migration 0004). One connection, polled every 0.1 s (its cost, a few µs a poll,
+    falls in the window too). RuntimeError past `wait_s`."""
+    async with await connect(dsn) as conn:
+        deadline = time.monotonic() + wait_s
+        while True:
+            cur = await conn.execute("SELECT count(*) FROM alarm_dirty")
+            row = await cur.fetchone()
+            if row is None or row[0] == 0:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the rule engine left {row[0]} channel(s) unjudged for {wait_s:.0f} s"
+                )
+            await asyncio.sleep(0.1)
