@@ -104,6 +104,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -958,7 +959,21 @@ def phase_line(s: Stats, ceiling: float | None) -> str:
     )
 
 
+def judged_by(dsn: str) -> Callable[[], Awaitable[None]] | None:
+    """What a phase's window waits for after its load: the rule engine's judgement of
+    every reading (`pg.judged`), unless the servers run without it
+    (OPENSENSE_ALARMS_ENABLED=false, read as the server reads it): then nothing would
+    ever judge them."""
+    off = os.environ.get("OPENSENSE_ALARMS_ENABLED", "").strip().lower() in OFF
+    return None if off else functools.partial(pg.judged, dsn)
+
+
+OFF = ("0", "false", "no", "off")
+
+
 def judged_line(s: Stats) -> str:
+    if not s.drain_s:
+        return "the rule engine is off (OPENSENSE_ALARMS_ENABLED): the window ends with the load"
     return f"every reading judged {s.drain_s:.1f} s after the load (in the CPU window)"
 
 
@@ -1353,7 +1368,7 @@ async def run(
                     conc,
                     plan.duration,
                     base.meter,
-                    functools.partial(pg.judged, base.dsn),
+                    judged_by(base.dsn),
                 )
                 res.baseline_phases.append(b)
                 say(phase_line(b, None) + "  (base)")
@@ -1366,9 +1381,7 @@ async def run(
             meter.name = f"http{k}-c{conc}" + (
                 f"-r{r // len(phases) + 1}" if http_rounds > 1 else ""
             )
-            s = await closed_loop(
-                server.base, devs, k, conc, plan.duration, meter, functools.partial(pg.judged, dsn)
-            )
+            s = await closed_loop(server.base, devs, k, conc, plan.duration, meter, judged_by(dsn))
             res.phases.append(s)
             say(phase_line(s, None))
             say(f"      {judged_line(s)}")
