@@ -10,16 +10,18 @@ the readings since each fridge's last stored one (at most six hours, every 15 s)
 The story a fresh demo tells (docs/dashboard.md, "The demo"): three fridges in range,
 nodes online, and the prep fridge with one past excursion — its door left ajar three
 hours ago — that the engine opened and closed and that the demo owner acknowledged
-with a corrective-action note. The freezer's frozen limits are set before its
-history arrives, so no false alarm opens."""
+with a corrective-action note. The freezer's channel is made with the frozen preset's
+limits (`frozen_site`), so its history is judged by them: no false alarm opens."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
 import signal
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -30,7 +32,6 @@ from aiohttp import web
 from .api.jsonutil import rfc3339
 from .app import create_app
 from .devices import store
-from .presets import VERTICALS
 from .serving import gc_on_startup
 from .settings import Config
 from .statedir import prepare_state_dir, write_secret
@@ -47,6 +48,7 @@ DEVICES = (
     ("freezer01", "Chest freezer", -20.0, 1.5),
 )
 BACKFILL = timedelta(hours=6)
+SITE_VERTICAL = "chilled_storage"
 LABEL = "air"  # the probe's label: the backfill and the live node share one channel
 NODE_CADENCE_S = 15  # the demo nodes report every 15 s so the dashboard moves
 STEP = timedelta(seconds=NODE_CADENCE_S)  # the backfill's too
@@ -92,7 +94,7 @@ async def ensure_demo(cfg: Config, dsn: str) -> dict[str, Any]:
                 {
                     "name": "Demo Café",
                     "timezone": "Europe/Berlin",
-                    "vertical": "chilled_storage",
+                    "vertical": SITE_VERTICAL,
                     "address": "Hauptstraße 1, Berlin",
                 },
             )
@@ -191,13 +193,14 @@ async def feed(base: str, state: dict[str, Any], cfg: Config, nodes: list[Any], 
             first = start if prev is None else max(start, prev + STEP)
             grid = [first + i * STEP for i in range(int((now - first) / STEP))]
             if local_id == "freezer01" and prev is None and grid:
-                # Its channel comes with its first reading, judged by the site's chilled
-                # limits until the frozen ones are set: that reading is the newest one,
-                # so the engine's clock cannot age it into an alarm before its history
-                # (sent next, replayed under the frozen limits) arrives.
-                await send(local_id, grid[-1:], seed, sp, sw)
-                await use_frozen_limits(http, base, state)
-                grid = grid[:-1]
+                # Its channel comes with its first reading and takes the site vertical's
+                # default rule: the site is frozen storage for that one request, so the
+                # freezer's rule has the frozen preset's limits from its beginning, and
+                # its whole history is judged, charted and reported by them
+                # (alarms/history.py)
+                async with frozen_site(http, base, state):
+                    await send(local_id, grid[:1], seed, sp, sw)
+                grid = grid[1:]
                 sent += 1
             for i in range(0, len(grid), 32):
                 await send(local_id, grid[i : i + 32], seed, sp, sw, start if fresh else None)
@@ -265,20 +268,27 @@ def start_nodes(state: dict[str, Any], cfg: Config) -> list[Any]:
     return nodes
 
 
-async def use_frozen_limits(http: aiohttp.ClientSession, base: str, state: dict[str, Any]) -> None:
-    """The site is chilled storage; its freezer gets the frozen preset's limits, set
-    the way an operator would: PATCH the channel through the API."""
-    frozen = VERTICALS["frozen"].rules["temperature"]
+@contextlib.asynccontextmanager
+async def frozen_site(
+    http: aiohttp.ClientSession, base: str, state: dict[str, Any]
+) -> AsyncIterator[None]:
+    """The demo site's vertical set to frozen storage, and back after, as an operator
+    installing a freezer would (PATCH /v1/sites: both in the audit trail): a channel
+    made meanwhile gets the frozen preset's default rule. Limits set afterwards
+    (PATCH /v1/channels) would hold only from then on: the freezer's six hours of
+    history, sent after its first reading, would be charted and reported against the
+    chilled limits its channel came with."""
     auth = {"Authorization": f"Bearer {state['api_token']}"}
-    dev = state["devices"]["freezer01"]["id"]
-    async with http.get(f"{base}/v1/channels", params={"device_id": dev}, headers=auth) as r:
-        channels = (await r.json())["data"]
-    for ch in channels:
-        if ch["kind"] == "temperature":
-            body = {**frozen.params, "grace_min": frozen.grace_min}
-            async with http.patch(f"{base}/v1/channels/{ch['id']}", json=body, headers=auth) as r:
-                if r.status != 200:
-                    log.warning("demo: could not set freezer limits: %s", await r.text())
+    url = f"{base}/v1/sites/{state['site_id']}"
+    async with http.patch(url, json={"vertical": "frozen"}, headers=auth) as r:
+        if r.status != 200:
+            log.warning("demo: could not make the site frozen storage: %s", await r.text())
+    try:
+        yield
+    finally:
+        async with http.patch(url, json={"vertical": SITE_VERTICAL}, headers=auth) as r:
+            if r.status != 200:
+                log.warning("demo: could not set the site back: %s", await r.text())
 
 
 async def acknowledge_story(http: aiohttp.ClientSession, base: str, state: dict[str, Any]) -> None:

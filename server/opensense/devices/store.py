@@ -849,5 +849,6 @@ async def patch_channel(
             action="channel.update",
             subject=row["id"],
             data=changes,
+            at=now,  # the server's clock, as the rule routes' rows (the limits' history)
         )
     return channel_public(await channel_row(conn, account_id, row["id"]))

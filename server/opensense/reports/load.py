@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 
+from ..alarms.history import limit_changes, made
 from ..errors import ApiError
 from ..kinds import KINDS
 from ..storage import read
@@ -65,36 +66,26 @@ async def _thresholds(
     conn: AsyncConnection[Any], account_id: str, channel_id: str, start: float, end: float
 ) -> tuple[rd.Threshold, ...]:
     cur = await conn.execute(
-        "SELECT id, params, created_at FROM rules WHERE channel_id = %s AND kind = 'range'"
-        " AND enabled ORDER BY created_at, id LIMIT 1",
+        "SELECT id, params, created_at, is_default FROM rules WHERE channel_id = %s"
+        " AND kind = 'range' AND enabled ORDER BY created_at, id LIMIT 1",
         (channel_id,),
     )
     rule = await cur.fetchone()
     if rule is None:
         return ()
-    rule_id, params, created_at = rule
-    cur = await conn.execute(
-        "SELECT at, actor, action, data FROM audit_log WHERE account_id = %s AND subject = %s"
-        " AND action IN ('rule.create', 'rule.update') ORDER BY seq",
-        (account_id, rule_id),
-    )
-    changes = [
-        (at.timestamp(), actor, action, data) for at, actor, action, data in await cur.fetchall()
-    ]
-    # walk back from the current values: the values in force at `end`, then at each change
+    rule_id, params, created_at, is_default = rule
+    # walk back from the current values: the values in force at `end`, then at each
+    # change (alarms/history.py: both routes a rule's limits change by)
     history: list[rd.Threshold] = []
     current = _limits(params)
-    for at, actor, action, data in reversed(changes):
+    changes = await limit_changes(conn, account_id, rule_id, channel_id)
+    for c in reversed(made(changes, is_default, created_at)):
+        at = c.at.timestamp()
         if at < start:
             break
-        if action == "rule.update" and "params" in data:
-            if at < end:
-                history.append(rd.Threshold(at, *_limits(data["params"]["to"]), who=actor))
-            current = _limits(data["params"]["from"])
-        elif action == "rule.create":
-            if at < end:
-                history.append(rd.Threshold(at, *current, who=actor))
-            current = (None, None)
+        if at < end:
+            history.append(rd.Threshold(at, *current, who=c.actor))
+        current = (None, None) if c.made else _limits(c.before)
     first = rd.Threshold(None, *current)
     if created_at.timestamp() >= end:
         return ()

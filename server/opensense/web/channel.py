@@ -19,8 +19,9 @@ from zoneinfo import ZoneInfo
 from aiohttp import web
 from psycopg import AsyncConnection
 
-from ..alarms import person
+from ..alarms import history, person
 from ..alarms import store as alarms_store
+from ..alarms.history import limit_changes
 from ..api.jsonutil import response
 from ..api.keys import CONFIG, POOL
 from ..errors import ApiError
@@ -143,68 +144,40 @@ async def bands(
     ]
 
 
-def _steps(
-    created: datetime, current: Any, changes: list[tuple[datetime, Any, Any]], lo: datetime
-) -> list[list[Any]]:
+def _steps(points: list[tuple[datetime | None, Any]], lo: datetime) -> list[list[Any]]:
     """[[epoch, value], …] of one threshold from lo on: the value in force at lo, then
-    each change after it. `changes` are (at, from, to), oldest first; before the
-    rule existed there was none (null)."""
-    points: list[tuple[datetime, Any]] = [(created, changes[0][1] if changes else current)]
-    points += [(at, to) for at, _from, to in changes]
+    each change of it after lo. `points`: (since, value) oldest first, since None
+    "from the beginning" (alarms/history.py `steps`); a value None: no limit."""
     at_lo = None
     out: list[list[Any]] = []
-    for at, v in points:
-        if at <= lo:
+    for since, v in points:
+        if since is None or since <= lo:
             at_lo = v
-        else:
-            out.append([epoch(at), v])
+        elif v != (out[-1][1] if out else at_lo):
+            out.append([epoch(since), v])
     return [[epoch(lo), at_lo], *out]
 
 
 async def thresholds(
     conn: AsyncConnection[Any], user: User, ch: Channel, lo: datetime
 ) -> list[dict[str, Any]]:
-    """Each enabled range rule's limits as step lines, their history from the rule's
-    audit rows (rule.update: params from/to)."""
+    """Each enabled range rule's limits as step lines, their history from the audit
+    trail (alarms/history.py: the rule's own rows and the channel's PATCHes; a
+    channel's default rule is in force from the channel's beginning)."""
     cur = await conn.execute(
-        "SELECT id, params, created_at FROM rules"
+        "SELECT id, params, is_default, created_at FROM rules"
         " WHERE channel_id = %s AND kind = 'range' AND enabled ORDER BY created_at",
         (ch.id,),
     )
-    rules = await cur.fetchall()
-    if not rules:
-        return []
-    cur = await conn.execute(
-        "SELECT subject, at, data FROM audit_log WHERE account_id = %s AND subject = ANY(%s)"
-        " AND action = 'rule.update' ORDER BY subject, seq",
-        (user.account_id, [r[0] for r in rules]),
-    )
-    history: dict[str, list[tuple[datetime, dict[str, Any]]]] = {}
-    for subject, at, data in await cur.fetchall():
-        p = data.get("params")
-        if (
-            isinstance(p, dict)
-            and isinstance(p.get("from"), dict)
-            and isinstance(p.get("to"), dict)
-        ):
-            history.setdefault(subject, []).append((at, p))
     out = []
-    for rule_id, params, created in rules:
+    for rule_id, params, is_default, created_at in await cur.fetchall():
+        changes = await limit_changes(conn, user.account_id, rule_id, ch.id)
+        steps = history.steps(history.made(changes, is_default, created_at), params)
         for key, label in THRESHOLD_PARAMS.items():
-            changes = [
-                (at, p["from"].get(key), p["to"].get(key))
-                for at, p in history.get(rule_id, [])
-                if p["from"].get(key) != p["to"].get(key)
-            ]
-            if params.get(key) is None and not changes:
+            points = [(since, None if p is None else p.get(key)) for since, p in steps]
+            if all(v is None for _, v in points):
                 continue
-            out.append(
-                {
-                    "rule": rule_id,
-                    "label": label,
-                    "steps": _steps(created, params.get(key), changes, lo),
-                }
-            )
+            out.append({"rule": rule_id, "label": label, "steps": _steps(points, lo)})
     return out
 
 
