@@ -41,12 +41,12 @@ What it measures (in this order in the summary):
    the server's rule engine has judged every reading it stored (`pg.judged`:
    `alarm_dirty` empty), so the work a phase causes is counted in its own window:
    before stop 35 it was not, and with --baseline-rev the two servers share
-   PostgreSQL, so the engine work one side left behind (the baseline's lagged) was
-   counted in the other's window (docs/ingest-cost.md, stop 35). An MQTT window
-   opens on a steady stream (after its warm-up) and each side runs on its own, so the
-   work left at its end is about what was left at its start. COPY's CPU per row (PostgreSQL only) is the floor beside
-   it; BASELINE_CPU_US is the figure of the code when issue 14 began, and the targets
-   are shares of it.
+   PostgreSQL, so the engine work one side left behind was counted in the other's
+   window (docs/ingest-cost.md, stop 35). An MQTT window opens on a steady stream
+   (after its warm-up) and each side runs on its own, so the work left at its end is
+   about what was left at its start. COPY's CPU per row (PostgreSQL only) is the
+   floor beside it; BASELINE_CPU_US is the figure of the code when issue 14 began, and
+   the targets are shares of it.
 7. The writing statement part by part: BATCH_SQL (storage/batcher.py) and its pieces
    (the INSERT alone; + write.py's DIRTY_SQL, its alarm_dirty rows left from the
    statement before or claimed in between; + rollups.py's LATE_CTE; + last_seen_at;
@@ -972,7 +972,7 @@ OFF = ("0", "false", "no", "off")
 
 
 def judged_line(s: Stats) -> str:
-    if not s.drain_s:
+    if s.drain_s is None:
         return "the rule engine is off (OPENSENSE_ALARMS_ENABLED): the window ends with the load"
     return f"every reading judged {s.drain_s:.1f} s after the load (in the CPU window)"
 

@@ -56,7 +56,7 @@ class Stats:
     sample: str = ""
     elapsed: float = 0.0
     cpu: CpuUse | None = None
-    drain_s: float = 0.0  # after the load, until the server had judged every reading
+    drain_s: float | None = None  # after the load, until every reading was judged
 
     @property
     def requests(self) -> int:
