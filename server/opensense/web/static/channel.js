@@ -48,8 +48,10 @@
     ];
     d.thresholds.forEach(function (th) {
       data.push(xs.map(function (t) { return stepAt(th.steps, t); }));
+      // a limit is a line, not readings: no point markers (uPlot draws one at every x
+      // where there is room, so a limit over a few hours of buckets was a row of circles)
       series.push({ label: th.label, stroke: "#b3261e", width: 1, dash: [6, 4], value: fmt,
-        paths: uPlot.paths.stepped({ align: 1 }) });
+        paths: uPlot.paths.stepped({ align: 1 }), points: { show: false } });
     });
     function fmt(u, v) { return v == null ? "–" : v.toFixed(1) + " " + unit; }
     var opts = {
