@@ -7,13 +7,14 @@ before it was made."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
 import psycopg
 import pytest
 
+from opensense.alarms import history
 from opensense.api.jsonutil import rfc3339
 from opensense.reports import data as rd
 from opensense.reports import load
@@ -83,3 +84,43 @@ async def test_a_default_rules_limits_hold_from_the_start_and_a_channel_patch_fr
     assert report[0] == rd.Threshold(None, -2.0, 5.0)
     assert [(x.since, x.ok_min, x.ok_max) for x in report[1:]] == [(changed.timestamp(), -2.0, 4.0)]
     assert report[1].who.startswith("tok_")
+
+
+def test_the_history_of_each_route_a_rule_is_made_and_changed_by() -> None:
+    """alarms/history.py from audit rows alone: a PATCH /v1/channels that made the
+    channel's range rule (no rule before: `from` null) starts it there; one that
+    changed it steps it; rows that changed no limit are not steps; a rule without a
+    row of its making starts at its `created_at` unless it is a channel's default."""
+    t = [datetime(2026, 12, 1, h, tzinfo=UTC) for h in range(6)]
+    made_by_patch = history._change(
+        t[1], "tok_a", "channel.update",
+        {"rule": {"id": "rul_x", "from": None, "to": {"params": {"ok_max": 5}, "grace_min": 15}}},
+    )  # fmt: skip
+    changed_by_patch = history._change(
+        t[2], "tok_a", "channel.update",
+        {"rule": {"id": "rul_x", "from": {"params": {"ok_max": 5}, "grace_min": 15},
+                  "to": {"params": {"ok_max": 4}, "grace_min": 15}}},
+    )  # fmt: skip
+    changed_by_rule = history._change(
+        t[3], "cli:chef", "rule.update", {"params": {"from": {"ok_max": 4}, "to": {"ok_max": 6}}}
+    )
+    assert (
+        history._change(t[4], "tok_a", "channel.update", {"name": {"from": "a", "to": "b"}}) is None
+    )
+    assert (
+        history._change(t[4], "tok_a", "rule.update", {"grace_min": {"from": 5, "to": 9}}) is None
+    )
+    changes = [c for c in (made_by_patch, changed_by_patch, changed_by_rule) if c is not None]
+    assert len(changes) == 3
+    assert history.steps(changes, {"ok_max": 6}) == [
+        (None, None), (t[1], {"ok_max": 5}), (t[2], {"ok_max": 4}), (t[3], {"ok_max": 6})
+    ]  # fmt: skip
+    # a rule put in by hand (no row of its making): from its created_at; a default
+    # rule (made with its channel): from the beginning
+    updated = [c for c in (changed_by_rule,) if c is not None]
+    assert history.steps(history.made(updated, False, t[0]), {"ok_max": 6}) == [
+        (None, None), (t[0], {"ok_max": 4}), (t[3], {"ok_max": 6})
+    ]  # fmt: skip
+    assert history.steps(history.made(updated, True, t[0]), {"ok_max": 6}) == [
+        (None, {"ok_max": 4}), (t[3], {"ok_max": 6})
+    ]  # fmt: skip
