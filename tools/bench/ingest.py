@@ -962,13 +962,11 @@ def phase_line(s: Stats, ceiling: float | None) -> str:
 def judged_by(dsn: str) -> Callable[[], Awaitable[None]] | None:
     """What a phase's window waits for after its load: the rule engine's judgement of
     every reading (`pg.judged`), unless the servers run without it
-    (OPENSENSE_ALARMS_ENABLED=false, read as the server reads it): then nothing would
-    ever judge them."""
-    off = os.environ.get("OPENSENSE_ALARMS_ENABLED", "").strip().lower() in OFF
-    return None if off else functools.partial(pg.judged, dsn)
-
-
-OFF = ("0", "false", "no", "off")
+    (OPENSENSE_ALARMS_ENABLED, read as the server reads it): then nothing would ever
+    judge them."""
+    if not Config.from_env().alarms_enabled:
+        return None
+    return functools.partial(pg.judged, dsn)
 
 
 def judged_line(s: Stats) -> str:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from psycopg import AsyncConnection
 
@@ -79,7 +79,9 @@ async def limit_changes(
     return [c for row in await cur.fetchall() if (c := _change(*row[:4])) is not None]
 
 
-Step = tuple[datetime | None, dict[str, Any] | None]
+class Step(NamedTuple):
+    since: datetime | None  # None: from the beginning (a default rule)
+    params: dict[str, Any] | None  # None: no such rule yet (`made`)
 
 
 def made(changes: list[LimitChange], is_default: bool, created_at: datetime) -> list[LimitChange]:
@@ -94,15 +96,14 @@ def made(changes: list[LimitChange], is_default: bool, created_at: datetime) -> 
 
 
 def steps(changes: list[LimitChange], current: dict[str, Any]) -> list[Step]:
-    """The rule's params over time as (since, params), oldest first: since None is
-    "from the beginning" (a default rule), params None "no such rule yet" (`made`).
-    `current`: the rule's params now."""
+    """The rule's params over time, oldest first: one step before the changes, then
+    one at each (made by its `actor`). `current`: the rule's params now."""
     out: list[Step] = []
     # walk back from the params in force now
     params: dict[str, Any] | None = current
     for c in reversed(changes):
-        out.append((c.at, params))
+        out.append(Step(c.at, params))
         params = None if c.made else c.before
-    out.append((None, params))
+    out.append(Step(None, params))
     out.reverse()
     return out

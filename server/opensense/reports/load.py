@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 
-from ..alarms.history import limit_changes, made
+from ..alarms.history import limit_changes, made, steps
 from ..errors import ApiError
 from ..kinds import KINDS
 from ..storage import read
@@ -74,22 +74,22 @@ async def _thresholds(
     if rule is None:
         return ()
     rule_id, params, created_at, is_default = rule
-    # walk back from the current values: the values in force at `end`, then at each
-    # change (alarms/history.py: both routes a rule's limits change by)
-    history: list[rd.Threshold] = []
-    current = _limits(params)
-    changes = await limit_changes(conn, account_id, rule_id, channel_id)
-    for c in reversed(made(changes, is_default, created_at)):
-        at = c.at.timestamp()
-        if at < start:
-            break
-        if at < end:
-            history.append(rd.Threshold(at, *current, who=c.actor))
-        current = (None, None) if c.made else _limits(c.before)
-    first = rd.Threshold(None, *current)
     if created_at.timestamp() >= end:
         return ()
-    return (first, *reversed(history))
+    # the limits in force at `start`, then each change in the period, and who made it
+    # (alarms/history.py: both routes a rule's limits change by)
+    changes = await limit_changes(conn, account_id, rule_id, channel_id)
+    first: tuple[float | None, float | None] = (None, None)
+    history: list[rd.Threshold] = []
+    changes = made(changes, is_default, created_at)
+    whos = ["", *(c.actor for c in changes)]  # who made each step
+    for x, who in zip(steps(changes, params), whos, strict=True):
+        at = x.since.timestamp() if x.since is not None else None
+        if at is None or at < start:
+            first = _limits(x.params)
+        elif at < end:
+            history.append(rd.Threshold(at, *_limits(x.params), who=who))
+    return (rd.Threshold(None, *first), *history)
 
 
 class Site(NamedTuple):

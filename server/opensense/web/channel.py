@@ -174,7 +174,7 @@ async def thresholds(
         changes = await limit_changes(conn, user.account_id, rule_id, ch.id)
         steps = history.steps(history.made(changes, is_default, created_at), params)
         for key, label in THRESHOLD_PARAMS.items():
-            points = [(since, None if p is None else p.get(key)) for since, p in steps]
+            points = [(x.since, None if x.params is None else x.params.get(key)) for x in steps]
             if all(v is None for _, v in points):
                 continue
             out.append({"rule": rule_id, "label": label, "steps": _steps(points, lo)})
