@@ -20,6 +20,14 @@ from .fixtures.server import World
 pytestmark = pytest.mark.db
 
 
+@pytest.fixture
+def dsn(new_database: Any) -> str:
+    """A database of each test's own (not the session's): compaction packs the closed
+    days of every channel in the database, so another test's old readings there were
+    counted too (seen in the suite: `moved` 3,600 for this module's 2,880)."""
+    return str(new_database())
+
+
 def day_start(days_ago: int, now: datetime) -> datetime:
     d = (now - timedelta(days=days_ago)).date()
     return datetime(d.year, d.month, d.day, tzinfo=UTC)

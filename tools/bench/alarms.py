@@ -48,6 +48,7 @@ from _lib.cpu import process_cpu as _cpu
 from _lib.procs import Serve, free_port
 from _lib.report import percentile, ratio, say, verdict
 from opensense.alarms import evaluator
+from opensense.db import arrays
 from opensense.ids import new_id
 from opensense.storage.batcher import BATCH_SQL
 
@@ -139,7 +140,17 @@ async def write(
     """Readings committed through the server's own write statement, as the group-commit
     writer does: each commit wakes the evaluator exactly as ingest does."""
     now = datetime.now(UTC)
-    await conn.execute(BATCH_SQL, {"nums": nums, "ts": ts, "vals": vals, "now": now, "devices": []})
+    # no channel offered to the writer's calm look-up (storage/batcher.py CALM_CTE):
+    # every reading is the engine's, whose latency this measures
+    params = {
+        "nums": nums,
+        "ts": ts,
+        "vals": vals,
+        "now": now,
+        "devices": [],
+        "calm": arrays.int4s([]),
+    }
+    await conn.execute(BATCH_SQL, params)
 
 
 async def _passes(

@@ -297,6 +297,7 @@ def decisions(dsn: str, nums: list[int]) -> list[Any]:
 
 
 async def run(frame: runner.Frame, args: argparse.Namespace) -> None:
+    from opensense.db import arrays
     from opensense.storage.batcher import BATCH_SQL
 
     n = args.channels or (32 if args.quick else 256)
@@ -338,7 +339,16 @@ async def run(frame: runner.Frame, args: argparse.Namespace) -> None:
                         now = t0 + timedelta(minutes=(k + 2) * m)
                         await conn.execute(
                             BATCH_SQL,
-                            {"nums": ns, "ts": ts, "vals": vals, "now": now, "devices": []},
+                            # no channel offered to the writer's calm look-up
+                            # (storage/batcher.py CALM_CTE): every reading is the engine's
+                            {
+                                "nums": ns,
+                                "ts": ts,
+                                "vals": vals,
+                                "now": now,
+                                "devices": [],
+                                "calm": arrays.int4s([]),
+                            },
                         )
                         res = await asyncio.to_thread(ask, s, now)
                         if res["readings"] != len(ns):

@@ -123,6 +123,7 @@ from _lib.procs import Serve, free_port, watched
 from _lib.profile import PgPerf, PgProfile, PySpy, Summary, pg_table, table
 from _lib.report import banner, fmt, percentile, say, verdict
 from opensense import db
+from opensense.db import arrays
 from opensense.demo import simulated
 from opensense.settings import Config
 from opensense.storage import compaction
@@ -685,6 +686,9 @@ async def variants(
                                     **columns(variant_rows(first, b, i, t0 + rnd * round_span)),
                                     "now": now + timedelta(milliseconds=tick),
                                     "devices": devices[:k],
+                                    # the calm look-up (CALM_CTE) offered nothing: its
+                                    # cost is the fleet's (tools/bench/fleet)
+                                    "calm": arrays.int4s([]),
                                 }
                             )
                         await checkpoint(dsn)

@@ -3,10 +3,19 @@
 Wake-up: the statement that stores readings also upserts `alarm_dirty` (channel,
 earliest new timestamp), and a trigger NOTIFYs at commit. An evaluator takes dirty
 rows with FOR UPDATE SKIP LOCKED, locks the channels' `alarm_state` rows (the "one
-evaluator per channel" guarantee across processes), feeds the new readings to the
-engine in timestamp order, applies the transitions through the lifecycle function
-and saves the state — all in one transaction: a crash rolls everything back,
-including the claim on the dirty rows, so nothing is judged twice or never.
+evaluator per channel" guarantee across processes; SKIP LOCKED too: a channel whose
+row is held elsewhere is marked again and judged by a later pass, so a pass never
+waits for a batch writer that may be waiting for the pass's claims), feeds the new
+readings to the engine in timestamp order, applies the transitions through the
+lifecycle function and saves the state — all in one transaction: a crash rolls
+everything back, including the claim on the dirty rows, so nothing is judged twice
+or never.
+
+Calm readings (migration 0032): the save also writes the channel's calm band
+(`calm_band`: the values none of which can move its rules from ok) with the
+`meta_rev` it holds at; the batch writer settles an established channel's readings
+in that band itself (storage/batcher.py CALM_CTE), moving `last_ts` past the rules'
+own last readings. A pass going on from there takes its checkpoint there (`_run`).
 
 Late readings (older than what the channel has been judged up to) rewind the
 channel to the last checkpoint before them and replay; event steps are idempotent
@@ -28,9 +37,11 @@ from __future__ import annotations
 import asyncio
 import bisect
 import dataclasses
+import functools
 import itertools
 import json
 import logging
+import math
 import operator
 import time
 from collections.abc import Callable, Sequence
@@ -180,6 +191,30 @@ class Meta:
     device_id: str
     tz: ZoneInfo
     rules: list[Rule]
+
+    @functools.cached_property
+    def band(self) -> tuple[float, float] | None:
+        """`calm_band` of the rules (built once: Meta never changes after it is made)."""
+        return calm_band(self.rules)
+
+
+def calm_band(rules: Sequence[Rule]) -> tuple[float, float] | None:
+    """The values no reading of which can move any of these rules from ok, whatever
+    their state's times (migration 0032): every rule's kind has a band
+    (RuleBehaviour.band: judged by the value alone) and none has a time window (whose
+    limits change with the time); the band is where theirs overlap. None: some rule
+    is judged by more than the value, so every reading is the engine's. With no rule
+    at all every value is calm."""
+    low, high = -math.inf, math.inf
+    for r in rules:
+        b = rule_kinds.BEHAVIOURS.get(r.kind)
+        if b is None or b.band is None or r.windows:
+            return None
+        got = b.band(r.params)
+        if got is None:
+            return None
+        low, high = max(low, got[0]), min(high, got[1])
+    return low, high
 
 
 def _windows(r: dict[str, Any]) -> tuple[Window, ...]:
@@ -478,14 +513,27 @@ async def evaluate_dirty(
                 " ORDER BY c.num ON CONFLICT DO NOTHING RETURNING channel_num",
                 (packed_nums,),
             )
+            # SKIP LOCKED: a pass never waits for a lock another transaction holds on a
+            # state row. The batch writer locks the rows of the channels it settles
+            # (storage/batcher.py CALM_CTE) and waits for this pass's claims on
+            # alarm_dirty; were a pass to wait here in turn, the two could deadlock.
             await scur.execute(
-                STATE_SQL + " WHERE channel_num = ANY(%b) ORDER BY channel_num FOR UPDATE",
+                STATE_SQL
+                + " WHERE channel_num = ANY(%b) ORDER BY channel_num FOR UPDATE SKIP LOCKED",
                 (packed_nums,),
             )
             # only those not held at their meta_rev, which the lock above fixes
             revs = [hit[0] if (hit := held.get(n)) is not None else None for n in nums]
             await mcur.execute(META_STALE_SQL, (packed_nums, arrays.int8s(revs)))
         states = {r.channel_num: r for r in await scur.fetchall()}
+        busy: list[int] = []  # claimed, their state row locked elsewhere: marked again
+        if len(states) < len(nums):
+            bcur = await conn.execute(
+                "SELECT channel_num FROM alarm_state WHERE channel_num = ANY(%s)"
+                " ORDER BY channel_num",
+                ([n for n in nums if n not in states],),
+            )
+            busy = [int(r[0]) for r in await bcur.fetchall()]  # (the rest: no channel)
         # A state row made by this pass is not kept: a rule edit that commits after
         # the rules were read below, before this pass commits, finds no row for its
         # trigger to move (this one is not visible to it yet), so its `meta_rev`
@@ -495,8 +543,9 @@ async def evaluate_dirty(
         keep = metas.put
 
         def kept(m: Meta) -> None:
-            if m.num not in made:
-                keep(m, states[m.num].meta_rev)
+            row = states.get(m.num)  # (None: locked elsewhere, not judged here)
+            if m.num not in made and row is not None:
+                keep(m, row.meta_rev)
 
         meta = _meta_rows(await mcur.fetchall(), kept)
         for num, (rev, m) in held.items():
@@ -510,7 +559,7 @@ async def evaluate_dirty(
         lower = {num: p.lower for num, p in plans.items()}
         readings = await _readings(conn, lower, per_channel)
         saves: list[Save] = []
-        remarks: list[tuple[int, datetime]] = []
+        remarks: list[tuple[int, datetime]] = [(n, dirty[n]) for n in busy]
         pending: list[AuditEntry] = []
         for num, p in plans.items():
             rs = readings.get(num, [])
@@ -520,7 +569,8 @@ async def evaluate_dirty(
                 st.deferred += 1  # not started: judged by the next pass, from where it was
                 remarks.append((num, dirty[num]))
                 continue
-            ran = await _run(conn, meta[num], p, rs, now, st, pending, deadline)
+            band_rev = None if num in made else states[num].meta_rev
+            ran = await _run(conn, meta[num], p, rs, now, st, pending, deadline, band_rev)
             if ran is None:
                 continue  # logged; the channel's next reading brings these back
             row, fed = ran
@@ -537,7 +587,8 @@ async def evaluate_dirty(
             )
         await save(conn, saves, now)
         await write_audit(conn, pending)  # last: after every row lock of this pass
-        st.channels = max(st.channels, 1)  # the claim made progress: look again
+        if len(busy) < len(nums):  # the claim made progress: look again
+            st.channels = max(st.channels, 1)
     if recent is not None:  # committed: judged up to their last reading
         again = {n for n, _ in remarks}
         recent.judged([x.num for x in saves if x.num not in again])
@@ -672,13 +723,20 @@ async def _run(
     st: Stats,
     pending: list[AuditEntry],
     deadline: float,
+    rev: int | None = None,
 ) -> tuple[Save, int] | None:
     """Feed the readings, in slices, until done or past `deadline` (at least one
-    slice); apply the transitions; return the state row to save and how many
-    readings were fed."""
+    slice); apply the transitions; return the state row to save (with the calm band
+    at `rev`: `save_params`) and how many readings were fed."""
     states = {r.id: RuleState.from_json(p.rules_json.get(r.id)) for r in m.rules}
     events, checkpoints = p.events, p.checkpoints
     last = max((s.last_ts for s in states.values() if s.last_ts), default=None)
+    if p.judged_to is not None and p.lower == p.judged_to and (last is None or last < p.lower):
+        # going on from where the channel stands, which the batch writer moved past the
+        # rules' own last readings with calm ones (migration 0032): the states hold
+        # there too (a calm reading changes nothing but that time), so a checkpoint
+        # is taken there
+        last = p.lower
     prev = _last_checkpoint(p)
     if last is not None and (prev is None or last - prev >= CHECKPOINT_EVERY):
         # a copy of `events`: apply() changes the dict in place later in this pass, and a
@@ -693,7 +751,8 @@ async def _run(
     if calm is not None:
         st.readings += len(readings)
         st.calm += 1
-        return save_params(m, calm, events, checkpoints, readings[-1][0], p.stored), len(readings)
+        saved = save_params(m, calm, events, checkpoints, readings[-1][0], p.stored, rev)
+        return saved, len(readings)
     lookup = (
         engine._no_lookup
         if _SELF_ONLY_KINDS.issuperset([r.kind for r in m.rules])
@@ -739,7 +798,7 @@ async def _run(
         checkpoints.append(
             [upto.isoformat(), {k: s.to_json() for k, s in states.items()}, dict(events)]
         )
-    return save_params(m, states, events, checkpoints, upto, p.stored), fed
+    return save_params(m, states, events, checkpoints, upto, p.stored, rev), fed
 
 
 async def apply(
@@ -807,6 +866,10 @@ class Save:
     last_ts: datetime | None
     due_at: datetime | None
     status: str
+    # the channel's calm band (migration 0032) and the meta_rev it holds at (None: no
+    # band: the writer marks every reading for the engine)
+    calm: tuple[float, float] | None = None
+    calm_rev: int | None = None
 
 
 # One statement for every channel of a pass (rows locked by the pass already). The
@@ -825,10 +888,11 @@ UPDATE alarm_state s SET rules = x.rules, events = x.events,
           ORDER BY c.id DESC LIMIT 1)
     END,
   last_ts = greatest(s.last_ts, x.last_ts), due_at = x.due_at, status = x.status,
-  updated_at = %(now)s
+  calm_lo = x.calm_lo, calm_hi = x.calm_hi, calm_rev = x.calm_rev, updated_at = %(now)s
 FROM unnest(%(nums)b::int4[], %(rules)b::jsonb[], %(events)b::jsonb[], %(cp_mode)b::text[],
-    %(last_ts)b::timestamptz[], %(due_at)b::timestamptz[], %(status)b::text[])
-  AS x(num, rules, events, cp_mode, last_ts, due_at, status)
+    %(last_ts)b::timestamptz[], %(due_at)b::timestamptz[], %(status)b::text[],
+    %(calm_lo)b::float8[], %(calm_hi)b::float8[], %(calm_rev)b::int8[])
+  AS x(num, rules, events, cp_mode, last_ts, due_at, status, calm_lo, calm_hi, calm_rev)
 WHERE s.channel_num = x.num
 """
 
@@ -892,6 +956,9 @@ async def save(conn: AsyncConnection[Any], saves: list[Save], now: datetime) -> 
             "last_ts": arrays.opt_timestamptzs([x.last_ts for x in saves]),
             "due_at": arrays.opt_timestamptzs([x.due_at for x in saves]),
             "status": arrays.texts([x.status for x in saves]),
+            "calm_lo": arrays.opt_float8s([x.calm[0] if x.calm else None for x in saves]),
+            "calm_hi": arrays.opt_float8s([x.calm[1] if x.calm else None for x in saves]),
+            "calm_rev": arrays.int8s([x.calm_rev if x.calm else None for x in saves]),
         },
     )
 
@@ -912,10 +979,13 @@ def save_params(
     checkpoints: list[Any] | None,
     last_ts: datetime | None,
     stored: StateRow | None = None,
+    rev: int | None = None,
 ) -> Save:
     """The channel's row to save. `checkpoints`: all of them (`stored` None), or those
     added after the stored ones (`stored`: their summary), or None: left as stored.
-    Checkpoints more than CHECKPOINT_KEEP before `last_ts` are dropped."""
+    Checkpoints more than CHECKPOINT_KEEP before `last_ts` are dropped. `rev`: the
+    `meta_rev` of the locked row the rules `m` holds were read at, which the calm band
+    is saved with (None: none saved; a row this pass made, see `evaluate_dirty`)."""
     cutoff = last_ts - CHECKPOINT_KEEP if last_ts is not None else None
     mode, cps = "keep", None
     if checkpoints is not None and stored is None:
@@ -942,6 +1012,8 @@ def save_params(
         last_ts,
         min(dues) if dues else None,
         engine.channel_status(m.rules, states),
+        m.band if rev is not None else None,
+        rev,
     )
 
 
@@ -971,7 +1043,8 @@ async def tick_due(pool: AsyncConnectionPool, now: datetime, limit: int = 500) -
                 trs.extend(out)
             trs.sort(key=lambda t: t.at)
             await apply(conn, m, trs, events, now, pending)
-            saves.append(save_params(m, states, events, None, None))  # checkpoints kept
+            # (checkpoints kept)
+            saves.append(save_params(m, states, events, None, None, rev=row.meta_rev))
             n += len(trs)
         await save(conn, saves, now)
         await write_audit(conn, pending)

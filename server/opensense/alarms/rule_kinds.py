@@ -14,6 +14,7 @@ sees a rule and its state through the two small protocols below, which the engin
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -48,6 +49,13 @@ Breach = Callable[["Rule", Params, "RuleState", datetime, float, "Lookup"], "boo
 # (params: the rule's own)? True lets the engine pass a run of such readings at once
 # (engine.calm_run); False or no `calm` at all: each reading is judged by `breach`.
 Calm = Callable[[Params, float, float], bool]
+# The values [low, high] (floats, ±inf for no bound) of which `breach` says False
+# whatever the state, the time or the other channels (params: the rule's own), for a
+# kind judged by the value alone; None: these params give no such band. The batch
+# writer stores a reading in it without the engine while every rule of the channel is
+# in ok (migration 0032; storage/batcher.py CALM_CTE), so the band must never hold a
+# value `breach` would refuse: tests/test_calm_band.py holds each band to `breach`.
+Band = Callable[[Params], "tuple[float, float] | None"]
 
 
 def no_history(_params: Params) -> timedelta:
@@ -74,6 +82,10 @@ class RuleBehaviour:
     # (a kind whose breach reads only the reading's value): see `Calm`. None: a kind
     # that reads the history, the time or another channel.
     calm: Calm | None = None
+    # The kind's band of values that cannot breach (`Band`). None: a kind whose
+    # judgement reads more than the value (the history, the time, another channel),
+    # whose readings are all the engine's.
+    band: Band | None = None
 
 
 def _range(
@@ -86,6 +98,35 @@ def _range(
 def _range_calm(params: Params, lowest: float, highest: float) -> bool:
     lo, hi = params.get("ok_min"), params.get("ok_max")
     return (lo is None or lo <= lowest) and (hi is None or highest <= hi)
+
+
+def _inside(x: Any, up: bool) -> float | None:
+    """A bound as the float nearest it on the band's inside: the first float at or
+    above it (`up`) or the last at or below it, so that a float reading compares with
+    it as with the bound itself (an integer beyond 2**53 is not a float exactly). None:
+    not a number, or NaN."""
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return None
+    try:
+        f = float(x)
+    except OverflowError:
+        return None
+    if f != f:
+        return None
+    if up and f < x:
+        f = math.nextafter(f, math.inf)
+    elif not up and f > x:
+        f = math.nextafter(f, -math.inf)
+    return f
+
+
+def _range_band(params: Params) -> tuple[float, float] | None:
+    lo, hi = params.get("ok_min"), params.get("ok_max")
+    low = -math.inf if lo is None else _inside(lo, up=True)
+    high = math.inf if hi is None else _inside(hi, up=False)
+    if low is None or high is None:
+        return None
+    return low, high
 
 
 def _delta(
@@ -148,7 +189,7 @@ def _comparison(
 BEHAVIOURS: dict[str, RuleBehaviour] = {
     b.name: b
     for b in (
-        RuleBehaviour("range", _range, calm=_range_calm),
+        RuleBehaviour("range", _range, calm=_range_calm, band=_range_band),
         RuleBehaviour("delta", _delta, history=_delta_history),
         RuleBehaviour("derivative", _derivative, history=_derivative_history),
         RuleBehaviour("absence", _absence, gap=_absence_gap, calm=_never),

@@ -97,6 +97,16 @@ def float8s(values: Sequence[float]) -> Float8Array:
     return Float8Array(_header(701, n) + body)
 
 
+_FLOAT8 = struct.Struct(">id")
+
+
+def opt_float8s(values: Sequence[float | None]) -> Float8Array:
+    """`float8s` where None is NULL (its length -1, no value)."""
+    body = b"".join(_NULL if v is None else _FLOAT8.pack(8, v) for v in values)
+    flags = 1 if None in values else 0  # "has nulls", as array_send sets it
+    return Float8Array(_header(701, len(values), flags) + body)
+
+
 def _us(d: timedelta) -> int:
     return (d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds
 

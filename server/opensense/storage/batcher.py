@@ -18,7 +18,9 @@ nothing from waiting and stops paying it after a few tries; an idle server never
 lingers. A request waits at most `linger` more than before.
 
 Rollups are not written here (storage/rollups.py): the batch's statement stores the
-rows and logs the range of the late ones.
+rows and logs the range of the late ones. It also marks the channels for the rule
+engine, except the calm readings of channels written now and then, which it settles
+itself (CALM_CTE, `_Streams`; migration 0032).
 
 A batch that fails (a poisoned row) is retried request by request, so each request
 gets its own answer or its own error; a batch that fails because the database is away
@@ -35,11 +37,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from psycopg import errors
 from psycopg_pool import AsyncConnectionPool
 
 from .. import aio
+from ..db import arrays
 from . import rollups
 from .write import (
     DIRTY_SQL,
@@ -52,38 +56,143 @@ from .write import (
 
 log = logging.getLogger(__name__)
 
-# One statement, one transaction (autocommit): the rows, the rule engine's wake-up,
-# the late rows' ranges (storage/rollups.py), last_seen_at; answers the keys of the
-# rows that were stored already (resent readings: usually none), not those of the
-# new ones: a batch of 1,000 new readings no longer sends 1,000 keys back to be
-# parsed and matched (~2 µs a reading of the server's CPU, HTTP 32 a request)
-_REST = (
-    DIRTY_SQL
-    + rollups.LATE_CTE
-    + """
+# Calm readings (migration 0032; docs/alarms.md, "Calm readings"): a channel's new
+# readings are settled here, not marked for the rule engine, when its state row says
+# the engine left every rule of the channel in ok (`status`) with a band of values
+# none of which can move them, computed at the rules it has now (`calm_rev` is its
+# `meta_rev`: any change to the rules, the channel or its site moves that), and:
+# - they all lie in that band;
+# - they come after what was judged (`last_ts`), by more than CALM_QUIET_S (reading
+#   time);
+# - the engine has taken a checkpoint of the channel (its second pass does), and they
+#   end before its next one is due (10 minutes of readings after it:
+#   alarms/evaluator.py CHECKPOINT_EVERY; tests/test_calm_readings.py holds the two
+#   equal), so the engine still judges the channel, and takes one, that often: a late
+#   reading rewinds at most that far;
+# - no mark for the engine is waiting (an earlier reading of the channel is not judged
+#   yet: these must be judged after it).
+# Such a reading changes nothing of the state but the time it was judged up to, which
+# this statement moves, under the row's lock: SKIP LOCKED, so a writer never waits for
+# a rule-engine pass (which holds its channels' rows from claim to commit); a row
+# locked elsewhere is marked for the engine instead, as every other one is. The lock
+# taken on a row whose state a pass changed after this statement's snapshot sees the
+# changed row and checks it again (READ COMMITTED): a channel the engine just put in
+# grace is not settled. The `UPDATE` wakes the dashboards as a pass's save does
+# (migration 0026's trigger).
+#
+# Only the channels in %(calm)s are looked at (`_Streams`: those this writer stored no
+# reading of in the last CALM_QUIET_S of wall time). A channel written more often (a
+# stream, whatever its readings' own times) is cheaper to the engine, whose pass
+# judges everything a gather brought at once, than to this statement, which would
+# lock and update its state row in every batch: settling the HTTP bench's channels
+# (a reading each every ~80 ms, their times a minute apart) cost HTTP 32 a request
+# ~5 µs a reading more in PostgreSQL (docs/ingest-cost.md, stop 36).
+CALM_QUIET_S = 5.0
+CALM_CTE = f"""
+, calm AS (
+  SELECT a.channel_num, g.hi_ts FROM (
+      SELECT channel_num, min(ts) AS lo_ts, max(ts) AS hi_ts, min(value) AS lo_v,
+        max(value) AS hi_v
+      FROM ins WHERE channel_num = ANY(%(calm)b::int4[]) GROUP BY channel_num) g
+    JOIN alarm_state a ON a.channel_num = g.channel_num
+  WHERE a.status = 'ok' AND a.calm_rev = a.meta_rev
+    AND g.lo_v >= a.calm_lo AND g.hi_v <= a.calm_hi
+    AND g.lo_ts > a.last_ts + interval '{CALM_QUIET_S:g} seconds'
+    AND g.hi_ts < a.cp_last + interval '10 minutes'
+    AND NOT EXISTS (SELECT FROM alarm_dirty d WHERE d.channel_num = a.channel_num)
+  ORDER BY a.channel_num
+  FOR UPDATE OF a SKIP LOCKED
+), settled AS (
+  UPDATE alarm_state a SET last_ts = calm.hi_ts FROM calm
+  WHERE a.channel_num = calm.channel_num
+  RETURNING a.channel_num
+)"""
+# The marks for the engine, as storage/write.py DIRTY_SQL makes them, of the channels
+# not settled above
+CALM_DIRTY_SQL = DIRTY_SQL.replace(
+    "FROM ins GROUP BY",
+    "FROM ins WHERE channel_num NOT IN (SELECT channel_num FROM settled)\n  GROUP BY",
+)
+assert CALM_DIRTY_SQL != DIRTY_SQL
+
+# One statement, one transaction (autocommit): the rows, the rule engine's wake-up
+# (and calm readings settled: CALM_CTE), the late rows' ranges (storage/rollups.py),
+# last_seen_at; answers the keys of the rows that were stored already (resent
+# readings: usually none), not those of the new ones: a batch of 1,000 new readings no
+# longer sends 1,000 keys back to be parsed and matched (~2 µs a reading of the
+# server's CPU, HTTP 32 a request)
+_SEEN = """
 , seen AS (
   UPDATE devices SET last_seen_at = %(now)s WHERE id = ANY(%(devices)s)
     AND (last_seen_at IS NULL OR last_seen_at < %(now)s)
 )"""
-)
-BATCH_SQL = (
-    INSERT_CTE.format(order="", conflict=ON_CONFLICT)  # `_write` sorts the rows
-    + _REST
-    + """
+_ANSWER = """
 SELECT s.channel_num, s.ts FROM src s
 WHERE NOT EXISTS (SELECT FROM ins i WHERE i.channel_num = s.channel_num AND i.ts = s.ts)"""
-)
+
+
+def _statement(conflict: str, calm: bool, answer: str) -> str:
+    marks = CALM_CTE + CALM_DIRTY_SQL if calm else DIRTY_SQL
+    return (
+        INSERT_CTE.format(order="", conflict=conflict)  # `_write` sorts the rows
+        + marks
+        + rollups.LATE_CTE
+        + _SEEN
+        + answer
+    )
+
+
+BATCH_SQL = _statement(ON_CONFLICT, True, _ANSWER)
 # The first try of every batch: the same without ON CONFLICT DO NOTHING. Almost every
 # batch holds new readings only, and ON CONFLICT's speculative insertion looks each
 # row up in the primary key before inserting it (the insert looks it up again): 3.0
 # of the statement's 11 µs a reading at HTTP 32 (perf, docs/ingest-cost.md). Without
 # it the primary key alone refuses a row stored already: the statement fails whole
 # (nothing of it is kept), and the batch runs again as BATCH_SQL (`_write`).
-PLAIN_BATCH_SQL = (
-    INSERT_CTE.format(order="", conflict="")
-    + _REST
-    + "\nSELECT NULL::int4, NULL::timestamptz WHERE false"
-)
+_NOTHING = "\nSELECT NULL::int4, NULL::timestamptz WHERE false"
+PLAIN_BATCH_SQL = _statement("", True, _NOTHING)
+# The two without the calm look-up, for a batch that offers it no channel (`_Streams`:
+# all of them written in the last CALM_QUIET_S, a stream's batch): each of its channels
+# marked for the engine, as before migration 0032, and nothing of CALM_CTE to plan or
+# run (with it, such batches cost HTTP 32 a request ~1-2 µs a reading more)
+STREAM_BATCH_SQL = _statement(ON_CONFLICT, False, _ANSWER)
+PLAIN_STREAM_BATCH_SQL = _statement("", False, _NOTHING)
+
+
+class _Streams:
+    """When (monotonic) this writer last stored a reading of each channel, to tell a
+    stream (written again within `quiet_s`) from a channel written now and then: only
+    the latter are offered to CALM_CTE (`quiet`). A cost filter: the statement decides,
+    so a channel offered wrongly is only looked up for nothing, and one withheld is
+    marked for the engine as every reading was before. Bounded: emptied when it holds
+    MAX channels (then every channel is offered once)."""
+
+    MAX = 262144
+
+    def __init__(self, quiet_s: float = CALM_QUIET_S, clock: Any = time.monotonic) -> None:
+        self.quiet_s = quiet_s
+        self._clock = clock
+        self._last: dict[int, float] = {}
+
+    def quiet(self, rows: Sequence[Row]) -> list[int]:
+        """The channels of `rows` (sorted by channel) not written here in the last
+        `quiet_s`; all of them are written now."""
+        last = self._last
+        if len(last) > self.MAX:
+            last.clear()
+        now = self._clock()
+        since = now - self.quiet_s
+        out: list[int] = []
+        prev_num = -1
+        for r in rows:
+            num = r[0]
+            if num != prev_num:
+                before = last.get(num)
+                if before is None or before <= since:
+                    out.append(num)
+                last[num] = now
+                prev_num = num
+        return out
 
 
 @dataclass
@@ -153,6 +262,7 @@ class BatchWriter:
         self._collecting = asyncio.Lock()  # one writer gathers a batch at a time
         self._tasks: list[asyncio.Task[None]] = []
         self._seen_written: dict[str, datetime] = {}
+        self._streams = _Streams()
         self._active = 0  # batches taken from the queue and not yet written
         self.batches = 0
         self.requests = 0
@@ -250,18 +360,18 @@ class BatchWriter:
         rows.sort()  # by (channel, ts): no two rows share both, so value never decides
         now = max(job.now for job in batch)
         devices = sorted({job.device_id for job in batch if self._seen_due(job.device_id, job.now)})
-        params = {**columns(rows), "now": now, "devices": devices}
+        quiet = self._streams.quiet(rows)
+        params = {**columns(rows), "now": now, "devices": devices, "calm": arrays.int4s(quiet)}
+        plain, again = (
+            (PLAIN_BATCH_SQL, BATCH_SQL) if quiet else (PLAIN_STREAM_BATCH_SQL, STREAM_BATCH_SQL)
+        )
         self.attempts += 1
         async with self._pool.connection() as conn:  # autocommit: one statement, one transaction
             try:
-                cur = await execute_mending_partitions(
-                    conn, PLAIN_BATCH_SQL, params, rows, savepoint=False
-                )
+                cur = await execute_mending_partitions(conn, plain, params, rows, savepoint=False)
             except errors.UniqueViolation:  # a reading stored already: nothing was kept
                 self.resent += 1
-                cur = await execute_mending_partitions(
-                    conn, BATCH_SQL, params, rows, savepoint=False
-                )
+                cur = await execute_mending_partitions(conn, again, params, rows, savepoint=False)
             stored_already = await cur.fetchall()
         for num, ts in stored_already:
             counts[owner[(num, ts)]] -= 1

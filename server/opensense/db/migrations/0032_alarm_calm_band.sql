@@ -1,0 +1,21 @@
+-- The band of values that cannot move a channel's rules while they are all in `ok`
+-- (issue 14; docs/ingest-cost.md, stop 36; docs/alarms.md, "Calm readings").
+--
+-- A fleet's node sends one reading a channel a minute, almost always in range. The
+-- rule engine judged each such reading in a pass of its own (claim, lock, read back,
+-- judge, save): about 65 % of the CPU a message cost (tools/bench/fleet --no-engine).
+-- The batch writer now settles such a reading itself, in the statement that stores
+-- it (storage/batcher.py CALM_CTE), when the engine wrote, at its last save, that the
+-- channel's rules are all of a kind whose breach reads only the value (range), with
+-- no time window, and the band [calm_lo, calm_hi] within which no value breaches any
+-- of them; `calm_rev` is the `meta_rev` (migration 0028) that band was computed at, so
+-- any change to the rules, the channel or its site voids it. The writer checks, under
+-- the state row's lock (SKIP LOCKED: it never waits for the engine), that the channel
+-- is still `ok` at that `meta_rev`, that the readings are after what was judged and in
+-- the band, and moves `last_ts` on; anything else is marked for the engine as before.
+--
+-- Additive: the previous release neither reads nor writes these columns. A band left
+-- behind by it is harmless: the writer also requires `status = 'ok'` and the current
+-- `meta_rev`, and the band depends on the rules alone.
+ALTER TABLE alarm_state ADD COLUMN calm_lo float8, ADD COLUMN calm_hi float8,
+  ADD COLUMN calm_rev bigint;
