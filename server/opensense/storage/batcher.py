@@ -67,8 +67,8 @@ log = logging.getLogger(__name__)
 # - the engine has taken a checkpoint of the channel (its second pass does), and they
 #   end before its next one is due (10 minutes of readings after it:
 #   alarms/evaluator.py CHECKPOINT_EVERY; tests/test_calm_readings.py holds the two
-#   equal), so the engine still judges the channel, and takes one, that often: a late
-#   reading rewinds at most that far;
+#   equal), so the engine still judges the channel and takes a checkpoint about that
+#   often, and a late reading's rewind finds one as near as before;
 # - no mark for the engine is waiting (an earlier reading of the channel is not judged
 #   yet: these must be judged after it).
 # Such a reading changes nothing of the state but the time it was judged up to, which
