@@ -31,13 +31,12 @@ import pytest
 
 from opensense.alarms import engine, evaluator, rule_kinds
 from opensense.alarms.engine import RuleState
-from opensense.api.jsonutil import rfc3339
 from opensense.api.keys import POOL, WRITER
 from opensense.settings import Config
 from opensense.storage import batcher
 
 from .fixtures.clock import FakeClock
-from .fixtures.server import World, test_config
+from .fixtures.server import World, post_temperature, test_config
 
 # --- the band ------------------------------------------------------------------------
 
@@ -171,15 +170,7 @@ def _every_channel_offered(client: Any) -> None:
     client.app[WRITER]._streams.quiet_s = 0.0
 
 
-async def _post(client: Any, world: World, device: str, value: float, ts: datetime) -> str:
-    r = await client.post(
-        "/v1/ingest",
-        json={"device": device,
-              "measurements": [{"type": "temperature", "value": value, "ts": rfc3339(ts)}]},
-        headers=world.dev_auth(device),
-    )  # fmt: skip
-    assert r.status == 200, await r.text()
-    return str((await r.json())["channels"][0]["channel_id"])
+_post = post_temperature
 
 
 async def _judge(client: Any, clock: FakeClock) -> None:
@@ -187,13 +178,15 @@ async def _judge(client: Any, clock: FakeClock) -> None:
         pass
 
 
-async def _num(dsn: str, channel_id: str) -> int:
+async def _one(dsn: str, sql: str, arg: Any) -> Any:
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        row = await (
-            await conn.execute("SELECT num FROM channels WHERE id = %s", (channel_id,))
-        ).fetchone()
+        row = await (await conn.execute(sql, (arg,))).fetchone()
     assert row is not None
-    return int(row[0])
+    return row[0]
+
+
+async def _num(dsn: str, channel_id: str) -> int:
+    return int(await _one(dsn, "SELECT num FROM channels WHERE id = %s", channel_id))
 
 
 async def _state(dsn: str, num: int) -> dict[str, Any]:
@@ -250,12 +243,7 @@ async def test_a_calm_reading_is_settled_by_the_writer_and_wakes_the_dashboards(
 
 
 async def _channel_id(dsn: str, num: int) -> str:
-    async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        row = await (
-            await conn.execute("SELECT id FROM channels WHERE num = %s", (num,))
-        ).fetchone()
-    assert row is not None
-    return str(row[0])
+    return str(await _one(dsn, "SELECT id FROM channels WHERE num = %s", num))
 
 
 @pytest.mark.db

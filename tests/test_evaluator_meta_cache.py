@@ -23,13 +23,12 @@ import psycopg
 import pytest
 
 from opensense.alarms import evaluator
-from opensense.api.jsonutil import rfc3339
 from opensense.api.keys import POOL
 from opensense.settings import Config
 from opensense.web import board
 
 from .fixtures.clock import FakeClock
-from .fixtures.server import World, test_config
+from .fixtures.server import World, post_temperature, test_config
 
 
 @pytest.fixture
@@ -37,15 +36,7 @@ def config(clock: FakeClock) -> Config:
     return test_config(clock, alarms_enabled=False, ingest_rate_per_min=10_000)
 
 
-async def _send(client: Any, world: World, device: str, value: float, at: Any) -> str:
-    r = await client.post(
-        "/v1/ingest",
-        json={"device": device,
-              "measurements": [{"type": "temperature", "value": value, "ts": rfc3339(at)}]},
-        headers=world.dev_auth(device),
-    )  # fmt: skip
-    assert r.status == 200, await r.text()
-    return str((await r.json())["channels"][0]["channel_id"])
+_send = post_temperature
 
 
 async def _pass(client: Any, clock: FakeClock, metas: evaluator.MetaCache) -> None:
