@@ -7,10 +7,12 @@ storage/batcher.py CALM_CTE; docs/alarms.md, "Calm readings").
   ago (a stream's it does not: a cost filter);
 - a reading of an established channel, in its band, more than CALM_QUIET_S after the
   last judged one and before the next checkpoint is due, moves the channel's judged
-  time without a mark for the engine (and wakes the dashboards);
+  time without a mark for the engine (and wakes the dashboards); a node at a reading
+  a minute is judged by the engine once every ten minutes;
 - every other one is marked as before: out of the band, too soon after the last,
-  past the checkpoint, after a waiting mark, late, after a rule or site change, with
-  the state row locked elsewhere (the writer does not wait for it);
+  past the checkpoint, a long run at once, after a waiting mark, late, after a rule
+  or site change, with the state row locked elsewhere (the writer does not wait for
+  it);
 - a pass does not wait for a state row locked elsewhere: it marks the channel again
   and judges it once the row is free;
 - over a day-like series (steady readings, an excursion into an alarm, its clearing,
@@ -119,7 +121,7 @@ def test_only_kinds_judged_by_the_value_alone_give_a_band() -> None:
 
 def test_the_writer_stops_where_the_engine_takes_its_next_checkpoint() -> None:
     assert evaluator.CHECKPOINT_EVERY == timedelta(minutes=10)
-    assert "a.cp_last + interval '10 minutes'" in batcher.CALM_CTE
+    assert "a.last_ts < a.cp_last + interval '10 minutes'" in batcher.CALM_CTE
     assert batcher.CALM_QUIET_S == 5.0 and "5 seconds" in batcher.CALM_CTE
     # a stream's batch (no channel offered) runs the statement without the look-up
     assert "calm AS" in batcher.BATCH_SQL and "calm AS" in batcher.PLAIN_BATCH_SQL
@@ -242,6 +244,26 @@ async def test_a_calm_reading_is_settled_by_the_writer_and_wakes_the_dashboards(
     assert (await evaluator.evaluate_dirty(client.app[POOL], clock())).channels == 0
 
 
+@pytest.mark.db
+async def test_a_node_at_a_reading_a_minute_is_judged_by_the_engine_every_ten_minutes(
+    client: Any, world: World, clock: FakeClock, dsn: str
+) -> None:
+    """Only the reading after which the engine's checkpoint is due is marked: the pass
+    takes it at the channel's judged time, so the next ten settle again (until the
+    writer looked at the readings' end, the one before it was marked too: two passes)."""
+    num, last = await _established(client, world, clock, dsn)  # checkpoint at last - 1 min
+    marked = []
+    for i in range(1, 26):
+        await _post(client, world, "fridge01", 3.0, last + timedelta(minutes=i))
+        if (await _state(dsn, num))["dirty"] is not None:
+            marked.append(i)
+        await _judge(client, clock)
+    assert marked == [10, 20]
+    s = await _state(dsn, num)
+    assert s["cp_last"] == last + timedelta(minutes=19)
+    assert s["last_ts"] == last + timedelta(minutes=25)
+
+
 async def _channel_id(dsn: str, num: int) -> str:
     return str(await _one(dsn, "SELECT id FROM channels WHERE num = %s", num))
 
@@ -249,8 +271,8 @@ async def _channel_id(dsn: str, num: int) -> str:
 @pytest.mark.db
 @pytest.mark.parametrize(
     "case",
-    ["out_of_band", "too_soon", "checkpoint_due", "mark_waiting", "late", "rule_changed",
-     "site_changed"],
+    ["out_of_band", "too_soon", "checkpoint_due", "long_run", "mark_waiting", "late",
+     "rule_changed", "site_changed"],
 )  # fmt: skip
 async def test_a_reading_the_writer_leaves_to_the_engine(
     client: Any, world: World, clock: FakeClock, dsn: str, case: str
@@ -261,8 +283,13 @@ async def test_a_reading_the_writer_leaves_to_the_engine(
         value = 5.5
     elif case == "too_soon":
         t = last + timedelta(seconds=5)
-    elif case == "checkpoint_due":
-        t = (await _state(dsn, num))["cp_last"] + timedelta(minutes=10)
+    elif case == "checkpoint_due":  # the last judged reading is 10 min after it
+        cp = (await _state(dsn, num))["cp_last"]
+        await _post(client, world, "fridge01", 4.0, cp + timedelta(minutes=10))
+        assert (await _state(dsn, num))["last_ts"] == cp + timedelta(minutes=10)  # settled
+        t = cp + timedelta(minutes=11)
+    elif case == "long_run":  # a node's buffer after an outage: ends 20 min after it
+        t = (await _state(dsn, num))["cp_last"] + timedelta(minutes=20)
     elif case == "mark_waiting":
         await _post(client, world, "fridge01", 9.0, last + timedelta(seconds=30))
     elif case == "late":

@@ -64,11 +64,17 @@ log = logging.getLogger(__name__)
 # - they all lie in that band;
 # - they come after what was judged (`last_ts`), by more than CALM_QUIET_S (reading
 #   time);
-# - the engine has taken a checkpoint of the channel (its second pass does), and they
-#   end before its next one is due (10 minutes of readings after it:
-#   alarms/evaluator.py CHECKPOINT_EVERY; tests/test_calm_readings.py holds the two
-#   equal), so the engine still judges the channel and takes a checkpoint about that
-#   often, and a late reading's rewind finds one as near as before;
+# - the engine has taken a checkpoint of the channel (its second pass does), and the
+#   channel's judged time (`last_ts`) is less than 10 minutes of readings past it
+#   (alarms/evaluator.py CHECKPOINT_EVERY; tests/test_calm_readings.py holds the two
+#   equal): from there the engine's next pass, going on from `last_ts`, takes its
+#   checkpoint at `last_ts` (`_run`), so it judges the channel once about every 10
+#   minutes of readings and a late reading's rewind finds a checkpoint as near as
+#   before. (Settling until the readings' end reached 10 minutes, as at first, left
+#   `last_ts` short of it: the pass found no checkpoint due and the next message
+#   went to the engine again, two passes every 10 minutes;)
+# - they end within 20 minutes of readings after the checkpoint: a long run at once
+#   (a node's buffer after an outage) goes to the engine;
 # - no mark for the engine is waiting (an earlier reading of the channel is not judged
 #   yet: these must be judged after it).
 # Such a reading changes nothing of the state but the time it was judged up to, which
@@ -98,7 +104,8 @@ CALM_CTE = f"""
   WHERE a.status = 'ok' AND a.calm_rev = a.meta_rev
     AND g.lo_v >= a.calm_lo AND g.hi_v <= a.calm_hi
     AND g.lo_ts > a.last_ts + interval '{CALM_QUIET_S:g} seconds'
-    AND g.hi_ts < a.cp_last + interval '10 minutes'
+    AND a.last_ts < a.cp_last + interval '10 minutes'
+    AND g.hi_ts < a.cp_last + interval '20 minutes'
     AND NOT EXISTS (SELECT FROM alarm_dirty d WHERE d.channel_num = a.channel_num)
   ORDER BY a.channel_num
   FOR UPDATE OF a SKIP LOCKED
