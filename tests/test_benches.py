@@ -285,6 +285,13 @@ def test_paholoop() -> None:
     assert float(thread) > 0 and float(loop) > 0 and float(ratio) > 0
 
 
+def test_listen(scratch_dsn: str) -> None:
+    out = run_bench("listen", "--dsn", scratch_dsn)
+    (former,) = figure(out, rf"^  psycopg notifies\(\) \(the baseline\) +{NUM} µs")
+    now, ratio = figure(out, rf"^  aio.listen \(libpq input\) +{NUM} µs +ratio {NUM}")
+    assert float(former) > 0 and float(now) > 0 and float(ratio) > 0
+
+
 def test_fleet(scratch_dsn: str) -> None:
     out = run_bench("fleet", "--dsn", scratch_dsn)
     summary = out[out.index("SUMMARY") :]
