@@ -326,18 +326,24 @@ async def store_fast(
     *,
     now: datetime,
     compact_after_days: int,
+    listed: bool = True,
 ) -> dict[str, Any]:
     """The common case: known channels, recent readings, no idempotency key. The
-    readings ride in the group-commit writer; anything else takes `store`."""
+    readings ride in the group-commit writer; anything else takes `store`. Not
+    `listed`: the answer without its `channels` (MQTT, which answers nothing on
+    success, counts only: 1.2 µs a 3-reading message less), unless `store` made it."""
     channels = dev.channels or {}
     oldest_open = packed_horizon(now, compact_after_days) + timedelta(days=1)
-    if any((e.kind, e.label) not in channels for e in entries) or any(
-        e.ts.date() < oldest_open for e in entries
-    ):
-        async with pool.connection() as conn:
-            return await store(conn, dev, entries, now=now, compact_after_days=compact_after_days)
+    for e in entries:  # (a loop, not two any() generators: 0.7 -> 0.3 µs, 3 readings)
+        if (e.kind, e.label) not in channels or e.ts.date() < oldest_open:
+            async with pool.connection() as conn:
+                return await store(
+                    conn, dev, entries, now=now, compact_after_days=compact_after_days
+                )
     rows = _rows(entries, channels)
     inserted = await writer.write(rows, dev.id, now)
+    if not listed:
+        return {"accepted": inserted, "deduplicated": len(entries) - inserted}
     return _answer(entries, channels, inserted)
 
 

@@ -215,6 +215,7 @@ class MqttIngest:
             batch.entries,
             now=now,
             compact_after_days=cfg.compact_after_days,
+            listed=False,
         )
         self.counters.stored += answer["accepted"]
         self.counters.deduplicated += answer["deduplicated"]
