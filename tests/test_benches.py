@@ -292,6 +292,19 @@ def test_listen(scratch_dsn: str) -> None:
     assert float(former) > 0 and float(now) > 0 and float(ratio) > 0
 
 
+def test_calmsql() -> None:
+    out = run_bench("calmsql")  # (its own embedded PostgreSQL: it loads auto_explain)
+    rounds = re.findall(
+        rf"^  round 1 .* statement +{NUM} µs, trigger +{NUM} µs \({NUM} ", out, re.M
+    )
+    assert len(rounds) == 2, out
+    for stmt, trig, settled in rounds:  # every reading settled, the trigger inside
+        assert 0 < float(trig) < float(stmt) and int(settled) > 0
+    figure(
+        out, rf"^  by channels.num \(0033\) +statement +{NUM} µs +trigger +{NUM} µs +ratio {NUM}"
+    )
+
+
 def test_fleet(scratch_dsn: str) -> None:
     out = run_bench("fleet", "--dsn", scratch_dsn)
     summary = out[out.index("SUMMARY") :]
