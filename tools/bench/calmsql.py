@@ -11,8 +11,8 @@ each with a state row the writer may settle: ok, its band -2..+5 °C at its curr
 `meta_rev`, judged an hour ago, its checkpoint there. Each statement is
 storage/batcher.py's PLAIN_BATCH_SQL with one in-band reading on each of 66 channels
 drawn at random (about one fleet batch: 22 messages of 3), all offered to the calm
-look-up: every one is settled, and the statement's UPDATE fires the live trigger on
-its 66 rows. auto_explain (durations only, nested statements) gives each statement's
+look-up: each is settled (but a channel drawn again within 5 s of reading time, which
+is marked), and the statement's UPDATE fires the live trigger on those rows. auto_explain (durations only, nested statements) gives each statement's
 time and its trigger query's inside it; a way's figure is the median over a round,
 and the rounds alternate the ways. Durations are executor wall time in the backend
 (one connection, nothing else running), not CPU; the fleet bench has the whole.

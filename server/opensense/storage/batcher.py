@@ -72,7 +72,7 @@ log = logging.getLogger(__name__)
 #   minutes of readings and a late reading's rewind finds a checkpoint as near as
 #   before. (Settling until the readings' end reached 10 minutes, as at first, left
 #   `last_ts` short of it: the pass found no checkpoint due and the next message
-#   went to the engine again, two passes every 10 minutes;)
+#   went to the engine again, two passes every 10 minutes.)
 # - they end within 20 minutes of readings after the checkpoint: a long run at once
 #   (a node's buffer after an outage) goes to the engine;
 # - no mark for the engine is waiting (an earlier reading of the channel is not judged
