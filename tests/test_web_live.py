@@ -257,6 +257,21 @@ async def test_stream_delivers_own_account_changes_only(app_client, dsn, worlds)
     resp.close()
 
 
+async def test_a_notification_may_name_several_ids() -> None:
+    """The hub reads "<account> <id> <id> …" as well as "<account> <id>" (a later
+    release's trigger may send one a statement and account), for accounts with a
+    stream only."""
+    hub = live.Hub(None, lambda: NOW)  # type: ignore[arg-type]  (no read: `changed` recorded)
+    calls: list[tuple[str, str]] = []
+    hub.changed = lambda acc, ident: calls.append((acc, ident))  # type: ignore[method-assign]
+    hub.streams["acc_a"] = []
+    await hub.on_note("acc_a chn_1 chn_2  dev_3")
+    await hub.on_note("acc_b chn_9 chn_8")  # no stream of acc_b here
+    await hub.on_note("acc_a chn_4")
+    await hub.on_note("acc_a")
+    assert calls == [("acc_a", "chn_1"), ("acc_a", "chn_2"), ("acc_a", "dev_3"), ("acc_a", "chn_4")]
+
+
 async def test_stream_ends_with_the_session_and_is_bounded(app_client, dsn, worlds, monkeypatch):
     a = worlds["a"]
     sid = await session(app_client, dsn, await owner_of(dsn, a["account"]))

@@ -143,9 +143,15 @@ class Hub:
             for acc in list(self.streams):
                 self.changed(acc, EVERYTHING)
             return
-        acc, _, ident = payload.partition(" ")
+        # "<account> <id>", or several ids: "<account> <id> <id> …" (ids hold no
+        # space). Read since issue 14's stop 37 so that a later release's trigger may
+        # send one notification a statement and account instead of one a channel
+        # (docs/dashboard.md, "What feeds it": the release before must read them)
+        acc, _, idents = payload.partition(" ")
         if acc in self.streams:
-            self.changed(acc, ident)
+            for ident in idents.split(" "):
+                if ident:
+                    self.changed(acc, ident)
 
     def changed(self, acc: str, ident: str) -> None:
         self.pending.setdefault(acc, set()).add(ident)
