@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _lib import pg  # noqa: E402
+from _lib.rounds import alternate  # noqa: E402
 
 WAYS = ("notifies", "listen")
 CHANNEL = "opensense_bench_listen"
@@ -141,18 +141,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"LISTEN: {transactions:,} transactions of {args.k} notifications a round;"
                 f" {pg.describe(dsn, not args.dsn)}"
             )
-            got: dict[str, list[float]] = {w: [] for w in WAYS}
-            for r in range(rounds):
-                for way in WAYS:
-                    got[way].append(one_round(way, dsn, transactions, args.k))
-                    print(
-                        f"  round {r + 1}  {way:<8}  {got[way][-1]:6.2f} µs a notification",
-                        flush=True,
-                    )
+            former, now = alternate(
+                WAYS,
+                rounds,
+                lambda way: one_round(way, dsn, transactions, args.k),
+                "µs a notification",
+                "6.2f",
+            )
         finally:
             if not args.dsn:
                 pg.stop_embedded(Path(tmp))
-    former, now = (statistics.median(got[w]) for w in WAYS)
     print()
     print("listener CPU a notification (median round)")
     print(f"  psycopg notifies() (the baseline)   {former:6.2f} µs")

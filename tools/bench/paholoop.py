@@ -27,7 +27,6 @@ import os
 import resource
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _lib.procs import free_port, stop_popen  # noqa: E402
+from _lib.rounds import alternate  # noqa: E402
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 PAYLOAD = b'{"measurements":[{"v":4.25,"ts":1},{"v":3.5,"ts":1},{"v":-18.0,"ts":1}]}'
@@ -217,16 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         proc, port, name = start_broker(Path(tmp))
         try:
             print(f"paho loop: {n:,} QoS 1 messages a round at {args.rate:,.0f}/s through {name}")
-            got: dict[str, list[float]] = {w: [] for w in WAYS}
-            for r in range(rounds):
-                for way in WAYS:
-                    got[way].append(one_round(way, port, n, args.rate))
-                    print(
-                        f"  round {r + 1}  {way:<6}  {got[way][-1]:7.1f} µs a message", flush=True
-                    )
+            thread, loop = alternate(
+                WAYS, rounds, lambda way: one_round(way, port, n, args.rate), "µs a message", "7.1f"
+            )
         finally:
             stop_popen(proc)
-    thread, loop = (statistics.median(got[w]) for w in WAYS)
     print()
     print("subscriber CPU a message (median round)")
     print(f"  thread (loop_start, the baseline)   {thread:7.1f} µs")
