@@ -93,6 +93,9 @@ def test_decode() -> None:
     for refused in (r"bad JSON \(NaN\)", r"bad value \(31st\)"):
         figure(out, rf"^{refused} +\d+ +{NUM} +{NUM} ")
     figure(out, rf"^32 channels +\d+ +{NUM} +{NUM} ")
+    rows = out[out.index("rows for the batch writer") :]
+    b, a, b_r, a_r = figure(rows, rf"^32 readings +{NUM} +{NUM} +{NUM} +{NUM} ")
+    assert float(a) > 0 and abs(float(a_r) * 32 - float(a)) <= 0.01 * 32 + 0.1
 
 
 def test_audit(pg_server: str) -> None:

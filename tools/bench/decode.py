@@ -26,8 +26,9 @@ alternate between the ways (so both meet the same noise), and the best round is
 kept (the least disturbed: a shared machine only ever adds time). Printed: µs per
 body and per reading, and after/before. The same is done for the answer's JSON
 (`jsonutil.dumps` and UTF-8 encoding as `web.json_response` does, against
-`ingest.routes.answer_body`) and for two refused bodies (bad JSON, a bad value),
-whose message must be the same both ways. Before timing, the bench checks that
+`ingest.routes.answer_body`), for the rows a batch hands the writer (the former
+loop, one `pipeline.channel_rows` call an entry, against `pipeline._rows`), and for
+two refused bodies (bad JSON, a bad value), whose message must be the same both ways. Before timing, the bench checks that
 both ways give equal batches and equal refusals.
 
     tools/bench/decode            # 2,000 bodies a round, 15 rounds (~45 s on a free core)
@@ -49,7 +50,7 @@ from typing import Any
 from _lib.report import ratio, say
 from opensense.api.jsonutil import dumps
 from opensense.errors import ApiError
-from opensense.ingest import routes, validate
+from opensense.ingest import pipeline, routes, validate
 from opensense.ingest.validate import Batch
 from opensense_contract import strictjson
 from opensense_contract.errors import WireError
@@ -191,6 +192,27 @@ def new(raw: bytes) -> Callable[[], Batch]:
     return lambda: validate.read_payload(raw, now=NOW, oldest=OLDEST)
 
 
+def before_rows(
+    entries: tuple[validate.Entry, ...], channels: dict[pipeline.ChannelKey, pipeline.Channel]
+) -> list[Any]:
+    """The former `pipeline._rows`: a `channel_rows` call (a Row in a list) an entry."""
+    rows: list[Any] = []
+    for i, e in enumerate(entries):
+        ch = channels[(e.kind, e.label)]
+        rows += pipeline.channel_rows(ch, e.unit, ((e.ts, e.value),), f"measurements[{i}].unit")
+    return rows
+
+
+def rows_of(k: int) -> list[Callable[[], list[Any]]]:
+    """The two ways of making the rows of the k-reading bench body's batch."""
+    entries = new(bench_body(k))().entries
+    channels = {
+        (e.kind, e.label): pipeline.Channel(f"chn_{j:026d}", 1000 + j, e.unit, 0.25)
+        for j, e in enumerate(entries)
+    }
+    return [lambda: before_rows(entries, channels), lambda: pipeline._rows(entries, channels)]
+
+
 def answers(ans: dict[str, Any]) -> list[Callable[[], bytes]]:
     return [lambda: before_answer(ans), lambda: routes.answer_body(ans)]
 
@@ -207,6 +229,8 @@ def same_results() -> str | None:
     for k in (32, 3, 1):
         if len({json.dumps(json.loads(f())) for f in answers(answer_of(k))}) != 1:
             return f"the answer of {k}: the two ways give different JSON"
+        if len({tuple(map(tuple, f())) for f in rows_of(k)}) != 1:
+            return f"the rows of {k}: the two ways give different rows"
     return None
 
 
@@ -248,6 +272,15 @@ def main(argv: list[str] | None = None) -> int:
         name = f"{k} channel{'s' if k > 1 else ''}"
         size = len(routes.answer_body(ans))
         say(f"{name:<18}{size:>6}{b:>12.1f}{a:>12.1f}   (x{ratio(a, b):.2f} time)")
+    say()
+    say("rows for the batch writer (entries -> rows), µs/batch and µs/reading")
+    for k in (32, 3, 1):
+        b, a = best_us(rows_of(k), n, rounds)
+        name = f"{k} reading{'s' if k > 1 else ''}"
+        say(
+            f"{name:<18}{'':>6}{b:>12.1f}{a:>12.1f}{b / k:>14.2f}{a / k:>14.2f}"
+            f"   (x{ratio(a, b):.2f} time)"
+        )
     say()
     say(
         f"{started:%Y-%m-%d %H:%MZ}, {os.cpu_count()} CPUs, load average "

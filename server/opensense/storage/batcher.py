@@ -49,7 +49,7 @@ from .write import (
     DIRTY_SQL,
     INSERT_CTE,
     ON_CONFLICT,
-    Row,
+    RowLike,
     columns,
     execute_mending_partitions,
 )
@@ -181,7 +181,7 @@ class _Streams:
         self._clock = clock
         self._last: dict[int, float] = {}
 
-    def quiet(self, rows: Sequence[Row]) -> list[int]:
+    def quiet(self, rows: Sequence[RowLike]) -> list[int]:
         """The channels of `rows` (sorted by channel) not written here in the last
         `quiet_s`; all of them are written now."""
         last = self._last
@@ -204,7 +204,7 @@ class _Streams:
 
 @dataclass
 class _Job:
-    rows: Sequence[Row]
+    rows: Sequence[RowLike]
     device_id: str
     now: datetime
     done: asyncio.Future[int] = field(
@@ -293,7 +293,7 @@ class BatchWriter:
         while self._active or not self._queue.empty():  # noqa: ASYNC110
             await asyncio.sleep(poll_s)
 
-    async def write(self, rows: Sequence[Row], device_id: str, now: datetime) -> int:
+    async def write(self, rows: Sequence[RowLike], device_id: str, now: datetime) -> int:
         """Store `rows` (recent days only); returns how many were new."""
         job = _Job(rows, device_id, now)
         self._linger.arrived(job.arrived)
@@ -353,7 +353,7 @@ class BatchWriter:
         # Keyed by (channel, ts) as datetimes: aware ones are equal (and hash alike) when
         # they are the same instant, whatever their offsets.
         owner: dict[tuple[int, datetime], int] = {}
-        rows: list[Row] = []
+        rows: list[RowLike] = []
         counts = [0] * len(batch)  # each request's rows of this statement, then its new ones
         for i, job in enumerate(batch):
             n = 0
