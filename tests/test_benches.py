@@ -308,6 +308,14 @@ def test_calmsql() -> None:
     )
 
 
+def test_marks() -> None:
+    out = run_bench("marks")
+    rounds = re.findall(rf"^  round 1  (.+?) +{NUM} µs a row .*, +{NUM} wall$", out, re.M)
+    assert [w for w, _, _ in rounds] == ["as the server runs it", "without the marks (floor)"]
+    assert all(float(c) > 0 and float(w) > 0 for _, c, w in rounds), out
+    figure(out, rf"^  the marks: -?{NUM} µs a row, -?\d+% of the statement's ")
+
+
 def test_fleet(scratch_dsn: str) -> None:
     out = run_bench("fleet", "--dsn", scratch_dsn)
     summary = out[out.index("SUMMARY") :]
