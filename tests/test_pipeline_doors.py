@@ -1,7 +1,8 @@
 """One pipeline for every door (issue 12): a reading from POST /v1/ingest, from MQTT
 (the MqttIngest both brokers hand their publishes to) and from the site gateway's
-batch door ends in the same function, `opensense.ingest.pipeline.channel_rows`, where
-it becomes a row of its channel (unit check, calibration offset). The test wraps that
+batch door ends in the same function, `opensense.ingest.pipeline.reading_row`, where
+it becomes a row of its channel (the calibration offset; each door checks the unit
+with `check_unit` before). The test wraps that
 one function, drives the three doors, sees each door's reading pass through it, and
 reads what was stored."""
 
@@ -29,14 +30,13 @@ async def test_http_mqtt_and_gateway_readings_end_in_the_same_pipeline_function(
     client: Any, world: World, dsn: str, clock: Any, monkeypatch: pytest.MonkeyPatch
 ):
     passed: list[tuple[str, float]] = []  # (channel id, value before the offset)
-    real = pipeline.channel_rows
+    real = pipeline.reading_row
 
-    def spy(channel: pipeline.Channel, unit: str, readings: Any, field: str) -> Any:
-        readings = list(readings)
-        passed.extend((channel.id, v) for _, v in readings)
-        return real(channel, unit, readings, field)
+    def spy(channel: pipeline.Channel, ts: Any, value: float) -> Any:
+        passed.append((channel.id, value))
+        return real(channel, ts, value)
 
-    monkeypatch.setattr(pipeline, "channel_rows", spy)
+    monkeypatch.setattr(pipeline, "reading_row", spy)
     now = clock().replace(microsecond=0)
     at = [now - timedelta(minutes=m) for m in (3, 2, 1)]
 

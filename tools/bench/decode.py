@@ -27,9 +27,10 @@ kept (the least disturbed: a shared machine only ever adds time). Printed: µs p
 body and per reading, and after/before. The same is done for the answer's JSON
 (`jsonutil.dumps` and UTF-8 encoding as `web.json_response` does, against
 `ingest.routes.answer_body`), for the rows a batch hands the writer (the former
-loop, one `pipeline.channel_rows` call an entry, against `pipeline._rows`), and for
-two refused bodies (bad JSON, a bad value), whose message must be the same both ways. Before timing, the bench checks that
-both ways give equal batches and equal refusals.
+loop, one call of the former `pipeline.channel_rows` an entry, a `Row` each, against
+`pipeline._rows`), and for two refused bodies (bad JSON, a bad value), whose message
+must be the same both ways. Before timing, the bench checks that both ways give equal
+batches, equal refusals and equal rows.
 
     tools/bench/decode            # 2,000 bodies a round, 15 rounds (~45 s on a free core)
     tools/bench/decode --quick    # 100 bodies a round, 3 rounds (a smoke run)
@@ -52,6 +53,7 @@ from opensense.api.jsonutil import dumps
 from opensense.errors import ApiError
 from opensense.ingest import pipeline, routes, validate
 from opensense.ingest.validate import Batch
+from opensense.storage.write import Row
 from opensense_contract import strictjson
 from opensense_contract.errors import WireError
 from opensense_contract.payload import json_type as _type
@@ -192,6 +194,15 @@ def new(raw: bytes) -> Callable[[], Batch]:
     return lambda: validate.read_payload(raw, now=NOW, oldest=OLDEST)
 
 
+def before_channel_rows(
+    channel: pipeline.Channel, unit: str, readings: Any, field: str
+) -> list[Row]:
+    """The former `pipeline.channel_rows`: the unit check, a `Row` a reading."""
+    if channel.unit != unit:
+        raise ApiError("invalid_measurement", f"{field} {unit!r} differs")
+    return [Row(channel.num, ts, value + channel.offset) for ts, value in readings]
+
+
 def before_rows(
     entries: tuple[validate.Entry, ...], channels: dict[pipeline.ChannelKey, pipeline.Channel]
 ) -> list[Any]:
@@ -199,7 +210,7 @@ def before_rows(
     rows: list[Any] = []
     for i, e in enumerate(entries):
         ch = channels[(e.kind, e.label)]
-        rows += pipeline.channel_rows(ch, e.unit, ((e.ts, e.value),), f"measurements[{i}].unit")
+        rows += before_channel_rows(ch, e.unit, ((e.ts, e.value),), f"measurements[{i}].unit")
     return rows
 
 

@@ -28,7 +28,7 @@ from ..ingest import pipeline
 from ..ingest.validate import MAX_FUTURE, check_value, make_entry, parse_ts
 from ..kinds import KINDS
 from ..presets import VERTICALS
-from ..storage.write import Row, insert_readings
+from ..storage.write import RowLike, insert_readings
 
 MAX_SERIES = 1000
 HEALTH_KEYS = ("queue_depth", "oldest_unsent_s", "uplink", "last_sync", "dead_letters")
@@ -435,7 +435,7 @@ async def ingest_batch(
             (device_id, kind, label): pipeline.Channel(*ch)
             for device_id, kind, label, *ch in await cur.fetchall()
         }
-        rows: list[Row] = []
+        rows: list[RowLike] = []
         spans: dict[str, Span] = {}  # device id -> its readings in this batch
         for i, s in enumerate(checked.series):
             dev = found.get(s.device)
