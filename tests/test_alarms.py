@@ -355,6 +355,35 @@ async def test_late_readings_after_a_six_hour_outage_open_events_at_true_times(s
     assert sorted(x["id"] for x in again) == sorted(x["id"] for x in evs)
 
 
+async def test_readings_waiting_for_the_engine_hold_back_the_grace_timer(setup, clock, smtp):
+    """A channel in grace whose newer readings are stored but not judged yet (a pass
+    still to come: the gather, a pass over its budget, a busy engine) is not ticked
+    into an alarm: grace ran out "with no new reading" only if none came. The pass
+    judges them; the tick acts when none is waiting."""
+    client, world, app = setup
+    await email_target(client, app, world, smtp, "waiting@example.test")
+    pool, now = app[POOL], clock()
+    t0 = now - timedelta(minutes=20)  # the excursion: grace 15 min, due 5 min ago
+    await ingest(client, world, clock, [3.0] * 5 + [9.0], start=t0 - timedelta(minutes=5))
+    while (await evaluator.evaluate_dirty(pool, now)).channels:
+        pass
+    # back in range a minute later: stored and marked for the engine, not judged yet
+    await ingest(client, world, clock, [3.0], start=t0 + timedelta(minutes=1))
+    assert await evaluator.tick_due(pool, now) == 0
+    await evaluate(app)
+    await send(app, client)
+    assert await events(client, world) == []
+    assert smtp.to("waiting@example.test") == []
+    # out of range again and nothing after it: the grace running out opens the alarm
+    t1 = now - timedelta(minutes=16)
+    await ingest(client, world, clock, [9.0], start=t1)
+    while (await evaluator.evaluate_dirty(pool, now)).channels:
+        pass
+    assert await evaluator.tick_due(pool, now) >= 1
+    (e,) = [x for x in await events(client, world) if x["kind"] == "range"]
+    assert e["started_at"] == rfc3339(t1) and e["alarm_at"] == rfc3339(t1 + timedelta(minutes=15))
+
+
 async def test_the_events_worst_value_counts_readings_after_it_opened(setup, clock):
     """Issue 18 item 5: grace 15 min, 8.0, 8.5 at +14 min and 9.7 at +21 min is an
     event whose worst value is 9.7 — in one request, split over two, and late."""
