@@ -432,13 +432,23 @@ class Recent:
 # The claim: the oldest marks first, settled for `settled` s, and not of a channel
 # judged in the last `gap` s (`recent`) unless marked that long ago. NOT IN over a
 # subquery: PostgreSQL hashes it once a statement (every dirty row is checked).
+# The marks to take are chosen and locked in a MATERIALIZED CTE, then deleted: as
+# `DELETE … WHERE channel_num IN (SELECT … LIMIT n FOR UPDATE SKIP LOCKED)` the
+# subquery could run again (a row the DELETE found changed since its snapshot is
+# checked again with the plan, subquery and all), each time sorting every mark and
+# locking a further n: under HTTP 32's load one claim took seconds of CPU and 2,048
+# marks at a limit of 128 (the pass then deferred 2,047 of them), while the writers
+# waited on the marks it held (docs/ingest-cost.md, stop 38). A CTE's rows are
+# computed once, so a claim takes `limit` marks at most (tests/test_alarm_claim.py).
 CLAIM_SQL = """
-DELETE FROM alarm_dirty WHERE channel_num IN (SELECT channel_num FROM alarm_dirty
+WITH pick AS MATERIALIZED (
+  SELECT channel_num FROM alarm_dirty
   WHERE marked_at <= clock_timestamp() - make_interval(secs => %(settled)s)
     AND (marked_at <= clock_timestamp() - make_interval(secs => %(gap)s)
          OR channel_num NOT IN (SELECT unnest(%(recent)b::int4[])))
   ORDER BY marked_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
-RETURNING channel_num, since, marked_at
+DELETE FROM alarm_dirty d USING pick WHERE d.channel_num = pick.channel_num
+RETURNING d.channel_num, d.since, d.marked_at
 """
 
 
