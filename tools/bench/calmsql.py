@@ -29,7 +29,6 @@ import random
 import re
 import statistics
 import sys
-import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -128,42 +127,36 @@ def main(argv: list[str] | None = None) -> int:
     n = args.statements or (10 if args.quick else 60)
     rounds = args.rounds or (1 if args.quick else 4)
     now = datetime.now(UTC).replace(microsecond=0)
-    with tempfile.TemporaryDirectory(prefix="opensense-calmsql-") as tmp:
-        try:
-            admin = pg.with_db(args.dsn, "postgres") if args.dsn else pg.embedded_admin(Path(tmp))
-            print(f"calm batch statement: {channels:,} channels, {BATCH} readings a statement;")
-            print(f"  {pg.describe(admin, not args.dsn)}")
-            with pg.scratch(admin, "opensense_bench_calmsql") as dsn:
-                pg.migrate(dsn)
-                nums = prepare(dsn, channels, now)
-                got: dict[str, list[tuple[float, float]]] = {w: [] for w in WAYS}
-                with psycopg.connect(dsn, autocommit=True) as conn:
-                    notes: list[str] = []
-                    conn.add_notice_handler(lambda d: notes.append(d.message_primary or ""))
-                    conn.execute("SET synchronous_commit = off")  # (the commit is not measured)
-                    conn.execute("LOAD 'auto_explain'")
-                    conn.execute("SET auto_explain.log_min_duration = 0")
-                    conn.execute("SET auto_explain.log_nested_statements = on")
-                    conn.execute("SET client_min_messages = log")
-                    # each round's readings more than CALM_QUIET_S after the last round's
-                    # and all within 10 minutes of the checkpoint: every one is settled
-                    t, step = now - timedelta(minutes=59), timedelta(seconds=0.1 * n + 6)
-                    if 2 * rounds * step >= timedelta(minutes=9):
-                        ap.error("--rounds x --statements too many: the checkpoint falls due")
-                    for r in range(rounds):
-                        for way, function in WAYS.items():
-                            conn.execute(function)
-                            stmt, trig, settled = one_round(conn, notes, nums, n, t, now)
-                            t += step
-                            got[way].append((stmt, trig))
-                            print(
-                                f"  round {r + 1}  {way:<36} statement {stmt:6.0f} µs,"
-                                f" trigger {trig:5.0f} µs ({settled} channels settled)",
-                                flush=True,
-                            )
-        finally:
-            if not args.dsn:
-                pg.stop_embedded(Path(tmp))
+    print(f"calm batch statement: {channels:,} channels, {BATCH} readings a statement;")
+    with pg.admin_server(args.dsn, "opensense-calmsql-") as admin:
+        with pg.scratch(admin, "opensense_bench_calmsql") as dsn:
+            pg.migrate(dsn)
+            nums = prepare(dsn, channels, now)
+            got: dict[str, list[tuple[float, float]]] = {w: [] for w in WAYS}
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                notes: list[str] = []
+                conn.add_notice_handler(lambda d: notes.append(d.message_primary or ""))
+                conn.execute("SET synchronous_commit = off")  # (the commit is not measured)
+                conn.execute("LOAD 'auto_explain'")
+                conn.execute("SET auto_explain.log_min_duration = 0")
+                conn.execute("SET auto_explain.log_nested_statements = on")
+                conn.execute("SET client_min_messages = log")
+                # each round's readings more than CALM_QUIET_S after the last round's
+                # and all within 10 minutes of the checkpoint: every one is settled
+                t, step = now - timedelta(minutes=59), timedelta(seconds=0.1 * n + 6)
+                if 2 * rounds * step >= timedelta(minutes=9):
+                    ap.error("--rounds x --statements too many: the checkpoint falls due")
+                for r in range(rounds):
+                    for way, function in WAYS.items():
+                        conn.execute(function)
+                        stmt, trig, settled = one_round(conn, notes, nums, n, t, now)
+                        t += step
+                        got[way].append((stmt, trig))
+                        print(
+                            f"  round {r + 1}  {way:<36} statement {stmt:6.0f} µs,"
+                            f" trigger {trig:5.0f} µs ({settled} channels settled)",
+                            flush=True,
+                        )
     print()
     print("median round: the statement, and the live trigger's query inside it")
     base = None

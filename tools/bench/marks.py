@@ -34,7 +34,6 @@ import argparse
 import random
 import statistics
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -138,33 +137,27 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (1 if args.quick else 6)
     now = datetime.now(UTC).replace(microsecond=0)
     got: dict[str, list[tuple[float, float]]] = {w: [] for w in WAYS}
-    with tempfile.TemporaryDirectory(prefix="opensense-marks-") as tmp:
-        try:
-            admin = pg.with_db(args.dsn, "postgres") if args.dsn else pg.embedded_admin(Path(tmp))
-            print(f"wake-up marks: {channels:,} channels, a reading each a statement;")
-            print(f"  {pg.describe(admin, not args.dsn)}")
-            with pg.scratch(admin, "opensense_bench_marks") as dsn:
-                pg.migrate(dsn)
-                nums = prepare(dsn, channels, now)
-                with psycopg.connect(dsn, autocommit=True) as conn:
-                    conn.execute("SET synchronous_commit = off")
-                    backend = Backend(conn)
-                    what = "backend CPU" if backend.cpu() is not None else "wall (no CPU here)"
-                    # the readings go on a minute a statement from a day ago: all new
-                    t = now - timedelta(days=1)
-                    for r in range(rounds):
-                        for way, sql in WAYS.items() if r % 2 == 0 else reversed(WAYS.items()):
-                            cpu, wall = one_round(conn, backend, sql, nums, n, t, now)
-                            t += timedelta(minutes=n)
-                            got[way].append((cpu, wall))
-                            print(
-                                f"  round {r + 1}  {way:<28} {cpu:6.2f} µs a row {what},"
-                                f" {wall:6.2f} wall",
-                                flush=True,
-                            )
-        finally:
-            if not args.dsn:
-                pg.stop_embedded(Path(tmp))
+    print(f"wake-up marks: {channels:,} channels, a reading each a statement;")
+    with pg.admin_server(args.dsn, "opensense-marks-") as admin:
+        with pg.scratch(admin, "opensense_bench_marks") as dsn:
+            pg.migrate(dsn)
+            nums = prepare(dsn, channels, now)
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("SET synchronous_commit = off")
+                backend = Backend(conn)
+                what = "backend CPU" if backend.cpu() is not None else "wall (no CPU here)"
+                # the readings go on a minute a statement from a day ago: all new
+                t = now - timedelta(days=1)
+                for r in range(rounds):
+                    for way, sql in WAYS.items() if r % 2 == 0 else reversed(WAYS.items()):
+                        cpu, wall = one_round(conn, backend, sql, nums, n, t, now)
+                        t += timedelta(minutes=n)
+                        got[way].append((cpu, wall))
+                        print(
+                            f"  round {r + 1}  {way:<28} {cpu:6.2f} µs a row {what},"
+                            f" {wall:6.2f} wall",
+                            flush=True,
+                        )
     print()
     print("median round, µs a row:")
     med = {

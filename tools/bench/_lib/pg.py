@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -54,6 +55,21 @@ def with_db(dsn: str, name: str) -> str:
     info = psycopg.conninfo.conninfo_to_dict(dsn)
     info["dbname"] = name
     return psycopg.conninfo.make_conninfo("", **info)
+
+
+@contextlib.contextmanager
+def admin_server(dsn: str | None, prefix: str) -> Iterator[str]:
+    """A superuser's DSN of the `postgres` database: of `dsn`'s server when given, else
+    of an embedded PostgreSQL in a temporary directory, stopped and removed after.
+    Prints the server's description."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        try:
+            admin = with_db(dsn, "postgres") if dsn else embedded_admin(Path(tmp))
+            print(f"  {describe(admin, not dsn)}")
+            yield admin
+        finally:
+            if not dsn:
+                stop_embedded(Path(tmp))
 
 
 @contextlib.contextmanager
