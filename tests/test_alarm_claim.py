@@ -77,3 +77,21 @@ async def test_a_claim_takes_at_most_its_limit_while_writers_mark_again(new_data
     assert min(rounds) > 3, rounds  # the writers did mark again meanwhile
     assert max(sizes) <= LIMIT, sizes
     assert sum(sizes) > LIMIT * 10, sizes  # (and the claims did take marks)
+
+
+async def test_the_claim_reads_the_oldest_marks_and_stops_at_its_limit(new_database: Any) -> None:
+    """Migration 0034: along the index on `marked_at`, not a scan and sort of every
+    mark (under HTTP 32's load 12 % of PostgreSQL's time before; docs/ingest-cost.md,
+    stop 39). Most marks are of channels judged a moment ago (`recent`), as under a
+    steady stream."""
+    dsn = new_database()
+    t0 = datetime(2026, 12, 5, tzinfo=UTC)
+    nums = list(range(1, 2049))
+    params = {"settled": 0.0, "gap": 2.0, "recent": arrays.int4s(nums[:1900]), "limit": 128}
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute(MARK_SQL, (t0, nums))
+        cur = await conn.execute("EXPLAIN (ANALYZE, COSTS OFF) " + CLAIM_SQL, params)
+        plan = "\n".join(str(r[0]) for r in await cur.fetchall())
+    assert "Index Scan using alarm_dirty_marked_at on alarm_dirty" in plan, plan
+    assert "Seq Scan on alarm_dirty" not in plan, plan
+    assert "Sort" not in plan, plan
