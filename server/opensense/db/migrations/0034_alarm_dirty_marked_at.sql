@@ -5,8 +5,9 @@
 -- bench's HTTP 32 load (2,048 channels, all marked) ~3.9 ms of PostgreSQL a claim,
 -- 2.2 µs a stored reading, 12 % of PostgreSQL's time (pg_stat_statements;
 -- docs/ingest-cost.md, stop 39). In this index's order the claim reads the oldest
--- marks and stops at its limit. A mark is inserted into it once a claim (the
--- writers' re-marks of a marked channel update `since` only: HOT, no index entry).
+-- marks and stops at its limit. A mark enters it once a claim: the writers' re-marks
+-- of a marked channel lock the row and at most move `since` (a HOT update, no entry
+-- here); tools/bench/marks finds the writers' cost the same within its noise.
 --
 -- Additive: the previous release's statements read the table as before.
 CREATE INDEX alarm_dirty_marked_at ON alarm_dirty (marked_at);
