@@ -441,20 +441,25 @@ class Recent:
 # waited on the marks it held (docs/ingest-cost.md, stop 38). A CTE's rows are
 # computed once, so a claim takes `limit` marks at most (tests/test_alarm_claim.py).
 # The marks are read in `marked_at` order (migration 0034's index) and the scan
-# stops at the limit; the clock is read once (`c`: not twice a mark), and the marks
-# taken are deleted by their key (not by hashing every mark again). Under HTTP 32's
-# load (pg_stat_statements, tools/bench/ingest --profile): 12 % -> 7 % of
-# PostgreSQL's time, ~3.9 -> ~2.6 ms a claim of ~88 marks, in a slower run
-# (docs/ingest-cost.md, stop 39).
+# stops at the limit; the clock is read once (`c`: not twice a mark). The marks taken
+# are deleted where they were locked, by their `ctid` (a TID scan whatever the
+# table's statistics). By `channel_num`, as a join with `pick` or `= ANY(…)`, the plan
+# followed the statistics, and with some (a new database, a table of marks that
+# turned over since it was analysed) PostgreSQL compared every mark with each of
+# the 128 taken: 2–14 ms a claim under the ingest bench's HTTP 32 load
+# (auto_explain, pg_stat_statements; docs/ingest-cost.md, stop 39). A mark that a
+# writer updated (an earlier `since`) after this statement's snapshot is locked in
+# its new version, which the DELETE does not see: it stays, locked until this pass
+# commits, and the next claim takes it.
 CLAIM_SQL = """
 WITH c AS MATERIALIZED (SELECT clock_timestamp() AS t),
 pick AS MATERIALIZED (
-  SELECT channel_num FROM alarm_dirty
+  SELECT ctid FROM alarm_dirty
   WHERE marked_at <= (SELECT t FROM c) - make_interval(secs => %(settled)s)
     AND (marked_at <= (SELECT t FROM c) - make_interval(secs => %(gap)s)
          OR channel_num NOT IN (SELECT unnest(%(recent)b::int4[])))
   ORDER BY marked_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
-DELETE FROM alarm_dirty d WHERE d.channel_num = ANY(ARRAY(SELECT channel_num FROM pick))
+DELETE FROM alarm_dirty d WHERE d.ctid = ANY(ARRAY(SELECT ctid FROM pick))
 RETURNING d.channel_num, d.since, d.marked_at
 """
 
