@@ -82,8 +82,8 @@ async def test_a_claim_takes_at_most_its_limit_while_writers_mark_again(new_data
 async def test_the_claim_reads_the_oldest_marks_and_stops_at_its_limit(new_database: Any) -> None:
     """Migration 0034: along the index on `marked_at`, not a scan and sort of every
     mark, and the marks taken deleted by their `ctid` (under HTTP 32's load the claim
-    was 12 % of PostgreSQL's time before; docs/ingest-cost.md, stop 39). Most marks are of channels judged a moment ago (`recent`), as under a
-    steady stream."""
+    was 12 % of PostgreSQL's time before; docs/ingest-cost.md, stop 39). Most marks
+    are of channels judged a moment ago (`recent`), as under a steady stream."""
     dsn = new_database()
     t0 = datetime(2026, 12, 5, tzinfo=UTC)
     nums = list(range(1, 2049))
