@@ -430,27 +430,21 @@ class Recent:
 
 
 # The claim: the oldest marks first, settled for `settled` s, and not of a channel
-# judged in the last `gap` s (`recent`) unless marked that long ago. NOT IN over a
-# subquery: PostgreSQL hashes it once a statement, and only if a mark needs it.
-# The marks to take are chosen and locked in a MATERIALIZED CTE, then deleted: as
-# `DELETE … WHERE channel_num IN (SELECT … LIMIT n FOR UPDATE SKIP LOCKED)` the
-# subquery could run again (a row the DELETE found changed since its snapshot is
-# checked again with the plan, subquery and all), each time sorting every mark and
-# locking a further n: under HTTP 32's load one claim took seconds of CPU and 2,048
-# marks at a limit of 128 (the pass then deferred 2,047 of them), while the writers
-# waited on the marks it held (docs/ingest-cost.md, stop 38). A CTE's rows are
-# computed once, so a claim takes `limit` marks at most (tests/test_alarm_claim.py).
-# The marks are read in `marked_at` order (migration 0034's index) and the scan
-# stops at the limit; the clock is read once (`c`: not twice a mark). The marks taken
-# are deleted where they were locked, by their `ctid` (a TID scan whatever the
-# table's statistics). By `channel_num`, as a join with `pick` or `= ANY(…)`, the plan
-# followed the statistics, and with some (a new database, a table of marks that
-# turned over since it was analysed) PostgreSQL compared every mark with each of
-# the 128 taken: 2–14 ms a claim under the ingest bench's HTTP 32 load
-# (auto_explain, pg_stat_statements; docs/ingest-cost.md, stop 39). A mark that a
-# writer updated (an earlier `since`) after this statement's snapshot is locked in
-# its new version, which the DELETE does not see: it stays, locked until this pass
-# commits, and the next claim takes it.
+# judged in the last `gap` s (`recent`) unless marked that long ago (NOT IN over a
+# subquery: hashed once a statement). Three parts, each for a reason measured under
+# the ingest bench's HTTP 32 load (docs/ingest-cost.md, stops 38 and 39):
+# - the marks are chosen and locked in a MATERIALIZED CTE, computed once: as
+#   `DELETE … WHERE channel_num IN (SELECT … LIMIT n FOR UPDATE SKIP LOCKED)` the
+#   subquery could run again within the statement and lock a further n each time (a
+#   claim took 2,048 marks at a limit of 128; tests/test_alarm_claim.py);
+# - they are read along migration 0034's index on `marked_at`, the scan stopping at
+#   the limit, with the clock read once (`c`);
+# - they are deleted by `ctid`, where they were locked: a TID scan whatever the
+#   table's statistics. By `channel_num` the plan followed them and, with those of a
+#   new or turned-over table, compared every mark with each one taken (2–14 ms a
+#   claim). A mark a writer updated after this statement's snapshot is locked in its
+#   new version, which the DELETE does not see: it stays, locked until the pass
+#   commits, and the next claim takes it.
 CLAIM_SQL = """
 WITH c AS MATERIALIZED (SELECT clock_timestamp() AS t),
 pick AS MATERIALIZED (
